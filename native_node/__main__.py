@@ -1,0 +1,79 @@
+"""`python -m native_node`: contribute a machine's CPU or GPU to a DAA Prime run.
+
+    python -m native_node join --coordinator HOST:PORT
+    python -m native_node up --role trainer --coordinator HOST:PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from native_node.client import NodeClient, NodeOptions
+from native_node.identity import default_state_dir, load_or_create_node_id
+from native_node.trainer import pick_device
+
+ROLES = ("trainer",)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m native_node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    join = sub.add_parser("join", help="join a run as a trainer")
+    up = sub.add_parser("up", help="start a node with a role (Prime-style spelling)")
+    up.add_argument("--role", choices=ROLES, default="trainer")
+    for q in (join, up):
+        q.add_argument("--coordinator", required=True, help="server HOST:PORT")
+        q.add_argument("--name", default="default",
+                       help="node name: separate identities on one machine (default 'default')")
+        q.add_argument("--state-dir", type=Path,
+                       help="identity folder (default ~/.daa-prime/node-NAME)")
+        q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+        q.add_argument("--data", dest="data_path",
+                       help="local copy of the run's text file (text runs)")
+        q.add_argument("--max-rounds", type=int, default=0,
+                       help="leave after submitting this many rounds (0: until the run ends)")
+        q.add_argument("--quiet", action="store_true", help="no progress bar, log lines only")
+        q.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def _run(client: NodeClient) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, client.shutdown)
+    return await client.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s node[{args.name}]: %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        device = pick_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    state_dir = args.state_dir or default_state_dir(args.name)
+    node_id = load_or_create_node_id(state_dir)
+    print(f"node id {node_id} ({state_dir}), device {device}", file=sys.stderr, flush=True)
+    client = NodeClient(NodeOptions(
+        coordinator=args.coordinator, node_id=node_id, state_dir=state_dir, device=device,
+        data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet))
+    code = asyncio.run(_run(client))
+    print("node stopped", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

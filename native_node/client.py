@@ -1,0 +1,253 @@
+"""The node's control-channel client: join, train each round, submit, reconnect with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from native_node.data import DataSpec
+from native_node.trainer import RoundResult, Trainer
+from native_node.workload import Workload, from_spec
+from shared.codecs import get_codec
+from shared.errors import ProtocolError
+from shared.messages import (
+    Ack,
+    Error,
+    Hello,
+    Message,
+    RoundCommitted,
+    RoundOpen,
+    Submit,
+    Welcome,
+    decode_message,
+    sha256_hex,
+)
+
+log = logging.getLogger("native_node")
+AGENT = "daa-prime-native/0.1"
+FATAL_CODES = {"unsupported_version"}
+MAX_MESSAGE = 512 * 1024 * 1024
+
+
+class FatalError(Exception):
+    """The server refused us for a reason a retry cannot fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeOptions:
+    coordinator: str  # host:port of the server
+    node_id: str  # this node's id
+    state_dir: Path  # where the identity lives
+    device: str = "cpu"  # torch device
+    data_path: str | None = None  # local copy of a text run's data file
+    max_rounds: int = 0  # leave after this many submitted rounds (0: until the run ends)
+    progress: bool = True  # show a progress bar per round
+    backoff_max_s: float = 10.0  # longest wait between reconnect attempts
+
+
+class Backoff:
+    """Exponential backoff with jitter: 0.25 s, 0.5 s, 1 s ... up to `cap`."""
+
+    def __init__(self, cap: float, first: float = 0.25) -> None:
+        self.cap, self.first, self.n = cap, first, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * (2 ** self.n))
+        self.n += 1
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+class NodeClient:
+    def __init__(self, opts: NodeOptions) -> None:
+        self.opts = opts
+        self.work: Workload | None = None
+        self.trainer: Trainer | None = None
+        self.welcome: Welcome | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.pending: Submit | None = None  # trained, not yet known to be committed
+        self.pending_params: str | None = None  # params digest the pending update started from
+        self.task: asyncio.Task[None] | None = None
+        self.task_round: int | None = None
+        self.cancel = threading.Event()
+        self.stop = asyncio.Event()
+        self.submitted = 0
+        self.last_eval: float | None = None
+        self._closing: asyncio.Future[bool] | None = None
+
+    # -- connection loop -----------------------------------------------------------------
+    async def run(self) -> int:
+        backoff = Backoff(self.opts.backoff_max_s)
+        url = f"ws://{self.opts.coordinator}/ws"
+        async with aiohttp.ClientSession() as http:
+            while not self.stop.is_set():
+                try:
+                    async with http.ws_connect(url, heartbeat=20.0,
+                                               max_msg_size=MAX_MESSAGE) as ws:
+                        self.ws = ws
+                        backoff.reset()
+                        if await self._session(ws):
+                            return 0
+                except FatalError as exc:
+                    log.error("%s", exc)
+                    return 2
+                except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+                    log.warning("server %s unreachable (%s)", self.opts.coordinator,
+                                exc.__class__.__name__)
+                finally:
+                    self.ws = None
+                if self.stop.is_set():
+                    break
+                delay = backoff.next()
+                log.info("reconnecting in %.1f s", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
+        return 0
+
+    def shutdown(self) -> None:
+        self.cancel.set()
+        self.stop.set()
+        if self.ws is not None:
+            self._closing = asyncio.ensure_future(self.ws.close())
+
+    async def _send(self, msg: Message) -> None:
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.send_bytes(msg.to_frame())
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
+        """One connection. True when the run is over (or max_rounds reached)."""
+        await self._send(Hello(node_id=self.opts.node_id, runtime="native", agent=AGENT,
+                               device=self.opts.device))
+        async for raw in ws:
+            if raw.type != aiohttp.WSMsgType.BINARY:
+                continue
+            try:
+                msg = decode_message(raw.data, max_payload=MAX_MESSAGE)
+            except ProtocolError as exc:
+                log.warning("ignoring a bad frame from the server: %s", exc)
+                continue
+            if isinstance(msg, Welcome):
+                await self._on_welcome(msg)
+            elif isinstance(msg, RoundOpen):
+                await self._on_round_open(msg)
+            elif isinstance(msg, Ack):
+                log.info("round %d: update %s (%s)", msg.round, msg.status, msg.digest[:12])
+            elif isinstance(msg, RoundCommitted):
+                if self._on_committed(msg):
+                    return True
+            elif isinstance(msg, Error):
+                log.warning("server refused a message: %s: %s", msg.code, msg.message)
+                if msg.code in FATAL_CODES:
+                    raise FatalError(f"server: {msg.code}: {msg.message}")
+            if self.opts.max_rounds and self.submitted >= self.opts.max_rounds \
+                    and self.pending is None:
+                log.info("submitted %d rounds; leaving", self.submitted)
+                return True
+        if self.stop.is_set():
+            return True
+        log.warning("connection to the server closed")
+        return False
+
+    # -- handlers ------------------------------------------------------------------------
+    async def _on_welcome(self, msg: Welcome) -> None:
+        self.welcome = msg
+        if self.work is None or self.work.model_id != msg.model_id:
+            self._cancel_training()
+            spec = DataSpec.from_dict(msg.data)
+            work = await asyncio.to_thread(from_spec, msg.model, spec,
+                                           local_path=self.opts.data_path)
+            if work.model_id != msg.model_id or work.n_params != msg.n_params:
+                raise FatalError(f"model mismatch: server model id {msg.model_id[:12]} "
+                                 f"({msg.n_params} params), rebuilt {work.model_id[:12]} "
+                                 f"({work.n_params}); update this node's software")
+            self.work = work
+            self.trainer = Trainer(work, shard=msg.shard, n_shards=msg.n_shards,
+                                   node_id=self.opts.node_id, device=self.opts.device)
+            self.pending = None
+        log.info("joined run %s as %s: %s, %d params, shard %d/%d", msg.run_id,
+                 self.opts.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,
+                 msg.n_shards)
+
+    async def _on_round_open(self, msg: RoundOpen) -> None:
+        if (self.pending is not None and self.pending.round == msg.round
+                and self.pending_params == msg.params_digest):
+            log.info("round %d: resubmitting the update trained before the reconnect",
+                     msg.round)
+            await self._send(self.pending)
+            return
+        if self.task is not None and not self.task.done() and self.task_round == msg.round:
+            return  # a retry of the round we are already training
+        self._cancel_training()
+        self.pending = None
+        self.cancel = threading.Event()
+        self.task_round = msg.round
+        self.task = asyncio.create_task(self._train_and_submit(msg, self.cancel))
+
+    def _on_committed(self, msg: RoundCommitted) -> bool:
+        if self.pending is not None and self.pending.round <= msg.round:
+            self.pending = None
+        if msg.round >= 0:
+            self.last_eval = msg.eval_loss
+            loss = f"{msg.eval_loss:.4f}" if msg.eval_loss is not None else "n/a"
+            log.info("round %d committed: eval loss %s from %d updates", msg.round, loss,
+                     msg.n_updates)
+        if msg.final:
+            log.info("the run is finished")
+        return msg.final
+
+    def _cancel_training(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.cancel.set()
+
+    async def _train_and_submit(self, msg: RoundOpen, cancel: threading.Event) -> None:
+        assert self.trainer is not None and self.welcome is not None
+        theta = np.frombuffer(msg.payload, dtype="<f4").astype(np.float32)
+        bar = self._progress_bar(msg)
+        try:
+            result: RoundResult = await asyncio.to_thread(
+                self.trainer.train_round, theta, steps=msg.inner_steps, lr=msg.inner_lr,
+                batch_size=msg.batch_size, cancel=cancel,
+                progress=(lambda i, loss: bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                          or bar.update(1)) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if cancel.is_set() or result.steps < msg.inner_steps:
+            log.info("round %d: training cancelled after %d steps", msg.round, result.steps)
+            return
+        codec = get_codec(self.welcome.codec)
+        payload = codec.encode(result.delta)
+        submit = Submit(run_id=self.welcome.run_id, round=msg.round, node_id=self.opts.node_id,
+                        codec=codec.name, length=int(result.delta.size),
+                        digest=sha256_hex(payload), train_loss=result.train_loss,
+                        samples=result.samples, compute_s=round(result.compute_s, 4),
+                        payload=payload)
+        self.pending, self.pending_params = submit, msg.params_digest
+        self.submitted += 1
+        loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+        log.info("round %d: %d steps in %.1f s, train loss %s; submitting %d bytes", msg.round,
+                 result.steps, result.compute_s, loss, len(payload))
+        try:
+            await self._send(submit)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            log.warning("round %d: submit failed (%s); will resubmit after reconnect",
+                        msg.round, exc)
+
+    def _progress_bar(self, msg: RoundOpen) -> Any:
+        if not self.opts.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=msg.inner_steps, desc=f"round {msg.round}", unit="step",
+                    leave=False, dynamic_ncols=True)

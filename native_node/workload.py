@@ -1,0 +1,85 @@
+"""What one run trains: a zoo model config + a data spec, resolved the same way everywhere.
+
+The server resolves it from the run config when it creates the run; nodes rebuild it from
+the Welcome message (model config + data spec dicts) and check the model id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from native_node.data import Dataset, DataSpec, load_dataset
+from native_node.zoo import MODELS, build_model, flatten, manifest, model_config
+from shared.layout import TensorSlot, make_manifest, model_id
+
+NATURAL_DATA = {"lm": "markov", "classify": "digits"}
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    model_config: dict[str, Any]  # complete zoo config (JSON-able)
+    data_spec: DataSpec  # complete data spec
+    dataset: Dataset  # loaded arrays
+    manifest: tuple[TensorSlot, ...]  # flat parameter layout
+    model_id: str  # hash of config + layout
+
+    @property
+    def n_params(self) -> int:
+        return sum(s.length for s in self.manifest)
+
+    def new_model(self) -> torch.nn.Module:
+        return build_model(self.model_config)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str | None,
+            partition: str, alpha: float, seed: int) -> Workload:
+    """Build the workload a new run trains, from the run config's fields."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}")
+    task = MODELS[model].task
+    kind = data or NATURAL_DATA[task]
+    if (task == "lm") != (kind in ("markov", "text")):
+        raise ValueError(f"model {model!r} ({task}) cannot train on data {kind!r}")
+    probe = model_config(model, flavour, vocab_size=2, seed=seed)
+    context = int(probe.get("context", 64))  # type: ignore[call-overload]
+    spec = DataSpec(kind=kind, seed=seed, context=context, partition=partition, alpha=alpha,
+                    path=str(Path(data_path).resolve()) if data_path else None,
+                    sha256=file_sha256(data_path) if kind == "text" and data_path else None)
+    dataset = load_dataset(spec)
+    vocab = len(dataset.vocab) if dataset.vocab is not None else None
+    if task == "lm" and kind == "markov":
+        vocab = spec.vocab_size
+    cfg = model_config(model, flavour, vocab_size=vocab, context=context, seed=seed)
+    return from_spec(cfg, spec, dataset=dataset)
+
+
+def from_spec(model_cfg: dict[str, Any], spec: DataSpec, *, dataset: Dataset | None = None,
+              local_path: str | None = None) -> Workload:
+    """Rebuild a workload from its wire form; `local_path` replaces a text file's path."""
+    if local_path is not None:
+        spec = DataSpec.from_dict({**spec.to_dict(), "path": local_path})
+    if dataset is None:
+        dataset = load_dataset(spec)
+    net = build_model(model_cfg)
+    slots = make_manifest(manifest(net))
+    return Workload(model_config=model_cfg, data_spec=spec, dataset=dataset, manifest=slots,
+                    model_id=model_id(model_cfg, slots))
+
+
+def initial_params(work: Workload) -> np.ndarray:
+    """theta_0: the zoo's seeded initialisation, flattened."""
+    return flatten(work.new_model())

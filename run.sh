@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine:
+#   ./run.sh demo [N]   set up .venv, then start the server with N (default 2) local nodes
+#   ./run.sh test       set up .venv, then lint and run every test
+#   ./run.sh setup      only set up .venv
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY="$VENV/bin/python"
+
+setup() {
+  if ! command -v python3 >/dev/null; then
+    echo "python3 (>= 3.11) is required" >&2; exit 1
+  fi
+  if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+  fi
+  # torch first, pinned to the CPU build (installing the project first would pull a
+  # multi-GB CUDA build); the project itself only asks for torch>=2.4.
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q "torch==2.13.0"
+  fi
+  if ! "$PY" -c "import server, native_node, shared, pytest, ruff" 2>/dev/null \
+      || [ pyproject.toml -nt "$VENV/.installed" ]; then
+    "$PY" -m pip install -q -e ".[dev]"
+    touch "$VENV/.installed"
+  fi
+}
+
+cmd="${1:-demo}"
+case "$cmd" in
+  setup) setup ;;
+  demo)
+    setup
+    exec "$PY" -m server --demo "${2:-2}" "${@:3}" ;;
+  test)
+    setup
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/mypy"
+    exec "$PY" -m pytest -q "${@:2}" ;;
+  *) echo "usage: ./run.sh demo [N] | test | setup" >&2; exit 2 ;;
+esac

@@ -1,0 +1,113 @@
+"""`python -m server`: create or resume a run and serve it (optionally with a local demo swarm)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from aiohttp import web
+
+from server.app import make_app
+from server.config import RunConfig, load_toml
+from server.demo import DemoSwarm, round_line
+from server.keys import COORDINATOR
+from server.runstate import open_run
+
+DEFAULT_PORT = 8470
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    p.add_argument("--config", help="TOML run config (keys as in RunConfig, or a [run] table)")
+    p.add_argument("--data-dir", help="run state folder (SQLite + checkpoints); resumed if it "
+                   "holds a run (default: a new temp folder with --demo, else ./run-data)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--demo", type=int, metavar="N", default=0,
+                   help="also start N local native nodes on this run")
+    p.add_argument("--log-level", default="INFO")
+    for name, kind in (("model", str), ("flavour", str), ("data", str), ("data-path", str),
+                       ("partition", str), ("alpha", float), ("n-shards", int), ("seed", int),
+                       ("inner-steps", int), ("inner-lr", float), ("batch-size", int),
+                       ("outer-lr", float), ("outer-momentum", float), ("aggregator", str),
+                       ("codec", str), ("rounds", int), ("quorum", int), ("deadline-s", float),
+                       ("keep-checkpoints", int), ("max-frame-mb", float)):
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help=f"run config '{name.replace('-', '_')}' (default: "
+                            f"{getattr(RunConfig(), name.replace('-', '_'))})")
+    return p.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    keys = RunConfig().to_dict().keys()
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+async def serve(args: argparse.Namespace) -> int:
+    base = load_toml(args.config) if args.config else None
+    overrides = overrides_from(args)
+    if args.demo:
+        overrides.setdefault("quorum", args.demo)
+        overrides.setdefault("rounds", 30)
+    data_dir = args.data_dir or (tempfile.mkdtemp(prefix="daa-demo-") if args.demo
+                                 else "run-data")
+    run = await asyncio.to_thread(open_run, data_dir, overrides, base)
+    app = make_app(run)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    url = f"http://{args.host}:{args.port}/"
+    floor = run.entropy_floor
+    print(f"DAA Prime run {run.run_id}: {run.config.model} ({run.n_params:,} params), "
+          f"data dir {data_dir}", flush=True)
+    print(f"open {url}  (API: {url}api/run)", flush=True)
+    print(f"round {run.version}: eval loss {run.eval_loss_init if run.version == 0 else '...'}"
+          + (f", entropy floor {floor:.3f} nats" if floor is not None else ""), flush=True)
+    coord = app[COORDINATOR]
+    coord.commit_hooks.append(lambda rec: print(round_line(rec), flush=True))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    swarm = DemoSwarm(args.demo, f"{args.host}:{args.port}") if args.demo else None
+    try:
+        if swarm is not None:
+            await swarm.start()
+        while not stop.is_set():
+            if swarm is not None and coord.finished:
+                print(f"demo finished: {run.version} rounds committed; the server keeps "
+                      f"serving {url} until Ctrl-C", flush=True)
+                await swarm.stop()
+                swarm = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+    finally:
+        print("shutting down", flush=True)
+        if swarm is not None:
+            await swarm.stop()
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        return asyncio.run(serve(args))
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""REST API (JSON) and the model download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from server.keys import COORDINATOR, RUN
+
+routes = web.RouteTableDef()
+BROWSER_DIR = Path(__file__).resolve().parent.parent / "browser"
+
+
+@routes.get("/api/run")
+async def get_run(request: web.Request) -> web.Response:
+    run, coord = request.app[RUN], request.app[COORDINATOR]
+    last = run.last_round
+    return web.json_response({
+        "run_id": run.run_id,
+        "model": run.work.model_config,
+        "model_id": run.work.model_id,
+        "n_params": run.n_params,
+        "data": run.work.data_spec.to_dict(),
+        "config": run.config.to_dict(),
+        "committed_rounds": run.version,
+        "params_digest": run.params_digest,
+        "entropy_floor": run.entropy_floor,
+        "entropy_rate": run.work.dataset.entropy_rate,
+        "eval_loss_init": run.eval_loss_init,
+        "eval_loss": last["eval_loss"] if last else run.eval_loss_init,
+        **coord.status(),
+    })
+
+
+@routes.get("/api/rounds")
+async def get_rounds(request: web.Request) -> web.Response:
+    try:
+        since = int(request.query.get("since", "-1"))
+        limit = min(10000, max(1, int(request.query.get("limit", "1000"))))
+    except ValueError:
+        raise web.HTTPBadRequest(text="since and limit must be integers") from None
+    return web.json_response(request.app[RUN].store.rounds(since=since, limit=limit))
+
+
+@routes.get("/api/peers")
+async def get_peers(request: web.Request) -> web.Response:
+    return web.json_response(request.app[COORDINATOR].peers_view())
+
+
+@routes.get("/model/latest.safetensors")
+async def latest_model(request: web.Request) -> web.FileResponse:
+    run = request.app[RUN]
+    path = run.store.latest_path()
+    return web.FileResponse(path, headers={
+        "Content-Disposition": f'attachment; filename="{run.run_id}-{path.name}"',
+        "X-Params-SHA256": run.params_digest, "X-Round-Version": str(run.version)})
+
+
+@routes.get("/")
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(BROWSER_DIR / "index.html")

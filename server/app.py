@@ -1,0 +1,54 @@
+"""aiohttp application: routes, state, and the round loop as a cleanup context."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from server import api, ws
+from server.coordinator import Coordinator
+from server.keys import COORDINATOR, RUN
+from server.runstate import RunState
+
+log = logging.getLogger("server.app")
+
+
+def make_app(run: RunState) -> web.Application:
+    app = web.Application(client_max_size=run.config.max_frame)
+    app[RUN] = run
+    app[COORDINATOR] = Coordinator(run)
+    app.add_routes(api.routes)
+    app.add_routes(ws.routes)
+    static = Path(api.BROWSER_DIR)
+    if static.is_dir():
+        app.router.add_static("/static/", static)
+    app.cleanup_ctx.append(_round_loop)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _round_loop(app: web.Application) -> AsyncIterator[None]:
+    coord = app[COORDINATOR]
+    task = asyncio.create_task(coord.run_rounds(), name="round-loop")
+    task.add_done_callback(_report_crash)
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    app[RUN].store.close()
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("round loop crashed", exc_info=task.exception())
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for peer in list(app[COORDINATOR].peers.values()):
+        if peer.ws is not None:
+            await peer.ws.close()

@@ -1,0 +1,108 @@
+"""Run configuration: a TOML file plus command-line flags, checked once.
+
+Keys in FIXED_KEYS define the run (model, data, layout) and cannot change once the run
+exists; the others may be changed when a run is resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shared.aggregation import RULES
+from shared.codecs import CODECS
+
+FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
+                        "n_shards", "seed", "codec"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: str = "gpt-tiny"  # zoo model name
+    flavour: str | None = None  # zoo flavour (None: the model's default)
+    data: str | None = None  # "markov" | "text" | "digits" (None: the model's natural data)
+    data_path: str | None = None  # UTF-8 text file for data = "text"
+    partition: str = "iid"  # "iid" | "noniid" shards
+    alpha: float = 0.5  # Dirichlet concentration of non-iid shards
+    n_shards: int = 8  # training set shards handed out to nodes round-robin
+    seed: int = 0  # model init and data seed
+    inner_steps: int = 50  # H: inner AdamW steps per round
+    inner_lr: float = 1e-2  # inner AdamW learning rate
+    batch_size: int = 32  # inner batch size
+    outer_lr: float = 0.7  # outer Nesterov SGD learning rate
+    outer_momentum: float = 0.9  # outer momentum
+    aggregator: str = "mean"  # aggregation rule (shared.aggregation.RULES)
+    codec: str = "raw32"  # update codec (shared.codecs.CODECS)
+    rounds: int = 0  # stop after this many committed rounds (0: run forever)
+    quorum: int = 1  # fewest updates a round is committed with
+    deadline_s: float = 60.0  # collection window of one round attempt
+    keep_checkpoints: int = 10  # newest checkpoints kept on disk
+    max_frame_mb: float = 64.0  # largest frame accepted on the control channel
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str, str]] = [
+            (self.partition in ("iid", "noniid"), "partition", "must be 'iid' or 'noniid'"),
+            (self.data in (None, "markov", "text", "digits"), "data",
+             "must be markov, text or digits"),
+            (self.data != "text" or bool(self.data_path), "data_path",
+             "is required for data = 'text'"),
+            (self.alpha > 0, "alpha", "must be > 0"),
+            (self.n_shards >= 1, "n_shards", "must be >= 1"),
+            (self.inner_steps >= 1, "inner_steps", "must be >= 1"),
+            (self.inner_lr > 0, "inner_lr", "must be > 0"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.outer_lr > 0, "outer_lr", "must be > 0"),
+            (0 <= self.outer_momentum < 1, "outer_momentum", "must be in [0, 1)"),
+            (self.aggregator in RULES, "aggregator", f"must be one of {sorted(RULES)}"),
+            (self.codec in CODECS, "codec", f"must be one of {sorted(CODECS)}"),
+            (self.rounds >= 0, "rounds", "must be >= 0"),
+            (self.quorum >= 1, "quorum", "must be >= 1"),
+            (self.deadline_s > 0, "deadline_s", "must be > 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
+            (self.max_frame_mb > 0, "max_frame_mb", "must be > 0"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise ValueError(f"config {key} {what} (got {getattr(self, key)!r})")
+
+    @property
+    def max_frame(self) -> int:
+        return int(self.max_frame_mb * 1024 * 1024)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def merged(self, overrides: dict[str, Any], *, resuming: bool) -> RunConfig:
+        """Apply overrides (None values ignored); a resumed run refuses to change FIXED_KEYS."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if resuming:
+            bad = sorted(k for k, v in changes.items()
+                         if k in FIXED_KEYS and getattr(self, k) != v)
+            if bad:
+                raise ValueError(
+                    f"the run in this data dir was created with "
+                    f"{ {k: getattr(self, k) for k in bad} }; cannot change {bad} on resume "
+                    "(use a new --data-dir)")
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run config file: top-level keys, or a [run] table."""
+    with open(path, "rb") as fh:
+        raw = tomllib.load(fh)
+    table = raw.get("run", raw)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [run] must be a table")
+    RunConfig.from_dict(table)  # validate keys and values early, naming the file's mistakes
+    return dict(table)

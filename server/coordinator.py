@@ -1,0 +1,351 @@
+"""The round coordinator: peers, the open round, aggregation, the outer step and commits.
+
+I/O-free decisions live in shared.rounds; this class wires them to WebSocket peers, the
+store and the evaluator. One instance per server process, kept in the app state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from server.config import RunConfig
+from server.runstate import RunState
+from server.store import UpdateRow
+from shared.aggregation import get_rule
+from shared.codecs import decode_update
+from shared.errors import (
+    BadUpdate,
+    FrameTooLarge,
+    MessageError,
+    ProtocolError,
+    UnknownNode,
+    WrongRun,
+)
+from shared.messages import (
+    Ack,
+    Error,
+    Hello,
+    Message,
+    RoundCommitted,
+    RoundOpen,
+    Submit,
+    Welcome,
+    decode_message,
+)
+from shared.outer import OuterConfig, outer_step
+from shared.rounds import Decision, Outcome, RoundPolicy, RoundState
+
+log = logging.getLogger("server.coordinator")
+AGENT = "daa-prime-server/0.1"
+
+
+class Sender(Protocol):
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def close(self) -> Any: ...
+
+
+@dataclass(eq=False)
+class Peer:
+    """One participant as the coordinator sees it."""
+
+    node_id: str
+    runtime: str
+    device: str
+    shard: int
+    ws: Sender | None  # None when disconnected
+    state: str = "idle"  # idle | training | submitted | gone
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    accepted: int = 0
+    rejected: int = 0
+
+
+@dataclass(eq=False)
+class Connection:
+    """One WebSocket; `peer` is set once its Hello was accepted."""
+
+    ws: Sender
+    remote: str
+    peer: Peer | None = None
+    bytes_up: int = 0
+
+
+CommitHook = Callable[[dict[str, Any]], Awaitable[None] | None]
+
+
+class Coordinator:
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+        self.config: RunConfig = run.config
+        self.peers: dict[str, Peer] = {}
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.commit_hooks: list[CommitHook] = []
+        self.state: RoundState | None = None
+        self.finished = False
+        self._updates: dict[str, tuple[np.ndarray, UpdateRow]] = {}
+        self._round_bytes = [0, 0]  # up, down during the open round
+        self._wake = asyncio.Event()
+        self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
+
+    # -- sending -------------------------------------------------------------------------
+    async def send(self, conn: Connection, msg: Message) -> None:
+        data = msg.to_frame()
+        if conn.peer is not None:
+            conn.peer.bytes_down += len(data)
+        self._round_bytes[1] += len(data)
+        self.counters["bytes_down"] += len(data)
+        try:
+            await conn.ws.send_bytes(data)
+        except (ConnectionError, RuntimeError) as exc:
+            log.info("send to %s failed: %s", conn.remote, exc)
+
+    async def reject(self, conn: Connection, err: ProtocolError, round: int | None = None) -> None:
+        """Typed error to the sender, a log line, a counter. Nothing else changes."""
+        self.rejected[err.code] += 1
+        who = conn.peer.node_id[:12] if conn.peer else conn.remote
+        if conn.peer is not None:
+            conn.peer.rejected += 1
+        log.warning("rejected %s from %s: %s", err.code, who, err.message)
+        await self.send(conn, Error(code=err.code, message=err.message, field=err.field,
+                                    round=round))
+
+    # -- receiving -----------------------------------------------------------------------
+    async def handle_frame(self, conn: Connection, data: bytes) -> None:
+        conn.bytes_up += len(data)
+        self._round_bytes[0] += len(data)
+        self.counters["bytes_up"] += len(data)
+        if conn.peer is not None:
+            conn.peer.bytes_up += len(data)
+            conn.peer.last_seen = time.time()
+        try:
+            msg = decode_message(data, max_payload=self.max_payload)
+            if isinstance(msg, Hello):
+                await self._on_hello(conn, msg)
+            elif isinstance(msg, Submit):
+                await self._on_submit(conn, msg)
+            else:
+                raise MessageError(f"{type(msg).__name__} is not sent to the server",
+                                   field="msg_type")
+        except ProtocolError as err:
+            await self.reject(conn, err, getattr(locals().get("msg"), "round", None))
+
+    async def oversized(self, conn: Connection) -> None:
+        """The transport refused a message above its limit (the socket is closing)."""
+        err = FrameTooLarge(f"message exceeds the {self.config.max_frame} byte limit")
+        self.rejected[err.code] += 1
+        log.warning("rejected %s from %s: %s", err.code, conn.remote, err.message)
+
+    async def _on_hello(self, conn: Connection, msg: Hello) -> None:
+        if conn.peer is not None:
+            raise MessageError("hello was already sent on this connection", field="msg_type")
+        old = self.peers.get(msg.node_id)
+        if old is not None and old.ws is not None:
+            log.info("node %s reconnected; closing its previous connection", msg.node_id[:12])
+            await old.ws.close()
+        shard = self.run.store.shard_for(msg.node_id, msg.runtime, self.config.n_shards)
+        peer = Peer(node_id=msg.node_id, runtime=msg.runtime, device=msg.device, shard=shard,
+                    ws=conn.ws)
+        if old is not None:
+            peer.first_seen, peer.bytes_up, peer.bytes_down = (old.first_seen, old.bytes_up,
+                                                               old.bytes_down)
+            peer.accepted, peer.rejected = old.accepted, old.rejected
+        peer.bytes_up += conn.bytes_up
+        self.peers[msg.node_id] = peer
+        conn.peer = peer
+        log.info("node %s joined (%s, %s, shard %d)", msg.node_id[:12], msg.runtime,
+                 msg.device, shard)
+        run = self.run
+        await self.send(conn, Welcome(
+            run_id=run.run_id, node_id=msg.node_id, model=run.work.model_config,
+            model_id=run.work.model_id, data=run.work.data_spec.to_dict(), shard=shard,
+            n_shards=self.config.n_shards, codec=self.config.codec, n_params=run.n_params))
+        if self.finished:
+            await self.send(conn, self._committed_msg(final=True))
+        elif self.state is not None and not self.state.closed:
+            await self._send_open(conn)
+        self._wake.set()
+
+    async def _on_submit(self, conn: Connection, msg: Submit) -> None:
+        peer = conn.peer
+        if peer is None:
+            raise UnknownNode("send hello before submitting", field="node_id")
+        if msg.node_id != peer.node_id:
+            raise UnknownNode("node_id does not match this connection's hello",
+                              field="node_id")
+        if msg.run_id != self.run.run_id:
+            raise WrongRun(f"update is for run {msg.run_id!r}; this is run "
+                           f"{self.run.run_id!r}", field="run_id")
+        state = self.state
+        if state is None:
+            raise BadUpdate("no round is open", field="round")
+        if msg.codec != self.config.codec:
+            raise BadUpdate(f"codec {msg.codec!r} is not this run's codec "
+                            f"{self.config.codec!r}", field="codec")
+        if msg.length != self.run.n_params:
+            raise BadUpdate(f"wrong shape: update has {msg.length} values, the model has "
+                            f"{self.run.n_params}", field="length")
+        outcome = state.check(node_id=peer.node_id, round=msg.round, digest=msg.digest)
+        if outcome is Outcome.ACCEPTED:
+            vec = decode_update(msg.codec, msg.payload, msg.length)
+            state.submit(node_id=peer.node_id, round=msg.round, digest=msg.digest)
+            self._updates[peer.node_id] = (np.asarray(vec, dtype=np.float32), UpdateRow(
+                node_id=peer.node_id, digest=msg.digest, bytes=len(msg.payload),
+                train_loss=msg.train_loss, samples=msg.samples, compute_s=msg.compute_s))
+        if outcome is Outcome.ACCEPTED:
+            peer.accepted += 1
+            peer.state = "submitted"
+            self.counters["accepted"] += 1
+        else:
+            self.counters["duplicates"] += 1
+            log.info("duplicate update from %s for round %d (counted once)",
+                     peer.node_id[:12], msg.round)
+        await self.send(conn, Ack(round=msg.round, digest=msg.digest, status=outcome.value))
+        self._wake.set()
+
+    def disconnect(self, conn: Connection) -> None:
+        peer = conn.peer
+        if peer is not None and peer.ws is conn.ws:
+            peer.ws = None
+            peer.state = "gone"
+            log.info("node %s left", peer.node_id[:12])
+            self._wake.set()
+
+    # -- rounds --------------------------------------------------------------------------
+    def _active(self) -> list[str]:
+        return [p.node_id for p in self.peers.values() if p.ws is not None]
+
+    async def _send_open(self, conn: Connection) -> None:
+        state = self.state
+        assert state is not None
+        loop = asyncio.get_running_loop()
+        if conn.peer is not None and conn.peer.node_id not in state.updates:
+            conn.peer.state = "training"
+        await self.send(conn, RoundOpen(
+            run_id=self.run.run_id, round=state.round, attempt=state.attempt,
+            params_digest=self.run.params_digest, deadline_s=max(0.001, state.remaining(
+                loop.time())), inner_steps=self.config.inner_steps,
+            inner_lr=self.config.inner_lr, batch_size=self.config.batch_size,
+            payload=self.run.params_bytes))
+
+    async def _broadcast_open(self) -> None:
+        assert self.state is not None
+        for peer in list(self.peers.values()):
+            if peer.ws is not None and peer.node_id not in self.state.updates:
+                await self._send_open(Connection(ws=peer.ws, remote="", peer=peer))
+
+    async def _broadcast(self, msg: Message) -> None:
+        for peer in list(self.peers.values()):
+            if peer.ws is not None:
+                await self.send(Connection(ws=peer.ws, remote="", peer=peer), msg)
+
+    def _committed_msg(self, *, final: bool) -> RoundCommitted:
+        last = self.run.last_round
+        return RoundCommitted(round=last["round"] if last else -1,
+                              eval_loss=last["eval_loss"] if last else None,
+                              n_updates=last["n_updates"] if last else 0,
+                              params_digest=self.run.params_digest, final=final)
+
+    def _done(self) -> bool:
+        return self.config.rounds > 0 and self.run.version >= self.config.rounds
+
+    async def run_rounds(self) -> None:
+        """Open -> collect -> commit, forever (or until `rounds` are committed)."""
+        loop = asyncio.get_running_loop()
+        policy = RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s)
+        while not self._done():
+            self.state = RoundState(round=self.run.version, policy=policy,
+                                    opened_at=loop.time())
+            self._updates.clear()
+            self._round_bytes = [0, 0]
+            started = time.time()
+            log.info("round %d open", self.state.round)
+            await self._broadcast_open()
+            while True:
+                decision = self.state.decide(loop.time(), self._active())
+                if decision is Decision.COMMIT:
+                    break
+                if decision is Decision.RETRY:
+                    self.state.retry(loop.time())
+                    self.counters["retries"] += 1
+                    log.warning("round %d below quorum (%d/%d) at its deadline: retry %d",
+                                self.state.round, len(self.state.updates), policy.quorum,
+                                self.state.attempt)
+                    await self._broadcast_open()
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(),
+                                           timeout=self.state.remaining(loop.time()) + 0.01)
+            await self._commit(time.time() - started)
+        self.finished = True
+        self.state = None
+        log.info("run finished after %d rounds", self.run.version)
+
+    async def _commit(self, duration_s: float) -> None:
+        state = self.state
+        assert state is not None
+        state.closed = True
+        nodes = sorted(state.updates)
+        vectors = [self._updates[n][0] for n in nodes]
+        rows = [self._updates[n][1] for n in nodes]
+        pseudo_grad = get_rule(self.config.aggregator)(vectors)
+        outer = OuterConfig(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
+        theta, momentum = outer_step(self.run.params, pseudo_grad, self.run.momentum, outer)
+        eval_loss = await asyncio.to_thread(self.run.evaluate, theta)
+        losses = [r.train_loss for r in rows if r.train_loss is not None]
+        train_loss = float(np.mean(losses)) if losses else None
+        record = await asyncio.to_thread(
+            self.run.commit, round=state.round, params=theta, momentum=momentum,
+            attempts=state.attempt + 1, eval_loss=eval_loss, train_loss=train_loss,
+            updates=rows, bytes_up=self._round_bytes[0], bytes_down=self._round_bytes[1],
+            duration_s=duration_s)
+        for peer in self.peers.values():
+            if peer.state == "submitted":
+                peer.state = "idle"
+        self.counters["rounds"] += 1
+        await self._broadcast(self._committed_msg(final=self._done()))
+        for hook in self.commit_hooks:
+            res = hook(record)
+            if asyncio.iscoroutine(res):
+                await res
+
+    # -- views ---------------------------------------------------------------------------
+    def peers_view(self) -> list[dict[str, Any]]:
+        return [{"node_id": p.node_id, "runtime": p.runtime, "device": p.device,
+                 "shard": p.shard, "state": p.state, "connected": p.ws is not None,
+                 "first_seen": p.first_seen, "last_seen": p.last_seen,
+                 "updates_accepted": p.accepted, "rejected": p.rejected,
+                 "bytes_up": p.bytes_up, "bytes_down": p.bytes_down}
+                for p in self.peers.values()]
+
+    def status(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "status": "finished" if self.finished else ("collecting" if st else "starting"),
+            "round": st.round if st else self.run.version,
+            "attempt": st.attempt if st else 0,
+            "updates_in_round": len(st.updates) if st else 0,
+            "peers_connected": len(self._active()),
+            "accepted": self.counters["accepted"],
+            "duplicates": self.counters["duplicates"],
+            "retries": self.counters["retries"],
+            "rejected": dict(self.rejected),
+            "rejected_total": sum(self.rejected.values()),
+            "bytes_up": self.counters["bytes_up"],
+            "bytes_down": self.counters["bytes_down"],
+        }
+
+

@@ -1,0 +1,62 @@
+"""The embedded demo: N local native nodes as child processes, and the per-round line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from typing import Any
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def round_line(rec: dict[str, Any]) -> str:
+    """One line per committed round: round, eval loss, entropy floor, bytes moved."""
+    loss = rec.get("eval_loss")
+    floor = rec.get("entropy_floor")
+    parts = [f"round {rec['round']:>4}",
+             f"eval loss {loss:.4f}" if loss is not None else "eval loss n/a",
+             f"floor {floor:.4f}" if floor is not None else "floor n/a",
+             f"updates {rec['n_updates']}",
+             f"up {human_bytes(rec['bytes_up'])}",
+             f"down {human_bytes(rec['bytes_down'])}",
+             f"{rec['duration_s']:.1f} s"]
+    return " | ".join(parts)
+
+
+class DemoSwarm:
+    """Start and stop N `python -m native_node join` children."""
+
+    def __init__(self, n: int, coordinator: str) -> None:
+        self.n = n
+        self.coordinator = coordinator
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> None:
+        for i in range(self.n):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "native_node", "join", "--coordinator", self.coordinator,
+                "--name", f"demo-{i}", "--threads", "1", "--quiet",
+                stdin=asyncio.subprocess.DEVNULL)
+            self.procs.append(proc)
+        print(f"started {self.n} local native node(s)", flush=True)
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.procs.clear()

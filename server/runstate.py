@@ -1,0 +1,125 @@
+"""The run as committed on disk plus the in-memory global params: create, resume, commit."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from native_node.data import DataSpec
+from native_node.workload import Workload, from_spec, initial_params, resolve
+from native_node.zoo import evaluate, load_flat
+from server.config import RunConfig
+from server.store import Store, UpdateRow
+from shared.vec import to_bytes
+
+log = logging.getLogger("server.run")
+
+
+@dataclass(eq=False)
+class RunState:
+    run_id: str  # stable id of the run
+    config: RunConfig  # effective config
+    store: Store  # SQLite + checkpoints
+    work: Workload  # model + data
+    params: np.ndarray  # theta_version
+    momentum: np.ndarray  # outer momentum
+    version: int  # committed rounds (= the next round's number)
+    params_digest: str  # content hash of params
+    entropy_floor: float | None  # minimal achievable eval loss (None: unknown)
+    eval_loss_init: float | None  # eval loss of theta_0
+    last_round: dict[str, Any] | None = None  # newest committed round row
+    params_bytes: bytes = b""  # params as sent in RoundOpen
+    _eval_lock: threading.Lock = field(default_factory=threading.Lock)
+    _eval_model: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.params_bytes = to_bytes(self.params)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.params.size)
+
+    def evaluate(self, params: np.ndarray) -> float | None:
+        """Validation loss (nats) of `params` on the held-out split; None if not finite."""
+        with self._eval_lock:
+            if self._eval_model is None:
+                self._eval_model = self.work.new_model()
+            load_flat(self._eval_model, params)
+            ds = self.work.dataset
+            loss = evaluate(self._eval_model, ds.x_val, ds.y_val)
+        return loss if math.isfinite(loss) else None
+
+    def commit(self, *, round: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
+               eval_loss: float | None, train_loss: float | None, updates: list[UpdateRow],
+               bytes_up: int, bytes_down: int, duration_s: float) -> dict[str, Any]:
+        """Persist round `round` atomically, then make theta_{round+1} the global params."""
+        ckpt = self.store.commit_round(
+            round=round, ckpt_params=params, momentum=momentum, run_id=self.run_id,
+            model_id=self.work.model_id, attempts=attempts, eval_loss=eval_loss,
+            train_loss=train_loss, updates=updates, bytes_up=bytes_up, bytes_down=bytes_down,
+            duration_s=duration_s, keep=self.config.keep_checkpoints)
+        self.params, self.momentum = ckpt.params, ckpt.momentum
+        self.params_bytes = to_bytes(self.params)
+        self.params_digest = ckpt.params_digest
+        self.version = round + 1
+        self.last_round = self.store.rounds(since=round - 1, limit=1)[0]
+        return {**self.last_round, "entropy_floor": self.entropy_floor}
+
+
+def open_run(data_dir: str | Path, overrides: dict[str, Any],
+             base: dict[str, Any] | None = None) -> RunState:
+    """Resume the run in `data_dir`, or create it from `base` (TOML) + `overrides` (flags)."""
+    store = Store(data_dir)
+    row = store.load_run()
+    if row is None:
+        config = RunConfig.from_dict(base or {}).merged(overrides, resuming=False)
+        work = resolve(model=config.model, flavour=config.flavour, data=config.data,
+                       data_path=config.data_path, partition=config.partition,
+                       alpha=config.alpha, seed=config.seed)
+        run_id = uuid.uuid4().hex[:16]
+        theta0 = initial_params(work)
+        state = RunState(run_id=run_id, config=config, store=store, work=work, params=theta0,
+                         momentum=np.zeros_like(theta0), version=0, params_digest="",
+                         entropy_floor=work.dataset.entropy_floor, eval_loss_init=None)
+        state.eval_loss_init = state.evaluate(theta0)
+        ckpt = store.create_run(run_id=run_id, config=config.to_dict(), model_id=work.model_id,
+                                workload={"model": work.model_config,
+                                          "data": work.data_spec.to_dict()},
+                                params=theta0, entropy_floor=state.entropy_floor,
+                                eval_loss_init=state.eval_loss_init)
+        state.params_digest = ckpt.params_digest
+        log.info("created run %s: %s, %d params, model id %s", run_id, config.model,
+                 work.n_params, work.model_id[:12])
+        return state
+    stored = RunConfig.from_dict(row["config"])
+    if base:
+        stored = stored.merged(base, resuming=True)
+    config = stored.merged(overrides, resuming=True)
+    store.update_config(config.to_dict())
+    model_cfg, spec = _stored_workload(store)
+    work = from_spec(model_cfg, spec)
+    if work.model_id != row["model_id"]:
+        raise RuntimeError(f"model id changed: stored {row['model_id']}, rebuilt "
+                           f"{work.model_id} (code or data changed under the run)")
+    ckpt = store.load_latest()
+    rounds = store.rounds(since=ckpt.version - 2, limit=1)
+    log.info("resumed run %s at round %d (checkpoint v%d)", row["id"], ckpt.version,
+             ckpt.version)
+    return RunState(run_id=row["id"], config=config, store=store, work=work,
+                    params=ckpt.params, momentum=ckpt.momentum, version=ckpt.version,
+                    params_digest=ckpt.params_digest, entropy_floor=row["entropy_floor"],
+                    eval_loss_init=row["eval_loss_init"],
+                    last_round=rounds[0] if rounds else None)
+
+
+def _stored_workload(store: Store) -> tuple[dict[str, Any], DataSpec]:
+    meta = store.load_workload()
+    return meta["model"], DataSpec.from_dict(meta["data"])

@@ -1,0 +1,237 @@
+"""Durable run state under --data-dir: SQLite rows + safetensors checkpoints.
+
+Commit protocol (crash-safe at any instant):
+1. write the checkpoint to a temp file, fsync, rename over `checkpoints/vNNNNNN.safetensors`,
+   fsync the directory;
+2. ONE SQLite transaction inserts the round row (naming that file) and its update rows.
+The last committed round is the newest row; a checkpoint file without a row is an orphan from
+a crash between 1 and 2 and is simply rewritten when that round commits again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save as st_save
+
+from shared.messages import sha256_hex
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    id TEXT PRIMARY KEY, config TEXT NOT NULL, created_at REAL NOT NULL,
+    model_id TEXT NOT NULL, n_params INTEGER NOT NULL, entropy_floor REAL,
+    eval_loss_init REAL, checkpoint TEXT NOT NULL, params_digest TEXT NOT NULL,
+    workload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, committed_at REAL NOT NULL, attempts INTEGER NOT NULL,
+    n_updates INTEGER NOT NULL, eval_loss REAL, train_loss REAL,
+    params_digest TEXT NOT NULL, checkpoint TEXT NOT NULL,
+    bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL, duration_s REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL, node_id TEXT NOT NULL, digest TEXT NOT NULL,
+    bytes INTEGER NOT NULL, train_loss REAL, samples INTEGER NOT NULL, compute_s REAL NOT NULL,
+    PRIMARY KEY (round, node_id));
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, runtime TEXT NOT NULL,
+    first_seen REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    version: int  # committed rounds so far (0 = initial params)
+    params: np.ndarray  # flat float32 global params theta_version
+    momentum: np.ndarray  # outer optimizer momentum buffer
+    params_digest: str  # sha256 of params' float32 bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateRow:
+    node_id: str  # sender
+    digest: str  # payload digest
+    bytes: int  # payload size on the wire
+    train_loss: float | None  # node's inner loss
+    samples: int  # samples trained on
+    compute_s: float  # node's compute seconds
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """temp file + fsync + rename + fsync(dir): readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Store:
+    """One run's SQLite database and checkpoint folder."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.dir = Path(data_dir)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.dir / "run.sqlite", isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- run -----------------------------------------------------------------------------
+    def load_run(self) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT id, config, created_at, model_id, n_params, "
+                              "entropy_floor, eval_loss_init FROM run").fetchone()
+        if row is None:
+            return None
+        keys = ("id", "config", "created_at", "model_id", "n_params", "entropy_floor",
+                "eval_loss_init")
+        out = dict(zip(keys, row, strict=True))
+        out["config"] = json.loads(out["config"])
+        return out
+
+    def create_run(self, *, run_id: str, config: dict[str, Any], model_id: str,
+                   workload: dict[str, Any], params: np.ndarray, entropy_floor: float | None,
+                   eval_loss_init: float | None) -> Checkpoint:
+        ckpt = self.write_checkpoint(0, params, np.zeros_like(params), run_id=run_id,
+                                     model_id=model_id)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO run VALUES (?,?,?,?,?,?,?,?,?,?)",
+                            (run_id, json.dumps(config), time.time(), model_id, len(params),
+                             entropy_floor, eval_loss_init, self._name(0), ckpt.params_digest,
+                             json.dumps(workload)))
+        return ckpt
+
+    def load_workload(self) -> dict[str, Any]:
+        """The model config and data spec the run was created with."""
+        out: dict[str, Any] = json.loads(self.db.execute("SELECT workload FROM run").fetchone()[0])
+        return out
+
+    def update_config(self, config: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute("UPDATE run SET config = ?", (json.dumps(config),))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    @staticmethod
+    def _name(version: int) -> str:
+        return f"v{version:06d}.safetensors"
+
+    def write_checkpoint(self, version: int, params: np.ndarray, momentum: np.ndarray, *,
+                         run_id: str, model_id: str) -> Checkpoint:
+        params = np.ascontiguousarray(params, dtype=np.float32)
+        momentum = np.ascontiguousarray(momentum, dtype=np.float32)
+        digest = sha256_hex(params.astype("<f4").tobytes())
+        meta = {"run_id": run_id, "model_id": model_id, "version": str(version),
+                "params_sha256": digest, "format": "daa-prime/flat-v1"}
+        blob = st_save({"params": params, "outer_momentum": momentum}, metadata=meta)
+        atomic_write(self.ckpt_dir / self._name(version), blob)
+        return Checkpoint(version=version, params=params, momentum=momentum,
+                          params_digest=digest)
+
+    def read_checkpoint(self, name: str) -> Checkpoint:
+        path = self.ckpt_dir / name
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+            params = fh.get_tensor("params")
+            momentum = fh.get_tensor("outer_momentum")
+        digest = sha256_hex(params.astype("<f4").tobytes())
+        if digest != meta.get("params_sha256"):
+            raise RuntimeError(f"checkpoint {path} is corrupt: params digest {digest} != "
+                               f"recorded {meta.get('params_sha256')}")
+        return Checkpoint(version=int(meta["version"]), params=params, momentum=momentum,
+                          params_digest=digest)
+
+    def latest(self) -> tuple[int, str, str]:
+        """(version, checkpoint file name, params digest) of the last committed state."""
+        row = self.db.execute("SELECT round, checkpoint, params_digest FROM rounds "
+                              "ORDER BY round DESC LIMIT 1").fetchone()
+        if row is not None:
+            return row[0] + 1, row[1], row[2]
+        run = self.db.execute("SELECT checkpoint, params_digest FROM run").fetchone()
+        if run is None:
+            raise RuntimeError("no run in this data dir")
+        return 0, run[0], run[1]
+
+    def load_latest(self) -> Checkpoint:
+        version, name, digest = self.latest()
+        ckpt = self.read_checkpoint(name)
+        if ckpt.params_digest != digest or ckpt.version != version:
+            raise RuntimeError(f"checkpoint {name} does not match the committed round")
+        return ckpt
+
+    def latest_path(self) -> Path:
+        return self.ckpt_dir / self.latest()[1]
+
+    # -- rounds --------------------------------------------------------------------------
+    def commit_round(self, *, round: int, ckpt_params: np.ndarray, momentum: np.ndarray,
+                     run_id: str, model_id: str, attempts: int, eval_loss: float | None,
+                     train_loss: float | None, updates: list[UpdateRow], bytes_up: int,
+                     bytes_down: int, duration_s: float, keep: int) -> Checkpoint:
+        ckpt = self.write_checkpoint(round + 1, ckpt_params, momentum, run_id=run_id,
+                                     model_id=model_id)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            (round, time.time(), attempts, len(updates), eval_loss, train_loss,
+                             ckpt.params_digest, self._name(round + 1), bytes_up, bytes_down,
+                             duration_s))
+            self.db.executemany("INSERT INTO updates VALUES (?,?,?,?,?,?,?)",
+                                [(round, u.node_id, u.digest, u.bytes, u.train_loss, u.samples,
+                                  u.compute_s) for u in updates])
+        self._prune(keep)
+        return ckpt
+
+    def _prune(self, keep: int) -> None:
+        names = [r[0] for r in self.db.execute(
+            "SELECT checkpoint FROM rounds ORDER BY round DESC LIMIT ?", (keep,))]
+        names.append(self.db.execute("SELECT checkpoint FROM run").fetchone()[0])
+        for path in self.ckpt_dir.glob("v*.safetensors"):
+            if path.name not in names:
+                path.unlink(missing_ok=True)
+
+    def rounds(self, *, limit: int = 1000, since: int = -1) -> list[dict[str, Any]]:
+        cur = self.db.execute(
+            "SELECT round, committed_at, attempts, n_updates, eval_loss, train_loss, "
+            "params_digest, bytes_up, bytes_down, duration_s FROM rounds WHERE round > ? "
+            "ORDER BY round LIMIT ?", (since, limit))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur]
+
+    def update_keys(self, round: int) -> dict[str, str]:
+        """node id -> digest of the updates committed for `round`."""
+        return dict(self.db.execute("SELECT node_id, digest FROM updates WHERE round = ?",
+                                    (round,)).fetchall())
+
+    # -- nodes ---------------------------------------------------------------------------
+    def shard_for(self, node_id: str, runtime: str, n_shards: int) -> int:
+        """Stable shard per node: the least-used shard when first seen."""
+        row = self.db.execute("SELECT shard FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        counts = dict(self.db.execute("SELECT shard, COUNT(*) FROM nodes GROUP BY shard"))
+        shard = min(range(n_shards), key=lambda s: (counts.get(s, 0), s))
+        with self.db:
+            self.db.execute("INSERT INTO nodes VALUES (?,?,?,?)",
+                            (node_id, shard, runtime, time.time()))
+        return shard

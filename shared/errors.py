@@ -1,0 +1,93 @@
+"""Typed protocol errors.
+
+Every error the protocol raises is a `ProtocolError` with a stable machine-readable `code`
+(sent back to the peer in an ERROR frame) and, where it applies, the `field` at fault.
+Receivers count rejections by `code`.
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """Base of every error a peer can be told about."""
+
+    code = "protocol_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" + (f" (field {self.field})" if self.field else "")
+
+
+class FrameError(ProtocolError):
+    """The bytes are not a well-formed frame (bad magic, truncated, inconsistent lengths)."""
+
+    code = "bad_frame"
+
+
+class FrameTooLarge(FrameError):
+    """A declared length exceeds the receiver's limit; nothing beyond the header is read."""
+
+    code = "frame_too_large"
+
+
+class UnsupportedVersion(FrameError):
+    """The frame's protocol version is not one this peer speaks."""
+
+    code = "unsupported_version"
+
+
+class MessageError(ProtocolError):
+    """The frame is well formed but the message inside it is not valid (missing/bad field)."""
+
+    code = "bad_message"
+
+
+class UnknownNode(ProtocolError):
+    """The sender has not joined the run (no hello on this connection)."""
+
+    code = "unknown_node"
+
+
+class WrongRun(ProtocolError):
+    """The message names a different run."""
+
+    code = "wrong_run"
+
+
+class WrongRound(ProtocolError):
+    """The message is for a round that is not open."""
+
+    code = "wrong_round"
+
+
+class BadUpdate(ProtocolError):
+    """The update's payload is unusable (wrong shape, NaN/inf, digest mismatch)."""
+
+    code = "bad_update"
+
+
+class ConflictingUpdate(ProtocolError):
+    """The node already submitted a DIFFERENT update for this round."""
+
+    code = "conflicting_update"
+
+
+ERROR_CODES: tuple[str, ...] = tuple(
+    cls.code
+    for cls in (
+        ProtocolError,
+        FrameError,
+        FrameTooLarge,
+        UnsupportedVersion,
+        MessageError,
+        UnknownNode,
+        WrongRun,
+        WrongRound,
+        BadUpdate,
+        ConflictingUpdate,
+    )
+)

@@ -1,0 +1,112 @@
+"""The versioned binary frame every control message travels in.
+
+Layout (all integers little-endian):
+
+    offset  size  field
+    0       4     magic            b"DAAP"
+    4       1     version          protocol version (PROTOCOL_VERSION)
+    5       1     msg_type         message type id (shared.messages.MESSAGE_TYPES)
+    6       2     flags            must be 0 in version 1 (no flag is defined yet)
+    8       4     header_len       length of the JSON header in bytes
+    12      4     payload_len      length of the binary payload in bytes
+    16      ...   header           UTF-8 canonical JSON object (sorted keys, no spaces)
+    16+h    ...   payload          opaque bytes (parameters, encoded update), may be empty
+
+A frame is exactly 16 + header_len + payload_len bytes. Lengths are checked against the
+receiver's limits BEFORE anything past the fixed header is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import FrameError, FrameTooLarge, UnsupportedVersion
+
+MAGIC = b"DAAP"
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+FIXED_HEADER = struct.Struct("<4sBBHII")
+FIXED_LEN = FIXED_HEADER.size  # 16
+MAX_HEADER_LEN = 64 * 1024
+DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Frame:
+    version: int  # protocol version the sender spoke
+    msg_type: int  # message type id
+    flags: int  # flag bits (0 in version 1)
+    header: dict[str, Any]  # decoded JSON header
+    payload: bytes  # binary payload
+
+
+def canonical_json(obj: dict[str, Any]) -> bytes:
+    """The one JSON encoding used on the wire: sorted keys, no whitespace, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                      ensure_ascii=False).encode("utf-8")
+
+
+def encode_frame(msg_type: int, header: dict[str, Any], payload: bytes = b"",
+                 *, version: int = PROTOCOL_VERSION) -> bytes:
+    """Build one frame; refuses what a receiver with default limits would refuse."""
+    if not 0 <= msg_type <= 255:
+        raise FrameError(f"message type {msg_type} out of range 0..255", field="msg_type")
+    try:
+        head = canonical_json(header)
+    except ValueError as exc:  # NaN / inf in the header
+        raise FrameError(f"header is not canonical JSON: {exc}", field="header") from exc
+    if len(head) > MAX_HEADER_LEN:
+        raise FrameTooLarge(f"header {len(head)} bytes > limit {MAX_HEADER_LEN}", field="header")
+    fixed = FIXED_HEADER.pack(MAGIC, version, msg_type, 0, len(head), len(payload))
+    return b"".join((fixed, head, bytes(payload)))
+
+
+def peek_lengths(data: bytes | memoryview) -> tuple[int, int]:
+    """(header_len, payload_len) declared by a frame's fixed header, without validating more."""
+    if len(data) < FIXED_LEN:
+        raise FrameError(f"truncated frame: {len(data)} bytes < fixed header {FIXED_LEN}")
+    _, _, _, _, head_len, pay_len = FIXED_HEADER.unpack_from(data, 0)
+    return head_len, pay_len
+
+
+def decode_frame(data: bytes | bytearray | memoryview, *,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> Frame:
+    """Parse and validate one frame. Raises only `FrameError` and its subclasses."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FrameError(f"frame must be bytes, got {type(data).__name__}")
+    view = memoryview(data)
+    if len(view) < FIXED_LEN:
+        raise FrameError(f"truncated frame: {len(view)} bytes < fixed header {FIXED_LEN}")
+    magic, version, msg_type, flags, head_len, pay_len = FIXED_HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}", field="magic")
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersion(
+            f"frame speaks protocol version {version}; this peer speaks version "
+            f"{PROTOCOL_VERSION}", field="version")
+    if flags != 0:
+        raise FrameError(f"unknown flag bits {flags:#06x} for version {version}", field="flags")
+    if head_len > MAX_HEADER_LEN:
+        raise FrameTooLarge(f"header {head_len} bytes > limit {MAX_HEADER_LEN}", field="header_len")
+    if pay_len > max_payload:
+        raise FrameTooLarge(f"payload {pay_len} bytes > limit {max_payload}", field="payload_len")
+    if len(view) != FIXED_LEN + head_len + pay_len:
+        raise FrameError(
+            f"frame is {len(view)} bytes but declares {FIXED_LEN}+{head_len}+{pay_len}",
+            field="length")
+    raw_head = bytes(view[FIXED_LEN:FIXED_LEN + head_len])
+    try:
+        header = json.loads(raw_head.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FrameError(f"header is not UTF-8 JSON: {exc}", field="header") from exc
+    if not isinstance(header, dict):
+        raise FrameError("header must be a JSON object", field="header")
+    payload = bytes(view[FIXED_LEN + head_len:])
+    return Frame(version=version, msg_type=msg_type, flags=flags, header=header, payload=payload)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a header")

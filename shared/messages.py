@@ -1,0 +1,253 @@
+"""Control messages: frozen, keyword-only dataclasses, one wire type id each.
+
+A message travels as one frame (shared.frame): every field but `payload` goes into the JSON
+header, `payload` (when the class has one) is the frame's binary payload. `from_frame`
+checks every field's type and range and raises `MessageError` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Union
+
+from shared.errors import BadUpdate, MessageError
+from shared.frame import DEFAULT_MAX_PAYLOAD, Frame, decode_frame, encode_frame
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_TEXT = 4096
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """Content hash used everywhere: SHA-256 hex of the raw bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class Message:
+    """Mixin: frame conversion and type checking for the dataclasses below."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+
+    def to_frame(self) -> bytes:
+        header: dict[str, Any] = {}
+        payload = b""
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "payload":
+                payload = value
+            else:
+                header[f.name] = value
+        return encode_frame(self.TYPE, header, payload)
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any], payload: bytes) -> Message:
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(header) - set(names))
+        if unknown:
+            raise MessageError(f"{cls.__name__}: unknown field(s) {unknown}", field=unknown[0])
+        kwargs: dict[str, Any] = {}
+        for name in names:
+            if name == "payload":
+                kwargs[name] = payload
+                continue
+            if name not in header:
+                raise MessageError(f"{cls.__name__}: missing field {name!r}", field=name)
+            kwargs[name] = _check_type(cls.__name__, name, header[name], hints[name])
+        if "payload" not in names and payload:
+            raise MessageError(f"{cls.__name__} carries no payload", field="payload")
+        return cls(**kwargs)
+
+
+def _check_type(cls_name: str, name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    ok: bool
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif hint is str:
+        ok = isinstance(value, str) and len(value) <= MAX_TEXT
+    elif origin is dict:
+        ok = isinstance(value, dict)
+    else:  # pragma: no cover - a programming error, not a wire error
+        raise TypeError(f"unsupported field type {hint!r}")
+    if not ok:
+        raise MessageError(f"{cls_name}.{name}: expected {getattr(hint, '__name__', hint)}, "
+                           f"got {type(value).__name__}", field=name)
+    return value
+
+
+def _require(cond: bool, cls: str, name: str, what: str) -> None:
+    if not cond:
+        raise MessageError(f"{cls}.{name}: {what}", field=name)
+
+
+def _hex64(cls: str, name: str, value: str) -> None:
+    _require(bool(HEX64.match(value)), cls, name, "must be 64 lowercase hex digits")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hello(Message):
+    """Node -> server, first frame on a connection: who I am."""
+
+    TYPE: ClassVar[int] = 1
+    node_id: str  # 64 hex digits; stable across reconnects
+    runtime: str  # "native" or "browser"
+    agent: str  # software name/version, free text
+    device: str  # "cpu", "cuda:0", "webgpu", ...
+
+    def __post_init__(self) -> None:
+        _hex64("Hello", "node_id", self.node_id)
+        _require(self.runtime in ("native", "browser"), "Hello", "runtime",
+                 "must be 'native' or 'browser'")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Welcome(Message):
+    """Server -> node, answer to Hello: the run and the node's place in it."""
+
+    TYPE: ClassVar[int] = 2
+    run_id: str  # the run this connection belongs to
+    node_id: str  # echo of the node's id
+    model: dict[str, Any]  # full model config (native_node.zoo.model_config)
+    model_id: str  # hash of model config + parameter layout
+    data: dict[str, Any]  # data spec (native_node.data.DataSpec.to_dict)
+    shard: int  # this node's shard index
+    n_shards: int  # number of shards the training set is split into
+    codec: str  # registry name of the codec updates must use
+    n_params: int  # length of the flat parameter vector
+
+    def __post_init__(self) -> None:
+        _hex64("Welcome", "model_id", self.model_id)
+        _require(self.n_shards >= 1, "Welcome", "n_shards", "must be >= 1")
+        _require(0 <= self.shard < self.n_shards, "Welcome", "shard", "must be < n_shards")
+        _require(self.n_params >= 1, "Welcome", "n_params", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundOpen(Message):
+    """Server -> node: round `round` is open; payload = the global params (raw float32 LE)."""
+
+    TYPE: ClassVar[int] = 3
+    run_id: str  # the run
+    round: int  # outer round number, from 0
+    attempt: int  # 0, then +1 each time the round is retried below quorum
+    params_digest: str  # sha256 of the payload (the content hash of theta_r)
+    deadline_s: float  # seconds from now until the server stops collecting
+    inner_steps: int  # H: inner optimizer steps to run
+    inner_lr: float  # inner AdamW learning rate
+    batch_size: int  # inner batch size
+    payload: bytes = field(repr=False)  # theta_r as little-endian float32
+
+    def __post_init__(self) -> None:
+        _require(self.round >= 0, "RoundOpen", "round", "must be >= 0")
+        _require(self.inner_steps >= 1, "RoundOpen", "inner_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "RoundOpen", "batch_size", "must be >= 1")
+        _require(self.deadline_s > 0 and math.isfinite(self.deadline_s), "RoundOpen",
+                 "deadline_s", "must be a positive number")
+        _require(len(self.payload) % 4 == 0, "RoundOpen", "payload", "not float32 sized")
+        if sha256_hex(self.payload) != self.params_digest:
+            raise BadUpdate("RoundOpen: params digest does not match payload",
+                            field="params_digest")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Submit(Message):
+    """Node -> server: my pseudo-gradient for `round` (payload encoded with `codec`)."""
+
+    TYPE: ClassVar[int] = 4
+    run_id: str  # the run this update belongs to
+    round: int  # outer round it was trained for
+    node_id: str  # sender; must match the connection's Hello
+    codec: str  # registry name of the codec of `payload`
+    length: int  # number of float32 values the payload decodes to
+    digest: str  # sha256 of `payload` (part of the idempotency key)
+    train_loss: float | None  # mean inner training loss, for display
+    samples: int  # training samples consumed this round
+    compute_s: float  # seconds spent in forward/backward/optimizer
+    payload: bytes = field(repr=False)  # encoded pseudo-gradient theta_r - theta_i
+
+    def __post_init__(self) -> None:
+        _hex64("Submit", "node_id", self.node_id)
+        _hex64("Submit", "digest", self.digest)
+        _require(self.round >= 0, "Submit", "round", "must be >= 0")
+        _require(self.length >= 1, "Submit", "length", "must be >= 1")
+        _require(self.samples >= 0, "Submit", "samples", "must be >= 0")
+        if sha256_hex(self.payload) != self.digest:
+            raise BadUpdate("Submit: digest does not match payload", field="digest")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ack(Message):
+    """Server -> node: your update for `round` was taken (or already had been)."""
+
+    TYPE: ClassVar[int] = 5
+    round: int  # round of the acknowledged update
+    digest: str  # digest of the acknowledged update
+    status: str  # "accepted" or "duplicate"
+
+    def __post_init__(self) -> None:
+        _require(self.status in ("accepted", "duplicate"), "Ack", "status",
+                 "must be 'accepted' or 'duplicate'")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Error(Message):
+    """Either way: what was wrong with the last frame. The connection stays open."""
+
+    TYPE: ClassVar[int] = 6
+    code: str  # machine-readable code (shared.errors.ERROR_CODES)
+    message: str  # human-readable explanation
+    field: str | None  # offending field, when there is one
+    round: int | None  # round the refused message was for, when known
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundCommitted(Message):
+    """Server -> node: round `round` was committed; theta_{round+1} is the new global."""
+
+    TYPE: ClassVar[int] = 7
+    round: int  # the committed round
+    eval_loss: float | None  # validation loss of the new global params (nats)
+    n_updates: int  # updates aggregated
+    params_digest: str  # content hash of the new global params
+    final: bool  # the run reached its last round: nodes may leave
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted)
+}
+assert len(MESSAGE_TYPES) == 7, "duplicate message type id"
+
+
+def decode_message(data: bytes | bytearray | memoryview, *,
+                   max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message:
+    """Frame bytes -> message. Raises only `ProtocolError` subclasses."""
+    frame = decode_frame(data, max_payload=max_payload)
+    return message_from_frame(frame)
+
+
+def message_from_frame(frame: Frame) -> Message:
+    cls = MESSAGE_TYPES.get(frame.msg_type)
+    if cls is None:
+        raise MessageError(f"unknown message type {frame.msg_type}", field="msg_type")
+    try:
+        return cls.from_header(frame.header, frame.payload)
+    except TypeError as exc:  # defensive: dataclass construction refused arguments
+        raise MessageError(f"{cls.__name__}: {exc}") from exc

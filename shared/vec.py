@@ -1,0 +1,94 @@
+"""Flat float32 vectors: the one place that picks the numpy fast path or pure Python.
+
+A `Vector` is a numpy float32 array where numpy exists (native), else an `array.array("f")`
+(Pyodide, which ships no numpy). Every pure function in `shared/` accepts both and returns
+the kind it was given. The wire form is always little-endian float32 bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from collections.abc import Sequence
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+IN_BROWSER = "_pyodide_core" in sys.modules
+Vector = Any  # numpy.ndarray[float32] | array.array[float]
+
+
+@cache
+def numpy_module() -> ModuleType | None:
+    """numpy when it can be used (never in the browser), else None. Decided once."""
+    if IN_BROWSER:
+        return None
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy is a native dependency
+        return None
+    return numpy
+
+
+def is_numpy(v: object) -> bool:
+    np = numpy_module()
+    return np is not None and isinstance(v, np.ndarray)
+
+
+def from_bytes(data: bytes | bytearray | memoryview, *, use_numpy: bool | None = None) -> Vector:
+    """Little-endian float32 bytes -> Vector (a copy)."""
+    if len(data) % 4:
+        raise ValueError(f"{len(data)} bytes is not a whole number of float32 values")
+    np = numpy_module() if use_numpy is not False else None
+    if np is not None:
+        return np.frombuffer(bytes(data), dtype="<f4").astype(np.float32)
+    out = array("f")
+    out.frombytes(bytes(data))
+    if sys.byteorder == "big":  # pragma: no cover
+        out.byteswap()
+    return out
+
+
+def to_bytes(v: Vector) -> bytes:
+    """Vector -> little-endian float32 bytes."""
+    if is_numpy(v):
+        return bytes(v.astype("<f4", copy=False).tobytes())
+    out = array("f", v)
+    if sys.byteorder == "big":  # pragma: no cover
+        out.byteswap()
+    return out.tobytes()
+
+
+def zeros_like(v: Vector) -> Vector:
+    if is_numpy(v):
+        np = numpy_module()
+        assert np is not None
+        return np.zeros_like(v, dtype=np.float32)
+    return array("f", bytes(4 * len(v)))
+
+
+def all_finite(v: Vector) -> bool:
+    """True when no value is NaN or +-inf."""
+    if is_numpy(v):
+        np = numpy_module()
+        assert np is not None
+        return bool(np.isfinite(v).all())
+    return all(math.isfinite(x) for x in v)
+
+
+def l2_norm(v: Vector) -> float:
+    if is_numpy(v):
+        np = numpy_module()
+        assert np is not None
+        return float(np.linalg.norm(v.astype(np.float64)))
+    return math.sqrt(math.fsum(x * x for x in v))
+
+
+def same_kind(template: Vector, values: Sequence[float]) -> Vector:
+    """Wrap plain float values in the kind of vector `template` is."""
+    if is_numpy(template):
+        np = numpy_module()
+        assert np is not None
+        return np.asarray(values, dtype=np.float32)
+    return array("f", values)
