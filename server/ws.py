@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from server.coordinator import Connection
 from server.keys import COORDINATOR
@@ -28,8 +28,9 @@ async def control(request: web.Request) -> web.WebSocketResponse:
                 await coord.reject(conn, FrameError(
                     "text messages are not part of the protocol: send binary frames"))
             elif msg.type == WSMsgType.ERROR:
-                exc = ws.exception()
-                if ws.close_code == 1009 or "too big" in str(exc).lower():
+                exc = msg.data if msg.data is not None else ws.exception()
+                too_big = WSCloseCode.MESSAGE_TOO_BIG
+                if getattr(exc, "code", None) == too_big or ws.close_code == too_big:
                     await coord.oversized(conn)
                 else:
                     log.info("websocket error from %s: %s", conn.remote, exc)

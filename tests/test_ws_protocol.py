@@ -1,0 +1,231 @@
+"""The control channel against a real aiohttp server on loopback: every bad input gets a
+typed error back, a log line and a counter, and nothing committed changes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from server.app import make_app
+from server.keys import COORDINATOR, RUN
+from server.runstate import open_run
+from shared.frame import FIXED_HEADER, MAGIC, encode_frame
+from shared.messages import (
+    Ack,
+    Error,
+    Hello,
+    Message,
+    RoundCommitted,
+    RoundOpen,
+    Submit,
+    Welcome,
+    decode_message,
+    sha256_hex,
+)
+
+
+def node_id(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+class Server:
+    def __init__(self, app: web.Application, url: str, http: aiohttp.ClientSession) -> None:
+        self.app, self.url, self.http = app, url, http
+
+    async def api(self, path: str) -> Any:
+        async with self.http.get(self.url + path) as resp:
+            return await resp.json()
+
+    async def client(self, name: str, *, hello: bool = True) -> Client:
+        ws = await self.http.ws_connect(self.url + "/ws")
+        c = Client(ws, node_id(name))
+        if hello:
+            await c.send(Hello(node_id=c.node_id, runtime="native", agent="test", device="cpu"))
+            c.welcome = await c.expect(Welcome)
+            c.open = await c.expect(RoundOpen)
+        return c
+
+
+class Client:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, nid: str) -> None:
+        self.ws, self.node_id = ws, nid
+        self.welcome: Welcome | None = None
+        self.open: RoundOpen | None = None
+
+    async def send(self, msg: Message | bytes) -> None:
+        await self.ws.send_bytes(msg if isinstance(msg, bytes) else msg.to_frame())
+
+    async def recv(self) -> Message:
+        raw = await self.ws.receive(timeout=10)
+        assert raw.type == aiohttp.WSMsgType.BINARY, raw
+        return decode_message(raw.data)
+
+    async def expect(self, cls: type[Message]) -> Any:
+        msg = await self.recv()
+        assert isinstance(msg, cls), msg
+        return msg
+
+    async def error(self, code: str) -> Error:
+        err = await self.expect(Error)
+        assert err.code == code, err
+        assert err.message
+        return err
+
+    def submit(self, values: np.ndarray | None = None, **over: Any) -> Submit:
+        assert self.welcome is not None and self.open is not None
+        vec = values if values is not None else np.full(self.welcome.n_params, 0.01, np.float32)
+        payload = over.pop("payload", vec.astype("<f4").tobytes())
+        fields = dict(run_id=self.welcome.run_id, round=self.open.round, node_id=self.node_id,
+                      codec="raw32", length=self.welcome.n_params, digest=sha256_hex(payload),
+                      train_loss=1.0, samples=10, compute_s=0.1, payload=payload)
+        fields.update(over)
+        return Submit(**fields)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    run = open_run(tmp_path / "run", {"model": "mlp-digits", "quorum": 2, "deadline_s": 60.0,
+                                      "rounds": 3, "max_frame_mb": 1.0})
+    app = make_app(run)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    async with aiohttp.ClientSession() as http:
+        yield Server(app, f"http://127.0.0.1:{port}", http)
+    await runner.cleanup()
+
+
+def ckpt_hashes(tmp_path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))}
+
+
+async def test_bad_frames_get_typed_errors_and_change_nothing(
+        server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="server.coordinator")
+    before = ckpt_hashes(tmp_path)
+    a = await server.client("a")
+    good = a.submit().to_frame()
+    bad_version = bytearray(good)
+    bad_version[4] = 9
+    cases: list[tuple[bytes, str]] = [
+        (b"XXXX" + good[4:], "bad_frame"),  # malformed: bad magic
+        (good[:10], "bad_frame"),  # truncated fixed header
+        (good[:-5], "bad_frame"),  # truncated payload
+        (bytes(bad_version), "unsupported_version"),  # wrong version
+        (FIXED_HEADER.pack(MAGIC, 1, 4, 0, 2, 1 << 30) + b"{}", "frame_too_large"),
+        (encode_frame(4, {"round": 0}), "bad_message"),  # missing fields
+        (encode_frame(99, {}), "bad_message"),  # unknown message type
+        (a.submit(round=5).to_frame(), "wrong_round"),
+        (a.submit(run_id="other").to_frame(), "wrong_run"),
+        (a.submit(node_id=node_id("mallory")).to_frame(), "unknown_node"),
+        (a.submit(length=7).to_frame(), "bad_update"),  # wrong shape
+        (a.submit(payload=b"\0" * 12).to_frame(), "bad_update"),  # payload/length mismatch
+        (a.submit(np.full(a.welcome.n_params, np.nan, np.float32)).to_frame(),  # type: ignore[union-attr]
+         "bad_update"),
+        (a.submit(np.full(a.welcome.n_params, np.inf, np.float32)).to_frame(),  # type: ignore[union-attr]
+         "bad_update"),
+        (a.submit(codec="fp16").to_frame(), "bad_update"),
+    ]
+    for data, code in cases:
+        await a.send(data)
+        await a.error(code)
+    await a.ws.send_str("hello?")
+    await a.error("bad_frame")
+    # a stranger that never said hello
+    b = await server.client("b", hello=False)
+    await b.send(a.submit(node_id=b.node_id).to_frame())
+    await b.error("unknown_node")
+
+    run = await server.api("/api/run")
+    expected = len(cases) + 2
+    assert run["rejected_total"] == expected, run["rejected"]
+    assert run["rejected"]["bad_update"] == 5 and run["rejected"]["unknown_node"] == 2
+    assert run["accepted"] == 0 and run["committed_rounds"] == 0 and run["round"] == 0
+    assert sum("rejected" in r.message for r in caplog.records) == expected
+    assert ckpt_hashes(tmp_path) == before
+    # the same connection still works: a good update is accepted
+    await a.send(good)
+    ack = await a.expect(Ack)
+    assert ack.status == "accepted"
+
+
+async def test_oversized_websocket_message_is_counted(server: Server) -> None:
+    coord = server.app[COORDINATOR]
+    a = await server.client("a")
+    with contextlib.suppress(ConnectionError):  # the server may hang up mid-message
+        await a.ws.send_bytes(b"\0" * (coord.config.max_frame + 1))
+        msg = await a.ws.receive(timeout=10)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert a.ws.close_code == 1009  # "message too big"
+    for _ in range(100):  # the server counts it once its side of the socket has failed
+        run = await server.api("/api/run")
+        if run["rejected"].get("frame_too_large"):
+            break
+        await asyncio.sleep(0.05)
+    assert run["rejected"].get("frame_too_large") == 1
+
+
+async def test_resubmission_after_reconnect_counts_once(server: Server, tmp_path: Path) -> None:
+    a = await server.client("a")
+    b = await server.client("b")
+    upd = a.submit()
+    await a.send(upd)
+    assert (await a.expect(Ack)).status == "accepted"
+    await a.ws.close()  # a drops before the round closes, then comes back
+    a2 = await server.client("a")
+    assert a2.open is not None and a2.open.round == 0
+    await a2.send(upd)
+    assert (await a2.expect(Ack)).status == "duplicate"
+    # a DIFFERENT update from the same node for the same round is refused
+    await a2.send(a2.submit(np.full(a2.welcome.n_params, 0.5, np.float32)))  # type: ignore[union-attr]
+    await a2.error("conflicting_update")
+    await b.send(b.submit(np.full(b.welcome.n_params, 0.03, np.float32)))  # type: ignore[union-attr]
+    assert (await b.expect(Ack)).status == "accepted"
+    committed = await a2.expect(RoundCommitted)
+    assert committed.round == 0 and committed.n_updates == 2
+    rounds = await server.api("/api/rounds")
+    assert [r["n_updates"] for r in rounds] == [2]
+    run_state = server.app[RUN]
+    assert run_state.store.update_keys(0) == {a.node_id: upd.digest,
+                                              b.node_id: b.submit(np.full(
+                                                  b.welcome.n_params, 0.03,  # type: ignore[union-attr]
+                                                  np.float32)).digest}
+    # the outer step used the mean of the two updates (0.01 and 0.03 -> 0.02) with Nesterov
+    opened = a2.open
+    theta0 = np.frombuffer(opened.payload, "<f4")
+    latest = np.frombuffer((await a2.expect(RoundOpen)).payload, "<f4")
+    np.testing.assert_allclose(theta0 - latest, 0.7 * 1.9 * 0.02, rtol=1e-4)
+    run = await server.api("/api/run")
+    assert run["accepted"] == 2 and run["duplicates"] == 1
+
+
+async def test_rest_endpoints_and_model_download(server: Server) -> None:
+    a = await server.client("a")
+    run = await server.api("/api/run")
+    assert run["model"]["name"] == "mlp-digits" and run["n_params"] == a.welcome.n_params  # type: ignore[union-attr]
+    assert run["status"] == "collecting" and run["peers_connected"] == 1
+    peers = await server.api("/api/peers")
+    assert peers[0]["node_id"] == a.node_id and peers[0]["state"] == "training"
+    async with server.http.get(server.url + "/model/latest.safetensors") as resp:
+        assert resp.status == 200
+        blob = await resp.read()
+        digest = resp.headers["X-Params-SHA256"]
+    header_len = struct.unpack("<Q", blob[:8])[0]
+    assert b'"params"' in blob[8:8 + header_len]
+    assert digest == a.open.params_digest  # type: ignore[union-attr]
+    async with server.http.get(server.url + "/api/rounds?since=x") as resp:
+        assert resp.status == 400
