@@ -1,0 +1,112 @@
+"""Real processes on loopback: `python -m server` and `python -m native_node join`.
+
+Covers the round state machine under failures (a stalled node, a dead node, too few nodes)
+and kill -9 of the coordinator followed by a restart on the same --data-dir.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+from tests.conftest import Procs, free_port, get_json, wait_for
+
+FAST = ("--model", "mlp-digits", "--inner-steps", "20", "--batch-size", "32")
+
+
+def api(port: int, path: str) -> object:
+    return get_json(f"http://127.0.0.1:{port}{path}")
+
+
+def rounds(port: int) -> list[dict]:
+    out = api(port, "/api/rounds")
+    assert isinstance(out, list)
+    return out
+
+
+def connected(port: int) -> int:
+    run = api(port, "/api/run")
+    assert isinstance(run, dict)
+    return int(run["peers_connected"])
+
+
+def test_stalled_node_round_closes_at_deadline_then_dead_node_stops_blocking(
+        procs: Procs, tmp_path: Path) -> None:
+    port = free_port()
+    procs.server("server", tmp_path / "run", port, *FAST, "--quorum", "2",
+                 "--deadline-s", "6")
+    nodes = [procs.node(f"n{i}", port) for i in range(3)]
+    wait_for(lambda: connected(port) == 3, 60, "3 nodes connected")
+    first_full = wait_for(lambda: [r for r in rounds(port) if r["n_updates"] == 3], 60,
+                          "a round with all 3 updates")[0]["round"]
+    stalled = nodes[2]
+    stalled.send_signal(signal.SIGSTOP)  # alive socket, no progress: only the deadline helps
+    t0 = time.monotonic()
+    row = wait_for(lambda: [r for r in rounds(port) if r["round"] > first_full + 1], 60,
+                   "a round after the stall")[0]
+    # the round opened after the stall waited for the stalled node until its deadline
+    assert row["n_updates"] == 2, row
+    assert row["duration_s"] >= 5.5, row
+    assert time.monotonic() - t0 >= 5.5
+    stalled.kill()  # now it is gone for good: rounds stop waiting for it
+    stalled.wait(10)
+    wait_for(lambda: connected(port) == 2, 30, "the dead node to be dropped")
+    peers = api(port, "/api/peers")
+    assert isinstance(peers, list)
+    assert sorted(p["state"] == "gone" for p in peers) == [False, False, True]
+    n = len(rounds(port))
+    quick = wait_for(lambda: rounds(port)[n + 1:], 60, "two rounds after the kill")[0]
+    assert quick["n_updates"] == 2 and quick["duration_s"] < 5.0, quick
+    # Ctrl-C on a node: a clean exit
+    nodes[0].send_signal(signal.SIGINT)
+    assert nodes[0].wait(15) == 0
+    assert "node stopped" in procs.log("n0")
+
+
+def test_below_quorum_round_is_retried_not_committed(procs: Procs, tmp_path: Path) -> None:
+    port = free_port()
+    procs.server("server", tmp_path / "run", port, *FAST, "--quorum", "3",
+                 "--deadline-s", "2")
+    for i in range(2):
+        procs.node(f"n{i}", port)
+    run = wait_for(lambda: (r := api(port, "/api/run")) and r["retries"] >= 2 and r,  # type: ignore[index]
+                   60, "two retries below quorum")
+    assert run["committed_rounds"] == 0 and run["round"] == 0 and run["attempt"] >= 2
+    assert run["updates_in_round"] == 2
+    assert rounds(port) == []
+    procs.node("n2", port)
+    row = wait_for(lambda: rounds(port), 60, "round 0 committed once quorum is reached")[0]
+    assert row["round"] == 0 and row["n_updates"] == 3 and row["attempts"] >= 3
+
+
+def test_server_kill9_restart_resumes_and_nodes_reconnect(procs: Procs, tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "run"
+    server = procs.server("server1", data, port, *FAST, "--quorum", "2", "--deadline-s", "30")
+    for i in range(2):
+        procs.node(f"n{i}", port)
+    wait_for(lambda: len(rounds(port)) >= 2, 90, "two committed rounds")
+    run_id = api(port, "/api/run")["run_id"]  # type: ignore[index]
+    server.send_signal(signal.SIGKILL)  # mid-run: the next round is open and being trained
+    server.wait(10)
+    with sqlite3.connect(data / "run.sqlite") as db:
+        committed = [r[0] for r in db.execute("SELECT round FROM rounds ORDER BY round")]
+    assert committed == list(range(len(committed))) and len(committed) >= 2
+    procs.server("server2", data, port)  # same data dir, no flags: the stored config
+    wait_for(lambda: connected(port) == 2, 60, "nodes to reconnect by themselves")
+    run = api(port, "/api/run")
+    assert isinstance(run, dict)
+    assert run["run_id"] == run_id and run["committed_rounds"] >= len(committed)
+    assert f"at round {len(committed)}" in procs.log("server2")
+    after = wait_for(lambda: [r for r in rounds(port) if r["round"] >= len(committed) + 1],
+                     90, "rounds committed after the restart")
+    all_rounds = [r["round"] for r in rounds(port)]
+    assert all_rounds == list(range(len(all_rounds)))  # no gap, no round committed twice
+    assert after[0]["n_updates"] == 2
+    with sqlite3.connect(data / "run.sqlite") as db:
+        per_round = db.execute("SELECT round, COUNT(*) FROM updates GROUP BY round").fetchall()
+    assert all(count == 2 for _, count in per_round), per_round
+    for name in ("n0", "n1"):
+        assert "reconnecting" in procs.log(name)
