@@ -1,0 +1,1 @@
+"""Benchmarks: each `python -m bench.NAME` prints a table and, LAST, one JSON line of figures."""

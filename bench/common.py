@@ -1,0 +1,79 @@
+"""Helpers shared by benchmarks: child processes on loopback, polling, output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            value = cond()
+            if value:
+                return value
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def children(log_dir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Yield a `spawn(name, *args)`; every child is killed on exit."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield spawn
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
+    print(" | ".join(c.rjust(widths[c]) for c in cols))
+    print("-+-".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print(" | ".join(fmt(r.get(c, "")).rjust(widths[c]) for c in cols))
+
+
+def emit(figures: dict[str, Any]) -> None:
+    """The LAST line of every benchmark: one JSON object."""
+    print(json.dumps(figures, sort_keys=True), flush=True)
