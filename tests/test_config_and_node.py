@@ -1,0 +1,88 @@
+"""Run config (TOML + flags, resume rules), node identity, text-file runs."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from native_node.data import DataSpec
+from native_node.identity import load_or_create_node_id
+from native_node.trainer import Trainer
+from native_node.workload import from_spec, resolve
+from server.config import RunConfig, load_toml
+from server.runstate import open_run
+
+
+def test_toml_then_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[run]\nmodel = "mlp-digits"\ninner_steps = 7\nquorum = 3\n')
+    base = load_toml(cfg)
+    run = RunConfig.from_dict(base).merged({"quorum": 2, "rounds": None}, resuming=False)
+    assert (run.model, run.inner_steps, run.quorum, run.rounds) == ("mlp-digits", 7, 2, 0)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("inner_step = 3\n", "unknown config key"),
+    ("quorum = 0\n", "quorum"),
+    ('aggregator = "krumm"\n', "aggregator"),
+    ('codec = "zip"\n', "codec"),
+    ('partition = "weird"\n', "partition"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=needle):
+        load_toml(cfg)
+
+
+def test_resume_keeps_the_run_and_refuses_fixed_key_changes(tmp_path: Path) -> None:
+    first = open_run(tmp_path / "d", {"model": "mlp-digits", "rounds": 2})
+    run_id, digest = first.run_id, first.params_digest
+    first.store.close()
+    again = open_run(tmp_path / "d", {"rounds": 5, "quorum": 2})
+    assert (again.run_id, again.params_digest, again.version) == (run_id, digest, 0)
+    assert again.config.rounds == 5 and again.config.model == "mlp-digits"
+    again.store.close()
+    with pytest.raises(ValueError, match="cannot change"):
+        open_run(tmp_path / "d", {"model": "gpt-tiny"})
+
+
+def test_node_identity_is_stable_and_private(tmp_path: Path) -> None:
+    a = load_or_create_node_id(tmp_path / "n")
+    assert a == load_or_create_node_id(tmp_path / "n") and len(a) == 64
+    key = tmp_path / "n" / "node.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    key.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        load_or_create_node_id(tmp_path / "n")
+
+
+def test_text_file_run_and_node_local_copy(tmp_path: Path) -> None:
+    text = ("the quick brown fox jumps over the lazy dog. " * 200).encode()
+    src = tmp_path / "corpus.txt"
+    src.write_bytes(text)
+    work = resolve(model="gpt-tiny", flavour=None, data="text", data_path=str(src),
+                   partition="noniid", alpha=0.5, seed=0)
+    assert work.model_config["vocab_size"] == len(set(text.decode()))
+    assert work.dataset.entropy_floor is None
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(text)
+    node_work = from_spec(work.model_config, work.data_spec, local_path=str(copy))
+    assert node_work.model_id == work.model_id
+    trainer = Trainer(node_work, shard=1, n_shards=4, node_id="x")
+    theta = np.zeros(node_work.n_params, np.float32) + 0.01
+    result = trainer.train_round(theta, steps=2, lr=1e-3, batch_size=4)
+    assert result.delta.shape == theta.shape and result.steps == 2
+    copy.write_bytes(text + b"!")  # a different file must be refused, naming both digests
+    with pytest.raises(ValueError, match="sha256"):
+        from_spec(work.model_config, DataSpec.from_dict(work.data_spec.to_dict()),
+                  local_path=str(copy))
+
+
+def test_gpt_model_refuses_digits_data() -> None:
+    with pytest.raises(ValueError, match="cannot train"):
+        resolve(model="gpt-tiny", flavour=None, data="digits", data_path=None,
+                partition="iid", alpha=0.5, seed=0)
