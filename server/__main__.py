@@ -82,6 +82,10 @@ async def serve(args: argparse.Namespace) -> int:
         if swarm is not None:
             await swarm.start()
         while not stop.is_set():
+            if coord.error is not None:
+                print(f"error: the round loop stopped: {coord.error!r}; the last committed "
+                      f"round is safe in {data_dir}", file=sys.stderr, flush=True)
+                return 1
             if swarm is not None and coord.finished:
                 print(f"demo finished: {run.version} rounds committed; the server keeps "
                       f"serving {url} until Ctrl-C", flush=True)

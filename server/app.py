@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,8 +37,7 @@ async def _round_loop(app: web.Application) -> AsyncIterator[None]:
     task.add_done_callback(_report_crash)
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.gather(task, return_exceptions=True)  # a crash was already reported
     app[RUN].store.close()
 
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -98,6 +98,8 @@ class Coordinator:
         self._updates: dict[str, tuple[np.ndarray, UpdateRow]] = {}
         self._round_bytes = [0, 0]  # up, down during the open round
         self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self.error: BaseException | None = None  # why the round loop died, if it did
         self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
 
     # -- sending -------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class Coordinator:
         old = self.peers.get(msg.node_id)
         if old is not None and old.ws is not None:
             log.info("node %s reconnected; closing its previous connection", msg.node_id[:12])
-            await old.ws.close()
+            self._background(old.ws.close())  # a dead peer's close may take seconds
         shard = self.run.store.shard_for(msg.node_id, msg.runtime, self.config.n_shards)
         peer = Peer(node_id=msg.node_id, runtime=msg.runtime, device=msg.device, shard=shard,
                     ws=conn.ws)
@@ -242,14 +244,19 @@ class Coordinator:
 
     async def _broadcast_open(self) -> None:
         assert self.state is not None
-        for peer in list(self.peers.values()):
-            if peer.ws is not None and peer.node_id not in self.state.updates:
-                await self._send_open(Connection(ws=peer.ws, remote="", peer=peer))
+        waiting = self.state.updates
+        await asyncio.gather(*(self._send_open(Connection(ws=p.ws, remote="", peer=p))
+                               for p in list(self.peers.values())
+                               if p.ws is not None and p.node_id not in waiting))
 
     async def _broadcast(self, msg: Message) -> None:
-        for peer in list(self.peers.values()):
-            if peer.ws is not None:
-                await self.send(Connection(ws=peer.ws, remote="", peer=peer), msg)
+        await asyncio.gather(*(self.send(Connection(ws=p.ws, remote="", peer=p), msg)
+                               for p in list(self.peers.values()) if p.ws is not None))
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _committed_msg(self, *, final: bool) -> RoundCommitted:
         last = self.run.last_round
@@ -263,6 +270,15 @@ class Coordinator:
 
     async def run_rounds(self) -> None:
         """Open -> collect -> commit, forever (or until `rounds` are committed)."""
+        try:
+            await self._run_rounds()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    async def _run_rounds(self) -> None:
         loop = asyncio.get_running_loop()
         policy = RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s)
         while not self._done():

@@ -229,3 +229,25 @@ async def test_rest_endpoints_and_model_download(server: Server) -> None:
     assert digest == a.open.params_digest  # type: ignore[union-attr]
     async with server.http.get(server.url + "/api/rounds?since=x") as resp:
         assert resp.status == 400
+
+
+async def test_failed_commit_stops_the_loop_and_keeps_the_last_round(
+        server: Server, tmp_path: Path) -> None:
+    coord = server.app[COORDINATOR]
+    ckpt = tmp_path / "run" / "checkpoints"
+    before = ckpt_hashes(tmp_path)
+    ckpt.rename(tmp_path / "moved")
+    ckpt.write_text("not a folder")  # a real fault: the checkpoint cannot be written
+    a, b = await server.client("a"), await server.client("b")
+    for c in (a, b):
+        await c.send(c.submit())
+        assert (await c.expect(Ack)).status == "accepted"
+    for _ in range(100):
+        if coord.error is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert isinstance(coord.error, OSError)
+    assert server.app[RUN].store.rounds() == [] and server.app[RUN].version == 0
+    ckpt.unlink()
+    (tmp_path / "moved").rename(ckpt)
+    assert ckpt_hashes(tmp_path) == before
