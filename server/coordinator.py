@@ -143,6 +143,9 @@ class Coordinator:
                                    field="msg_type")
         except ProtocolError as err:
             await self.reject(conn, err, getattr(locals().get("msg"), "round", None))
+        except Exception:  # a bug, not the peer's fault: keep serving, say so, count it
+            log.exception("internal error handling a frame from %s", conn.remote)
+            await self.reject(conn, ProtocolError("internal server error; see the server log"))
 
     async def oversized(self, conn: Connection) -> None:
         """The transport refused a message above its limit (the socket is closing)."""

@@ -143,7 +143,8 @@ class Store:
         momentum = np.ascontiguousarray(momentum, dtype=np.float32)
         digest = sha256_hex(params.astype("<f4").tobytes())
         meta = {"run_id": run_id, "model_id": model_id, "version": str(version),
-                "params_sha256": digest, "format": "daa-prime/flat-v1"}
+                "params_sha256": digest, "format": "daa-prime/flat-v1",
+                "momentum_sha256": sha256_hex(momentum.astype("<f4").tobytes())}
         blob = st_save({"params": params, "outer_momentum": momentum}, metadata=meta)
         atomic_write(self.ckpt_dir / self._name(version), blob)
         return Checkpoint(version=version, params=params, momentum=momentum,
@@ -159,6 +160,8 @@ class Store:
         if digest != meta.get("params_sha256"):
             raise RuntimeError(f"checkpoint {path} is corrupt: params digest {digest} != "
                                f"recorded {meta.get('params_sha256')}")
+        if sha256_hex(momentum.astype("<f4").tobytes()) != meta.get("momentum_sha256"):
+            raise RuntimeError(f"checkpoint {path} is corrupt: outer momentum digest mismatch")
         return Checkpoint(version=int(meta["version"]), params=params, momentum=momentum,
                           params_digest=digest)
 
@@ -188,6 +191,9 @@ class Store:
                      run_id: str, model_id: str, attempts: int, eval_loss: float | None,
                      train_loss: float | None, updates: list[UpdateRow], bytes_up: int,
                      bytes_down: int, duration_s: float, keep: int) -> Checkpoint:
+        if round != self.latest()[0]:  # checked BEFORE the file is written: never overwrite
+            raise sqlite3.IntegrityError(f"round {round} cannot be committed: the next round "
+                                         f"to commit is {self.latest()[0]}")
         ckpt = self.write_checkpoint(round + 1, ckpt_params, momentum, run_id=run_id,
                                      model_id=model_id)
         with self.db:

@@ -51,7 +51,8 @@ def canonical_json(obj: dict[str, Any]) -> bytes:
 
 def encode_frame(msg_type: int, header: dict[str, Any], payload: bytes = b"",
                  *, version: int = PROTOCOL_VERSION) -> bytes:
-    """Build one frame; refuses what a receiver with default limits would refuse."""
+    """Build one frame; refuses a header no receiver accepts. The payload limit is the
+    receiver's to enforce (it is configurable there)."""
     if not 0 <= msg_type <= 255:
         raise FrameError(f"message type {msg_type} out of range 0..255", field="msg_type")
     try:

@@ -48,7 +48,7 @@ class Message:
     def from_header(cls, header: dict[str, Any], payload: bytes) -> Message:
         hints = typing.get_type_hints(cls)
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        unknown = sorted(set(header) - set(names))
+        unknown = sorted(set(header) - (set(names) - {"payload"}))
         if unknown:
             raise MessageError(f"{cls.__name__}: unknown field(s) {unknown}", field=unknown[0])
         kwargs: dict[str, Any] = {}
@@ -80,7 +80,11 @@ def _check_type(cls_name: str, name: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer literal too large for a float
+                ok = False
+            ok = ok and math.isfinite(value)
     elif hint is str:
         ok = isinstance(value, str) and len(value) <= MAX_TEXT
     elif origin is dict:
@@ -88,8 +92,9 @@ def _check_type(cls_name: str, name: str, value: Any, hint: Any) -> Any:
     else:  # pragma: no cover - a programming error, not a wire error
         raise TypeError(f"unsupported field type {hint!r}")
     if not ok:
-        raise MessageError(f"{cls_name}.{name}: expected {getattr(hint, '__name__', hint)}, "
-                           f"got {type(value).__name__}", field=name)
+        raise MessageError(f"{cls_name}.{name}: expected a finite "
+                           f"{getattr(hint, '__name__', hint)}, got {type(value).__name__}"
+                           f" {str(value)[:40]}", field=name)
     return value
 
 
@@ -99,7 +104,7 @@ def _require(cond: bool, cls: str, name: str, what: str) -> None:
 
 
 def _hex64(cls: str, name: str, value: str) -> None:
-    _require(bool(HEX64.match(value)), cls, name, "must be 64 lowercase hex digits")
+    _require(bool(HEX64.fullmatch(value)), cls, name, "must be 64 lowercase hex digits")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,0 +1,165 @@
+"""Generate shared/testdata/frames.json: golden wire vectors for every message type.
+
+Run from anywhere:  python shared/testdata/make_golden.py  (rewrites frames.json)
+                    python shared/testdata/make_golden.py --check  (exit 1 if stale)
+
+The JSON is deliberately plain so other implementations (the browser's JavaScript) can check
+their encoder and decoder against the Python one byte for byte:
+
+    {"version": 1,
+     "valid":   [{"type": "Hello", "msg_type": 1, "fields": {...}, "payload_hex": "...",
+                  "frame_hex": "..."}],
+     "invalid": [{"name": "...", "frame_hex": "...", "code": "...", "field": "..."}]}
+
+`fields` are the header fields exactly as they travel (JSON values); `payload_hex` is the
+binary payload ("" for messages without one). Every float in the vectors has a fractional
+part and a short decimal form, so its JSON text is the same in Python and JavaScript.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+OUT = HERE / "frames.json"
+FORMAT_VERSION = 1
+
+NODE_A = "0123456789abcdef" * 4
+NODE_B = "fedcba9876543210" * 4
+RUN = "run-7f3a"
+
+if str(ROOT) not in sys.path:  # run as a script: make `shared` importable
+    sys.path.insert(0, str(ROOT))
+
+
+def _f32(*values: float) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
+    """(type name, header fields, payload) for one fixed example of each message type."""
+    from shared.messages import sha256_hex
+
+    params = _f32(1.0, -2.5, 0.125, 3.75)
+    update = _f32(0.5, -0.25, 0.0, -0.0)
+    return [
+        ("Hello", {"node_id": NODE_A, "runtime": "browser", "agent": "daa-prime/0.1 é",
+                   "device": "webgpu"}, b""),
+        ("Welcome", {"run_id": RUN, "node_id": NODE_A,
+                     "model": {"kind": "mlp", "layers": [4, 8, 4], "seed": 7},
+                     "model_id": "ab" * 32,
+                     "data": {"name": "markov", "order": 1, "vocab": 4},
+                     "shard": 1, "n_shards": 3, "codec": "raw32", "n_params": 4}, b""),
+        ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 1,
+                       "params_digest": sha256_hex(params), "deadline_s": 29.5,
+                       "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16}, params),
+        ("Submit", {"run_id": RUN, "round": 5, "node_id": NODE_B, "codec": "raw32",
+                    "length": 4, "digest": sha256_hex(update), "train_loss": 1.375,
+                    "samples": 160, "compute_s": 0.25}, update),
+        ("Submit", {"run_id": RUN, "round": 0, "node_id": NODE_A, "codec": "raw32",
+                    "length": 1, "digest": sha256_hex(_f32(2.5)), "train_loss": None,
+                    "samples": 0, "compute_s": 0.5}, _f32(2.5)),
+        ("Ack", {"round": 5, "digest": sha256_hex(update), "status": "duplicate"}, b""),
+        ("Error", {"code": "wrong_round", "message": "round 4 is closed", "field": "round",
+                   "round": 4}, b""),
+        ("Error", {"code": "bad_frame", "message": "bad magic", "field": None,
+                   "round": None}, b""),
+        ("RoundCommitted", {"round": 5, "eval_loss": 1.0625, "n_updates": 2,
+                            "params_digest": sha256_hex(params), "final": False}, b""),
+        ("RoundCommitted", {"round": 6, "eval_loss": None, "n_updates": 1,
+                            "params_digest": sha256_hex(update), "final": True}, b""),
+    ]
+
+
+def invalid_examples() -> list[dict[str, Any]]:
+    """Frames every decoder must refuse, with the error code (and field) it must give."""
+    from shared.frame import FIXED_HEADER, MAGIC, MAX_HEADER_LEN, PROTOCOL_VERSION
+    from shared.messages import sha256_hex
+
+    def raw(head: bytes, payload: bytes = b"", *, magic: bytes = MAGIC,
+            version: int = PROTOCOL_VERSION, msg_type: int = 1, flags: int = 0,
+            head_len: int | None = None, pay_len: int | None = None) -> bytes:
+        fixed = FIXED_HEADER.pack(magic, version, msg_type, flags,
+                                  len(head) if head_len is None else head_len,
+                                  len(payload) if pay_len is None else pay_len)
+        return fixed + head + payload
+
+    def canon(obj: dict[str, Any]) -> bytes:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+    hello = {"node_id": NODE_A, "runtime": "native", "agent": "a", "device": "cpu"}
+    upd = _f32(1.5)
+    submit = {"run_id": RUN, "round": 1, "node_id": NODE_A, "codec": "raw32", "length": 1,
+              "digest": sha256_hex(upd), "train_loss": None, "samples": 1, "compute_s": 0.5}
+    cases: list[tuple[str, bytes, str, str | None]] = [
+        ("bad_magic", raw(canon(hello), magic=b"DAAQ"), "bad_frame", "magic"),
+        ("truncated_fixed_header", raw(canon(hello))[:10], "bad_frame", None),
+        ("truncated_header", raw(canon(hello))[:-3], "bad_frame", "length"),
+        ("trailing_bytes", raw(canon(hello)) + b"\x00", "bad_frame", "length"),
+        ("unsupported_version", raw(canon(hello), version=2), "unsupported_version",
+         "version"),
+        ("unknown_flags", raw(canon(hello), flags=1), "bad_frame", "flags"),
+        ("payload_too_large", raw(b"", head_len=2, pay_len=1 << 30), "frame_too_large",
+         "payload_len"),
+        ("header_too_large", raw(b"", head_len=MAX_HEADER_LEN + 1), "frame_too_large",
+         "header_len"),
+        ("header_not_utf8", raw(b'{"a":"\xff"}'), "bad_frame", "header"),
+        ("header_not_object", raw(b"[1,2]"), "bad_frame", "header"),
+        ("header_nan", raw(b'{"x":NaN}'), "bad_frame", "header"),
+        ("unknown_message_type", raw(b"{}", msg_type=99), "bad_message", "msg_type"),
+        ("missing_field", raw(canon({k: v for k, v in hello.items() if k != "agent"})),
+         "bad_message", "agent"),
+        ("unknown_field", raw(canon({**hello, "zzz": 1})), "bad_message", "zzz"),
+        ("bool_for_int", raw(canon({"round": True, "digest": "d", "status": "accepted"}),
+                             msg_type=5), "bad_message", "round"),
+        ("bad_node_id", raw(canon({**hello, "node_id": NODE_A.upper()})), "bad_message",
+         "node_id"),
+        ("payload_on_hello", raw(canon(hello), b"\x00"), "bad_message", "payload"),
+        ("submit_digest_mismatch", raw(canon({**submit, "digest": "0" * 64}), upd,
+                                       msg_type=4), "bad_update", "digest"),
+    ]
+    return [{"name": name, "frame_hex": data.hex(), "code": code, "field": field}
+            for name, data, code, field in cases]
+
+
+def build() -> dict[str, Any]:
+    """The whole golden document, as frames.json holds it."""
+    from dataclasses import fields as dc_fields
+
+    from shared.messages import MESSAGE_TYPES
+
+    by_name = {cls.__name__: cls for cls in MESSAGE_TYPES.values()}
+    valid = []
+    for name, fields, payload in valid_examples():
+        cls = by_name[name]
+        has_payload = any(f.name == "payload" for f in dc_fields(cls))  # type: ignore[arg-type]
+        kwargs = dict(fields, payload=payload) if has_payload else dict(fields)
+        frame = cls(**kwargs).to_frame()
+        valid.append({"type": name, "msg_type": cls.TYPE, "fields": fields,
+                      "payload_hex": payload.hex(), "frame_hex": frame.hex()})
+    return {"version": FORMAT_VERSION, "valid": valid, "invalid": invalid_examples()}
+
+
+def render(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render(build())
+    if "--check" in argv:
+        if not OUT.exists() or OUT.read_text(encoding="utf-8") != text:
+            print(f"{OUT} is stale; run {Path(__file__).name} to regenerate", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
