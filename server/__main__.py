@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--demo", type=int, metavar="N", default=0,
                    help="also start N local native nodes on this run")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default=None,
+                   help="DEBUG, INFO, WARNING (default INFO; WARNING with --demo)")
     for name, kind in (("model", str), ("flavour", str), ("data", str), ("data-path", str),
                        ("partition", str), ("alpha", float), ("n-shards", int), ("seed", int),
                        ("inner-steps", int), ("inner-lr", float), ("batch-size", int),
@@ -69,15 +71,18 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"DAA Prime run {run.run_id}: {run.config.model} ({run.n_params:,} params), "
           f"data dir {data_dir}", flush=True)
     print(f"open {url}  (API: {url}api/run)", flush=True)
-    print(f"round {run.version}: eval loss {run.eval_loss_init if run.version == 0 else '...'}"
-          + (f", entropy floor {floor:.3f} nats" if floor is not None else ""), flush=True)
+    last = run.last_round["eval_loss"] if run.last_round else run.eval_loss_init
+    print(f"{run.version} rounds committed; eval loss {last:.4f}" if last is not None else
+          f"{run.version} rounds committed", end="", flush=True)
+    print(f", entropy floor {floor:.4f} nats" if floor is not None else "", flush=True)
     coord = app[COORDINATOR]
     coord.commit_hooks.append(lambda rec: print(round_line(rec), flush=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    swarm = DemoSwarm(args.demo, f"{args.host}:{args.port}") if args.demo else None
+    swarm = (DemoSwarm(args.demo, f"{args.host}:{args.port}", Path(data_dir))
+             if args.demo else None)
     try:
         if swarm is not None:
             await swarm.start()
@@ -103,8 +108,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    level = args.log_level or ("WARNING" if args.demo else "INFO")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         return asyncio.run(serve(args))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -33,19 +34,22 @@ def round_line(rec: dict[str, Any]) -> str:
 class DemoSwarm:
     """Start and stop N `python -m native_node join` children."""
 
-    def __init__(self, n: int, coordinator: str) -> None:
+    def __init__(self, n: int, coordinator: str, log_dir: Path) -> None:
         self.n = n
         self.coordinator = coordinator
+        self.log_dir = log_dir
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self) -> None:
         for i in range(self.n):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "native_node", "join", "--coordinator", self.coordinator,
-                "--name", f"demo-{i}", "--threads", "1", "--quiet",
-                stdin=asyncio.subprocess.DEVNULL)
+            with open(self.log_dir / f"node-{i}.log", "ab") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "native_node", "join", "--coordinator",
+                    self.coordinator, "--name", f"demo-{i}", "--threads", "1", "--quiet",
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
             self.procs.append(proc)
-        print(f"started {self.n} local native node(s)", flush=True)
+        print(f"started {self.n} local native node(s); their logs: "
+              f"{self.log_dir}/node-*.log", flush=True)
 
     async def stop(self) -> None:
         for proc in self.procs:
