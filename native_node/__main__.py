@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from native_node.client import NodeClient, NodeOptions
-from native_node.identity import default_state_dir, load_or_create_node_id
+from native_node.identity import default_state_dir, load_or_create_identity
 from native_node.trainer import pick_device
 
 ROLES = ("trainer",)
@@ -65,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     state_dir = args.state_dir or default_state_dir(args.name)
-    node_id = load_or_create_node_id(state_dir)
-    print(f"node id {node_id} ({state_dir}), device {device}", file=sys.stderr, flush=True)
+    try:
+        identity = load_or_create_identity(state_dir)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"node id {identity.node_id} (ML-DSA-65 key in {state_dir}), device {device}",
+          file=sys.stderr, flush=True)
     client = NodeClient(NodeOptions(
-        coordinator=args.coordinator, node_id=node_id, state_dir=state_dir, device=device,
+        coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet))
     code = asyncio.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -17,13 +18,14 @@ import numpy as np
 from native_node.data import DataSpec
 from native_node.trainer import RoundResult, Trainer
 from native_node.workload import Workload, from_spec
-from shared.codecs import get_codec
+from shared.codecs import Codec, make_codec
+from shared.envelope import Identity, new_nonce
 from shared.errors import ProtocolError
 from shared.messages import (
     Ack,
+    Challenge,
     Error,
     Hello,
-    Message,
     RoundCommitted,
     RoundOpen,
     Submit,
@@ -45,7 +47,7 @@ class FatalError(Exception):
 @dataclass(frozen=True, kw_only=True)
 class NodeOptions:
     coordinator: str  # host:port of the server
-    node_id: str  # this node's id
+    identity: Identity  # this node's ML-DSA-65 key pair
     state_dir: Path  # where the identity lives
     device: str = "cpu"  # torch device
     data_path: str | None = None  # local copy of a text run's data file
@@ -75,6 +77,9 @@ class NodeClient:
         self.work: Workload | None = None
         self.trainer: Trainer | None = None
         self.welcome: Welcome | None = None
+        self.challenge: Challenge | None = None
+        self.codec: Codec | None = None
+        self.residual: np.ndarray | None = None  # error feedback: what the codec lost so far
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.pending: Submit | None = None  # trained, not yet known to be committed
         self.pending_params: str | None = None  # params digest the pending update started from
@@ -121,14 +126,23 @@ class NodeClient:
         if self.ws is not None:
             self._closing = asyncio.ensure_future(self.ws.close())
 
-    async def _send(self, msg: Message) -> None:
-        if self.ws is not None and not self.ws.closed:
-            await self.ws.send_bytes(msg.to_frame())
+    @property
+    def node_id(self) -> str:
+        return self.opts.identity.node_id
+
+    async def _send(self, msg: Hello | Submit) -> None:
+        """Sign (fresh nonce each time) and send; Submit payloads are zstd'd when it pays."""
+        if self.ws is None or self.ws.closed or self.challenge is None:
+            return
+        msg = dataclasses.replace(msg, nonce=new_nonce())
+        sign = self.opts.identity.signer(run_id=self.challenge.run_id,
+                                         round=getattr(msg, "round", -1), msg_type=msg.TYPE,
+                                         nonce=msg.nonce)
+        await self.ws.send_bytes(msg.to_frame(sign=sign, compress=isinstance(msg, Submit)))
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection. True when the run is over (or max_rounds reached)."""
-        await self._send(Hello(node_id=self.opts.node_id, runtime="native", agent=AGENT,
-                               device=self.opts.device))
+        self.challenge = None
         async for raw in ws:
             if raw.type != aiohttp.WSMsgType.BINARY:
                 continue
@@ -137,7 +151,13 @@ class NodeClient:
             except ProtocolError as exc:
                 log.warning("ignoring a bad frame from the server: %s", exc)
                 continue
-            if isinstance(msg, Welcome):
+            if isinstance(msg, Challenge):
+                self.challenge = msg
+                ident = self.opts.identity
+                await self._send(Hello(node_id=ident.node_id, public_key=ident.public_key.hex(),
+                                       challenge=msg.challenge, nonce=new_nonce(),
+                                       runtime="native", agent=AGENT, device=self.opts.device))
+            elif isinstance(msg, Welcome):
                 await self._on_welcome(msg)
             elif isinstance(msg, RoundOpen):
                 await self._on_round_open(msg)
@@ -173,11 +193,17 @@ class NodeClient:
                                  f"({work.n_params}); update this node's software")
             self.work = work
             self.trainer = Trainer(work, shard=msg.shard, n_shards=msg.n_shards,
-                                   node_id=self.opts.node_id, device=self.opts.device)
+                                   node_id=self.node_id, device=self.opts.device)
             self.pending = None
-        log.info("joined run %s as %s: %s, %d params, shard %d/%d", msg.run_id,
-                 self.opts.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,
-                 msg.n_shards)
+        codec = make_codec(msg.codec, **msg.codec_params)
+        if codec != self.codec or not msg.error_feedback:
+            if self.residual is not None:
+                log.info("error-feedback residual reset (new model, codec or setting)")
+            self.residual = None
+        self.codec = codec
+        log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", msg.run_id,
+                 self.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,
+                 msg.n_shards, codec.name, " + error feedback" if msg.error_feedback else "")
 
     async def _on_round_open(self, msg: RoundOpen) -> None:
         if (self.pending is not None and self.pending.round == msg.round
@@ -226,10 +252,19 @@ class NodeClient:
         if cancel.is_set() or result.steps < msg.inner_steps:
             log.info("round %d: training cancelled after %d steps", msg.round, result.steps)
             return
-        codec = get_codec(self.welcome.codec)
-        payload = codec.encode(result.delta)
-        submit = Submit(run_id=self.welcome.run_id, round=msg.round, node_id=self.opts.node_id,
-                        codec=codec.name, length=int(result.delta.size),
+        codec = self.codec
+        assert codec is not None
+        update = result.delta
+        if self.welcome.error_feedback:
+            if self.residual is not None and self.residual.shape == update.shape:
+                update = (update + self.residual).astype(np.float32)
+            payload = codec.encode(update)
+            self.residual = (update - np.asarray(codec.decode(payload, update.size))).astype(
+                np.float32)
+        else:
+            payload = codec.encode(update)
+        submit = Submit(run_id=self.welcome.run_id, round=msg.round, node_id=self.node_id,
+                        nonce=new_nonce(), codec=codec.name, length=int(result.delta.size),
                         digest=sha256_hex(payload), train_loss=result.train_loss,
                         samples=result.samples, compute_s=round(result.compute_s, 4),
                         payload=payload)

@@ -1,16 +1,20 @@
-"""A node's persistent identity.
+"""A node's persistent ML-DSA-65 identity.
 
-The working core uses a random 256-bit secret kept in `<state dir>/node.key` (mode 0600);
-the node id is SHA-256 of it, stable across restarts. The wire-protocol work replaces the
-secret with an ML-DSA-65 key pair (node id = SHA-256 of the public key), same file rules.
+`<state dir>/node.key` (mode 0600; refused when others can read it) holds the key pair:
+the 8-byte magic b"DAAPKEY1", the 1952-byte public key, then the 4032-byte secret key. The
+node id is SHA-256 of the public key (shared.envelope.node_id_of).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 from pathlib import Path
+
+from shared.envelope import Identity
+from shared.platform import PqcryptoMLDSA65
+
+MAGIC = b"DAAPKEY1"
+PK_LEN, SK_LEN = PqcryptoMLDSA65.PUBLIC_KEY_LEN, PqcryptoMLDSA65.SECRET_KEY_LEN
 
 
 def default_state_dir(name: str) -> Path:
@@ -18,18 +22,26 @@ def default_state_dir(name: str) -> Path:
     return base / f"node-{name}"
 
 
-def load_or_create_node_id(state_dir: Path) -> str:
-    """Read the node's secret (creating it 0600 on first run) and return the node id."""
+def load_or_create_identity(state_dir: Path) -> Identity:
+    """Read the node's key pair, creating it (mode 0600) on first run."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "node.key"
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
+        ident = Identity.generate()
+        tmp = path.with_name(f".node.key.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(MAGIC + ident.public_key + ident.secret_key)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise PermissionError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
-    secret = path.read_text().strip()
-    if len(secret) != 64:
-        raise ValueError(f"{path} is not a node key (expected 64 hex digits)")
-    return hashlib.sha256(bytes.fromhex(secret)).hexdigest()
+    blob = path.read_bytes()
+    if len(blob) != len(MAGIC) + PK_LEN + SK_LEN or not blob.startswith(MAGIC):
+        raise ValueError(f"{path} is not a DAA Prime ML-DSA-65 node key "
+                         f"(expected {len(MAGIC) + PK_LEN + SK_LEN} bytes starting {MAGIC!r}); "
+                         "move it away to create a new identity")
+    pk = blob[len(MAGIC):len(MAGIC) + PK_LEN]
+    return Identity(public_key=pk, secret_key=blob[len(MAGIC) + PK_LEN:])

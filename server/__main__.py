@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -40,10 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("inner-steps", int), ("inner-lr", float), ("batch-size", int),
                        ("outer-lr", float), ("outer-momentum", float), ("aggregator", str),
                        ("codec", str), ("rounds", int), ("quorum", int), ("deadline-s", float),
-                       ("keep-checkpoints", int), ("max-frame-mb", float)):
+                       ("keep-checkpoints", int), ("max-frame-mb", float),
+                       ("codec-params", json.loads)):
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"run config '{name.replace('-', '_')}' (default: "
                             f"{getattr(RunConfig(), name.replace('-', '_'))})")
+    p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=None,
+                   help="nodes keep the codec's residual (default: on)")
     return p.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ from shared.aggregation import RULES
 from shared.codecs import CODECS
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
-                        "n_shards", "seed", "codec"})
+                        "n_shards", "seed"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +36,8 @@ class RunConfig:
     outer_momentum: float = 0.9  # outer momentum
     aggregator: str = "mean"  # aggregation rule (shared.aggregation.RULES)
     codec: str = "raw32"  # update codec (shared.codecs.CODECS)
+    codec_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # its parameters
+    error_feedback: bool = True  # nodes add what the codec lost to their next update
     rounds: int = 0  # stop after this many committed rounds (0: run forever)
     quorum: int = 1  # fewest updates a round is committed with
     deadline_s: float = 60.0  # collection window of one round attempt

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,7 +23,9 @@ from server.runstate import RunState
 from server.store import UpdateRow
 from shared.aggregation import get_rule
 from shared.codecs import decode_update
+from shared.envelope import ReplayGuard, verify_frame
 from shared.errors import (
+    BadSignature,
     BadUpdate,
     FrameTooLarge,
     MessageError,
@@ -30,8 +33,11 @@ from shared.errors import (
     UnknownNode,
     WrongRun,
 )
+from shared.frame import PROTOCOL_VERSION, Frame, decode_frame
 from shared.messages import (
+    MESSAGE_TYPES,
     Ack,
+    Challenge,
     Error,
     Hello,
     Message,
@@ -39,7 +45,7 @@ from shared.messages import (
     RoundOpen,
     Submit,
     Welcome,
-    decode_message,
+    message_from_frame,
 )
 from shared.outer import OuterConfig, outer_step
 from shared.rounds import Decision, Outcome, RoundPolicy, RoundState
@@ -80,6 +86,8 @@ class Connection:
     remote: str
     peer: Peer | None = None
     bytes_up: int = 0
+    challenge: str = field(default_factory=lambda: secrets.token_hex(32))
+    public_key: bytes = b""  # the key the Hello proved possession of
 
 
 CommitHook = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -100,6 +108,7 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
         self.error: BaseException | None = None  # why the round loop died, if it did
+        self.replays = ReplayGuard()
         self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
 
     # -- sending -------------------------------------------------------------------------
@@ -125,6 +134,11 @@ class Coordinator:
                                     round=round))
 
     # -- receiving -----------------------------------------------------------------------
+    async def greet(self, conn: Connection) -> None:
+        """First frame on a new connection: the challenge its Hello must sign."""
+        await self.send(conn, Challenge(run_id=self.run.run_id, challenge=conn.challenge,
+                                        protocol_version=PROTOCOL_VERSION, agent=AGENT))
+
     async def handle_frame(self, conn: Connection, data: bytes) -> None:
         conn.bytes_up += len(data)
         self._round_bytes[0] += len(data)
@@ -132,20 +146,63 @@ class Coordinator:
         if conn.peer is not None:
             conn.peer.bytes_up += len(data)
             conn.peer.last_seen = time.time()
+        round_: int | None = None
         try:
-            msg = decode_message(data, max_payload=self.max_payload)
+            frame = decode_frame(data, max_payload=self.max_payload)
+            round_ = frame.header.get("round") if isinstance(frame.header.get("round"),
+                                                             int) else None
+            self._authenticate(conn, frame)  # BEFORE the payload is inflated or decoded
+            msg = message_from_frame(frame, max_payload=self.max_payload)
             if isinstance(msg, Hello):
                 await self._on_hello(conn, msg)
             elif isinstance(msg, Submit):
                 await self._on_submit(conn, msg)
-            else:
-                raise MessageError(f"{type(msg).__name__} is not sent to the server",
-                                   field="msg_type")
         except ProtocolError as err:
-            await self.reject(conn, err, getattr(locals().get("msg"), "round", None))
+            await self.reject(conn, err, round_)
         except Exception:  # a bug, not the peer's fault: keep serving, say so, count it
             log.exception("internal error handling a frame from %s", conn.remote)
             await self.reject(conn, ProtocolError("internal server error; see the server log"))
+
+    def _authenticate(self, conn: Connection, frame: Frame) -> None:
+        """Signature and replay checks on the raw frame; raises a typed error."""
+        header = frame.header
+        if frame.msg_type == Hello.TYPE:
+            if conn.peer is not None:
+                raise MessageError("hello was already sent on this connection",
+                                   field="msg_type")
+            key_hex, node_id = header.get("public_key"), header.get("node_id")
+            if not isinstance(key_hex, str) or not isinstance(node_id, str):
+                raise MessageError("hello needs public_key and node_id", field="public_key")
+            try:
+                public_key = bytes.fromhex(key_hex)
+            except ValueError:
+                raise MessageError("public_key is not hex", field="public_key") from None
+            if header.get("challenge") != conn.challenge:
+                raise BadSignature("hello does not answer this connection's challenge "
+                                   "(a replayed hello?)", field="challenge")
+            nonce = verify_frame(frame, public_key=public_key, run_id=self.run.run_id,
+                                 node_id=node_id)
+            conn.public_key = public_key
+        elif frame.msg_type == Submit.TYPE:
+            peer = conn.peer
+            for name in ("node_id", "run_id", "nonce"):
+                if not isinstance(header.get(name), str):
+                    raise MessageError(f"Submit: missing field {name!r}", field=name)
+            if peer is None:
+                raise UnknownNode("send hello before submitting", field="node_id")
+            if header.get("node_id") != peer.node_id:
+                raise UnknownNode("node_id does not match this connection's hello",
+                                  field="node_id")
+            if header.get("run_id") != self.run.run_id:
+                raise WrongRun(f"update is for run {header.get('run_id')!r}; this is run "
+                               f"{self.run.run_id!r}", field="run_id")
+            nonce = verify_frame(frame, public_key=conn.public_key, run_id=self.run.run_id,
+                                 node_id=peer.node_id)
+            node_id = peer.node_id
+        else:
+            name = getattr(MESSAGE_TYPES.get(frame.msg_type), "__name__", str(frame.msg_type))
+            raise MessageError(f"{name} is not sent to the server", field="msg_type")
+        self.replays.check_and_remember(node_id, nonce)
 
     async def oversized(self, conn: Connection) -> None:
         """The transport refused a message above its limit (the socket is closing)."""
@@ -154,8 +211,6 @@ class Coordinator:
         log.warning("rejected %s from %s: %s", err.code, conn.remote, err.message)
 
     async def _on_hello(self, conn: Connection, msg: Hello) -> None:
-        if conn.peer is not None:
-            raise MessageError("hello was already sent on this connection", field="msg_type")
         old = self.peers.get(msg.node_id)
         if old is not None and old.ws is not None:
             log.info("node %s reconnected; closing its previous connection", msg.node_id[:12])
@@ -176,7 +231,9 @@ class Coordinator:
         await self.send(conn, Welcome(
             run_id=run.run_id, node_id=msg.node_id, model=run.work.model_config,
             model_id=run.work.model_id, data=run.work.data_spec.to_dict(), shard=shard,
-            n_shards=self.config.n_shards, codec=self.config.codec, n_params=run.n_params))
+            n_shards=self.config.n_shards, codec=self.config.codec,
+            codec_params=self.config.codec_params, error_feedback=self.config.error_feedback,
+            n_params=run.n_params))
         if self.finished:
             await self.send(conn, self._committed_msg(final=True))
         elif self.state is not None and not self.state.closed:
@@ -185,14 +242,7 @@ class Coordinator:
 
     async def _on_submit(self, conn: Connection, msg: Submit) -> None:
         peer = conn.peer
-        if peer is None:
-            raise UnknownNode("send hello before submitting", field="node_id")
-        if msg.node_id != peer.node_id:
-            raise UnknownNode("node_id does not match this connection's hello",
-                              field="node_id")
-        if msg.run_id != self.run.run_id:
-            raise WrongRun(f"update is for run {msg.run_id!r}; this is run "
-                           f"{self.run.run_id!r}", field="run_id")
+        assert peer is not None  # _authenticate made sure
         state = self.state
         if state is None:
             raise BadUpdate("no round is open", field="round")
@@ -287,6 +337,7 @@ class Coordinator:
         while not self._done():
             self.state = RoundState(round=self.run.version, policy=policy,
                                     opened_at=loop.time())
+            self.replays.clear()  # older rounds are refused by number; hellos by challenge
             self._updates.clear()
             self._round_bytes = [0, 0]
             started = time.time()

@@ -21,6 +21,7 @@ async def control(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     conn = Connection(ws=ws, remote=str(request.remote))
     try:
+        await coord.greet(conn)
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
                 await coord.handle_frame(conn, msg.data)

@@ -61,3 +61,11 @@ def decode_update(codec_name: str, data: bytes, length: int) -> Vector:
     if not all_finite(vec):
         raise BadUpdate("update contains NaN or infinite values", field="payload")
     return vec
+
+
+def make_codec(name: str, **params: object) -> Codec:
+    """The codec `name` configured with `params` (raw32 takes none)."""
+    codec = get_codec(name)
+    if params:
+        raise ValueError(f"codec {name!r} takes no parameters, got {sorted(params)}")
+    return codec

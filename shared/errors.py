@@ -76,6 +76,18 @@ class ConflictingUpdate(ProtocolError):
     code = "conflicting_update"
 
 
+class BadSignature(ProtocolError):
+    """The frame is unsigned, or its signature does not verify for the claimed node."""
+
+    code = "bad_signature"
+
+
+class Replay(ProtocolError):
+    """A signed frame whose nonce was already seen from that node."""
+
+    code = "replay"
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -89,5 +101,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
         WrongRound,
         BadUpdate,
         ConflictingUpdate,
+        BadSignature,
+        Replay,
     )
 )

@@ -6,20 +6,25 @@ Layout (all integers little-endian):
     0       4     magic            b"DAAP"
     4       1     version          protocol version (PROTOCOL_VERSION)
     5       1     msg_type         message type id (shared.messages.MESSAGE_TYPES)
-    6       2     flags            must be 0 in version 1 (no flag is defined yet)
+    6       2     flags            bit 0 SIGNED, bit 1 ZSTD; other bits must be 0
     8       4     header_len       length of the JSON header in bytes
-    12      4     payload_len      length of the binary payload in bytes
+    12      4     payload_len      length of the binary payload in bytes (as sent)
     16      ...   header           UTF-8 canonical JSON object (sorted keys, no spaces)
     16+h    ...   payload          opaque bytes (parameters, encoded update), may be empty
+    16+h+p  2     sig_len          only when SIGNED: length of the signature (<= 8192)
+    18+h+p  ...   signature        only when SIGNED (shared.envelope says over what)
 
-A frame is exactly 16 + header_len + payload_len bytes. Lengths are checked against the
-receiver's limits BEFORE anything past the fixed header is touched.
+ZSTD: the payload is one zstd frame; the receiver inflates it to at most its payload limit.
+A frame is exactly 16 + header_len + payload_len (+ 2 + sig_len) bytes. Lengths are checked
+against the receiver's limits BEFORE anything past the fixed header is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +37,26 @@ FIXED_HEADER = struct.Struct("<4sBBHII")
 FIXED_LEN = FIXED_HEADER.size  # 16
 MAX_HEADER_LEN = 64 * 1024
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_SIGNATURE_LEN = 8192
+FLAG_SIGNED = 0x0001
+FLAG_ZSTD = 0x0002
+KNOWN_FLAGS = FLAG_SIGNED | FLAG_ZSTD
+SIG_LEN = struct.Struct("<H")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Frame:
     version: int  # protocol version the sender spoke
     msg_type: int  # message type id
-    flags: int  # flag bits (0 in version 1)
+    flags: int  # flag bits (FLAG_SIGNED, FLAG_ZSTD)
     header: dict[str, Any]  # decoded JSON header
-    payload: bytes  # binary payload
+    payload: bytes  # binary payload as sent (still compressed when FLAG_ZSTD)
+    signature: bytes | None = None  # the trailer of a SIGNED frame
+    covered: bytes = b""  # SHA-256 of the bytes the signature covers (all but the trailer)
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.flags & FLAG_ZSTD)
 
 
 def canonical_json(obj: dict[str, Any]) -> bytes:
@@ -50,9 +66,14 @@ def canonical_json(obj: dict[str, Any]) -> bytes:
 
 
 def encode_frame(msg_type: int, header: dict[str, Any], payload: bytes = b"",
-                 *, version: int = PROTOCOL_VERSION) -> bytes:
+                 *, version: int = PROTOCOL_VERSION, flags: int = 0,
+                 sign: Callable[[bytes], bytes] | None = None) -> bytes:
     """Build one frame; refuses a header no receiver accepts. The payload limit is the
-    receiver's to enforce (it is configurable there)."""
+    receiver's to enforce (it is configurable there). `payload` is sent as given (already
+    compressed when `flags` has FLAG_ZSTD). With `sign`, the frame gets FLAG_SIGNED and a
+    trailer `sign(sha256(frame without trailer))`."""
+    if flags & ~KNOWN_FLAGS:
+        raise FrameError(f"unknown flag bits {flags:#06x}", field="flags")
     if not 0 <= msg_type <= 255:
         raise FrameError(f"message type {msg_type} out of range 0..255", field="msg_type")
     try:
@@ -61,8 +82,17 @@ def encode_frame(msg_type: int, header: dict[str, Any], payload: bytes = b"",
         raise FrameError(f"header is not canonical JSON: {exc}", field="header") from exc
     if len(head) > MAX_HEADER_LEN:
         raise FrameTooLarge(f"header {len(head)} bytes > limit {MAX_HEADER_LEN}", field="header")
-    fixed = FIXED_HEADER.pack(MAGIC, version, msg_type, 0, len(head), len(payload))
-    return b"".join((fixed, head, bytes(payload)))
+    if sign is not None:
+        flags |= FLAG_SIGNED
+    fixed = FIXED_HEADER.pack(MAGIC, version, msg_type, flags, len(head), len(payload))
+    body = b"".join((fixed, head, bytes(payload)))
+    if sign is None:
+        return body
+    signature = sign(hashlib.sha256(body).digest())
+    if len(signature) > MAX_SIGNATURE_LEN:
+        raise FrameTooLarge(f"signature {len(signature)} bytes > {MAX_SIGNATURE_LEN}",
+                            field="signature")
+    return b"".join((body, SIG_LEN.pack(len(signature)), signature))
 
 
 def peek_lengths(data: bytes | memoryview) -> tuple[int, int]:
@@ -88,13 +118,28 @@ def decode_frame(data: bytes | bytearray | memoryview, *,
         raise UnsupportedVersion(
             f"frame speaks protocol version {version}; this peer speaks version "
             f"{PROTOCOL_VERSION}", field="version")
-    if flags != 0:
+    if flags & ~KNOWN_FLAGS:
         raise FrameError(f"unknown flag bits {flags:#06x} for version {version}", field="flags")
     if head_len > MAX_HEADER_LEN:
         raise FrameTooLarge(f"header {head_len} bytes > limit {MAX_HEADER_LEN}", field="header_len")
     if pay_len > max_payload:
         raise FrameTooLarge(f"payload {pay_len} bytes > limit {max_payload}", field="payload_len")
-    if len(view) != FIXED_LEN + head_len + pay_len:
+    end = FIXED_LEN + head_len + pay_len
+    signature: bytes | None = None
+    if flags & FLAG_SIGNED:
+        if len(view) < end + SIG_LEN.size:
+            raise FrameError(f"signed frame is {len(view)} bytes, too short for its "
+                             f"{FIXED_LEN}+{head_len}+{pay_len} bytes and signature trailer",
+                             field="length")
+        (sig_len,) = SIG_LEN.unpack_from(view, end)
+        if sig_len > MAX_SIGNATURE_LEN:
+            raise FrameTooLarge(f"signature {sig_len} bytes > limit {MAX_SIGNATURE_LEN}",
+                                field="signature")
+        if len(view) != end + SIG_LEN.size + sig_len:
+            raise FrameError(f"frame is {len(view)} bytes but declares {FIXED_LEN}+{head_len}"
+                             f"+{pay_len}+2+{sig_len}", field="length")
+        signature = bytes(view[end + SIG_LEN.size:])
+    elif len(view) != end:
         raise FrameError(
             f"frame is {len(view)} bytes but declares {FIXED_LEN}+{head_len}+{pay_len}",
             field="length")
@@ -105,8 +150,10 @@ def decode_frame(data: bytes | bytearray | memoryview, *,
         raise FrameError(f"header is not UTF-8 JSON: {exc}", field="header") from exc
     if not isinstance(header, dict):
         raise FrameError("header must be a JSON object", field="header")
-    payload = bytes(view[FIXED_LEN + head_len:])
-    return Frame(version=version, msg_type=msg_type, flags=flags, header=header, payload=payload)
+    payload = bytes(view[FIXED_LEN + head_len:end])
+    covered = hashlib.sha256(view[:end]).digest() if signature is not None else b""
+    return Frame(version=version, msg_type=msg_type, flags=flags, header=header, payload=payload,
+                 signature=signature, covered=covered)
 
 
 def _no_constants(name: str) -> Any:

@@ -12,14 +12,19 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Union
 
-from shared.errors import BadUpdate, MessageError
-from shared.frame import DEFAULT_MAX_PAYLOAD, Frame, decode_frame, encode_frame
+from shared.errors import BadUpdate, FrameError, MessageError
+from shared.frame import DEFAULT_MAX_PAYLOAD, FLAG_ZSTD, Frame, decode_frame, encode_frame
+from shared.platform import zstd
 
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
-MAX_TEXT = 4096
+HEX64 = re.compile(r"[0-9a-f]{64}")
+HEXSTR = re.compile(r"(?:[0-9a-f]{2})+")
+NONCE = re.compile(r"[0-9a-f]{32}")
+MAX_TEXT = 8192
+COMPRESS_MIN = 1024
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
@@ -33,7 +38,10 @@ class Message:
     __slots__ = ()
     TYPE: ClassVar[int]
 
-    def to_frame(self) -> bytes:
+    def to_frame(self, *, sign: Callable[[bytes], bytes] | None = None,
+                 compress: bool = False) -> bytes:
+        """Encode as one frame; `sign` adds the signature trailer (shared.envelope); with
+        `compress` the payload is zstd-compressed when that saves at least 5%."""
         header: dict[str, Any] = {}
         payload = b""
         for f in fields(self):  # type: ignore[arg-type]
@@ -42,7 +50,13 @@ class Message:
                 payload = value
             else:
                 header[f.name] = value
-        return encode_frame(self.TYPE, header, payload)
+        flags = 0
+        z = zstd() if compress and len(payload) >= COMPRESS_MIN else None
+        if z is not None:
+            packed = z.compress(payload)
+            if len(packed) <= 0.95 * len(payload):
+                payload, flags = packed, FLAG_ZSTD
+        return encode_frame(self.TYPE, header, payload, flags=flags, sign=sign)
 
     @classmethod
     def from_header(cls, header: dict[str, Any], payload: bytes) -> Message:
@@ -107,18 +121,29 @@ def _hex64(cls: str, name: str, value: str) -> None:
     _require(bool(HEX64.fullmatch(value)), cls, name, "must be 64 lowercase hex digits")
 
 
+def _nonce(cls: str, value: str) -> None:
+    _require(bool(NONCE.fullmatch(value)), cls, "nonce", "must be 32 lowercase hex digits")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Hello(Message):
     """Node -> server, first frame on a connection: who I am."""
 
     TYPE: ClassVar[int] = 1
-    node_id: str  # 64 hex digits; stable across reconnects
+    node_id: str  # SHA-256 of public_key, 64 hex digits; stable across reconnects
+    public_key: str  # ML-DSA-65 public key, hex (1952 bytes)
+    challenge: str  # the connection's Challenge.challenge, echoed (binds the signature)
+    nonce: str  # 16 random bytes, hex (shared.envelope)
     runtime: str  # "native" or "browser"
     agent: str  # software name/version, free text
     device: str  # "cpu", "cuda:0", "webgpu", ...
 
     def __post_init__(self) -> None:
         _hex64("Hello", "node_id", self.node_id)
+        _require(bool(HEXSTR.fullmatch(self.public_key)), "Hello", "public_key",
+                 "must be lowercase hex")
+        _hex64("Hello", "challenge", self.challenge)
+        _nonce("Hello", self.nonce)
         _require(self.runtime in ("native", "browser"), "Hello", "runtime",
                  "must be 'native' or 'browser'")
 
@@ -136,6 +161,8 @@ class Welcome(Message):
     shard: int  # this node's shard index
     n_shards: int  # number of shards the training set is split into
     codec: str  # registry name of the codec updates must use
+    codec_params: dict[str, Any]  # that codec's parameters (shared.codecs.make_codec)
+    error_feedback: bool  # keep the codec's residual and add it to the next update
     n_params: int  # length of the flat parameter vector
 
     def __post_init__(self) -> None:
@@ -180,9 +207,10 @@ class Submit(Message):
     run_id: str  # the run this update belongs to
     round: int  # outer round it was trained for
     node_id: str  # sender; must match the connection's Hello
+    nonce: str  # 16 random bytes, hex; never reused (shared.envelope)
     codec: str  # registry name of the codec of `payload`
     length: int  # number of float32 values the payload decodes to
-    digest: str  # sha256 of `payload` (part of the idempotency key)
+    digest: str  # sha256 of `payload`, uncompressed (part of the idempotency key)
     train_loss: float | None  # mean inner training loss, for display
     samples: int  # training samples consumed this round
     compute_s: float  # seconds spent in forward/backward/optimizer
@@ -191,6 +219,7 @@ class Submit(Message):
     def __post_init__(self) -> None:
         _hex64("Submit", "node_id", self.node_id)
         _hex64("Submit", "digest", self.digest)
+        _nonce("Submit", self.nonce)
         _require(self.round >= 0, "Submit", "round", "must be >= 0")
         _require(self.length >= 1, "Submit", "length", "must be >= 1")
         _require(self.samples >= 0, "Submit", "samples", "must be >= 0")
@@ -235,24 +264,49 @@ class RoundCommitted(Message):
     final: bool  # the run reached its last round: nodes may leave
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Challenge(Message):
+    """Server -> node, first frame on a connection: sign your Hello over this."""
+
+    TYPE: ClassVar[int] = 8
+    run_id: str  # the run (the ML-DSA context string of every signature)
+    challenge: str  # 32 random bytes, hex, fresh per connection
+    protocol_version: int  # the server's protocol version
+    agent: str  # server software name/version
+
+    def __post_init__(self) -> None:
+        _hex64("Challenge", "challenge", self.challenge)
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted)
+    cls.TYPE: cls
+    for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge)
 }
-assert len(MESSAGE_TYPES) == 7, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 8, "duplicate message type id"
 
 
 def decode_message(data: bytes | bytearray | memoryview, *,
                    max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message:
     """Frame bytes -> message. Raises only `ProtocolError` subclasses."""
     frame = decode_frame(data, max_payload=max_payload)
-    return message_from_frame(frame)
+    return message_from_frame(frame, max_payload=max_payload)
 
 
-def message_from_frame(frame: Frame) -> Message:
+def message_from_frame(frame: Frame, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message:
+    """Frame -> message: inflates a ZSTD payload (to at most `max_payload`), checks fields."""
     cls = MESSAGE_TYPES.get(frame.msg_type)
     if cls is None:
         raise MessageError(f"unknown message type {frame.msg_type}", field="msg_type")
+    payload = frame.payload
+    if frame.compressed:
+        z = zstd()
+        if z is None:
+            raise FrameError("zstd payloads are not supported by this peer", field="flags")
+        try:
+            payload = z.decompress(payload, max_payload)
+        except ValueError as exc:
+            raise FrameError(f"bad zstd payload: {exc}", field="payload") from exc
     try:
-        return cls.from_header(frame.header, frame.payload)
+        return cls.from_header(frame.header, payload)
     except TypeError as exc:  # defensive: dataclass construction refused arguments
         raise MessageError(f"{cls.__name__}: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import stat
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from native_node.data import DataSpec
-from native_node.identity import load_or_create_node_id
+from native_node.identity import load_or_create_identity
 from native_node.trainer import Trainer
 from native_node.workload import from_spec, resolve
 from server.config import RunConfig, load_toml
@@ -51,13 +52,19 @@ def test_resume_keeps_the_run_and_refuses_fixed_key_changes(tmp_path: Path) -> N
 
 
 def test_node_identity_is_stable_and_private(tmp_path: Path) -> None:
-    a = load_or_create_node_id(tmp_path / "n")
-    assert a == load_or_create_node_id(tmp_path / "n") and len(a) == 64
+    a = load_or_create_identity(tmp_path / "n")
+    again = load_or_create_identity(tmp_path / "n")
+    assert a == again and len(a.node_id) == 64 and len(a.public_key) == 1952
+    assert a.node_id == hashlib.sha256(a.public_key).hexdigest()
     key = tmp_path / "n" / "node.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     key.chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
-        load_or_create_node_id(tmp_path / "n")
+        load_or_create_identity(tmp_path / "n")
+    key.chmod(0o600)
+    key.write_bytes(b"not a key")
+    with pytest.raises(ValueError, match="not a DAA Prime ML-DSA-65 node key"):
+        load_or_create_identity(tmp_path / "n")
 
 
 def test_text_file_run_and_node_local_copy(tmp_path: Path) -> None:

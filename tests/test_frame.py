@@ -50,13 +50,14 @@ def raw_frame(head: bytes, payload: bytes = b"", *, magic: bytes = MAGIC,
 
 def sample_messages() -> list[Message]:
     return [
-        Hello(node_id=NODE, runtime="native", agent="test/1", device="cpu"),
+        Hello(node_id=NODE, public_key="ab" * 16, challenge="cd" * 32, nonce="ef" * 16,
+              runtime="native", agent="test/1", device="cpu"),
         Welcome(run_id="run-1", node_id=NODE, model={"kind": "mlp", "width": 8},
                 model_id="ab" * 32, data={"name": "markov", "seed": 3}, shard=1, n_shards=2,
-                codec="raw32", n_params=3),
+                codec="raw32", codec_params={}, error_feedback=False, n_params=3),
         RoundOpen(run_id="run-1", round=2, attempt=0, params_digest=sha256_hex(PARAMS),
                   deadline_s=30.5, inner_steps=4, inner_lr=0.001, batch_size=8, payload=PARAMS),
-        Submit(run_id="run-1", round=2, node_id=NODE, codec="raw32", length=2,
+        Submit(run_id="run-1", round=2, node_id=NODE, nonce="01" * 16, codec="raw32", length=2,
                digest=sha256_hex(UPDATE), train_loss=1.25, samples=32, compute_s=0.5,
                payload=UPDATE),
         Ack(round=2, digest=sha256_hex(UPDATE), status="accepted"),
@@ -254,7 +255,7 @@ def test_version_checked_before_lengths() -> None:
         decode_frame(data)
 
 
-@pytest.mark.parametrize("flags", [1, 0x8000, 0xFFFF])
+@pytest.mark.parametrize("flags", [4, 0x8000, 0xFFFF])
 def test_unknown_flags(flags: int) -> None:
     data = raw_frame(b"{}", flags=flags)
     with pytest.raises(FrameError) as info:

@@ -24,6 +24,7 @@ from shared.messages import (
     MAX_TEXT,
     MESSAGE_TYPES,
     Ack,
+    Challenge,
     Error,
     Hello,
     Message,
@@ -61,7 +62,8 @@ def raw_head_frame(msg_type: int, head: bytes, payload: bytes = b"") -> bytes:
 
 
 def hello(**kw: Any) -> Hello:
-    base: dict[str, Any] = {"node_id": NODE, "runtime": "native", "agent": "test/1",
+    base: dict[str, Any] = {"node_id": NODE, "public_key": "ab" * 16, "challenge": "cd" * 32,
+                            "nonce": "ef" * 16, "runtime": "native", "agent": "test/1",
                             "device": "cpu"}
     return Hello(**{**base, **kw})
 
@@ -70,7 +72,8 @@ def welcome(**kw: Any) -> Welcome:
     base: dict[str, Any] = {"run_id": "run-1", "node_id": NODE,
                             "model": {"kind": "mlp", "width": 8}, "model_id": "ab" * 32,
                             "data": {"name": "markov"}, "shard": 1, "n_shards": 2,
-                            "codec": "raw32", "n_params": 3}
+                            "codec": "raw32", "codec_params": {}, "error_feedback": True,
+                            "n_params": 3}
     return Welcome(**{**base, **kw})
 
 
@@ -84,7 +87,8 @@ def round_open(**kw: Any) -> RoundOpen:
 
 def submit(**kw: Any) -> Submit:
     payload = kw.pop("payload", UPDATE)
-    base: dict[str, Any] = {"run_id": "run-1", "round": 2, "node_id": NODE, "codec": "raw32",
+    base: dict[str, Any] = {"run_id": "run-1", "round": 2, "node_id": NODE,
+                            "nonce": "01" * 16, "codec": "raw32",
                             "length": 2, "digest": sha256_hex(payload), "train_loss": 1.25,
                             "samples": 32, "compute_s": 0.5}
     return Submit(**{**base, **kw}, payload=payload)
@@ -104,13 +108,18 @@ def committed(**kw: Any) -> RoundCommitted:
                              "params_digest": sha256_hex(PARAMS), "final": False, **kw})
 
 
-ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed()]
+def challenge(**kw: Any) -> Challenge:
+    return Challenge(**{"run_id": "run-1", "challenge": "cd" * 32, "protocol_version": 1,
+                        "agent": "server/1", **kw})
+
+
+ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge()]
 
 
 # -- round trips -----------------------------------------------------------------------------
 def test_every_type_is_covered() -> None:
     assert {type(m) for m in ALL} == set(MESSAGE_TYPES.values())
-    assert sorted(MESSAGE_TYPES) == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(MESSAGE_TYPES) == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("msg", ALL, ids=lambda m: type(m).__name__)
@@ -318,7 +327,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 8, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 9, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))

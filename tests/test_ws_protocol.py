@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import struct
@@ -20,9 +21,11 @@ from aiohttp import web
 from server.app import make_app
 from server.keys import COORDINATOR, RUN
 from server.runstate import open_run
+from shared.envelope import Identity, new_nonce
 from shared.frame import FIXED_HEADER, MAGIC, encode_frame
 from shared.messages import (
     Ack,
+    Challenge,
     Error,
     Hello,
     Message,
@@ -34,9 +37,17 @@ from shared.messages import (
     sha256_hex,
 )
 
+IDENTITIES: dict[str, Identity] = {}
+
+
+def identity(name: str) -> Identity:
+    if name not in IDENTITIES:
+        IDENTITIES[name] = Identity.generate()
+    return IDENTITIES[name]
+
 
 def node_id(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()
+    return identity(name).node_id
 
 
 class Server:
@@ -49,22 +60,41 @@ class Server:
 
     async def client(self, name: str, *, hello: bool = True) -> Client:
         ws = await self.http.ws_connect(self.url + "/ws")
-        c = Client(ws, node_id(name))
+        c = Client(ws, identity(name))
+        c.challenge = await c.expect(Challenge)
         if hello:
-            await c.send(Hello(node_id=c.node_id, runtime="native", agent="test", device="cpu"))
+            await c.send(c.hello())
             c.welcome = await c.expect(Welcome)
             c.open = await c.expect(RoundOpen)
         return c
 
 
 class Client:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, nid: str) -> None:
-        self.ws, self.node_id = ws, nid
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, ident: Identity) -> None:
+        self.ws, self.ident, self.node_id = ws, ident, ident.node_id
+        self.challenge: Challenge | None = None
         self.welcome: Welcome | None = None
         self.open: RoundOpen | None = None
 
+    def hello(self, **over: Any) -> Hello:
+        assert self.challenge is not None
+        fields = dict(node_id=self.node_id, public_key=self.ident.public_key.hex(),
+                      challenge=self.challenge.challenge, nonce=new_nonce(), runtime="native",
+                      agent="test", device="cpu")
+        fields.update(over)
+        return Hello(**fields)
+
+    def frame(self, msg: Message, *, signer: Identity | None = None, **sign_over: Any) -> bytes:
+        """The message signed as the real client signs it (or by `signer`)."""
+        assert self.challenge is not None
+        ident = signer or self.ident
+        args = dict(run_id=self.challenge.run_id, round=getattr(msg, "round", -1),
+                    msg_type=msg.TYPE, nonce=msg.nonce)  # type: ignore[attr-defined]
+        args.update(sign_over)
+        return msg.to_frame(sign=ident.signer(**args))
+
     async def send(self, msg: Message | bytes) -> None:
-        await self.ws.send_bytes(msg if isinstance(msg, bytes) else msg.to_frame())
+        await self.ws.send_bytes(msg if isinstance(msg, bytes) else self.frame(msg))
 
     async def recv(self) -> Message:
         raw = await self.ws.receive(timeout=10)
@@ -87,7 +117,8 @@ class Client:
         vec = values if values is not None else np.full(self.welcome.n_params, 0.01, np.float32)
         payload = over.pop("payload", vec.astype("<f4").tobytes())
         fields = dict(run_id=self.welcome.run_id, round=self.open.round, node_id=self.node_id,
-                      codec="raw32", length=self.welcome.n_params, digest=sha256_hex(payload),
+                      nonce=new_nonce(), codec="raw32", length=self.welcome.n_params,
+                      digest=sha256_hex(payload),
                       train_loss=1.0, samples=10, compute_s=0.1, payload=payload)
         fields.update(over)
         return Submit(**fields)
@@ -118,7 +149,7 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
     caplog.set_level(logging.WARNING, logger="server.coordinator")
     before = ckpt_hashes(tmp_path)
     a = await server.client("a")
-    good = a.submit().to_frame()
+    good = a.frame(a.submit())
     bad_version = bytearray(good)
     bad_version[4] = 9
     cases: list[tuple[bytes, str]] = [
@@ -129,16 +160,22 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
         (FIXED_HEADER.pack(MAGIC, 1, 4, 0, 2, 1 << 30) + b"{}", "frame_too_large"),
         (encode_frame(4, {"round": 0}), "bad_message"),  # missing fields
         (encode_frame(99, {}), "bad_message"),  # unknown message type
-        (a.submit(round=5).to_frame(), "wrong_round"),
-        (a.submit(run_id="other").to_frame(), "wrong_run"),
-        (a.submit(node_id=node_id("mallory")).to_frame(), "unknown_node"),
-        (a.submit(length=7).to_frame(), "bad_update"),  # wrong shape
-        (a.submit(payload=b"\0" * 12).to_frame(), "bad_update"),  # payload/length mismatch
-        (a.submit(np.full(a.welcome.n_params, np.nan, np.float32)).to_frame(),  # type: ignore[union-attr]
+        (a.frame(a.submit(round=5)), "wrong_round"),
+        (a.frame(a.submit(run_id="other")), "wrong_run"),
+        (a.frame(a.submit(node_id=node_id("mallory"))), "unknown_node"),
+        (a.frame(a.submit(length=7)), "bad_update"),  # wrong shape
+        (a.frame(a.submit(payload=b"\0" * 12)), "bad_update"),  # payload/length mismatch
+        (a.frame(a.submit(np.full(a.welcome.n_params, np.nan, np.float32))),  # type: ignore[union-attr]
          "bad_update"),
-        (a.submit(np.full(a.welcome.n_params, np.inf, np.float32)).to_frame(),  # type: ignore[union-attr]
+        (a.frame(a.submit(np.full(a.welcome.n_params, np.inf, np.float32))),  # type: ignore[union-attr]
          "bad_update"),
-        (a.submit(codec="fp16").to_frame(), "bad_update"),
+        (a.frame(a.submit(codec="fp16")), "bad_update"),
+        (a.submit().to_frame(), "bad_signature"),  # unsigned
+        (a.frame(a.submit(), signer=identity("mallory")), "bad_signature"),  # another key
+        (a.frame(a.submit(), round=3), "bad_signature"),  # signed for another round
+        (a.frame(a.submit(), run_id="other-run"), "bad_signature"),  # signed for another run
+        (good[:-1] + bytes([good[-1] ^ 1]), "bad_signature"),  # tampered signature
+        (good[:40] + bytes([good[40] ^ 1]) + good[41:], "bad_signature"),  # tampered header
     ]
     for data, code in cases:
         await a.send(data)
@@ -147,13 +184,14 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
     await a.error("bad_frame")
     # a stranger that never said hello
     b = await server.client("b", hello=False)
-    await b.send(a.submit(node_id=b.node_id).to_frame())
+    await b.send(b.frame(a.submit(node_id=b.node_id)))
     await b.error("unknown_node")
 
     run = await server.api("/api/run")
     expected = len(cases) + 2
     assert run["rejected_total"] == expected, run["rejected"]
     assert run["rejected"]["bad_update"] == 5 and run["rejected"]["unknown_node"] == 2
+    assert run["rejected"]["bad_signature"] == 6
     assert run["accepted"] == 0 and run["committed_rounds"] == 0 and run["round"] == 0
     assert sum("rejected" in r.message for r in caplog.records) == expected
     assert ckpt_hashes(tmp_path) == before
@@ -188,7 +226,7 @@ async def test_resubmission_after_reconnect_counts_once(server: Server, tmp_path
     await a.ws.close()  # a drops before the round closes, then comes back
     a2 = await server.client("a")
     assert a2.open is not None and a2.open.round == 0
-    await a2.send(upd)
+    await a2.send(dataclasses.replace(upd, nonce=new_nonce()))  # as the real client resends
     assert (await a2.expect(Ack)).status == "duplicate"
     # a DIFFERENT update from the same node for the same round is refused
     await a2.send(a2.submit(np.full(a2.welcome.n_params, 0.5, np.float32)))  # type: ignore[union-attr]
@@ -251,3 +289,41 @@ async def test_failed_commit_stops_the_loop_and_keeps_the_last_round(
     ckpt.unlink()
     (tmp_path / "moved").rename(ckpt)
     assert ckpt_hashes(tmp_path) == before
+
+
+async def test_hello_must_prove_its_key_and_answer_this_connections_challenge(
+        server: Server) -> None:
+    a = await server.client("a", hello=False)
+    other = await server.client("a2", hello=False)
+    assert other.challenge is not None
+    cases = [
+        (a.frame(a.hello(challenge=other.challenge.challenge)), "bad_signature"),  # replayed
+        (a.frame(a.hello(public_key=identity("mallory").public_key.hex())), "bad_signature"),
+        (a.frame(a.hello(), signer=identity("mallory")), "bad_signature"),
+        (a.hello().to_frame(), "bad_signature"),  # unsigned
+    ]
+    bad_key = {**dataclasses.asdict(a.hello()), "public_key": "zz"}
+    cases.append((encode_frame(Hello.TYPE, bad_key, sign=a.ident.signer(
+        run_id=a.challenge.run_id, round=-1, msg_type=Hello.TYPE,  # type: ignore[union-attr]
+        nonce=bad_key["nonce"])), "bad_message"))
+    for data, code in cases:
+        await a.send(data)
+        await a.error(code)
+    await a.send(a.hello())
+    assert isinstance(await a.recv(), Welcome)
+    peers = await server.api("/api/peers")
+    assert [p["node_id"] for p in peers] == [a.node_id]
+
+
+async def test_a_replayed_frame_is_refused(server: Server) -> None:
+    a = await server.client("a")
+    data = a.frame(a.submit())
+    await a.send(data)
+    assert (await a.expect(Ack)).status == "accepted"
+    await a.send(data)  # byte-identical copy: same nonce
+    await a.error("replay")
+    again = a.submit()  # the honest resubmission: same update, fresh nonce
+    await a.send(again)
+    assert (await a.expect(Ack)).status == "duplicate"
+    run = await server.api("/api/run")
+    assert run["rejected"] == {"replay": 1} and run["accepted"] == 1

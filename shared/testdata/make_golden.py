@@ -11,6 +11,9 @@ their encoder and decoder against the Python one byte for byte:
                   "frame_hex": "..."}],
      "invalid": [{"name": "...", "frame_hex": "...", "code": "...", "field": "..."}]}
 
+`signed` holds a TEST ML-DSA-65 key pair and frames signed with it (shared.envelope): every
+implementation must verify them, and frames it signs with that key must verify in Python.
+
 `fields` are the header fields exactly as they travel (JSON values); `payload_hex` is the
 binary payload ("" for messages without one). Every float in the vectors has a fractional
 part and a short decimal form, so its JSON text is the same in Python and JavaScript.
@@ -32,6 +35,8 @@ FORMAT_VERSION = 1
 NODE_A = "0123456789abcdef" * 4
 NODE_B = "fedcba9876543210" * 4
 RUN = "run-7f3a"
+CHALLENGE = "c0ffee00" * 8
+NONCE = "5eed" * 8
 
 if str(ROOT) not in sys.path:  # run as a script: make `shared` importable
     sys.path.insert(0, str(ROOT))
@@ -48,20 +53,27 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
     params = _f32(1.0, -2.5, 0.125, 3.75)
     update = _f32(0.5, -0.25, 0.0, -0.0)
     return [
-        ("Hello", {"node_id": NODE_A, "runtime": "browser", "agent": "daa-prime/0.1 é",
+        ("Challenge", {"run_id": RUN, "challenge": CHALLENGE, "protocol_version": 1,
+                       "agent": "daa-prime-server/0.1"}, b""),
+        ("Hello", {"node_id": NODE_A, "public_key": "00ff" * 4, "challenge": CHALLENGE,
+                   "nonce": NONCE, "runtime": "browser", "agent": "daa-prime/0.1 é",
                    "device": "webgpu"}, b""),
         ("Welcome", {"run_id": RUN, "node_id": NODE_A,
                      "model": {"kind": "mlp", "layers": [4, 8, 4], "seed": 7},
                      "model_id": "ab" * 32,
                      "data": {"name": "markov", "order": 1, "vocab": 4},
-                     "shard": 1, "n_shards": 3, "codec": "raw32", "n_params": 4}, b""),
+                     "shard": 1, "n_shards": 3, "codec": "topk",
+                     "codec_params": {"fraction": 0.25, "values": "int8"},
+                     "error_feedback": True, "n_params": 4}, b""),
         ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 1,
                        "params_digest": sha256_hex(params), "deadline_s": 29.5,
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16}, params),
-        ("Submit", {"run_id": RUN, "round": 5, "node_id": NODE_B, "codec": "raw32",
+        ("Submit", {"run_id": RUN, "round": 5, "node_id": NODE_B, "nonce": NONCE,
+                    "codec": "raw32",
                     "length": 4, "digest": sha256_hex(update), "train_loss": 1.375,
                     "samples": 160, "compute_s": 0.25}, update),
-        ("Submit", {"run_id": RUN, "round": 0, "node_id": NODE_A, "codec": "raw32",
+        ("Submit", {"run_id": RUN, "round": 0, "node_id": NODE_A, "nonce": NONCE,
+                    "codec": "raw32",
                     "length": 1, "digest": sha256_hex(_f32(2.5)), "train_loss": None,
                     "samples": 0, "compute_s": 0.5}, _f32(2.5)),
         ("Ack", {"round": 5, "digest": sha256_hex(update), "status": "duplicate"}, b""),
@@ -92,9 +104,11 @@ def invalid_examples() -> list[dict[str, Any]]:
     def canon(obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
-    hello = {"node_id": NODE_A, "runtime": "native", "agent": "a", "device": "cpu"}
+    hello = {"node_id": NODE_A, "public_key": "ab" * 4, "challenge": CHALLENGE,
+             "nonce": NONCE, "runtime": "native", "agent": "a", "device": "cpu"}
     upd = _f32(1.5)
-    submit = {"run_id": RUN, "round": 1, "node_id": NODE_A, "codec": "raw32", "length": 1,
+    submit = {"run_id": RUN, "round": 1, "node_id": NODE_A, "nonce": NONCE, "codec": "raw32",
+              "length": 1,
               "digest": sha256_hex(upd), "train_loss": None, "samples": 1, "compute_s": 0.5}
     cases: list[tuple[str, bytes, str, str | None]] = [
         ("bad_magic", raw(canon(hello), magic=b"DAAQ"), "bad_frame", "magic"),
@@ -103,7 +117,8 @@ def invalid_examples() -> list[dict[str, Any]]:
         ("trailing_bytes", raw(canon(hello)) + b"\x00", "bad_frame", "length"),
         ("unsupported_version", raw(canon(hello), version=2), "unsupported_version",
          "version"),
-        ("unknown_flags", raw(canon(hello), flags=1), "bad_frame", "flags"),
+        ("unknown_flags", raw(canon(hello), flags=4), "bad_frame", "flags"),
+        ("signed_without_trailer", raw(canon(hello), flags=1), "bad_frame", "length"),
         ("payload_too_large", raw(b"", head_len=2, pay_len=1 << 30), "frame_too_large",
          "payload_len"),
         ("header_too_large", raw(b"", head_len=MAX_HEADER_LEN + 1), "frame_too_large",
@@ -127,6 +142,39 @@ def invalid_examples() -> list[dict[str, Any]]:
             for name, data, code, field in cases]
 
 
+def signed_examples(previous: dict[str, Any] | None) -> dict[str, Any]:
+    """A test key pair and frames signed with it. ML-DSA signing is randomized, so the
+    frames are kept from the previous file while they still verify; else made anew."""
+    from shared.envelope import Identity, verify_frame
+    from shared.frame import decode_frame
+    from shared.messages import Submit, sha256_hex
+
+    def still_valid(doc: dict[str, Any]) -> bool:
+        try:
+            pk = bytes.fromhex(doc["public_key_hex"])
+            for case in doc["frames"]:
+                frame = decode_frame(bytes.fromhex(case["frame_hex"]))
+                verify_frame(frame, public_key=pk, run_id=doc["run_id"],
+                             node_id=doc["node_id"])
+        except Exception:
+            return False
+        return True
+
+    if previous and still_valid(previous):
+        return previous
+    ident = Identity.generate()
+    update = _f32(0.5, -0.25)
+    submit = Submit(run_id=RUN, round=3, node_id=ident.node_id, nonce=NONCE, codec="raw32",
+                    length=2, digest=sha256_hex(update), train_loss=1.5, samples=8,
+                    compute_s=0.25, payload=update)
+    frame = submit.to_frame(sign=ident.signer(run_id=RUN, round=3, msg_type=Submit.TYPE,
+                                              nonce=NONCE))
+    return {"scheme": "ml-dsa-65 (FIPS 204, pure mode, context = run_id UTF-8)",
+            "run_id": RUN, "node_id": ident.node_id,
+            "public_key_hex": ident.public_key.hex(), "secret_key_hex": ident.secret_key.hex(),
+            "frames": [{"type": "Submit", "round": 3, "nonce": NONCE, "frame_hex": frame.hex()}]}
+
+
 def build() -> dict[str, Any]:
     """The whole golden document, as frames.json holds it."""
     from dataclasses import fields as dc_fields
@@ -142,7 +190,9 @@ def build() -> dict[str, Any]:
         frame = cls(**kwargs).to_frame()
         valid.append({"type": name, "msg_type": cls.TYPE, "fields": fields,
                       "payload_hex": payload.hex(), "frame_hex": frame.hex()})
-    return {"version": FORMAT_VERSION, "valid": valid, "invalid": invalid_examples()}
+    previous = json.loads(OUT.read_text(encoding="utf-8")).get("signed") if OUT.exists() else None
+    return {"version": FORMAT_VERSION, "valid": valid, "invalid": invalid_examples(),
+            "signed": signed_examples(previous)}
 
 
 def render(doc: dict[str, Any]) -> str:

@@ -1,0 +1,122 @@
+"""Native vs browser primitives that Python's stdlib lacks: ML-DSA-65 signatures and zstd.
+
+Chosen in ONE place. Natively the implementations import `pqcrypto` and `zstandard` lazily
+(never at import time: `shared` must import in Pyodide). In the browser, the JS bridge calls
+`register_signatures(...)` / `register_zstd(...)` with @noble/post-quantum and a zstd wasm.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from shared.vec import IN_BROWSER
+
+
+class SignatureScheme(Protocol):
+    name: str
+
+    def keygen(self) -> tuple[bytes, bytes]: ...  # (public key, secret key)
+
+    def sign(self, secret_key: bytes, message: bytes, context: bytes) -> bytes: ...
+
+    def verify(self, public_key: bytes, message: bytes, signature: bytes,
+               context: bytes) -> bool: ...
+
+
+class Zstd(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+
+    def decompress(self, data: bytes, max_size: int) -> bytes: ...  # raises ValueError
+
+
+class PqcryptoMLDSA65:
+    """ML-DSA-65 (FIPS 204) in pure mode through pqcrypto; interoperable with noble."""
+
+    name = "ml-dsa-65"
+    PUBLIC_KEY_LEN = 1952
+    SECRET_KEY_LEN = 4032
+    SIGNATURE_LEN = 3309
+
+    def keygen(self) -> tuple[bytes, bytes]:
+        from pqcrypto import ml_dsa_65
+
+        pk, sk = ml_dsa_65.keygen()
+        return bytes(pk), bytes(sk)
+
+    def sign(self, secret_key: bytes, message: bytes, context: bytes) -> bytes:
+        from pqcrypto import ml_dsa_65
+
+        return bytes(ml_dsa_65.sign(secret_key, message, context=context))
+
+    def verify(self, public_key: bytes, message: bytes, signature: bytes,
+               context: bytes) -> bool:
+        import pqcrypto
+        from pqcrypto import ml_dsa_65
+
+        if len(public_key) != self.PUBLIC_KEY_LEN or len(signature) != self.SIGNATURE_LEN:
+            return False
+        try:
+            ml_dsa_65.verify(public_key, message, signature, context=context)
+        except (pqcrypto.InvalidSignatureError, ValueError, TypeError):
+            return False
+        return True
+
+
+class ZstandardZstd:
+    """zstd through the `zstandard` package, with a hard cap on the inflated size."""
+
+    level = 3
+
+    def compress(self, data: bytes) -> bytes:
+        import zstandard
+
+        return bytes(zstandard.ZstdCompressor(level=self.level).compress(data))
+
+    def decompress(self, data: bytes, max_size: int) -> bytes:
+        """One zstd frame that declares its content size (<= max_size); anything else is
+        refused with ValueError before a byte is inflated."""
+        import zstandard
+
+        try:
+            params = zstandard.get_frame_parameters(data)
+            size = params.content_size
+            if size == zstandard.CONTENTSIZE_UNKNOWN:
+                raise ValueError("the zstd frame does not declare its content size")
+            if size > max_size:
+                raise ValueError(f"inflates to {size} bytes, beyond the {max_size} byte limit")
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"not a valid zstd frame: {exc}") from exc
+        if len(out) != size:
+            raise ValueError(f"inflated to {len(out)} bytes, the frame declared {size}")
+        return bytes(out)
+
+
+_signatures: SignatureScheme | None = None if IN_BROWSER else PqcryptoMLDSA65()
+_zstd: Zstd | None = None if IN_BROWSER else ZstandardZstd()
+
+
+def register_signatures(scheme: SignatureScheme) -> None:
+    global _signatures
+    _signatures = scheme
+
+
+def register_zstd(impl: Zstd) -> None:
+    global _zstd
+    _zstd = impl
+
+
+def signatures() -> SignatureScheme:
+    if _signatures is None:
+        raise RuntimeError("no ML-DSA implementation registered (browser bridge not loaded)")
+    return _signatures
+
+
+def zstd() -> Zstd | None:
+    """The zstd implementation, or None where there is none (then nothing is compressed)."""
+    if _zstd is not None and not IN_BROWSER:
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            return None
+    return _zstd
