@@ -77,3 +77,26 @@ def print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
 def emit(figures: dict[str, Any]) -> None:
     """The LAST line of every benchmark: one JSON object."""
     print(json.dumps(figures, sort_keys=True), flush=True)
+
+
+def run_swarm(tmp: Path, *, nodes: int, rounds: int, server_flags: list[str],
+              timeout: float = 600.0) -> dict[str, Any]:
+    """Run the real server and `nodes` native nodes until `rounds` are committed.
+
+    Returns {"run": /api/run, "rounds": /api/rounds, "wall_s": seconds, "logs": folder}."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with children(tmp) as spawn:
+        spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port", str(port),
+              "--rounds", str(rounds), "--quorum", str(nodes), *server_flags)
+        for i in range(nodes):
+            spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
+                  f"127.0.0.1:{port}", "--state-dir", str(tmp / f"node{i}"), "--threads", "1",
+                  "--quiet")
+        run = poll(lambda: (r := get_json(base + "/api/run"))["status"] == "finished" and r,
+                   timeout, f"{rounds} rounds (logs in {tmp})")
+        wall = time.monotonic() - t0
+        rows = get_json(base + "/api/rounds")
+    return {"run": run, "rounds": rows, "wall_s": wall, "logs": str(tmp)}

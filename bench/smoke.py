@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import children, emit, free_port, get_json, poll, print_table
+from bench.common import emit, print_table, run_swarm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,21 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="daa-smoke-"))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    with children(tmp) as spawn:
-        spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port", str(port),
-              "--model", args.model, "--rounds", str(args.rounds), "--quorum", str(args.nodes),
-              "--inner-steps", str(args.inner_steps))
-        for i in range(args.nodes):
-            spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
-                  f"127.0.0.1:{port}", "--state-dir", str(tmp / f"node{i}"), "--threads", "1",
-                  "--quiet")
-        run = poll(lambda: (r := get_json(base + "/api/run"))["status"] == "finished" and r,
-                   args.timeout, f"{args.rounds} rounds (logs in {tmp})")
-        wall = time.monotonic() - t0
-        rounds = get_json(base + "/api/rounds")
+    out = run_swarm(tmp, nodes=args.nodes, rounds=args.rounds, timeout=args.timeout,
+                    server_flags=["--model", args.model, "--inner-steps", str(args.inner_steps)])
+    run, rounds, wall = out["run"], out["rounds"], out["wall_s"]
     print(f"gpt-tiny smoke: {args.nodes} native nodes, {args.inner_steps} inner steps/round, "
           f"{run['n_params']:,} params, logs in {tmp}")
     print_table(rounds, ["round", "n_updates", "eval_loss", "train_loss", "bytes_up",
