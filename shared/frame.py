@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,10 +151,33 @@ def decode_frame(data: bytes | bytearray | memoryview, *,
         raise FrameError(f"header is not UTF-8 JSON: {exc}", field="header") from exc
     if not isinstance(header, dict):
         raise FrameError("header must be a JSON object", field="header")
+    bad = _first_unencodable(header)
+    if bad is not None:
+        raise FrameError(f"header holds {bad}: not canonical JSON", field="header")
     payload = bytes(view[FIXED_LEN + head_len:end])
     covered = hashlib.sha256(view[:end]).digest() if signature is not None else b""
     return Frame(version=version, msg_type=msg_type, flags=flags, header=header, payload=payload,
                  signature=signature, covered=covered)
+
+
+def _first_unencodable(obj: Any) -> str | None:
+    """What a re-encoding would refuse: lone surrogates, non-finite numbers (1e999)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a lone surrogate in a string"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "a number out of the float range"
+    return None
 
 
 def _no_constants(name: str) -> Any:

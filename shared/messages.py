@@ -237,6 +237,7 @@ class Ack(Message):
     status: str  # "accepted" or "duplicate"
 
     def __post_init__(self) -> None:
+        _hex64("Ack", "digest", self.digest)
         _require(self.status in ("accepted", "duplicate"), "Ack", "status",
                  "must be 'accepted' or 'duplicate'")
 
@@ -262,6 +263,9 @@ class RoundCommitted(Message):
     n_updates: int  # updates aggregated
     params_digest: str  # content hash of the new global params
     final: bool  # the run reached its last round: nodes may leave
+
+    def __post_init__(self) -> None:
+        _hex64("RoundCommitted", "params_digest", self.params_digest)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -378,9 +378,18 @@ def test_float_field_overflowing_to_infinity_is_refused(build: Any, name: str,
     marker = "__FLOAT__"
     head = canonical_json({**header_of(msg), name: marker}).replace(
         json.dumps(marker).encode(), literal)
-    with pytest.raises(MessageError) as info:
+    with pytest.raises(FrameError, match="float range") as info:  # refused at the frame level
         decode_message(raw_head_frame(msg.TYPE, head, getattr(msg, "payload", b"")))
-    assert info.value.field == name
+    assert info.value.field == "header"
+
+
+@pytest.mark.parametrize("value", ["\ud800", {"k": "\udfff"}, ["x", {"y": 1e999}]])
+def test_headers_that_cannot_be_re_encoded_are_refused(value: Any) -> None:
+    head = json.dumps({**header_of(welcome()), "model": {"v": value}}, sort_keys=True,
+                      separators=(",", ":")).encode()
+    with pytest.raises(FrameError) as info:
+        decode_message(raw_head_frame(Welcome.TYPE, head))
+    assert info.value.field == "header"
 
 
 @pytest.mark.parametrize(("build", "name"), [
