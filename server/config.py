@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.aggregation import RULES
-from shared.codecs import CODECS
+from shared.codecs import CODECS, make_codec
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
                         "n_shards", "seed"})
@@ -69,6 +69,10 @@ class RunConfig:
         for ok, key, what in checks:
             if not ok:
                 raise ValueError(f"config {key} {what} (got {getattr(self, key)!r})")
+        try:
+            make_codec(self.codec, **self.codec_params)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config codec_params for {self.codec!r}: {exc}") from None
 
     @property
     def max_frame(self) -> int:

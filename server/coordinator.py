@@ -254,7 +254,8 @@ class Coordinator:
                             f"{self.run.n_params}", field="length")
         outcome = state.check(node_id=peer.node_id, round=msg.round, digest=msg.digest)
         if outcome is Outcome.ACCEPTED:
-            vec = decode_update(msg.codec, msg.payload, msg.length)
+            vec = decode_update(msg.payload, msg.length, expect=msg.codec,
+                                layout=self.run.work.manifest)
             state.submit(node_id=peer.node_id, round=msg.round, digest=msg.digest)
             self._updates[peer.node_id] = (np.asarray(vec, dtype=np.float32), UpdateRow(
                 node_id=peer.node_id, digest=msg.digest, bytes=len(msg.payload),

@@ -1,4 +1,4 @@
-"""Tests for the numeric core: shared.outer, shared.aggregation, shared.codecs, shared.vec."""
+"""Tests for the numeric core: shared.outer, shared.aggregation, shared.vec."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import pytest
 import torch
 
 from shared.aggregation import RULES, get_rule, mean
-from shared.codecs import BY_WIRE_ID, CODECS, Raw32, decode_update, get_codec
-from shared.errors import BadUpdate
 from shared.outer import OuterConfig, outer_step
 from shared.vec import all_finite, from_bytes, l2_norm, same_kind, to_bytes, zeros_like
 
@@ -173,58 +171,6 @@ def test_get_rule() -> None:
         get_rule("krum-ish")
     assert "krum-ish" in str(info.value)
     assert "mean" in str(info.value)  # lists the known rules
-
-
-# -- codecs ------------------------------------------------------------------------------------
-def test_registry() -> None:
-    assert get_codec("raw32") is CODECS["raw32"]
-    assert BY_WIRE_ID[0] is CODECS["raw32"]
-    assert Raw32.estimated_ratio == 1.0
-    with pytest.raises(ValueError, match="nope"):
-        get_codec("nope")
-
-
-def test_raw32_round_trip() -> None:
-    codec = get_codec("raw32")
-    v = np.array([0.0, -0.0, 1.5, -3.25, 1e-30, 3.0e38], dtype=np.float32)
-    data = codec.encode(v)
-    assert data == struct.pack("<6f", *v.tolist())
-    back = codec.decode(data, len(v))
-    np.testing.assert_array_equal(back, v)
-    assert np.signbit(back[1])
-    py = codec.encode(array("f", v.tolist()))
-    assert py == data
-
-
-@pytest.mark.parametrize(("nbytes", "length"), [(8, 3), (12, 2), (0, 1), (7, 2)])
-def test_raw32_wrong_length(nbytes: int, length: int) -> None:
-    with pytest.raises(BadUpdate) as info:
-        Raw32().decode(bytes(nbytes), length)
-    assert info.value.field == "payload"
-    assert str(4 * length) in str(info.value)
-    with pytest.raises(BadUpdate):
-        decode_update("raw32", bytes(nbytes), length)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_decode_update_refuses_non_finite(bad: float) -> None:
-    data = struct.pack("<3f", 1.0, bad, 2.0)
-    with pytest.raises(BadUpdate) as info:
-        decode_update("raw32", data, 3)
-    assert info.value.code == "bad_update"
-    assert info.value.field == "payload"
-
-
-def test_decode_update_unknown_codec() -> None:
-    with pytest.raises(BadUpdate) as info:
-        decode_update("zstd-magic", b"\x00" * 4, 1)
-    assert info.value.field == "codec"
-    assert "zstd-magic" in str(info.value)
-
-
-def test_decode_update_ok() -> None:
-    vec = decode_update("raw32", struct.pack("<2f", 0.5, -2.0), 2)
-    assert list(vec) == [0.5, -2.0]
 
 
 # -- vec ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from aiohttp import web
 from server.app import make_app
 from server.keys import COORDINATOR, RUN
 from server.runstate import open_run
+from shared.codecs import get_codec
 from shared.envelope import Identity, new_nonce
 from shared.frame import FIXED_HEADER, MAGIC, encode_frame
 from shared.messages import (
@@ -115,7 +116,7 @@ class Client:
     def submit(self, values: np.ndarray | None = None, **over: Any) -> Submit:
         assert self.welcome is not None and self.open is not None
         vec = values if values is not None else np.full(self.welcome.n_params, 0.01, np.float32)
-        payload = over.pop("payload", vec.astype("<f4").tobytes())
+        payload = over.pop("payload", get_codec("raw32").encode(vec))
         fields = dict(run_id=self.welcome.run_id, round=self.open.round, node_id=self.node_id,
                       nonce=new_nonce(), codec="raw32", length=self.welcome.n_params,
                       digest=sha256_hex(payload),
@@ -139,6 +140,11 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     await runner.cleanup()
 
 
+def raw32_unchecked(n: int, value: float) -> bytes:
+    """A raw32 payload the encoder would refuse to write (it checks for NaN/inf)."""
+    return b"\x00" + np.full(n, value, np.float32).astype("<f4").tobytes()
+
+
 def ckpt_hashes(tmp_path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))}
@@ -150,6 +156,7 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
     before = ckpt_hashes(tmp_path)
     a = await server.client("a")
     good = a.frame(a.submit())
+    n = a.welcome.n_params  # type: ignore[union-attr]
     bad_version = bytearray(good)
     bad_version[4] = 9
     cases: list[tuple[bytes, str]] = [
@@ -165,10 +172,8 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
         (a.frame(a.submit(node_id=node_id("mallory"))), "unknown_node"),
         (a.frame(a.submit(length=7)), "bad_update"),  # wrong shape
         (a.frame(a.submit(payload=b"\0" * 12)), "bad_update"),  # payload/length mismatch
-        (a.frame(a.submit(np.full(a.welcome.n_params, np.nan, np.float32))),  # type: ignore[union-attr]
-         "bad_update"),
-        (a.frame(a.submit(np.full(a.welcome.n_params, np.inf, np.float32))),  # type: ignore[union-attr]
-         "bad_update"),
+        (a.frame(a.submit(payload=raw32_unchecked(n, np.nan))), "bad_update"),  # NaN
+        (a.frame(a.submit(payload=raw32_unchecked(n, np.inf))), "bad_update"),  # inf
         (a.frame(a.submit(codec="fp16")), "bad_update"),
         (a.submit().to_frame(), "bad_signature"),  # unsigned
         (a.frame(a.submit(), signer=identity("mallory")), "bad_signature"),  # another key

@@ -51,7 +51,7 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
     from shared.messages import sha256_hex
 
     params = _f32(1.0, -2.5, 0.125, 3.75)
-    update = _f32(0.5, -0.25, 0.0, -0.0)
+    update = b"\x00" + _f32(0.5, -0.25, 0.0, -0.0)  # raw32: wire id 0, then float32 LE
     return [
         ("Challenge", {"run_id": RUN, "challenge": CHALLENGE, "protocol_version": 1,
                        "agent": "daa-prime-server/0.1"}, b""),
@@ -74,8 +74,8 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                     "samples": 160, "compute_s": 0.25}, update),
         ("Submit", {"run_id": RUN, "round": 0, "node_id": NODE_A, "nonce": NONCE,
                     "codec": "raw32",
-                    "length": 1, "digest": sha256_hex(_f32(2.5)), "train_loss": None,
-                    "samples": 0, "compute_s": 0.5}, _f32(2.5)),
+                    "length": 1, "digest": sha256_hex(b"\x00" + _f32(2.5)), "train_loss": None,
+                    "samples": 0, "compute_s": 0.5}, b"\x00" + _f32(2.5)),
         ("Ack", {"round": 5, "digest": sha256_hex(update), "status": "duplicate"}, b""),
         ("Error", {"code": "wrong_round", "message": "round 4 is closed", "field": "round",
                    "round": 4}, b""),
@@ -106,7 +106,7 @@ def invalid_examples() -> list[dict[str, Any]]:
 
     hello = {"node_id": NODE_A, "public_key": "ab" * 4, "challenge": CHALLENGE,
              "nonce": NONCE, "runtime": "native", "agent": "a", "device": "cpu"}
-    upd = _f32(1.5)
+    upd = b"\x00" + _f32(1.5)
     submit = {"run_id": RUN, "round": 1, "node_id": NODE_A, "nonce": NONCE, "codec": "raw32",
               "length": 1,
               "digest": sha256_hex(upd), "train_loss": None, "samples": 1, "compute_s": 0.5}
@@ -163,7 +163,7 @@ def signed_examples(previous: dict[str, Any] | None) -> dict[str, Any]:
     if previous and still_valid(previous):
         return previous
     ident = Identity.generate()
-    update = _f32(0.5, -0.25)
+    update = b"\x00" + _f32(0.5, -0.25)
     submit = Submit(run_id=RUN, round=3, node_id=ident.node_id, nonce=NONCE, codec="raw32",
                     length=2, digest=sha256_hex(update), train_loss=1.5, samples=8,
                     compute_s=0.25, payload=update)

@@ -1,0 +1,201 @@
+"""Top-k sparsification: keep the k entries of largest magnitude, send (index, value) pairs.
+
+k = ceil(fraction * n), at least 1 (0 when n = 0), at most n. Selection is deterministic on
+both paths: larger |x| first, ties broken by the LOWER index. The kept indices are sent in
+ascending order, delta-coded (first index, then gaps >= 1) as LEB128 varints (see
+`shared.codecs.varint`); the values in the same order, as
+
+    int8: the int8-block absmax quantizer with fp32 scales over the kept values, one scale per
+          `block` kept values (q = rint(v / scale) in float64, scale = max|v| / 127);
+    fp16: IEEE half, nearest-even, saturating at +-65504 (as the fp16 codec).
+
+Payload (little-endian):
+
+    u8 5 | u8 values (0 int8, 1 fp16) | u16 0 (reserved) | u32 k | u32 block (int8; 0 for fp16)
+    | int8: scales f32[ceil(k / block)] | q i8[k]
+    | fp16: f16[k]
+    | varint gaps[k], filling the payload to its end
+
+Decoders refuse k > length, indices that do not increase or reach `length`, non-canonical
+varints, trailing bytes, and the int8 quantizer's bad scales (BadUpdate).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from array import array
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar
+
+from shared.codecs import varint
+from shared.codecs.base import (
+    CodecBase,
+    Layout,
+    Reader,
+    bad,
+    build,
+    check_finite_list,
+    f32_array,
+)
+from shared.codecs.floats import f16_pack, f16_pack_np
+from shared.codecs.quant import MAX_BLOCK, Int8Block
+
+VALUE_KINDS = ("int8", "fp16")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TopK(CodecBase):
+    """Largest-magnitude fraction of the entries; pair it with error feedback."""
+
+    name: ClassVar[str] = "topk"
+    wire_id: ClassVar[int] = 5
+    fraction: float = 0.01  # share of entries kept, in (0, 1]
+    values: str = "int8"  # "int8" (per-block fp32 scales) or "fp16"
+    block: int = 256  # kept values per int8 scale
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.fraction, int | float) or isinstance(self.fraction, bool)
+                or not 0.0 < self.fraction <= 1.0):
+            raise ValueError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
+        if self.values not in VALUE_KINDS:
+            raise ValueError(f"values must be one of {VALUE_KINDS}, got {self.values!r}")
+        if (not isinstance(self.block, int) or isinstance(self.block, bool)
+                or not 1 <= self.block <= MAX_BLOCK):
+            raise ValueError(f"block must be an int in [1, {MAX_BLOCK}], got {self.block!r}")
+
+    def k_for(self, n: int) -> int:
+        if n >= varint.LIMIT:
+            raise ValueError(f"topk indices are 32-bit: {n} values is too many")
+        return 0 if n == 0 else min(n, max(1, math.ceil(self.fraction * n)))
+
+    def _quant(self) -> Int8Block:
+        return Int8Block(block=self.block, mode="absmax", scale_dtype="fp32")
+
+    def _values_size(self, k: int) -> int:
+        if self.values == "fp16":
+            return 2 * k
+        return self._quant().max_encoded_size(k) - 8  # scales + q, without its header
+
+    def max_encoded_size(self, length: int, *, layout: Layout = None) -> int:
+        k = self.k_for(length)
+        return 12 + self._values_size(k) + varint.MAX_BYTES * k
+
+    @property
+    def estimated_ratio(self) -> float:
+        """Typical: values + the mean varint size of geometric gaps (mean 1/fraction)."""
+        miss = 1.0 - self.fraction  # P(gap >= g) = miss ** (g - 1)
+        gap_bytes = 1.0 + sum(miss ** ((1 << (7 * j)) - 1) for j in range(1, varint.MAX_BYTES))
+        per_kept = self._values_size(1 << 16) / (1 << 16) + gap_bytes
+        return self.fraction * per_kept / 4
+
+    # -- header ------------------------------------------------------------------------------
+    def _header(self, k: int) -> bytes:
+        block = self.block if self.values == "int8" else 0
+        return struct.pack("<BHII", VALUE_KINDS.index(self.values), 0, k, block)
+
+    def _params(self) -> bytes:
+        return b""  # k depends on the input: encode writes the header itself
+
+    @classmethod
+    def _read_params(cls, r: Reader) -> Any:
+        kind, zero, k, block = r.unpack("<BHII", "header")
+        if kind >= len(VALUE_KINDS) or zero:
+            raise bad(f"topk header: values kind {kind}, reserved {zero}")
+        if kind == 1:
+            if block:
+                raise bad(f"topk header: fp16 values with block {block}")
+            block = 256
+        return _Parsed(build(cls, values=VALUE_KINDS[kind], block=block), k)
+
+    # -- encode ------------------------------------------------------------------------------
+    def _encode_pure(self, xs: list[float], layout: Layout) -> bytes:
+        check_finite_list(xs, self.name)
+        n = len(xs)
+        k = self.k_for(n)
+        mags = [abs(v) for v in xs]
+        # stable sort, descending: equal magnitudes keep ascending index order
+        idx = sorted(sorted(range(n), key=mags.__getitem__, reverse=True)[:k])
+        vals = [xs[i] for i in idx]
+        quant = self._quant()
+        vbytes = f16_pack(vals) if self.values == "fp16" else quant._encode_pure(vals, None)
+        gaps = [b - a for a, b in zip([0, *idx], idx, strict=False)]
+        return b"".join((self._header(k), vbytes, varint.encode_pure(gaps)))
+
+    def _encode_np(self, np: ModuleType, x: Any, layout: Layout) -> bytes:
+        n = x.size
+        k = self.k_for(n)
+        mags = np.abs(x)
+        if not np.isfinite(mags).all():
+            raise ValueError(f"{self.name}: values contain NaN or infinity; refusing to encode")
+        if k == n:
+            idx = np.arange(n, dtype=np.int64)
+        else:
+            t = np.partition(mags, n - k)[n - k]  # the k-th largest magnitude
+            above = np.flatnonzero(mags > t)
+            ties = np.flatnonzero(mags == t)[:k - above.size]  # lowest indices first
+            idx = np.sort(np.concatenate([above, ties]))
+        vals = x[idx]
+        if self.values == "fp16":
+            vbytes = f16_pack_np(np, vals)
+        else:
+            vbytes = self._quant()._encode_np(np, vals, None)
+        gaps = np.diff(idx, prepend=0)
+        return b"".join((self._header(k), vbytes, varint.encode_np(np, gaps)))
+
+    # -- decode ------------------------------------------------------------------------------
+    def _split(self, r: Reader, length: int, k: int) -> tuple[memoryview, memoryview]:
+        if k > length:
+            raise bad(f"topk: k = {k} exceeds length {length}")
+        vbytes = r.take(self._values_size(k), "values")
+        if not k <= r.remaining <= varint.MAX_BYTES * k:
+            raise bad(f"topk: {r.remaining} bytes of varints for k = {k}")
+        return vbytes, r.take(r.remaining, "indices")
+
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A TopK codec plus the k its header declared: what the body decoders need."""
+
+    codec: TopK
+    k: int
+
+    def _decode_pure(self, r: Reader, length: int, layout: Layout) -> array[float]:
+        c, k = self.codec, self.k
+        vbytes, ibytes = c._split(r, length, k)
+        idx = varint.decode_pure(ibytes, k)
+        pos = 0
+        for j, gap in enumerate(idx):
+            if j and gap == 0:
+                raise bad("topk: indices do not increase")
+            pos += gap
+            idx[j] = pos
+        if k and idx[-1] >= length:
+            raise bad(f"topk: index {idx[-1]} >= length {length}")
+        if c.values == "fp16":
+            vals: Any = struct.unpack(f"<{k}e", vbytes)
+        else:
+            vals = c._quant()._decode_pure(Reader(vbytes, c.name), k, None)
+        out = array("f", bytes(4 * length))
+        for i, v in zip(idx, vals, strict=True):
+            out[i] = v
+        return f32_array(out)
+
+    def _decode_np(self, np: ModuleType, r: Reader, length: int, layout: Layout) -> Any:
+        c, k = self.codec, self.k
+        vbytes, ibytes = c._split(r, length, k)
+        gaps = varint.decode_np(np, ibytes, k)
+        if k > 1 and int(gaps[1:].min()) == 0:
+            raise bad("topk: indices do not increase")
+        idx = np.cumsum(gaps)
+        if k and int(idx[-1]) >= length:
+            raise bad(f"topk: index {int(idx[-1])} >= length {length}")
+        if c.values == "fp16":
+            vals = np.frombuffer(vbytes, dtype="<f2").astype(np.float32)
+        else:
+            vals = c._quant()._decode_np(np, Reader(vbytes, c.name), k, None)
+        out = np.zeros(length, dtype=np.float32)
+        out[idx] = vals
+        return out
