@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("outer-lr", float), ("outer-momentum", float), ("aggregator", str),
                        ("codec", str), ("rounds", int), ("quorum", int), ("deadline-s", float),
                        ("keep-checkpoints", int), ("max-frame-mb", float),
-                       ("codec-params", json.loads)):
+                       ("codec-params", json.loads), ("aggregator-params", json.loads),
+                       ("byzantine-fraction", float)):
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"run config '{name.replace('-', '_')}' (default: "
                             f"{getattr(RunConfig(), name.replace('-', '_'))})")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from array import array
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shared.aggregation import RULES
+from shared.aggregation import RULES, estimate_f, get_rule
 from shared.codecs import CODECS, make_codec
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
@@ -35,6 +36,8 @@ class RunConfig:
     outer_lr: float = 0.7  # outer Nesterov SGD learning rate
     outer_momentum: float = 0.9  # outer momentum
     aggregator: str = "mean"  # aggregation rule (shared.aggregation.RULES)
+    aggregator_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # its params
+    byzantine_fraction: float = 0.0  # share of updates assumed arbitrary: f = floor(n * it)
     codec: str = "raw32"  # update codec (shared.codecs.CODECS)
     codec_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # its parameters
     error_feedback: bool = True  # nodes add what the codec lost to their next update
@@ -73,6 +76,16 @@ class RunConfig:
             make_codec(self.codec, **self.codec_params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config codec_params for {self.codec!r}: {exc}") from None
+        if not 0 <= self.byzantine_fraction < 1:
+            raise ValueError(f"config byzantine_fraction must be in [0, 1) "
+                             f"(got {self.byzantine_fraction!r})")
+        try:  # the smallest round that may commit must be one the rule can aggregate
+            f = estimate_f(self.quorum, self.byzantine_fraction, rule=self.aggregator)
+            get_rule(self.aggregator)([array("f", [float(i)]) for i in range(self.quorum)],
+                                      f=f, **self.aggregator_params)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config aggregator {self.aggregator!r} with quorum "
+                             f"{self.quorum}: {exc}") from None
 
     @property
     def max_frame(self) -> int:

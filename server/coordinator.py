@@ -21,7 +21,7 @@ import numpy as np
 from server.config import RunConfig
 from server.runstate import RunState
 from server.store import UpdateRow
-from shared.aggregation import get_rule
+from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update
 from shared.envelope import ReplayGuard, verify_frame
 from shared.errors import (
@@ -372,7 +372,9 @@ class Coordinator:
         nodes = sorted(state.updates)
         vectors = [self._updates[n][0] for n in nodes]
         rows = [self._updates[n][1] for n in nodes]
-        pseudo_grad = get_rule(self.config.aggregator)(vectors)
+        cfg = self.config
+        f = estimate_f(len(vectors), cfg.byzantine_fraction, rule=cfg.aggregator)
+        pseudo_grad = get_rule(cfg.aggregator)(vectors, f=f, **cfg.aggregator_params)
         outer = OuterConfig(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
         theta, momentum = outer_step(self.run.params, pseudo_grad, self.run.momentum, outer)
         eval_loss = await asyncio.to_thread(self.run.evaluate, theta)

@@ -93,3 +93,12 @@ def test_gpt_model_refuses_digits_data() -> None:
     with pytest.raises(ValueError, match="cannot train"):
         resolve(model="gpt-tiny", flavour=None, data="digits", data_path=None,
                 partition="iid", alpha=0.5, seed=0)
+
+
+def test_aggregator_must_handle_a_quorum_sized_round() -> None:
+    with pytest.raises(ValueError, match="aggregator 'krum' with quorum 2"):
+        RunConfig(aggregator="krum", quorum=2)
+    ok = RunConfig(aggregator="krum", quorum=5, byzantine_fraction=0.2)
+    assert ok.aggregator == "krum"
+    with pytest.raises(ValueError, match="aggregator 'mean'"):
+        RunConfig(aggregator_params={"bogus": 1})
