@@ -89,14 +89,20 @@ def run_swarm(tmp: Path, *, nodes: int, rounds: int, server_flags: list[str],
     base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with children(tmp) as spawn:
-        spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port", str(port),
-              "--rounds", str(rounds), "--quorum", str(nodes), *server_flags)
+        server = spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port",
+                       str(port), "--rounds", str(rounds), "--quorum", str(nodes), *server_flags)
         for i in range(nodes):
             spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
                   f"127.0.0.1:{port}", "--state-dir", str(tmp / f"node{i}"), "--threads", "1",
                   "--quiet")
-        run = poll(lambda: (r := get_json(base + "/api/run"))["status"] == "finished" and r,
-                   timeout, f"{rounds} rounds (logs in {tmp})")
+
+        def finished() -> Any:
+            if server.poll() is not None:
+                tail = (tmp / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the server exited ({server.returncode}):\n{tail}")
+            return (r := get_json(base + "/api/run"))["status"] == "finished" and r
+
+        run = poll(finished, timeout, f"{rounds} rounds (logs in {tmp})")
         wall = time.monotonic() - t0
         rows = get_json(base + "/api/rounds")
     return {"run": run, "rounds": rows, "wall_s": wall, "logs": str(tmp)}
