@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--max-rounds", type=int, default=0,
                        help="leave after submitting this many rounds (0: until the run ends)")
         q.add_argument("--quiet", action="store_true", help="no progress bar, log lines only")
+        q.add_argument("--server-id", help="require this server key id (64 hex); default: "
+                       "trust the first key seen for a run and refuse a different one later")
         q.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     client = NodeClient(NodeOptions(
         coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
-        data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet))
+        data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
+        server_id=args.server_id))
     code = asyncio.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

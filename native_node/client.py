@@ -17,6 +17,7 @@ import numpy as np
 
 from native_node.data import DataSpec
 from native_node.trainer import RoundResult, Trainer
+from native_node.trust import ServerTrust, UntrustedServer
 from native_node.workload import Workload, from_spec
 from shared.codecs import Codec, PowerSGD, make_codec
 from shared.envelope import Identity, new_nonce
@@ -30,7 +31,6 @@ from shared.messages import (
     RoundOpen,
     Submit,
     Welcome,
-    decode_message,
     sha256_hex,
 )
 
@@ -54,6 +54,7 @@ class NodeOptions:
     max_rounds: int = 0  # leave after this many submitted rounds (0: until the run ends)
     progress: bool = True  # show a progress bar per round
     backoff_max_s: float = 10.0  # longest wait between reconnect attempts
+    server_id: str | None = None  # require this server key (else pin the first one per run)
 
 
 class Backoff:
@@ -89,6 +90,9 @@ class NodeClient:
         self.cancel = threading.Event()
         self.stop = asyncio.Event()
         self.submitted = 0
+        self.refused = 0  # frames from the server that failed verification
+        self.trust = ServerTrust(opts.state_dir, expected_server_id=opts.server_id,
+                                 max_payload=MAX_MESSAGE)
         self.last_eval: float | None = None
         self._closing: asyncio.Future[bool] | None = None
 
@@ -144,15 +148,21 @@ class NodeClient:
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection. True when the run is over (or max_rounds reached)."""
         self.challenge = None
+        self.trust.reset()
         async for raw in ws:
             if raw.type != aiohttp.WSMsgType.BINARY:
                 continue
             try:
-                msg = decode_message(raw.data, max_payload=MAX_MESSAGE)
+                msg = self.trust.open(raw.data)
             except ProtocolError as exc:
-                log.warning("ignoring a bad frame from the server: %s", exc)
+                self.refused += 1
+                log.warning("ignoring a frame from the server: %s", exc)
                 continue
+            except UntrustedServer as exc:
+                raise FatalError(str(exc)) from exc
             if isinstance(msg, Challenge):
+                log.info("server %s (pinned for run %s)", (self.trust.server_id or "")[:16],
+                         msg.run_id)
                 self.challenge = msg
                 ident = self.opts.identity
                 await self._send(Hello(node_id=ident.node_id, public_key=ident.public_key.hex(),

@@ -22,13 +22,13 @@ def default_state_dir(name: str) -> Path:
     return base / f"node-{name}"
 
 
-def load_or_create_identity(state_dir: Path) -> Identity:
-    """Read the node's key pair, creating it (mode 0600) on first run."""
+def load_or_create_identity(state_dir: Path, filename: str = "node.key") -> Identity:
+    """Read a key pair (a node's, or the server's `server.key`), creating it (mode 0600)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "node.key"
+    path = state_dir / filename
     if not path.exists():
         ident = Identity.generate()
-        tmp = path.with_name(f".node.key.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{filename}.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(MAGIC + ident.public_key + ident.secret_key)

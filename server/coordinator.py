@@ -23,7 +23,7 @@ from server.runstate import RunState
 from server.store import UpdateRow
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update
-from shared.envelope import ReplayGuard, verify_frame
+from shared.envelope import ReplayGuard, sign_round, verify_frame
 from shared.errors import (
     BadSignature,
     BadUpdate,
@@ -52,6 +52,7 @@ from shared.rounds import Decision, Outcome, RoundPolicy, RoundState
 
 log = logging.getLogger("server.coordinator")
 AGENT = "daa-prime-server/0.1"
+MAX_ERRORS_PER_CONNECTION = 256  # then the connection is closed (every Error is signed)
 
 
 class Sender(Protocol):
@@ -87,6 +88,7 @@ class Connection:
     peer: Peer | None = None
     bytes_up: int = 0
     challenge: str = field(default_factory=lambda: secrets.token_hex(32))
+    errors: int = 0  # frames refused on this connection
     public_key: bytes = b""  # the key the Hello proved possession of
 
 
@@ -112,8 +114,16 @@ class Coordinator:
         self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
 
     # -- sending -------------------------------------------------------------------------
-    async def send(self, conn: Connection, msg: Message) -> None:
-        data = msg.to_frame()
+    def frame(self, msg: Message) -> bytes:
+        """`msg` signed with the server's key (shared.envelope)."""
+        ident = self.run.identity
+        assert ident is not None
+        return msg.to_frame(sign=ident.signer(
+            run_id=self.run.run_id, round=sign_round(getattr(msg, "round", None)),
+            msg_type=msg.TYPE, nonce=msg.nonce))  # type: ignore[attr-defined]
+
+    async def send(self, conn: Connection, msg: Message | bytes) -> None:
+        data = msg if isinstance(msg, bytes) else self.frame(msg)
         if conn.peer is not None:
             conn.peer.bytes_down += len(data)
         self._round_bytes[1] += len(data)
@@ -130,13 +140,21 @@ class Coordinator:
         if conn.peer is not None:
             conn.peer.rejected += 1
         log.warning("rejected %s from %s: %s", err.code, who, err.message)
+        conn.errors += 1
+        if conn.errors > MAX_ERRORS_PER_CONNECTION:
+            log.warning("closing %s after %d refused frames", who, conn.errors - 1)
+            self._background(conn.ws.close())
+            return
         await self.send(conn, Error(code=err.code, message=err.message, field=err.field,
                                     round=round))
 
     # -- receiving -----------------------------------------------------------------------
     async def greet(self, conn: Connection) -> None:
         """First frame on a new connection: the challenge its Hello must sign."""
+        ident = self.run.identity
+        assert ident is not None
         await self.send(conn, Challenge(run_id=self.run.run_id, challenge=conn.challenge,
+                                        server_public_key=ident.public_key.hex(),
                                         protocol_version=PROTOCOL_VERSION, agent=AGENT))
 
     async def handle_frame(self, conn: Connection, data: bytes) -> None:
@@ -283,28 +301,35 @@ class Coordinator:
     def _active(self) -> list[str]:
         return [p.node_id for p in self.peers.values() if p.ws is not None]
 
-    async def _send_open(self, conn: Connection) -> None:
+    def _open_frame(self) -> bytes:
+        """The current RoundOpen, signed; the deadline is the time left right now."""
         state = self.state
         assert state is not None
-        loop = asyncio.get_running_loop()
-        if conn.peer is not None and conn.peer.node_id not in state.updates:
-            conn.peer.state = "training"
-        await self.send(conn, RoundOpen(
+        return self.frame(RoundOpen(
             run_id=self.run.run_id, round=state.round, attempt=state.attempt,
-            params_digest=self.run.params_digest, deadline_s=max(0.001, state.remaining(
-                loop.time())), inner_steps=self.config.inner_steps,
-            inner_lr=self.config.inner_lr, batch_size=self.config.batch_size,
-            payload=self.run.params_bytes))
+            params_digest=self.run.params_digest,
+            deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
+            inner_steps=self.config.inner_steps, inner_lr=self.config.inner_lr,
+            batch_size=self.config.batch_size, payload=self.run.params_bytes))
+
+    async def _send_open(self, conn: Connection, data: bytes | None = None) -> None:
+        assert self.state is not None
+        if conn.peer is not None and conn.peer.node_id not in self.state.updates:
+            conn.peer.state = "training"
+        await self.send(conn, data if data is not None else self._open_frame())
 
     async def _broadcast_open(self) -> None:
         assert self.state is not None
-        waiting = self.state.updates
-        await asyncio.gather(*(self._send_open(Connection(ws=p.ws, remote="", peer=p))
-                               for p in list(self.peers.values())
-                               if p.ws is not None and p.node_id not in waiting))
+        waiting = [p for p in list(self.peers.values())
+                   if p.ws is not None and p.node_id not in self.state.updates]
+        if waiting:
+            data = self._open_frame()  # signed once, the same bytes for everyone
+            await asyncio.gather(*(self._send_open(Connection(ws=p.ws, remote="", peer=p),
+                                                   data) for p in waiting if p.ws is not None))
 
     async def _broadcast(self, msg: Message) -> None:
-        await asyncio.gather(*(self.send(Connection(ws=p.ws, remote="", peer=p), msg)
+        data = self.frame(msg)
+        await asyncio.gather(*(self.send(Connection(ws=p.ws, remote="", peer=p), data)
                                for p in list(self.peers.values()) if p.ws is not None))
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:

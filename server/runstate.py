@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from native_node.data import DataSpec
+from native_node.identity import load_or_create_identity
 from native_node.workload import Workload, from_spec, initial_params, resolve
 from native_node.zoo import evaluate, load_flat
 from server.config import RunConfig
 from server.store import Store, UpdateRow
+from shared.envelope import Identity
 from shared.vec import to_bytes
 
 log = logging.getLogger("server.run")
@@ -35,6 +37,7 @@ class RunState:
     params_digest: str  # content hash of params
     entropy_floor: float | None  # minimal achievable eval loss (None: unknown)
     eval_loss_init: float | None  # eval loss of theta_0
+    identity: Identity | None = None  # the server's ML-DSA-65 key: it signs every frame
     last_round: dict[str, Any] | None = None  # newest committed round row
     params_bytes: bytes = b""  # params as sent in RoundOpen
     _eval_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -42,6 +45,8 @@ class RunState:
 
     def __post_init__(self) -> None:
         self.params_bytes = to_bytes(self.params)
+        if self.identity is None:
+            self.identity = load_or_create_identity(self.store.dir, "server.key")
 
     @property
     def n_params(self) -> int:

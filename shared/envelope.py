@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,15 +31,19 @@ from typing import Any
 
 from shared.errors import BadSignature, MessageError, Replay
 from shared.frame import Frame
+from shared.messages import new_nonce
 from shared.platform import signatures
 
 DOMAIN = b"DAAP-SIG-v1"
 NONCE_LEN = 16
+__all__ = ["Identity", "ReplayGuard", "new_nonce", "node_id_of", "sign_round", "signing_bytes",
+           "verify_frame"]
 NONCE_RE = re.compile(r"[0-9a-f]{32}")
 
 
-def new_nonce() -> str:
-    return secrets.token_hex(NONCE_LEN)
+def sign_round(round: int | None) -> int:
+    """The round a frame is signed for: its header's `round`, or -1 when it has none."""
+    return round if isinstance(round, int) and not isinstance(round, bool) else -1
 
 
 def node_id_of(public_key: bytes) -> str:
@@ -103,9 +106,11 @@ def verify_frame(frame: Frame, *, public_key: bytes, run_id: str, node_id: str) 
     nonce = _field(frame.header, "nonce", str)
     if not NONCE_RE.fullmatch(nonce):
         raise MessageError("nonce must be 32 lowercase hex digits", field="nonce")
-    round_ = frame.header.get("round", -1)
-    if not isinstance(round_, int) or isinstance(round_, bool) or not -1 <= round_ < 2**62:
+    raw_round = frame.header.get("round")
+    if raw_round is not None and (not isinstance(raw_round, int) or isinstance(raw_round, bool)
+                                  or not -1 <= raw_round < 2**62):
         raise MessageError("round must be an integer", field="round")
+    round_ = sign_round(raw_round)
     if node_id_of(public_key) != node_id:
         raise BadSignature("node_id is not the SHA-256 of the public key", field="node_id")
     msg = signing_bytes(run_id=run_id, round=round_, node_id=node_id,

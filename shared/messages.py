@@ -7,9 +7,11 @@ checks every field's type and range and raises `MessageError` naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
+import secrets
 import types
 import typing
 from collections.abc import Callable
@@ -19,6 +21,11 @@ from typing import Any, ClassVar, Union
 from shared.errors import BadUpdate, FrameError, MessageError
 from shared.frame import DEFAULT_MAX_PAYLOAD, FLAG_ZSTD, Frame, decode_frame, encode_frame
 from shared.platform import zstd
+
+
+def new_nonce() -> str:
+    """16 random bytes, hex: the nonce every signed frame carries."""
+    return secrets.token_hex(16)
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEXSTR = re.compile(r"(?:[0-9a-f]{2})+")
@@ -75,6 +82,8 @@ class Message:
             kwargs[name] = _check_type(cls.__name__, name, header[name], hints[name])
         if "payload" not in names and payload:
             raise MessageError(f"{cls.__name__} carries no payload", field="payload")
+        if "nonce" in kwargs:
+            _nonce(cls.__name__, kwargs["nonce"])
         return cls(**kwargs)
 
 
@@ -133,7 +142,7 @@ class Hello(Message):
     node_id: str  # SHA-256 of public_key, 64 hex digits; stable across reconnects
     public_key: str  # ML-DSA-65 public key, hex (1952 bytes)
     challenge: str  # the connection's Challenge.challenge, echoed (binds the signature)
-    nonce: str  # 16 random bytes, hex (shared.envelope)
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     runtime: str  # "native" or "browser"
     agent: str  # software name/version, free text
     device: str  # "cpu", "cuda:0", "webgpu", ...
@@ -164,6 +173,7 @@ class Welcome(Message):
     codec_params: dict[str, Any]  # that codec's parameters (shared.codecs.make_codec)
     error_feedback: bool  # keep the codec's residual and add it to the next update
     n_params: int  # length of the flat parameter vector
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
@@ -185,6 +195,7 @@ class RoundOpen(Message):
     inner_steps: int  # H: inner optimizer steps to run
     inner_lr: float  # inner AdamW learning rate
     batch_size: int  # inner batch size
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     payload: bytes = field(repr=False)  # theta_r as little-endian float32
 
     def __post_init__(self) -> None:
@@ -207,7 +218,7 @@ class Submit(Message):
     run_id: str  # the run this update belongs to
     round: int  # outer round it was trained for
     node_id: str  # sender; must match the connection's Hello
-    nonce: str  # 16 random bytes, hex; never reused (shared.envelope)
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex; never reused
     codec: str  # registry name of the codec of `payload`
     length: int  # number of float32 values the payload decodes to
     digest: str  # sha256 of `payload`, uncompressed (part of the idempotency key)
@@ -235,6 +246,7 @@ class Ack(Message):
     round: int  # round of the acknowledged update
     digest: str  # digest of the acknowledged update
     status: str  # "accepted" or "duplicate"
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:
         _hex64("Ack", "digest", self.digest)
@@ -251,6 +263,7 @@ class Error(Message):
     message: str  # human-readable explanation
     field: str | None  # offending field, when there is one
     round: int | None  # round the refused message was for, when known
+    nonce: str = dataclasses.field(default_factory=new_nonce)  # 16 random bytes, hex
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -263,6 +276,7 @@ class RoundCommitted(Message):
     n_updates: int  # updates aggregated
     params_digest: str  # content hash of the new global params
     final: bool  # the run reached its last round: nodes may leave
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:
         _hex64("RoundCommitted", "params_digest", self.params_digest)
@@ -275,11 +289,15 @@ class Challenge(Message):
     TYPE: ClassVar[int] = 8
     run_id: str  # the run (the ML-DSA context string of every signature)
     challenge: str  # 32 random bytes, hex, fresh per connection
+    server_public_key: str  # the server's ML-DSA-65 public key, hex: it signs every frame
     protocol_version: int  # the server's protocol version
     agent: str  # server software name/version
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:
         _hex64("Challenge", "challenge", self.challenge)
+        _require(bool(HEXSTR.fullmatch(self.server_public_key)), "Challenge",
+                 "server_public_key", "must be lowercase hex")
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {

@@ -67,7 +67,8 @@ def sample_messages() -> list[Message]:
     ]
 
 
-VALID_FRAMES = [m.to_frame() for m in sample_messages()]
+SAMPLES = sample_messages()  # built once: messages draw a random nonce
+VALID_FRAMES = [m.to_frame() for m in SAMPLES]
 
 
 # -- round trip ----------------------------------------------------------------------------
@@ -425,6 +426,6 @@ def test_mutated_headers_only_raise_protocol_errors(data: bytes) -> None:
 
 
 def test_valid_frames_decode() -> None:
-    for data, msg in zip(VALID_FRAMES, sample_messages(), strict=True):
+    for data, msg in zip(VALID_FRAMES, SAMPLES, strict=True):
         assert decode_message(data) == msg
         assert decode_message(data).to_frame() == data

@@ -61,6 +61,9 @@ def raw_head_frame(msg_type: int, head: bytes, payload: bytes = b"") -> bytes:
                              len(payload)) + head + payload
 
 
+FIXED_NONCE = "9a" * 16  # messages draw a random nonce unless given one
+
+
 def hello(**kw: Any) -> Hello:
     base: dict[str, Any] = {"node_id": NODE, "public_key": "ab" * 16, "challenge": "cd" * 32,
                             "nonce": "ef" * 16, "runtime": "native", "agent": "test/1",
@@ -73,7 +76,7 @@ def welcome(**kw: Any) -> Welcome:
                             "model": {"kind": "mlp", "width": 8}, "model_id": "ab" * 32,
                             "data": {"name": "markov"}, "shard": 1, "n_shards": 2,
                             "codec": "raw32", "codec_params": {}, "error_feedback": True,
-                            "n_params": 3}
+                            "n_params": 3, "nonce": FIXED_NONCE}
     return Welcome(**{**base, **kw})
 
 
@@ -81,7 +84,8 @@ def round_open(**kw: Any) -> RoundOpen:
     payload = kw.pop("payload", PARAMS)
     base: dict[str, Any] = {"run_id": "run-1", "round": 2, "attempt": 0,
                             "params_digest": sha256_hex(payload), "deadline_s": 30.5,
-                            "inner_steps": 4, "inner_lr": 0.001, "batch_size": 8}
+                            "inner_steps": 4, "inner_lr": 0.001, "batch_size": 8,
+                            "nonce": FIXED_NONCE}
     return RoundOpen(**{**base, **kw}, payload=payload)
 
 
@@ -95,21 +99,24 @@ def submit(**kw: Any) -> Submit:
 
 
 def ack(**kw: Any) -> Ack:
-    return Ack(**{"round": 2, "digest": sha256_hex(UPDATE), "status": "accepted", **kw})
+    return Ack(**{"round": 2, "digest": sha256_hex(UPDATE), "status": "accepted",
+                  "nonce": FIXED_NONCE, **kw})
 
 
 def error(**kw: Any) -> Error:
     return Error(**{"code": "bad_update", "message": "nope", "field": "digest", "round": 2,
-                    **kw})
+                    "nonce": FIXED_NONCE, **kw})
 
 
 def committed(**kw: Any) -> RoundCommitted:
     return RoundCommitted(**{"round": 2, "eval_loss": 1.5, "n_updates": 3,
-                             "params_digest": sha256_hex(PARAMS), "final": False, **kw})
+                             "params_digest": sha256_hex(PARAMS), "final": False,
+                             "nonce": FIXED_NONCE, **kw})
 
 
 def challenge(**kw: Any) -> Challenge:
-    return Challenge(**{"run_id": "run-1", "challenge": "cd" * 32, "protocol_version": 1,
+    return Challenge(**{"run_id": "run-1", "challenge": "cd" * 32, "server_public_key": "ef" * 8,
+                        "protocol_version": 1, "nonce": FIXED_NONCE,
                         "agent": "server/1", **kw})
 
 

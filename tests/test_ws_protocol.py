@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from native_node.trust import ServerTrust
 from server.app import make_app
 from server.keys import COORDINATOR, RUN
 from server.runstate import open_run
@@ -34,7 +35,6 @@ from shared.messages import (
     RoundOpen,
     Submit,
     Welcome,
-    decode_message,
     sha256_hex,
 )
 
@@ -52,8 +52,9 @@ def node_id(name: str) -> str:
 
 
 class Server:
-    def __init__(self, app: web.Application, url: str, http: aiohttp.ClientSession) -> None:
-        self.app, self.url, self.http = app, url, http
+    def __init__(self, app: web.Application, url: str, http: aiohttp.ClientSession,
+                 tmp: Path) -> None:
+        self.app, self.url, self.http, self.tmp = app, url, http, tmp
 
     async def api(self, path: str) -> Any:
         async with self.http.get(self.url + path) as resp:
@@ -61,7 +62,7 @@ class Server:
 
     async def client(self, name: str, *, hello: bool = True) -> Client:
         ws = await self.http.ws_connect(self.url + "/ws")
-        c = Client(ws, identity(name))
+        c = Client(ws, identity(name), self.tmp / f"trust-{name}")
         c.challenge = await c.expect(Challenge)
         if hello:
             await c.send(c.hello())
@@ -71,8 +72,12 @@ class Server:
 
 
 class Client:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, ident: Identity) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, ident: Identity,
+                 trust_dir: Path) -> None:
         self.ws, self.ident, self.node_id = ws, ident, ident.node_id
+        trust_dir.mkdir(parents=True, exist_ok=True)
+        # every frame from the server is verified exactly as the real node verifies it
+        self.trust = ServerTrust(trust_dir, max_payload=1 << 26)
         self.challenge: Challenge | None = None
         self.welcome: Welcome | None = None
         self.open: RoundOpen | None = None
@@ -100,7 +105,7 @@ class Client:
     async def recv(self) -> Message:
         raw = await self.ws.receive(timeout=10)
         assert raw.type == aiohttp.WSMsgType.BINARY, raw
-        return decode_message(raw.data)
+        return self.trust.open(raw.data)
 
     async def expect(self, cls: type[Message]) -> Any:
         msg = await self.recv()
@@ -136,7 +141,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     await site.start()
     port = runner.addresses[0][1]
     async with aiohttp.ClientSession() as http:
-        yield Server(app, f"http://127.0.0.1:{port}", http)
+        yield Server(app, f"http://127.0.0.1:{port}", http, tmp_path)
     await runner.cleanup()
 
 

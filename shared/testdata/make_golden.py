@@ -53,7 +53,8 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
     params = _f32(1.0, -2.5, 0.125, 3.75)
     update = b"\x00" + _f32(0.5, -0.25, 0.0, -0.0)  # raw32: wire id 0, then float32 LE
     return [
-        ("Challenge", {"run_id": RUN, "challenge": CHALLENGE, "protocol_version": 1,
+        ("Challenge", {"run_id": RUN, "challenge": CHALLENGE,
+                       "server_public_key": "a1b2" * 4, "protocol_version": 1,
                        "agent": "daa-prime-server/0.1"}, b""),
         ("Hello", {"node_id": NODE_A, "public_key": "00ff" * 4, "challenge": CHALLENGE,
                    "nonce": NONCE, "runtime": "browser", "agent": "daa-prime/0.1 é",
@@ -185,6 +186,8 @@ def build() -> dict[str, Any]:
     valid = []
     for name, fields, payload in valid_examples():
         cls = by_name[name]
+        if any(f.name == "nonce" for f in dc_fields(cls)) and "nonce" not in fields:  # type: ignore[arg-type]
+            fields = {**fields, "nonce": NONCE}  # every message carries one (shared.envelope)
         has_payload = any(f.name == "payload" for f in dc_fields(cls))  # type: ignore[arg-type]
         kwargs = dict(fields, payload=payload) if has_payload else dict(fields)
         frame = cls(**kwargs).to_frame()
