@@ -1,14 +1,15 @@
 """Signed envelopes: who sent a frame, for which run and round, and that nobody replayed it.
 
-Every frame a node sends is SIGNED (shared.frame trailer) with its ML-DSA-65 key, pure mode,
-the run id as the ML-DSA context string. The signed message is this canonical byte string:
+Every frame is SIGNED (shared.frame trailer): a node's with its ML-DSA-65 key, the server's
+with its own (presented in the Challenge). Pure mode, the run id as the ML-DSA context
+string. The signed message is this canonical byte string:
 
     offset  size  field
     0       11    domain       ASCII "DAAP-SIG-v1"
     11      2     run_len      u16 LE, length of run_id
     13      n     run_id       UTF-8
-    13+n    8     round        i64 LE (-1 for messages outside a round, e.g. Hello)
-    21+n    32    node_id      the node id's 32 raw bytes (SHA-256 of the public key)
+    13+n    8     round        i64 LE (the header's round; -1 when it has none, or null)
+    21+n    32    signer id    32 raw bytes: SHA-256 of the signer's public key
     53+n    1     msg_type     message type id
     54+n    32    digest       SHA-256 of the frame as sent, up to (not including) the
                                signature trailer: fixed header, JSON header, payload

@@ -337,3 +337,29 @@ async def test_a_replayed_frame_is_refused(server: Server) -> None:
     assert (await a.expect(Ack)).status == "duplicate"
     run = await server.api("/api/run")
     assert run["rejected"] == {"replay": 1} and run["accepted"] == 1
+
+
+async def test_configured_robust_rule_is_applied(tmp_path: Path) -> None:
+    run = open_run(tmp_path / "robust", {"model": "mlp-digits", "quorum": 3,
+                                         "aggregator": "median", "outer_momentum": 0.0,
+                                         "outer_lr": 1.0})
+    app = make_app(run)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            srv = Server(app, f"http://127.0.0.1:{runner.addresses[0][1]}", http, tmp_path)
+            clients = [await srv.client(name) for name in ("h1", "h2", "liar")]
+            n = clients[0].welcome.n_params  # type: ignore[union-attr]
+            theta0 = np.frombuffer(clients[0].open.payload, "<f4")  # type: ignore[union-attr]
+            for c, value in zip(clients, (0.01, 0.02, 1000.0), strict=True):
+                await c.send(c.submit(np.full(n, value, np.float32)))
+                assert (await c.expect(Ack)).status == "accepted"
+            await clients[0].expect(RoundCommitted)
+            theta1 = np.frombuffer((await clients[0].expect(RoundOpen)).payload, "<f4")
+            # median of (0.01, 0.02, 1000) = 0.02; outer lr 1, no momentum: theta moves 0.02
+            np.testing.assert_allclose(theta0 - theta1, 0.02, rtol=1e-4, atol=1e-6)
+    finally:
+        await runner.cleanup()
