@@ -9,33 +9,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from server.auth import authenticate
 from server.config import RunConfig
+from server.peers import Connection, Peer
 from server.runstate import RunState
 from server.store import UpdateRow
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update
-from shared.envelope import ReplayGuard, sign_round, verify_frame
+from shared.envelope import ReplayGuard, sign_round
 from shared.errors import (
-    BadSignature,
     BadUpdate,
     FrameTooLarge,
-    MessageError,
     ProtocolError,
-    UnknownNode,
-    WrongRun,
 )
-from shared.frame import PROTOCOL_VERSION, Frame, decode_frame
+from shared.frame import PROTOCOL_VERSION, decode_frame
 from shared.messages import (
-    MESSAGE_TYPES,
     Ack,
     Challenge,
     Error,
@@ -53,43 +48,6 @@ from shared.rounds import Decision, Outcome, RoundPolicy, RoundState
 log = logging.getLogger("server.coordinator")
 AGENT = "daa-prime-server/0.1"
 MAX_ERRORS_PER_CONNECTION = 256  # then the connection is closed (every Error is signed)
-
-
-class Sender(Protocol):
-    async def send_bytes(self, data: bytes) -> None: ...
-
-    async def close(self) -> Any: ...
-
-
-@dataclass(eq=False)
-class Peer:
-    """One participant as the coordinator sees it."""
-
-    node_id: str
-    runtime: str
-    device: str
-    shard: int
-    ws: Sender | None  # None when disconnected
-    state: str = "idle"  # idle | training | submitted | gone
-    first_seen: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.time)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    accepted: int = 0
-    rejected: int = 0
-
-
-@dataclass(eq=False)
-class Connection:
-    """One WebSocket; `peer` is set once its Hello was accepted."""
-
-    ws: Sender
-    remote: str
-    peer: Peer | None = None
-    bytes_up: int = 0
-    challenge: str = field(default_factory=lambda: secrets.token_hex(32))
-    errors: int = 0  # frames refused on this connection
-    public_key: bytes = b""  # the key the Hello proved possession of
 
 
 CommitHook = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -169,7 +127,13 @@ class Coordinator:
             frame = decode_frame(data, max_payload=self.max_payload)
             round_ = frame.header.get("round") if isinstance(frame.header.get("round"),
                                                              int) else None
-            self._authenticate(conn, frame)  # BEFORE the payload is inflated or decoded
+            # signature + replay checks BEFORE the payload is inflated or decoded
+            node_id, nonce, key = authenticate(
+                frame, run_id=self.run.run_id, challenge=conn.challenge,
+                peer_id=conn.peer.node_id if conn.peer else None, peer_key=conn.public_key)
+            self.replays.check_and_remember(node_id, nonce)
+            if frame.msg_type == Hello.TYPE:
+                conn.public_key = key
             msg = message_from_frame(frame, max_payload=self.max_payload)
             if isinstance(msg, Hello):
                 await self._on_hello(conn, msg)
@@ -180,47 +144,6 @@ class Coordinator:
         except Exception:  # a bug, not the peer's fault: keep serving, say so, count it
             log.exception("internal error handling a frame from %s", conn.remote)
             await self.reject(conn, ProtocolError("internal server error; see the server log"))
-
-    def _authenticate(self, conn: Connection, frame: Frame) -> None:
-        """Signature and replay checks on the raw frame; raises a typed error."""
-        header = frame.header
-        if frame.msg_type == Hello.TYPE:
-            if conn.peer is not None:
-                raise MessageError("hello was already sent on this connection",
-                                   field="msg_type")
-            key_hex, node_id = header.get("public_key"), header.get("node_id")
-            if not isinstance(key_hex, str) or not isinstance(node_id, str):
-                raise MessageError("hello needs public_key and node_id", field="public_key")
-            try:
-                public_key = bytes.fromhex(key_hex)
-            except ValueError:
-                raise MessageError("public_key is not hex", field="public_key") from None
-            if header.get("challenge") != conn.challenge:
-                raise BadSignature("hello does not answer this connection's challenge "
-                                   "(a replayed hello?)", field="challenge")
-            nonce = verify_frame(frame, public_key=public_key, run_id=self.run.run_id,
-                                 node_id=node_id)
-            conn.public_key = public_key
-        elif frame.msg_type == Submit.TYPE:
-            peer = conn.peer
-            for name in ("node_id", "run_id", "nonce"):
-                if not isinstance(header.get(name), str):
-                    raise MessageError(f"Submit: missing field {name!r}", field=name)
-            if peer is None:
-                raise UnknownNode("send hello before submitting", field="node_id")
-            if header.get("node_id") != peer.node_id:
-                raise UnknownNode("node_id does not match this connection's hello",
-                                  field="node_id")
-            if header.get("run_id") != self.run.run_id:
-                raise WrongRun(f"update is for run {header.get('run_id')!r}; this is run "
-                               f"{self.run.run_id!r}", field="run_id")
-            nonce = verify_frame(frame, public_key=conn.public_key, run_id=self.run.run_id,
-                                 node_id=peer.node_id)
-            node_id = peer.node_id
-        else:
-            name = getattr(MESSAGE_TYPES.get(frame.msg_type), "__name__", str(frame.msg_type))
-            raise MessageError(f"{name} is not sent to the server", field="msg_type")
-        self.replays.check_and_remember(node_id, nonce)
 
     async def oversized(self, conn: Connection) -> None:
         """The transport refused a message above its limit (the socket is closing)."""

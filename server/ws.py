@@ -6,8 +6,8 @@ import logging
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from server.coordinator import Connection
 from server.keys import COORDINATOR
+from server.peers import Connection
 from shared.errors import FrameError
 
 log = logging.getLogger("server.ws")

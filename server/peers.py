@@ -1,0 +1,45 @@
+"""Participants as the coordinator sees them: one Peer per node id, one Connection per socket."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Sender(Protocol):
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def close(self) -> Any: ...
+
+
+@dataclass(eq=False)
+class Peer:
+    """One participant as the coordinator sees it."""
+
+    node_id: str
+    runtime: str
+    device: str
+    shard: int
+    ws: Sender | None  # None when disconnected
+    state: str = "idle"  # idle | training | submitted | gone
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    accepted: int = 0
+    rejected: int = 0
+
+
+@dataclass(eq=False)
+class Connection:
+    """One WebSocket; `peer` is set once its Hello was accepted."""
+
+    ws: Sender
+    remote: str
+    peer: Peer | None = None
+    bytes_up: int = 0
+    challenge: str = field(default_factory=lambda: secrets.token_hex(32))
+    errors: int = 0  # frames refused on this connection
+    public_key: bytes = b""  # the key the Hello proved possession of
