@@ -76,6 +76,9 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"DAA Prime run {run.run_id}: {run.config.model} ({run.n_params:,} params), "
           f"data dir {data_dir}", flush=True)
     print(f"open {url}  (API: {url}api/run)", flush=True)
+    if run.identity is not None:
+        print(f"server id {run.identity.node_id} (ML-DSA-65 key in {data_dir}/server.key)",
+              flush=True)
     last = run.last_round["eval_loss"] if run.last_round else run.eval_loss_init
     print(f"{run.version} rounds committed; eval loss {last:.4f}" if last is not None else
           f"{run.version} rounds committed", end="", flush=True)

@@ -18,6 +18,7 @@ async def get_run(request: web.Request) -> web.Response:
     last = run.last_round
     return web.json_response({
         "run_id": run.run_id,
+        "server_id": run.identity.node_id if run.identity else None,
         "model": run.work.model_config,
         "model_id": run.work.model_id,
         "n_params": run.n_params,

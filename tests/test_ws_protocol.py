@@ -266,6 +266,7 @@ async def test_rest_endpoints_and_model_download(server: Server) -> None:
     run = await server.api("/api/run")
     assert run["model"]["name"] == "mlp-digits" and run["n_params"] == a.welcome.n_params  # type: ignore[union-attr]
     assert run["status"] == "collecting" and run["peers_connected"] == 1
+    assert run["server_id"] == a.trust.server_id and len(run["server_id"]) == 64
     peers = await server.api("/api/peers")
     assert peers[0]["node_id"] == a.node_id and peers[0]["state"] == "training"
     async with server.http.get(server.url + "/model/latest.safetensors") as resp:
