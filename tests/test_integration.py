@@ -11,7 +11,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.conftest import Procs, free_port, get_json, wait_for
+from bench.common import free_port, get_json
+from tests.conftest import Procs, wait_for
 
 FAST = ("--model", "mlp-digits", "--inner-steps", "20", "--batch-size", "32")
 
