@@ -1,0 +1,330 @@
+"""In-process swarm simulator: N honest and Byzantine nodes against the REAL coordinator.
+
+    python -m bench.simulate --nodes 1000 --byzantine 0.2 --attack alie --aggregator median \
+        --model mlp-digits --rounds 3 [--seed 0] [--inner-steps 20] [--partition iid]
+
+One process, one event loop, no sockets: the real `server.coordinator.Coordinator` over a real
+`server.runstate` run (SQLite + safetensors in a temp data dir) talks to simulated nodes
+through an in-memory `Sender` (server.peers) whose `send_bytes` drops the bytes in the node's
+inbox. Nodes do what native_node.client does, frame for frame: they verify every server frame
+with native_node.trust.ServerTrust, answer the Challenge with a Hello signed by their own
+ML-DSA-65 key, train on RoundOpen, encode with the run's codec (+ error feedback) and send a
+signed Submit through `coordinator.handle_frame`. Signatures, replay checks, codecs,
+aggregation, the outer step and commits are the production code paths.
+
+Memory: nodes hold no torch model. ONE shared model is re-loaded with theta for each node
+and trained sequentially (the inner loop of native_node.trainer.Trainer: AdamW betas
+(0.9, 0.95), weight decay 0.01, grad-norm clip 1.0, the node's own seeded BatchSampler over
+its own shard). Per-node AdamW moments are kept between rounds as flat float32 arrays when
+that costs at most --opt-state-mb (as the real Trainer keeps its optimizer); otherwise a
+fresh AdamW per node per round (`--opt-state fresh` forces it). The run says which.
+
+torch runs with one intra-op thread (--torch-threads 1, the default): for models this
+small that trains about twice as fast as two threads on a 2-core machine.
+
+Byzantine nodes (floor(nodes * byzantine), chosen by --seed) first let every honest node
+train and submit, then compute their update with shared.attacks (ALIE and IPM from the
+round's honest updates; sign-flip, scaled and gaussian from their own trained update;
+label-flip trains on labels y -> C-1-y).
+
+Prints one progress line per round, a table, and as the LAST line JSON with nodes, rounds,
+wall_s, peak_rss_mb, final_eval_loss, final_accuracy, attack, aggregator, byzantine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.sim_nodes import MemorySender, SharedTrainer, SimNode
+from native_node.data import BatchSampler, assign_shards
+from native_node.trust import ServerTrust
+from native_node.zoo import load_flat
+from server.coordinator import Coordinator
+from server.peers import Connection
+from server.runstate import RunState, open_run
+from shared.attacks import ATTACKS, get_attack
+from shared.envelope import Identity, new_nonce
+from shared.messages import (
+    Submit,
+    sha256_hex,
+)
+
+log = logging.getLogger("bench.simulate")
+AGENT = "daa-prime-sim/0.1"
+MAX_MESSAGE = 512 * 1024 * 1024
+
+
+def accuracy(run: RunState, params: np.ndarray, model: torch.nn.Module | None = None) -> float:
+    """Top-1 accuracy of `params` on the run's validation split (classification models)."""
+    net = model if model is not None else run.work.new_model()
+    load_flat(net, params)
+    ds = run.work.dataset
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.from_numpy(np.ascontiguousarray(ds.x_val)).to(torch.float32))
+    return float((logits.argmax(-1).numpy() == np.asarray(ds.y_val)).mean())
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
+
+
+async def _until(wake: asyncio.Event, cond: Any, nodes: Sequence[SimNode], task: asyncio.Task[Any],
+                 timeout: float, what: str) -> None:
+    """Pump every node's inbox until `cond()`; fail if the coordinator died or time ran out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for node in nodes:
+            if node.inbox:
+                node.pump()
+        if cond():
+            return
+        if task.done():
+            task.result()  # raises the coordinator's error
+            if not cond():
+                raise RuntimeError(f"the coordinator stopped while waiting for {what}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out waiting for {what}")
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=min(left, 1.0))
+
+
+async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, aggregator: str,
+                   model: str = "mlp-digits", seed: int = 0, inner_steps: int | None = None,
+                   partition: str = "iid", data_dir: str | Path | None = None,
+                   attack_params: dict[str, Any] | None = None, opt_state: str = "auto",
+                   opt_state_mb: float = 256.0, progress: bool = True,
+                   extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the simulation; returns {"rounds": [per-round rows], "summary": {...}}."""
+    if nodes < 1 or rounds < 1:
+        raise ValueError("need --nodes >= 1 and --rounds >= 1")
+    spec = get_attack(attack)
+    t_start = time.perf_counter()
+    tmp = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="daa-sim-"))
+    config = {"model": model, "aggregator": aggregator, "byzantine_fraction": byzantine,
+              "quorum": nodes, "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps,
+              "n_shards": nodes, "partition": partition, "seed": seed, **(extra_config or {})}
+    run = await asyncio.to_thread(open_run, tmp / "run", config)
+    work = run.work
+    cfg = run.config
+    coord = Coordinator(run)
+    records: list[dict[str, Any]] = []
+    coord.commit_hooks.append(records.append)
+    n_byz = math.floor(round(nodes * byzantine, 9))
+    rng = np.random.default_rng(seed)
+    byz_set = set(rng.permutation(nodes)[:n_byz].tolist())
+    keep = opt_state == "keep" or (
+        opt_state == "auto" and nodes * run.n_params * 8 <= opt_state_mb * 1024 * 1024)
+    trainer = SharedTrainer(work, keep_opt_state=keep)
+    ds, dspec = work.dataset, work.data_spec
+    owner = assign_shards(ds.keys_train, n_shards=cfg.n_shards, partition=dspec.partition,
+                          alpha=dspec.alpha, seed=dspec.seed)  # = shard_indices, computed once
+    by_shard = np.argsort(owner, kind="stable")
+    starts = np.searchsorted(owner[by_shard], np.arange(cfg.n_shards + 1))
+    wake = asyncio.Event()
+    trust_dir = tmp / "trust"
+    trust_dir.mkdir(parents=True, exist_ok=True)
+
+    def say(text: str, *, end: str = "\n") -> None:
+        if progress:
+            print(text, end=end, file=sys.stderr, flush=True)
+
+    # -- identities (every node its own ML-DSA-65 key) -------------------------------------
+    t0 = time.perf_counter()
+    sim: list[SimNode] = [
+        SimNode(index=i, identity=Identity.generate(), byzantine=i in byz_set,
+                trust=ServerTrust(trust_dir, max_payload=MAX_MESSAGE)) for i in range(nodes)]
+    keygen_s = time.perf_counter() - t0
+    say(f"{nodes} identities in {keygen_s:.1f} s; {n_byz} byzantine ({attack}), "
+        f"aggregator {aggregator}, AdamW state {'kept per node' if keep else 'fresh per round'}")
+
+    task = asyncio.create_task(coord.run_rounds())
+    # -- join: Challenge -> Hello -> Welcome (+ the open round) -----------------------------
+    t0 = time.perf_counter()
+    for node in sim:
+        node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
+        await coord.greet(node.conn)
+        hello = node.pump()
+        assert hello is not None, "no Challenge from the coordinator"
+        await coord.handle_frame(node.conn, hello)
+        node.pump()
+        if node.welcome is None:
+            raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
+        if node.welcome.model_id != work.model_id:
+            raise RuntimeError("model id mismatch between the run and the simulator")
+        shard = node.welcome.shard
+        idx = np.sort(by_shard[starts[shard]:starts[shard + 1]]).astype(np.int64)
+        node.sampler = BatchSampler(ds.x_train, ds.y_train, idx, batch_size=cfg.batch_size,
+                                    seed=int.from_bytes(hashlib.sha256(
+                                        node.node_id.encode()).digest()[:4], "little"))
+        if progress and (node.index + 1) % 100 == 0:
+            say(f"  joined {node.index + 1}/{nodes}", end="\r")
+    join_s = time.perf_counter() - t0
+    say(f"{nodes} nodes joined in {join_s:.1f} s" + " " * 20)
+
+    rows: list[dict[str, Any]] = []
+    eval_model = work.new_model()
+    is_classify = work.dataset.task == "classify"
+    acc0 = accuracy(run, run.params, eval_model) if is_classify else None
+    rows.append({"round": "init", "eval_loss": run.eval_loss_init, "accuracy": acc0})
+    for r in range(rounds):
+        await _until(wake, lambda r=r: all(n.open is not None and n.open.round == r
+                                           for n in sim), sim, task, 600, f"round {r} to open")
+        t_round = time.perf_counter()
+        acc_before, rej_before = coord.counters["accepted"], sum(coord.rejected.values())
+        honest: list[np.ndarray] = []
+        keep_honest = not spec.uses_own
+        sign_s = train_s = 0.0
+        order = [n for n in sim if not n.byzantine] + [n for n in sim if n.byzantine]
+        shared_attack: np.ndarray | None = None  # attacks computed from the honest only
+        for k, node in enumerate(order):
+            msg = node.open
+            assert msg is not None and node.welcome is not None and node.conn is not None
+            theta = np.frombuffer(msg.payload, dtype="<f4").astype(np.float32)
+            if not node.byzantine or spec.uses_own:
+                t0 = time.perf_counter()
+                result = trainer.train(node, theta, steps=msg.inner_steps, lr=msg.inner_lr,
+                                       poison_labels=node.byzantine and spec.kind == "data")
+                train_s += time.perf_counter() - t0
+            else:
+                result = (np.zeros(run.n_params, np.float32), None, 0, 0.0)
+            delta, train_loss, samples, compute_s = result
+            if node.byzantine and shared_attack is not None:
+                delta = shared_attack  # ALIE / IPM: one vector per round, the same for all
+            elif node.byzantine:
+                delta = np.asarray(spec.apply(
+                    own=delta, honest=honest, n=nodes, f=n_byz,
+                    seed=seed * 1_000_003 + r * 10_007 + node.index,
+                    **(attack_params or {})), dtype=np.float32)
+                if not spec.uses_own:
+                    shared_attack = delta
+            elif keep_honest:
+                honest.append(delta)
+            payload = node.encode(delta, work)
+            submit = Submit(run_id=node.welcome.run_id, round=msg.round, node_id=node.node_id,
+                            nonce=new_nonce(), codec=node.codec.name if node.codec else "",
+                            length=int(delta.size), digest=sha256_hex(payload),
+                            train_loss=train_loss, samples=samples,
+                            compute_s=round(compute_s, 4), payload=payload)
+            t0 = time.perf_counter()
+            data = node.frame(submit)
+            await coord.handle_frame(node.conn, data)
+            sign_s += time.perf_counter() - t0
+            node.open = None
+            node.pump()
+            if progress and (k + 1) % 50 == 0:
+                say(f"  round {r}: {k + 1}/{nodes} submitted", end="\r")
+        honest.clear()
+        await _until(wake, lambda r=r: bool(records) and records[-1]["round"] >= r, sim, task,
+                     600, f"round {r} to commit")
+        rec = records[-1]
+        acc = accuracy(run, run.params, eval_model) if is_classify else None
+        row = {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,
+               "train_loss": rec.get("train_loss"), "n_updates": rec.get("n_updates"),
+               "accepted": coord.counters["accepted"] - acc_before,
+               "rejected": sum(coord.rejected.values()) - rej_before,
+               "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
+               "round_s": round(time.perf_counter() - t_round, 2)}
+        rows.append(row)
+        loss_txt = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "n/a"
+        acc_txt = f", accuracy {acc:.3f}" if acc is not None else ""
+        say(f"round {r}: eval loss {loss_txt}{acc_txt}, {row['accepted']} accepted, "
+            f"{row['rejected']} rejected, {row['round_s']:.1f} s "
+            f"(train {train_s:.1f} s, sign+handle {sign_s:.1f} s)" + " " * 10)
+    await asyncio.wait_for(task, timeout=60)
+    await _until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
+    for node in sim:
+        assert node.conn is not None
+        coord.disconnect(node.conn)
+    errors = sum(len(n.errors) for n in sim)
+    last = rows[-1]
+    summary = {"nodes": nodes, "rounds": len(rows) - 1,
+               "wall_s": round(time.perf_counter() - t_start, 2),
+               "peak_rss_mb": round(peak_rss_mb(), 1),
+               "final_eval_loss": last["eval_loss"], "final_accuracy": last["accuracy"],
+               "initial_eval_loss": run.eval_loss_init, "initial_accuracy": acc0,
+               "attack": attack, "aggregator": aggregator, "byzantine": n_byz,
+               "byzantine_fraction": byzantine, "inner_steps": cfg.inner_steps,
+               "opt_state": "kept" if keep else "fresh", "keygen_s": round(keygen_s, 2),
+               "join_s": round(join_s, 2), "node_errors": errors,
+               "rejected": dict(coord.rejected), "data_dir": str(tmp)}
+    return {"rounds": rows, "summary": summary}
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.common import emit, print_table
+
+    p = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=16)
+    p.add_argument("--byzantine", type=float, default=0.0, help="fraction of Byzantine nodes")
+    p.add_argument("--attack", default="sign-flip", choices=sorted(ATTACKS))
+    p.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack parameter, e.g. epsilon=0.5 (repeatable)")
+    p.add_argument("--aggregator", default="median")
+    p.add_argument("--model", default="mlp-digits")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="H inner AdamW steps per round (default: the run config's, 50)")
+    p.add_argument("--partition", default="iid", choices=["iid", "noniid"])
+    p.add_argument("--opt-state", default="auto", choices=["auto", "keep", "fresh"],
+                   help="per-node AdamW moments between rounds (auto: keep if <= "
+                        "--opt-state-mb)")
+    p.add_argument("--opt-state-mb", type=float, default=256.0)
+    p.add_argument("--data-dir", default=None, help="run folder (default: a new temp dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads (1 is ~2x faster for these tiny models)")
+    args = p.parse_args(argv)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = asyncio.run(simulate(
+        nodes=args.nodes, rounds=args.rounds, byzantine=args.byzantine, attack=args.attack,
+        aggregator=args.aggregator, model=args.model, seed=args.seed,
+        inner_steps=args.inner_steps, partition=args.partition, data_dir=args.data_dir,
+        attack_params=_params(args.attack_param), opt_state=args.opt_state,
+        opt_state_mb=args.opt_state_mb, progress=not args.quiet))
+    s = out["summary"]
+    print(f"{s['nodes']} nodes ({s['byzantine']} byzantine, {s['attack']}), aggregator "
+          f"{s['aggregator']}, {s['inner_steps']} inner steps, AdamW state {s['opt_state']}; "
+          f"run in {s['data_dir']}")
+    print_table(out["rounds"], ["round", "eval_loss", "accuracy", "train_loss", "n_updates",
+                                "accepted", "rejected", "train_s", "submit_s", "round_s"])
+    emit({k: s[k] for k in ("nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
+                            "final_accuracy", "attack", "aggregator", "byzantine")})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

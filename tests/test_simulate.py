@@ -1,0 +1,56 @@
+"""bench.simulate: a small in-process swarm through the real coordinator, with attackers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.simulate import main, simulate
+from server.store import Store
+
+
+def test_small_run_with_sign_flip_attackers_under_median(tmp_path: Path) -> None:
+    out = asyncio.run(simulate(nodes=8, rounds=2, byzantine=0.25, attack="sign-flip",
+                               aggregator="median", inner_steps=10, seed=1,
+                               data_dir=tmp_path, progress=False))
+    s, rows = out["summary"], out["rounds"]
+    assert s["byzantine"] == 2 and s["rounds"] == 2 and s["node_errors"] == 0
+    assert s["rejected"] == {}
+    committed = rows[1:]
+    assert [r["round"] for r in committed] == [0, 1]
+    for r in committed:  # every node's signed update was accepted and aggregated
+        assert r["n_updates"] == 8 and r["accepted"] == 8 and r["rejected"] == 0
+    losses = [rows[0]["eval_loss"]] + [r["eval_loss"] for r in committed]
+    assert losses[-1] < losses[0] and losses[2] < losses[1]
+    assert s["final_accuracy"] > s["initial_accuracy"]
+    # the rounds were committed to the run's store (SQLite + safetensors) like a real run
+    store = Store(tmp_path / "run")
+    stored = store.rounds(since=-1, limit=10)
+    assert [r["round"] for r in stored] == [0, 1]
+    assert all(r["n_updates"] == 8 for r in stored)
+
+
+def test_alie_needs_the_honest_updates_and_commits(tmp_path: Path) -> None:
+    out = asyncio.run(simulate(nodes=10, rounds=1, byzantine=0.2, attack="alie",
+                               aggregator="trimmed-mean", inner_steps=5, opt_state="fresh",
+                               data_dir=tmp_path, progress=False))
+    row = out["rounds"][1]
+    assert row["n_updates"] == 10 and row["accepted"] == 10
+    assert out["summary"]["opt_state"] == "fresh"
+    assert np.isfinite(row["eval_loss"])
+
+
+def test_cli_prints_json_last(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["--nodes", "4", "--rounds", "1", "--byzantine", "0.25", "--attack", "ipm",
+                 "--attack-param", "epsilon=0.5", "--aggregator", "median",
+                 "--inner-steps", "3", "--data-dir", str(tmp_path), "--quiet",
+                 "--torch-threads", "0"]) == 0  # 0: leave this process's torch threads
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    figures = json.loads(last)
+    assert set(figures) == {"nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
+                            "final_accuracy", "attack", "aggregator", "byzantine"}
+    assert figures["nodes"] == 4 and figures["rounds"] == 1 and figures["byzantine"] == 1
