@@ -61,3 +61,40 @@ async def latest_model(request: web.Request) -> web.FileResponse:
 @routes.get("/")
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(BROWSER_DIR / "index.html")
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of the run's counters and gauges."""
+    run, coord = request.app[RUN], request.app[COORDINATOR]
+    status = coord.status()
+    last = run.last_round
+    lines = [
+        "# HELP daa_rounds_committed Outer rounds committed.",
+        "# TYPE daa_rounds_committed counter",
+        f"daa_rounds_committed {run.version}",
+        "# HELP daa_eval_loss Eval loss of the latest global params (nats).",
+        "# TYPE daa_eval_loss gauge",
+    ]
+    loss = last["eval_loss"] if last else run.eval_loss_init
+    if loss is not None:
+        lines.append(f"daa_eval_loss {loss}")
+    if run.entropy_floor is not None:
+        lines += ["# TYPE daa_entropy_floor gauge", f"daa_entropy_floor {run.entropy_floor}"]
+    lines += [
+        "# TYPE daa_peers_connected gauge", f"daa_peers_connected {status['peers_connected']}",
+        "# TYPE daa_round_attempt gauge", f"daa_round_attempt {status['attempt']}",
+        "# TYPE daa_updates_accepted counter", f"daa_updates_accepted {status['accepted']}",
+        "# TYPE daa_updates_duplicate counter", f"daa_updates_duplicate {status['duplicates']}",
+        "# TYPE daa_round_retries counter", f"daa_round_retries {status['retries']}",
+        "# TYPE daa_bytes_total counter",
+        f'daa_bytes_total{{direction="up"}} {status["bytes_up"]}',
+        f'daa_bytes_total{{direction="down"}} {status["bytes_down"]}',
+        "# HELP daa_rejected_total Frames refused, by error code.",
+        "# TYPE daa_rejected_total counter",
+    ]
+    lines += [f'daa_rejected_total{{code="{code}"}} {n}'
+              for code, n in sorted(status["rejected"].items())]
+    return web.Response(text="\n".join(lines) + "\n",
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})

@@ -197,6 +197,10 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
     await b.send(b.frame(a.submit(node_id=b.node_id)))
     await b.error("unknown_node")
 
+    async with server.http.get(server.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'daa_rejected_total{code="bad_signature"} 6' in text
+    assert "daa_rounds_committed 0" in text
     run = await server.api("/api/run")
     expected = len(cases) + 2
     assert run["rejected_total"] == expected, run["rejected"]
