@@ -8,19 +8,22 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from native_node.data import BatchSampler
+from native_node.encoder import UpdateEncoder
 from native_node.trust import ServerTrust
 from native_node.workload import Workload
 from native_node.zoo import flatten, load_flat, loss_fn
 from server.peers import Connection
 from shared.attacks import flip_labels
-from shared.codecs import Codec, PowerSGD, make_codec
+from shared.codecs import make_codec
 from shared.envelope import Identity, new_nonce
+from shared.layout import TensorSlot
 from shared.messages import (
     Ack,
     Challenge,
@@ -59,6 +62,7 @@ class SimNode:
     identity: Identity
     byzantine: bool
     trust: ServerTrust
+    layout: Sequence[TensorSlot]  # the run's parameter layout (for per-tensor codecs)
     inbox: list[bytes] = field(default_factory=list)
     conn: Connection | None = None
     challenge: Challenge | None = None
@@ -70,9 +74,7 @@ class SimNode:
     errors: list[str] = field(default_factory=list)
     sampler: BatchSampler | None = None
     opt_state: tuple[np.ndarray, np.ndarray, float] | None = None  # exp_avg, exp_avg_sq, step
-    residual: np.ndarray | None = None  # error feedback (kept only when non-zero)
-    psgd_state: dict[str, np.ndarray] | None = None
-    codec: Codec | None = None
+    encoder: UpdateEncoder | None = None  # the real node's codec + error-feedback state
 
     @property
     def node_id(self) -> str:
@@ -103,7 +105,9 @@ class SimNode:
                                          runtime="native", agent=AGENT, device="cpu"))
             elif isinstance(msg, Welcome):
                 self.welcome = msg
-                self.codec = make_codec(msg.codec, **msg.codec_params)
+                self.encoder = UpdateEncoder(make_codec(msg.codec, **msg.codec_params),
+                                             error_feedback=msg.error_feedback,
+                                             layout=self.layout)
             elif isinstance(msg, RoundOpen):
                 self.open = msg
             elif isinstance(msg, Ack):
@@ -116,24 +120,6 @@ class SimNode:
             elif isinstance(msg, Error):
                 self.errors.append(f"{msg.code}: {msg.message}")
         return reply
-
-    def encode(self, delta: np.ndarray, work: Workload) -> bytes:
-        """native_node.client.NodeClient._encode: codec + error feedback + PowerSGD's Q."""
-        assert self.codec is not None and self.welcome is not None
-        layout, ef = work.manifest, self.welcome.error_feedback
-        x = delta
-        if ef and self.residual is not None and self.residual.shape == delta.shape:
-            x = (delta + self.residual).astype(np.float32)
-        if isinstance(self.codec, PowerSGD):
-            payload, self.psgd_state = self.codec.encode_with_state(x, layout=layout,
-                                                                    state=self.psgd_state)
-        else:
-            payload = self.codec.encode(x, layout=layout)
-        if ef:
-            sent = np.asarray(self.codec.decode(payload, x.size, layout=layout))
-            res = (x - sent).astype(np.float32)
-            self.residual = res if np.any(res) else None  # raw32 loses nothing: keep nothing
-        return payload
 
 
 class SharedTrainer:

@@ -151,7 +151,8 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     t0 = time.perf_counter()
     sim: list[SimNode] = [
         SimNode(index=i, identity=Identity.generate(), byzantine=i in byz_set,
-                trust=ServerTrust(trust_dir, max_payload=MAX_MESSAGE)) for i in range(nodes)]
+                trust=ServerTrust(trust_dir, max_payload=MAX_MESSAGE), layout=work.manifest)
+        for i in range(nodes)]
     keygen_s = time.perf_counter() - t0
     say(f"{nodes} identities in {keygen_s:.1f} s; {n_byz} byzantine ({attack}), "
         f"aggregator {aggregator}, AdamW state {'kept per node' if keep else 'fresh per round'}")
@@ -218,9 +219,10 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                     shared_attack = delta
             elif keep_honest:
                 honest.append(delta)
-            payload = node.encode(delta, work)
+            assert node.encoder is not None
+            payload = node.encoder.encode(delta)
             submit = Submit(run_id=node.welcome.run_id, round=msg.round, node_id=node.node_id,
-                            nonce=new_nonce(), codec=node.codec.name if node.codec else "",
+                            nonce=new_nonce(), codec=node.encoder.codec.name,
                             length=int(delta.size), digest=sha256_hex(payload),
                             train_loss=train_loss, samples=samples,
                             compute_s=round(compute_s, 4), payload=payload)

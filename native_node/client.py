@@ -16,10 +16,11 @@ import aiohttp
 import numpy as np
 
 from native_node.data import DataSpec
+from native_node.encoder import UpdateEncoder
 from native_node.trainer import RoundResult, Trainer
 from native_node.trust import ServerTrust, UntrustedServer
 from native_node.workload import Workload, from_spec
-from shared.codecs import Codec, PowerSGD, make_codec
+from shared.codecs import make_codec
 from shared.envelope import Identity, new_nonce
 from shared.errors import ProtocolError
 from shared.messages import (
@@ -79,9 +80,7 @@ class NodeClient:
         self.trainer: Trainer | None = None
         self.welcome: Welcome | None = None
         self.challenge: Challenge | None = None
-        self.codec: Codec | None = None
-        self.residual: np.ndarray | None = None  # error feedback: what the codec lost so far
-        self.psgd_state: dict[str, np.ndarray] | None = None  # PowerSGD warm-started Q
+        self.encoder: UpdateEncoder | None = None  # codec + error feedback + PowerSGD state
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.pending: Submit | None = None  # trained, not yet known to be committed
         self.pending_params: str | None = None  # params digest the pending update started from
@@ -207,12 +206,13 @@ class NodeClient:
                                    node_id=self.node_id, device=self.opts.device)
             self.pending = None
         codec = make_codec(msg.codec, **msg.codec_params)
-        if codec != self.codec or not msg.error_feedback:
-            if self.residual is not None:
+        enc = self.encoder
+        if (enc is None or enc.codec != codec or enc.error_feedback != msg.error_feedback
+                or enc.layout is not self.work.manifest):
+            if enc is not None and enc.residual is not None:
                 log.info("error-feedback residual reset (new model, codec or setting)")
-            self.residual = None
-            self.psgd_state = None
-        self.codec = codec
+            self.encoder = UpdateEncoder(codec, error_feedback=msg.error_feedback,
+                                         layout=self.work.manifest)
         log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", msg.run_id,
                  self.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,
                  msg.n_shards, codec.name, " + error feedback" if msg.error_feedback else "")
@@ -244,24 +244,6 @@ class NodeClient:
             log.info("the run is finished")
         return msg.final
 
-    def _encode(self, delta: np.ndarray) -> bytes:
-        """Codec + error feedback (the residual is ours) + PowerSGD's warm-started Q."""
-        assert self.codec is not None and self.work is not None and self.welcome is not None
-        layout = self.work.manifest
-        ef = self.welcome.error_feedback
-        x = delta
-        if ef and self.residual is not None and self.residual.shape == delta.shape:
-            x = (delta + self.residual).astype(np.float32)
-        if isinstance(self.codec, PowerSGD):
-            payload, self.psgd_state = self.codec.encode_with_state(x, layout=layout,
-                                                                    state=self.psgd_state)
-        else:
-            payload = self.codec.encode(x, layout=layout)
-        if ef:
-            sent = np.asarray(self.codec.decode(payload, x.size, layout=layout))
-            self.residual = (x - sent).astype(np.float32)
-        return payload
-
     def _cancel_training(self) -> None:
         if self.task is not None and not self.task.done():
             self.cancel.set()
@@ -282,9 +264,9 @@ class NodeClient:
         if cancel.is_set() or result.steps < msg.inner_steps:
             log.info("round %d: training cancelled after %d steps", msg.round, result.steps)
             return
-        codec = self.codec
-        assert codec is not None
-        payload = self._encode(result.delta)
+        assert self.encoder is not None
+        codec = self.encoder.codec
+        payload = self.encoder.encode(result.delta)
         submit = Submit(run_id=self.welcome.run_id, round=msg.round, node_id=self.node_id,
                         nonce=new_nonce(), codec=codec.name, length=int(result.delta.size),
                         digest=sha256_hex(payload), train_loss=result.train_loss,
