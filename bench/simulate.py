@@ -119,8 +119,12 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     spec = get_attack(attack)
     t_start = time.perf_counter()
     tmp = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="daa-sim-"))
+    validating = bool((extra_config or {}).get("validation"))
+    # every node submits, so a round commits once all have; with validation some updates
+    # are excluded at commit time, and a round keeps going when at least half remain
+    quorum = max(1, (nodes + 1) // 2) if validating else nodes
     config = {"model": model, "aggregator": aggregator, "byzantine_fraction": byzantine,
-              "quorum": nodes, "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps,
+              "quorum": quorum, "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps,
               "n_shards": nodes, "partition": partition, "seed": seed, **(extra_config or {})}
     run = await asyncio.to_thread(open_run, tmp / "run", config)
     work = run.work
@@ -173,9 +177,11 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
             raise RuntimeError("model id mismatch between the run and the simulator")
         shard = node.welcome.shard
         idx = np.sort(by_shard[starts[shard]:starts[shard + 1]]).astype(np.int64)
+        # seeded by (run seed, node index), not the random node id: runs are repeatable
         node.sampler = BatchSampler(ds.x_train, ds.y_train, idx, batch_size=cfg.batch_size,
                                     seed=int.from_bytes(hashlib.sha256(
-                                        node.node_id.encode()).digest()[:4], "little"))
+                                        f"{seed}:{node.index}".encode()).digest()[:4],
+                                        "little"))
         if progress and (node.index + 1) % 100 == 0:
             say(f"  joined {node.index + 1}/{nodes}", end="\r")
     join_s = time.perf_counter() - t0

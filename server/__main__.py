@@ -43,12 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("codec", str), ("rounds", int), ("quorum", int), ("deadline-s", float),
                        ("keep-checkpoints", int), ("max-frame-mb", float),
                        ("codec-params", json.loads), ("aggregator-params", json.loads),
-                       ("byzantine-fraction", float)):
+                       ("byzantine-fraction", float), ("validation-threshold", float),
+                       ("validation-samples", int), ("validation-timeout-s", float)):
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"run config '{name.replace('-', '_')}' (default: "
                             f"{getattr(RunConfig(), name.replace('-', '_'))})")
     p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=None,
                    help="nodes keep the codec's residual (default: on)")
+    p.add_argument("--validation", action=argparse.BooleanOptionalAction, default=None,
+                   help="score every update on held-out loss and reject the ones that make "
+                        "it worse by more than --validation-threshold (default: off)")
     return p.parse_args(argv)
 
 

@@ -44,6 +44,19 @@ async def get_rounds(request: web.Request) -> web.Response:
     return web.json_response(request.app[RUN].store.rounds(since=since, limit=limit))
 
 
+@routes.get("/api/rejections")
+async def get_rejections(request: web.Request) -> web.Response:
+    """Refused updates and frames of authenticated nodes: round, node, code, reason, judges."""
+    try:
+        since = int(request.query.get("since_id", "0"))
+        limit = min(10000, max(1, int(request.query.get("limit", "1000"))))
+    except ValueError:
+        raise web.HTTPBadRequest(text="since_id and limit must be integers") from None
+    node = request.query.get("node_id") or None
+    return web.json_response(request.app[RUN].store.rejections(since_id=since, limit=limit,
+                                                               node_id=node))
+
+
 @routes.get("/api/peers")
 async def get_peers(request: web.Request) -> web.Response:
     return web.json_response(request.app[COORDINATOR].peers_view())

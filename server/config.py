@@ -41,6 +41,10 @@ class RunConfig:
     codec: str = "raw32"  # update codec (shared.codecs.CODECS)
     codec_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # its parameters
     error_feedback: bool = True  # nodes add what the codec lost to their next update
+    validation: bool = False  # validators score each update on held-out loss before use
+    validation_threshold: float = 0.1  # reject above max(base, median candidate) * (1 + it)
+    validation_samples: int = 512  # held-out examples each validator scores on
+    validation_timeout_s: float = 10.0  # how long to wait for validator nodes' verdicts
     rounds: int = 0  # stop after this many committed rounds (0: run forever)
     quorum: int = 1  # fewest updates a round is committed with
     deadline_s: float = 60.0  # collection window of one round attempt
@@ -68,6 +72,9 @@ class RunConfig:
             (self.deadline_s > 0, "deadline_s", "must be > 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.max_frame_mb > 0, "max_frame_mb", "must be > 0"),
+            (self.validation_threshold >= 0, "validation_threshold", "must be >= 0"),
+            (self.validation_samples >= 1, "validation_samples", "must be >= 1"),
+            (self.validation_timeout_s > 0, "validation_timeout_s", "must be > 0"),
         ]
         for ok, key, what in checks:
             if not ok:

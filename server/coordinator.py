@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from native_node.validator import ProbeScorer
 from server.auth import authenticate
 from server.config import RunConfig
 from server.peers import Connection, Peer
 from server.runstate import RunState
 from server.store import UpdateRow
+from server.validation import ValidationMixin
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update
 from shared.envelope import ReplayGuard, sign_round
@@ -39,6 +41,7 @@ from shared.messages import (
     RoundCommitted,
     RoundOpen,
     Submit,
+    Verdict,
     Welcome,
     message_from_frame,
 )
@@ -53,7 +56,7 @@ MAX_ERRORS_PER_CONNECTION = 256  # then the connection is closed (every Error is
 CommitHook = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 
-class Coordinator:
+class Coordinator(ValidationMixin):
     def __init__(self, run: RunState) -> None:
         self.run = run
         self.config: RunConfig = run.config
@@ -64,6 +67,10 @@ class Coordinator:
         self.state: RoundState | None = None
         self.finished = False
         self._updates: dict[str, tuple[np.ndarray, UpdateRow]] = {}
+        self._payloads: dict[str, bytes] = {}  # encoded updates, for validator nodes
+        self._verdicts: dict[str, Verdict] = {}  # validator node id -> its verdict this round
+        self._validating = False
+        self._scorer: ProbeScorer | None = None
         self._round_bytes = [0, 0]  # up, down during the open round
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -97,6 +104,7 @@ class Coordinator:
         who = conn.peer.node_id[:12] if conn.peer else conn.remote
         if conn.peer is not None:
             conn.peer.rejected += 1
+            self._record(round, conn.peer.node_id, None, err.code, err.message, ["server"])
         log.warning("rejected %s from %s: %s", err.code, who, err.message)
         conn.errors += 1
         if conn.errors > MAX_ERRORS_PER_CONNECTION:
@@ -139,6 +147,8 @@ class Coordinator:
                 await self._on_hello(conn, msg)
             elif isinstance(msg, Submit):
                 await self._on_submit(conn, msg)
+            elif isinstance(msg, Verdict):
+                self._on_verdict(conn, msg)
         except ProtocolError as err:
             await self.reject(conn, err, round_)
         except Exception:  # a bug, not the peer's fault: keep serving, say so, count it
@@ -158,7 +168,7 @@ class Coordinator:
             self._background(old.ws.close())  # a dead peer's close may take seconds
         shard = self.run.store.shard_for(msg.node_id, msg.runtime, self.config.n_shards)
         peer = Peer(node_id=msg.node_id, runtime=msg.runtime, device=msg.device, shard=shard,
-                    ws=conn.ws)
+                    ws=conn.ws, role=msg.role)
         if old is not None:
             peer.first_seen, peer.bytes_up, peer.bytes_down = (old.first_seen, old.bytes_up,
                                                                old.bytes_down)
@@ -166,8 +176,8 @@ class Coordinator:
         peer.bytes_up += conn.bytes_up
         self.peers[msg.node_id] = peer
         conn.peer = peer
-        log.info("node %s joined (%s, %s, shard %d)", msg.node_id[:12], msg.runtime,
-                 msg.device, shard)
+        log.info("node %s joined as %s (%s, %s, shard %d)", msg.node_id[:12], msg.role,
+                 msg.runtime, msg.device, shard)
         run = self.run
         await self.send(conn, Welcome(
             run_id=run.run_id, node_id=msg.node_id, model=run.work.model_config,
@@ -187,6 +197,8 @@ class Coordinator:
         state = self.state
         if state is None:
             raise BadUpdate("no round is open", field="round")
+        if peer.role != "trainer":
+            raise BadUpdate(f"a {peer.role} does not submit updates", field="node_id")
         if msg.codec != self.config.codec:
             raise BadUpdate(f"codec {msg.codec!r} is not this run's codec "
                             f"{self.config.codec!r}", field="codec")
@@ -198,6 +210,7 @@ class Coordinator:
             vec = decode_update(msg.payload, msg.length, expect=msg.codec,
                                 layout=self.run.work.manifest)
             state.submit(node_id=peer.node_id, round=msg.round, digest=msg.digest)
+            self._payloads[peer.node_id] = msg.payload
             self._updates[peer.node_id] = (np.asarray(vec, dtype=np.float32), UpdateRow(
                 node_id=peer.node_id, digest=msg.digest, bytes=len(msg.payload),
                 train_loss=msg.train_loss, samples=msg.samples, compute_s=msg.compute_s))
@@ -222,7 +235,9 @@ class Coordinator:
 
     # -- rounds --------------------------------------------------------------------------
     def _active(self) -> list[str]:
-        return [p.node_id for p in self.peers.values() if p.ws is not None]
+        """Connected trainers: the participants a round waits for."""
+        return [p.node_id for p in self.peers.values()
+                if p.ws is not None and p.role == "trainer"]
 
     def _open_frame(self) -> bytes:
         """The current RoundOpen, signed; the deadline is the time left right now."""
@@ -237,7 +252,8 @@ class Coordinator:
 
     async def _send_open(self, conn: Connection, data: bytes | None = None) -> None:
         assert self.state is not None
-        if conn.peer is not None and conn.peer.node_id not in self.state.updates:
+        if (conn.peer is not None and conn.peer.role == "trainer"
+                and conn.peer.node_id not in self.state.updates):
             conn.peer.state = "training"
         await self.send(conn, data if data is not None else self._open_frame())
 
@@ -288,12 +304,17 @@ class Coordinator:
                                     opened_at=loop.time())
             self.replays.clear()  # older rounds are refused by number; hellos by challenge
             self._updates.clear()
+            self._payloads.clear()
             self._round_bytes = [0, 0]
             started = time.time()
             log.info("round %d open", self.state.round)
             await self._broadcast_open()
             while True:
                 decision = self.state.decide(loop.time(), self._active())
+                if decision is Decision.COMMIT and self.config.validation:
+                    await self._validate()
+                    if len(self.state.updates) < policy.quorum:
+                        decision = Decision.RETRY
                 if decision is Decision.COMMIT:
                     break
                 if decision is Decision.RETRY:
@@ -334,7 +355,7 @@ class Coordinator:
             updates=rows, bytes_up=self._round_bytes[0], bytes_down=self._round_bytes[1],
             duration_s=duration_s)
         for peer in self.peers.values():
-            if peer.state == "submitted":
+            if peer.state in ("submitted", "rejected"):
                 peer.state = "idle"
         self.counters["rounds"] += 1
         await self._broadcast(self._committed_msg(final=self._done()))
@@ -343,9 +364,17 @@ class Coordinator:
             if asyncio.iscoroutine(res):
                 await res
 
+    def _record(self, round: int | None, node_id: str, digest: str | None, code: str,
+                reason: str, validators: list[str]) -> None:
+        try:
+            self.run.store.record_rejection(round=round, node_id=node_id, digest=digest,
+                                            code=code, reason=reason, validators=validators)
+        except Exception:  # the record is evidence, not a reason to stop serving
+            log.exception("could not record a rejection of %s", node_id[:12])
+
     # -- views ---------------------------------------------------------------------------
     def peers_view(self) -> list[dict[str, Any]]:
-        return [{"node_id": p.node_id, "runtime": p.runtime, "device": p.device,
+        return [{"node_id": p.node_id, "role": p.role, "runtime": p.runtime, "device": p.device,
                  "shard": p.shard, "state": p.state, "connected": p.ws is not None,
                  "first_seen": p.first_seen, "last_seen": p.last_seen,
                  "updates_accepted": p.accepted, "rejected": p.rejected,
@@ -363,6 +392,8 @@ class Coordinator:
             "accepted": self.counters["accepted"],
             "duplicates": self.counters["duplicates"],
             "retries": self.counters["retries"],
+            "verdicts": self.counters["verdicts"],
+            "validation": self.config.validation,
             "rejected": dict(self.rejected),
             "rejected_total": sum(self.rejected.values()),
             "bytes_up": self.counters["bytes_up"],

@@ -23,7 +23,8 @@ class Peer:
     device: str
     shard: int
     ws: Sender | None  # None when disconnected
-    state: str = "idle"  # idle | training | submitted | gone
+    role: str = "trainer"  # trainer | validator
+    state: str = "idle"  # idle | training | submitted | rejected | validating | gone
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     bytes_up: int = 0

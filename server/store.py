@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL, node_id TEXT NOT NULL, digest TEXT NOT NULL,
     bytes INTEGER NOT NULL, train_loss REAL, samples INTEGER NOT NULL, compute_s REAL NOT NULL,
     PRIMARY KEY (round, node_id));
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, round INTEGER,
+    node_id TEXT NOT NULL, digest TEXT, code TEXT NOT NULL, reason TEXT NOT NULL,
+    validators TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, runtime TEXT NOT NULL,
     first_seen REAL NOT NULL);
@@ -228,6 +232,28 @@ class Store:
         """node id -> digest of the updates committed for `round`."""
         return dict(self.db.execute("SELECT node_id, digest FROM updates WHERE round = ?",
                                     (round,)).fetchall())
+
+    # -- rejections (the evidence later slashing reads) ---------------------------------
+    def record_rejection(self, *, round: int | None, node_id: str, digest: str | None,
+                         code: str, reason: str, validators: list[str]) -> None:
+        """One refused update or frame of an AUTHENTICATED node, with why and who judged."""
+        with self.db:
+            self.db.execute("INSERT INTO rejections (at, round, node_id, digest, code, reason, "
+                            "validators) VALUES (?,?,?,?,?,?,?)",
+                            (time.time(), round, node_id, digest, code, reason,
+                             json.dumps(validators)))
+
+    def rejections(self, *, limit: int = 1000, node_id: str | None = None,
+                   since_id: int = 0) -> list[dict[str, Any]]:
+        sql = ("SELECT id, at, round, node_id, digest, code, reason, validators FROM rejections "
+               "WHERE id > ?" + (" AND node_id = ?" if node_id else "") + " ORDER BY id LIMIT ?")
+        args: tuple[Any, ...] = (since_id, node_id, limit) if node_id else (since_id, limit)
+        cur = self.db.execute(sql, args)
+        cols = [d[0] for d in cur.description]
+        out = [dict(zip(cols, row, strict=True)) for row in cur]
+        for row in out:
+            row["validators"] = json.loads(row["validators"])
+        return out
 
     # -- nodes ---------------------------------------------------------------------------
     def shard_for(self, node_id: str, runtime: str, n_shards: int) -> int:

@@ -88,6 +88,13 @@ class Replay(ProtocolError):
     code = "replay"
 
 
+class UpdateRejected(ProtocolError):
+    """Validators found the update worsens held-out loss beyond the run's threshold; it
+    was excluded from the round's aggregate and recorded against the sender."""
+
+    code = "update_rejected"
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -103,5 +110,6 @@ ERROR_CODES: tuple[str, ...] = tuple(
         ConflictingUpdate,
         BadSignature,
         Replay,
+        UpdateRejected,
     )
 )

@@ -27,6 +27,8 @@ def new_nonce() -> str:
     """16 random bytes, hex: the nonce every signed frame carries."""
     return secrets.token_hex(16)
 
+ROLES = ("trainer", "validator")
+MAX_CANDIDATES = 4096
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEXSTR = re.compile(r"(?:[0-9a-f]{2})+")
 NONCE = re.compile(r"[0-9a-f]{32}")
@@ -112,6 +114,8 @@ def _check_type(cls_name: str, name: str, value: Any, hint: Any) -> Any:
         ok = isinstance(value, str) and len(value) <= MAX_TEXT
     elif origin is dict:
         ok = isinstance(value, dict)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
     else:  # pragma: no cover - a programming error, not a wire error
         raise TypeError(f"unsupported field type {hint!r}")
     if not ok:
@@ -146,8 +150,10 @@ class Hello(Message):
     runtime: str  # "native" or "browser"
     agent: str  # software name/version, free text
     device: str  # "cpu", "cuda:0", "webgpu", ...
+    role: str = "trainer"  # "trainer" (trains, submits) or "validator" (scores updates)
 
     def __post_init__(self) -> None:
+        _require(self.role in ROLES, "Hello", "role", f"must be one of {list(ROLES)}")
         _hex64("Hello", "node_id", self.node_id)
         _require(bool(HEXSTR.fullmatch(self.public_key)), "Hello", "public_key",
                  "must be lowercase hex")
@@ -300,11 +306,84 @@ class Challenge(Message):
                  "server_public_key", "must be lowercase hex")
 
 
+def _entries(cls: str, name: str, items: list[dict[str, Any]], keys: dict[str, type]) -> None:
+    """Each entry of a list field: exactly `keys`, of those types (float accepts int)."""
+    _require(len(items) <= MAX_CANDIDATES, cls, name, f"at most {MAX_CANDIDATES} entries")
+    for i, item in enumerate(items):
+        _require(set(item) == set(keys), cls, name, f"entry {i} must have keys {sorted(keys)}")
+        for key, kind in keys.items():
+            v = item[key]
+            if kind is float:
+                ok = v is None or (isinstance(v, int | float) and not isinstance(v, bool)
+                                   and math.isfinite(v))
+            else:
+                ok = isinstance(v, kind) and not isinstance(v, bool)
+            _require(ok, cls, name, f"entry {i}: {key} must be {kind.__name__}")
+            if key in ("node_id", "digest"):
+                _hex64(cls, name, v)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ValidateRequest(Message):
+    """Server -> validator node: score these candidate updates for `round` against theta_r
+    (sent in that round's RoundOpen). The payload is the candidates' encoded payloads, one
+    after another; entry i is bytes [offset, offset + size) and must hash to its digest."""
+
+    TYPE: ClassVar[int] = 9
+    run_id: str  # the run
+    round: int  # the round the candidates were submitted for
+    params_digest: str  # theta_r the candidates are relative to
+    codec: str  # the run's codec (every candidate uses it)
+    length: int  # values each candidate decodes to (= the model's parameter count)
+    candidates: list[dict[str, Any]]  # [{"node_id", "digest", "offset", "size"}]
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+    payload: bytes = field(repr=False)  # the candidates' encoded payloads, concatenated
+
+    def __post_init__(self) -> None:
+        _hex64("ValidateRequest", "params_digest", self.params_digest)
+        _require(self.round >= 0, "ValidateRequest", "round", "must be >= 0")
+        _require(self.length >= 1, "ValidateRequest", "length", "must be >= 1")
+        _entries("ValidateRequest", "candidates", self.candidates,
+                 {"node_id": str, "digest": str, "offset": int, "size": int})
+        for c in self.candidates:
+            _require(c["offset"] >= 0 and c["size"] >= 0
+                     and c["offset"] + c["size"] <= len(self.payload), "ValidateRequest",
+                     "candidates", "an entry lies outside the payload")
+
+    def candidate_payload(self, i: int) -> bytes:
+        c = self.candidates[i]
+        data = self.payload[c["offset"]:c["offset"] + c["size"]]
+        if sha256_hex(data) != c["digest"]:
+            raise BadUpdate(f"ValidateRequest: candidate {i} does not match its digest",
+                            field="candidates")
+        return data
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verdict(Message):
+    """Validator node -> server: held-out losses of theta_r and of theta_r - Delta_i."""
+
+    TYPE: ClassVar[int] = 10
+    run_id: str  # the run
+    round: int  # the round of the ValidateRequest answered
+    node_id: str  # the validator
+    base_loss: float | None  # held-out loss of theta_r (None: not finite)
+    scores: list[dict[str, Any]]  # [{"node_id", "digest", "loss"}] (loss None: not finite)
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+
+    def __post_init__(self) -> None:
+        _hex64("Verdict", "node_id", self.node_id)
+        _require(self.round >= 0, "Verdict", "round", "must be >= 0")
+        _entries("Verdict", "scores", self.scores,
+                 {"node_id": str, "digest": str, "loss": float})
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge)
+    for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge,
+                ValidateRequest, Verdict)
 }
-assert len(MESSAGE_TYPES) == 8, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 10, "duplicate message type id"
 
 
 def decode_message(data: bytes | bytearray | memoryview, *,

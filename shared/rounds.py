@@ -5,6 +5,10 @@ One outer round goes open -> collect -> (commit | retry). It commits when every 
 participant has submitted and there are at least `quorum` updates, or at the deadline with at
 least `quorum`. Below quorum at the deadline it is retried: the same round number, attempt+1,
 a fresh deadline, the updates already received kept. It is never committed on too few.
+
+Validators may exclude updates at commit time (`exclude`): an excluded node has answered the
+round (it is not waited for), its update is gone from the aggregate, and a resubmission of it
+is refused with `UpdateRejected`. If that leaves the round below quorum it is retried.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from shared.errors import ConflictingUpdate, WrongRound
+from shared.errors import ConflictingUpdate, UpdateRejected, WrongRound
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,6 +51,7 @@ class RoundState:
     attempt: int = 0  # retries so far
     closed: bool = False  # no more submissions once the commit has begun
     updates: dict[str, str] = field(default_factory=dict)  # node id -> payload digest
+    excluded: dict[str, str] = field(default_factory=dict)  # node id -> reason (validation)
 
     @property
     def deadline_at(self) -> float:
@@ -61,6 +66,9 @@ class RoundState:
             state = "closed" if round < self.round or self.closed else "not open yet"
             raise WrongRound(f"round {round} is {state}; the current round is {self.round}"
                              + (" (closing)" if self.closed else ""), field="round")
+        if node_id in self.excluded:
+            raise UpdateRejected(f"your update for round {round} was rejected: "
+                                 f"{self.excluded[node_id]}", field="payload")
         seen = self.updates.get(node_id)
         if seen is None:
             return Outcome.ACCEPTED
@@ -79,11 +87,17 @@ class RoundState:
     def decide(self, now: float, active: Collection[str]) -> Decision:
         """What to do now, given the ids of the participants still connected."""
         have = len(self.updates)
-        if have >= self.policy.quorum and all(n in self.updates for n in active):
+        if have >= self.policy.quorum and all(n in self.updates or n in self.excluded
+                                              for n in active):
             return Decision.COMMIT
         if now >= self.deadline_at:
             return Decision.COMMIT if have >= self.policy.quorum else Decision.RETRY
         return Decision.WAIT
+
+    def exclude(self, node_id: str, reason: str) -> None:
+        """Drop `node_id`'s update from this round (validators rejected it)."""
+        self.updates.pop(node_id, None)
+        self.excluded[node_id] = reason
 
     def retry(self, now: float) -> None:
         """Open the next attempt of the same round; received updates stay."""

@@ -31,6 +31,8 @@ from shared.messages import (
     RoundCommitted,
     RoundOpen,
     Submit,
+    ValidateRequest,
+    Verdict,
     Welcome,
     decode_message,
     message_from_frame,
@@ -120,13 +122,33 @@ def challenge(**kw: Any) -> Challenge:
                         "agent": "server/1", **kw})
 
 
-ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge()]
+def validate_request(**kw: Any) -> ValidateRequest:
+    payload = kw.pop("payload", UPDATE + UPDATE[:5])
+    base: dict[str, Any] = {
+        "run_id": "run-1", "round": 2, "params_digest": sha256_hex(PARAMS), "codec": "raw32",
+        "length": 2, "nonce": FIXED_NONCE,
+        "candidates": [{"node_id": NODE, "digest": sha256_hex(UPDATE), "offset": 0,
+                        "size": len(UPDATE)},
+                       {"node_id": "77" * 32, "digest": sha256_hex(UPDATE[:5]),
+                        "offset": len(UPDATE), "size": 5}]}
+    return ValidateRequest(**{**base, **kw}, payload=payload)
+
+
+def verdict(**kw: Any) -> Verdict:
+    return Verdict(**{"run_id": "run-1", "round": 2, "node_id": "77" * 32, "base_loss": 2.5,
+                      "scores": [{"node_id": NODE, "digest": sha256_hex(UPDATE), "loss": 2.25},
+                                 {"node_id": "88" * 32, "digest": "99" * 32, "loss": None}],
+                      "nonce": FIXED_NONCE, **kw})
+
+
+ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge(),
+       validate_request(), verdict()]
 
 
 # -- round trips -----------------------------------------------------------------------------
 def test_every_type_is_covered() -> None:
     assert {type(m) for m in ALL} == set(MESSAGE_TYPES.values())
-    assert sorted(MESSAGE_TYPES) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(MESSAGE_TYPES) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 @pytest.mark.parametrize("msg", ALL, ids=lambda m: type(m).__name__)
@@ -334,7 +356,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 9, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 11, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))
@@ -511,3 +533,40 @@ def test_golden_invalid(vec: dict[str, Any]) -> None:
         decode_message(bytes.fromhex(vec["frame_hex"]))
     assert info.value.code == vec["code"]
     assert info.value.field == vec["field"]
+
+
+# -- validation messages ------------------------------------------------------------------------
+def test_validate_request_slices_candidates_and_checks_digests() -> None:
+    req = validate_request()
+    assert req.candidate_payload(0) == UPDATE
+    assert req.candidate_payload(1) == UPDATE[:5]
+    lying = validate_request(candidates=[{"node_id": NODE, "digest": "00" * 32, "offset": 0,
+                                          "size": 3}])
+    with pytest.raises(BadUpdate):
+        lying.candidate_payload(0)
+
+
+@pytest.mark.parametrize("entry", [
+    {"node_id": NODE, "digest": "00" * 32, "offset": 0},  # missing size
+    {"node_id": NODE, "digest": "00" * 32, "offset": 0, "size": 999},  # beyond the payload
+    {"node_id": NODE, "digest": "00" * 32, "offset": -1, "size": 1},
+    {"node_id": "xyz", "digest": "00" * 32, "offset": 0, "size": 1},
+    {"node_id": NODE, "digest": "00" * 32, "offset": True, "size": 1},
+    {"node_id": NODE, "digest": "00" * 32, "offset": 0, "size": 1, "extra": 1},
+])
+def test_validate_request_refuses_bad_entries(entry: dict[str, Any]) -> None:
+    with pytest.raises(MessageError):
+        validate_request(candidates=[entry])
+
+
+@pytest.mark.parametrize("loss", [math.inf, math.nan, "1.0", True])
+def test_verdict_refuses_non_finite_or_mistyped_losses(loss: Any) -> None:
+    with pytest.raises(MessageError):
+        verdict(scores=[{"node_id": NODE, "digest": "00" * 32, "loss": loss}])
+
+
+def test_hello_role_is_checked() -> None:
+    assert hello().role == "trainer"
+    assert hello(role="validator").role == "validator"
+    with pytest.raises(MessageError):
+        hello(role="king")

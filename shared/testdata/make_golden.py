@@ -58,7 +58,7 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                        "agent": "daa-prime-server/0.1"}, b""),
         ("Hello", {"node_id": NODE_A, "public_key": "00ff" * 4, "challenge": CHALLENGE,
                    "nonce": NONCE, "runtime": "browser", "agent": "daa-prime/0.1 é",
-                   "device": "webgpu"}, b""),
+                   "device": "webgpu", "role": "trainer"}, b""),
         ("Welcome", {"run_id": RUN, "node_id": NODE_A,
                      "model": {"kind": "mlp", "layers": [4, 8, 4], "seed": 7},
                      "model_id": "ab" * 32,
@@ -86,6 +86,13 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                             "params_digest": sha256_hex(params), "final": False}, b""),
         ("RoundCommitted", {"round": 6, "eval_loss": None, "n_updates": 1,
                             "params_digest": sha256_hex(update), "final": True}, b""),
+        ("ValidateRequest", {"run_id": RUN, "round": 5, "params_digest": sha256_hex(params),
+                             "codec": "raw32", "length": 4, "candidates": [
+                                 {"node_id": NODE_B, "digest": sha256_hex(update), "offset": 0,
+                                  "size": len(update)}]}, update),
+        ("Verdict", {"run_id": RUN, "round": 5, "node_id": NODE_A, "base_loss": 2.5,
+                     "scores": [{"node_id": NODE_B, "digest": sha256_hex(update),
+                                 "loss": 2.375}]}, b""),
     ]
 
 
@@ -106,7 +113,8 @@ def invalid_examples() -> list[dict[str, Any]]:
         return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
     hello = {"node_id": NODE_A, "public_key": "ab" * 4, "challenge": CHALLENGE,
-             "nonce": NONCE, "runtime": "native", "agent": "a", "device": "cpu"}
+             "nonce": NONCE, "runtime": "native", "agent": "a", "device": "cpu",
+             "role": "trainer"}
     upd = b"\x00" + _f32(1.5)
     submit = {"run_id": RUN, "round": 1, "node_id": NODE_A, "nonce": NONCE, "codec": "raw32",
               "length": 1,
