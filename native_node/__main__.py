@@ -2,15 +2,21 @@
 
     python -m native_node join --coordinator HOST:PORT
     python -m native_node up --role trainer --coordinator HOST:PORT
+    python -m native_node up --role validator --coordinator HOST:PORT
+
+A validator never trains: it scores the round's candidate updates on its own held-out data
+and answers the server with a signed verdict (runs with --validation).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -19,7 +25,7 @@ from native_node.client import NodeClient, NodeOptions
 from native_node.identity import default_state_dir, load_or_create_identity
 from native_node.trainer import pick_device
 
-ROLES = ("trainer",)
+ROLES = ("trainer", "validator")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _warm_imports() -> None:
+    with contextlib.suppress(Exception):  # only an optimisation: a failure shows up later
+        import torch._dynamo  # noqa: F401
+
+
 async def _run(client: NodeClient) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,6 +68,8 @@ async def _run(client: NodeClient) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # the first torch.optim.AdamW imports torch._dynamo (~1 s); do it while we connect
+    threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s node[{args.name}]: %(message)s")
     if args.threads > 0:
@@ -77,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     client = NodeClient(NodeOptions(
         coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
-        server_id=args.server_id))
+        server_id=args.server_id, role=getattr(args, "role", "trainer")))
     code = asyncio.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

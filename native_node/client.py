@@ -15,10 +15,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from native_node import journal
 from native_node.data import DataSpec
 from native_node.encoder import UpdateEncoder
 from native_node.trainer import RoundResult, Trainer
 from native_node.trust import ServerTrust, UntrustedServer
+from native_node.validator import ValidatorRole
 from native_node.workload import Workload, from_spec
 from shared.codecs import make_codec
 from shared.envelope import Identity, new_nonce
@@ -31,6 +33,8 @@ from shared.messages import (
     RoundCommitted,
     RoundOpen,
     Submit,
+    ValidateRequest,
+    Verdict,
     Welcome,
     sha256_hex,
 )
@@ -56,6 +60,8 @@ class NodeOptions:
     progress: bool = True  # show a progress bar per round
     backoff_max_s: float = 10.0  # longest wait between reconnect attempts
     server_id: str | None = None  # require this server key (else pin the first one per run)
+    handshake_timeout_s: float = 10.0  # reconnect when no Welcome arrives within this
+    role: str = "trainer"  # "trainer" or "validator" (scores others' updates, never trains)
 
 
 class Backoff:
@@ -78,12 +84,15 @@ class NodeClient:
         self.opts = opts
         self.work: Workload | None = None
         self.trainer: Trainer | None = None
+        self.validator: ValidatorRole | None = None  # set when role is "validator"
         self.welcome: Welcome | None = None
         self.challenge: Challenge | None = None
         self.encoder: UpdateEncoder | None = None  # codec + error feedback + PowerSGD state
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.pending: Submit | None = None  # trained, not yet known to be committed
         self.pending_params: str | None = None  # params digest the pending update started from
+        # an update journaled before a crash (native_node.journal), offered at the next round
+        self.journaled = journal.recover(opts.state_dir, opts.identity.node_id)
         self.task: asyncio.Task[None] | None = None
         self.task_round: int | None = None
         self.cancel = threading.Event()
@@ -134,7 +143,7 @@ class NodeClient:
     def node_id(self) -> str:
         return self.opts.identity.node_id
 
-    async def _send(self, msg: Hello | Submit) -> None:
+    async def _send(self, msg: Hello | Submit | Verdict) -> None:
         """Sign (fresh nonce each time) and send; Submit payloads are zstd'd when it pays."""
         if self.ws is None or self.ws.closed or self.challenge is None:
             return
@@ -148,6 +157,25 @@ class NodeClient:
         """One connection. True when the run is over (or max_rounds reached)."""
         self.challenge = None
         self.trust.reset()
+        joined = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def handshake_timeout() -> None:  # a lost Challenge or Welcome must not hang us
+            if not joined.is_set() and not ws.closed:
+                log.warning("no welcome from the server within %.0f s; reconnecting",
+                            self.opts.handshake_timeout_s)
+                self._background_close(ws)
+
+        timer = loop.call_later(self.opts.handshake_timeout_s, handshake_timeout)
+        try:
+            return await self._frames(ws, joined)
+        finally:
+            timer.cancel()
+
+    def _background_close(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._closing = asyncio.ensure_future(ws.close())
+
+    async def _frames(self, ws: aiohttp.ClientWebSocketResponse, joined: asyncio.Event) -> bool:
         async for raw in ws:
             if raw.type != aiohttp.WSMsgType.BINARY:
                 continue
@@ -166,11 +194,17 @@ class NodeClient:
                 ident = self.opts.identity
                 await self._send(Hello(node_id=ident.node_id, public_key=ident.public_key.hex(),
                                        challenge=msg.challenge, nonce=new_nonce(),
-                                       runtime="native", agent=AGENT, device=self.opts.device))
+                                       runtime="native", agent=AGENT, device=self.opts.device,
+                                       role=self.opts.role))
             elif isinstance(msg, Welcome):
+                joined.set()
                 await self._on_welcome(msg)
+            elif isinstance(msg, RoundOpen) and self.validator is not None:
+                self.validator.on_round_open(msg)
             elif isinstance(msg, RoundOpen):
                 await self._on_round_open(msg)
+            elif isinstance(msg, ValidateRequest):
+                await self._on_validate(msg)
             elif isinstance(msg, Ack):
                 log.info("round %d: update %s (%s)", msg.round, msg.status, msg.digest[:12])
             elif isinstance(msg, RoundCommitted):
@@ -202,8 +236,11 @@ class NodeClient:
                                  f"({msg.n_params} params), rebuilt {work.model_id[:12]} "
                                  f"({work.n_params}); update this node's software")
             self.work = work
-            self.trainer = Trainer(work, shard=msg.shard, n_shards=msg.n_shards,
-                                   node_id=self.node_id, device=self.opts.device)
+            if self.opts.role == "validator":
+                self.validator = ValidatorRole(work)
+            else:
+                self.trainer = Trainer(work, shard=msg.shard, n_shards=msg.n_shards,
+                                       node_id=self.node_id, device=self.opts.device)
             self.pending = None
         codec = make_codec(msg.codec, **msg.codec_params)
         enc = self.encoder
@@ -218,6 +255,11 @@ class NodeClient:
                  msg.n_shards, codec.name, " + error feedback" if msg.error_feedback else "")
 
     async def _on_round_open(self, msg: RoundOpen) -> None:
+        if self.journaled is not None and self.welcome is not None:  # first round after start
+            entry, self.journaled = self.journaled, None
+            if journal.matching(entry, run_id=self.welcome.run_id, round=msg.round,
+                                params_digest=msg.params_digest, state_dir=self.opts.state_dir):
+                self.pending, self.pending_params = entry.submit, entry.params_digest
         if (self.pending is not None and self.pending.round == msg.round
                 and self.pending_params == msg.params_digest):
             log.info("round %d: resubmitting the update trained before the reconnect",
@@ -232,9 +274,22 @@ class NodeClient:
         self.task_round = msg.round
         self.task = asyncio.create_task(self._train_and_submit(msg, self.cancel))
 
+    async def _on_validate(self, msg: ValidateRequest) -> None:
+        if self.validator is None:
+            log.warning("round %d: a validation request, but this node is a %s", msg.round,
+                        self.opts.role)
+            return
+        try:
+            verdict = await asyncio.to_thread(self.validator.verdict, msg, node_id=self.node_id)
+        except ProtocolError as exc:
+            log.warning("round %d: cannot validate: %s", msg.round, exc)
+            return
+        await self._send(verdict)
+
     def _on_committed(self, msg: RoundCommitted) -> bool:
         if self.pending is not None and self.pending.round <= msg.round:
             self.pending = None
+            journal.clear(self.opts.state_dir)
         if msg.round >= 0:
             self.last_eval = msg.eval_loss
             loss = f"{msg.eval_loss:.4f}" if msg.eval_loss is not None else "n/a"
@@ -272,6 +327,11 @@ class NodeClient:
                         digest=sha256_hex(payload), train_loss=result.train_loss,
                         samples=result.samples, compute_s=round(result.compute_s, 4),
                         payload=payload)
+        try:  # journal first: after a crash from here on, the node resubmits, not retrains
+            await asyncio.to_thread(journal.save, self.opts.state_dir, journal.Entry(
+                params_digest=msg.params_digest, submit=submit))
+        except OSError as exc:
+            log.warning("round %d: cannot journal the update (%s)", msg.round, exc)
         self.pending, self.pending_params = submit, msg.params_digest
         self.submitted += 1
         loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"

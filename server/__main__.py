@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("keep-checkpoints", int), ("max-frame-mb", float),
                        ("codec-params", json.loads), ("aggregator-params", json.loads),
                        ("byzantine-fraction", float), ("validation-threshold", float),
-                       ("validation-samples", int), ("validation-timeout-s", float)):
+                       ("validation-samples", int), ("validation-timeout-s", float),
+                       ("heartbeat-s", float), ("stale-policy", str), ("stale-weight", float),
+                       ("max-staleness", int), ("resume-grace-s", float)):
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"run config '{name.replace('-', '_')}' (default: "
                             f"{getattr(RunConfig(), name.replace('-', '_'))})")

@@ -48,6 +48,11 @@ class RunConfig:
     rounds: int = 0  # stop after this many committed rounds (0: run forever)
     quorum: int = 1  # fewest updates a round is committed with
     deadline_s: float = 60.0  # collection window of one round attempt
+    resume_grace_s: float = 2.0  # after a restart: wait this long for last round's nodes
+    heartbeat_s: float = 20.0  # ping interval; a node silent for 1.5x this is dropped
+    stale_policy: str = "drop"  # late update for a past round: "drop" or "weight"
+    stale_weight: float = 0.5  # "weight": a late update counts stale_weight ** age
+    max_staleness: int = 1  # "weight": oldest round (current - this) still applied
     keep_checkpoints: int = 10  # newest checkpoints kept on disk
     max_frame_mb: float = 64.0  # largest frame accepted on the control channel
 
@@ -72,6 +77,11 @@ class RunConfig:
             (self.deadline_s > 0, "deadline_s", "must be > 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.max_frame_mb > 0, "max_frame_mb", "must be > 0"),
+            (self.resume_grace_s >= 0, "resume_grace_s", "must be >= 0"),
+            (self.heartbeat_s > 0, "heartbeat_s", "must be > 0"),
+            (self.stale_policy in ("drop", "weight"), "stale_policy", "must be drop or weight"),
+            (0 < self.stale_weight <= 1, "stale_weight", "must be in (0, 1]"),
+            (self.max_staleness >= 1, "max_staleness", "must be >= 1"),
             (self.validation_threshold >= 0, "validation_threshold", "must be >= 0"),
             (self.validation_samples >= 1, "validation_samples", "must be >= 1"),
             (self.validation_timeout_s > 0, "validation_timeout_s", "must be > 0"),

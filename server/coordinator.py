@@ -30,6 +30,7 @@ from shared.errors import (
     BadUpdate,
     FrameTooLarge,
     ProtocolError,
+    StaleUpdate,
 )
 from shared.frame import PROTOCOL_VERSION, decode_frame
 from shared.messages import (
@@ -205,11 +206,20 @@ class Coordinator(ValidationMixin):
         if msg.length != self.run.n_params:
             raise BadUpdate(f"wrong shape: update has {msg.length} values, the model has "
                             f"{self.run.n_params}", field="length")
-        outcome = state.check(node_id=peer.node_id, round=msg.round, digest=msg.digest)
+        weight = 1.0
+        if msg.round < state.round:
+            weight = self._stale_weight(peer, msg.round, state.round)
+        as_round = state.round if weight != 1.0 else msg.round
+        outcome = state.check(node_id=peer.node_id, round=as_round, digest=msg.digest)
         if outcome is Outcome.ACCEPTED:
             vec = decode_update(msg.payload, msg.length, expect=msg.codec,
                                 layout=self.run.work.manifest)
-            state.submit(node_id=peer.node_id, round=msg.round, digest=msg.digest)
+            if weight != 1.0:
+                vec = np.asarray(vec, dtype=np.float32) * np.float32(weight)
+                self.counters["stale_applied"] += 1
+                log.info("late update from %s for round %d applied to round %d with weight "
+                         "%.3g", peer.node_id[:12], msg.round, state.round, weight)
+            state.submit(node_id=peer.node_id, round=as_round, digest=msg.digest)
             self._payloads[peer.node_id] = msg.payload
             self._updates[peer.node_id] = (np.asarray(vec, dtype=np.float32), UpdateRow(
                 node_id=peer.node_id, digest=msg.digest, bytes=len(msg.payload),
@@ -224,6 +234,19 @@ class Coordinator(ValidationMixin):
                      peer.node_id[:12], msg.round)
         await self.send(conn, Ack(round=msg.round, digest=msg.digest, status=outcome.value))
         self._wake.set()
+
+    def _stale_weight(self, peer: Peer, round: int, current: int) -> float:
+        """Weight of a late update for `round` (< current) under the stale policy, or
+        StaleUpdate (counted) when the policy drops it."""
+        age = current - round
+        cfg = self.config
+        if cfg.stale_policy == "weight" and age <= cfg.max_staleness:
+            return float(cfg.stale_weight ** age)
+        self.counters["stale_dropped"] += 1
+        why = ("the run drops late updates (stale_policy drop)" if cfg.stale_policy == "drop"
+               else f"it is {age} rounds old (max_staleness {cfg.max_staleness})")
+        raise StaleUpdate(f"round {round} was already committed; the current round is "
+                          f"{current}; {why}", field="round")
 
     def disconnect(self, conn: Connection) -> None:
         peer = conn.peer
@@ -250,21 +273,23 @@ class Coordinator(ValidationMixin):
             inner_steps=self.config.inner_steps, inner_lr=self.config.inner_lr,
             batch_size=self.config.batch_size, payload=self.run.params_bytes))
 
-    async def _send_open(self, conn: Connection, data: bytes | None = None) -> None:
+    async def _send_open(self, conn: Connection, data: bytes | None = None, *,
+                         mark: bool = True) -> None:
         assert self.state is not None
-        if (conn.peer is not None and conn.peer.role == "trainer"
+        if (mark and conn.peer is not None and conn.peer.role == "trainer"
                 and conn.peer.node_id not in self.state.updates):
             conn.peer.state = "training"
         await self.send(conn, data if data is not None else self._open_frame())
 
-    async def _broadcast_open(self) -> None:
+    async def _broadcast_open(self, *, retry: bool = False) -> None:
         assert self.state is not None
         waiting = [p for p in list(self.peers.values())
                    if p.ws is not None and p.node_id not in self.state.updates]
         if waiting:
             data = self._open_frame()  # signed once, the same bytes for everyone
             await asyncio.gather(*(self._send_open(Connection(ws=p.ws, remote="", peer=p),
-                                                   data) for p in waiting if p.ws is not None))
+                                                   data, mark=not retry)
+                                   for p in waiting if p.ws is not None))
 
     async def _broadcast(self, msg: Message) -> None:
         data = self.frame(msg)
@@ -275,6 +300,14 @@ class Coordinator(ValidationMixin):
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _mark_stragglers(self) -> None:
+        """Connected trainers still training when the attempt closes are straggling."""
+        state = self.state
+        assert state is not None
+        for p in self.peers.values():
+            if p.state == "training" and p.node_id not in state.updates:
+                p.state = "straggling"
 
     def _committed_msg(self, *, final: bool) -> RoundCommitted:
         last = self.run.last_round
@@ -299,6 +332,12 @@ class Coordinator(ValidationMixin):
     async def _run_rounds(self) -> None:
         loop = asyncio.get_running_loop()
         policy = RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s)
+        # after a restart, the round that was interrupted waits up to resume_grace_s for the
+        # nodes of the last committed round to reconnect and resubmit (they back off)
+        expect: set[str] = set()
+        if self.run.version > 0 and self.config.resume_grace_s > 0:
+            expect = set(self.run.store.update_keys(self.run.version - 1))
+        grace_until = loop.time() + self.config.resume_grace_s
         while not self._done():
             self.state = RoundState(round=self.run.version, policy=policy,
                                     opened_at=loop.time())
@@ -310,11 +349,19 @@ class Coordinator(ValidationMixin):
             log.info("round %d open", self.state.round)
             await self._broadcast_open()
             while True:
-                decision = self.state.decide(loop.time(), self._active())
+                now = loop.time()
+                wait_s = self.state.remaining(now)
+                decision = self.state.decide(now, self._active())
+                if (decision is Decision.COMMIT and expect and now < grace_until
+                        and self.state.remaining(now) > 0
+                        and not expect <= set(self.state.updates)):
+                    decision, wait_s = Decision.WAIT, min(wait_s, grace_until - now)
                 if decision is Decision.COMMIT and self.config.validation:
                     await self._validate()
                     if len(self.state.updates) < policy.quorum:
                         decision = Decision.RETRY
+                if decision is not Decision.WAIT:
+                    self._mark_stragglers()
                 if decision is Decision.COMMIT:
                     break
                 if decision is Decision.RETRY:
@@ -323,12 +370,12 @@ class Coordinator(ValidationMixin):
                     log.warning("round %d below quorum (%d/%d) at its deadline: retry %d",
                                 self.state.round, len(self.state.updates), policy.quorum,
                                 self.state.attempt)
-                    await self._broadcast_open()
+                    await self._broadcast_open(retry=True)
                     continue
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(),
-                                           timeout=self.state.remaining(loop.time()) + 0.01)
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait_s + 0.01)
+            expect = set()
             await self._commit(time.time() - started)
         self.finished = True
         self.state = None
@@ -393,6 +440,8 @@ class Coordinator(ValidationMixin):
             "duplicates": self.counters["duplicates"],
             "retries": self.counters["retries"],
             "verdicts": self.counters["verdicts"],
+            "stale_dropped": self.counters["stale_dropped"],
+            "stale_applied": self.counters["stale_applied"],
             "validation": self.config.validation,
             "rejected": dict(self.rejected),
             "rejected_total": sum(self.rejected.values()),

@@ -95,6 +95,13 @@ class UpdateRejected(ProtocolError):
     code = "update_rejected"
 
 
+class StaleUpdate(WrongRound):
+    """An update for a round that was already committed, refused by the run's stale
+    policy ("drop"), or older than its max_staleness ("weight")."""
+
+    code = "stale_update"
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -111,5 +118,6 @@ ERROR_CODES: tuple[str, ...] = tuple(
         BadSignature,
         Replay,
         UpdateRejected,
+        StaleUpdate,
     )
 )

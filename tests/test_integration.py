@@ -113,3 +113,29 @@ def test_server_kill9_restart_resumes_and_nodes_reconnect(procs: Procs, tmp_path
     assert all(count == 2 for _, count in per_round), per_round
     for name in ("n0", "n1"):
         assert "reconnecting" in procs.log(name)
+
+
+def test_validator_node_scores_every_round(procs: Procs, tmp_path: Path) -> None:
+    """`--validation` with a `--role validator` node: the validator never trains, receives
+    each round's candidates, and its signed verdicts reach the server."""
+    port = free_port()
+    procs.server("server", tmp_path / "run", port, *FAST, "--quorum", "2", "--rounds", "3",
+                 "--validation", "--deadline-s", "30")
+    val = procs.start("validator", ["-m", "native_node", "up", "--role", "validator",
+                                    "--coordinator", f"127.0.0.1:{port}", "--state-dir",
+                                    str(tmp_path / "validator"), "--threads", "1", "--quiet"])
+    wait_for(lambda: any(p["role"] == "validator" for p in api(port, "/api/peers")),  # type: ignore[union-attr]
+             60, "the validator to join")
+    for i in range(2):
+        procs.node(f"n{i}", port)
+    wait_for(lambda: len(rounds(port)) == 3, 90, "3 rounds committed")
+    run = api(port, "/api/run")
+    assert isinstance(run, dict)
+    assert run["validation"] is True and run["verdicts"] == 3, run
+    assert all(r["n_updates"] == 2 for r in rounds(port))
+    peers = api(port, "/api/peers")
+    assert isinstance(peers, list)
+    (v,) = [p for p in peers if p["role"] == "validator"]
+    assert v["updates_accepted"] == 0
+    assert val.wait(30) == 0  # leaves when the run is final
+    assert procs.log("validator").count("scored 2 candidates") == 3

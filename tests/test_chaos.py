@@ -1,0 +1,287 @@
+"""Fault tolerance: the pending-update journal, the netfault relay, and a real-process chaos run.
+
+The chaos test kills -9 a node and the server at the same instant, while the open round holds
+that node's accepted update, restarts both, and checks that the run reaches its last round
+with no committed round lost or changed, every update counted once, and the killed node's
+journaled update (not a retrained one) counted for the interrupted round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bench.common import free_port, get_json
+from bench.netfault import Relay, RelayThread
+from native_node import journal
+from shared.envelope import Identity
+from shared.messages import Submit, sha256_hex
+from tests.conftest import Procs, wait_for
+
+# -- journal ------------------------------------------------------------------------------
+
+
+def _entry(node_id: str, round: int = 3, payload: bytes = b"\x01\x02" * 50) -> journal.Entry:
+    submit = Submit(run_id="run-1", round=round, node_id=node_id, codec="raw32", length=25,
+                    digest=sha256_hex(payload), train_loss=1.25, samples=320, compute_s=0.5,
+                    payload=payload)
+    return journal.Entry(params_digest="ab" * 32, submit=submit)
+
+
+@pytest.fixture(scope="module")
+def node_id() -> str:
+    return Identity.generate().node_id
+
+
+def test_journal_round_trip_is_atomic(tmp_path: Path, node_id: str) -> None:
+    assert journal.load(tmp_path) is None
+    entry = _entry(node_id)
+    journal.save(tmp_path, entry)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [journal.FILENAME]  # no temp left
+    assert (tmp_path / journal.FILENAME).stat().st_mode & 0o777 == 0o600
+    back = journal.load(tmp_path)
+    assert back is not None
+    assert back.params_digest == entry.params_digest and back.round == 3
+    for f in ("run_id", "round", "node_id", "codec", "length", "digest", "train_loss",
+              "samples", "compute_s", "payload"):
+        assert getattr(back.submit, f) == getattr(entry.submit, f), f
+    journal.save(tmp_path, _entry(node_id, round=4))  # replaces, never appends
+    assert journal.load(tmp_path).round == 4  # type: ignore[union-attr]
+    assert journal.recover(tmp_path, node_id) is not None
+    journal.clear(tmp_path)
+    journal.clear(tmp_path)  # idempotent
+    assert journal.load(tmp_path) is None and journal.recover(tmp_path, node_id) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "magic", "payload", "header", "empty"])
+def test_corrupt_journal_is_a_typed_error_and_ignored_at_start(
+        tmp_path: Path, node_id: str, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    journal.save(tmp_path, _entry(node_id))
+    path = tmp_path / journal.FILENAME
+    blob = bytearray(path.read_bytes())
+    if damage == "truncated":
+        blob = blob[:20]
+    elif damage == "magic":
+        blob[0] ^= 0xFF
+    elif damage == "payload":
+        blob[-1] ^= 0xFF  # the Submit's digest check catches it
+    elif damage == "header":
+        blob[14] = ord("{")  # JSON no longer parses
+    else:
+        blob = bytearray()
+    path.write_bytes(bytes(blob))
+    with pytest.raises(journal.JournalError):
+        journal.load(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="native_node.journal"):
+        assert journal.recover(tmp_path, node_id) is None
+    assert "ignoring the pending-update journal" in caplog.text
+    assert not path.exists()  # dropped: the next start does not trip over it again
+
+
+def test_stale_or_foreign_journal_is_not_resubmitted(tmp_path: Path, node_id: str) -> None:
+    entry = _entry(node_id, round=3)
+    journal.save(tmp_path, entry)
+    ok = journal.matching(entry, run_id="run-1", round=3, params_digest="ab" * 32,
+                          state_dir=tmp_path)
+    assert ok is entry.submit and (tmp_path / journal.FILENAME).exists()
+    for kw in ({"round": 4}, {"params_digest": "cd" * 32}, {"run_id": "run-2"}):
+        journal.save(tmp_path, entry)
+        args = {"run_id": "run-1", "round": 3, "params_digest": "ab" * 32, **kw}
+        assert journal.matching(entry, state_dir=tmp_path, **args) is None  # type: ignore[arg-type]
+        assert not (tmp_path / journal.FILENAME).exists()
+    journal.save(tmp_path, _entry(Identity.generate().node_id))  # another node's file
+    assert journal.recover(tmp_path, node_id) is None
+    assert not (tmp_path / journal.FILENAME).exists()
+
+
+# -- netfault relay -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[str]:
+    """An upstream WebSocket server that echoes every message back (and greets first)."""
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(b"hello")
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_relay_forwards_whole_messages_both_ways(echo: str) -> None:
+    relay = Relay(echo, seed=1)
+    port = await relay.start()
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert (await ws.receive_bytes(timeout=5)) == b"hello"
+            big = os.urandom(3 * 1024 * 1024)  # several TCP segments, one message
+            await ws.send_bytes(big)
+            assert (await ws.receive_bytes(timeout=10)) == big
+            await ws.send_str("text too")
+            assert (await ws.receive_str(timeout=5)) == "text too"
+        assert relay.stats["forwarded_up"] == 2 and relay.stats["forwarded_down"] == 3
+        assert relay.stats["dropped_up"] == relay.stats["dropped_down"] == 0
+    finally:
+        await relay.close()
+
+
+async def _lossy_echo(echo: str, seed: int, n: int, drop: float) -> tuple[set[int], Relay]:
+    relay = Relay(echo, seed=seed)
+    port = await relay.start()
+    got: set[int] = set()
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert (await ws.receive_bytes(timeout=5)) == b"hello"
+            relay.set_fault(drop=drop, delay_s=0.0)
+            for i in range(n):
+                await ws.send_bytes(i.to_bytes(4, "little"))
+            await ws.send_str("end")  # may itself be dropped: then the timeout ends the wait
+            with pytest.raises(TimeoutError):
+                while True:
+                    msg = await ws.receive(timeout=1.0)
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        got.add(int.from_bytes(msg.data, "little"))
+                    elif msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    else:
+                        raise TimeoutError
+    finally:
+        await relay.close()
+    return got, relay
+
+
+async def test_relay_drops_the_configured_fraction_reproducibly(echo: str) -> None:
+    n, drop = 1000, 0.1
+    got, relay = await _lossy_echo(echo, seed=7, n=n, drop=drop)
+    st = relay.stats
+    sent_draws = n + 1  # + the "end" marker
+    assert st["forwarded_up"] + st["dropped_up"] == sent_draws
+    assert st["forwarded_down"] + st["dropped_down"] == 1 + st["forwarded_up"]  # + hello
+    lost = n - len(got)
+    # both hops can lose a message: expected loss 1 - 0.9**2 = 19%
+    assert 0.13 * n <= lost <= 0.25 * n, lost
+    assert 0.06 <= st["dropped_up"] / sent_draws <= 0.14, dict(st)
+    again, _ = await _lossy_echo(echo, seed=7, n=n, drop=drop)
+    assert again == got  # one RNG draw per message in arrival order: a seed fixes the pattern
+    other, _ = await _lossy_echo(echo, seed=8, n=n, drop=drop)
+    assert other != got
+
+
+def test_relay_thread_refuses_when_upstream_is_down() -> None:
+    relay = RelayThread(f"127.0.0.1:{free_port()}", seed=0)
+    port = relay.start()
+    try:
+        async def connect() -> None:
+            async with aiohttp.ClientSession() as http:
+                await http.ws_connect(f"ws://127.0.0.1:{port}/ws")
+
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            asyncio.run(connect())
+        assert info.value.status == 502  # as unreachable as the server itself
+        assert relay.stats["upstream_refused"] == 1
+        with pytest.raises(ValueError):
+            relay.relay.set_fault(drop=1.5)
+    finally:
+        relay.stop()
+
+
+# -- real processes -----------------------------------------------------------------------
+
+FAST = ("--model", "mlp-digits", "--inner-steps", "20", "--batch-size", "32")
+
+
+def _node_id(log: str) -> str:
+    return log.split("node id ", 1)[1].split()[0]
+
+
+def _db(data: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(data / "run.sqlite") as db:
+        return list(db.execute(sql))
+
+
+def test_node_and_server_killed_together_resume_without_loss_or_double_count(
+        procs: Procs, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    port, rounds, data = free_port(), 7, tmp_path / "run"
+    base = f"http://127.0.0.1:{port}"
+    # quorum = all 3 nodes: the interrupted round cannot commit without the killed node
+    flags = (*FAST, "--quorum", "3", "--deadline-s", "20", "--rounds", str(rounds))
+    server = procs.server("server1", data, port, *flags)
+    nodes = [procs.node(f"n{i}", port) for i in range(3)]
+    wait_for(lambda: get_json(base + "/api/run")["committed_rounds"] >= 2, 60, "2 rounds")
+    # SIGSTOP one node so that the next round stays open (quorum 3) with the others' updates
+    stalled = nodes[2]
+    stalled.send_signal(signal.SIGSTOP)
+    stalled_id = _node_id(procs.log("n2"))
+
+    def open_with_update() -> tuple[str, int] | None:
+        run = get_json(base + "/api/run")
+        peers = {p["node_id"]: p["state"] for p in get_json(base + "/api/peers")}
+        done = [n for n, st in peers.items() if st == "submitted" and n != stalled_id]
+        if run["status"] == "collecting" and peers.get(stalled_id) != "submitted" and done:
+            return done[0], int(run["round"])
+        return None
+
+    victim_id, open_round = wait_for(open_with_update, 60, "an open round holding an update")
+    victim = next(i for i in range(2) if victim_id in procs.log(f"n{i}"))
+    before = _db(data, "SELECT round, params_digest FROM rounds ORDER BY round")
+    assert len(before) == open_round
+    for proc in (nodes[victim], server):  # the same instant: a power cut
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    stalled.send_signal(signal.SIGCONT)
+    state = tmp_path / f"n{victim}"
+    pending = journal.load(state)
+    durable = _db(data, "SELECT round, params_digest FROM rounds ORDER BY round")
+    assert durable[:len(before)] == before  # what was committed before the kill is on disk
+    procs.server("server2", data, port)  # same data dir, stored config
+    procs.node(f"n{victim}", port)
+    wait_for(lambda: get_json(base + "/api/run")["status"] == "finished", 90,
+             f"the run to finish after the restart (logs in {tmp_path})")
+    after = _db(data, "SELECT round, params_digest FROM rounds ORDER BY round")
+    assert [r for r, _ in after] == list(range(rounds))  # no gap, none twice
+    assert after[:len(durable)] == durable  # no committed round lost or re-committed
+    per_node = _db(data, "SELECT round, node_id, COUNT(*) FROM updates GROUP BY round, node_id")
+    assert all(c == 1 for _, _, c in per_node), per_node
+    n_up = dict(_db(data, "SELECT round, n_updates FROM rounds"))
+    distinct = dict(_db(data, "SELECT round, COUNT(DISTINCT node_id) FROM updates "
+                              "GROUP BY round"))
+    assert n_up == distinct and all(n == 3 for n in n_up.values()), n_up
+    # the killed node resubmitted its journaled update for the interrupted round
+    assert pending is not None and pending.round == open_round == len(durable)
+    assert pending.submit.node_id == victim_id
+    row = _db(data, f"SELECT digest FROM updates WHERE round = {open_round} "
+                    f"AND node_id = '{victim_id}'")
+    assert row == [(pending.submit.digest,)]
+    log = procs.log(f"n{victim}")
+    assert f"journal: an update for round {open_round} survived the restart" in log
+    assert f"round {open_round}: resubmitting" in log
+    wait_for(lambda: not (state / journal.FILENAME).exists(), 10,
+             "the journal to be cleared once a commit covered it")
+    assert time.monotonic() - t0 < 120
