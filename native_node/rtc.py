@@ -1,0 +1,121 @@
+"""Protocol frames over a WebRTC data channel (aiortc): chunked, back-pressured, checked.
+
+`FrameLink` wraps one reliable, ordered RTCDataChannel. `send_frame` cuts a frame into
+shared.rtc chunks (each under the 256 KiB message limit) and waits whenever the channel's
+`bufferedAmount` is above HIGH_WATER until the "bufferedamountlow" event (threshold
+LOW_WATER): memory stays bounded however large the update. A transfer can be cancelled
+mid-way (the round closed): the receiver is told and drops what it buffered. Received chunks
+go through a shared.rtc.Reassembler, which checks every header and the frame's SHA-256;
+whole frames are handed to `on_frame`. A bad chunk is counted and logged, never raised into
+aiortc's event loop.
+
+`connect_pair` wires two in-process RTCPeerConnections (offer/answer with the candidates
+inside the SDP, as aiortc gathers them before it answers); the server and nodes use the same
+offer/answer exchange through the control WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
+
+from shared.errors import ProtocolError
+from shared.rtc import CHUNK_DATA, Reassembler, cancel_chunk, chunks
+
+log = logging.getLogger("native_node.rtc")
+HIGH_WATER = 4 * 1024 * 1024  # pause sending above this many buffered bytes
+LOW_WATER = 1 * 1024 * 1024  # resume below this (bufferedAmountLowThreshold)
+
+FrameHandler = Callable[[bytes], Awaitable[None] | None]
+
+
+def rtc_config(ice_servers: list[str] | None = None) -> RTCConfiguration:
+    """No STUN/TURN unless configured: the default public STUN server is unreachable offline."""
+    return RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in (ice_servers or [])])
+
+
+class FrameLink:
+    def __init__(self, channel: RTCDataChannel, on_frame: FrameHandler | None = None, *,
+                 max_frame: int = 64 * 1024 * 1024, chunk_data: int = CHUNK_DATA) -> None:
+        self.channel = channel
+        self.chunk_data = chunk_data
+        self.on_frame = on_frame
+        self.reasm = Reassembler(max_frame=max_frame)
+        self.next_id = 0
+        self.bytes_sent = self.bytes_received = 0
+        self.frames_sent = self.frames_received = 0
+        self.errors: Counter[str] = Counter()
+        self._low = asyncio.Event()
+        self._tasks: set[asyncio.Future[None]] = set()
+        channel.bufferedAmountLowThreshold = LOW_WATER
+        channel.on("bufferedamountlow", self._low.set)
+        channel.on("message", self._on_message)
+
+    async def send_frame(self, frame: bytes, *, cancel: asyncio.Event | None = None,
+                         stall_timeout: float = 30.0) -> bool:
+        """Send one frame; False when `cancel` was set before it all went out."""
+        tid = self.next_id
+        self.next_id = (self.next_id + 1) % 2**32
+        for chunk in chunks(frame, tid, chunk_data=self.chunk_data):
+            while self.channel.bufferedAmount > HIGH_WATER:
+                self._low.clear()
+                await asyncio.wait_for(self._low.wait(), timeout=stall_timeout)
+            if cancel is not None and cancel.is_set():
+                self.channel.send(cancel_chunk(tid))
+                return False
+            if self.channel.readyState != "open":
+                raise ConnectionError(f"data channel is {self.channel.readyState}")
+            self.channel.send(chunk)
+            self.bytes_sent += len(chunk)
+        self.frames_sent += 1
+        return True
+
+    def _on_message(self, message: bytes | str) -> None:
+        if not isinstance(message, bytes):
+            self.errors["bad_frame"] += 1
+            log.warning("text message on a frame channel: ignored")
+            return
+        self.bytes_received += len(message)
+        try:
+            frame = self.reasm.feed(message)
+        except ProtocolError as exc:
+            self.errors[exc.code] += 1
+            log.warning("bad data-channel chunk: %s", exc)
+            return
+        if frame is None:
+            return
+        self.frames_received += 1
+        if self.on_frame is not None:
+            res = self.on_frame(frame)
+            if asyncio.iscoroutine(res):
+                task = asyncio.ensure_future(res)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+
+async def connect_pair(*, timeout: float = 15.0, label: str = "frames"
+                       ) -> tuple[RTCPeerConnection, RTCPeerConnection, RTCDataChannel,
+                                  RTCDataChannel]:
+    """Two connected peers in this process and the two ends of one data channel."""
+    a, b = RTCPeerConnection(rtc_config()), RTCPeerConnection(rtc_config())
+    chan_a = a.createDataChannel(label, ordered=True)
+    got: asyncio.Future[RTCDataChannel] = asyncio.get_running_loop().create_future()
+
+    def on_channel(ch: RTCDataChannel) -> None:
+        if not got.done():
+            got.set_result(ch)
+
+    b.on("datachannel", on_channel)
+    opened = asyncio.Event()
+    chan_a.on("open", opened.set)
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    chan_b = await asyncio.wait_for(got, timeout)
+    await asyncio.wait_for(opened.wait(), timeout)
+    return a, b, chan_a, chan_b

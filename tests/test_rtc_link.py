@@ -1,0 +1,25 @@
+"""A real aiortc data channel (two peer connections, inside a private network namespace the
+test creates): a chunked frame arrives whole and verified; a cancelled transfer is dropped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.common import ROOT
+from bench.netns import available
+
+
+@pytest.mark.skipif(available() is not None, reason=f"no private network namespace: "
+                                                    f"{available()}")
+def test_frames_over_a_real_data_channel() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench.transport", "--mb", "3", "--repeats",
+                          "1", "--check-cancel"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["MBps"]["aiortc-aiortc"] > 0
+    assert "channel still usable" in out.stderr
