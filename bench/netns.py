@@ -29,8 +29,17 @@ def available() -> str | None:
     return None
 
 
+LOOPBACK_ONLY = "ip link set lo up; exec \"$@\""
+
+
+def command(module: str, argv: list[str], *, veth: bool = True) -> list[str]:
+    """`python -m module argv...` wrapped to run in a fresh private namespace. Without the
+    veth pair only loopback exists: WebRTC then finds no usable candidate (ICE fails)."""
+    return ["unshare", "-n", "bash", "-c", SETUP if veth else LOOPBACK_ONLY, "bash",
+            sys.executable, "-m", module, *argv]
+
+
 def rerun_inside(module: str, argv: list[str]) -> int:
     """Re-run `python -m module argv...` inside a fresh private namespace; its exit code."""
     env = {**os.environ, ENV_FLAG: "1"}
-    cmd = ["unshare", "-n", "bash", "-c", SETUP, "bash", sys.executable, "-m", module, *argv]
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(command(module, argv), env=env).returncode

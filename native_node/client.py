@@ -18,6 +18,7 @@ import numpy as np
 from native_node import journal
 from native_node.data import DataSpec
 from native_node.encoder import UpdateEncoder
+from native_node.rtc import StarUplink
 from native_node.trainer import RoundResult, Trainer
 from native_node.trust import ServerTrust, UntrustedServer
 from native_node.validator import ValidatorRole
@@ -26,12 +27,14 @@ from shared.codecs import make_codec
 from shared.envelope import Identity, new_nonce
 from shared.errors import ProtocolError
 from shared.messages import (
+    SERVER,
     Ack,
     Challenge,
     Error,
     Hello,
     RoundCommitted,
     RoundOpen,
+    Signal,
     Submit,
     ValidateRequest,
     Verdict,
@@ -85,6 +88,8 @@ class NodeClient:
         self.work: Workload | None = None
         self.trainer: Trainer | None = None
         self.validator: ValidatorRole | None = None  # set when role is "validator"
+        self.uplink: StarUplink | None = None  # WebRTC data channel (transport "star")
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.welcome: Welcome | None = None
         self.challenge: Challenge | None = None
         self.encoder: UpdateEncoder | None = None  # codec + error feedback + PowerSGD state
@@ -106,6 +111,13 @@ class NodeClient:
 
     # -- connection loop -----------------------------------------------------------------
     async def run(self) -> int:
+        try:
+            return await self._connect_loop()
+        finally:
+            if self.uplink is not None:
+                await self.uplink.close()
+
+    async def _connect_loop(self) -> int:
         backoff = Backoff(self.opts.backoff_max_s)
         url = f"ws://{self.opts.coordinator}/ws"
         async with aiohttp.ClientSession() as http:
@@ -143,15 +155,37 @@ class NodeClient:
     def node_id(self) -> str:
         return self.opts.identity.node_id
 
-    async def _send(self, msg: Hello | Submit | Verdict) -> None:
-        """Sign (fresh nonce each time) and send; Submit payloads are zstd'd when it pays."""
+    async def _send(self, msg: Hello | Submit | Verdict | Signal) -> None:
+        """Sign (fresh nonce each time) and send; Submit payloads are zstd'd when it pays.
+        With the star transport an update goes over the data channel when it is open."""
         if self.ws is None or self.ws.closed or self.challenge is None:
             return
         msg = dataclasses.replace(msg, nonce=new_nonce())
         sign = self.opts.identity.signer(run_id=self.challenge.run_id,
                                          round=getattr(msg, "round", -1), msg_type=msg.TYPE,
                                          nonce=msg.nonce)
-        await self.ws.send_bytes(msg.to_frame(sign=sign, compress=isinstance(msg, Submit)))
+        frame = msg.to_frame(sign=sign, compress=isinstance(msg, Submit))
+        if isinstance(msg, Submit) and self.uplink is not None and await self.uplink.send(frame):
+            return
+        await self.ws.send_bytes(frame)
+
+    async def _start_uplink(self, msg: Welcome) -> None:
+        """transport "star": offer a data channel to the server's peer (relay on failure)."""
+        if self.uplink is not None:
+            await self.uplink.close()
+            self.uplink = None
+        if msg.transport != "star" or self.opts.role != "trainer":
+            return
+
+        async def signal(kind: str, data: str) -> None:
+            await self._send(Signal(run_id=msg.run_id, node_id=self.node_id, to=SERVER,
+                                    kind=kind, data=data))
+
+        self.uplink = StarUplink(signal, timeout_s=msg.rtc_timeout_s)
+        await self.uplink.start()
+        task = asyncio.ensure_future(self.uplink.wait_open())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection. True when the run is over (or max_rounds reached)."""
@@ -205,6 +239,9 @@ class NodeClient:
                 await self._on_round_open(msg)
             elif isinstance(msg, ValidateRequest):
                 await self._on_validate(msg)
+            elif isinstance(msg, Signal) and msg.node_id == SERVER and msg.kind == "answer":
+                if self.uplink is not None:
+                    await self.uplink.on_answer(msg.data)
             elif isinstance(msg, Ack):
                 log.info("round %d: update %s (%s)", msg.round, msg.status, msg.digest[:12])
             elif isinstance(msg, RoundCommitted):
@@ -250,6 +287,7 @@ class NodeClient:
                 log.info("error-feedback residual reset (new model, codec or setting)")
             self.encoder = UpdateEncoder(codec, error_feedback=msg.error_feedback,
                                          layout=self.work.manifest)
+        await self._start_uplink(msg)
         log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", msg.run_id,
                  self.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,
                  msg.n_shards, codec.name, " + error feedback" if msg.error_feedback else "")

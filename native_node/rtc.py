@@ -17,11 +17,18 @@ offer/answer exchange through the control WebSocket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 
 from shared.errors import ProtocolError
 from shared.rtc import CHUNK_DATA, Reassembler, cancel_chunk, chunks
@@ -119,3 +126,57 @@ async def connect_pair(*, timeout: float = 15.0, label: str = "frames"
     chan_b = await asyncio.wait_for(got, timeout)
     await asyncio.wait_for(opened.wait(), timeout)
     return a, b, chan_a, chan_b
+
+
+class StarUplink:
+    """A node's data channel to the server's peer (`transport = "star"`): offer through the
+    control socket, then update frames over the channel. Until the channel is open, or when
+    it fails, `ready()` is False and the caller sends on its WebSocket (relay fallback)."""
+
+    def __init__(self, send_signal: Callable[[str, str], Awaitable[None]], *,
+                 timeout_s: float = 10.0, ice_servers: list[str] | None = None) -> None:
+        self.send_signal = send_signal  # (kind, data) -> a signed Signal to "server"
+        self.timeout_s = timeout_s
+        self.pc = RTCPeerConnection(rtc_config(ice_servers))
+        self.channel = self.pc.createDataChannel("updates", ordered=True)
+        self.link = FrameLink(self.channel)
+        self.opened = asyncio.Event()
+        self.channel.on("open", self.opened.set)
+        self.fell_back = False
+
+    async def start(self) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        await self.send_signal("offer", self.pc.localDescription.sdp)
+
+    async def on_answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    async def wait_open(self) -> bool:
+        """True once the channel is open; False (and relay from then on) after timeout_s."""
+        try:
+            await asyncio.wait_for(self.opened.wait(), timeout=self.timeout_s)
+        except TimeoutError:
+            self.fell_back = True
+            log.warning("data channel to the server not open after %.0f s: relaying updates "
+                        "over the WebSocket", self.timeout_s)
+            return False
+        log.info("data channel to the server open: updates go peer-to-server over WebRTC")
+        return True
+
+    def ready(self) -> bool:
+        return not self.fell_back and self.channel.readyState == "open"
+
+    async def send(self, frame: bytes) -> bool:
+        """Send over the channel; False if it is not usable (the caller relays)."""
+        if not self.ready():
+            return False
+        try:
+            return await self.link.send_frame(frame)
+        except (ConnectionError, TimeoutError) as exc:
+            log.warning("data channel send failed (%s): relaying over the WebSocket", exc)
+            self.fell_back = True
+            return False
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.pc.close()

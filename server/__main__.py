@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("byzantine-fraction", float), ("validation-threshold", float),
                        ("validation-samples", int), ("validation-timeout-s", float),
                        ("heartbeat-s", float), ("stale-policy", str), ("stale-weight", float),
-                       ("max-staleness", int), ("resume-grace-s", float)):
+                       ("max-staleness", int), ("resume-grace-s", float),
+                       ("transport", str), ("ice-servers", str), ("rtc-timeout-s", float)):
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"run config '{name.replace('-', '_')}' (default: "
                             f"{getattr(RunConfig(), name.replace('-', '_'))})")

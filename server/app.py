@@ -47,6 +47,7 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
+    await app[COORDINATOR].rtc.close_all()
     for peer in list(app[COORDINATOR].peers.values()):
         if peer.ws is not None:
             await peer.ws.close()

@@ -49,6 +49,9 @@ class RunConfig:
     quorum: int = 1  # fewest updates a round is committed with
     deadline_s: float = 60.0  # collection window of one round attempt
     resume_grace_s: float = 2.0  # after a restart: wait this long for last round's nodes
+    transport: str = "ws"  # "ws" or "star" (updates over WebRTC data channels to the server)
+    ice_servers: str = ""  # comma-separated STUN/TURN URLs for WebRTC (none by default)
+    rtc_timeout_s: float = 10.0  # a channel not open by then: the node relays over its socket
     heartbeat_s: float = 20.0  # ping interval; a node silent for 1.5x this is dropped
     stale_policy: str = "drop"  # late update for a past round: "drop" or "weight"
     stale_weight: float = 0.5  # "weight": a late update counts stale_weight ** age
@@ -78,6 +81,8 @@ class RunConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.max_frame_mb > 0, "max_frame_mb", "must be > 0"),
             (self.resume_grace_s >= 0, "resume_grace_s", "must be >= 0"),
+            (self.transport in ("ws", "star"), "transport", "must be ws or star"),
+            (self.rtc_timeout_s > 0, "rtc_timeout_s", "must be > 0"),
             (self.heartbeat_s > 0, "heartbeat_s", "must be > 0"),
             (self.stale_policy in ("drop", "weight"), "stale_policy", "must be drop or weight"),
             (0 < self.stale_weight <= 1, "stale_weight", "must be in (0, 1]"),

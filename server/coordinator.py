@@ -20,6 +20,7 @@ from native_node.validator import ProbeScorer
 from server.auth import authenticate
 from server.config import RunConfig
 from server.peers import Connection, Peer
+from server.rtc import RtcHub
 from server.runstate import RunState
 from server.store import UpdateRow
 from server.validation import ValidationMixin
@@ -41,6 +42,7 @@ from shared.messages import (
     Message,
     RoundCommitted,
     RoundOpen,
+    Signal,
     Submit,
     Verdict,
     Welcome,
@@ -77,6 +79,7 @@ class Coordinator(ValidationMixin):
         self._tasks: set[asyncio.Future[Any]] = set()
         self.error: BaseException | None = None  # why the round loop died, if it did
         self.replays = ReplayGuard()
+        self.rtc = RtcHub(self)
         self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
 
     # -- sending -------------------------------------------------------------------------
@@ -150,6 +153,8 @@ class Coordinator(ValidationMixin):
                 await self._on_submit(conn, msg)
             elif isinstance(msg, Verdict):
                 self._on_verdict(conn, msg)
+            elif isinstance(msg, Signal):
+                await self.rtc.on_signal(conn, msg)
         except ProtocolError as err:
             await self.reject(conn, err, round_)
         except Exception:  # a bug, not the peer's fault: keep serving, say so, count it
@@ -185,7 +190,8 @@ class Coordinator(ValidationMixin):
             model_id=run.work.model_id, data=run.work.data_spec.to_dict(), shard=shard,
             n_shards=self.config.n_shards, codec=self.config.codec,
             codec_params=self.config.codec_params, error_feedback=self.config.error_feedback,
-            n_params=run.n_params))
+            n_params=run.n_params, transport=self.config.transport,
+            rtc_timeout_s=self.config.rtc_timeout_s))
         if self.finished:
             await self.send(conn, self._committed_msg(final=True))
         elif self.state is not None and not self.state.closed:
@@ -254,6 +260,7 @@ class Coordinator(ValidationMixin):
             peer.ws = None
             peer.state = "gone"
             log.info("node %s left", peer.node_id[:12])
+            self._background(self.rtc.close(peer.node_id))
             self._wake.set()
 
     # -- rounds --------------------------------------------------------------------------
@@ -421,7 +428,8 @@ class Coordinator(ValidationMixin):
 
     # -- views ---------------------------------------------------------------------------
     def peers_view(self) -> list[dict[str, Any]]:
-        return [{"node_id": p.node_id, "role": p.role, "runtime": p.runtime, "device": p.device,
+        return [{"node_id": p.node_id, "role": p.role, "transport": p.transport,
+                 "runtime": p.runtime, "device": p.device,
                  "shard": p.shard, "state": p.state, "connected": p.ws is not None,
                  "first_seen": p.first_seen, "last_seen": p.last_seen,
                  "updates_accepted": p.accepted, "rejected": p.rejected,

@@ -24,6 +24,7 @@ class Peer:
     shard: int
     ws: Sender | None  # None when disconnected
     role: str = "trainer"  # trainer | validator
+    transport: str = "ws"  # ws | webrtc (star data channel open) | relay (star, fell back)
     state: str = "idle"  # idle | training | submitted | rejected | validating | gone
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)

@@ -28,6 +28,9 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 ROLES = ("trainer", "validator")
+TRANSPORTS = ("ws", "star")
+SIGNAL_KINDS = ("offer", "answer", "candidate", "bye")
+SERVER = "server"  # Signal.to / Signal.node_id naming the server's own WebRTC peer
 MAX_CANDIDATES = 4096
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEXSTR = re.compile(r"(?:[0-9a-f]{2})+")
@@ -180,12 +183,16 @@ class Welcome(Message):
     error_feedback: bool  # keep the codec's residual and add it to the next update
     n_params: int  # length of the flat parameter vector
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+    transport: str = "ws"  # "ws": updates on this socket; "star": over a WebRTC data channel
+    rtc_timeout_s: float = 10.0  # star: relay updates on this socket if not open by then
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
         _require(self.n_shards >= 1, "Welcome", "n_shards", "must be >= 1")
         _require(0 <= self.shard < self.n_shards, "Welcome", "shard", "must be < n_shards")
         _require(self.n_params >= 1, "Welcome", "n_params", "must be >= 1")
+        _require(self.transport in TRANSPORTS, "Welcome", "transport",
+                 f"must be one of {list(TRANSPORTS)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -378,12 +385,37 @@ class Verdict(Message):
                  {"node_id": str, "digest": str, "loss": float})
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Signal(Message):
+    """WebRTC signaling through the server, either way. A node signs it as itself (the
+    server refuses any other `node_id`); the server forwards it, signed by the server, with
+    `node_id` = the authenticated sender. `to` is a node id or "server" (the server's own
+    peer, the aggregator of the `star` transport)."""
+
+    TYPE: ClassVar[int] = 11
+    run_id: str  # the run
+    node_id: str  # the sender (or "server")
+    to: str  # the receiver: a node id or "server"
+    kind: str  # "offer", "answer", "candidate" (trickled ICE) or "bye"
+    data: str  # SDP (offer / answer), the candidate as JSON, or "" (bye)
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+
+    def __post_init__(self) -> None:
+        for name in ("node_id", "to"):
+            value = getattr(self, name)
+            if value != SERVER:
+                _hex64("Signal", name, value)
+        _require(self.kind in SIGNAL_KINDS, "Signal", "kind", f"must be one of "
+                 f"{list(SIGNAL_KINDS)}")
+        _nonce("Signal", self.nonce)
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge,
-                ValidateRequest, Verdict)
+                ValidateRequest, Verdict, Signal)
 }
-assert len(MESSAGE_TYPES) == 10, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 11, "duplicate message type id"
 
 
 def decode_message(data: bytes | bytearray | memoryview, *,

@@ -30,6 +30,7 @@ from shared.messages import (
     Message,
     RoundCommitted,
     RoundOpen,
+    Signal,
     Submit,
     ValidateRequest,
     Verdict,
@@ -141,14 +142,19 @@ def verdict(**kw: Any) -> Verdict:
                       "nonce": FIXED_NONCE, **kw})
 
 
+def signal(**kw: Any) -> Signal:
+    return Signal(**{"run_id": "run-1", "node_id": NODE, "to": "server", "kind": "offer",
+                     "data": "v=0", "nonce": FIXED_NONCE, **kw})
+
+
 ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge(),
-       validate_request(), verdict()]
+       validate_request(), verdict(), signal()]
 
 
 # -- round trips -----------------------------------------------------------------------------
 def test_every_type_is_covered() -> None:
     assert {type(m) for m in ALL} == set(MESSAGE_TYPES.values())
-    assert sorted(MESSAGE_TYPES) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(MESSAGE_TYPES) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
 @pytest.mark.parametrize("msg", ALL, ids=lambda m: type(m).__name__)
@@ -356,7 +362,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 11, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 12, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))
@@ -570,3 +576,15 @@ def test_hello_role_is_checked() -> None:
     assert hello(role="validator").role == "validator"
     with pytest.raises(MessageError):
         hello(role="king")
+
+
+@pytest.mark.parametrize("over", [{"kind": "shout"}, {"to": "someone"}, {"node_id": "x"}])
+def test_signal_fields_are_checked(over: dict[str, Any]) -> None:
+    with pytest.raises(MessageError):
+        signal(**over)
+
+
+def test_welcome_transport_is_checked() -> None:
+    assert welcome().transport == "ws"
+    with pytest.raises(MessageError):
+        welcome(transport="pigeon")

@@ -65,7 +65,8 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                      "data": {"name": "markov", "order": 1, "vocab": 4},
                      "shard": 1, "n_shards": 3, "codec": "topk",
                      "codec_params": {"fraction": 0.25, "values": "int8"},
-                     "error_feedback": True, "n_params": 4}, b""),
+                     "error_feedback": True, "n_params": 4, "transport": "star",
+                     "rtc_timeout_s": 2.5}, b""),
         ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 1,
                        "params_digest": sha256_hex(params), "deadline_s": 29.5,
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16}, params),
@@ -90,6 +91,8 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                              "codec": "raw32", "length": 4, "candidates": [
                                  {"node_id": NODE_B, "digest": sha256_hex(update), "offset": 0,
                                   "size": len(update)}]}, update),
+        ("Signal", {"run_id": RUN, "node_id": NODE_A, "to": "server", "kind": "offer",
+                    "data": "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n"}, b""),
         ("Verdict", {"run_id": RUN, "round": 5, "node_id": NODE_A, "base_loss": 2.5,
                      "scores": [{"node_id": NODE_B, "digest": sha256_hex(update),
                                  "loss": 2.375}]}, b""),
