@@ -24,8 +24,9 @@ from native_node.trust import ServerTrust, UntrustedServer
 from native_node.validator import ValidatorRole
 from native_node.workload import Workload, from_spec
 from shared.codecs import make_codec
+from shared.downlink import resolve
 from shared.envelope import Identity, new_nonce
-from shared.errors import ProtocolError
+from shared.errors import BadUpdate, ProtocolError
 from shared.messages import (
     SERVER,
     Ack,
@@ -89,6 +90,8 @@ class NodeClient:
         self.trainer: Trainer | None = None
         self.validator: ValidatorRole | None = None  # set when role is "validator"
         self.uplink: StarUplink | None = None  # WebRTC data channel (transport "star")
+        self.held: np.ndarray | None = None  # the global params of the last RoundOpen
+        self.held_digest: str | None = None  # ... and their digest (base of a params delta)
         self._tasks: set[asyncio.Future[Any]] = set()
         self.welcome: Welcome | None = None
         self.challenge: Challenge | None = None
@@ -229,7 +232,9 @@ class NodeClient:
                 await self._send(Hello(node_id=ident.node_id, public_key=ident.public_key.hex(),
                                        challenge=msg.challenge, nonce=new_nonce(),
                                        runtime="native", agent=AGENT, device=self.opts.device,
-                                       role=self.opts.role))
+                                       role=self.opts.role,
+                                       features="delta-params" if self.opts.role == "trainer"
+                                       else ""))
             elif isinstance(msg, Welcome):
                 joined.set()
                 await self._on_welcome(msg)
@@ -293,6 +298,15 @@ class NodeClient:
                  msg.n_shards, codec.name, " + error feedback" if msg.error_feedback else "")
 
     async def _on_round_open(self, msg: RoundOpen) -> None:
+        try:  # full params, or the changes against the params we hold (shared.downlink)
+            theta = resolve(msg, self.held, self.held_digest)
+        except BadUpdate as exc:
+            log.warning("round %d: %s; reconnecting for the full params", msg.round, exc)
+            self.held = self.held_digest = None
+            if self.ws is not None:
+                await self.ws.close()
+            return
+        self.held, self.held_digest = theta, msg.params_digest
         if self.journaled is not None and self.welcome is not None:  # first round after start
             entry, self.journaled = self.journaled, None
             if journal.matching(entry, run_id=self.welcome.run_id, round=msg.round,
@@ -310,7 +324,7 @@ class NodeClient:
         self.pending = None
         self.cancel = threading.Event()
         self.task_round = msg.round
-        self.task = asyncio.create_task(self._train_and_submit(msg, self.cancel))
+        self.task = asyncio.create_task(self._train_and_submit(msg, theta, self.cancel))
 
     async def _on_validate(self, msg: ValidateRequest) -> None:
         if self.validator is None:
@@ -341,9 +355,9 @@ class NodeClient:
         if self.task is not None and not self.task.done():
             self.cancel.set()
 
-    async def _train_and_submit(self, msg: RoundOpen, cancel: threading.Event) -> None:
+    async def _train_and_submit(self, msg: RoundOpen, theta: np.ndarray,
+                                cancel: threading.Event) -> None:
         assert self.trainer is not None and self.welcome is not None
-        theta = np.frombuffer(msg.payload, dtype="<f4").astype(np.float32)
         bar = self._progress_bar(msg)
         try:
             result: RoundResult = await asyncio.to_thread(

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             f"{getattr(RunConfig(), name.replace('-', '_'))})")
     p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=None,
                    help="nodes keep the codec's residual (default: on)")
+    p.add_argument("--delta-downlink", action=argparse.BooleanOptionalAction, default=None,
+                   help="send a node that holds the previous params only the coordinates that "
+                        "changed (default: on)")
     p.add_argument("--validation", action=argparse.BooleanOptionalAction, default=None,
                    help="score every update on held-out loss and reject the ones that make "
                         "it worse by more than --validation-threshold (default: off)")

@@ -52,6 +52,7 @@ class RunConfig:
     transport: str = "ws"  # "ws" or "star" (updates over WebRTC data channels to the server)
     ice_servers: str = ""  # comma-separated STUN/TURN URLs for WebRTC (none by default)
     rtc_timeout_s: float = 10.0  # a channel not open by then: the node relays over its socket
+    delta_downlink: bool = True  # send nodes that hold theta_r-1 only what changed
     heartbeat_s: float = 20.0  # ping interval; a node silent for 1.5x this is dropped
     stale_policy: str = "drop"  # late update for a past round: "drop" or "weight"
     stale_weight: float = 0.5  # "weight": a late update counts stale_weight ** age

@@ -174,7 +174,8 @@ class Coordinator(ValidationMixin):
             self._background(old.ws.close())  # a dead peer's close may take seconds
         shard = self.run.store.shard_for(msg.node_id, msg.runtime, self.config.n_shards)
         peer = Peer(node_id=msg.node_id, runtime=msg.runtime, device=msg.device, shard=shard,
-                    ws=conn.ws, role=msg.role)
+                    ws=conn.ws, role=msg.role,
+                    features=frozenset(f for f in msg.features.split(",") if f))
         if old is not None:
             peer.first_seen, peer.bytes_up, peer.bytes_down = (old.first_seen, old.bytes_up,
                                                                old.bytes_down)
@@ -269,34 +270,56 @@ class Coordinator(ValidationMixin):
         return [p.node_id for p in self.peers.values()
                 if p.ws is not None and p.role == "trainer"]
 
-    def _open_frame(self) -> bytes:
-        """The current RoundOpen, signed; the deadline is the time left right now."""
-        state = self.state
+    def _open_frame(self, *, delta: bool = False) -> bytes:
+        """The current RoundOpen, signed; the deadline is the time left right now. With
+        `delta`, the payload is the changes against the previous params (shared.downlink)."""
+        state, run = self.state, self.run
         assert state is not None
+        changes = run.params_changes if delta else None
         return self.frame(RoundOpen(
-            run_id=self.run.run_id, round=state.round, attempt=state.attempt,
-            params_digest=self.run.params_digest,
+            run_id=run.run_id, round=state.round, attempt=state.attempt,
+            params_digest=run.params_digest,
             deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
             inner_steps=self.config.inner_steps, inner_lr=self.config.inner_lr,
-            batch_size=self.config.batch_size, payload=self.run.params_bytes))
+            batch_size=self.config.batch_size,
+            base_digest=run.prev_digest if changes is not None else None,
+            payload=changes if changes is not None else run.params_bytes))
+
+    def _wants_delta(self, peer: Peer | None) -> bool:
+        """The peer holds the previous params and can apply changes to them."""
+        run = self.run
+        return (peer is not None and run.params_changes is not None
+                and peer.holds is not None and peer.holds == run.prev_digest
+                and "delta-params" in peer.features)
 
     async def _send_open(self, conn: Connection, data: bytes | None = None, *,
                          mark: bool = True) -> None:
         assert self.state is not None
-        if (mark and conn.peer is not None and conn.peer.role == "trainer"
-                and conn.peer.node_id not in self.state.updates):
-            conn.peer.state = "training"
-        await self.send(conn, data if data is not None else self._open_frame())
+        peer = conn.peer
+        if (mark and peer is not None and peer.role == "trainer"
+                and peer.node_id not in self.state.updates):
+            peer.state = "training"
+        if data is None:
+            data = self._open_frame(delta=self._wants_delta(peer))
+        await self.send(conn, data)
+        if peer is not None:
+            peer.holds = self.run.params_digest
 
     async def _broadcast_open(self, *, retry: bool = False) -> None:
         assert self.state is not None
         waiting = [p for p in list(self.peers.values())
                    if p.ws is not None and p.node_id not in self.state.updates]
-        if waiting:
-            data = self._open_frame()  # signed once, the same bytes for everyone
-            await asyncio.gather(*(self._send_open(Connection(ws=p.ws, remote="", peer=p),
-                                                   data, mark=not retry)
-                                   for p in waiting if p.ws is not None))
+        frames: dict[bool, bytes] = {}  # each variant signed once, the same bytes for all
+        sends = []
+        for p in waiting:
+            if p.ws is None:
+                continue
+            delta = self._wants_delta(p)
+            if delta not in frames:
+                frames[delta] = self._open_frame(delta=delta)
+            sends.append(self._send_open(Connection(ws=p.ws, remote="", peer=p),
+                                         frames[delta], mark=not retry))
+        await asyncio.gather(*sends)
 
     async def _broadcast(self, msg: Message) -> None:
         data = self.frame(msg)

@@ -25,6 +25,8 @@ class Peer:
     ws: Sender | None  # None when disconnected
     role: str = "trainer"  # trainer | validator
     transport: str = "ws"  # ws | webrtc (star data channel open) | relay (star, fell back)
+    features: frozenset[str] = frozenset()  # from its Hello, e.g. "delta-params"
+    holds: str | None = None  # digest of the global params this connection was last sent
     state: str = "idle"  # idle | training | submitted | rejected | validating | gone
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)

@@ -19,6 +19,7 @@ from native_node.workload import Workload, from_spec, initial_params, resolve
 from native_node.zoo import evaluate, load_flat
 from server.config import RunConfig
 from server.store import Store, UpdateRow
+from shared.downlink import encode_changes
 from shared.envelope import Identity
 from shared.vec import to_bytes
 
@@ -40,6 +41,8 @@ class RunState:
     identity: Identity | None = None  # the server's ML-DSA-65 key: it signs every frame
     last_round: dict[str, Any] | None = None  # newest committed round row
     params_bytes: bytes = b""  # params as sent in RoundOpen
+    prev_digest: str | None = None  # digest of the params before the last commit
+    params_changes: bytes | None = None  # params vs the previous ones (shared.downlink)
     _eval_lock: threading.Lock = field(default_factory=threading.Lock)
     _eval_model: torch.nn.Module | None = None
 
@@ -71,6 +74,9 @@ class RunState:
             model_id=self.work.model_id, attempts=attempts, eval_loss=eval_loss,
             train_loss=train_loss, updates=updates, bytes_up=bytes_up, bytes_down=bytes_down,
             duration_s=duration_s, keep=self.config.keep_checkpoints)
+        prev, self.prev_digest = self.params, self.params_digest
+        self.params_changes = (encode_changes(prev, ckpt.params)
+                               if self.config.delta_downlink else None)
         self.params, self.momentum = ckpt.params, ckpt.momentum
         self.params_bytes = to_bytes(self.params)
         self.params_digest = ckpt.params_digest

@@ -154,6 +154,7 @@ class Hello(Message):
     agent: str  # software name/version, free text
     device: str  # "cpu", "cuda:0", "webgpu", ...
     role: str = "trainer"  # "trainer" (trains, submits) or "validator" (scores updates)
+    features: str = ""  # comma-separated optional capabilities: "delta-params"
 
     def __post_init__(self) -> None:
         _require(self.role in ROLES, "Hello", "role", f"must be one of {list(ROLES)}")
@@ -209,7 +210,8 @@ class RoundOpen(Message):
     inner_lr: float  # inner AdamW learning rate
     batch_size: int  # inner batch size
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
-    payload: bytes = field(repr=False)  # theta_r as little-endian float32
+    base_digest: str | None = None  # None: payload = theta_r; else the changes against it
+    payload: bytes = field(repr=False)  # theta_r as float32 LE, or shared.downlink changes
 
     def __post_init__(self) -> None:
         _require(self.round >= 0, "RoundOpen", "round", "must be >= 0")
@@ -217,6 +219,9 @@ class RoundOpen(Message):
         _require(self.batch_size >= 1, "RoundOpen", "batch_size", "must be >= 1")
         _require(self.deadline_s > 0 and math.isfinite(self.deadline_s), "RoundOpen",
                  "deadline_s", "must be a positive number")
+        if self.base_digest is not None:  # checked once applied (shared.downlink)
+            _hex64("RoundOpen", "base_digest", self.base_digest)
+            return
         _require(len(self.payload) % 4 == 0, "RoundOpen", "payload", "not float32 sized")
         if sha256_hex(self.payload) != self.params_digest:
             raise BadUpdate("RoundOpen: params digest does not match payload",

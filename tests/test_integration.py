@@ -74,8 +74,9 @@ def test_below_quorum_round_is_retried_not_committed(procs: Procs, tmp_path: Pat
                  "--deadline-s", "2")
     for i in range(2):
         procs.node(f"n{i}", port)
-    run = wait_for(lambda: (r := api(port, "/api/run")) and r["retries"] >= 2 and r,  # type: ignore[index]
-                   60, "two retries below quorum")
+    run = wait_for(lambda: (r := api(port, "/api/run")) and r["retries"] >= 2  # type: ignore[index]
+                   and r["updates_in_round"] == 2 and r,  # type: ignore[index]
+                   90, "two retries below quorum with both updates in")
     assert run["committed_rounds"] == 0 and run["round"] == 0 and run["attempt"] >= 2
     assert run["updates_in_round"] == 2
     assert rounds(port) == []

@@ -46,11 +46,23 @@ def _f32(*values: float) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
 
 
+def _changes(prev: bytes, new: bytes) -> bytes:
+    import numpy as np
+
+    from shared.downlink import encode_changes
+
+    out = encode_changes(np.frombuffer(prev, "<f4"), np.frombuffer(new, "<f4"))
+    assert out is not None
+    return out
+
+
 def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
     """(type name, header fields, payload) for one fixed example of each message type."""
     from shared.messages import sha256_hex
 
     params = _f32(1.0, -2.5, 0.125, 3.75)
+    new_params = _f32(1.0, -2.0, 0.125, 3.75)  # one coordinate changed: a params delta
+    changes = _changes(params, new_params)
     update = b"\x00" + _f32(0.5, -0.25, 0.0, -0.0)  # raw32: wire id 0, then float32 LE
     return [
         ("Challenge", {"run_id": RUN, "challenge": CHALLENGE,
@@ -58,7 +70,7 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                        "agent": "daa-prime-server/0.1"}, b""),
         ("Hello", {"node_id": NODE_A, "public_key": "00ff" * 4, "challenge": CHALLENGE,
                    "nonce": NONCE, "runtime": "browser", "agent": "daa-prime/0.1 é",
-                   "device": "webgpu", "role": "trainer"}, b""),
+                   "device": "webgpu", "role": "trainer", "features": "delta-params"}, b""),
         ("Welcome", {"run_id": RUN, "node_id": NODE_A,
                      "model": {"kind": "mlp", "layers": [4, 8, 4], "seed": 7},
                      "model_id": "ab" * 32,
@@ -69,7 +81,12 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                      "rtc_timeout_s": 2.5}, b""),
         ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 1,
                        "params_digest": sha256_hex(params), "deadline_s": 29.5,
-                       "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16}, params),
+                       "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
+                       "base_digest": None}, params),
+        ("RoundOpen", {"run_id": RUN, "round": 6, "attempt": 0,
+                       "params_digest": sha256_hex(new_params), "deadline_s": 30.0,
+                       "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
+                       "base_digest": sha256_hex(params)}, changes),
         ("Submit", {"run_id": RUN, "round": 5, "node_id": NODE_B, "nonce": NONCE,
                     "codec": "raw32",
                     "length": 4, "digest": sha256_hex(update), "train_loss": 1.375,
@@ -117,7 +134,7 @@ def invalid_examples() -> list[dict[str, Any]]:
 
     hello = {"node_id": NODE_A, "public_key": "ab" * 4, "challenge": CHALLENGE,
              "nonce": NONCE, "runtime": "native", "agent": "a", "device": "cpu",
-             "role": "trainer"}
+             "role": "trainer", "features": ""}
     upd = b"\x00" + _f32(1.5)
     submit = {"run_id": RUN, "round": 1, "node_id": NODE_A, "nonce": NONCE, "codec": "raw32",
               "length": 1,

@@ -1,0 +1,124 @@
+"""Compressed RoundOpen payloads: the new global params as the coordinates that changed.
+
+A node that already holds theta_{r-1} does not need all of theta_r: with sparse updates and
+no outer momentum (the top-k configuration) only a few percent of the coordinates move per
+round. The server then sends
+
+| offset | size    | field                                                     |
+|--------|---------|-----------------------------------------------------------|
+| 0      | 2       | magic b"DL"                                               |
+| 2      | 1       | version (1)                                               |
+| 3      | 4       | n, the parameter count, u32 LE                            |
+| 7      | 4       | k, the number of changed coordinates, u32 LE (k <= n)     |
+| 11     | 4k      | their new values, float32 LE                              |
+| 11+4k  | ...     | their indices: gaps as LEB128 varints, the first from 0   |
+
+with `RoundOpen.base_digest` = the digest of theta_{r-1}. The node copies theta_{r-1}, assigns
+the k values (assignment, not addition: exact in float32) and checks the result's SHA-256
+against `RoundOpen.params_digest`. A node that does not hold the base gets the full params
+(the server tracks what each connection holds; a mismatch makes the node reconnect).
+`encode_changes` returns None when sending the full vector is as small (k > n / 2).
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from typing import Any
+
+from shared.codecs import varint
+from shared.errors import BadUpdate
+from shared.vec import numpy_module
+
+MAGIC = b"DL"
+VERSION = 1
+HEAD = struct.Struct("<2sBII")
+
+__all__ = ["apply_changes", "encode_changes", "resolve"]
+
+
+def encode_changes(prev: Any, new: Any) -> bytes | None:
+    """The changed coordinates of `new` against `prev` (numpy float32), or None when the full
+    vector would be no larger."""
+    np = numpy_module()
+    if np is None:
+        raise RuntimeError("encode_changes needs numpy (it runs on the server)")
+    a = np.ascontiguousarray(prev, dtype=np.float32)
+    b = np.ascontiguousarray(new, dtype=np.float32)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    # compare bit patterns: -0.0 vs 0.0 and NaN payloads count as changes (exact round trip)
+    idx = np.flatnonzero(a.view(np.uint32) != b.view(np.uint32))
+    n, k = a.size, idx.size
+    if k * 2 > n:
+        return None
+    gaps = np.diff(idx, prepend=0)
+    return b"".join((HEAD.pack(MAGIC, VERSION, n, k), b[idx].astype("<f4").tobytes(),
+                     varint.encode_np(np, gaps)))
+
+
+def apply_changes(prev: Any, payload: bytes | memoryview) -> Any:
+    """theta_{r-1} + the changes in `payload` -> theta_r (numpy array in, numpy out; or
+    array("f") in, array("f") out). Raises BadUpdate on any malformed payload."""
+    data = memoryview(payload).cast("B")
+    if len(data) < HEAD.size:
+        raise BadUpdate("params delta: shorter than its header", field="payload")
+    magic, version, n, k = HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise BadUpdate(f"params delta: bad magic or version {version}", field="payload")
+    if n != len(prev):
+        raise BadUpdate(f"params delta for {n} values; this node holds {len(prev)}",
+                        field="payload")
+    if k > n or len(data) < HEAD.size + 4 * k:
+        raise BadUpdate(f"params delta: {k} changes do not fit", field="payload")
+    vals = data[HEAD.size:HEAD.size + 4 * k]
+    ibytes = data[HEAD.size + 4 * k:]
+    if not k <= len(ibytes) <= varint.MAX_BYTES * k:
+        raise BadUpdate(f"params delta: {len(ibytes)} index bytes for {k} changes",
+                        field="payload")
+    np = numpy_module()
+    try:
+        if np is not None and isinstance(prev, np.ndarray):
+            gaps = varint.decode_np(np, ibytes, k)
+            if k > 1 and int(gaps[1:].min()) == 0:
+                raise BadUpdate("params delta: indices do not increase", field="payload")
+            idx = np.cumsum(gaps)
+            if k and int(idx[-1]) >= n:
+                raise BadUpdate("params delta: index out of range", field="payload")
+            out = np.array(prev, dtype=np.float32, copy=True)
+            out[idx] = np.frombuffer(vals, dtype="<f4")
+            return out
+        gl = varint.decode_pure(ibytes, k)
+    except BadUpdate:
+        raise
+    except Exception as exc:  # the varint decoders raise their own typed errors
+        raise BadUpdate(f"params delta: {exc}", field="payload") from None
+    res = array("f", prev)
+    values = struct.unpack(f"<{k}f", vals)
+    pos = 0
+    for j, gap in enumerate(gl):
+        if j and gap == 0:
+            raise BadUpdate("params delta: indices do not increase", field="payload")
+        pos += gap
+        if pos >= n:
+            raise BadUpdate("params delta: index out of range", field="payload")
+        res[pos] = values[j]
+    return res
+
+
+def resolve(msg: Any, held: Any, held_digest: str | None) -> Any:
+    """theta_r from a RoundOpen: its full payload, or `held` (theta_{r-1}, whose digest is
+    `held_digest`) plus its changes. The result's digest is checked; BadUpdate otherwise (the
+    caller then reconnects to get the full params)."""
+    from shared.messages import sha256_hex
+    from shared.vec import from_bytes, to_bytes
+
+    if msg.base_digest is None:
+        return from_bytes(msg.payload)
+    if held is None or held_digest != msg.base_digest:
+        raise BadUpdate(f"params delta against {msg.base_digest[:12]}, but this node holds "
+                        f"{(held_digest or 'nothing')[:12]}", field="base_digest")
+    theta = apply_changes(held, msg.payload)
+    if sha256_hex(to_bytes(theta)) != msg.params_digest:
+        raise BadUpdate("params delta does not reproduce params_digest", field="params_digest")
+    return theta

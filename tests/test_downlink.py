@@ -1,0 +1,98 @@
+"""Compressed RoundOpen payloads (shared.downlink): exact round trips, typed errors on bad
+payloads, and a real server sending only the changed coordinates to a node that holds the
+previous params."""
+
+from __future__ import annotations
+
+from array import array
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.downlink import apply_changes, encode_changes, resolve
+from shared.errors import BadUpdate
+from shared.messages import Ack, RoundCommitted, RoundOpen, Welcome, sha256_hex
+from tests.test_membership import serve
+
+
+def test_round_trip_is_bit_exact_including_signed_zeros() -> None:
+    rng = np.random.default_rng(0)
+    prev = rng.standard_normal(1000).astype(np.float32)
+    new = prev.copy()
+    idx = rng.choice(1000, 40, replace=False)
+    new[idx] += rng.standard_normal(40).astype(np.float32)
+    new[5] = -0.0 if prev[5] == 0.0 else new[5]
+    prev[7], new[7] = 0.0, -0.0  # a sign change of zero is a change
+    payload = encode_changes(prev, new)
+    assert payload is not None and len(payload) < 0.25 * new.nbytes
+    out = apply_changes(prev, payload)
+    assert out.tobytes() == new.tobytes()
+    pure = apply_changes(array("f", prev), payload)
+    assert array("f", pure).tobytes() == new.tobytes()
+
+
+def test_dense_changes_are_not_worth_a_delta() -> None:
+    prev = np.zeros(10, np.float32)
+    assert encode_changes(prev, prev + 1) is None
+    assert encode_changes(prev, prev) is not None  # nothing changed: 11 bytes
+
+
+@pytest.mark.parametrize("payload", [b"", b"XX\x01" + bytes(8), b"DL\x02" + bytes(8),
+                                     b"DL\x01" + (5).to_bytes(4, "little") + bytes(4)])
+def test_malformed_payloads_are_typed_errors(payload: bytes) -> None:
+    with pytest.raises(BadUpdate):
+        apply_changes(np.zeros(4, np.float32), payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_payloads_only_raise_bad_update(blob: bytes) -> None:
+    for prev in (np.zeros(8, np.float32), array("f", [0.0] * 8)):
+        try:
+            out = apply_changes(prev, b"DL\x01" + (8).to_bytes(4, "little") + blob)
+        except BadUpdate:
+            continue
+        assert len(out) == 8
+
+
+def test_resolve_checks_base_and_result() -> None:
+    prev = np.arange(8, dtype=np.float32)
+    new = prev.copy()
+    new[3] = 9.5
+    digest = sha256_hex(new.astype("<f4").tobytes())
+    base = sha256_hex(prev.astype("<f4").tobytes())
+    msg = RoundOpen(run_id="r", round=1, attempt=0, params_digest=digest, deadline_s=1.0,
+                    inner_steps=1, inner_lr=0.1, batch_size=1, base_digest=base,
+                    payload=encode_changes(prev, new))
+    assert resolve(msg, prev, base).tobytes() == new.tobytes()
+    with pytest.raises(BadUpdate, match="holds"):
+        resolve(msg, prev, "00" * 32)
+    with pytest.raises(BadUpdate, match="reproduce"):
+        resolve(msg, prev + 1, base)
+
+
+async def test_server_sends_changes_to_a_node_that_holds_the_previous_params(
+        tmp_path: Path) -> None:
+    async with serve(tmp_path, quorum=1, deadline_s=60.0) as srv:
+        a = await srv.client("a", hello=False)
+        await a.send(a.hello(features="delta-params"))
+        a.welcome = await a.expect(Welcome)
+        a.open = await a.expect(RoundOpen)
+        assert a.open.base_digest is None  # first contact: the full params
+        theta0 = np.frombuffer(a.open.payload, "<f4").astype(np.float32)
+        sparse = np.zeros(a.welcome.n_params, np.float32)
+        sparse[::100] = 0.5  # 1% of the coordinates move (outer lr 1, no momentum)
+        await a.send(a.submit(sparse))
+        assert (await a.expect(Ack)).status == "accepted"
+        await a.expect(RoundCommitted)
+        nxt = await a.expect(RoundOpen)
+        assert nxt.base_digest == a.open.params_digest
+        assert len(nxt.payload) < 0.1 * theta0.nbytes
+        theta1 = resolve(nxt, theta0, a.open.params_digest)
+        np.testing.assert_array_equal(theta1, theta0 - sparse)
+        b = await srv.client("b")  # no feature announced: always the full params
+        assert b.open is not None and b.open.base_digest is None
+        assert b.open.params_digest == nxt.params_digest
