@@ -26,6 +26,25 @@ setup() {
     "$PY" -m pip install -q -e ".[dev]"
     touch "$VENV/.installed"
   fi
+  # browser node: npm packages (package-lock.json) copied into browser/vendor/ (no CDN)
+  if [ -f package.json ]; then
+    if ! command -v npm >/dev/null; then
+      echo "npm (Node.js >= 20) is required for the browser node's packages:" \
+           "apt-get install -y nodejs npm" >&2; exit 1
+    fi
+    if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
+      npm ci --no-audit --no-fund
+      touch node_modules
+    fi
+    if [ ! -f browser/vendor/manifest.json ] || [ node_modules -nt browser/vendor/manifest.json ] \
+        || [ scripts/vendor_browser.py -nt browser/vendor/manifest.json ]; then
+      "$PY" scripts/vendor_browser.py
+    fi
+  fi
+  # headless Chromium for the Playwright tests in e2e/ (they skip without it)
+  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }
+  fi
 }
 
 cmd="${1:-demo}"

@@ -89,6 +89,11 @@ def shared_zip() -> SharedZip:
     return build_shared_zip()
 
 
+async def build_at_startup(app: web.Application) -> None:
+    """`app.on_startup` hook: zip `shared/` before the first request (else on first use)."""
+    shared_zip()
+
+
 def _isolated(headers: dict[str, str] | None = None) -> dict[str, str]:
     return {**ISOLATION, **(headers or {})}
 

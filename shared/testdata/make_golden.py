@@ -84,7 +84,7 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
                        "base_digest": None}, params),
         ("RoundOpen", {"run_id": RUN, "round": 6, "attempt": 0,
-                       "params_digest": sha256_hex(new_params), "deadline_s": 30.0,
+                       "params_digest": sha256_hex(new_params), "deadline_s": 30.5,
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
                        "base_digest": sha256_hex(params)}, changes),
         ("Submit", {"run_id": RUN, "round": 5, "node_id": NODE_B, "nonce": NONCE,

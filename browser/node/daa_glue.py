@@ -1,0 +1,50 @@
+"""Pyodide side of the browser bridge: hands `shared.platform` the tab's ML-DSA-65
+(@noble/post-quantum) and zstd (fzstd + zstd-wasm) implementations.
+
+pyodide_host.js registers the JS module `daa_bridge` and then runs this file; `shared` must
+already be importable. Bytes cross as Uint8Array copies (`to_js` one way, `to_bytes` back).
+"""
+
+from __future__ import annotations
+
+import daa_bridge  # type: ignore[import-not-found]  # registered by pyodide_host.js
+from pyodide.ffi import JsException, to_js  # type: ignore[import-not-found]
+
+from shared.platform import register_signatures, register_zstd
+
+
+class NobleMLDSA65:
+    """shared.platform.SignatureScheme over @noble/post-quantum (pure mode, with context)."""
+
+    name = "ml-dsa-65"
+
+    def keygen(self) -> tuple[bytes, bytes]:
+        pair = daa_bridge.mldsaKeygen()
+        return pair.publicKey.to_bytes(), pair.secretKey.to_bytes()
+
+    def sign(self, secret_key: bytes, message: bytes, context: bytes) -> bytes:
+        sig = daa_bridge.mldsaSign(to_js(secret_key), to_js(message), to_js(context))
+        return bytes(sig.to_bytes())
+
+    def verify(self, public_key: bytes, message: bytes, signature: bytes,
+               context: bytes) -> bool:
+        return bool(daa_bridge.mldsaVerify(to_js(public_key), to_js(message), to_js(signature),
+                                           to_js(context)))
+
+
+class BrowserZstd:
+    """shared.platform.Zstd over the tab's zstd.js (decompress raises ValueError)."""
+
+    def compress(self, data: bytes) -> bytes:
+        return bytes(daa_bridge.zstdCompress(to_js(data)).to_bytes())
+
+    def decompress(self, data: bytes, max_size: int) -> bytes:
+        try:
+            return bytes(daa_bridge.zstdDecompress(to_js(data), max_size).to_bytes())
+        except JsException as exc:
+            raise ValueError(str(exc)) from None
+
+
+register_signatures(NobleMLDSA65())
+if daa_bridge.zstdCanCompress():
+    register_zstd(BrowserZstd())

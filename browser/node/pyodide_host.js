@@ -1,0 +1,50 @@
+// Pyodide in the tab: load the runtime from /static/vendor/pyodide/, fetch /pkg/shared.zip
+// (checked against its X-Content-SHA256), unpack it, make `shared` importable, and register
+// the tab's ML-DSA-65 and zstd with shared.platform (daa_glue.py).
+//
+//   const py = await loadShared();          // a Pyodide instance where `import shared` works
+//   py.runPython('from shared.messages import decode_message');
+
+import { generateIdentity, sign, verify } from './identity.js';
+import { toHex } from './floatbits.js';
+import { canCompress, compress, decompress } from './zstd.js';
+
+export const PYODIDE_URL = '/static/vendor/pyodide/';
+export const SHARED_ZIP_URL = '/pkg/shared.zip';
+export const SITE_DIR = '/home/pyodide/daa';
+
+async function fetchChecked(url) {
+  const resp = await fetch(url, { cache: 'no-cache' });
+  if (!resp.ok) throw new Error(`GET ${url}: HTTP ${resp.status}`);
+  const buf = await resp.arrayBuffer();
+  const want = resp.headers.get('X-Content-SHA256');
+  const got = toHex(new Uint8Array(await crypto.subtle.digest('SHA-256', buf)));
+  if (want && want !== got) throw new Error(`GET ${url}: SHA-256 ${got}, header says ${want}`);
+  return { buf, sha256: got };
+}
+
+/** The functions daa_glue.py calls (bytes cross as Uint8Array). */
+export const bridge = {
+  mldsaKeygen: () => generateIdentity(),
+  mldsaSign: (secretKey, message, context) => sign(secretKey, message, context),
+  mldsaVerify: (publicKey, message, signature, context) => verify(publicKey, message, signature, context),
+  zstdCanCompress: () => canCompress(),
+  zstdCompress: (data) => compress(data),
+  zstdDecompress: (data, maxSize) => decompress(data, maxSize),
+};
+
+/** Load Pyodide and our `shared` package; returns {pyodide, timings (ms), sha256}. */
+export async function loadShared({ indexURL = PYODIDE_URL, zipURL = SHARED_ZIP_URL } = {}) {
+  const t0 = performance.now();
+  const { loadPyodide } = await import(`${indexURL}pyodide.mjs`);
+  const [pyodide, zip] = await Promise.all([loadPyodide({ indexURL }), fetchChecked(zipURL)]);
+  const t1 = performance.now();
+  pyodide.unpackArchive(zip.buf, 'zip', { extractDir: SITE_DIR });
+  pyodide.runPython(`import sys\nif ${JSON.stringify(SITE_DIR)} not in sys.path: sys.path.insert(0, ${JSON.stringify(SITE_DIR)})`);
+  pyodide.registerJsModule('daa_bridge', bridge);
+  const glue = await fetch(new URL('./daa_glue.py', import.meta.url), { cache: 'no-cache' });
+  if (!glue.ok) throw new Error(`daa_glue.py: HTTP ${glue.status}`);
+  pyodide.runPython(await glue.text(), { filename: 'daa_glue.py' });
+  const t2 = performance.now();
+  return { pyodide, sha256: zip.sha256, timings: { runtime_ms: t1 - t0, shared_ms: t2 - t1 } };
+}
