@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aiohttp import web
@@ -69,6 +70,30 @@ async def latest_model(request: web.Request) -> web.FileResponse:
     return web.FileResponse(path, headers={
         "Content-Disposition": f'attachment; filename="{run.run_id}-{path.name}"',
         "X-Params-SHA256": run.params_digest, "X-Round-Version": str(run.version)})
+
+
+ONNX_FILES = {"train_step.onnx": "train_step", "infer.onnx": "infer",
+              "manifest.json": "manifest_path"}
+
+
+@routes.get("/model/onnx/{name}")
+async def onnx_graph(request: web.Request) -> web.FileResponse:
+    """The run's model as ONNX graphs for browser nodes (server/onnx_export.py), exported on
+    first request and cached under the data dir by the model config's hash."""
+    name = request.match_info["name"]
+    if name not in ONNX_FILES:
+        raise web.HTTPNotFound(text=f"no such graph; one of {sorted(ONNX_FILES)}")
+    run = request.app[RUN]
+    try:
+        from server.onnx_export import export_graphs
+    except ImportError as exc:
+        raise web.HTTPServiceUnavailable(text=f"ONNX export needs the 'onnx' extra "
+                                              f"(pip install 'daa-prime[onnx]'): {exc}") from None
+    graphs = await asyncio.get_running_loop().run_in_executor(
+        None, export_graphs, run.work.model_config, run.store.dir / "onnx")
+    return web.FileResponse(getattr(graphs, ONNX_FILES[name]), headers={
+        "X-Model-Id": run.work.model_id, "X-Graph-Key": graphs.key,
+        "Cache-Control": "public, max-age=3600"})
 
 
 @routes.get("/")

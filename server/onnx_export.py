@@ -48,7 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from native_node.zoo import build_model, loss_fn, manifest, model_config
+from native_node.zoo import build_model, loss_fn, manifest
+from native_node.zoo import model_config as zoo_model_config
 from shared.frame import canonical_json
 from shared.layout import make_manifest, manifest_json, model_id
 
@@ -241,7 +242,8 @@ def _export(fn: Callable[..., Any], wrapper: type[torch.nn.Module], args: tuple[
 
 # onnxscript's default rewrite rules minus the "no-op" ones (x + 0, x - 0, x * 1, x / 1,
 # Dropout): their constant matcher is tolerant (abs_tol=1e-8, rel_tol=1e-5), so ``x + 1e-8``
-# -- AdamW's eps -- is deleted as ``x + 0``. Every rule here rewrites shapes/casts/slices only.
+# -- AdamW's eps -- is deleted as ``x + 0``. The rules kept are exact, value-preserving
+# rewrites (casts, reshapes, slices, transposes, min/max/relu/clip fusion).
 _SAFE_RULES = (
     "cast_cast_rule", "cast_constant_of_shape_rule", "cast_constant_of_shape_without_value_rule",
     "collapse_slice_rule", "collapse_slice2_rule", "flatten_to_reshape_rule",
@@ -442,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "inference graphs; prints the manifest.")
     ap.add_argument("--model", required=True, help="zoo model name (gpt-tiny, mlp-digits)")
     ap.add_argument("--flavour", default=None)
-    ap.add_argument("--vocab-size", type=int, default=32, help="gpt-tiny only (default 32)")
+    ap.add_argument("--vocab-size", type=int, default=32,
+                    help="gpt-tiny only; must be the run's (markov data: 32, the default)")
     ap.add_argument("--context", type=int, default=None, help="gpt-tiny only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, type=Path, help="cache root directory")
@@ -451,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)  # our timing line; the exporter's INFO chatter stays off
     try:
-        cfg = model_config(args.model, args.flavour, vocab_size=args.vocab_size,
+        cfg = zoo_model_config(args.model, args.flavour, vocab_size=args.vocab_size,
                            context=args.context, seed=args.seed)
     except ValueError as exc:
         ap.error(str(exc))

@@ -3,35 +3,13 @@ updates under both stale policies, straggler state in /api/peers, and role check
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
-from aiohttp import web
 
-from server.app import make_app
-from server.runstate import open_run
 from shared.messages import Ack, Error, RoundCommitted, RoundOpen, Verdict, Welcome
-from tests.test_ws_protocol import Server
-
-
-@asynccontextmanager
-async def serve(tmp_path: Path, **config: Any) -> AsyncIterator[Server]:
-    run = open_run(tmp_path / "run", {"model": "mlp-digits", "outer_momentum": 0.0,
-                                      "outer_lr": 1.0, **config})
-    app = make_app(run)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield Server(app, f"http://127.0.0.1:{runner.addresses[0][1]}", http, tmp_path)
-    finally:
-        await runner.cleanup()
+from tests.test_ws_protocol import serve
 
 
 async def until(c: Any, cls: type) -> Any:

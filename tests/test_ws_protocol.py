@@ -10,6 +10,7 @@ import hashlib
 import logging
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,24 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     async with aiohttp.ClientSession() as http:
         yield Server(app, f"http://127.0.0.1:{port}", http, tmp_path)
     await runner.cleanup()
+
+
+@asynccontextmanager
+async def serve(tmp_path: Path, **config: Any) -> AsyncIterator[Server]:
+    """A real server on loopback for an mlp-digits run (outer lr 1, no momentum: the outer
+    step moves theta by exactly the aggregate) with `config` on top."""
+    run = open_run(tmp_path / "run", {"model": "mlp-digits", "outer_momentum": 0.0,
+                                      "outer_lr": 1.0, **config})
+    app = make_app(run)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Server(app, f"http://127.0.0.1:{runner.addresses[0][1]}", http, tmp_path)
+    finally:
+        await runner.cleanup()
 
 
 def raw32_unchecked(n: int, value: float) -> bytes:
@@ -345,26 +364,14 @@ async def test_a_replayed_frame_is_refused(server: Server) -> None:
 
 
 async def test_configured_robust_rule_is_applied(tmp_path: Path) -> None:
-    run = open_run(tmp_path / "robust", {"model": "mlp-digits", "quorum": 3,
-                                         "aggregator": "median", "outer_momentum": 0.0,
-                                         "outer_lr": 1.0})
-    app = make_app(run)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            srv = Server(app, f"http://127.0.0.1:{runner.addresses[0][1]}", http, tmp_path)
-            clients = [await srv.client(name) for name in ("h1", "h2", "liar")]
-            n = clients[0].welcome.n_params  # type: ignore[union-attr]
-            theta0 = np.frombuffer(clients[0].open.payload, "<f4")  # type: ignore[union-attr]
-            for c, value in zip(clients, (0.01, 0.02, 1000.0), strict=True):
-                await c.send(c.submit(np.full(n, value, np.float32)))
-                assert (await c.expect(Ack)).status == "accepted"
-            await clients[0].expect(RoundCommitted)
-            theta1 = np.frombuffer((await clients[0].expect(RoundOpen)).payload, "<f4")
-            # median of (0.01, 0.02, 1000) = 0.02; outer lr 1, no momentum: theta moves 0.02
-            np.testing.assert_allclose(theta0 - theta1, 0.02, rtol=1e-4, atol=1e-6)
-    finally:
-        await runner.cleanup()
+    async with serve(tmp_path, quorum=3, aggregator="median") as srv:
+        clients = [await srv.client(name) for name in ("h1", "h2", "liar")]
+        n = clients[0].welcome.n_params  # type: ignore[union-attr]
+        theta0 = np.frombuffer(clients[0].open.payload, "<f4")  # type: ignore[union-attr]
+        for c, value in zip(clients, (0.01, 0.02, 1000.0), strict=True):
+            await c.send(c.submit(np.full(n, value, np.float32)))
+            assert (await c.expect(Ack)).status == "accepted"
+        await clients[0].expect(RoundCommitted)
+        theta1 = np.frombuffer((await clients[0].expect(RoundOpen)).payload, "<f4")
+        # median of (0.01, 0.02, 1000) = 0.02; outer lr 1, no momentum: theta moves 0.02
+        np.testing.assert_allclose(theta0 - theta1, 0.02, rtol=1e-4, atol=1e-6)
