@@ -130,7 +130,9 @@ class SharedTrainer:
         self.model = work.new_model()
         self.params = list(self.model.parameters())
         self.keep = keep_opt_state
-        self.n_classes = int(work.model_config.get("n_classes", 0) or 0)
+        # label flipping: y -> C-1-y over the classes, or over the vocabulary for a language model
+        self.n_classes = int(work.model_config.get("n_classes", 0)
+                             or work.model_config.get("vocab_size", 0) or 0)
         self.opt = torch.optim.AdamW(self.params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
 
     def train(self, node: SimNode, theta: np.ndarray, *, steps: int, lr: float,

@@ -162,119 +162,125 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
         f"aggregator {aggregator}, AdamW state {'kept per node' if keep else 'fresh per round'}")
 
     task = asyncio.create_task(coord.run_rounds())
-    # -- join: Challenge -> Hello -> Welcome (+ the open round) -----------------------------
-    t0 = time.perf_counter()
-    for node in sim:
-        node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
-        await coord.greet(node.conn)
-        hello = node.pump()
-        assert hello is not None, "no Challenge from the coordinator"
-        await coord.handle_frame(node.conn, hello)
-        node.pump()
-        if node.welcome is None:
-            raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
-        if node.welcome.model_id != work.model_id:
-            raise RuntimeError("model id mismatch between the run and the simulator")
-        shard = node.welcome.shard
-        idx = np.sort(by_shard[starts[shard]:starts[shard + 1]]).astype(np.int64)
-        # seeded by (run seed, node index), not the random node id: runs are repeatable
-        node.sampler = BatchSampler(ds.x_train, ds.y_train, idx, batch_size=cfg.batch_size,
-                                    seed=int.from_bytes(hashlib.sha256(
-                                        f"{seed}:{node.index}".encode()).digest()[:4],
-                                        "little"))
-        if progress and (node.index + 1) % 100 == 0:
-            say(f"  joined {node.index + 1}/{nodes}", end="\r")
-    join_s = time.perf_counter() - t0
-    say(f"{nodes} nodes joined in {join_s:.1f} s" + " " * 20)
-
-    rows: list[dict[str, Any]] = []
-    eval_model = work.new_model()
-    is_classify = work.dataset.task == "classify"
-    acc0 = accuracy(run, run.params, eval_model) if is_classify else None
-    rows.append({"round": "init", "eval_loss": run.eval_loss_init, "accuracy": acc0})
-    for r in range(rounds):
-        await _until(wake, lambda r=r: all(n.open is not None and n.open.round == r
-                                           for n in sim), sim, task, 600, f"round {r} to open")
-        t_round = time.perf_counter()
-        acc_before, rej_before = coord.counters["accepted"], sum(coord.rejected.values())
-        honest: list[np.ndarray] = []
-        keep_honest = not spec.uses_own
-        sign_s = train_s = 0.0
-        order = [n for n in sim if not n.byzantine] + [n for n in sim if n.byzantine]
-        shared_attack: np.ndarray | None = None  # attacks computed from the honest only
-        for k, node in enumerate(order):
-            msg = node.open
-            assert msg is not None and node.welcome is not None and node.conn is not None
-            theta = np.frombuffer(msg.payload, dtype="<f4").astype(np.float32)
-            if not node.byzantine or spec.uses_own:
-                t0 = time.perf_counter()
-                result = trainer.train(node, theta, steps=msg.inner_steps, lr=msg.inner_lr,
-                                       poison_labels=node.byzantine and spec.kind == "data")
-                train_s += time.perf_counter() - t0
-            else:
-                result = (np.zeros(run.n_params, np.float32), None, 0, 0.0)
-            delta, train_loss, samples, compute_s = result
-            if node.byzantine and shared_attack is not None:
-                delta = shared_attack  # ALIE / IPM: one vector per round, the same for all
-            elif node.byzantine:
-                delta = np.asarray(spec.apply(
-                    own=delta, honest=honest, n=nodes, f=n_byz,
-                    seed=seed * 1_000_003 + r * 10_007 + node.index,
-                    **(attack_params or {})), dtype=np.float32)
-                if not spec.uses_own:
-                    shared_attack = delta
-            elif keep_honest:
-                honest.append(delta)
-            assert node.encoder is not None
-            payload = node.encoder.encode(delta)
-            submit = Submit(run_id=node.welcome.run_id, round=msg.round, node_id=node.node_id,
-                            nonce=new_nonce(), codec=node.encoder.codec.name,
-                            length=int(delta.size), digest=sha256_hex(payload),
-                            train_loss=train_loss, samples=samples,
-                            compute_s=round(compute_s, 4), payload=payload)
-            t0 = time.perf_counter()
-            data = node.frame(submit)
-            await coord.handle_frame(node.conn, data)
-            sign_s += time.perf_counter() - t0
-            node.open = None
+    try:
+        # -- join: Challenge -> Hello -> Welcome (+ the open round) -----------------------------
+        t0 = time.perf_counter()
+        for node in sim:
+            node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
+            await coord.greet(node.conn)
+            hello = node.pump()
+            assert hello is not None, "no Challenge from the coordinator"
+            await coord.handle_frame(node.conn, hello)
             node.pump()
-            if progress and (k + 1) % 50 == 0:
-                say(f"  round {r}: {k + 1}/{nodes} submitted", end="\r")
-        honest.clear()
-        await _until(wake, lambda r=r: bool(records) and records[-1]["round"] >= r, sim, task,
-                     600, f"round {r} to commit")
-        rec = records[-1]
-        acc = accuracy(run, run.params, eval_model) if is_classify else None
-        row = {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,
-               "train_loss": rec.get("train_loss"), "n_updates": rec.get("n_updates"),
-               "accepted": coord.counters["accepted"] - acc_before,
-               "rejected": sum(coord.rejected.values()) - rej_before,
-               "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
-               "round_s": round(time.perf_counter() - t_round, 2)}
-        rows.append(row)
-        loss_txt = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "n/a"
-        acc_txt = f", accuracy {acc:.3f}" if acc is not None else ""
-        say(f"round {r}: eval loss {loss_txt}{acc_txt}, {row['accepted']} accepted, "
-            f"{row['rejected']} rejected, {row['round_s']:.1f} s "
-            f"(train {train_s:.1f} s, sign+handle {sign_s:.1f} s)" + " " * 10)
-    await asyncio.wait_for(task, timeout=60)
-    await _until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
-    for node in sim:
-        assert node.conn is not None
-        coord.disconnect(node.conn)
-    errors = sum(len(n.errors) for n in sim)
-    last = rows[-1]
-    summary = {"nodes": nodes, "rounds": len(rows) - 1,
-               "wall_s": round(time.perf_counter() - t_start, 2),
-               "peak_rss_mb": round(peak_rss_mb(), 1),
-               "final_eval_loss": last["eval_loss"], "final_accuracy": last["accuracy"],
-               "initial_eval_loss": run.eval_loss_init, "initial_accuracy": acc0,
-               "attack": attack, "aggregator": aggregator, "byzantine": n_byz,
-               "byzantine_fraction": byzantine, "inner_steps": cfg.inner_steps,
-               "opt_state": "kept" if keep else "fresh", "keygen_s": round(keygen_s, 2),
-               "join_s": round(join_s, 2), "node_errors": errors,
-               "rejected": dict(coord.rejected), "data_dir": str(tmp)}
-    return {"rounds": rows, "summary": summary}
+            if node.welcome is None:
+                raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
+            if node.welcome.model_id != work.model_id:
+                raise RuntimeError("model id mismatch between the run and the simulator")
+            shard = node.welcome.shard
+            idx = np.sort(by_shard[starts[shard]:starts[shard + 1]]).astype(np.int64)
+            # seeded by (run seed, node index), not the random node id: runs are repeatable
+            node.sampler = BatchSampler(ds.x_train, ds.y_train, idx, batch_size=cfg.batch_size,
+                                        seed=int.from_bytes(hashlib.sha256(
+                                            f"{seed}:{node.index}".encode()).digest()[:4],
+                                            "little"))
+            if progress and (node.index + 1) % 100 == 0:
+                say(f"  joined {node.index + 1}/{nodes}", end="\r")
+        join_s = time.perf_counter() - t0
+        say(f"{nodes} nodes joined in {join_s:.1f} s" + " " * 20)
+
+        rows: list[dict[str, Any]] = []
+        eval_model = work.new_model()
+        is_classify = work.dataset.task == "classify"
+        acc0 = accuracy(run, run.params, eval_model) if is_classify else None
+        rows.append({"round": "init", "eval_loss": run.eval_loss_init, "accuracy": acc0})
+        for r in range(rounds):
+            await _until(wake, lambda r=r: all(n.open is not None and n.open.round == r
+                                               for n in sim), sim, task, 600, f"round {r} to open")
+            t_round = time.perf_counter()
+            acc_before, rej_before = coord.counters["accepted"], sum(coord.rejected.values())
+            honest: list[np.ndarray] = []
+            keep_honest = not spec.uses_own
+            sign_s = train_s = 0.0
+            order = [n for n in sim if not n.byzantine] + [n for n in sim if n.byzantine]
+            shared_attack: np.ndarray | None = None  # attacks computed from the honest only
+            for k, node in enumerate(order):
+                msg = node.open
+                assert msg is not None and node.welcome is not None and node.conn is not None
+                theta = np.frombuffer(msg.payload, dtype="<f4").astype(np.float32)
+                if not node.byzantine or spec.uses_own:
+                    t0 = time.perf_counter()
+                    result = trainer.train(node, theta, steps=msg.inner_steps, lr=msg.inner_lr,
+                                           poison_labels=node.byzantine and spec.kind == "data")
+                    train_s += time.perf_counter() - t0
+                else:
+                    result = (np.zeros(run.n_params, np.float32), None, 0, 0.0)
+                delta, train_loss, samples, compute_s = result
+                if node.byzantine and shared_attack is not None:
+                    delta = shared_attack  # ALIE / IPM: one vector per round, the same for all
+                elif node.byzantine:
+                    delta = np.asarray(spec.apply(
+                        own=delta, honest=honest, n=nodes, f=n_byz,
+                        seed=seed * 1_000_003 + r * 10_007 + node.index,
+                        **(attack_params or {})), dtype=np.float32)
+                    if not spec.uses_own:
+                        shared_attack = delta
+                elif keep_honest:
+                    honest.append(delta)
+                assert node.encoder is not None
+                payload = node.encoder.encode(delta)
+                submit = Submit(run_id=node.welcome.run_id, round=msg.round, node_id=node.node_id,
+                                nonce=new_nonce(), codec=node.encoder.codec.name,
+                                length=int(delta.size), digest=sha256_hex(payload),
+                                train_loss=train_loss, samples=samples,
+                                compute_s=round(compute_s, 4), payload=payload)
+                t0 = time.perf_counter()
+                data = node.frame(submit)
+                await coord.handle_frame(node.conn, data)
+                sign_s += time.perf_counter() - t0
+                node.open = None
+                node.pump()
+                if progress and (k + 1) % 50 == 0:
+                    say(f"  round {r}: {k + 1}/{nodes} submitted", end="\r")
+            honest.clear()
+            await _until(wake, lambda r=r: bool(records) and records[-1]["round"] >= r, sim, task,
+                         600, f"round {r} to commit")
+            rec = records[-1]
+            acc = accuracy(run, run.params, eval_model) if is_classify else None
+            row = {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,
+                   "train_loss": rec.get("train_loss"), "n_updates": rec.get("n_updates"),
+                   "accepted": coord.counters["accepted"] - acc_before,
+                   "rejected": sum(coord.rejected.values()) - rej_before,
+                   "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
+                   "round_s": round(time.perf_counter() - t_round, 2)}
+            rows.append(row)
+            loss_txt = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "n/a"
+            acc_txt = f", accuracy {acc:.3f}" if acc is not None else ""
+            say(f"round {r}: eval loss {loss_txt}{acc_txt}, {row['accepted']} accepted, "
+                f"{row['rejected']} rejected, {row['round_s']:.1f} s "
+                f"(train {train_s:.1f} s, sign+handle {sign_s:.1f} s)" + " " * 10)
+        await asyncio.wait_for(task, timeout=60)
+        await _until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
+        for node in sim:
+            assert node.conn is not None
+            coord.disconnect(node.conn)
+        errors = sum(len(n.errors) for n in sim)
+        last = rows[-1]
+        summary = {"nodes": nodes, "rounds": len(rows) - 1,
+                   "wall_s": round(time.perf_counter() - t_start, 2),
+                   "peak_rss_mb": round(peak_rss_mb(), 1),
+                   "final_eval_loss": last["eval_loss"], "final_accuracy": last["accuracy"],
+                   "initial_eval_loss": run.eval_loss_init, "initial_accuracy": acc0,
+                   "attack": attack, "aggregator": aggregator, "byzantine": n_byz,
+                   "byzantine_fraction": byzantine, "inner_steps": cfg.inner_steps,
+                   "opt_state": "kept" if keep else "fresh", "keygen_s": round(keygen_s, 2),
+                   "join_s": round(join_s, 2), "node_errors": errors,
+                   "rejected": dict(coord.rejected), "data_dir": str(tmp)}
+        return {"rounds": rows, "summary": summary}
+    finally:  # an error above must not leave the round loop running (asyncio.run would wait)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def _params(pairs: list[str]) -> dict[str, Any]:

@@ -1,0 +1,60 @@
+"""bench.byzantine: the quick grid end to end (real coordinator, in-process) and agg_ms timing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import byzantine
+
+
+def _finite_leaves(obj: object) -> list[float]:
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _finite_leaves(x)]
+    if isinstance(obj, list):
+        return [v for x in obj for v in _finite_leaves(x)]
+    if isinstance(obj, float):
+        return [obj]
+    return []
+
+
+def test_quick_grid_json_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    assert byzantine.main(["--quick"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    fig = json.loads(out[-1])
+    assert fig["default_rule"] == byzantine.DEFAULT_RULE
+    assert {"worst_loss_ratio_33", "worst_acc_drop_33", "agg_ms", "grid", "clean",
+            "settings", "targets_met"} <= set(fig)
+    assert fig["worst_loss_ratio_33"] is None  # no gpt-tiny in the quick grid
+    assert isinstance(fig["worst_acc_drop_33"], float)
+    cells = fig["grid"]["mlp-digits"]["0.33"]
+    assert set(cells) == {"mean", byzantine.DEFAULT_ROW}
+    for row in cells.values():
+        assert set(row) == {"sign-flip", "alie"}
+        assert all(isinstance(v, float) and 0.0 <= v <= 100.0 for v in row.values())
+    assert set(fig["clean"]["mlp-digits"]) == {"mean", byzantine.DEFAULT_ROW}
+    assert fig["failed_runs"] == 0
+    assert all(math.isfinite(v) for v in _finite_leaves(fig))
+    assert fig["settings"]["attackers"] == {"0.33": 2}
+    assert any(line.startswith("| rule | clean | clean, f assumed | sign-flip | alie |")
+               for line in out)
+    assert set(fig["clean_f_assumed"]["mlp-digits"]["0.33"]) == {"mean", byzantine.DEFAULT_ROW}
+
+
+def test_theory_exclusions_are_reported() -> None:
+    assert byzantine.excluded("mlp-digits", "krum", "alie", 10, 0.45) is not None  # f=4, n<11
+    assert byzantine.excluded("mlp-digits", "krum", "alie", 10, 1 / 3) is None  # f=3, n>=9
+    assert "4f+3" in (byzantine.excluded("mlp-digits", "bulyan", "ipm", 10, 0.2) or "")
+    assert byzantine.excluded("mlp-digits", "median", "alie", 10, 0.45) is None
+    assert byzantine.excluded("mlp-digits", "mean", "label-flip", 10, 0.1) is None
+    assert byzantine.n_attackers(10, 1 / 3) == 3 and byzantine.n_attackers(10, 0.45) == 4
+
+
+def test_agg_ms_small() -> None:
+    from shared.aggregation import RULES
+
+    ms = byzantine.time_rules(RULES, n=11, d=2000, f=2, repeats=2)
+    assert set(ms) == set(RULES)
+    assert all(math.isfinite(v) and v >= 0.0 for v in ms.values())
