@@ -420,6 +420,12 @@ class Coordinator(ValidationMixin):
         rows = [self._updates[n][1] for n in nodes]
         cfg = self.config
         f = estimate_f(len(vectors), cfg.byzantine_fraction, rule=cfg.aggregator)
+        wanted = estimate_f(len(vectors), cfg.byzantine_fraction)
+        if f < wanted:  # the rule's bound on n: say so, every time it bites
+            self.counters["f_clamped"] += 1
+            log.warning("round %d: %s tolerates at most f=%d of %d updates; byzantine_fraction "
+                        "%.2f asks for f=%d", state.round, cfg.aggregator, f, len(vectors),
+                        cfg.byzantine_fraction, wanted)
         pseudo_grad = get_rule(cfg.aggregator)(vectors, f=f, **cfg.aggregator_params)
         outer = OuterConfig(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
         theta, momentum = outer_step(self.run.params, pseudo_grad, self.run.momentum, outer)
@@ -473,6 +479,7 @@ class Coordinator(ValidationMixin):
             "verdicts": self.counters["verdicts"],
             "stale_dropped": self.counters["stale_dropped"],
             "stale_applied": self.counters["stale_applied"],
+            "f_clamped": self.counters["f_clamped"],
             "validation": self.config.validation,
             "rejected": dict(self.rejected),
             "rejected_total": sum(self.rejected.values()),
