@@ -35,24 +35,26 @@ async def get_run(request: web.Request) -> web.Response:
     })
 
 
-@routes.get("/api/rounds")
-async def get_rounds(request: web.Request) -> web.Response:
+def _paging(request: web.Request, since_key: str, since_default: int) -> tuple[int, int]:
+    """(since, limit) from the query string; 400 when they are not integers."""
     try:
-        since = int(request.query.get("since", "-1"))
+        since = int(request.query.get(since_key, str(since_default)))
         limit = min(10000, max(1, int(request.query.get("limit", "1000"))))
     except ValueError:
-        raise web.HTTPBadRequest(text="since and limit must be integers") from None
+        raise web.HTTPBadRequest(text=f"{since_key} and limit must be integers") from None
+    return since, limit
+
+
+@routes.get("/api/rounds")
+async def get_rounds(request: web.Request) -> web.Response:
+    since, limit = _paging(request, "since", -1)
     return web.json_response(request.app[RUN].store.rounds(since=since, limit=limit))
 
 
 @routes.get("/api/rejections")
 async def get_rejections(request: web.Request) -> web.Response:
     """Refused updates and frames of authenticated nodes: round, node, code, reason, judges."""
-    try:
-        since = int(request.query.get("since_id", "0"))
-        limit = min(10000, max(1, int(request.query.get("limit", "1000"))))
-    except ValueError:
-        raise web.HTTPBadRequest(text="since_id and limit must be integers") from None
+    since, limit = _paging(request, "since_id", 0)
     node = request.query.get("node_id") or None
     return web.json_response(request.app[RUN].store.rejections(since_id=since, limit=limit,
                                                                node_id=node))
