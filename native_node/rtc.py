@@ -143,6 +143,7 @@ class StarUplink:
         self.opened = asyncio.Event()
         self.channel.on("open", self.opened.set)
         self.fell_back = False
+        self.decided = asyncio.Event()  # set once the channel opened or we fell back
 
     async def start(self) -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -160,6 +161,8 @@ class StarUplink:
             log.warning("data channel to the server not open after %.0f s: relaying updates "
                         "over the WebSocket", self.timeout_s)
             return False
+        finally:
+            self.decided.set()
         log.info("data channel to the server open: updates go peer-to-server over WebRTC")
         return True
 
@@ -167,7 +170,11 @@ class StarUplink:
         return not self.fell_back and self.channel.readyState == "open"
 
     async def send(self, frame: bytes) -> bool:
-        """Send over the channel; False if it is not usable (the caller relays)."""
+        """Send over the channel; False if it is not usable (the caller relays). The first
+        update waits (at most rtc_timeout_s) until the channel opened or was given up."""
+        if not self.decided.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.decided.wait(), timeout=self.timeout_s + 1.0)
         if not self.ready():
             return False
         try:
