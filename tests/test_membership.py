@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.messages import Ack, Error, RoundCommitted, RoundOpen, Verdict, Welcome
+from shared.messages import Ack, Error, RoundCommitted, RoundOpen, Signal, Verdict, Welcome
 from tests.test_ws_protocol import serve
 
 
@@ -102,3 +102,21 @@ async def test_straggler_state_and_roles(tmp_path: Path) -> None:
         err = await until(v, Error)
         assert err.code == "bad_update"
         assert "validator does not submit" in err.message
+
+
+async def test_bad_signals_get_typed_errors(tmp_path: Path) -> None:
+    """A signal to a node that is not connected, or an offer to the server's peer on a run
+    without the star transport, is refused with a typed error; nothing else changes."""
+    async with serve(tmp_path, quorum=1, deadline_s=60.0) as srv:
+        a = await srv.client("a")
+        assert a.welcome is not None
+        await a.send(Signal(run_id=a.welcome.run_id, node_id=a.node_id, to="ab" * 32,
+                            kind="offer", data="v=0"))
+        err = await until(a, Error)
+        assert err.code == "unknown_node" and err.field == "to"
+        await a.send(Signal(run_id=a.welcome.run_id, node_id=a.node_id, to="server",
+                            kind="offer", data="v=0"))
+        err = await until(a, Error)
+        assert err.code == "bad_update" and "star" in err.message
+        run = await srv.api("/api/run")
+        assert run["rejected"] == {"unknown_node": 1, "bad_update": 1}
