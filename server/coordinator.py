@@ -383,8 +383,7 @@ class Coordinator(ValidationMixin):
                 wait_s = self.state.remaining(now)
                 decision = self.state.decide(now, self._active())
                 if (decision is Decision.COMMIT and expect and now < grace_until
-                        and self.state.remaining(now) > 0
-                        and not expect <= set(self.state.updates)):
+                        and wait_s > 0 and not expect <= set(self.state.updates)):
                     decision, wait_s = Decision.WAIT, min(wait_s, grace_until - now)
                 if decision is Decision.COMMIT and self.config.validation:
                     await self._validate()

@@ -28,7 +28,8 @@ from typing import Any
 
 from shared.codecs import varint
 from shared.errors import BadUpdate
-from shared.vec import numpy_module
+from shared.messages import sha256_hex
+from shared.vec import from_bytes, numpy_module, to_bytes
 
 MAGIC = b"DL"
 VERSION = 1
@@ -110,9 +111,6 @@ def resolve(msg: Any, held: Any, held_digest: str | None) -> Any:
     """theta_r from a RoundOpen: its full payload, or `held` (theta_{r-1}, whose digest is
     `held_digest`) plus its changes. The result's digest is checked; BadUpdate otherwise (the
     caller then reconnects to get the full params)."""
-    from shared.messages import sha256_hex
-    from shared.vec import from_bytes, to_bytes
-
     if msg.base_digest is None:
         return from_bytes(msg.payload)
     if held is None or held_digest != msg.base_digest:
