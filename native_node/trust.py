@@ -1,5 +1,5 @@
-"""Which server a node believes: every frame from it must be signed by the key its Challenge
-presented, and that key is pinned per run (trust on first use, or `--server-id`)."""
+"""The native node's server pins: shared.trust.ServerTrust with the pins kept in
+`<state_dir>/servers.json` (written atomically)."""
 
 from __future__ import annotations
 
@@ -7,74 +7,27 @@ import json
 import os
 from pathlib import Path
 
-from shared.envelope import ReplayGuard, node_id_of, verify_frame
-from shared.errors import BadSignature, MessageError
-from shared.frame import decode_frame
-from shared.messages import Challenge, Message, message_from_frame
+from shared.trust import ServerTrust as _SharedTrust
+from shared.trust import UntrustedServer
+
+__all__ = ["ServerTrust", "UntrustedServer"]
 
 
-class UntrustedServer(Exception):
-    """The server's key is not the one pinned for this run (or not the one required)."""
-
-
-class ServerTrust:
+class ServerTrust(_SharedTrust):
     def __init__(self, state_dir: Path, *, expected_server_id: str | None = None,
                  max_payload: int) -> None:
-        self.pins = state_dir / "servers.json"
-        self.expected = expected_server_id
-        self.max_payload = max_payload
-        self.key: bytes | None = None
-        self.run_id: str | None = None
-        self.replays = ReplayGuard()
-
-    def reset(self) -> None:
-        """A new connection: the next frame must be a Challenge."""
-        self.key, self.run_id = None, None
-        self.replays = ReplayGuard()
-
-    @property
-    def server_id(self) -> str | None:
-        return node_id_of(self.key) if self.key is not None else None
-
-    def open(self, data: bytes) -> Message:
-        """Verify and decode one frame from the server. ProtocolError: drop the frame;
-        UntrustedServer: stop talking to this server."""
-        frame = decode_frame(data, max_payload=self.max_payload)
-        if self.key is None:
-            if frame.msg_type != Challenge.TYPE:
-                raise MessageError("the server must open with a Challenge", field="msg_type")
-            challenge = message_from_frame(frame, max_payload=self.max_payload)
-            assert isinstance(challenge, Challenge)
-            key = bytes.fromhex(challenge.server_public_key)
-            verify_frame(frame, public_key=key, run_id=challenge.run_id,
-                         node_id=node_id_of(key))
-            self._check_pin(challenge.run_id, node_id_of(key))
-            self.key, self.run_id = key, challenge.run_id
-            return challenge
-        assert self.run_id is not None
-        if frame.msg_type == Challenge.TYPE:
-            raise BadSignature("a second Challenge on one connection", field="msg_type")
-        nonce = verify_frame(frame, public_key=self.key, run_id=self.run_id,
-                             node_id=node_id_of(self.key))
-        self.replays.check_and_remember(node_id_of(self.key), nonce)
-        return message_from_frame(frame, max_payload=self.max_payload)
-
-    def _check_pin(self, run_id: str, server_id: str) -> None:
-        if self.expected is not None and server_id != self.expected:
-            raise UntrustedServer(f"server id {server_id} is not the required {self.expected}")
+        self.path = state_dir / "servers.json"
         pins: dict[str, str] = {}
-        if self.pins.exists():
+        if self.path.exists():
             try:
-                pins = json.loads(self.pins.read_text())
-            except (OSError, ValueError):
+                loaded = json.loads(self.path.read_text())
+                pins = {str(k): str(v) for k, v in loaded.items()}
+            except (OSError, ValueError, AttributeError):
                 pins = {}
-        pinned = pins.get(run_id)
-        if pinned is not None and pinned != server_id:
-            raise UntrustedServer(
-                f"run {run_id} was served by {pinned[:16]}..., now by {server_id[:16]}...: "
-                f"refusing (remove the entry from {self.pins} if the key change is expected)")
-        if pinned is None:
-            pins[run_id] = server_id
-            tmp = self.pins.with_name(f".servers.json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(pins, indent=1, sort_keys=True))
-            os.replace(tmp, self.pins)
+        super().__init__(pins=pins, save_pins=self._save, expected_server_id=expected_server_id,
+                         max_payload=max_payload)
+
+    def _save(self, pins: dict[str, str]) -> None:
+        tmp = self.path.with_name(f".servers.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(pins, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from server.app import make_app
+from server.browser_data import prewarm_onnx
 from server.config import RunConfig, load_toml
 from server.demo import DemoSwarm, round_line
 from server.keys import COORDINATOR
@@ -77,6 +78,7 @@ async def serve(args: argparse.Namespace) -> int:
                                  else "run-data")
     run = await asyncio.to_thread(open_run, data_dir, overrides, base)
     app = make_app(run)
+    app.on_startup.append(prewarm_onnx)  # the first browser tab need not wait for it
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)

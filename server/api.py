@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from server.browser_assets import ISOLATION
 from server.keys import COORDINATOR, RUN
 
 routes = web.RouteTableDef()
@@ -100,7 +101,9 @@ async def onnx_graph(request: web.Request) -> web.FileResponse:
 
 @routes.get("/")
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(BROWSER_DIR / "index.html")
+    # cross-origin isolated (COOP/COEP): the tab's trainer uses wasm threads
+    return web.FileResponse(BROWSER_DIR / "index.html",
+                            headers={**ISOLATION, "Cache-Control": "no-cache"})
 
 
 @routes.get("/metrics")

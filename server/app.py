@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import api, browser_assets, ws
+from server import api, browser_assets, browser_data, ws
 from server.coordinator import Coordinator
 from server.keys import COORDINATOR, RUN
 from server.runstate import RunState
@@ -24,6 +24,7 @@ def make_app(run: RunState) -> web.Application:
     app.add_routes(api.routes)
     app.add_routes(ws.routes)
     app.add_routes(browser_assets.routes)  # before /static/: the browser node's assets
+    app.add_routes(browser_data.routes)
     app.on_startup.append(browser_assets.build_at_startup)
     static = Path(api.BROWSER_DIR)
     if static.is_dir():

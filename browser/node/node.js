@@ -1,0 +1,322 @@
+// The training tab's controller (main thread): Pyodide runs the participant's protocol logic
+// (shared/participant.py, the same package native nodes use), this file moves its frames over
+// the WebSocket and hands each round to the trainer in a Web Worker (train_worker.js).
+//
+//   const node = new BrowserNode();
+//   node.addEventListener('change', () => render(node.stats));
+//   await node.start();          // load, connect, train every round until the run ends
+//   node.pause(); node.resume(); await node.useOwnText(file); await node.generate('ab', 40);
+
+import { loadShared } from './pyodide_host.js';
+import { loadOrCreateIdentity } from './identity.js';
+import { initZstd } from './zstd.js';
+
+const JOURNAL_KEY = 'daa-prime/pending-update';
+const PINS_KEY = 'daa-prime/server-pins';
+const BACKOFF_MAX_MS = 10000;
+
+/** 'webgpu' when navigator.gpu gives an adapter (or when forced), else 'wasm'. */
+export async function pickBackend(requested = 'auto') {
+  const notes = [];
+  let backend = requested;
+  if (requested === 'auto' || requested === 'webgpu') {
+    let adapter = null;
+    try { adapter = navigator.gpu ? await navigator.gpu.requestAdapter() : null; } catch { adapter = null; }
+    if (adapter) backend = 'webgpu';
+    else {
+      backend = 'wasm';
+      notes.push('No WebGPU adapter in this browser: using WebAssembly.');
+    }
+  }
+  if (!self.crossOriginIsolated) notes.push('No SharedArrayBuffer (page not cross-origin isolated): single thread.');
+  return { backend, notes };
+}
+
+function storageGet(key) { try { return localStorage.getItem(key); } catch { return null; } }
+function storageSet(key, value) {
+  try { if (value === null) localStorage.removeItem(key); else localStorage.setItem(key, value); } catch { /* private mode */ }
+}
+
+export class BrowserNode extends EventTarget {
+  constructor({ backend = 'auto', storagePrefix = '' } = {}) {
+    super();
+    this.requestedBackend = backend;
+    this.prefix = storagePrefix;
+    this.py = null;
+    this.glue = null;
+    this.part = null;
+    this.worker = null;
+    this.ws = null;
+    this.stopped = false;
+    this.welcome = null;
+    this.workerModel = null;  // model id the worker's sessions were built for
+    this.params = null;       // latest global params (Float32Array), for "try the model"
+    this.dataSource = 'server';
+    this.pendingInfer = new Map();
+    this.stats = {
+      state: 'loading', backend: null, threads: null, notes: [], nodeId: null, runId: null,
+      model: null, task: null, round: null, version: null, contributed: 0, accepted: 0, rejected: 0,
+      rejections: [], evalLoss: [], entropyFloor: null, stepLoss: null, stepsDone: 0, stepsTotal: 0,
+      samplesPerS: null, paused: false, rows: null, dataSource: 'server', errors: [], timings: {},
+      firstAcceptedMs: null, consoleErrors: 0,
+    };
+    this.t0 = performance.now();
+  }
+
+  set(patch) {
+    Object.assign(this.stats, patch);
+    this.dispatchEvent(new Event('change'));
+  }
+
+  log(msg, level = 'info') {
+    (level === 'error' ? console.error : console.log)(`[daa-node] ${msg}`);
+    if (level === 'error') this.set({ errors: [...this.stats.errors, msg].slice(-5) });
+  }
+
+  // -- start-up ---------------------------------------------------------------------------
+  async start() {
+    const { backend, notes } = await pickBackend(this.requestedBackend);
+    this.set({ backend, notes, state: 'loading Python' });
+    const [shared, ident] = await Promise.all([
+      loadShared(), loadOrCreateIdentity(`${this.prefix}node`), initZstd()]);
+    this.py = shared.pyodide;
+    const glue = await fetch(new URL('./node_glue.py', import.meta.url), { cache: 'no-cache' });
+    if (!glue.ok) throw new Error(`node_glue.py: HTTP ${glue.status}`);
+    this.py.runPython(await glue.text(), { filename: 'node_glue.py' });
+    this.glue = {
+      make: this.py.globals.get('make_participant'), feed: this.py.globals.get('feed'),
+      submit: this.py.globals.get('submit'), setLayout: this.py.globals.get('set_layout'),
+    };
+    const pinsKey = `${this.prefix}${PINS_KEY}`;
+    this.part = this.glue.make(ident.publicKey, ident.secretKey, storageGet(pinsKey) || '{}',
+      (json) => storageSet(pinsKey, json), backend);
+    const journal = storageGet(`${this.prefix}${JOURNAL_KEY}`);
+    if (journal && this.part.restore(journal)) this.log('an update trained before the reload is kept for resubmission');
+    this.set({ nodeId: ident.nodeId, timings: { ...this.stats.timings, python_ms: performance.now() - this.t0 } });
+    this.connect(0);
+  }
+
+  // -- the control socket -----------------------------------------------------------------
+  connect(attempt) {
+    if (this.stopped) return;
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(`${proto}//${location.host}/ws`);
+    ws.binaryType = 'arraybuffer';
+    this.ws = ws;
+    this.set({ state: 'connecting' });
+    ws.onopen = () => { this.part.connection_made(); attempt = 0; };
+    ws.onmessage = (ev) => {
+      if (!(ev.data instanceof ArrayBuffer)) return;
+      let events;
+      try {
+        events = this.glue.feed(this.part, new Uint8Array(ev.data));
+      } catch (err) {
+        this.log(`protocol logic failed: ${err}`, 'error');
+        return;
+      }
+      for (const e of events) this.onEvent(e);
+    };
+    ws.onclose = () => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (this.stopped) return;
+      const delay = Math.min(BACKOFF_MAX_MS, 250 * 2 ** attempt) * (0.8 + 0.4 * Math.random());
+      this.set({ state: `reconnecting in ${(delay / 1000).toFixed(1)} s` });
+      setTimeout(() => this.connect(attempt + 1), delay);
+    };
+  }
+
+  send(frame) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(frame);
+  }
+
+  onEvent(e) {
+    switch (e.kind) {
+      case 'send': this.send(e.frame); break;
+      case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
+      case 'train': this.onTrain(e); break;
+      case 'cancel': this.worker?.postMessage({ type: 'cancel', round: e.round }); break;
+      case 'ack':
+        if (e.status === 'accepted' && this.stats.firstAcceptedMs === null) {
+          this.stats.firstAcceptedMs = performance.now() - this.t0;
+        }
+        this.set({ accepted: this.stats.accepted + (e.status === 'accepted' ? 1 : 0) });
+        break;
+      case 'committed': this.onCommitted(e); break;
+      case 'error':
+        this.log(`server: ${e.code}: ${e.message}`);
+        if (e.round !== null && e.round !== undefined) {
+          this.set({ rejected: this.stats.rejected + 1,
+            rejections: [...this.stats.rejections, { round: e.round, code: e.code, message: e.message }].slice(-20) });
+        }
+        break;
+      case 'journal': storageSet(`${this.prefix}${JOURNAL_KEY}`, e.entry ?? null); break;
+      case 'refused': this.log(`dropped a frame from the server: ${e.message}`); break;
+      case 'reconnect': this.log(e.message); this.ws?.close(); break;
+      case 'fatal': this.fail(e.message); break;
+      default: break;
+    }
+  }
+
+  fail(message) {
+    this.stopped = true;
+    this.log(message, 'error');
+    this.set({ state: 'stopped' });
+    this.ws?.close();
+  }
+
+  async onWelcome(w) {
+    this.welcome = w;
+    const model = w.model;
+    this.set({ state: 'preparing the model', runId: w.run_id, model: `${model.name} (${w.n_params.toLocaleString()} params)`,
+      task: w.data.kind === 'digits' ? 'classify' : 'lm' });
+    if (this.workerModel === w.model_id) return;
+    const t0 = performance.now();
+    const manifest = await (await fetch('/model/onnx/manifest.json')).json();
+    this.glue.setLayout(this.part, JSON.stringify(manifest.layout));
+    const data = await this.fetchShard(w.shard, w.n_shards);
+    this.worker?.terminate();
+    this.worker = new Worker(new URL('./train_worker.js', import.meta.url), { type: 'module' });
+    const ready = new Promise((resolve, reject) => {
+      this.worker.onmessage = (ev) => {
+        if (ev.data.type === 'ready') resolve(ev.data);
+        else if (ev.data.type === 'error') reject(new Error(ev.data.message));
+      };
+    });
+    const seed = parseInt(w.node_id.slice(0, 8), 16);
+    this.worker.postMessage({ type: 'init', backend: this.stats.backend, seed, data,
+      graphs: { train: '/model/onnx/train_step.onnx', infer: '/model/onnx/infer.onnx' } },
+    [data.x, data.y]);
+    const info = await ready;
+    this.worker.onmessage = (ev) => this.onWorker(ev.data);
+    this.workerModel = w.model_id;
+    if (this.ownText) await this.useOwnText(this.ownText);
+    this.set({ threads: info.threads, rows: data.meta.rows,
+      timings: { ...this.stats.timings, model_ms: performance.now() - t0 } });
+    if (this.queued) { const q = this.queued; this.queued = null; this.onTrain(q); }
+    else this.set({ state: 'waiting for a round' });
+  }
+
+  async fetchShard(shard, nShards) {
+    const resp = await fetch(`/data/shard?shard=${shard}&n_shards=${nShards}`);
+    if (!resp.ok) throw new Error(`data shard: HTTP ${resp.status}: ${await resp.text()}`);
+    const meta = JSON.parse(resp.headers.get('X-Data-Meta'));
+    const buf = await resp.arrayBuffer();
+    this.vocab = meta.vocab || null;
+    this.context = this.welcome.model.context || null;
+    this.set({ entropyFloor: meta.entropy_floor ?? null });
+    return { meta, x: buf.slice(0, meta.x_bytes), y: buf.slice(meta.x_bytes) };
+  }
+
+  onTrain(e) {
+    this.params = new Float32Array(e.params.buffer.slice(e.params.byteOffset, e.params.byteOffset + e.params.byteLength));
+    this.set({ round: e.round, version: e.params_digest.slice(0, 12) });
+    if (this.workerModel !== this.welcome?.model_id) { this.queued = e; return; }
+    const params = this.params.slice();
+    this.trainStart = performance.now();
+    this.set({ state: `training round ${e.round}`, stepsDone: 0, stepsTotal: e.steps });
+    this.worker.postMessage({ type: 'round', round: e.round, params: params.buffer, steps: e.steps,
+      lr: e.lr, batchSize: e.batch_size }, [params.buffer]);
+  }
+
+  onWorker(m) {
+    if (m.type === 'step') {
+      this.set({ stepsDone: m.step, stepLoss: m.loss });
+    } else if (m.type === 'done') {
+      const wall = (performance.now() - this.trainStart) / 1000;
+      const events = this.glue.submit(this.part, m.round, new Uint8Array(m.params), m.trainLoss,
+        m.samples, m.computeS);
+      for (const e of events) this.onEvent(e);
+      const sent = events.some((e) => e.kind === 'send');
+      this.set({ contributed: this.stats.contributed + (sent ? 1 : 0), samplesPerS: m.samples / wall,
+        state: sent ? `submitted round ${m.round}` : this.stats.state });
+    } else if (m.type === 'cancelled') {
+      this.log(`round ${m.round}: training stopped after ${m.steps} steps (the round moved on)`);
+    } else if (m.type === 'infer') {
+      const resolve = this.pendingInfer.get(m.id);
+      this.pendingInfer.delete(m.id);
+      resolve?.({ logits: new Float32Array(m.logits), dims: m.dims });
+    } else if (m.type === 'error') {
+      this.log(`trainer: ${m.message}`, 'error');
+    }
+  }
+
+  onCommitted(e) {
+    const evalLoss = e.eval_loss === null || e.eval_loss === undefined ? this.stats.evalLoss
+      : [...this.stats.evalLoss, [e.round, e.eval_loss]];
+    this.set({ evalLoss });
+    if (e.final) { this.stopped = true; this.set({ state: 'the run is finished' }); this.ws?.close(); }
+  }
+
+  // -- controls ---------------------------------------------------------------------------
+  pause() { this.worker?.postMessage({ type: 'pause' }); this.set({ paused: true }); }
+  resume() { this.worker?.postMessage({ type: 'resume' }); this.set({ paused: false }); }
+  stop() { this.stopped = true; this.worker?.terminate(); this.ws?.close(); this.set({ state: 'stopped' }); }
+
+  /** Train on a local text file from now on. It is read here and never leaves the tab. */
+  async useOwnText(file) {
+    if (this.stats.task !== 'lm' || !this.vocab) throw new Error('this run trains a classifier: own text cannot be used');
+    this.ownText = file;
+    if (!this.worker || this.workerModel !== this.welcome.model_id) return { rows: 0, pending: true };
+    const text = typeof file === 'string' ? file : await file.text();
+    const index = new Map(this.vocab.map((s, i) => [s, i]));
+    const ids = [];
+    let skipped = 0;
+    for (const ch of text) { const i = index.get(ch); if (i === undefined) skipped++; else ids.push(i); }
+    const T = this.context;
+    const stride = Math.max(1, T >> 1);
+    const rows = ids.length > T ? Math.floor((ids.length - T - 1) / stride) + 1 : 0;
+    if (rows < 1) throw new Error(`need more than ${T + 1} characters the model knows (found ${ids.length}, ${skipped} unknown)`);
+    const x = new Int32Array(rows * T);
+    const y = new Int32Array(rows * T);
+    for (let r = 0; r < rows; r++) {
+      for (let t = 0; t < T; t++) { x[r * T + t] = ids[r * stride + t]; y[r * T + t] = ids[r * stride + t + 1]; }
+    }
+    const meta = { task: 'lm', rows, x_cols: T, y_cols: T };
+    this.worker.postMessage({ type: 'data', source: 'own', data: { meta, x: x.buffer, y: y.buffer } }, [x.buffer, y.buffer]);
+    this.set({ dataSource: `your file (${rows} windows, ${skipped} unknown characters skipped)`, rows });
+    return { rows, skipped };
+  }
+
+  infer(x, dims, xType) {
+    if (!this.worker || !this.params) return Promise.reject(new Error('no model yet: wait for the first round'));
+    const id = Math.random().toString(36).slice(2);
+    const params = this.params.slice();
+    return new Promise((resolve) => {
+      this.pendingInfer.set(id, resolve);
+      this.worker.postMessage({ type: 'infer', id, params: params.buffer, x, dims, xType }, [params.buffer]);
+    });
+  }
+
+  /** Continue `prompt` by `n` symbols with the latest global model (sampled, temperature). */
+  async generate(prompt, n = 60, temperature = 0.8) {
+    if (!this.vocab) throw new Error('this run does not train a language model');
+    const index = new Map(this.vocab.map((s, i) => [s, i]));
+    let ids = [...prompt].map((c) => index.get(c)).filter((i) => i !== undefined);
+    if (ids.length === 0) ids = [0];
+    let out = '';
+    for (let k = 0; k < n; k++) {
+      const ctx = ids.slice(-this.context);
+      const { logits, dims } = await this.infer(ctx, [1, ctx.length], 'int64');
+      const V = dims[2];
+      const row = logits.subarray((ctx.length - 1) * V, ctx.length * V);
+      const max = Math.max(...row);
+      const w = Array.from(row, (l) => Math.exp((l - max) / temperature));
+      let u = Math.random() * w.reduce((a, b) => a + b, 0);
+      let next = 0;
+      while (next < V - 1 && (u -= w[next]) > 0) next++;
+      ids.push(next);
+      out += this.vocab[next];
+    }
+    return out;
+  }
+
+  /** Class probabilities for one input row (mlp-digits: 64 pixel values in [0, 1]). */
+  async classify(pixels) {
+    const { logits } = await this.infer(pixels, [1, pixels.length], 'float32');
+    const max = Math.max(...logits);
+    const e = Array.from(logits, (l) => Math.exp(l - max));
+    const s = e.reduce((a, b) => a + b, 0);
+    return e.map((v) => v / s);
+  }
+}

@@ -1,0 +1,47 @@
+"""Pyodide side of the training tab: a shared.participant.Participant driven from node.js.
+
+node.js runs this after daa_glue.py (which registered the tab's ML-DSA-65 and zstd). Frames
+and params cross as Uint8Array; events come back as plain JS objects (bytes -> Uint8Array).
+"""
+
+from __future__ import annotations
+
+import json
+
+import js  # type: ignore[import-not-found]
+from pyodide.ffi import to_js  # type: ignore[import-not-found]
+
+from shared.envelope import Identity
+from shared.participant import Participant
+
+AGENT = "daa-prime-browser/0.1"
+
+
+def _js(events: list[dict[str, object]]) -> object:
+    return to_js(events, dict_converter=js.Object.fromEntries)
+
+
+def make_participant(public_key, secret_key, pins_json: str, save_pins, device: str):
+    ident = Identity(public_key=public_key.to_bytes(), secret_key=secret_key.to_bytes())
+    return Participant(ident, runtime="browser", agent=AGENT, device=device,
+                       pins=json.loads(pins_json or "{}"),
+                       save_pins=lambda pins: save_pins(json.dumps(pins)))
+
+
+def feed(p: Participant, data) -> object:
+    return _js(p.receive(data.to_bytes()))
+
+
+def submit(p: Participant, round: int, params, train_loss, samples: int,
+           compute_s: float) -> object:
+    loss = None if train_loss is None else float(train_loss)
+    return _js(p.submit(int(round), params.to_bytes(), train_loss=loss, samples=int(samples),
+                        compute_s=float(compute_s)))
+
+
+def set_layout(p: Participant, layout_json: str) -> None:
+    p.set_layout(json.loads(layout_json))
+
+
+def counts(p: Participant) -> object:
+    return _js([p.counts])

@@ -1,0 +1,108 @@
+// The "This tab is training" card on the server's page: starts a BrowserNode (node.js) and
+// shows its state live. `?contribute=0` only watches; `?backend=wasm|webgpu` forces a backend.
+// The node is also `window.daaNode` (the e2e tests and bench.browser read its stats).
+
+import { BrowserNode } from './node.js';
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+
+function text(id, value) { const el = $(id); if (el && el.textContent !== value) el.textContent = value; }
+
+function render(s) {
+  const badge = $('node-state');
+  text('node-state', s.paused ? 'paused' : s.state);
+  badge.className = `badge ${s.state === 'stopped' ? 'badge-unknown' : s.state.startsWith('training') ? 'badge-collecting'
+    : s.state === 'the run is finished' ? 'badge-finished' : 'badge-starting'}`;
+  text('node-backend', s.backend ? `${s.backend === 'webgpu' ? 'WebGPU' : 'WebAssembly'}${s.threads ? `, ${s.threads} thread${s.threads > 1 ? 's' : ''}` : ''}` : '–');
+  text('node-id', s.nodeId ? s.nodeId.slice(0, 16) : '–');
+  text('node-version', s.round === null ? '–' : `round ${s.round} · ${s.version}`);
+  text('node-contributed', String(s.contributed));
+  text('node-acks', `${s.accepted} / ${s.rejected}`);
+  text('node-speed', s.samplesPerS ? `${s.samplesPerS.toFixed(1)} samples/s` : '–');
+  text('node-loss', s.stepLoss === null ? '–' : s.stepLoss.toFixed(4));
+  text('node-data', s.rows ? `${s.dataSource === 'server' ? 'shard from the server' : s.dataSource}, ${s.rows} rows` : '–');
+  const bar = $('node-progress');
+  bar.max = Math.max(1, s.stepsTotal); bar.value = s.stepsDone;
+  const notes = [...s.notes, ...s.errors.map((e) => `Error: ${e}`)];
+  const ul = $('node-notes');
+  if (ul.childElementCount !== notes.length) {
+    ul.replaceChildren(...notes.map((n) => Object.assign(document.createElement('li'), { textContent: n })));
+  }
+  const rej = $('node-rejections');
+  if (rej.childElementCount !== s.rejections.length) {
+    rej.replaceChildren(...s.rejections.map((r) => Object.assign(document.createElement('li'),
+      { textContent: `round ${r.round}: ${r.code}: ${r.message}` })));
+  }
+  $('node-toggle').disabled = s.state === 'stopped' || s.state === 'the run is finished';
+  $('node-toggle').textContent = s.paused ? 'Resume' : 'Pause';
+  $('try-lm').hidden = s.task !== 'lm';
+  $('try-digit').hidden = s.task !== 'classify';
+  $('own-data').hidden = s.task === 'classify';
+}
+
+function setupDigitPad(node) {
+  const canvas = $('try-canvas');
+  const ctx = canvas.getContext('2d');
+  const clear = () => { ctx.fillStyle = '#000'; ctx.fillRect(0, 0, canvas.width, canvas.height); text('try-pred', ''); };
+  clear();
+  let down = false;
+  const draw = (ev) => {
+    if (!down) return;
+    const r = canvas.getBoundingClientRect();
+    ctx.fillStyle = '#fff';
+    ctx.beginPath();
+    ctx.arc(ev.clientX - r.left, ev.clientY - r.top, 9, 0, 2 * Math.PI);
+    ctx.fill();
+  };
+  canvas.addEventListener('pointerdown', (ev) => { down = true; draw(ev); });
+  canvas.addEventListener('pointermove', draw);
+  canvas.addEventListener('pointerup', async () => {
+    down = false;
+    // 8 x 8 cells, the mean brightness of each in [0, 1] (sklearn digits are 8 x 8, 0..16)
+    const img = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    const cell = canvas.width / 8;
+    const px = [];
+    for (let gy = 0; gy < 8; gy++) {
+      for (let gx = 0; gx < 8; gx++) {
+        let sum = 0;
+        for (let y = gy * cell; y < (gy + 1) * cell; y++) for (let x = gx * cell; x < (gx + 1) * cell; x++) sum += img[(y * canvas.width + x) * 4];
+        px.push(sum / (cell * cell * 255));
+      }
+    }
+    try {
+      const p = await node.classify(px);
+      const best = p.indexOf(Math.max(...p));
+      text('try-pred', `looks like a ${best} (${(100 * p[best]).toFixed(0)}%)`);
+    } catch (err) { text('try-pred', String(err.message || err)); }
+  });
+  $('try-clear').addEventListener('click', clear);
+}
+
+function main() {
+  if (params.get('contribute') === '0') { $('node-card').hidden = true; return; }
+  const node = new BrowserNode({ backend: params.get('backend') || 'auto' });
+  window.daaNode = node;
+  node.addEventListener('change', () => render(node.stats));
+  render(node.stats);
+  $('node-toggle').addEventListener('click', () => (node.stats.paused ? node.resume() : node.pause()));
+  $('node-file').addEventListener('change', async (ev) => {
+    const file = ev.target.files[0];
+    if (!file) return;
+    try {
+      const r = await node.useOwnText(file);
+      text('node-file-status', r.pending ? 'will be used once the model is loaded' : `using ${r.rows} windows from ${file.name}`);
+    } catch (err) { text('node-file-status', String(err.message || err)); }
+  });
+  $('try-generate').addEventListener('click', async () => {
+    text('try-out', '…');
+    try {
+      const prompt = $('try-prompt').value;
+      text('try-out', prompt + await node.generate(prompt, 80));
+    } catch (err) { text('try-out', String(err.message || err)); }
+  });
+  setupDigitPad(node);
+  node.start().catch((err) => node.fail(`cannot start: ${err.message || err}`));
+}
+
+main();

@@ -1,0 +1,215 @@
+// The tab's trainer, in a Web Worker so the page stays responsive: ONNX Runtime Web runs the
+// run's exported train-step graph (forward + backward + clip + AdamW, server/onnx_export.py)
+// H times per round on this tab's shard, and the inference graph for "try the model".
+//
+// Messages in (postMessage):                      Messages out:
+//   {type:'init', backend, graphs, data}         {type:'ready', backend, threads, nParams, loadMs}
+//   {type:'data', data}                          {type:'data', rows, source}
+//   {type:'round', round, params, steps, lr,     {type:'step', round, step, loss, ms}
+//    batchSize}                                  {type:'done', round, params, trainLoss,
+//   {type:'pause'} / {type:'resume'}              samples, computeS, steps}
+//   {type:'cancel', round}                       {type:'cancelled', round, steps}
+//   {type:'infer', id, params, x, dims}          {type:'infer', id, logits, dims}
+//   {type:'bench', params, steps, batchSize}     {type:'bench', stepMs: [...]}
+//                                                {type:'error', message}
+// `data` = {x: ArrayBuffer, y: ArrayBuffer, meta} (the layout server/browser_data.py serves).
+// AdamW moments and the step counter persist across rounds, as in the native trainer.
+
+const VENDOR = '/static/vendor/onnxruntime-web/';
+let ort = null;
+let train = null;  // InferenceSession of train_step.onnx
+let infer = null;  // ... of infer.onnx
+let info = null;   // {backend, threads}
+let shard = null;  // {x, y, rows, xCols, yCols, lm}
+let moments = null;  // {m, v, step}
+let paused = false;
+let resumeWaiters = [];
+const cancelled = new Set();
+let rng = 0x9e3779b9;
+let queue = [];
+
+function post(msg, transfer = []) { self.postMessage(msg, transfer); }
+
+async function loadOrt(backend) {
+  // ort.min.mjs carries the WebGPU execution provider (and wasm); ort.wasm.min.mjs only wasm.
+  ort = await import(`${VENDOR}${backend === 'webgpu' ? 'ort.min.mjs' : 'ort.wasm.min.mjs'}`);
+  ort.env.wasm.wasmPaths = VENDOR;
+  const threads = self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+  ort.env.wasm.numThreads = threads;
+  ort.env.logLevel = 'error';
+  return threads;
+}
+
+async function session(url, backend) {
+  const resp = await fetch(url);
+  if (!resp.ok) throw new Error(`GET ${url}: HTTP ${resp.status} ${await resp.text()}`);
+  const bytes = new Uint8Array(await resp.arrayBuffer());
+  return ort.InferenceSession.create(bytes, {
+    executionProviders: backend === 'webgpu' ? ['webgpu'] : ['wasm'],
+    graphOptimizationLevel: 'all',
+  });
+}
+
+function setData(data) {
+  const { meta } = data;
+  const lm = meta.task === 'lm';
+  const x = lm ? new Int32Array(data.x) : new Float32Array(data.x);
+  shard = { x, y: new Int32Array(data.y), rows: meta.rows, xCols: meta.x_cols, yCols: meta.y_cols, lm };
+  if (!(shard.rows > 0) || x.length !== shard.rows * shard.xCols || shard.y.length !== shard.rows * shard.yCols) {
+    shard = null;
+    throw new Error(`data: ${meta.rows} rows do not match the arrays' sizes`);
+  }
+  queue = [];
+  return shard.rows;
+}
+
+// xorshift32 for the epoch shuffles: seeded per tab, so batches differ between tabs.
+function nextRand() {
+  rng ^= rng << 13; rng >>>= 0; rng ^= rng >>> 17; rng ^= rng << 5; rng >>>= 0;
+  return rng;
+}
+
+function nextRows(n) {
+  const out = [];
+  while (out.length < n) {
+    if (queue.length === 0) {
+      queue = Array.from({ length: shard.rows }, (_, i) => i);
+      for (let i = queue.length - 1; i > 0; i--) {
+        const j = nextRand() % (i + 1);
+        [queue[i], queue[j]] = [queue[j], queue[i]];
+      }
+    }
+    out.push(queue.pop());
+  }
+  return out;
+}
+
+function batch(batchSize) {
+  const rows = nextRows(batchSize);
+  const { xCols, yCols, lm } = shard;
+  const x = lm ? new BigInt64Array(batchSize * xCols) : new Float32Array(batchSize * xCols);
+  const y = new BigInt64Array(batchSize * yCols);
+  rows.forEach((r, b) => {
+    for (let c = 0; c < xCols; c++) x[b * xCols + c] = lm ? BigInt(shard.x[r * xCols + c]) : shard.x[r * xCols + c];
+    for (let c = 0; c < yCols; c++) y[b * yCols + c] = BigInt(shard.y[r * yCols + c]);
+  });
+  const xDims = [batchSize, xCols];
+  const yDims = lm ? [batchSize, yCols] : [batchSize];
+  return {
+    x: new ort.Tensor(lm ? 'int64' : 'float32', x, xDims),
+    y: new ort.Tensor('int64', y, yDims),
+  };
+}
+
+function waitResume() {
+  return paused ? new Promise((resolve) => resumeWaiters.push(resolve)) : null;
+}
+
+/** One train step; returns [loss, newParams, newM, newV] as Float32Arrays. */
+async function step(params, m, v, lr, stepNo, xy) {
+  const n = params.length;
+  const out = await train.run({
+    params: new ort.Tensor('float32', params, [n]),
+    exp_avg: new ort.Tensor('float32', m, [n]),
+    exp_avg_sq: new ort.Tensor('float32', v, [n]),
+    lr: new ort.Tensor('float32', Float32Array.of(lr), []),
+    step: new ort.Tensor('float32', Float32Array.of(stepNo), []),
+    x: xy.x, y: xy.y,
+  });
+  const f = (name) => out[name].data;
+  return [f('loss')[0], f('new_params'), f('new_exp_avg'), f('new_exp_avg_sq')];
+}
+
+async function runRound({ round, params, steps, lr, batchSize }) {
+  if (!shard) throw new Error('no training data yet');
+  let p = new Float32Array(params);
+  if (!moments || moments.m.length !== p.length) {
+    moments = { m: new Float32Array(p.length), v: new Float32Array(p.length), step: 0 };
+  }
+  let compute = 0;
+  let lossSum = 0;
+  let done = 0;
+  for (let i = 0; i < steps; i++) {
+    const wait = waitResume();
+    if (wait) await wait;
+    if (cancelled.has(round)) break;
+    const xy = batch(batchSize);
+    const t0 = performance.now();
+    const [loss, np, nm, nv] = await step(p, moments.m, moments.v, lr, moments.step + 1, xy);
+    const ms = performance.now() - t0;
+    p = np; moments.m = nm; moments.v = nv; moments.step += 1;
+    compute += ms; lossSum += loss; done += 1;
+    post({ type: 'step', round, step: done, loss, ms });
+  }
+  if (done < steps) {
+    cancelled.delete(round);
+    post({ type: 'cancelled', round, steps: done });
+    return;
+  }
+  const trainLoss = Number.isFinite(lossSum / done) ? lossSum / done : null;
+  const out = new Float32Array(p);  // a copy we own (ORT may reuse its buffers)
+  post({ type: 'done', round, params: out.buffer, trainLoss, samples: done * batchSize,
+    computeS: compute / 1000, steps: done }, [out.buffer]);
+}
+
+async function runInfer({ id, params, x, dims, xType }) {
+  const p = new Float32Array(params);
+  const xt = xType === 'int64'
+    ? new ort.Tensor('int64', BigInt64Array.from(x, (v) => BigInt(v)), dims)
+    : new ort.Tensor('float32', Float32Array.from(x), dims);
+  const out = await infer.run({ params: new ort.Tensor('float32', p, [p.length]), x: xt });
+  const logits = new Float32Array(out.logits.data);
+  post({ type: 'infer', id, logits: logits.buffer, dims: out.logits.dims }, [logits.buffer]);
+}
+
+async function runBench({ params, steps, batchSize }) {
+  const p = new Float32Array(params);
+  const m = new Float32Array(p.length);
+  const v = new Float32Array(p.length);
+  const times = [];
+  for (let i = 0; i < steps; i++) {
+    const xy = batch(batchSize);
+    const t0 = performance.now();
+    await step(p, m, v, 1e-3, 1, xy);
+    times.push(performance.now() - t0);
+  }
+  post({ type: 'bench', stepMs: times });
+}
+
+async function handle(msg) {
+  switch (msg.type) {
+    case 'init': {
+      const t0 = performance.now();
+      const threads = await loadOrt(msg.backend);
+      [train, infer] = await Promise.all([session(msg.graphs.train, msg.backend),
+        session(msg.graphs.infer, msg.backend)]);
+      rng = (msg.seed >>> 0) || 0x9e3779b9;
+      if (msg.data) setData(msg.data);
+      info = { backend: msg.backend, threads };
+      post({ type: 'ready', ...info, loadMs: performance.now() - t0 });
+      break;
+    }
+    case 'data': post({ type: 'data', rows: setData(msg.data), source: msg.source }); break;
+    case 'round': await runRound(msg); break;
+    case 'infer': await runInfer(msg); break;
+    case 'bench': await runBench(msg); break;
+    default: throw new Error(`unknown message ${msg.type}`);
+  }
+}
+
+// pause / resume / cancel act at once; everything else runs in order, one at a time.
+let chain = Promise.resolve();
+self.onmessage = (ev) => {
+  const msg = ev.data;
+  if (msg.type === 'pause') { paused = true; return; }
+  if (msg.type === 'resume') {
+    paused = false;
+    resumeWaiters.splice(0).forEach((r) => r());
+    return;
+  }
+  if (msg.type === 'cancel') { cancelled.add(msg.round); return; }
+  chain = chain.then(() => handle(msg)).catch((err) => post({
+    type: 'error', message: String(err && err.message ? err.message : err), during: msg.type,
+    round: msg.round,
+  }));
+};

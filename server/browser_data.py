@@ -1,0 +1,98 @@
+"""What a browser tab trains on: its shard of the run's training set, as raw arrays.
+
+    GET /data/shard?shard=I&n_shards=N   the rows of shard I of N (the same split native
+                                         nodes compute: native_node.data.shard_indices)
+
+Body: x then y, little-endian: x float32 (digits) or int32 (token windows), y int32. The
+`X-Data-Meta` header (JSON) says how to read it: task, rows, x_dtype, x_cols, y_cols, and for
+language models the vocabulary (one symbol per id) and the entropy floor. A browser also
+needs the vocabulary to turn a local text file into token windows ("train on my own data").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from native_node.data import shard_indices
+from native_node.workload import Workload
+from server.browser_assets import ISOLATION
+from server.keys import RUN
+
+log = logging.getLogger("server.browser_data")
+routes = web.RouteTableDef()
+MAX_SHARDS = 1 << 20
+
+
+def shard_arrays(work: Workload, shard: int, n_shards: int) -> tuple[bytes, dict[str, object]]:
+    ds, spec = work.dataset, work.data_spec
+    idx = shard_indices(ds.keys_train, n_shards=n_shards, shard=shard, partition=spec.partition,
+                        alpha=spec.alpha, seed=spec.seed)
+    x, y = ds.x_train[idx], ds.y_train[idx]
+    lm = ds.task == "lm"
+    xb = (x.astype("<i4") if lm else x.astype("<f4")).tobytes()
+    yb = y.astype("<i4").tobytes()
+    meta: dict[str, object] = {
+        "task": ds.task, "rows": len(idx), "x_dtype": "int32" if lm else "float32",
+        "x_cols": int(np.prod(x.shape[1:])), "y_cols": int(np.prod(y.shape[1:])) if lm else 1,
+        "shard": shard, "n_shards": n_shards, "x_bytes": len(xb),
+    }
+    if lm:
+        vocab = ds.vocab if ds.vocab is not None else [str(i) for i in range(
+            int(work.model_config.get("vocab_size", 0)))]
+        meta.update(vocab=vocab, entropy_floor=ds.entropy_floor)
+    return xb + yb, meta
+
+
+@lru_cache(maxsize=64)
+def _cached(key: int, shard: int, n_shards: int, work: Workload) -> tuple[bytes, str]:
+    body, meta = shard_arrays(work, shard, n_shards)
+    return body, json.dumps(meta, separators=(",", ":"))
+
+
+def _int_arg(request: web.Request, name: str, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    try:
+        value = int(raw) if raw is not None else None
+    except ValueError:
+        value = None
+    if value is None or not low <= value < high:
+        raise web.HTTPBadRequest(text=f"{name}: an integer in [{low}, {high}) is required")
+    return value
+
+
+@routes.get("/data/shard")
+async def get_shard(request: web.Request) -> web.Response:
+    work = request.app[RUN].work
+    n_shards = _int_arg(request, "n_shards", 1, MAX_SHARDS)
+    shard = _int_arg(request, "shard", 0, n_shards)
+    if n_shards > len(work.dataset.y_train):
+        raise web.HTTPBadRequest(text=f"n_shards: the training set has only "
+                                      f"{len(work.dataset.y_train)} rows")
+    body, meta = await asyncio.to_thread(_cached, id(work), shard, n_shards, work)
+    return web.Response(body=body, content_type="application/octet-stream",
+                        headers={**ISOLATION, "X-Data-Meta": meta, "Cache-Control": "no-cache"})
+
+
+async def prewarm_onnx(app: web.Application) -> None:
+    """Export the run's ONNX graphs in the background at startup, so that the first tab
+    to open does not wait for it (server/onnx_export.py caches them by config hash)."""
+    try:
+        from server.onnx_export import export_graphs
+    except ImportError:
+        return
+    run = app[RUN]
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(None, export_graphs, run.work.model_config, run.store.dir / "onnx")
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if not f.cancelled() and f.exception() is not None:
+            log.warning("ONNX export failed; browser nodes cannot train: %s", f.exception())
+
+    fut.add_done_callback(done)

@@ -1,0 +1,264 @@
+"""A training participant's protocol logic, without I/O (stdlib only: it runs in Pyodide).
+
+The browser tab feeds every frame it receives to `Participant.receive` and acts on the events
+it returns; when its trainer (ONNX Runtime Web in a Web Worker) has the round's new params it
+calls `Participant.submit`. This class owns everything a participant must get right about the
+protocol: the server's signed Challenge and key pin (shared.trust), the signed Hello, the round's
+params (full, or a params delta checked against its digest: shared.downlink), the codec with its
+error-feedback residual, the signed Submit and its idempotent resubmission after a reconnect.
+
+Events are plain dicts (JSON-able except `bytes` values), `kind` first:
+
+| kind      | fields                                                                     |
+|-----------|----------------------------------------------------------------------------|
+| send      | frame (bytes): send it to the server as one binary WebSocket message      |
+| welcome   | run_id, node_id, server_id, model, model_id, data, shard, n_shards, codec, |
+|           | error_feedback, n_params, transport                                        |
+| train     | round, attempt, params (float32 LE bytes), params_digest, steps, lr,       |
+|           | batch_size, deadline_s                                                     |
+| cancel    | round: stop training it (a newer round opened)                             |
+| ack       | round, status ("accepted" / "duplicate"), digest                           |
+| committed | round, eval_loss, n_updates, params_digest, final                          |
+| error     | code, message, round: the server refused something we sent (or training    |
+|           | diverged: code "not_finite")                                               |
+| refused   | message: a frame from the server failed verification and was dropped      |
+| reconnect | message: close the socket and connect again (full params needed)           |
+| journal   | entry (JSON str) or None: persist it; hand it to `restore` after a reload |
+| fatal     | message: stop; a retry cannot fix this (untrusted server, model mismatch)  |
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from shared.codecs import make_codec
+from shared.codecs.base import with_error_feedback
+from shared.downlink import resolve
+from shared.envelope import Identity, new_nonce
+from shared.errors import BadUpdate, ProtocolError
+from shared.layout import TensorSlot, make_manifest, model_id
+from shared.messages import (
+    Ack,
+    Challenge,
+    Error,
+    Hello,
+    Message,
+    RoundCommitted,
+    RoundOpen,
+    Submit,
+    Welcome,
+    sha256_hex,
+)
+from shared.trust import ServerTrust, UntrustedServer
+from shared.vec import all_finite, from_bytes, to_bytes
+
+Event = dict[str, Any]
+FATAL_CODES = {"unsupported_version"}
+MAX_MESSAGE = 512 * 1024 * 1024
+JOURNAL_VERSION = 1
+
+
+class Participant:
+    """One training participant's protocol state across connections (sans I/O)."""
+
+    def __init__(self, identity: Identity, *, runtime: str, agent: str, device: str,
+                 pins: dict[str, str] | None = None,
+                 save_pins: Callable[[dict[str, str]], None] | None = None,
+                 expected_server_id: str | None = None) -> None:
+        self.identity = identity
+        self.runtime, self.agent, self.device = runtime, agent, device
+        self.trust = ServerTrust(pins=pins, save_pins=save_pins,
+                                 expected_server_id=expected_server_id, max_payload=MAX_MESSAGE)
+        self.challenge: Challenge | None = None
+        self.welcome: Welcome | None = None
+        self.layout: tuple[TensorSlot, ...] | None = None  # from the ONNX manifest
+        self.held: Any = None  # params of the last RoundOpen (base of a params delta)
+        self.held_digest: str | None = None
+        self.training: RoundOpen | None = None  # the round our trainer is working on
+        self.residual: Any = None  # error feedback: what the codec dropped last time
+        self.pending: Submit | None = None  # submitted, not yet known to be committed
+        self.pending_params: str | None = None  # params digest the pending update started from
+        self.counts = {"refused_frames": 0, "submitted": 0, "accepted": 0, "duplicate": 0,
+                       "errors": 0}
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    # -- connection ----------------------------------------------------------------------
+    def connection_made(self) -> None:
+        """A new socket: the next frame must be the server's Challenge."""
+        self.challenge = None
+        self.trust.reset()
+
+    def set_layout(self, entries: Sequence[dict[str, Any]]) -> None:
+        """The parameter layout from the ONNX manifest; with the run's model config it must
+        hash to the Welcome's model id (else the graphs are not this run's model)."""
+        if self.welcome is None:
+            raise ValueError("no Welcome yet: the layout is checked against the run's model")
+        slots = make_manifest((e["name"], tuple(e["shape"]), int(e["offset"]), int(e["length"]))
+                              for e in entries)
+        got = model_id(self.welcome.model, slots)
+        if got != self.welcome.model_id:
+            raise ValueError(f"the ONNX graphs' layout gives model id {got[:12]}, the run's is "
+                             f"{self.welcome.model_id[:12]}")
+        self.layout = slots
+
+    def receive(self, data: bytes) -> list[Event]:
+        """One frame from the server -> the events it causes."""
+        try:
+            msg = self.trust.open(bytes(data))
+        except ProtocolError as exc:
+            self.counts["refused_frames"] += 1
+            return [{"kind": "refused", "message": f"{exc.code}: {exc}"}]
+        except UntrustedServer as exc:
+            return [{"kind": "fatal", "message": str(exc)}]
+        if isinstance(msg, Challenge):
+            self.challenge = msg
+            hello = Hello(node_id=self.node_id, public_key=self.identity.public_key.hex(),
+                          challenge=msg.challenge, nonce=new_nonce(), runtime=self.runtime,
+                          agent=self.agent, device=self.device, role="trainer",
+                          features="delta-params")
+            return [self._send(hello)]
+        if isinstance(msg, Welcome):
+            return self._on_welcome(msg)
+        if isinstance(msg, RoundOpen):
+            return self._on_round_open(msg)
+        if isinstance(msg, Ack):
+            self.counts[msg.status] = self.counts.get(msg.status, 0) + 1
+            return [{"kind": "ack", "round": msg.round, "status": msg.status,
+                     "digest": msg.digest}]
+        if isinstance(msg, RoundCommitted):
+            return self._on_committed(msg)
+        if isinstance(msg, Error):
+            self.counts["errors"] += 1
+            kind = "fatal" if msg.code in FATAL_CODES else "error"
+            return [{"kind": kind, "code": msg.code, "message": msg.message,
+                     "round": msg.round}]
+        return []  # Signal, ValidateRequest: not for a trainer on the ws transport
+
+    # -- handlers ------------------------------------------------------------------------
+    def _send(self, msg: Message) -> Event:
+        assert self.challenge is not None
+        msg = dataclasses.replace(msg, nonce=new_nonce())  # type: ignore[type-var]
+        sign = self.identity.signer(run_id=self.challenge.run_id,
+                                    round=getattr(msg, "round", -1), msg_type=msg.TYPE,
+                                    nonce=msg.nonce)  # type: ignore[attr-defined]
+        return {"kind": "send", "frame": msg.to_frame(sign=sign,
+                                                      compress=isinstance(msg, Submit))}
+
+    def _on_welcome(self, msg: Welcome) -> list[Event]:
+        if self.welcome is not None and (self.welcome.model_id != msg.model_id
+                                         or self.welcome.codec != msg.codec
+                                         or self.welcome.codec_params != msg.codec_params):
+            self.residual = None  # explicit: a new model or codec starts a fresh residual
+            self.layout = None
+            self.pending = None
+        self.welcome = msg
+        return [{"kind": "welcome", "run_id": msg.run_id, "node_id": msg.node_id,
+                 "server_id": self.trust.server_id, "model": msg.model,
+                 "model_id": msg.model_id, "data": msg.data, "shard": msg.shard,
+                 "n_shards": msg.n_shards, "codec": msg.codec, "codec_params": msg.codec_params,
+                 "error_feedback": msg.error_feedback, "n_params": msg.n_params,
+                 "transport": msg.transport}]
+
+    def _on_round_open(self, msg: RoundOpen) -> list[Event]:
+        try:  # full params, or the changes against the params we hold
+            theta = resolve(msg, self.held, self.held_digest)
+        except BadUpdate as exc:
+            self.held = self.held_digest = None
+            return [{"kind": "reconnect", "message": f"round {msg.round}: {exc}"}]
+        self.held, self.held_digest = theta, msg.params_digest
+        events: list[Event] = []
+        if (self.pending is not None and self.pending.round == msg.round
+                and self.pending_params == msg.params_digest):
+            return [self._send(self.pending)]  # trained before the reconnect: resubmit as is
+        if self.training is not None and self.training.round == msg.round \
+                and self.training.params_digest == msg.params_digest:
+            return []  # a retry of the round we are already training
+        if self.training is not None:
+            events.append({"kind": "cancel", "round": self.training.round})
+        self.training = msg
+        events.append({"kind": "train", "round": msg.round, "attempt": msg.attempt,
+                       "params": to_bytes(theta), "params_digest": msg.params_digest,
+                       "steps": msg.inner_steps, "lr": msg.inner_lr,
+                       "batch_size": msg.batch_size, "deadline_s": msg.deadline_s})
+        return events
+
+    def _on_committed(self, msg: RoundCommitted) -> list[Event]:
+        events: list[Event] = []
+        if self.pending is not None and self.pending.round <= msg.round:
+            self.pending = self.pending_params = None
+            events.append({"kind": "journal", "entry": None})
+        if self.training is not None and self.training.round <= msg.round:
+            self.training = None
+        events.append({"kind": "committed", "round": msg.round, "eval_loss": msg.eval_loss,
+                       "n_updates": msg.n_updates, "params_digest": msg.params_digest,
+                       "final": msg.final})
+        return events
+
+    # -- the trainer's result ------------------------------------------------------------
+    def submit(self, round: int, new_params: bytes, *, train_loss: float | None,
+               samples: int, compute_s: float) -> list[Event]:
+        """The trainer finished `round` with `new_params` (float32 LE): encode the
+        pseudo-gradient theta_r - theta_i (+ residual), sign it and send it."""
+        job, welcome = self.training, self.welcome
+        if job is None or job.round != round or welcome is None or self.held is None:
+            return []  # the round moved on while we trained: nothing to send
+        codec = make_codec(welcome.codec, **welcome.codec_params)
+        if getattr(codec, "needs_layout", False) and self.layout is None:
+            return [{"kind": "fatal", "message": f"codec {codec.name} needs the layout"}]
+        theta_i = from_bytes(new_params)
+        if len(theta_i) != len(self.held):
+            raise ValueError(f"trainer returned {len(theta_i)} params, the round has "
+                             f"{len(self.held)}")
+        delta = from_bytes(to_bytes([a - b for a, b in zip(self.held, theta_i, strict=True)]))
+        if not all_finite(delta):
+            self.training = None
+            return [{"kind": "error", "code": "not_finite",
+                     "message": f"round {round}: training diverged (NaN/inf); not submitted"}]
+        if welcome.error_feedback:
+            payload, residual = with_error_feedback(codec, delta, self.residual,
+                                                    layout=self.layout)
+            self.residual = residual if any(residual) else None
+        else:
+            payload = codec.encode(delta, layout=self.layout)
+        msg = Submit(run_id=welcome.run_id, round=round, node_id=self.node_id,
+                     nonce=new_nonce(), codec=codec.name, length=len(delta),
+                     digest=sha256_hex(payload), train_loss=train_loss, samples=int(samples),
+                     compute_s=round_to(compute_s), payload=payload)
+        self.pending, self.pending_params = msg, job.params_digest
+        self.training = None
+        self.counts["submitted"] += 1
+        return [{"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
+
+    # -- reload: the pending update survives in the tab's storage -----------------------
+    def journal_entry(self) -> str | None:
+        if self.pending is None:
+            return None
+        fields = {f.name: getattr(self.pending, f.name)
+                  for f in dataclasses.fields(self.pending) if f.name != "payload"}
+        return json.dumps({"version": JOURNAL_VERSION, "params_digest": self.pending_params,
+                           "submit": fields,
+                           "payload": base64.b64encode(self.pending.payload).decode()})
+
+    def restore(self, entry: str) -> bool:
+        """Take back an update journaled before a reload (resubmitted, never retrained, when
+        its round and params come again). False when the entry is unusable."""
+        try:
+            doc = json.loads(entry)
+            if doc.get("version") != JOURNAL_VERSION or doc["submit"]["node_id"] != self.node_id:
+                return False
+            submit = Submit(**doc["submit"], payload=base64.b64decode(doc["payload"]))
+        except (ValueError, KeyError, TypeError, ProtocolError):
+            return False
+        self.pending, self.pending_params = submit, str(doc["params_digest"])
+        return True
+
+
+def round_to(x: float, digits: int = 4) -> float:
+    return float(round(x, digits))
