@@ -8,6 +8,7 @@ or the path in $DAA_CHROMIUM. Without it every e2e test is skipped, saying why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,8 +39,11 @@ def ensure_vendored() -> None:
 class LiveServer:
     """make_app(run) + server.browser_assets.routes served from a thread on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, config: dict[str, Any] | None = None,
+                 onnx_cache: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.config = config or {"model": "mlp-digits"}
+        self.onnx_cache = onnx_cache  # shared by the session's servers: export once per model
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="e2e-server",
                                        daemon=True)
@@ -53,7 +57,12 @@ class LiveServer:
         from server.app import make_app
         from server.runstate import open_run
 
-        run = open_run(self.data_dir, {"model": "mlp-digits"})
+        if self.onnx_cache is not None:  # server/onnx_export.py caches under <data dir>/onnx
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.onnx_cache.mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "onnx").symlink_to(self.onnx_cache, target_is_directory=True)
+        run = open_run(self.data_dir, self.config)
+        self.run = run
         app = make_app(run)
         paths = {getattr(r.resource, "canonical", None) for r in app.router.routes()}
         if "/pkg/shared.zip" not in paths:  # not wired into make_app (yet): add them here
@@ -62,7 +71,14 @@ class LiveServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.port = self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def call(self, fn: Any, timeout: float = 30) -> Any:
+        """Run `fn()` (sync) on the server's loop thread and return its result."""
+        async def _run() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(_run(), self.loop).result(timeout=timeout)
 
     def start(self) -> None:
         self.thread.start()
@@ -99,3 +115,120 @@ def browser() -> Iterator[Any]:
             yield b
         finally:
             b.close()
+
+
+ARTIFACTS = Path(os.environ.get("DAA_E2E_ARTIFACTS", ROOT / "e2e" / "artifacts"))
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, onnx_cache: Path) -> Iterator[Any]:
+    """make_server(config) -> a started LiveServer on a fresh data dir (stopped afterwards)."""
+    ensure_vendored()
+    servers: list[LiveServer] = []
+
+    def make(config: dict[str, Any]) -> LiveServer:
+        srv = LiveServer(tmp_path / f"run{len(servers)}", config, onnx_cache=onnx_cache)
+        srv.start()
+        servers.append(srv)
+        return srv
+
+    try:
+        yield make
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+class NativeNode:
+    """`python -m native_node join` as a real subprocess (own identity dir)."""
+
+    def __init__(self, server: LiveServer, state_dir: Path, *args: str) -> None:
+        self.log = state_dir / "node.log"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "native_node", "join", "--coordinator",
+             f"127.0.0.1:{server.port}", "--state-dir", str(state_dir), "--quiet",
+             "--threads", "1", *args],
+            cwd=ROOT, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def native_node(tmp_path: Path) -> Iterator[Any]:
+    nodes: list[NativeNode] = []
+
+    def start(server: LiveServer, *args: str) -> NativeNode:
+        node = NativeNode(server, tmp_path / f"native{len(nodes)}", *args)
+        nodes.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+class Tab:
+    """A page of the server's `/` in its own browser context (its own IndexedDB identity),
+    with every console error and page error collected."""
+
+    def __init__(self, browser: Any, url: str, name: str) -> None:
+        self.name = name
+        self.context = browser.new_context()
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(f"console: {m.text}")
+                     if m.type == "error" else None)
+        self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        self.page.goto(url)
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.page.evaluate("() => window.daaNode ? window.daaNode.stats : null")
+                    or {})
+
+    def wait(self, condition_js: str, timeout_s: float = 120) -> None:
+        """Wait until `condition_js` (an expression over `s`, the node's stats) holds."""
+        self.page.wait_for_function(
+            f"() => {{ const s = window.daaNode && window.daaNode.stats; "
+            f"if (s && s.state === 'stopped') "
+            f"throw new Error('node stopped: ' + s.errors.join('; ')); "
+            f"return !!s && ({condition_js}); }}", timeout=timeout_s * 1000, polling=250)
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def open_tab(browser: Any) -> Iterator[Any]:
+    tabs: list[Tab] = []
+
+    def open_(url: str, name: str = "tab") -> Tab:
+        tab = Tab(browser, url, name)
+        tabs.append(tab)
+        return tab
+
+    try:
+        yield open_
+    finally:
+        for tab in tabs:
+            with contextlib.suppress(Exception):  # already closed by the test
+                tab.close()

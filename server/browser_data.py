@@ -3,10 +3,11 @@
     GET /data/shard?shard=I&n_shards=N   the rows of shard I of N (the same split native
                                          nodes compute: native_node.data.shard_indices)
 
-Body: x then y, little-endian: x float32 (digits) or int32 (token windows), y int32. The
-`X-Data-Meta` header (JSON) says how to read it: task, rows, x_dtype, x_cols, y_cols, and for
-language models the vocabulary (one symbol per id) and the entropy floor. A browser also
-needs the vocabulary to turn a local text file into token windows ("train on my own data").
+Body: a u32 LE length m, m bytes of JSON metadata, then x and y, little-endian: x float32
+(digits) or int32 (token windows), y int32. The metadata says how to read them: task, rows,
+x_dtype, x_cols, y_cols, x_bytes, and for language models the vocabulary (one symbol per id;
+it can be long, so it is not a header) and the entropy floor. A browser also needs the
+vocabulary to turn a local text file into token windows ("train on my own data").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 from functools import lru_cache
 from typing import Any
 
@@ -51,19 +53,19 @@ def shard_arrays(work: Workload, shard: int, n_shards: int) -> tuple[bytes, dict
 
 
 @lru_cache(maxsize=64)
-def _cached(key: int, shard: int, n_shards: int, work: Workload) -> tuple[bytes, str]:
-    body, meta = shard_arrays(work, shard, n_shards)
-    return body, json.dumps(meta, separators=(",", ":"))
+def _cached(key: int, shard: int, n_shards: int, work: Workload) -> bytes:
+    arrays, meta = shard_arrays(work, shard, n_shards)
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    return struct.pack("<I", len(head)) + head + arrays
 
 
 def _int_arg(request: web.Request, name: str, low: int, high: int) -> int:
     raw = request.query.get(name)
-    try:
-        value = int(raw) if raw is not None else None
-    except ValueError:
-        value = None
+    ok = raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 9
+    value = int(raw) if ok and raw is not None else None
     if value is None or not low <= value < high:
-        raise web.HTTPBadRequest(text=f"{name}: an integer in [{low}, {high}) is required")
+        raise web.HTTPBadRequest(text=f"{name}: an integer in [{low}, {high}) is required",
+                                 headers=ISOLATION)
     return value
 
 
@@ -74,10 +76,10 @@ async def get_shard(request: web.Request) -> web.Response:
     shard = _int_arg(request, "shard", 0, n_shards)
     if n_shards > len(work.dataset.y_train):
         raise web.HTTPBadRequest(text=f"n_shards: the training set has only "
-                                      f"{len(work.dataset.y_train)} rows")
-    body, meta = await asyncio.to_thread(_cached, id(work), shard, n_shards, work)
+                                      f"{len(work.dataset.y_train)} rows", headers=ISOLATION)
+    body = await asyncio.to_thread(_cached, id(work), shard, n_shards, work)
     return web.Response(body=body, content_type="application/octet-stream",
-                        headers={**ISOLATION, "X-Data-Meta": meta, "Cache-Control": "no-cache"})
+                        headers={**ISOLATION, "Cache-Control": "no-cache"})
 
 
 async def prewarm_onnx(app: web.Application) -> None:

@@ -16,6 +16,8 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 |           | error_feedback, n_params, transport                                        |
 | train     | round, attempt, params (float32 LE bytes), params_digest, steps, lr,       |
 |           | batch_size, deadline_s                                                     |
+| resubmit  | round, params, params_digest, digest: the journaled update for this round  |
+|           | is sent again (next event), instead of training                            |
 | cancel    | round: stop training it (a newer round opened)                             |
 | ack       | round, status ("accepted" / "duplicate"), digest                           |
 | committed | round, eval_loss, n_updates, params_digest, final                          |
@@ -152,14 +154,18 @@ class Participant:
                                                       compress=isinstance(msg, Submit))}
 
     def _on_welcome(self, msg: Welcome) -> list[Event]:
-        if self.welcome is not None and (self.welcome.model_id != msg.model_id
-                                         or self.welcome.codec != msg.codec
-                                         or self.welcome.codec_params != msg.codec_params):
-            self.residual = None  # explicit: a new model or codec starts a fresh residual
+        events: list[Event] = []
+        prev = self.welcome
+        if prev is not None and (prev.run_id != msg.run_id or prev.model_id != msg.model_id
+                                 or prev.codec != msg.codec
+                                 or prev.codec_params != msg.codec_params):
+            self.residual = None  # explicit: a new run, model or codec starts a fresh residual
             self.layout = None
-            self.pending = None
+            if self.pending is not None:
+                self.pending = self.pending_params = None
+                events.append({"kind": "journal", "entry": None})
         self.welcome = msg
-        return [{"kind": "welcome", "run_id": msg.run_id, "node_id": msg.node_id,
+        return [*events, {"kind": "welcome", "run_id": msg.run_id, "node_id": msg.node_id,
                  "server_id": self.trust.server_id, "model": msg.model,
                  "model_id": msg.model_id, "data": msg.data, "shard": msg.shard,
                  "n_shards": msg.n_shards, "codec": msg.codec, "codec_params": msg.codec_params,
@@ -171,17 +177,19 @@ class Participant:
             theta = resolve(msg, self.held, self.held_digest)
         except BadUpdate as exc:
             self.held = self.held_digest = None
-            return [{"kind": "reconnect", "message": f"round {msg.round}: {exc}"}]
+            events: list[Event] = self._stop_training()  # the full params reopen the round
+            return [*events, {"kind": "reconnect", "message": f"round {msg.round}: {exc}"}]
         self.held, self.held_digest = theta, msg.params_digest
-        events: list[Event] = []
         if (self.pending is not None and self.pending.round == msg.round
                 and self.pending_params == msg.params_digest):
-            return [self._send(self.pending)]  # trained before the reconnect: resubmit as is
+            # trained before the reconnect (or reload): resubmit as is, never retrain
+            return [{"kind": "resubmit", "round": msg.round, "params": to_bytes(theta),
+                     "params_digest": msg.params_digest, "digest": self.pending.digest},
+                    self._send(self.pending)]
         if self.training is not None and self.training.round == msg.round \
                 and self.training.params_digest == msg.params_digest:
             return []  # a retry of the round we are already training
-        if self.training is not None:
-            events.append({"kind": "cancel", "round": self.training.round})
+        events = self._stop_training()
         self.training = msg
         events.append({"kind": "train", "round": msg.round, "attempt": msg.attempt,
                        "params": to_bytes(theta), "params_digest": msg.params_digest,
@@ -195,11 +203,17 @@ class Participant:
             self.pending = self.pending_params = None
             events.append({"kind": "journal", "entry": None})
         if self.training is not None and self.training.round <= msg.round:
-            self.training = None
+            events += self._stop_training()  # committed without us: stop at once
         events.append({"kind": "committed", "round": msg.round, "eval_loss": msg.eval_loss,
                        "n_updates": msg.n_updates, "params_digest": msg.params_digest,
                        "final": msg.final})
         return events
+
+    def _stop_training(self) -> list[Event]:
+        if self.training is None:
+            return []
+        job, self.training = self.training, None
+        return [{"kind": "cancel", "round": job.round}]
 
     # -- the trainer's result ------------------------------------------------------------
     def submit(self, round: int, new_params: bytes, *, train_loss: float | None,
@@ -251,7 +265,8 @@ class Participant:
         its round and params come again). False when the entry is unusable."""
         try:
             doc = json.loads(entry)
-            if doc.get("version") != JOURNAL_VERSION or doc["submit"]["node_id"] != self.node_id:
+            if not isinstance(doc, dict) or doc.get("version") != JOURNAL_VERSION \
+                    or doc["submit"]["node_id"] != self.node_id:
                 return False
             submit = Submit(**doc["submit"], payload=base64.b64decode(doc["payload"]))
         except (ValueError, KeyError, TypeError, ProtocolError):

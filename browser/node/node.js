@@ -135,6 +135,10 @@ export class BrowserNode extends EventTarget {
       case 'send': this.send(e.frame); break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
       case 'train': this.onTrain(e); break;
+      case 'resubmit':
+        this.params = new Float32Array(e.params.slice().buffer);
+        this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `resubmitted round ${e.round}` });
+        break;
       case 'cancel': this.worker?.postMessage({ type: 'cancel', round: e.round }); break;
       case 'ack':
         if (e.status === 'accepted' && this.stats.firstAcceptedMs === null) {
@@ -200,8 +204,10 @@ export class BrowserNode extends EventTarget {
   async fetchShard(shard, nShards) {
     const resp = await fetch(`/data/shard?shard=${shard}&n_shards=${nShards}`);
     if (!resp.ok) throw new Error(`data shard: HTTP ${resp.status}: ${await resp.text()}`);
-    const meta = JSON.parse(resp.headers.get('X-Data-Meta'));
-    const buf = await resp.arrayBuffer();
+    const all = await resp.arrayBuffer();
+    const m = new DataView(all).getUint32(0, true);
+    const meta = JSON.parse(new TextDecoder().decode(new Uint8Array(all, 4, m)));
+    const buf = all.slice(4 + m);
     this.vocab = meta.vocab || null;
     this.context = this.welcome.model.context || null;
     this.set({ entropyFloor: meta.entropy_floor ?? null });

@@ -47,6 +47,7 @@ async function session(url, backend) {
   return ort.InferenceSession.create(bytes, {
     executionProviders: backend === 'webgpu' ? ['webgpu'] : ['wasm'],
     graphOptimizationLevel: 'all',
+    logSeverityLevel: 3,  // errors only: ORT's warnings would land on the console as errors
   });
 }
 

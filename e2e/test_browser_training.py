@@ -1,0 +1,174 @@
+"""Browser tabs train for real: the server's page in Chromium (Pyodide + ONNX Runtime Web in a
+Web Worker) next to a native node, against the real server.
+
+Screenshots of the page go to e2e/artifacts/ (or $DAA_E2E_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.conftest import CHROMIUM, CHROMIUM_ARGS, Tab
+
+LM_RUN = {"model": "gpt-tiny", "inner_steps": 8, "batch_size": 16, "deadline_s": 120.0,
+          "codec": "topk", "codec_params": {"fraction": 0.05}, "delta_downlink": True}
+
+
+def api(server: Any, path: str) -> Any:
+    with urllib.request.urlopen(f"{server.url}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def wait_until(fn: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_two_tabs_and_a_native_node_train_together(make_server: Any, native_node: Any,
+                                                   open_tab: Any) -> None:
+    """Server + 1 native node + 2 tabs (wasm): >= 3 rounds where both tabs' updates are
+    accepted, the global eval loss falls, no console errors, and the model can be tried."""
+    server = make_server({**LM_RUN, "quorum": 3, "rounds": 4})
+    native = native_node(server)
+    tabs = [open_tab(f"{server.url}/?backend=wasm", f"tab{i}") for i in range(2)]
+    for tab in tabs:
+        tab.wait("s.state === 'the run is finished'", timeout_s=240)
+    rounds = api(server, "/api/rounds")
+    assert len(rounds) == 4 and all(r["n_updates"] == 3 for r in rounds), rounds
+    losses = [api(server, "/api/run")["eval_loss_init"]] + [r["eval_loss"] for r in rounds]
+    assert losses[-1] < losses[0] * 0.9, losses
+    ids = [tab.stats()["nodeId"] for tab in tabs]
+    for r in range(4):
+        keys = server.call(lambda r=r: server.run.store.update_keys(r))
+        assert set(ids) <= set(keys), f"round {r}: committed updates from {sorted(keys)}"
+    for tab in tabs:
+        s = tab.stats()
+        assert s["accepted"] == 4 and s["rejected"] == 0 and s["contributed"] == 4, s
+        assert s["backend"] == "wasm" and s["threads"] >= 1
+        assert [e[1] for e in s["evalLoss"]] == [r["eval_loss"] for r in rounds]
+    peers = {p["node_id"]: p for p in api(server, "/api/peers")}
+    assert all(peers[i]["runtime"] == "browser" for i in ids)
+    text = tabs[0].page.evaluate("() => window.daaNode.generate('ab', 24)")
+    vocab = set(tabs[0].page.evaluate("() => window.daaNode.vocab"))
+    assert len(text) == 24 and set(text) <= vocab
+    tabs[0].screenshot("two-tabs-finished")
+    assert native.proc.wait(timeout=30) == 0
+    for tab in tabs:
+        assert tab.errors == [], tab.errors
+
+
+def test_a_tab_closed_mid_round_does_not_stall_it(make_server: Any, native_node: Any,
+                                                  open_tab: Any) -> None:
+    """Quorum 2 with three participants: one tab closes while training; the round commits
+    from the other two long before its 120 s deadline."""
+    server = make_server({**LM_RUN, "quorum": 2, "rounds": 3, "inner_steps": 40})
+    native_node(server)
+    stay = open_tab(f"{server.url}/?backend=wasm", "stays")
+    leave = open_tab(f"{server.url}/?backend=wasm", "leaves")
+    leave.wait("s.state.startsWith('training') && s.stepsDone > 0", timeout_s=120)
+    r = leave.stats()["round"]
+    t_close = time.monotonic()
+    leave.close()
+    wait_until(lambda: api(server, "/api/run")["committed_rounds"] > r, 90,
+               f"round {r} to commit without the closed tab")
+    assert time.monotonic() - t_close < 60
+    stay.wait("s.state === 'the run is finished'", timeout_s=180)
+    assert api(server, "/api/run")["committed_rounds"] == 3
+    stay.screenshot("tab-closed-mid-round")
+    assert stay.errors == []
+
+
+def test_a_reloaded_tab_keeps_its_identity_and_does_not_double_submit(
+        make_server: Any, native_node: Any, open_tab: Any) -> None:
+    """Quorum 2, the tab alone: it submits round 0, which stays open; after a reload it is
+    the same node, resubmits the journaled update (counted once, "duplicate") instead of
+    training again; a native node then completes the round with exactly 2 updates."""
+    server = make_server({**LM_RUN, "quorum": 2, "rounds": 1})
+    tab = open_tab(f"{server.url}/?backend=wasm", "reload")
+    tab.wait("s.accepted === 1", timeout_s=120)
+    before = tab.stats()
+    tab.page.reload()
+    tab.wait("s.state === 'resubmitted round 0'", timeout_s=60)
+    wait_until(lambda: api(server, "/api/run")["duplicates"] >= 1, 60,
+               "the resubmitted update")
+    after = tab.stats()
+    assert after["nodeId"] == before["nodeId"]
+    assert after["contributed"] == 0 and after["stepsDone"] == 0, after  # no retraining
+    native_node(server)
+    wait_until(lambda: api(server, "/api/run")["committed_rounds"] == 1, 120, "round 0")
+    assert api(server, "/api/rounds")[0]["n_updates"] == 2
+    keys = server.call(lambda: server.run.store.update_keys(0))
+    assert keys.get(before["nodeId"]) is not None
+    assert api(server, "/api/run")["accepted"] == 2
+    assert tab.errors == []
+
+
+def test_own_data_trains_and_never_leaves_the_tab(make_server: Any, open_tab: Any,
+                                                  tmp_path: Path) -> None:
+    """A local text file becomes the tab's training data; no request and no WebSocket frame
+    carries it (nor any 40-byte piece of it)."""
+    server = make_server({**LM_RUN, "quorum": 1, "rounds": 3})
+    tab = open_tab(f"{server.url}/?backend=wasm", "own-data")
+    tab.wait("s.rows > 0 && s.round !== null", timeout_s=120)
+    symbols = tab.page.evaluate("() => window.daaNode.vocab")
+    secret = "".join(symbols[(i * 7 + i // 5) % len(symbols)] for i in range(3000))
+    path = tmp_path / "mine.txt"
+    path.write_text(secret, encoding="utf-8")
+    sent: list[bytes] = []
+    tab.page.on("request", lambda req: sent.append(req.post_data_buffer or b""))
+    tab.page.on("websocket", lambda ws: ws.on(
+        "framesent", lambda payload: sent.append(payload if isinstance(payload, bytes)
+                                                 else payload.encode())))
+    tab.page.set_input_files("#node-file", str(path))
+    tab.wait("s.dataSource.startsWith('your file')", timeout_s=30)
+    start = tab.stats()["contributed"]
+    tab.wait(f"s.contributed > {start} || s.state === 'the run is finished'", timeout_s=120)
+    assert "your file" in tab.page.inner_text("#node-data")
+    pieces = {secret[i:i + 40].encode() for i in range(0, len(secret) - 40, 97)}
+    assert sent, "the tab sent nothing at all"
+    for blob in sent:
+        assert not any(p in blob for p in pieces)
+    tab.screenshot("own-data")
+    assert tab.errors == []
+
+
+@pytest.fixture(scope="module")
+def webgpu_browser(browser: Any) -> Iterator[Any]:
+    """A second Chromium with --enable-unsafe-webgpu (from the session's Playwright)."""
+    b = browser.browser_type.launch(executable_path=str(CHROMIUM),
+                                    args=[*CHROMIUM_ARGS, "--enable-unsafe-webgpu"])
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_webgpu_path_trains_a_round(make_server: Any, webgpu_browser: Any) -> None:
+    """With --enable-unsafe-webgpu Chromium offers a (SwiftShader) adapter: the tab picks the
+    WebGPU execution provider and its update is accepted. Correctness only: it is slow."""
+    server = make_server({"model": "mlp-digits", "inner_steps": 3, "batch_size": 16,
+                          "quorum": 1, "rounds": 1, "deadline_s": 120.0})
+    tab = Tab(webgpu_browser, f"{server.url}/", "webgpu")
+    try:
+        tab.wait("s.state === 'the run is finished'", timeout_s=240)
+        s = tab.stats()
+        assert s["backend"] == "webgpu" and s["accepted"] == 1, s
+        pixels = [0.0] * 64
+        probs = tab.page.evaluate("(px) => window.daaNode.classify(px)", pixels)
+        assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-4
+        tab.screenshot("webgpu-digits")
+        assert tab.errors == [], tab.errors
+    finally:
+        tab.close()
