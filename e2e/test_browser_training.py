@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from bench.browser import fetch
 from e2e.conftest import CHROMIUM, CHROMIUM_ARGS, Tab
 
 LM_RUN = {"model": "gpt-tiny", "inner_steps": 8, "batch_size": 16, "deadline_s": 120.0,
@@ -172,3 +174,24 @@ def test_webgpu_path_trains_a_round(make_server: Any, webgpu_browser: Any) -> No
         assert tab.errors == [], tab.errors
     finally:
         tab.close()
+
+
+def test_webgpu_train_step_matches_native_onnxruntime(make_server: Any,
+                                                     webgpu_browser: Any) -> None:
+    """gpt-tiny's train step on the WebGPU execution provider: the loss and the gradient (its
+    new first moment, from zeros) agree with native onnxruntime on the same inputs. (Before
+    server/onnx_fan.py, a 30-port Split wrote zeros on this adapter.)"""
+    from bench.browser import bench_page, first_rows, native_ort, rel_err
+
+    server = make_server({"model": "gpt-tiny", "quorum": 1})
+    raw, _ = fetch(f"{server.url}/model/params.bin")
+    theta = np.frombuffer(raw, dtype="<f4").copy()
+    x, y, _ = first_rows(server.url, 4)
+    res = bench_page(webgpu_browser, f"{server.url}/static/node/bench.html?backend=webgpu"
+                     "&steps=1&batch=4", 300)
+    assert res["backend"] == "webgpu"
+    graph = server.data_dir / "graph.onnx"
+    graph.write_bytes(fetch(f"{server.url}/model/onnx/train_step.onnx")[0])
+    _, loss, _, m1 = native_ort(graph, theta, x, y, steps=1)
+    assert rel_err(res["loss"], loss) < 1e-4
+    assert rel_err(np.asarray(res["expAvg"], dtype=np.float32), m1) < 1e-4

@@ -75,6 +75,17 @@ async def latest_model(request: web.Request) -> web.FileResponse:
         "X-Params-SHA256": run.params_digest, "X-Round-Version": str(run.version)})
 
 
+@routes.get("/model/params.bin")
+async def latest_params(request: web.Request) -> web.Response:
+    """The latest committed global params as the flat float32 LE vector (the layout of
+    /model/onnx/manifest.json), for browser tools that read no safetensors."""
+    run = request.app[RUN]
+    body = run.params.astype("<f4").tobytes()
+    return web.Response(body=body, content_type="application/octet-stream", headers={
+        **ISOLATION, "X-Params-SHA256": run.params_digest, "X-Round-Version": str(run.version),
+        "Cache-Control": "no-cache"})
+
+
 ONNX_FILES = {"train_step.onnx": "train_step", "infer.onnx": "infer",
               "manifest.json": "manifest_path"}
 

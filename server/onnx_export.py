@@ -72,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger("server.onnx_export")
 
-EXPORTER_VERSION = "1"  # bump whenever the graphs' contract or math changes
+EXPORTER_VERSION = "2"  # bump whenever the graphs' contract or math changes
 OPSET = 20
 MANIFEST_NAME = "manifest.json"
 TRAIN_FILE, INFER_FILE = "train_step.onnx", "infer.onnx"
@@ -284,13 +284,17 @@ def _safe_optimize(model: Any) -> None:
 
 
 def _inline(path: Path) -> None:
-    """Make sure the graph's tensors live inside the .onnx file (no ``.onnx.data``)."""
+    """Make sure the graph's tensors live inside the .onnx file (no ``.onnx.data``), and cap
+    Split / Concat fan at server.onnx_fan.MAX_FAN (WebGPU's storage-buffer limit)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
+    from server.onnx_fan import limit_fan
+
     proto = onnx.load(str(path), load_external_data=True)
     sidecars = [p for p in path.parent.iterdir() if p.name.startswith(path.name + ".")]
-    if sidecars or any(uses_external_data(t) for t in proto.graph.initializer):
+    rewritten = limit_fan(proto)
+    if rewritten or sidecars or any(uses_external_data(t) for t in proto.graph.initializer):
         onnx.save(proto, str(path), save_as_external_data=False)
         for extra in sidecars:
             extra.unlink()

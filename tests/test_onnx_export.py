@@ -42,6 +42,7 @@ from server.onnx_export import (  # noqa: E402
     export_graphs,
     main,
 )
+from server.onnx_fan import MAX_FAN  # noqa: E402
 from shared.layout import make_manifest, model_id  # noqa: E402
 
 TOL = 1e-5
@@ -216,6 +217,10 @@ def test_batch_dimension_is_symbolic_and_weights_are_inputs(
             if init.data_type == onnx.TensorProto.FLOAT:
                 assert int(np.prod(init.dims)) <= 1024, init.name
         assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
+        # WebGPU binds a storage buffer per port and guarantees only 8 (server/onnx_fan.py)
+        for node in proto.graph.node:
+            if node.op_type in ("Split", "Concat"):
+                assert max(len(node.input), len(node.output)) <= MAX_FAN + 1, node.name
     assert sorted(p.name for p in graphs.dir.iterdir()) == [
         "infer.onnx", "manifest.json", "train_step.onnx"]
 

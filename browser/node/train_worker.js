@@ -10,7 +10,7 @@
 //   {type:'pause'} / {type:'resume'}              samples, computeS, steps}
 //   {type:'cancel', round}                       {type:'cancelled', round, steps}
 //   {type:'infer', id, params, x, dims}          {type:'infer', id, logits, dims}
-//   {type:'bench', params, steps, batchSize}     {type:'bench', stepMs: [...]}
+//   {type:'bench', params, steps, batchSize}     {type:'bench', stepMs, loss, params}
 //                                                {type:'error', message}
 // `data` = {x: ArrayBuffer, y: ArrayBuffer, meta} (the layout server/browser_data.py serves).
 // AdamW moments and the step counter persist across rounds, as in the native trainer.
@@ -163,18 +163,25 @@ async function runInfer({ id, params, x, dims, xType }) {
   post({ type: 'infer', id, logits: logits.buffer, dims: out.logits.dims }, [logits.buffer]);
 }
 
-async function runBench({ params, steps, batchSize }) {
+/** The same step `steps` times on the shard's first `batchSize` rows, from zero moments:
+ * per-step wall times, and the last run's loss and new params (for parity checks). */
+async function runBench({ params, steps, warmup = 2, batchSize }) {
   const p = new Float32Array(params);
   const m = new Float32Array(p.length);
   const v = new Float32Array(p.length);
+  queue = Array.from({ length: batchSize }, (_, i) => batchSize - 1 - i);  // rows 0..B-1
+  const xy = batch(batchSize);
   const times = [];
-  for (let i = 0; i < steps; i++) {
-    const xy = batch(batchSize);
+  let last = null;
+  for (let i = 0; i < warmup + steps; i++) {
     const t0 = performance.now();
-    await step(p, m, v, 1e-3, 1, xy);
-    times.push(performance.now() - t0);
+    last = await step(p, m, v, 1e-3, 1, xy);
+    if (i >= warmup) times.push(performance.now() - t0);
   }
-  post({ type: 'bench', stepMs: times });
+  const out = new Float32Array(last[1]);
+  const m1 = new Float32Array(last[2]);  // from zero moments: 0.1 x the clipped gradient
+  post({ type: 'bench', stepMs: times, loss: last[0], params: out.buffer, expAvg: m1.buffer },
+    [out.buffer, m1.buffer]);
 }
 
 async function handle(msg) {
