@@ -121,7 +121,8 @@ def bench_page(browser: Any, url: str, timeout_s: float) -> dict[str, Any]:
 
 def rel_err(got: np.ndarray | float, ref: np.ndarray | float) -> float:
     g, r = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
+    denom = max(float(np.linalg.norm(r)), 1e-30)
+    return float(np.linalg.norm(g - r)) / denom
 
 
 def main() -> None:
