@@ -185,7 +185,8 @@ class Tab:
     """A page of the server's `/` in its own browser context (its own IndexedDB identity),
     with every console error and page error collected."""
 
-    def __init__(self, browser: Any, url: str, name: str) -> None:
+    def __init__(self, browser: Any, url: str, name: str,
+                 before_load: Any = None) -> None:
         self.name = name
         self.context = browser.new_context()
         self.page = self.context.new_page()
@@ -193,6 +194,8 @@ class Tab:
         self.page.on("console", lambda m: self.errors.append(f"console: {m.text}")
                      if m.type == "error" else None)
         self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        if before_load is not None:  # e.g. listeners that must see the page's first socket
+            before_load(self.page)
         self.page.goto(url)
 
     def stats(self) -> dict[str, Any]:
@@ -221,8 +224,8 @@ class Tab:
 def open_tab(browser: Any) -> Iterator[Any]:
     tabs: list[Tab] = []
 
-    def open_(url: str, name: str = "tab") -> Tab:
-        tab = Tab(browser, url, name)
+    def open_(url: str, name: str = "tab", before_load: Any = None) -> Tab:
+        tab = Tab(browser, url, name, before_load)
         tabs.append(tab)
         return tab
 

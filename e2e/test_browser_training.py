@@ -120,23 +120,35 @@ def test_a_reloaded_tab_keeps_its_identity_and_does_not_double_submit(
 def test_own_data_trains_and_never_leaves_the_tab(make_server: Any, open_tab: Any,
                                                   tmp_path: Path) -> None:
     """A local text file becomes the tab's training data; no request and no WebSocket frame
-    carries it (nor any 40-byte piece of it)."""
-    server = make_server({**LM_RUN, "quorum": 1, "rounds": 3})
-    tab = open_tab(f"{server.url}/?backend=wasm", "own-data")
+    carries it (nor any 40-byte piece of it). Pause stops the training; Resume goes on."""
+    server = make_server({**LM_RUN, "quorum": 1, "rounds": 0})  # runs until the test ends
+    sent: list[bytes] = []
+
+    def listen(page: Any) -> None:  # every request body and every frame the tab sends
+        page.on("request", lambda req: sent.append(req.post_data_buffer or b""))
+        page.on("websocket", lambda ws: ws.on(
+            "framesent", lambda payload: sent.append(payload if isinstance(payload, bytes)
+                                                     else payload.encode())))
+
+    tab = open_tab(f"{server.url}/?backend=wasm", "own-data", before_load=listen)
     tab.wait("s.rows > 0 && s.round !== null", timeout_s=120)
     symbols = tab.page.evaluate("() => window.daaNode.vocab")
     secret = "".join(symbols[(i * 7 + i // 5) % len(symbols)] for i in range(3000))
     path = tmp_path / "mine.txt"
     path.write_text(secret, encoding="utf-8")
-    sent: list[bytes] = []
-    tab.page.on("request", lambda req: sent.append(req.post_data_buffer or b""))
-    tab.page.on("websocket", lambda ws: ws.on(
-        "framesent", lambda payload: sent.append(payload if isinstance(payload, bytes)
-                                                 else payload.encode())))
     tab.page.set_input_files("#node-file", str(path))
     tab.wait("s.dataSource.startsWith('your file')", timeout_s=30)
     start = tab.stats()["contributed"]
-    tab.wait(f"s.contributed > {start} || s.state === 'the run is finished'", timeout_s=120)
+    tab.wait(f"s.contributed > {start} + 1", timeout_s=120)  # a round wholly on the file
+    tab.page.click("#node-toggle")  # Pause: no step is taken while paused
+    tab.wait("s.paused", timeout_s=10)
+    time.sleep(1.0)
+    frozen = tab.stats()["totalSteps"], tab.stats()["contributed"]
+    time.sleep(2.0)
+    assert (tab.stats()["totalSteps"], tab.stats()["contributed"]) == frozen
+    assert tab.page.inner_text("#node-state") == "paused"
+    tab.page.click("#node-toggle")  # Resume
+    tab.wait(f"s.contributed > {frozen[1]}", timeout_s=120)
     assert "your file" in tab.page.inner_text("#node-data")
     pieces = {secret[i:i + 40].encode() for i in range(0, len(secret) - 40, 97)}
     assert sent, "the tab sent nothing at all"

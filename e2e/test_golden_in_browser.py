@@ -90,6 +90,9 @@ def test_shared_runs_in_pyodide(page: Any, live_server: Any) -> None:
     names = {c["name"] for c in py["checks"]}
     assert {f"py codec {v['name']}" for v in CODECS["valid"]} <= names
     assert len([n for n in names if n.startswith("py refuse ")]) == len(FRAMES["invalid"])
+    # the tab's JS update encoder (shared.platform.UpdateEncoder) == shared.codecs
+    assert {f"py update encoder {c} = shared.codecs" for c in
+            ("raw32", "fp16", "bf16", "int8-block", "int4-block", "topk")} <= names
     # signed inside the tab (shared.envelope over noble ML-DSA): verifies natively
     s = FRAMES["signed"]
     frame = decode_frame(bytes.fromhex(py["signed_by_pyodide"]))

@@ -37,7 +37,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from shared.codecs import make_codec
+from shared.codecs import codec_params, make_codec
 from shared.codecs.base import with_error_feedback
 from shared.downlink import resolve
 from shared.envelope import Identity, new_nonce
@@ -55,6 +55,7 @@ from shared.messages import (
     Welcome,
     sha256_hex,
 )
+from shared.platform import update_encoder
 from shared.trust import ServerTrust, UntrustedServer
 from shared.vec import all_finite, from_bytes, to_bytes
 
@@ -216,31 +217,30 @@ class Participant:
         return [{"kind": "cancel", "round": job.round}]
 
     # -- the trainer's result ------------------------------------------------------------
-    def submit(self, round: int, new_params: bytes, *, train_loss: float | None,
+    def submit(self, round: int, delta_bytes: bytes, *, train_loss: float | None,
                samples: int, compute_s: float) -> list[Event]:
-        """The trainer finished `round` with `new_params` (float32 LE): encode the
-        pseudo-gradient theta_r - theta_i (+ residual), sign it and send it."""
+        """The trainer finished `round`: `delta_bytes` is its pseudo-gradient theta_r - theta_i
+        (float32 LE). Encode it (+ residual), sign it and send it."""
         job, welcome = self.training, self.welcome
         if job is None or job.round != round or welcome is None or self.held is None:
             return []  # the round moved on while we trained: nothing to send
         codec = make_codec(welcome.codec, **welcome.codec_params)
         if getattr(codec, "needs_layout", False) and self.layout is None:
             return [{"kind": "fatal", "message": f"codec {codec.name} needs the layout"}]
-        theta_i = from_bytes(new_params)
-        if len(theta_i) != len(self.held):
-            raise ValueError(f"trainer returned {len(theta_i)} params, the round has "
+        delta = from_bytes(delta_bytes)
+        if len(delta) != len(self.held):
+            raise ValueError(f"trainer returned {len(delta)} values, the round has "
                              f"{len(self.held)}")
-        delta = from_bytes(to_bytes([a - b for a, b in zip(self.held, theta_i, strict=True)]))
         if not all_finite(delta):
             self.training = None
             return [{"kind": "error", "code": "not_finite",
                      "message": f"round {round}: training diverged (NaN/inf); not submitted"}]
-        if welcome.error_feedback:
-            payload, residual = with_error_feedback(codec, delta, self.residual,
-                                                    layout=self.layout)
-            self.residual = residual if any(residual) else None
-        else:
-            payload = codec.encode(delta, layout=self.layout)
+        try:
+            payload = self._encode(codec, delta, welcome.error_feedback)
+        except ValueError as exc:  # e.g. PowerSGD's encoder needs numpy (not in Pyodide)
+            self.training = None
+            return [{"kind": "fatal", "message": f"this node cannot encode codec "
+                                                 f"{codec.name}: {exc}"}]
         msg = Submit(run_id=welcome.run_id, round=round, node_id=self.node_id,
                      nonce=new_nonce(), codec=codec.name, length=len(delta),
                      digest=sha256_hex(payload), train_loss=train_loss, samples=int(samples),
@@ -249,6 +249,25 @@ class Participant:
         self.training = None
         self.counts["submitted"] += 1
         return [{"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
+
+    def _encode(self, codec: Any, delta: Any, error_feedback: bool) -> bytes:
+        """Codec payload of delta (+ residual); keeps the new residual. The platform's
+        encoder (the tab's JS codecs) when it has this codec, else shared.codecs."""
+        fast = update_encoder()
+        if fast is not None and codec.name in fast.codecs:
+            residual = to_bytes(self.residual) if error_feedback and self.residual is not None \
+                else None
+            payload, res = fast.encode(codec.name, codec_params(codec), to_bytes(delta),
+                                       residual, error_feedback)
+            if error_feedback:
+                self.residual = from_bytes(res) if res is not None else None
+            return payload
+        if error_feedback:
+            payload, residual_vec = with_error_feedback(codec, delta, self.residual,
+                                                        layout=self.layout)
+            self.residual = residual_vec if any(residual_vec) else None  # lossless: nothing
+            return payload
+        return bytes(codec.encode(delta, layout=self.layout))
 
     # -- reload: the pending update survives in the tab's storage -----------------------
     def journal_entry(self) -> str | None:

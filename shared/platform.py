@@ -7,7 +7,7 @@ Chosen in ONE place. Natively the implementations import `pqcrypto` and `zstanda
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.vec import IN_BROWSER
 
@@ -27,6 +27,19 @@ class Zstd(Protocol):
     def compress(self, data: bytes) -> bytes: ...
 
     def decompress(self, data: bytes, max_size: int) -> bytes: ...  # raises ValueError
+
+
+class UpdateEncoder(Protocol):
+    """A faster path for a participant's hot loop: delta (+ residual) -> codec payload.
+
+    Float32 LE bytes in and out; returns (payload, new residual or None when error feedback is
+    off). It must produce exactly the bytes `shared.codecs` would (the browser's codecs.js is
+    checked against the golden vectors). Codecs it does not list go the pure-Python way."""
+
+    codecs: frozenset[str]
+
+    def encode(self, codec: str, params: dict[str, Any], delta: bytes, residual: bytes | None,
+               error_feedback: bool) -> tuple[bytes, bytes | None]: ...
 
 
 class PqcryptoMLDSA65:
@@ -99,6 +112,19 @@ _zstd: Zstd | None = None if IN_BROWSER else ZstandardZstd()
 def register_signatures(scheme: SignatureScheme) -> None:
     global _signatures
     _signatures = scheme
+
+
+_update_encoder: UpdateEncoder | None = None
+
+
+def register_update_encoder(impl: UpdateEncoder | None) -> None:
+    """The tab registers its JS codecs here (None: back to shared.codecs)."""
+    global _update_encoder
+    _update_encoder = impl
+
+
+def update_encoder() -> UpdateEncoder | None:
+    return _update_encoder
 
 
 def register_zstd(impl: Zstd) -> None:

@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 
 from native_node.zoo import build_model, manifest, model_config
-from shared.codecs import decode_update
+from shared.codecs import decode_update, make_codec
 from shared.downlink import encode_changes
 from shared.envelope import Identity, sign_round, verify_frame
 from shared.errors import BadSignature
@@ -33,6 +33,7 @@ from shared.messages import (
     sha256_hex,
 )
 from shared.participant import Participant
+from shared.platform import register_update_encoder
 
 RUN = "run-participant"
 N = 64
@@ -115,7 +116,7 @@ def sent(event: Event, node: str = "node") -> Message:
 def trained(p: Participant, theta: Vec, delta: Vec, rnd: int = 0) -> Submit:
     """Open `rnd` with `theta`, finish it with theta - delta; the Submit that went out."""
     assert kinds(p.receive(signed(round_open(rnd, theta))))[-1] == "train"
-    events = p.submit(rnd, (theta - delta).astype("<f4").tobytes(), train_loss=0.5,
+    events = p.submit(rnd, delta.astype("<f4").tobytes(), train_loss=0.5,
                       samples=32, compute_s=1.234567)
     assert kinds(events) == ["journal", "send"]
     msg = sent(events[1])
@@ -223,8 +224,7 @@ def test_submit_sends_the_pseudo_gradient() -> None:
     assert (msg.run_id, msg.round, msg.node_id, msg.codec) == (RUN, 0, key("node").node_id,
                                                                 "raw32")
     assert (msg.length, msg.samples, msg.train_loss, msg.compute_s) == (N, 32, 0.5, 1.2346)
-    expected = theta0 - (theta0 - delta)  # what float32 makes of theta_r - theta_i
-    np.testing.assert_array_equal(decode_update(msg.payload, N, expect="raw32"), expected)
+    np.testing.assert_array_equal(decode_update(msg.payload, N, expect="raw32"), delta)
     assert p.counts["submitted"] == 1
     assert json.loads(p.journal_entry() or "")["submit"]["digest"] == msg.digest
     assert p.submit(0, theta0.tobytes(), train_loss=None, samples=1, compute_s=0.0) == []
@@ -331,6 +331,41 @@ def test_commit_clears_the_pending_update() -> None:
     later = RoundCommitted(round=1, eval_loss=None, n_updates=2, params_digest=digest(params(2)),
                            final=True)
     assert kinds(p.receive(signed(later))) == ["committed"]
+
+
+class RecordingEncoder:
+    """A platform encoder (what the tab registers) over shared.codecs, recording its calls."""
+
+    codecs = frozenset({"topk"})
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, bool]] = []
+
+    def encode(self, codec: str, params: dict[str, Any], delta: bytes, residual: bytes | None,
+               error_feedback: bool) -> tuple[bytes, bytes | None]:
+        self.calls.append((codec, residual is not None, error_feedback))
+        c = make_codec(codec, **params)
+        x = np.frombuffer(delta, "<f4") + (np.frombuffer(residual, "<f4") if residual else 0)
+        payload = c.encode(x.astype(np.float32))
+        back = np.asarray(c.decode(payload, x.size), dtype=np.float32)
+        return payload, (x - back).astype("<f4").tobytes() if error_feedback else None
+
+
+def test_the_platform_encoder_is_used_for_its_codecs() -> None:
+    enc = RecordingEncoder()
+    register_update_encoder(enc)
+    try:
+        p = joined(codec="topk", codec_params={"fraction": 0.05}, error_feedback=True)
+        delta = (0.01 * params(7)).astype(np.float32)
+        first = trained(p, params(0), delta, rnd=0)
+        second = trained(p, params(1), delta, rnd=1)
+        assert enc.calls == [("topk", False, True), ("topk", True, True)]
+        assert first.digest != second.digest  # the residual went into round 1
+        raw = joined(codec="raw32")  # not in enc.codecs: shared.codecs
+        trained(raw, params(0), delta)
+        assert len(enc.calls) == 2
+    finally:
+        register_update_encoder(None)
 
 
 def test_a_round_committed_without_us_stops_our_training() -> None:

@@ -56,7 +56,7 @@ export class BrowserNode extends EventTarget {
     this.stats = {
       state: 'loading', backend: null, threads: null, notes: [], nodeId: null, runId: null,
       model: null, task: null, round: null, version: null, contributed: 0, accepted: 0, rejected: 0,
-      rejections: [], evalLoss: [], entropyFloor: null, stepLoss: null, stepsDone: 0, stepsTotal: 0,
+      rejections: [], evalLoss: [], entropyFloor: null, stepLoss: null, stepsDone: 0, stepsTotal: 0, totalSteps: 0,
       samplesPerS: null, paused: false, rows: null, dataSource: 'server', errors: [], timings: {},
       firstAcceptedMs: null, consoleErrors: 0,
     };
@@ -227,11 +227,17 @@ export class BrowserNode extends EventTarget {
 
   onWorker(m) {
     if (m.type === 'step') {
-      this.set({ stepsDone: m.step, stepLoss: m.loss });
+      this.set({ stepsDone: m.step, stepLoss: m.loss, totalSteps: this.stats.totalSteps + 1 });
     } else if (m.type === 'done') {
       const wall = (performance.now() - this.trainStart) / 1000;
-      const events = this.glue.submit(this.part, m.round, new Uint8Array(m.params), m.trainLoss,
-        m.samples, m.computeS);
+      let events;
+      try {
+        events = this.glue.submit(this.part, m.round, new Uint8Array(m.delta), m.trainLoss,
+          m.samples, m.computeS);
+      } catch (err) {
+        this.log(`round ${m.round}: cannot submit: ${err.message || err}`, 'error');
+        return;
+      }
       for (const e of events) this.onEvent(e);
       const sent = events.some((e) => e.kind === 'send');
       this.set({ contributed: this.stats.contributed + (sent ? 1 : 0), samplesPerS: m.samples / wall,

@@ -32,10 +32,10 @@ def feed(p: Participant, data) -> object:
     return _js(p.receive(data.to_bytes()))
 
 
-def submit(p: Participant, round: int, params, train_loss, samples: int,
+def submit(p: Participant, round: int, delta, train_loss, samples: int,
            compute_s: float) -> object:
     loss = None if train_loss is None else float(train_loss)
-    return _js(p.submit(int(round), params.to_bytes(), train_loss=loss, samples=int(samples),
+    return _js(p.submit(int(round), delta.to_bytes(), train_loss=loss, samples=int(samples),
                         compute_s=float(compute_s)))
 
 

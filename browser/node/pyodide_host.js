@@ -8,6 +8,7 @@
 import { generateIdentity, sign, verify } from './identity.js';
 import { toHex } from './floatbits.js';
 import { canCompress, compress, decompress } from './zstd.js';
+import { encode, withErrorFeedback } from './codecs.js';
 
 export const PYODIDE_URL = '/static/vendor/pyodide/';
 export const SHARED_ZIP_URL = '/pkg/shared.zip';
@@ -31,6 +32,18 @@ export const bridge = {
   zstdCanCompress: () => canCompress(),
   zstdCompress: (data) => compress(data),
   zstdDecompress: (data, maxSize) => decompress(data, maxSize),
+  // the participant's hot loop (shared.platform.UpdateEncoder): float32 LE bytes in and out
+  encodeCodecs: () => ['raw32', 'fp16', 'bf16', 'int8-block', 'int4-block', 'topk'],
+  encodeUpdate: (name, paramsJson, delta, residual, errorFeedback) => {
+    const params = JSON.parse(paramsJson);
+    const d = new Float32Array(delta.buffer.slice(delta.byteOffset, delta.byteOffset + delta.byteLength));
+    if (!errorFeedback) return { payload: encode(name, d, params), residual: undefined };
+    const r = residual ? new Float32Array(residual.buffer.slice(residual.byteOffset, residual.byteOffset + residual.byteLength)) : null;
+    const out = withErrorFeedback(name, params, d, r);
+    const lossless = out.residual.every((v) => v === 0);
+    // undefined, not null: Pyodide turns undefined into None (null is a JsNull object)
+    return { payload: out.payload, residual: lossless ? undefined : new Uint8Array(out.residual.buffer) };
+  },
 };
 
 /** Load Pyodide and our `shared` package; returns {pyodide, timings (ms), sha256}. */

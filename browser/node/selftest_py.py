@@ -126,6 +126,40 @@ def _zstd() -> list[dict[str, Any]]:
     return [_attempt("py zstd round trip", check)]
 
 
+def _encoder() -> list[dict[str, Any]]:
+    """The tab's JS encoder (daa_glue.BrowserEncoder) gives shared.codecs' bytes, with and
+    without error feedback, on a vector with a residual from a previous round."""
+    import random
+    import struct
+
+    from shared.codecs import codec_params, make_codec
+    from shared.codecs.base import with_error_feedback
+    from shared.platform import update_encoder
+    from shared.vec import from_bytes, to_bytes
+
+    enc = update_encoder()
+    if enc is None:
+        return [{"name": "py update encoder", "ok": False, "error": "none registered"}]
+    rng = random.Random(7)
+    n = 5003
+    delta = from_bytes(struct.pack(f"<{n}f", *(rng.gauss(0, 0.01) for _ in range(n))))
+    residual = from_bytes(struct.pack(f"<{n}f", *(rng.gauss(0, 0.001) for _ in range(n))))
+    out = []
+    for name in sorted(enc.codecs):
+        def check(name: str = name) -> None:
+            codec = make_codec(name, **({"fraction": 0.05} if name == "topk" else {}))
+            params = codec_params(codec)
+            payload, res = enc.encode(name, params, to_bytes(delta), to_bytes(residual), True)
+            want, want_res = with_error_feedback(codec, delta, residual)
+            assert payload == want, "payload differs"
+            assert (res or bytes(4 * n)) == to_bytes(want_res), "residual differs"
+            plain, none = enc.encode(name, params, to_bytes(delta), None, False)
+            assert plain == codec.encode(delta) and none is None
+
+        out.append(_attempt(f"py update encoder {name} = shared.codecs", check))
+    return out
+
+
 def run(testdata: str) -> str:
     import shared
     from shared.vec import IN_BROWSER, numpy_module
@@ -135,7 +169,7 @@ def run(testdata: str) -> str:
     codecs = json.loads((base / "codecs.json").read_text(encoding="utf-8"))
     checks = _frames(frames)
     signed, frame_hex = _signed(frames)
-    checks += signed + _codecs(codecs) + _zstd()
+    checks += signed + _codecs(codecs) + _zstd() + _encoder()
     return json.dumps({
         "python": sys.version.split()[0], "in_browser": IN_BROWSER,
         "numpy": numpy_module() is not None, "protocol_version": shared.PROTOCOL_VERSION,

@@ -6,7 +6,7 @@
 //   {type:'init', backend, graphs, data}         {type:'ready', backend, threads, nParams, loadMs}
 //   {type:'data', data}                          {type:'data', rows, source}
 //   {type:'round', round, params, steps, lr,     {type:'step', round, step, loss, ms}
-//    batchSize}                                  {type:'done', round, params, trainLoss,
+//    batchSize}                                  {type:'done', round, delta, trainLoss,
 //   {type:'pause'} / {type:'resume'}              samples, computeS, steps}
 //   {type:'cancel', round}                       {type:'cancelled', round, steps}
 //   {type:'infer', id, params, x, dims}          {type:'infer', id, logits, dims}
@@ -148,9 +148,11 @@ async function runRound({ round, params, steps, lr, batchSize }) {
     return;
   }
   const trainLoss = Number.isFinite(lossSum / done) ? lossSum / done : null;
-  const out = new Float32Array(p);  // a copy we own (ORT may reuse its buffers)
-  post({ type: 'done', round, params: out.buffer, trainLoss, samples: done * batchSize,
-    computeS: compute / 1000, steps: done }, [out.buffer]);
+  const start = new Float32Array(params);
+  const delta = new Float32Array(p.length);  // the pseudo-gradient theta_r - theta_i
+  for (let i = 0; i < p.length; i++) delta[i] = start[i] - p[i];
+  post({ type: 'done', round, delta: delta.buffer, trainLoss, samples: done * batchSize,
+    computeS: compute / 1000, steps: done }, [delta.buffer]);
 }
 
 async function runInfer({ id, params, x, dims, xType }) {
