@@ -207,3 +207,36 @@ def test_webgpu_train_step_matches_native_onnxruntime(make_server: Any,
     _, loss, _, m1 = native_ort(graph, theta, x, y, steps=1)
     assert rel_err(res["loss"], loss) < 1e-4
     assert rel_err(np.asarray(res["expAvg"], dtype=np.float32), m1) < 1e-4
+
+
+def test_a_validator_tab_scores_every_round(make_server: Any, native_node: Any,
+                                            open_tab: Any) -> None:
+    """`/?role=validator`: the tab never trains; it scores each round's candidates through
+    the inference graph on the last 512 validation rows and its signed Verdicts reach the
+    server. Its held-out loss of theta_0 matches native_node's ProbeScorer on the same rows."""
+    from native_node.validator import ProbeScorer
+    from native_node.workload import initial_params
+
+    server = make_server({**LM_RUN, "quorum": 2, "rounds": 3, "validation": True,
+                          "validation_timeout_s": 60.0})
+    tab = open_tab(f"{server.url}/?role=validator&backend=wasm", "validator")
+    tab.wait("s.state === 'waiting for candidates' || s.state.startsWith('holding')", 120)
+    for _ in range(2):
+        native_node(server)
+    tab.wait("s.state === 'the run is finished'", timeout_s=240)
+    run = api(server, "/api/run")
+    assert run["validation"] is True and run["verdicts"] == 3, run
+    assert all(r["n_updates"] == 2 for r in api(server, "/api/rounds"))
+    s = tab.stats()
+    assert s["role"] == "validator" and s["judged"] == 6 and s["contributed"] == 0, s
+    peers = {p["node_id"]: p for p in api(server, "/api/peers")}
+    assert peers[s["nodeId"]]["role"] == "validator"
+    assert peers[s["nodeId"]]["updates_accepted"] == 0
+    # round 0's theta is the run's seeded init: score it natively on the same rows
+    work = server.run.work
+    want = ProbeScorer(work, 512, side="tail").loss(initial_params(work))
+    first = tab.page.evaluate("() => window.daaNode.firstVerdict")
+    assert first["round"] == 0 and all(v is not None for v in first["losses"]), first
+    assert want is not None and abs(first["base"] - want) < 1e-4 * abs(want), (first, want)
+    tab.screenshot("validator-tab")
+    assert tab.errors == [], tab.errors

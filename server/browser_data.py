@@ -2,6 +2,10 @@
 
     GET /data/shard?shard=I&n_shards=N   the rows of shard I of N (the same split native
                                          nodes compute: native_node.data.shard_indices)
+    GET /data/val?samples=K              the LAST K rows of the validation split: what a
+                                         validator tab scores candidates on (the same rows a
+                                         `--role validator` node uses; the server uses the
+                                         first ones)
 
 Body: a u32 LE length m, m bytes of JSON metadata, then x and y, little-endian: x float32
 (digits) or int32 (token windows), y int32. The metadata says how to read them: task, rows,
@@ -32,18 +36,16 @@ routes = web.RouteTableDef()
 MAX_SHARDS = 1 << 20
 
 
-def shard_arrays(work: Workload, shard: int, n_shards: int) -> tuple[bytes, dict[str, object]]:
-    ds, spec = work.dataset, work.data_spec
-    idx = shard_indices(ds.keys_train, n_shards=n_shards, shard=shard, partition=spec.partition,
-                        alpha=spec.alpha, seed=spec.seed)
-    x, y = ds.x_train[idx], ds.y_train[idx]
+def _pack(work: Workload, x: np.ndarray, y: np.ndarray, extra: dict[str, object]
+          ) -> tuple[bytes, dict[str, object]]:
+    ds = work.dataset
     lm = ds.task == "lm"
     xb = (x.astype("<i4") if lm else x.astype("<f4")).tobytes()
     yb = y.astype("<i4").tobytes()
     meta: dict[str, object] = {
-        "task": ds.task, "rows": len(idx), "x_dtype": "int32" if lm else "float32",
+        "task": ds.task, "rows": len(x), "x_dtype": "int32" if lm else "float32",
         "x_cols": int(np.prod(x.shape[1:])), "y_cols": int(np.prod(y.shape[1:])) if lm else 1,
-        "shard": shard, "n_shards": n_shards, "x_bytes": len(xb),
+        "x_bytes": len(xb), **extra,
     }
     if lm:
         vocab = ds.vocab if ds.vocab is not None else [str(i) for i in range(
@@ -52,11 +54,33 @@ def shard_arrays(work: Workload, shard: int, n_shards: int) -> tuple[bytes, dict
     return xb + yb, meta
 
 
-@lru_cache(maxsize=64)
-def _cached(key: int, shard: int, n_shards: int, work: Workload) -> bytes:
-    arrays, meta = shard_arrays(work, shard, n_shards)
+def shard_arrays(work: Workload, shard: int, n_shards: int) -> tuple[bytes, dict[str, object]]:
+    ds, spec = work.dataset, work.data_spec
+    idx = shard_indices(ds.keys_train, n_shards=n_shards, shard=shard, partition=spec.partition,
+                        alpha=spec.alpha, seed=spec.seed)
+    return _pack(work, ds.x_train[idx], ds.y_train[idx], {"shard": shard, "n_shards": n_shards})
+
+
+def val_arrays(work: Workload, samples: int) -> tuple[bytes, dict[str, object]]:
+    """The last `samples` validation rows (native_node.validator.ProbeScorer, side "tail")."""
+    x, y = np.asarray(work.dataset.x_val), np.asarray(work.dataset.y_val)
+    k = max(1, min(samples, len(x)))
+    return _pack(work, x[len(x) - k:], y[len(y) - k:], {"split": "val", "side": "tail"})
+
+
+def _body(arrays: bytes, meta: dict[str, object]) -> bytes:
     head = json.dumps(meta, separators=(",", ":")).encode()
     return struct.pack("<I", len(head)) + head + arrays
+
+
+@lru_cache(maxsize=64)
+def _cached(key: int, shard: int, n_shards: int, work: Workload) -> bytes:
+    return _body(*shard_arrays(work, shard, n_shards))
+
+
+@lru_cache(maxsize=8)
+def _cached_val(key: int, samples: int, work: Workload) -> bytes:
+    return _body(*val_arrays(work, samples))
 
 
 def _int_arg(request: web.Request, name: str, low: int, high: int) -> int:
@@ -78,6 +102,15 @@ async def get_shard(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"n_shards: the training set has only "
                                       f"{len(work.dataset.y_train)} rows", headers=ISOLATION)
     body = await asyncio.to_thread(_cached, id(work), shard, n_shards, work)
+    return web.Response(body=body, content_type="application/octet-stream",
+                        headers={**ISOLATION, "Cache-Control": "no-cache"})
+
+
+@routes.get("/data/val")
+async def get_val(request: web.Request) -> web.Response:
+    work = request.app[RUN].work
+    samples = _int_arg(request, "samples", 1, 1 << 16)
+    body = await asyncio.to_thread(_cached_val, id(work), samples, work)
     return web.Response(body=body, content_type="application/octet-stream",
                         headers={**ISOLATION, "Cache-Control": "no-cache"})
 

@@ -27,6 +27,9 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 | reconnect | message: close the socket and connect again (full params needed)           |
 | journal   | entry (JSON str) or None: persist it; hand it to `restore` after a reload |
 | fatal     | message: stop; a retry cannot fix this (untrusted server, model mismatch)  |
+| round     | round, params_digest: (validator role) theta_r is held                     |
+| validate  | round, params, codec, length, candidates [{node_id, digest, payload}]:    |
+|           | (validator role) score them and call `verdict`                             |
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,6 +56,8 @@ from shared.messages import (
     RoundCommitted,
     RoundOpen,
     Submit,
+    ValidateRequest,
+    Verdict,
     Welcome,
     sha256_hex,
 )
@@ -69,11 +75,14 @@ class Participant:
     """One training participant's protocol state across connections (sans I/O)."""
 
     def __init__(self, identity: Identity, *, runtime: str, agent: str, device: str,
-                 pins: dict[str, str] | None = None,
+                 role: str = "trainer", pins: dict[str, str] | None = None,
                  save_pins: Callable[[dict[str, str]], None] | None = None,
                  expected_server_id: str | None = None) -> None:
         self.identity = identity
-        self.runtime, self.agent, self.device = runtime, agent, device
+        if role not in ("trainer", "validator"):
+            raise ValueError(f"role must be 'trainer' or 'validator', got {role!r}")
+        self.runtime, self.agent, self.device, self.role = runtime, agent, device, role
+        self.validating: ValidateRequest | None = None  # the request being scored
         self.trust = ServerTrust(pins=pins, save_pins=save_pins,
                                  expected_server_id=expected_server_id, max_payload=MAX_MESSAGE)
         self.challenge: Challenge | None = None
@@ -124,13 +133,17 @@ class Participant:
             self.challenge = msg
             hello = Hello(node_id=self.node_id, public_key=self.identity.public_key.hex(),
                           challenge=msg.challenge, nonce=new_nonce(), runtime=self.runtime,
-                          agent=self.agent, device=self.device, role="trainer",
-                          features="delta-params")
+                          agent=self.agent, device=self.device, role=self.role,
+                          features="delta-params" if self.role == "trainer" else "")
             return [self._send(hello)]
         if isinstance(msg, Welcome):
             return self._on_welcome(msg)
+        if isinstance(msg, RoundOpen) and self.role == "validator":
+            return self._hold(msg)
         if isinstance(msg, RoundOpen):
             return self._on_round_open(msg)
+        if isinstance(msg, ValidateRequest):
+            return self._on_validate(msg)
         if isinstance(msg, Ack):
             self.counts[msg.status] = self.counts.get(msg.status, 0) + 1
             return [{"kind": "ack", "round": msg.round, "status": msg.status,
@@ -142,7 +155,7 @@ class Participant:
             kind = "fatal" if msg.code in FATAL_CODES else "error"
             return [{"kind": kind, "code": msg.code, "message": msg.message,
                      "round": msg.round}]
-        return []  # Signal, ValidateRequest: not for a trainer on the ws transport
+        return []  # Signal: not for a participant on the ws transport
 
     # -- handlers ------------------------------------------------------------------------
     def _send(self, msg: Message) -> Event:
@@ -197,6 +210,51 @@ class Participant:
                        "steps": msg.inner_steps, "lr": msg.inner_lr,
                        "batch_size": msg.batch_size, "deadline_s": msg.deadline_s})
         return events
+
+    # -- validator role ------------------------------------------------------------------
+    def _hold(self, msg: RoundOpen) -> list[Event]:
+        """A validator keeps theta_r (full params: its Hello asks for no deltas)."""
+        try:
+            theta = resolve(msg, self.held, self.held_digest)
+        except BadUpdate as exc:
+            self.held = self.held_digest = None
+            return [{"kind": "reconnect", "message": f"round {msg.round}: {exc}"}]
+        self.held, self.held_digest = theta, msg.params_digest
+        return [{"kind": "round", "round": msg.round, "params_digest": msg.params_digest}]
+
+    def _on_validate(self, msg: ValidateRequest) -> list[Event]:
+        """Hand the candidates to the scorer (the tab's inference graph); `verdict` answers."""
+        if self.role != "validator":
+            return [{"kind": "refused", "message": "a validation request, but this node trains"}]
+        if self.held is None or msg.params_digest != self.held_digest:
+            return [{"kind": "refused", "message": f"validation request for params "
+                     f"{msg.params_digest[:12]}, this node holds {str(self.held_digest)[:12]}"}]
+        self.validating = msg
+        return [{"kind": "validate", "round": msg.round, "params": to_bytes(self.held),
+                 "codec": msg.codec, "length": msg.length,
+                 "candidates": [{"node_id": c["node_id"], "digest": c["digest"],
+                                 "payload": msg.candidate_payload(i)}
+                                for i, c in enumerate(msg.candidates)]}]
+
+    def verdict(self, round: int, base_loss: float | None,
+                losses: Sequence[float | None]) -> list[Event]:
+        """The scorer's held-out losses of theta_r and of theta_r - Delta_i (None: the
+        candidate did not decode or its loss is not finite) -> a signed Verdict."""
+        req, welcome = self.validating, self.welcome
+        if req is None or req.round != round or welcome is None:
+            return []
+        if len(losses) != len(req.candidates):
+            raise ValueError(f"{len(losses)} losses for {len(req.candidates)} candidates")
+        self.validating = None
+
+        def finite(v: float | None) -> float | None:
+            return float(v) if v is not None and math.isfinite(v) else None
+
+        scores = [{"node_id": c["node_id"], "digest": c["digest"], "loss": finite(v)}
+                  for c, v in zip(req.candidates, losses, strict=True)]
+        self.counts["judged"] = self.counts.get("judged", 0) + len(scores)
+        return [self._send(Verdict(run_id=welcome.run_id, round=round, node_id=self.node_id,
+                                   base_loss=finite(base_loss), scores=scores))]
 
     def _on_committed(self, msg: RoundCommitted) -> list[Event]:
         events: list[Event] = []

@@ -28,6 +28,8 @@ from shared.messages import (
     RoundCommitted,
     RoundOpen,
     Submit,
+    ValidateRequest,
+    Verdict,
     Welcome,
     decode_message,
     sha256_hex,
@@ -406,3 +408,51 @@ def test_layout_must_hash_to_the_runs_model_id() -> None:
     resized = [{**entries[0], "shape": [1, 2]}, *entries[1:]]
     with pytest.raises(ValueError):
         p.set_layout(resized)
+
+
+# -- validator role ----------------------------------------------------------------------------
+def validate_request(rnd: int, theta: Vec, deltas: list[Vec]) -> ValidateRequest:
+    payloads = [d.astype("<f4").tobytes() for d in deltas]
+    cands, offset = [], 0
+    for i, data in enumerate(payloads):
+        cands.append({"node_id": key(f"n{i}").node_id, "digest": sha256_hex(data),
+                      "offset": offset, "size": len(data)})
+        offset += len(data)
+    return ValidateRequest(run_id=RUN, round=rnd, params_digest=digest(theta), codec="raw32",
+                           length=N, candidates=cands, payload=b"".join(payloads))
+
+
+def test_a_validator_holds_params_and_answers_with_a_signed_verdict() -> None:
+    p = participant(role="validator")
+    hello = sent(p.receive(signed(challenge()))[0])
+    assert isinstance(hello, Hello) and (hello.role, hello.features) == ("validator", "")
+    p.receive(signed(welcome()))
+    theta = params(0)
+    assert p.receive(signed(round_open(0, theta))) == [
+        {"kind": "round", "round": 0, "params_digest": digest(theta)}]  # never "train"
+    deltas = [0.01 * params(1), 0.01 * params(2)]
+    (ev,) = p.receive(signed(validate_request(0, theta, deltas)))
+    assert ev["kind"] == "validate" and ev["params"] == theta.astype("<f4").tobytes()
+    assert [c["payload"] for c in ev["candidates"]] == [d.astype("<f4").tobytes() for d in deltas]
+    assert p.verdict(1, 2.0, [2.1, 2.2]) == []  # not the round asked for
+    (out,) = p.verdict(0, 2.0, [2.1, float("nan")])
+    v = sent(out)
+    assert isinstance(v, Verdict) and (v.round, v.node_id, v.base_loss) == (0, p.node_id, 2.0)
+    assert [s["loss"] for s in v.scores] == [2.1, None]  # NaN: "not finite"
+    assert [s["node_id"] for s in v.scores] == [key("n0").node_id, key("n1").node_id]
+    assert p.counts["judged"] == 2
+    assert p.verdict(0, 2.0, [2.1, 2.2]) == []  # answered once
+
+
+def test_validation_requests_for_other_params_or_to_a_trainer_are_refused() -> None:
+    v = participant(role="validator")
+    joined(v)
+    v.receive(signed(round_open(0, params(0))))
+    stray = validate_request(0, params(9), [0.01 * params(1)])
+    assert kinds(v.receive(signed(stray))) == ["refused"]
+    trainer = joined()
+    trainer.receive(signed(round_open(0, params(0))))
+    assert kinds(trainer.receive(signed(validate_request(0, params(0), [params(1)])))) == [
+        "refused"]
+    with pytest.raises(ValueError, match="role"):
+        participant(role="aggregator")

@@ -10,6 +10,7 @@
 import { loadShared } from './pyodide_host.js';
 import { loadOrCreateIdentity } from './identity.js';
 import { initZstd } from './zstd.js';
+import { decodeUpdate } from './codecs.js';
 
 const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
@@ -38,8 +39,9 @@ function storageSet(key, value) {
 }
 
 export class BrowserNode extends EventTarget {
-  constructor({ backend = 'auto', storagePrefix = '' } = {}) {
+  constructor({ backend = 'auto', storagePrefix = '', role = 'trainer' } = {}) {
     super();
+    this.role = role;
     this.requestedBackend = backend;
     this.prefix = storagePrefix;
     this.py = null;
@@ -58,7 +60,7 @@ export class BrowserNode extends EventTarget {
       model: null, task: null, round: null, version: null, contributed: 0, accepted: 0, rejected: 0,
       rejections: [], evalLoss: [], entropyFloor: null, stepLoss: null, stepsDone: 0, stepsTotal: 0, totalSteps: 0,
       samplesPerS: null, paused: false, rows: null, dataSource: 'server', errors: [], timings: {},
-      firstAcceptedMs: null, consoleErrors: 0,
+      firstAcceptedMs: null, consoleErrors: 0, role, judged: 0, lastVerdict: null,
     };
     this.t0 = performance.now();
   }
@@ -86,10 +88,11 @@ export class BrowserNode extends EventTarget {
     this.glue = {
       make: this.py.globals.get('make_participant'), feed: this.py.globals.get('feed'),
       submit: this.py.globals.get('submit'), setLayout: this.py.globals.get('set_layout'),
+      verdict: this.py.globals.get('verdict'),
     };
     const pinsKey = `${this.prefix}${PINS_KEY}`;
     this.part = this.glue.make(ident.publicKey, ident.secretKey, storageGet(pinsKey) || '{}',
-      (json) => storageSet(pinsKey, json), backend);
+      (json) => storageSet(pinsKey, json), backend, this.role);
     const journal = storageGet(`${this.prefix}${JOURNAL_KEY}`);
     if (journal && this.part.restore(journal)) this.log('an update trained before the reload is kept for resubmission');
     this.set({ nodeId: ident.nodeId, timings: { ...this.stats.timings, python_ms: performance.now() - this.t0 } });
@@ -135,6 +138,8 @@ export class BrowserNode extends EventTarget {
       case 'send': this.send(e.frame); break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
       case 'train': this.onTrain(e); break;
+      case 'round': this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `holding round ${e.round}` }); break;
+      case 'validate': this.onValidate(e).catch((err) => this.log(`round ${e.round}: cannot score: ${err.message || err}`, 'error')); break;
       case 'resubmit':
         this.params = new Float32Array(e.params.slice().buffer);
         this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `resubmitted round ${e.round}` });
@@ -175,10 +180,14 @@ export class BrowserNode extends EventTarget {
     this.set({ state: 'preparing the model', runId: w.run_id, model: `${model.name} (${w.n_params.toLocaleString()} params)`,
       task: w.data.kind === 'digits' ? 'classify' : 'lm' });
     if (this.workerModel === w.model_id) return;
+    let readyNow;
+    this.workerReady = new Promise((resolve) => { readyNow = resolve; });
     const t0 = performance.now();
     const manifest = await (await fetch('/model/onnx/manifest.json')).json();
     this.glue.setLayout(this.part, JSON.stringify(manifest.layout));
-    const data = await this.fetchShard(w.shard, w.n_shards);
+    const validator = this.role === 'validator';
+    const data = validator ? null : await this.fetchShard(w.shard, w.n_shards);
+    const val = validator ? await this.fetchData('/data/val?samples=512') : null;
     this.worker?.terminate();
     this.worker = new Worker(new URL('./train_worker.js', import.meta.url), { type: 'module' });
     const ready = new Promise((resolve, reject) => {
@@ -188,22 +197,25 @@ export class BrowserNode extends EventTarget {
       };
     });
     const seed = parseInt(w.node_id.slice(0, 8), 16);
-    this.worker.postMessage({ type: 'init', backend: this.stats.backend, seed, data,
+    const payload = data || val;
+    this.worker.postMessage({ type: 'init', backend: this.stats.backend, seed, data, val,
       graphs: { train: '/model/onnx/train_step.onnx', infer: '/model/onnx/infer.onnx' } },
-    [data.x, data.y]);
+    [payload.x, payload.y]);
     const info = await ready;
     this.worker.onmessage = (ev) => this.onWorker(ev.data);
     this.workerModel = w.model_id;
+    readyNow();
     if (this.ownText) await this.useOwnText(this.ownText);
-    this.set({ threads: info.threads, rows: data.meta.rows,
+    this.set({ threads: info.threads, rows: payload.meta.rows,
+      dataSource: validator ? 'validation rows from the server' : this.stats.dataSource,
       timings: { ...this.stats.timings, model_ms: performance.now() - t0 } });
     if (this.queued) { const q = this.queued; this.queued = null; this.onTrain(q); }
-    else this.set({ state: 'waiting for a round' });
+    else this.set({ state: validator ? 'waiting for candidates' : 'waiting for a round' });
   }
 
-  async fetchShard(shard, nShards) {
-    const resp = await fetch(`/data/shard?shard=${shard}&n_shards=${nShards}`);
-    if (!resp.ok) throw new Error(`data shard: HTTP ${resp.status}: ${await resp.text()}`);
+  async fetchData(url) {
+    const resp = await fetch(url);
+    if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}: ${await resp.text()}`);
     const all = await resp.arrayBuffer();
     const m = new DataView(all).getUint32(0, true);
     const meta = JSON.parse(new TextDecoder().decode(new Uint8Array(all, 4, m)));
@@ -212,6 +224,45 @@ export class BrowserNode extends EventTarget {
     this.context = this.welcome.model.context || null;
     this.set({ entropyFloor: meta.entropy_floor ?? null });
     return { meta, x: buf.slice(0, meta.x_bytes), y: buf.slice(meta.x_bytes) };
+  }
+
+  fetchShard(shard, nShards) { return this.fetchData(`/data/shard?shard=${shard}&n_shards=${nShards}`); }
+
+  /** Validator: held-out loss of theta_r and of theta_r - Delta_i for every candidate. */
+  async onValidate(e) {
+    await this.workerReady;  // a request can arrive while the graphs are still loading
+    const theta = new Float32Array(e.params.slice().buffer);
+    this.params = theta;
+    this.set({ state: `scoring ${e.candidates.length} candidates of round ${e.round}` });
+    const bufs = [theta.slice().buffer];
+    const ok = [];
+    for (const c of e.candidates) {
+      let delta = null;
+      try {
+        delta = decodeUpdate(c.payload, e.length, { expect: e.codec });
+      } catch (err) {
+        this.log(`round ${e.round}: candidate ${c.node_id.slice(0, 12)} does not decode: ${err.message}`);
+      }
+      ok.push(delta !== null);
+      if (delta !== null) {
+        const cand = new Float32Array(theta.length);
+        for (let i = 0; i < theta.length; i++) cand[i] = theta[i] - delta[i];
+        bufs.push(cand.buffer);
+      }
+    }
+    const id = Math.random().toString(36).slice(2);
+    const losses = await new Promise((resolve) => {
+      this.pendingInfer.set(id, resolve);
+      this.worker.postMessage({ type: 'score', id, candidates: bufs }, bufs);
+    });
+    const [base, ...rest] = losses;
+    const it = rest[Symbol.iterator]();
+    const all = ok.map((good) => (good ? it.next().value : NaN));
+    const events = this.glue.verdict(this.part, e.round, base, all.map((v) => (Number.isFinite(v) ? v : NaN)));
+    for (const ev of events) this.onEvent(ev);
+    const lastVerdict = { round: e.round, base, losses: all.map((v) => (Number.isFinite(v) ? v : null)) };
+    this.firstVerdict = this.firstVerdict || lastVerdict;
+    this.set({ judged: this.stats.judged + all.length, state: `judged round ${e.round}`, lastVerdict });
   }
 
   onTrain(e) {
@@ -244,6 +295,10 @@ export class BrowserNode extends EventTarget {
         state: sent ? `submitted round ${m.round}` : this.stats.state });
     } else if (m.type === 'cancelled') {
       this.log(`round ${m.round}: training stopped after ${m.steps} steps (the round moved on)`);
+    } else if (m.type === 'score') {
+      const resolve = this.pendingInfer.get(m.id);
+      this.pendingInfer.delete(m.id);
+      resolve?.(m.losses);
     } else if (m.type === 'infer') {
       const resolve = this.pendingInfer.get(m.id);
       this.pendingInfer.delete(m.id);

@@ -21,9 +21,10 @@ def _js(events: list[dict[str, object]]) -> object:
     return to_js(events, dict_converter=js.Object.fromEntries)
 
 
-def make_participant(public_key, secret_key, pins_json: str, save_pins, device: str):
+def make_participant(public_key, secret_key, pins_json: str, save_pins, device: str,
+                     role: str = "trainer"):
     ident = Identity(public_key=public_key.to_bytes(), secret_key=secret_key.to_bytes())
-    return Participant(ident, runtime="browser", agent=AGENT, device=device,
+    return Participant(ident, runtime="browser", agent=AGENT, device=device, role=role,
                        pins=json.loads(pins_json or "{}"),
                        save_pins=lambda pins: save_pins(json.dumps(pins)))
 
@@ -37,6 +38,12 @@ def submit(p: Participant, round: int, delta, train_loss, samples: int,
     loss = None if train_loss is None else float(train_loss)
     return _js(p.submit(int(round), delta.to_bytes(), train_loss=loss, samples=int(samples),
                         compute_s=float(compute_s)))
+
+
+def verdict(p: Participant, round: int, base_loss: float, losses) -> object:
+    """Losses arrive as numbers, NaN for "not finite / did not decode" (JS null would cross
+    as a JsNull object); Participant.verdict turns NaN into None."""
+    return _js(p.verdict(int(round), float(base_loss), [float(v) for v in losses.to_py()]))
 
 
 def set_layout(p: Participant, layout_json: str) -> None:

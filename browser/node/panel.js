@@ -1,5 +1,6 @@
 // The "This tab is training" card on the server's page: starts a BrowserNode (node.js) and
-// shows its state live. `?contribute=0` only watches; `?backend=wasm|webgpu` forces a backend.
+// shows its state live. `?contribute=0` only watches; `?backend=wasm|webgpu` forces a backend;
+// `?role=validator` scores other nodes' updates (held-out loss) instead of training.
 // The node is also `window.daaNode` (the e2e tests and bench.browser read its stats).
 
 import { BrowserNode } from './node.js';
@@ -17,7 +18,10 @@ function render(s) {
   text('node-backend', s.backend ? `${s.backend === 'webgpu' ? 'WebGPU' : 'WebAssembly'}${s.threads ? `, ${s.threads} thread${s.threads > 1 ? 's' : ''}` : ''}` : '–');
   text('node-id', s.nodeId ? s.nodeId.slice(0, 16) : '–');
   text('node-version', s.round === null ? '–' : `round ${s.round} · ${s.version}`);
-  text('node-contributed', String(s.contributed));
+  const validator = s.role === 'validator';
+  text('node-title', validator ? 'This tab is validating' : 'This tab is training');
+  text('node-contributed-label', validator ? 'Candidates judged' : 'Rounds contributed');
+  text('node-contributed', String(validator ? s.judged : s.contributed));
   text('node-acks', `${s.accepted} / ${s.rejected}`);
   text('node-speed', s.samplesPerS ? `${s.samplesPerS.toFixed(1)} samples/s` : '–');
   text('node-loss', s.stepLoss === null ? '–' : s.stepLoss.toFixed(4));
@@ -38,7 +42,7 @@ function render(s) {
   $('node-toggle').textContent = s.paused ? 'Resume' : 'Pause';
   $('try-lm').hidden = s.task !== 'lm';
   $('try-digit').hidden = s.task !== 'classify';
-  $('own-data').hidden = s.task === 'classify';
+  $('own-data').hidden = s.task === 'classify' || validator;
 }
 
 function setupDigitPad(node) {
@@ -81,7 +85,8 @@ function setupDigitPad(node) {
 
 function main() {
   if (params.get('contribute') === '0') { $('node-card').hidden = true; return; }
-  const node = new BrowserNode({ backend: params.get('backend') || 'auto' });
+  const role = params.get('role') === 'validator' ? 'validator' : 'trainer';
+  const node = new BrowserNode({ backend: params.get('backend') || 'auto', role });
   window.daaNode = node;
   node.addEventListener('change', () => render(node.stats));
   render(node.stats);

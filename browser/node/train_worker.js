@@ -3,7 +3,7 @@
 // H times per round on this tab's shard, and the inference graph for "try the model".
 //
 // Messages in (postMessage):                      Messages out:
-//   {type:'init', backend, graphs, data}         {type:'ready', backend, threads, nParams, loadMs}
+//   {type:'init', backend, graphs, data, val}    {type:'ready', backend, threads, nParams, loadMs}
 //   {type:'data', data}                          {type:'data', rows, source}
 //   {type:'round', round, params, steps, lr,     {type:'step', round, step, loss, ms}
 //    batchSize}                                  {type:'done', round, delta, trainLoss,
@@ -11,6 +11,7 @@
 //   {type:'cancel', round}                       {type:'cancelled', round, steps}
 //   {type:'infer', id, params, x, dims}          {type:'infer', id, logits, dims}
 //   {type:'bench', params, steps, batchSize}     {type:'bench', stepMs, loss, params}
+//   {type:'score', id, candidates: [params]}     {type:'score', id, losses} (validators)
 //                                                {type:'error', message}
 // `data` = {x: ArrayBuffer, y: ArrayBuffer, meta} (the layout server/browser_data.py serves).
 // AdamW moments and the step counter persist across rounds, as in the native trainer.
@@ -21,6 +22,7 @@ let train = null;  // InferenceSession of train_step.onnx
 let infer = null;  // ... of infer.onnx
 let info = null;   // {backend, threads}
 let shard = null;  // {x, y, rows, xCols, yCols, lm}
+let val = null;    // the same, for the validation rows a validator scores on
 let moments = null;  // {m, v, step}
 let paused = false;
 let resumeWaiters = [];
@@ -51,15 +53,19 @@ async function session(url, backend) {
   });
 }
 
-function setData(data) {
+function arrays(data) {
   const { meta } = data;
   const lm = meta.task === 'lm';
   const x = lm ? new Int32Array(data.x) : new Float32Array(data.x);
-  shard = { x, y: new Int32Array(data.y), rows: meta.rows, xCols: meta.x_cols, yCols: meta.y_cols, lm };
-  if (!(shard.rows > 0) || x.length !== shard.rows * shard.xCols || shard.y.length !== shard.rows * shard.yCols) {
-    shard = null;
+  const out = { x, y: new Int32Array(data.y), rows: meta.rows, xCols: meta.x_cols, yCols: meta.y_cols, lm };
+  if (!(out.rows > 0) || x.length !== out.rows * out.xCols || out.y.length !== out.rows * out.yCols) {
     throw new Error(`data: ${meta.rows} rows do not match the arrays' sizes`);
   }
+  return out;
+}
+
+function setData(data) {
+  shard = arrays(data);
   queue = [];
   return shard.rows;
 }
@@ -167,6 +173,39 @@ async function runInfer({ id, params, x, dims, xType }) {
 
 /** The same step `steps` times on the shard's first `batchSize` rows, from zero moments:
  * per-step wall times, and the last run's loss and new params (for parity checks). */
+/** Mean held-out loss (nats, as native_node.zoo.evaluate) of each params vector on `val`. */
+async function runScore({ id, candidates }) {
+  if (!val) throw new Error('no validation data');
+  const { lm, rows, xCols, yCols } = val;
+  const losses = [];
+  for (const buf of candidates) {
+    const p = new Float32Array(buf);
+    const pt = new ort.Tensor('float32', p, [p.length]);
+    let total = 0;
+    for (let start = 0; start < rows; start += 128) {
+      const b = Math.min(128, rows - start);
+      const xs = val.x.subarray(start * xCols, (start + b) * xCols);
+      const x = lm ? new ort.Tensor('int64', BigInt64Array.from(xs, (v) => BigInt(v)), [b, xCols])
+        : new ort.Tensor('float32', Float32Array.from(xs), [b, xCols]);
+      const out = await infer.run({ params: pt, x });
+      const logits = out.logits.data;
+      const V = out.logits.dims[out.logits.dims.length - 1];
+      let sum = 0;
+      for (let r = 0; r < b * yCols; r++) {  // cross-entropy of each target position
+        const row = logits.subarray(r * V, (r + 1) * V);
+        let max = -Infinity;
+        for (let k = 0; k < V; k++) if (row[k] > max) max = row[k];
+        let z = 0;
+        for (let k = 0; k < V; k++) z += Math.exp(row[k] - max);
+        sum += Math.log(z) + max - row[val.y[start * yCols + r]];
+      }
+      total += sum / yCols;
+    }
+    losses.push(total / rows);
+  }
+  post({ type: 'score', id, losses });
+}
+
 async function runBench({ params, steps, warmup = 2, batchSize }) {
   const p = new Float32Array(params);
   const m = new Float32Array(p.length);
@@ -195,6 +234,7 @@ async function handle(msg) {
         session(msg.graphs.infer, msg.backend)]);
       rng = (msg.seed >>> 0) || 0x9e3779b9;
       if (msg.data) setData(msg.data);
+      if (msg.val) val = arrays(msg.val);
       info = { backend: msg.backend, threads };
       post({ type: 'ready', ...info, loadMs: performance.now() - t0 });
       break;
@@ -203,6 +243,7 @@ async function handle(msg) {
     case 'round': await runRound(msg); break;
     case 'infer': await runInfer(msg); break;
     case 'bench': await runBench(msg); break;
+    case 'score': await runScore(msg); break;
     default: throw new Error(`unknown message ${msg.type}`);
   }
 }
