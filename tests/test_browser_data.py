@@ -117,3 +117,22 @@ async def test_bad_arguments_are_refused_naming_the_argument(tmp_path: Path) -> 
             text = await resp.text()
             assert resp.status == 400, (query, resp.status, text)
             assert text.startswith(f"{arg}:"), (query, text)
+
+
+async def test_validation_rows_are_the_native_validators_tail(tmp_path: Path) -> None:
+    async with serve(tmp_path, "mlp-digits") as (client, work):
+        resp = await client.get("/data/val?samples=100")
+        assert resp.status == 200
+        raw = await resp.read()
+        (m,) = struct.unpack_from("<I", raw)
+        meta = json.loads(raw[4:4 + m])
+        body = raw[4 + m:]
+        ds = work.dataset
+        assert (meta["rows"], meta["split"], meta["side"]) == (100, "val", "tail")
+        assert body == (np.asarray(ds.x_val)[-100:].astype("<f4").tobytes()
+                        + np.asarray(ds.y_val)[-100:].astype("<i4").tobytes())
+        big = await client.get(f"/data/val?samples={len(ds.y_val) + 50}")  # capped at the split
+        raw = await big.read()
+        (m,) = struct.unpack_from("<I", raw)
+        assert json.loads(raw[4:4 + m])["rows"] == len(ds.y_val)
+        assert (await client.get("/data/val?samples=0")).status == 400
