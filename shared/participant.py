@@ -11,9 +11,11 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 
 | kind      | fields                                                                     |
 |-----------|----------------------------------------------------------------------------|
-| send      | frame (bytes): send it to the server as one binary WebSocket message      |
+| send      | msg_type, frame (bytes): send it to the server as one binary WebSocket     |
+|           | message (a Submit, type 4, may go over the star data channel instead)      |
+| signal    | from, signal (offer/answer/candidate/bye), data: WebRTC signaling for us   |
 | welcome   | run_id, node_id, server_id, model, model_id, data, shard, n_shards, codec, |
-|           | error_feedback, n_params, transport                                        |
+|           | error_feedback, n_params, transport, rtc_timeout_s                         |
 | train     | round, attempt, params (float32 LE bytes), params_digest, steps, lr,       |
 |           | batch_size, deadline_s                                                     |
 | resubmit  | round, params, params_digest, digest: the journaled update for this round  |
@@ -48,6 +50,7 @@ from shared.envelope import Identity, new_nonce
 from shared.errors import BadUpdate, ProtocolError
 from shared.layout import TensorSlot, make_manifest, model_id
 from shared.messages import (
+    SERVER,
     Ack,
     Challenge,
     Error,
@@ -55,6 +58,7 @@ from shared.messages import (
     Message,
     RoundCommitted,
     RoundOpen,
+    Signal,
     Submit,
     ValidateRequest,
     Verdict,
@@ -150,12 +154,14 @@ class Participant:
                      "digest": msg.digest}]
         if isinstance(msg, RoundCommitted):
             return self._on_committed(msg)
+        if isinstance(msg, Signal):  # e.g. the server peer's answer to our offer
+            return [{"kind": "signal", "from": msg.node_id, "signal": msg.kind, "data": msg.data}]
         if isinstance(msg, Error):
             self.counts["errors"] += 1
             kind = "fatal" if msg.code in FATAL_CODES else "error"
             return [{"kind": kind, "code": msg.code, "message": msg.message,
                      "round": msg.round}]
-        return []  # Signal: not for a participant on the ws transport
+        return []
 
     # -- handlers ------------------------------------------------------------------------
     def _send(self, msg: Message) -> Event:
@@ -164,8 +170,8 @@ class Participant:
         sign = self.identity.signer(run_id=self.challenge.run_id,
                                     round=getattr(msg, "round", -1), msg_type=msg.TYPE,
                                     nonce=msg.nonce)  # type: ignore[attr-defined]
-        return {"kind": "send", "frame": msg.to_frame(sign=sign,
-                                                      compress=isinstance(msg, Submit))}
+        return {"kind": "send", "msg_type": msg.TYPE,
+                "frame": msg.to_frame(sign=sign, compress=isinstance(msg, Submit))}
 
     def _on_welcome(self, msg: Welcome) -> list[Event]:
         events: list[Event] = []
@@ -184,7 +190,7 @@ class Participant:
                  "model_id": msg.model_id, "data": msg.data, "shard": msg.shard,
                  "n_shards": msg.n_shards, "codec": msg.codec, "codec_params": msg.codec_params,
                  "error_feedback": msg.error_feedback, "n_params": msg.n_params,
-                 "transport": msg.transport}]
+                 "transport": msg.transport, "rtc_timeout_s": msg.rtc_timeout_s}]
 
     def _on_round_open(self, msg: RoundOpen) -> list[Event]:
         try:  # full params, or the changes against the params we hold
@@ -210,6 +216,13 @@ class Participant:
                        "steps": msg.inner_steps, "lr": msg.inner_lr,
                        "batch_size": msg.batch_size, "deadline_s": msg.deadline_s})
         return events
+
+    def signal(self, kind: str, data: str, to: str = SERVER) -> list[Event]:
+        """A signed WebRTC Signal (offer, candidate, bye) to the server's peer or a node."""
+        if self.welcome is None:
+            return []
+        return [self._send(Signal(run_id=self.welcome.run_id, node_id=self.node_id, to=to,
+                                  kind=kind, data=data))]
 
     # -- validator role ------------------------------------------------------------------
     def _hold(self, msg: RoundOpen) -> list[Event]:

@@ -27,6 +27,7 @@ from shared.messages import (
     Message,
     RoundCommitted,
     RoundOpen,
+    Signal,
     Submit,
     ValidateRequest,
     Verdict,
@@ -180,7 +181,8 @@ def test_welcome_reports_the_run() -> None:
                      "server_id": key("server").node_id, "model": {"name": "toy"},
                      "model_id": sha256_hex(b"toy"), "data": {"kind": "toy"}, "shard": 1,
                      "n_shards": 3, "codec": "topk", "codec_params": {"fraction": 0.1},
-                     "error_feedback": True, "n_params": N, "transport": "ws"}
+                     "error_feedback": True, "n_params": N, "transport": "ws",
+                     "rtc_timeout_s": 10.0}
 
 
 # -- rounds ------------------------------------------------------------------------------------
@@ -456,3 +458,16 @@ def test_validation_requests_for_other_params_or_to_a_trainer_are_refused() -> N
         "refused"]
     with pytest.raises(ValueError, match="role"):
         participant(role="aggregator")
+
+
+def test_signals_go_out_signed_and_answers_come_back_as_events() -> None:
+    p = joined()
+    (ev,) = p.signal("offer", "v=0 sdp")
+    assert ev["msg_type"] == Signal.TYPE
+    msg = sent(ev)
+    assert isinstance(msg, Signal) and (msg.to, msg.kind, msg.data) == ("server", "offer",
+                                                                          "v=0 sdp")
+    answer = Signal(run_id=RUN, node_id="server", to=p.node_id, kind="answer", data="v=0 ans")
+    assert p.receive(signed(answer)) == [
+        {"kind": "signal", "from": "server", "signal": "answer", "data": "v=0 ans"}]
+    assert participant().signal("offer", "x") == []  # not joined: nothing to sign for

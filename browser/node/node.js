@@ -11,6 +11,7 @@ import { loadShared } from './pyodide_host.js';
 import { loadOrCreateIdentity } from './identity.js';
 import { initZstd } from './zstd.js';
 import { decodeUpdate } from './codecs.js';
+import { StarUplink } from './rtc.js';
 
 const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
@@ -60,7 +61,7 @@ export class BrowserNode extends EventTarget {
       model: null, task: null, round: null, version: null, contributed: 0, accepted: 0, rejected: 0,
       rejections: [], evalLoss: [], entropyFloor: null, stepLoss: null, stepsDone: 0, stepsTotal: 0, totalSteps: 0,
       samplesPerS: null, paused: false, rows: null, dataSource: 'server', errors: [], timings: {},
-      firstAcceptedMs: null, consoleErrors: 0, role, judged: 0, lastVerdict: null,
+      firstAcceptedMs: null, consoleErrors: 0, role, judged: 0, lastVerdict: null, transport: null,
     };
     this.t0 = performance.now();
   }
@@ -88,7 +89,7 @@ export class BrowserNode extends EventTarget {
     this.glue = {
       make: this.py.globals.get('make_participant'), feed: this.py.globals.get('feed'),
       submit: this.py.globals.get('submit'), setLayout: this.py.globals.get('set_layout'),
-      verdict: this.py.globals.get('verdict'),
+      verdict: this.py.globals.get('verdict'), signal: this.py.globals.get('signal'),
     };
     const pinsKey = `${this.prefix}${PINS_KEY}`;
     this.part = this.glue.make(ident.publicKey, ident.secretKey, storageGet(pinsKey) || '{}',
@@ -130,12 +131,46 @@ export class BrowserNode extends EventTarget {
   }
 
   send(frame) {
+    if (!(frame instanceof Uint8Array)) throw new TypeError('frames are bytes');
     if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(frame);
+  }
+
+  /** An update over the star data channel, or on the socket when it is not (or no longer)
+   * usable: the relay fallback. */
+  async sendUpdate(frame) {
+    const direct = await this.uplink.send(frame);
+    this.set({ transport: this.uplink.state });
+    if (!direct) this.send(frame);
+  }
+
+  startUplink(w) {
+    this.uplink?.close();
+    this.uplink = null;
+    if (w.transport !== 'star' || this.role !== 'trainer' || typeof RTCPeerConnection === 'undefined') {
+      this.set({ transport: 'websocket' });
+      return;
+    }
+    const up = new StarUplink((kind, data) => {
+      for (const ev of this.glue.signal(this.part, kind, data)) this.onEvent(ev);
+    }, { timeoutS: w.rtc_timeout_s });
+    this.uplink = up;
+    up.channel.addEventListener('open', () => this.set({ transport: up.state }));
+    up.channel.addEventListener('close', () => this.set({ transport: 'relay' }));
+    this.set({ transport: 'connecting' });
+    up.start().catch((err) => this.log(`WebRTC offer failed: ${err.message || err}; relaying`));
   }
 
   onEvent(e) {
     switch (e.kind) {
-      case 'send': this.send(e.frame); break;
+      case 'send':
+        if (e.msg_type === 4 && this.uplink) this.sendUpdate(e.frame);  // Submit: star channel
+        else this.send(e.frame);
+        break;
+      case 'signal':
+        if (e.signal === 'answer' && e.from === 'server' && this.uplink) {
+          this.uplink.onAnswer(e.data).catch((err) => this.log(`WebRTC answer: ${err.message || err}`));
+        }
+        break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
       case 'train': this.onTrain(e); break;
       case 'round': this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `holding round ${e.round}` }); break;
@@ -176,6 +211,7 @@ export class BrowserNode extends EventTarget {
 
   async onWelcome(w) {
     this.welcome = w;
+    this.startUplink(w);
     const model = w.model;
     this.set({ state: 'preparing the model', runId: w.run_id, model: `${model.name} (${w.n_params.toLocaleString()} params)`,
       task: w.data.kind === 'digits' ? 'classify' : 'lm' });
@@ -318,7 +354,13 @@ export class BrowserNode extends EventTarget {
   // -- controls ---------------------------------------------------------------------------
   pause() { this.worker?.postMessage({ type: 'pause' }); this.set({ paused: true }); }
   resume() { this.worker?.postMessage({ type: 'resume' }); this.set({ paused: false }); }
-  stop() { this.stopped = true; this.worker?.terminate(); this.ws?.close(); this.set({ state: 'stopped' }); }
+  stop() {
+    this.stopped = true;
+    this.worker?.terminate();
+    this.uplink?.close();
+    this.ws?.close();
+    this.set({ state: 'stopped' });
+  }
 
   /** Train on a local text file from now on. It is read here and never leaves the tab. */
   async useOwnText(file) {

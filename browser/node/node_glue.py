@@ -46,6 +46,10 @@ def verdict(p: Participant, round: int, base_loss: float, losses) -> object:
     return _js(p.verdict(int(round), float(base_loss), [float(v) for v in losses.to_py()]))
 
 
+def signal(p: Participant, kind: str, data: str) -> object:
+    return _js(p.signal(str(kind), str(data)))
+
+
 def set_layout(p: Participant, layout_json: str) -> None:
     p.set_layout(json.loads(layout_json))
 

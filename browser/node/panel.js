@@ -15,7 +15,9 @@ function render(s) {
   text('node-state', s.paused ? 'paused' : s.state);
   badge.className = `badge ${s.state === 'stopped' ? 'badge-unknown' : s.state.startsWith('training') ? 'badge-collecting'
     : s.state === 'the run is finished' ? 'badge-finished' : 'badge-starting'}`;
-  text('node-backend', s.backend ? `${s.backend === 'webgpu' ? 'WebGPU' : 'WebAssembly'}${s.threads ? `, ${s.threads} thread${s.threads > 1 ? 's' : ''}` : ''}` : '–');
+  const transport = { webrtc: ' · updates over WebRTC', relay: ' · updates relayed (WebSocket)',
+    connecting: ' · WebRTC connecting', websocket: '' }[s.transport] ?? '';
+  text('node-backend', s.backend ? `${s.backend === 'webgpu' ? 'WebGPU' : 'WebAssembly'}${s.threads ? `, ${s.threads} thread${s.threads > 1 ? 's' : ''}` : ''}${transport}` : '–');
   text('node-id', s.nodeId ? s.nodeId.slice(0, 16) : '–');
   text('node-version', s.round === null ? '–' : `round ${s.round} · ${s.version}`);
   const validator = s.role === 'validator';
