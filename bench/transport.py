@@ -61,12 +61,97 @@ async def aiortc_pair(size: int, repeats: int, *, check_cancel: bool = False
     return rows
 
 
+CHROMIUM = os.environ.get("DAA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-features=WebRtcHideLocalIpsWithMdns"]  # NOTES.md: no mDNS hosts
+
+
+async def chromium_pairs(size: int, repeats: int) -> list[dict[str, Any]]:
+    """Chromium -> aiortc and Chromium -> Chromium: browser/node/rtcbench.html (rtc.js
+    chunking, the receiving page checks the digest; aiortc receives with FrameLink)."""
+    from aiohttp import web
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from playwright.async_api import async_playwright
+
+    from native_node.rtc import FrameLink, rtc_config
+    from server import browser_assets
+
+    app = web.Application()
+    app.add_routes(browser_assets.routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/static/node/rtcbench.html"
+    rows: list[dict[str, Any]] = []
+
+    def row(pair: str, i: int, dt: float) -> None:
+        rows.append({"pair": pair, "run": i, "MB": size / 1e6, "seconds": round(dt, 3),
+                     "MBps": round(size / 1e6 / dt, 2)})
+        print(f"{pair} run {i}: {size / 1e6:.1f} MB in {dt:.2f} s", file=sys.stderr)
+
+    async def opened(page: Any) -> None:
+        for _ in range(200):
+            if await page.evaluate("() => rtcBench.open()"):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("data channel did not open")
+
+    pc = RTCPeerConnection(rtc_config())
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = await browser.new_page()
+            await page.goto(url)
+            await page.wait_for_function("() => window.rtcBench")
+            done: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
+            links: list[FrameLink] = []
+
+            def on_channel(ch: Any) -> None:
+                links.append(FrameLink(ch, on_frame=lambda f: done.put_nowait((f, time.time())),
+                                       max_frame=size + 1024))
+
+            pc.on("datachannel", on_channel)
+            offer = await page.evaluate("() => rtcBench.offer()")
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            await page.evaluate("(sdp) => rtcBench.accept(sdp)", pc.localDescription.sdp)
+            await opened(page)
+            for i in range(repeats):
+                start_ms = await page.evaluate("([n, t]) => rtcBench.send(n, t)", [size, i + 1])
+                frame, at = await asyncio.wait_for(done.get(), timeout=300)
+                assert len(frame) == size
+                row("chromium-aiortc", i, at - start_ms / 1000)
+            a, b = await browser.new_page(), await browser.new_page()
+            for pg in (a, b):
+                await pg.goto(url)
+                await pg.wait_for_function("() => window.rtcBench")
+            offer = await a.evaluate("() => rtcBench.offer()")
+            answer = await b.evaluate("(sdp) => rtcBench.answer(sdp)", offer)
+            await a.evaluate("(sdp) => rtcBench.accept(sdp)", answer)
+            await opened(a)
+            for i in range(repeats):
+                start_ms = await a.evaluate("([n, t]) => rtcBench.send(n, t)", [size, i + 1])
+                await b.wait_for_function(f"() => rtcBench.received().length > {i}",
+                                          timeout=300_000, polling=20)
+                got = (await b.evaluate("() => rtcBench.received()"))[i]
+                assert got["ok"] and got["bytes"] == size, got
+                row("chromium-chromium", i, (got["at"] - start_ms) / 1000)
+            await browser.close()
+    finally:
+        await pc.close()
+        await runner.cleanup()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=16.0, help="frame size in MB (10^6 bytes)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-chromium", action="store_true", help="aiortc <-> aiortc only")
     p.add_argument("--check-cancel", action="store_true",
                    help="also cancel a 16 MB transfer mid-way and check the channel recovers")
     args = p.parse_args(args_list)
@@ -77,14 +162,26 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return netns.rerun_inside("bench.transport", args_list)
-    rows = asyncio.run(aiortc_pair(int(args.mb * 1e6), args.repeats,
-                                   check_cancel=args.check_cancel))
+    size = int(args.mb * 1e6)
+    rows = asyncio.run(aiortc_pair(size, args.repeats, check_cancel=args.check_cancel))
+    browser_note = None
+    if args.no_chromium or not os.path.exists(CHROMIUM):
+        browser_note = "Chromium pairings skipped (--no-chromium or no Chromium)"
+    else:
+        rows += asyncio.run(chromium_pairs(size, args.repeats))
     print_table(rows, ["pair", "run", "MB", "seconds", "MBps"])
-    emit({"MBps": {"aiortc-aiortc": round(statistics.median(r["MBps"] for r in rows), 2),
-                   "aiortc-chromium": None, "chromium-chromium": None},
+
+    def med(pair: str) -> float | None:
+        vals = [r["MBps"] for r in rows if r["pair"] == pair]
+        return round(statistics.median(vals), 2) if vals else None
+
+    emit({"MBps": {"aiortc-aiortc": med("aiortc-aiortc"), "aiortc-chromium": med("chromium-aiortc"),
+                   "chromium-chromium": med("chromium-chromium")},
+          "aiortc_chromium_direction": "Chromium sends, aiortc receives (a tab's update)",
           "frame_mb": args.mb, "repeats": args.repeats,
           "server_bytes_per_round": None, "peer_bytes_over_update": None,
-          "not_measured": "Chromium pairings and star/p2p server bytes: not built yet"})
+          "not_measured": "star/p2p server bytes: the p2p topology is not built yet"
+                          + (f"; {browser_note}" if browser_note else "")})
     return 0
 
 
