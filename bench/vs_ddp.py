@@ -49,6 +49,8 @@ CODECS: dict[str, list[str]] = {
     "raw32": ["--codec", "raw32"],
     "int8-block": ["--codec", "int8-block"],
     "topk-ef": [*TOPK, *SPARSE_OUTER, "--error-feedback"],
+    # plain parameter averaging (outer lr 1, no momentum): the small-data model's outer step
+    "raw32-avg": ["--codec", "raw32", "--outer-lr", "1.0", "--outer-momentum", "0.0"],
 }
 
 
@@ -69,8 +71,9 @@ class Grid:
 
 
 def full_grids() -> list[Grid]:
-    gpt = tuple((h, c) for h in (10, 50, 100, 500) for c in CODECS)
-    mlp = ((10, "raw32"), (50, "raw32"), (100, "raw32"), (50, "int8-block"), (50, "topk-ef"))
+    gpt = tuple((h, c) for h in (10, 50, 100, 500) for c in ("raw32", "int8-block", "topk-ef"))
+    mlp = ((10, "raw32"), (50, "raw32"), (100, "raw32"), (50, "int8-block"), (50, "topk-ef"),
+           (10, "raw32-avg"), (50, "raw32-avg"))
     return [Grid("gpt-tiny", "nano", 4, 2000, 16, 0.01, gpt, 50),
             Grid("mlp-digits", None, 4, 500, 32, 0.01, mlp, 25, psgd_start=10)]
 
