@@ -12,6 +12,7 @@ import { loadOrCreateIdentity } from './identity.js';
 import { initZstd } from './zstd.js';
 import { decodeUpdate } from './codecs.js';
 import { StarUplink } from './rtc.js';
+import { generateText, softmax, textWindows } from './local_model.js';
 
 const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
@@ -368,23 +369,10 @@ export class BrowserNode extends EventTarget {
     this.ownText = file;
     if (!this.worker || this.workerModel !== this.welcome.model_id) return { rows: 0, pending: true };
     const text = typeof file === 'string' ? file : await file.text();
-    const index = new Map(this.vocab.map((s, i) => [s, i]));
-    const ids = [];
-    let skipped = 0;
-    for (const ch of text) { const i = index.get(ch); if (i === undefined) skipped++; else ids.push(i); }
-    const T = this.context;
-    const stride = Math.max(1, T >> 1);
-    const rows = ids.length > T ? Math.floor((ids.length - T - 1) / stride) + 1 : 0;
-    if (rows < 1) throw new Error(`need more than ${T + 1} characters the model knows (found ${ids.length}, ${skipped} unknown)`);
-    const x = new Int32Array(rows * T);
-    const y = new Int32Array(rows * T);
-    for (let r = 0; r < rows; r++) {
-      for (let t = 0; t < T; t++) { x[r * T + t] = ids[r * stride + t]; y[r * T + t] = ids[r * stride + t + 1]; }
-    }
-    const meta = { task: 'lm', rows, x_cols: T, y_cols: T };
+    const { meta, x, y, skipped } = textWindows(text, this.vocab, this.context);
     this.worker.postMessage({ type: 'data', source: 'own', data: { meta, x: x.buffer, y: y.buffer } }, [x.buffer, y.buffer]);
-    this.set({ dataSource: `your file (${rows} windows, ${skipped} unknown characters skipped)`, rows });
-    return { rows, skipped };
+    this.set({ dataSource: `your file (${meta.rows} windows, ${skipped} unknown characters skipped)`, rows: meta.rows });
+    return { rows: meta.rows, skipped };
   }
 
   infer(x, dims, xType) {
@@ -398,34 +386,14 @@ export class BrowserNode extends EventTarget {
   }
 
   /** Continue `prompt` by `n` symbols with the latest global model (sampled, temperature). */
-  async generate(prompt, n = 60, temperature = 0.8) {
-    if (!this.vocab) throw new Error('this run does not train a language model');
-    const index = new Map(this.vocab.map((s, i) => [s, i]));
-    let ids = [...prompt].map((c) => index.get(c)).filter((i) => i !== undefined);
-    if (ids.length === 0) ids = [0];
-    let out = '';
-    for (let k = 0; k < n; k++) {
-      const ctx = ids.slice(-this.context);
-      const { logits, dims } = await this.infer(ctx, [1, ctx.length], 'int64');
-      const V = dims[2];
-      const row = logits.subarray((ctx.length - 1) * V, ctx.length * V);
-      const max = Math.max(...row);
-      const w = Array.from(row, (l) => Math.exp((l - max) / temperature));
-      let u = Math.random() * w.reduce((a, b) => a + b, 0);
-      let next = 0;
-      while (next < V - 1 && (u -= w[next]) > 0) next++;
-      ids.push(next);
-      out += this.vocab[next];
-    }
-    return out;
+  generate(prompt, n = 60, temperature = 0.8) {
+    if (!this.vocab) return Promise.reject(new Error('this run does not train a language model'));
+    return generateText((ids) => this.infer(ids, [1, ids.length], 'int64'), this.vocab, this.context,
+      prompt, n, temperature);
   }
 
   /** Class probabilities for one input row (mlp-digits: 64 pixel values in [0, 1]). */
   async classify(pixels) {
-    const { logits } = await this.infer(pixels, [1, pixels.length], 'float32');
-    const max = Math.max(...logits);
-    const e = Array.from(logits, (l) => Math.exp(l - max));
-    const s = e.reduce((a, b) => a + b, 0);
-    return e.map((v) => v / s);
+    return softmax((await this.infer(pixels, [1, pixels.length], 'float32')).logits);
   }
 }
