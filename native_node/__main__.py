@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -54,11 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _warm_imports() -> None:
-    with contextlib.suppress(Exception):  # only an optimisation: a failure shows up later
-        import torch._dynamo  # noqa: F401
-
-
 async def _run(client: NodeClient) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -68,8 +61,6 @@ async def _run(client: NodeClient) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # the first torch.optim.AdamW imports torch._dynamo (~1 s); do it while we connect
-    threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s node[{args.name}]: %(message)s")
     if args.threads > 0:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from native_node.data import BatchSampler, shard_indices
+from native_node.inner_opt import InnerAdamW
 from native_node.workload import Workload
 from native_node.zoo import flatten, load_flat, loss_fn
 
@@ -47,7 +48,7 @@ class Trainer:
                                      partition=spec.partition, alpha=spec.alpha, seed=spec.seed)
         self.seed = int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:4], "little")
         self.sampler: BatchSampler | None = None
-        self.opt: torch.optim.AdamW | None = None
+        self.opt: InnerAdamW | None = None
 
     def _batches(self, batch_size: int) -> BatchSampler:
         if self.sampler is None or self.sampler.batch_size != batch_size:
@@ -62,10 +63,9 @@ class Trainer:
         """Load theta, run up to `steps` inner steps (stops early if `cancel` is set)."""
         load_flat(self.model, theta)
         if self.opt is None:
-            self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                         weight_decay=0.01)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+            self.opt = InnerAdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=0.01)
+        self.opt.lr = lr
         sampler = self._batches(batch_size)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if self.device.type == "cuda" else nullcontext())
@@ -82,7 +82,7 @@ class Trainer:
             y = torch.from_numpy(np.ascontiguousarray(yb)).to(self.device)
             with autocast:
                 loss = loss_fn(self.model(x), y)
-            self.opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()

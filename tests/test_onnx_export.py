@@ -26,6 +26,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from native_node import inner_opt  # noqa: E402
 from native_node.trainer import Trainer  # noqa: E402
 from native_node.zoo import build_model, flatten, load_flat, loss_fn, manifest, model_config  # noqa: E402
 from server import onnx_export  # noqa: E402
@@ -284,6 +285,8 @@ def test_graph_optimizer_matches_the_trainer() -> None:
     assert f"weight_decay={opt.weight_decay}" in src
     assert f"clip_grad_norm_(self.model.parameters(), {opt.clip_norm})" in src
     assert not re.search(r"\beps\s*=", src) and opt.eps == 1e-8  # torch's default eps
+    assert opt.eps == inner_opt.EPS and (opt.beta1, opt.beta2) == inner_opt.BETAS
+    assert opt.weight_decay == inner_opt.WEIGHT_DECAY
 
 
 def test_zero_gradients_give_weight_decay_only(
