@@ -10,7 +10,7 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
@@ -18,7 +18,6 @@ import numpy as np
 from native_node import journal
 from native_node.data import DataSpec
 from native_node.encoder import UpdateEncoder
-from native_node.rtc import StarUplink
 from native_node.trainer import RoundResult, Trainer
 from native_node.trust import ServerTrust, UntrustedServer
 from native_node.validator import ValidatorRole
@@ -42,6 +41,9 @@ from shared.messages import (
     Welcome,
     sha256_hex,
 )
+
+if TYPE_CHECKING:  # aiortc is imported only when a run uses the star transport
+    from native_node.rtc import StarUplink
 
 log = logging.getLogger("native_node")
 AGENT = "daa-prime-native/0.1"
@@ -183,6 +185,8 @@ class NodeClient:
         async def signal(kind: str, data: str) -> None:
             await self._send(Signal(run_id=msg.run_id, node_id=self.node_id, to=SERVER,
                                     kind=kind, data=data))
+
+        from native_node.rtc import StarUplink  # aiortc: ~0.3 s of start-up, only when used
 
         self.uplink = StarUplink(signal, timeout_s=msg.rtc_timeout_s)
         await self.uplink.start()
