@@ -10,13 +10,16 @@ a crash between 1 and 2 and is simply rewritten when that round commits again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from safetensors import safe_open
@@ -86,6 +89,20 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+T = TypeVar("T")
+
+
+def _locked(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run a Store method under its lock (see Store.__init__)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Store:
     """One run's SQLite database and checkpoint folder."""
 
@@ -93,6 +110,9 @@ class Store:
         self.dir = Path(data_dir)
         self.ckpt_dir = self.dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # one connection, used from the event loop and from executor threads (commits): every
+        # use holds `lock`, so that close() cannot free it under a running statement
+        self.lock = threading.RLock()
         self.db = sqlite3.connect(self.dir / "run.sqlite", isolation_level=None,
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -100,9 +120,11 @@ class Store:
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
-        self.db.close()
+        with self.lock:  # never under a commit running in an executor thread (a segfault)
+            self.db.close()
 
     # -- run -----------------------------------------------------------------------------
+    @_locked
     def load_run(self) -> dict[str, Any] | None:
         row = self.db.execute("SELECT id, config, created_at, model_id, n_params, "
                               "entropy_floor, eval_loss_init FROM run").fetchone()
@@ -114,6 +136,7 @@ class Store:
         out["config"] = json.loads(out["config"])
         return out
 
+    @_locked
     def create_run(self, *, run_id: str, config: dict[str, Any], model_id: str,
                    workload: dict[str, Any], params: np.ndarray, entropy_floor: float | None,
                    eval_loss_init: float | None) -> Checkpoint:
@@ -127,11 +150,13 @@ class Store:
                              json.dumps(workload)))
         return ckpt
 
+    @_locked
     def load_workload(self) -> dict[str, Any]:
         """The model config and data spec the run was created with."""
         out: dict[str, Any] = json.loads(self.db.execute("SELECT workload FROM run").fetchone()[0])
         return out
 
+    @_locked
     def update_config(self, config: dict[str, Any]) -> None:
         with self.db:
             self.db.execute("UPDATE run SET config = ?", (json.dumps(config),))
@@ -169,6 +194,7 @@ class Store:
         return Checkpoint(version=int(meta["version"]), params=params, momentum=momentum,
                           params_digest=digest)
 
+    @_locked
     def latest(self) -> tuple[int, str, str]:
         """(version, checkpoint file name, params digest) of the last committed state."""
         row = self.db.execute("SELECT round, checkpoint, params_digest FROM rounds "
@@ -191,6 +217,7 @@ class Store:
         return self.ckpt_dir / self.latest()[1]
 
     # -- rounds --------------------------------------------------------------------------
+    @_locked
     def commit_round(self, *, round: int, ckpt_params: np.ndarray, momentum: np.ndarray,
                      run_id: str, model_id: str, attempts: int, eval_loss: float | None,
                      train_loss: float | None, updates: list[UpdateRow], bytes_up: int,
@@ -220,6 +247,7 @@ class Store:
             if path.name not in names:
                 path.unlink(missing_ok=True)
 
+    @_locked
     def rounds(self, *, limit: int = 1000, since: int = -1) -> list[dict[str, Any]]:
         cur = self.db.execute(
             "SELECT round, committed_at, attempts, n_updates, eval_loss, train_loss, "
@@ -228,12 +256,14 @@ class Store:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur]
 
+    @_locked
     def update_keys(self, round: int) -> dict[str, str]:
         """node id -> digest of the updates committed for `round`."""
         return dict(self.db.execute("SELECT node_id, digest FROM updates WHERE round = ?",
                                     (round,)).fetchall())
 
     # -- rejections (the evidence later slashing reads) ---------------------------------
+    @_locked
     def record_rejection(self, *, round: int | None, node_id: str, digest: str | None,
                          code: str, reason: str, validators: list[str]) -> None:
         """One refused update or frame of an AUTHENTICATED node, with why and who judged."""
@@ -243,6 +273,7 @@ class Store:
                             (time.time(), round, node_id, digest, code, reason,
                              json.dumps(validators)))
 
+    @_locked
     def rejections(self, *, limit: int = 1000, node_id: str | None = None,
                    since_id: int = 0) -> list[dict[str, Any]]:
         sql = ("SELECT id, at, round, node_id, digest, code, reason, validators FROM rejections "
@@ -256,6 +287,7 @@ class Store:
         return out
 
     # -- nodes ---------------------------------------------------------------------------
+    @_locked
     def shard_for(self, node_id: str, runtime: str, n_shards: int) -> int:
         """Stable shard per node: the least-used shard when first seen."""
         row = self.db.execute("SELECT shard FROM nodes WHERE node_id = ?", (node_id,)).fetchone()

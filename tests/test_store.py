@@ -372,3 +372,30 @@ def test_shard_for_fills_the_least_used(store: Store) -> None:
     counts = Counter(store.shard_for(f"{i:064x}", "native", 3) for i in range(100, 130))
     total = Counter({0: 2, 1: 1, 2: 1}) + counts
     assert max(total.values()) - min(total.values()) <= 1
+
+
+def test_close_waits_for_a_commit_running_in_another_thread(tmp_path: Path) -> None:
+    """The server commits in an executor thread; closing the store at shutdown must not free
+    the SQLite connection under that commit (it segfaulted in CI before the store's lock)."""
+    import threading
+    import time
+
+    store = new_store(tmp_path / "run")
+    started, finished = threading.Event(), []
+
+    def slow_commit() -> None:
+        with store.lock:  # what every Store method holds while it uses the connection
+            started.set()
+            time.sleep(0.3)
+            commit(store, 0)
+            finished.append(time.monotonic())
+
+    t = threading.Thread(target=slow_commit)
+    t.start()
+    started.wait(5)
+    store.close()
+    closed_at = time.monotonic()
+    t.join(5)
+    assert finished and finished[0] <= closed_at  # close() waited for the commit
+    with pytest.raises(sqlite3.ProgrammingError):  # and later use is a clean error
+        store.rounds()
