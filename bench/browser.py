@@ -23,9 +23,7 @@ native_ort_step_ms, torch_step_ms, wasm_over_native, webgpu_parity_rel_err (+ de
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import struct
 import tempfile
 import time
 import urllib.request
@@ -48,11 +46,9 @@ def fetch(url: str, timeout: float = 600) -> tuple[bytes, Any]:
 
 def first_rows(base: str, batch: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Rows 0..batch-1 of the training set, as the bench page's worker takes them."""
-    raw, _ = fetch(f"{base}/data/shard?shard=0&n_shards=1")
-    (m,) = struct.unpack_from("<I", raw)
-    meta = json.loads(raw[4:4 + m])
-    body = raw[4 + m:]
-    xb, yb = body[:meta["x_bytes"]], body[meta["x_bytes"]:]
+    from server.browser_data import parse_body
+
+    meta, xb, yb = parse_body(fetch(f"{base}/data/shard?shard=0&n_shards=1")[0])
     x = np.frombuffer(xb, dtype="<i4" if meta["x_dtype"] == "int32" else "<f4")
     y = np.frombuffer(yb, dtype="<i4").astype(np.int64)
     x = x.reshape(meta["rows"], meta["x_cols"])[:batch]

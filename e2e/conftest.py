@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,16 @@ def ensure_vendored() -> None:
         pytest.fail("browser/vendor/ and node_modules/ are missing: run ./run.sh setup "
                     "(npm ci + scripts/vendor_browser.py)")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "vendor_browser.py")], check=True)
+
+
+def wait_until(fn: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 class LiveServer:

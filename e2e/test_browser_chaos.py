@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bench.common import free_port
-from e2e.conftest import ROOT, ensure_vendored
+from e2e.conftest import ROOT, ensure_vendored, wait_until
 
 RUN_FLAGS = ["--model", "gpt-tiny", "--inner-steps", "8", "--batch-size", "16",
              "--quorum", "2", "--rounds", "8", "--deadline-s", "60", "--codec", "topk",
@@ -83,22 +83,13 @@ def committed(srv: ServerProcess) -> int:
         return -1
 
 
-def wait_for(cond: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 def test_tabs_survive_closing_tabs_and_a_server_kill(server_process: ServerProcess,
                                                      native_node: Any, open_tab: Any) -> None:
     srv = server_process
     native = native_node(srv)
     stay = open_tab(f"{srv.url}/?backend=wasm", "stays")
     leave = open_tab(f"{srv.url}/?backend=wasm", "leaves")
-    wait_for(lambda: committed(srv) >= 2, 180, "2 committed rounds")
+    wait_until(lambda: committed(srv) >= 2, 180, "2 committed rounds")
     leave.close()  # a tab goes away for good
     before = srv.api("/api/rounds")
     stay.wait("s.state.startsWith('training')", timeout_s=60)
@@ -106,7 +97,7 @@ def test_tabs_survive_closing_tabs_and_a_server_kill(server_process: ServerProce
     time.sleep(1.0)
     srv.start()  # same data dir, same port
     late = open_tab(f"{srv.url}/?backend=wasm", "joins-late")  # a new tab joins the run
-    wait_for(lambda: srv.api("/api/run")["status"] == "finished", 300, "the run to finish")
+    wait_until(lambda: srv.api("/api/run")["status"] == "finished", 300, "the run to finish")
     rounds = srv.api("/api/rounds")
     assert [r["round"] for r in rounds] == list(range(8))  # none lost, none twice
     for old in before:  # committed before the kill: unchanged after it

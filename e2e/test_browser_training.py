@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bench.browser import fetch
-from e2e.conftest import CHROMIUM, CHROMIUM_ARGS, Tab
+from e2e.conftest import CHROMIUM, CHROMIUM_ARGS, Tab, wait_until
 
 LM_RUN = {"model": "gpt-tiny", "inner_steps": 8, "batch_size": 16, "deadline_s": 120.0,
           "codec": "topk", "codec_params": {"fraction": 0.05}, "delta_downlink": True}
@@ -26,16 +26,6 @@ LM_RUN = {"model": "gpt-tiny", "inner_steps": 8, "batch_size": 16, "deadline_s":
 def api(server: Any, path: str) -> Any:
     with urllib.request.urlopen(f"{server.url}{path}", timeout=10) as resp:
         return json.loads(resp.read())
-
-
-def wait_until(fn: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def test_two_tabs_and_a_native_node_train_together(make_server: Any, native_node: Any,

@@ -68,6 +68,14 @@ def val_arrays(work: Workload, samples: int) -> tuple[bytes, dict[str, object]]:
     return _pack(work, x[len(x) - k:], y[len(y) - k:], {"split": "val", "side": "tail"})
 
 
+def parse_body(raw: bytes) -> tuple[dict[str, Any], bytes, bytes]:
+    """The inverse of `_body`: (metadata, x bytes, y bytes) of a /data response."""
+    (m,) = struct.unpack_from("<I", raw)
+    meta: dict[str, Any] = json.loads(raw[4:4 + m])
+    body = raw[4 + m:]
+    return meta, body[:meta["x_bytes"]], body[meta["x_bytes"]:]
+
+
 def _body(arrays: bytes, meta: dict[str, object]) -> bytes:
     head = json.dumps(meta, separators=(",", ":")).encode()
     return struct.pack("<I", len(head)) + head + arrays

@@ -3,8 +3,6 @@ node computes for that shard (native_node.data.shard_indices), as raw little-end
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +16,7 @@ from native_node.data import shard_indices
 from native_node.workload import Workload
 from server.app import make_app
 from server.browser_assets import ISOLATION
+from server.browser_data import parse_body
 from server.runstate import open_run
 
 Shard = tuple[dict[str, Any], npt.NDArray[Any], npt.NDArray[Any]]
@@ -40,9 +39,8 @@ async def fetch(client: TestClient[Any, Any], shard: int, n_shards: int) -> tupl
     for name, value in ISOLATION.items():  # a cross-origin-isolated tab may fetch it
         assert resp.headers[name] == value
     raw = await resp.read()
-    (m,) = struct.unpack_from("<I", raw)
-    meta = json.loads(raw[4:4 + m])
-    body = raw[4 + m:]
+    meta, xb, yb = parse_body(raw)
+    body = xb + yb
     rows, split = meta["rows"], meta["x_bytes"]
     assert (meta["shard"], meta["n_shards"]) == (shard, n_shards)
     x = np.frombuffer(body[:split], dtype="<f4" if meta["x_dtype"] == "float32" else "<i4")
@@ -123,16 +121,12 @@ async def test_validation_rows_are_the_native_validators_tail(tmp_path: Path) ->
     async with serve(tmp_path, "mlp-digits") as (client, work):
         resp = await client.get("/data/val?samples=100")
         assert resp.status == 200
-        raw = await resp.read()
-        (m,) = struct.unpack_from("<I", raw)
-        meta = json.loads(raw[4:4 + m])
-        body = raw[4 + m:]
+        meta, xb, yb = parse_body(await resp.read())
+        body = xb + yb
         ds = work.dataset
         assert (meta["rows"], meta["split"], meta["side"]) == (100, "val", "tail")
         assert body == (np.asarray(ds.x_val)[-100:].astype("<f4").tobytes()
                         + np.asarray(ds.y_val)[-100:].astype("<i4").tobytes())
         big = await client.get(f"/data/val?samples={len(ds.y_val) + 50}")  # capped at the split
-        raw = await big.read()
-        (m,) = struct.unpack_from("<I", raw)
-        assert json.loads(raw[4:4 + m])["rows"] == len(ds.y_val)
+        assert parse_body(await big.read())[0]["rows"] == len(ds.y_val)
         assert (await client.get("/data/val?samples=0")).status == 400

@@ -3,19 +3,15 @@
 // `&steps=N`, `&batch=B`. Result in window.__bench: {backend, threads, loadMs, stepMs[],
 // loss, params (the step's new params) and expAvg (its new first moment), as plain arrays, n}.
 
+import { fetchArrays } from './data.js';
+
 const q = new URLSearchParams(location.search);
 const backend = q.get('backend') || 'wasm';
 const steps = Number(q.get('steps') || 10);
 const batchSize = Number(q.get('batch') || 32);
 
 async function main() {
-  const resp = await fetch('/data/shard?shard=0&n_shards=1');
-  if (!resp.ok) throw new Error(`data: HTTP ${resp.status}`);
-  const all = await resp.arrayBuffer();
-  const m = new DataView(all).getUint32(0, true);
-  const meta = JSON.parse(new TextDecoder().decode(new Uint8Array(all, 4, m)));
-  const body = all.slice(4 + m);
-  const data = { meta, x: body.slice(0, meta.x_bytes), y: body.slice(meta.x_bytes) };
+  const data = await fetchArrays('/data/shard?shard=0&n_shards=1');
   const params = await (await fetch('/model/params.bin')).arrayBuffer();
   const worker = new Worker(new URL('./train_worker.js', import.meta.url), { type: 'module' });
   const next = () => new Promise((resolve, reject) => {

@@ -13,6 +13,7 @@ import { initZstd } from './zstd.js';
 import { decodeUpdate } from './codecs.js';
 import { StarUplink } from './rtc.js';
 import { generateText, softmax, textWindows } from './local_model.js';
+import { fetchArrays } from './data.js';
 
 const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
@@ -251,16 +252,11 @@ export class BrowserNode extends EventTarget {
   }
 
   async fetchData(url) {
-    const resp = await fetch(url);
-    if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}: ${await resp.text()}`);
-    const all = await resp.arrayBuffer();
-    const m = new DataView(all).getUint32(0, true);
-    const meta = JSON.parse(new TextDecoder().decode(new Uint8Array(all, 4, m)));
-    const buf = all.slice(4 + m);
-    this.vocab = meta.vocab || null;
+    const data = await fetchArrays(url);
+    this.vocab = data.meta.vocab || null;
     this.context = this.welcome.model.context || null;
-    this.set({ entropyFloor: meta.entropy_floor ?? null });
-    return { meta, x: buf.slice(0, meta.x_bytes), y: buf.slice(meta.x_bytes) };
+    this.set({ entropyFloor: data.meta.entropy_floor ?? null });
+    return data;
   }
 
   fetchShard(shard, nShards) { return this.fetchData(`/data/shard?shard=${shard}&n_shards=${nShards}`); }
