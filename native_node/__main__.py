@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--quiet", action="store_true", help="no progress bar, log lines only")
         q.add_argument("--server-id", help="require this server key id (64 hex); default: "
                        "trust the first key seen for a run and refuse a different one later")
+        q.add_argument("--supervise", action="store_true",
+                       help="restart the node at once when it crashes (a supervisor forks "
+                            "pre-imported workers: native_node/supervise.py)")
         q.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -63,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s node[{args.name}]: %(message)s")
+    if args.supervise:
+        from native_node.supervise import supervise
+
+        return supervise(lambda: node(args))
+    return node(args)
+
+
+def node(args: argparse.Namespace) -> int:
+    """One node process's life: device, identity, connect, train until done or stopped."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:

@@ -276,7 +276,8 @@ class NodeClient:
             self._cancel_training()
             spec = DataSpec.from_dict(msg.data)
             work = await asyncio.to_thread(from_spec, msg.model, spec,
-                                           local_path=self.opts.data_path)
+                                           local_path=self.opts.data_path,
+                                           cache_dir=self.opts.state_dir / "datasets")
             if work.model_id != msg.model_id or work.n_params != msg.n_params:
                 raise FatalError(f"model mismatch: server model id {msg.model_id[:12]} "
                                  f"({msg.n_params} params), rebuilt {work.model_id[:12]} "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from native_node.data import Dataset, DataSpec, load_dataset
+from native_node.data import Dataset, DataSpec, load_dataset, load_dataset_cached
 from native_node.zoo import MODELS, build_model, flatten, manifest, model_config
 from shared.layout import TensorSlot, make_manifest, model_id
 
@@ -68,12 +68,13 @@ def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str
 
 
 def from_spec(model_cfg: dict[str, Any], spec: DataSpec, *, dataset: Dataset | None = None,
-              local_path: str | None = None) -> Workload:
-    """Rebuild a workload from its wire form; `local_path` replaces a text file's path."""
+              local_path: str | None = None, cache_dir: Path | None = None) -> Workload:
+    """Rebuild a workload from its wire form; `local_path` replaces a text file's path;
+    `cache_dir` keeps the generated dataset on disk (native_node.data.load_dataset_cached)."""
     if local_path is not None:
         spec = DataSpec.from_dict({**spec.to_dict(), "path": local_path})
     if dataset is None:
-        dataset = load_dataset(spec)
+        dataset = load_dataset_cached(spec, cache_dir)
     net = build_model(model_cfg)
     slots = make_manifest(manifest(net))
     return Workload(model_config=model_cfg, data_spec=spec, dataset=dataset, manifest=slots,

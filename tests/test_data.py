@@ -241,3 +241,27 @@ def test_batch_sampler() -> None:
     full = BatchSampler(x, y, batch_size=5, seed=0)
     a, b = full.sample()[1], full.sample()[1]
     assert sorted(np.concatenate([a, b]).tolist()) == list(range(10))  # one epoch
+
+
+def test_dataset_cache_round_trips_and_survives_a_corrupt_file(tmp_path: Path) -> None:
+    from native_node.data import cache_key, load_dataset_cached
+
+    for spec in (DataSpec(kind="markov", seed=3, context=16),
+                 DataSpec(kind="digits", seed=1)):
+        fresh = load_dataset(spec)
+        first = load_dataset_cached(spec, tmp_path)
+        path = tmp_path / cache_key(spec)
+        assert path.exists()
+        again = load_dataset_cached(spec, tmp_path)  # from the file this time
+        for ds in (first, again):
+            for name in ("x_train", "y_train", "x_val", "y_val", "keys_train"):
+                np.testing.assert_array_equal(getattr(ds, name), getattr(fresh, name))
+                assert getattr(ds, name).dtype == getattr(fresh, name).dtype
+            assert (ds.vocab, ds.entropy_floor, ds.entropy_rate) == (
+                fresh.vocab, fresh.entropy_floor, fresh.entropy_rate)
+        path.write_bytes(b"not an npz")
+        healed = load_dataset_cached(spec, tmp_path)
+        np.testing.assert_array_equal(healed.x_train, fresh.x_train)
+        assert load_dataset_cached(spec, tmp_path).vocab == fresh.vocab  # rewritten
+    assert cache_key(DataSpec(kind="markov", seed=3, context=16)) != cache_key(
+        DataSpec(kind="markov", seed=4, context=16))
