@@ -107,7 +107,8 @@ class SimNode:
                 self.welcome = msg
                 self.encoder = UpdateEncoder(make_codec(msg.codec, **msg.codec_params),
                                              error_feedback=msg.error_feedback,
-                                             layout=self.layout)
+                                             layout=self.layout,
+                                             momentum=msg.worker_momentum)
             elif isinstance(msg, RoundOpen):
                 self.open = msg
             elif isinstance(msg, Ack):

@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--opt-state-mb)")
     p.add_argument("--opt-state-mb", type=float, default=256.0)
     p.add_argument("--data-dir", default=None, help="run folder (default: a new temp dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="config",
+                   help="run config override, e.g. outer_lr=1 (repeatable; server.config)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (1 is ~2x faster for these tiny models)")
@@ -328,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         aggregator=args.aggregator, model=args.model, seed=args.seed,
         inner_steps=args.inner_steps, partition=args.partition, data_dir=args.data_dir,
         attack_params=_params(args.attack_param), opt_state=args.opt_state,
-        opt_state_mb=args.opt_state_mb, progress=not args.quiet))
+        opt_state_mb=args.opt_state_mb, progress=not args.quiet,
+        extra_config=_params(args.config) or None))
     s = out["summary"]
     print(f"{s['nodes']} nodes ({s['byzantine']} byzantine, {s['attack']}), aggregator "
           f"{s['aggregator']}, {s['inner_steps']} inner steps, AdamW state {s['opt_state']}; "

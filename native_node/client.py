@@ -292,11 +292,13 @@ class NodeClient:
         codec = make_codec(msg.codec, **msg.codec_params)
         enc = self.encoder
         if (enc is None or enc.codec != codec or enc.error_feedback != msg.error_feedback
-                or enc.layout is not self.work.manifest):
-            if enc is not None and enc.residual is not None:
-                log.info("error-feedback residual reset (new model, codec or setting)")
+                or enc.layout is not self.work.manifest or enc.beta != msg.worker_momentum):
+            if enc is not None and (enc.residual is not None or enc.momentum is not None):
+                log.info("error-feedback residual and worker momentum reset (new model, codec "
+                         "or setting)")
             self.encoder = UpdateEncoder(codec, error_feedback=msg.error_feedback,
-                                         layout=self.work.manifest)
+                                         layout=self.work.manifest,
+                                         momentum=msg.worker_momentum)
         await self._start_uplink(msg)
         log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", msg.run_id,
                  self.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,

@@ -1,4 +1,5 @@
-"""A node's side of the run's codec: the error-feedback residual and PowerSGD's warm Q.
+"""A node's side of the run's codec: worker momentum, the error-feedback residual and
+PowerSGD's warm Q.
 
 One object per (codec, setting); a new one is a reset. Used by the native client and by the
 simulator's nodes, so both send exactly what a real node sends.
@@ -12,19 +13,26 @@ import numpy as np
 
 from shared.codecs import Codec, PowerSGD
 from shared.layout import TensorSlot
+from shared.outer import worker_momentum
 
 
 class UpdateEncoder:
     def __init__(self, codec: Codec, *, error_feedback: bool,
-                 layout: Sequence[TensorSlot]) -> None:
+                 layout: Sequence[TensorSlot], momentum: float = 0.0) -> None:
         self.codec = codec
+        self.beta = momentum  # worker momentum (Welcome.worker_momentum); 0: none
+        self.momentum: np.ndarray | None = None  # m, the momentum of past deltas
         self.error_feedback = error_feedback
         self.layout = layout
         self.residual: np.ndarray | None = None  # what the codec dropped (None: nothing)
         self.psgd_state: dict[str, np.ndarray] | None = None  # PowerSGD's warm-started Q
 
     def encode(self, delta: np.ndarray) -> bytes:
-        """Encode delta (+ residual); keep what the codec lost for the next round."""
+        """Encode delta (its worker momentum when beta > 0; + residual); keep what the codec
+        lost for the next round."""
+        if self.beta > 0:
+            delta = np.asarray(worker_momentum(self.momentum, delta, self.beta))
+            self.momentum = delta
         x = delta
         if self.error_feedback and self.residual is not None \
                 and self.residual.shape == delta.shape:

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("partition", str), ("alpha", float), ("n-shards", int), ("seed", int),
                        ("inner-steps", int), ("inner-lr", float), ("batch-size", int),
                        ("outer-lr", float), ("outer-momentum", float), ("aggregator", str),
+                       ("worker-momentum", float), ("cc-reference", str),
                        ("codec", str), ("rounds", int), ("quorum", int), ("deadline-s", float),
                        ("keep-checkpoints", int), ("max-frame-mb", float),
                        ("codec-params", json.loads), ("aggregator-params", json.loads),

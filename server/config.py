@@ -41,6 +41,8 @@ class RunConfig:
     codec: str = "raw32"  # update codec (shared.codecs.CODECS)
     codec_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # its parameters
     error_feedback: bool = True  # nodes add what the codec lost to their next update
+    worker_momentum: float = 0.0  # beta: nodes send m = beta m + (1-beta) delta (0: delta)
+    cc_reference: str = "zero"  # centered clipping's start: "zero" or "history" (below)
     validation: bool = False  # validators score each update on held-out loss before use
     validation_threshold: float = 0.1  # reject above max(base, median candidate) * (1 + it)
     validation_samples: int = 512  # held-out examples each validator scores on
@@ -74,6 +76,9 @@ class RunConfig:
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.outer_lr > 0, "outer_lr", "must be > 0"),
             (0 <= self.outer_momentum < 1, "outer_momentum", "must be in [0, 1)"),
+            (0 <= self.worker_momentum < 1, "worker_momentum", "must be in [0, 1)"),
+            (self.cc_reference in ("zero", "history"), "cc_reference",
+             "must be 'zero' or 'history'"),
             (self.aggregator in RULES, "aggregator", f"must be one of {sorted(RULES)}"),
             (self.codec in CODECS, "codec", f"must be one of {sorted(CODECS)}"),
             (self.rounds >= 0, "rounds", "must be >= 0"),

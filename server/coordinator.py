@@ -48,7 +48,7 @@ from shared.messages import (
     Welcome,
     message_from_frame,
 )
-from shared.outer import OuterConfig, outer_step
+from shared.outer import OuterConfig, history_reference, outer_step
 from shared.rounds import Decision, Outcome, RoundPolicy, RoundState
 
 log = logging.getLogger("server.coordinator")
@@ -192,7 +192,7 @@ class Coordinator(ValidationMixin):
             n_shards=self.config.n_shards, codec=self.config.codec,
             codec_params=self.config.codec_params, error_feedback=self.config.error_feedback,
             n_params=run.n_params, transport=self.config.transport,
-            rtc_timeout_s=self.config.rtc_timeout_s))
+            rtc_timeout_s=self.config.rtc_timeout_s, worker_momentum=self.config.worker_momentum))
         if self.finished:
             await self.send(conn, self._committed_msg(final=True))
         elif self.state is not None and not self.state.closed:
@@ -425,7 +425,10 @@ class Coordinator(ValidationMixin):
             log.warning("round %d: %s tolerates at most f=%d of %d updates; byzantine_fraction "
                         "%.2f asks for f=%d", state.round, cfg.aggregator, f, len(vectors),
                         cfg.byzantine_fraction, wanted)
-        pseudo_grad = get_rule(cfg.aggregator)(vectors, f=f, **cfg.aggregator_params)
+        params = dict(cfg.aggregator_params)
+        if cfg.aggregator == "centered-clipping" and cfg.cc_reference == "history":
+            params["reference"] = history_reference(self.run.momentum, cfg.outer_momentum)
+        pseudo_grad = get_rule(cfg.aggregator)(vectors, f=f, **params)
         outer = OuterConfig(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
         theta, momentum = outer_step(self.run.params, pseudo_grad, self.run.momentum, outer)
         eval_loss = await asyncio.to_thread(self.run.evaluate, theta)

@@ -186,9 +186,12 @@ class Welcome(Message):
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     transport: str = "ws"  # "ws": updates on this socket; "star": over a WebRTC data channel
     rtc_timeout_s: float = 10.0  # star: relay updates on this socket if not open by then
+    worker_momentum: float = 0.0  # beta: send m = beta m + (1-beta) delta (shared.outer)
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
+        _require(0 <= self.worker_momentum < 1, "Welcome", "worker_momentum",
+                 "must be in [0, 1)")
         _require(self.n_shards >= 1, "Welcome", "n_shards", "must be >= 1")
         _require(0 <= self.shard < self.n_shards, "Welcome", "shard", "must be < n_shards")
         _require(self.n_params >= 1, "Welcome", "n_params", "must be >= 1")

@@ -43,3 +43,32 @@ def outer_step(theta: Vector, grad: Vector, momentum: Vector,
     else:
         new_t = [t - lr * mi for t, mi in zip(theta, new_m, strict=True)]
     return same_kind(theta, new_t), same_kind(theta, new_m)
+
+
+def history_reference(momentum: Vector, mu: float) -> Vector:
+    """Centered clipping's start for the next round, from the outer momentum buffer alone
+    (so it is checkpointed with it): (1 - mu) * m, the exponentially weighted mean of past
+    aggregates (m = sum_k mu^k g_(t-k)); exactly the previous round's aggregate when mu = 0.
+    Karimireddy et al. (2021) start from the previous aggregate, their server momentum."""
+    if is_numpy(momentum):
+        np = numpy_module()
+        assert np is not None
+        return (np.float32(1.0 - mu) * np.asarray(momentum, dtype=np.float32)).astype(np.float32)
+    return same_kind(momentum, [(1.0 - mu) * x for x in momentum])
+
+
+def worker_momentum(previous: Vector | None, delta: Vector, beta: float) -> Vector:
+    """A worker's momentum of its pseudo-gradients (Karimireddy et al. 2021, the worker side of
+    centered clipping): m = beta * m + (1 - beta) * delta, started at the first delta (no
+    zero-start bias). beta = 0 returns delta itself. What the worker then encodes and sends."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"worker momentum beta must be in [0, 1), not {beta}")
+    if beta == 0.0 or previous is None or len(previous) != len(delta):
+        return delta
+    if is_numpy(delta):
+        np = numpy_module()
+        assert np is not None
+        prev = np.asarray(previous, dtype=np.float32)
+        return (np.float32(beta) * prev + np.float32(1.0 - beta) * delta).astype(np.float32)
+    return same_kind(delta, [beta * p + (1.0 - beta) * d
+                             for p, d in zip(previous, delta, strict=True)])

@@ -65,6 +65,7 @@ from shared.messages import (
     Welcome,
     sha256_hex,
 )
+from shared.outer import worker_momentum
 from shared.platform import update_encoder
 from shared.trust import ServerTrust, UntrustedServer
 from shared.vec import all_finite, from_bytes, to_bytes
@@ -96,6 +97,7 @@ class Participant:
         self.held_digest: str | None = None
         self.training: RoundOpen | None = None  # the round our trainer is working on
         self.residual: Any = None  # error feedback: what the codec dropped last time
+        self.momentum: Any = None  # worker momentum of past deltas (Welcome.worker_momentum)
         self.pending: Submit | None = None  # submitted, not yet known to be committed
         self.pending_params: str | None = None  # params digest the pending update started from
         self.counts = {"refused_frames": 0, "submitted": 0, "accepted": 0, "duplicate": 0,
@@ -178,8 +180,10 @@ class Participant:
         prev = self.welcome
         if prev is not None and (prev.run_id != msg.run_id or prev.model_id != msg.model_id
                                  or prev.codec != msg.codec
-                                 or prev.codec_params != msg.codec_params):
+                                 or prev.codec_params != msg.codec_params
+                                 or prev.worker_momentum != msg.worker_momentum):
             self.residual = None  # explicit: a new run, model or codec starts a fresh residual
+            self.momentum = None  # ... and a fresh worker momentum
             self.layout = None
             if self.pending is not None:
                 self.pending = self.pending_params = None
@@ -306,6 +310,9 @@ class Participant:
             self.training = None
             return [{"kind": "error", "code": "not_finite",
                      "message": f"round {round}: training diverged (NaN/inf); not submitted"}]
+        if welcome.worker_momentum > 0:  # send the momentum of our deltas, not the delta
+            delta = self.momentum = worker_momentum(self.momentum, delta,
+                                                    welcome.worker_momentum)
         try:
             payload = self._encode(codec, delta, welcome.error_feedback)
         except ValueError as exc:  # e.g. PowerSGD's encoder needs numpy (not in Pyodide)

@@ -385,3 +385,16 @@ def test_int8_block_codec_class_defaults() -> None:
     assert Int8Block() == make_codec("int8-block", block=1024, mode="absmax",
                                      scale_dtype="fp32")
     assert TopK().fraction == 0.01
+
+
+def test_native_encoder_sends_worker_momentum_then_error_feedback() -> None:
+    from native_node.encoder import UpdateEncoder
+    from shared.codecs import make_codec
+
+    rng = np.random.default_rng(3)
+    d0, d1 = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
+    enc = UpdateEncoder(make_codec("raw32"), error_feedback=True, layout=[], momentum=0.5)
+    assert np.array_equal(make_codec("raw32").decode(enc.encode(d0), 64), d0)
+    sent = make_codec("raw32").decode(enc.encode(d1), 64)
+    np.testing.assert_allclose(sent, 0.5 * d0 + 0.5 * d1, rtol=1e-6)
+    assert enc.residual is None  # raw32 loses nothing

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shared.aggregation import RULES, get_rule, mean
-from shared.outer import OuterConfig, outer_step
+from shared.outer import OuterConfig, history_reference, outer_step, worker_momentum
 from shared.vec import all_finite, from_bytes, l2_norm, same_kind, to_bytes, zeros_like
 
 
@@ -222,3 +222,29 @@ def test_vec_helpers() -> None:
     assert zn.dtype == np.float32 and not zn.any()
     assert isinstance(same_kind(p, [1.0]), array)
     assert same_kind(a, [1.0]).dtype == np.float32
+
+
+def test_worker_momentum_starts_at_the_first_delta_then_averages() -> None:
+    d0 = np.array([1.0, -2.0, 4.0], dtype=np.float32)
+    d1 = np.array([3.0, 2.0, 0.0], dtype=np.float32)
+    assert worker_momentum(None, d0, 0.9) is d0  # no zero-start bias
+    assert worker_momentum(d0, d1, 0.0) is d1  # beta 0: the raw delta
+    m = worker_momentum(d0, d1, 0.75)
+    np.testing.assert_allclose(m, [1.5, -1.0, 3.0])
+    pure = worker_momentum(array("f", d0), array("f", d1), 0.75)
+    assert isinstance(pure, array) and list(pure) == [1.5, -1.0, 3.0]
+    with pytest.raises(ValueError, match="beta"):
+        worker_momentum(d0, d1, 1.0)
+
+
+def test_history_reference_is_the_last_aggregate_without_outer_momentum() -> None:
+    theta, g1, g2 = (np.zeros(3, np.float32), np.array([1, 2, 3], np.float32),
+                     np.array([3, 2, 1], np.float32))
+    for mu in (0.0, 0.9):
+        cfg = OuterConfig(lr=0.5, momentum=mu)
+        t, m = outer_step(theta, g1, np.zeros(3, np.float32), cfg)
+        _, m = outer_step(t, g2, m, cfg)
+        ref = history_reference(m, mu)
+        want = g2 if mu == 0 else (1 - mu) * (mu * g1 + g2)  # EW mean of past aggregates
+        np.testing.assert_allclose(ref, want, rtol=1e-6)
+        assert list(history_reference(array("f", m), mu)) == pytest.approx(list(ref))

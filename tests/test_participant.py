@@ -67,11 +67,12 @@ def challenge(server: str = "server") -> Challenge:
 
 def welcome(*, codec: str = "raw32", codec_params: dict[str, Any] | None = None,
             error_feedback: bool = False, model: dict[str, Any] | None = None,
-            mid: str | None = None, n_params: int = N) -> Welcome:
+            mid: str | None = None, n_params: int = N, worker_momentum: float = 0.0) -> Welcome:
     return Welcome(run_id=RUN, node_id=key("node").node_id, model=model or {"name": "toy"},
                    model_id=mid or sha256_hex(b"toy"), data={"kind": "toy"}, shard=1,
                    n_shards=3, codec=codec, codec_params=codec_params or {},
-                   error_feedback=error_feedback, n_params=n_params)
+                   error_feedback=error_feedback, n_params=n_params,
+                   worker_momentum=worker_momentum)
 
 
 def params(seed: int) -> Vec:
@@ -232,6 +233,18 @@ def test_submit_sends_the_pseudo_gradient() -> None:
     assert p.counts["submitted"] == 1
     assert json.loads(p.journal_entry() or "")["submit"]["digest"] == msg.digest
     assert p.submit(0, theta0.tobytes(), train_loss=None, samples=1, compute_s=0.0) == []
+
+
+def test_worker_momentum_sends_the_momentum_of_the_deltas() -> None:
+    p = joined(worker_momentum=0.75)
+    d0, d1 = (0.01 * params(7)).astype(np.float32), (0.01 * params(8)).astype(np.float32)
+    first = trained(p, params(0), d0, rnd=0)
+    np.testing.assert_array_equal(decode_update(first.payload, N, expect="raw32"), d0)
+    second = trained(p, params(1), d1, rnd=1)
+    np.testing.assert_allclose(decode_update(second.payload, N, expect="raw32"),
+                               0.75 * d0 + 0.25 * d1, rtol=1e-6, atol=1e-9)
+    assert kinds(p.receive(signed(welcome())))[-1] == "welcome"  # beta changed: fresh start
+    assert p.momentum is None
 
 
 def test_submit_for_a_round_not_being_trained_sends_nothing() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
@@ -54,3 +55,32 @@ def test_cli_prints_json_last(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert set(figures) == {"nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
                             "final_accuracy", "attack", "aggregator", "byzantine"}
     assert figures["nodes"] == 4 and figures["rounds"] == 1 and figures["byzantine"] == 1
+
+
+def test_centered_clipping_starts_from_the_previous_aggregate_with_history(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.coordinator as coordinator
+
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+    real = coordinator.get_rule
+
+    def recording(name: str):  # type: ignore[no-untyped-def]
+        rule = real(name)
+
+        def wrapped(vectors, **kw):  # type: ignore[no-untyped-def]
+            out = rule(vectors, **kw)
+            calls.append((np.array(kw["reference"]), np.array(out)))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(coordinator, "get_rule", recording)
+    asyncio.run(simulate(nodes=4, rounds=3, byzantine=0.0, attack="sign-flip",
+                         aggregator="centered-clipping", inner_steps=3, data_dir=tmp_path,
+                         progress=False, extra_config={
+                             "cc_reference": "history", "outer_momentum": 0.0,
+                             "worker_momentum": 0.5, "aggregator_params": {"tau": 0.05}}))
+    assert len(calls) == 3
+    assert not calls[0][0].any()  # round 0: no history yet
+    for (_, prev_out), (ref, _) in itertools.pairwise(calls):
+        np.testing.assert_array_equal(ref, prev_out)  # mu = 0: exactly the last aggregate
+        assert np.linalg.norm(prev_out) > 0
