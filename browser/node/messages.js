@@ -29,6 +29,7 @@ export const SCHEMAS = {
   2: ['Welcome', {
     run_id: S, node_id: S, model: 'd', model_id: S, data: 'd', shard: 'i', n_shards: 'i', codec: S,
     codec_params: 'd', error_feedback: 'b', n_params: 'i', nonce: S, transport: S, rtc_timeout_s: 'f',
+    worker_momentum: 'f',
   }],
   3: ['RoundOpen', {
     run_id: S, round: 'i', attempt: 'i', params_digest: S, deadline_s: 'f', inner_steps: 'i',

@@ -78,7 +78,7 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                      "shard": 1, "n_shards": 3, "codec": "topk",
                      "codec_params": {"fraction": 0.25, "values": "int8"},
                      "error_feedback": True, "n_params": 4, "transport": "star",
-                     "rtc_timeout_s": 2.5}, b""),
+                     "rtc_timeout_s": 2.5, "worker_momentum": 0.9}, b""),
         ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 1,
                        "params_digest": sha256_hex(params), "deadline_s": 29.5,
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
