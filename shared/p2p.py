@@ -1,0 +1,364 @@
+"""Peer-to-peer reduction of one round's updates (reduce-scatter / all-gather), sans I/O.
+
+The pieces the `p2p` exchange topology is built from, as pure state machines (stdlib only,
+so a browser tab runs the same code): no sockets, no clocks. Callers feed them what arrived
+and send what they return.
+
+    plan = make_plan(round, members, n_params, replicas=2)      # the server decides it
+    peer = ShardReducer(me, plan, my_update, rule="median", byzantine_fraction=0.2)
+    out = peer.start()              # [{"kind": "part", "to", "shard", "payload"}, ...]
+    out = peer.on_part(sender, shard, payload)   # may emit "result" (to the server and,
+                                                 # from the primary, to every member)
+    out = peer.on_result(shard, payload)         # the all-gather: shards reduced by others
+    peer.aggregate()                             # once peer.done
+
+    check = ShardCheck(plan)        # the server's side: owners' results per shard
+    actions = check.on_result(owner, shard, payload)   # agreed / mismatch (+ extra owner) / liar
+
+The flat vector (n_params float32) is cut into S = len(members) contiguous shards, fixed for
+the round (`shard_bounds`). Shard s is reduced by `replicas` owners, members[(s + k) % n] for
+k = 0.. (k = 0 is the primary). Every member sends its slice of s to each owner of s; an owner
+applies the round's rule to the slices of ALL members, in member order, so honest owners get
+bit-identical results (coordinate-wise rules only: COORDINATE_RULES). Each owner reports its
+reduced shard to the server; the primary also sends it to every member.
+
+Lying owners: the server compares the owners' results of a shard (ShardCheck). If they differ
+it adds another member as an extra owner (`revise(plan, extra=...)`), which gets the slices
+from everyone and reduces the shard too; the majority result stands and each owner whose
+result differs from it is reported as a liar. Vanished peers: `revise(plan, gone=...)` drops
+them from the members (their update is left out of the round) and hands the shards they owned
+to the next members in the ring; peers resend only what the new owners lack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from shared.aggregation import estimate_f, get_rule
+from shared.messages import sha256_hex
+from shared.vec import Vector, all_finite, from_bytes, to_bytes
+
+COORDINATE_RULES = ("mean", "median", "trimmed-mean")  # per-coordinate: work per shard
+Event = dict[str, Any]
+
+
+def shard_bounds(n_params: int, n_shards: int, shard: int) -> tuple[int, int]:
+    """[lo, hi) of `shard`: sizes differ by at most one, the larger ones first."""
+    if not 0 <= shard < n_shards or n_shards < 1:
+        raise ValueError(f"shard {shard} out of range for {n_shards} shards")
+    base, extra = divmod(n_params, n_shards)
+    lo = shard * base + min(shard, extra)
+    return lo, lo + base + (1 if shard < extra else 0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """Who reduces what in one round. `members` are the peers whose updates are reduced,
+    sorted; `owners[s]` reduce shard s (owners[s][0]: the primary, which also serves it)."""
+
+    round: int
+    n_params: int
+    members: tuple[str, ...]
+    owners: tuple[tuple[str, ...], ...]
+    revision: int = 0
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.owners)
+
+    def bounds(self, shard: int) -> tuple[int, int]:
+        return shard_bounds(self.n_params, self.n_shards, shard)
+
+    def owned_by(self, node: str) -> list[int]:
+        return [s for s, own in enumerate(self.owners) if node in own]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "n_params": self.n_params, "members": list(self.members),
+                "owners": [list(o) for o in self.owners], "revision": self.revision}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        plan = cls(round=int(d["round"]), n_params=int(d["n_params"]),
+                   members=tuple(d["members"]), owners=tuple(tuple(o) for o in d["owners"]),
+                   revision=int(d.get("revision", 0)))
+        check_plan(plan)
+        return plan
+
+
+def check_plan(plan: Plan) -> None:
+    """ValueError unless the plan is usable: sorted distinct members, every shard owned by
+    members only, at least one owner each, and no more shards than floats."""
+    m = plan.members
+    if not m or list(m) != sorted(set(m)):
+        raise ValueError("plan members must be distinct, sorted and not empty")
+    if not 1 <= plan.n_shards <= plan.n_params:
+        raise ValueError(f"{plan.n_shards} shards for {plan.n_params} params")
+    for s, own in enumerate(plan.owners):
+        if not own or len(set(own)) != len(own) or not set(own) <= set(m):
+            raise ValueError(f"shard {s}: owners must be distinct members, at least one")
+
+
+def make_plan(round: int, members: Iterable[str], n_params: int, *, replicas: int = 2) -> Plan:
+    """One shard per member; shard s owned by members[s], members[s+1], ... (`replicas` of
+    them, fewer when there are fewer members)."""
+    ms = tuple(sorted(set(members)))
+    if replicas < 1:
+        raise ValueError("replicas must be >= 1")
+    n = len(ms)
+    if n == 0:
+        raise ValueError("a plan needs at least one member")
+    k = min(replicas, n)
+    plan = Plan(round=round, n_params=n_params, members=ms,
+                owners=tuple(tuple(ms[(s + j) % n] for j in range(k)) for s in range(n)))
+    check_plan(plan)
+    return plan
+
+
+def revise(plan: Plan, *, gone: Iterable[str] = (), extra: dict[int, str] | None = None
+           ) -> Plan:
+    """The plan after peers left (`gone`: dropped from members and owners; a shard left with
+    fewer owners than before gets the next members in the ring) and with extra owners for
+    disputed shards (`extra`: shard -> member). Shard bounds never change within a round."""
+    gone_set = set(gone)
+    members = tuple(m for m in plan.members if m not in gone_set)
+    if not members:
+        raise ValueError("every member is gone")
+    owners = []
+    for s, own in enumerate(plan.owners):
+        kept = [o for o in own if o not in gone_set]
+        want = min(len(own), len(members))
+        i = s
+        while len(kept) < want:  # the next members in the ring, from the shard's position
+            cand = members[i % len(members)]
+            if cand not in kept:
+                kept.append(cand)
+            i += 1
+        if extra and s in extra:
+            if extra[s] not in members:
+                raise ValueError(f"extra owner of shard {s} is not a member")
+            if extra[s] not in kept:
+                kept.append(extra[s])
+        owners.append(tuple(kept))
+    new = replace(plan, members=members, owners=tuple(owners), revision=plan.revision + 1)
+    check_plan(new)
+    return new
+
+
+def next_owner(plan: Plan, shard: int) -> str | None:
+    """The member that should reduce `shard` next (not yet an owner), or None."""
+    n = len(plan.members)
+    for j in range(n):
+        cand = plan.members[(shard + j) % n]
+        if cand not in plan.owners[shard]:
+            return cand
+    return None
+
+
+def reduce_shard(rule: str, parts: Sequence[Vector], *, byzantine_fraction: float) -> Vector:
+    """The round's rule over one shard's slices (in member order); f from the member count."""
+    if rule not in COORDINATE_RULES:
+        raise ValueError(f"p2p reduction needs a coordinate-wise rule {COORDINATE_RULES}, "
+                         f"not {rule!r}")
+    f = estimate_f(len(parts), byzantine_fraction, rule=rule)
+    return get_rule(rule)(parts, f=max(f, 0))
+
+
+class ShardReducer:
+    """One peer's side of the exchange: sends its slices, reduces the shards it owns, and
+    assembles the aggregate from the shards the primaries serve."""
+
+    def __init__(self, me: str, plan: Plan, update: Vector, *, rule: str,
+                 byzantine_fraction: float = 0.0) -> None:
+        if len(update) != plan.n_params:
+            raise ValueError(f"update has {len(update)} values, the plan {plan.n_params}")
+        if me not in plan.members:
+            raise ValueError("this peer is not a member of the plan")
+        if rule not in COORDINATE_RULES:
+            raise ValueError(f"p2p needs a coordinate-wise rule {COORDINATE_RULES}")
+        self.me, self.plan, self.rule = me, plan, rule
+        self.fraction = byzantine_fraction
+        self.raw = to_bytes(update)
+        self.parts: dict[int, dict[str, bytes]] = {}  # shard -> member -> slice (owned)
+        self.reduced: dict[int, bytes] = {}  # shard -> my reduction (owned shards)
+        self.shards: dict[int, bytes] = {}  # shard -> served reduction (all shards)
+        self.sent: set[tuple[int, str]] = set()  # (shard, owner) slices already sent
+        self._members = plan.members  # the member set the reductions so far are over
+        self.bytes_out = self.bytes_in = 0
+
+    def _slice(self, shard: int) -> bytes:
+        lo, hi = self.plan.bounds(shard)
+        return self.raw[4 * lo:4 * hi]
+
+    def _sends(self) -> list[Event]:
+        out: list[Event] = []
+        for s, own in enumerate(self.plan.owners):
+            for o in own:
+                if (s, o) in self.sent:
+                    continue
+                self.sent.add((s, o))
+                if o == self.me:
+                    out += self._store(self.me, s, self._slice(s))
+                else:
+                    payload = self._slice(s)
+                    self.bytes_out += len(payload)
+                    out.append({"kind": "part", "to": o, "shard": s, "payload": payload})
+        return out
+
+    def start(self) -> list[Event]:
+        return self._sends()
+
+    def on_part(self, sender: str, shard: int, payload: bytes) -> list[Event]:
+        """A member's slice of a shard we own. Wrong sizes, strangers and unowned shards raise
+        ValueError (the caller answers the sender with a typed error)."""
+        if sender not in self.plan.members:
+            raise ValueError(f"part from {sender[:12]}, not a member of the plan")
+        if not 0 <= shard < self.plan.n_shards or self.me not in self.plan.owners[shard]:
+            raise ValueError(f"part for shard {shard}, which this peer does not own")
+        lo, hi = self.plan.bounds(shard)
+        if len(payload) != 4 * (hi - lo):
+            raise ValueError(f"shard {shard} part has {len(payload)} bytes, not {4 * (hi - lo)}")
+        vec = from_bytes(bytes(payload))
+        if not all_finite(vec):
+            raise ValueError(f"shard {shard} part from {sender[:12]} is not finite")
+        self.bytes_in += len(payload)
+        return self._store(sender, shard, bytes(payload))
+
+    def _store(self, sender: str, shard: int, payload: bytes) -> list[Event]:
+        self.parts.setdefault(shard, {})[sender] = payload
+        return self._reduce_ready()
+
+    def _reduce_ready(self) -> list[Event]:
+        out: list[Event] = []
+        for s in self.plan.owned_by(self.me):
+            got = self.parts.get(s, {})
+            if s in self.reduced or not all(m in got for m in self.plan.members):
+                continue
+            vecs = [from_bytes(got[m]) for m in self.plan.members]
+            res = to_bytes(reduce_shard(self.rule, vecs, byzantine_fraction=self.fraction))
+            self.reduced[s] = res
+            out.append({"kind": "result", "to": "server", "shard": s, "payload": res,
+                        "digest": sha256_hex(res)})
+            if self.plan.owners[s][0] == self.me:  # the primary serves it to every member
+                self.shards[s] = res
+                for m in self.plan.members:
+                    if m != self.me:
+                        self.bytes_out += len(res)
+                        out.append({"kind": "result", "to": m, "shard": s, "payload": res,
+                                    "digest": sha256_hex(res)})
+        return out
+
+    def on_result(self, shard: int, payload: bytes) -> list[Event]:
+        """A primary's reduced shard (the all-gather). Checked against the server's agreed
+        digests by the caller once the server has them (`check_against`)."""
+        lo, hi = self.plan.bounds(shard)
+        if len(payload) != 4 * (hi - lo):
+            raise ValueError(f"shard {shard} result has {len(payload)} bytes")
+        self.bytes_in += len(payload)
+        self.shards[shard] = bytes(payload)
+        return []
+
+    def revise(self, plan: Plan) -> list[Event]:
+        """A new plan for the same round: drop what came from members that left, send our
+        slices to new owners, reduce shards that are now complete."""
+        if plan.round != self.plan.round or plan.n_shards != self.plan.n_shards:
+            raise ValueError("a revision must keep the round and its shards")
+        self.plan = plan
+        if self.me not in plan.members:
+            return []
+        if plan.members != self._members:  # every reduction changes: start them over
+            keep = set(plan.members)
+            self.parts = {s: {m: p for m, p in got.items() if m in keep}
+                          for s, got in self.parts.items()}
+            self.reduced.clear()
+            self.shards.clear()
+            self._members = plan.members
+        return self._sends() + self._reduce_ready()
+
+    def check_against(self, digests: dict[int, str]) -> list[int]:
+        """Shards whose served result does not match the server's agreed digest (fetch those
+        again, from another owner or the server)."""
+        return [s for s, d in digests.items() if sha256_hex(self.shards.get(s, b"")) != d]
+
+    @property
+    def done(self) -> bool:
+        return len(self.shards) == self.plan.n_shards
+
+    def aggregate(self) -> Vector:
+        if not self.done:
+            raise ValueError(f"{self.plan.n_shards - len(self.shards)} shards missing")
+        return from_bytes(b"".join(self.shards[s] for s in range(self.plan.n_shards)))
+
+
+class ShardCheck:
+    """The server's side: collects each owner's reduced shard, decides when owners agree,
+    and when they do not, asks for another owner and names the liars once a majority exists."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.results: dict[int, dict[str, str]] = {}  # shard -> owner -> digest
+        self.payloads: dict[str, bytes] = {}  # digest -> payload
+        self.agreed: dict[int, str] = {}  # shard -> agreed digest
+        self.liars: dict[str, list[int]] = {}  # owner -> shards it lied about
+
+    def on_result(self, owner: str, shard: int, payload: bytes) -> list[Event]:
+        """Returns events: {"kind": "agreed", "shard"}, {"kind": "extra_owner", "shard",
+        "node"} (revise the plan with it), {"kind": "liar", "node", "shard"}."""
+        plan = self.plan
+        if not 0 <= shard < plan.n_shards or owner not in plan.owners[shard]:
+            raise ValueError(f"{owner[:12]} does not own shard {shard}")
+        lo, hi = plan.bounds(shard)
+        if len(payload) != 4 * (hi - lo):
+            raise ValueError(f"shard {shard} result has {len(payload)} bytes")
+        digest = sha256_hex(payload)
+        self.payloads.setdefault(digest, bytes(payload))
+        self.results.setdefault(shard, {})[owner] = digest
+        return self._decide(shard)
+
+    def _decide(self, shard: int) -> list[Event]:
+        if shard in self.agreed:
+            return []
+        own = self.plan.owners[shard]
+        got = {o: d for o, d in self.results.get(shard, {}).items() if o in own}
+        if len(got) < len(own):
+            return []
+        counts: dict[str, int] = {}
+        for d in got.values():
+            counts[d] = counts.get(d, 0) + 1
+        best, votes = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+        if len(counts) == 1 or votes * 2 > len(got):
+            self.agreed[shard] = best
+            out: list[Event] = [{"kind": "agreed", "shard": shard}]
+            for o, d in got.items():
+                if d != best:
+                    self.liars.setdefault(o, []).append(shard)
+                    out.append({"kind": "liar", "node": o, "shard": shard})
+            return out
+        node = next_owner(self.plan, shard)
+        if node is None:  # every member reduced it and still no majority
+            return [{"kind": "unresolved", "shard": shard}]
+        return [{"kind": "extra_owner", "shard": shard, "node": node}]
+
+    def revise(self, plan: Plan) -> list[Event]:
+        """Adopt a revised plan; results of members that left no longer count, and shards
+        whose member set changed must be reduced again."""
+        changed = plan.members != self.plan.members
+        self.plan = plan
+        if changed:
+            self.results.clear()
+            self.agreed.clear()
+        out: list[Event] = []
+        for s in range(plan.n_shards):
+            out += self._decide(s)
+        return out
+
+    @property
+    def done(self) -> bool:
+        return len(self.agreed) == self.plan.n_shards
+
+    def aggregate(self) -> Vector:
+        if not self.done:
+            raise ValueError("not every shard is agreed")
+        return from_bytes(b"".join(self.payloads[self.agreed[s]]
+                                   for s in range(self.plan.n_shards)))
