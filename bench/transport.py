@@ -2,9 +2,12 @@
 
     python -m bench.transport [--mb 16] [--repeats 3]
 
-aiortc <-> aiortc in one process, inside a private network namespace the bench creates
-(bench.netns; every packet stays in it). The frame goes through native_node.rtc.FrameLink:
-shared.rtc chunks under the 256 KiB message limit, backpressure on bufferedAmount, and the
+aiortc <-> aiortc inside a private network namespace the bench creates (bench.netns; every
+packet stays in it), twice: both peers in one process (one core runs both SCTP stacks), and
+the receiver in a second process, as a node and the server are deployed (`aiortc-aiortc` in
+the JSON is this one; the one-process figure is `aiortc-aiortc-1process`). The frame goes
+through native_node.rtc.FrameLink: shared.rtc chunks under the 256 KiB message limit,
+backpressure on bufferedAmount, and the
 receiver's reassembly with its SHA-256 check; the clock stops when the receiver holds the
 whole, verified frame. Prints a table and, last, JSON. The Chromium pairings and the server
 bytes per round of the star / p2p topologies are not measured yet (null in the JSON).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -58,6 +62,82 @@ async def aiortc_pair(size: int, repeats: int, *, check_cancel: bool = False
         await a.close()
         await b.close()
     assert not receiver.errors, receiver.errors
+    return rows
+
+
+async def receiver_process() -> None:
+    """`--receiver`: the answering aiortc peer in its own process. Reads the offer (one JSON
+    line on stdin), answers on stdout, then prints one JSON line per received frame (its
+    size and the wall-clock time the verified frame was complete)."""
+    import json
+
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    from native_node.rtc import FrameLink, rtc_config
+
+    loop = asyncio.get_running_loop()
+    pc = RTCPeerConnection(rtc_config())
+    links: list[FrameLink] = []
+
+    def on_frame(frame: bytes) -> None:
+        print(json.dumps({"bytes": len(frame), "at": time.time()}), flush=True)
+
+    pc.on("datachannel", lambda ch: links.append(FrameLink(ch, on_frame=on_frame,
+                                                           max_frame=64_000_000)))
+    offer = json.loads(await loop.run_in_executor(None, sys.stdin.readline))
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
+    await pc.setLocalDescription(await pc.createAnswer())
+    print(json.dumps({"sdp": pc.localDescription.sdp}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # EOF or "bye": done
+    await pc.close()
+
+
+async def aiortc_processes(size: int, repeats: int) -> list[dict[str, Any]]:
+    """aiortc -> aiortc with each peer in its own process (as a node and the server are):
+    each side's SCTP, DTLS and chunking get their own core."""
+    import json
+
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    from native_node.rtc import FrameLink, rtc_config
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.transport", "--receiver", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    pc = RTCPeerConnection(rtc_config())
+    chan = pc.createDataChannel("frames", ordered=True)
+    opened = asyncio.Event()
+    chan.on("open", opened.set)
+    rows = []
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        proc.stdin.write((json.dumps({"sdp": pc.localDescription.sdp}) + "\n").encode())
+        await proc.stdin.drain()
+        answer = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        await asyncio.wait_for(opened.wait(), 30)
+        sender = FrameLink(chan)
+        for i in range(repeats):
+            frame = os.urandom(size)
+            t0 = time.time()
+            await sender.send_frame(frame)
+            got = json.loads(await asyncio.wait_for(proc.stdout.readline(), 300))
+            assert got["bytes"] == size, got
+            dt = got["at"] - t0
+            rows.append({"pair": "aiortc-aiortc (2 processes)", "run": i, "MB": size / 1e6,
+                         "seconds": round(dt, 3), "MBps": round(size / 1e6 / dt, 2)})
+            print(f"aiortc-aiortc, 2 processes, run {i}: {size / 1e6:.1f} MB in {dt:.2f} s",
+                  file=sys.stderr)
+    finally:
+        await pc.close()
+        proc.stdin.write(b"bye\n")
+        with contextlib.suppress(Exception):
+            await proc.stdin.drain()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
     return rows
 
 
@@ -154,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-chromium", action="store_true", help="aiortc <-> aiortc only")
     p.add_argument("--check-cancel", action="store_true",
                    help="also cancel a 16 MB transfer mid-way and check the channel recovers")
+    p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(args_list)
+    if args.receiver:
+        asyncio.run(receiver_process())
+        return 0
     if not netns.inside():
         why = netns.available()
         if why is not None:
@@ -164,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return netns.rerun_inside("bench.transport", args_list)
     size = int(args.mb * 1e6)
     rows = asyncio.run(aiortc_pair(size, args.repeats, check_cancel=args.check_cancel))
+    rows += asyncio.run(aiortc_processes(size, args.repeats))
     browser_note = None
     if args.no_chromium or not os.path.exists(CHROMIUM):
         browser_note = "Chromium pairings skipped (--no-chromium or no Chromium)"
@@ -175,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         vals = [r["MBps"] for r in rows if r["pair"] == pair]
         return round(statistics.median(vals), 2) if vals else None
 
-    emit({"MBps": {"aiortc-aiortc": med("aiortc-aiortc"), "aiortc-chromium": med("chromium-aiortc"),
+    emit({"MBps": {"aiortc-aiortc": med("aiortc-aiortc (2 processes)"),
+                   "aiortc-aiortc-1process": med("aiortc-aiortc"),
+                   "aiortc-chromium": med("chromium-aiortc"),
                    "chromium-chromium": med("chromium-chromium")},
           "aiortc_chromium_direction": "Chromium sends, aiortc receives (a tab's update)",
           "frame_mb": args.mb, "repeats": args.repeats,

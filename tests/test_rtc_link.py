@@ -21,5 +21,6 @@ def test_frames_over_a_real_data_channel() -> None:
                          timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    assert figures["MBps"]["aiortc-aiortc"] > 0
+    assert figures["MBps"]["aiortc-aiortc"] > 0  # two processes
+    assert figures["MBps"]["aiortc-aiortc-1process"] > 0
     assert "channel still usable" in out.stderr
