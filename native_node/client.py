@@ -32,8 +32,12 @@ from shared.messages import (
     Challenge,
     Error,
     Hello,
+    Message,
+    Ready,
     RoundCommitted,
     RoundOpen,
+    Shard,
+    ShardPlan,
     Signal,
     Submit,
     ValidateRequest,
@@ -42,7 +46,8 @@ from shared.messages import (
     sha256_hex,
 )
 
-if TYPE_CHECKING:  # aiortc is imported only when a run uses the star transport
+if TYPE_CHECKING:  # aiortc is imported only when a run uses the star or p2p transport
+    from native_node.p2p import P2PRole
     from native_node.rtc import StarUplink
 
 log = logging.getLogger("native_node")
@@ -92,6 +97,8 @@ class NodeClient:
         self.trainer: Trainer | None = None
         self.validator: ValidatorRole | None = None  # set when role is "validator"
         self.uplink: StarUplink | None = None  # WebRTC data channel (transport "star")
+        self.p2p: P2PRole | None = None  # shard exchange with the other nodes ("p2p")
+        self.pending_ready: Ready | None = None  # p2p: our Ready for the open round
         self.held: np.ndarray | None = None  # the global params of the last RoundOpen
         self.held_digest: str | None = None  # ... and their digest (base of a params delta)
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -121,6 +128,8 @@ class NodeClient:
         finally:
             if self.uplink is not None:
                 await self.uplink.close()
+            if self.p2p is not None:
+                await self.p2p.close()
 
     async def _connect_loop(self) -> int:
         backoff = Backoff(self.opts.backoff_max_s)
@@ -160,16 +169,25 @@ class NodeClient:
     def node_id(self) -> str:
         return self.opts.identity.node_id
 
-    async def _send(self, msg: Hello | Submit | Verdict | Signal) -> None:
+    def _sign(self, msg: Message) -> bytes:
+        """`msg` with a fresh nonce, signed as this node; Submit payloads zstd'd when it pays."""
+        assert self.challenge is not None
+        msg = dataclasses.replace(msg, nonce=new_nonce())  # type: ignore[type-var]
+        sign = self.opts.identity.signer(run_id=self.challenge.run_id,
+                                         round=getattr(msg, "round", -1), msg_type=msg.TYPE,
+                                         nonce=msg.nonce)  # type: ignore[attr-defined]
+        return msg.to_frame(sign=sign, compress=isinstance(msg, Submit))
+
+    async def _send_raw(self, frame: bytes) -> None:
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.send_bytes(frame)
+
+    async def _send(self, msg: Hello | Submit | Verdict | Signal | Ready) -> None:
         """Sign (fresh nonce each time) and send; Submit payloads are zstd'd when it pays.
         With the star transport an update goes over the data channel when it is open."""
         if self.ws is None or self.ws.closed or self.challenge is None:
             return
-        msg = dataclasses.replace(msg, nonce=new_nonce())
-        sign = self.opts.identity.signer(run_id=self.challenge.run_id,
-                                         round=getattr(msg, "round", -1), msg_type=msg.TYPE,
-                                         nonce=msg.nonce)
-        frame = msg.to_frame(sign=sign, compress=isinstance(msg, Submit))
+        frame = self._sign(msg)
         if isinstance(msg, Submit) and self.uplink is not None and await self.uplink.send(frame):
             return
         await self.ws.send_bytes(frame)
@@ -251,6 +269,10 @@ class NodeClient:
             elif isinstance(msg, Signal) and msg.node_id == SERVER and msg.kind == "answer":
                 if self.uplink is not None:
                     await self.uplink.on_answer(msg.data)
+            elif isinstance(msg, Signal) and self.p2p is not None:
+                await self.p2p.on_signal(msg)
+            elif isinstance(msg, ShardPlan | Shard) and self.p2p is not None:
+                self.p2p.put(msg)
             elif isinstance(msg, Ack):
                 log.info("round %d: update %s (%s)", msg.round, msg.status, msg.digest[:12])
             elif isinstance(msg, RoundCommitted):
@@ -300,13 +322,22 @@ class NodeClient:
                                          layout=self.work.manifest,
                                          momentum=msg.worker_momentum)
         await self._start_uplink(msg)
+        if msg.transport == "p2p" and self.opts.role == "trainer" and (
+                self.p2p is None or self.p2p.run_id != msg.run_id):
+            from native_node.p2p import P2PRole  # aiortc, only when used
+
+            if self.p2p is not None:
+                await self.p2p.close()
+            self.p2p = P2PRole(self.node_id, msg.run_id, self._sign, self._send_raw,
+                               timeout_s=msg.rtc_timeout_s)
         log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", msg.run_id,
                  self.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,
                  msg.n_shards, codec.name, " + error feedback" if msg.error_feedback else "")
 
     async def _on_round_open(self, msg: RoundOpen) -> None:
         try:  # full params, or the changes against the params we hold (shared.downlink)
-            theta = resolve(msg, self.held, self.held_digest)
+            theta = (self.p2p.params(msg, self.held, self.held_digest) if self.p2p is not None
+                     else resolve(msg, self.held, self.held_digest))
         except BadUpdate as exc:
             log.warning("round %d: %s; reconnecting for the full params", msg.round, exc)
             self.held = self.held_digest = None
@@ -319,6 +350,12 @@ class NodeClient:
             if journal.matching(entry, run_id=self.welcome.run_id, round=msg.round,
                                 params_digest=msg.params_digest, state_dir=self.opts.state_dir):
                 self.pending, self.pending_params = entry.submit, entry.params_digest
+        ready = self.pending_ready
+        if (ready is not None and ready.round == msg.round and self.p2p is not None
+                and self.p2p.delta_round == msg.round and self.pending_params == msg.params_digest):
+            log.info("round %d: telling the server again that our update is ready", msg.round)
+            await self._send(ready)
+            return
         if (self.pending is not None and self.pending.round == msg.round
                 and self.pending_params == msg.params_digest):
             log.info("round %d: resubmitting the update trained before the reconnect",
@@ -346,6 +383,8 @@ class NodeClient:
         await self._send(verdict)
 
     def _on_committed(self, msg: RoundCommitted) -> bool:
+        if self.pending_ready is not None and self.pending_ready.round <= msg.round:
+            self.pending_ready = None
         if self.pending is not None and self.pending.round <= msg.round:
             self.pending = None
             journal.clear(self.opts.state_dir)
@@ -377,6 +416,19 @@ class NodeClient:
                 bar.close()
         if cancel.is_set() or result.steps < msg.inner_steps:
             log.info("round %d: training cancelled after %d steps", msg.round, result.steps)
+            return
+        if self.p2p is not None:  # p2p: the update stays here; the shard owners get it
+            delta = np.ascontiguousarray(result.delta, dtype="<f4")
+            self.p2p.trained(msg.round, delta)
+            ready = Ready(run_id=self.welcome.run_id, round=msg.round, node_id=self.node_id,
+                          length=int(delta.size), digest=sha256_hex(delta.tobytes()),
+                          train_loss=result.train_loss, samples=result.samples,
+                          compute_s=round(result.compute_s, 4))
+            self.pending_ready, self.pending_params = ready, msg.params_digest
+            self.submitted += 1
+            log.info("round %d: %d steps in %.1f s; update ready for the p2p reduction",
+                     msg.round, result.steps, result.compute_s)
+            await self._send(ready)
             return
         assert self.encoder is not None
         codec = self.encoder.codec

@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.aggregation import RULES, estimate_f, get_rule
 from shared.codecs import CODECS, make_codec
+from shared.p2p import COORDINATE_RULES
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
                         "n_shards", "seed"})
@@ -51,7 +52,9 @@ class RunConfig:
     quorum: int = 1  # fewest updates a round is committed with
     deadline_s: float = 60.0  # collection window of one round attempt
     resume_grace_s: float = 2.0  # after a restart: wait this long for last round's nodes
-    transport: str = "ws"  # "ws" or "star" (updates over WebRTC data channels to the server)
+    transport: str = "ws"  # "ws", "star" (updates over WebRTC to the server) or "p2p"
+    p2p_replicas: int = 2  # p2p: owners that reduce each shard (their results must agree)
+    p2p_timeout_s: float = 30.0  # p2p: owners silent this long are dropped, shards reassigned
     ice_servers: str = ""  # comma-separated STUN/TURN URLs for WebRTC (none by default)
     rtc_timeout_s: float = 10.0  # a channel not open by then: the node relays over its socket
     delta_downlink: bool = True  # send nodes that hold theta_r-1 only what changed
@@ -87,7 +90,14 @@ class RunConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.max_frame_mb > 0, "max_frame_mb", "must be > 0"),
             (self.resume_grace_s >= 0, "resume_grace_s", "must be >= 0"),
-            (self.transport in ("ws", "star"), "transport", "must be ws or star"),
+            (self.transport in ("ws", "star", "p2p"), "transport", "must be ws, star or p2p"),
+            (self.p2p_replicas >= 1, "p2p_replicas", "must be >= 1"),
+            (self.p2p_timeout_s > 0, "p2p_timeout_s", "must be > 0"),
+            (self.transport != "p2p" or self.aggregator in COORDINATE_RULES, "aggregator",
+             f"must be coordinate-wise {COORDINATE_RULES} with transport p2p (shards are "
+             "reduced separately)"),
+            (self.transport != "p2p" or not self.validation, "validation",
+             "needs the updates at the server: not with transport p2p"),
             (self.rtc_timeout_s > 0, "rtc_timeout_s", "must be > 0"),
             (self.heartbeat_s > 0, "heartbeat_s", "must be > 0"),
             (self.stale_policy in ("drop", "weight"), "stale_policy", "must be drop or weight"),

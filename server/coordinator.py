@@ -19,6 +19,7 @@ import numpy as np
 from native_node.validator import ProbeScorer
 from server.auth import authenticate
 from server.config import RunConfig
+from server.p2p import P2PMixin
 from server.peers import Connection, Peer
 from server.rtc import RtcHub
 from server.runstate import RunState
@@ -26,6 +27,7 @@ from server.store import UpdateRow
 from server.validation import ValidationMixin
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update
+from shared.downlink import encode_outer_step
 from shared.envelope import ReplayGuard, sign_round
 from shared.errors import (
     BadUpdate,
@@ -40,8 +42,10 @@ from shared.messages import (
     Error,
     Hello,
     Message,
+    Ready,
     RoundCommitted,
     RoundOpen,
+    Shard,
     Signal,
     Submit,
     Verdict,
@@ -49,6 +53,7 @@ from shared.messages import (
     message_from_frame,
 )
 from shared.outer import OuterConfig, history_reference, outer_step
+from shared.p2p import Plan, ShardCheck
 from shared.rounds import Decision, Outcome, RoundPolicy, RoundState
 
 log = logging.getLogger("server.coordinator")
@@ -59,7 +64,7 @@ MAX_ERRORS_PER_CONNECTION = 256  # then the connection is closed (every Error is
 CommitHook = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 
-class Coordinator(ValidationMixin):
+class Coordinator(ValidationMixin, P2PMixin):
     def __init__(self, run: RunState) -> None:
         self.run = run
         self.config: RunConfig = run.config
@@ -80,6 +85,9 @@ class Coordinator(ValidationMixin):
         self.error: BaseException | None = None  # why the round loop died, if it did
         self.replays = ReplayGuard()
         self.rtc = RtcHub(self)
+        self._p2p: tuple[Plan, ShardCheck] | None = None  # the running p2p reduction
+        self._p2p_event = asyncio.Event()
+        self._p2p_members: frozenset[str] = frozenset()
         self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
 
     # -- sending -------------------------------------------------------------------------
@@ -155,6 +163,10 @@ class Coordinator(ValidationMixin):
                 self._on_verdict(conn, msg)
             elif isinstance(msg, Signal):
                 await self.rtc.on_signal(conn, msg)
+            elif isinstance(msg, Ready):
+                await self._on_ready(conn, msg)
+            elif isinstance(msg, Shard):
+                await self._on_shard(conn, msg)
         except ProtocolError as err:
             await self.reject(conn, err, round_)
         except Exception:  # a bug, not the peer's fault: keep serving, say so, count it
@@ -270,27 +282,43 @@ class Coordinator(ValidationMixin):
         return [p.node_id for p in self.peers.values()
                 if p.ws is not None and p.role == "trainer"]
 
-    def _open_frame(self, *, delta: bool = False) -> bytes:
-        """The current RoundOpen, signed; the deadline is the time left right now. With
-        `delta`, the payload is the changes against the previous params (shared.downlink)."""
+    def _open_frame(self, kind: str = "full") -> bytes:
+        """The current RoundOpen, signed; the deadline is the time left right now. `kind`
+        (`_downlink`): "full" params; "delta", the changes against the previous params;
+        "outer", only the outer step to apply (p2p members hold the aggregate); "full+m",
+        the params then the outer momentum (p2p, so that the node can step itself later)."""
         state, run = self.state, self.run
         assert state is not None
-        changes = run.params_changes if delta else None
+        base: str | None = None
+        payload = run.params_bytes
+        if kind == "delta" and run.params_changes is not None:
+            base, payload = run.prev_digest, run.params_changes
+        elif kind == "outer":
+            base = run.prev_digest
+            payload = encode_outer_step(self.config.outer_lr, self.config.outer_momentum)
+        elif kind == "full+m":
+            payload = run.params_bytes + np.ascontiguousarray(run.momentum, "<f4").tobytes()
         return self.frame(RoundOpen(
             run_id=run.run_id, round=state.round, attempt=state.attempt,
             params_digest=run.params_digest,
             deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
             inner_steps=self.config.inner_steps, inner_lr=self.config.inner_lr,
-            batch_size=self.config.batch_size,
-            base_digest=run.prev_digest if changes is not None else None,
-            payload=changes if changes is not None else run.params_bytes))
+            batch_size=self.config.batch_size, base_digest=base,
+            with_momentum=kind == "full+m", payload=payload))
 
-    def _wants_delta(self, peer: Peer | None) -> bool:
-        """The peer holds the previous params and can apply changes to them."""
+    def _downlink(self, peer: Peer | None) -> str:
+        """What the RoundOpen for `peer` carries (see `_open_frame`)."""
         run = self.run
-        return (peer is not None and run.params_changes is not None
-                and peer.holds is not None and peer.holds == run.prev_digest
-                and "delta-params" in peer.features)
+        holds_prev = peer is not None and peer.holds is not None and peer.holds == run.prev_digest
+        if self.config.transport == "p2p" and peer is not None and peer.role == "trainer":
+            if (holds_prev and peer.has_momentum and peer.node_id in self._p2p_members
+                    and run.prev_digest is not None):
+                return "outer"
+            return "full+m"
+        if (peer is not None and holds_prev and run.params_changes is not None
+                and "delta-params" in peer.features):
+            return "delta"
+        return "full"
 
     async def _send_open(self, conn: Connection, data: bytes | None = None, *,
                          mark: bool = True) -> None:
@@ -299,26 +327,28 @@ class Coordinator(ValidationMixin):
         if (mark and peer is not None and peer.role == "trainer"
                 and peer.node_id not in self.state.updates):
             peer.state = "training"
+        kind = self._downlink(peer)
         if data is None:
-            data = self._open_frame(delta=self._wants_delta(peer))
+            data = self._open_frame(kind)
         await self.send(conn, data)
         if peer is not None:
             peer.holds = self.run.params_digest
+            peer.has_momentum = peer.has_momentum or kind == "full+m"
 
     async def _broadcast_open(self, *, retry: bool = False) -> None:
         assert self.state is not None
         waiting = [p for p in list(self.peers.values())
                    if p.ws is not None and p.node_id not in self.state.updates]
-        frames: dict[bool, bytes] = {}  # each variant signed once, the same bytes for all
+        frames: dict[str, bytes] = {}  # each variant signed once, the same bytes for all
         sends = []
         for p in waiting:
             if p.ws is None:
                 continue
-            delta = self._wants_delta(p)
-            if delta not in frames:
-                frames[delta] = self._open_frame(delta=delta)
+            kind = self._downlink(p)
+            if kind not in frames:
+                frames[kind] = self._open_frame(kind)
             sends.append(self._send_open(Connection(ws=p.ws, remote="", peer=p),
-                                         frames[delta], mark=not retry))
+                                         frames[kind], mark=not retry))
         await asyncio.gather(*sends)
 
     async def _broadcast(self, msg: Message) -> None:
@@ -405,30 +435,26 @@ class Coordinator(ValidationMixin):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait_s + 0.01)
             expect = set()
-            await self._commit(time.time() - started)
+            pseudo_grad = None
+            if self.config.transport == "p2p":
+                pseudo_grad = await self._reduce_p2p()
+                if pseudo_grad is None:
+                    self.counters["retries"] += 1
+                    continue  # below quorum after the reduction dropped members: again
+            await self._commit(time.time() - started, pseudo_grad)
         self.finished = True
         self.state = None
         log.info("run finished after %d rounds", self.run.version)
 
-    async def _commit(self, duration_s: float) -> None:
+    async def _commit(self, duration_s: float, pseudo_grad: np.ndarray | None = None) -> None:
+        """Aggregate (unless the p2p reduction did), outer step, evaluate, store, announce."""
         state = self.state
         assert state is not None
         state.closed = True
         nodes = sorted(state.updates)
-        vectors = [self._updates[n][0] for n in nodes]
         rows = [self._updates[n][1] for n in nodes]
-        cfg = self.config
-        f = estimate_f(len(vectors), cfg.byzantine_fraction, rule=cfg.aggregator)
-        wanted = estimate_f(len(vectors), cfg.byzantine_fraction)
-        if f < wanted:  # the rule's bound on n: say so, every time it bites
-            self.counters["f_clamped"] += 1
-            log.warning("round %d: %s tolerates at most f=%d of %d updates; byzantine_fraction "
-                        "%.2f asks for f=%d", state.round, cfg.aggregator, f, len(vectors),
-                        cfg.byzantine_fraction, wanted)
-        params = dict(cfg.aggregator_params)
-        if cfg.aggregator == "centered-clipping" and cfg.cc_reference == "history":
-            params["reference"] = history_reference(self.run.momentum, cfg.outer_momentum)
-        pseudo_grad = get_rule(cfg.aggregator)(vectors, f=f, **params)
+        if pseudo_grad is None:
+            pseudo_grad = self._aggregate([self._updates[n][0] for n in nodes])
         outer = OuterConfig(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
         theta, momentum = outer_step(self.run.params, pseudo_grad, self.run.momentum, outer)
         eval_loss = await asyncio.to_thread(self.run.evaluate, theta)
@@ -448,6 +474,22 @@ class Coordinator(ValidationMixin):
             res = hook(record)
             if asyncio.iscoroutine(res):
                 await res
+
+    def _aggregate(self, vectors: list[np.ndarray]) -> np.ndarray:
+        """The run's rule over the round's updates."""
+        cfg, state = self.config, self.state
+        assert state is not None
+        f = estimate_f(len(vectors), cfg.byzantine_fraction, rule=cfg.aggregator)
+        wanted = estimate_f(len(vectors), cfg.byzantine_fraction)
+        if f < wanted:  # the rule's bound on n: say so, every time it bites
+            self.counters["f_clamped"] += 1
+            log.warning("round %d: %s tolerates at most f=%d of %d updates; byzantine_fraction "
+                        "%.2f asks for f=%d", state.round, cfg.aggregator, f, len(vectors),
+                        cfg.byzantine_fraction, wanted)
+        params = dict(cfg.aggregator_params)
+        if cfg.aggregator == "centered-clipping" and cfg.cc_reference == "history":
+            params["reference"] = history_reference(self.run.momentum, cfg.outer_momentum)
+        return np.asarray(get_rule(cfg.aggregator)(vectors, f=f, **params), dtype=np.float32)
 
     def _record(self, round: int | None, node_id: str, digest: str | None, code: str,
                 reason: str, validators: list[str]) -> None:

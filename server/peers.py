@@ -27,6 +27,7 @@ class Peer:
     transport: str = "ws"  # ws | webrtc (star data channel open) | relay (star, fell back)
     features: frozenset[str] = frozenset()  # from its Hello, e.g. "delta-params"
     holds: str | None = None  # digest of the global params this connection was last sent
+    has_momentum: bool = False  # p2p: it was sent the outer momentum (it steps itself)
     state: str = "idle"  # idle | training | submitted | rejected | validating | gone
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)

@@ -29,6 +29,7 @@ from typing import Any
 from shared.codecs import varint
 from shared.errors import BadUpdate
 from shared.messages import sha256_hex
+from shared.outer import OuterConfig, outer_step
 from shared.vec import from_bytes, numpy_module, to_bytes
 
 MAGIC = b"DL"
@@ -112,6 +113,8 @@ def resolve(msg: Any, held: Any, held_digest: str | None) -> Any:
     `held_digest`) plus its changes. The result's digest is checked; BadUpdate otherwise (the
     caller then reconnects to get the full params)."""
     if msg.base_digest is None:
+        if getattr(msg, "with_momentum", False):  # p2p: params, then the outer momentum
+            return from_bytes(msg.payload[:len(msg.payload) // 2])
         return from_bytes(msg.payload)
     if held is None or held_digest != msg.base_digest:
         raise BadUpdate(f"params delta against {msg.base_digest[:12]}, but this node holds "
@@ -120,3 +123,39 @@ def resolve(msg: Any, held: Any, held_digest: str | None) -> Any:
     if sha256_hex(to_bytes(theta)) != msg.params_digest:
         raise BadUpdate("params delta does not reproduce params_digest", field="params_digest")
     return theta
+
+
+# -- p2p: "apply the outer step yourself" ------------------------------------------------------
+# In a `p2p` run every member of round r ends the round holding its aggregate. The server's
+# RoundOpen for round r+1 then carries, instead of theta_{r+1} or its changes, only the outer
+# step to apply: magic b"DL", version 2, lr and momentum (float64 LE) and nesterov (u8). The node
+# computes theta_{r+1}, m_{r+1} = outer_step(theta_r, aggregate_r, m_r) (shared.outer, the code
+# the server runs) and checks the digest like any RoundOpen.
+OUTER_VERSION = 2
+OUTER = struct.Struct("<2sBddB")
+
+
+def encode_outer_step(lr: float, momentum: float, nesterov: bool = True) -> bytes:
+    return OUTER.pack(MAGIC, OUTER_VERSION, lr, momentum, int(nesterov))
+
+
+def is_outer_step(payload: bytes | memoryview) -> bool:
+    return len(payload) == OUTER.size and bytes(payload[:3]) == MAGIC + bytes([OUTER_VERSION])
+
+
+def apply_outer_step(theta: Any, momentum: Any, aggregate: Any, payload: bytes,
+                     params_digest: str) -> tuple[Any, Any]:
+    """(theta_{r+1}, m_{r+1}) from what the node holds; BadUpdate if the result is not the
+    server's (a different aggregate, momentum or params)."""
+    if not is_outer_step(payload):
+        raise BadUpdate("not an outer-step payload", field="payload")
+    _, _, lr, mu, nesterov = OUTER.unpack(payload)
+    if momentum is None or aggregate is None or theta is None:
+        raise BadUpdate("outer step: this node lacks the params, momentum or aggregate",
+                        field="payload")
+    new, m = outer_step(theta, aggregate, momentum,
+                        OuterConfig(lr=lr, momentum=mu, nesterov=bool(nesterov)))
+    if sha256_hex(to_bytes(new)) != params_digest:
+        raise BadUpdate("outer step: result does not match the params digest",
+                        field="params_digest")
+    return new, m

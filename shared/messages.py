@@ -28,7 +28,8 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 ROLES = ("trainer", "validator")
-TRANSPORTS = ("ws", "star")
+TRANSPORTS = ("ws", "star", "p2p")
+SHARD_KINDS = ("part", "result")
 SIGNAL_KINDS = ("offer", "answer", "candidate", "bye")
 SERVER = "server"  # Signal.to / Signal.node_id naming the server's own WebRTC peer
 MAX_CANDIDATES = 4096
@@ -214,6 +215,7 @@ class RoundOpen(Message):
     batch_size: int  # inner batch size
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     base_digest: str | None = None  # None: payload = theta_r; else the changes against it
+    with_momentum: bool = False  # p2p: payload = theta_r then the outer momentum (2 x n)
     payload: bytes = field(repr=False)  # theta_r as float32 LE, or shared.downlink changes
 
     def __post_init__(self) -> None:
@@ -225,8 +227,10 @@ class RoundOpen(Message):
         if self.base_digest is not None:  # checked once applied (shared.downlink)
             _hex64("RoundOpen", "base_digest", self.base_digest)
             return
-        _require(len(self.payload) % 4 == 0, "RoundOpen", "payload", "not float32 sized")
-        if sha256_hex(self.payload) != self.params_digest:
+        _require(len(self.payload) % (8 if self.with_momentum else 4) == 0, "RoundOpen",
+                 "payload", "not float32 sized")
+        params = self.payload[:len(self.payload) // 2] if self.with_momentum else self.payload
+        if sha256_hex(params) != self.params_digest:
             raise BadUpdate("RoundOpen: params digest does not match payload",
                             field="params_digest")
 
@@ -418,12 +422,84 @@ class Signal(Message):
         _nonce("Signal", self.nonce)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ready(Message):
+    """Node -> server (`p2p`): I trained `round`; my update (raw float32, `length` values,
+    SHA-256 `digest`) stays with me and goes to the shard owners the ShardPlan names."""
+
+    TYPE: ClassVar[int] = 12
+    run_id: str  # the run
+    round: int  # outer round it was trained for
+    node_id: str  # sender; must match the connection's Hello
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex; never reused
+    length: int  # float32 values in the update
+    digest: str  # sha256 of the raw update (part of the idempotency key)
+    train_loss: float | None  # mean inner training loss, for display
+    samples: int  # training samples consumed this round
+    compute_s: float  # seconds spent training
+
+    def __post_init__(self) -> None:
+        _hex64("Ready", "node_id", self.node_id)
+        _hex64("Ready", "digest", self.digest)
+        _nonce("Ready", self.nonce)
+        _require(self.round >= 0, "Ready", "round", "must be >= 0")
+        _require(self.length >= 1, "Ready", "length", "must be >= 1")
+        _require(self.samples >= 0, "Ready", "samples", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardPlan(Message):
+    """Server -> the round's members (`p2p`): who reduces which shard (shared.p2p.Plan as a
+    dict), with which rule; a revision replaces the previous plan of the round."""
+
+    TYPE: ClassVar[int] = 13
+    run_id: str  # the run
+    round: int  # the round being reduced
+    plan: dict[str, Any]  # shared.p2p.Plan.to_dict()
+    rule: str  # coordinate-wise aggregation rule (shared.p2p.COORDINATE_RULES)
+    byzantine_fraction: float  # f = estimate_f(len(members), this, rule)
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+
+    def __post_init__(self) -> None:
+        _require(self.round >= 0, "ShardPlan", "round", "must be >= 0")
+        _require(0 <= self.byzantine_fraction < 1, "ShardPlan", "byzantine_fraction",
+                 "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Shard(Message):
+    """`p2p` shard traffic: a member's slice of a shard to its owner ("part"), or an owner's
+    reduced shard ("result") to the server or to a member. Peer to peer over a data channel,
+    or through the server (which forwards it re-signed, `node_id` = the sender)."""
+
+    TYPE: ClassVar[int] = 14
+    run_id: str  # the run
+    round: int  # the round being reduced
+    node_id: str  # the sender
+    to: str  # a node id or "server"
+    kind: str  # "part" or "result"
+    shard: int  # shard index in the plan
+    revision: int  # the plan revision it was sent under
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+    payload: bytes = field(repr=False)  # float32 LE values of the shard
+
+    def __post_init__(self) -> None:
+        _hex64("Shard", "node_id", self.node_id)
+        if self.to != SERVER:
+            _hex64("Shard", "to", self.to)
+        _require(self.kind in SHARD_KINDS, "Shard", "kind", f"must be one of {SHARD_KINDS}")
+        _require(self.round >= 0 and self.shard >= 0 and self.revision >= 0, "Shard", "shard",
+                 "round, shard and revision must be >= 0")
+        _require(len(self.payload) % 4 == 0 and len(self.payload) > 0, "Shard", "payload",
+                 "not float32 sized")
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge,
-                ValidateRequest, Verdict, Signal)
+                ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard)
 }
-assert len(MESSAGE_TYPES) == 11, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 14, "duplicate message type id"
 
 
 def decode_message(data: bytes | bytearray | memoryview, *,

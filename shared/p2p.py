@@ -301,6 +301,7 @@ class ShardCheck:
         self.payloads: dict[str, bytes] = {}  # digest -> payload
         self.agreed: dict[int, str] = {}  # shard -> agreed digest
         self.liars: dict[str, list[int]] = {}  # owner -> shards it lied about
+        self.members_revision = plan.revision  # results from this revision on still count
 
     def on_result(self, owner: str, shard: int, payload: bytes) -> list[Event]:
         """Returns events: {"kind": "agreed", "shard"}, {"kind": "extra_owner", "shard",
@@ -348,6 +349,7 @@ class ShardCheck:
         if changed:
             self.results.clear()
             self.agreed.clear()
+            self.members_revision = plan.revision
         out: list[Event] = []
         for s in range(plan.n_shards):
             out += self._decide(s)

@@ -102,6 +102,11 @@ def test_aggregator_must_handle_a_quorum_sized_round() -> None:
     assert ok.aggregator == "krum"
     with pytest.raises(ValueError, match="aggregator 'mean'"):
         RunConfig(aggregator_params={"bogus": 1})
+    with pytest.raises(ValueError, match="coordinate-wise"):
+        RunConfig(transport="p2p", aggregator="krum", quorum=5)
+    with pytest.raises(ValueError, match="validation"):
+        RunConfig(transport="p2p", aggregator="median", validation=True)
+    assert RunConfig(transport="p2p", aggregator="median").p2p_replicas == 2
 
 
 def test_update_encoder_keeps_what_the_codec_dropped() -> None:

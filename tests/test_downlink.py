@@ -96,3 +96,30 @@ async def test_server_sends_changes_to_a_node_that_holds_the_previous_params(
         b = await srv.client("b")  # no feature announced: always the full params
         assert b.open is not None and b.open.base_digest is None
         assert b.open.params_digest == nxt.params_digest
+
+
+def test_p2p_outer_step_is_recomputed_by_the_node_and_checked() -> None:
+    from shared.downlink import apply_outer_step, encode_outer_step, is_outer_step
+    from shared.outer import OuterConfig, outer_step
+
+    rng = np.random.default_rng(4)
+    theta, m, agg = (rng.standard_normal(50).astype(np.float32) for _ in range(3))
+    want, want_m = outer_step(theta, agg, m, OuterConfig(lr=0.7, momentum=0.9))
+    payload = encode_outer_step(0.7, 0.9)
+    assert is_outer_step(payload) and not is_outer_step(payload + b"\0")
+    digest = sha256_hex(np.asarray(want).tobytes())
+    got, got_m = apply_outer_step(theta, m, agg, payload, digest)
+    assert np.array_equal(got, want) and np.array_equal(got_m, want_m)  # bit for bit
+    with pytest.raises(BadUpdate, match="does not match"):
+        apply_outer_step(theta, m, agg + np.float32(1e-3), payload, digest)  # other aggregate
+    with pytest.raises(BadUpdate, match="lacks"):
+        apply_outer_step(theta, None, agg, payload, digest)  # never got the momentum
+
+
+def test_params_with_momentum_resolve_to_the_params_half() -> None:
+    theta = np.arange(6, dtype=np.float32)
+    mom = -theta
+    msg = RoundOpen(run_id="r", round=1, attempt=0, params_digest=sha256_hex(theta.tobytes()),
+                    deadline_s=5.0, inner_steps=1, inner_lr=0.1, batch_size=2,
+                    with_momentum=True, payload=theta.tobytes() + mom.tobytes())
+    assert np.array_equal(resolve(msg, None, None), theta)

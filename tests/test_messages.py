@@ -28,8 +28,11 @@ from shared.messages import (
     Error,
     Hello,
     Message,
+    Ready,
     RoundCommitted,
     RoundOpen,
+    Shard,
+    ShardPlan,
     Signal,
     Submit,
     ValidateRequest,
@@ -147,14 +150,33 @@ def signal(**kw: Any) -> Signal:
                      "data": "v=0", "nonce": FIXED_NONCE, **kw})
 
 
+def ready(**kw: Any) -> Ready:
+    return Ready(**{"run_id": "run-1", "round": 2, "node_id": NODE, "nonce": FIXED_NONCE,
+                    "length": 2, "digest": sha256_hex(UPDATE), "train_loss": 0.5,
+                    "samples": 32, "compute_s": 0.25, **kw})
+
+
+def shard_plan(**kw: Any) -> ShardPlan:
+    plan = {"round": 2, "n_params": 2, "members": [NODE], "owners": [[NODE]], "revision": 0}
+    return ShardPlan(**{"run_id": "run-1", "round": 2, "plan": plan, "rule": "median",
+                        "byzantine_fraction": 0.2, "nonce": FIXED_NONCE, **kw})
+
+
+def shard(**kw: Any) -> Shard:
+    payload = kw.pop("payload", UPDATE[:8] if len(UPDATE) >= 8 else b"\0" * 8)
+    return Shard(**{"run_id": "run-1", "round": 2, "node_id": NODE, "to": "77" * 32,
+                    "kind": "part", "shard": 0, "revision": 0, "nonce": FIXED_NONCE, **kw},
+                 payload=payload)
+
+
 ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge(),
-       validate_request(), verdict(), signal()]
+       validate_request(), verdict(), signal(), ready(), shard_plan(), shard()]
 
 
 # -- round trips -----------------------------------------------------------------------------
 def test_every_type_is_covered() -> None:
     assert {type(m) for m in ALL} == set(MESSAGE_TYPES.values())
-    assert sorted(MESSAGE_TYPES) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert sorted(MESSAGE_TYPES) == list(range(1, 15))
 
 
 @pytest.mark.parametrize("msg", ALL, ids=lambda m: type(m).__name__)
@@ -362,7 +384,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 12, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 15, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))

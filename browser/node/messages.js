@@ -33,7 +33,8 @@ export const SCHEMAS = {
   }],
   3: ['RoundOpen', {
     run_id: S, round: 'i', attempt: 'i', params_digest: S, deadline_s: 'f', inner_steps: 'i',
-    inner_lr: 'f', batch_size: 'i', nonce: S, base_digest: 's?', payload: 'payload',
+    inner_lr: 'f', batch_size: 'i', nonce: S, base_digest: 's?', with_momentum: 'b',
+    payload: 'payload',
   }],
   4: ['Submit', {
     run_id: S, round: 'i', node_id: S, nonce: S, codec: S, length: 'i', digest: S, train_loss: 'f?',
@@ -49,6 +50,15 @@ export const SCHEMAS = {
   }],
   10: ['Verdict', { run_id: S, round: 'i', node_id: S, base_loss: 'f?', scores: 'l', nonce: S }],
   11: ['Signal', { run_id: S, node_id: S, to: S, kind: S, data: S, nonce: S }],
+  12: ['Ready', {
+    run_id: S, round: 'i', node_id: S, nonce: S, length: 'i', digest: S, train_loss: 'f?',
+    samples: 'i', compute_s: 'f',
+  }],
+  13: ['ShardPlan', { run_id: S, round: 'i', plan: 'd', rule: S, byzantine_fraction: 'f', nonce: S }],
+  14: ['Shard', {
+    run_id: S, round: 'i', node_id: S, to: S, kind: S, shard: 'i', revision: 'i', nonce: S,
+    payload: 'payload',
+  }],
 };
 export const MESSAGE_TYPES = Object.fromEntries(Object.entries(SCHEMAS).map(([t, [n]]) => [n, Number(t)]));
 
@@ -120,8 +130,10 @@ const POST = {
       hex64('RoundOpen', 'base_digest', m.base_digest);
       return;
     }
-    need(payload.length % 4 === 0, 'RoundOpen', 'payload', 'not float32 sized');
-    if (digestHex(payload) !== m.params_digest) {
+    need(payload.length % (m.with_momentum ? 8 : 4) === 0, 'RoundOpen', 'payload',
+      'not float32 sized');
+    const params = m.with_momentum ? payload.subarray(0, payload.length / 2) : payload;
+    if (digestHex(params) !== m.params_digest) {
       throw new BadUpdate('RoundOpen: params digest does not match payload', 'params_digest');
     }
   },
@@ -163,6 +175,26 @@ const POST = {
     for (const name of ['node_id', 'to']) if (m[name] !== SERVER) hex64('Signal', name, m[name]);
     need(['offer', 'answer', 'candidate', 'bye'].includes(m.kind), 'Signal', 'kind', 'bad kind');
     need(NONCE.test(m.nonce), 'Signal', 'nonce', 'must be 32 lowercase hex digits');
+  },
+  Ready(m) {
+    hex64('Ready', 'node_id', m.node_id);
+    hex64('Ready', 'digest', m.digest);
+    need(m.round >= 0, 'Ready', 'round', 'must be >= 0');
+    need(m.length >= 1, 'Ready', 'length', 'must be >= 1');
+    need(m.samples >= 0, 'Ready', 'samples', 'must be >= 0');
+  },
+  ShardPlan(m) {
+    need(m.round >= 0, 'ShardPlan', 'round', 'must be >= 0');
+    need(m.byzantine_fraction >= 0 && m.byzantine_fraction < 1, 'ShardPlan',
+      'byzantine_fraction', 'must be in [0, 1)');
+  },
+  Shard(m, payload) {
+    hex64('Shard', 'node_id', m.node_id);
+    if (m.to !== SERVER) hex64('Shard', 'to', m.to);
+    need(['part', 'result'].includes(m.kind), 'Shard', 'kind', 'must be part or result');
+    need(m.round >= 0 && m.shard >= 0 && m.revision >= 0, 'Shard', 'shard',
+      'round, shard and revision must be >= 0');
+    need(payload.length % 4 === 0 && payload.length > 0, 'Shard', 'payload', 'not float32 sized');
   },
 };
 

@@ -1,0 +1,75 @@
+"""The `p2p` topology end to end: a real server and real native nodes inside a private network
+namespace the test creates (tests/p2p_scenario.py), shards swapped over direct data channels.
+
+- honest nodes: every round commits, each node assembles the aggregate, and from round 1 on
+  the server only receives the owners' reduced shards and sends each node a few KB (the outer
+  step to apply), not the params;
+- a lying owner (tests/p2p_faulty_node.py forges every shard it reduces): each disputed shard
+  gets an extra owner, the majority stands, the liar is recorded (`p2p_mismatch`) and the
+  model trains as in the honest run;
+- a node that stops mid-transfer and is killed -9: it is dropped from the reduction, its
+  shards are reassigned and the round commits with the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.common import ROOT
+from bench.netns import available, command
+
+pytestmark = pytest.mark.skipif(available() is not None,
+                                reason=f"no private network namespace: {available()}")
+UPDATE = 4 * 9610  # mlp-digits: bytes of one raw float32 update
+
+
+def scenario(tmp: Path, nodes: int, fault: str, rounds: int = 3) -> dict[str, Any]:
+    out = subprocess.run(command("tests.p2p_scenario", [str(tmp), str(nodes), str(rounds), fault]),
+                         cwd=ROOT, capture_output=True, text=True, timeout=280,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def node_id(log: str) -> str:
+    return log.split("node id ", 1)[1].split()[0]
+
+
+def test_honest_nodes_reduce_among_themselves(tmp_path: Path) -> None:
+    res = scenario(tmp_path, 3, "none")
+    rounds = res["rounds"]
+    assert [r["n_updates"] for r in rounds] == [3, 3, 3]
+    losses = [r["eval_loss"] for r in rounds]
+    assert losses[2] < losses[1] < losses[0]
+    for r in rounds[1:]:  # steady state: owners' shards in, control messages out
+        assert r["bytes_up"] < 2 * UPDATE + 3 * 12_000
+        assert r["bytes_down"] < UPDATE  # no params: every node steps itself
+    for log in res["node_logs"]:
+        assert log.count("holding the aggregate") == 3
+        assert "0 relayed" in log and "p2p channel to" in log
+    assert res["rejections"] == []
+
+
+def test_a_lying_owner_is_outvoted_and_recorded(tmp_path: Path) -> None:
+    res = scenario(tmp_path, 4, "lie")
+    assert [r["n_updates"] for r in res["rounds"]] == [4, 4, 4]
+    liar = node_id(res["node_logs"][0])
+    recs = res["rejections"]
+    assert recs and {r["node_id"] for r in recs} == {liar}
+    assert {r["code"] for r in recs} == {"p2p_mismatch"}
+    assert {r["round"] for r in recs} == {0, 1, 2}
+    assert res["rounds"][-1]["eval_loss"] < 0.8  # the forged shards never reached the model
+
+
+def test_a_peer_killed_mid_transfer_is_dropped_and_the_round_completes(tmp_path: Path) -> None:
+    res = scenario(tmp_path, 4, "vanish")
+    assert "vanished mid-transfer" in res["node_logs"][0]
+    assert [r["n_updates"] for r in res["rounds"]] == [3, 3, 3]
+    assert "from the reduction; shards reassigned" in res["server_log"]
+    assert res["rounds"][-1]["eval_loss"] < res["rounds"][0]["eval_loss"]
