@@ -19,9 +19,12 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import netns
@@ -141,6 +144,56 @@ async def aiortc_processes(size: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+SHARD_LOG = re.compile(r"round (\d+): holding the aggregate .*shard bytes this round: (\d+) "
+                       r"sent, (\d+) received, update (\d+)")
+
+
+def topology_run(tmp: Path, topology: str, n: int, *, rounds: int, flavour: str,
+                 replicas: int = 2) -> dict[str, Any]:
+    """A real server and n real native nodes (gpt-tiny `flavour`, one inner step per round) in
+    this namespace; the server's bytes in + out per round (its own counters, /api/rounds),
+    averaged over the rounds after the first (round 0 carries the start-up: full params,
+    channel set-up), and in p2p each node's shard bytes against its update size."""
+    from bench.common import children, free_port, get_json, poll
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    with children(tmp) as spawn:
+        spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port", str(port),
+              "--model", "gpt-tiny", "--flavour", flavour, "--inner-steps", "1",
+              "--batch-size", "4", "--quorum", str(n), "--rounds", str(rounds),
+              "--deadline-s", "600", "--transport", topology, "--aggregator", "median",
+              "--rtc-timeout-s", "120", "--p2p-timeout-s", "120", "--p2p-replicas",
+              str(replicas))
+        for i in range(n):
+            spawn(f"node{i}", "-m", "native_node", "join", "--coordinator", f"127.0.0.1:{port}",
+                  "--name", f"node{i}", "--state-dir", str(tmp / f"node{i}"), "--threads", "1",
+                  "--quiet")
+        poll(lambda: len(get_json(url + "/api/rounds")) >= rounds, 900,
+             f"{rounds} rounds of {topology} with {n} nodes (logs in {tmp})")
+        rows = get_json(url + "/api/rounds")
+    steady = [r for r in rows if r["round"] >= 1]
+    server = statistics.fmean(r["bytes_up"] + r["bytes_down"] for r in steady)
+    ratios = []
+    for i in range(n):
+        for m in SHARD_LOG.finditer((tmp / f"node{i}.log").read_text(errors="replace")):
+            if int(m.group(1)) >= 1:
+                sent, got, update = (int(m.group(k)) for k in (2, 3, 4))
+                ratios.append((sent / update, got / update))
+    out: dict[str, Any] = {
+        "topology": topology, "peers": n, "replicas": replicas if topology == "p2p" else None,
+        "server_bytes_per_round": round(server), "rounds": len(rows),
+        "n_updates": [r["n_updates"] for r in rows], "wall_s": round(time.perf_counter() - t0, 1)}
+    if ratios:
+        out["peer_sent_over_update"] = round(max(s for s, _ in ratios), 3)
+        out["peer_received_over_update"] = round(max(g for _, g in ratios), 3)
+    print(f"{topology} {n} peers: {server / 1e6:.2f} MB per round at "
+          f"the server ({out['wall_s']} s)", file=sys.stderr, flush=True)
+    return out
+
+
 CHROMIUM = os.environ.get("DAA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -234,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-chromium", action="store_true", help="aiortc <-> aiortc only")
     p.add_argument("--check-cancel", action="store_true",
                    help="also cancel a 16 MB transfer mid-way and check the channel recovers")
+    p.add_argument("--peers", type=int, nargs="*", default=[4, 8, 16],
+                   help="star vs p2p server bytes per round at these peer counts (none: skip)")
+    p.add_argument("--flavour", default="micro", help="gpt-tiny flavour of the topology runs")
+    p.add_argument("--topology-rounds", type=int, default=3)
     p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(args_list)
     if args.receiver:
@@ -255,6 +312,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows += asyncio.run(chromium_pairs(size, args.repeats))
     print_table(rows, ["pair", "run", "MB", "seconds", "MBps"])
+    topo: list[dict[str, Any]] = []
+    if args.peers:
+        tmp = Path(tempfile.mkdtemp(prefix="daa-topology-"))
+        for topology in ("star", "p2p"):
+            for n in args.peers:
+                topo.append(topology_run(tmp / f"{topology}-{n}", topology, n,
+                                         rounds=args.topology_rounds, flavour=args.flavour))
+        print()
+        print_table(topo, ["topology", "peers", "replicas", "server_bytes_per_round",
+                           "peer_sent_over_update", "peer_received_over_update", "n_updates",
+                           "wall_s"])
+
+    def by(topology: str) -> dict[str, int]:
+        return {str(t["peers"]): t["server_bytes_per_round"] for t in topo
+                if t["topology"] == topology}
+
+    p2p_rows = [t for t in topo if t["topology"] == "p2p"]
+    peer_ratio = max((max(t.get("peer_sent_over_update", 0), t.get("peer_received_over_update",
+                                                                     0)) for t in p2p_rows),
+                     default=None)
 
     def med(pair: str) -> float | None:
         vals = [r["MBps"] for r in rows if r["pair"] == pair]
@@ -266,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                    "chromium-chromium": med("chromium-chromium")},
           "aiortc_chromium_direction": "Chromium sends, aiortc receives (a tab's update)",
           "frame_mb": args.mb, "repeats": args.repeats,
-          "server_bytes_per_round": None, "peer_bytes_over_update": None,
-          "not_measured": "star/p2p server bytes: the p2p topology is not built yet"
-                          + (f"; {browser_note}" if browser_note else "")})
+          "server_bytes_per_round": {"star": by("star"), "p2p": by("p2p")} if topo else None,
+          "p2p_16_over_4": (round(by("p2p")["16"] / by("p2p")["4"], 3)
+                            if {"4", "16"} <= set(by("p2p")) else None),
+          "peer_bytes_over_update": peer_ratio,
+          "topology_model": f"gpt-tiny {args.flavour}",
+          **({"not_measured": browser_note} if browser_note else {})})
     return 0
 
 

@@ -148,8 +148,10 @@ class P2PRole:
         if r.done and self.aggregate_round != r.plan.round:
             self.aggregate = np.asarray(r.aggregate(), dtype=np.float32)
             self.aggregate_round = r.plan.round
-            log.info("round %d: holding the aggregate (%d bytes sent directly, %d relayed)",
-                     r.plan.round, self.sent_direct, self.sent_relayed)
+            log.info("round %d: holding the aggregate (%d bytes sent directly, %d relayed; "
+                     "shard bytes this round: %d sent, %d received, update %d)", r.plan.round,
+                     self.sent_direct, self.sent_relayed, r.bytes_out, r.bytes_in,
+                     len(r.raw))
 
     async def _route(self, events: list[dict[str, Any]]) -> None:
         r = self.reducer

@@ -180,6 +180,11 @@ class Coordinator(ValidationMixin, P2PMixin):
         log.warning("rejected %s from %s: %s", err.code, conn.remote, err.message)
 
     async def _on_hello(self, conn: Connection, msg: Hello) -> None:
+        if (self.config.transport == "p2p" and msg.runtime == "browser"
+                and msg.role == "trainer"):
+            raise BadUpdate("this run reduces peer to peer (transport p2p), which browser "
+                            "tabs cannot join yet; run `python -m native_node join`",
+                            field="runtime")
         old = self.peers.get(msg.node_id)
         if old is not None and old.ws is not None:
             log.info("node %s reconnected; closing its previous connection", msg.node_id[:12])
@@ -219,6 +224,9 @@ class Coordinator(ValidationMixin, P2PMixin):
             raise BadUpdate("no round is open", field="round")
         if peer.role != "trainer":
             raise BadUpdate(f"a {peer.role} does not submit updates", field="node_id")
+        if self.config.transport == "p2p":
+            raise BadUpdate("this run reduces peer to peer: send Ready, not the update",
+                            field="msg_type")
         if msg.codec != self.config.codec:
             raise BadUpdate(f"codec {msg.codec!r} is not this run's codec "
                             f"{self.config.codec!r}", field="codec")

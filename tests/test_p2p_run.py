@@ -50,8 +50,8 @@ def test_honest_nodes_reduce_among_themselves(tmp_path: Path) -> None:
     for r in rounds[1:]:  # steady state: owners' shards in, control messages out
         assert r["bytes_up"] < 2 * UPDATE + 3 * 12_000
         assert r["bytes_down"] < UPDATE  # no params: every node steps itself
-    for log in res["node_logs"]:
-        assert log.count("holding the aggregate") == 3
+    for log in res["node_logs"]:  # rounds 0 and 1 at least (after the last round's commit
+        assert log.count("holding the aggregate") >= 2  # a node may leave before assembling)
         assert "0 relayed" in log and "p2p channel to" in log
     assert res["rejections"] == []
 

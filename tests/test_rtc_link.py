@@ -16,9 +16,9 @@ from bench.netns import available
 @pytest.mark.skipif(available() is not None, reason=f"no private network namespace: "
                                                     f"{available()}")
 def test_frames_over_a_real_data_channel() -> None:
-    out = subprocess.run([sys.executable, "-m", "bench.transport", "--mb", "3", "--repeats",
-                          "1", "--check-cancel"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=180)
+    out = subprocess.run([sys.executable, "-m", "bench.transport", "--peers", "--mb", "3",
+                          "--repeats", "1", "--check-cancel"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["MBps"]["aiortc-aiortc"] > 0  # two processes

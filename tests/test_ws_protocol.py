@@ -375,3 +375,35 @@ async def test_configured_robust_rule_is_applied(tmp_path: Path) -> None:
         theta1 = np.frombuffer((await clients[0].expect(RoundOpen)).payload, "<f4")
         # median of (0.01, 0.02, 1000) = 0.02; outer lr 1, no momentum: theta moves 0.02
         np.testing.assert_allclose(theta0 - theta1, 0.02, rtol=1e-4, atol=1e-6)
+
+
+async def test_p2p_run_takes_ready_refuses_tabs_and_submits_and_checks_shards(
+        tmp_path: Path) -> None:
+    from shared.messages import SERVER, Ready, Shard, ShardPlan
+
+    async with serve(tmp_path, quorum=2, aggregator="median", transport="p2p") as srv:
+        tab = await srv.client("tab", hello=False)
+        await tab.send(tab.hello(runtime="browser"))
+        assert (await tab.error("bad_update")).field == "runtime"  # native nodes only
+        a, b = await srv.client("a"), await srv.client("b")
+        assert a.welcome is not None and a.open is not None
+        assert a.welcome.transport == "p2p" and a.open.with_momentum  # params + momentum
+        await a.send(a.submit())
+        assert (await a.error("bad_update")).field == "msg_type"  # the update stays home
+        n = a.welcome.n_params
+        updates = {}
+        for c, value in ((a, 0.01), (b, 0.03)):
+            vec = np.full(n, value, np.float32)
+            updates[c.node_id] = vec
+            await c.send(Ready(run_id=a.welcome.run_id, round=0, node_id=c.node_id, length=n,
+                               digest=sha256_hex(vec.tobytes()), train_loss=1.0, samples=4,
+                               compute_s=0.1))
+            assert (await c.expect(Ack)).status == "accepted"
+        plan_msg = await a.expect(ShardPlan)
+        assert sorted(plan_msg.plan["members"]) == sorted(updates)
+        assert plan_msg.rule == "median"
+        stranger = Shard(run_id=a.welcome.run_id, round=0, node_id=a.node_id, to=SERVER,
+                         kind="part", shard=0, revision=0, payload=b"\0" * 4)
+        await a.send(stranger)
+        assert (await a.error("bad_update")).field == "kind"  # the server takes results only
+        assert (await srv.api("/api/rounds")) == []  # nothing committed by bad input
