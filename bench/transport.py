@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="star vs p2p server bytes per round at these peer counts (none: skip)")
     p.add_argument("--flavour", default="micro", help="gpt-tiny flavour of the topology runs")
     p.add_argument("--topology-rounds", type=int, default=3)
+    p.add_argument("--p2p-replicas", type=int, default=2, help="owners per shard in p2p")
+    p.add_argument("--topologies", nargs="+", default=["star", "p2p"], choices=["star", "p2p"])
     p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(args_list)
     if args.receiver:
@@ -315,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     topo: list[dict[str, Any]] = []
     if args.peers:
         tmp = Path(tempfile.mkdtemp(prefix="daa-topology-"))
-        for topology in ("star", "p2p"):
+        for topology in args.topologies:
             for n in args.peers:
                 topo.append(topology_run(tmp / f"{topology}-{n}", topology, n,
-                                         rounds=args.topology_rounds, flavour=args.flavour))
+                                         rounds=args.topology_rounds, flavour=args.flavour,
+                                         replicas=args.p2p_replicas))
         print()
         print_table(topo, ["topology", "peers", "replicas", "server_bytes_per_round",
                            "peer_sent_over_update", "peer_received_over_update", "n_updates",

@@ -74,3 +74,18 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield p
     finally:
         p.kill_all()
+
+
+def in_netns(module: str, args: list[str], *, veth: bool = True, timeout: float = 240
+             ) -> dict[str, Any]:
+    """Run `python -m module args...` in a fresh private network namespace (bench.netns) and
+    return the JSON object its last stdout line holds."""
+    import json
+
+    from bench.netns import command
+
+    out = subprocess.run(command(module, args, veth=veth), cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result

@@ -4,28 +4,20 @@ ICE cannot connect, the mesh says so in time, and `send` refuses (the caller rel
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.common import ROOT
-from bench.netns import available, command
+from bench.netns import available
+from tests.conftest import in_netns
 
 pytestmark = pytest.mark.skipif(available() is not None,
                                 reason=f"no private network namespace: {available()}")
 
 
 def scenario(tmp: Path, *, veth: bool, timeout_s: str) -> dict[str, Any]:
-    out = subprocess.run(command("tests.mesh_scenario", [str(tmp), timeout_s], veth=veth),
-                         cwd=ROOT, capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return in_netns("tests.mesh_scenario", [str(tmp), timeout_s], veth=veth, timeout=180)
 
 
 def test_two_nodes_open_a_direct_channel_through_server_signaling(tmp_path: Path) -> None:

@@ -12,16 +12,13 @@ namespace the test creates (tests/p2p_scenario.py), shards swapped over direct d
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.common import ROOT
-from bench.netns import available, command
+from bench.netns import available
+from tests.conftest import in_netns
 
 pytestmark = pytest.mark.skipif(available() is not None,
                                 reason=f"no private network namespace: {available()}")
@@ -29,12 +26,8 @@ UPDATE = 4 * 9610  # mlp-digits: bytes of one raw float32 update
 
 
 def scenario(tmp: Path, nodes: int, fault: str, rounds: int = 3) -> dict[str, Any]:
-    out = subprocess.run(command("tests.p2p_scenario", [str(tmp), str(nodes), str(rounds), fault]),
-                         cwd=ROOT, capture_output=True, text=True, timeout=280,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return in_netns("tests.p2p_scenario", [str(tmp), str(nodes), str(rounds), fault],
+                    timeout=280)
 
 
 def node_id(log: str) -> str:

@@ -4,29 +4,20 @@ loopback in the namespace ICE cannot connect and the nodes relay over their WebS
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.common import ROOT
-from bench.netns import available, command
+from bench.netns import available
+from tests.conftest import in_netns
 
 pytestmark = pytest.mark.skipif(available() is not None,
                                 reason=f"no private network namespace: {available()}")
 
 
 def scenario(tmp: Path, *, veth: bool, rtc_timeout: str, steps: str) -> dict[str, Any]:
-    out = subprocess.run(command("tests.star_scenario", [str(tmp), rtc_timeout, steps],
-                                 veth=veth),
-                         cwd=ROOT, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return in_netns("tests.star_scenario", [str(tmp), rtc_timeout, steps], veth=veth)
 
 
 def test_updates_flow_over_data_channels(tmp_path: Path) -> None:
