@@ -164,7 +164,7 @@ def topology_run(tmp: Path, topology: str, n: int, *, rounds: int, flavour: str,
         spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port", str(port),
               "--model", "gpt-tiny", "--flavour", flavour, "--inner-steps", "1",
               "--batch-size", "4", "--quorum", str(n), "--rounds", str(rounds),
-              "--deadline-s", "600", "--transport", topology, "--aggregator", "median",
+              "--deadline-s", "120", "--transport", topology, "--aggregator", "median",
               "--rtc-timeout-s", "120", "--p2p-timeout-s", "120", "--p2p-replicas",
               str(replicas))
         for i in range(n):

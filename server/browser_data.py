@@ -17,8 +17,10 @@ vocabulary to turn a local text file into token windows ("train on my own data")
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import struct
 from functools import lru_cache
 from typing import Any
@@ -125,16 +127,24 @@ async def get_val(request: web.Request) -> web.Response:
 
 async def prewarm_onnx(app: web.Application) -> None:
     """Export the run's ONNX graphs in the background at startup, so that the first tab
-    to open does not wait for it (server/onnx_export.py caches them by config hash)."""
+    to open does not wait for it (server/onnx_export.py caches them by config hash).
+
+    In a separate process: the export is tens of seconds of Python holding the GIL (gpt-tiny
+    micro), and in a thread it starved the event loop, so the aiortc peers of a `star` run
+    missed their ICE consent checks and dropped their data channels (bench.transport, 8
+    nodes). The result lands in the same cache the request path reads."""
     try:
         from server.onnx_export import export_graphs
     except ImportError:
         return
     run = app[RUN]
     loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(None, export_graphs, run.work.model_config, run.store.dir / "onnx")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    fut = loop.run_in_executor(pool, export_graphs, run.work.model_config, run.store.dir / "onnx")
 
     def done(f: asyncio.Future[Any]) -> None:
+        pool.shutdown(wait=False)
         if not f.cancelled() and f.exception() is not None:
             log.warning("ONNX export failed; browser nodes cannot train: %s", f.exception())
 
