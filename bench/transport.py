@@ -1,16 +1,23 @@
-"""Data-channel throughput: one 16 MB update frame over a WebRTC data channel.
+"""Data-channel throughput, and what the server moves per round in `star` vs `p2p`.
 
-    python -m bench.transport [--mb 16] [--repeats 3]
+    python -m bench.transport [--mb 16] [--repeats 3] [--peers 4 8 16] [--no-chromium]
 
-aiortc <-> aiortc inside a private network namespace the bench creates (bench.netns; every
-packet stays in it), twice: both peers in one process (one core runs both SCTP stacks), and
-the receiver in a second process, as a node and the server are deployed (`aiortc-aiortc` in
-the JSON is this one; the one-process figure is `aiortc-aiortc-1process`). The frame goes
-through native_node.rtc.FrameLink: shared.rtc chunks under the 256 KiB message limit,
-backpressure on bufferedAmount, and the
-receiver's reassembly with its SHA-256 check; the clock stops when the receiver holds the
-whole, verified frame. Prints a table and, last, JSON. The Chromium pairings and the server
-bytes per round of the star / p2p topologies are not measured yet (null in the JSON).
+Inside a private network namespace the bench creates (bench.netns; every packet stays in it):
+
+1. One 16 MB frame over one data channel: aiortc <-> aiortc twice, both peers in one process
+   (one core runs both SCTP stacks) and with the receiver in a second process, as a node and
+   the server are deployed (`aiortc-aiortc` in the JSON; the one-process figure is
+   `aiortc-aiortc-1process`); then Chromium -> aiortc and Chromium <-> Chromium (headless,
+   browser/node/rtcbench.html). Frames go through native_node.rtc.FrameLink (shared.rtc chunks
+   under the 256 KiB message limit, backpressure on bufferedAmount, reassembly with the SHA-256
+   check); the clock stops when the receiver holds the whole, verified frame.
+2. For each topology (`star`, `p2p`) and each --peers count: a real server and that many real
+   native nodes on gpt-tiny --flavour (micro: 3.27 MB updates), one inner step per round; the
+   server's own byte counters per round (/api/rounds, in + out), averaged over the rounds after
+   the first, and in p2p each node's shard bytes over its update size (from its log).
+
+Prints tables and, last, JSON: MBps per pair, server_bytes_per_round {star, p2p} per peer
+count, p2p_16_over_4, peer_bytes_over_update (the worst node, sent or received).
 """
 
 from __future__ import annotations
