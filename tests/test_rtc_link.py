@@ -1,9 +1,12 @@
-"""A real aiortc data channel (two peer connections, inside a private network namespace the
-test creates): a chunked frame arrives whole and verified; a cancelled transfer is dropped."""
+"""Real data channels inside a private network namespace the test creates: aiortc <-> aiortc
+(in one process and across two), and, where Chromium is installed, Chromium -> aiortc and
+Chromium <-> Chromium (two pages): a chunked frame arrives whole and digest-verified at the
+receiver (bench.transport asserts it); a cancelled transfer is dropped."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,3 +27,6 @@ def test_frames_over_a_real_data_channel() -> None:
     assert figures["MBps"]["aiortc-aiortc"] > 0  # two processes
     assert figures["MBps"]["aiortc-aiortc-1process"] > 0
     assert "channel still usable" in out.stderr
+    if os.path.exists(os.environ.get("DAA_CHROMIUM", "/usr/bin/chromium")):
+        assert figures["MBps"]["aiortc-chromium"] > 0  # a tab's frame into aiortc
+        assert figures["MBps"]["chromium-chromium"] > 0  # browser <-> browser
