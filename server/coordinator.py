@@ -198,6 +198,8 @@ class Coordinator(ValidationMixin, P2PMixin):
                                                                old.bytes_down)
             peer.accepted, peer.rejected = old.accepted, old.rejected
         peer.bytes_up += conn.bytes_up
+        if self.config.transport == "p2p" and msg.role == "trainer":
+            peer.transport = "p2p"  # "p2p-relayed" once the server forwards shards for it
         self.peers[msg.node_id] = peer
         conn.peer = peer
         log.info("node %s joined as %s (%s, %s, shard %d)", msg.node_id[:12], msg.role,
@@ -514,7 +516,8 @@ class Coordinator(ValidationMixin, P2PMixin):
                  "shard": p.shard, "state": p.state, "connected": p.ws is not None,
                  "first_seen": p.first_seen, "last_seen": p.last_seen,
                  "updates_accepted": p.accepted, "rejected": p.rejected,
-                 "bytes_up": p.bytes_up, "bytes_down": p.bytes_down}
+                 "bytes_up": p.bytes_up, "bytes_down": p.bytes_down,
+                 "p2p_relayed_bytes": p.relayed_bytes}
                 for p in self.peers.values()]
 
     def status(self) -> dict[str, Any]:

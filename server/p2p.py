@@ -108,6 +108,11 @@ class P2PMixin:
             if target is None:
                 raise UnknownNode(f"shard target {msg.to[:12]} is not connected", field="to")
             self.counters["p2p_relayed_bytes"] += len(msg.payload)
+            peer.relayed_bytes += len(msg.payload)
+            if peer.transport != "p2p-relayed":
+                peer.transport = "p2p-relayed"
+                log.info("relaying shards from %s to %s (no direct channel)", peer.node_id[:12],
+                         msg.to[:12])
             fwd = Shard(run_id=msg.run_id, round=msg.round, node_id=msg.node_id, to=msg.to,
                         kind=msg.kind, shard=msg.shard, revision=msg.revision,
                         payload=msg.payload)

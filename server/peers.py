@@ -28,6 +28,7 @@ class Peer:
     features: frozenset[str] = frozenset()  # from its Hello, e.g. "delta-params"
     holds: str | None = None  # digest of the global params this connection was last sent
     has_momentum: bool = False  # p2p: it was sent the outer momentum (it steps itself)
+    relayed_bytes: int = 0  # p2p: shard bytes the server forwarded for it (no direct channel)
     state: str = "idle"  # idle | training | submitted | rejected | validating | gone
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)

@@ -8,7 +8,9 @@ namespace the test creates (tests/p2p_scenario.py), shards swapped over direct d
   gets an extra owner, the majority stands, the liar is recorded (`p2p_mismatch`) and the
   model trains as in the honest run;
 - a node that stops mid-transfer and is killed -9: it is dropped from the reduction, its
-  shards are reassigned and the round commits with the others."""
+  shards are reassigned and the round commits with the others;
+- no usable interface (loopback only): ICE fails, the shards go through the server (relay),
+  and /api/peers says so."""
 
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ pytestmark = pytest.mark.skipif(available() is not None,
 UPDATE = 4 * 9610  # mlp-digits: bytes of one raw float32 update
 
 
-def scenario(tmp: Path, nodes: int, fault: str, rounds: int = 3) -> dict[str, Any]:
-    return in_netns("tests.p2p_scenario", [str(tmp), str(nodes), str(rounds), fault],
-                    timeout=280)
+def scenario(tmp: Path, nodes: int, fault: str, rounds: int = 3, *extra: str,
+             veth: bool = True) -> dict[str, Any]:
+    return in_netns("tests.p2p_scenario", [str(tmp), str(nodes), str(rounds), fault, *extra],
+                    veth=veth, timeout=280)
 
 
 def node_id(log: str) -> str:
@@ -43,6 +46,8 @@ def test_honest_nodes_reduce_among_themselves(tmp_path: Path) -> None:
     for r in rounds[1:]:  # steady state: owners' shards in, control messages out
         assert r["bytes_up"] < 2 * UPDATE + 3 * 12_000
         assert r["bytes_down"] < UPDATE  # no params: every node steps itself
+    assert {p["transport"] for p in res["peers"]} == {"p2p"}
+    assert all(p["p2p_relayed_bytes"] == 0 for p in res["peers"])
     for log in res["node_logs"]:  # rounds 0 and 1 at least (after the last round's commit
         assert log.count("holding the aggregate") >= 2  # a node may leave before assembling)
         assert "0 relayed" in log and "p2p channel to" in log
@@ -66,3 +71,11 @@ def test_a_peer_killed_mid_transfer_is_dropped_and_the_round_completes(tmp_path:
     assert [r["n_updates"] for r in res["rounds"]] == [3, 3, 3]
     assert "from the reduction; shards reassigned" in res["server_log"]
     assert res["rounds"][-1]["eval_loss"] < res["rounds"][0]["eval_loss"]
+
+
+def test_without_direct_channels_the_shards_go_through_the_server(tmp_path: Path) -> None:
+    res = scenario(tmp_path, 3, "none", 2, "--rtc-timeout-s", "2", veth=False)  # ICE fails
+    assert [r["n_updates"] for r in res["rounds"]] == [3, 3]
+    assert {p["transport"] for p in res["peers"]} == {"p2p-relayed"}
+    assert all(p["p2p_relayed_bytes"] > 0 for p in res["peers"])
+    assert all("relaying through the server" in log for log in res["node_logs"])
