@@ -88,6 +88,7 @@ class Coordinator(ValidationMixin, P2PMixin):
         self._p2p: tuple[Plan, ShardCheck] | None = None  # the running p2p reduction
         self._p2p_event = asyncio.Event()
         self._p2p_members: frozenset[str] = frozenset()
+        self._p2p_liars: set[str] = set()
         self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
 
     # -- sending -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from server.peers import Connection, Peer
 from server.store import UpdateRow
 from shared.errors import BadUpdate, UnknownNode
 from shared.messages import SERVER, Ack, Message, Ready, Shard, ShardPlan
-from shared.p2p import Plan, ShardCheck, make_plan, revise
+from shared.p2p import Plan, ShardCheck, make_plan, prefer_primaries, revise
 from shared.rounds import Outcome, RoundState
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class P2PMixin:
     _p2p: tuple[Plan, ShardCheck] | None
     _p2p_event: asyncio.Event
     _p2p_members: frozenset[str]  # members of the last settled reduction (they hold it)
+    _p2p_liars: set[str]  # owners outvoted in this server's lifetime: never primaries again
 
     async def send(self, conn: Connection, msg: Message | bytes) -> None: ...
     def _record(self, round: int | None, node_id: str, digest: str | None, code: str,
@@ -138,6 +139,7 @@ class P2PMixin:
                 extra[e["shard"]] = e["node"]
             elif e["kind"] == "liar":
                 self.counters["p2p_liars"] += 1
+                self._p2p_liars.add(e["node"])
                 log.warning("round %d: %s's reduction of shard %d disagrees with the "
                             "majority", state.round, e["node"][:12], e["shard"])
                 self._record(state.round, e["node"], None, "p2p_mismatch",
@@ -175,8 +177,9 @@ class P2PMixin:
         state = self.state
         assert state is not None
         loop = asyncio.get_running_loop()
-        plan = make_plan(state.round, state.updates, self.run.n_params,
-                         replicas=self.config.p2p_replicas)
+        plan = prefer_primaries(make_plan(state.round, state.updates, self.run.n_params,
+                                          replicas=self.config.p2p_replicas),
+                                self._p2p_liars)
         check = ShardCheck(plan)
         self._p2p = (plan, check)
         self._p2p_event = asyncio.Event()

@@ -146,6 +146,15 @@ def revise(plan: Plan, *, gone: Iterable[str] = (), extra: dict[int, str] | None
     return new
 
 
+def prefer_primaries(plan: Plan, avoid: Iterable[str]) -> Plan:
+    """The same plan with, for each shard, an owner not in `avoid` (e.g. members caught lying
+    in earlier rounds) moved to the front, so that it is the one serving the shard. The set of
+    owners does not change, so a liar still reduces and is still checked."""
+    bad = set(avoid)
+    owners = tuple(tuple(sorted(own, key=lambda o: o in bad)) for own in plan.owners)
+    return plan if owners == plan.owners else replace(plan, owners=owners)
+
+
 def next_owner(plan: Plan, shard: int) -> str | None:
     """The member that should reduce `shard` next (not yet an owner), or None."""
     n = len(plan.members)

@@ -18,6 +18,7 @@ from shared.p2p import (
     ShardReducer,
     make_plan,
     next_owner,
+    prefer_primaries,
     revise,
     shard_bounds,
 )
@@ -223,3 +224,12 @@ def test_next_owner_walks_the_ring_and_runs_out() -> None:
     assert next_owner(plan, 0) == ids(3)[2]
     full = revise(plan, extra={0: ids(3)[2]})
     assert next_owner(full, 0) is None
+
+
+def test_known_liars_stop_serving_but_still_reduce() -> None:
+    plan = make_plan(0, ids(4), N_PARAMS)
+    liar = ids(4)[1]
+    safe = prefer_primaries(plan, {liar})
+    assert all(own[0] != liar for own in safe.owners)
+    assert [set(o) for o in safe.owners] == [set(o) for o in plan.owners]  # still checked
+    assert prefer_primaries(plan, set()) is plan

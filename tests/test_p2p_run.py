@@ -63,6 +63,9 @@ def test_a_lying_owner_is_outvoted_and_recorded(tmp_path: Path) -> None:
     assert {r["code"] for r in recs} == {"p2p_mismatch"}
     assert {r["round"] for r in recs} == {0, 1, 2}
     assert res["rounds"][-1]["eval_loss"] < 0.8  # the forged shards never reached the model
+    # caught in round 0, the liar never serves a shard again: from round 1 on the members
+    # hold the true aggregate and step themselves (no params download)
+    assert res["rounds"][2]["bytes_down"] < 3 * UPDATE  # it was 357 KB: 4 x (params + m)
 
 
 def test_a_peer_killed_mid_transfer_is_dropped_and_the_round_completes(tmp_path: Path) -> None:
