@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import netns
-from bench.common import emit, print_table
+from bench.common import children, emit, free_port, get_json, poll, print_table
 
 
 async def aiortc_pair(size: int, repeats: int, *, check_cancel: bool = False
@@ -161,8 +161,6 @@ def topology_run(tmp: Path, topology: str, n: int, *, rounds: int, flavour: str,
     this namespace; the server's bytes in + out per round (its own counters, /api/rounds),
     averaged over the rounds after the first (round 0 carries the start-up: full params,
     channel set-up), and in p2p each node's shard bytes against its update size."""
-    from bench.common import children, free_port, get_json, poll
-
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -421,13 +422,15 @@ class BatchSampler:
             yield self.sample()
 
 
-_CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+@functools.cache
+def _code_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def cache_key(spec: DataSpec) -> str:
     """File name for `spec`'s dataset: the spec AND this module's source (a change in how data
     is generated never reads an old file)."""
-    text = json.dumps(spec.to_dict(), sort_keys=True) + _CODE_DIGEST
+    text = json.dumps(spec.to_dict(), sort_keys=True) + _code_digest()
     return hashlib.sha256(text.encode()).hexdigest()[:32] + ".npz"
 
 

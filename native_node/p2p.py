@@ -22,7 +22,15 @@ import numpy as np
 from native_node.mesh import PeerMesh
 from shared.downlink import apply_outer_step, is_outer_step, resolve
 from shared.errors import ProtocolError
-from shared.messages import SERVER, Message, RoundOpen, Shard, ShardPlan, Signal
+from shared.messages import (
+    SERVER,
+    Message,
+    RoundOpen,
+    Shard,
+    ShardPlan,
+    Signal,
+    decode_message,
+)
 from shared.p2p import Plan, ShardReducer
 from shared.vec import from_bytes
 
@@ -84,8 +92,6 @@ class P2PRole:
     async def _on_link_frame(self, peer: str, frame: bytes) -> None:
         """A frame on `peer`'s channel: the channel is that peer's (its SDP came through the
         server attested), so the frame's node_id must be `peer`."""
-        from shared.messages import decode_message
-
         try:
             msg = decode_message(frame, max_payload=len(frame) + 1024)
         except ProtocolError as exc:
@@ -98,7 +104,7 @@ class P2PRole:
 
     # -- the round -------------------------------------------------------------------------
     def trained(self, round: int, delta: np.ndarray) -> None:
-        self.delta, self.delta_round = np.ascontiguousarray(delta, np.float32), round
+        self.delta, self.delta_round = delta, round  # float32 LE, as hashed into Ready
 
     async def on_plan(self, msg: ShardPlan) -> None:
         plan = Plan.from_dict(msg.plan)

@@ -133,6 +133,15 @@ class P2PMixin:
             events = check.on_result(peer.node_id, msg.shard, msg.payload)
         except ValueError as exc:
             raise BadUpdate(str(exc), field="shard") from None
+        extra = self._judge(state.round, events)
+        if extra:
+            self.counters["p2p_disputes"] += len(extra)
+            await self._replan(revise(plan, extra=extra), check)
+        self._p2p_event.set()
+
+    def _judge(self, round: int, events: list[dict[str, Any]]) -> dict[int, str]:
+        """Act on ShardCheck's findings: record liars (never primaries again), log shards
+        without a majority; returns the extra owners it asks for (shard -> member)."""
         extra: dict[int, str] = {}
         for e in events:
             if e["kind"] == "extra_owner":
@@ -140,25 +149,20 @@ class P2PMixin:
             elif e["kind"] == "liar":
                 self.counters["p2p_liars"] += 1
                 self._p2p_liars.add(e["node"])
-                log.warning("round %d: %s's reduction of shard %d disagrees with the "
-                            "majority", state.round, e["node"][:12], e["shard"])
-                self._record(state.round, e["node"], None, "p2p_mismatch",
+                log.warning("round %d: %s's reduction of shard %d disagrees with the majority",
+                            round, e["node"][:12], e["shard"])
+                self._record(round, e["node"], None, "p2p_mismatch",
                              f"reduced shard {e['shard']} differs from the other owners'",
                              ["server"])
             elif e["kind"] == "unresolved":
-                log.error("round %d: shard %d has no majority among all members",
-                          state.round, e["shard"])
-        if extra:
-            self.counters["p2p_disputes"] += len(extra)
-            await self._replan(revise(plan, extra=extra), check)
-        self._p2p_event.set()
+                log.error("round %d: shard %d has no majority among all members", round,
+                          e["shard"])
+        return extra
 
     async def _replan(self, plan: Plan, check: ShardCheck) -> None:
-        for e in check.revise(plan):
-            if e["kind"] == "liar":
-                self._record(plan.round, e["node"], None, "p2p_mismatch",
-                             f"reduced shard {e['shard']} differs from the other owners'",
-                             ["server"])
+        """Adopt and send a revised plan (with any extra owners its own check asks for)."""
+        while extra := self._judge(plan.round, check.revise(plan)):
+            plan = revise(plan, extra=extra)
         self._p2p = (plan, check)
         await self._send_plan(plan)
 
@@ -182,7 +186,7 @@ class P2PMixin:
                                 self._p2p_liars)
         check = ShardCheck(plan)
         self._p2p = (plan, check)
-        self._p2p_event = asyncio.Event()
+        self._p2p_event.clear()
         log.info("round %d: p2p reduction over %d members, %d owners per shard", state.round,
                  len(plan.members), len(plan.owners[0]))
         await self._send_plan(plan)
@@ -206,19 +210,16 @@ class P2PMixin:
                     progress = loop.time()
                 if gone:
                     self.counters["p2p_dropped"] += len(gone)
+                    for m in gone:  # their updates leave the round
+                        state.updates.pop(m, None)
+                        self._updates.pop(m, None)
                     left = [m for m in plan.members if m not in gone]
                     if len(left) < self.config.quorum:
                         log.warning("round %d: %d members left, below quorum %d; retrying",
                                     state.round, len(left), self.config.quorum)
-                        for m in gone:
-                            state.updates.pop(m, None)
-                            self._updates.pop(m, None)
                         return None
                     log.info("round %d: dropping %s from the reduction; shards reassigned",
                              state.round, [g[:12] for g in sorted(gone)])
-                    for m in gone:
-                        state.updates.pop(m, None)
-                        self._updates.pop(m, None)
                     await self._replan(revise(plan, gone=gone), check)
                     continue
                 self._p2p_event.clear()
