@@ -107,6 +107,10 @@ def test_aggregator_must_handle_a_quorum_sized_round() -> None:
     with pytest.raises(ValueError, match="validation"):
         RunConfig(transport="p2p", aggregator="median", validation=True)
     assert RunConfig(transport="p2p", aggregator="median").p2p_replicas == 2
+    with pytest.raises(ValueError, match="worker_momentum"):
+        RunConfig(worker_momentum=1.0)
+    with pytest.raises(ValueError, match="cc_reference"):
+        RunConfig(cc_reference="previous")
 
 
 def test_update_encoder_keeps_what_the_codec_dropped() -> None:

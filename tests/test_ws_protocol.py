@@ -391,6 +391,15 @@ async def test_p2p_run_takes_ready_refuses_tabs_and_submits_and_checks_shards(
         await a.send(a.submit())
         assert (await a.error("bad_update")).field == "msg_type"  # the update stays home
         n = a.welcome.n_params
+        short = np.zeros(n - 1, np.float32)
+        await a.send(Ready(run_id=a.welcome.run_id, round=0, node_id=a.node_id, length=n - 1,
+                           digest=sha256_hex(short.tobytes()), train_loss=None, samples=0,
+                           compute_s=0.0))
+        assert (await a.error("bad_update")).field == "length"  # wrong shape
+        nowhere = Shard(run_id=a.welcome.run_id, round=0, node_id=a.node_id, to="ee" * 32,
+                        kind="part", shard=0, revision=0, payload=b"\0" * 4)
+        await a.send(nowhere)
+        assert (await a.error("unknown_node")).field == "to"  # no such peer to relay to
         updates = {}
         for c, value in ((a, 0.01), (b, 0.03)):
             vec = np.full(n, value, np.float32)
@@ -407,3 +416,16 @@ async def test_p2p_run_takes_ready_refuses_tabs_and_submits_and_checks_shards(
         await a.send(stranger)
         assert (await a.error("bad_update")).field == "kind"  # the server takes results only
         assert (await srv.api("/api/rounds")) == []  # nothing committed by bad input
+
+
+async def test_ready_is_refused_outside_p2p_runs(server: Server) -> None:
+    from shared.messages import Ready
+
+    c = await server.client("a")
+    assert c.welcome is not None
+    vec = np.zeros(c.welcome.n_params, np.float32)
+    await c.send(Ready(run_id=c.welcome.run_id, round=0, node_id=c.node_id,
+                       length=c.welcome.n_params, digest=sha256_hex(vec.tobytes()),
+                       train_loss=None, samples=0, compute_s=0.0))
+    assert (await c.error("bad_update")).field == "msg_type"
+    assert (await server.api("/api/run"))["updates_in_round"] == 0
