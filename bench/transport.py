@@ -1,6 +1,7 @@
 """Data-channel throughput, and what the server moves per round in `star` vs `p2p`.
 
     python -m bench.transport [--mb 16] [--repeats 3] [--peers 4 8 16] [--no-chromium]
+                              [--stock-sctp]   (aiortc without native_node.sctp_tuning)
 
 Inside a private network namespace the bench creates (bench.netns; every packet stays in it):
 
@@ -102,7 +103,8 @@ async def receiver_process() -> None:
     await pc.close()
 
 
-async def aiortc_processes(size: int, repeats: int) -> list[dict[str, Any]]:
+async def aiortc_processes(size: int, repeats: int, *, stock: bool = False
+                           ) -> list[dict[str, Any]]:
     """aiortc -> aiortc with each peer in its own process (as a node and the server are):
     each side's SCTP, DTLS and chunking get their own core."""
     import json
@@ -112,7 +114,8 @@ async def aiortc_processes(size: int, repeats: int) -> list[dict[str, Any]]:
     from native_node.rtc import FrameLink, rtc_config
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.transport", "--receiver", stdin=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "bench.transport", "--receiver",
+        *(["--stock-sctp"] if stock else []), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     pc = RTCPeerConnection(rtc_config())
@@ -298,8 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology-rounds", type=int, default=3)
     p.add_argument("--p2p-replicas", type=int, default=2, help="owners per shard in p2p")
     p.add_argument("--topologies", nargs="+", default=["star", "p2p"], choices=["star", "p2p"])
+    p.add_argument("--stock-sctp", action="store_true",
+                   help="aiortc's own SCTP code, without native_node.sctp_tuning (before/after)")
     p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(args_list)
+    if args.stock_sctp:
+        from native_node import sctp_tuning
+
+        sctp_tuning.uninstall()
     if args.receiver:
         asyncio.run(receiver_process())
         return 0
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return netns.rerun_inside("bench.transport", args_list)
     size = int(args.mb * 1e6)
     rows = asyncio.run(aiortc_pair(size, args.repeats, check_cancel=args.check_cancel))
-    rows += asyncio.run(aiortc_processes(size, args.repeats))
+    rows += asyncio.run(aiortc_processes(size, args.repeats, stock=args.stock_sctp))
     browser_note = None
     if args.no_chromium or not os.path.exists(CHROMIUM):
         browser_note = "Chromium pairings skipped (--no-chromium or no Chromium)"
@@ -351,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                    "chromium-chromium": med("chromium-chromium")},
           "aiortc_chromium_direction": "Chromium sends, aiortc receives (a tab's update)",
           "frame_mb": args.mb, "repeats": args.repeats,
+          "sctp": "aiortc stock" if args.stock_sctp else "aiortc + native_node.sctp_tuning",
           "server_bytes_per_round": {"star": by("star"), "p2p": by("p2p")} if topo else None,
           "p2p_16_over_4": (round(by("p2p")["16"] / by("p2p")["4"], 3)
                             if {"4", "16"} <= set(by("p2p")) else None),
