@@ -16,6 +16,10 @@ Inside a private network namespace the bench creates (bench.netns; every packet 
    native nodes on gpt-tiny --flavour (micro: 3.27 MB updates), one inner step per round; the
    server's own byte counters per round (/api/rounds, in + out), averaged over the rounds after
    the first, and in p2p each node's shard bytes over its update size (from its log).
+   Owners send reduced shards in --p2p-result-codec (fp16, the run default).
+3. With --quality ROUNDS: 4-node p2p runs with each result codec (raw32, fp16, bf16) and
+   --quality-steps inner steps per round: the eval loss each reaches, so the cost of sending
+   the aggregate in 16 bits is measured, not assumed.
 
 Prints tables and, last, JSON: MBps per pair, server_bytes_per_round {star, p2p} per peer
 count, p2p_16_over_4, peer_bytes_over_update (the worst node, sent or received).
@@ -159,7 +163,8 @@ SHARD_LOG = re.compile(r"round (\d+): holding the aggregate .*shard bytes this r
 
 
 def topology_run(tmp: Path, topology: str, n: int, *, rounds: int, flavour: str,
-                 replicas: int = 2) -> dict[str, Any]:
+                 replicas: int = 2, result_codec: str = "fp16", inner_steps: int = 1
+                 ) -> dict[str, Any]:
     """A real server and n real native nodes (gpt-tiny `flavour`, one inner step per round) in
     this namespace; the server's bytes in + out per round (its own counters, /api/rounds),
     averaged over the rounds after the first (round 0 carries the start-up: full params,
@@ -170,11 +175,11 @@ def topology_run(tmp: Path, topology: str, n: int, *, rounds: int, flavour: str,
     t0 = time.perf_counter()
     with children(tmp) as spawn:
         spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port", str(port),
-              "--model", "gpt-tiny", "--flavour", flavour, "--inner-steps", "1",
+              "--model", "gpt-tiny", "--flavour", flavour, "--inner-steps", str(inner_steps),
               "--batch-size", "4", "--quorum", str(n), "--rounds", str(rounds),
               "--deadline-s", "120", "--transport", topology, "--aggregator", "median",
               "--rtc-timeout-s", "120", "--p2p-timeout-s", "120", "--p2p-replicas",
-              str(replicas))
+              str(replicas), "--p2p-result-codec", result_codec)
         for i in range(n):
             spawn(f"node{i}", "-m", "native_node", "join", "--coordinator", f"127.0.0.1:{port}",
                   "--name", f"node{i}", "--state-dir", str(tmp / f"node{i}"), "--threads", "1",
@@ -192,6 +197,8 @@ def topology_run(tmp: Path, topology: str, n: int, *, rounds: int, flavour: str,
                 ratios.append((sent / update, got / update))
     out: dict[str, Any] = {
         "topology": topology, "peers": n, "replicas": replicas if topology == "p2p" else None,
+        "result_codec": result_codec if topology == "p2p" else None,
+        "eval_loss": [r["eval_loss"] for r in rows],
         "server_bytes_per_round": round(server), "rounds": len(rows),
         "n_updates": [r["n_updates"] for r in rows], "wall_s": round(time.perf_counter() - t0, 1)}
     if ratios:
@@ -301,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology-rounds", type=int, default=3)
     p.add_argument("--p2p-replicas", type=int, default=2, help="owners per shard in p2p")
     p.add_argument("--topologies", nargs="+", default=["star", "p2p"], choices=["star", "p2p"])
+    p.add_argument("--p2p-result-codec", default="fp16", choices=["raw32", "fp16", "bf16"],
+                   help="how p2p owners send reduced shards (run config p2p_result_codec)")
+    p.add_argument("--quality", type=int, default=0, metavar="ROUNDS",
+                   help="also: ROUNDS-round p2p runs (4 nodes, --quality-steps inner steps) "
+                        "with each result codec, and their eval losses")
+    p.add_argument("--quality-steps", type=int, default=20)
     p.add_argument("--stock-sctp", action="store_true",
                    help="aiortc's own SCTP code, without native_node.sctp_tuning (before/after)")
     p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
@@ -335,11 +348,27 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.peers:
                 topo.append(topology_run(tmp / f"{topology}-{n}", topology, n,
                                          rounds=args.topology_rounds, flavour=args.flavour,
-                                         replicas=args.p2p_replicas))
+                                         replicas=args.p2p_replicas,
+                                         result_codec=args.p2p_result_codec))
         print()
         print_table(topo, ["topology", "peers", "replicas", "server_bytes_per_round",
                            "peer_sent_over_update", "peer_received_over_update", "n_updates",
                            "wall_s"])
+
+    quality = {}
+    if args.quality:
+        tmp = Path(tempfile.mkdtemp(prefix="daa-quality-"))
+        for codec in ("raw32", "fp16", "bf16"):
+            q = topology_run(tmp / codec, "p2p", 4, rounds=args.quality, flavour=args.flavour,
+                             replicas=args.p2p_replicas, result_codec=codec,
+                             inner_steps=args.quality_steps)
+            quality[codec] = q["eval_loss"]
+        print()
+        print_table([{"result_codec": c, "eval_loss_first": round(v[0], 4),
+                      "eval_loss_last": round(v[-1], 4),
+                      "vs_raw32": f"{(v[-1] / quality['raw32'][-1] - 1) * 100:+.3f}%"}
+                     for c, v in quality.items()],
+                    ["result_codec", "eval_loss_first", "eval_loss_last", "vs_raw32"])
 
     def by(topology: str) -> dict[str, int]:
         return {str(t["peers"]): t["server_bytes_per_round"] for t in topo
@@ -366,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
                             if {"4", "16"} <= set(by("p2p")) else None),
           "peer_bytes_over_update": peer_ratio,
           "topology_model": f"gpt-tiny {args.flavour}",
+          "p2p_result_codec": args.p2p_result_codec,
+          **({"quality_eval_loss": {c: round(v[-1], 5) for c, v in quality.items()},
+              "quality_setup": f"p2p, 4 nodes, {args.quality} rounds x {args.quality_steps} "
+                               f"inner steps"} if quality else {}),
           **({"not_measured": browser_note} if browser_note else {})})
     return 0
 

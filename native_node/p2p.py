@@ -122,7 +122,8 @@ class P2PRole:
             events = r.revise(plan)
         else:
             self.reducer = r = ShardReducer(self.me, plan, self.delta, rule=msg.rule,
-                                            byzantine_fraction=msg.byzantine_fraction)
+                                            byzantine_fraction=msg.byzantine_fraction,
+                                            result_codec=msg.result_codec)
             events = r.start()
             log.info("round %d: p2p reduction with %d members; this node owns shards %s",
                      plan.round, len(plan.members), plan.owned_by(self.me))

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("heartbeat-s", float), ("stale-policy", str), ("stale-weight", float),
                        ("max-staleness", int), ("resume-grace-s", float),
                        ("transport", str), ("ice-servers", str), ("rtc-timeout-s", float),
-                       ("p2p-replicas", int), ("p2p-timeout-s", float)):
+                       ("p2p-replicas", int), ("p2p-timeout-s", float),
+                       ("p2p-result-codec", str)):
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"run config '{name.replace('-', '_')}' (default: "
                             f"{getattr(RunConfig(), name.replace('-', '_'))})")

@@ -15,7 +15,7 @@ from typing import Any
 
 from shared.aggregation import RULES, estimate_f, get_rule
 from shared.codecs import CODECS, make_codec
-from shared.p2p import COORDINATE_RULES
+from shared.p2p import COORDINATE_RULES, RESULT_CODECS
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
                         "n_shards", "seed"})
@@ -55,6 +55,7 @@ class RunConfig:
     transport: str = "ws"  # "ws", "star" (updates over WebRTC to the server) or "p2p"
     p2p_replicas: int = 2  # p2p: owners that reduce each shard (their results must agree)
     p2p_timeout_s: float = 30.0  # p2p: owners silent this long are dropped, shards reassigned
+    p2p_result_codec: str = "fp16"  # p2p: how reduced shards travel (shared.p2p.RESULT_CODECS)
     ice_servers: str = ""  # comma-separated STUN/TURN URLs for WebRTC (none by default)
     rtc_timeout_s: float = 10.0  # a channel not open by then: the node relays over its socket
     delta_downlink: bool = True  # send nodes that hold theta_r-1 only what changed
@@ -93,11 +94,16 @@ class RunConfig:
             (self.transport in ("ws", "star", "p2p"), "transport", "must be ws, star or p2p"),
             (self.p2p_replicas >= 1, "p2p_replicas", "must be >= 1"),
             (self.p2p_timeout_s > 0, "p2p_timeout_s", "must be > 0"),
+            (self.p2p_result_codec in RESULT_CODECS, "p2p_result_codec",
+             f"must be one of {RESULT_CODECS}"),
             (self.transport != "p2p" or self.aggregator in COORDINATE_RULES, "aggregator",
              f"must be coordinate-wise {COORDINATE_RULES} with transport p2p (shards are "
              "reduced separately)"),
             (self.transport != "p2p" or not self.validation, "validation",
              "needs the updates at the server: not with transport p2p"),
+            (self.transport != "p2p" or self.codec == "raw32", "codec",
+             "must be raw32 with transport p2p (members send each other float32 slices; "
+             "p2p_result_codec sets how reduced shards travel)"),
             (self.rtc_timeout_s > 0, "rtc_timeout_s", "must be > 0"),
             (self.heartbeat_s > 0, "heartbeat_s", "must be > 0"),
             (self.stale_policy in ("drop", "weight"), "stale_policy", "must be drop or weight"),

@@ -5,7 +5,8 @@ payload). When the round would commit, the server does not aggregate: it sends t
 `ShardPlan` (shared.p2p.make_plan: one shard per member, `p2p_replicas` owners each), the
 members swap shards among themselves over direct data channels (native_node/mesh.py; a
 `Shard` whose channel is not open goes through this server, forwarded like a Signal), and
-each owner uploads its reduced shard here. shared.p2p.ShardCheck compares the owners' results:
+each owner uploads its reduced shard here (encoded with `p2p_result_codec`, fp16 by
+default). shared.p2p.ShardCheck compares the owners' results:
 
 - all owners of a shard agree: the shard is settled;
 - they disagree: another member is added as an owner (a revised plan goes to every member)
@@ -17,9 +18,10 @@ each owner uploads its reduced shard here. shared.p2p.ShardCheck compares the ow
 
 The settled shards make the aggregate the round commits; the server checks nothing it did
 not compute from the owners' uploads. Server bytes per round: the owners' uploads (replicas
-x the update size) plus small signed control messages, whatever the number of peers; and
-the next RoundOpen to each member carries only the outer step to apply (shared.downlink), since
-every member holds the aggregate, the previous params and (sent once) the outer momentum.
+x the update size, in the result codec) plus small signed control messages, whatever the
+number of peers; and the next RoundOpen to each member carries only the outer step to apply
+(shared.downlink), since every member holds the aggregate, the previous params and (sent
+once) the outer momentum.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ class P2PMixin:
     async def _send_plan(self, plan: Plan) -> None:
         msg = ShardPlan(run_id=self.run.run_id, round=plan.round, plan=plan.to_dict(),
                         rule=self.config.aggregator,
-                        byzantine_fraction=self.config.byzantine_fraction)
+                        byzantine_fraction=self.config.byzantine_fraction,
+                        result_codec=self.config.p2p_result_codec)
         for m in plan.members:
             conn = self._conn(m)
             if conn is not None:
@@ -184,7 +187,7 @@ class P2PMixin:
         plan = prefer_primaries(make_plan(state.round, state.updates, self.run.n_params,
                                           replicas=self.config.p2p_replicas),
                                 self._p2p_liars)
-        check = ShardCheck(plan)
+        check = ShardCheck(plan, result_codec=self.config.p2p_result_codec)
         self._p2p = (plan, check)
         self._p2p_event.clear()
         log.info("round %d: p2p reduction over %d members, %d owners per shard", state.round,

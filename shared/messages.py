@@ -458,10 +458,13 @@ class ShardPlan(Message):
     plan: dict[str, Any]  # shared.p2p.Plan.to_dict()
     rule: str  # coordinate-wise aggregation rule (shared.p2p.COORDINATE_RULES)
     byzantine_fraction: float  # f = estimate_f(len(members), this, rule)
+    result_codec: str = "raw32"  # how owners encode reduced shards (shared.p2p.RESULT_CODECS)
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:
         _require(self.round >= 0, "ShardPlan", "round", "must be >= 0")
+        _require(self.result_codec in ("raw32", "fp16", "bf16"), "ShardPlan", "result_codec",
+                 "must be raw32, fp16 or bf16")
         _require(0 <= self.byzantine_fraction < 1, "ShardPlan", "byzantine_fraction",
                  "must be in [0, 1)")
 
@@ -481,7 +484,7 @@ class Shard(Message):
     shard: int  # shard index in the plan
     revision: int  # the plan revision it was sent under
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
-    payload: bytes = field(repr=False)  # float32 LE values of the shard
+    payload: bytes = field(repr=False)  # part: float32 LE; result: a result_codec payload
 
     def __post_init__(self) -> None:
         _hex64("Shard", "node_id", self.node_id)
@@ -490,8 +493,8 @@ class Shard(Message):
         _require(self.kind in SHARD_KINDS, "Shard", "kind", f"must be one of {SHARD_KINDS}")
         _require(self.round >= 0 and self.shard >= 0 and self.revision >= 0, "Shard", "shard",
                  "round, shard and revision must be >= 0")
-        _require(len(self.payload) % 4 == 0 and len(self.payload) > 0, "Shard", "payload",
-                 "not float32 sized")
+        _require(len(self.payload) > 0 and (self.kind != "part" or len(self.payload) % 4 == 0),
+                 "Shard", "payload", "empty, or a part not float32 sized")
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {

@@ -5,22 +5,31 @@ so a browser tab runs the same code): no sockets, no clocks. Callers feed them w
 and send what they return.
 
     plan = make_plan(round, members, n_params, replicas=2)      # the server decides it
-    peer = ShardReducer(me, plan, my_update, rule="median", byzantine_fraction=0.2)
+    peer = ShardReducer(me, plan, my_update, rule="median", byzantine_fraction=0.2,
+                        result_codec="fp16")
     out = peer.start()              # [{"kind": "part", "to", "shard", "payload"}, ...]
     out = peer.on_part(sender, shard, payload)   # may emit "result" (to the server and,
                                                  # from the primary, to every member)
     out = peer.on_result(shard, payload)         # the all-gather: shards reduced by others
     peer.aggregate()                             # once peer.done
 
-    check = ShardCheck(plan)        # the server's side: owners' results per shard
+    check = ShardCheck(plan, result_codec="fp16")     # the server's side: owners' results per shard
     actions = check.on_result(owner, shard, payload)   # agreed / mismatch (+ extra owner) / liar
 
 The flat vector (n_params float32) is cut into S = len(members) contiguous shards, fixed for
 the round (`shard_bounds`). Shard s is reduced by `replicas` owners, members[(s + k) % n] for
-k = 0.. (k = 0 is the primary). Every member sends its slice of s to each owner of s; an owner
-applies the round's rule to the slices of ALL members, in member order, so honest owners get
-bit-identical results (coordinate-wise rules only: COORDINATE_RULES). Each owner reports its
-reduced shard to the server; the primary also sends it to every member.
+k = 0.. (k = 0 is the primary). Every member sends its slice of s to each owner of s (float32
+LE); an owner applies the round's rule to the slices of ALL members, in member order, and
+encodes the result with the round's result codec (RESULT_CODECS: element-wise and
+deterministic, so honest owners get bit-identical payloads; coordinate-wise rules only:
+COORDINATE_RULES). Each owner reports its reduced shard to the server and keeps it; the
+primary also sends it to every member that does not own it. The aggregate everyone applies,
+the server included, is the decoded results.
+
+Bytes per peer and round, as a share of its update U (n members, r owners per shard, results
+in fp16): slices out r(n-1)/n U, results out (n-r)/n U/2 for a primary, and as much in; with
+raw32 results the second term is (n-r)/n U. fp16 rounds each aggregate coordinate to 11
+significant bits (relative error <= 2^-11); bench.transport --quality measures what it costs.
 
 Lying owners: the server compares the owners' results of a shard (ShardCheck). If they differ
 it adds another member as an extra owner (`revise(plan, extra=...)`), which gets the slices
@@ -37,10 +46,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.aggregation import estimate_f, get_rule
+from shared.codecs import decode_update, get_codec
+from shared.errors import BadUpdate
 from shared.messages import sha256_hex
 from shared.vec import Vector, all_finite, from_bytes, to_bytes
 
 COORDINATE_RULES = ("mean", "median", "trimmed-mean")  # per-coordinate: work per shard
+RESULT_CODECS = ("raw32", "fp16", "bf16")  # how reduced shards travel (shared.codecs)
 Event = dict[str, Any]
 
 
@@ -174,24 +186,42 @@ def reduce_shard(rule: str, parts: Sequence[Vector], *, byzantine_fraction: floa
     return get_rule(rule)(parts, f=max(f, 0))
 
 
+def encode_result(vec: Vector, codec: str) -> bytes:
+    """A reduced shard as a `codec` payload (saturating at the codec's range)."""
+    if codec not in RESULT_CODECS:
+        raise ValueError(f"result codec must be one of {RESULT_CODECS}, not {codec!r}")
+    return get_codec(codec).encode(vec)
+
+
+def decode_result(payload: bytes, length: int, codec: str) -> Vector:
+    """A reduced shard back to float32; ValueError unless it is `length` finite values of
+    `codec`."""
+    try:
+        return decode_update(payload, length, expect=codec)
+    except BadUpdate as exc:
+        raise ValueError(f"reduced shard: {exc}") from None
+
+
 class ShardReducer:
     """One peer's side of the exchange: sends its slices, reduces the shards it owns, and
     assembles the aggregate from the shards the primaries serve."""
 
     def __init__(self, me: str, plan: Plan, update: Vector, *, rule: str,
-                 byzantine_fraction: float = 0.0) -> None:
+                 byzantine_fraction: float = 0.0, result_codec: str = "raw32") -> None:
         if len(update) != plan.n_params:
             raise ValueError(f"update has {len(update)} values, the plan {plan.n_params}")
         if me not in plan.members:
             raise ValueError("this peer is not a member of the plan")
         if rule not in COORDINATE_RULES:
             raise ValueError(f"p2p needs a coordinate-wise rule {COORDINATE_RULES}")
+        if result_codec not in RESULT_CODECS:
+            raise ValueError(f"result codec must be one of {RESULT_CODECS}")
         self.me, self.plan, self.rule = me, plan, rule
-        self.fraction = byzantine_fraction
+        self.fraction, self.result_codec = byzantine_fraction, result_codec
         self.raw = to_bytes(update)
         self.parts: dict[int, dict[str, bytes]] = {}  # shard -> member -> slice (owned)
         self.reduced: dict[int, bytes] = {}  # shard -> my reduction (owned shards)
-        self.shards: dict[int, bytes] = {}  # shard -> served reduction (all shards)
+        self.shards: dict[int, bytes] = {}  # shard -> reduction: mine if I own it, else served
         self.sent: set[tuple[int, str]] = set()  # (shard, owner) slices already sent
         self._members = plan.members  # the member set the reductions so far are over
         self.bytes_out = self.bytes_in = 0
@@ -245,27 +275,32 @@ class ShardReducer:
             if s in self.reduced or not all(m in got for m in self.plan.members):
                 continue
             vecs = [from_bytes(got[m]) for m in self.plan.members]
-            res = to_bytes(reduce_shard(self.rule, vecs, byzantine_fraction=self.fraction))
-            self.reduced[s] = res
+            res = encode_result(reduce_shard(self.rule, vecs, byzantine_fraction=self.fraction),
+                                self.result_codec)
+            self.reduced[s] = self.shards[s] = res  # an owner keeps its own reduction
+            digest = sha256_hex(res)
             out.append({"kind": "result", "to": "server", "shard": s, "payload": res,
-                        "digest": sha256_hex(res)})
-            if self.plan.owners[s][0] == self.me:  # the primary serves it to every member
-                self.shards[s] = res
+                        "digest": digest})
+            own = self.plan.owners[s]
+            if own[0] == self.me:  # the primary serves it to every member not reducing it
                 for m in self.plan.members:
-                    if m != self.me:
+                    if m not in own:
                         self.bytes_out += len(res)
                         out.append({"kind": "result", "to": m, "shard": s, "payload": res,
-                                    "digest": sha256_hex(res)})
+                                    "digest": digest})
         return out
 
     def on_result(self, shard: int, payload: bytes) -> list[Event]:
         """A primary's reduced shard (the all-gather). Checked against the server's agreed
-        digests by the caller once the server has them (`check_against`)."""
+        digests by the caller once the server has them (`check_against`). An owner keeps its
+        own reduction of the shard."""
+        if not 0 <= shard < self.plan.n_shards:
+            raise ValueError(f"result for shard {shard}, out of range")
         lo, hi = self.plan.bounds(shard)
-        if len(payload) != 4 * (hi - lo):
-            raise ValueError(f"shard {shard} result has {len(payload)} bytes")
+        decode_result(bytes(payload), hi - lo, self.result_codec)  # ValueError if unusable
         self.bytes_in += len(payload)
-        self.shards[shard] = bytes(payload)
+        if shard not in self.reduced:  # an owner keeps its own
+            self.shards[shard] = bytes(payload)
         return []
 
     def revise(self, plan: Plan) -> list[Event]:
@@ -297,15 +332,26 @@ class ShardReducer:
     def aggregate(self) -> Vector:
         if not self.done:
             raise ValueError(f"{self.plan.n_shards - len(self.shards)} shards missing")
-        return from_bytes(b"".join(self.shards[s] for s in range(self.plan.n_shards)))
+        return join_results(self.plan, [self.shards[s] for s in range(self.plan.n_shards)],
+                            self.result_codec)
+
+
+def join_results(plan: Plan, payloads: Sequence[bytes], codec: str) -> Vector:
+    """The aggregate: every shard's result decoded, in shard order."""
+    return from_bytes(b"".join(to_bytes(decode_result(p, hi - lo, codec))
+                               for p, (lo, hi) in zip(payloads, map(plan.bounds,
+                                                                    range(plan.n_shards)),
+                                                      strict=True)))
 
 
 class ShardCheck:
     """The server's side: collects each owner's reduced shard, decides when owners agree,
     and when they do not, asks for another owner and names the liars once a majority exists."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
+    def __init__(self, plan: Plan, *, result_codec: str = "raw32") -> None:
+        if result_codec not in RESULT_CODECS:
+            raise ValueError(f"result codec must be one of {RESULT_CODECS}")
+        self.plan, self.result_codec = plan, result_codec
         self.results: dict[int, dict[str, str]] = {}  # shard -> owner -> digest
         self.payloads: dict[str, bytes] = {}  # digest -> payload
         self.agreed: dict[int, str] = {}  # shard -> agreed digest
@@ -319,8 +365,7 @@ class ShardCheck:
         if not 0 <= shard < plan.n_shards or owner not in plan.owners[shard]:
             raise ValueError(f"{owner[:12]} does not own shard {shard}")
         lo, hi = plan.bounds(shard)
-        if len(payload) != 4 * (hi - lo):
-            raise ValueError(f"shard {shard} result has {len(payload)} bytes")
+        decode_result(bytes(payload), hi - lo, self.result_codec)  # ValueError if unusable
         digest = sha256_hex(payload)
         self.payloads.setdefault(digest, bytes(payload))
         self.results.setdefault(shard, {})[owner] = digest
@@ -371,5 +416,5 @@ class ShardCheck:
     def aggregate(self) -> Vector:
         if not self.done:
             raise ValueError("not every shard is agreed")
-        return from_bytes(b"".join(self.payloads[self.agreed[s]]
-                                   for s in range(self.plan.n_shards)))
+        return join_results(self.plan, [self.payloads[self.agreed[s]]
+                                        for s in range(self.plan.n_shards)], self.result_codec)

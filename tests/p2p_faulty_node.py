@@ -4,7 +4,8 @@ test code, like the attacks of bench.simulate).
 
     python -m tests.p2p_faulty_node MODE join --coordinator HOST:PORT ...
 
-MODE "lie": every shard this node reduces is forged (its first value set to 1e6).
+MODE "lie": every shard this node reduces is forged (its first value set to 1000, a valid
+payload of the round's result codec).
 MODE "vanish": in its first reduction the node sends half of its slices, logs
 "P2P-FAULT vanished mid-transfer" and stops sending anything (the test then kills it -9)."""
 
@@ -18,7 +19,7 @@ import numpy as np
 
 import native_node.p2p as node_p2p
 from native_node.__main__ import main
-from shared.p2p import ShardReducer
+from shared.p2p import ShardReducer, decode_result, encode_result
 
 
 def lie() -> None:
@@ -28,9 +29,10 @@ def lie() -> None:
         out = real(self)
         for e in out:
             if e["kind"] == "result":
-                bad = bytearray(e["payload"])
-                bad[:4] = np.float32(1e6).tobytes()
-                e["payload"] = bytes(bad)
+                lo, hi = self.plan.bounds(e["shard"])
+                vec = np.array(decode_result(e["payload"], hi - lo, self.result_codec))
+                vec[0] = 1000.0
+                e["payload"] = encode_result(vec, self.result_codec)
         return out
 
     ShardReducer._reduce_ready = forged  # type: ignore[method-assign]

@@ -107,6 +107,11 @@ def test_aggregator_must_handle_a_quorum_sized_round() -> None:
     with pytest.raises(ValueError, match="validation"):
         RunConfig(transport="p2p", aggregator="median", validation=True)
     assert RunConfig(transport="p2p", aggregator="median").p2p_replicas == 2
+    with pytest.raises(ValueError, match="codec"):  # slices travel as float32
+        RunConfig(transport="p2p", aggregator="median", codec="int8-block")
+    with pytest.raises(ValueError, match="p2p_result_codec"):
+        RunConfig(transport="p2p", aggregator="median", p2p_result_codec="int8-block")
+    assert RunConfig(transport="p2p", aggregator="median").p2p_result_codec == "fp16"
     with pytest.raises(ValueError, match="worker_momentum"):
         RunConfig(worker_momentum=1.0)
     with pytest.raises(ValueError, match="cc_reference"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from shared.aggregation import get_rule
+from shared.codecs import get_codec
 from shared.messages import sha256_hex
 from shared.p2p import (
     Plan,
@@ -39,10 +40,11 @@ class Net:
     """Routes the reducers' events; `drop` loses what a peer sends after it vanished."""
 
     def __init__(self, plan: Plan, ups: dict[str, np.ndarray], rule: str = "median",
-                 liar: str | None = None) -> None:
+                 liar: str | None = None, codec: str = "raw32") -> None:
         self.plan, self.rule, self.liar = plan, rule, liar
-        self.peers = {m: ShardReducer(m, plan, ups[m], rule=rule) for m in plan.members}
-        self.check = ShardCheck(plan)
+        self.peers = {m: ShardReducer(m, plan, ups[m], rule=rule, result_codec=codec)
+                      for m in plan.members}
+        self.check = ShardCheck(plan, result_codec=codec)
         self.queue: list[tuple[str, dict[str, Any]]] = []
         self.server_events: list[dict[str, Any]] = []
         self.gone: set[str] = set()
@@ -52,7 +54,7 @@ class Net:
         for e in events:
             if sender == self.liar and e["kind"] == "result":
                 bad = bytearray(e["payload"])
-                bad[:4] = np.float32(1e6).tobytes()  # a forged reduction
+                bad[1:3] = np.float16(1e3).tobytes()  # a forged reduction
                 e = {**e, "payload": bytes(bad), "digest": sha256_hex(bytes(bad))}
             self.queue.append((sender, e))
 
@@ -110,26 +112,42 @@ def test_plan_gives_each_shard_two_distinct_owners_and_round_trips() -> None:
         Plan.from_dict({**plan.to_dict(), "owners": [["zz"]] * 4})
 
 
+@pytest.mark.parametrize("codec", ["raw32", "fp16", "bf16"])
 @pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean"])
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
-def test_every_peer_and_the_server_end_with_the_rule_over_all_updates(rule: str, n: int
-                                                                      ) -> None:
+def test_every_peer_and_the_server_end_with_the_rule_over_all_updates(rule: str, n: int,
+                                                                      codec: str) -> None:
     members = ids(n)
     ups = updates(members, seed=n)
-    net = Net(make_plan(0, members, N_PARAMS), ups, rule=rule)
+    net = Net(make_plan(0, members, N_PARAMS), ups, rule=rule, codec=codec)
     net.start()
     net.run()
-    want = expected(rule, ups, tuple(members))
+    c = get_codec(codec)  # element-wise: encoding shard by shard = encoding the whole
+    want = c.decode(c.encode(expected(rule, ups, tuple(members))), N_PARAMS)
     assert net.check.done and not net.check.liars
     np.testing.assert_array_equal(net.check.aggregate(), want)
     for p in net.peers.values():
         assert p.done
         np.testing.assert_array_equal(p.aggregate(), want)  # bit-identical everywhere
         assert p.check_against(net.check.agreed) == []
-    u = 4 * N_PARAMS  # bytes of one update
-    for p in net.peers.values():  # reduce-scatter to 2 owners + all-gather from the primary
-        assert p.bytes_out <= 3 * u * (n - 1) / n + 16 * n
-    assert net.server_bytes == min(2, n) * u  # each owner reports each shard it reduced
+    # bytes: slices (float32) to 2 owners, results (in the codec) from each primary to the
+    # members that do not own the shard, 1 header byte per result
+    u, v = 4 * N_PARAMS, c.max_encoded_size(N_PARAMS) - 1
+    r = min(2, n)
+    for p in net.peers.values():
+        assert p.bytes_out <= r * u * (n - 1) / n + v * (n - r) / n + 8 * n
+        assert p.bytes_in <= r * u * (n - 1) / n + v * (n - r) / n + 8 * n
+    assert net.server_bytes == r * (v + n)  # each owner reports each shard it reduced
+
+
+def test_fp16_results_keep_a_peer_within_2_5_updates_at_16_members() -> None:
+    n = 16
+    members = ids(n)
+    net = Net(make_plan(0, members, N_PARAMS), updates(members), codec="fp16")
+    net.start()
+    net.run()
+    worst = max(max(p.bytes_out, p.bytes_in) for p in net.peers.values()) / (4 * N_PARAMS)
+    assert worst <= 2 * 15 / 16 + 14 / 32 + 0.02 < 2.5  # 2.3125 (uneven shards, headers)
 
 
 def test_pure_python_vectors_give_the_same_bytes() -> None:
@@ -163,12 +181,13 @@ def test_a_lying_owner_is_outvoted_by_an_extra_owner_and_named() -> None:
     assert sorted(net.check.liars[liar]) == sorted(net.plan.owned_by(liar))
     want = expected("median", ups, tuple(members))
     np.testing.assert_array_equal(net.check.aggregate(), want)
-    # members hold the liar's forged shard (it was the primary of one): they see which
+    # members that do not own the liar's shard hold its forgery (it was the primary of one):
+    # they see which; its other owners hold their own reduction
+    primary_of = [s for s in range(plan.n_shards) if plan.owners[s][0] == liar]
+    assert primary_of
     for m, p in net.peers.items():
         bad = p.check_against(net.check.agreed)
-        if m != liar:
-            primary_of = [s for s in range(plan.n_shards) if plan.owners[s][0] == liar]
-            assert bad == primary_of
+        assert bad == [s for s in primary_of if m not in plan.owners[s]]
         for s in bad:  # refetched from the server's agreed payloads
             p.on_result(s, net.check.payloads[net.check.agreed[s]])
         np.testing.assert_array_equal(p.aggregate(), want)

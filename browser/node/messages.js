@@ -54,7 +54,9 @@ export const SCHEMAS = {
     run_id: S, round: 'i', node_id: S, nonce: S, length: 'i', digest: S, train_loss: 'f?',
     samples: 'i', compute_s: 'f',
   }],
-  13: ['ShardPlan', { run_id: S, round: 'i', plan: 'd', rule: S, byzantine_fraction: 'f', nonce: S }],
+  13: ['ShardPlan', {
+    run_id: S, round: 'i', plan: 'd', rule: S, byzantine_fraction: 'f', result_codec: S, nonce: S,
+  }],
   14: ['Shard', {
     run_id: S, round: 'i', node_id: S, to: S, kind: S, shard: 'i', revision: 'i', nonce: S,
     payload: 'payload',
@@ -187,6 +189,8 @@ const POST = {
     need(m.round >= 0, 'ShardPlan', 'round', 'must be >= 0');
     need(m.byzantine_fraction >= 0 && m.byzantine_fraction < 1, 'ShardPlan',
       'byzantine_fraction', 'must be in [0, 1)');
+    need(['raw32', 'fp16', 'bf16'].includes(m.result_codec), 'ShardPlan', 'result_codec',
+      'must be raw32, fp16 or bf16');
   },
   Shard(m, payload) {
     hex64('Shard', 'node_id', m.node_id);
@@ -194,7 +198,8 @@ const POST = {
     need(['part', 'result'].includes(m.kind), 'Shard', 'kind', 'must be part or result');
     need(m.round >= 0 && m.shard >= 0 && m.revision >= 0, 'Shard', 'shard',
       'round, shard and revision must be >= 0');
-    need(payload.length % 4 === 0 && payload.length > 0, 'Shard', 'payload', 'not float32 sized');
+    need(payload.length > 0 && (m.kind !== 'part' || payload.length % 4 === 0), 'Shard', 'payload',
+      'empty, or a part not float32 sized');
   },
 };
 
