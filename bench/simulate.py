@@ -63,6 +63,7 @@ from shared.messages import (
     Submit,
     sha256_hex,
 )
+from shared.p2p import RESULT_CODECS, decode_result, encode_result
 
 log = logging.getLogger("bench.simulate")
 AGENT = "daa-prime-sim/0.1"
@@ -112,8 +113,11 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                    partition: str = "iid", data_dir: str | Path | None = None,
                    attack_params: dict[str, Any] | None = None, opt_state: str = "auto",
                    opt_state_mb: float = 256.0, progress: bool = True,
-                   extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the simulation; returns {"rounds": [per-round rows], "summary": {...}}."""
+                   extra_config: dict[str, Any] | None = None,
+                   result_codec: str | None = None) -> dict[str, Any]:
+    """Run the simulation; returns {"rounds": [per-round rows], "summary": {...}}.
+    `result_codec`: every aggregate goes through that codec before the outer step, as in a
+    `p2p` run whose owners send reduced shards in it (shared.p2p.encode_result)."""
     if nodes < 1 or rounds < 1:
         raise ValueError("need --nodes >= 1 and --rounds >= 1")
     spec = get_attack(attack)
@@ -130,6 +134,15 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     work = run.work
     cfg = run.config
     coord = Coordinator(run)
+    if result_codec is not None:
+        exact = coord._aggregate
+
+        def as_p2p_results(vectors: list[np.ndarray]) -> np.ndarray:
+            agg = exact(vectors)
+            return np.asarray(decode_result(encode_result(agg, result_codec), agg.size,
+                                            result_codec), dtype=np.float32)
+
+        coord._aggregate = as_p2p_results  # type: ignore[method-assign]
     records: list[dict[str, Any]] = []
     coord.commit_hooks.append(records.append)
     n_byz = math.floor(round(nodes * byzantine, 9))
@@ -318,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="run folder (default: a new temp dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="config",
                    help="run config override, e.g. outer_lr=1 (repeatable; server.config)")
+    p.add_argument("--p2p-results", default=None, choices=RESULT_CODECS,
+                   help="round every aggregate through this codec, as a p2p run's owners do "
+                        "(run config p2p_result_codec): what 16-bit aggregates cost")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (1 is ~2x faster for these tiny models)")
@@ -331,15 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         inner_steps=args.inner_steps, partition=args.partition, data_dir=args.data_dir,
         attack_params=_params(args.attack_param), opt_state=args.opt_state,
         opt_state_mb=args.opt_state_mb, progress=not args.quiet,
-        extra_config=_params(args.config) or None))
+        extra_config=_params(args.config) or None, result_codec=args.p2p_results))
     s = out["summary"]
     print(f"{s['nodes']} nodes ({s['byzantine']} byzantine, {s['attack']}), aggregator "
           f"{s['aggregator']}, {s['inner_steps']} inner steps, AdamW state {s['opt_state']}; "
           f"run in {s['data_dir']}")
     print_table(out["rounds"], ["round", "eval_loss", "accuracy", "train_loss", "n_updates",
                                 "accepted", "rejected", "train_s", "submit_s", "round_s"])
-    emit({k: s[k] for k in ("nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
-                            "final_accuracy", "attack", "aggregator", "byzantine")})
+    emit({**{k: s[k] for k in ("nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
+                               "final_accuracy", "attack", "aggregator", "byzantine")},
+          "p2p_results": args.p2p_results})
     return 0
 
 
