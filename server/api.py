@@ -149,6 +149,9 @@ async def metrics(request: web.Request) -> web.Response:
     ]
     lines += [f'daa_rejected_total{{code="{code}"}} {n}'
               for code, n in sorted(status["rejected"].items())]
+    lines += ["# HELP daa_p2p_total p2p reduction events (transport p2p).",
+              "# TYPE daa_p2p_total counter"]
+    lines += [f'daa_p2p_total{{event="{event}"}} {n}' for event, n in status["p2p"].items()]
     return web.Response(text="\n".join(lines) + "\n",
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})

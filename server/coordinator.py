@@ -541,6 +541,9 @@ class Coordinator(ValidationMixin, P2PMixin):
             "rejected_total": sum(self.rejected.values()),
             "bytes_up": self.counters["bytes_up"],
             "bytes_down": self.counters["bytes_down"],
+            # p2p reductions: disputes, liars, malformed results, dropped members, relayed bytes
+            "p2p": {k.removeprefix("p2p_"): n for k, n in sorted(self.counters.items())
+                    if k.startswith("p2p_")},
         }
 
 

@@ -134,8 +134,14 @@ class P2PMixin:
         try:
             events = check.on_result(peer.node_id, msg.shard, msg.payload)
         except ValueError as exc:
-            raise BadUpdate(str(exc), field="shard") from None
-        extra = self._judge(state.round, events)
+            self.counters["p2p_malformed"] += 1
+            await self._act(state.round, plan, check, check.bad_events)
+            raise BadUpdate(str(exc), field="payload") from None
+        await self._act(state.round, plan, check, events)
+
+    async def _act(self, round: int, plan: Plan, check: ShardCheck,
+                   events: list[dict[str, Any]]) -> None:
+        extra = self._judge(round, events)
         if extra:
             self.counters["p2p_disputes"] += len(extra)
             await self._replan(revise(plan, extra=extra), check)

@@ -53,6 +53,7 @@ from shared.vec import Vector, all_finite, from_bytes, to_bytes
 
 COORDINATE_RULES = ("mean", "median", "trimmed-mean")  # per-coordinate: work per shard
 RESULT_CODECS = ("raw32", "fp16", "bf16")  # how reduced shards travel (shared.codecs)
+MALFORMED = "malformed"  # ShardCheck's vote for an owner's result that does not decode
 Event = dict[str, Any]
 
 
@@ -357,15 +358,25 @@ class ShardCheck:
         self.agreed: dict[int, str] = {}  # shard -> agreed digest
         self.liars: dict[str, list[int]] = {}  # owner -> shards it lied about
         self.members_revision = plan.revision  # results from this revision on still count
+        self.bad_events: list[Event] = []  # what the last malformed result decided
 
     def on_result(self, owner: str, shard: int, payload: bytes) -> list[Event]:
         """Returns events: {"kind": "agreed", "shard"}, {"kind": "extra_owner", "shard",
-        "node"} (revise the plan with it), {"kind": "liar", "node", "shard"}."""
+        "node"} (revise the plan with it), {"kind": "liar", "node", "shard"}. A result that
+        does not decode raises ValueError, and still counts as that owner's vote, one that
+        never wins: what that decided is in `bad_events` (an extra owner, then the owner
+        named a liar)."""
         plan = self.plan
+        self.bad_events = []
         if not 0 <= shard < plan.n_shards or owner not in plan.owners[shard]:
             raise ValueError(f"{owner[:12]} does not own shard {shard}")
         lo, hi = plan.bounds(shard)
-        decode_result(bytes(payload), hi - lo, self.result_codec)  # ValueError if unusable
+        try:
+            decode_result(bytes(payload), hi - lo, self.result_codec)
+        except ValueError:  # an owner's unusable result is a vote no one can agree with
+            self.results.setdefault(shard, {})[owner] = MALFORMED
+            self.bad_events = self._decide(shard)
+            raise
         digest = sha256_hex(payload)
         self.payloads.setdefault(digest, bytes(payload))
         self.results.setdefault(shard, {})[owner] = digest
@@ -380,9 +391,10 @@ class ShardCheck:
             return []
         counts: dict[str, int] = {}
         for d in got.values():
-            counts[d] = counts.get(d, 0) + 1
-        best, votes = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
-        if len(counts) == 1 or votes * 2 > len(got):
+            if d != MALFORMED:
+                counts[d] = counts.get(d, 0) + 1
+        best, votes = max(counts.items(), key=lambda kv: (kv[1], kv[0]), default=("", 0))
+        if votes * 2 > len(got):  # a strict majority of the owners (all, with one owner)
             self.agreed[shard] = best
             out: list[Event] = [{"kind": "agreed", "shard": shard}]
             for o, d in got.items():

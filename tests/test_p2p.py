@@ -252,3 +252,46 @@ def test_known_liars_stop_serving_but_still_reduce() -> None:
     assert all(own[0] != liar for own in safe.owners)
     assert [set(o) for o in safe.owners] == [set(o) for o in plan.owners]  # still checked
     assert prefer_primaries(plan, set()) is plan
+
+
+def test_an_owner_sending_an_unusable_result_is_outvoted_like_a_liar() -> None:
+    members = ids(4)
+    ups = updates(members, seed=9)
+    plan = make_plan(0, members, N_PARAMS)
+    check = ShardCheck(plan, result_codec="fp16")
+    peers = {m: ShardReducer(m, plan, ups[m], rule="median", result_codec="fp16")
+             for m in members}
+    queue = [(m, e) for m, p in peers.items() for e in p.start()]
+    bad_owner, shard = plan.owners[1][1], 1
+    events: list[dict[str, Any]] = []
+    while queue:
+        sender, e = queue.pop(0)
+        if e["to"] == "server":
+            payload = e["payload"]
+            if (sender, e["shard"]) == (bad_owner, shard):
+                payload = b"\x00" + payload[1:]  # raw32's wire id on fp16 values: unusable
+                with pytest.raises(ValueError, match="raw32"):
+                    check.on_result(sender, e["shard"], payload)
+                events += check.bad_events
+            else:
+                events += check.on_result(sender, e["shard"], payload)
+        elif e["kind"] == "part":
+            queue += [(e["to"], x) for x in peers[e["to"]].on_part(sender, e["shard"],
+                                                                   e["payload"])]
+    extra = [e for e in events if e["kind"] == "extra_owner"]
+    assert [e["shard"] for e in extra] == [shard] and not check.done
+    plan2 = revise(plan, extra={shard: extra[0]["node"]})
+    events = check.revise(plan2)
+    newcomer = peers[extra[0]["node"]]
+    queue = [(m, e) for m, p in peers.items() for e in p.revise(plan2)]
+    while queue:
+        sender, e = queue.pop(0)
+        if e["to"] == "server":
+            events += check.on_result(sender, e["shard"], e["payload"])
+        elif e["kind"] == "part":
+            queue += [(e["to"], x) for x in newcomer.on_part(sender, e["shard"], e["payload"])]
+    assert check.done and check.liars == {bad_owner: [shard]}
+    assert {"kind": "liar", "node": bad_owner, "shard": shard} in events
+    c = get_codec("fp16")
+    want = expected("median", ups, tuple(members))
+    np.testing.assert_array_equal(check.aggregate(), c.decode(c.encode(want), N_PARAMS))

@@ -53,12 +53,16 @@ def test_cli_prints_json_last(capsys: pytest.CaptureFixture[str], tmp_path: Path
     last = capsys.readouterr().out.strip().splitlines()[-1]
     figures = json.loads(last)
     assert set(figures) == {"nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
-                            "final_accuracy", "attack", "aggregator", "byzantine"}
+                            "final_accuracy", "attack", "aggregator", "byzantine", "p2p_results"}
     assert figures["nodes"] == 4 and figures["rounds"] == 1 and figures["byzantine"] == 1
+    assert figures["p2p_results"] is None  # exact aggregates unless --p2p-results
 
 
+@pytest.mark.parametrize("p2p_results", [None, "fp16"])
 def test_centered_clipping_starts_from_the_previous_aggregate_with_history(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p2p_results: str | None) -> None:
+    """Also: with --p2p-results the aggregate is rounded through the codec before the outer
+    step, so the next round's reference is the rounded aggregate."""
     import server.coordinator as coordinator
 
     calls: list[tuple[np.ndarray, np.ndarray]] = []
@@ -78,9 +82,13 @@ def test_centered_clipping_starts_from_the_previous_aggregate_with_history(
                          aggregator="centered-clipping", inner_steps=3, data_dir=tmp_path,
                          progress=False, extra_config={
                              "cc_reference": "history", "outer_momentum": 0.0,
-                             "worker_momentum": 0.5, "aggregator_params": {"tau": 0.05}}))
+                             "worker_momentum": 0.5, "aggregator_params": {"tau": 0.05}},
+                         result_codec=p2p_results))
     assert len(calls) == 3
     assert not calls[0][0].any()  # round 0: no history yet
     for (_, prev_out), (ref, _) in itertools.pairwise(calls):
-        np.testing.assert_array_equal(ref, prev_out)  # mu = 0: exactly the last aggregate
+        applied = prev_out if p2p_results is None else prev_out.astype(np.float16)
+        np.testing.assert_array_equal(ref, applied.astype(np.float32))  # mu = 0: the last one
         assert np.linalg.norm(prev_out) > 0
+        if p2p_results is not None:
+            assert not np.array_equal(ref, prev_out)  # the rounding did happen

@@ -380,6 +380,7 @@ async def test_configured_robust_rule_is_applied(tmp_path: Path) -> None:
 async def test_p2p_run_takes_ready_refuses_tabs_and_submits_and_checks_shards(
         tmp_path: Path) -> None:
     from shared.messages import SERVER, Ready, Shard, ShardPlan
+    from shared.p2p import shard_bounds
 
     async with serve(tmp_path, quorum=2, aggregator="median", transport="p2p") as srv:
         tab = await srv.client("tab", hello=False)
@@ -415,6 +416,17 @@ async def test_p2p_run_takes_ready_refuses_tabs_and_submits_and_checks_shards(
                          kind="part", shard=0, revision=0, payload=b"\0" * 4)
         await a.send(stranger)
         assert (await a.error("bad_update")).field == "kind"  # the server takes results only
+        assert plan_msg.result_codec == "fp16"  # the default
+        lo, hi = shard_bounds(n, 2, 0)
+        wrong = Shard(run_id=a.welcome.run_id, round=0, node_id=a.node_id, to=SERVER,
+                      kind="result", shard=0, revision=0,
+                      payload=b"\x00" + b"\x00" * 2 * (hi - lo))  # raw32's id, fp16's size
+        await a.send(wrong)
+        err = await a.error("bad_update")
+        assert err.field == "payload" and "expected 'fp16'" in err.message
+        assert (await srv.api("/api/run"))["p2p"]["malformed"] == 1
+        async with srv.http.get(srv.url + "/metrics") as resp:
+            assert 'daa_p2p_total{event="malformed"} 1' in await resp.text()
         assert (await srv.api("/api/rounds")) == []  # nothing committed by bad input
 
 
