@@ -39,7 +39,14 @@ from server.peers import Connection, Peer
 from server.store import UpdateRow
 from shared.errors import BadUpdate, UnknownNode
 from shared.messages import SERVER, Ack, Message, Ready, Shard, ShardPlan
-from shared.p2p import Plan, ShardCheck, make_plan, prefer_primaries, revise
+from shared.p2p import (
+    MalformedResult,
+    Plan,
+    ShardCheck,
+    make_plan,
+    prefer_primaries,
+    revise,
+)
 from shared.rounds import Outcome, RoundState
 
 if TYPE_CHECKING:
@@ -133,10 +140,12 @@ class P2PMixin:
             return  # reduced over another member set; the owner sends again for this one
         try:
             events = check.on_result(peer.node_id, msg.shard, msg.payload)
-        except ValueError as exc:
+        except MalformedResult as exc:
             self.counters["p2p_malformed"] += 1
             await self._act(state.round, plan, check, check.bad_events)
             raise BadUpdate(str(exc), field="payload") from None
+        except ValueError as exc:
+            raise BadUpdate(str(exc), field="shard") from None
         await self._act(state.round, plan, check, events)
 
     async def _act(self, round: int, plan: Plan, check: ShardCheck,

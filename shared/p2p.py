@@ -13,7 +13,7 @@ and send what they return.
     out = peer.on_result(shard, payload)         # the all-gather: shards reduced by others
     peer.aggregate()                             # once peer.done
 
-    check = ShardCheck(plan, result_codec="fp16")     # the server's side: owners' results per shard
+    check = ShardCheck(plan, result_codec="fp16")     # the server's side: owners' results
     actions = check.on_result(owner, shard, payload)   # agreed / mismatch (+ extra owner) / liar
 
 The flat vector (n_params float32) is cut into S = len(members) contiguous shards, fixed for
@@ -194,13 +194,17 @@ def encode_result(vec: Vector, codec: str) -> bytes:
     return get_codec(codec).encode(vec)
 
 
+class MalformedResult(ValueError):
+    """A reduced shard that is not `length` finite values of the round's result codec."""
+
+
 def decode_result(payload: bytes, length: int, codec: str) -> Vector:
-    """A reduced shard back to float32; ValueError unless it is `length` finite values of
-    `codec`."""
+    """A reduced shard back to float32; MalformedResult (a ValueError) unless it is `length`
+    finite values of `codec`."""
     try:
         return decode_update(payload, length, expect=codec)
     except BadUpdate as exc:
-        raise ValueError(f"reduced shard: {exc}") from None
+        raise MalformedResult(f"reduced shard: {exc}") from None
 
 
 class ShardReducer:
@@ -362,10 +366,10 @@ class ShardCheck:
 
     def on_result(self, owner: str, shard: int, payload: bytes) -> list[Event]:
         """Returns events: {"kind": "agreed", "shard"}, {"kind": "extra_owner", "shard",
-        "node"} (revise the plan with it), {"kind": "liar", "node", "shard"}. A result that
-        does not decode raises ValueError, and still counts as that owner's vote, one that
-        never wins: what that decided is in `bad_events` (an extra owner, then the owner
-        named a liar)."""
+        "node"} (revise the plan with it), {"kind": "liar", "node", "shard"}; ValueError for a
+        shard the sender does not own. A result that does not decode raises MalformedResult,
+        and still counts as that owner's vote, one that never wins: what that decided is in
+        `bad_events` (an extra owner, then the owner named a liar)."""
         plan = self.plan
         self.bad_events = []
         if not 0 <= shard < plan.n_shards or owner not in plan.owners[shard]:
@@ -373,7 +377,7 @@ class ShardCheck:
         lo, hi = plan.bounds(shard)
         try:
             decode_result(bytes(payload), hi - lo, self.result_codec)
-        except ValueError:  # an owner's unusable result is a vote no one can agree with
+        except MalformedResult:  # an owner's unusable result: a vote no one can agree with
             self.results.setdefault(shard, {})[owner] = MALFORMED
             self.bad_events = self._decide(shard)
             raise

@@ -14,6 +14,7 @@ from shared.aggregation import get_rule
 from shared.codecs import get_codec
 from shared.messages import sha256_hex
 from shared.p2p import (
+    MalformedResult,
     Plan,
     ShardCheck,
     ShardReducer,
@@ -270,7 +271,7 @@ def test_an_owner_sending_an_unusable_result_is_outvoted_like_a_liar() -> None:
             payload = e["payload"]
             if (sender, e["shard"]) == (bad_owner, shard):
                 payload = b"\x00" + payload[1:]  # raw32's wire id on fp16 values: unusable
-                with pytest.raises(ValueError, match="raw32"):
+                with pytest.raises(MalformedResult, match="raw32"):
                     check.on_result(sender, e["shard"], payload)
                 events += check.bad_events
             else:
