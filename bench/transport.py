@@ -2,6 +2,8 @@
 
     python -m bench.transport [--mb 16] [--repeats 3] [--peers 4 8 16] [--no-chromium]
                               [--stock-sctp]   (aiortc without native_node.sctp_tuning)
+Every aiortc peer runs on the loop native_node.evloop picks (uvloop when installed, as nodes
+and the server do; DAA_EVENT_LOOP=asyncio for asyncio's own).
 
 Inside a private network namespace the bench creates (bench.netns; every packet stays in it):
 
@@ -41,6 +43,7 @@ from typing import Any
 
 from bench import netns
 from bench.common import children, emit, free_port, get_json, poll, print_table
+from native_node import evloop
 
 
 async def aiortc_pair(size: int, repeats: int, *, check_cancel: bool = False
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sctp_tuning.uninstall()
     if args.receiver:
-        asyncio.run(receiver_process())
+        evloop.run(receiver_process())
         return 0
     if not netns.inside():
         why = netns.available()
@@ -333,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return netns.rerun_inside("bench.transport", args_list)
     size = int(args.mb * 1e6)
-    rows = asyncio.run(aiortc_pair(size, args.repeats, check_cancel=args.check_cancel))
-    rows += asyncio.run(aiortc_processes(size, args.repeats, stock=args.stock_sctp))
+    rows = evloop.run(aiortc_pair(size, args.repeats, check_cancel=args.check_cancel))
+    rows += evloop.run(aiortc_processes(size, args.repeats, stock=args.stock_sctp))
     browser_note = None
     if args.no_chromium or not os.path.exists(CHROMIUM):
         browser_note = "Chromium pairings skipped (--no-chromium or no Chromium)"
     else:
-        rows += asyncio.run(chromium_pairs(size, args.repeats))
+        rows += evloop.run(chromium_pairs(size, args.repeats))
     print_table(rows, ["pair", "run", "MB", "seconds", "MBps"])
     topo: list[dict[str, Any]] = []
     if args.peers:
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
           "aiortc_chromium_direction": "Chromium sends, aiortc receives (a tab's update)",
           "frame_mb": args.mb, "repeats": args.repeats,
           "sctp": "aiortc stock" if args.stock_sctp else "aiortc + native_node.sctp_tuning",
+          "event_loop": evloop.name(),
           "server_bytes_per_round": {"star": by("star"), "p2p": by("p2p")} if topo else None,
           "p2p_16_over_4": (round(by("p2p")["16"] / by("p2p")["4"], 3)
                             if {"4", "16"} <= set(by("p2p")) else None),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from native_node import evloop
 from native_node.client import NodeClient, NodeOptions
 from native_node.identity import default_state_dir, load_or_create_identity
 from native_node.trainer import pick_device
@@ -88,13 +89,13 @@ def node(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"node id {identity.node_id} (ML-DSA-65 key in {state_dir}), device {device}",
-          file=sys.stderr, flush=True)
+    print(f"node id {identity.node_id} (ML-DSA-65 key in {state_dir}), device {device}, "
+          f"event loop {evloop.name()}", file=sys.stderr, flush=True)
     client = NodeClient(NodeOptions(
         coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
         server_id=args.server_id, role=getattr(args, "role", "trainer")))
-    code = asyncio.run(_run(client))
+    code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code
 

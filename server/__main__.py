@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from native_node import evloop
 from server.app import make_app
 from server.browser_data import prewarm_onnx
 from server.config import RunConfig, load_toml
@@ -91,6 +92,7 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"DAA Prime run {run.run_id}: {run.config.model} ({run.n_params:,} params), "
           f"data dir {data_dir}", flush=True)
     print(f"open {url}  (API: {url}api/run)", flush=True)
+    logging.getLogger("server").info("event loop: %s", evloop.name())
     if run.identity is not None:
         print(f"server id {run.identity.node_id} (ML-DSA-65 key in {data_dir}/server.key)",
               flush=True)
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        return asyncio.run(serve(args))
+        return evloop.run(serve(args))
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
