@@ -374,6 +374,8 @@ def export_graphs(model_config: dict[str, Any], out_dir: Path,
             return _result(final, key, doc, cached=True, seconds=0.0)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
+        # the exporter warns once per torchvision op it cannot register; none of ours use them
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         try:
             t0 = time.perf_counter()
             doc = _export_into(cfg, key, tmp, opt)
