@@ -55,7 +55,7 @@ class RunConfig:
     transport: str = "ws"  # "ws", "star" (updates over WebRTC to the server) or "p2p"
     p2p_replicas: int = 2  # p2p: owners that reduce each shard (their results must agree)
     p2p_timeout_s: float = 30.0  # p2p: owners silent this long are dropped, shards reassigned
-    p2p_result_codec: str = "fp16"  # p2p: how reduced shards travel (shared.p2p.RESULT_CODECS)
+    p2p_result_codec: str = "fp16"  # p2p: how reduced shards travel (shared.messages.RESULT_CODECS)
     ice_servers: str = ""  # comma-separated STUN/TURN URLs for WebRTC (none by default)
     rtc_timeout_s: float = 10.0  # a channel not open by then: the node relays over its socket
     delta_downlink: bool = True  # send nodes that hold theta_r-1 only what changed

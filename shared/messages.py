@@ -447,6 +447,9 @@ class Ready(Message):
         _require(self.samples >= 0, "Ready", "samples", "must be >= 0")
 
 
+RESULT_CODECS = ("raw32", "fp16", "bf16")  # how p2p owners may send reduced shards (shared.codecs)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ShardPlan(Message):
     """Server -> the round's members (`p2p`): who reduces which shard (shared.p2p.Plan as a
@@ -458,13 +461,13 @@ class ShardPlan(Message):
     plan: dict[str, Any]  # shared.p2p.Plan.to_dict()
     rule: str  # coordinate-wise aggregation rule (shared.p2p.COORDINATE_RULES)
     byzantine_fraction: float  # f = estimate_f(len(members), this, rule)
-    result_codec: str = "raw32"  # how owners encode reduced shards (shared.p2p.RESULT_CODECS)
+    result_codec: str = "raw32"  # how owners encode reduced shards (RESULT_CODECS)
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:
         _require(self.round >= 0, "ShardPlan", "round", "must be >= 0")
-        _require(self.result_codec in ("raw32", "fp16", "bf16"), "ShardPlan", "result_codec",
-                 "must be raw32, fp16 or bf16")
+        _require(self.result_codec in RESULT_CODECS, "ShardPlan", "result_codec",
+                 f"must be one of {RESULT_CODECS}")
         _require(0 <= self.byzantine_fraction < 1, "ShardPlan", "byzantine_fraction",
                  "must be in [0, 1)")
 

@@ -48,11 +48,10 @@ from typing import Any
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update, get_codec
 from shared.errors import BadUpdate
-from shared.messages import sha256_hex
+from shared.messages import RESULT_CODECS, sha256_hex
 from shared.vec import Vector, all_finite, from_bytes, to_bytes
 
 COORDINATE_RULES = ("mean", "median", "trimmed-mean")  # per-coordinate: work per shard
-RESULT_CODECS = ("raw32", "fp16", "bf16")  # how reduced shards travel (shared.codecs)
 MALFORMED = "malformed"  # ShardCheck's vote for an owner's result that does not decode
 Event = dict[str, Any]
 
@@ -187,11 +186,15 @@ def reduce_shard(rule: str, parts: Sequence[Vector], *, byzantine_fraction: floa
     return get_rule(rule)(parts, f=max(f, 0))
 
 
-def encode_result(vec: Vector, codec: str) -> bytes:
-    """A reduced shard as a `codec` payload (saturating at the codec's range)."""
+def check_result_codec(codec: str) -> str:
     if codec not in RESULT_CODECS:
         raise ValueError(f"result codec must be one of {RESULT_CODECS}, not {codec!r}")
-    return get_codec(codec).encode(vec)
+    return codec
+
+
+def encode_result(vec: Vector, codec: str) -> bytes:
+    """A reduced shard as a `codec` payload (saturating at the codec's range)."""
+    return get_codec(check_result_codec(codec)).encode(vec)
 
 
 class MalformedResult(ValueError):
@@ -219,10 +222,8 @@ class ShardReducer:
             raise ValueError("this peer is not a member of the plan")
         if rule not in COORDINATE_RULES:
             raise ValueError(f"p2p needs a coordinate-wise rule {COORDINATE_RULES}")
-        if result_codec not in RESULT_CODECS:
-            raise ValueError(f"result codec must be one of {RESULT_CODECS}")
         self.me, self.plan, self.rule = me, plan, rule
-        self.fraction, self.result_codec = byzantine_fraction, result_codec
+        self.fraction, self.result_codec = byzantine_fraction, check_result_codec(result_codec)
         self.raw = to_bytes(update)
         self.parts: dict[int, dict[str, bytes]] = {}  # shard -> member -> slice (owned)
         self.reduced: dict[int, bytes] = {}  # shard -> my reduction (owned shards)
@@ -343,10 +344,11 @@ class ShardReducer:
 
 def join_results(plan: Plan, payloads: Sequence[bytes], codec: str) -> Vector:
     """The aggregate: every shard's result decoded, in shard order."""
-    return from_bytes(b"".join(to_bytes(decode_result(p, hi - lo, codec))
-                               for p, (lo, hi) in zip(payloads, map(plan.bounds,
-                                                                    range(plan.n_shards)),
-                                                      strict=True)))
+    parts = []
+    for s, payload in enumerate(payloads):
+        lo, hi = plan.bounds(s)
+        parts.append(to_bytes(decode_result(payload, hi - lo, codec)))
+    return from_bytes(b"".join(parts))
 
 
 class ShardCheck:
@@ -354,9 +356,7 @@ class ShardCheck:
     and when they do not, asks for another owner and names the liars once a majority exists."""
 
     def __init__(self, plan: Plan, *, result_codec: str = "raw32") -> None:
-        if result_codec not in RESULT_CODECS:
-            raise ValueError(f"result codec must be one of {RESULT_CODECS}")
-        self.plan, self.result_codec = plan, result_codec
+        self.plan, self.result_codec = plan, check_result_codec(result_codec)
         self.results: dict[int, dict[str, str]] = {}  # shard -> owner -> digest
         self.payloads: dict[str, bytes] = {}  # digest -> payload
         self.agreed: dict[int, str] = {}  # shard -> agreed digest

@@ -260,6 +260,19 @@ def test_unknown_field(msg: Message) -> None:
     assert "unknown" in str(info.value)
 
 
+def test_shard_plan_result_codec_and_shard_payload_sizes_are_checked() -> None:
+    msg = shard_plan(result_codec="fp16")
+    with pytest.raises(MessageError) as info:  # only element-wise float codecs
+        decode_message(frame_of(msg.TYPE, {**header_of(msg), "result_codec": "int8-block"}))
+    assert info.value.field == "result_codec"
+    part = shard(payload=b"\0" * 8)
+    with pytest.raises(MessageError) as info:  # a part is float32 values
+        decode_message(frame_of(part.TYPE, header_of(part), b"\0" * 7))
+    assert info.value.field == "payload"
+    result = shard(kind="result", to="server", payload=b"\x01\0\x3c")  # fp16: any size
+    assert decode_message(result.to_frame()) == result
+
+
 @pytest.mark.parametrize("msg", [round_open(), submit()], ids=lambda m: type(m).__name__)
 def test_payload_named_in_header_is_an_unknown_field(msg: Message) -> None:
     # "payload" is not a header field; a header that carries one must not be silently dropped
