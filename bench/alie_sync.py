@@ -7,7 +7,7 @@ AdamW steps: there Krum and the median barely suffer from ALIE (docs/robustness.
 Baruch et al. (NeurIPS 2019) attacked synchronous SGD: every step each of n workers sends the
 gradient of one small minibatch, the server aggregates the n vectors and takes an SGD step.
 This benchmark reproduces that setting with the project's own code: the mlp-digits model and
-data (native_node.zoo, native_node.data), the aggregation rules (shared.aggregation, numpy
+data (ml.zoo, ml.data), the aggregation rules (shared.aggregation, numpy
 path), the attack (shared.attacks.alie with the paper's z_max(n, f)) and, for centered
 clipping, worker momentum and the previous aggregate as the reference
 (shared.outer.worker_momentum; Karimireddy et al. 2021). Defaults are the paper's: n = 50
@@ -30,8 +30,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from bench.common import emit, print_table
-from native_node.data import DataSpec, load_dataset
-from native_node.zoo import build_model, loss_fn, model_config
+from ml.data import DataSpec, load_dataset
+from ml.zoo import build_model, loss_fn, model_config
 from shared.aggregation import estimate_f, get_rule
 from shared.attacks import alie, alie_z
 from shared.outer import worker_momentum

@@ -82,7 +82,7 @@ def torch_steps(run: dict[str, Any], theta: np.ndarray, x: np.ndarray, y: np.nda
                 steps: int) -> list[float]:
     import torch
 
-    from native_node.zoo import build_model, load_flat, loss_fn
+    from ml.zoo import build_model, load_flat, loss_fn
 
     model = build_model(run["model"])
     load_flat(model, theta)

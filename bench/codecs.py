@@ -51,8 +51,8 @@ def t3_gradient(n: int, seed: int = 0) -> np.ndarray:
 
 def gpt_tiny_gradient(n: int) -> np.ndarray:
     """A real pseudo-gradient of gpt-tiny (50 AdamW steps), tiled to n values."""
+    from ml.workload import initial_params, resolve
     from native_node.trainer import Trainer
-    from native_node.workload import initial_params, resolve
 
     work = resolve(model="gpt-tiny", flavour=None, data=None, data_path=None,
                    partition="iid", alpha=0.5, seed=0)

@@ -10,7 +10,7 @@ identical to its built-in all-reduce) or the PowerSGD hook. Every all-reduce the
 is counted (calls, tensor bytes), and the hook's time (compression + all-reduce wait) is
 taken out of the step time, so `compute` is forward/backward/clip/optimizer only, as in
 `native_node.trainer`. Rank 0 keeps a flat copy of the params every `--eval-every` steps; the
-launcher evaluates them after the run with `native_node.zoo.evaluate` on the run's
+launcher evaluates them after the run with `ml.zoo.evaluate` on the run's
 validation split.
 
 Transport bytes: `run_ddp` reads the `lo` counters of /proc/net/dev (per network namespace)
@@ -48,7 +48,7 @@ def lo_counters() -> tuple[int, int]:
 
 def load_workload(model: str, flavour: str | None, seed: int) -> Any:
     """The workload the server resolves for `--model M --flavour F --seed S` (iid)."""
-    from native_node.workload import resolve
+    from ml.workload import resolve
 
     return resolve(model=model, flavour=flavour, data=None, data_path=None, partition="iid",
                    alpha=0.5, seed=seed)
@@ -60,8 +60,8 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    from native_node.data import BatchSampler, shard_indices
-    from native_node.zoo import flatten, loss_fn
+    from ml.data import BatchSampler, shard_indices
+    from ml.zoo import flatten, loss_fn
 
     torch.set_num_threads(1)
     calls = {"n": 0, "bytes": 0}

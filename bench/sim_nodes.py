@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from native_node.data import BatchSampler
+from ml.data import BatchSampler
+from ml.workload import Workload
+from ml.zoo import flatten, load_flat, loss_fn
 from native_node.encoder import UpdateEncoder
 from native_node.trust import ServerTrust
-from native_node.workload import Workload
-from native_node.zoo import flatten, load_flat, loss_fn
 from server.peers import Connection
 from shared.attacks import flip_labels
 from shared.codecs import make_codec

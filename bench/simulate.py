@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from bench.sim_nodes import MemorySender, SharedTrainer, SimNode
-from native_node.data import BatchSampler, assign_shards
+from ml.data import BatchSampler, assign_shards
+from ml.zoo import load_flat
 from native_node.trust import ServerTrust
-from native_node.zoo import load_flat
 from server.coordinator import Coordinator
 from server.peers import Connection
 from server.runstate import RunState, open_run

@@ -1,8 +1,8 @@
 """Data-channel throughput, and what the server moves per round in `star` vs `p2p`.
 
     python -m bench.transport [--mb 16] [--repeats 3] [--peers 4 8 16] [--no-chromium]
-                              [--stock-sctp]   (aiortc without native_node.sctp_tuning)
-Every aiortc peer runs on the loop native_node.evloop picks (uvloop when installed, as nodes
+                              [--stock-sctp]   (aiortc without transport.sctp_tuning)
+Every aiortc peer runs on the loop transport.evloop picks (uvloop when installed, as nodes
 and the server do; DAA_EVENT_LOOP=asyncio for asyncio's own).
 
 Inside a private network namespace the bench creates (bench.netns; every packet stays in it):
@@ -11,7 +11,7 @@ Inside a private network namespace the bench creates (bench.netns; every packet 
    (one core runs both SCTP stacks) and with the receiver in a second process, as a node and
    the server are deployed (`aiortc-aiortc` in the JSON; the one-process figure is
    `aiortc-aiortc-1process`); then Chromium -> aiortc and Chromium <-> Chromium (headless,
-   browser/node/rtcbench.html). Frames go through native_node.rtc.FrameLink (shared.rtc chunks
+   browser/node/rtcbench.html). Frames go through transport.rtc.FrameLink (shared.rtc chunks
    under the 256 KiB message limit, backpressure on bufferedAmount, reassembly with the SHA-256
    check); the clock stops when the receiver holds the whole, verified frame.
 2. For each topology (`star`, `p2p`) and each --peers count: a real server and that many real
@@ -43,12 +43,12 @@ from typing import Any
 
 from bench import netns
 from bench.common import children, emit, free_port, get_json, poll, print_table
-from native_node import evloop
+from transport import evloop
 
 
 async def aiortc_pair(size: int, repeats: int, *, check_cancel: bool = False
                       ) -> list[dict[str, Any]]:
-    from native_node.rtc import FrameLink, connect_pair
+    from transport.rtc import FrameLink, connect_pair
 
     a, b, chan_a, chan_b = await connect_pair()
     done: asyncio.Queue[bytes] = asyncio.Queue()
@@ -91,7 +91,7 @@ async def receiver_process() -> None:
 
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    from native_node.rtc import FrameLink, rtc_config
+    from transport.rtc import FrameLink, rtc_config
 
     loop = asyncio.get_running_loop()
     pc = RTCPeerConnection(rtc_config())
@@ -118,7 +118,7 @@ async def aiortc_processes(size: int, repeats: int, *, stock: bool = False
 
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    from native_node.rtc import FrameLink, rtc_config
+    from transport.rtc import FrameLink, rtc_config
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.transport", "--receiver",
@@ -225,8 +225,8 @@ async def chromium_pairs(size: int, repeats: int) -> list[dict[str, Any]]:
     from aiortc import RTCPeerConnection, RTCSessionDescription
     from playwright.async_api import async_playwright
 
-    from native_node.rtc import FrameLink, rtc_config
     from server import browser_assets
+    from transport.rtc import FrameLink, rtc_config
 
     app = web.Application()
     app.add_routes(browser_assets.routes)
@@ -318,13 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                         "with each result codec, and their eval losses")
     p.add_argument("--quality-steps", type=int, default=20)
     p.add_argument("--stock-sctp", action="store_true",
-                   help="aiortc's own SCTP code, without native_node.sctp_tuning (before/after)")
+                   help="aiortc's own SCTP code, without transport.sctp_tuning (before/after)")
     p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(args_list)
-    if args.stock_sctp:
-        from native_node import sctp_tuning
+    from transport import sctp_tuning
 
-        sctp_tuning.uninstall()
+    if not args.stock_sctp:
+        sctp_tuning.install()
     if args.receiver:
         evloop.run(receiver_process())
         return 0
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                    "chromium-chromium": med("chromium-chromium")},
           "aiortc_chromium_direction": "Chromium sends, aiortc receives (a tab's update)",
           "frame_mb": args.mb, "repeats": args.repeats,
-          "sctp": "aiortc stock" if args.stock_sctp else "aiortc + native_node.sctp_tuning",
+          "sctp": "aiortc stock" if args.stock_sctp else "aiortc + transport.sctp_tuning",
           "event_loop": evloop.name(),
           "server_bytes_per_round": {"star": by("star"), "p2p": by("p2p")} if topo else None,
           "p2p_16_over_4": (round(by("p2p")["16"] / by("p2p")["4"], 3)

@@ -277,7 +277,7 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
 
 
 def evaluate_all(work: Any, snaps: np.ndarray) -> list[float]:
-    from native_node.zoo import evaluate, load_flat
+    from ml.zoo import evaluate, load_flat
 
     net, ds = work.new_model(), work.dataset
     out = []

@@ -68,7 +68,7 @@ class LiveServer:
         from server.app import make_app
         from server.runstate import open_run
 
-        if self.onnx_cache is not None:  # server/onnx_export.py caches under <data dir>/onnx
+        if self.onnx_cache is not None:  # ml/onnx_export.py caches under <data dir>/onnx
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.onnx_cache.mkdir(parents=True, exist_ok=True)
             (self.data_dir / "onnx").symlink_to(self.onnx_cache, target_is_directory=True)

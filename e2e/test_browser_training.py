@@ -182,7 +182,7 @@ def test_webgpu_train_step_matches_native_onnxruntime(make_server: Any,
                                                      webgpu_browser: Any) -> None:
     """gpt-tiny's train step on the WebGPU execution provider: the loss and the gradient (its
     new first moment, from zeros) agree with native onnxruntime on the same inputs. (Before
-    server/onnx_fan.py, a 30-port Split wrote zeros on this adapter.)"""
+    ml/onnx_fan.py, a 30-port Split wrote zeros on this adapter.)"""
     from bench.browser import bench_page, first_rows, native_ort, rel_err
 
     server = make_server({"model": "gpt-tiny", "quorum": 1})
@@ -204,8 +204,8 @@ def test_a_validator_tab_scores_every_round(make_server: Any, native_node: Any,
     """`/?role=validator`: the tab never trains; it scores each round's candidates through
     the inference graph on the last 512 validation rows and its signed Verdicts reach the
     server. Its held-out loss of theta_0 matches native_node's ProbeScorer on the same rows."""
-    from native_node.validator import ProbeScorer
-    from native_node.workload import initial_params
+    from ml.scoring import ProbeScorer
+    from ml.workload import initial_params
 
     server = make_server({**LM_RUN, "quorum": 2, "rounds": 3, "validation": True,
                           "validation_timeout_s": 60.0})

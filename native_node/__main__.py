@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from native_node import evloop
 from native_node.client import NodeClient, NodeOptions
-from native_node.identity import default_state_dir, load_or_create_identity
 from native_node.trainer import pick_device
+from transport import evloop
+from transport.identity import default_state_dir, load_or_create_identity
 
 ROLES = ("trainer", "validator")
 

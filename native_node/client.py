@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import numpy as np
 
+from ml.data import DataSpec
+from ml.scoring import ValidatorRole
+from ml.workload import Workload, from_spec
 from native_node import journal
-from native_node.data import DataSpec
 from native_node.encoder import UpdateEncoder
 from native_node.trainer import RoundResult, Trainer
 from native_node.trust import ServerTrust, UntrustedServer
-from native_node.validator import ValidatorRole
-from native_node.workload import Workload, from_spec
 from shared.codecs import make_codec
 from shared.downlink import resolve
 from shared.envelope import Identity, new_nonce
@@ -48,7 +48,7 @@ from shared.messages import (
 
 if TYPE_CHECKING:  # aiortc is imported only when a run uses the star or p2p transport
     from native_node.p2p import P2PRole
-    from native_node.rtc import StarUplink
+    from transport.rtc import StarUplink
 
 log = logging.getLogger("native_node")
 AGENT = "daa-prime-native/0.1"
@@ -204,7 +204,7 @@ class NodeClient:
             await self._send(Signal(run_id=msg.run_id, node_id=self.node_id, to=SERVER,
                                     kind=kind, data=data))
 
-        from native_node.rtc import StarUplink  # aiortc: ~0.3 s of start-up, only when used
+        from transport.rtc import StarUplink  # aiortc: ~0.3 s of start-up, only when used
 
         self.uplink = StarUplink(signal, timeout_s=msg.rtc_timeout_s)
         await self.uplink.start()

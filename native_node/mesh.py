@@ -5,7 +5,7 @@ The node with the smaller id offers; the other answers. Offers and answers trave
 `Signal`s through the control WebSocket: the server forwards a node's Signal to its target
 re-signed with the authenticated sender's id (server/rtc.py), so a node can only signal as
 itself. aiortc gathers its candidates before it answers, so each SDP carries them (trickled
-candidates are ignored). Frames go through native_node.rtc.FrameLink: chunked under the
+candidates are ignored). Frames go through transport.rtc.FrameLink: chunked under the
 256 KiB message limit, back-pressured, digest-checked.
 
 Who is on the other end: the channel's DTLS fingerprint is in the SDP the server attested as
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from native_node.rtc import FrameLink, rtc_config
+from transport.rtc import FrameLink, rtc_config
 
 log = logging.getLogger("native_node.mesh")
 

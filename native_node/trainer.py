@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from native_node.data import BatchSampler, shard_indices
-from native_node.inner_opt import InnerAdamW
-from native_node.workload import Workload
-from native_node.zoo import flatten, load_flat, loss_fn
+from ml.data import BatchSampler, shard_indices
+from ml.inner_opt import InnerAdamW
+from ml.workload import Workload
+from ml.zoo import flatten, load_flat, loss_fn
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,13 +16,13 @@ from typing import Any
 
 from aiohttp import web
 
-from native_node import evloop
 from server.app import make_app
 from server.browser_data import prewarm_onnx
 from server.config import RunConfig, load_toml
 from server.demo import DemoSwarm, round_line
 from server.keys import COORDINATOR
 from server.runstate import open_run
+from transport import evloop
 
 DEFAULT_PORT = 8470
 
@@ -81,6 +81,10 @@ async def serve(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or (tempfile.mkdtemp(prefix="daa-demo-") if args.demo
                                  else "run-data")
     run = await asyncio.to_thread(open_run, data_dir, overrides, base)
+    if run.config.transport in ("star", "p2p"):  # the server's aiortc peer carries data
+        from transport import sctp_tuning
+
+        sctp_tuning.install()
     app = make_app(run)
     app.on_startup.append(prewarm_onnx)  # the first browser tab need not wait for it
     runner = web.AppRunner(app, handle_signals=False)

@@ -92,14 +92,14 @@ ONNX_FILES = {"train_step.onnx": "train_step", "infer.onnx": "infer",
 
 @routes.get("/model/onnx/{name}")
 async def onnx_graph(request: web.Request) -> web.FileResponse:
-    """The run's model as ONNX graphs for browser nodes (server/onnx_export.py), exported on
+    """The run's model as ONNX graphs for browser nodes (ml/onnx_export.py), exported on
     first request and cached under the data dir by the model config's hash."""
     name = request.match_info["name"]
     if name not in ONNX_FILES:
         raise web.HTTPNotFound(text=f"no such graph; one of {sorted(ONNX_FILES)}")
     run = request.app[RUN]
     try:
-        from server.onnx_export import export_graphs
+        from ml.onnx_export import export_graphs
     except ImportError as exc:
         raise web.HTTPServiceUnavailable(text=f"ONNX export needs the 'onnx' extra "
                                               f"(pip install 'daa-prime[onnx]'): {exc}") from None

@@ -1,7 +1,7 @@
 """What a browser tab trains on: its shard of the run's training set, as raw arrays.
 
     GET /data/shard?shard=I&n_shards=N   the rows of shard I of N (the same split native
-                                         nodes compute: native_node.data.shard_indices)
+                                         nodes compute: ml.data.shard_indices)
     GET /data/val?samples=K              the LAST K rows of the validation split: what a
                                          validator tab scores candidates on (the same rows a
                                          `--role validator` node uses; the server uses the
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from native_node.data import shard_indices
-from native_node.workload import Workload
+from ml.data import shard_indices
+from ml.workload import Workload
 from server.browser_assets import ISOLATION
 from server.keys import RUN
 
@@ -64,7 +64,7 @@ def shard_arrays(work: Workload, shard: int, n_shards: int) -> tuple[bytes, dict
 
 
 def val_arrays(work: Workload, samples: int) -> tuple[bytes, dict[str, object]]:
-    """The last `samples` validation rows (native_node.validator.ProbeScorer, side "tail")."""
+    """The last `samples` validation rows (ml.scoring.ProbeScorer, side "tail")."""
     x, y = np.asarray(work.dataset.x_val), np.asarray(work.dataset.y_val)
     k = max(1, min(samples, len(x)))
     return _pack(work, x[len(x) - k:], y[len(y) - k:], {"split": "val", "side": "tail"})
@@ -127,14 +127,14 @@ async def get_val(request: web.Request) -> web.Response:
 
 async def prewarm_onnx(app: web.Application) -> None:
     """Export the run's ONNX graphs in the background at startup, so that the first tab
-    to open does not wait for it (server/onnx_export.py caches them by config hash).
+    to open does not wait for it (ml/onnx_export.py caches them by config hash).
 
     In a separate process: the export is tens of seconds of Python holding the GIL (gpt-tiny
     micro), and in a thread it starved the event loop, so the aiortc peers of a `star` run
     missed their ICE consent checks and dropped their data channels (bench.transport, 8
     nodes). The result lands in the same cache the request path reads."""
     try:
-        from server.onnx_export import export_graphs
+        from ml.onnx_export import export_graphs
     except ImportError:
         return
     run = app[RUN]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from native_node.validator import ProbeScorer
+from ml.scoring import ProbeScorer
 from server.auth import authenticate
 from server.config import RunConfig
 from server.p2p import P2PMixin

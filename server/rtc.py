@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from native_node.rtc import FrameLink, rtc_config
 from server.peers import Connection
 from shared.errors import BadUpdate, UnknownNode
 from shared.messages import SERVER, Signal
+from transport.rtc import FrameLink, rtc_config
 
 if TYPE_CHECKING:
     from server.coordinator import Coordinator

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from native_node.data import DataSpec
-from native_node.identity import load_or_create_identity
-from native_node.workload import Workload, from_spec, initial_params, resolve
-from native_node.zoo import evaluate, load_flat
+from ml.data import DataSpec
+from ml.workload import Workload, from_spec, initial_params, resolve
+from ml.zoo import evaluate, load_flat
 from server.config import RunConfig
 from server.store import Store, UpdateRow
 from shared.downlink import encode_changes
 from shared.envelope import Identity
 from shared.vec import to_bytes
+from transport.identity import load_or_create_identity
 
 log = logging.getLogger("server.run")
 

@@ -1,7 +1,7 @@
 """Validation of the round's candidate updates at commit time (the coordinator's part).
 
 Before a round is aggregated, with `validation` on, the server scores every candidate on the
-held-out probe set (native_node.validator.ProbeScorer), sends the candidates to every
+held-out probe set (ml.scoring.ProbeScorer), sends the candidates to every
 connected validator node (ValidateRequest) and waits up to `validation_timeout_s` for their
 signed Verdicts. shared.validation turns the losses into verdicts and takes the majority.
 An excluded update gets an `update_rejected` Error to its sender, a counter, a log line and a
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from native_node.validator import ProbeScorer
+from ml.scoring import ProbeScorer
 from server.peers import Connection, Peer
 from shared.errors import BadUpdate, UpdateRejected, WrongRound
 from shared.messages import Error, Message, ValidateRequest, Verdict

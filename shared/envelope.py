@@ -63,7 +63,7 @@ def signing_bytes(*, run_id: str, round: int, node_id: str, msg_type: int, diges
 
 @dataclass(frozen=True, kw_only=True)
 class Identity:
-    """A node's key pair (held in memory; native_node.identity persists it)."""
+    """A node's key pair (held in memory; transport.identity persists it)."""
 
     public_key: bytes  # ML-DSA-65 public key
     secret_key: bytes = field(repr=False)  # ML-DSA-65 secret key

@@ -175,9 +175,9 @@ class Welcome(Message):
     TYPE: ClassVar[int] = 2
     run_id: str  # the run this connection belongs to
     node_id: str  # echo of the node's id
-    model: dict[str, Any]  # full model config (native_node.zoo.model_config)
+    model: dict[str, Any]  # full model config (ml.zoo.model_config)
     model_id: str  # hash of model config + parameter layout
-    data: dict[str, Any]  # data spec (native_node.data.DataSpec.to_dict)
+    data: dict[str, Any]  # data spec (ml.data.DataSpec.to_dict)
     shard: int  # this node's shard index
     n_shards: int  # number of shards the training set is split into
     codec: str  # registry name of the codec updates must use

@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 
 from bench.common import free_port, get_json, poll
-from native_node.identity import load_or_create_identity
 from native_node.mesh import PeerMesh
 from shared.participant import Participant
 from tests.conftest import Procs
+from transport.identity import load_or_create_identity
 
 
 class MiniNode:

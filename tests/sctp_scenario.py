@@ -1,5 +1,5 @@
 """Run inside a private network namespace by tests/test_sctp_tuning.py: two aiortc peers in
-this process (native_node.rtc, so with native_node.sctp_tuning installed) send frames over one
+this process (transport.rtc, so with transport.sctp_tuning installed) send frames over one
 data channel, first clean, then with the receiver losing a share of the DTLS records after the
 handshake (a seeded drop at its ICE transport: this machine has no netem or packet filter to
 lose them in the kernel). Counts the receiver's DATA packets and the SACK packets it sends.
@@ -17,8 +17,8 @@ from typing import Any
 
 from aiortc import rtcsctptransport as sctp
 
-from native_node import sctp_tuning
-from native_node.rtc import FrameLink, connect_pair
+from transport import sctp_tuning
+from transport.rtc import FrameLink, connect_pair
 
 
 async def main(size: int, loss: float) -> dict[str, Any]:
@@ -80,6 +80,6 @@ async def main(size: int, loss: float) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if sys.argv[3:] == ["stock"]:
-        sctp_tuning.uninstall()
+    if sys.argv[3:] != ["stock"]:
+        sctp_tuning.install()
     print(json.dumps(asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))))

@@ -1,5 +1,5 @@
 """GET /data/shard: a browser tab's shard of the run's training set, the same rows a native
-node computes for that shard (native_node.data.shard_indices), as raw little-endian arrays."""
+node computes for that shard (ml.data.shard_indices), as raw little-endian arrays."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 from aiohttp.test_utils import TestClient, TestServer
 
-from native_node.data import shard_indices
-from native_node.workload import Workload
+from ml.data import shard_indices
+from ml.workload import Workload
 from server.app import make_app
 from server.browser_assets import ISOLATION
 from server.browser_data import parse_body

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from native_node.data import DataSpec
-from native_node.identity import load_or_create_identity
+from ml.data import DataSpec
+from ml.workload import from_spec, resolve
 from native_node.trainer import Trainer
-from native_node.workload import from_spec, resolve
 from server.config import RunConfig, load_toml
 from server.runstate import open_run
+from transport.identity import load_or_create_identity
 
 
 def test_toml_then_flags(tmp_path: Path) -> None:

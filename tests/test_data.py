@@ -1,4 +1,4 @@
-"""Tests for native_node.data: entropy facts, datasets, shards, batches."""
+"""Tests for ml.data: entropy facts, datasets, shards, batches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from native_node.data import (
+from ml.data import (
     BatchSampler,
     DataSpec,
     MarkovSource,
@@ -244,7 +244,7 @@ def test_batch_sampler() -> None:
 
 
 def test_dataset_cache_round_trips_and_survives_a_corrupt_file(tmp_path: Path) -> None:
-    from native_node.data import cache_key, load_dataset_cached
+    from ml.data import cache_key, load_dataset_cached
 
     for spec in (DataSpec(kind="markov", seed=3, context=16),
                  DataSpec(kind="digits", seed=1)):

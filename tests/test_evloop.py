@@ -1,4 +1,4 @@
-"""native_node.evloop: uvloop when installed unless DAA_EVENT_LOOP=asyncio; `run` really runs
+"""transport.evloop: uvloop when installed unless DAA_EVENT_LOOP=asyncio; `run` really runs
 the coroutine on that loop."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 
-from native_node import evloop
+from transport import evloop
 
 
 async def loop_module() -> str:

@@ -1,4 +1,4 @@
-"""native_node/inner_opt.py: the written-out AdamW equals torch.optim.AdamW bit for bit (CPU)
+"""ml/inner_opt.py: the written-out AdamW equals torch.optim.AdamW bit for bit (CPU)
 and never imports torch._dynamo."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from native_node.inner_opt import InnerAdamW
-from native_node.zoo import build_model, loss_fn, model_config
+from ml.inner_opt import InnerAdamW
+from ml.zoo import build_model, loss_fn, model_config
 
 
 def test_same_bits_as_torch_adamw_over_steps_and_lr_changes() -> None:
@@ -37,7 +37,7 @@ def test_same_bits_as_torch_adamw_over_steps_and_lr_changes() -> None:
 
 def test_building_a_trainer_step_does_not_import_dynamo() -> None:
     code = ("import sys, torch\n"
-            "from native_node.inner_opt import InnerAdamW\n"
+            "from ml.inner_opt import InnerAdamW\n"
             "m = torch.nn.Linear(3, 2)\n"
             "o = InnerAdamW(m.parameters(), lr=0.1)\n"
             "m(torch.ones(1, 3)).sum().backward(); o.step()\n"

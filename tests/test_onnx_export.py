@@ -1,4 +1,4 @@
-"""ONNX export of the zoo models (server.onnx_export): parity of ONNX Runtime vs torch.
+"""ONNX export of the zoo models (ml.onnx_export): parity of ONNX Runtime vs torch.
 
 Parity metric: norm-wise relative error ``||onnx - torch|| / ||torch||`` (L2 over the whole
 vector; ``|a - b| / |b|`` for the scalar loss), required < 1e-5 on EVERY output. The torch
@@ -26,12 +26,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from native_node import inner_opt  # noqa: E402
-from native_node.trainer import Trainer  # noqa: E402
-from native_node.zoo import build_model, flatten, load_flat, loss_fn, manifest, model_config  # noqa: E402
-from server import onnx_export  # noqa: E402
-from server.config import RunConfig  # noqa: E402
-from server.onnx_export import (  # noqa: E402
+from ml import inner_opt, onnx_export  # noqa: E402
+from ml.onnx_export import (  # noqa: E402
     INFER_INPUTS,
     INFER_OUTPUTS,
     INNER_ADAMW,
@@ -43,7 +39,10 @@ from server.onnx_export import (  # noqa: E402
     export_graphs,
     main,
 )
-from server.onnx_fan import MAX_FAN  # noqa: E402
+from ml.onnx_fan import MAX_FAN  # noqa: E402
+from ml.zoo import build_model, flatten, load_flat, loss_fn, manifest, model_config  # noqa: E402
+from native_node.trainer import Trainer  # noqa: E402
+from server.config import RunConfig  # noqa: E402
 from shared.layout import make_manifest, model_id  # noqa: E402
 
 TOL = 1e-5
@@ -218,7 +217,7 @@ def test_batch_dimension_is_symbolic_and_weights_are_inputs(
             if init.data_type == onnx.TensorProto.FLOAT:
                 assert int(np.prod(init.dims)) <= 1024, init.name
         assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
-        # WebGPU binds a storage buffer per port and guarantees only 8 (server/onnx_fan.py)
+        # WebGPU binds a storage buffer per port and guarantees only 8 (ml/onnx_fan.py)
         for node in proto.graph.node:
             if node.op_type in ("Split", "Concat"):
                 assert max(len(node.input), len(node.output)) <= MAX_FAN + 1, node.name

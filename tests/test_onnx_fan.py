@@ -1,4 +1,4 @@
-"""server/onnx_fan.py: wide Split / Concat become trees of narrow ones, bit-identically."""
+"""ml/onnx_fan.py: wide Split / Concat become trees of narrow ones, bit-identically."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server.onnx_fan import limit_fan
+from ml.onnx_fan import limit_fan
 
 
 def wide_graph(sizes: list[int]) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from native_node.zoo import build_model, manifest, model_config
+from ml.zoo import build_model, manifest, model_config
 from shared.codecs import decode_update, make_codec
 from shared.downlink import encode_changes
 from shared.envelope import Identity, sign_round, verify_frame

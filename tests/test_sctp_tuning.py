@@ -1,4 +1,4 @@
-"""native_node.sctp_tuning: the faster reassembly and in-order bookkeeping give exactly what
+"""transport.sctp_tuning: the faster reassembly and in-order bookkeeping give exactly what
 aiortc's own code gives, on random arrival orders; and over a real data channel (private
 network namespace) SACKs go down to about one per two DATA packets while frames still arrive
 whole, also when the receiver loses records."""
@@ -12,8 +12,8 @@ import pytest
 from aiortc import rtcsctptransport as sctp
 
 from bench.netns import available
-from native_node import sctp_tuning
 from tests.conftest import in_netns
+from transport import sctp_tuning
 
 STOCK_STREAM, STOCK_MARK = sctp_tuning._STOCK[0], sctp_tuning._STOCK[2]
 
@@ -97,3 +97,16 @@ def test_delayed_sacks_over_a_real_channel_with_loss() -> None:
         # RFC 4960 6.2: at least one SACK per two DATA packets; aiortc alone sends one each
         assert r["data_packets"] / 2 <= r["sacks"] <= 0.75 * r["data_packets"], r
     assert out["lossy"]["dropped"] > 30 and out["lossy"]["retransmits"] > 0
+
+
+def test_importing_patches_nothing_and_install_is_version_guarded() -> None:
+    """Importing transport.rtc leaves aiortc as it is; install() patches only a tested aiortc."""
+    import subprocess
+    import sys
+
+    code = ("import transport.rtc\nfrom transport import sctp_tuning as t\n"
+            "assert not t.installed()\nassert not t.install(version='9.9.0')\n"
+            "assert not t.installed()\nassert t.install(version='1.16.3')\nassert t.installed()\n"
+            "t.uninstall()\nassert not t.installed()\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert sctp_tuning.supported(sctp_tuning.aiortc_version())  # the pinned range is tested

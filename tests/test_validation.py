@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from native_node.validator import ProbeScorer, ValidatorRole
+from ml.scoring import ProbeScorer, ValidatorRole
 from server.runstate import open_run
 from shared.errors import UpdateRejected
 from shared.messages import RoundOpen, ValidateRequest, sha256_hex

@@ -1,4 +1,4 @@
-"""Tests for native_node.zoo: configs, init, loss, flat vectors, causality, training."""
+"""Tests for ml.zoo: configs, init, loss, flat vectors, causality, training."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from native_node.data import BatchSampler, DataSpec, load_dataset
-from native_node.zoo import (
+from ml.data import BatchSampler, DataSpec, load_dataset
+from ml.zoo import (
     MODELS,
     build_model,
     evaluate,

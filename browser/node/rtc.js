@@ -1,6 +1,6 @@
 // WebRTC from the tab: the data-channel framing of shared/rtc.py (chunks under the 256 KiB
 // message limit, the frame's SHA-256 in chunk 0, backpressure on bufferedAmount) and the
-// `star` uplink to the server's aiortc peer (native_node/rtc.py's StarUplink, in JS).
+// `star` uplink to the server's aiortc peer (transport/rtc.py's StarUplink, in JS).
 //
 //   const up = new StarUplink((kind, data) => signal(kind, data), { timeoutS: 10 });
 //   await up.start();             // offer (all candidates in the SDP) -> signed Signal

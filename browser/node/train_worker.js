@@ -1,5 +1,5 @@
 // The tab's trainer, in a Web Worker so the page stays responsive: ONNX Runtime Web runs the
-// run's exported train-step graph (forward + backward + clip + AdamW, server/onnx_export.py)
+// run's exported train-step graph (forward + backward + clip + AdamW, ml/onnx_export.py)
 // H times per round on this tab's shard, and the inference graph for "try the model".
 //
 // Messages in (postMessage):                      Messages out:
@@ -173,7 +173,7 @@ async function runInfer({ id, params, x, dims, xType }) {
 
 /** The same step `steps` times on the shard's first `batchSize` rows, from zero moments:
  * per-step wall times, and the last run's loss and new params (for parity checks). */
-/** Mean held-out loss (nats, as native_node.zoo.evaluate) of each params vector on `val`. */
+/** Mean held-out loss (nats, as ml.zoo.evaluate) of each params vector on `val`. */
 async function runScore({ id, candidates }) {
   if (!val) throw new Error('no validation data');
   const { lm, rows, xCols, yCols } = val;

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from native_node.data import Dataset, DataSpec, load_dataset, load_dataset_cached
-from native_node.zoo import MODELS, build_model, flatten, manifest, model_config
+from ml.data import Dataset, DataSpec, load_dataset, load_dataset_cached
+from ml.zoo import MODELS, build_model, flatten, manifest, model_config
 from shared.layout import TensorSlot, make_manifest, model_id
 
 NATURAL_DATA = {"lm": "markov", "classify": "digits"}
@@ -70,7 +70,7 @@ def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str
 def from_spec(model_cfg: dict[str, Any], spec: DataSpec, *, dataset: Dataset | None = None,
               local_path: str | None = None, cache_dir: Path | None = None) -> Workload:
     """Rebuild a workload from its wire form; `local_path` replaces a text file's path;
-    `cache_dir` keeps the generated dataset on disk (native_node.data.load_dataset_cached)."""
+    `cache_dir` keeps the generated dataset on disk (ml.data.load_dataset_cached)."""
     if local_path is not None:
         spec = DataSpec.from_dict({**spec.to_dict(), "path": local_path})
     if dataset is None:

@@ -30,12 +30,10 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from native_node import sctp_tuning
 from shared.errors import ProtocolError
 from shared.rtc import CHUNK_DATA, Reassembler, cancel_chunk, chunks
 
-log = logging.getLogger("native_node.rtc")
-sctp_tuning.install()
+log = logging.getLogger("transport.rtc")
 HIGH_WATER = 4 * 1024 * 1024  # pause sending above this many buffered bytes
 LOW_WATER = 1 * 1024 * 1024  # resume below this (bufferedAmountLowThreshold)
 

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
-log = logging.getLogger("native_node.data")
+log = logging.getLogger("ml.data")
 
 __all__ = [
     "BatchSampler",

@@ -1,7 +1,7 @@
 """Export a run's zoo model as ONNX graphs for browser nodes (ONNX Runtime Web).
 
 Two graphs per model config, both taking the parameters as ONE flat float32 vector in the
-layout of ``native_node.zoo.flatten`` (``named_parameters()`` order, the same bytes the
+layout of ``ml.zoo.flatten`` (``named_parameters()`` order, the same bytes the
 protocol ships), so a tab feeds the vector it received and gets a vector to send back:
 
 ``train_step.onnx`` -- one inner step: forward + backward + grad-norm clip + AdamW, in-graph.
@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from native_node.zoo import build_model, loss_fn, manifest
-from native_node.zoo import model_config as zoo_model_config
+from ml.zoo import build_model, loss_fn, manifest
+from ml.zoo import model_config as zoo_model_config
 from shared.frame import canonical_json
 from shared.layout import make_manifest, manifest_json, model_id
 
@@ -70,7 +70,7 @@ __all__ = [
     "train_step_fn",
 ]
 
-log = logging.getLogger("server.onnx_export")
+log = logging.getLogger("ml.onnx_export")
 
 EXPORTER_VERSION = "2"  # bump whenever the graphs' contract or math changes
 OPSET = 20
@@ -285,11 +285,11 @@ def _safe_optimize(model: Any) -> None:
 
 def _inline(path: Path) -> None:
     """Make sure the graph's tensors live inside the .onnx file (no ``.onnx.data``), and cap
-    Split / Concat fan at server.onnx_fan.MAX_FAN (WebGPU's storage-buffer limit)."""
+    Split / Concat fan at ml.onnx_fan.MAX_FAN (WebGPU's storage-buffer limit)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    from server.onnx_fan import limit_fan
+    from ml.onnx_fan import limit_fan
 
     proto = onnx.load(str(path), load_external_data=True)
     sidecars = [p for p in path.parent.iterdir() if p.name.startswith(path.name + ".")]
@@ -445,7 +445,7 @@ def _export_into(cfg: dict[str, Any], key: str, tmp: Path, opt: InnerAdamW) -> d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m server.onnx_export",
+    ap = argparse.ArgumentParser(prog="python -m ml.onnx_export",
                                  description="Export a zoo model's ONNX train-step and "
                                              "inference graphs; prints the manifest.")
     ap.add_argument("--model", required=True, help="zoo model name (gpt-tiny, mlp-digits)")

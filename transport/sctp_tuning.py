@@ -1,5 +1,8 @@
-"""Speed-ups for aiortc's pure-Python SCTP, installed once by `install()` (native_node.rtc
-calls it at import, so every aiortc peer of the project, node or server, gets them).
+"""Speed-ups for aiortc's pure-Python SCTP, installed by `install()`: a process that wants them
+calls it explicitly (`python -m server`, `python -m native_node` and the transport benchmarks
+do; importing this module or transport.rtc patches nothing). They replace private aiortc
+internals, so `install()` applies them only to the aiortc versions they were tested on
+(TESTED_AIORTC); on any other version it logs why and leaves aiortc as it is.
 
 The data plane's throughput is bounded by CPU in aiortc's SCTP, not by the network: profiled
 on a 16 MB frame (bench.transport), the largest single cost was reassembly.
@@ -29,10 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
+from importlib import metadata
 from typing import Any
 
 from aiortc import rtcsctptransport as sctp
+
+log = logging.getLogger("transport.sctp_tuning")
+TESTED_AIORTC = ("1.16",)  # major.minor versions whose SCTP internals this file was checked on
 
 _Base = sctp.InboundStream
 _STOCK = (sctp.InboundStream, sctp.RTCSctpTransport._send_sack,
@@ -120,10 +128,33 @@ def _mark_received(self: Any, tsn: int) -> bool:
     return False
 
 
-def install() -> None:
+def aiortc_version() -> str:
+    try:
+        return metadata.version("aiortc")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def supported(version: str) -> bool:
+    """True when `version` is one of the aiortc releases the patches were tested on."""
+    return ".".join(version.split(".")[:2]) in TESTED_AIORTC
+
+
+def install(*, version: str | None = None) -> bool:
     """Patch aiortc: FastInboundStream for every inbound stream, the in-order fast path,
-    delayed SACKs. Idempotent."""
+    delayed SACKs. Idempotent. Returns False (and patches nothing) on an untested aiortc."""
+    version = aiortc_version() if version is None else version
+    if not supported(version):
+        log.warning("aiortc %s is not one of the tested versions %s: SCTP tuning not applied "
+                    "(the data plane still works, at stock aiortc speed)", version,
+                    ", ".join(TESTED_AIORTC))
+        return False
     _patch(FastInboundStream, _send_sack_delayed, _mark_received)
+    return True
+
+
+def installed() -> bool:
+    return sctp.InboundStream is FastInboundStream
 
 
 def _patch(stream: type, send_sack: Any, mark_received: Any) -> None:

@@ -19,13 +19,13 @@ from typing import Literal
 
 import numpy as np
 
-from native_node.workload import Workload
-from native_node.zoo import evaluate, load_flat
+from ml.workload import Workload
+from ml.zoo import evaluate, load_flat
 from shared.codecs import decode_update
 from shared.errors import ProtocolError
 from shared.messages import RoundOpen, ValidateRequest, Verdict
 
-log = logging.getLogger("native_node.validator")
+log = logging.getLogger("ml.scoring")
 
 
 class ProbeScorer:
