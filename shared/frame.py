@@ -14,7 +14,8 @@ Layout (all integers little-endian):
     16+h+p  2     sig_len          only when SIGNED: length of the signature (<= 8192)
     18+h+p  ...   signature        only when SIGNED (shared.envelope says over what)
 
-ZSTD: the payload is one zstd frame; the receiver inflates it to at most its payload limit.
+ZSTD: the payload is exactly one zstd frame (nothing after it); the receiver inflates it to
+at most its payload limit. The JSON header must be byte for byte its canonical encoding.
 A frame is exactly 16 + header_len + payload_len (+ 2 + sig_len) bytes. Lengths are checked
 against the receiver's limits BEFORE anything past the fixed header is touched.
 """
@@ -145,8 +146,39 @@ def decode_frame(data: bytes | bytearray | memoryview, *,
             f"frame is {len(view)} bytes but declares {FIXED_LEN}+{head_len}+{pay_len}",
             field="length")
     raw_head = bytes(view[FIXED_LEN:FIXED_LEN + head_len])
+    header = parse_header(raw_head)
+    payload = bytes(view[FIXED_LEN + head_len:end])
+    covered = hashlib.sha256(view[:end]).digest() if signature is not None else b""
+    return Frame(version=version, msg_type=msg_type, flags=flags, header=header, payload=payload,
+                 signature=signature, covered=covered)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"duplicate key {key[:40]!r}")
+            seen.add(key)
+    return out
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    """The JSON header, which must be exactly its canonical encoding (`canonical_json`): an
+    object, keys sorted and unique, no whitespace, numbers and strings as re-encoding writes
+    them, no NaN/Infinity. Any other spelling of the same object is refused (`bad_frame`), so
+    that every reader sees one header: no duplicate key that one parser reads first and
+    another last."""
     try:
-        header = json.loads(raw_head.decode("utf-8"), parse_constant=_no_constants)
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constants,
+                            object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise FrameError(f"header is not canonical JSON: {exc}", field="header") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FrameError(f"header is not UTF-8 JSON: {exc}", field="header") from exc
     if not isinstance(header, dict):
@@ -154,10 +186,53 @@ def decode_frame(data: bytes | bytearray | memoryview, *,
     bad = _first_unencodable(header)
     if bad is not None:
         raise FrameError(f"header holds {bad}: not canonical JSON", field="header")
-    payload = bytes(view[FIXED_LEN + head_len:end])
-    covered = hashlib.sha256(view[:end]).digest() if signature is not None else b""
-    return Frame(version=version, msg_type=msg_type, flags=flags, header=header, payload=payload,
-                 signature=signature, covered=covered)
+    try:
+        canonical = canonical_json(header)
+    except (ValueError, RecursionError) as exc:  # pragma: no cover - _first_unencodable
+        raise FrameError(f"header is not canonical JSON: {exc}", field="header") from exc
+    if canonical != raw:
+        at = next((i for i, (a, b) in enumerate(zip(raw, canonical, strict=False)) if a != b),
+                  min(len(raw), len(canonical)))
+        raise FrameError(f"header is not canonical JSON (keys sorted, no whitespace, "
+                         f"numbers and strings as canonical_json writes them): differs at "
+                         f"byte {at}", field="header")
+    return header
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def zstd_frame_size(data: bytes | memoryview) -> int:
+    """Length in bytes of the one zstd frame `data` starts with (RFC 8878: frame header, blocks
+    up to the last one, optional checksum), read from the block headers without inflating.
+    Raises FrameError for anything but a zstd frame without a dictionary. The caller compares
+    it with the payload's length: exactly one frame, nothing after it."""
+    view = memoryview(data)
+    n = len(view)
+    if n < 6 or bytes(view[:4]) != ZSTD_MAGIC:
+        raise FrameError("payload is not a zstd frame (magic)", field="payload")
+    fhd = view[4]
+    fcs_flag, single, checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    if fhd & 0x08:
+        raise FrameError("zstd frame header sets its reserved bit", field="payload")
+    if dict_flag:
+        raise FrameError("zstd frames with a dictionary are not accepted", field="payload")
+    pos = 5 + (0 if single else 1)
+    pos += (1 if single else 0, 2, 4, 8)[fcs_flag]
+    while True:
+        if pos + 3 > n:
+            raise FrameError("zstd frame is truncated", field="payload")
+        head = view[pos] | view[pos + 1] << 8 | view[pos + 2] << 16
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        if kind == 3:
+            raise FrameError("zstd block of the reserved type", field="payload")
+        pos += 3 + (1 if kind == 1 else size)
+        if last:
+            break
+    pos += 4 if checksum else 0
+    if pos > n:
+        raise FrameError("zstd frame is truncated", field="payload")
+    return pos
 
 
 def _first_unencodable(obj: Any) -> str | None:

@@ -14,12 +14,19 @@ import re
 import secrets
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Union
 
 from shared.errors import BadUpdate, FrameError, MessageError
-from shared.frame import DEFAULT_MAX_PAYLOAD, FLAG_ZSTD, Frame, decode_frame, encode_frame
+from shared.frame import (
+    DEFAULT_MAX_PAYLOAD,
+    FLAG_ZSTD,
+    Frame,
+    decode_frame,
+    encode_frame,
+    zstd_frame_size,
+)
 from shared.platform import zstd
 
 
@@ -38,6 +45,58 @@ HEXSTR = re.compile(r"(?:[0-9a-f]{2})+")
 NONCE = re.compile(r"[0-9a-f]{32}")
 MAX_TEXT = 8192
 COMPRESS_MIN = 1024
+# Numeric limits of the schema (docs/protocol.md, "Field types and ranges"). Integers stay
+# below 2^53 so that a JS number holds them exactly (and SQLite's INTEGER, i64, always does);
+# floats are finite and bounded so that a sum or mean over any number of them stays finite.
+MAX_INT = 2**53 - 1  # rounds, attempts, counters
+MAX_INDEX = 2**31 - 1  # lengths, shard indices, steps, sizes
+MAX_SAMPLES = 10**12  # samples one node trains on in one round
+MAX_SECONDS = 10**7  # durations (about 115 days)
+MAX_LOSS = 1e9  # |loss| in nats: larger is a broken run, refused
+MAX_LR = 1e6  # learning rates
+
+
+def spec(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+         **kwargs: Any) -> Any:
+    """A numeric field with its range, checked at decode (`Message.from_header`): the
+    dataclass field's metadata {"min", "max"} and, for an open end, "min_exclusive" /
+    "max_exclusive" (true). The schema's one statement of a field's range: docs/protocol.md's
+    table is checked against it and scripts/gen_messages_js.py carries it to the tab."""
+    meta: dict[str, Any] = {"min": lo, "max": hi}
+    if lo_open:
+        meta["min_exclusive"] = True
+    if hi_open:
+        meta["max_exclusive"] = True
+    return field(metadata=meta, **kwargs)
+
+
+def in_range(meta: Mapping[str, Any], value: float) -> bool:
+    """Whether `value` lies in the range a field's metadata states (no range: True)."""
+    if "min" not in meta:
+        return True
+    lo, hi = meta["min"], meta["max"]
+    above = value > lo if meta.get("min_exclusive") else value >= lo
+    below = value < hi if meta.get("max_exclusive") else value <= hi
+    return above and below
+
+
+def range_text(meta: Mapping[str, Any]) -> str:
+    """A field's range as docs/protocol.md writes it: "[0, 1)", "(0, 10000000]", or "—"."""
+    if "min" not in meta:
+        return "—"
+
+    def num(v: float) -> str:
+        if v == MAX_INT:
+            return "2^53-1"
+        if v == MAX_INDEX:
+            return "2^31-1"
+        k = round(math.log10(abs(v))) if v else 0
+        if abs(v) >= 10**6 and abs(v) == 10**k:  # 10^7, -10^9
+            return ("-" if v < 0 else "") + f"10^{k}"
+        return str(int(v)) if v == int(v) else str(v)
+
+    return (("(" if meta.get("min_exclusive") else "[") + f"{num(meta['min'])}, "
+            f"{num(meta['max'])}" + (")" if meta.get("max_exclusive") else "]"))
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
@@ -79,13 +138,19 @@ class Message:
         if unknown:
             raise MessageError(f"{cls.__name__}: unknown field(s) {unknown}", field=unknown[0])
         kwargs: dict[str, Any] = {}
-        for name in names:
+        for f in fields(cls):  # type: ignore[arg-type]
+            name = f.name
             if name == "payload":
                 kwargs[name] = payload
                 continue
             if name not in header:
                 raise MessageError(f"{cls.__name__}: missing field {name!r}", field=name)
-            kwargs[name] = _check_type(cls.__name__, name, header[name], hints[name])
+            value = _check_type(cls.__name__, name, header[name], hints[name])
+            if isinstance(value, int | float) and not isinstance(value, bool) \
+                    and not in_range(f.metadata, value):
+                raise MessageError(f"{cls.__name__}.{name}: {str(value)[:40]} is out of range "
+                                   f"{range_text(f.metadata)}", field=name)
+            kwargs[name] = value
         if "payload" not in names and payload:
             raise MessageError(f"{cls.__name__} carries no payload", field="payload")
         if "nonce" in kwargs:
@@ -178,16 +243,18 @@ class Welcome(Message):
     model: dict[str, Any]  # full model config (ml.zoo.model_config)
     model_id: str  # hash of model config + parameter layout
     data: dict[str, Any]  # data spec (ml.data.DataSpec.to_dict)
-    shard: int  # this node's shard index
-    n_shards: int  # number of shards the training set is split into
+    shard: int = spec(0, MAX_INDEX)  # this node's shard index
+    n_shards: int = spec(1, MAX_INDEX)  # number of shards the training set is split into
     codec: str  # registry name of the codec updates must use
     codec_params: dict[str, Any]  # that codec's parameters (shared.codecs.make_codec)
     error_feedback: bool  # keep the codec's residual and add it to the next update
-    n_params: int  # length of the flat parameter vector
+    n_params: int = spec(1, MAX_INDEX)  # length of the flat parameter vector
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     transport: str = "ws"  # "ws": updates on this socket; "star": over a WebRTC data channel
-    rtc_timeout_s: float = 10.0  # star: relay updates on this socket if not open by then
-    worker_momentum: float = 0.0  # beta: send m = beta m + (1-beta) delta (shared.outer)
+    # star: relay updates on this socket if not open by then
+    rtc_timeout_s: float = spec(0, MAX_SECONDS, lo_open=True, default=10.0)
+    # beta: send m = beta m + (1-beta) delta (shared.outer)
+    worker_momentum: float = spec(0, 1, hi_open=True, default=0.0)
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
@@ -206,13 +273,14 @@ class RoundOpen(Message):
 
     TYPE: ClassVar[int] = 3
     run_id: str  # the run
-    round: int  # outer round number, from 0
-    attempt: int  # 0, then +1 each time the round is retried below quorum
+    round: int = spec(0, MAX_INT)  # outer round number, from 0
+    attempt: int = spec(0, MAX_INT)  # 0, then +1 each time the round is retried below quorum
     params_digest: str  # sha256 of the payload (the content hash of theta_r)
-    deadline_s: float  # seconds from now until the server stops collecting
-    inner_steps: int  # H: inner optimizer steps to run
-    inner_lr: float  # inner AdamW learning rate
-    batch_size: int  # inner batch size
+    # seconds from now until the server stops collecting
+    deadline_s: float = spec(0, MAX_SECONDS, lo_open=True)
+    inner_steps: int = spec(1, MAX_INDEX)  # H: inner optimizer steps to run
+    inner_lr: float = spec(0, MAX_LR, lo_open=True)  # inner AdamW learning rate
+    batch_size: int = spec(1, MAX_INDEX)  # inner batch size
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     base_digest: str | None = None  # None: payload = theta_r; else the changes against it
     with_momentum: bool = False  # p2p: payload = theta_r then the outer momentum (2 x n)
@@ -241,15 +309,15 @@ class Submit(Message):
 
     TYPE: ClassVar[int] = 4
     run_id: str  # the run this update belongs to
-    round: int  # outer round it was trained for
+    round: int = spec(0, MAX_INT)  # outer round it was trained for
     node_id: str  # sender; must match the connection's Hello
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex; never reused
     codec: str  # registry name of the codec of `payload`
-    length: int  # number of float32 values the payload decodes to
+    length: int = spec(1, MAX_INDEX)  # number of float32 values the payload decodes to
     digest: str  # sha256 of `payload`, uncompressed (part of the idempotency key)
-    train_loss: float | None  # mean inner training loss, for display
-    samples: int  # training samples consumed this round
-    compute_s: float  # seconds spent in forward/backward/optimizer
+    train_loss: float | None = spec(-MAX_LOSS, MAX_LOSS)  # mean inner training loss, for display
+    samples: int = spec(0, MAX_SAMPLES)  # training samples consumed this round
+    compute_s: float = spec(0, MAX_SECONDS)  # seconds spent in forward/backward/optimizer
     payload: bytes = field(repr=False)  # encoded pseudo-gradient theta_r - theta_i
 
     def __post_init__(self) -> None:
@@ -268,7 +336,7 @@ class Ack(Message):
     """Server -> node: your update for `round` was taken (or already had been)."""
 
     TYPE: ClassVar[int] = 5
-    round: int  # round of the acknowledged update
+    round: int = spec(0, MAX_INT)  # round of the acknowledged update
     digest: str  # digest of the acknowledged update
     status: str  # "accepted" or "duplicate"
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
@@ -287,8 +355,16 @@ class Error(Message):
     code: str  # machine-readable code (shared.errors.ERROR_CODES)
     message: str  # human-readable explanation
     field: str | None  # offending field, when there is one
-    round: int | None  # round the refused message was for, when known
+    round: int | None = spec(-1, MAX_INT)  # round the refused message was for, when known
     nonce: str = dataclasses.field(default_factory=new_nonce)  # 16 random bytes, hex
+
+    def __post_init__(self) -> None:
+        # the round of a refused frame is echoed only when it is one (never an attacker's
+        # out-of-range number, which no receiver would accept and no signature can hold)
+        if self.round is not None and (isinstance(self.round, bool)
+                                       or not isinstance(self.round, int)
+                                       or not -1 <= self.round <= MAX_INT):
+            object.__setattr__(self, "round", None)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -296,9 +372,10 @@ class RoundCommitted(Message):
     """Server -> node: round `round` was committed; theta_{round+1} is the new global."""
 
     TYPE: ClassVar[int] = 7
-    round: int  # the committed round
-    eval_loss: float | None  # validation loss of the new global params (nats)
-    n_updates: int  # updates aggregated
+    round: int = spec(-1, MAX_INT)  # the committed round (-1: none yet)
+    # validation loss of the new global params (nats)
+    eval_loss: float | None = spec(-MAX_LOSS, MAX_LOSS)
+    n_updates: int = spec(0, MAX_INT)  # updates aggregated
     params_digest: str  # content hash of the new global params
     final: bool  # the run reached its last round: nodes may leave
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
@@ -315,7 +392,7 @@ class Challenge(Message):
     run_id: str  # the run (the ML-DSA context string of every signature)
     challenge: str  # 32 random bytes, hex, fresh per connection
     server_public_key: str  # the server's ML-DSA-65 public key, hex: it signs every frame
-    protocol_version: int  # the server's protocol version
+    protocol_version: int = spec(0, 255)  # the server's protocol version
     agent: str  # server software name/version
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
@@ -325,19 +402,27 @@ class Challenge(Message):
                  "server_public_key", "must be lowercase hex")
 
 
-def _entries(cls: str, name: str, items: list[dict[str, Any]], keys: dict[str, type]) -> None:
-    """Each entry of a list field: exactly `keys`, of those types (float accepts int)."""
+def _entries(msg: Message, name: str) -> None:
+    """Each entry of list field `name`: exactly the keys its metadata "entries" lists, each
+    {"type": "str" | "int" | "float" (null allowed)} and for numbers "min"/"max"."""
+    cls = type(msg).__name__
+    items: list[dict[str, Any]] = getattr(msg, name)
+    keys: dict[str, dict[str, Any]] = next(
+        f for f in fields(msg) if f.name == name).metadata["entries"]  # type: ignore[arg-type]
     _require(len(items) <= MAX_CANDIDATES, cls, name, f"at most {MAX_CANDIDATES} entries")
     for i, item in enumerate(items):
         _require(set(item) == set(keys), cls, name, f"entry {i} must have keys {sorted(keys)}")
-        for key, kind in keys.items():
-            v = item[key]
-            if kind is float:
+        for key, meta in keys.items():
+            v, kind = item[key], meta["type"]
+            if kind == "float":
                 ok = v is None or (isinstance(v, int | float) and not isinstance(v, bool)
-                                   and math.isfinite(v))
+                                   and math.isfinite(v) and in_range(meta, v))
+            elif kind == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool) and in_range(meta, v)
             else:
-                ok = isinstance(v, kind) and not isinstance(v, bool)
-            _require(ok, cls, name, f"entry {i}: {key} must be {kind.__name__}")
+                ok = isinstance(v, str)
+            _require(ok, cls, name, f"entry {i}: {key} must be {kind}"
+                     + (f" in {range_text(meta)}" if "min" in meta else ""))
             if key in ("node_id", "digest"):
                 _hex64(cls, name, v)
 
@@ -350,11 +435,16 @@ class ValidateRequest(Message):
 
     TYPE: ClassVar[int] = 9
     run_id: str  # the run
-    round: int  # the round the candidates were submitted for
+    round: int = spec(0, MAX_INT)  # the round the candidates were submitted for
     params_digest: str  # theta_r the candidates are relative to
     codec: str  # the run's codec (every candidate uses it)
-    length: int  # values each candidate decodes to (= the model's parameter count)
-    candidates: list[dict[str, Any]]  # [{"node_id", "digest", "offset", "size"}]
+    # values each candidate decodes to (= the model's parameter count)
+    length: int = spec(1, MAX_INDEX)
+    # [{"node_id", "digest", "offset", "size"}]
+    candidates: list[dict[str, Any]] = field(metadata={"entries": {
+        "node_id": {"type": "str"}, "digest": {"type": "str"},
+        "offset": {"type": "int", "min": 0, "max": MAX_INT},
+        "size": {"type": "int", "min": 0, "max": MAX_INT}}})
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     payload: bytes = field(repr=False)  # the candidates' encoded payloads, concatenated
 
@@ -362,8 +452,7 @@ class ValidateRequest(Message):
         _hex64("ValidateRequest", "params_digest", self.params_digest)
         _require(self.round >= 0, "ValidateRequest", "round", "must be >= 0")
         _require(self.length >= 1, "ValidateRequest", "length", "must be >= 1")
-        _entries("ValidateRequest", "candidates", self.candidates,
-                 {"node_id": str, "digest": str, "offset": int, "size": int})
+        _entries(self, "candidates")
         for c in self.candidates:
             _require(c["offset"] >= 0 and c["size"] >= 0
                      and c["offset"] + c["size"] <= len(self.payload), "ValidateRequest",
@@ -384,17 +473,20 @@ class Verdict(Message):
 
     TYPE: ClassVar[int] = 10
     run_id: str  # the run
-    round: int  # the round of the ValidateRequest answered
+    round: int = spec(0, MAX_INT)  # the round of the ValidateRequest answered
     node_id: str  # the validator
-    base_loss: float | None  # held-out loss of theta_r (None: not finite)
-    scores: list[dict[str, Any]]  # [{"node_id", "digest", "loss"}] (loss None: not finite)
+    # held-out loss of theta_r (None: not finite)
+    base_loss: float | None = spec(-MAX_LOSS, MAX_LOSS)
+    # [{"node_id", "digest", "loss"}] (loss None: not finite)
+    scores: list[dict[str, Any]] = field(metadata={"entries": {
+        "node_id": {"type": "str"}, "digest": {"type": "str"},
+        "loss": {"type": "float", "min": -MAX_LOSS, "max": MAX_LOSS}}})
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:
         _hex64("Verdict", "node_id", self.node_id)
         _require(self.round >= 0, "Verdict", "round", "must be >= 0")
-        _entries("Verdict", "scores", self.scores,
-                 {"node_id": str, "digest": str, "loss": float})
+        _entries(self, "scores")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -429,14 +521,14 @@ class Ready(Message):
 
     TYPE: ClassVar[int] = 12
     run_id: str  # the run
-    round: int  # outer round it was trained for
+    round: int = spec(0, MAX_INT)  # outer round it was trained for
     node_id: str  # sender; must match the connection's Hello
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex; never reused
-    length: int  # float32 values in the update
+    length: int = spec(1, MAX_INDEX)  # float32 values in the update
     digest: str  # sha256 of the raw update (part of the idempotency key)
-    train_loss: float | None  # mean inner training loss, for display
-    samples: int  # training samples consumed this round
-    compute_s: float  # seconds spent training
+    train_loss: float | None = spec(-MAX_LOSS, MAX_LOSS)  # mean inner training loss, for display
+    samples: int = spec(0, MAX_SAMPLES)  # training samples consumed this round
+    compute_s: float = spec(0, MAX_SECONDS)  # seconds spent training
 
     def __post_init__(self) -> None:
         _hex64("Ready", "node_id", self.node_id)
@@ -457,10 +549,10 @@ class ShardPlan(Message):
 
     TYPE: ClassVar[int] = 13
     run_id: str  # the run
-    round: int  # the round being reduced
+    round: int = spec(0, MAX_INT)  # the round being reduced
     plan: dict[str, Any]  # shared.p2p.Plan.to_dict()
     rule: str  # coordinate-wise aggregation rule (shared.p2p.COORDINATE_RULES)
-    byzantine_fraction: float  # f = estimate_f(len(members), this, rule)
+    byzantine_fraction: float = spec(0, 1, hi_open=True)  # f = estimate_f(len(members), this, rule)
     result_codec: str = "raw32"  # how owners encode reduced shards (RESULT_CODECS)
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
@@ -480,12 +572,12 @@ class Shard(Message):
 
     TYPE: ClassVar[int] = 14
     run_id: str  # the run
-    round: int  # the round being reduced
+    round: int = spec(0, MAX_INT)  # the round being reduced
     node_id: str  # the sender
     to: str  # a node id or "server"
     kind: str  # "part" or "result"
-    shard: int  # shard index in the plan
-    revision: int  # the plan revision it was sent under
+    shard: int = spec(0, MAX_INDEX)  # shard index in the plan
+    revision: int = spec(0, MAX_INT)  # the plan revision it was sent under
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     payload: bytes = field(repr=False)  # part: float32 LE; result: a result_codec payload
 
@@ -508,6 +600,34 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
 assert len(MESSAGE_TYPES) == 14, "duplicate message type id"
 
 
+_TYPE_TEXT = {int: "int", float: "float", str: "string", bool: "bool", dict: "object",
+              list: "list", bytes: "bytes"}
+
+
+def _type_text(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args:
+        return _type_text(next(a for a in args if a is not type(None))) + " or null"
+    return _TYPE_TEXT[typing.get_origin(hint) or hint]
+
+
+def schema_rows() -> list[tuple[str, str, str, str]]:
+    """(message, field, type, range) of every header field, in wire-type-id and field order;
+    a list field's entry keys follow it as `field[].key`. docs/protocol.md's "Field types and
+    ranges" table lists exactly these rows (tests/test_protocol_doc.py)."""
+    rows: list[tuple[str, str, str, str]] = []
+    for _, cls in sorted(MESSAGE_TYPES.items()):
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name == "payload":
+                continue
+            rows.append((cls.__name__, f.name, _type_text(hints[f.name]), range_text(f.metadata)))
+            for key, meta in f.metadata.get("entries", {}).items():
+                kind = {"str": "string", "int": "int", "float": "float or null"}[meta["type"]]
+                rows.append((cls.__name__, f"{f.name}[].{key}", kind, range_text(meta)))
+    return rows
+
+
 def decode_message(data: bytes | bytearray | memoryview, *,
                    max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message:
     """Frame bytes -> message. Raises only `ProtocolError` subclasses."""
@@ -525,6 +645,10 @@ def message_from_frame(frame: Frame, *, max_payload: int = DEFAULT_MAX_PAYLOAD) 
         z = zstd()
         if z is None:
             raise FrameError("zstd payloads are not supported by this peer", field="flags")
+        size = zstd_frame_size(payload)
+        if size != len(payload):
+            raise FrameError(f"the payload holds {len(payload) - size} bytes after its zstd "
+                             "frame: exactly one frame is allowed", field="payload")
         try:
             payload = z.decompress(payload, max_payload)
         except ValueError as exc:
