@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -11,6 +14,32 @@ from server.browser_assets import ISOLATION
 from server.keys import COORDINATOR, RUN
 
 routes = web.RouteTableDef()
+MAX_JSON_DEPTH = 64
+
+
+def finite(obj: Any, depth: int = 0) -> Any:
+    """`obj` with every non-finite float (NaN, ±Infinity) turned into None: JSON has no such
+    numbers and a browser's JSON.parse refuses them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError("JSON response nested too deeply")
+    if isinstance(obj, dict):
+        return {k: finite(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v, depth + 1) for v in obj]
+    return obj
+
+
+def strict_dumps(obj: Any) -> str:
+    """The API's only JSON encoder: strict (allow_nan=False) after `finite`."""
+    return json.dumps(finite(obj), allow_nan=False)
+
+
+def json_response(data: Any) -> web.Response:
+    return web.json_response(data, dumps=strict_dumps)
+
+
 BROWSER_DIR = Path(__file__).resolve().parent.parent / "browser"
 
 
@@ -18,7 +47,7 @@ BROWSER_DIR = Path(__file__).resolve().parent.parent / "browser"
 async def get_run(request: web.Request) -> web.Response:
     run, coord = request.app[RUN], request.app[COORDINATOR]
     last = run.last_round
-    return web.json_response({
+    return json_response({
         "run_id": run.run_id,
         "server_id": run.identity.node_id if run.identity else None,
         "model": run.work.model_config,
@@ -49,7 +78,7 @@ def _paging(request: web.Request, since_key: str, since_default: int) -> tuple[i
 @routes.get("/api/rounds")
 async def get_rounds(request: web.Request) -> web.Response:
     since, limit = _paging(request, "since", -1)
-    return web.json_response(request.app[RUN].store.rounds(since=since, limit=limit))
+    return json_response(request.app[RUN].store.rounds(since=since, limit=limit))
 
 
 @routes.get("/api/rejections")
@@ -57,13 +86,20 @@ async def get_rejections(request: web.Request) -> web.Response:
     """Refused updates and frames of authenticated nodes: round, node, code, reason, judges."""
     since, limit = _paging(request, "since_id", 0)
     node = request.query.get("node_id") or None
-    return web.json_response(request.app[RUN].store.rejections(since_id=since, limit=limit,
+    return json_response(request.app[RUN].store.rejections(since_id=since, limit=limit,
                                                                node_id=node))
+
+
+@routes.get("/api/rejections/counts")
+async def get_rejection_counts(request: web.Request) -> web.Response:
+    """Every refusal of authenticated nodes by (node, code), stored as a row or not."""
+    node = request.query.get("node_id") or None
+    return json_response(request.app[RUN].store.rejection_counts(node))
 
 
 @routes.get("/api/peers")
 async def get_peers(request: web.Request) -> web.Response:
-    return web.json_response(request.app[COORDINATOR].peers_view())
+    return json_response(request.app[COORDINATOR].peers_view())
 
 
 @routes.get("/model/latest.safetensors")
@@ -131,7 +167,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE daa_eval_loss gauge",
     ]
     loss = last["eval_loss"] if last else run.eval_loss_init
-    if loss is not None:
+    if loss is not None and math.isfinite(loss):
         lines.append(f"daa_eval_loss {loss}")
     if run.entropy_floor is not None:
         lines += ["# TYPE daa_entropy_floor gauge", f"daa_entropy_floor {run.entropy_floor}"]

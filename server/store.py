@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -25,7 +26,29 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
-from shared.messages import sha256_hex
+from shared.messages import MAX_INT, sha256_hex
+
+# Stored evidence is bounded: a node's refusals are kept as rows (a sample) up to these
+# counts, and every refusal, kept or not, is counted in `rejection_counts` (node, code). So a
+# node holds at most MAX_REJECTION_ROWS_PER_NODE rejection rows plus one count row per code.
+MAX_REJECTION_ROWS_PER_NODE_ROUND = 8
+MAX_REJECTION_ROWS_PER_NODE = 64
+MAX_REASON_CHARS = 512
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """A float the store and the JSON API can hold: non-finite values become None (NULL)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def sql_int(x: int) -> int:
+    """An integer SQLite's INTEGER (i64) holds: clamped (the decoder's ranges keep every
+    wire value far inside; this is the store's own guarantee)."""
+    return max(INT64[0], min(INT64[1], int(x)))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -46,6 +69,10 @@ CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, round INTEGER,
     node_id TEXT NOT NULL, digest TEXT, code TEXT NOT NULL, reason TEXT NOT NULL,
     validators TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS rejections_by_node ON rejections (node_id, round);
+CREATE TABLE IF NOT EXISTS rejection_counts (
+    node_id TEXT NOT NULL, code TEXT NOT NULL, n INTEGER NOT NULL, stored INTEGER NOT NULL,
+    PRIMARY KEY (node_id, code));
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, runtime TEXT NOT NULL,
     first_seen REAL NOT NULL);
@@ -230,12 +257,14 @@ class Store:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                            (round, time.time(), attempts, len(updates), eval_loss, train_loss,
-                             ckpt.params_digest, self._name(round + 1), bytes_up, bytes_down,
-                             duration_s))
+                            (round, time.time(), attempts, len(updates),
+                             finite_or_none(eval_loss), finite_or_none(train_loss),
+                             ckpt.params_digest, self._name(round + 1), sql_int(bytes_up),
+                             sql_int(bytes_down), finite_or_none(duration_s) or 0.0))
             self.db.executemany("INSERT INTO updates VALUES (?,?,?,?,?,?,?)",
-                                [(round, u.node_id, u.digest, u.bytes, u.train_loss, u.samples,
-                                  u.compute_s) for u in updates])
+                                [(round, u.node_id, u.digest, sql_int(u.bytes),
+                                  finite_or_none(u.train_loss), sql_int(u.samples),
+                                  finite_or_none(u.compute_s) or 0.0) for u in updates])
         self._prune(keep)
         return ckpt
 
@@ -254,7 +283,8 @@ class Store:
             "params_digest, bytes_up, bytes_down, duration_s FROM rounds WHERE round > ? "
             "ORDER BY round LIMIT ?", (since, limit))
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, row, strict=True)) for row in cur]
+        return [{k: finite_or_none(v) if isinstance(v, float) else v
+                 for k, v in zip(cols, row, strict=True)} for row in cur]
 
     @_locked
     def update_keys(self, round: int) -> dict[str, str]:
@@ -265,13 +295,49 @@ class Store:
     # -- rejections (the evidence later slashing reads) ---------------------------------
     @_locked
     def record_rejection(self, *, round: int | None, node_id: str, digest: str | None,
-                         code: str, reason: str, validators: list[str]) -> None:
-        """One refused update or frame of an AUTHENTICATED node, with why and who judged."""
+                         code: str, reason: str, validators: list[str]) -> bool:
+        """One refused update or frame of an AUTHENTICATED node, with why and who judged.
+        Counted always; kept as a row only while the node has fewer than
+        MAX_REJECTION_ROWS_PER_NODE_ROUND rows for that round and MAX_REJECTION_ROWS_PER_NODE
+        in all (the sample). Returns whether a row was written."""
+        if not (isinstance(round, int) and -1 <= round <= MAX_INT):
+            round = None
+        per_round, total = self.db.execute(
+            "SELECT COALESCE(SUM(round IS ?), 0), COUNT(*) FROM rejections WHERE node_id = ?",
+            (round, node_id)).fetchone()
+        keep = per_round < MAX_REJECTION_ROWS_PER_NODE_ROUND and total < MAX_REJECTION_ROWS_PER_NODE
         with self.db:
-            self.db.execute("INSERT INTO rejections (at, round, node_id, digest, code, reason, "
-                            "validators) VALUES (?,?,?,?,?,?,?)",
-                            (time.time(), round, node_id, digest, code, reason,
-                             json.dumps(validators)))
+            self.db.execute("BEGIN")
+            if keep:
+                self.db.execute("INSERT INTO rejections (at, round, node_id, digest, code, "
+                                "reason, validators) VALUES (?,?,?,?,?,?,?)",
+                                (time.time(), round, node_id, digest, code,
+                                 reason[:MAX_REASON_CHARS], json.dumps(validators)))
+            self.db.execute("INSERT INTO rejection_counts VALUES (?,?,1,?) ON CONFLICT "
+                            "(node_id, code) DO UPDATE SET n = n + 1, stored = stored + ?",
+                            (node_id, code, int(keep), int(keep)))
+        return keep
+
+    @_locked
+    def rejection_counts(self, node_id: str | None = None) -> list[dict[str, Any]]:
+        """Every refusal of authenticated nodes by (node, code): `n` refused, `stored` kept
+        as rows in `rejections`."""
+        sql = "SELECT node_id, code, n, stored FROM rejection_counts"
+        args: tuple[Any, ...] = ()
+        if node_id:
+            sql, args = sql + " WHERE node_id = ?", (node_id,)
+        cur = self.db.execute(sql + " ORDER BY node_id, code", args)
+        return [dict(zip(("node_id", "code", "n", "stored"), row, strict=True)) for row in cur]
+
+    @_locked
+    def rejection_rows_per_node(self) -> dict[str, int]:
+        """node id -> rows it holds in `rejections` plus `rejection_counts` (bounded)."""
+        out: dict[str, int] = {}
+        for table in ("rejections", "rejection_counts"):
+            for node, n in self.db.execute(f"SELECT node_id, COUNT(*) FROM {table} "
+                                           "GROUP BY node_id"):
+                out[node] = out.get(node, 0) + int(n)
+        return out
 
     @_locked
     def rejections(self, *, limit: int = 1000, node_id: str | None = None,
