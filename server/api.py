@@ -12,6 +12,7 @@ from aiohttp import web
 
 from server.browser_assets import ISOLATION
 from server.keys import COORDINATOR, RUN
+from server.ws import LIMITS
 
 routes = web.RouteTableDef()
 MAX_JSON_DEPTH = 64
@@ -62,6 +63,7 @@ async def get_run(request: web.Request) -> web.Response:
         "eval_loss_init": run.eval_loss_init,
         "eval_loss": last["eval_loss"] if last else run.eval_loss_init,
         **coord.status(),
+        "limits": request.app[LIMITS].view(),  # rate limits and closes (server/ws.py)
     })
 
 

@@ -23,6 +23,7 @@ def make_app(run: RunState) -> web.Application:
     app[COORDINATOR] = Coordinator(run)
     app.add_routes(api.routes)
     app.add_routes(ws.routes)
+    ws.setup(app)  # rate limits (server/ws.py)
     app.add_routes(browser_assets.routes)  # before /static/: the browser node's assets
     app.add_routes(browser_data.routes)
     app.on_startup.append(browser_assets.build_at_startup)

@@ -1,9 +1,21 @@
-"""The control WebSocket: one per participant, binary frames only (shared.frame)."""
+"""The control WebSocket: one per participant, binary frames only (shared.frame).
+
+Cheap refusals (docs/protocol.md, "Limits"): an address that opens connections faster than
+CONNECT_RATE/s (burst CONNECT_BURST) gets HTTP 429 before anything is signed; a connection or
+node that sends frames faster than FRAME_RATE/s (burst FRAME_BURST) is closed; a connection
+that has not said Hello is closed after PRE_HELLO_REFUSALS refused frames, any connection after
+MAX_REFUSALS. A close is a WebSocket close (code 1008 and a reason), never a signed frame, and
+once decided, nothing more from that connection is processed, counted or stored: the frames
+still queued on it are dropped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -13,17 +25,100 @@ from shared.errors import FrameError
 
 log = logging.getLogger("server.ws")
 HELLO_TIMEOUT_S = 30.0  # a connection that has not said who it is by then is closed
+CONNECT_RATE, CONNECT_BURST = 10.0, 60  # new connections per second per remote address
+FRAME_RATE, FRAME_BURST = 200.0, 1000  # frames per second per node (per connection before Hello)
+PRE_HELLO_REFUSALS = 8  # refused frames before Hello, then the connection is closed
+MAX_REFUSALS = 256  # refused frames on one connection, then it is closed
+MAX_TRACKED = 4096  # addresses / nodes whose buckets are kept (least recently used dropped)
 routes = web.RouteTableDef()
 
 
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class RateLimit:
+    """Token buckets by key (an address, a node id): `allow(key)` spends one token."""
+
+    def __init__(self, rate: float, burst: int, *, max_keys: int = MAX_TRACKED) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self.refused = 0
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        b = self._buckets.pop(key, None) or _Bucket(tokens=float(self.burst), at=now)
+        b.tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
+        b.at = now
+        self._buckets[key] = b
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        if b.tokens < 1:
+            self.refused += 1
+            return False
+        b.tokens -= 1
+        return True
+
+
+@dataclass
+class Limits:
+    """The server's rate limits (one per app)."""
+
+    connects: RateLimit
+    frames: RateLimit
+    closed_for_refusals: int = 0
+    closed_for_rate: int = 0
+    dropped_after_close: int = 0  # frames that arrived on a connection already being closed
+
+    @classmethod
+    def default(cls) -> Limits:
+        return cls(connects=RateLimit(CONNECT_RATE, CONNECT_BURST),
+                   frames=RateLimit(FRAME_RATE, FRAME_BURST))
+
+    def view(self) -> dict[str, int]:
+        return {"connections_refused": self.connects.refused,
+                "frames_over_rate": self.frames.refused,
+                "closed_for_refusals": self.closed_for_refusals,
+                "closed_for_rate": self.closed_for_rate,
+                "dropped_after_close": self.dropped_after_close}
+
+
+LIMITS = web.AppKey("limits", Limits)
+
+
+def setup(app: web.Application) -> None:
+    app[LIMITS] = Limits.default()
+
+
+def _limits(app: web.Application) -> Limits:
+    limits = app.get(LIMITS)
+    return limits if limits is not None else Limits.default()
+
+
+def close_reason(conn: Connection) -> str | None:
+    """Why `conn` must be closed now (unsigned), or None."""
+    if conn.peer is None and conn.errors >= PRE_HELLO_REFUSALS:
+        return f"{PRE_HELLO_REFUSALS} refused frames before hello"
+    if conn.errors >= MAX_REFUSALS:
+        return f"{MAX_REFUSALS} refused frames"
+    return None
+
+
 @routes.get("/ws")
-async def control(request: web.Request) -> web.WebSocketResponse:
+async def control(request: web.Request) -> web.StreamResponse:
     coord = request.app[COORDINATOR]
+    limits = _limits(request.app)
+    remote = str(request.remote)
+    if not limits.connects.allow(remote):  # before anything is signed or allocated
+        return web.Response(status=429, text="too many connections from this address",
+                            headers={"Retry-After": "1"})
     # aiohttp pings every heartbeat_s and closes a socket whose pong is heartbeat_s / 2 late
     ws = web.WebSocketResponse(max_msg_size=coord.config.max_frame,
                                heartbeat=coord.config.heartbeat_s)
     await ws.prepare(request)
-    conn = Connection(ws=ws, remote=str(request.remote))
+    conn = Connection(ws=ws, remote=remote)
     closing: list[asyncio.Future[bool]] = []
 
     def no_hello() -> None:
@@ -35,6 +130,16 @@ async def control(request: web.Request) -> web.WebSocketResponse:
     try:
         await coord.greet(conn)
         async for msg in ws:
+            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                if ws.closed or close_reason(conn) is not None:
+                    limits.dropped_after_close += 1  # queued behind the close: not processed
+                    break
+                key = conn.peer.node_id if conn.peer is not None else f"conn:{id(conn)}"
+                if not limits.frames.allow(key):
+                    limits.closed_for_rate += 1
+                    log.warning("closing %s: more than %.0f frames/s", conn.remote, FRAME_RATE)
+                    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate limit")
+                    break
             if msg.type == WSMsgType.BINARY:
                 await coord.handle_frame(conn, msg.data)
             elif msg.type == WSMsgType.TEXT:
@@ -47,6 +152,12 @@ async def control(request: web.Request) -> web.WebSocketResponse:
                     await coord.oversized(conn)
                 else:
                     log.info("websocket error from %s: %s", conn.remote, exc)
+            reason = close_reason(conn)
+            if reason is not None and not ws.closed:
+                limits.closed_for_refusals += 1
+                log.warning("closing %s after %s", conn.remote, reason)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason.encode()[:120])
+                break
     finally:
         hello_timer.cancel()
         coord.disconnect(conn)
