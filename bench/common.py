@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import signal
@@ -14,6 +16,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from transport.lifetime import orphan_safe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,13 +46,14 @@ def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 
 @contextlib.contextmanager
 def children(log_dir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Yield a `spawn(name, *args)`; every child is killed on exit."""
+    """Yield a `spawn(name, *args)`; every child is killed on exit, and dies with this
+    process if it is killed first (transport.lifetime.orphan_safe)."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log,
+        proc = subprocess.Popen(orphan_safe([sys.executable, *args]), cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
         procs.append(proc)
         return proc
@@ -61,6 +66,23 @@ def children(log_dir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+@functools.cache
+def code_digest(*parts: str) -> str:
+    """SHA-256 (16 hex digits) of the source a benchmark measures: every .py file under
+    `parts` (packages or files, relative to the repo root), by relative path and content.
+
+    Part of every bench cache key, so that a cached figure is never reported for code that
+    has changed since it was measured (as ml/data.py's dataset cache does)."""
+    h = hashlib.sha256()
+    for part in parts:
+        path = ROOT / part
+        if not path.exists():
+            raise FileNotFoundError(f"code_digest: no {part} in {ROOT}")
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:

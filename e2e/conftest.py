@@ -21,6 +21,15 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # for `tests.leftovers` when pytest is started on e2e/ alone
+    sys.path.insert(0, str(ROOT))
+
+from tests import leftovers  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The session fails when a process a test started outlives it (tests/leftovers.py)."""
+    leftovers.register(config)
 CHROMIUM = Path(os.environ.get("DAA_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -448,7 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ml.onnx_export",
                                  description="Export a zoo model's ONNX train-step and "
                                              "inference graphs; prints the manifest.")
-    ap.add_argument("--model", required=True, help="zoo model name (gpt-tiny, mlp-digits)")
+    ap.add_argument("--model", help="zoo model name (gpt-tiny, mlp-digits)")
+    ap.add_argument("--model-config", type=json.loads, default=None,
+                    help="instead of --model...: a full model config as JSON (what a run's "
+                         "workload holds; the server's prewarm child passes it)")
     ap.add_argument("--flavour", default=None)
     ap.add_argument("--vocab-size", type=int, default=32,
                     help="gpt-tiny only; must be the run's (markov data: 32, the default)")
@@ -459,11 +462,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)  # our timing line; the exporter's INFO chatter stays off
-    try:
-        cfg = zoo_model_config(args.model, args.flavour, vocab_size=args.vocab_size,
-                           context=args.context, seed=args.seed)
-    except ValueError as exc:
-        ap.error(str(exc))
+    if args.model_config is not None:
+        if not isinstance(args.model_config, dict):
+            ap.error("--model-config: a JSON object is required")
+        cfg = args.model_config
+    elif args.model is None:
+        ap.error("one of --model and --model-config is required")
+    else:
+        try:
+            cfg = zoo_model_config(args.model, args.flavour, vocab_size=args.vocab_size,
+                                   context=args.context, seed=args.seed)
+        except ValueError as exc:
+            ap.error(str(exc))
     result = export_graphs(cfg, args.out)
     print(json.dumps({**result.manifest, "dir": str(result.dir), "cached": result.cached},
                      indent=1, sort_keys=True))

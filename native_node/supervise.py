@@ -14,8 +14,8 @@ The rules:
   the supervisor exits with the worker's status;
 - a worker that dies within `quick_s` of its start counts as a quick crash; consecutive quick
   crashes back off 0.5, 1, 2, ... up to 30 s, so a node that cannot start does not spin;
-- the worker gets SIGKILL if the supervisor itself dies (Linux PR_SET_PDEATHSIG), so no
-  orphan keeps training under a dead supervisor.
+- the worker gets SIGKILL if the supervisor itself dies (Linux PR_SET_PDEATHSIG, through
+  transport.lifetime.die_with_parent), so no orphan keeps training under a dead supervisor.
 
 Fork safety: the supervisor imports only; it starts no thread, opens no socket, runs no torch
 op and never touches CUDA (pick_device runs in the worker), so each worker starts as a
@@ -25,7 +25,6 @@ single-threaded copy of an import-only process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -34,20 +33,11 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from transport.lifetime import die_with_parent
+
 log = logging.getLogger("native_node.supervise")
 
 NO_RESTART = (0, 2)  # finished, usage error
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # best effort: without it an orphan may outlive us
-        pass
 
 
 def describe(status: int) -> str:
@@ -86,11 +76,12 @@ def supervise(worker: Callable[[], int], *, quick_s: float = 10.0,
     try:
         while True:
             started = time.monotonic()
+            me = os.getpid()
             child = os.fork()
             if child == 0:  # the worker
                 for s, h in old.items():
                     signal.signal(s, h)
-                _die_with_parent()
+                die_with_parent(me)
                 code = 1
                 try:
                     code = worker()

@@ -86,7 +86,7 @@ async def serve(args: argparse.Namespace) -> int:
 
         sctp_tuning.install()
     app = make_app(run)
-    app.on_startup.append(prewarm_onnx)  # the first browser tab need not wait for it
+    app.cleanup_ctx.append(prewarm_onnx)  # the first browser tab need not wait for it
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)

@@ -17,11 +17,13 @@ vocabulary to turn a local text file into token windows ("train on my own data")
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import json
 import logging
-import multiprocessing
+import signal
 import struct
+import sys
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Any
 
@@ -32,6 +34,7 @@ from ml.data import shard_indices
 from ml.workload import Workload
 from server.browser_assets import ISOLATION
 from server.keys import RUN
+from transport.lifetime import orphan_safe
 
 log = logging.getLogger("server.browser_data")
 routes = web.RouteTableDef()
@@ -125,27 +128,49 @@ async def get_val(request: web.Request) -> web.Response:
                         headers={**ISOLATION, "Cache-Control": "no-cache"})
 
 
-async def prewarm_onnx(app: web.Application) -> None:
-    """Export the run's ONNX graphs in the background at startup, so that the first tab
-    to open does not wait for it (ml/onnx_export.py caches them by config hash).
+async def prewarm_onnx(app: web.Application) -> AsyncIterator[None]:
+    """A cleanup context: export the run's ONNX graphs in the background at startup, so that
+    the first tab to open does not wait for it (ml/onnx_export.py caches them by config hash).
 
-    In a separate process: the export is tens of seconds of Python holding the GIL (gpt-tiny
-    micro), and in a thread it starved the event loop, so the aiortc peers of a `star` run
-    missed their ICE consent checks and dropped their data channels (bench.transport, 8
-    nodes). The result lands in the same cache the request path reads."""
+    In a child process (`python -m ml.onnx_export --model-config ...`): the export is tens of
+    seconds of Python holding the GIL (gpt-tiny micro), and in a thread it starved the event
+    loop, so the aiortc peers of a `star` run missed their ICE consent checks and dropped their
+    data channels (bench.transport, 8 nodes). The result lands in the same cache the request
+    path reads. A plain child, not a multiprocessing pool: no resource-tracker process, and
+    transport.lifetime.orphan_safe makes it die with the server even on `kill -9`; at a clean
+    shutdown it is interrupted (it then removes its half-written cache entry)."""
     try:
-        from ml.onnx_export import export_graphs
+        import ml.onnx_export  # noqa: F401 - the onnx extras may be missing
     except ImportError:
+        yield
         return
     run = app[RUN]
-    loop = asyncio.get_running_loop()
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    fut = loop.run_in_executor(pool, export_graphs, run.work.model_config, run.store.dir / "onnx")
+    argv = [sys.executable, "-m", "ml.onnx_export", "--model-config",
+            json.dumps(run.work.model_config), "--out", str(run.store.dir / "onnx")]
+    proc = await asyncio.create_subprocess_exec(
+        *orphan_safe(argv), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    stopping = False
 
-    def done(f: asyncio.Future[Any]) -> None:
-        pool.shutdown(wait=False)
-        if not f.cancelled() and f.exception() is not None:
-            log.warning("ONNX export failed; browser nodes cannot train: %s", f.exception())
+    async def watch() -> None:
+        _, err = await proc.communicate()
+        if proc.returncode != 0 and not stopping:
+            tail = err.decode(errors="replace").strip().splitlines()[-3:]
+            log.warning("ONNX export failed (exit %s); browser nodes cannot train: %s",
+                        proc.returncode, " / ".join(tail))
 
-    fut.add_done_callback(done)
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        if proc.returncode is None:
+            stopping = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(task, timeout=5)

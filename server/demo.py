@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from transport.lifetime import orphan_safe
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -32,7 +34,8 @@ def round_line(rec: dict[str, Any]) -> str:
 
 
 class DemoSwarm:
-    """Start and stop N `python -m native_node join` children."""
+    """Start and stop N `python -m native_node join` children (they die with the server,
+    even on `kill -9`: transport.lifetime.orphan_safe)."""
 
     def __init__(self, n: int, coordinator: str, log_dir: Path) -> None:
         self.n = n
@@ -44,8 +47,9 @@ class DemoSwarm:
         for i in range(self.n):
             with open(self.log_dir / f"node-{i}.log", "ab") as log:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "native_node", "join", "--coordinator",
-                    self.coordinator, "--name", f"demo-{i}", "--threads", "1", "--quiet",
+                    *orphan_safe([sys.executable, "-m", "native_node", "join", "--coordinator",
+                                  self.coordinator, "--name", f"demo-{i}", "--threads", "1",
+                                  "--quiet"]),
                     stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
             self.procs.append(proc)
         print(f"started {self.n} local native node(s); their logs: "

@@ -1,4 +1,5 @@
-"""Shared fixtures: real processes on loopback, killed at teardown whatever happens."""
+"""Shared fixtures: real processes on loopback, killed at teardown whatever happens; and the
+session fails when a process a test started outlives it (tests/leftovers.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from typing import Any
 
 import pytest
 
+from tests import leftovers
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    leftovers.register(config)
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
