@@ -14,15 +14,18 @@ A cell is "n/a" when theory excludes the rule for n nodes and f = floor(n * frac
 attackers (trimmed-mean n >= 2f+1, krum / multi-krum n >= 2f+3, bulyan n >= 4f+3) -- the
 server would silently clamp f to the rule's maximum -- or when the simulator cannot run the
 attack on the model; a footnote gives the reason. Runs are cached (keyed by the full cell
-config) in bench/results/byzantine-cache.json so an interrupted bench resumes (--fresh
-ignores it). One progress line per finished run on stderr, with an ETA.
+config and a digest of the code it runs, bench.common.code_digest) in
+bench/results/byzantine-cache.json so an interrupted bench resumes (--fresh ignores it); the
+JSON line lists the cells read from the cache in "from_cache". One progress line per
+finished run on stderr, with an ETA.
 
 `agg_ms`: median wall time (ms) of each rule's numpy path over n = 64 updates of 1,000,000
 float32 values with f = 15 (the largest f with n >= 4f+3, so every rule incl. Bulyan
 accepts it).
 
 LAST stdout line: JSON with default_rule, worst_loss_ratio_33, worst_acc_drop_33, agg_ms,
-grid {model: {fraction: {rule: {attack: value}}}}, clean {model: {rule: value}}, settings.
+grid {model: {fraction: {rule: {attack: value}}}}, clean {model: {rule: value}}, settings,
+from_cache (cells not run now), code_digest.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, emit
+from bench.common import ROOT, code_digest, emit
 
 # Picked by experiment (docs/robustness.md, "Choosing the default"), together with
 # server-side validation.
@@ -66,6 +69,8 @@ BATCH: dict[str, int | None] = {"mlp-digits": None, "gpt-tiny": 8}
 # default, 512); gpt-tiny scores 128 sequences to keep the default row affordable here
 VALIDATION_SAMPLES: dict[str, int | None] = {"mlp-digits": None, "gpt-tiny": 128}
 CACHE = ROOT / "bench" / "results" / "byzantine-cache.json"
+# what a cell runs (bench.simulate in-process): a change here invalidates the cached cells
+MEASURED = ("bench/simulate.py", "bench/sim_nodes.py", "shared", "ml", "server")
 CELL_TIMEOUT_S = 900.0
 log = logging.getLogger("bench.byzantine")
 
@@ -93,7 +98,12 @@ class Run:
                                else self.row)
 
     def key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The cache key: the cell's settings and a digest of the code that runs it."""
+        return json.dumps({**dataclasses.asdict(self), "code": code_digest(*MEASURED)},
+                          sort_keys=True)
+
+    def label(self) -> str:
+        return f"{self.model} {frac_label(self.fraction)} {self.row} {self.attack} s{self.seed}"
 
 
 def frac_label(x: float) -> str:
@@ -490,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(ValueError):
                 cache = json.loads(cache_path.read_text())
     t0 = time.perf_counter()
+    from_cache = sorted({r.label() for r in runs if r.key() in cache})
     if not args.cached_only:
         execute(runs, jobs=args.jobs, cache=cache, save=save)
     settings_runs = sum(r.key() in cache for r in runs)
@@ -518,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
                **summary(args, figs), "agg_ms": agg,
                "agg_ms_setup": None if agg is None else
                {"n": args.agg_n, "d": args.agg_d, "f": args.agg_f, "repeats": 3},
-               **figs, "settings": settings}
+               **figs, "settings": settings,
+               "from_cache": from_cache,  # cells not run now: read from --cache
+               "code_digest": code_digest(*MEASURED)}
     emit(figures)
     return 0
 

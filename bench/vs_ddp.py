@@ -15,8 +15,9 @@ its own traffic (TCP/IP headers included); the server's per-peer counts (WebSock
 payloads: our framing + signatures, no WebSocket/TCP/IP headers) are reported beside them.
 A WAN of 100 Mbit/s and 50 ms one-way latency per worker is MODELLED (no tc netem here):
 measured compute + measured bytes / bandwidth + latency x sequential messages.
-Finished configurations are cached (`<out-dir>/vs_ddp-cache.json`; `--fresh` ignores it).
-The LAST stdout line is JSON (bench.common.emit).
+Finished configurations are cached (`<out-dir>/vs_ddp-cache.json`, keyed by the configuration
+and a digest of the code it runs; `--fresh` ignores it). The LAST stdout line is JSON
+(bench.common.emit); its "from_cache" lists the configurations read from the cache.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, children, emit, free_port, get_json
+from bench.common import ROOT, children, code_digest, emit, free_port, get_json
 from bench.ddp_worker import lo_counters, load_workload, run_ddp
 from bench.error_feedback import SPARSE_OUTER, TOPK
 
@@ -193,8 +194,15 @@ def summarize_ddp(g: Grid, hook: str, out: dict[str, Any], netns: bool,
 
 
 # -- the grid, the cache, progress -------------------------------------------------------
+# the code each kind of configuration runs (and this file, whose summaries are what is cached)
+MEASURED_DDP = ("bench/ddp_worker.py", "bench/vs_ddp.py", "ml")
+MEASURED_DILOCO = ("bench/vs_ddp.py", "server", "native_node", "shared", "ml", "transport")
+
+
 def config_key(g: Grid, name: str, netns: bool) -> str:
-    d = {**asdict(g), "runs": None, "ddp_hooks": None, "netns": netns}
+    """The cache key: the configuration and a digest of the code that runs it."""
+    code = code_digest(*(MEASURED_DDP if name.startswith("ddp-") else MEASURED_DILOCO))
+    d = {**asdict(g), "runs": None, "ddp_hooks": None, "netns": netns, "code": code}
     return f"{g.model}/{name}/" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()
                                                  ).hexdigest()[:12]
 
@@ -217,7 +225,8 @@ class Progress:
 
 def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
              timeout: float, only: list[str] | None = None, cached_only: bool = False
-             ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+             ) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[str]]:
+    """(results by model, configurations not run, configurations read from the cache)."""
     cache: dict[str, Any] = {}
     if cache_path.exists() and not fresh:
         cache = json.loads(cache_path.read_text())
@@ -231,6 +240,8 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
     if only:  # ... or in the order asked for
         todo.sort(key=lambda t: (t[2] > 1, min((i for i, o in enumerate(only) if o in t[1]),
                                                default=-1)))
+    from_cache = [f"{g.model}/{name}" for g, name, _ in todo
+                  if config_key(g, name, netns) in cache]
     prog = Progress(sum(estimate_s(g, h) for g, name, h in todo
                         if config_key(g, name, netns) not in cache))
     tmp = Path(tempfile.mkdtemp(prefix="daa-vs-ddp-"))
@@ -273,7 +284,7 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
             results[g.model].append(cache[config_key(g, name, netns)])
         else:
             missing.append(f"{g.model}/{name}")
-    return results, missing
+    return results, missing, from_cache
 
 
 def evaluate_all(work: Any, snaps: np.ndarray) -> list[float]:
@@ -332,13 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(tempfile.mkdtemp(prefix="daa-vs-ddp-quick-")) if args.quick
         else ROOT / "bench" / "results")
     t0 = time.monotonic()
-    results, missing = run_grid(grids, cache_path=out_dir / "vs_ddp-cache.json", fresh=args.fresh,
-                       netns=netns, timeout=args.timeout,
-                       only=args.only.split(",") if args.only else None,
-                       cached_only=args.cached_only)
+    results, missing, from_cache = run_grid(
+        grids, cache_path=out_dir / "vs_ddp-cache.json", fresh=args.fresh, netns=netns,
+        timeout=args.timeout, only=args.only.split(",") if args.only else None,
+        cached_only=args.cached_only)
     figs = figures(grids, results, netns=netns)
     figs["wall_s"] = round(time.monotonic() - t0, 1)
     figs["not_run"] = missing
+    figs["from_cache"] = from_cache  # configurations not run now: read from the cache
     figs["configs_run_s"] = round(sum(r["run_s"] for rs in results.values() for r in rs), 1)
     write_outputs(out_dir, grids, results, figs, wall_s=time.monotonic() - t0,
                   command="python -m bench.vs_ddp " + " ".join(argv))
