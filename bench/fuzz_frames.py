@@ -103,26 +103,73 @@ def _field_value(name: str, hint: Any, payload: bytes, none: bool) -> Any:
         return 0.5
     if origin is dict:
         return {"kind": "gpt", "layers": [4, 8], "lr": 1e-3, "tied": True, "x": None}
+    if origin is list:
+        return []
     return "run-1"
 
 
-def seed_inputs() -> dict[str, bytes]:
-    """name -> frame bytes: valid frames of every message type (built from the dataclass
-    fields, so new fields and types are covered), compressed and signed variants, frames
-    broken in every header field, and the golden vectors of shared/testdata/frames.json."""
+def _alternatives(hint: Any) -> list[Any]:
+    """Other values to try in a field a validator refused: for text, every enum value and
+    name shared.messages defines (its tuples of strings and string constants) and an id."""
+    import typing
+
+    from shared import messages
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(args[0] if args else hint) or (args[0] if args else hint)
+    if origin is str:
+        texts = [v for name, v in vars(messages).items() if name.isupper()
+                 and (isinstance(v, str) or (isinstance(v, tuple) and v
+                                             and all(isinstance(s, str) for s in v)))]
+        return [s for v in texts for s in ((v,) if isinstance(v, str) else v)] + [HEX]
+    others: dict[Any, list[Any]] = {int: [0, 1], float: [0.0, 0.25], list: [[]]}
+    return others.get(origin, [])
+
+
+def valid_message(cls: Any, kw: dict[str, Any]) -> Any:
+    """`cls(**kw)`, with each field the validators refuse swapped for its alternatives until
+    the message is built and decodes back to itself (so a new message type, or a new check,
+    still gets valid seeds). Raises the last error when no alternative satisfies them."""
+    import typing
+
+    from shared.errors import ProtocolError
+    from shared.messages import decode_message
+
+    hints, tried = typing.get_type_hints(cls), dict.fromkeys(kw, 0)
+    while True:
+        try:
+            msg = cls(**kw)
+            if decode_message(msg.to_frame()) == msg:
+                return msg
+            raise ValueError(f"{cls.__name__} does not decode back to itself")
+        except ProtocolError as exc:
+            name = exc.field
+            if name is None or name not in kw:
+                raise
+            options = _alternatives(hints[name])
+            if tried[name] >= len(options):
+                raise
+            kw[name] = options[tried[name]]
+            tried[name] += 1
+
+
+def seed_messages() -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Valid messages of every type in shared.messages.MESSAGE_TYPES (built from the
+    dataclass fields: with optional fields set and None, with each payload size the type
+    accepts), by label; and, by label, raw frames of the combinations no value satisfies."""
     import typing
     from array import array
     from dataclasses import fields
 
     from shared.errors import ProtocolError
-    from shared.frame import FIXED_HEADER, MAGIC, encode_frame
+    from shared.frame import encode_frame
     from shared.messages import MESSAGE_TYPES
 
     def floats(n: int) -> bytes:
         return array("f", [0.25 * (i % 17) - 2.0 for i in range(n)]).tobytes()
 
-    seeds: dict[str, bytes] = {}
     messages: dict[str, Any] = {}
+    raw: dict[str, bytes] = {}
     for type_id, cls in sorted(MESSAGE_TYPES.items()):
         hints = typing.get_type_hints(cls)
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
@@ -134,11 +181,30 @@ def seed_inputs() -> dict[str, bytes]:
                       for n in names}
                 label = f"{cls.__name__.lower()}-{'none' if none else 'full'}-{len(payload)}"
                 try:
-                    messages[label] = cls(**kw)
-                    seeds[label] = messages[label].to_frame()
-                except (ProtocolError, TypeError, ValueError):  # schema moved on: raw frame
+                    messages[label] = valid_message(cls, dict(kw))
+                except (ProtocolError, TypeError, ValueError):  # no valid value: raw frame
                     header = {k: v for k, v in kw.items() if k != "payload"}
-                    seeds[label + "-raw"] = encode_frame(type_id, header, payload)
+                    raw[label + "-raw"] = encode_frame(type_id, header, payload)
+    return messages, raw
+
+
+def example_messages() -> dict[int, Any]:
+    """One valid message of every type in shared.messages.MESSAGE_TYPES, by type id."""
+    out: dict[int, Any] = {}
+    for msg in seed_messages()[0].values():
+        out.setdefault(msg.TYPE, msg)
+    return out
+
+
+def seed_inputs() -> dict[str, bytes]:
+    """name -> frame bytes: valid frames of every message type (built from the dataclass
+    fields, so new fields and types are covered), compressed and signed variants, frames
+    broken in every header field, and the golden vectors of shared/testdata/frames.json."""
+    from shared.errors import ProtocolError
+    from shared.frame import FIXED_HEADER, MAGIC
+
+    messages, seeds = seed_messages()
+    seeds = {label: msg.to_frame() for label, msg in messages.items()} | seeds
     for label, msg in messages.items():  # compressed and signed variants, where supported
         with contextlib.suppress(TypeError, ValueError, ProtocolError, RuntimeError):
             packed = msg.to_frame(compress=True)
@@ -210,6 +276,7 @@ def fuzz_dictionary() -> list[bytes]:
               b"accepted", b"duplicate", b"raw32", HEX.encode()}
     for cls in MESSAGE_TYPES.values():
         tokens |= {f'"{f.name}":'.encode() for f in fields(cls)}  # type: ignore[arg-type]
+    tokens |= {f'"{s}"'.encode() for s in _alternatives(str)}  # enum values: "p2p", "part"
     return sorted(tokens)
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.fuzz_frames import example_messages
 from shared.errors import FrameError, FrameTooLarge, ProtocolError, UnsupportedVersion
 from shared.frame import (
     FIXED_HEADER,
@@ -21,6 +22,7 @@ from shared.frame import (
     peek_lengths,
 )
 from shared.messages import (
+    MESSAGE_TYPES,
     Ack,
     Error,
     Hello,
@@ -67,7 +69,9 @@ def sample_messages() -> list[Message]:
     ]
 
 
-SAMPLES = sample_messages()  # built once: messages draw a random nonce
+# built once (messages draw a random nonce); plus one message of every registered type,
+# built from the registry, so the property tests below cover a new type without edits
+SAMPLES = sample_messages() + list(example_messages().values())
 VALID_FRAMES = [m.to_frame() for m in SAMPLES]
 
 
@@ -366,7 +370,7 @@ def test_random_bytes_only_raise_protocol_errors(data: bytes) -> None:
 @given(st.binary(max_size=200))
 def test_random_bytes_after_valid_fixed_header(tail: bytes) -> None:
     # a correct magic/version/lengths with random header and payload bytes
-    for msg_type in range(0, 9):
+    for msg_type in (0, *sorted(MESSAGE_TYPES), max(MESSAGE_TYPES) + 1, 255):
         data = FIXED_HEADER.pack(MAGIC, PROTOCOL_VERSION, msg_type, 0, len(tail), 0) + tail
         _decode_only_protocol_errors(data)
 
@@ -399,7 +403,7 @@ def test_mutated_frames_only_raise_protocol_errors(data: bytes) -> None:
 @st.composite
 def mutated_header(draw: st.DrawFn) -> bytes:
     """A valid frame whose JSON header has one field replaced by a random JSON value."""
-    msg = draw(st.sampled_from(sample_messages()))
+    msg = draw(st.sampled_from(SAMPLES))
     frame = decode_frame(msg.to_frame())
     header = dict(frame.header)
     # (out-of-range numbers get a deterministic test of their own in test_messages.py)
@@ -423,6 +427,11 @@ def mutated_header(draw: st.DrawFn) -> bytes:
 @given(mutated_header())
 def test_mutated_headers_only_raise_protocol_errors(data: bytes) -> None:
     _decode_only_protocol_errors(data)
+
+
+def test_samples_cover_every_message_type() -> None:
+    assert {m.TYPE for m in SAMPLES} == set(MESSAGE_TYPES)
+    assert {data[5] for data in VALID_FRAMES} == set(MESSAGE_TYPES)
 
 
 def test_valid_frames_decode() -> None:

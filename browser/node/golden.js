@@ -1,8 +1,10 @@
 // Checks the JS protocol code against the golden vectors of shared/testdata/ (codecs.json,
-// frames.json). Each check returns a list of {name, ok, error?}; the self-test page and
-// the e2e suite read them. Runs in a browser and in node (for quick local checks).
+// frames.json). Each check returns a list of {name, ok, error?}. The one checker for both
+// runtimes: the self-test page runs it in Chromium (e2e/test_golden_in_browser.py), and
+// tests/js/golden_node.mjs runs it under Node.js inside pytest (tests/test_js_golden.py).
 
 import { decodePayload, decodeUpdate, encode } from './codecs.js';
+import { ProtocolError } from './errors.js';
 import { bytesOf, fromHex, toHex } from './floatbits.js';
 import { decodeFrame } from './frame.js';
 import { decodeMessage, encodeMessage } from './messages.js';
@@ -109,6 +111,18 @@ export function checkFrames(doc) {
     }));
   }
   return results;
+}
+
+/** What decoding `bytes` as a message gives, in the words the Python tests use: 'ok',
+ * '<code>/<field>' for a protocol error, 'crash: ...' for anything else. */
+export function frameVerdict(bytes) {
+  try {
+    decodeMessage(bytes);
+    return 'ok';
+  } catch (exc) {
+    if (exc instanceof ProtocolError) return `${exc.code}/${exc.field ?? null}`;
+    return `crash: ${exc.name}: ${exc.message}`;
+  }
 }
 
 export { decodePayload };
