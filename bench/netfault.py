@@ -1,6 +1,6 @@
 """A loopback WebSocket relay that can drop or delay whole messages (fault injection).
 
-`tc netem` is not available on our machines (docs NOTES: "Emulating a WAN link"), so loss and
+`tc netem` is not available on our machines (docs/pitfalls.md, "Emulating a WAN"), so loss and
 latency are injected at the transport, one WebSocket MESSAGE at a time: every data message
 (binary or text) a client sends is forwarded to the upstream server, and every message the
 server sends back is forwarded to the client, unless the seeded RNG drops it. Whole messages

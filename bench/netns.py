@@ -1,4 +1,4 @@
-"""Run a command inside a private network namespace (NOTES.md): loopback plus one veth pair
+"""Run a command inside a private network namespace (docs/pitfalls.md): loopback plus one veth pair
 with 10.77.0.1/24, so WebRTC stacks find a non-loopback host candidate while every packet
 stays inside the namespace. Needs root (unshare -n)."""
 

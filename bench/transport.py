@@ -215,7 +215,7 @@ def topology_run(tmp: Path, topology: str, n: int, *, rounds: int, flavour: str,
 CHROMIUM = os.environ.get("DAA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-features=WebRtcHideLocalIpsWithMdns"]  # NOTES.md: no mDNS hosts
+                 "--disable-features=WebRtcHideLocalIpsWithMdns"]  # docs/pitfalls.md: no mDNS hosts
 
 
 async def chromium_pairs(size: int, repeats: int) -> list[dict[str, Any]]:

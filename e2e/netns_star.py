@@ -3,7 +3,7 @@ native node send their updates to the server's aiortc peer over WebRTC data chan
 
     python -m e2e.netns_star DATA_DIR [--onnx-cache DIR] [--expect webrtc|relay]
 
-Chromium needs a non-loopback interface for WebRTC (NOTES.md): the namespace has the veth
+Chromium needs a non-loopback interface for WebRTC (docs/pitfalls.md): the namespace has the veth
 10.77.0.1, and every packet stays inside it. Prints one JSON line with what it saw and exits
 0 when the tab's and the native node's updates went the expected way and the run finished.
 `--expect relay` is for a namespace with loopback only: ICE cannot connect, so after

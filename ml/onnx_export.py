@@ -19,7 +19,7 @@ The math is the trainer's (native_node.trainer): ``loss_fn`` (mean one-hot cross
 ``clip_grad_norm_(1.0)`` then ``torch.optim.AdamW(betas=(0.9, 0.95), eps=1e-8,
 weight_decay=0.01)`` with decoupled weight decay and bias correction. Recipe: make_fx
 (symbolic) over ``torch.func.grad_and_value``, then ``torch.onnx.export(dynamo=True)``; see
-docs/onnx.md and NOTES.md.
+docs/onnx.md and docs/pitfalls.md.
 
 Graphs are cached under ``<out_dir>/<key>/`` where key = sha256(canonical JSON of the model
 config, the exporter version and the inner-optimizer settings); a directory is written under a

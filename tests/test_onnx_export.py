@@ -201,7 +201,7 @@ def test_batch_dimension_is_symbolic_and_weights_are_inputs(
     for path, names in ((graphs.train_step, ("x", "y")), (graphs.infer, ("x",))):
         proto = onnx.load(str(path), load_external_data=False)
         inputs = {i.name: dims(i) for i in proto.graph.input}
-        for name in names:  # NOTES.md: the batch can silently come out fixed
+        for name in names:  # docs/pitfalls.md: the batch can silently come out fixed
             assert isinstance(inputs[name][0], str) and inputs[name][0], (path.name, inputs)
         assert inputs["params"] == [n]
         outputs = {o.name: dims(o) for o in proto.graph.output}
