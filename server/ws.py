@@ -12,16 +12,23 @@ still queued on it are dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from server.auth import authenticate
 from server.keys import COORDINATOR
 from server.peers import Connection
-from shared.errors import FrameError
+from shared.errors import ERROR_CODES, FrameError, ProtocolError
+from shared.frame import PROTOCOL_VERSION, decode_frame
+from shared.messages import MESSAGE_TYPES, Challenge, Error, Hello, message_from_frame
 
 log = logging.getLogger("server.ws")
 HELLO_TIMEOUT_S = 30.0  # a connection that has not said who it is by then is closed
@@ -30,6 +37,13 @@ FRAME_RATE, FRAME_BURST = 200.0, 1000  # frames per second per node (per connect
 PRE_HELLO_REFUSALS = 8  # refused frames before Hello, then the connection is closed
 MAX_REFUSALS = 256  # refused frames on one connection, then it is closed
 MAX_TRACKED = 4096  # addresses / nodes whose buckets are kept (least recently used dropped)
+CHALLENGE_POOL = 64  # signed Challenges kept for reuse (see Challenges)
+AGENT = "daa-prime-server/0.1"
+# fields a refusal before Hello may name in its cached Error (any other: null)
+PRE_HELLO_FIELDS = frozenset({"header", "payload", "signature", "msg_type", "nonce", "round",
+                              "version", "magic", "flags", "length", "header_len",
+                              "payload_len", "run_id"} | {
+    f.name for cls in MESSAGE_TYPES.values() for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 routes = web.RouteTableDef()
 
 
@@ -62,6 +76,32 @@ class RateLimit:
         return True
 
 
+class Challenges:
+    """Signed Challenge frames, reused: a connection that closes without having sent a Hello
+    frame returns its (never answered) challenge to the pool, so that connecting and sending
+    junk costs the server no signature. A challenge a Hello frame was sent for, refused or
+    not, is never handed out again."""
+
+    def __init__(self) -> None:
+        self.pool: list[tuple[str, bytes]] = []
+        self.signed = 0
+
+    def take(self, coord: Any) -> tuple[str, bytes]:
+        if self.pool:
+            return self.pool.pop()
+        ident = coord.run.identity
+        challenge = secrets.token_hex(32)
+        self.signed += 1
+        return challenge, coord.frame(Challenge(
+            run_id=coord.run.run_id, challenge=challenge,
+            server_public_key=ident.public_key.hex(), protocol_version=PROTOCOL_VERSION,
+            agent=AGENT))
+
+    def give_back(self, challenge: str, frame: bytes) -> None:
+        if len(self.pool) < CHALLENGE_POOL:
+            self.pool.append((challenge, frame))
+
+
 @dataclass
 class Limits:
     """The server's rate limits (one per app)."""
@@ -71,6 +111,9 @@ class Limits:
     closed_for_refusals: int = 0
     closed_for_rate: int = 0
     dropped_after_close: int = 0  # frames that arrived on a connection already being closed
+    challenges: Challenges = field(default_factory=Challenges)
+    # pre-signed Errors for refusals before Hello: (code, field, variant) -> frame
+    refusals: dict[tuple[str, str | None, int], bytes] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> Limits:
@@ -82,7 +125,9 @@ class Limits:
                 "frames_over_rate": self.frames.refused,
                 "closed_for_refusals": self.closed_for_refusals,
                 "closed_for_rate": self.closed_for_rate,
-                "dropped_after_close": self.dropped_after_close}
+                "dropped_after_close": self.dropped_after_close,
+                "challenges_signed": self.challenges.signed,
+                "refusals_signed": len(self.refusals)}
 
 
 LIMITS = web.AppKey("limits", Limits)
@@ -106,6 +151,42 @@ def close_reason(conn: Connection) -> str | None:
     return None
 
 
+def _pre_hello_check(coord: Any, conn: Connection, data: bytes) -> ProtocolError | None:
+    """Why a frame on a connection without a Hello is refused, or None (a Hello that
+    authenticates and parses: the coordinator takes it from there). The same checks, in the
+    same order, as the coordinator's, without signing or storing anything."""
+    try:
+        frame = decode_frame(data, max_payload=coord.max_payload)
+        authenticate(frame, run_id=coord.run.run_id, challenge=conn.challenge, peer_id=None,
+                     peer_key=b"")
+        message_from_frame(frame, max_payload=coord.max_payload)
+    except ProtocolError as err:
+        return err
+    return None
+
+
+async def _refuse_before_hello(coord: Any, limits: Limits, conn: Connection,
+                               err: ProtocolError, seen: dict[tuple[str, str | None], int]
+                               ) -> None:
+    """A refusal before Hello: counted, logged, answered with a cached pre-signed Error (its
+    code and field, a fixed message), never signed per frame, never stored."""
+    code = err.code if err.code in ERROR_CODES else "protocol_error"
+    fld = err.field if err.field in PRE_HELLO_FIELDS else None
+    variant = seen.get((code, fld), 0)  # a frame's nonce may not repeat on one connection
+    seen[(code, fld)] = variant + 1
+    coord.rejected[code] += 1
+    conn.errors += 1
+    log.warning("rejected %s before hello from %s: %s", code, conn.remote, err.message[:200])
+    key = (code, fld, variant)
+    data = limits.refusals.get(key)
+    if data is None:
+        data = coord.frame(Error(code=code, message=f"{code} (refused before hello; see "
+                                 "docs/protocol.md, Error codes)", field=fld, round=None))
+        limits.refusals[key] = data
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await conn.ws.send_bytes(data)
+
+
 @routes.get("/ws")
 async def control(request: web.Request) -> web.StreamResponse:
     coord = request.app[COORDINATOR]
@@ -127,8 +208,12 @@ async def control(request: web.Request) -> web.StreamResponse:
             closing.append(asyncio.ensure_future(ws.close()))
 
     hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, no_hello)
+    challenge, greeting = limits.challenges.take(coord)
+    conn.challenge = challenge
+    hello_seen = False
+    seen: dict[tuple[str, str | None], int] = {}
     try:
-        await coord.greet(conn)
+        await coord.send(conn, greeting)
         async for msg in ws:
             if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
                 if ws.closed or close_reason(conn) is not None:
@@ -140,11 +225,23 @@ async def control(request: web.Request) -> web.StreamResponse:
                     log.warning("closing %s: more than %.0f frames/s", conn.remote, FRAME_RATE)
                     await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate limit")
                     break
-            if msg.type == WSMsgType.BINARY:
+            if msg.type == WSMsgType.BINARY and conn.peer is None:
+                data = msg.data
+                hello_seen = hello_seen or (len(data) > 5 and data[5] == Hello.TYPE)
+                err = _pre_hello_check(coord, conn, data)
+                if err is not None:
+                    await _refuse_before_hello(coord, limits, conn, err, seen)
+                else:
+                    await coord.handle_frame(conn, data)
+            elif msg.type == WSMsgType.BINARY:
                 await coord.handle_frame(conn, msg.data)
             elif msg.type == WSMsgType.TEXT:
-                await coord.reject(conn, FrameError(
-                    "text messages are not part of the protocol: send binary frames"))
+                text = FrameError("text messages are not part of the protocol: send binary "
+                                  "frames")
+                if conn.peer is None:
+                    await _refuse_before_hello(coord, limits, conn, text, seen)
+                else:
+                    await coord.reject(conn, text)
             elif msg.type == WSMsgType.ERROR:
                 exc = msg.data if msg.data is not None else ws.exception()
                 too_big = WSCloseCode.MESSAGE_TOO_BIG
@@ -161,4 +258,6 @@ async def control(request: web.Request) -> web.StreamResponse:
     finally:
         hello_timer.cancel()
         coord.disconnect(conn)
+        if not hello_seen and conn.peer is None:  # never answered: safe to hand out again
+            limits.challenges.give_back(challenge, greeting)
     return ws

@@ -93,3 +93,18 @@ async def test_hostile_numbers_never_reach_the_store(tmp_path: Path) -> None:
             await strict_json(srv, path)
         (r0,) = await srv.api("/api/rounds")
         assert r0["train_loss"] == 1.0
+
+
+async def test_junk_connections_cost_the_server_no_signature(tmp_path: Path) -> None:
+    async with serve(tmp_path, quorum=1) as srv:
+        for _ in range(6):
+            c = await srv.client("junk", hello=False)
+            for _ in range(PRE_HELLO_REFUSALS):
+                await c.ws.send_bytes(JUNK)
+            assert await closed(c.ws) == PRE_HELLO_REFUSALS
+            await asyncio.sleep(0.05)
+        limits = (await srv.api("/api/run"))["limits"]
+        assert limits["challenges_signed"] <= 2  # unanswered challenges are reused
+        assert limits["refusals_signed"] == PRE_HELLO_REFUSALS  # cached, signed once each
+        a = await srv.client("a")  # an honest node still gets in on a reused challenge
+        assert a.welcome is not None
