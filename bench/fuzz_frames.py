@@ -1,6 +1,7 @@
 """Coverage-guided fuzzing of the frame parser and message decoder (atheris / libFuzzer).
 
     python -m bench.fuzz_frames --seconds N [--corpus DIR] [--verbose]
+    python -m bench.fuzz_frames --live --seconds N [--url URL] [--seed S]   (bench/fuzz_live.py)
 
 Fuzzes `shared.messages.decode_message` (which runs `shared.frame.decode_frame`) with the
 `shared` package instrumented for coverage. The seed corpus is built in code (valid frames for
@@ -577,7 +578,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="show libFuzzer's output live")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stats", help=argparse.SUPPRESS)
+    p.add_argument("--live", action="store_true", help="fuzz a real server over its WebSocket "
+                   "with a registered identity (bench/fuzz_live.py)")
+    p.add_argument("--url", help="--live: target this running server instead of starting one")
+    p.add_argument("--seed", type=int, default=0, help="--live: the mutator's seed")
     args = p.parse_args(ours)
+    if args.live:
+        from bench.fuzz_live import run_live
+
+        return run_live(args)
     if args.worker:
         return worker(args, libfuzzer_argv)
     if not atheris_available():
