@@ -1,14 +1,13 @@
-"""Simulated nodes for bench.simulate: an in-memory Sender, a node that speaks the protocol
-frame for frame like native_node.client, and one shared torch trainer for all of them."""
+"""Simulated nodes for bench.simulate: an in-memory Sender, a node that drives the same
+shared.participant.Participant as native nodes and browser tabs (so a feature added to the
+participant is simulated with no extra code), and one shared torch trainer for all of them."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,27 +16,12 @@ import torch
 from ml.data import BatchSampler
 from ml.workload import Workload
 from ml.zoo import flatten, load_flat, loss_fn
-from native_node.encoder import UpdateEncoder
-from native_node.trust import ServerTrust
 from server.peers import Connection
 from shared.attacks import flip_labels
-from shared.codecs import make_codec
-from shared.envelope import Identity, new_nonce
-from shared.layout import TensorSlot
-from shared.messages import (
-    Ack,
-    Challenge,
-    Error,
-    Hello,
-    RoundCommitted,
-    RoundOpen,
-    Submit,
-    Welcome,
-)
+from shared.participant import Event, Participant
 
 log = logging.getLogger("bench.simulate")
 AGENT = "daa-prime-sim/0.1"
-MAX_MESSAGE = 512 * 1024 * 1024
 
 
 class MemorySender:
@@ -59,68 +43,68 @@ class MemorySender:
 @dataclass(eq=False)
 class SimNode:
     index: int
-    identity: Identity
+    part: Participant  # the one participant implementation, as in every runtime
     byzantine: bool
-    trust: ServerTrust
-    layout: Sequence[TensorSlot]  # the run's parameter layout (for per-tensor codecs)
     inbox: list[bytes] = field(default_factory=list)
     conn: Connection | None = None
-    challenge: Challenge | None = None
-    welcome: Welcome | None = None
-    open: RoundOpen | None = None  # the newest RoundOpen not yet trained for
+    welcome: Event | None = None  # the participant's "welcome" event
+    open: Event | None = None  # the newest "train" event not yet trained for
     committed: int = -1  # newest round the server told us it committed
     final: bool = False
     acks: int = 0
     errors: list[str] = field(default_factory=list)
     sampler: BatchSampler | None = None
     opt_state: tuple[np.ndarray, np.ndarray, float] | None = None  # exp_avg, exp_avg_sq, step
-    encoder: UpdateEncoder | None = None  # the real node's codec + error-feedback state
 
     @property
     def node_id(self) -> str:
-        return self.identity.node_id
-
-    def frame(self, msg: Hello | Submit) -> bytes:
-        """Signed exactly as native_node.client.NodeClient._send signs (fresh nonce)."""
-        assert self.challenge is not None
-        msg = dataclasses.replace(msg, nonce=new_nonce())
-        sign = self.identity.signer(run_id=self.challenge.run_id,
-                                    round=getattr(msg, "round", -1), msg_type=msg.TYPE,
-                                    nonce=msg.nonce)
-        return msg.to_frame(sign=sign, compress=isinstance(msg, Submit))
+        return self.part.node_id
 
     def pump(self) -> bytes | None:
-        """Open every queued server frame (verified by ServerTrust); a Hello to send back
-        when a Challenge arrived."""
+        """Feed every queued server frame to the participant and carry out its events; the
+        frame to send back (the Hello answering a Challenge), if any."""
         reply: bytes | None = None
         frames, self.inbox = self.inbox, []
         for raw in frames:
-            msg = self.trust.open(raw)
-            if isinstance(msg, Challenge):
-                self.challenge = msg
-                ident = self.identity
-                reply = self.frame(Hello(node_id=ident.node_id,
-                                         public_key=ident.public_key.hex(),
-                                         challenge=msg.challenge, nonce=new_nonce(),
-                                         runtime="native", agent=AGENT, device="cpu"))
-            elif isinstance(msg, Welcome):
-                self.welcome = msg
-                self.encoder = UpdateEncoder(make_codec(msg.codec, **msg.codec_params),
-                                             error_feedback=msg.error_feedback,
-                                             layout=self.layout,
-                                             momentum=msg.worker_momentum)
-            elif isinstance(msg, RoundOpen):
-                self.open = msg
-            elif isinstance(msg, Ack):
-                self.acks += 1
-            elif isinstance(msg, RoundCommitted):
-                self.committed = max(self.committed, msg.round)
-                self.final = self.final or msg.final
-                if self.open is not None and self.open.round <= msg.round:
-                    self.open = None
-            elif isinstance(msg, Error):
-                self.errors.append(f"{msg.code}: {msg.message}")
+            for ev in self.part.receive(raw):
+                reply = self._on_event(ev) or reply
         return reply
+
+    def _on_event(self, ev: Event) -> bytes | None:
+        kind = ev["kind"]
+        if kind == "send":
+            return bytes(ev["frame"])
+        if kind == "welcome":
+            self.welcome = ev
+        elif kind == "train":
+            self.open = ev
+        elif kind == "cancel" and self.open is not None and self.open["round"] == ev["round"]:
+            self.open = None
+        elif kind == "ack":
+            self.acks += 1
+        elif kind == "committed":
+            self.committed = max(self.committed, ev["round"])
+            self.final = self.final or ev["final"]
+            if self.open is not None and self.open["round"] <= ev["round"]:
+                self.open = None
+        elif kind in ("error", "refused", "fatal"):
+            self.errors.append(f"{ev.get('code', kind)}: {ev['message']}")
+        return None
+
+    def submit(self, delta: np.ndarray, *, train_loss: float | None, samples: int,
+               compute_s: float) -> bytes:
+        """The participant's signed Submit of `delta` for the open round (codec, error
+        feedback and worker momentum exactly as every runtime applies them)."""
+        assert self.open is not None
+        events = self.part.submit(int(self.open["round"]),
+                                  np.ascontiguousarray(delta, dtype="<f4").tobytes(),
+                                  train_loss=train_loss, samples=samples, compute_s=compute_s)
+        self.open = None
+        for ev in events:
+            frame = self._on_event(ev)
+            if frame is not None:
+                return frame
+        raise RuntimeError(f"node {self.index} sent no update: {self.errors[-1:]}")
 
 
 class SharedTrainer:
@@ -138,6 +122,8 @@ class SharedTrainer:
 
     def train(self, node: SimNode, theta: np.ndarray, *, steps: int, lr: float,
               poison_labels: bool = False) -> tuple[np.ndarray, float | None, int, float]:
+        """`steps` inner AdamW steps from theta on the node's shard -> (delta, mean loss,
+        samples, seconds)."""
         assert node.sampler is not None
         load_flat(self.model, theta)
         opt = self.opt  # one optimizer object; its state is the node's (or empty = fresh)

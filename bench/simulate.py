@@ -6,11 +6,12 @@
 One process, one event loop, no sockets: the real `server.coordinator.Coordinator` over a real
 `server.runstate` run (SQLite + safetensors in a temp data dir) talks to simulated nodes
 through an in-memory `Sender` (server.peers) whose `send_bytes` drops the bytes in the node's
-inbox. Nodes do what native_node.client does, frame for frame: they verify every server frame
-with native_node.trust.ServerTrust, answer the Challenge with a Hello signed by their own
-ML-DSA-65 key, train on RoundOpen, encode with the run's codec (+ error feedback) and send a
-signed Submit through `coordinator.handle_frame`. Signatures, replay checks, codecs,
-aggregation, the outer step and commits are the production code paths.
+inbox. Every node drives shared.participant.Participant, the same class native nodes and
+browser tabs drive: it verifies every server frame (shared.trust), answers the Challenge with
+a Hello signed by the node's own ML-DSA-65 key, hands over each round's params, and encodes
+(codec + error feedback + worker momentum) and signs the Submit that goes through
+`coordinator.handle_frame`. Signatures, replay checks, codecs, aggregation, the outer step
+and commits are the production code paths.
 
 Memory: nodes hold no torch model. ONE shared model is re-loaded with theta for each node
 and trained sequentially (the inner loop of native_node.trainer.Trainer: AdamW betas
@@ -50,24 +51,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.sim_nodes import MemorySender, SharedTrainer, SimNode
+from bench.sim_nodes import AGENT, MemorySender, SharedTrainer, SimNode
 from ml.data import BatchSampler, assign_shards
 from ml.zoo import load_flat
-from native_node.trust import ServerTrust
 from server.coordinator import Coordinator
 from server.peers import Connection
 from server.runstate import RunState, open_run
 from shared.attacks import ATTACKS, get_attack
-from shared.envelope import Identity, new_nonce
-from shared.messages import (
-    Submit,
-    sha256_hex,
-)
+from shared.envelope import Identity
 from shared.p2p import RESULT_CODECS, decode_result, encode_result
+from shared.participant import Participant
 
 log = logging.getLogger("bench.simulate")
-AGENT = "daa-prime-sim/0.1"
-MAX_MESSAGE = 512 * 1024 * 1024
 
 
 def accuracy(run: RunState, params: np.ndarray, model: torch.nn.Module | None = None) -> float:
@@ -157,8 +152,6 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     by_shard = np.argsort(owner, kind="stable")
     starts = np.searchsorted(owner[by_shard], np.arange(cfg.n_shards + 1))
     wake = asyncio.Event()
-    trust_dir = tmp / "trust"
-    trust_dir.mkdir(parents=True, exist_ok=True)
 
     def say(text: str, *, end: str = "\n") -> None:
         if progress:
@@ -167,8 +160,9 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     # -- identities (every node its own ML-DSA-65 key) -------------------------------------
     t0 = time.perf_counter()
     sim: list[SimNode] = [
-        SimNode(index=i, identity=Identity.generate(), byzantine=i in byz_set,
-                trust=ServerTrust(trust_dir, max_payload=MAX_MESSAGE), layout=work.manifest)
+        SimNode(index=i, byzantine=i in byz_set,
+                part=Participant(Identity.generate(), runtime="native", agent=AGENT,
+                                 device="cpu"))
         for i in range(nodes)]
     keygen_s = time.perf_counter() - t0
     say(f"{nodes} identities in {keygen_s:.1f} s; {n_byz} byzantine ({attack}), "
@@ -187,9 +181,8 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
             node.pump()
             if node.welcome is None:
                 raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
-            if node.welcome.model_id != work.model_id:
-                raise RuntimeError("model id mismatch between the run and the simulator")
-            shard = node.welcome.shard
+            node.part.set_layout(work.manifest)  # raises unless it hashes to the run's model
+            shard = node.welcome["shard"]
             idx = np.sort(by_shard[starts[shard]:starts[shard + 1]]).astype(np.int64)
             # seeded by (run seed, node index), not the random node id: runs are repeatable
             node.sampler = BatchSampler(ds.x_train, ds.y_train, idx, batch_size=cfg.batch_size,
@@ -207,7 +200,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
         acc0 = accuracy(run, run.params, eval_model) if is_classify else None
         rows.append({"round": "init", "eval_loss": run.eval_loss_init, "accuracy": acc0})
         for r in range(rounds):
-            await _until(wake, lambda r=r: all(n.open is not None and n.open.round == r
+            await _until(wake, lambda r=r: all(n.open is not None and n.open["round"] == r
                                                for n in sim), sim, task, 600, f"round {r} to open")
             t_round = time.perf_counter()
             acc_before, rej_before = coord.counters["accepted"], sum(coord.rejected.values())
@@ -217,12 +210,12 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
             order = [n for n in sim if not n.byzantine] + [n for n in sim if n.byzantine]
             shared_attack: np.ndarray | None = None  # attacks computed from the honest only
             for k, node in enumerate(order):
-                msg = node.open
-                assert msg is not None and node.welcome is not None and node.conn is not None
-                theta = np.frombuffer(msg.payload, dtype="<f4").astype(np.float32)
+                job = node.open
+                assert job is not None and node.conn is not None
+                theta = np.frombuffer(job["params"], dtype="<f4").astype(np.float32)
                 if not node.byzantine or spec.uses_own:
                     t0 = time.perf_counter()
-                    result = trainer.train(node, theta, steps=msg.inner_steps, lr=msg.inner_lr,
+                    result = trainer.train(node, theta, steps=job["steps"], lr=job["lr"],
                                            poison_labels=node.byzantine and spec.kind == "data")
                     train_s += time.perf_counter() - t0
                 else:
@@ -239,18 +232,11 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                         shared_attack = delta
                 elif keep_honest:
                     honest.append(delta)
-                assert node.encoder is not None
-                payload = node.encoder.encode(delta)
-                submit = Submit(run_id=node.welcome.run_id, round=msg.round, node_id=node.node_id,
-                                nonce=new_nonce(), codec=node.encoder.codec.name,
-                                length=int(delta.size), digest=sha256_hex(payload),
-                                train_loss=train_loss, samples=samples,
-                                compute_s=round(compute_s, 4), payload=payload)
                 t0 = time.perf_counter()
-                data = node.frame(submit)
+                data = node.submit(delta, train_loss=train_loss, samples=samples,
+                                   compute_s=compute_s)
                 await coord.handle_frame(node.conn, data)
                 sign_s += time.perf_counter() - t0
-                node.open = None
                 node.pump()
                 if progress and (k + 1) % 50 == 0:
                     say(f"  round {r}: {k + 1}/{nodes} submitted", end="\r")

@@ -5,8 +5,8 @@
 the FIRST `samples` examples of the run's validation split; a validator node on the LAST
 `samples`, so the two look at different data where the split is large enough.
 
-`ValidatorRole` is what a node started with `--role validator` does instead of training:
-keep theta_r from each RoundOpen, answer each ValidateRequest with a signed Verdict.
+`score_candidates` is a validator node's kernel (`--role validator`): the participant
+(shared/participant.py) holds theta_r and turns the scores into a signed Verdict.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ml.workload import Workload
 from ml.zoo import evaluate, load_flat
 from shared.codecs import decode_update
 from shared.errors import ProtocolError
-from shared.messages import RoundOpen, ValidateRequest, Verdict
+from shared.layout import TensorSlot
 
 log = logging.getLogger("ml.scoring")
 
@@ -58,43 +58,19 @@ class ProbeScorer:
         return base, out
 
 
-class ValidatorRole:
-    """A validator node's state: the current round's theta and its scorer."""
-
-    def __init__(self, work: Workload, samples: int = 512) -> None:
-        self.work = work
-        self.scorer = ProbeScorer(work, samples, side="tail")
-        self.theta: np.ndarray | None = None
-        self.round: int | None = None
-        self.params_digest: str | None = None
-        self.judged = 0
-
-    def on_round_open(self, msg: RoundOpen) -> None:
-        self.theta = np.frombuffer(msg.payload, dtype="<f4").astype(np.float32)
-        self.round, self.params_digest = msg.round, msg.params_digest
-
-    def verdict(self, req: ValidateRequest, *, node_id: str) -> Verdict:
-        """Score every candidate of `req` (runs in a worker thread: it evaluates a model)."""
-        if self.theta is None or req.params_digest != self.params_digest:
-            raise ProtocolError(f"validation request for params {req.params_digest[:12]} but "
-                                f"this validator holds {str(self.params_digest)[:12]}")
-        deltas: list[np.ndarray | None] = []
-        for i in range(len(req.candidates)):
-            try:
-                vec = decode_update(req.candidate_payload(i), req.length, expect=req.codec,
-                                    layout=self.work.manifest)
-                deltas.append(np.asarray(vec, dtype=np.float32))
-            except ProtocolError as exc:  # undecodable: scored as "not finite" (rejected)
-                log.warning("candidate %d of round %d does not decode: %s", i, req.round, exc)
-                deltas.append(None)
-        good = [d for d in deltas if d is not None]
-        base, losses = self.scorer.score(self.theta, good)
-        it = iter(losses)
-        scores = [{"node_id": c["node_id"], "digest": c["digest"],
-                   "loss": next(it) if d is not None else None}
-                  for c, d in zip(req.candidates, deltas, strict=True)]
-        self.judged += len(scores)
-        log.info("round %d: scored %d candidates (base loss %s)", req.round, len(scores),
-                 f"{base:.4f}" if base is not None else "n/a")
-        return Verdict(run_id=req.run_id, round=req.round, node_id=node_id, base_loss=base,
-                       scores=scores)
+def score_candidates(scorer: ProbeScorer, theta: np.ndarray, payloads: Sequence[bytes], *,
+                     length: int, codec: str, layout: Sequence[TensorSlot]
+                     ) -> tuple[float | None, list[float | None]]:
+    """A validator's kernel: decode each candidate payload (one that does not decode scores
+    None, "not finite", and is rejected) and score theta - Delta on the held-out rows."""
+    deltas: list[np.ndarray | None] = []
+    for i, payload in enumerate(payloads):
+        try:
+            vec = decode_update(payload, length, expect=codec, layout=layout)
+            deltas.append(np.asarray(vec, dtype=np.float32))
+        except ProtocolError as exc:
+            log.warning("candidate %d does not decode: %s", i, exc)
+            deltas.append(None)
+    base, losses = scorer.score(theta, [d for d in deltas if d is not None])
+    it = iter(losses)
+    return base, [next(it) if d is not None else None for d in deltas]

@@ -1,10 +1,18 @@
-"""The node's control-channel client: join, train each round, submit, reconnect with backoff."""
+"""The native node: drives shared.participant.Participant over a WebSocket, trains with torch.
+
+Everything a participant decides in a round (handshake, server pin, params and deltas, codec
+and error feedback, signing, resubmission, the journal entry, p2p readiness) lives in
+shared/participant.py, the same class the browser tab and the simulator drive. This module
+only carries out its events: it owns the socket (reconnect with backoff, handshake timeout),
+the torch trainer and the scorer, the star uplink and the p2p role (aiortc), and the journal
+file.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import functools
 import logging
 import random
 import threading
@@ -16,35 +24,13 @@ import aiohttp
 import numpy as np
 
 from ml.data import DataSpec
-from ml.scoring import ValidatorRole
+from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload, from_spec
-from native_node import journal
-from native_node.encoder import UpdateEncoder
+from native_node import journal, pins
 from native_node.trainer import RoundResult, Trainer
-from native_node.trust import ServerTrust, UntrustedServer
-from shared.codecs import make_codec
-from shared.downlink import resolve
-from shared.envelope import Identity, new_nonce
-from shared.errors import BadUpdate, ProtocolError
-from shared.messages import (
-    SERVER,
-    Ack,
-    Challenge,
-    Error,
-    Hello,
-    Message,
-    Ready,
-    RoundCommitted,
-    RoundOpen,
-    Shard,
-    ShardPlan,
-    Signal,
-    Submit,
-    ValidateRequest,
-    Verdict,
-    Welcome,
-    sha256_hex,
-)
+from shared.envelope import Identity
+from shared.messages import SERVER, Signal, Submit
+from shared.participant import MAX_MESSAGE, Event, Participant
 
 if TYPE_CHECKING:  # aiortc is imported only when a run uses the star or p2p transport
     from native_node.p2p import P2PRole
@@ -52,8 +38,7 @@ if TYPE_CHECKING:  # aiortc is imported only when a run uses the star or p2p tra
 
 log = logging.getLogger("native_node")
 AGENT = "daa-prime-native/0.1"
-FATAL_CODES = {"unsupported_version"}
-MAX_MESSAGE = 512 * 1024 * 1024
+VALIDATOR_SAMPLES = 512  # held-out rows a validator node scores on (the LAST ones)
 
 
 class FatalError(Exception):
@@ -90,36 +75,65 @@ class Backoff:
         self.n = 0
 
 
+def with_sctp_tuning() -> None:
+    """This process carries data over aiortc: apply the SCTP tuning (version-guarded)."""
+    from transport import sctp_tuning
+
+    if not sctp_tuning.installed():
+        sctp_tuning.install()
+
+
 class NodeClient:
     def __init__(self, opts: NodeOptions) -> None:
         self.opts = opts
+        self.part = Participant(opts.identity, runtime="native", agent=AGENT,
+                                device=opts.device, role=opts.role,
+                                pins=pins.load(opts.state_dir),
+                                save_pins=functools.partial(pins.save, opts.state_dir),
+                                expected_server_id=opts.server_id)
         self.work: Workload | None = None
         self.trainer: Trainer | None = None
-        self.validator: ValidatorRole | None = None  # set when role is "validator"
+        self.scorer: ProbeScorer | None = None  # set when role is "validator"
         self.uplink: StarUplink | None = None  # WebRTC data channel (transport "star")
         self.p2p: P2PRole | None = None  # shard exchange with the other nodes ("p2p")
-        self.pending_ready: Ready | None = None  # p2p: our Ready for the open round
-        self.held: np.ndarray | None = None  # the global params of the last RoundOpen
-        self.held_digest: str | None = None  # ... and their digest (base of a params delta)
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self.welcome: Welcome | None = None
-        self.challenge: Challenge | None = None
-        self.encoder: UpdateEncoder | None = None  # codec + error feedback + PowerSGD state
         self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.pending: Submit | None = None  # trained, not yet known to be committed
-        self.pending_params: str | None = None  # params digest the pending update started from
-        # an update journaled before a crash (native_node.journal), offered at the next round
-        self.journaled = journal.recover(opts.state_dir, opts.identity.node_id)
         self.task: asyncio.Task[None] | None = None
-        self.task_round: int | None = None
         self.cancel = threading.Event()
         self.stop = asyncio.Event()
-        self.submitted = 0
-        self.refused = 0  # frames from the server that failed verification
-        self.trust = ServerTrust(opts.state_dir, expected_server_id=opts.server_id,
-                                 max_payload=MAX_MESSAGE)
         self.last_eval: float | None = None
-        self._closing: asyncio.Future[bool] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._recover_journal()
+
+    def _recover_journal(self) -> None:
+        """An update journaled before a crash is offered again when its round reopens."""
+        try:
+            entry = journal.load(self.opts.state_dir)
+        except journal.JournalError as exc:
+            journal.discard(self.opts.state_dir, str(exc))
+            return
+        if entry is None:
+            return
+        if not self.part.restore(entry):
+            journal.discard(self.opts.state_dir, "damaged, of another version or another node")
+            return
+        log.info("journal: an update for round %d survived the restart; the error-feedback "
+                 "residual did not (it starts again from zero)", self.pending_round)
+
+    @property
+    def node_id(self) -> str:
+        return self.part.node_id
+
+    @property
+    def submitted(self) -> int:
+        return int(self.part.counts["submitted"])
+
+    @property
+    def refused(self) -> int:
+        return int(self.part.counts["refused_frames"])
+
+    @property
+    def pending_round(self) -> int | None:
+        return self.part.pending.round if self.part.pending is not None else None
 
     # -- connection loop -----------------------------------------------------------------
     async def run(self) -> int:
@@ -163,301 +177,244 @@ class NodeClient:
         self.cancel.set()
         self.stop.set()
         if self.ws is not None:
-            self._closing = asyncio.ensure_future(self.ws.close())
+            self._background(self.ws.close())
 
-    @property
-    def node_id(self) -> str:
-        return self.opts.identity.node_id
-
-    def _sign(self, msg: Message) -> bytes:
-        """`msg` with a fresh nonce, signed as this node; Submit payloads zstd'd when it pays."""
-        assert self.challenge is not None
-        msg = dataclasses.replace(msg, nonce=new_nonce())  # type: ignore[type-var]
-        sign = self.opts.identity.signer(run_id=self.challenge.run_id,
-                                         round=getattr(msg, "round", -1), msg_type=msg.TYPE,
-                                         nonce=msg.nonce)  # type: ignore[attr-defined]
-        return msg.to_frame(sign=sign, compress=isinstance(msg, Submit))
-
-    async def _send_raw(self, frame: bytes) -> None:
-        if self.ws is not None and not self.ws.closed:
-            await self.ws.send_bytes(frame)
-
-    async def _send(self, msg: Hello | Submit | Verdict | Signal | Ready) -> None:
-        """Sign (fresh nonce each time) and send; Submit payloads are zstd'd when it pays.
-        With the star transport an update goes over the data channel when it is open."""
-        if self.ws is None or self.ws.closed or self.challenge is None:
-            return
-        frame = self._sign(msg)
-        if isinstance(msg, Submit) and self.uplink is not None and await self.uplink.send(frame):
-            return
-        await self.ws.send_bytes(frame)
-
-    async def _start_uplink(self, msg: Welcome) -> None:
-        """transport "star": offer a data channel to the server's peer (relay on failure)."""
-        if self.uplink is not None:
-            await self.uplink.close()
-            self.uplink = None
-        if msg.transport != "star" or self.opts.role != "trainer":
-            return
-
-        async def signal(kind: str, data: str) -> None:
-            await self._send(Signal(run_id=msg.run_id, node_id=self.node_id, to=SERVER,
-                                    kind=kind, data=data))
-
-        from transport.rtc import StarUplink  # aiortc: ~0.3 s of start-up, only when used
-
-        self.uplink = StarUplink(signal, timeout_s=msg.rtc_timeout_s)
-        await self.uplink.start()
-        task = asyncio.ensure_future(self.uplink.wait_open())
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection. True when the run is over (or max_rounds reached)."""
-        self.challenge = None
-        self.trust.reset()
+        self.part.connection_made()
         joined = asyncio.Event()
-        loop = asyncio.get_running_loop()
 
         def handshake_timeout() -> None:  # a lost Challenge or Welcome must not hang us
             if not joined.is_set() and not ws.closed:
                 log.warning("no welcome from the server within %.0f s; reconnecting",
                             self.opts.handshake_timeout_s)
-                self._background_close(ws)
+                self._background(ws.close())
 
-        timer = loop.call_later(self.opts.handshake_timeout_s, handshake_timeout)
+        timer = asyncio.get_running_loop().call_later(self.opts.handshake_timeout_s,
+                                                      handshake_timeout)
         try:
-            return await self._frames(ws, joined)
+            async for raw in ws:
+                if raw.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                for event in self.part.receive(raw.data):
+                    if event["kind"] == "welcome":
+                        joined.set()
+                    if await self.on_event(event):
+                        return True
+                if self.opts.max_rounds and self.submitted >= self.opts.max_rounds \
+                        and self.part.pending is None:
+                    log.info("submitted %d rounds; leaving", self.submitted)
+                    return True
         finally:
             timer.cancel()
-
-    def _background_close(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._closing = asyncio.ensure_future(ws.close())
-
-    async def _frames(self, ws: aiohttp.ClientWebSocketResponse, joined: asyncio.Event) -> bool:
-        async for raw in ws:
-            if raw.type != aiohttp.WSMsgType.BINARY:
-                continue
-            try:
-                msg = self.trust.open(raw.data)
-            except ProtocolError as exc:
-                self.refused += 1
-                log.warning("ignoring a frame from the server: %s", exc)
-                continue
-            except UntrustedServer as exc:
-                raise FatalError(str(exc)) from exc
-            if isinstance(msg, Challenge):
-                log.info("server %s (pinned for run %s)", (self.trust.server_id or "")[:16],
-                         msg.run_id)
-                self.challenge = msg
-                ident = self.opts.identity
-                await self._send(Hello(node_id=ident.node_id, public_key=ident.public_key.hex(),
-                                       challenge=msg.challenge, nonce=new_nonce(),
-                                       runtime="native", agent=AGENT, device=self.opts.device,
-                                       role=self.opts.role,
-                                       features="delta-params" if self.opts.role == "trainer"
-                                       else ""))
-            elif isinstance(msg, Welcome):
-                joined.set()
-                await self._on_welcome(msg)
-            elif isinstance(msg, RoundOpen) and self.validator is not None:
-                self.validator.on_round_open(msg)
-            elif isinstance(msg, RoundOpen):
-                await self._on_round_open(msg)
-            elif isinstance(msg, ValidateRequest):
-                await self._on_validate(msg)
-            elif isinstance(msg, Signal) and msg.node_id == SERVER and msg.kind == "answer":
-                if self.uplink is not None:
-                    await self.uplink.on_answer(msg.data)
-            elif isinstance(msg, Signal) and self.p2p is not None:
-                await self.p2p.on_signal(msg)
-            elif isinstance(msg, ShardPlan | Shard) and self.p2p is not None:
-                self.p2p.put(msg)
-            elif isinstance(msg, Ack):
-                log.info("round %d: update %s (%s)", msg.round, msg.status, msg.digest[:12])
-            elif isinstance(msg, RoundCommitted):
-                if self._on_committed(msg):
-                    return True
-            elif isinstance(msg, Error):
-                log.warning("server refused a message: %s: %s", msg.code, msg.message)
-                if msg.code in FATAL_CODES:
-                    raise FatalError(f"server: {msg.code}: {msg.message}")
-            if self.opts.max_rounds and self.submitted >= self.opts.max_rounds \
-                    and self.pending is None:
-                log.info("submitted %d rounds; leaving", self.submitted)
-                return True
         if self.stop.is_set():
             return True
         log.warning("connection to the server closed")
         return False
 
-    # -- handlers ------------------------------------------------------------------------
-    async def _on_welcome(self, msg: Welcome) -> None:
-        self.welcome = msg
-        if self.work is None or self.work.model_id != msg.model_id:
-            self._cancel_training()
-            spec = DataSpec.from_dict(msg.data)
-            work = await asyncio.to_thread(from_spec, msg.model, spec,
+    # -- the participant's events ----------------------------------------------------------
+    async def on_event(self, ev: Event) -> bool:
+        """Carry out one event; True when the run is over."""
+        kind = ev["kind"]
+        if kind == "send":
+            await self._send(ev["frame"], is_update=ev["msg_type"] == Submit.TYPE)
+        elif kind == "welcome":
+            await self._on_welcome(ev)
+        elif kind == "train":
+            self._start_training(ev)
+        elif kind == "cancel":
+            self.cancel.set()
+        elif kind == "journal":
+            await self._journal(ev["entry"])
+        elif kind == "validate":
+            await self._validate(ev)
+        elif kind == "ready" and self.p2p is not None:
+            self.p2p.trained(ev["round"], np.frombuffer(ev["delta"], dtype="<f4").copy())
+        elif kind == "p2p" and self.p2p is not None:
+            self.p2p.put(ev["message"])
+        elif kind == "signal":
+            await self._on_signal(ev)
+        elif kind == "committed":
+            return self._on_committed(ev)
+        elif kind == "reconnect":
+            log.warning("%s; reconnecting for the full params", ev["message"])
+            if self.ws is not None:
+                await self.ws.close()
+        elif kind == "fatal":
+            raise FatalError(f"server: {ev.get('code', 'refused')}: {ev['message']}"
+                             if "code" in ev else ev["message"])
+        else:
+            self._log_event(ev)
+        return False
+
+    def _log_event(self, ev: Event) -> None:
+        kind = ev["kind"]
+        if kind == "ack":
+            log.info("round %d: update %s (%s)", ev["round"], ev["status"], ev["digest"][:12])
+        elif kind == "resubmit":
+            log.info("round %d: resubmitting the update trained before the reconnect",
+                     ev["round"])
+        elif kind == "error":
+            log.warning("server refused a message: %s: %s", ev["code"], ev["message"])
+        elif kind == "refused":
+            log.warning("ignoring a frame from the server: %s", ev["message"])
+
+    async def _send(self, frame: bytes, *, is_update: bool = False) -> None:
+        """With the star transport an update goes over the data channel when it is open."""
+        if is_update and self.uplink is not None and await self.uplink.send(frame):
+            return
+        if self.ws is not None and not self.ws.closed:
+            try:
+                await self.ws.send_bytes(frame)
+            except (ConnectionError, aiohttp.ClientError) as exc:
+                log.warning("send failed (%s); an update is resubmitted after the reconnect",
+                            exc)
+
+    async def _journal(self, entry: str | None) -> None:
+        if entry is None:
+            journal.clear(self.opts.state_dir)
+            return
+        try:  # before the Submit goes out: after a crash from here on, resubmit, not retrain
+            await asyncio.to_thread(journal.save, self.opts.state_dir, entry)
+        except OSError as exc:
+            log.warning("cannot journal the update (%s)", exc)
+
+    async def _on_signal(self, ev: Event) -> None:
+        if ev["from"] == SERVER and ev["signal"] == "answer":
+            if self.uplink is not None:
+                await self.uplink.on_answer(ev["data"])
+        elif self.p2p is not None:
+            await self.p2p.on_signal(ev["from"], ev["signal"], ev["data"])
+
+    def _on_committed(self, ev: Event) -> bool:
+        if ev["round"] >= 0:
+            self.last_eval = ev["eval_loss"]
+            loss = f"{ev['eval_loss']:.4f}" if ev["eval_loss"] is not None else "n/a"
+            log.info("round %d committed: eval loss %s from %d updates", ev["round"], loss,
+                     ev["n_updates"])
+        if ev["final"]:
+            log.info("the run is finished")
+        return bool(ev["final"])
+
+    async def _on_welcome(self, ev: Event) -> None:
+        if self.work is None or self.work.model_id != ev["model_id"]:
+            self.cancel.set()
+            spec = DataSpec.from_dict(ev["data"])
+            work = await asyncio.to_thread(from_spec, ev["model"], spec,
                                            local_path=self.opts.data_path,
                                            cache_dir=self.opts.state_dir / "datasets")
-            if work.model_id != msg.model_id or work.n_params != msg.n_params:
-                raise FatalError(f"model mismatch: server model id {msg.model_id[:12]} "
-                                 f"({msg.n_params} params), rebuilt {work.model_id[:12]} "
+            if work.model_id != ev["model_id"] or work.n_params != ev["n_params"]:
+                raise FatalError(f"model mismatch: server model id {ev['model_id'][:12]} "
+                                 f"({ev['n_params']} params), rebuilt {work.model_id[:12]} "
                                  f"({work.n_params}); update this node's software")
             self.work = work
             if self.opts.role == "validator":
-                self.validator = ValidatorRole(work)
+                self.scorer = ProbeScorer(work, VALIDATOR_SAMPLES, side="tail")
             else:
-                self.trainer = Trainer(work, shard=msg.shard, n_shards=msg.n_shards,
+                self.trainer = Trainer(work, shard=ev["shard"], n_shards=ev["n_shards"],
                                        node_id=self.node_id, device=self.opts.device)
-            self.pending = None
-        codec = make_codec(msg.codec, **msg.codec_params)
-        enc = self.encoder
-        if (enc is None or enc.codec != codec or enc.error_feedback != msg.error_feedback
-                or enc.layout is not self.work.manifest or enc.beta != msg.worker_momentum):
-            if enc is not None and (enc.residual is not None or enc.momentum is not None):
-                log.info("error-feedback residual and worker momentum reset (new model, codec "
-                         "or setting)")
-            self.encoder = UpdateEncoder(codec, error_feedback=msg.error_feedback,
-                                         layout=self.work.manifest,
-                                         momentum=msg.worker_momentum)
-        await self._start_uplink(msg)
-        if msg.transport == "p2p" and self.opts.role == "trainer" and (
-                self.p2p is None or self.p2p.run_id != msg.run_id):
-            from native_node.p2p import P2PRole  # aiortc, only when used
+        if self.part.layout is None:
+            self.part.set_layout(self.work.manifest)
+        await self._start_uplink(ev)
+        await self._start_p2p(ev)
+        log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", ev["run_id"],
+                 self.node_id[:12], ev["model"].get("name"), ev["n_params"], ev["shard"],
+                 ev["n_shards"], ev["codec"], " + error feedback" if ev["error_feedback"] else "")
 
-            if self.p2p is not None:
-                await self.p2p.close()
-            self.p2p = P2PRole(self.node_id, msg.run_id, self._sign, self._send_raw,
-                               timeout_s=msg.rtc_timeout_s)
-        log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", msg.run_id,
-                 self.node_id[:12], msg.model.get("name"), msg.n_params, msg.shard,
-                 msg.n_shards, codec.name, " + error feedback" if msg.error_feedback else "")
+    async def _start_uplink(self, ev: Event) -> None:
+        """transport "star": offer a data channel to the server's peer (relay on failure)."""
+        if self.uplink is not None:
+            await self.uplink.close()
+            self.uplink = None
+        if ev["transport"] != "star" or self.opts.role != "trainer":
+            return
+        with_sctp_tuning()
+        from transport.rtc import StarUplink  # aiortc: ~0.3 s of start-up, only when used
 
-    async def _on_round_open(self, msg: RoundOpen) -> None:
-        try:  # full params, or the changes against the params we hold (shared.downlink)
-            theta = (self.p2p.params(msg, self.held, self.held_digest) if self.p2p is not None
-                     else resolve(msg, self.held, self.held_digest))
-        except BadUpdate as exc:
-            log.warning("round %d: %s; reconnecting for the full params", msg.round, exc)
-            self.held = self.held_digest = None
-            if self.ws is not None:
-                await self.ws.close()
+        async def signal(kind: str, data: str) -> None:
+            for out in self.part.signal(kind, data):
+                await self.on_event(out)
+
+        self.uplink = StarUplink(signal, timeout_s=ev["rtc_timeout_s"])
+        await self.uplink.start()
+        self._background(self.uplink.wait_open())
+
+    async def _start_p2p(self, ev: Event) -> None:
+        if ev["transport"] != "p2p" or self.opts.role != "trainer" or (
+                self.p2p is not None and self.p2p.run_id == ev["run_id"]):
             return
-        self.held, self.held_digest = theta, msg.params_digest
-        if self.journaled is not None and self.welcome is not None:  # first round after start
-            entry, self.journaled = self.journaled, None
-            if journal.matching(entry, run_id=self.welcome.run_id, round=msg.round,
-                                params_digest=msg.params_digest, state_dir=self.opts.state_dir):
-                self.pending, self.pending_params = entry.submit, entry.params_digest
-        ready = self.pending_ready
-        if (ready is not None and ready.round == msg.round and self.p2p is not None
-                and self.p2p.delta_round == msg.round and self.pending_params == msg.params_digest):
-            log.info("round %d: telling the server again that our update is ready", msg.round)
-            await self._send(ready)
-            return
-        if (self.pending is not None and self.pending.round == msg.round
-                and self.pending_params == msg.params_digest):
-            log.info("round %d: resubmitting the update trained before the reconnect",
-                     msg.round)
-            await self._send(self.pending)
-            return
-        if self.task is not None and not self.task.done() and self.task_round == msg.round:
-            return  # a retry of the round we are already training
-        self._cancel_training()
-        self.pending = None
+        with_sctp_tuning()
+        from native_node.p2p import P2PRole  # aiortc, only when used
+
+        if self.p2p is not None:
+            await self.p2p.close()
+        self.p2p = P2PRole(self.node_id, ev["run_id"], self._signed, self._send,
+                           timeout_s=ev["rtc_timeout_s"])
+        self.part.resolver = self.p2p.params
+
+    def _signed(self, msg: Signal | Any) -> bytes:
+        return self.part.frame(msg)
+
+    # -- training --------------------------------------------------------------------------
+    def _start_training(self, ev: Event) -> None:
+        self.cancel.set()  # a previous round still training stops (the participant said so)
         self.cancel = threading.Event()
-        self.task_round = msg.round
-        self.task = asyncio.create_task(self._train_and_submit(msg, theta, self.cancel))
+        theta = np.frombuffer(ev["params"], dtype="<f4").copy()
+        self.task = asyncio.create_task(self._train_and_submit(ev, theta, self.cancel))
 
-    async def _on_validate(self, msg: ValidateRequest) -> None:
-        if self.validator is None:
-            log.warning("round %d: a validation request, but this node is a %s", msg.round,
-                        self.opts.role)
-            return
-        try:
-            verdict = await asyncio.to_thread(self.validator.verdict, msg, node_id=self.node_id)
-        except ProtocolError as exc:
-            log.warning("round %d: cannot validate: %s", msg.round, exc)
-            return
-        await self._send(verdict)
-
-    def _on_committed(self, msg: RoundCommitted) -> bool:
-        if self.pending_ready is not None and self.pending_ready.round <= msg.round:
-            self.pending_ready = None
-        if self.pending is not None and self.pending.round <= msg.round:
-            self.pending = None
-            journal.clear(self.opts.state_dir)
-        if msg.round >= 0:
-            self.last_eval = msg.eval_loss
-            loss = f"{msg.eval_loss:.4f}" if msg.eval_loss is not None else "n/a"
-            log.info("round %d committed: eval loss %s from %d updates", msg.round, loss,
-                     msg.n_updates)
-        if msg.final:
-            log.info("the run is finished")
-        return msg.final
-
-    def _cancel_training(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.cancel.set()
-
-    async def _train_and_submit(self, msg: RoundOpen, theta: np.ndarray,
+    async def _train_and_submit(self, ev: Event, theta: np.ndarray,
                                 cancel: threading.Event) -> None:
-        assert self.trainer is not None and self.welcome is not None
-        bar = self._progress_bar(msg)
+        assert self.trainer is not None
+        round_, steps = int(ev["round"]), int(ev["steps"])
+        bar = self._progress_bar(round_, steps)
         try:
             result: RoundResult = await asyncio.to_thread(
-                self.trainer.train_round, theta, steps=msg.inner_steps, lr=msg.inner_lr,
-                batch_size=msg.batch_size, cancel=cancel,
+                self.trainer.train_round, theta, steps=steps, lr=ev["lr"],
+                batch_size=ev["batch_size"], cancel=cancel,
                 progress=(lambda i, loss: bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                           or bar.update(1)) if bar is not None else None)
+        except BaseException:
+            self.part.training_stopped(round_)
+            raise
         finally:
             if bar is not None:
                 bar.close()
-        if cancel.is_set() or result.steps < msg.inner_steps:
-            log.info("round %d: training cancelled after %d steps", msg.round, result.steps)
+        if cancel.is_set() or result.steps < steps:
+            log.info("round %d: training cancelled after %d steps", round_, result.steps)
+            self.part.training_stopped(round_)
             return
-        if self.p2p is not None:  # p2p: the update stays here; the shard owners get it
-            delta = np.ascontiguousarray(result.delta, dtype="<f4")
-            self.p2p.trained(msg.round, delta)
-            ready = Ready(run_id=self.welcome.run_id, round=msg.round, node_id=self.node_id,
-                          length=int(delta.size), digest=sha256_hex(delta.tobytes()),
-                          train_loss=result.train_loss, samples=result.samples,
-                          compute_s=round(result.compute_s, 4))
-            self.pending_ready, self.pending_params = ready, msg.params_digest
-            self.submitted += 1
-            log.info("round %d: %d steps in %.1f s; update ready for the p2p reduction",
-                     msg.round, result.steps, result.compute_s)
-            await self._send(ready)
-            return
-        assert self.encoder is not None
-        codec = self.encoder.codec
-        payload = self.encoder.encode(result.delta)
-        submit = Submit(run_id=self.welcome.run_id, round=msg.round, node_id=self.node_id,
-                        nonce=new_nonce(), codec=codec.name, length=int(result.delta.size),
-                        digest=sha256_hex(payload), train_loss=result.train_loss,
-                        samples=result.samples, compute_s=round(result.compute_s, 4),
-                        payload=payload)
-        try:  # journal first: after a crash from here on, the node resubmits, not retrains
-            await asyncio.to_thread(journal.save, self.opts.state_dir, journal.Entry(
-                params_digest=msg.params_digest, submit=submit))
-        except OSError as exc:
-            log.warning("round %d: cannot journal the update (%s)", msg.round, exc)
-        self.pending, self.pending_params = submit, msg.params_digest
-        self.submitted += 1
         loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
-        log.info("round %d: %d steps in %.1f s, train loss %s; submitting %d bytes", msg.round,
-                 result.steps, result.compute_s, loss, len(payload))
-        try:
-            await self._send(submit)
-        except (ConnectionError, aiohttp.ClientError) as exc:
-            log.warning("round %d: submit failed (%s); will resubmit after reconnect",
-                        msg.round, exc)
+        log.info("round %d: %d steps in %.1f s, train loss %s", round_, result.steps,
+                 result.compute_s, loss)
+        delta = np.ascontiguousarray(result.delta, dtype="<f4").tobytes()
+        for out in self.part.submit(round_, delta, train_loss=result.train_loss,
+                                    samples=result.samples, compute_s=result.compute_s):
+            await self.on_event(out)
 
-    def _progress_bar(self, msg: RoundOpen) -> Any:
+    async def _validate(self, ev: Event) -> None:
+        """Score the round's candidates (torch, in a thread) and answer with a Verdict."""
+        if self.scorer is None or self.work is None:
+            log.warning("round %d: a validation request, but this node is a %s", ev["round"],
+                        self.opts.role)
+            return
+        theta = np.frombuffer(ev["params"], dtype="<f4").copy()
+        base, losses = await asyncio.to_thread(
+            score_candidates, self.scorer, theta, [c["payload"] for c in ev["candidates"]],
+            length=ev["length"], codec=ev["codec"], layout=self.work.manifest)
+        log.info("round %d: scored %d candidates (base loss %s)", ev["round"], len(losses),
+                 f"{base:.4f}" if base is not None else "n/a")
+        for out in self.part.verdict(ev["round"], base, losses):
+            await self.on_event(out)
+
+    def _progress_bar(self, round_: int, steps: int) -> Any:
         if not self.opts.progress:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=msg.inner_steps, desc=f"round {msg.round}", unit="step",
-                    leave=False, dynamic_ncols=True)
+        return tqdm(total=steps, desc=f"round {round_}", unit="step", leave=False,
+                    dynamic_ncols=True)

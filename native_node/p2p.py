@@ -81,8 +81,8 @@ class P2PRole:
         await self.send_ws(self.frame(Signal(run_id=self.run_id, node_id=self.me, to=to,
                                              kind=kind, data=data)))
 
-    async def on_signal(self, msg: Signal) -> None:
-        await self.mesh.on_signal(msg.node_id, msg.kind, msg.data)
+    async def on_signal(self, sender: str, kind: str, data: str) -> None:
+        await self.mesh.on_signal(sender, kind, data)
 
     def _connect_all(self, plan: Plan) -> None:
         for m in plan.members:

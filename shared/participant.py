@@ -1,11 +1,20 @@
 """A training participant's protocol logic, without I/O (stdlib only: it runs in Pyodide).
 
-The browser tab feeds every frame it receives to `Participant.receive` and acts on the events
-it returns; when its trainer (ONNX Runtime Web in a Web Worker) has the round's new params it
-calls `Participant.submit`. This class owns everything a participant must get right about the
+The ONE implementation of what a participant does in a round. Three drivers feed it the
+frames they receive (`Participant.receive`) and carry out the events it returns: the browser
+tab (browser/node/node_glue.py + node.js, training with ONNX Runtime Web), the native node
+(native_node/client.py, training with torch) and the simulator (bench/sim_nodes.py, 1,000
+nodes in one process). When a driver's trainer has the round's pseudo-gradient it calls
+`Participant.submit`. This class owns everything a participant must get right about the
 protocol: the server's signed Challenge and key pin (shared.trust), the signed Hello, the round's
-params (full, or a params delta checked against its digest: shared.downlink), the codec with its
-error-feedback residual, the signed Submit and its idempotent resubmission after a reconnect.
+params (full, or a params delta checked against its digest: shared.downlink; or, in `p2p` runs,
+the outer step applied to the aggregate the node holds, through `resolver`), worker momentum,
+the codec with its error-feedback residual (and PowerSGD's warm start), the signed Submit (or
+`Ready` in `p2p` runs) and its idempotent resubmission after a reconnect, and the pending-update
+journal entry (one JSON format, `journal_entry` / `restore`, stored by every runtime as is:
+the tab in its storage, the native node in a file). Numeric work runs on whatever vectors
+shared.vec gives (numpy natively, array('f') in Pyodide); a platform encoder (the tab's JS
+codecs, shared.platform) takes over the hot loop where one is registered.
 
 Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 
@@ -32,6 +41,13 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 | round     | round, params_digest: (validator role) theta_r is held                     |
 | validate  | round, params, codec, length, candidates [{node_id, digest, payload}]:    |
 |           | (validator role) score them and call `verdict`                             |
+| ready     | round, delta (float32 LE bytes): (`p2p` runs) keep this update for the     |
+|           | shard owners; the signed Ready follows (next event)                        |
+| p2p       | message (ShardPlan or Shard, verified): hand it to the p2p reduction       |
+|           | (native nodes only: the server refuses tabs in `p2p` runs)                 |
+
+A driver whose trainer stops without a result (cancelled, crashed) calls `training_stopped` so
+that the round is trained again when it is offered again.
 """
 
 from __future__ import annotations
@@ -41,7 +57,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from shared.codecs import codec_params, make_codec
 from shared.codecs.base import with_error_feedback
@@ -56,8 +72,11 @@ from shared.messages import (
     Error,
     Hello,
     Message,
+    Ready,
     RoundCommitted,
     RoundOpen,
+    Shard,
+    ShardPlan,
     Signal,
     Submit,
     ValidateRequest,
@@ -68,12 +87,19 @@ from shared.messages import (
 from shared.outer import worker_momentum
 from shared.platform import update_encoder
 from shared.trust import ServerTrust, UntrustedServer
-from shared.vec import all_finite, from_bytes, to_bytes
+from shared.vec import add, all_finite, any_nonzero, from_bytes, sub, to_bytes
 
 Event = dict[str, Any]
 FATAL_CODES = {"unsupported_version"}
 MAX_MESSAGE = 512 * 1024 * 1024
 JOURNAL_VERSION = 1
+
+
+class Resolver(Protocol):
+    """RoundOpen + the params we hold (and their digest) -> this round's params; BadUpdate
+    when they cannot be had from what we hold (then the participant asks for a reconnect)."""
+
+    def __call__(self, msg: RoundOpen, held: Any, held_digest: str | None) -> Any: ...
 
 
 class Participant:
@@ -98,8 +124,11 @@ class Participant:
         self.training: RoundOpen | None = None  # the round our trainer is working on
         self.residual: Any = None  # error feedback: what the codec dropped last time
         self.momentum: Any = None  # worker momentum of past deltas (Welcome.worker_momentum)
+        self.codec_state: Any = None  # a stateful codec's warm start (PowerSGD's Q)
         self.pending: Submit | None = None  # submitted, not yet known to be committed
         self.pending_params: str | None = None  # params digest the pending update started from
+        self.pending_ready: Ready | None = None  # p2p: our Ready for the open round
+        self.resolver: Resolver = resolve  # p2p nodes apply the outer step themselves
         self.counts = {"refused_frames": 0, "submitted": 0, "accepted": 0, "duplicate": 0,
                        "errors": 0}
 
@@ -113,13 +142,16 @@ class Participant:
         self.challenge = None
         self.trust.reset()
 
-    def set_layout(self, entries: Sequence[dict[str, Any]]) -> None:
-        """The parameter layout from the ONNX manifest; with the run's model config it must
-        hash to the Welcome's model id (else the graphs are not this run's model)."""
+    def set_layout(self, entries: Sequence[dict[str, Any] | TensorSlot]) -> None:
+        """The parameter layout (the tab's ONNX manifest entries, or the native model's
+        TensorSlots); with the run's model config it must hash to the Welcome's model id (else
+        the trainer's model is not this run's model)."""
         if self.welcome is None:
             raise ValueError("no Welcome yet: the layout is checked against the run's model")
-        slots = make_manifest((e["name"], tuple(e["shape"]), int(e["offset"]), int(e["length"]))
-                              for e in entries)
+        slots = make_manifest(
+            (e.name, tuple(e.shape), e.offset, e.length) if isinstance(e, TensorSlot)
+            else (e["name"], tuple(e["shape"]), int(e["offset"]), int(e["length"]))
+            for e in entries)
         got = model_id(self.welcome.model, slots)
         if got != self.welcome.model_id:
             raise ValueError(f"the ONNX graphs' layout gives model id {got[:12]}, the run's is "
@@ -158,6 +190,8 @@ class Participant:
             return self._on_committed(msg)
         if isinstance(msg, Signal):  # e.g. the server peer's answer to our offer
             return [{"kind": "signal", "from": msg.node_id, "signal": msg.kind, "data": msg.data}]
+        if isinstance(msg, ShardPlan | Shard):
+            return [{"kind": "p2p", "message": msg}]
         if isinstance(msg, Error):
             self.counts["errors"] += 1
             kind = "fatal" if msg.code in FATAL_CODES else "error"
@@ -166,14 +200,20 @@ class Participant:
         return []
 
     # -- handlers ------------------------------------------------------------------------
-    def _send(self, msg: Message) -> Event:
-        assert self.challenge is not None
+    def frame(self, msg: Message) -> bytes:
+        """`msg` with a fresh nonce, signed as this participant for the connection's run
+        (Submit payloads zstd'd when it pays). Drivers use it for the frames they build
+        themselves (a p2p node's Shard and Signal frames)."""
+        if self.challenge is None:
+            raise ProtocolError("no Challenge on this connection yet: nothing can be signed")
         msg = dataclasses.replace(msg, nonce=new_nonce())  # type: ignore[type-var]
         sign = self.identity.signer(run_id=self.challenge.run_id,
                                     round=getattr(msg, "round", -1), msg_type=msg.TYPE,
                                     nonce=msg.nonce)  # type: ignore[attr-defined]
-        return {"kind": "send", "msg_type": msg.TYPE,
-                "frame": msg.to_frame(sign=sign, compress=isinstance(msg, Submit))}
+        return msg.to_frame(sign=sign, compress=isinstance(msg, Submit))
+
+    def _send(self, msg: Message) -> Event:
+        return {"kind": "send", "msg_type": msg.TYPE, "frame": self.frame(msg)}
 
     def _on_welcome(self, msg: Welcome) -> list[Event]:
         events: list[Event] = []
@@ -181,13 +221,20 @@ class Participant:
         if prev is not None and (prev.run_id != msg.run_id or prev.model_id != msg.model_id
                                  or prev.codec != msg.codec
                                  or prev.codec_params != msg.codec_params
+                                 or prev.error_feedback != msg.error_feedback
                                  or prev.worker_momentum != msg.worker_momentum):
             self.residual = None  # explicit: a new run, model or codec starts a fresh residual
             self.momentum = None  # ... and a fresh worker momentum
-            self.layout = None
+            self.codec_state = None  # ... and a fresh PowerSGD warm start
+            if prev.model_id != msg.model_id:
+                self.layout = None
+            self.pending_ready = None
             if self.pending is not None:
                 self.pending = self.pending_params = None
                 events.append({"kind": "journal", "entry": None})
+        elif self.pending is not None and self.pending.run_id != msg.run_id:
+            self.pending = self.pending_params = None  # journaled for another run
+            events.append({"kind": "journal", "entry": None})
         self.welcome = msg
         return [*events, {"kind": "welcome", "run_id": msg.run_id, "node_id": msg.node_id,
                  "server_id": self.trust.server_id, "model": msg.model,
@@ -198,12 +245,16 @@ class Participant:
 
     def _on_round_open(self, msg: RoundOpen) -> list[Event]:
         try:  # full params, or the changes against the params we hold
-            theta = resolve(msg, self.held, self.held_digest)
+            theta = self.resolver(msg, self.held, self.held_digest)
         except BadUpdate as exc:
             self.held = self.held_digest = None
             events: list[Event] = self._stop_training()  # the full params reopen the round
             return [*events, {"kind": "reconnect", "message": f"round {msg.round}: {exc}"}]
         self.held, self.held_digest = theta, msg.params_digest
+        ready = self.pending_ready
+        if ready is not None and ready.round == msg.round \
+                and self.pending_params == msg.params_digest:
+            return [self._send(ready)]  # p2p: tell the server again that our update is ready
         if (self.pending is not None and self.pending.round == msg.round
                 and self.pending_params == msg.params_digest):
             # trained before the reconnect (or reload): resubmit as is, never retrain
@@ -275,6 +326,8 @@ class Participant:
 
     def _on_committed(self, msg: RoundCommitted) -> list[Event]:
         events: list[Event] = []
+        if self.pending_ready is not None and self.pending_ready.round <= msg.round:
+            self.pending_ready = None
         if self.pending is not None and self.pending.round <= msg.round:
             self.pending = self.pending_params = None
             events.append({"kind": "journal", "entry": None})
@@ -290,6 +343,12 @@ class Participant:
             return []
         job, self.training = self.training, None
         return [{"kind": "cancel", "round": job.round}]
+
+    def training_stopped(self, round: int) -> None:
+        """The driver's trainer stopped `round` without a result (cancelled or failed): the
+        round is trained again if it is offered again."""
+        if self.training is not None and self.training.round == round:
+            self.training = None
 
     # -- the trainer's result ------------------------------------------------------------
     def submit(self, round: int, delta_bytes: bytes, *, train_loss: float | None,
@@ -310,6 +369,8 @@ class Participant:
             self.training = None
             return [{"kind": "error", "code": "not_finite",
                      "message": f"round {round}: training diverged (NaN/inf); not submitted"}]
+        if welcome.transport == "p2p":  # the update stays here; the shard owners get it
+            return self._ready(job, delta_bytes, train_loss, samples, compute_s)
         if welcome.worker_momentum > 0:  # send the momentum of our deltas, not the delta
             delta = self.momentum = worker_momentum(self.momentum, delta,
                                                     welcome.worker_momentum)
@@ -328,6 +389,19 @@ class Participant:
         self.counts["submitted"] += 1
         return [{"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
 
+    def _ready(self, job: RoundOpen, delta_bytes: bytes, train_loss: float | None,
+               samples: int, compute_s: float) -> list[Event]:
+        """`p2p` runs: keep the raw update for the shard owners, tell the server it is ready."""
+        assert self.welcome is not None
+        raw = bytes(delta_bytes)
+        msg = Ready(run_id=self.welcome.run_id, round=job.round, node_id=self.node_id,
+                    length=len(raw) // 4, digest=sha256_hex(raw), train_loss=train_loss,
+                    samples=int(samples), compute_s=round_to(compute_s))
+        self.pending_ready, self.pending_params = msg, job.params_digest
+        self.training = None
+        self.counts["submitted"] += 1
+        return [{"kind": "ready", "round": job.round, "delta": raw}, self._send(msg)]
+
     def _encode(self, codec: Any, delta: Any, error_feedback: bool) -> bytes:
         """Codec payload of delta (+ residual); keeps the new residual. The platform's
         encoder (the tab's JS codecs) when it has this codec, else shared.codecs."""
@@ -340,10 +414,21 @@ class Participant:
             if error_feedback:
                 self.residual = from_bytes(res) if res is not None else None
             return payload
+        if hasattr(codec, "encode_with_state"):  # PowerSGD: warm-started from the last round
+            x = delta if not error_feedback or self.residual is None \
+                else add(delta, self.residual)
+            payload, self.codec_state = codec.encode_with_state(x, layout=self.layout,
+                                                                state=self.codec_state)
+            if error_feedback:
+                back = codec.decode(payload, len(x), layout=self.layout)
+                res = sub(x, back)
+                self.residual = res if any_nonzero(res) else None
+            return bytes(payload)
         if error_feedback:
             payload, residual_vec = with_error_feedback(codec, delta, self.residual,
                                                         layout=self.layout)
-            self.residual = residual_vec if any(residual_vec) else None  # lossless: nothing
+            # a lossless codec leaves nothing
+            self.residual = residual_vec if any_nonzero(residual_vec) else None
             return payload
         return bytes(codec.encode(delta, layout=self.layout))
 

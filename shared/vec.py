@@ -92,3 +92,33 @@ def same_kind(template: Vector, values: Sequence[float]) -> Vector:
         assert np is not None
         return np.asarray(values, dtype=np.float32)
     return array("f", values)
+
+
+def add(a: Vector, b: Vector) -> Vector:
+    """a + b in float32 (the kind of `a`)."""
+    if is_numpy(a):
+        np = numpy_module()
+        assert np is not None
+        return (a + np.asarray(b, dtype=np.float32)).astype(np.float32)
+    if len(a) != len(b):
+        raise ValueError(f"vectors of {len(a)} and {len(b)} values")
+    return array("f", [x + y for x, y in zip(a, b, strict=True)])
+
+
+def sub(a: Vector, b: Vector) -> Vector:
+    """a - b in float32 (the kind of `a`)."""
+    if is_numpy(a):
+        np = numpy_module()
+        assert np is not None
+        return (a - np.asarray(b, dtype=np.float32)).astype(np.float32)
+    if len(a) != len(b):
+        raise ValueError(f"vectors of {len(a)} and {len(b)} values")
+    return array("f", [x - y for x, y in zip(a, b, strict=True)])
+
+
+def any_nonzero(v: Vector) -> bool:
+    if is_numpy(v):
+        np = numpy_module()
+        assert np is not None
+        return bool(np.any(v))
+    return any(v)

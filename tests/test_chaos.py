@@ -9,6 +9,8 @@ journaled update (not a retrained one) counted for the interrupted round.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import os
 import signal
@@ -24,84 +26,80 @@ from aiohttp import web
 from bench.common import free_port, get_json
 from bench.netfault import Relay, RelayThread
 from native_node import journal
+from native_node.client import NodeClient, NodeOptions
 from shared.envelope import Identity
 from shared.messages import Submit, sha256_hex
+from shared.participant import Participant
 from tests.conftest import Procs, wait_for
 
 # -- journal ------------------------------------------------------------------------------
 
 
-def _entry(node_id: str, round: int = 3, payload: bytes = b"\x01\x02" * 50) -> journal.Entry:
-    submit = Submit(run_id="run-1", round=round, node_id=node_id, codec="raw32", length=25,
-                    digest=sha256_hex(payload), train_loss=1.25, samples=320, compute_s=0.5,
-                    payload=payload)
-    return journal.Entry(params_digest="ab" * 32, submit=submit)
+def _participant(identity: Identity, round: int = 3,
+                 payload: bytes = b"\x01\x02" * 50) -> Participant:
+    """A participant holding a pending update for `round`, as after its Submit."""
+    p = Participant(identity, runtime="native", agent="test", device="cpu")
+    p.pending = Submit(run_id="run-1", round=round, node_id=identity.node_id, codec="raw32",
+                       length=25, digest=sha256_hex(payload), train_loss=1.25, samples=320,
+                       compute_s=0.5, payload=payload)
+    p.pending_params = "ab" * 32
+    return p
 
 
 @pytest.fixture(scope="module")
-def node_id() -> str:
-    return Identity.generate().node_id
+def ident() -> Identity:
+    return Identity.generate()
 
 
-def test_journal_round_trip_is_atomic(tmp_path: Path, node_id: str) -> None:
+def test_journal_round_trip_is_atomic(tmp_path: Path, ident: Identity) -> None:
+    """The file holds the participant's own entry (the one journal format of every runtime)."""
     assert journal.load(tmp_path) is None
-    entry = _entry(node_id)
+    first = _participant(ident)
+    entry = first.journal_entry()
+    assert entry is not None
     journal.save(tmp_path, entry)
     assert sorted(p.name for p in tmp_path.iterdir()) == [journal.FILENAME]  # no temp left
     assert (tmp_path / journal.FILENAME).stat().st_mode & 0o777 == 0o600
-    back = journal.load(tmp_path)
-    assert back is not None
-    assert back.params_digest == entry.params_digest and back.round == 3
-    for f in ("run_id", "round", "node_id", "codec", "length", "digest", "train_loss",
-              "samples", "compute_s", "payload"):
-        assert getattr(back.submit, f) == getattr(entry.submit, f), f
-    journal.save(tmp_path, _entry(node_id, round=4))  # replaces, never appends
-    assert journal.load(tmp_path).round == 4  # type: ignore[union-attr]
-    assert journal.recover(tmp_path, node_id) is not None
+    back = Participant(ident, runtime="native", agent="test", device="cpu")
+    assert back.restore(journal.load(tmp_path) or "")
+    assert back.pending == first.pending and back.pending_params == "ab" * 32
+    journal.save(tmp_path, _participant(ident, round=4).journal_entry() or "")  # replaces
+    again = Participant(ident, runtime="native", agent="test", device="cpu")
+    assert again.restore(journal.load(tmp_path) or "") and again.pending is not None
+    assert again.pending.round == 4
     journal.clear(tmp_path)
     journal.clear(tmp_path)  # idempotent
-    assert journal.load(tmp_path) is None and journal.recover(tmp_path, node_id) is None
+    assert journal.load(tmp_path) is None
 
 
-@pytest.mark.parametrize("damage", ["truncated", "magic", "payload", "header", "empty"])
-def test_corrupt_journal_is_a_typed_error_and_ignored_at_start(
-        tmp_path: Path, node_id: str, damage: str, caplog: pytest.LogCaptureFixture) -> None:
-    journal.save(tmp_path, _entry(node_id))
-    path = tmp_path / journal.FILENAME
-    blob = bytearray(path.read_bytes())
+@pytest.mark.parametrize("damage", ["truncated", "payload", "header", "empty", "binary",
+                                    "foreign"])
+def test_damaged_or_foreign_journal_is_refused_and_dropped_at_start(
+        tmp_path: Path, ident: Identity, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    entry = _participant(ident).journal_entry() or ""
     if damage == "truncated":
-        blob = blob[:20]
-    elif damage == "magic":
-        blob[0] ^= 0xFF
-    elif damage == "payload":
-        blob[-1] ^= 0xFF  # the Submit's digest check catches it
+        entry = entry[:20]
+    elif damage == "payload":  # the Submit's digest check catches it
+        doc = json.loads(entry)
+        doc["payload"] = base64.b64encode(b"\x09" * 100).decode()
+        entry = json.dumps(doc)
     elif damage == "header":
-        blob[14] = ord("{")  # JSON no longer parses
+        entry = "{" + entry
+    elif damage == "empty":
+        entry = ""
+    elif damage == "foreign":
+        entry = _participant(Identity.generate()).journal_entry() or ""
+    path = tmp_path / journal.FILENAME
+    if damage == "binary":
+        path.write_bytes(b"DAAPJNL1\xff\xfe")  # the old binary format: not UTF-8 text
     else:
-        blob = bytearray()
-    path.write_bytes(bytes(blob))
-    with pytest.raises(journal.JournalError):
-        journal.load(tmp_path)
+        journal.save(tmp_path, entry)
     with caplog.at_level(logging.WARNING, logger="native_node.journal"):
-        assert journal.recover(tmp_path, node_id) is None
+        client = NodeClient(NodeOptions(coordinator="127.0.0.1:1", identity=ident,
+                                        state_dir=tmp_path))
+    assert client.part.pending is None
     assert "ignoring the pending-update journal" in caplog.text
     assert not path.exists()  # dropped: the next start does not trip over it again
-
-
-def test_stale_or_foreign_journal_is_not_resubmitted(tmp_path: Path, node_id: str) -> None:
-    entry = _entry(node_id, round=3)
-    journal.save(tmp_path, entry)
-    ok = journal.matching(entry, run_id="run-1", round=3, params_digest="ab" * 32,
-                          state_dir=tmp_path)
-    assert ok is entry.submit and (tmp_path / journal.FILENAME).exists()
-    for kw in ({"round": 4}, {"params_digest": "cd" * 32}, {"run_id": "run-2"}):
-        journal.save(tmp_path, entry)
-        args = {"run_id": "run-1", "round": 3, "params_digest": "ab" * 32, **kw}
-        assert journal.matching(entry, state_dir=tmp_path, **args) is None  # type: ignore[arg-type]
-        assert not (tmp_path / journal.FILENAME).exists()
-    journal.save(tmp_path, _entry(Identity.generate().node_id))  # another node's file
-    assert journal.recover(tmp_path, node_id) is None
-    assert not (tmp_path / journal.FILENAME).exists()
 
 
 # -- netfault relay -----------------------------------------------------------------------
@@ -257,7 +255,8 @@ def test_node_and_server_killed_together_resume_without_loss_or_double_count(
         proc.wait(10)
     stalled.send_signal(signal.SIGCONT)
     state = tmp_path / f"n{victim}"
-    pending = journal.load(state)
+    text = journal.load(state)
+    pending = json.loads(text)["submit"] if text is not None else None
     durable = _db(data, "SELECT round, params_digest FROM rounds ORDER BY round")
     assert durable[:len(before)] == before  # what was committed before the kill is on disk
     procs.server("server2", data, port)  # same data dir, stored config
@@ -274,11 +273,11 @@ def test_node_and_server_killed_together_resume_without_loss_or_double_count(
                               "GROUP BY round"))
     assert n_up == distinct and all(n == 3 for n in n_up.values()), n_up
     # the killed node resubmitted its journaled update for the interrupted round
-    assert pending is not None and pending.round == open_round == len(durable)
-    assert pending.submit.node_id == victim_id
+    assert pending is not None and pending["round"] == open_round == len(durable)
+    assert pending["node_id"] == victim_id
     row = _db(data, f"SELECT digest FROM updates WHERE round = {open_round} "
                     f"AND node_id = '{victim_id}'")
-    assert row == [(pending.submit.digest,)]
+    assert row == [(pending["digest"],)]
     log = procs.log(f"n{victim}")
     assert f"journal: an update for round {open_round} survived the restart" in log
     assert f"round {open_round}: resubmitting" in log

@@ -387,14 +387,21 @@ def test_int8_block_codec_class_defaults() -> None:
     assert TopK().fraction == 0.01
 
 
-def test_native_encoder_sends_worker_momentum_then_error_feedback() -> None:
-    from native_node.encoder import UpdateEncoder
-    from shared.codecs import make_codec
+def test_participant_sends_worker_momentum_then_error_feedback_on_numpy() -> None:
+    """Natively the participant's vectors are numpy (shared.vec): worker momentum, then the
+    codec with error feedback, as every runtime sends them."""
+    from tests.test_participant import joined, params, round_open, sent, signed
 
     rng = np.random.default_rng(3)
-    d0, d1 = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
-    enc = UpdateEncoder(make_codec("raw32"), error_feedback=True, layout=[], momentum=0.5)
-    assert np.array_equal(make_codec("raw32").decode(enc.encode(d0), 64), d0)
-    sent = make_codec("raw32").decode(enc.encode(d1), 64)
-    np.testing.assert_allclose(sent, 0.5 * d0 + 0.5 * d1, rtol=1e-6)
-    assert enc.residual is None  # raw32 loses nothing
+    p = joined(worker_momentum=0.5)
+    theta = params(0)
+    d0, d1 = (rng.standard_normal(len(theta)).astype(np.float32) for _ in range(2))
+    out = []
+    for rnd, d in enumerate((d0, d1)):
+        p.receive(signed(round_open(rnd, theta)))
+        events = p.submit(rnd, d.tobytes(), train_loss=None, samples=1, compute_s=0.0)
+        msg = sent(events[-1])
+        out.append(np.asarray(make_codec("raw32").decode(msg.payload, len(theta))))
+    assert np.array_equal(out[0], d0)
+    np.testing.assert_allclose(out[1], 0.5 * d0 + 0.5 * d1, rtol=1e-6)
+    assert p.residual is None  # raw32 loses nothing

@@ -116,25 +116,3 @@ def test_aggregator_must_handle_a_quorum_sized_round() -> None:
         RunConfig(worker_momentum=1.0)
     with pytest.raises(ValueError, match="cc_reference"):
         RunConfig(cc_reference="previous")
-
-
-def test_update_encoder_keeps_what_the_codec_dropped() -> None:
-    from native_node.encoder import UpdateEncoder
-    from shared.codecs import make_codec
-    from shared.layout import make_manifest
-
-    layout = make_manifest([("w", (10,), 0, 10)])
-    delta = np.arange(1, 11, dtype=np.float32)
-    enc = UpdateEncoder(make_codec("topk", fraction=0.1, values="fp16"), error_feedback=True,
-                        layout=layout)
-    first = np.asarray(enc.codec.decode(enc.encode(delta), 10))
-    assert first[9] == 10 and enc.residual is not None and enc.residual[9] == 0
-    second = np.asarray(enc.codec.decode(enc.encode(delta), 10))
-    assert second[8] == 18  # 9 now + 9 left over from round one
-    plain = UpdateEncoder(make_codec("topk", fraction=0.1, values="fp16"), error_feedback=False,
-                          layout=layout)
-    plain.encode(delta)
-    assert plain.residual is None
-    lossless = UpdateEncoder(make_codec("raw32"), error_feedback=True, layout=layout)
-    lossless.encode(delta)
-    assert lossless.residual is None

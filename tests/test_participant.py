@@ -4,6 +4,7 @@ the server's signed frames go in, the events a tab acts on come out."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from functools import cache
 from typing import Any
@@ -25,6 +26,7 @@ from shared.messages import (
     Error,
     Hello,
     Message,
+    Ready,
     RoundCommitted,
     RoundOpen,
     Signal,
@@ -67,12 +69,13 @@ def challenge(server: str = "server") -> Challenge:
 
 def welcome(*, codec: str = "raw32", codec_params: dict[str, Any] | None = None,
             error_feedback: bool = False, model: dict[str, Any] | None = None,
-            mid: str | None = None, n_params: int = N, worker_momentum: float = 0.0) -> Welcome:
+            mid: str | None = None, n_params: int = N, worker_momentum: float = 0.0,
+            transport: str = "ws") -> Welcome:
     return Welcome(run_id=RUN, node_id=key("node").node_id, model=model or {"name": "toy"},
                    model_id=mid or sha256_hex(b"toy"), data={"kind": "toy"}, shard=1,
                    n_shards=3, codec=codec, codec_params=codec_params or {},
                    error_feedback=error_feedback, n_params=n_params,
-                   worker_momentum=worker_momentum)
+                   worker_momentum=worker_momentum, transport=transport)
 
 
 def params(seed: int) -> Vec:
@@ -484,3 +487,79 @@ def test_signals_go_out_signed_and_answers_come_back_as_events() -> None:
     assert p.receive(signed(answer)) == [
         {"kind": "signal", "from": "server", "signal": "answer", "data": "v=0 ans"}]
     assert participant().signal("offer", "x") == []  # not joined: nothing to sign for
+
+
+def test_p2p_run_keeps_the_update_and_sends_ready_again_after_a_reconnect() -> None:
+    """transport p2p: no codec, no Submit; the raw update goes to the driver's p2p role and a
+    signed Ready to the server, sent again (not retrained) when the round reopens."""
+    p = joined(transport="p2p")
+    theta, delta = params(0), params(1)
+    p.receive(signed(round_open(0, theta)))
+    events = p.submit(0, delta.astype("<f4").tobytes(), train_loss=0.5, samples=8,
+                      compute_s=0.1)
+    assert kinds(events) == ["ready", "send"]
+    assert events[0]["delta"] == delta.astype("<f4").tobytes()
+    ready = sent(events[1])
+    assert isinstance(ready, Ready) and ready.length == N
+    assert ready.digest == sha256_hex(delta.astype("<f4").tobytes())
+    p.connection_made()
+    p.receive(signed(challenge()))
+    p.receive(signed(welcome(transport="p2p")))
+    again = p.receive(signed(round_open(0, theta)))
+    assert kinds(again) == ["send"] and sent(again[0]).digest == ready.digest
+    p.receive(signed(RoundCommitted(round=0, eval_loss=1.0, n_updates=1,
+                                    params_digest=digest(theta), final=False)))
+    assert p.pending_ready is None
+
+
+def test_p2p_resolver_supplies_the_params() -> None:
+    """A p2p node applies the outer step itself: the driver's resolver gives theta."""
+    p = joined(transport="p2p")
+    theta = params(4)
+    seen: list[int] = []
+
+    def resolver(msg: RoundOpen, held: Any, held_digest: str | None) -> Any:
+        seen.append(msg.round)
+        return np.asarray(theta)
+
+    p.resolver = resolver
+    events = p.receive(signed(round_open(0, theta)))
+    assert seen == [0] and kinds(events) == ["train"]
+
+
+def test_powersgd_is_warm_started_from_the_last_round() -> None:
+    """PowerSGD's Q carries over between rounds (the native encoder's state, now the
+    participant's), and a new codec setting starts it afresh."""
+    layout = make_manifest([("w", (8, 4), 0, 32)])
+    p = joined(codec="powersgd", codec_params={"rank": 2}, error_feedback=True, n_params=32)
+    p.layout = tuple(layout)
+    theta = np.zeros(32, np.float32)
+    for rnd in range(2):
+        p.receive(signed(round_open(rnd, theta)))
+        events = p.submit(rnd, params(rnd)[:32].astype("<f4").tobytes(), train_loss=None,
+                          samples=1, compute_s=0.0)
+        assert kinds(events) == ["journal", "send"], events
+        assert p.codec_state is not None
+    p.receive(signed(welcome(codec="powersgd", codec_params={"rank": 1}, n_params=32)))
+    assert p.codec_state is None and p.residual is None
+
+
+def test_a_stopped_trainer_lets_the_round_be_trained_again() -> None:
+    p = joined()
+    theta = params(0)
+    assert kinds(p.receive(signed(round_open(0, theta)))) == ["train"]
+    assert p.receive(signed(round_open(0, theta, attempt=1))) == []  # still training
+    p.training_stopped(0)
+    assert kinds(p.receive(signed(round_open(0, theta, attempt=1)))) == ["train"]
+
+
+def test_a_journaled_update_of_another_run_is_dropped_at_the_welcome() -> None:
+    first = joined()
+    trained(first, params(0), params(1))
+    entry = first.journal_entry()
+    assert entry is not None
+    other = participant()
+    assert other.restore(entry)
+    other.receive(signed(challenge()))
+    events = other.receive(signed(dataclasses.replace(welcome(), run_id="run-other")))
+    assert events[0] == {"kind": "journal", "entry": None} and other.pending is None

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from native_node.trust import ServerTrust, UntrustedServer
+from native_node import pins
 from shared.envelope import Identity, sign_round
 from shared.errors import BadSignature, MessageError, Replay
 from shared.messages import Ack, Challenge, Message, sha256_hex
+from shared.trust import ServerTrust as _Trust
+from shared.trust import UntrustedServer
 
 RUN = "run-trust"
 
@@ -27,6 +29,14 @@ def challenge(server: Identity, run_id: str = RUN) -> Challenge:
 
 def ack() -> Ack:
     return Ack(round=1, digest=sha256_hex(b"x"), status="accepted")
+
+
+def ServerTrust(state_dir: Path, *, expected_server_id: str | None = None,
+                max_payload: int) -> _Trust:
+    """A node's trust as the native node builds it: pins kept in state_dir/servers.json."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return _Trust(pins=pins.load(state_dir), save_pins=lambda p: pins.save(state_dir, p),
+                  expected_server_id=expected_server_id, max_payload=max_payload)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.scoring import ProbeScorer, ValidatorRole
+from ml.scoring import ProbeScorer, score_candidates
 from server.runstate import open_run
 from shared.errors import UpdateRejected
-from shared.messages import RoundOpen, ValidateRequest, sha256_hex
 from shared.rounds import Decision, RoundPolicy, RoundState
 from shared.validation import Score, Verdict, combine, judge, reference, rejected
 
@@ -98,26 +97,14 @@ def test_probe_scorer_and_validator_role(tmp_path: Path) -> None:
     assert losses[1] is not None and losses[1] > base * 1.05
     assert losses[2] is None
 
-    role = ValidatorRole(run.work, samples=64)
-    payloads = [b"\x00" + good.astype("<f4").tobytes(), b"\x00" + bad.astype("<f4").tobytes()]
-    cands, off = [], 0
-    for node, p in zip((A, B), payloads, strict=True):
-        cands.append({"node_id": node, "digest": sha256_hex(p), "offset": off, "size": len(p)})
-        off += len(p)
-    req = ValidateRequest(run_id=run.run_id, round=0, params_digest=run.params_digest,
-                          codec="raw32", length=run.n_params, candidates=cands,
-                          payload=b"".join(payloads))
-    with pytest.raises(Exception, match="holds"):  # no RoundOpen seen yet
-        role.verdict(req, node_id=C)
-    role.on_round_open(RoundOpen(run_id=run.run_id, round=0, attempt=0,
-                                 params_digest=run.params_digest, deadline_s=1.0,
-                                 inner_steps=1, inner_lr=0.1, batch_size=1,
-                                 payload=run.params_bytes))
-    out = role.verdict(req, node_id=C)
-    assert [s["node_id"] for s in out.scores] == [A, B]
-    assert out.base_loss is not None
-    assert out.scores[0]["loss"] == pytest.approx(out.base_loss, rel=1e-6)
-    assert out.scores[1]["loss"] > out.base_loss * 1.05
+    payloads = [b"\x00" + good.astype("<f4").tobytes(), b"\x00" + bad.astype("<f4").tobytes(),
+                b"\x00junk"]
+    base, got = score_candidates(ProbeScorer(run.work, 64, side="tail"), theta, payloads,
+                                 length=run.n_params, codec="raw32", layout=run.work.manifest)
+    assert base is not None and len(got) == 3
+    assert got[0] == pytest.approx(base, rel=1e-6)
+    assert got[1] is not None and got[1] > base * 1.05
+    assert got[2] is None  # does not decode: scored "not finite", so rejected
 
 
 def test_simulated_attack_is_excluded_and_recorded(tmp_path: Path) -> None:

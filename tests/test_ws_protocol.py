@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from native_node.trust import ServerTrust
 from server.app import make_app
 from server.keys import COORDINATOR, RUN
 from server.runstate import open_run
@@ -38,6 +37,7 @@ from shared.messages import (
     Welcome,
     sha256_hex,
 )
+from shared.trust import ServerTrust
 
 IDENTITIES: dict[str, Identity] = {}
 
@@ -78,7 +78,7 @@ class Client:
         self.ws, self.ident, self.node_id = ws, ident, ident.node_id
         trust_dir.mkdir(parents=True, exist_ok=True)
         # every frame from the server is verified exactly as the real node verifies it
-        self.trust = ServerTrust(trust_dir, max_payload=1 << 26)
+        self.trust = ServerTrust(max_payload=1 << 26)
         self.challenge: Challenge | None = None
         self.welcome: Welcome | None = None
         self.open: RoundOpen | None = None
