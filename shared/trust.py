@@ -1,7 +1,7 @@
 """Which server a participant believes: every frame from it must be signed by the key its
 Challenge presented, and that key is pinned per run (trust on first use, or a required id).
 
-Stdlib only: native nodes keep the pins in a JSON file (native_node.trust), browser tabs in
+Stdlib only: native nodes keep the pins in a JSON file (native_node.pins), browser tabs in
 localStorage; both hand this class a dict and a callback that persists it.
 """
 
