@@ -197,8 +197,6 @@ def _non_canonical_cases() -> Iterator[tuple[str, bytes]]:
                     MAGIC, PROTOCOL_VERSION, msg.TYPE, 0, len(raw), len(payload)) + raw + payload
 
 
-@pytest.mark.xfail(strict=True, reason="frame.js does not yet refuse non-canonical headers, "
-                   "which shared.frame.parse_header does since 5c4f6e2 (issue 24)")
 def test_js_refuses_non_canonical_headers_like_python(golden: dict[str, Any]) -> None:
     cases = dict(_non_canonical_cases())
     got = _run_node("verdicts", stdin=json.dumps([d.hex() for d in cases.values()]))

@@ -144,6 +144,52 @@ function reviver(key, value, context) {
   return value;
 }
 
+/** The number literals of a JSON text, in document order (strings skipped). */
+function numberTokens(text) {
+  const out = [];
+  for (let i = 0; i < text.length;) {
+    const c = text[i];
+    if (c === '"') {
+      for (i += 1; i < text.length && text[i] !== '"'; i += text[i] === '\\' ? 2 : 1);
+      i += 1;
+    } else if (c === '-' || (c >= '0' && c <= '9')) {
+      const m = /^-?[0-9.eE+-]+/.exec(text.slice(i, i + 64));
+      out.push(m[0]);
+      i += m[0].length;
+    } else {
+      i += 1;
+    }
+  }
+  return out;
+}
+
+/** Whether `text` is byte for byte the canonical encoding of the `parsed` object
+ * (shared.frame.parse_header): keys sorted and unique, no whitespace, strings as json.dumps
+ * writes them, each number as Python writes its int or its float. JSON.parse cannot tell 5
+ * from 5.0, so each number is checked against its own literal in the text. */
+function isCanonical(text, parsed) {
+  const tokens = numberTokens(text);
+  let next = 0;
+  let ok = true;
+  const write = (v) => {
+    if (typeof v === 'number') {
+      const tok = tokens[next++];
+      // an int literal beyond 2^53 parses inexactly: canonical when written as Python
+      // writes ints (the message schema refuses its value, as in Python)
+      const asInt = Number.isInteger(v) && /^-?(0|[1-9][0-9]*)$/.test(tok ?? '')
+        && Number(tok) === v;
+      if (!asInt && tok !== pyFloatRepr(v)) ok = false;
+      return tok ?? '';
+    }
+    if (v === null || typeof v !== 'object') return jsonText(v);
+    if (Array.isArray(v)) return `[${v.map(write).join(',')}]`;
+    const keys = Object.keys(v).sort(byCodePoint);
+    return `{${keys.map((k) => `${jsonText(k)}:${write(v[k])}`).join(',')}}`;
+  };
+  const again = write(parsed);
+  return ok && next === tokens.length && again === text;
+}
+
 function firstUnencodable(obj) {
   const stack = [obj];
   while (stack.length) {
@@ -195,8 +241,10 @@ export function decodeFrame(data, { maxPayload = DEFAULT_MAX_PAYLOAD } = {}) {
     throw new FrameError(`frame is ${data.length} bytes but declares ${end}`, 'length');
   }
   let header;
+  let text;
   try {
-    header = JSON.parse(strictUtf8.decode(data.subarray(FIXED_LEN, FIXED_LEN + headLen)), reviver);
+    text = strictUtf8.decode(data.subarray(FIXED_LEN, FIXED_LEN + headLen));
+    header = JSON.parse(text, reviver);
   } catch (exc) {
     throw new FrameError(`header is not UTF-8 JSON: ${exc.message}`, 'header');
   }
@@ -205,6 +253,10 @@ export function decodeFrame(data, { maxPayload = DEFAULT_MAX_PAYLOAD } = {}) {
   }
   const badValue = firstUnencodable(header);
   if (badValue) throw new FrameError(`header holds ${badValue}: not canonical JSON`, 'header');
+  if (!isCanonical(text, header)) {
+    throw new FrameError('header is not canonical JSON (keys sorted and unique, no whitespace, '
+      + 'numbers and strings as canonical_json writes them)', 'header');
+  }
   return {
     version, msgType, flags, header,
     payload: data.slice(FIXED_LEN + headLen, end),
