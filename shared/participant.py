@@ -66,6 +66,8 @@ from shared.envelope import Identity, new_nonce
 from shared.errors import BadUpdate, ProtocolError
 from shared.layout import TensorSlot, make_manifest, model_id
 from shared.messages import (
+    MAX_LOSS,
+    MAX_SECONDS,
     SERVER,
     Ack,
     Challenge,
@@ -315,14 +317,11 @@ class Participant:
             raise ValueError(f"{len(losses)} losses for {len(req.candidates)} candidates")
         self.validating = None
 
-        def finite(v: float | None) -> float | None:
-            return float(v) if v is not None and math.isfinite(v) else None
-
-        scores = [{"node_id": c["node_id"], "digest": c["digest"], "loss": finite(v)}
+        scores = [{"node_id": c["node_id"], "digest": c["digest"], "loss": loss_or_none(v)}
                   for c, v in zip(req.candidates, losses, strict=True)]
         self.counts["judged"] = self.counts.get("judged", 0) + len(scores)
         return [self._send(Verdict(run_id=welcome.run_id, round=round, node_id=self.node_id,
-                                   base_loss=finite(base_loss), scores=scores))]
+                                   base_loss=loss_or_none(base_loss), scores=scores))]
 
     def _on_committed(self, msg: RoundCommitted) -> list[Event]:
         events: list[Event] = []
@@ -382,8 +381,8 @@ class Participant:
                                                  f"{codec.name}: {exc}"}]
         msg = Submit(run_id=welcome.run_id, round=round, node_id=self.node_id,
                      nonce=new_nonce(), codec=codec.name, length=len(delta),
-                     digest=sha256_hex(payload), train_loss=train_loss, samples=int(samples),
-                     compute_s=round_to(compute_s), payload=payload)
+                     digest=sha256_hex(payload), train_loss=loss_or_none(train_loss),
+                     samples=int(samples), compute_s=seconds(compute_s), payload=payload)
         self.pending, self.pending_params = msg, job.params_digest
         self.training = None
         self.counts["submitted"] += 1
@@ -395,8 +394,9 @@ class Participant:
         assert self.welcome is not None
         raw = bytes(delta_bytes)
         msg = Ready(run_id=self.welcome.run_id, round=job.round, node_id=self.node_id,
-                    length=len(raw) // 4, digest=sha256_hex(raw), train_loss=train_loss,
-                    samples=int(samples), compute_s=round_to(compute_s))
+                    length=len(raw) // 4, digest=sha256_hex(raw),
+                    train_loss=loss_or_none(train_loss), samples=int(samples),
+                    compute_s=seconds(compute_s))
         self.pending_ready, self.pending_params = msg, job.params_digest
         self.training = None
         self.counts["submitted"] += 1
@@ -459,3 +459,16 @@ class Participant:
 
 def round_to(x: float, digits: int = 4) -> float:
     return float(round(x, digits))
+
+
+def loss_or_none(v: float | None) -> float | None:
+    """A loss for display as the schema takes it: None when not finite or beyond MAX_LOSS
+    (an honest node whose training diverged still sends its update, without a loss)."""
+    if v is None or not math.isfinite(v) or abs(v) > MAX_LOSS:
+        return None
+    return float(v)
+
+
+def seconds(x: float) -> float:
+    """Compute time as the schema takes it: rounded, within [0, MAX_SECONDS]."""
+    return round_to(min(max(float(x), 0.0), float(MAX_SECONDS))) if math.isfinite(x) else 0.0

@@ -506,7 +506,10 @@ def test_p2p_run_keeps_the_update_and_sends_ready_again_after_a_reconnect() -> N
     p.receive(signed(challenge()))
     p.receive(signed(welcome(transport="p2p")))
     again = p.receive(signed(round_open(0, theta)))
-    assert kinds(again) == ["send"] and sent(again[0]).digest == ready.digest
+    assert kinds(again) == ["send"]
+    resent = sent(again[0])
+    assert isinstance(resent, Ready)
+    assert resent.digest == ready.digest
     p.receive(signed(RoundCommitted(round=0, eval_loss=1.0, n_updates=1,
                                     params_digest=digest(theta), final=False)))
     assert p.pending_ready is None
@@ -563,3 +566,16 @@ def test_a_journaled_update_of_another_run_is_dropped_at_the_welcome() -> None:
     other.receive(signed(challenge()))
     events = other.receive(signed(dataclasses.replace(welcome(), run_id="run-other")))
     assert events[0] == {"kind": "journal", "entry": None} and other.pending is None
+
+
+def test_display_fields_are_kept_within_the_schema() -> None:
+    """A diverged loss or a negative clock reading must not get an honest update refused."""
+    p = joined()
+    theta = params(0)
+    p.receive(signed(round_open(0, theta)))
+    events = p.submit(0, params(1).astype("<f4").tobytes(), train_loss=1.7e308, samples=8,
+                      compute_s=-1.0)
+    msg = sent(events[-1])
+    assert isinstance(msg, Submit)
+    assert msg.train_loss is None
+    assert msg.compute_s == 0.0
