@@ -56,6 +56,7 @@ from ml.data import BatchSampler, assign_shards
 from ml.zoo import load_flat
 from server.coordinator import Coordinator
 from server.peers import Connection
+from server.reduction import ServerReduction
 from server.runstate import RunState, open_run
 from shared.attacks import ATTACKS, get_attack
 from shared.envelope import Identity
@@ -130,14 +131,16 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     cfg = run.config
     coord = Coordinator(run)
     if result_codec is not None:
-        exact = coord._aggregate
+        reduction = coord.reduction
+        assert isinstance(reduction, ServerReduction)  # the simulator submits (transport ws)
+        exact = reduction.aggregate
 
-        def as_p2p_results(vectors: list[np.ndarray]) -> np.ndarray:
-            agg = exact(vectors)
+        def as_p2p_results(vectors: list[np.ndarray], round_: int) -> np.ndarray:
+            agg = exact(vectors, round_)
             return np.asarray(decode_result(encode_result(agg, result_codec), agg.size,
                                             result_codec), dtype=np.float32)
 
-        coord._aggregate = as_p2p_results  # type: ignore[method-assign]
+        reduction.aggregate = as_p2p_results  # type: ignore[method-assign]
     records: list[dict[str, Any]] = []
     coord.commit_hooks.append(records.append)
     n_byz = math.floor(round(nodes * byzantine, 9))

@@ -22,6 +22,9 @@ x the update size, in the result codec) plus small signed control messages, what
 number of peers; and the next RoundOpen to each member carries only the outer step to apply
 (shared.downlink), since every member holds the aggregate, the previous params and (sent
 once) the outer momentum.
+
+`P2PReduction` is the p2p run's strategy (server.reduction.Reduction): the coordinator
+collects the Readys (server.collection), then calls `reduce`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.config import RunConfig
-from server.peers import Connection, Peer
-from server.store import UpdateRow
+from server.evidence import Evidence
+from server.peers import Connection, Nodes, Peer
 from shared.errors import BadUpdate, UnknownNode
-from shared.messages import SERVER, Ack, Message, Ready, Shard, ShardPlan
+from shared.messages import SERVER, Hello, Ready, Shard, ShardPlan, Submit
 from shared.p2p import (
     MalformedResult,
     Plan,
@@ -47,74 +49,63 @@ from shared.p2p import (
     prefer_primaries,
     revise,
 )
-from shared.rounds import Outcome, RoundState
+from shared.rounds import RoundState
 
 if TYPE_CHECKING:
+    from server.collection import RoundCollection
     from server.runstate import RunState
 
 log = logging.getLogger("server.p2p")
 
 
-class P2PMixin:
-    """Mixed into server.coordinator.Coordinator, whose state it reads."""
+class P2PReduction:
+    """The p2p topology's reduction strategy (server.reduction.Reduction)."""
 
-    run: RunState
-    config: RunConfig
-    state: RoundState | None
-    peers: dict[str, Peer]
-    counters: Counter[str]
-    _updates: dict[str, tuple[Any, UpdateRow]]
-    _wake: asyncio.Event
-    _p2p: tuple[Plan, ShardCheck] | None
-    _p2p_event: asyncio.Event
-    _p2p_members: frozenset[str]  # members of the last settled reduction (they hold it)
-    _p2p_liars: set[str]  # owners outvoted in this server's lifetime: never primaries again
+    update_type: type[Submit] | type[Ready] = Ready
+    wrong_update = "this run reduces peer to peer: send Ready, not the update"
 
-    async def send(self, conn: Connection, msg: Message | bytes) -> None: ...
-    def _record(self, round: int | None, node_id: str, digest: str | None, code: str,
-                reason: str, validators: list[str]) -> None: ...
+    def __init__(self, run: RunState, nodes: Nodes, evidence: Evidence,
+                 counters: Counter[str]) -> None:
+        self.run, self.config, self.nodes = run, run.config, nodes
+        self.evidence = evidence
+        self.counters = counters  # p2p_* (disputes, liars, malformed, dropped, relayed bytes)
+        self._p2p: tuple[Plan, ShardCheck] | None = None  # the running reduction
+        self._event = asyncio.Event()  # a result came in, or the plan changed
+        self._members: frozenset[str] = frozenset()  # of the last settled reduction (they hold it)
+        self._liars: set[str] = set()  # owners outvoted in this server's lifetime: never primaries
 
-    def _conn(self, node_id: str) -> Connection | None:
-        p = self.peers.get(node_id)
-        return Connection(ws=p.ws, remote="", peer=p) if p is not None and p.ws else None
+    @property
+    def busy(self) -> bool:
+        return self._p2p is not None
 
-    async def _on_ready(self, conn: Connection, msg: Ready) -> None:
-        peer = conn.peer
-        assert peer is not None
-        state = self.state
-        if self.config.transport != "p2p":
-            raise BadUpdate("Ready is for transport p2p; submit the update", field="msg_type")
-        if state is None:
-            raise BadUpdate("no round is open", field="round")
+    def vector(self, msg: Submit | Ready) -> None:
+        return None  # the update stays with its node
+
+    def on_join(self, hello: Hello) -> str:
+        if hello.runtime == "browser" and hello.role == "trainer":
+            raise BadUpdate("this run reduces peer to peer (transport p2p), which browser "
+                            "tabs cannot join yet; run `python -m native_node join`",
+                            field="runtime")
+        # "p2p-relayed" once the server forwards shards for it
+        return "p2p" if hello.role == "trainer" else "ws"
+
+    def open_kind(self, peer: Peer, holds_prev: bool) -> str | None:
+        """A member of the last reduction holds the aggregate, the previous params and the
+        momentum: it gets the outer step only; any other trainer, params + momentum."""
         if peer.role != "trainer":
-            raise BadUpdate(f"a {peer.role} does not submit updates", field="node_id")
-        if msg.length != self.run.n_params:
-            raise BadUpdate(f"wrong shape: update has {msg.length} values, the model has "
-                            f"{self.run.n_params}", field="length")
-        if self._p2p is not None:
-            raise BadUpdate("the round is being reduced; it takes no more updates",
-                            field="round")
-        outcome = state.check(node_id=peer.node_id, round=msg.round, digest=msg.digest)
-        if outcome is Outcome.ACCEPTED:
-            state.submit(node_id=peer.node_id, round=msg.round, digest=msg.digest)
-            self._updates[peer.node_id] = (None, UpdateRow(
-                node_id=peer.node_id, digest=msg.digest, bytes=4 * msg.length,
-                train_loss=msg.train_loss, samples=msg.samples, compute_s=msg.compute_s))
-            peer.accepted += 1
-            peer.state = "submitted"
-            self.counters["accepted"] += 1
-        else:
-            self.counters["duplicates"] += 1
-        await self.send(conn, Ack(round=msg.round, digest=msg.digest, status=outcome.value))
-        self._wake.set()
+            return None
+        if (holds_prev and peer.has_momentum and peer.node_id in self._members
+                and self.run.prev_digest is not None):
+            return "outer"
+        return "full+m"
 
-    async def _on_shard(self, conn: Connection, msg: Shard) -> None:
+    async def on_shard(self, conn: Connection, msg: Shard) -> None:
         peer = conn.peer
         assert peer is not None
         if msg.node_id != peer.node_id:
             raise BadUpdate("a Shard's node_id must be its sender's", field="node_id")
         if msg.to != SERVER:  # relayed: the two nodes have no open data channel
-            target = self._conn(msg.to)
+            target = self.nodes.conn(msg.to)
             if target is None:
                 raise UnknownNode(f"shard target {msg.to[:12]} is not connected", field="to")
             self.counters["p2p_relayed_bytes"] += len(msg.payload)
@@ -126,11 +117,10 @@ class P2PMixin:
             fwd = Shard(run_id=msg.run_id, round=msg.round, node_id=msg.node_id, to=msg.to,
                         kind=msg.kind, shard=msg.shard, revision=msg.revision,
                         payload=msg.payload)
-            await self.send(target, fwd)
+            await self.nodes.send(target, fwd)
             return
         red = self._p2p
-        state = self.state
-        if red is None or state is None or msg.round != state.round:
+        if red is None or msg.round != red[0].round:
             raise BadUpdate("no reduction is running for that round", field="round")
         plan, check = red
         if msg.kind != "result":
@@ -142,21 +132,20 @@ class P2PMixin:
             events = check.on_result(peer.node_id, msg.shard, msg.payload)
         except MalformedResult as exc:
             self.counters["p2p_malformed"] += 1
-            await self._act(state.round, plan, check, check.bad_events)
+            await self._act(plan, check, check.bad_events)
             raise BadUpdate(str(exc), field="payload") from None
         except ValueError as exc:
             raise BadUpdate(str(exc), field="shard") from None
-        await self._act(state.round, plan, check, events)
+        await self._act(plan, check, events)
 
-    async def _act(self, round: int, plan: Plan, check: ShardCheck,
-                   events: list[dict[str, Any]]) -> None:
-        extra = self._judge(round, events)
+    async def _act(self, plan: Plan, check: ShardCheck, events: list[dict[str, Any]]) -> None:
+        extra = self._judge(plan.round, events)
         if extra:
             self.counters["p2p_disputes"] += len(extra)
             await self._replan(revise(plan, extra=extra), check)
-        self._p2p_event.set()
+        self._event.set()
 
-    def _judge(self, round: int, events: list[dict[str, Any]]) -> dict[int, str]:
+    def _judge(self, round_: int, events: list[dict[str, Any]]) -> dict[int, str]:
         """Act on ShardCheck's findings: record liars (never primaries again), log shards
         without a majority; returns the extra owners it asks for (shard -> member)."""
         extra: dict[int, str] = {}
@@ -165,14 +154,14 @@ class P2PMixin:
                 extra[e["shard"]] = e["node"]
             elif e["kind"] == "liar":
                 self.counters["p2p_liars"] += 1
-                self._p2p_liars.add(e["node"])
+                self._liars.add(e["node"])
                 log.warning("round %d: %s's reduction of shard %d disagrees with the majority",
-                            round, e["node"][:12], e["shard"])
-                self._record(round, e["node"], None, "p2p_mismatch",
-                             f"reduced shard {e['shard']} differs from the other owners'",
-                             ["server"])
+                            round_, e["node"][:12], e["shard"])
+                self.evidence.record(round_, e["node"], None, "p2p_mismatch",
+                                     f"reduced shard {e['shard']} differs from the other "
+                                     "owners'", ["server"])
             elif e["kind"] == "unresolved":
-                log.error("round %d: shard %d has no majority among all members", round,
+                log.error("round %d: shard %d has no majority among all members", round_,
                           e["shard"])
         return extra
 
@@ -189,22 +178,20 @@ class P2PMixin:
                         byzantine_fraction=self.config.byzantine_fraction,
                         result_codec=self.config.p2p_result_codec)
         for m in plan.members:
-            conn = self._conn(m)
+            conn = self.nodes.conn(m)
             if conn is not None:
-                await self.send(conn, msg)
+                await self.nodes.send(conn, msg)
 
-    async def _reduce_p2p(self) -> np.ndarray | None:
+    async def reduce(self, state: RoundState, collection: RoundCollection) -> np.ndarray | None:
         """Run the reduction of the open round; its aggregate, or None when fewer than
         `quorum` members are left (the caller retries the round)."""
-        state = self.state
-        assert state is not None
         loop = asyncio.get_running_loop()
         plan = prefer_primaries(make_plan(state.round, state.updates, self.run.n_params,
                                           replicas=self.config.p2p_replicas),
-                                self._p2p_liars)
+                                self._liars)
         check = ShardCheck(plan, result_codec=self.config.p2p_result_codec)
         self._p2p = (plan, check)
-        self._p2p_event.clear()
+        self._event.clear()
         log.info("round %d: p2p reduction over %d members, %d owners per shard", state.round,
                  len(plan.members), len(plan.owners[0]))
         await self._send_plan(plan)
@@ -214,11 +201,11 @@ class P2PMixin:
             while True:
                 plan, check = self._p2p
                 if check.done:
-                    self._p2p_members = frozenset(plan.members)
+                    self._members = frozenset(plan.members)
                     return np.asarray(check.aggregate(), dtype=np.float32)
                 if len(check.agreed) > settled:
                     settled, progress = len(check.agreed), loop.time()
-                gone = {m for m in plan.members if self._conn(m) is None}
+                gone = {m for m in plan.members if self.nodes.conn(m) is None}
                 if loop.time() - progress > self.config.p2p_timeout_s:
                     silent = {o for s, own in enumerate(plan.owners) if s not in check.agreed
                               for o in own if o not in check.results.get(s, {})}
@@ -229,8 +216,7 @@ class P2PMixin:
                 if gone:
                     self.counters["p2p_dropped"] += len(gone)
                     for m in gone:  # their updates leave the round
-                        state.updates.pop(m, None)
-                        self._updates.pop(m, None)
+                        collection.drop(m)
                     left = [m for m in plan.members if m not in gone]
                     if len(left) < self.config.quorum:
                         log.warning("round %d: %d members left, below quorum %d; retrying",
@@ -240,8 +226,8 @@ class P2PMixin:
                              state.round, [g[:12] for g in sorted(gone)])
                     await self._replan(revise(plan, gone=gone), check)
                     continue
-                self._p2p_event.clear()
+                self._event.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._p2p_event.wait(), timeout=0.5)
+                    await asyncio.wait_for(self._event.wait(), timeout=0.5)
         finally:
             self._p2p = None

@@ -1,11 +1,16 @@
-"""Participants as the coordinator sees them: one Peer per node id, one Connection per socket."""
+"""Participants as the coordinator sees them: one Peer per node id, one Connection per socket,
+and `Nodes`, the interface through which the coordinator's collaborators reach them."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from shared.messages import Message
 
 
 class Sender(Protocol):
@@ -49,3 +54,17 @@ class Connection:
     challenge: str = field(default_factory=lambda: secrets.token_hex(32))
     errors: int = 0  # frames refused on this connection
     public_key: bytes = b""  # the key the Hello proved possession of
+
+
+class Nodes(Protocol):
+    """What a collaborator of the coordinator (reductions, validation, the RTC hub) needs to
+    reach nodes: the peer table, signing, sending. server.outbox.Outbox implements it."""
+
+    @property
+    def peers(self) -> Mapping[str, Peer]: ...  # node id -> peer, connected or not
+
+    def frame(self, msg: Message) -> bytes: ...  # `msg` signed by the server
+
+    async def send(self, conn: Connection, msg: Message | bytes) -> None: ...
+
+    def conn(self, node_id: str) -> Connection | None: ...  # None when not connected

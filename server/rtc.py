@@ -8,6 +8,10 @@ WebSocket. Frames arriving on a node's channel go through the same `handle_frame
 WebSocket's (signature, replay and round checks included), bound to that node's connection.
 A node whose channel does not open within `rtc_timeout_s` keeps using its WebSocket (relay);
 `/api/peers` shows which (`transport`: webrtc / relay / ws).
+
+The hub does not hold the coordinator: it reaches nodes through `RtcHost` (look a node up,
+send it a frame, hand a channel's frames to the frame handler) and reads its settings from
+`RtcSettings`.
 """
 
 from __future__ import annotations
@@ -15,49 +19,69 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
+from server.config import RunConfig
 from server.peers import Connection
 from shared.errors import BadUpdate, UnknownNode
-from shared.messages import SERVER, Signal
+from shared.messages import SERVER, Message, Signal
 from transport.rtc import FrameLink, rtc_config
-
-if TYPE_CHECKING:
-    from server.coordinator import Coordinator
 
 log = logging.getLogger("server.rtc")
 
 
+class RtcHost(Protocol):
+    """What the hub needs from the coordinator."""
+
+    def conn(self, node_id: str) -> Connection | None: ...  # None when not connected
+
+    async def send(self, conn: Connection, msg: Message | bytes) -> None: ...  # signed
+
+    async def handle_frame(self, conn: Connection, data: bytes) -> None: ...  # as on its socket
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RtcSettings:
+    transport: str  # the run's topology: the server's own peer answers offers with "star"
+    ice_servers: tuple[str, ...]  # STUN/TURN URLs for the server's peer connections
+    max_frame: int  # largest frame a data channel may carry, bytes
+
+    @classmethod
+    def of(cls, config: RunConfig) -> RtcSettings:
+        return cls(transport=config.transport, max_frame=config.max_frame,
+                   ice_servers=tuple(s for s in config.ice_servers.split(",") if s))
+
+
 class RtcHub:
-    def __init__(self, coord: Coordinator) -> None:
-        self.coord = coord
+    def __init__(self, host: RtcHost, settings: RtcSettings) -> None:
+        self.host, self.settings = host, settings
         self.pcs: dict[str, RTCPeerConnection] = {}
         self.links: dict[str, FrameLink] = {}
-        servers = [s for s in coord.config.ice_servers.split(",") if s]
-        self.ice = servers
+        self.ice = list(settings.ice_servers)
 
     async def on_signal(self, conn: Connection, msg: Signal) -> None:
         peer = conn.peer
         assert peer is not None
         if msg.to != SERVER:  # node -> node: forward, attested by the server's signature
-            target = self.coord.peers.get(msg.to)
-            if target is None or target.ws is None:
+            target = self.host.conn(msg.to)
+            if target is None:
                 raise UnknownNode(f"signal target {msg.to[:12]} is not connected", field="to")
             fwd = Signal(run_id=msg.run_id, node_id=peer.node_id, to=msg.to, kind=msg.kind,
                          data=msg.data)
-            await self.coord.send(Connection(ws=target.ws, remote="", peer=target), fwd)
+            await self.host.send(target, fwd)
             return
         if msg.kind == "bye":
             await self.close(peer.node_id)
             return
         if msg.kind == "candidate":
             return  # aiortc answers with every candidate in its SDP; trickled ones are ignored
-        if msg.kind != "offer" or self.coord.config.transport != "star":
+        if msg.kind != "offer" or self.settings.transport != "star":
             raise BadUpdate(f"the server's peer takes offers only with transport 'star' "
                             f"(got {msg.kind!r}, run transport "
-                            f"{self.coord.config.transport!r})", field="kind")
+                            f"{self.settings.transport!r})", field="kind")
         await self.close(peer.node_id)  # a fresh offer replaces an older connection
         peer.transport = "relay"  # until its channel opens, its updates come on the socket
         pc = RTCPeerConnection(rtc_config(self.ice))
@@ -65,18 +89,18 @@ class RtcHub:
         pc.on("datachannel", lambda ch: self._attach(conn, ch))
         await pc.setRemoteDescription(RTCSessionDescription(sdp=msg.data, type="offer"))
         await pc.setLocalDescription(await pc.createAnswer())
-        await self.coord.send(conn, Signal(run_id=msg.run_id, node_id=SERVER, to=peer.node_id,
+        await self.host.send(conn, Signal(run_id=msg.run_id, node_id=SERVER, to=peer.node_id,
                                            kind="answer", data=pc.localDescription.sdp))
 
     def _attach(self, conn: Connection, channel: RTCDataChannel) -> None:
         peer = conn.peer
         assert peer is not None
-        coord = self.coord
+        host = self.host
 
         async def on_frame(frame: bytes) -> None:
-            await coord.handle_frame(conn, frame)
+            await host.handle_frame(conn, frame)
 
-        link = FrameLink(channel, on_frame, max_frame=coord.config.max_frame)
+        link = FrameLink(channel, on_frame, max_frame=self.settings.max_frame)
         self.links[peer.node_id] = link
         peer.transport = "webrtc"
         log.info("node %s: data channel open (star)", peer.node_id[:12])

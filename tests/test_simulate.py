@@ -63,10 +63,10 @@ def test_centered_clipping_starts_from_the_previous_aggregate_with_history(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p2p_results: str | None) -> None:
     """Also: with --p2p-results the aggregate is rounded through the codec before the outer
     step, so the next round's reference is the rounded aggregate."""
-    import server.coordinator as coordinator
+    import server.reduction as reduction
 
     calls: list[tuple[np.ndarray, np.ndarray]] = []
-    real = coordinator.get_rule
+    real = reduction.get_rule
 
     def recording(name: str):  # type: ignore[no-untyped-def]
         rule = real(name)
@@ -77,7 +77,7 @@ def test_centered_clipping_starts_from_the_previous_aggregate_with_history(
             return out
         return wrapped
 
-    monkeypatch.setattr(coordinator, "get_rule", recording)
+    monkeypatch.setattr(reduction, "get_rule", recording)
     asyncio.run(simulate(nodes=4, rounds=3, byzantine=0.0, attack="sign-flip",
                          aggregator="centered-clipping", inner_steps=3, data_dir=tmp_path,
                          progress=False, extra_config={

@@ -1,0 +1,63 @@
+"""The server's way out: signing frames, sending them to connections, and the byte counts.
+
+Every frame the server sends is signed with its key (shared.envelope) and counted: per peer,
+per round (`round_bytes`, stored with the round) and in total (`bytes_down`). A send to a
+socket that has gone is logged, not raised: the peer's disconnect is handled where the socket
+closes. Implements server.peers.Nodes for the coordinator's collaborators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+from server.peers import Connection, Peer
+from server.runstate import RunState
+from shared.envelope import sign_round
+from shared.messages import Message
+
+log = logging.getLogger("server.coordinator")
+
+
+class Outbox:
+    def __init__(self, run: RunState, counters: Counter[str]) -> None:
+        self.run = run
+        self.counters = counters  # bytes_down (and bytes_up, counted as frames arrive)
+        self.peers: dict[str, Peer] = {}  # node id -> peer, connected or not
+        self.round_bytes = [0, 0]  # up, down during the open round
+
+    def frame(self, msg: Message) -> bytes:
+        """`msg` signed with the server's key (shared.envelope)."""
+        ident = self.run.identity
+        assert ident is not None
+        return msg.to_frame(sign=ident.signer(
+            run_id=self.run.run_id, round=sign_round(getattr(msg, "round", None)),
+            msg_type=msg.TYPE, nonce=msg.nonce))  # type: ignore[attr-defined]
+
+    async def send(self, conn: Connection, msg: Message | bytes) -> None:
+        data = msg if isinstance(msg, bytes) else self.frame(msg)
+        if conn.peer is not None:
+            conn.peer.bytes_down += len(data)
+        self.round_bytes[1] += len(data)
+        self.counters["bytes_down"] += len(data)
+        try:
+            await conn.ws.send_bytes(data)
+        except (ConnectionError, RuntimeError) as exc:
+            log.info("send to %s failed: %s", conn.remote, exc)
+
+    def conn(self, node_id: str) -> Connection | None:
+        """The connection of a connected node; None when it is unknown or gone."""
+        p = self.peers.get(node_id)
+        return Connection(ws=p.ws, remote="", peer=p) if p is not None and p.ws else None
+
+    def connected(self, role: str | None = None) -> list[Peer]:
+        """Connected peers (of `role`, when given)."""
+        return [p for p in self.peers.values()
+                if p.ws is not None and (role is None or p.role == role)]
+
+    async def to_all(self, peers: list[Peer], msg: Message | bytes) -> None:
+        """The same signed bytes to each of `peers` that is connected."""
+        data = msg if isinstance(msg, bytes) else self.frame(msg)
+        await asyncio.gather(*(self.send(Connection(ws=p.ws, remote="", peer=p), data)
+                               for p in peers if p.ws is not None))

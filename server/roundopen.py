@@ -1,0 +1,98 @@
+"""What the server sends when a round opens: one signed RoundOpen per kind of receiver.
+
+A RoundOpen carries the global params in one of four forms (`kind`):
+
+- "full": the params;
+- "delta": the changes against the previous params (shared.downlink), to a node that holds
+  them and said `delta-params` in its Hello;
+- "outer": only the outer step to apply (p2p members of the last reduction hold the aggregate,
+  the previous params and the outer momentum);
+- "full+m": the params then the outer momentum (p2p trainers, so that they can step later).
+
+The reduction strategy (server.reduction) picks "outer" / "full+m" for its topology; the rest
+is decided here. Each kind is signed once per broadcast and the same bytes go to all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from server.outbox import Outbox
+from server.peers import Connection, Peer
+from server.reduction import Reduction
+from server.runstate import RunState
+from shared.downlink import encode_outer_step
+from shared.messages import RoundOpen
+from shared.rounds import RoundState
+
+
+class RoundOpener:
+    def __init__(self, run: RunState, outbox: Outbox, reduction: Reduction) -> None:
+        self.run, self.config = run, run.config
+        self.outbox, self.reduction = outbox, reduction
+
+    def frame(self, state: RoundState, kind: str = "full") -> bytes:
+        """The RoundOpen of `state` as `kind`, signed; the deadline is the time left now."""
+        run, cfg = self.run, self.config
+        base: str | None = None
+        payload = run.params_bytes
+        if kind == "delta" and run.params_changes is not None:
+            base, payload = run.prev_digest, run.params_changes
+        elif kind == "outer":
+            base = run.prev_digest
+            payload = encode_outer_step(cfg.outer_lr, cfg.outer_momentum)
+        elif kind == "full+m":
+            payload = run.params_bytes + np.ascontiguousarray(run.momentum, "<f4").tobytes()
+        return self.outbox.frame(RoundOpen(
+            run_id=run.run_id, round=state.round, attempt=state.attempt,
+            params_digest=run.params_digest,
+            deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
+            inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
+            batch_size=cfg.batch_size, base_digest=base,
+            with_momentum=kind == "full+m", payload=payload))
+
+    def kind(self, peer: Peer | None) -> str:
+        """What the RoundOpen for `peer` carries: the reduction's choice, else the delta
+        where the node holds the previous params and takes deltas, else the full params."""
+        run = self.run
+        holds_prev = peer is not None and peer.holds is not None and peer.holds == run.prev_digest
+        if peer is not None and (kind := self.reduction.open_kind(peer, holds_prev)):
+            return kind
+        if (peer is not None and holds_prev and run.params_changes is not None
+                and "delta-params" in peer.features):
+            return "delta"
+        return "full"
+
+    async def send(self, state: RoundState, conn: Connection, data: bytes | None = None, *,
+                   mark: bool = True) -> None:
+        """The open round to one connection (`data`: already signed for its kind); a
+        trainer that has not submitted is marked training unless `mark` is off (retries)."""
+        peer = conn.peer
+        if (mark and peer is not None and peer.role == "trainer"
+                and peer.node_id not in state.updates):
+            peer.state = "training"
+        kind = self.kind(peer)
+        if data is None:
+            data = self.frame(state, kind)
+        await self.outbox.send(conn, data)
+        if peer is not None:
+            peer.holds = self.run.params_digest
+            peer.has_momentum = peer.has_momentum or kind == "full+m"
+
+    async def broadcast(self, state: RoundState, *, retry: bool = False) -> None:
+        """The open round to every connected node that has not submitted to it."""
+        waiting = [p for p in list(self.outbox.peers.values())
+                   if p.ws is not None and p.node_id not in state.updates]
+        frames: dict[str, bytes] = {}  # each variant signed once, the same bytes for all
+        sends = []
+        for p in waiting:
+            if p.ws is None:
+                continue
+            kind = self.kind(p)
+            if kind not in frames:
+                frames[kind] = self.frame(state, kind)
+            sends.append(self.send(state, Connection(ws=p.ws, remote="", peer=p),
+                                   frames[kind], mark=not retry))
+        await asyncio.gather(*sends)
