@@ -443,6 +443,42 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def plan_runs(args: argparse.Namespace, runs_for: Callable[..., Run]) -> list[Run]:
+    """Every (model, row, fraction, attack, seed) cell the arguments ask for."""
+    runs: list[Run] = []
+    for model in args.models:
+        for row in args.rules:
+            rule = DEFAULT_RULE if row == DEFAULT_ROW else row
+            same_f = [] if args.no_clean_f else ["none"]
+            for frac, attacks in [(0.0, ["none"]), *((fr, [*same_f, *args.attacks])
+                                                      for fr in args.fractions_of[model])]:
+                for attack in attacks:
+                    if excluded(model, rule, attack, args.nodes, frac):
+                        continue
+                    runs += [runs_for(model, frac, row, attack, s) for s in args.seeds]
+    return runs
+
+
+def load_cache(path: Path | None) -> dict[str, Any]:
+    """The cells cached at `path` ({} when there is none or it does not parse)."""
+    if path is not None and path.exists():
+        with contextlib.suppress(ValueError):
+            cache: dict[str, Any] = json.loads(path.read_text())
+            return cache
+    return {}
+
+
+def save_cache(path: Path | None, cache: dict[str, Any]) -> None:
+    """Write `cache` atomically, merged with what a concurrent bench wrote meanwhile."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache.update({k: v for k, v in load_cache(path).items() if k not in cache})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, sort_keys=True))
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     global DEFAULT_RULE
     args = parse(argv)
@@ -463,34 +499,9 @@ def main(argv: list[str] | None = None) -> int:
                    validation_samples=VALIDATION_SAMPLES.get(model)
                    if validation and row == DEFAULT_ROW else None)
 
-    runs: list[Run] = []
-    for model in args.models:
-        for row in args.rules:
-            rule = DEFAULT_RULE if row == DEFAULT_ROW else row
-            same_f = [] if args.no_clean_f else ["none"]
-            for frac, attacks in [(0.0, ["none"]), *((fr, [*same_f, *args.attacks])
-                                                      for fr in args.fractions_of[model])]:
-                for attack in attacks:
-                    if excluded(model, rule, attack, args.nodes, frac):
-                        continue
-                    runs += [runs_for(model, frac, row, attack, s) for s in args.seeds]
+    runs = plan_runs(args, runs_for)
     cache_path = Path(args.cache) if args.cache else None
-    cache: dict[str, Any] = {}
-    if cache_path and cache_path.exists() and not args.fresh:
-        with contextlib.suppress(ValueError):
-            cache = json.loads(cache_path.read_text())
-
-    def save() -> None:
-        if cache_path is None:
-            return
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        if cache_path.exists():  # merge what a concurrent bench wrote meanwhile
-            with contextlib.suppress(ValueError):
-                cache.update({k: v for k, v in json.loads(cache_path.read_text()).items()
-                              if k not in cache})
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, sort_keys=True))
-        os.replace(tmp, cache_path)
+    cache = {} if args.fresh else load_cache(cache_path)
 
     agg: dict[str, float] | None = None
     if not args.no_agg_ms:  # first, so that a --cached-only tabulation sees the newest cache
@@ -502,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     from_cache = sorted({r.label() for r in runs if r.key() in cache})
     if not args.cached_only:
-        execute(runs, jobs=args.jobs, cache=cache, save=save)
+        execute(runs, jobs=args.jobs, cache=cache, save=lambda: save_cache(cache_path, cache))
     settings_runs = sum(r.key() in cache for r in runs)
     wall = time.perf_counter() - t0
     figs, lines = build(args, cache, validation=validation, runs_for=runs_for)

@@ -59,12 +59,13 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.common import children, emit, free_port, get_json, print_table
 from bench.netfault import RelayThread
 
 POLL_S = 0.05
+T = TypeVar("T")
 
 
 class Poller(threading.Thread):
@@ -343,7 +344,7 @@ class Swarm:
         self.relay.stop()
 
 
-def wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait(cond: Callable[[], T | None], timeout: float, what: str) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError, KeyError):

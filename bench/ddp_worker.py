@@ -88,8 +88,7 @@ def _worker(args: argparse.Namespace) -> None:
     hook_s = [0.0]
 
     def timed(inner: Any, state: Any) -> Any:
-        # no annotations: DDP compares them literally and `from __future__` makes them str
-        def hook(st, bucket):
+        def hook(st: Any, bucket: Any) -> Any:
             t0 = time.perf_counter()
 
             def done(fut: Any) -> Any:
@@ -98,6 +97,9 @@ def _worker(args: argparse.Namespace) -> None:
 
             return inner(st, bucket).then(done)
 
+        # DDP compares a hook's annotations with dist.GradBucket literally, and
+        # `from __future__ import annotations` makes them strings: show it none
+        hook.__annotations__.clear()
         return hook
 
     if args.hook == "powersgd":

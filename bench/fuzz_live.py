@@ -54,7 +54,8 @@ TYPES = (Submit, Ready, Verdict, Signal, Shard)
 
 def base_header(c: Client, cls: type, rng: random.Random) -> tuple[dict[str, Any], bytes]:
     """A valid header (and payload) of `cls` from this node."""
-    assert c.welcome is not None and c.open is not None
+    assert c.welcome is not None
+    assert c.open is not None
     node, run, rnd = c.ident.node_id, c.welcome.run_id, c.open.round
     if cls is Submit:
         return c.submit_header()
@@ -102,6 +103,57 @@ def break_bytes(frame: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
+async def reconnect(http: aiohttp.ClientSession, base: str) -> Client | None:
+    """A fresh identity's connection with a round open; None if the server stopped taking
+    connections (61 tries, 0.5 s apart)."""
+    for _ in range(61):
+        try:
+            c = await Client.connect(http, base, Identity.generate())
+            await c.wait_for(RoundOpen, timeout=5)
+            return c
+        except (aiohttp.ClientError, AssertionError, TimeoutError):
+            await asyncio.sleep(0.5)
+    return None
+
+
+def decodes_locally(frame: bytes, crashes: list[str]) -> bool:
+    """Whether our own decoder accepts `frame` (it must never raise anything else)."""
+    try:
+        decode_message(frame, max_payload=1 << 20)
+    except ProtocolError:
+        return False
+    except Exception as exc:  # the local decoder itself must never crash
+        crashes.append(f"local decode raised {type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+async def send_one(c: Client, rng: random.Random, crashes: list[str],
+                   outcomes: Counter[str]) -> None:
+    """One mutated frame of a random type; the server's answer is counted."""
+    cls = rng.choice(TYPES)
+    header, payload = base_header(c, cls, rng)
+    header = mutate(header, rng)
+    frame = c.sign_header(cls.TYPE, header, payload)
+    if rng.random() < 0.1:
+        frame = break_bytes(frame, rng)
+    valid = decodes_locally(frame, crashes)
+    try:
+        await c.send(frame)
+        reply = await c.wait_for(Error, Ack, timeout=10)
+    except (aiohttp.ClientError, ConnectionError):
+        reply = None
+    if isinstance(reply, Ack):
+        outcomes["ack"] += 1
+        if not valid:
+            crashes.append(f"accepted invalid {cls.__name__}: "
+                           f"{json.dumps(header, default=str)[:300]}")
+    elif isinstance(reply, Error):
+        outcomes[reply.code] += 1
+    else:
+        outcomes["closed/none"] += 1
+
+
 async def fuzz(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     crashes: list[str] = []
@@ -118,51 +170,16 @@ async def fuzz(args: argparse.Namespace) -> dict[str, Any]:
                     crashes.append(f"server exited with {proc.returncode}")
                     break
                 if c.ws.closed or c.open is None:
-                    with_retry = 0
-                    while True:
-                        try:
-                            c = await Client.connect(http, base, Identity.generate())
-                            await c.wait_for(RoundOpen, timeout=5)
-                            break
-                        except (aiohttp.ClientError, AssertionError, TimeoutError):
-                            with_retry += 1
-                            if with_retry > 60:
-                                crashes.append("server stopped accepting connections")
-                                break
-                            await asyncio.sleep(0.5)
+                    again = await reconnect(http, base)
                     reconnects += 1
-                    if crashes:
+                    if again is None:
+                        crashes.append("server stopped accepting connections")
+                    if again is None or crashes:
                         break
+                    c = again
                     continue
-                cls = rng.choice(TYPES)
-                header, payload = base_header(c, cls, rng)
-                header = mutate(header, rng)
-                frame = c.sign_header(cls.TYPE, header, payload)
-                if rng.random() < 0.1:
-                    frame = break_bytes(frame, rng)
-                try:
-                    decode_message(frame, max_payload=1 << 20)
-                    valid = True
-                except ProtocolError:
-                    valid = False
-                except Exception as exc:  # the local decoder itself must never crash
-                    crashes.append(f"local decode raised {type(exc).__name__}: {exc}")
-                    valid = False
+                await send_one(c, rng, crashes, outcomes)
                 inputs += 1
-                try:
-                    await c.send(frame)
-                    reply = await c.wait_for(Error, Ack, timeout=10)
-                except (aiohttp.ClientError, ConnectionError):
-                    reply = None
-                if isinstance(reply, Ack):
-                    outcomes["ack"] += 1
-                    if not valid:
-                        crashes.append(f"accepted invalid {cls.__name__}: "
-                                       f"{json.dumps(header, default=str)[:300]}")
-                elif isinstance(reply, Error):
-                    outcomes[reply.code] += 1
-                else:
-                    outcomes["closed/none"] += 1
                 if inputs % 50 == 0 and await api_ok(http, base):
                     crashes.append(f"non-JSON API answer after {inputs} inputs")
             if await api_ok(http, base):

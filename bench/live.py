@@ -138,9 +138,9 @@ class Client:
         return msg.to_frame(sign=self.signer(msg.TYPE, getattr(msg, "round", -1),
                                              msg.nonce))  # type: ignore[attr-defined]
 
-    def signer(self, msg_type: int, round: Any, nonce: str) -> Any:
+    def signer(self, msg_type: int, round_: Any, nonce: str) -> Any:
         assert self.challenge is not None
-        r = round if isinstance(round, int) and not isinstance(round, bool) else -1
+        r = round_ if isinstance(round_, int) and not isinstance(round_, bool) else -1
         return self.ident.signer(run_id=self.challenge.run_id, round=r, msg_type=msg_type,
                                  nonce=nonce)
 
@@ -184,7 +184,8 @@ class Client:
                 return msg
 
     def submit(self, **over: Any) -> Submit:
-        assert self.welcome is not None and self.open is not None
+        assert self.welcome is not None
+        assert self.open is not None
         vec = np.full(self.welcome.n_params, 1e-3, np.float32)
         payload = get_codec("raw32").encode(vec)
         fields: dict[str, Any] = dict(run_id=self.welcome.run_id, round=self.open.round,

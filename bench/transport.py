@@ -73,7 +73,8 @@ async def aiortc_pair(size: int, repeats: int, *, check_cancel: bool = False
             small = os.urandom(1000)
             await sender.send_frame(small)
             assert await asyncio.wait_for(done.get(), timeout=60) == small
-            assert receiver.reasm.cancelled == 1 and not receiver.reasm.open
+            assert receiver.reasm.cancelled == 1
+            assert not receiver.reasm.open
             print("cancel mid-transfer: dropped by the receiver, channel still usable",
                   file=sys.stderr)
     finally:
@@ -124,7 +125,8 @@ async def aiortc_processes(size: int, repeats: int, *, stock: bool = False
         sys.executable, "-m", "bench.transport", "--receiver",
         *(["--stock-sctp"] if stock else []), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     pc = RTCPeerConnection(rtc_config())
     chan = pc.createDataChannel("frames", ordered=True)
     opened = asyncio.Event()
@@ -287,7 +289,8 @@ async def chromium_pairs(size: int, repeats: int) -> list[dict[str, Any]]:
                 await b.wait_for_function(f"() => rtcBench.received().length > {i}",
                                           timeout=300_000, polling=20)
                 got = (await b.evaluate("() => rtcBench.received()"))[i]
-                assert got["ok"] and got["bytes"] == size, got
+                assert got["ok"], got
+                assert got["bytes"] == size, got
                 row("chromium-chromium", i, (got["at"] - start_ms) / 1000)
             await browser.close()
     finally:

@@ -94,7 +94,7 @@ def test_tabs_survive_closing_tabs_and_a_server_kill(server_process: ServerProce
     before = srv.api("/api/rounds")
     stay.wait("s.state.startsWith('training')", timeout_s=60)
     srv.kill()  # kill -9 while the round is open
-    time.sleep(1.0)
+    time.sleep(1.0)  # the behaviour under test: an outage the tabs live through
     srv.start()  # same data dir, same port
     late = open_tab(f"{srv.url}/?backend=wasm", "joins-late")  # a new tab joins the run
     wait_until(lambda: srv.api("/api/run")["status"] == "finished", 300, "the run to finish")
@@ -106,12 +106,14 @@ def test_tabs_survive_closing_tabs_and_a_server_kill(server_process: ServerProce
     assert run["eval_loss"] < 0.9 * run["eval_loss_init"]
     stay.wait("s.state === 'the run is finished'", timeout_s=60)
     s = stay.stats()
-    assert s["accepted"] >= 4 and s["rejected"] == 0, s
+    assert s["accepted"] >= 4, s
+    assert s["rejected"] == 0, s
     assert late.stats()["accepted"] >= 1
     # the restarted server (fresh counters) took updates from the tab that lived through it
     peers = {p["node_id"]: p for p in srv.api("/api/peers")}
     me = peers[s["nodeId"]]
-    assert me["updates_accepted"] >= 1 and me["runtime"] == "browser"
+    assert me["updates_accepted"] >= 1
+    assert me["runtime"] == "browser"
     assert native.proc.wait(timeout=60) == 0
     stay.screenshot("chaos-after-server-restart")
     for tab in (stay, late):

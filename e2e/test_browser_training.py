@@ -38,7 +38,8 @@ def test_two_tabs_and_a_native_node_train_together(make_server: Any, native_node
     for tab in tabs:
         tab.wait("s.state === 'the run is finished'", timeout_s=240)
     rounds = api(server, "/api/rounds")
-    assert len(rounds) == 4 and all(r["n_updates"] == 3 for r in rounds), rounds
+    assert len(rounds) == 4, rounds
+    assert all(r["n_updates"] == 3 for r in rounds), rounds
     losses = [api(server, "/api/run")["eval_loss_init"]] + [r["eval_loss"] for r in rounds]
     assert losses[-1] < losses[0] * 0.9, losses
     ids = [tab.stats()["nodeId"] for tab in tabs]
@@ -47,14 +48,18 @@ def test_two_tabs_and_a_native_node_train_together(make_server: Any, native_node
         assert set(ids) <= set(keys), f"round {r}: committed updates from {sorted(keys)}"
     for tab in tabs:
         s = tab.stats()
-        assert s["accepted"] == 4 and s["rejected"] == 0 and s["contributed"] == 4, s
-        assert s["backend"] == "wasm" and s["threads"] >= 1
+        assert s["accepted"] == 4, s
+        assert s["rejected"] == 0, s
+        assert s["contributed"] == 4, s
+        assert s["backend"] == "wasm"
+        assert s["threads"] >= 1
         assert [e[1] for e in s["evalLoss"]] == [r["eval_loss"] for r in rounds]
     peers = {p["node_id"]: p for p in api(server, "/api/peers")}
     assert all(peers[i]["runtime"] == "browser" for i in ids)
     text = tabs[0].page.evaluate("() => window.daaNode.generate('ab', 24)")
     vocab = set(tabs[0].page.evaluate("() => window.daaNode.vocab"))
-    assert len(text) == 24 and set(text) <= vocab
+    assert len(text) == 24
+    assert set(text) <= vocab
     tabs[0].screenshot("two-tabs-finished")
     assert native.proc.wait(timeout=30) == 0
     for tab in tabs:
@@ -71,11 +76,12 @@ def test_a_tab_closed_mid_round_does_not_stall_it(make_server: Any, native_node:
     leave = open_tab(f"{server.url}/?backend=wasm", "leaves")
     leave.wait("s.state.startsWith('training') && s.stepsDone > 0", timeout_s=120)
     r = leave.stats()["round"]
-    t_close = time.monotonic()
     leave.close()
     wait_until(lambda: api(server, "/api/run")["committed_rounds"] > r, 90,
                f"round {r} to commit without the closed tab")
-    assert time.monotonic() - t_close < 60
+    (row,) = [x for x in api(server, "/api/rounds") if x["round"] == r]
+    # committed on the two others' updates, not at the deadline (the server's own measure)
+    assert row["duration_s"] < LM_RUN["deadline_s"], row
     stay.wait("s.state === 'the run is finished'", timeout_s=180)
     assert api(server, "/api/run")["committed_rounds"] == 3
     stay.screenshot("tab-closed-mid-round")
@@ -97,7 +103,8 @@ def test_a_reloaded_tab_keeps_its_identity_and_does_not_double_submit(
                "the resubmitted update")
     after = tab.stats()
     assert after["nodeId"] == before["nodeId"]
-    assert after["contributed"] == 0 and after["stepsDone"] == 0, after  # no retraining
+    assert after["contributed"] == 0, after
+    assert after["stepsDone"] == 0, after  # no retraining
     native_node(server)
     wait_until(lambda: api(server, "/api/run")["committed_rounds"] == 1, 120, "round 0")
     assert api(server, "/api/rounds")[0]["n_updates"] == 2
@@ -132,10 +139,12 @@ def test_own_data_trains_and_never_leaves_the_tab(make_server: Any, open_tab: An
     tab.wait(f"s.contributed > {start} + 1", timeout_s=120)  # a round wholly on the file
     tab.page.click("#node-toggle")  # Pause: no step is taken while paused
     tab.wait("s.paused", timeout_s=10)
-    time.sleep(1.0)
     frozen = tab.stats()["totalSteps"], tab.stats()["contributed"]
-    time.sleep(2.0)
-    assert (tab.stats()["totalSteps"], tab.stats()["contributed"]) == frozen
+    time.sleep(3.0)  # the behaviour under test: time passes while paused
+    steps, contributed = tab.stats()["totalSteps"], tab.stats()["contributed"]
+    # only the step in flight at the click may still land (and submit, if it was the last)
+    assert frozen[0] <= steps <= frozen[0] + 1
+    assert frozen[1] <= contributed <= frozen[1] + 1
     assert tab.page.inner_text("#node-state") == "paused"
     tab.page.click("#node-toggle")  # Resume
     tab.wait(f"s.contributed > {frozen[1]}", timeout_s=120)
@@ -168,10 +177,12 @@ def test_webgpu_path_trains_a_round(make_server: Any, webgpu_browser: Any) -> No
     try:
         tab.wait("s.state === 'the run is finished'", timeout_s=240)
         s = tab.stats()
-        assert s["backend"] == "webgpu" and s["accepted"] == 1, s
+        assert s["backend"] == "webgpu", s
+        assert s["accepted"] == 1, s
         pixels = [0.0] * 64
         probs = tab.page.evaluate("(px) => window.daaNode.classify(px)", pixels)
-        assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-4
+        assert len(probs) == 10
+        assert abs(sum(probs) - 1) < 1e-4
         tab.screenshot("webgpu-digits")
         assert tab.errors == [], tab.errors
     finally:
@@ -215,10 +226,13 @@ def test_a_validator_tab_scores_every_round(make_server: Any, native_node: Any,
         native_node(server)
     tab.wait("s.state === 'the run is finished'", timeout_s=240)
     run = api(server, "/api/run")
-    assert run["validation"] is True and run["verdicts"] == 3, run
+    assert run["validation"] is True, run
+    assert run["verdicts"] == 3, run
     assert all(r["n_updates"] == 2 for r in api(server, "/api/rounds"))
     s = tab.stats()
-    assert s["role"] == "validator" and s["judged"] == 6 and s["contributed"] == 0, s
+    assert s["role"] == "validator", s
+    assert s["judged"] == 6, s
+    assert s["contributed"] == 0, s
     peers = {p["node_id"]: p for p in api(server, "/api/peers")}
     assert peers[s["nodeId"]]["role"] == "validator"
     assert peers[s["nodeId"]]["updates_accepted"] == 0
@@ -226,7 +240,9 @@ def test_a_validator_tab_scores_every_round(make_server: Any, native_node: Any,
     work = server.run.work
     want = ProbeScorer(work, 512, side="tail").loss(initial_params(work))
     first = tab.page.evaluate("() => window.daaNode.firstVerdict")
-    assert first["round"] == 0 and all(v is not None for v in first["losses"]), first
-    assert want is not None and abs(first["base"] - want) < 1e-4 * abs(want), (first, want)
+    assert first["round"] == 0, first
+    assert all(v is not None for v in first["losses"]), first
+    assert want is not None, (first, want)
+    assert abs(first["base"] - want) < 1e-4 * abs(want), (first, want)
     tab.screenshot("validator-tab")
     assert tab.errors == [], tab.errors

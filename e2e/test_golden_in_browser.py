@@ -84,7 +84,8 @@ def test_js_frames_match_golden_vectors(page: Any) -> None:
 def test_shared_runs_in_pyodide(page: Any, live_server: Any) -> None:
     py = page.results["pyodide"]
     assert py["python"].startswith("3.13"), py["python"]
-    assert py["in_browser"] is True and py["numpy"] is False
+    assert py["in_browser"] is True
+    assert py["numpy"] is False
     assert py["non_stdlib_modules"] == []
     assert _failed(py["checks"]) == []
     names = {c["name"] for c in py["checks"]}
@@ -114,7 +115,8 @@ def test_shared_zip_headers(live_server: Any) -> None:
     assert headers["Cache-Control"] == "no-cache"
     assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
     names = zipfile.ZipFile(io.BytesIO(body)).namelist()
-    assert "shared/__init__.py" in names and "shared/testdata/frames.json" in names
+    assert "shared/__init__.py" in names
+    assert "shared/testdata/frames.json" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     req = urllib.request.Request(f"{live_server.url}/pkg/shared.zip",
                                  headers={"If-None-Match": headers["ETag"]})
@@ -179,7 +181,9 @@ def test_mldsa_browser_signs_python_verifies(page: Any) -> None:
     assert out["stable"] is True
     data = bytes.fromhex(out["hex"])
     msg = decode_message(data)
-    assert isinstance(msg, Submit) and msg.node_id == out["node"] and msg.payload[1:] == (
+    assert isinstance(msg, Submit)
+    assert msg.node_id == out["node"]
+    assert msg.payload[1:] == (
         b"\x00\x00\x80\x3f")
     verify_frame(decode_frame(data), public_key=bytes.fromhex(out["pk"]), run_id=RUN,
                  node_id=out["node"])
@@ -226,7 +230,8 @@ def test_zstd_interop(page: Any) -> None:
     data = bytes.fromhex(frame_hex)
     assert decode_frame(data).flags & FLAG_ZSTD
     msg = decode_message(data)
-    assert isinstance(msg, Submit) and msg.payload == bytes(4097)
+    assert isinstance(msg, Submit)
+    assert msg.payload == bytes(4097)
 
 
 def test_codecs_differential_random_vectors(page: Any) -> None:

@@ -144,7 +144,8 @@ def infer_fn(model: torch.nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     split = _unflatten(model)
 
     def infer(params: Tensor, x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, split(params), (x,))
+        out: Tensor = torch.func.functional_call(model, split(params), (x,))
+        return out
 
     return infer
 

@@ -25,74 +25,96 @@ def _groups(n: int, max_fan: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
-def limit_fan(model: Any, max_fan: int = MAX_FAN) -> int:
-    """Rewrite in place; returns the number of nodes replaced."""
-    import numpy as np
-    from onnx import helper, numpy_helper
+class _FanRewriter:
+    """Builds the Split / Concat trees of one graph, with fresh names and size initializers."""
 
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consts: dict[str, Any] = {}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            consts[node.output[0]] = helper.get_attribute_value(node.attribute[0])
-    counter = [0]
+    def __init__(self, graph: Any, max_fan: int) -> None:
+        from onnx import helper
 
-    def fresh(base: str) -> str:
-        counter[0] += 1
-        return f"{base}__fan{counter[0]}"
+        self.graph, self.max_fan, self.counter = graph, max_fan, 0
+        self.inits = {t.name: t for t in graph.initializer}
+        self.consts: dict[str, Any] = {
+            node.output[0]: helper.get_attribute_value(node.attribute[0])
+            for node in graph.node if node.op_type == "Constant" and node.attribute}
 
-    def sizes_of(name: str) -> list[int] | None:
-        t = inits.get(name) or consts.get(name)
+    def fresh(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}__fan{self.counter}"
+
+    def sizes_of(self, name: str) -> list[int] | None:
+        from onnx import numpy_helper
+
+        t = self.inits.get(name) or self.consts.get(name)
         return None if t is None else [int(v) for v in numpy_helper.to_array(t).ravel()]
 
-    def split_tree(src: str, sizes: list[int], outs: list[str], axis: int, base: str,
+    def split_tree(self, src: str, sizes: list[int], outs: list[str], axis: int, base: str,
                    acc: list[Any]) -> None:
-        if len(outs) <= max_fan:
-            const = fresh(base + "_sizes")
-            graph.initializer.append(numpy_helper.from_array(np.asarray(sizes, np.int64), const))
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        if len(outs) <= self.max_fan:
+            const = self.fresh(base + "_sizes")
+            self.graph.initializer.append(
+                numpy_helper.from_array(np.asarray(sizes, np.int64), const))
             acc.append(helper.make_node("Split", [src, const], outs, axis=axis,
-                                        name=fresh(base)))
+                                        name=self.fresh(base)))
             return
-        groups = _groups(len(outs), max_fan)
-        mids = [outs[g[0]] if len(g) == 1 else fresh(base + "_part") for g in groups]
-        split_tree(src, [sum(sizes[i] for i in g) for g in groups], mids, axis, base, acc)
+        groups = _groups(len(outs), self.max_fan)
+        mids = [outs[g[0]] if len(g) == 1 else self.fresh(base + "_part") for g in groups]
+        self.split_tree(src, [sum(sizes[i] for i in g) for g in groups], mids, axis, base, acc)
         for g, mid in zip(groups, mids, strict=True):
             if len(g) > 1:
-                split_tree(mid, [sizes[i] for i in g], [outs[i] for i in g], axis, base, acc)
+                self.split_tree(mid, [sizes[i] for i in g], [outs[i] for i in g], axis, base,
+                                acc)
 
-    def concat_tree(ins: list[str], out: str, axis: int, base: str, acc: list[Any]) -> None:
-        if len(ins) <= max_fan:
-            acc.append(helper.make_node("Concat", ins, [out], axis=axis, name=fresh(base)))
+    def concat_tree(self, ins: list[str], out: str, axis: int, base: str,
+                    acc: list[Any]) -> None:
+        from onnx import helper
+
+        if len(ins) <= self.max_fan:
+            acc.append(helper.make_node("Concat", ins, [out], axis=axis, name=self.fresh(base)))
             return
-        groups = _groups(len(ins), max_fan)
         mids = []
-        for g in groups:
+        for g in _groups(len(ins), self.max_fan):
             if len(g) == 1:
                 mids.append(ins[g[0]])
             else:
-                mid = fresh(base + "_part")
-                concat_tree([ins[i] for i in g], mid, axis, base, acc)
+                mid = self.fresh(base + "_part")
+                self.concat_tree([ins[i] for i in g], mid, axis, base, acc)
                 mids.append(mid)
-        concat_tree(mids, out, axis, base, acc)
+        self.concat_tree(mids, out, axis, base, acc)
 
+    def rewrite(self, node: Any, acc: list[Any]) -> bool:
+        """Append `node`'s tree to `acc` and return True, or False if it stays as it is."""
+        from onnx import helper
+
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis = int(attrs.get("axis", 0))
+        if node.op_type == "Split" and len(node.output) > self.max_fan \
+                and len(node.input) == 2:
+            sizes = self.sizes_of(node.input[1])
+            if sizes is None or len(sizes) != len(node.output):
+                return False
+            self.split_tree(node.input[0], sizes, list(node.output), axis,
+                            node.name or "split", acc)
+            return True
+        if node.op_type == "Concat" and len(node.input) > self.max_fan:
+            self.concat_tree(list(node.input), node.output[0], axis, node.name or "concat", acc)
+            return True
+        return False
+
+
+def limit_fan(model: Any, max_fan: int = MAX_FAN) -> int:
+    """Rewrite in place; returns the number of nodes replaced."""
+    graph = model.graph
+    rewriter = _FanRewriter(graph, max_fan)
     new_nodes: list[Any] = []
     replaced = 0
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        axis = int(attrs.get("axis", 0))
-        if node.op_type == "Split" and len(node.output) > max_fan and len(node.input) == 2:
-            sizes = sizes_of(node.input[1])
-            if sizes is not None and len(sizes) == len(node.output):
-                split_tree(node.input[0], sizes, list(node.output), axis,
-                           node.name or "split", new_nodes)
-                replaced += 1
-                continue
-        if node.op_type == "Concat" and len(node.input) > max_fan:
-            concat_tree(list(node.input), node.output[0], axis, node.name or "concat", new_nodes)
+        if rewriter.rewrite(node, new_nodes):
             replaced += 1
-            continue
-        new_nodes.append(node)
+        else:
+            new_nodes.append(node)
     if replaced:
         del graph.node[:]
         graph.node.extend(new_nodes)

@@ -67,7 +67,7 @@ class Backoff:
         self.cap, self.first, self.n = cap, first, 0
 
     def next(self) -> float:
-        delay = min(self.cap, self.first * (2 ** self.n))
+        delay = min(self.cap, self.first * 2.0 ** self.n)
         self.n += 1
         return delay * random.uniform(0.8, 1.2)
 

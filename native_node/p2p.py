@@ -103,8 +103,8 @@ class P2PRole:
         self.put(msg)
 
     # -- the round -------------------------------------------------------------------------
-    def trained(self, round: int, delta: np.ndarray) -> None:
-        self.delta, self.delta_round = delta, round  # float32 LE, as hashed into Ready
+    def trained(self, round_: int, delta: np.ndarray) -> None:
+        self.delta, self.delta_round = delta, round_  # float32 LE, as hashed into Ready
 
     async def on_plan(self, msg: ShardPlan) -> None:
         plan = Plan.from_dict(msg.plan)

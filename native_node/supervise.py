@@ -56,7 +56,7 @@ def backoff_s(quick_crashes: int, *, cap_s: float = 30.0) -> float:
     """Delay before the next fork after `quick_crashes` consecutive quick crashes."""
     if quick_crashes <= 1:
         return 0.0
-    return min(cap_s, 0.5 * 2 ** (quick_crashes - 2))
+    return min(cap_s, 0.5 * 2.0 ** (quick_crashes - 2))
 
 
 def supervise(worker: Callable[[], int], *, quick_s: float = 10.0,

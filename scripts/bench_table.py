@@ -32,7 +32,8 @@ def last_json(name: str) -> Fig | None:
         return None
     if path.suffix == ".json":
         doc: Fig = json.loads(path.read_text())
-        return doc.get("figures", doc)
+        figures: Fig = doc.get("figures", doc)
+        return figures
     for line in reversed(path.read_text().splitlines()):
         if line.startswith("{"):
             fig: Fig = json.loads(line)

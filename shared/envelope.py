@@ -28,7 +28,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.errors import BadSignature, MessageError, Replay
 from shared.frame import Frame
@@ -89,7 +89,10 @@ class Identity:
         return sign
 
 
-def _field(header: dict[str, Any], name: str, kind: type) -> Any:
+T = TypeVar("T")
+
+
+def _field(header: dict[str, Any], name: str, kind: type[T]) -> T:
     value = header.get(name)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise MessageError(f"signed frame needs a {kind.__name__} field {name!r}", field=name)

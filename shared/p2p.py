@@ -4,7 +4,7 @@ The pieces the `p2p` exchange topology is built from, as pure state machines (st
 so a browser tab runs the same code): no sockets, no clocks. Callers feed them what arrived
 and send what they return.
 
-    plan = make_plan(round, members, n_params, replicas=2)      # the server decides it
+    plan = make_plan(round_, members, n_params, replicas=2)     # the server decides it
     peer = ShardReducer(me, plan, my_update, rule="median", byzantine_fraction=0.2,
                         result_codec="fp16")
     out = peer.start()              # [{"kind": "part", "to", "shard", "payload"}, ...]
@@ -112,7 +112,8 @@ def check_plan(plan: Plan) -> None:
             raise ValueError(f"shard {s}: owners must be distinct members, at least one")
 
 
-def make_plan(round: int, members: Iterable[str], n_params: int, *, replicas: int = 2) -> Plan:
+def make_plan(round_: int, members: Iterable[str], n_params: int, *, replicas: int = 2
+              ) -> Plan:
     """One shard per member; shard s owned by members[s], members[s+1], ... (`replicas` of
     them, fewer when there are fewer members)."""
     ms = tuple(sorted(set(members)))
@@ -122,7 +123,7 @@ def make_plan(round: int, members: Iterable[str], n_params: int, *, replicas: in
     if n == 0:
         raise ValueError("a plan needs at least one member")
     k = min(replicas, n)
-    plan = Plan(round=round, n_params=n_params, members=ms,
+    plan = Plan(round=round_, n_params=n_params, members=ms,
                 owners=tuple(tuple(ms[(s + j) % n] for j in range(k)) for s in range(n)))
     check_plan(plan)
     return plan

@@ -306,12 +306,12 @@ class Participant:
                                  "payload": msg.candidate_payload(i)}
                                 for i, c in enumerate(msg.candidates)]}]
 
-    def verdict(self, round: int, base_loss: float | None,
+    def verdict(self, round_: int, base_loss: float | None,
                 losses: Sequence[float | None]) -> list[Event]:
         """The scorer's held-out losses of theta_r and of theta_r - Delta_i (None: the
         candidate did not decode or its loss is not finite) -> a signed Verdict."""
         req, welcome = self.validating, self.welcome
-        if req is None or req.round != round or welcome is None:
+        if req is None or req.round != round_ or welcome is None:
             return []
         if len(losses) != len(req.candidates):
             raise ValueError(f"{len(losses)} losses for {len(req.candidates)} candidates")
@@ -320,7 +320,7 @@ class Participant:
         scores = [{"node_id": c["node_id"], "digest": c["digest"], "loss": loss_or_none(v)}
                   for c, v in zip(req.candidates, losses, strict=True)]
         self.counts["judged"] = self.counts.get("judged", 0) + len(scores)
-        return [self._send(Verdict(run_id=welcome.run_id, round=round, node_id=self.node_id,
+        return [self._send(Verdict(run_id=welcome.run_id, round=round_, node_id=self.node_id,
                                    base_loss=loss_or_none(base_loss), scores=scores))]
 
     def _on_committed(self, msg: RoundCommitted) -> list[Event]:
@@ -343,19 +343,19 @@ class Participant:
         job, self.training = self.training, None
         return [{"kind": "cancel", "round": job.round}]
 
-    def training_stopped(self, round: int) -> None:
-        """The driver's trainer stopped `round` without a result (cancelled or failed): the
+    def training_stopped(self, round_: int) -> None:
+        """The driver's trainer stopped `round_` without a result (cancelled or failed): the
         round is trained again if it is offered again."""
-        if self.training is not None and self.training.round == round:
+        if self.training is not None and self.training.round == round_:
             self.training = None
 
     # -- the trainer's result ------------------------------------------------------------
-    def submit(self, round: int, delta_bytes: bytes, *, train_loss: float | None,
+    def submit(self, round_: int, delta_bytes: bytes, *, train_loss: float | None,
                samples: int, compute_s: float) -> list[Event]:
-        """The trainer finished `round`: `delta_bytes` is its pseudo-gradient theta_r - theta_i
+        """The trainer finished `round_`: `delta_bytes` is its pseudo-gradient theta_r - theta_i
         (float32 LE). Encode it (+ residual), sign it and send it."""
         job, welcome = self.training, self.welcome
-        if job is None or job.round != round or welcome is None or self.held is None:
+        if job is None or job.round != round_ or welcome is None or self.held is None:
             return []  # the round moved on while we trained: nothing to send
         codec = make_codec(welcome.codec, **welcome.codec_params)
         if getattr(codec, "needs_layout", False) and self.layout is None:
@@ -367,7 +367,7 @@ class Participant:
         if not all_finite(delta):
             self.training = None
             return [{"kind": "error", "code": "not_finite",
-                     "message": f"round {round}: training diverged (NaN/inf); not submitted"}]
+                     "message": f"round {round_}: training diverged (NaN/inf); not submitted"}]
         if welcome.transport == "p2p":  # the update stays here; the shard owners get it
             return self._ready(job, delta_bytes, train_loss, samples, compute_s)
         if welcome.worker_momentum > 0:  # send the momentum of our deltas, not the delta
@@ -379,7 +379,7 @@ class Participant:
             self.training = None
             return [{"kind": "fatal", "message": f"this node cannot encode codec "
                                                  f"{codec.name}: {exc}"}]
-        msg = Submit(run_id=welcome.run_id, round=round, node_id=self.node_id,
+        msg = Submit(run_id=welcome.run_id, round=round_, node_id=self.node_id,
                      nonce=new_nonce(), codec=codec.name, length=len(delta),
                      digest=sha256_hex(payload), train_loss=loss_or_none(train_loss),
                      samples=int(samples), compute_s=seconds(compute_s), payload=payload)

@@ -96,8 +96,10 @@ def _stop_multiprocessing_helpers() -> None:
     from multiprocessing import forkserver, resource_tracker
 
     for helper in (resource_tracker._resource_tracker, forkserver._forkserver):
-        with contextlib.suppress(Exception):
-            helper._stop()  # type: ignore[attr-defined]
+        stop = getattr(helper, "_stop", None)  # private, so not in typeshed
+        if callable(stop):
+            with contextlib.suppress(Exception):
+                stop()
 
 
 class LeftoverCheck:

@@ -25,8 +25,10 @@ async def main(size: int, loss: float) -> dict[str, Any]:
     a, b, chan_a, chan_b = await connect_pair()
     got: asyncio.Queue[bytes] = asyncio.Queue()
     sender, receiver = FrameLink(chan_a), FrameLink(chan_b, on_frame=got.put_nowait)
-    rx = b.sctp.transport  # the receiver's RTCDtlsTransport
-    rx_sctp = b.sctp
+    rx_sctp, tx_sctp = b.sctp, a.sctp
+    assert rx_sctp is not None
+    assert tx_sctp is not None
+    rx = rx_sctp.transport  # the receiver's RTCDtlsTransport
     counts = {"data_packets": 0, "sacks": 0, "dropped": 0, "retransmits": 0}
     rng = random.Random(7)
     drop = {"p": 0.0}
@@ -53,14 +55,16 @@ async def main(size: int, loss: float) -> dict[str, Any]:
         counts["sacks"] += isinstance(chunk, sctp.SackChunk)
         await send_chunk(chunk)
 
-    rx_sctp._handle_data, rx_sctp._send_chunk = counting_handle, counting_send
-    tx_send = a.sctp._send_chunk
+    # counting wrappers patched onto the live objects
+    rx_sctp._handle_data = counting_handle  # type: ignore[method-assign]
+    rx_sctp._send_chunk = counting_send  # type: ignore[method-assign]
+    tx_send = tx_sctp._send_chunk
 
     async def counting_tx(chunk: sctp.Chunk) -> None:
         counts["retransmits"] += isinstance(chunk, sctp.DataChunk) and chunk._sent_count > 1
         await tx_send(chunk)
 
-    a.sctp._send_chunk = counting_tx
+    tx_sctp._send_chunk = counting_tx  # type: ignore[method-assign]
     result: dict[str, Any] = {}
     try:
         for phase, p in (("clean", 0.0), ("lossy", loss)):

@@ -26,6 +26,7 @@ from shared.aggregation import (
     trimmed_mean,
 )
 from shared.aggregation._stack import prepare
+from shared.vec import Vector
 
 KINDS = ["numpy", "pure"]
 CHECKS_F = {"trimmed-mean", "krum", "multi-krum", "bulyan", "nnm"}  # the others ignore f
@@ -45,7 +46,7 @@ def stacks(values: st.SearchStrategy[float], min_n: int = 1, max_n: int = 9,
         st.lists(values, min_size=d, max_size=d), min_size=min_n, max_size=max_n))
 
 
-def mk(kind: str, rows: list[list[float]]) -> list:
+def mk(kind: str, rows: list[list[float]]) -> list[Vector]:
     if kind == "numpy":
         return [np.array(r, dtype=np.float32) for r in rows]
     return [array("f", r) for r in rows]
@@ -55,7 +56,8 @@ def vals(v: Any) -> list[float]:
     return [float(x) for x in v]
 
 
-def draw_params(data: st.DataObject, name: str, rows: list[list[float]]) -> dict | None:
+def draw_params(data: st.DataObject, name: str, rows: list[list[float]]
+                ) -> dict[str, Any] | None:
     """A valid f (None if n is too small for the rule) and the rule's other parameters."""
     n = len(rows)
     top = max_f(name, n) if name in CHECKS_F else 3
@@ -76,7 +78,7 @@ def draw_params(data: st.DataObject, name: str, rows: list[list[float]]) -> dict
     return params
 
 
-def run(name: str, kind: str, rows: list[list[float]], params: dict) -> Any:
+def run(name: str, kind: str, rows: list[list[float]], params: dict[str, Any]) -> Any:
     p = dict(params)
     if "reference" in p:
         p["reference"] = mk(kind, [p["reference"]])[0]
@@ -85,8 +87,9 @@ def run(name: str, kind: str, rows: list[list[float]], params: dict) -> Any:
     return [vals(v) for v in out] if isinstance(out, list) else vals(out)
 
 
-def scale_of(rows: list[list[float]], params: dict) -> float:
-    return max([abs(x) for r in [*rows, params.get("reference", [])] for x in r] + [1e-30])
+def scale_of(rows: list[list[float]], params: dict[str, Any]) -> float:
+    reference: list[float] = params.get("reference", [])
+    return max([abs(x) for r in [*rows, reference] for x in r] + [1e-30])
 
 
 def assert_close(a: list[float], b: list[float], scale: float) -> None:

@@ -26,25 +26,29 @@ from shared.attacks import (
 def test_sign_flip_and_scaled_by_hand() -> None:
     u = np.array([1.0, -2.0, 0.5], dtype=np.float32)
     out = sign_flip(u)
-    assert out.dtype == np.float32 and out.tolist() == [-1.0, 2.0, -0.5]
+    assert out.dtype == np.float32
+    assert out.tolist() == [-1.0, 2.0, -0.5]
     assert sign_flip(u, scale=2.0).tolist() == [-2.0, 4.0, -1.0]
     assert scaled(u, factor=3.0).tolist() == [3.0, -6.0, 1.5]
     a = sign_flip(array("f", [1.0, -2.0]))
-    assert isinstance(a, array) and list(a) == [-1.0, 2.0]
+    assert isinstance(a, array)
+    assert list(a) == [-1.0, 2.0]
     assert list(scaled(array("f", [0.25]), factor=-4)) == [-1.0]
 
 
 def test_gaussian_is_seeded_noise() -> None:
     u = np.zeros(20000, dtype=np.float32)
     a, b = gaussian(u, sigma=2.0, seed=7), gaussian(u, sigma=2.0, seed=7)
-    assert np.array_equal(a, b) and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert a.dtype == np.float32
     assert not np.array_equal(a, gaussian(u, sigma=2.0, seed=8))
-    assert abs(float(a.std()) - 2.0) < 0.05 and abs(float(a.mean())) < 0.05
+    assert abs(float(a.std()) - 2.0) < 0.05
+    assert abs(float(a.mean())) < 0.05
     ones = np.ones(3, dtype=np.float32)
     assert np.allclose(gaussian(ones, sigma=0.0, seed=1, additive=True), ones)
     assert np.allclose(gaussian(ones, sigma=0.0, seed=1), 0.0)
     assert len(gaussian(array("f", [1.0, 2.0]), sigma=1.0, seed=3)) == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be >= 0"):
         gaussian(ones, sigma=-1.0, seed=0)
 
 
@@ -56,7 +60,7 @@ def test_alie_z_matches_the_paper_formula() -> None:
     assert alie_z(4, 1) == 0.0
     # n = 8, f = 2: s = 5 - 2 = 3 -> Phi^-1(5/8)
     assert alie_z(8, 2) == pytest.approx(0.318639, abs=1e-5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gives s=0"):
         alie_z(4, 3)  # s = 0: (n - s)/n = 1
 
 
@@ -68,24 +72,26 @@ def test_alie_by_hand() -> None:
     out = alie(honest, n=8, f=2)
     assert out.tolist() == pytest.approx([2.0 - z, 0.0])
     pure = alie([array("f", [1.0, 0.0]), array("f", [3.0, 0.0])], n=8, f=2)
-    assert isinstance(pure, array) and list(pure) == pytest.approx([2.0 - z, 0.0])
+    assert isinstance(pure, array)
+    assert list(pure) == pytest.approx([2.0 - z, 0.0])
 
 
 def test_ipm_by_hand() -> None:
     honest = [np.array([1.0, 2.0], dtype=np.float32), np.array([3.0, -4.0], dtype=np.float32)]
     assert ipm(honest, epsilon=0.5).tolist() == [-1.0, 0.5]
     assert list(ipm([array("f", [2.0]), array("f", [4.0])], epsilon=1.0)) == [-3.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one honest update"):
         ipm([], epsilon=1.0)
 
 
 def test_flip_labels() -> None:
     y = np.array([0, 3, 9], dtype=np.int64)
     out = flip_labels(y, 10)
-    assert out.tolist() == [9, 6, 0] and out.dtype == np.int64
+    assert out.tolist() == [9, 6, 0]
+    assert out.dtype == np.int64
     assert flip_labels([0, 1], 2) == [1, 0]
     assert np.array_equal(flip_labels(flip_labels(y, 10), 10), y)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
         flip_labels(np.array([10]), 10)
 
 
@@ -98,7 +104,8 @@ def test_alie_stays_within_the_honest_spread() -> None:
     honest = [rng.normal(1.0, 1.0, size=d).astype(np.float32) for _ in range(n - f)]
     bad = alie(honest, n=n, f=f)
     stack = np.stack(honest)
-    assert np.all(bad >= stack.min(axis=0)) and np.all(bad <= stack.max(axis=0))
+    assert np.all(bad >= stack.min(axis=0))
+    assert np.all(bad <= stack.max(axis=0))
     # and it is strictly below the honest mean in every coordinate
     assert np.all(bad < stack.mean(axis=0))
     updates = honest + [bad] * f
@@ -115,12 +122,14 @@ def test_registry_calls_every_attack_the_same_way() -> None:
     honest = [np.array([1.0, 1.0], dtype=np.float32), np.array([3.0, 1.0], dtype=np.float32)]
     for name, attack in ATTACKS.items():
         out = attack.apply(own=own, honest=honest, n=8, f=2, seed=1)
-        assert len(out) == 2 and all(math.isfinite(float(v)) for v in out), name
+        assert len(out) == 2, name
+        assert all(math.isfinite(float(v)) for v in out), name
     assert get_attack("sign-flip").apply(own=own).tolist() == [-1.0, 1.0]
     assert get_attack("ipm").apply(honest=honest, epsilon=1.0).tolist() == [-2.0, -1.0]
     assert ATTACKS["label-flip"].kind == "data"
-    assert not ATTACKS["alie"].uses_own and ATTACKS["sign-flip"].uses_own
+    assert not ATTACKS["alie"].uses_own
+    assert ATTACKS["sign-flip"].uses_own
     with pytest.raises(ValueError, match="unknown attack"):
         get_attack("nope")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs the attacker's own update"):
         get_attack("sign-flip").apply(own=None)

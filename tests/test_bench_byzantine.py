@@ -49,7 +49,8 @@ def test_theory_exclusions_are_reported() -> None:
     assert "4f+3" in (byzantine.excluded("mlp-digits", "bulyan", "ipm", 10, 0.2) or "")
     assert byzantine.excluded("mlp-digits", "median", "alie", 10, 0.45) is None
     assert byzantine.excluded("mlp-digits", "mean", "label-flip", 10, 0.1) is None
-    assert byzantine.n_attackers(10, 1 / 3) == 3 and byzantine.n_attackers(10, 0.45) == 4
+    assert byzantine.n_attackers(10, 1 / 3) == 3
+    assert byzantine.n_attackers(10, 0.45) == 4
 
 
 def test_agg_ms_small() -> None:

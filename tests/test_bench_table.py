@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _bench_table() -> ModuleType:
     path = ROOT / "scripts" / "bench_table.py"
     spec = importlib.util.spec_from_file_location("bench_table", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

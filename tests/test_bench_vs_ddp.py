@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,19 @@ from bench import vs_ddp
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(out_dir: Path, *extra: str) -> tuple[list[str], float]:
-    t0 = time.monotonic()
+def _run(out_dir: Path, *extra: str) -> list[str]:
     proc = subprocess.run([sys.executable, "-m", "bench.vs_ddp", "--quick", "--out-dir",
                            str(out_dir), *extra], cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ETA" in proc.stderr or "--fresh" not in extra
-    return proc.stdout.strip().splitlines(), time.monotonic() - t0
+    return proc.stdout.strip().splitlines()
 
 
 @pytest.mark.timeout(300)
 def test_quick_grid_json_shape_and_cache(tmp_path: Path) -> None:
-    lines, wall = _run(tmp_path, "--fresh")
-    fig = json.loads(lines[-1])
-    assert wall < 60, f"--quick took {wall:.0f} s"
+    fig = json.loads(_run(tmp_path, "--fresh")[-1])
+    assert fig["from_cache"] == []  # --fresh: every configuration was run now
     assert fig["wan_method"] == "model"
     assert fig["model"] == "mlp-digits"
     best = fig["best"]
@@ -38,11 +35,13 @@ def test_quick_grid_json_shape_and_cache(tmp_path: Path) -> None:
     assert best["config"] == "diloco-H10-raw32"
     assert best["bytes_ratio_vs_ddp"] > 1  # 2 rounds of params vs 20 all-reduces
     assert abs(best["loss_gap_vs_ddp"]) < 1.0
-    assert 0 < best["utilization_wan"] <= 1 and 0 < fig["ddp_utilization_wan"] <= 1
+    assert 0 < best["utilization_wan"] <= 1
+    assert 0 < fig["ddp_utilization_wan"] <= 1
     # DDP pays 20 all-reduces x 2 latency hops x 50 ms on the modelled link
     assert fig["ddp_utilization_wan"] < best["utilization_wan"]
     for key in ("compression_savings", "compression_loss_gap"):  # no compressed run in --quick
-        assert key in fig and fig[key] is None
+        assert key in fig
+        assert fig[key] is None
     assert set(fig["targets"]) == {"bytes_ratio_500x", "loss_within_3pct",
                                    "compression_savings_92pct", "compression_gap_1pct",
                                    "utilization_wan_90pct"}
@@ -56,15 +55,17 @@ def test_quick_grid_json_shape_and_cache(tmp_path: Path) -> None:
                     "wall_s", "wan_time_s", "final_eval_loss"))
         assert r["bytes_transport"] >= 0.9 * (r["bytes_up_payload"] + r["bytes_down_payload"])
     dil = configs["diloco-H10-raw32"]
-    assert dil["rounds"] == 2 and dil["bytes_down_payload"] > 2 * 4 * 9610  # params, twice
+    assert dil["rounds"] == 2
+    assert dil["bytes_down_payload"] > 2 * 4 * 9610  # params, twice
     for name in ("vs_ddp.md", "vs_ddp_loss_vs_bytes.png", "vs_ddp_loss_vs_wan_time.png",
                  "vs_ddp-cache.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert "diloco-H10-raw32" in (tmp_path / "vs_ddp.md").read_text()
 
-    again, wall2 = _run(tmp_path)  # every configuration comes from the cache
-    assert wall2 < 30
-    fig2 = json.loads(again[-1])
+    fig2 = json.loads(_run(tmp_path)[-1])
+    # the second run read every configuration from the cache, and got the same figures
+    assert sorted(fig2["from_cache"]) == ["mlp-digits/ddp-allreduce",
+                                          "mlp-digits/diloco-H10-raw32"]
     assert fig2["best"] == fig["best"]
 
 

@@ -45,7 +45,8 @@ async def fetch(client: TestClient[Any, Any], shard: int, n_shards: int) -> tupl
     assert (meta["shard"], meta["n_shards"]) == (shard, n_shards)
     x = np.frombuffer(body[:split], dtype="<f4" if meta["x_dtype"] == "float32" else "<i4")
     y = np.frombuffer(body[split:], dtype="<i4")
-    assert x.size == rows * meta["x_cols"] and y.size == rows * meta["y_cols"]
+    assert x.size == rows * meta["x_cols"]
+    assert y.size == rows * meta["y_cols"]
     return (meta, x.reshape(rows, meta["x_cols"]), y.reshape(rows, meta["y_cols"])), body
 
 
@@ -68,7 +69,8 @@ async def test_digits_shards_are_the_native_split_and_cover_the_training_set(
         for i in range(3):
             (meta, x, y), body = await fetch(client, i, 3)
             idx = native_rows(work, i, 3)
-            assert meta["task"] == "classify" and meta["x_dtype"] == "float32"
+            assert meta["task"] == "classify"
+            assert meta["x_dtype"] == "float32"
             assert (meta["rows"], meta["x_cols"], meta["y_cols"]) == (len(idx), 64, 1)
             assert "vocab" not in meta
             assert body == (ds.x_train[idx].astype("<f4").tobytes()
@@ -86,14 +88,16 @@ async def test_lm_shard_is_token_windows_with_the_vocabulary(tmp_path: Path) -> 
         ds, context = work.dataset, work.model_config["context"]
         (meta, x, y), _ = await fetch(client, 2, 4)
         idx = native_rows(work, 2, 4)
-        assert meta["task"] == "lm" and meta["x_dtype"] == "int32"
+        assert meta["task"] == "lm"
+        assert meta["x_dtype"] == "int32"
         assert (meta["rows"], meta["x_cols"], meta["y_cols"]) == (len(idx), context, context)
         np.testing.assert_array_equal(x, ds.x_train[idx])
         np.testing.assert_array_equal(y, ds.y_train[idx])
         np.testing.assert_array_equal(y[:, :-1], x[:, 1:])  # next-token targets
         assert len(meta["vocab"]) == work.model_config["vocab_size"]
         assert meta["vocab"] == ds.vocab
-        assert ds.entropy_floor is not None and meta["entropy_floor"] == ds.entropy_floor
+        assert ds.entropy_floor is not None
+        assert meta["entropy_floor"] == ds.entropy_floor
 
 
 async def test_bad_arguments_are_refused_naming_the_argument(tmp_path: Path) -> None:

@@ -51,7 +51,9 @@ def round_trip(name: str, x: np.ndarray, **params: Any) -> tuple[bytes, np.ndarr
     codec = make_codec(name, **params)
     payload = codec.encode(x)
     out = decode_update(payload, x.size, expect=name)
-    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == x.shape
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == np.float32
+    assert out.shape == x.shape
     return payload, out
 
 
@@ -61,7 +63,8 @@ def test_registry() -> None:
                               "topk"]
     assert {c.wire_id for c in CODECS.values()} == set(range(7))
     assert all(BY_WIRE_ID[c.wire_id] is c for c in CODECS.values())
-    assert get_codec("raw32") == Raw32() and get_codec("raw32") is get_codec("raw32")
+    assert get_codec("raw32") == Raw32()
+    assert get_codec("raw32") is get_codec("raw32")
     assert get_codec("raw32").name == "raw32"
     assert Raw32().estimated_ratio == pytest.approx(1.0, abs=1e-5)
 
@@ -142,7 +145,8 @@ def test_raw32_is_exact_including_signed_zero() -> None:
     payload = get_codec("raw32").encode(v)
     assert payload == b"\x00" + struct.pack("<6f", *v.tolist())
     back = decode_update(payload, 6)
-    assert back.tobytes() == v.tobytes() and np.signbit(back[1])
+    assert back.tobytes() == v.tobytes()
+    assert np.signbit(back[1])
 
 
 def test_fp16_saturates_and_keeps_subnormals() -> None:
@@ -361,11 +365,13 @@ def test_error_feedback_transmits_everything_eventually() -> None:
                       float(np.mean(sent_ef == 0)))
     # measured: EF 0.379 / 0.215 / 0.111 at T = 100 / 200 / 400; plain 0.957 whatever T
     assert err[400][0] < 0.12
-    assert err[400][0] < 0.6 * err[200][0] and err[200][0] < 0.6 * err[100][0]
+    assert err[400][0] < 0.6 * err[200][0]
+    assert err[200][0] < 0.6 * err[100][0]
     assert all(plain > 0.95 for _, plain, _ in err.values())
     # never-sent coordinates: plain 99% for ever; EF 51% / 30% / 16% (tiny |delta_i| wait)
     assert float(np.mean(sent_plain == 0)) == pytest.approx(0.99)
-    assert err[400][2] < 0.6 * err[200][2] and err[200][2] < 0.7 * err[100][2]
+    assert err[400][2] < 0.6 * err[200][2]
+    assert err[200][2] < 0.7 * err[100][2]
     assert err[400][2] < 0.2
     assert residual is not None  # the residual is exactly what was not transmitted
     np.testing.assert_allclose(400 * delta.astype(np.float64) - sent_ef, residual, atol=1e-5)
@@ -377,7 +383,8 @@ def test_with_error_feedback_pure_path_matches() -> None:
     p_np, r_np = with_error_feedback(codec, delta, residual)
     p_py, r_py = with_error_feedback(codec, array("f", delta.tolist()),
                                      array("f", residual.tolist()))
-    assert isinstance(r_py, array) and p_np == p_py
+    assert isinstance(r_py, array)
+    assert p_np == p_py
     assert r_np.tobytes() == r_py.tobytes()
 
 
@@ -390,6 +397,7 @@ def test_int8_block_codec_class_defaults() -> None:
 def test_participant_sends_worker_momentum_then_error_feedback_on_numpy() -> None:
     """Natively the participant's vectors are numpy (shared.vec): worker momentum, then the
     codec with error feedback, as every runtime sends them."""
+    from shared.messages import Submit
     from tests.test_participant import joined, params, round_open, sent, signed
 
     rng = np.random.default_rng(3)
@@ -401,6 +409,7 @@ def test_participant_sends_worker_momentum_then_error_feedback_on_numpy() -> Non
         p.receive(signed(round_open(rnd, theta)))
         events = p.submit(rnd, d.tobytes(), train_loss=None, samples=1, compute_s=0.0)
         msg = sent(events[-1])
+        assert isinstance(msg, Submit)
         out.append(np.asarray(make_codec("raw32").decode(msg.payload, len(theta))))
     assert np.array_equal(out[0], d0)
     np.testing.assert_allclose(out[1], 0.5 * d0 + 0.5 * d1, rtol=1e-6)

@@ -69,7 +69,8 @@ def vectors(draw: st.DrawFn) -> list[float]:
         seed = draw(st.integers(0, 2 ** 32 - 1))
         scale = draw(st.sampled_from([1e-30, 1e-6, 1e-3, 1.0, 1e4, 1e30]))
         rng = np.random.default_rng(seed)
-        return (rng.standard_t(3, n) * scale).astype(np.float32).tolist()
+        gauss: list[float] = (rng.standard_t(3, n) * scale).astype(np.float32).tolist()
+        return gauss
     if kind == "const":
         return [draw(element)] * n
     if kind == "ties":
@@ -94,7 +95,8 @@ def test_pure_and_numpy_are_byte_identical(name: str, params: dict[str, Any],
     assert codec.encode(xs, use_numpy=False) == fast  # a list, forced pure
     dec_fast = codec.decode(fast, len(xs), use_numpy=True)
     dec_pure = codec.decode(fast, len(xs), use_numpy=False)
-    assert isinstance(dec_fast, np.ndarray) and isinstance(dec_pure, array)
+    assert isinstance(dec_fast, np.ndarray)
+    assert isinstance(dec_pure, array)
     assert dec_fast.tobytes() == dec_pure.tobytes()
 
 

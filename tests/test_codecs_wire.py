@@ -34,7 +34,8 @@ def test_decode_update_expect_and_unknown() -> None:
     for expect in ("raw32", "zstd-magic"):
         with pytest.raises(BadUpdate) as info:
             decode_update(payload, 4, expect=expect)
-        assert info.value.field == "codec" and expect in str(info.value)
+        assert info.value.field == "codec"
+        assert expect in str(info.value)
     with pytest.raises(BadUpdate) as info:
         decode_update(b"\x99" + payload[1:], 4)
     assert info.value.field == "codec"
@@ -96,7 +97,8 @@ def test_declared_sizes_cannot_force_allocation(payload: bytes, length: int,
 
 # -- golden vectors ----------------------------------------------------------------------------
 def golden() -> dict[str, Any]:
-    return json.loads(GOLDEN.read_text())
+    doc: dict[str, Any] = json.loads(GOLDEN.read_text())
+    return doc
 
 
 def test_golden_covers_every_codec() -> None:
@@ -139,7 +141,8 @@ def test_golden_file_is_current() -> None:
 
     spec = importlib.util.spec_from_file_location("make_codecs_golden",
                                                   GOLDEN.parent / "make_codecs_golden.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     fresh = json.loads(mod.render())

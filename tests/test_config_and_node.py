@@ -45,7 +45,8 @@ def test_resume_keeps_the_run_and_refuses_fixed_key_changes(tmp_path: Path) -> N
     first.store.close()
     again = open_run(tmp_path / "d", {"rounds": 5, "quorum": 2})
     assert (again.run_id, again.params_digest, again.version) == (run_id, digest, 0)
-    assert again.config.rounds == 5 and again.config.model == "mlp-digits"
+    assert again.config.rounds == 5
+    assert again.config.model == "mlp-digits"
     again.store.close()
     with pytest.raises(ValueError, match="cannot change"):
         open_run(tmp_path / "d", {"model": "gpt-tiny"})
@@ -54,7 +55,9 @@ def test_resume_keeps_the_run_and_refuses_fixed_key_changes(tmp_path: Path) -> N
 def test_node_identity_is_stable_and_private(tmp_path: Path) -> None:
     a = load_or_create_identity(tmp_path / "n")
     again = load_or_create_identity(tmp_path / "n")
-    assert a == again and len(a.node_id) == 64 and len(a.public_key) == 1952
+    assert a == again
+    assert len(a.node_id) == 64
+    assert len(a.public_key) == 1952
     assert a.node_id == hashlib.sha256(a.public_key).hexdigest()
     key = tmp_path / "n" / "node.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
@@ -82,7 +85,8 @@ def test_text_file_run_and_node_local_copy(tmp_path: Path) -> None:
     trainer = Trainer(node_work, shard=1, n_shards=4, node_id="x")
     theta = np.zeros(node_work.n_params, np.float32) + 0.01
     result = trainer.train_round(theta, steps=2, lr=1e-3, batch_size=4)
-    assert result.delta.shape == theta.shape and result.steps == 2
+    assert result.delta.shape == theta.shape
+    assert result.steps == 2
     copy.write_bytes(text + b"!")  # a different file must be refused, naming both digests
     with pytest.raises(ValueError, match="sha256"):
         from_spec(work.model_config, DataSpec.from_dict(work.data_spec.to_dict()),

@@ -96,22 +96,28 @@ def test_empirical_window_floor_matches() -> None:
 def test_markov_dataset_shapes_and_determinism() -> None:
     spec = DataSpec(kind="markov", vocab_size=8, context=16, n_train=128, n_val=32, seed=4)
     ds = load_dataset(spec)
-    assert ds.x_train.shape == (128, 16) and ds.y_train.shape == (128, 16)
-    assert ds.x_val.shape == (32, 16) and ds.x_train.dtype == np.int64
+    assert ds.x_train.shape == (128, 16)
+    assert ds.y_train.shape == (128, 16)
+    assert ds.x_val.shape == (32, 16)
+    assert ds.x_train.dtype == np.int64
     assert np.array_equal(ds.x_train[:, 1:], ds.y_train[:, :-1])
     assert np.array_equal(ds.keys_train, ds.x_train[:, 0])
-    assert ds.vocab is not None and len(set(ds.vocab)) == 8
+    assert ds.vocab is not None
+    assert len(set(ds.vocab)) == 8
     assert ds.task == "lm"
-    assert ds.entropy_rate is not None and ds.entropy_floor is not None
+    assert ds.entropy_rate is not None
+    assert ds.entropy_floor is not None
     assert 0 < ds.entropy_rate <= ds.entropy_floor <= math.log(8)
     again = load_dataset(spec)
-    assert np.array_equal(ds.x_train, again.x_train) and np.array_equal(ds.x_val, again.x_val)
+    assert np.array_equal(ds.x_train, again.x_train)
+    assert np.array_equal(ds.x_val, again.x_val)
     assert not np.array_equal(ds.x_train[:32], ds.x_val)
 
 
 def test_default_markov_spec() -> None:
     ds = load_dataset(DataSpec(kind="markov"))
-    assert ds.x_train.shape == (16384, 64) and ds.x_val.shape == (256, 64)
+    assert ds.x_train.shape == (16384, 64)
+    assert ds.x_val.shape == (256, 64)
     # hierarchical source (backoff 0.1): bigram-centred order-2 laws
     assert ds.entropy_rate == pytest.approx(1.0864855, abs=1e-6)
     assert ds.entropy_floor == pytest.approx(1.0926017, abs=1e-6)
@@ -159,19 +165,23 @@ def test_text_errors(tmp_path: Path) -> None:
     f = tmp_path / "t.txt"
     f.write_text("abc" * 100, encoding="utf-8")
     bad = "0" * 64
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=bad) as err:
         load_dataset(DataSpec(kind="text", path=str(f), sha256=bad, context=8))
-    assert bad in str(err.value) and hashlib.sha256(f.read_bytes()).hexdigest() in str(err.value)
+    assert bad in str(err.value)
+    assert hashlib.sha256(f.read_bytes()).hexdigest() in str(err.value)
     with pytest.raises(ValueError, match="need at least 646"):
         load_dataset(DataSpec(kind="text", path=str(f), context=64))
 
 
 def test_digits_offline_stratified() -> None:
     ds = load_dataset(DataSpec(kind="digits", seed=0))
-    assert ds.x_train.shape[1] == 64 and ds.x_train.dtype == np.float32
+    assert ds.x_train.shape[1] == 64
+    assert ds.x_train.dtype == np.float32
     assert len(ds.x_train) + len(ds.x_val) == 1797
-    assert ds.x_train.min() >= 0.0 and ds.x_train.max() <= 1.0
-    assert ds.task == "classify" and ds.entropy_floor is None
+    assert ds.x_train.min() >= 0.0
+    assert ds.x_train.max() <= 1.0
+    assert ds.task == "classify"
+    assert ds.entropy_floor is None
     assert np.array_equal(ds.keys_train, ds.y_train)
     frac = np.bincount(ds.y_val, minlength=10) / np.bincount(
         np.concatenate([ds.y_train, ds.y_val]), minlength=10
@@ -236,8 +246,11 @@ def test_batch_sampler() -> None:
     s2 = BatchSampler(x, y, idx, batch_size=4, seed=1)
     for _ in range(5):
         (xa, ya), (xb, yb) = s1.sample(), s2.sample()
-        assert xa.shape == (4, 2) and np.array_equal(xa, xb) and np.array_equal(ya, yb)
-        assert set(ya.tolist()) <= {1, 3, 5} and np.array_equal(xa[:, 0], 2 * ya)
+        assert xa.shape == (4, 2)
+        assert np.array_equal(xa, xb)
+        assert np.array_equal(ya, yb)
+        assert set(ya.tolist()) <= {1, 3, 5}
+        assert np.array_equal(xa[:, 0], 2 * ya)
     full = BatchSampler(x, y, batch_size=5, seed=0)
     a, b = full.sample()[1], full.sample()[1]
     assert sorted(np.concatenate([a, b]).tolist()) == list(range(10))  # one epoch

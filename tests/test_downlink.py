@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from shared.downlink import apply_changes, encode_changes, resolve
 from shared.errors import BadUpdate
 from shared.messages import Ack, RoundCommitted, RoundOpen, Welcome, sha256_hex
-from tests.test_membership import serve
+from tests.test_ws_protocol import serve
 
 
 def test_round_trip_is_bit_exact_including_signed_zeros() -> None:
@@ -27,7 +27,8 @@ def test_round_trip_is_bit_exact_including_signed_zeros() -> None:
     new[5] = -0.0 if prev[5] == 0.0 else new[5]
     prev[7], new[7] = 0.0, -0.0  # a sign change of zero is a change
     payload = encode_changes(prev, new)
-    assert payload is not None and len(payload) < 0.25 * new.nbytes
+    assert payload is not None
+    assert len(payload) < 0.25 * new.nbytes
     out = apply_changes(prev, payload)
     assert out.tobytes() == new.tobytes()
     pure = apply_changes(array("f", prev), payload)
@@ -64,9 +65,11 @@ def test_resolve_checks_base_and_result() -> None:
     new[3] = 9.5
     digest = sha256_hex(new.astype("<f4").tobytes())
     base = sha256_hex(prev.astype("<f4").tobytes())
+    changes = encode_changes(prev, new)
+    assert changes is not None  # one coordinate of eight changed
     msg = RoundOpen(run_id="r", round=1, attempt=0, params_digest=digest, deadline_s=1.0,
                     inner_steps=1, inner_lr=0.1, batch_size=1, base_digest=base,
-                    payload=encode_changes(prev, new))
+                    payload=changes)
     assert resolve(msg, prev, base).tobytes() == new.tobytes()
     with pytest.raises(BadUpdate, match="holds"):
         resolve(msg, prev, "00" * 32)
@@ -94,7 +97,8 @@ async def test_server_sends_changes_to_a_node_that_holds_the_previous_params(
         theta1 = resolve(nxt, theta0, a.open.params_digest)
         np.testing.assert_array_equal(theta1, theta0 - sparse)
         b = await srv.client("b")  # no feature announced: always the full params
-        assert b.open is not None and b.open.base_digest is None
+        assert b.open is not None
+        assert b.open.base_digest is None
         assert b.open.params_digest == nxt.params_digest
 
 
@@ -106,10 +110,12 @@ def test_p2p_outer_step_is_recomputed_by_the_node_and_checked() -> None:
     theta, m, agg = (rng.standard_normal(50).astype(np.float32) for _ in range(3))
     want, want_m = outer_step(theta, agg, m, OuterConfig(lr=0.7, momentum=0.9))
     payload = encode_outer_step(0.7, 0.9)
-    assert is_outer_step(payload) and not is_outer_step(payload + b"\0")
+    assert is_outer_step(payload)
+    assert not is_outer_step(payload + b"\0")
     digest = sha256_hex(np.asarray(want).tobytes())
     got, got_m = apply_outer_step(theta, m, agg, payload, digest)
-    assert np.array_equal(got, want) and np.array_equal(got_m, want_m)  # bit for bit
+    assert np.array_equal(got, want)
+    assert np.array_equal(got_m, want_m)  # bit for bit
     with pytest.raises(BadUpdate, match="does not match"):
         apply_outer_step(theta, m, agg + np.float32(1e-3), payload, digest)  # other aggregate
     with pytest.raises(BadUpdate, match="lacks"):

@@ -59,7 +59,8 @@ def test_grandchild_dies_when_its_parent_is_killed(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         child = leftovers.read(int(parent.stdout.readline()))
-        assert child is not None and child.ppid == parent.pid
+        assert child is not None
+        assert child.ppid == parent.pid
         wait_for(lambda: "sleep" in (leftovers.read(child.pid) or child).cmd, 10, "the exec")
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
@@ -108,7 +109,8 @@ def test_a_session_that_leaves_a_process_fails(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     pid = int((tmp_path / "leaked.pid").read_text())
     assert out.returncode == 1, out.stdout[-2000:]
-    assert "1 passed" in out.stdout and "outlived it" in out.stdout, out.stdout[-2000:]
+    assert "1 passed" in out.stdout, out.stdout[-2000:]
+    assert "outlived it" in out.stdout, out.stdout[-2000:]
     assert f"pid {pid} " in out.stdout
     wait_for(lambda: (info := leftovers.read(pid)) is None or info.state == "Z", 5,
              "the leaked process to be killed")

@@ -34,12 +34,15 @@ async def test_late_update_is_dropped_by_default_and_counted(tmp_path: Path) -> 
         await a.expect(RoundCommitted)
         await a.expect(RoundOpen)
         b2 = await srv.client("b")
-        assert b2.open is not None and b2.open.round == 1
+        assert b2.open is not None
+        assert b2.open.round == 1
         await b2.send(stale)
         err = await b2.error("stale_update")
-        assert err.round == 0 and "drops late updates" in err.message
+        assert err.round == 0
+        assert "drops late updates" in err.message
         run = await srv.api("/api/run")
-        assert run["stale_dropped"] == 1 and run["stale_applied"] == 0
+        assert run["stale_dropped"] == 1
+        assert run["stale_applied"] == 0
         assert run["rejected"].get("stale_update") == 1
         rej = await srv.api("/api/rejections")
         assert [(r["node_id"], r["code"], r["round"]) for r in rej] == [
@@ -60,23 +63,28 @@ async def test_late_update_applied_with_staleness_weight(tmp_path: Path) -> None
         for x in (a, b):
             await x.expect(RoundCommitted)
             x.open = await x.expect(RoundOpen)
+        assert a.open is not None
         theta1 = np.frombuffer(a.open.payload, "<f4")
         c2 = await srv.client("c")
-        assert c2.open is not None and c2.open.round == 1
+        assert c2.open is not None
+        assert c2.open.round == 1
         await c2.send(late)  # round 0's update, one round late: weight 0.5 -> 0.04
         ack = await c2.expect(Ack)
-        assert ack.status == "accepted" and ack.round == 0
+        assert ack.status == "accepted"
+        assert ack.round == 0
         await a.send(a.submit(full(a, 0.04)))
         assert (await a.expect(Ack)).status == "accepted"
         await b.send(b.submit(full(b, 0.04)))  # round 1 waits for every connected trainer
         assert (await b.expect(Ack)).status == "accepted"
         done = await a.expect(RoundCommitted)
-        assert done.round == 1 and done.n_updates == 3
+        assert done.round == 1
+        assert done.n_updates == 3
         theta2 = np.frombuffer((await a.expect(RoundOpen)).payload, "<f4")
         # mean(0.04, 0.04, 0.5 * 0.08) = 0.04 with outer lr 1 and no momentum
         np.testing.assert_allclose(theta1 - theta2, 0.04, rtol=1e-4, atol=1e-6)
         run = await srv.api("/api/run")
-        assert run["stale_applied"] == 1 and run["stale_dropped"] == 0
+        assert run["stale_applied"] == 1
+        assert run["stale_dropped"] == 0
 
 
 async def test_straggler_state_and_roles(tmp_path: Path) -> None:
@@ -88,8 +96,10 @@ async def test_straggler_state_and_roles(tmp_path: Path) -> None:
         await a.expect(RoundCommitted)  # at the deadline, without b
         peers = {p["node_id"]: p for p in await srv.api("/api/peers")}
         assert peers[b.node_id]["state"] in ("straggling", "training")
-        assert peers[b.node_id]["role"] == "trainer" and peers[b.node_id]["last_seen"] > 0
+        assert peers[b.node_id]["role"] == "trainer"
+        assert peers[b.node_id]["last_seen"] > 0
         # a trainer may not send verdicts
+        assert b.welcome is not None
         await b.send(Verdict(run_id=b.welcome.run_id, round=0, node_id=b.node_id,
                              base_loss=1.0, scores=[]))
         assert (await until(b, Error)).code == "bad_update"
@@ -113,10 +123,12 @@ async def test_bad_signals_get_typed_errors(tmp_path: Path) -> None:
         await a.send(Signal(run_id=a.welcome.run_id, node_id=a.node_id, to="ab" * 32,
                             kind="offer", data="v=0"))
         err = await until(a, Error)
-        assert err.code == "unknown_node" and err.field == "to"
+        assert err.code == "unknown_node"
+        assert err.field == "to"
         await a.send(Signal(run_id=a.welcome.run_id, node_id=a.node_id, to="server",
                             kind="offer", data="v=0"))
         err = await until(a, Error)
-        assert err.code == "bad_update" and "star" in err.message
+        assert err.code == "bad_update"
+        assert "star" in err.message
         run = await srv.api("/api/run")
         assert run["rejected"] == {"unknown_node": 1, "bad_update": 1}

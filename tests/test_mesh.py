@@ -23,7 +23,8 @@ def scenario(tmp: Path, *, veth: bool, timeout_s: str) -> dict[str, Any]:
 def test_two_nodes_open_a_direct_channel_through_server_signaling(tmp_path: Path) -> None:
     res = scenario(tmp_path, veth=True, timeout_s="20")
     assert res["opened"] == [True, True]
-    assert res["a_to_b"]["from_a"] and res["a_to_b"]["same"]  # 3 MB, digest-checked chunks
+    assert res["a_to_b"]["from_a"]
+    assert res["a_to_b"]["same"]  # 3 MB, digest-checked chunks
     assert res["b_to_a"] == {"from_b": True, "digest_ok": True}
 
 

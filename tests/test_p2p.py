@@ -94,11 +94,12 @@ def expected(rule: str, ups: dict[str, np.ndarray], members: tuple[str, ...]) ->
 def test_shards_partition_the_vector_evenly() -> None:
     for n_shards in (1, 3, 7, 16):
         spans = [shard_bounds(N_PARAMS, n_shards, s) for s in range(n_shards)]
-        assert spans[0][0] == 0 and spans[-1][1] == N_PARAMS
+        assert spans[0][0] == 0
+        assert spans[-1][1] == N_PARAMS
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         sizes = {hi - lo for lo, hi in spans}
         assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="out of range"):
         shard_bounds(10, 4, 4)
 
 
@@ -109,7 +110,7 @@ def test_plan_gives_each_shard_two_distinct_owners_and_round_trips() -> None:
     assert all(len(plan.owned_by(m)) == 2 for m in plan.members)
     assert Plan.from_dict(plan.to_dict()) == plan
     assert make_plan(0, ids(1), N_PARAMS).owners == ((ids(1)[0],),)  # fewer members
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="owners must be distinct members"):
         Plan.from_dict({**plan.to_dict(), "owners": [["zz"]] * 4})
 
 
@@ -125,7 +126,8 @@ def test_every_peer_and_the_server_end_with_the_rule_over_all_updates(rule: str,
     net.run()
     c = get_codec(codec)  # element-wise: encoding shard by shard = encoding the whole
     want = c.decode(c.encode(expected(rule, ups, tuple(members))), N_PARAMS)
-    assert net.check.done and not net.check.liars
+    assert net.check.done
+    assert not net.check.liars
     np.testing.assert_array_equal(net.check.aggregate(), want)
     for p in net.peers.values():
         assert p.done
@@ -174,7 +176,8 @@ def test_a_lying_owner_is_outvoted_by_an_extra_owner_and_named() -> None:
     plan = net.plan
     for e in disputes:
         plan = revise(plan, extra={e["shard"]: e["node"]})
-        assert e["node"] != liar and e["node"] not in net.plan.owners[e["shard"]]
+        assert e["node"] != liar
+        assert e["node"] not in net.plan.owners[e["shard"]]
     net.revise(plan)
     net.run()
     assert net.check.done
@@ -205,13 +208,15 @@ def test_a_peer_gone_mid_transfer_is_dropped_and_its_shards_reassigned() -> None
     net.run()
     assert not net.check.done  # its slices are missing, and so are the shards it owned
     new = revise(net.plan, gone={gone})
-    assert gone not in new.members and all(gone not in o for o in new.owners)
+    assert gone not in new.members
+    assert all(gone not in o for o in new.owners)
     assert all(len(o) == 2 for o in new.owners)
     net.revise(new)
     net.run()
     survivors = tuple(m for m in members if m != gone)
     want = expected("median", ups, survivors)
-    assert net.check.done and not net.check.liars
+    assert net.check.done
+    assert not net.check.liars
     np.testing.assert_array_equal(net.check.aggregate(), want)
     for m in survivors:
         np.testing.assert_array_equal(net.peers[m].aggregate(), want)
@@ -280,7 +285,8 @@ def test_an_owner_sending_an_unusable_result_is_outvoted_like_a_liar() -> None:
             queue += [(e["to"], x) for x in peers[e["to"]].on_part(sender, e["shard"],
                                                                    e["payload"])]
     extra = [e for e in events if e["kind"] == "extra_owner"]
-    assert [e["shard"] for e in extra] == [shard] and not check.done
+    assert [e["shard"] for e in extra] == [shard]
+    assert not check.done
     plan2 = revise(plan, extra={shard: extra[0]["node"]})
     events = check.revise(plan2)
     newcomer = peers[extra[0]["node"]]
@@ -291,7 +297,8 @@ def test_an_owner_sending_an_unusable_result_is_outvoted_like_a_liar() -> None:
             events += check.on_result(sender, e["shard"], e["payload"])
         elif e["kind"] == "part":
             queue += [(e["to"], x) for x in newcomer.on_part(sender, e["shard"], e["payload"])]
-    assert check.done and check.liars == {bad_owner: [shard]}
+    assert check.done
+    assert check.liars == {bad_owner: [shard]}
     assert {"kind": "liar", "node": bad_owner, "shard": shard} in events
     c = get_codec("fp16")
     want = expected("median", ups, tuple(members))

@@ -158,7 +158,8 @@ def test_frames_that_fail_verification_are_refused() -> None:
     assert p.receive(good) == [{"kind": "ack", "round": 0, "status": "duplicate",
                                 "digest": sha256_hex(b"u")}]
     assert kinds(p.receive(good)) == ["refused"]  # a replay
-    assert p.counts["refused_frames"] == 3 and p.counts["duplicate"] == 1
+    assert p.counts["refused_frames"] == 3
+    assert p.counts["duplicate"] == 1
 
 
 def test_server_key_is_pinned_per_run() -> None:
@@ -168,7 +169,8 @@ def test_server_key_is_pinned_per_run() -> None:
     assert saved == [{RUN: key("server").node_id}]
     pinned = participant(pins=saved[0], save_pins=saved.append)
     events = pinned.receive(signed(challenge("mallory"), signer="mallory"))
-    assert kinds(events) == ["fatal"] and "refusing" in events[0]["message"]
+    assert kinds(events) == ["fatal"]
+    assert "refusing" in events[0]["message"]
     assert kinds(pinned.receive(signed(challenge()))) == ["send"]
     assert len(saved) == 1  # already pinned: nothing new to save
     required = participant(expected_server_id=key("server").node_id)
@@ -199,8 +201,10 @@ def test_round_open_trains_once_and_a_newer_round_cancels() -> None:
                      "steps": 5, "lr": 1e-3, "batch_size": 16, "deadline_s": 30.0}
     assert p.receive(signed(round_open(0, theta0, attempt=1))) == []  # a retry: keep going
     events = p.receive(signed(round_open(1, theta1)))
-    assert kinds(events) == ["cancel", "train"] and events[0]["round"] == 0
-    assert events[1]["round"] == 1 and events[1]["params"] == theta1.astype("<f4").tobytes()
+    assert kinds(events) == ["cancel", "train"]
+    assert events[0]["round"] == 0
+    assert events[1]["round"] == 1
+    assert events[1]["params"] == theta1.astype("<f4").tobytes()
 
 
 def test_params_delta_is_applied_or_forces_a_reconnect() -> None:
@@ -255,7 +259,8 @@ def test_submit_for_a_round_not_being_trained_sends_nothing() -> None:
     assert p.submit(0, params(0).tobytes(), train_loss=None, samples=1, compute_s=0.1) == []
     p.receive(signed(round_open(3, params(0))))
     assert p.submit(2, params(0).tobytes(), train_loss=None, samples=1, compute_s=0.1) == []
-    assert p.counts["submitted"] == 0 and p.pending is None
+    assert p.counts["submitted"] == 0
+    assert p.pending is None
 
 
 def test_diverged_training_is_not_submitted() -> None:
@@ -265,8 +270,10 @@ def test_diverged_training_is_not_submitted() -> None:
     bad = theta0.copy()
     bad[9] = np.nan
     events = p.submit(0, bad.tobytes(), train_loss=None, samples=8, compute_s=0.1)
-    assert kinds(events) == ["error"] and events[0]["code"] == "not_finite"
-    assert p.pending is None and p.counts["submitted"] == 0
+    assert kinds(events) == ["error"]
+    assert events[0]["code"] == "not_finite"
+    assert p.pending is None
+    assert p.counts["submitted"] == 0
 
 
 def test_topk_error_feedback_keeps_and_resends_the_dropped_mass() -> None:
@@ -294,7 +301,8 @@ def test_codec_that_needs_a_layout_is_fatal_without_one() -> None:
     p = joined(codec="powersgd")
     p.receive(signed(round_open(0, params(0))))
     events = p.submit(0, params(1).tobytes(), train_loss=None, samples=1, compute_s=0.1)
-    assert kinds(events) == ["fatal"] and "layout" in events[0]["message"]
+    assert kinds(events) == ["fatal"]
+    assert "layout" in events[0]["message"]
 
 
 # -- reload, commit, errors --------------------------------------------------------------------
@@ -315,7 +323,8 @@ def test_journaled_update_is_resubmitted_not_retrained() -> None:
                              "params": theta0.astype("<f4").tobytes(),
                              "digest": original.digest}
         again = sent(events[1])
-        assert isinstance(again, Submit) and again.nonce != original.nonce
+        assert isinstance(again, Submit)
+        assert again.nonce != original.nonce
         assert (again.round, again.digest, again.payload, again.samples) == (
             original.round, original.digest, original.payload, original.samples)
     other_params = participant()
@@ -347,7 +356,8 @@ def test_commit_clears_the_pending_update() -> None:
     assert events == [{"kind": "journal", "entry": None},
                       {"kind": "committed", "round": 0, "eval_loss": 1.25, "n_updates": 3,
                        "params_digest": digest(params(1)), "final": False}]
-    assert p.pending is None and p.journal_entry() is None
+    assert p.pending is None
+    assert p.journal_entry() is None
     later = RoundCommitted(round=1, eval_loss=None, n_updates=2, params_digest=digest(params(2)),
                            final=True)
     assert kinds(p.receive(signed(later))) == ["committed"]
@@ -394,7 +404,8 @@ def test_a_round_committed_without_us_stops_our_training() -> None:
     done = RoundCommitted(round=0, eval_loss=None, n_updates=2, params_digest=digest(params(1)),
                           final=False)
     events = p.receive(signed(done))
-    assert kinds(events) == ["cancel", "committed"] and events[0]["round"] == 0
+    assert kinds(events) == ["cancel", "committed"]
+    assert events[0]["round"] == 0
     assert p.submit(0, params(3).astype("<f4").tobytes(), train_loss=None, samples=1,
                     compute_s=0.1) == []
 
@@ -424,7 +435,7 @@ def test_layout_must_hash_to_the_runs_model_id() -> None:
     with pytest.raises(ValueError, match="model id"):
         p.set_layout(swapped)  # same size, another shape: not this run's model
     resized = [{**entries[0], "shape": [1, 2]}, *entries[1:]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not contiguous or mis-sized"):
         p.set_layout(resized)
 
 
@@ -443,19 +454,22 @@ def validate_request(rnd: int, theta: Vec, deltas: list[Vec]) -> ValidateRequest
 def test_a_validator_holds_params_and_answers_with_a_signed_verdict() -> None:
     p = participant(role="validator")
     hello = sent(p.receive(signed(challenge()))[0])
-    assert isinstance(hello, Hello) and (hello.role, hello.features) == ("validator", "")
+    assert isinstance(hello, Hello)
+    assert (hello.role, hello.features) == ("validator", "")
     p.receive(signed(welcome()))
     theta = params(0)
     assert p.receive(signed(round_open(0, theta))) == [
         {"kind": "round", "round": 0, "params_digest": digest(theta)}]  # never "train"
     deltas = [0.01 * params(1), 0.01 * params(2)]
     (ev,) = p.receive(signed(validate_request(0, theta, deltas)))
-    assert ev["kind"] == "validate" and ev["params"] == theta.astype("<f4").tobytes()
+    assert ev["kind"] == "validate"
+    assert ev["params"] == theta.astype("<f4").tobytes()
     assert [c["payload"] for c in ev["candidates"]] == [d.astype("<f4").tobytes() for d in deltas]
     assert p.verdict(1, 2.0, [2.1, 2.2]) == []  # not the round asked for
     (out,) = p.verdict(0, 2.0, [2.1, float("nan")])
     v = sent(out)
-    assert isinstance(v, Verdict) and (v.round, v.node_id, v.base_loss) == (0, p.node_id, 2.0)
+    assert isinstance(v, Verdict)
+    assert (v.round, v.node_id, v.base_loss) == (0, p.node_id, 2.0)
     assert [s["loss"] for s in v.scores] == [2.1, None]  # NaN: "not finite"
     assert [s["node_id"] for s in v.scores] == [key("n0").node_id, key("n1").node_id]
     assert p.counts["judged"] == 2
@@ -481,7 +495,8 @@ def test_signals_go_out_signed_and_answers_come_back_as_events() -> None:
     (ev,) = p.signal("offer", "v=0 sdp")
     assert ev["msg_type"] == Signal.TYPE
     msg = sent(ev)
-    assert isinstance(msg, Signal) and (msg.to, msg.kind, msg.data) == ("server", "offer",
+    assert isinstance(msg, Signal)
+    assert (msg.to, msg.kind, msg.data) == ("server", "offer",
                                                                           "v=0 sdp")
     answer = Signal(run_id=RUN, node_id="server", to=p.node_id, kind="answer", data="v=0 ans")
     assert p.receive(signed(answer)) == [
@@ -500,7 +515,8 @@ def test_p2p_run_keeps_the_update_and_sends_ready_again_after_a_reconnect() -> N
     assert kinds(events) == ["ready", "send"]
     assert events[0]["delta"] == delta.astype("<f4").tobytes()
     ready = sent(events[1])
-    assert isinstance(ready, Ready) and ready.length == N
+    assert isinstance(ready, Ready)
+    assert ready.length == N
     assert ready.digest == sha256_hex(delta.astype("<f4").tobytes())
     p.connection_made()
     p.receive(signed(challenge()))
@@ -527,7 +543,8 @@ def test_p2p_resolver_supplies_the_params() -> None:
 
     p.resolver = resolver
     events = p.receive(signed(round_open(0, theta)))
-    assert seen == [0] and kinds(events) == ["train"]
+    assert seen == [0]
+    assert kinds(events) == ["train"]
 
 
 def test_powersgd_is_warm_started_from_the_last_round() -> None:
@@ -544,7 +561,8 @@ def test_powersgd_is_warm_started_from_the_last_round() -> None:
         assert kinds(events) == ["journal", "send"], events
         assert p.codec_state is not None
     p.receive(signed(welcome(codec="powersgd", codec_params={"rank": 1}, n_params=32)))
-    assert p.codec_state is None and p.residual is None
+    assert p.codec_state is None
+    assert p.residual is None
 
 
 def test_a_stopped_trainer_lets_the_round_be_trained_again() -> None:
@@ -565,7 +583,8 @@ def test_a_journaled_update_of_another_run_is_dropped_at_the_welcome() -> None:
     assert other.restore(entry)
     other.receive(signed(challenge()))
     events = other.receive(signed(dataclasses.replace(welcome(), run_id="run-other")))
-    assert events[0] == {"kind": "journal", "entry": None} and other.pending is None
+    assert events[0] == {"kind": "journal", "entry": None}
+    assert other.pending is None
 
 
 def test_display_fields_are_kept_within_the_schema() -> None:

@@ -11,9 +11,9 @@ A, B, C = "a" * 64, "b" * 64, "c" * 64
 D1, D2 = "1" * 64, "2" * 64
 
 
-def state(*, quorum: int = 2, deadline_s: float = 10.0, round: int = 3,
+def state(*, quorum: int = 2, deadline_s: float = 10.0, round_: int = 3,
           opened_at: float = 100.0) -> RoundState:
-    return RoundState(round=round, policy=RoundPolicy(quorum=quorum, deadline_s=deadline_s),
+    return RoundState(round=round_, policy=RoundPolicy(quorum=quorum, deadline_s=deadline_s),
                       opened_at=opened_at)
 
 
@@ -21,7 +21,7 @@ def state(*, quorum: int = 2, deadline_s: float = 10.0, round: int = 3,
 @pytest.mark.parametrize(("quorum", "deadline_s"), [(0, 1.0), (-1, 1.0), (1, 0.0), (1, -5.0),
                                                     (1, float("nan"))])
 def test_policy_refuses_bad_values(quorum: int, deadline_s: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be"):
         RoundPolicy(quorum=quorum, deadline_s=deadline_s)
 
 
@@ -156,7 +156,7 @@ def test_same_node_different_digest_conflicts() -> None:
 @pytest.mark.parametrize(("sent", "word"), [(2, "closed"), (0, "closed"), (4, "not open yet"),
                                             (100, "not open yet")])
 def test_wrong_round(sent: int, word: str) -> None:
-    s = state(round=3)
+    s = state(round_=3)
     with pytest.raises(WrongRound) as info:
         s.submit(node_id=A, round=sent, digest=D1)
     assert info.value.code == "wrong_round"
@@ -200,7 +200,7 @@ def test_check_does_not_record() -> None:
 
 
 def test_round_zero() -> None:
-    s = state(round=0, quorum=1)
+    s = state(round_=0, quorum=1)
     assert s.submit(node_id=A, round=0, digest=D1) is Outcome.ACCEPTED
     with pytest.raises(WrongRound, match="not open yet"):
         s.check(node_id=B, round=1, digest=D1)

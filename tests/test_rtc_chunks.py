@@ -22,7 +22,8 @@ def test_round_trip_and_chunk_sizes(size: int) -> None:
     assert len(parts) == max(1, -(-size // CHUNK_DATA))
     r = Reassembler()
     out = [r.feed(p) for p in parts]
-    assert out[:-1] == [None] * (len(parts) - 1) and out[-1] == frame
+    assert out[:-1] == [None] * (len(parts) - 1)
+    assert out[-1] == frame
     assert r.open == {}
 
 
@@ -30,9 +31,11 @@ def test_interleaved_transfers_and_cancel() -> None:
     a, b = os.urandom(2 * CHUNK_DATA + 5), os.urandom(CHUNK_DATA + 1)
     pa, pb = list(chunks(a, 1)), list(chunks(b, 2))
     r = Reassembler()
-    assert r.feed(pa[0]) is None and r.feed(pb[0]) is None
+    assert r.feed(pa[0]) is None
+    assert r.feed(pb[0]) is None
     assert r.feed(pb[1]) == b
-    assert r.feed(cancel_chunk(1)) is None and r.cancelled == 1
+    assert r.feed(cancel_chunk(1)) is None
+    assert r.cancelled == 1
     with pytest.raises(FrameError, match="before chunk 0"):
         r.feed(pa[1])  # the cancelled transfer is gone
 

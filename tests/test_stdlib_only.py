@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,23 +61,25 @@ REPORT = textwrap.dedent("""
 """)
 
 
-def run_child(body: str, allowed_extra: tuple[str, ...] = ()) -> dict:
+def run_child(body: str, allowed_extra: tuple[str, ...] = ()) -> dict[str, Any]:
     code = "\n".join((PRELUDE, f"KNOWN_NATIVE = {KNOWN_NATIVE!r}",
                       f"ALLOWED_EXTRA = set({allowed_extra!r})", body, REPORT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report
 
 
-def check_report(report: dict) -> None:
+def check_report(report: dict[str, Any]) -> None:
     assert not report["failed"], f"modules of shared failed to import: {report['failed']}"
     assert len(report["imported"]) > 1, "walk_packages found no module under shared"
-    assert not report["offenders"] and not report["known_native_loaded"], (
-        "importing shared loaded non-stdlib modules: "
-        f"{report['offenders'] or report['known_native_loaded']} "
-        f"(e.g. {report['offender_modules']}); import them lazily inside the functions "
-        "that need them")
+    why = ("importing shared loaded non-stdlib modules: "
+           f"{report['offenders'] or report['known_native_loaded']} "
+           f"(e.g. {report['offender_modules']}); import them lazily inside the functions "
+           "that need them")
+    assert not report["offenders"], why
+    assert not report["known_native_loaded"], why
 
 
 def test_every_shared_module_imports_with_the_stdlib_only() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from safetensors import SafetensorError
 
 from server.store import Store, UpdateRow, atomic_write
 from shared.messages import sha256_hex
@@ -39,14 +40,14 @@ def new_store(path: Path) -> Store:
     return store
 
 
-def commit(store: Store, round: int, *, updates: list[UpdateRow] | None = None,
+def commit(store: Store, round_: int, *, updates: list[UpdateRow] | None = None,
            keep: int = 10, params: np.ndarray | None = None) -> Any:
     return store.commit_round(
-        round=round, ckpt_params=params_for(round + 1) if params is None else params,
-        momentum=momentum_for(round + 1), run_id=RUN, model_id=MODEL, attempts=1,
-        eval_loss=1.0 - 0.1 * round, train_loss=1.2,
+        round=round_, ckpt_params=params_for(round_ + 1) if params is None else params,
+        momentum=momentum_for(round_ + 1), run_id=RUN, model_id=MODEL, attempts=1,
+        eval_loss=1.0 - 0.1 * round_, train_loss=1.2,
         updates=[row("a" * 64), row("b" * 64)] if updates is None else updates,
-        bytes_up=1000 + round, bytes_down=2000 + round, duration_s=0.5, keep=keep)
+        bytes_up=1000 + round_, bytes_down=2000 + round_, duration_s=0.5, keep=keep)
 
 
 @pytest.fixture
@@ -155,7 +156,9 @@ def test_optional_losses_may_be_none(store: Store) -> None:
                        train_loss=None, updates=[row("a" * 64, train_loss=None)],
                        bytes_up=0, bytes_down=0, duration_s=0.0, keep=5)
     (r,) = store.rounds()
-    assert r["eval_loss"] is None and r["train_loss"] is None and r["attempts"] == 3
+    assert r["eval_loss"] is None
+    assert r["train_loss"] is None
+    assert r["attempts"] == 3
 
 
 # -- crash safety ------------------------------------------------------------------------------
@@ -239,7 +242,8 @@ def _tensor_offset(path: Path, name: str) -> int:
     raw = path.read_bytes()
     (hlen,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + hlen])
-    return 8 + hlen + int(header[name]["data_offsets"][0])
+    offset: int = 8 + hlen + int(header[name]["data_offsets"][0])
+    return offset
 
 
 def test_corrupt_params_bytes_are_detected(store: Store) -> None:
@@ -256,7 +260,7 @@ def test_corrupt_checkpoint_header_is_detected(store: Store) -> None:
     commit(store, 0)
     path = store.ckpt_dir / "v000001.safetensors"
     _flip_byte(path, 12)  # inside the JSON header
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+    with pytest.raises(SafetensorError, match="deserializing header"):
         store.read_checkpoint("v000001.safetensors")
 
 
@@ -264,7 +268,7 @@ def test_truncated_checkpoint_is_detected(store: Store) -> None:
     commit(store, 0)
     path = store.ckpt_dir / "v000001.safetensors"
     path.write_bytes(path.read_bytes()[:-4])
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+    with pytest.raises(SafetensorError, match="deserializing header"):
         store.read_checkpoint("v000001.safetensors")
 
 
@@ -281,7 +285,7 @@ def test_corrupt_momentum_bytes_are_detected(store: Store) -> None:
 def test_missing_checkpoint_fails_load(store: Store) -> None:
     commit(store, 0)
     (store.ckpt_dir / "v000001.safetensors").unlink()
-    with pytest.raises(Exception):  # noqa: B017 - whatever safetensors raises
+    with pytest.raises(FileNotFoundError, match=r"v000001\.safetensors"):
         store.load_latest()
 
 
@@ -381,21 +385,22 @@ def test_close_waits_for_a_commit_running_in_another_thread(tmp_path: Path) -> N
     import time
 
     store = new_store(tmp_path / "run")
-    started, finished = threading.Event(), []
+    started = threading.Event()
+    order: list[str] = []
 
     def slow_commit() -> None:
         with store.lock:  # what every Store method holds while it uses the connection
             started.set()
-            time.sleep(0.3)
+            time.sleep(0.3)  # the behaviour under test: close() comes during a slow commit
             commit(store, 0)
-            finished.append(time.monotonic())
+            order.append("committed")
 
     t = threading.Thread(target=slow_commit)
     t.start()
-    started.wait(5)
+    assert started.wait(5)
     store.close()
-    closed_at = time.monotonic()
+    order.append("closed")
     t.join(5)
-    assert finished and finished[0] <= closed_at  # close() waited for the commit
+    assert order == ["committed", "closed"]  # close() waited for the commit
     with pytest.raises(sqlite3.ProgrammingError):  # and later use is a clean error
         store.rounds()

@@ -36,13 +36,14 @@ def test_judge_threshold_is_relative_to_the_reference(ref: float | None, loss: f
                                                       ok: bool) -> None:
     v = judge(ref=ref, score=score(loss), threshold=0.05)
     assert v.ok is ok
-    assert v.validator == "server" and v.node_id == A
+    assert v.validator == "server"
+    assert v.node_id == A
     if not ok and loss is not None and math.isfinite(loss):
         assert "limit +5.0%" in v.reason
 
 
 def test_judge_refuses_a_negative_threshold() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
         judge(ref=1.0, score=score(1.0), threshold=-0.1)
 
 
@@ -74,7 +75,8 @@ def test_round_state_exclusion() -> None:
     st.submit(node_id=B, round=3, digest="22" * 32)
     assert st.decide(1.0, [A, B]) is Decision.COMMIT
     st.exclude(B, "worse held-out loss")
-    assert B not in st.updates and st.excluded[B] == "worse held-out loss"
+    assert B not in st.updates
+    assert st.excluded[B] == "worse held-out loss"
     # B answered the round: not waited for, but the round is now below quorum
     assert st.decide(1.0, [A, B]) is Decision.WAIT
     assert st.decide(11.0, [A, B]) is Decision.RETRY
@@ -93,17 +95,21 @@ def test_probe_scorer_and_validator_role(tmp_path: Path) -> None:
     bad = (rng.standard_normal(theta.size) * 5).astype(np.float32)
     nan = np.full_like(theta, np.nan)
     base, losses = scorer.score(theta, [good, bad, nan])
-    assert base is not None and losses[0] == pytest.approx(base)
-    assert losses[1] is not None and losses[1] > base * 1.05
+    assert base is not None
+    assert losses[0] == pytest.approx(base)
+    assert losses[1] is not None
+    assert losses[1] > base * 1.05
     assert losses[2] is None
 
     payloads = [b"\x00" + good.astype("<f4").tobytes(), b"\x00" + bad.astype("<f4").tobytes(),
                 b"\x00junk"]
     base, got = score_candidates(ProbeScorer(run.work, 64, side="tail"), theta, payloads,
                                  length=run.n_params, codec="raw32", layout=run.work.manifest)
-    assert base is not None and len(got) == 3
+    assert base is not None
+    assert len(got) == 3
     assert got[0] == pytest.approx(base, rel=1e-6)
-    assert got[1] is not None and got[1] > base * 1.05
+    assert got[1] is not None
+    assert got[1] > base * 1.05
     assert got[2] is None  # does not decode: scored "not finite", so rejected
 
 
@@ -122,7 +128,8 @@ def test_simulated_attack_is_excluded_and_recorded(tmp_path: Path) -> None:
     assert all(row["n_updates"] == 4 for row in out["rounds"][1:])
     run = open_run(tmp_path / "run", {})
     recs = run.store.rejections()
-    assert len(recs) == 4 and {r["code"] for r in recs} == {"update_rejected"}
+    assert len(recs) == 4
+    assert {r["code"] for r in recs} == {"update_rejected"}
     assert all(r["validators"] == ["server"] and "held-out loss" in r["reason"] for r in recs)
     assert len({r["node_id"] for r in recs}) == 2
     assert s["final_eval_loss"] < s["initial_eval_loss"]

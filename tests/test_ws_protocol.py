@@ -12,7 +12,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -40,6 +40,7 @@ from shared.messages import (
 from shared.trust import ServerTrust
 
 IDENTITIES: dict[str, Identity] = {}
+M = TypeVar("M", bound=Message)
 
 
 def identity(name: str) -> Identity:
@@ -83,6 +84,18 @@ class Client:
         self.welcome: Welcome | None = None
         self.open: RoundOpen | None = None
 
+    @property
+    def n_params(self) -> int:
+        """The run's parameter count (from the Welcome this client has had)."""
+        assert self.welcome is not None
+        return self.welcome.n_params
+
+    @property
+    def opened(self) -> RoundOpen:
+        """The latest RoundOpen this client has had."""
+        assert self.open is not None
+        return self.open
+
     def hello(self, **over: Any) -> Hello:
         assert self.challenge is not None
         fields = dict(node_id=self.node_id, public_key=self.ident.public_key.hex(),
@@ -108,7 +121,7 @@ class Client:
         assert raw.type == aiohttp.WSMsgType.BINARY, raw
         return self.trust.open(raw.data)
 
-    async def expect(self, cls: type[Message]) -> Any:
+    async def expect(self, cls: type[M]) -> M:
         msg = await self.recv()
         assert isinstance(msg, cls), msg
         return msg
@@ -120,7 +133,8 @@ class Client:
         return err
 
     def submit(self, values: np.ndarray | None = None, **over: Any) -> Submit:
-        assert self.welcome is not None and self.open is not None
+        assert self.welcome is not None
+        assert self.open is not None
         vec = values if values is not None else np.full(self.welcome.n_params, 0.01, np.float32)
         payload = over.pop("payload", get_codec("raw32").encode(vec))
         fields = dict(run_id=self.welcome.run_id, round=self.open.round, node_id=self.node_id,
@@ -180,7 +194,7 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
     before = ckpt_hashes(tmp_path)
     a = await server.client("a")
     good = a.frame(a.submit())
-    n = a.welcome.n_params  # type: ignore[union-attr]
+    n = a.n_params
     bad_version = bytearray(good)
     bad_version[4] = 9
     cases: list[tuple[bytes, str]] = [
@@ -223,9 +237,12 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
     run = await server.api("/api/run")
     expected = len(cases) + 2
     assert run["rejected_total"] == expected, run["rejected"]
-    assert run["rejected"]["bad_update"] == 5 and run["rejected"]["unknown_node"] == 2
+    assert run["rejected"]["bad_update"] == 5
+    assert run["rejected"]["unknown_node"] == 2
     assert run["rejected"]["bad_signature"] == 6
-    assert run["accepted"] == 0 and run["committed_rounds"] == 0 and run["round"] == 0
+    assert run["accepted"] == 0
+    assert run["committed_rounds"] == 0
+    assert run["round"] == 0
     assert sum("rejected" in r.message for r in caplog.records) == expected
     assert ckpt_hashes(tmp_path) == before
     # the same connection still works: a good update is accepted
@@ -258,47 +275,53 @@ async def test_resubmission_after_reconnect_counts_once(server: Server, tmp_path
     assert (await a.expect(Ack)).status == "accepted"
     await a.ws.close()  # a drops before the round closes, then comes back
     a2 = await server.client("a")
-    assert a2.open is not None and a2.open.round == 0
+    assert a2.open is not None
+    assert a2.open.round == 0
     await a2.send(dataclasses.replace(upd, nonce=new_nonce()))  # as the real client resends
     assert (await a2.expect(Ack)).status == "duplicate"
     # a DIFFERENT update from the same node for the same round is refused
-    await a2.send(a2.submit(np.full(a2.welcome.n_params, 0.5, np.float32)))  # type: ignore[union-attr]
+    await a2.send(a2.submit(np.full(a2.n_params, 0.5, np.float32)))
     await a2.error("conflicting_update")
-    await b.send(b.submit(np.full(b.welcome.n_params, 0.03, np.float32)))  # type: ignore[union-attr]
+    await b.send(b.submit(np.full(b.n_params, 0.03, np.float32)))
     assert (await b.expect(Ack)).status == "accepted"
     committed = await a2.expect(RoundCommitted)
-    assert committed.round == 0 and committed.n_updates == 2
+    assert committed.round == 0
+    assert committed.n_updates == 2
     rounds = await server.api("/api/rounds")
     assert [r["n_updates"] for r in rounds] == [2]
     run_state = server.app[RUN]
     assert run_state.store.update_keys(0) == {a.node_id: upd.digest,
                                               b.node_id: b.submit(np.full(
-                                                  b.welcome.n_params, 0.03,  # type: ignore[union-attr]
-                                                  np.float32)).digest}
+                                                  b.n_params, 0.03, np.float32)).digest}
     # the outer step used the mean of the two updates (0.01 and 0.03 -> 0.02) with Nesterov
     opened = a2.open
     theta0 = np.frombuffer(opened.payload, "<f4")
     latest = np.frombuffer((await a2.expect(RoundOpen)).payload, "<f4")
     np.testing.assert_allclose(theta0 - latest, 0.7 * 1.9 * 0.02, rtol=1e-4)
     run = await server.api("/api/run")
-    assert run["accepted"] == 2 and run["duplicates"] == 1
+    assert run["accepted"] == 2
+    assert run["duplicates"] == 1
 
 
 async def test_rest_endpoints_and_model_download(server: Server) -> None:
     a = await server.client("a")
     run = await server.api("/api/run")
-    assert run["model"]["name"] == "mlp-digits" and run["n_params"] == a.welcome.n_params  # type: ignore[union-attr]
-    assert run["status"] == "collecting" and run["peers_connected"] == 1
-    assert run["server_id"] == a.trust.server_id and len(run["server_id"]) == 64
+    assert run["model"]["name"] == "mlp-digits"
+    assert run["n_params"] == a.n_params
+    assert run["status"] == "collecting"
+    assert run["peers_connected"] == 1
+    assert run["server_id"] == a.trust.server_id
+    assert len(run["server_id"]) == 64
     peers = await server.api("/api/peers")
-    assert peers[0]["node_id"] == a.node_id and peers[0]["state"] == "training"
+    assert peers[0]["node_id"] == a.node_id
+    assert peers[0]["state"] == "training"
     async with server.http.get(server.url + "/model/latest.safetensors") as resp:
         assert resp.status == 200
         blob = await resp.read()
         digest = resp.headers["X-Params-SHA256"]
     header_len = struct.unpack("<Q", blob[:8])[0]
     assert b'"params"' in blob[8:8 + header_len]
-    assert digest == a.open.params_digest  # type: ignore[union-attr]
+    assert digest == a.opened.params_digest
     async with server.http.get(server.url + "/api/rounds?since=x") as resp:
         assert resp.status == 400
 
@@ -319,7 +342,8 @@ async def test_failed_commit_stops_the_loop_and_keeps_the_last_round(
             break
         await asyncio.sleep(0.05)
     assert isinstance(coord.error, OSError)
-    assert server.app[RUN].store.rounds() == [] and server.app[RUN].version == 0
+    assert server.app[RUN].store.rounds() == []
+    assert server.app[RUN].version == 0
     ckpt.unlink()
     (tmp_path / "moved").rename(ckpt)
     assert ckpt_hashes(tmp_path) == before
@@ -337,8 +361,9 @@ async def test_hello_must_prove_its_key_and_answer_this_connections_challenge(
         (a.hello().to_frame(), "bad_signature"),  # unsigned
     ]
     bad_key = {**dataclasses.asdict(a.hello()), "public_key": "zz"}
+    assert a.challenge is not None
     cases.append((encode_frame(Hello.TYPE, bad_key, sign=a.ident.signer(
-        run_id=a.challenge.run_id, round=-1, msg_type=Hello.TYPE,  # type: ignore[union-attr]
+        run_id=a.challenge.run_id, round=-1, msg_type=Hello.TYPE,
         nonce=bad_key["nonce"])), "bad_message"))
     for data, code in cases:
         await a.send(data)
@@ -360,14 +385,15 @@ async def test_a_replayed_frame_is_refused(server: Server) -> None:
     await a.send(again)
     assert (await a.expect(Ack)).status == "duplicate"
     run = await server.api("/api/run")
-    assert run["rejected"] == {"replay": 1} and run["accepted"] == 1
+    assert run["rejected"] == {"replay": 1}
+    assert run["accepted"] == 1
 
 
 async def test_configured_robust_rule_is_applied(tmp_path: Path) -> None:
     async with serve(tmp_path, quorum=3, aggregator="median") as srv:
         clients = [await srv.client(name) for name in ("h1", "h2", "liar")]
-        n = clients[0].welcome.n_params  # type: ignore[union-attr]
-        theta0 = np.frombuffer(clients[0].open.payload, "<f4")  # type: ignore[union-attr]
+        n = clients[0].n_params
+        theta0 = np.frombuffer(clients[0].opened.payload, "<f4")
         for c, value in zip(clients, (0.01, 0.02, 1000.0), strict=True):
             await c.send(c.submit(np.full(n, value, np.float32)))
             assert (await c.expect(Ack)).status == "accepted"
@@ -387,8 +413,10 @@ async def test_p2p_run_takes_ready_refuses_tabs_and_submits_and_checks_shards(
         await tab.send(tab.hello(runtime="browser"))
         assert (await tab.error("bad_update")).field == "runtime"  # native nodes only
         a, b = await srv.client("a"), await srv.client("b")
-        assert a.welcome is not None and a.open is not None
-        assert a.welcome.transport == "p2p" and a.open.with_momentum  # params + momentum
+        assert a.welcome is not None
+        assert a.open is not None
+        assert a.welcome.transport == "p2p"
+        assert a.open.with_momentum  # params + momentum
         await a.send(a.submit())
         assert (await a.error("bad_update")).field == "msg_type"  # the update stays home
         n = a.welcome.n_params
@@ -423,7 +451,8 @@ async def test_p2p_run_takes_ready_refuses_tabs_and_submits_and_checks_shards(
                       payload=b"\x00" + b"\x00" * 2 * (hi - lo))  # raw32's id, fp16's size
         await a.send(wrong)
         err = await a.error("bad_update")
-        assert err.field == "payload" and "expected 'fp16'" in err.message
+        assert err.field == "payload"
+        assert "expected 'fp16'" in err.message
         assert (await srv.api("/api/run"))["p2p"]["malformed"] == 1
         async with srv.http.get(srv.url + "/metrics") as resp:
             assert 'daa_p2p_total{event="malformed"} 1' in await resp.text()

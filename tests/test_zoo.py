@@ -27,9 +27,12 @@ from ml.zoo import (
 def test_model_config_contents_and_errors() -> None:
     cfg = model_config("gpt-tiny", vocab_size=32, seed=3)
     assert json.loads(json.dumps(cfg)) == cfg
-    assert cfg["name"] == "gpt-tiny" and cfg["flavour"] == "nano" and cfg["seed"] == 3
+    assert cfg["name"] == "gpt-tiny"
+    assert cfg["flavour"] == "nano"
+    assert cfg["seed"] == 3
     assert (cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["context"]) == (64, 2, 4, 64)
-    assert cfg["mlp_ratio"] == 4 and cfg["vocab_size"] == 32
+    assert cfg["mlp_ratio"] == 4
+    assert cfg["vocab_size"] == 32
     assert model_config("gpt-tiny", "micro", vocab_size=32, context=32)["context"] == 32
     assert model_config("mlp-digits", "wide")["hidden"] == 256
     assert set(MODELS) == {"gpt-tiny", "mlp-digits"}
@@ -90,14 +93,17 @@ def test_loss_fn_matches_cross_entropy() -> None:
 def test_flatten_round_trip_and_manifest() -> None:
     model = build_model(model_config("gpt-tiny", vocab_size=16, context=8))
     vec = flatten(model)
-    assert vec.dtype == np.dtype("<f4") and vec.ndim == 1 and vec.flags.c_contiguous
+    assert vec.dtype == np.dtype("<f4")
+    assert vec.ndim == 1
+    assert vec.flags.c_contiguous
     assert vec.shape == (param_count(model),)
     man = manifest(model)
     params = dict(model.named_parameters())
     assert [m[0] for m in man] == list(params)
     offset = 0
     for name, shape, off, length in man:
-        assert off == offset and length == math.prod(shape)
+        assert off == offset
+        assert length == math.prod(shape)
         assert np.array_equal(vec[off : off + length].reshape(shape), params[name].detach())
         offset += length
     assert offset == len(vec)
@@ -115,7 +121,8 @@ def test_causal_and_shapes() -> None:
     x2[:, 6] = (x2[:, 6] + 1) % 16
     with torch.no_grad():
         a, b = model(x), model(x2)
-    assert a.shape == (2, 10, 16) and a.dtype == torch.float32
+    assert a.shape == (2, 10, 16)
+    assert a.dtype == torch.float32
     assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6)
     assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-4)
     with pytest.raises(ValueError, match="context"):
@@ -140,7 +147,8 @@ def test_adamw_reduces_markov_loss() -> None:
     after = evaluate(model, ds.x_val, ds.y_val)
     assert np.mean(losses[-5:]) < losses[0] - 0.1
     assert after < before - 0.1
-    assert ds.entropy_floor is not None and after > ds.entropy_floor
+    assert ds.entropy_floor is not None
+    assert after > ds.entropy_floor
 
 
 def test_evaluate_matches_full_batch_and_restores_mode() -> None:

@@ -38,6 +38,7 @@ from importlib import metadata
 from typing import Any
 
 from aiortc import rtcsctptransport as sctp
+from aiortc.utils import uint32_gt
 
 log = logging.getLogger("transport.sctp_tuning")
 TESTED_AIORTC = ("1.16",)  # major.minor versions whose SCTP internals this file was checked on
@@ -124,7 +125,7 @@ def _mark_received(self: Any, tsn: int) -> bool:
         return bool(_mark_received_walk(self, tsn))
     self._last_received_tsn = tsn
     if self._sack_duplicates:
-        self._sack_duplicates = [x for x in self._sack_duplicates if sctp.uint32_gt(x, tsn)]
+        self._sack_duplicates = [x for x in self._sack_duplicates if uint32_gt(x, tsn)]
     return False
 
 

@@ -33,17 +33,17 @@ def feed(p: Participant, data) -> object:
     return _js(p.receive(data.to_bytes()))
 
 
-def submit(p: Participant, round: int, delta, train_loss, samples: int,
+def submit(p: Participant, round_: int, delta, train_loss, samples: int,
            compute_s: float) -> object:
     loss = None if train_loss is None else float(train_loss)
-    return _js(p.submit(int(round), delta.to_bytes(), train_loss=loss, samples=int(samples),
+    return _js(p.submit(int(round_), delta.to_bytes(), train_loss=loss, samples=int(samples),
                         compute_s=float(compute_s)))
 
 
-def verdict(p: Participant, round: int, base_loss: float, losses) -> object:
+def verdict(p: Participant, round_: int, base_loss: float, losses) -> object:
     """Losses arrive as numbers, NaN for "not finite / did not decode" (JS null would cross
     as a JsNull object); Participant.verdict turns NaN into None."""
-    return _js(p.verdict(int(round), float(base_loss), [float(v) for v in losses.to_py()]))
+    return _js(p.verdict(int(round_), float(base_loss), [float(v) for v in losses.to_py()]))
 
 
 def signal(p: Participant, kind: str, data: str) -> object:

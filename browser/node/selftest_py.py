@@ -44,9 +44,11 @@ def _frames(doc: dict[str, Any]) -> list[dict[str, Any]]:
             try:
                 decode_message(bytes.fromhex(vec["frame_hex"]))
             except ProtocolError as exc:
-                assert (exc.code, exc.field) == (vec["code"], vec["field"]), (exc.code, exc.field)
-                return f"{exc.code}/{exc.field}"
-            raise AssertionError("decoded without error")
+                got = (exc.code, exc.field)
+            else:
+                raise AssertionError("decoded without error")
+            assert got == (vec["code"], vec["field"]), got
+            return f"{got[0]}/{got[1]}"
 
         out.append(_attempt(f"py refuse {vec['name']}", invalid))
     return out
@@ -154,7 +156,8 @@ def _encoder() -> list[dict[str, Any]]:
             assert payload == want, "payload differs"
             assert (res or bytes(4 * n)) == to_bytes(want_res), "residual differs"
             plain, none = enc.encode(name, params, to_bytes(delta), None, False)
-            assert plain == codec.encode(delta) and none is None
+            assert plain == codec.encode(delta)
+            assert none is None
 
         out.append(_attempt(f"py update encoder {name} = shared.codecs", check))
     return out

@@ -142,7 +142,8 @@ class Stack:
                 return 0
             k = int(where[0])
             return -1 if a[k] < b[k] else 1
-        x, y = self.rows[i], self.rows[j]
+        x: list[float] = self.rows[i]
+        y: list[float] = self.rows[j]
         return (x > y) - (x < y)
 
     def norms(self, center: Any) -> list[float]:

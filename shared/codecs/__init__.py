@@ -102,7 +102,10 @@ def get_codec(name: str) -> Codec:
 
 def codec_params(codec: Codec) -> dict[str, Any]:
     """The parameters `codec` was made with: `make_codec(codec.name, **codec_params(codec))`."""
-    return dataclasses.asdict(codec)  # type: ignore[call-overload]
+    # the codecs are dataclasses (make_codec reads their fields)
+    assert dataclasses.is_dataclass(codec)
+    assert not isinstance(codec, type)
+    return dataclasses.asdict(codec)
 
 
 def payload_codec(data: Data) -> type[CodecBase]:
