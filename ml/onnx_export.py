@@ -22,14 +22,20 @@ weight_decay=0.01)`` with decoupled weight decay and bias correction. Recipe: ma
 docs/onnx.md and docs/pitfalls.md.
 
 Graphs are cached under ``<out_dir>/<key>/`` where key = sha256(canonical JSON of the model
-config, the exporter version and the inner-optimizer settings); a directory is written under a
-temporary name and renamed into place, so a present key directory is always complete.
+config, a digest of the code that builds the graphs (``code_digest``: this module, the zoo,
+the fan-out rewrite, the layout, torch's version) and the inner-optimizer settings), so a change
+in how graphs are built never reads an old entry and nobody has to bump a version by hand. A
+directory is written under a temporary name and renamed into place, so a present key directory
+is always complete. ``default_cache_root()`` is the per-user root servers share
+(``$DAA_ONNX_CACHE``, else ``$XDG_CACHE_HOME/daa-prime/onnx``, else
+``~/.cache/daa-prime/onnx``): a new run of a model exported before starts in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -64,6 +70,9 @@ __all__ = [
     "ExportedGraphs",
     "InnerAdamW",
     "cache_key",
+    "cached_graphs",
+    "code_digest",
+    "default_cache_root",
     "export_graphs",
     "infer_fn",
     "main",
@@ -72,7 +81,7 @@ __all__ = [
 
 log = logging.getLogger("ml.onnx_export")
 
-EXPORTER_VERSION = "2"  # bump whenever the graphs' contract or math changes
+EXPORTER_VERSION = "3"  # the manifest format; the cache key follows the code (code_digest)
 OPSET = 20
 MANIFEST_NAME = "manifest.json"
 TRAIN_FILE, INFER_FILE = "train_step.onnx", "infer.onnx"
@@ -104,7 +113,7 @@ INNER_ADAMW = InnerAdamW()
 
 @dataclass(frozen=True, kw_only=True)
 class ExportedGraphs:
-    key: str  # cache key: sha256 of config + exporter version + optimizer
+    key: str  # cache key: sha256 of config + code digest + optimizer
     dir: Path  # <out_dir>/<key>
     train_step: Path
     infer: Path
@@ -114,10 +123,44 @@ class ExportedGraphs:
     export_s: float  # seconds spent exporting now (0.0 on a cache hit)
 
 
+_GRAPH_CODE = ("ml/onnx_export.py", "ml/onnx_fan.py", "ml/zoo.py", "shared/layout.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 over the source of the modules that build the graphs, and torch's version (as
+    ml.data's dataset cache does for the data it generates)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(torch.__version__.encode())
+    for rel in _GRAPH_CODE:
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    return h.hexdigest()[:32]
+
+
 def cache_key(model_cfg: Mapping[str, Any], opt: InnerAdamW = INNER_ADAMW) -> str:
-    blob = canonical_json({"model_config": dict(model_cfg), "exporter_version": EXPORTER_VERSION,
+    blob = canonical_json({"model_config": dict(model_cfg), "code": code_digest(),
                            "inner_optimizer": opt.to_json()})
     return hashlib.sha256(blob).hexdigest()
+
+
+def default_cache_root() -> Path:
+    """The per-user graph cache servers share (module docstring)."""
+    env = os.environ.get("DAA_ONNX_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "daa-prime" / "onnx"
+
+
+def cached_graphs(model_config: Mapping[str, Any], out_dir: Path,
+                  opt: InnerAdamW = INNER_ADAMW) -> ExportedGraphs | None:
+    """The complete cache entry of ``model_config`` under ``out_dir``, or None (cheap: reads
+    the manifest and hashes the two files; exports nothing)."""
+    key = cache_key(model_config, opt)
+    final = Path(out_dir) / key
+    doc = _load_cached(final, key)
+    return None if doc is None else _result(final, key, doc, cached=True, seconds=0.0)
 
 
 def _layout(model: torch.nn.Module) -> tuple[list[str], list[tuple[int, ...]], list[int]]:

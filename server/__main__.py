@@ -18,6 +18,9 @@ from aiohttp import web
 
 from server.app import make_app
 from server.browser_data import prewarm_onnx
+from server.cli_help import CHOICES, HELP
+from server.cli_help import default as _default
+from server.cli_help import graphs_ready as _graphs_ready
 from server.config import RunConfig, load_toml
 from server.demo import DemoSwarm, round_line
 from server.keys import COORDINATOR
@@ -25,6 +28,12 @@ from server.runstate import open_run
 from transport import evloop
 
 DEFAULT_PORT = 8470
+DEMO_ROUNDS = 30
+# bench.byzantine's "default" row (bench/results/byzantine.txt): centered clipping and the
+# server's held-out validation kept every attack within 5% of the clean loss at 33% attackers
+DEMO_ROBUST: dict[str, Any] = {"aggregator": "centered-clipping", "validation": True}
+# what a --demo's validation scores on, per model (the samples bench.byzantine used)
+DEMO_VALIDATION_SAMPLES = {"gpt-tiny": 128, "mlp-digits": 512}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--demo", type=int, metavar="N", default=0,
-                   help="also start N local native nodes on this run")
+                   help="also start N local native nodes on this run; unless given, the demo "
+                        f"stops after {DEMO_ROUNDS} rounds, needs N updates per round and "
+                        f"runs the robust default bench.byzantine chose: "
+                        f"{DEMO_ROBUST['aggregator']} + validation")
     p.add_argument("--log-level", default=None,
                    help="DEBUG, INFO, WARNING (default INFO; WARNING with --demo)")
     for name, kind in (("model", str), ("flavour", str), ("data", str), ("data-path", str),
@@ -53,9 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("transport", str), ("ice-servers", str), ("rtc-timeout-s", float),
                        ("p2p-replicas", int), ("p2p-timeout-s", float),
                        ("p2p-result-codec", str)):
-        p.add_argument(f"--{name}", type=kind, default=None,
-                       help=f"run config '{name.replace('-', '_')}' (default: "
-                            f"{getattr(RunConfig(), name.replace('-', '_'))})")
+        key = name.replace("-", "_")
+        choices = CHOICES.get(key)
+        p.add_argument(f"--{name}", type=kind, default=None, choices=choices,
+                       metavar=None if choices else key.upper(),
+                       help=f"{HELP.get(key, key.replace('_', ' '))} (default: "
+                            f"{_default(key)})")
     p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=None,
                    help="nodes keep the codec's residual (default: on)")
     p.add_argument("--delta-downlink", action=argparse.BooleanOptionalAction, default=None,
@@ -77,7 +92,12 @@ async def serve(args: argparse.Namespace) -> int:
     overrides = overrides_from(args)
     if args.demo:
         overrides.setdefault("quorum", args.demo)
-        overrides.setdefault("rounds", 30)
+        overrides.setdefault("rounds", DEMO_ROUNDS)
+        for key, value in DEMO_ROBUST.items():
+            overrides.setdefault(key, value)
+        model = overrides.get("model") or (base or {}).get("model") or RunConfig().model
+        if model in DEMO_VALIDATION_SAMPLES:
+            overrides.setdefault("validation_samples", DEMO_VALIDATION_SAMPLES[model])
     data_dir = args.data_dir or (tempfile.mkdtemp(prefix="daa-demo-") if args.demo
                                  else "run-data")
     run = await asyncio.to_thread(open_run, data_dir, overrides, base)
@@ -92,6 +112,7 @@ async def serve(args: argparse.Namespace) -> int:
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
     url = f"http://{args.host}:{args.port}/"
+    await _graphs_ready(app)
     floor = run.entropy_floor
     print(f"DAA Prime run {run.run_id}: {run.config.model} ({run.n_params:,} params), "
           f"data dir {data_dir}", flush=True)

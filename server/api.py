@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from server.browser_assets import ISOLATION
+from server.browser_data import onnx_root
 from server.keys import COORDINATOR, RUN
 from server.ws import LIMITS
 
@@ -55,7 +56,9 @@ async def get_run(request: web.Request) -> web.Response:
         "model_id": run.work.model_id,
         "n_params": run.n_params,
         "data": run.work.data_spec.to_dict(),
-        "config": run.config.to_dict(),
+        # the resolved flavour where the config leaves it to the model's default
+        "config": {**run.config.to_dict(),
+                   "flavour": run.config.flavour or run.work.model_config.get("flavour")},
         "committed_rounds": run.version,
         "params_digest": run.params_digest,
         "entropy_floor": run.entropy_floor,
@@ -131,7 +134,8 @@ ONNX_FILES = {"train_step.onnx": "train_step", "infer.onnx": "infer",
 @routes.get("/model/onnx/{name}")
 async def onnx_graph(request: web.Request) -> web.FileResponse:
     """The run's model as ONNX graphs for browser nodes (ml/onnx_export.py), exported on
-    first request and cached under the data dir by the model config's hash."""
+    first request unless the start-up export did, cached by the model config's and the
+    exporter code's hash (server.browser_data.onnx_root)."""
     name = request.match_info["name"]
     if name not in ONNX_FILES:
         raise web.HTTPNotFound(text=f"no such graph; one of {sorted(ONNX_FILES)}")
@@ -142,7 +146,7 @@ async def onnx_graph(request: web.Request) -> web.FileResponse:
         raise web.HTTPServiceUnavailable(text=f"ONNX export needs the 'onnx' extra "
                                               f"(pip install 'daa-prime[onnx]'): {exc}") from None
     graphs = await asyncio.get_running_loop().run_in_executor(
-        None, export_graphs, run.work.model_config, run.store.dir / "onnx")
+        None, export_graphs, run.work.model_config, onnx_root(run.store.dir))
     return web.FileResponse(getattr(graphs, ONNX_FILES[name]), headers={
         "X-Model-Id": run.work.model_id, "X-Graph-Key": graphs.key,
         "Cache-Control": "public, max-age=3600"})
@@ -172,13 +176,20 @@ async def metrics(request: web.Request) -> web.Response:
     if loss is not None and math.isfinite(loss):
         lines.append(f"daa_eval_loss {loss}")
     if run.entropy_floor is not None:
-        lines += ["# TYPE daa_entropy_floor gauge", f"daa_entropy_floor {run.entropy_floor}"]
+        lines += ["# HELP daa_entropy_floor Lowest loss the data allows (nats).",
+                  "# TYPE daa_entropy_floor gauge", f"daa_entropy_floor {run.entropy_floor}"]
     lines += [
+        "# HELP daa_peers_connected Connected trainers (the nodes a round waits for).",
         "# TYPE daa_peers_connected gauge", f"daa_peers_connected {status['peers_connected']}",
+        "# HELP daa_round_attempt Attempt of the open round (0: first; retried below quorum).",
         "# TYPE daa_round_attempt gauge", f"daa_round_attempt {status['attempt']}",
+        "# HELP daa_updates_accepted Updates accepted into rounds.",
         "# TYPE daa_updates_accepted counter", f"daa_updates_accepted {status['accepted']}",
+        "# HELP daa_updates_duplicate Updates received again (same key), counted once.",
         "# TYPE daa_updates_duplicate counter", f"daa_updates_duplicate {status['duplicates']}",
+        "# HELP daa_round_retries Round attempts that closed below quorum and were retried.",
         "# TYPE daa_round_retries counter", f"daa_round_retries {status['retries']}",
+        "# HELP daa_bytes_total Bytes on the control and data channels, by direction.",
         "# TYPE daa_bytes_total counter",
         f'daa_bytes_total{{direction="up"}} {status["bytes_up"]}',
         f'daa_bytes_total{{direction="down"}} {status["bytes_down"]}',

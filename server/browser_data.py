@@ -25,6 +25,7 @@ import struct
 import sys
 from collections.abc import AsyncIterator
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,9 +129,27 @@ async def get_val(request: web.Request) -> web.Response:
                         headers={**ISOLATION, "Cache-Control": "no-cache"})
 
 
+ONNX_READY = web.AppKey("onnx_ready", asyncio.Event)  # set once the graphs are on disk
+
+
+def onnx_root(data_dir: Path) -> Path:
+    """Where the server reads and writes the run's graphs: `<data dir>/onnx` when it exists
+    (a resumed run from before the shared cache, the e2e tests' link), else the per-user cache
+    that every run shares (ml.onnx_export.default_cache_root), so a new run of a model
+    exported before is ready in seconds."""
+    local = data_dir / "onnx"
+    if local.exists():
+        return local
+    from ml.onnx_export import default_cache_root
+
+    return default_cache_root()
+
+
 async def prewarm_onnx(app: web.Application) -> AsyncIterator[None]:
     """A cleanup context: export the run's ONNX graphs in the background at startup, so that
-    the first tab to open does not wait for it (ml/onnx_export.py caches them by config hash).
+    the first tab to open does not wait for it (ml/onnx_export.py caches them by config and
+    code digest). `app[ONNX_READY]` is set when they are on disk (at once on a cache hit:
+    then no child starts); `python -m server` waits for it before it prints the URL.
 
     In a child process (`python -m ml.onnx_export --model-config ...`): the export is tens of
     seconds of Python holding the GIL (gpt-tiny micro), and in a thread it starved the event
@@ -139,14 +158,22 @@ async def prewarm_onnx(app: web.Application) -> AsyncIterator[None]:
     path reads. A plain child, not a multiprocessing pool: no resource-tracker process, and
     transport.lifetime.orphan_safe makes it die with the server even on `kill -9`; at a clean
     shutdown it is interrupted (it then removes its half-written cache entry)."""
+    ready = asyncio.Event()
+    app[ONNX_READY] = ready
     try:
-        import ml.onnx_export  # noqa: F401 - the onnx extras may be missing
-    except ImportError:
+        from ml.onnx_export import cached_graphs
+    except ImportError:  # the onnx extras are missing: tabs get a 503 that says so
+        ready.set()
         yield
         return
     run = app[RUN]
+    root = onnx_root(run.store.dir)
+    if cached_graphs(run.work.model_config, root) is not None:
+        ready.set()
+        yield
+        return
     argv = [sys.executable, "-m", "ml.onnx_export", "--model-config",
-            json.dumps(run.work.model_config), "--out", str(run.store.dir / "onnx")]
+            json.dumps(run.work.model_config), "--out", str(root)]
     proc = await asyncio.create_subprocess_exec(
         *orphan_safe(argv), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -154,6 +181,7 @@ async def prewarm_onnx(app: web.Application) -> AsyncIterator[None]:
 
     async def watch() -> None:
         _, err = await proc.communicate()
+        ready.set()
         if proc.returncode != 0 and not stopping:
             tail = err.decode(errors="replace").strip().splitlines()[-3:]
             log.warning("ONNX export failed (exit %s); browser nodes cannot train: %s",

@@ -396,10 +396,13 @@ def test_cache_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert sorted(p.name for p in tmp_path.iterdir()) == [got.dir.name]
 
 
-async def test_server_serves_the_run_graphs(tmp_path: Path) -> None:
-    """GET /model/onnx/{train_step.onnx, infer.onnx, manifest.json}: exported once, cached."""
+async def test_server_serves_the_run_graphs(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /model/onnx/{train_step.onnx, infer.onnx, manifest.json}: exported once, cached
+    in the per-user cache that every run shares ($DAA_ONNX_CACHE here)."""
     from tests.test_ws_protocol import serve
 
+    monkeypatch.setenv("DAA_ONNX_CACHE", str(tmp_path / "cache"))
     async with serve(tmp_path) as srv:
         async with srv.http.get(srv.url + "/model/onnx/manifest.json") as resp:
             assert resp.status == 200
@@ -412,4 +415,16 @@ async def test_server_serves_the_run_graphs(tmp_path: Path) -> None:
         async with srv.http.get(srv.url + "/model/onnx/nope.onnx") as resp:
             assert resp.status == 404
     assert manifest
-    assert (tmp_path / "run" / "onnx" / key / "train_step.onnx").is_file()
+    assert (tmp_path / "cache" / key / "train_step.onnx").is_file()
+    assert not (tmp_path / "run" / "onnx").exists()
+
+
+def test_cache_key_follows_the_code_that_builds_the_graphs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key holds a digest of the exporter's, the zoo's, the fan-out's and the layout's
+    source: an edit there never serves an old entry, with no version to bump by hand."""
+    cfg = model_config("mlp-digits")
+    before = cache_key(cfg)
+    assert len(onnx_export.code_digest()) == 32
+    monkeypatch.setattr(onnx_export, "code_digest", lambda: "0" * 32)
+    assert cache_key(cfg) != before
