@@ -1,6 +1,6 @@
 """`python -m native_node`: contribute a machine's CPU or GPU to a DAA Prime run.
 
-    python -m native_node join --coordinator HOST:PORT
+    python -m native_node join --coordinator HOST:PORT   (or the page's URL, http://HOST:PORT/)
     python -m native_node up --role trainer --coordinator HOST:PORT
     python -m native_node up --role validator --coordinator HOST:PORT
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from native_node.address import AddressError, coordinator_url
 from native_node.client import NodeClient, NodeOptions
 from native_node.trainer import pick_device
 from transport import evloop
@@ -35,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     up = sub.add_parser("up", help="start a node with a role (Prime-style spelling)")
     up.add_argument("--role", choices=ROLES, default="trainer")
     for q in (join, up):
-        q.add_argument("--coordinator", required=True, help="server HOST:PORT")
+        q.add_argument("--coordinator", required=True,
+                       help="the server: HOST:PORT (port 8470 when left out), or the URL its "
+                            "page is at (http://HOST:PORT/), as `python -m server` prints it")
         q.add_argument("--name", default="default",
                        help="node name: separate identities on one machine (default 'default')")
         q.add_argument("--state-dir", type=Path,
@@ -64,6 +67,11 @@ async def _run(client: NodeClient) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ledger"]:  # python -m native_node ledger ... (native_node/ledger_cli.py)
+        from native_node.ledger_cli import main as ledger_main
+
+        return ledger_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s node[{args.name}]: %(message)s")
@@ -81,6 +89,11 @@ def node(args: argparse.Namespace) -> int:
     try:
         device = pick_device(args.device)
     except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        coordinator_url(args.coordinator)
+    except AddressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     state_dir = args.state_dir or default_state_dir(args.name)

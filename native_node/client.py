@@ -27,6 +27,7 @@ from ml.data import DataSpec
 from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload, from_spec
 from native_node import journal, pins
+from native_node.address import coordinator_url
 from native_node.trainer import RoundResult, Trainer
 from shared.envelope import Identity
 from shared.messages import SERVER, Signal, Submit
@@ -47,7 +48,7 @@ class FatalError(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class NodeOptions:
-    coordinator: str  # host:port of the server
+    coordinator: str  # the server: host:port, its page's URL ... (native_node.address)
     identity: Identity  # this node's ML-DSA-65 key pair
     state_dir: Path  # where the identity lives
     device: str = "cpu"  # torch device
@@ -58,6 +59,8 @@ class NodeOptions:
     server_id: str | None = None  # require this server key (else pin the first one per run)
     handshake_timeout_s: float = 10.0  # reconnect when no Welcome arrives within this
     role: str = "trainer"  # "trainer" or "validator" (scores others' updates, never trains)
+    connect_tries: int = 10  # a server that never answered: give up after this many tries
+    resolve_tries: int = 3  # ... and a host name that does not resolve after this many
 
 
 class Backoff:
@@ -73,6 +76,18 @@ class Backoff:
 
     def reset(self) -> None:
         self.n = 0
+
+
+def unreachable_hint(given: str, where: str, url: str, tries: int, *, dns: bool) -> str:
+    """What to check when the server never answered."""
+    host = where.rsplit(":", 1)[0]
+    if dns:
+        return (f"gave up after {tries} tries: the host name {host!r} (from --coordinator "
+                f"{given!r}) does not resolve; check its spelling, or use the address "
+                f"`python -m server` printed (open http://HOST:PORT/)")
+    return (f"gave up after {tries} tries: nothing answered at {url}; check that the server "
+            f"runs and that HOST:PORT ({where}) is the one it printed (open http://HOST:PORT/), "
+            f"that --host lets it be reached from here, and that no firewall is in the way")
 
 
 def with_sctp_tuning() -> None:
@@ -146,14 +161,19 @@ class NodeClient:
                 await self.p2p.close()
 
     async def _connect_loop(self) -> int:
+        """Connect, run sessions, reconnect with backoff. A server that never answered fails
+        after `connect_tries` attempts (a name that does not resolve after
+        `resolve_tries`) with what to check; once a session ran, reconnects go on."""
         backoff = Backoff(self.opts.backoff_max_s)
-        url = f"ws://{self.opts.coordinator}/ws"
+        url, where = coordinator_url(self.opts.coordinator)
+        answered, failures, dns_failures = False, 0, 0
         async with aiohttp.ClientSession() as http:
             while not self.stop.is_set():
                 try:
                     async with http.ws_connect(url, heartbeat=20.0,
                                                max_msg_size=MAX_MESSAGE) as ws:
                         self.ws = ws
+                        answered = True
                         backoff.reset()
                         if await self._session(ws):
                             return 0
@@ -161,8 +181,15 @@ class NodeClient:
                     log.error("%s", exc)
                     return 2
                 except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-                    log.warning("server %s unreachable (%s)", self.opts.coordinator,
-                                exc.__class__.__name__)
+                    dns = isinstance(exc, aiohttp.ClientConnectorDNSError)
+                    failures += 1
+                    dns_failures += dns
+                    log.warning("server %s unreachable (%s)", where, exc.__class__.__name__)
+                    if not answered and (failures >= self.opts.connect_tries
+                                         or dns_failures >= self.opts.resolve_tries):
+                        log.error("%s", unreachable_hint(self.opts.coordinator, where, url,
+                                                         failures, dns=dns))
+                        return 3
                 finally:
                     self.ws = None
                 if self.stop.is_set():
