@@ -40,13 +40,13 @@ STORED_ROWS_BOUND = MAX_REJECTION_ROWS_PER_NODE + len(ERROR_CODES)
 
 
 def raw_signed(c: Client, head: bytes, payload: bytes, msg_type: int = Submit.TYPE,
-               nonce: str | None = None, round: int = 0) -> bytes:
+               nonce: str | None = None, round_: int = 0) -> bytes:
     """A frame whose header bytes are exactly `head` (not canonical), validly signed."""
     import hashlib
 
     body = FIXED_HEADER.pack(MAGIC, 1, msg_type, FLAG_SIGNED, len(head), len(payload)) + head \
         + payload
-    sig = c.signer(msg_type, round, nonce or new_nonce())(hashlib.sha256(body).digest())
+    sig = c.signer(msg_type, round_, nonce or new_nonce())(hashlib.sha256(body).digest())
     return body + SIG_LEN.pack(len(sig)) + sig
 
 
@@ -67,10 +67,10 @@ def cases(c: Client) -> list[tuple[str, bytes, str]]:
     text = json.dumps(header, sort_keys=True, separators=(",", ":"))
     dup = text[:-1] + f',"round":{c.open.round + 1}}}'
     out.append(("duplicate keys", raw_signed(c, dup.encode(), payload, nonce=header["nonce"],
-                                             round=header["round"]), "bad_frame"))
+                                             round_=header["round"]), "bad_frame"))
     spaced = json.dumps(header, sort_keys=True)
     out.append(("whitespace header", raw_signed(c, spaced.encode(), payload,
-                                                nonce=header["nonce"], round=header["round"]),
+                                                nonce=header["nonce"], round_=header["round"]),
                 "bad_frame"))
     z = zstd()
     assert z is not None

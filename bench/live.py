@@ -11,7 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +136,12 @@ class Client:
 
     def sign(self, msg: Message) -> bytes:
         return msg.to_frame(sign=self.signer(msg.TYPE, getattr(msg, "round", -1),
-                                             msg.nonce))  # type: ignore[attr-defined]
+                                             msg.nonce))
 
-    def signer(self, msg_type: int, round_: Any, nonce: str) -> Any:
+    def signer(self, msg_type: int, round_: Any, nonce: str) -> Callable[[bytes], bytes]:
         assert self.challenge is not None
         r = round_ if isinstance(round_, int) and not isinstance(round_, bool) else -1
-        return self.ident.signer(run_id=self.challenge.run_id, round=r, msg_type=msg_type,
+        return self.ident.signer(run_id=self.challenge.run_id, round_=r, msg_type=msg_type,
                                  nonce=nonce)
 
     def sign_header(self, msg_type: int, header: dict[str, Any], payload: bytes = b"",

@@ -58,10 +58,11 @@ from server.coordinator import Coordinator
 from server.peers import Connection
 from server.reduction import ServerReduction
 from server.runstate import RunState, open_run
-from shared.attacks import ATTACKS, get_attack
+from shared.attacks import ATTACKS, Attack, get_attack
 from shared.envelope import Identity
-from shared.p2p import RESULT_CODECS, decode_result, encode_result
-from shared.participant import Participant
+from shared.messages import RESULT_CODECS
+from shared.p2p import decode_result, encode_result
+from shared.participant import Event, Participant
 
 log = logging.getLogger("bench.simulate")
 
@@ -104,6 +105,72 @@ async def _until(wake: asyncio.Event, cond: Any, nodes: Sequence[SimNode], task:
             await asyncio.wait_for(wake.wait(), timeout=min(left, 1.0))
 
 
+def _round_through_codec(coord: Coordinator, result_codec: str) -> None:
+    """Every aggregate goes through `result_codec` before the outer step, as in a `p2p` run
+    whose owners send reduced shards in it."""
+    reduction = coord.reduction
+    assert isinstance(reduction, ServerReduction)  # the simulator submits (transport ws)
+    exact = reduction.aggregate
+
+    def as_p2p_results(vectors: list[np.ndarray], round_: int) -> np.ndarray:
+        agg = exact(vectors, round_)
+        return np.asarray(decode_result(encode_result(agg, result_codec), agg.size,
+                                        result_codec), dtype=np.float32)
+
+    reduction.aggregate = as_p2p_results  # type: ignore[method-assign]
+
+
+async def _join(node: SimNode, coord: Coordinator, wake: asyncio.Event,
+                manifest: Any) -> Event:
+    """Challenge -> Hello -> Welcome (+ the open round) for one simulated node; its
+    participant's "welcome" event."""
+    node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
+    await coord.greet(node.conn)
+    hello = node.pump()
+    assert hello is not None, "no Challenge from the coordinator"
+    await coord.handle_frame(node.conn, hello)
+    node.pump()
+    if node.welcome is None:
+        raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
+    node.part.set_layout(manifest)  # raises unless it hashes to the run's model
+    return node.welcome
+
+
+def _local_update(trainer: SharedTrainer, node: SimNode, spec: Attack, n_params: int
+                  ) -> tuple[tuple[np.ndarray, float | None, int, float], float]:
+    """The node's trained update (delta, loss, samples, compute s) and the seconds it took;
+    zeros for an attacker whose attack does not start from its own update."""
+    job = node.open
+    assert job is not None
+    if node.byzantine and not spec.uses_own:
+        return (np.zeros(n_params, np.float32), None, 0, 0.0), 0.0
+    theta = np.frombuffer(job["params"], dtype="<f4").astype(np.float32)
+    t0 = time.perf_counter()
+    result = trainer.train(node, theta, steps=job["steps"], lr=job["lr"],
+                           poison_labels=node.byzantine and spec.kind == "data")
+    return result, time.perf_counter() - t0
+
+
+def _leave(coord: Coordinator, sim: Sequence[SimNode]) -> None:
+    for node in sim:
+        assert node.conn is not None
+        coord.disconnect(node.conn)
+
+
+def _keep_opt_state(opt_state: str, total_bytes: int, opt_state_mb: float) -> bool:
+    """Whether every node keeps its AdamW state between rounds ("auto": if it fits)."""
+    return opt_state == "keep" or (opt_state == "auto"
+                                   and total_bytes <= opt_state_mb * 1024 * 1024)
+
+
+def _round_text(row: dict[str, Any], train_s: float, sign_s: float) -> str:
+    loss_txt = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "n/a"
+    acc_txt = f", accuracy {row['accuracy']:.3f}" if row["accuracy"] is not None else ""
+    return (f"round {row['round']}: eval loss {loss_txt}{acc_txt}, {row['accepted']} "
+            f"accepted, {row['rejected']} rejected, {row['round_s']:.1f} s "
+            f"(train {train_s:.1f} s, sign+handle {sign_s:.1f} s)" + " " * 10)
+
+
 async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, aggregator: str,
                    model: str = "mlp-digits", seed: int = 0, inner_steps: int | None = None,
                    partition: str = "iid", data_dir: str | Path | None = None,
@@ -131,23 +198,13 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     cfg = run.config
     coord = Coordinator(run)
     if result_codec is not None:
-        reduction = coord.reduction
-        assert isinstance(reduction, ServerReduction)  # the simulator submits (transport ws)
-        exact = reduction.aggregate
-
-        def as_p2p_results(vectors: list[np.ndarray], round_: int) -> np.ndarray:
-            agg = exact(vectors, round_)
-            return np.asarray(decode_result(encode_result(agg, result_codec), agg.size,
-                                            result_codec), dtype=np.float32)
-
-        reduction.aggregate = as_p2p_results  # type: ignore[method-assign]
+        _round_through_codec(coord, result_codec)
     records: list[dict[str, Any]] = []
     coord.commit_hooks.append(records.append)
     n_byz = math.floor(round(nodes * byzantine, 9))
     rng = np.random.default_rng(seed)
     byz_set = set(rng.permutation(nodes)[:n_byz].tolist())
-    keep = opt_state == "keep" or (
-        opt_state == "auto" and nodes * run.n_params * 8 <= opt_state_mb * 1024 * 1024)
+    keep = _keep_opt_state(opt_state, nodes * run.n_params * 8, opt_state_mb)
     trainer = SharedTrainer(work, keep_opt_state=keep)
     ds, dspec = work.dataset, work.data_spec
     owner = assign_shards(ds.keys_train, n_shards=cfg.n_shards, partition=dspec.partition,
@@ -176,16 +233,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
         # -- join: Challenge -> Hello -> Welcome (+ the open round) -----------------------------
         t0 = time.perf_counter()
         for node in sim:
-            node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
-            await coord.greet(node.conn)
-            hello = node.pump()
-            assert hello is not None, "no Challenge from the coordinator"
-            await coord.handle_frame(node.conn, hello)
-            node.pump()
-            if node.welcome is None:
-                raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
-            node.part.set_layout(work.manifest)  # raises unless it hashes to the run's model
-            shard = node.welcome["shard"]
+            shard = (await _join(node, coord, wake, work.manifest))["shard"]
             idx = np.sort(by_shard[starts[shard]:starts[shard + 1]]).astype(np.int64)
             # seeded by (run seed, node index), not the random node id: runs are repeatable
             node.sampler = BatchSampler(ds.x_train, ds.y_train, idx, batch_size=cfg.batch_size,
@@ -213,16 +261,9 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
             order = [n for n in sim if not n.byzantine] + [n for n in sim if n.byzantine]
             shared_attack: np.ndarray | None = None  # attacks computed from the honest only
             for k, node in enumerate(order):
-                job = node.open
-                assert job is not None and node.conn is not None
-                theta = np.frombuffer(job["params"], dtype="<f4").astype(np.float32)
-                if not node.byzantine or spec.uses_own:
-                    t0 = time.perf_counter()
-                    result = trainer.train(node, theta, steps=job["steps"], lr=job["lr"],
-                                           poison_labels=node.byzantine and spec.kind == "data")
-                    train_s += time.perf_counter() - t0
-                else:
-                    result = (np.zeros(run.n_params, np.float32), None, 0, 0.0)
+                assert node.conn is not None
+                result, took_s = _local_update(trainer, node, spec, run.n_params)
+                train_s += took_s
                 delta, train_loss, samples, compute_s = result
                 if node.byzantine and shared_attack is not None:
                     delta = shared_attack  # ALIE / IPM: one vector per round, the same for all
@@ -255,16 +296,10 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                    "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
                    "round_s": round(time.perf_counter() - t_round, 2)}
             rows.append(row)
-            loss_txt = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "n/a"
-            acc_txt = f", accuracy {acc:.3f}" if acc is not None else ""
-            say(f"round {r}: eval loss {loss_txt}{acc_txt}, {row['accepted']} accepted, "
-                f"{row['rejected']} rejected, {row['round_s']:.1f} s "
-                f"(train {train_s:.1f} s, sign+handle {sign_s:.1f} s)" + " " * 10)
+            say(_round_text(row, train_s, sign_s))
         await asyncio.wait_for(task, timeout=60)
         await _until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
-        for node in sim:
-            assert node.conn is not None
-            coord.disconnect(node.conn)
+        _leave(coord, sim)
         errors = sum(len(n.errors) for n in sim)
         last = rows[-1]
         summary = {"nodes": nodes, "rounds": len(rows) - 1,

@@ -135,7 +135,7 @@ def _submit(ident: Identity, payload: bytes, round_: int = 3) -> bytes:
     msg = Submit(run_id=RUN, round=round_, node_id=ident.node_id, nonce=nonce, codec="raw32",
                  length=(len(payload) - 1) // 4, digest=sha256_hex(payload), train_loss=0.75,
                  samples=4, compute_s=0.5, payload=payload)
-    return msg.to_frame(sign=ident.signer(run_id=RUN, round=round_, msg_type=Submit.TYPE,
+    return msg.to_frame(sign=ident.signer(run_id=RUN, round_=round_, msg_type=Submit.TYPE,
                                           nonce=nonce))
 
 

@@ -89,7 +89,7 @@ class RoundCollection:
         if isinstance(msg, Submit) and msg.round < state.round:
             weight = self._stale_weight(msg.round, state.round)
         as_round = state.round if weight != 1.0 else msg.round
-        outcome = state.check(node_id=peer.node_id, round=as_round, digest=msg.digest)
+        outcome = state.check(node_id=peer.node_id, round_=as_round, digest=msg.digest)
         if outcome is Outcome.ACCEPTED:
             vec = self.reduction.vector(msg)  # BEFORE recording: it may not decode
             if weight != 1.0 and vec is not None:
@@ -97,7 +97,7 @@ class RoundCollection:
                 self.counters["stale_applied"] += 1
                 log.info("late update from %s for round %d applied to round %d with weight "
                          "%.3g", peer.node_id[:12], msg.round, state.round, weight)
-            state.submit(node_id=peer.node_id, round=as_round, digest=msg.digest)
+            state.submit(node_id=peer.node_id, round_=as_round, digest=msg.digest)
             if vec is not None:
                 self.vectors[peer.node_id] = vec
             size = 4 * msg.length

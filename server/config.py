@@ -15,7 +15,8 @@ from typing import Any
 
 from shared.aggregation import RULES, estimate_f, get_rule
 from shared.codecs import CODECS, make_codec
-from shared.p2p import COORDINATE_RULES, RESULT_CODECS
+from shared.messages import RESULT_CODECS
+from shared.p2p import COORDINATE_RULES
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
                         "n_shards", "seed"})

@@ -339,7 +339,7 @@ class Coordinator:
         train_loss = float(np.mean(losses)) if losses else None
         up, down = self.outbox.round_bytes
         record = await asyncio.to_thread(
-            self.run.commit, round=state.round, params=theta, momentum=momentum,
+            self.run.commit, round_=state.round, params=theta, momentum=momentum,
             attempts=state.attempt + 1, eval_loss=eval_loss, train_loss=train_loss,
             updates=rows, bytes_up=up, bytes_down=down, duration_s=duration_s)
         for peer in self.peers.values():

@@ -22,7 +22,7 @@ class Evidence:
                reason: str, validators: list[str]) -> None:
         """One rejection row; a failure to write it is logged, not raised."""
         try:
-            self.store.record_rejection(round=round_, node_id=node_id, digest=digest,
+            self.store.record_rejection(round_=round_, node_id=node_id, digest=digest,
                                         code=code, reason=reason, validators=validators)
         except Exception:  # the record is evidence, not a reason to stop serving
             log.exception("could not record a rejection of %s", node_id[:12])

@@ -32,8 +32,8 @@ class Outbox:
         ident = self.run.identity
         assert ident is not None
         return msg.to_frame(sign=ident.signer(
-            run_id=self.run.run_id, round=sign_round(getattr(msg, "round", None)),
-            msg_type=msg.TYPE, nonce=msg.nonce))  # type: ignore[attr-defined]
+            run_id=self.run.run_id, round_=sign_round(getattr(msg, "round", None)),
+            msg_type=msg.TYPE, nonce=msg.nonce))
 
     async def send(self, conn: Connection, msg: Message | bytes) -> None:
         data = msg if isinstance(msg, bytes) else self.frame(msg)

@@ -65,12 +65,12 @@ class RunState:
             loss = evaluate(self._eval_model, ds.x_val, ds.y_val)
         return loss if math.isfinite(loss) else None
 
-    def commit(self, *, round: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
+    def commit(self, *, round_: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
                eval_loss: float | None, train_loss: float | None, updates: list[UpdateRow],
                bytes_up: int, bytes_down: int, duration_s: float) -> dict[str, Any]:
-        """Persist round `round` atomically, then make theta_{round+1} the global params."""
+        """Persist round `round_` atomically, then make theta_{round_+1} the global params."""
         ckpt = self.store.commit_round(
-            round=round, ckpt_params=params, momentum=momentum, run_id=self.run_id,
+            round_=round_, ckpt_params=params, momentum=momentum, run_id=self.run_id,
             model_id=self.work.model_id, attempts=attempts, eval_loss=eval_loss,
             train_loss=train_loss, updates=updates, bytes_up=bytes_up, bytes_down=bytes_down,
             duration_s=duration_s, keep=self.config.keep_checkpoints)
@@ -80,8 +80,8 @@ class RunState:
         self.params, self.momentum = ckpt.params, ckpt.momentum
         self.params_bytes = to_bytes(self.params)
         self.params_digest = ckpt.params_digest
-        self.version = round + 1
-        self.last_round = self.store.rounds(since=round - 1, limit=1)[0]
+        self.version = round_ + 1
+        self.last_round = self.store.rounds(since=round_ - 1, limit=1)[0]
         return {**self.last_round, "entropy_floor": self.entropy_floor}
 
 

@@ -245,24 +245,24 @@ class Store:
 
     # -- rounds --------------------------------------------------------------------------
     @_locked
-    def commit_round(self, *, round: int, ckpt_params: np.ndarray, momentum: np.ndarray,
+    def commit_round(self, *, round_: int, ckpt_params: np.ndarray, momentum: np.ndarray,
                      run_id: str, model_id: str, attempts: int, eval_loss: float | None,
                      train_loss: float | None, updates: list[UpdateRow], bytes_up: int,
                      bytes_down: int, duration_s: float, keep: int) -> Checkpoint:
-        if round != self.latest()[0]:  # checked BEFORE the file is written: never overwrite
-            raise sqlite3.IntegrityError(f"round {round} cannot be committed: the next round "
+        if round_ != self.latest()[0]:  # checked BEFORE the file is written: never overwrite
+            raise sqlite3.IntegrityError(f"round {round_} cannot be committed: the next round "
                                          f"to commit is {self.latest()[0]}")
-        ckpt = self.write_checkpoint(round + 1, ckpt_params, momentum, run_id=run_id,
+        ckpt = self.write_checkpoint(round_ + 1, ckpt_params, momentum, run_id=run_id,
                                      model_id=model_id)
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                            (round, time.time(), attempts, len(updates),
+                            (round_, time.time(), attempts, len(updates),
                              finite_or_none(eval_loss), finite_or_none(train_loss),
-                             ckpt.params_digest, self._name(round + 1), sql_int(bytes_up),
+                             ckpt.params_digest, self._name(round_ + 1), sql_int(bytes_up),
                              sql_int(bytes_down), finite_or_none(duration_s) or 0.0))
             self.db.executemany("INSERT INTO updates VALUES (?,?,?,?,?,?,?)",
-                                [(round, u.node_id, u.digest, sql_int(u.bytes),
+                                [(round_, u.node_id, u.digest, sql_int(u.bytes),
                                   finite_or_none(u.train_loss), sql_int(u.samples),
                                   finite_or_none(u.compute_s) or 0.0) for u in updates])
         self._prune(keep)
@@ -287,31 +287,31 @@ class Store:
                  for k, v in zip(cols, row, strict=True)} for row in cur]
 
     @_locked
-    def update_keys(self, round: int) -> dict[str, str]:
-        """node id -> digest of the updates committed for `round`."""
+    def update_keys(self, round_: int) -> dict[str, str]:
+        """node id -> digest of the updates committed for `round_`."""
         return dict(self.db.execute("SELECT node_id, digest FROM updates WHERE round = ?",
-                                    (round,)).fetchall())
+                                    (round_,)).fetchall())
 
     # -- rejections (the evidence later slashing reads) ---------------------------------
     @_locked
-    def record_rejection(self, *, round: int | None, node_id: str, digest: str | None,
+    def record_rejection(self, *, round_: int | None, node_id: str, digest: str | None,
                          code: str, reason: str, validators: list[str]) -> bool:
         """One refused update or frame of an AUTHENTICATED node, with why and who judged.
         Counted always; kept as a row only while the node has fewer than
         MAX_REJECTION_ROWS_PER_NODE_ROUND rows for that round and MAX_REJECTION_ROWS_PER_NODE
         in all (the sample). Returns whether a row was written."""
-        if not (isinstance(round, int) and -1 <= round <= MAX_INT):
-            round = None
+        rnd = round_ if isinstance(round_, int) and -1 <= round_ <= MAX_INT else None
         per_round, total = self.db.execute(
             "SELECT COALESCE(SUM(round IS ?), 0), COUNT(*) FROM rejections WHERE node_id = ?",
-            (round, node_id)).fetchone()
-        keep = per_round < MAX_REJECTION_ROWS_PER_NODE_ROUND and total < MAX_REJECTION_ROWS_PER_NODE
+            (rnd, node_id)).fetchone()
+        keep: bool = (per_round < MAX_REJECTION_ROWS_PER_NODE_ROUND
+                      and total < MAX_REJECTION_ROWS_PER_NODE)
         with self.db:
             self.db.execute("BEGIN")
             if keep:
                 self.db.execute("INSERT INTO rejections (at, round, node_id, digest, code, "
                                 "reason, validators) VALUES (?,?,?,?,?,?,?)",
-                                (time.time(), round, node_id, digest, code,
+                                (time.time(), rnd, node_id, digest, code,
                                  reason[:MAX_REASON_CHARS], json.dumps(validators)))
             self.db.execute("INSERT INTO rejection_counts VALUES (?,?,1,?) ON CONFLICT "
                             "(node_id, code) DO UPDATE SET n = n + 1, stored = stored + ?",

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from server.auth import authenticate
 from server.keys import COORDINATOR
@@ -187,6 +187,49 @@ async def _refuse_before_hello(coord: Any, limits: Limits, conn: Connection,
         await conn.ws.send_bytes(data)
 
 
+async def _stopped_at_socket(limits: Limits, conn: Connection,
+                             ws: web.WebSocketResponse) -> bool:
+    """Whether a frame must not be processed: it queued behind a close, or the sender is over
+    its frame rate (its connection is then closed)."""
+    if ws.closed or close_reason(conn) is not None:
+        limits.dropped_after_close += 1  # queued behind the close: not processed
+        return True
+    key = conn.peer.node_id if conn.peer is not None else f"conn:{id(conn)}"
+    if not limits.frames.allow(key):
+        limits.closed_for_rate += 1
+        log.warning("closing %s: more than %.0f frames/s", conn.remote, FRAME_RATE)
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate limit")
+        return True
+    return False
+
+
+async def _receive(coord: Any, limits: Limits, conn: Connection, ws: web.WebSocketResponse,
+                   msg: WSMessage, seen: dict[tuple[str, str | None], int]) -> None:
+    """One WebSocket message: a frame (checked at the socket before Hello), a refused text
+    message, or a socket error."""
+    if msg.type == WSMsgType.BINARY and conn.peer is None:
+        err = _pre_hello_check(coord, conn, msg.data)
+        if err is not None:
+            await _refuse_before_hello(coord, limits, conn, err, seen)
+        else:
+            await coord.handle_frame(conn, msg.data)
+    elif msg.type == WSMsgType.BINARY:
+        await coord.handle_frame(conn, msg.data)
+    elif msg.type == WSMsgType.TEXT:
+        text = FrameError("text messages are not part of the protocol: send binary frames")
+        if conn.peer is None:
+            await _refuse_before_hello(coord, limits, conn, text, seen)
+        else:
+            await coord.reject(conn, text)
+    elif msg.type == WSMsgType.ERROR:
+        exc = msg.data if msg.data is not None else ws.exception()
+        too_big = WSCloseCode.MESSAGE_TOO_BIG
+        if getattr(exc, "code", None) == too_big or ws.close_code == too_big:
+            await coord.oversized(conn)
+        else:
+            log.info("websocket error from %s: %s", conn.remote, exc)
+
+
 @routes.get("/ws")
 async def control(request: web.Request) -> web.StreamResponse:
     coord = request.app[COORDINATOR]
@@ -215,40 +258,12 @@ async def control(request: web.Request) -> web.StreamResponse:
     try:
         await coord.send(conn, greeting)
         async for msg in ws:
-            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
-                if ws.closed or close_reason(conn) is not None:
-                    limits.dropped_after_close += 1  # queued behind the close: not processed
-                    break
-                key = conn.peer.node_id if conn.peer is not None else f"conn:{id(conn)}"
-                if not limits.frames.allow(key):
-                    limits.closed_for_rate += 1
-                    log.warning("closing %s: more than %.0f frames/s", conn.remote, FRAME_RATE)
-                    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate limit")
-                    break
-            if msg.type == WSMsgType.BINARY and conn.peer is None:
-                data = msg.data
-                hello_seen = hello_seen or (len(data) > 5 and data[5] == Hello.TYPE)
-                err = _pre_hello_check(coord, conn, data)
-                if err is not None:
-                    await _refuse_before_hello(coord, limits, conn, err, seen)
-                else:
-                    await coord.handle_frame(conn, data)
-            elif msg.type == WSMsgType.BINARY:
-                await coord.handle_frame(conn, msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                text = FrameError("text messages are not part of the protocol: send binary "
-                                  "frames")
-                if conn.peer is None:
-                    await _refuse_before_hello(coord, limits, conn, text, seen)
-                else:
-                    await coord.reject(conn, text)
-            elif msg.type == WSMsgType.ERROR:
-                exc = msg.data if msg.data is not None else ws.exception()
-                too_big = WSCloseCode.MESSAGE_TOO_BIG
-                if getattr(exc, "code", None) == too_big or ws.close_code == too_big:
-                    await coord.oversized(conn)
-                else:
-                    log.info("websocket error from %s: %s", conn.remote, exc)
+            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) \
+                    and await _stopped_at_socket(limits, conn, ws):
+                break
+            if msg.type == WSMsgType.BINARY and conn.peer is None:  # before handling it
+                hello_seen = hello_seen or (len(msg.data) > 5 and msg.data[5] == Hello.TYPE)
+            await _receive(coord, limits, conn, ws, msg, seen)
             reason = close_reason(conn)
             if reason is not None and not ws.closed:
                 limits.closed_for_refusals += 1

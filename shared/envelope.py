@@ -42,9 +42,9 @@ __all__ = ["Identity", "ReplayGuard", "new_nonce", "node_id_of", "sign_round", "
 NONCE_RE = re.compile(r"[0-9a-f]{32}")
 
 
-def sign_round(round: int | None) -> int:
+def sign_round(round_: int | None) -> int:
     """The round a frame is signed for: its header's `round`, or -1 when it has none."""
-    return round if isinstance(round, int) and not isinstance(round, bool) else -1
+    return round_ if isinstance(round_, int) and not isinstance(round_, bool) else -1
 
 
 def node_id_of(public_key: bytes) -> str:
@@ -52,11 +52,11 @@ def node_id_of(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()
 
 
-def signing_bytes(*, run_id: str, round: int, node_id: str, msg_type: int, digest: bytes,
+def signing_bytes(*, run_id: str, round_: int, node_id: str, msg_type: int, digest: bytes,
                   nonce: str) -> bytes:
     run = run_id.encode("utf-8")
     nonce_raw = bytes.fromhex(nonce)
-    return b"".join((DOMAIN, struct.pack("<H", len(run)), run, struct.pack("<q", round),
+    return b"".join((DOMAIN, struct.pack("<H", len(run)), run, struct.pack("<q", round_),
                      bytes.fromhex(node_id), bytes([msg_type]), digest,
                      bytes([len(nonce_raw)]), nonce_raw))
 
@@ -77,12 +77,12 @@ class Identity:
         pk, sk = signatures().keygen()
         return cls(public_key=pk, secret_key=sk)
 
-    def signer(self, *, run_id: str, round: int, msg_type: int,
+    def signer(self, *, run_id: str, round_: int, msg_type: int,
                nonce: str) -> Callable[[bytes], bytes]:
         """The `sign` callable shared.frame.encode_frame wants for one frame."""
 
         def sign(digest: bytes) -> bytes:
-            msg = signing_bytes(run_id=run_id, round=round, node_id=self.node_id,
+            msg = signing_bytes(run_id=run_id, round_=round_, node_id=self.node_id,
                                 msg_type=msg_type, digest=digest, nonce=nonce)
             return signatures().sign(self.secret_key, msg, run_id.encode("utf-8"))
 
@@ -117,7 +117,7 @@ def verify_frame(frame: Frame, *, public_key: bytes, run_id: str, node_id: str) 
     round_ = sign_round(raw_round)
     if node_id_of(public_key) != node_id:
         raise BadSignature("node_id is not the SHA-256 of the public key", field="node_id")
-    msg = signing_bytes(run_id=run_id, round=round_, node_id=node_id,
+    msg = signing_bytes(run_id=run_id, round_=round_, node_id=node_id,
                         msg_type=frame.msg_type, digest=frame.covered, nonce=nonce)
     if not signatures().verify(public_key, msg, frame.signature, run_id.encode("utf-8")):
         raise BadSignature("signature does not verify for this node, run and frame",

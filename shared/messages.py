@@ -75,8 +75,8 @@ def in_range(meta: Mapping[str, Any], value: float) -> bool:
     if "min" not in meta:
         return True
     lo, hi = meta["min"], meta["max"]
-    above = value > lo if meta.get("min_exclusive") else value >= lo
-    below = value < hi if meta.get("max_exclusive") else value <= hi
+    above: bool = value > lo if meta.get("min_exclusive") else value >= lo
+    below: bool = value < hi if meta.get("max_exclusive") else value <= hi
     return above and below
 
 
@@ -109,6 +109,7 @@ class Message:
 
     __slots__ = ()
     TYPE: ClassVar[int]
+    nonce: str  # every message has one (a field of each dataclass below): signers read it
 
     def to_frame(self, *, sign: Callable[[bytes], bytes] | None = None,
                  compress: bool = False) -> bytes:

@@ -210,8 +210,8 @@ class Participant:
             raise ProtocolError("no Challenge on this connection yet: nothing can be signed")
         msg = dataclasses.replace(msg, nonce=new_nonce())  # type: ignore[type-var]
         sign = self.identity.signer(run_id=self.challenge.run_id,
-                                    round=getattr(msg, "round", -1), msg_type=msg.TYPE,
-                                    nonce=msg.nonce)  # type: ignore[attr-defined]
+                                    round_=getattr(msg, "round", -1), msg_type=msg.TYPE,
+                                    nonce=msg.nonce)
         return msg.to_frame(sign=sign, compress=isinstance(msg, Submit))
 
     def _send(self, msg: Message) -> Event:

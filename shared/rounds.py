@@ -60,14 +60,14 @@ class RoundState:
     def remaining(self, now: float) -> float:
         return max(0.0, self.deadline_at - now)
 
-    def check(self, *, node_id: str, round: int, digest: str) -> Outcome:
+    def check(self, *, node_id: str, round_: int, digest: str) -> Outcome:
         """What `submit` would answer, without recording: run it BEFORE decoding a payload."""
-        if round != self.round or (self.closed and node_id not in self.updates):
-            state = "closed" if round < self.round or self.closed else "not open yet"
-            raise WrongRound(f"round {round} is {state}; the current round is {self.round}"
+        if round_ != self.round or (self.closed and node_id not in self.updates):
+            state = "closed" if round_ < self.round or self.closed else "not open yet"
+            raise WrongRound(f"round {round_} is {state}; the current round is {self.round}"
                              + (" (closing)" if self.closed else ""), field="round")
         if node_id in self.excluded:
-            raise UpdateRejected(f"your update for round {round} was rejected: "
+            raise UpdateRejected(f"your update for round {round_} was rejected: "
                                  f"{self.excluded[node_id]}", field="payload")
         seen = self.updates.get(node_id)
         if seen is None:
@@ -75,11 +75,11 @@ class RoundState:
         if seen == digest:
             return Outcome.DUPLICATE
         raise ConflictingUpdate(f"node already submitted a different update for round "
-                                f"{round}", field="digest")
+                                f"{round_}", field="digest")
 
-    def submit(self, *, node_id: str, round: int, digest: str) -> Outcome:
+    def submit(self, *, node_id: str, round_: int, digest: str) -> Outcome:
         """Record an update; the idempotency key is (round, node, digest)."""
-        outcome = self.check(node_id=node_id, round=round, digest=digest)
+        outcome = self.check(node_id=node_id, round_=round_, digest=digest)
         if outcome is Outcome.ACCEPTED:
             self.updates[node_id] = digest
         return outcome

@@ -62,8 +62,8 @@ class Node:
 
     async def send(self, msg: Message) -> None:
         data = msg.to_frame(sign=self.ident.signer(
-            run_id=self.coord.run.run_id, round=getattr(msg, "round", -1), msg_type=msg.TYPE,
-            nonce=msg.nonce))  # type: ignore[attr-defined]
+            run_id=self.coord.run.run_id, round_=getattr(msg, "round", -1), msg_type=msg.TYPE,
+            nonce=msg.nonce))
         await self.coord.handle_frame(self.conn, data)
 
     @classmethod
@@ -113,8 +113,10 @@ async def coordinator(tmp_path: Path, *, loop: bool = True, **config: Any
     coord = Coordinator(run)
     task = asyncio.create_task(coord.run_rounds()) if loop else None
     try:
-        if loop:
+        if loop:  # poll (with a deadline) for the first round to open
+            deadline = asyncio.get_running_loop().time() + 30
             while coord.state is None:
+                assert asyncio.get_running_loop().time() < deadline, "no round opened"
                 await asyncio.sleep(0.01)
         yield coord
     finally:
@@ -153,8 +155,10 @@ async def test_the_guards_refuse_with_the_field_at_fault(tmp_path: Path, transpo
         await a.send(make(a))
         err = a.error()
         assert (err.code, err.field) == ("bad_update", field), err
-        assert coord.state is not None and coord.state.updates == {}
-        assert coord.collection.rows == {} and coord.collection.vectors == {}
+        assert coord.state is not None
+        assert coord.state.updates == {}
+        assert coord.collection.rows == {}
+        assert coord.collection.vectors == {}
 
 
 async def test_a_validator_does_not_submit_and_a_trainer_does(tmp_path: Path) -> None:
@@ -165,13 +169,16 @@ async def test_a_validator_does_not_submit_and_a_trainer_does(tmp_path: Path) ->
         a = await Node.join_new(coord)
         await a.send(a.submit())
         ack = a.last()
-        assert isinstance(ack, Ack) and ack.status == "accepted"
+        assert isinstance(ack, Ack)
+        assert ack.status == "accepted"
         assert coord.collection.vectors[a.ident.node_id].dtype == np.float32
         assert coord.collection.rows[a.ident.node_id].bytes == len(a.submit().payload)
         await a.send(a.submit())  # the same update again (fresh nonce): counted once
         ack = a.last()
-        assert isinstance(ack, Ack) and ack.status == "duplicate"
-        assert coord.counters["accepted"] == 1 and coord.counters["duplicates"] == 1
+        assert isinstance(ack, Ack)
+        assert ack.status == "duplicate"
+        assert coord.counters["accepted"] == 1
+        assert coord.counters["duplicates"] == 1
 
 
 async def test_a_p2p_run_keeps_rows_but_no_vectors(tmp_path: Path) -> None:
@@ -180,8 +187,10 @@ async def test_a_p2p_run_keeps_rows_but_no_vectors(tmp_path: Path) -> None:
         a = await Node.join_new(coord)
         await a.send(a.ready())
         ack = a.last()
-        assert isinstance(ack, Ack) and ack.status == "accepted"
-        assert coord.collection.vectors == {} and coord.collection.payloads == {}
+        assert isinstance(ack, Ack)
+        assert ack.status == "accepted"
+        assert coord.collection.vectors == {}
+        assert coord.collection.payloads == {}
         assert coord.collection.rows[a.ident.node_id].bytes == 4 * a.n
 
 

@@ -43,7 +43,7 @@ def submit(ident: Identity, payload: bytes = b"\x00" * 64, **over: object) -> Su
 
 
 def signed(ident: Identity, msg: Submit, **over: object) -> bytes:
-    args: dict[str, object] = dict(run_id=RUN, round=msg.round, msg_type=msg.TYPE,
+    args: dict[str, object] = dict(run_id=RUN, round_=msg.round, msg_type=msg.TYPE,
                                    nonce=msg.nonce)
     args.update(over)
     return msg.to_frame(sign=ident.signer(**args))  # type: ignore[arg-type]
@@ -58,7 +58,7 @@ def test_key_sizes_and_node_id(ident: Identity) -> None:
 
 def test_signing_bytes_layout() -> None:
     node = "ab" * 32
-    raw = signing_bytes(run_id="r1", round=7, node_id=node, msg_type=4, digest=b"\x11" * 32,
+    raw = signing_bytes(run_id="r1", round_=7, node_id=node, msg_type=4, digest=b"\x11" * 32,
                         nonce="22" * 16)
     n = 2
     assert raw[:11] == DOMAIN == b"DAAP-SIG-v1"
@@ -102,7 +102,7 @@ def test_wrong_key_run_round_or_unsigned(ident: Identity) -> None:
         (signed(other, msg), ident.public_key, ident.node_id),  # someone else's signature
         (signed(ident, msg), other.public_key, ident.node_id),  # claimed with another key
         (signed(ident, msg, run_id="other"), ident.public_key, ident.node_id),
-        (signed(ident, msg, round=4), ident.public_key, ident.node_id),
+        (signed(ident, msg, round_=4), ident.public_key, ident.node_id),
         (msg.to_frame(), ident.public_key, ident.node_id),  # unsigned
     ]
     for data, pk, node in cases:

@@ -166,7 +166,8 @@ def test_bad_magic() -> None:
     assert type(info.value) is FrameError
     assert info.value.code == "bad_frame"
     assert info.value.field == "magic"
-    assert "magic" in str(info.value) and "XXXX" in str(info.value)
+    assert "magic" in str(info.value)
+    assert "XXXX" in str(info.value)
 
 
 def test_not_bytes() -> None:

@@ -42,7 +42,8 @@ def test_every_numeric_field_has_a_range() -> None:
             base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or \
                 [hints[f.name]]
             if base[0] in (int, float):
-                assert "min" in f.metadata and "max" in f.metadata, (cls.__name__, f.name)
+                assert "min" in f.metadata, (cls.__name__, f.name)
+                assert "max" in f.metadata, (cls.__name__, f.name)
             for key, meta in f.metadata.get("entries", {}).items():
                 assert meta["type"] == "str" or "min" in meta, (cls.__name__, f.name, key)
 
@@ -64,15 +65,19 @@ def test_out_of_range_numbers_are_refused_naming_the_field(name: str, value: flo
     data = encode_frame(Submit.TYPE, submit_header(**{name: value}), PAYLOAD)
     with pytest.raises(MessageError) as err:
         decode_message(data)
-    assert err.value.field == name and err.value.code == "bad_message"
+    assert err.value.field == name
+    assert err.value.code == "bad_message"
 
 
 def test_in_range_extremes_are_accepted() -> None:
     msg = decode_message(encode_frame(Submit.TYPE, submit_header(
         samples=10**12, train_loss=-1e9, compute_s=0, round=MAX_INT), PAYLOAD))
-    assert isinstance(msg, Submit) and msg.samples == 10**12 and msg.round == MAX_INT
+    assert isinstance(msg, Submit)
+    assert msg.samples == 10**12
+    assert msg.round == MAX_INT
     msg = decode_message(encode_frame(Submit.TYPE, submit_header(train_loss=None), PAYLOAD))
-    assert isinstance(msg, Submit) and msg.train_loss is None
+    assert isinstance(msg, Submit)
+    assert msg.train_loss is None
 
 
 def test_list_entries_have_ranges() -> None:
@@ -121,7 +126,8 @@ def raw_frame(msg_type: int, head: bytes, payload: bytes = b"", flags: int = 0) 
 def test_non_canonical_headers_are_refused(head: bytes) -> None:
     with pytest.raises(FrameError) as err:
         decode_frame(raw_frame(Submit.TYPE, head))
-    assert err.value.field == "header" and err.value.code == "bad_frame"
+    assert err.value.field == "header"
+    assert err.value.code == "bad_frame"
 
 
 def test_canonical_headers_round_trip() -> None:

@@ -28,8 +28,8 @@ def store(tmp_path: Path) -> Store:
     return s
 
 
-def reject(store: Store, node: str, round: int | None) -> bool:
-    return store.record_rejection(round=round, node_id=node, digest=None, code="bad_message",
+def reject(store: Store, node: str, round_: int | None) -> bool:
+    return store.record_rejection(round_=round_, node_id=node, digest=None, code="bad_message",
                                   reason="x" * 10_000, validators=["server"])
 
 
@@ -54,12 +54,13 @@ def test_rejections_are_bounded_per_round_and_per_node(store: Store) -> None:
 def test_commit_never_hands_sqlite_what_it_cannot_hold(store: Store) -> None:
     rows = [UpdateRow(node_id="a", digest="d", bytes=4, train_loss=math.inf, samples=10**20,
                       compute_s=math.nan)]
-    store.commit_round(round=0, ckpt_params=np.ones(4, np.float32),
+    store.commit_round(round_=0, ckpt_params=np.ones(4, np.float32),
                        momentum=np.zeros(4, np.float32), run_id="r", model_id="m" * 64,
                        attempts=1, eval_loss=math.nan, train_loss=math.inf, updates=rows,
                        bytes_up=1, bytes_down=1, duration_s=1.0, keep=3)
     (rec,) = store.rounds()
-    assert rec["eval_loss"] is None and rec["train_loss"] is None
+    assert rec["eval_loss"] is None
+    assert rec["train_loss"] is None
     json.dumps(rec, allow_nan=False)
 
 
@@ -67,4 +68,5 @@ def test_api_json_is_strict() -> None:
     obj = {"a": [1.0, math.inf, {"b": -math.inf, "c": math.nan}], "d": (2, "x")}
     assert finite(obj) == {"a": [1.0, None, {"b": None, "c": None}], "d": [2, "x"]}
     assert json.loads(strict_dumps(obj)) == finite(obj)
-    assert "Infinity" not in strict_dumps(obj) and "NaN" not in strict_dumps(obj)
+    assert "Infinity" not in strict_dumps(obj)
+    assert "NaN" not in strict_dumps(obj)

@@ -248,7 +248,8 @@ def test_missing_field(msg: Message) -> None:
         with pytest.raises(MessageError) as info:
             decode_message(frame_of(msg.TYPE, header, payload))
         assert info.value.field == name
-        assert "missing" in str(info.value) and name in str(info.value)
+        assert "missing" in str(info.value)
+        assert name in str(info.value)
 
 
 @pytest.mark.parametrize("msg", ALL, ids=lambda m: type(m).__name__)
@@ -517,7 +518,8 @@ def _golden() -> dict[str, Any]:
 
 def _load_generator() -> Any:
     spec = importlib.util.spec_from_file_location("make_golden", TESTDATA / "make_golden.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -57,8 +57,8 @@ def participant(name: str = "node", **kw: Any) -> Participant:
 
 def signed(msg: Message, signer: str = "server") -> bytes:
     """`msg` signed as the server (or `signer`) signs its frames."""
-    sign = key(signer).signer(run_id=RUN, round=sign_round(getattr(msg, "round", None)),
-                              msg_type=msg.TYPE, nonce=msg.nonce)  # type: ignore[attr-defined]
+    sign = key(signer).signer(run_id=RUN, round_=sign_round(getattr(msg, "round", None)),
+                              msg_type=msg.TYPE, nonce=msg.nonce)
     return msg.to_frame(sign=sign)
 
 

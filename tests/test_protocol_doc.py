@@ -34,7 +34,8 @@ def test_field_table_matches_the_schema() -> None:
 
 def test_error_table_lists_every_code_once() -> None:
     codes = [row[0].strip("`") for row in table_after("## Error codes")]
-    assert sorted(codes) == sorted(ERROR_CODES) and len(codes) == len(set(codes))
+    assert sorted(codes) == sorted(ERROR_CODES)
+    assert len(codes) == len(set(codes))
     assert all(row[1] for row in table_after("## Error codes"))  # a condition for each
 
 

@@ -6,12 +6,15 @@ import asyncio
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from bench.simulate import main, simulate
 from server.store import Store
+from shared.aggregation import Rule, get_rule
+from shared.vec import Vector
 
 
 def test_small_run_with_sign_flip_attackers_under_median(tmp_path: Path) -> None:
@@ -19,14 +22,19 @@ def test_small_run_with_sign_flip_attackers_under_median(tmp_path: Path) -> None
                                aggregator="median", inner_steps=10, seed=1,
                                data_dir=tmp_path, progress=False))
     s, rows = out["summary"], out["rounds"]
-    assert s["byzantine"] == 2 and s["rounds"] == 2 and s["node_errors"] == 0
+    assert s["byzantine"] == 2
+    assert s["rounds"] == 2
+    assert s["node_errors"] == 0
     assert s["rejected"] == {}
     committed = rows[1:]
     assert [r["round"] for r in committed] == [0, 1]
     for r in committed:  # every node's signed update was accepted and aggregated
-        assert r["n_updates"] == 8 and r["accepted"] == 8 and r["rejected"] == 0
+        assert r["n_updates"] == 8
+        assert r["accepted"] == 8
+        assert r["rejected"] == 0
     losses = [rows[0]["eval_loss"]] + [r["eval_loss"] for r in committed]
-    assert losses[-1] < losses[0] and losses[2] < losses[1]
+    assert losses[-1] < losses[0]
+    assert losses[2] < losses[1]
     assert s["final_accuracy"] > s["initial_accuracy"]
     # the rounds were committed to the run's store (SQLite + safetensors) like a real run
     store = Store(tmp_path / "run")
@@ -40,7 +48,8 @@ def test_alie_needs_the_honest_updates_and_commits(tmp_path: Path) -> None:
                                aggregator="trimmed-mean", inner_steps=5, opt_state="fresh",
                                data_dir=tmp_path, progress=False))
     row = out["rounds"][1]
-    assert row["n_updates"] == 10 and row["accepted"] == 10
+    assert row["n_updates"] == 10
+    assert row["accepted"] == 10
     assert out["summary"]["opt_state"] == "fresh"
     assert np.isfinite(row["eval_loss"])
 
@@ -54,7 +63,9 @@ def test_cli_prints_json_last(capsys: pytest.CaptureFixture[str], tmp_path: Path
     figures = json.loads(last)
     assert set(figures) == {"nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
                             "final_accuracy", "attack", "aggregator", "byzantine", "p2p_results"}
-    assert figures["nodes"] == 4 and figures["rounds"] == 1 and figures["byzantine"] == 1
+    assert figures["nodes"] == 4
+    assert figures["rounds"] == 1
+    assert figures["byzantine"] == 1
     assert figures["p2p_results"] is None  # exact aggregates unless --p2p-results
 
 
@@ -66,12 +77,11 @@ def test_centered_clipping_starts_from_the_previous_aggregate_with_history(
     import server.reduction as reduction
 
     calls: list[tuple[np.ndarray, np.ndarray]] = []
-    real = reduction.get_rule
 
-    def recording(name: str):  # type: ignore[no-untyped-def]
-        rule = real(name)
+    def recording(name: str) -> Rule:
+        rule = get_rule(name)  # what server.reduction imports
 
-        def wrapped(vectors, **kw):  # type: ignore[no-untyped-def]
+        def wrapped(vectors: list[Vector], **kw: Any) -> Vector:
             out = rule(vectors, **kw)
             calls.append((np.array(kw["reference"]), np.array(out)))
             return out

@@ -43,7 +43,7 @@ def new_store(path: Path) -> Store:
 def commit(store: Store, round_: int, *, updates: list[UpdateRow] | None = None,
            keep: int = 10, params: np.ndarray | None = None) -> Any:
     return store.commit_round(
-        round=round_, ckpt_params=params_for(round_ + 1) if params is None else params,
+        round_=round_, ckpt_params=params_for(round_ + 1) if params is None else params,
         momentum=momentum_for(round_ + 1), run_id=RUN, model_id=MODEL, attempts=1,
         eval_loss=1.0 - 0.1 * round_, train_loss=1.2,
         updates=[row("a" * 64), row("b" * 64)] if updates is None else updates,
@@ -151,7 +151,7 @@ def test_update_keys_returns_what_was_committed(store: Store) -> None:
 
 
 def test_optional_losses_may_be_none(store: Store) -> None:
-    store.commit_round(round=0, ckpt_params=params_for(1), momentum=momentum_for(1),
+    store.commit_round(round_=0, ckpt_params=params_for(1), momentum=momentum_for(1),
                        run_id=RUN, model_id=MODEL, attempts=3, eval_loss=None,
                        train_loss=None, updates=[row("a" * 64, train_loss=None)],
                        bytes_up=0, bytes_down=0, duration_s=0.0, keep=5)

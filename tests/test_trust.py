@@ -18,8 +18,8 @@ RUN = "run-trust"
 
 def signed(server: Identity, msg: Message, run_id: str = RUN) -> bytes:
     return msg.to_frame(sign=server.signer(run_id=run_id,
-                                           round=sign_round(getattr(msg, "round", None)),
-                                           msg_type=msg.TYPE, nonce=msg.nonce))  # type: ignore[attr-defined]
+                                           round_=sign_round(getattr(msg, "round", None)),
+                                           msg_type=msg.TYPE, nonce=msg.nonce))
 
 
 def challenge(server: Identity, run_id: str = RUN) -> Challenge:

@@ -71,8 +71,8 @@ def test_a_strict_majority_of_validators_rejects() -> None:
 
 def test_round_state_exclusion() -> None:
     st = RoundState(round=3, policy=RoundPolicy(quorum=2, deadline_s=10), opened_at=0.0)
-    st.submit(node_id=A, round=3, digest="11" * 32)
-    st.submit(node_id=B, round=3, digest="22" * 32)
+    st.submit(node_id=A, round_=3, digest="11" * 32)
+    st.submit(node_id=B, round_=3, digest="22" * 32)
     assert st.decide(1.0, [A, B]) is Decision.COMMIT
     st.exclude(B, "worse held-out loss")
     assert B not in st.updates
@@ -81,8 +81,8 @@ def test_round_state_exclusion() -> None:
     assert st.decide(1.0, [A, B]) is Decision.WAIT
     assert st.decide(11.0, [A, B]) is Decision.RETRY
     with pytest.raises(UpdateRejected):  # resubmitting the excluded update is refused
-        st.check(node_id=B, round=3, digest="22" * 32)
-    st.submit(node_id=C, round=3, digest="33" * 32)
+        st.check(node_id=B, round_=3, digest="22" * 32)
+    st.submit(node_id=C, round_=3, digest="33" * 32)
     assert st.decide(1.0, [A, B, C]) is Decision.COMMIT
 
 

@@ -108,8 +108,9 @@ class Client:
         """The message signed as the real client signs it (or by `signer`)."""
         assert self.challenge is not None
         ident = signer or self.ident
-        args = dict(run_id=self.challenge.run_id, round=getattr(msg, "round", -1),
-                    msg_type=msg.TYPE, nonce=msg.nonce)  # type: ignore[attr-defined]
+        args: dict[str, Any] = dict(run_id=self.challenge.run_id,
+                                    round_=getattr(msg, "round", -1), msg_type=msg.TYPE,
+                                    nonce=msg.nonce)
         args.update(sign_over)
         return msg.to_frame(sign=ident.signer(**args))
 
@@ -215,7 +216,7 @@ async def test_bad_frames_get_typed_errors_and_change_nothing(
         (a.frame(a.submit(codec="fp16")), "bad_update"),
         (a.submit().to_frame(), "bad_signature"),  # unsigned
         (a.frame(a.submit(), signer=identity("mallory")), "bad_signature"),  # another key
-        (a.frame(a.submit(), round=3), "bad_signature"),  # signed for another round
+        (a.frame(a.submit(), round_=3), "bad_signature"),  # signed for another round
         (a.frame(a.submit(), run_id="other-run"), "bad_signature"),  # signed for another run
         (good[:-1] + bytes([good[-1] ^ 1]), "bad_signature"),  # tampered signature
         (good[:40] + bytes([good[40] ^ 1]) + good[41:], "bad_signature"),  # tampered header
@@ -363,7 +364,7 @@ async def test_hello_must_prove_its_key_and_answer_this_connections_challenge(
     bad_key = {**dataclasses.asdict(a.hello()), "public_key": "zz"}
     assert a.challenge is not None
     cases.append((encode_frame(Hello.TYPE, bad_key, sign=a.ident.signer(
-        run_id=a.challenge.run_id, round=-1, msg_type=Hello.TYPE,
+        run_id=a.challenge.run_id, round_=-1, msg_type=Hello.TYPE,
         nonce=bad_key["nonce"])), "bad_message"))
     for data, code in cases:
         await a.send(data)

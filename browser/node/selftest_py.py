@@ -74,7 +74,7 @@ def _signed(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     msg = Submit(run_id=s["run_id"], round=7, node_id=ident.node_id, nonce=nonce, codec="raw32",
                  length=2, digest=sha256_hex(update), train_loss=None, samples=1, compute_s=0.5,
                  payload=update)
-    frame = msg.to_frame(sign=ident.signer(run_id=s["run_id"], round=7, msg_type=Submit.TYPE,
+    frame = msg.to_frame(sign=ident.signer(run_id=s["run_id"], round_=7, msg_type=Submit.TYPE,
                                            nonce=nonce))
     out.append(_attempt("py verify own signature", lambda: verify_frame(
         decode_frame(frame), public_key=pk, run_id=s["run_id"], node_id=ident.node_id) and None))

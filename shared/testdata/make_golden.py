@@ -213,7 +213,7 @@ def signed_examples(previous: dict[str, Any] | None) -> dict[str, Any]:
     submit = Submit(run_id=RUN, round=3, node_id=ident.node_id, nonce=NONCE, codec="raw32",
                     length=2, digest=sha256_hex(update), train_loss=1.5, samples=8,
                     compute_s=0.25, payload=update)
-    frame = submit.to_frame(sign=ident.signer(run_id=RUN, round=3, msg_type=Submit.TYPE,
+    frame = submit.to_frame(sign=ident.signer(run_id=RUN, round_=3, msg_type=Submit.TYPE,
                                               nonce=NONCE))
     return {"scheme": "ml-dsa-65 (FIPS 204, pure mode, context = run_id UTF-8)",
             "run_id": RUN, "node_id": ident.node_id,
