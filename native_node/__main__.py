@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["ledger"]:  # python -m native_node ledger ... (native_node/ledger_cli.py)
         from native_node.ledger_cli import main as ledger_main
 
-        return ledger_main(argv[1:])
+        code: int = ledger_main(argv[1:])
+        return code
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s node[{args.name}]: %(message)s")
