@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.common import children, emit, free_port, get_json, print_table
+from bench.ledger import verify_data_dir
 from bench.netfault import RelayThread
 
 POLL_S = 0.05
@@ -409,6 +410,7 @@ def chaos_run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             srv = sw.kill_server()
             out = sw.finish(args.timeout)
             chk = integrity(sw, args.quorum)
+            chk["ledger"] = verify_data_dir(sw.data)  # the chain and a reward per round
             lost = [r for r, d in srv["durable_before"].items()
                     if chk["rounds"].get(r, ("",))[0] != d[0]]
             lost += [r for r, d in srv["api_rounds_before"].items()
@@ -497,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_restart_answer_s": chaos["server"]["t_answer_s"],
         "rounds_lost": len(chaos["rounds_lost"]),
         "updates_double_counted": chk["double"],
+        "ledger_verified": chk["ledger"]["verified"],
         "duplicates_recognised": chaos["server"]["duplicates_before"] + run["duplicates"],
         "rounds_below_quorum": len(chk["below_quorum"]),
         "rounds_contiguous": chk["contiguous"],
@@ -513,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["passed"] = bool(
         figures["node_rejoin_s"] < 3 and figures["server_restart_recovery_s"] < 5
         and figures["rounds_lost"] == 0 and figures["updates_double_counted"] == 0
+        and figures["ledger_verified"]
         and gap is not None and gap <= 0.03)
     print(f"node rejoin {figures['node_rejoin_each_s']} s (target < 3 s; worker killed while "
           f"training, its supervisor restarts it); {figures['node_rejoin_after_submit_s']} s "
@@ -521,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
           f"server restart -> "
           f"next commit {figures['server_restart_recovery_s']} s (target < 5 s); rounds lost "
           f"{figures['rounds_lost']}; double counted {figures['updates_double_counted']}; "
+          f"ledger verified {figures['ledger_verified']}; "
           f"final loss {final:.4f} vs clean {clean_final} (gap {figures['final_loss_gap']}, "
           f"target <= 0.03); wall {wall:.1f} s")
     emit(figures)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import api, browser_assets, browser_data, ws
+from server import api, browser_assets, browser_data, ledger_api, ws
 from server.coordinator import Coordinator
 from server.keys import COORDINATOR, RUN
 from server.runstate import RunState
@@ -22,6 +22,7 @@ def make_app(run: RunState) -> web.Application:
     app[RUN] = run
     app[COORDINATOR] = Coordinator(run)
     app.add_routes(api.routes)
+    app.add_routes(ledger_api.routes)  # /api/ledger... (server/ledger_api.py)
     app.add_routes(ws.routes)
     ws.setup(app)  # rate limits (server/ws.py)
     app.add_routes(browser_assets.routes)  # before /static/: the browser node's assets

@@ -19,7 +19,10 @@ from shared.messages import RESULT_CODECS
 from shared.p2p import COORDINATE_RULES
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
-                        "n_shards", "seed"})
+                        "n_shards", "seed", "ledger_reward_per_round", "ledger_faucet",
+                        "ledger_min_stake", "ledger_pow_bits", "ledger_slash"})
+LEDGER_INTS = ("ledger_reward_per_round", "ledger_faucet", "ledger_min_stake",
+               "ledger_pow_bits", "ledger_slash")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +69,12 @@ class RunConfig:
     max_staleness: int = 1  # "weight": oldest round (current - this) still applied
     keep_checkpoints: int = 10  # newest checkpoints kept on disk
     max_frame_mb: float = 64.0  # largest frame accepted on the control channel
+    # the ledger (docs/ledger.md); fixed for the run by its genesis entry
+    ledger_reward_per_round: int = 1000  # units minted per committed round, split by samples
+    ledger_faucet: int = 0  # units a new identity may claim once (demos; 0: no faucet)
+    ledger_min_stake: int = 0  # stake an identity needs to be admitted (0: open admission)
+    ledger_pow_bits: int = 0  # leading zero bits of the proof of work a faucet claim needs
+    ledger_slash: int = 100  # units a slash takes (stake first, then balance; at most held)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -113,6 +122,8 @@ class RunConfig:
             (self.validation_threshold >= 0, "validation_threshold", "must be >= 0"),
             (self.validation_samples >= 1, "validation_samples", "must be >= 1"),
             (self.validation_timeout_s > 0, "validation_timeout_s", "must be > 0"),
+            *[(getattr(self, k) >= 0, k, "must be >= 0") for k in LEDGER_INTS],
+            (self.ledger_pow_bits <= 32, "ledger_pow_bits", "must be <= 32"),
         ]
         for ok, key, what in checks:
             if not ok:

@@ -35,15 +35,17 @@ from server.auth import authenticate
 from server.collection import RoundCollection
 from server.config import RunConfig
 from server.evidence import Evidence
+from server.ledger import apply_setting
 from server.outbox import Outbox
 from server.peers import Connection, Peer
 from server.reduction import choose_reduction
 from server.roundopen import RoundOpener
 from server.rtc import RtcHub, RtcSettings
 from server.runstate import RunState
+from server.slashing import Slashing
 from server.validation import Validation
 from shared.envelope import ReplayGuard
-from shared.errors import FrameTooLarge, ProtocolError
+from shared.errors import ConflictingUpdate, FrameTooLarge, NotAdmitted, ProtocolError
 from shared.frame import PROTOCOL_VERSION, decode_frame
 from shared.messages import (
     Ack,
@@ -58,7 +60,6 @@ from shared.messages import (
     Submit,
     Verdict,
     Welcome,
-    message_from_frame,
 )
 from shared.outer import OuterConfig, outer_step
 from shared.rounds import Decision, RoundPolicy, RoundState
@@ -85,6 +86,7 @@ class Coordinator:
         self.outbox = Outbox(run, self.counters)
         self.peers: dict[str, Peer] = self.outbox.peers
         self.evidence = Evidence(run.store)
+        self.slashing = self._wire_ledger()
         self.reduction = choose_reduction(run, self.outbox, self.evidence, self.counters)
         self.collection = RoundCollection(self.config, run.n_params, self.reduction,
                                           self.counters)
@@ -157,9 +159,11 @@ class Coordinator:
             self.replays.check_and_remember(node_id, nonce)
             if frame.msg_type == Hello.TYPE:
                 conn.public_key = key
-            msg = message_from_frame(frame, max_payload=self.max_payload)
+            msg = self.slashing.decode(frame, data, node_id, key, self.max_payload)
             await self._dispatch(conn, msg)
         except ProtocolError as err:
+            if isinstance(err, ConflictingUpdate) and conn.peer is not None:
+                self.slashing.conflict(conn.peer.node_id, round_)
             await self.reject(conn, err, round_)
         except Exception:  # a bug, not the peer's fault: keep serving, say so, count it
             log.exception("internal error handling a frame from %s", conn.remote)
@@ -186,6 +190,9 @@ class Coordinator:
         log.warning("rejected %s from %s: %s", err.code, conn.remote, err.message)
 
     async def _on_hello(self, conn: Connection, msg: Hello) -> None:
+        if not self.run.ledger.admits(msg.node_id):  # the socket refuses these before us
+            raise NotAdmitted(f"this run admits identities with at least "
+                              f"{self.config.ledger_min_stake} stake", field="node_id")
         transport = self.reduction.on_join(msg)  # may refuse the node
         old = self.peers.get(msg.node_id)
         if old is not None and old.ws is not None:
@@ -225,6 +232,19 @@ class Coordinator:
         outcome = self.collection.take(conn.peer, msg)
         await self.send(conn, Ack(round=msg.round, digest=msg.digest, status=outcome.value))
         self._wake.set()
+
+    def _wire_ledger(self) -> Slashing:
+        """Slashing on the node's own signed frames; passed proposals change the config at
+        the next round boundary (server.ledger)."""
+        slashing = Slashing(self.run.ledger)
+        self.evidence.listeners.append(slashing.on_evidence)
+
+        def on_config(key: str, value: Any) -> None:
+            apply_setting(self.config, key, value)
+            self.run.store.update_config(self.config.to_dict())
+
+        self.run.ledger.on_config.append(on_config)
+        return slashing
 
     def disconnect(self, conn: Connection) -> None:
         peer = conn.peer
@@ -276,7 +296,6 @@ class Coordinator:
 
     async def _run_rounds(self) -> None:
         loop = asyncio.get_running_loop()
-        policy = RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s)
         # after a restart, the round that was interrupted waits up to resume_grace_s for the
         # nodes of the last committed round to reconnect and resubmit (they back off)
         expect: set[str] = set()
@@ -284,6 +303,8 @@ class Coordinator:
             expect = set(self.run.store.update_keys(self.run.version - 1))
         grace_until = loop.time() + self.config.resume_grace_s
         while not self._done():
+            # per round: a passed proposal may have changed quorum or deadline_s
+            policy = RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s)
             state = RoundState(round=self.run.version, policy=policy, opened_at=loop.time())
             self.collection.open(state)
             self.replays.clear()  # older rounds are refused by number; hellos by challenge

@@ -8,6 +8,7 @@ ledger slashes on these rows. Writing one never stops the server from serving.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from server.store import Store
 
@@ -17,6 +18,9 @@ log = logging.getLogger("server.coordinator")
 class Evidence:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # called with every record's arguments (server.slashing reads validation rejections)
+        self.listeners: list[Callable[[int | None, str, str | None, str, str, list[str]],
+                                      None]] = []
 
     def record(self, round_: int | None, node_id: str, digest: str | None, code: str,
                reason: str, validators: list[str]) -> None:
@@ -26,3 +30,5 @@ class Evidence:
                                         code=code, reason=reason, validators=validators)
         except Exception:  # the record is evidence, not a reason to stop serving
             log.exception("could not record a rejection of %s", node_id[:12])
+        for listener in self.listeners:
+            listener(round_, node_id, digest, code, reason, validators)

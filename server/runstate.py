@@ -17,6 +17,7 @@ from ml.data import DataSpec
 from ml.workload import Workload, from_spec, initial_params, resolve
 from ml.zoo import evaluate, load_flat
 from server.config import RunConfig
+from server.ledger import LedgerBook
 from server.store import Store, UpdateRow
 from shared.downlink import encode_changes
 from shared.envelope import Identity
@@ -45,11 +46,13 @@ class RunState:
     params_changes: bytes | None = None  # params vs the previous ones (shared.downlink)
     _eval_lock: threading.Lock = field(default_factory=threading.Lock)
     _eval_model: torch.nn.Module | None = None
+    ledger: LedgerBook = field(init=False)  # stake, rewards, slashes (server.ledger)
 
     def __post_init__(self) -> None:
         self.params_bytes = to_bytes(self.params)
         if self.identity is None:
             self.identity = load_or_create_identity(self.store.dir, "server.key")
+        self.ledger = open_ledger(self)
 
     @property
     def n_params(self) -> int:
@@ -134,3 +137,11 @@ def open_run(data_dir: str | Path, overrides: dict[str, Any],
 def _stored_workload(store: Store) -> tuple[dict[str, Any], DataSpec]:
     meta = store.load_workload()
     return meta["model"], DataSpec.from_dict(meta["data"])
+
+
+def open_ledger(state: RunState) -> LedgerBook:
+    """The run's ledger, its round entries committed with each round (Store.round_ledger)."""
+    assert state.identity is not None
+    book = LedgerBook(state.store, state.identity, state.run_id, state.config)
+    state.store.round_ledger = book
+    return book

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from safetensors import safe_open
@@ -75,8 +75,25 @@ CREATE TABLE IF NOT EXISTS rejection_counts (
     PRIMARY KEY (node_id, code));
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, runtime TEXT NOT NULL,
-    first_seen REAL NOT NULL);
+    first_seen REAL NOT NULL);CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, round INTEGER,
+    entry TEXT NOT NULL, sig TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_evidence (hash TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
+
+
+class LedgerAppend(Protocol):
+    """Signed ledger rows to insert in one transaction (server.ledger.LedgerBatch)."""
+
+    rows: list[tuple[int, str, str, int | None, str, str]]  # seq, hash, kind, round, entry, sig
+    blobs: dict[str, bytes]  # evidence frames by SHA-256 hex
+
+
+class RoundLedger(Protocol):
+    """What commit_round asks for the round's ledger entries (server.ledger.LedgerBook)."""
+
+    def round_batch(self, round_: int, rows: list[UpdateRow]) -> Any: ...
+    def done(self, batch: Any) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +162,8 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        # the ledger whose round entries commit_round inserts in the round's transaction
+        self.round_ledger: RoundLedger | None = None
 
     def close(self) -> None:
         with self.lock:  # never under a commit running in an executor thread (a segfault)
@@ -265,6 +284,12 @@ class Store:
                                 [(round_, u.node_id, u.digest, sql_int(u.bytes),
                                   finite_or_none(u.train_loss), sql_int(u.samples),
                                   finite_or_none(u.compute_s) or 0.0) for u in updates])
+            batch = None
+            if self.round_ledger is not None:  # the round's ledger entries, same transaction
+                batch = self.round_ledger.round_batch(round_, updates)
+                self._insert_ledger(batch)
+        if batch is not None and self.round_ledger is not None:
+            self.round_ledger.done(batch)
         self._prune(keep)
         return ckpt
 
@@ -365,3 +390,27 @@ class Store:
             self.db.execute("INSERT INTO nodes VALUES (?,?,?,?)",
                             (node_id, shard, runtime, time.time()))
         return shard
+
+    # -- ledger (server.ledger: signed, hash-chained entries) ----------------------------
+    def _insert_ledger(self, batch: LedgerAppend) -> None:
+        self.db.executemany("INSERT INTO ledger VALUES (?,?,?,?,?,?)", batch.rows)
+        self.db.executemany("INSERT INTO ledger_evidence VALUES (?,?) ON CONFLICT (hash) "
+                            "DO NOTHING", [(h, d.hex()) for h, d in batch.blobs.items()])
+
+    @_locked
+    def append_ledger(self, batch: LedgerAppend) -> None:
+        """Entries that belong to no round (genesis, requests), in their own transaction."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self._insert_ledger(batch)
+
+    @_locked
+    def ledger_records(self) -> list[dict[str, Any]]:
+        """Every entry in seq order: {entry, hash, sig}."""
+        return [{"entry": json.loads(entry), "hash": h, "sig": sig} for entry, h, sig in
+                self.db.execute("SELECT entry, hash, sig FROM ledger ORDER BY seq")]
+
+    @_locked
+    def ledger_blobs(self) -> dict[str, bytes]:
+        return {h: bytes.fromhex(d) for h, d in
+                self.db.execute("SELECT hash, data FROM ledger_evidence")}

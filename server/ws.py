@@ -26,7 +26,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from server.auth import authenticate
 from server.keys import COORDINATOR
 from server.peers import Connection
-from shared.errors import ERROR_CODES, FrameError, ProtocolError
+from shared.errors import ERROR_CODES, FrameError, NotAdmitted, ProtocolError
 from shared.frame import PROTOCOL_VERSION, decode_frame
 from shared.messages import MESSAGE_TYPES, Challenge, Error, Hello, message_from_frame
 
@@ -159,9 +159,12 @@ def _pre_hello_check(coord: Any, conn: Connection, data: bytes) -> ProtocolError
         frame = decode_frame(data, max_payload=coord.max_payload)
         authenticate(frame, run_id=coord.run.run_id, challenge=conn.challenge, peer_id=None,
                      peer_key=b"")
-        message_from_frame(frame, max_payload=coord.max_payload)
+        msg = message_from_frame(frame, max_payload=coord.max_payload)
     except ProtocolError as err:
         return err
+    if isinstance(msg, Hello) and not coord.run.ledger.admits(msg.node_id):
+        return NotAdmitted("this run admits staked identities only (docs/ledger.md)",
+                           field="node_id")
     return None
 
 

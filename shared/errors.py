@@ -102,6 +102,13 @@ class StaleUpdate(WrongRound):
     code = "stale_update"
 
 
+class NotAdmitted(ProtocolError):
+    """The run admits only identities with stake on its ledger (ledger_min_stake), and
+    this one has too little (docs/ledger.md: faucet, stake)."""
+
+    code = "not_admitted"
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -119,5 +126,6 @@ ERROR_CODES: tuple[str, ...] = tuple(
         Replay,
         UpdateRejected,
         StaleUpdate,
+        NotAdmitted,
     )
 )
