@@ -97,6 +97,14 @@ MAX_MESSAGE = 512 * 1024 * 1024
 JOURNAL_VERSION = 1
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    """The round a trainer works on (not its RoundOpen: that holds a params copy)."""
+
+    round: int  # the protocol's field name
+    params_digest: str  # theta_r the trainer started from
+
+
 class Resolver(Protocol):
     """RoundOpen + the params we hold (and their digest) -> this round's params; BadUpdate
     when they cannot be had from what we hold (then the participant asks for a reconnect)."""
@@ -123,7 +131,7 @@ class Participant:
         self.layout: tuple[TensorSlot, ...] | None = None  # from the ONNX manifest
         self.held: Any = None  # params of the last RoundOpen (base of a params delta)
         self.held_digest: str | None = None
-        self.training: RoundOpen | None = None  # the round our trainer is working on
+        self.training: Job | None = None  # the round our trainer is working on
         self.residual: Any = None  # error feedback: what the codec dropped last time
         self.momentum: Any = None  # worker momentum of past deltas (Welcome.worker_momentum)
         self.codec_state: Any = None  # a stateful codec's warm start (PowerSGD's Q)
@@ -267,7 +275,7 @@ class Participant:
                 and self.training.params_digest == msg.params_digest:
             return []  # a retry of the round we are already training
         events = self._stop_training()
-        self.training = msg
+        self.training = Job(round=msg.round, params_digest=msg.params_digest)
         events.append({"kind": "train", "round": msg.round, "attempt": msg.attempt,
                        "params": to_bytes(theta), "params_digest": msg.params_digest,
                        "steps": msg.inner_steps, "lr": msg.inner_lr,
@@ -388,7 +396,7 @@ class Participant:
         self.counts["submitted"] += 1
         return [{"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
 
-    def _ready(self, job: RoundOpen, delta_bytes: bytes, train_loss: float | None,
+    def _ready(self, job: Job, delta_bytes: bytes, train_loss: float | None,
                samples: int, compute_s: float) -> list[Event]:
         """`p2p` runs: keep the raw update for the shard owners, tell the server it is ready."""
         assert self.welcome is not None
