@@ -154,6 +154,8 @@ function setOnline(ok) {
 
 function render(roundsChanged) {
   renderHeader();
+  renderWaiting();
+  renderFinishedBanner();
   renderTiles();
   renderPeers();
   const run = state.run;
@@ -213,7 +215,10 @@ function renderTiles() {
   const run = state.run;
   const cfg = run.config || {};
 
-  setText("t-rounds", String(run.committed_rounds ?? "–"));
+  // the chart and the tile count the same rounds: whichever of /api/run and /api/rounds is newer
+  const committed = typeof run.committed_rounds === "number"
+    ? Math.max(run.committed_rounds, state.rounds.length) : null;
+  setText("t-rounds", String(committed ?? "–"));
   const target = typeof cfg.rounds === "number" && cfg.rounds > 0 ? `of ${cfg.rounds}` : "no round limit";
   setText("t-rounds-sub", `${target} · ${fmtCount(run.accepted ?? 0)} updates accepted`);
 
@@ -284,12 +289,51 @@ function renderPeers() {
       el("td", { title: p.connected ? "connected" : "disconnected" },
         el("span", { class: "dot-state" }), String(p.state ?? "–")),
       el("td", { title: typeof p.last_seen === "number" ? new Date(p.last_seen * 1000).toLocaleString() : null,
-        text: fmtAgo(p.last_seen) }),
+        text: p.connected ? "connected now" : fmtAgo(p.last_seen) }),
       el("td", { class: "num", text: String(p.updates_accepted ?? 0) }),
       el("td", { class: "num", text: String(p.rejected ?? 0) }),
       el("td", { class: "num", text: `${fmtBytes(p.bytes_up)} / ${fmtBytes(p.bytes_down)}` }),
     );
   }));
+}
+
+// ------------------------------------------------- who the round waits for (issue 23)
+
+const SHORT = (id) => String(id ?? "").slice(0, 8);
+
+/** The header's "waiting for" line: the connected trainers that have not sent this round's
+ * update (the server waits for them until the deadline), or why nothing is waited for. */
+function renderWaiting() {
+  const run = state.run;
+  const box = $("waiting");
+  if (run.status === "finished") { setText("waiting", ""); return; }
+  const trainers = state.peers.filter((p) => p.connected && (p.role ?? "trainer") === "trainer");
+  const pending = trainers.filter((p) => p.state !== "submitted");
+  const quorum = run.config?.quorum ?? 1;
+  const have = run.updates_in_round ?? 0;
+  let msg;
+  if (run.status !== "collecting") msg = "";
+  else if (!trainers.length) msg = `round ${run.round}: waiting for a trainer to connect (quorum ${quorum})`;
+  else if (!pending.length) msg = `round ${run.round}: every connected trainer has sent its update; committing`;
+  else {
+    const who = pending.slice(0, 4).map((p) => `${SHORT(p.node_id)} (${p.runtime ?? "?"}, ${p.state ?? "?"})`);
+    const more = pending.length > 4 ? ` and ${pending.length - 4} more` : "";
+    const q = have >= quorum ? "quorum reached; " : `${have} of ${quorum} updates for quorum; `;
+    msg = `round ${run.round}: ${q}waiting for ${pending.length} of ${trainers.length} trainer${trainers.length === 1 ? "" : "s"}: `
+      + `${who.join(", ")}${more}`;
+  }
+  if (box.textContent !== msg) box.textContent = msg;
+}
+
+/** A finished run says so in the header, with the final model. */
+function renderFinishedBanner() {
+  const run = state.run;
+  const done = run.status === "finished";
+  $("finished-banner").hidden = !done;
+  if (done) {
+    setText("finished-text", `This run is finished: ${run.committed_rounds} rounds committed, eval loss `
+      + `${fmtLoss(run.eval_loss)}. Nodes no longer train.`);
+  }
 }
 
 // ---------------------------------------------------------------- chart

@@ -18,6 +18,7 @@ import pytest
 
 from bench.browser import fetch
 from e2e.conftest import CHROMIUM, CHROMIUM_ARGS, Tab, wait_until
+from server.browser_data import parse_body
 
 LM_RUN = {"model": "gpt-tiny", "inner_steps": 8, "batch_size": 16, "deadline_s": 120.0,
           "codec": "topk", "codec_params": {"fraction": 0.05}, "delta_downlink": True}
@@ -117,7 +118,8 @@ def test_a_reloaded_tab_keeps_its_identity_and_does_not_double_submit(
 def test_own_data_trains_and_never_leaves_the_tab(make_server: Any, open_tab: Any,
                                                   tmp_path: Path) -> None:
     """A local text file becomes the tab's training data; no request and no WebSocket frame
-    carries it (nor any 40-byte piece of it). Pause stops the training; Resume goes on."""
+    carries it (nor any 40-byte piece of it). Pause stops the training; Resume goes on (at once:
+    no other trainer would move the run on)."""
     server = make_server({**LM_RUN, "quorum": 1, "rounds": 0})  # runs until the test ends
     sent: list[bytes] = []
 
@@ -130,7 +132,10 @@ def test_own_data_trains_and_never_leaves_the_tab(make_server: Any, open_tab: An
     tab = open_tab(f"{server.url}/?backend=wasm", "own-data", before_load=listen)
     tab.wait("s.rows > 0 && s.round !== null", timeout_s=120)
     symbols = tab.page.evaluate("() => window.daaNode.vocab")
-    secret = "".join(symbols[(i * 7 + i // 5) % len(symbols)] for i in range(3000))
+    # text that fits the run (its own language, from validation rows): the tab checks files
+    meta, xb, _ = parse_body(fetch(f"{server.url}/data/val?samples=48")[0])
+    ids = np.frombuffer(xb, dtype="<i4").reshape(meta["rows"], meta["x_cols"])
+    secret = "".join(symbols[int(i)] for i in ids.reshape(-1))
     path = tmp_path / "mine.txt"
     path.write_text(secret, encoding="utf-8")
     tab.page.set_input_files("#node-file", str(path))

@@ -20,10 +20,12 @@ def human_bytes(n: float) -> str:
 
 
 def round_line(rec: dict[str, Any]) -> str:
-    """One line per committed round: round, eval loss, entropy floor, bytes moved."""
+    """One line per committed round: round (and how many are committed, the chart's x),
+    eval loss, entropy floor, bytes moved."""
     loss = rec.get("eval_loss")
     floor = rec.get("entropy_floor")
-    parts = [f"round {rec['round']:>4}",
+    # rounds count from 0; the page's chart counts commits from 1: say both
+    parts = [f"round {rec['round']:>4} ({rec['round'] + 1} committed)",
              f"eval loss {loss:.4f}" if loss is not None else "eval loss n/a",
              f"floor {floor:.4f}" if floor is not None else "floor n/a",
              f"updates {rec['n_updates']}",

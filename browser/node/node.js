@@ -12,12 +12,13 @@ import { loadOrCreateIdentity } from './identity.js';
 import { initZstd } from './zstd.js';
 import { decodeUpdate } from './codecs.js';
 import { StarUplink } from './rtc.js';
-import { generateText, softmax, textWindows } from './local_model.js';
+import { generateText, softmax, textWindows, bigramReference, fitCheck, describeData } from './local_model.js';
 import { fetchArrays } from './data.js';
 
 const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
 const BACKOFF_MAX_MS = 10000;
+const GRAPHS_RETRY_MS = 2000;  // the server's graphs are not exported yet: ask again
 
 /** 'webgpu' when navigator.gpu gives an adapter (or when forced), else 'wasm'. */
 export async function pickBackend(requested = 'auto') {
@@ -64,6 +65,7 @@ export class BrowserNode extends EventTarget {
       rejections: [], evalLoss: [], entropyFloor: null, stepLoss: null, stepsDone: 0, stepsTotal: 0, totalSteps: 0,
       samplesPerS: null, paused: false, rows: null, dataSource: 'server', errors: [], timings: {},
       firstAcceptedMs: null, consoleErrors: 0, role, judged: 0, lastVerdict: null, transport: null,
+      learns: null, ownDataCheck: null, ownDataNote: null, stoppedAt: null,
     };
     this.t0 = performance.now();
   }
@@ -81,7 +83,10 @@ export class BrowserNode extends EventTarget {
   // -- start-up ---------------------------------------------------------------------------
   async start() {
     const { backend, notes } = await pickBackend(this.requestedBackend);
-    this.set({ backend, notes, state: 'loading Python' });
+    this.set({ backend, notes, state: 'loading Python and the model' });
+    // The graphs load in the worker while Pyodide loads here; the tab connects (and so counts
+    // toward a round) only once it can train: an unready tab never holds a round.
+    this.modelReady = this.prepareModel();
     const [shared, ident] = await Promise.all([
       loadShared(), loadOrCreateIdentity(`${this.prefix}node`), initZstd()]);
     this.py = shared.pyodide;
@@ -92,6 +97,7 @@ export class BrowserNode extends EventTarget {
       make: this.py.globals.get('make_participant'), feed: this.py.globals.get('feed'),
       submit: this.py.globals.get('submit'), setLayout: this.py.globals.get('set_layout'),
       verdict: this.py.globals.get('verdict'), signal: this.py.globals.get('signal'),
+      stopped: this.py.globals.get('training_stopped'),
     };
     const pinsKey = `${this.prefix}${PINS_KEY}`;
     this.part = this.glue.make(ident.publicKey, ident.secretKey, storageGet(pinsKey) || '{}',
@@ -99,12 +105,52 @@ export class BrowserNode extends EventTarget {
     const journal = storageGet(`${this.prefix}${JOURNAL_KEY}`);
     if (journal && this.part.restore(journal)) this.log('an update trained before the reload is kept for resubmission');
     this.set({ nodeId: ident.nodeId, timings: { ...this.stats.timings, python_ms: performance.now() - this.t0 } });
+    await this.modelReady;
+    this.set({ state: 'connecting', timings: { ...this.stats.timings, ready_ms: performance.now() - this.t0 } });
     this.connect(0);
+  }
+
+  /** A finished run: no training, only the final model ("try the model", download). */
+  async startFinished() {
+    const { backend, notes } = await pickBackend(this.requestedBackend);
+    this.set({ backend, notes, state: 'loading the final model' });
+    this.modelReady = this.prepareModel();
+    await this.modelReady;
+    const cfg = this.manifest.model_config;
+    this.set({ task: cfg.task === 'classify' ? 'classify' : 'lm',
+      model: `${cfg.name} (${this.manifest.n_params.toLocaleString()} params)` });
+    this.finish();
+  }
+
+  /** The run's graphs in a fresh worker (no data yet). Retries while the server has not
+   * exported them; resolves once the worker can train. */
+  async prepareModel() {
+    const t0 = performance.now();
+    for (;;) {
+      const resp = await fetch('/model/onnx/manifest.json').catch(() => null);
+      if (resp && resp.ok) { this.manifest = await resp.json(); break; }
+      this.set({ state: 'waiting for the server to export the model' });
+      await new Promise((r) => setTimeout(r, GRAPHS_RETRY_MS));
+    }
+    this.worker?.terminate();
+    this.worker = new Worker(new URL('./train_worker.js', import.meta.url), { type: 'module' });
+    const ready = new Promise((resolve, reject) => {
+      this.worker.onmessage = (ev) => {
+        if (ev.data.type === 'ready') resolve(ev.data);
+        else if (ev.data.type === 'error') reject(new Error(ev.data.message));
+      };
+    });
+    this.worker.postMessage({ type: 'init', backend: this.stats.backend,
+      graphs: { train: '/model/onnx/train_step.onnx', infer: '/model/onnx/infer.onnx' } });
+    const info = await ready;
+    this.worker.onmessage = (ev) => this.onWorker(ev.data);
+    this.workerGraphs = this.manifest.model_id;
+    this.set({ threads: info.threads, timings: { ...this.stats.timings, graphs_ms: performance.now() - t0 } });
   }
 
   // -- the control socket -----------------------------------------------------------------
   connect(attempt) {
-    if (this.stopped) return;
+    if (this.stopped || this.away) return;
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(`${proto}//${location.host}/ws`);
     ws.binaryType = 'arraybuffer';
@@ -125,7 +171,7 @@ export class BrowserNode extends EventTarget {
     ws.onclose = () => {
       if (this.ws !== ws) return;
       this.ws = null;
-      if (this.stopped) return;
+      if (this.stopped || this.away) return;
       const delay = Math.min(BACKOFF_MAX_MS, 250 * 2 ** attempt) * (0.8 + 0.4 * Math.random());
       this.set({ state: `reconnecting in ${(delay / 1000).toFixed(1)} s` });
       setTimeout(() => this.connect(attempt + 1), delay);
@@ -215,36 +261,31 @@ export class BrowserNode extends EventTarget {
     this.welcome = w;
     this.startUplink(w);
     const model = w.model;
-    this.set({ state: 'preparing the model', runId: w.run_id, model: `${model.name} (${w.n_params.toLocaleString()} params)`,
+    this.set({ runId: w.run_id, model: `${model.name} (${w.n_params.toLocaleString()} params)`,
       task: w.data.kind === 'digits' ? 'classify' : 'lm' });
     if (this.workerModel === w.model_id) return;
-    let readyNow;
-    this.workerReady = new Promise((resolve) => { readyNow = resolve; });
+    if (this.workerGraphs !== w.model_id) {  // the server moved to another model: reload
+      this.ws?.close();
+      this.modelReady = this.prepareModel();
+      await this.modelReady;
+      return;  // the socket reconnects
+    }
+    // the graphs' layout must hash, with the run's model config, to the run's model id
+    this.glue.setLayout(this.part, JSON.stringify(this.manifest.layout));
+    this.set({ state: 'fetching data' });
     const t0 = performance.now();
-    const manifest = await (await fetch('/model/onnx/manifest.json')).json();
-    this.glue.setLayout(this.part, JSON.stringify(manifest.layout));
     const validator = this.role === 'validator';
     const data = validator ? null : await this.fetchShard(w.shard, w.n_shards);
     const val = validator ? await this.fetchData('/data/val?samples=512') : null;
-    this.worker?.terminate();
-    this.worker = new Worker(new URL('./train_worker.js', import.meta.url), { type: 'module' });
-    const ready = new Promise((resolve, reject) => {
-      this.worker.onmessage = (ev) => {
-        if (ev.data.type === 'ready') resolve(ev.data);
-        else if (ev.data.type === 'error') reject(new Error(ev.data.message));
-      };
-    });
-    const seed = parseInt(w.node_id.slice(0, 8), 16);
     const payload = data || val;
-    this.worker.postMessage({ type: 'init', backend: this.stats.backend, seed, data, val,
-      graphs: { train: '/model/onnx/train_step.onnx', infer: '/model/onnx/infer.onnx' } },
-    [payload.x, payload.y]);
-    const info = await ready;
-    this.worker.onmessage = (ev) => this.onWorker(ev.data);
+    if (!validator) this.reference = bigramReference(data, this.vocab);
+    this.set({ learns: describeData(w.data, payload, this.vocab) });
+    const seed = parseInt(w.node_id.slice(0, 8), 16);
+    this.worker.postMessage({ type: validator ? 'val' : 'data', source: 'server', seed, data: payload },
+      [payload.x, payload.y]);
     this.workerModel = w.model_id;
-    readyNow();
-    if (this.ownText) await this.useOwnText(this.ownText);
-    this.set({ threads: info.threads, rows: payload.meta.rows,
+    if (this.ownText) await this.useOwnText(this.ownText).catch((err) => this.set({ ownDataNote: `your file: ${err.message || err}` }));
+    this.set({ rows: payload.meta.rows,
       dataSource: validator ? 'validation rows from the server' : this.stats.dataSource,
       timings: { ...this.stats.timings, model_ms: performance.now() - t0 } });
     if (this.queued) { const q = this.queued; this.queued = null; this.onTrain(q); }
@@ -254,7 +295,7 @@ export class BrowserNode extends EventTarget {
   async fetchData(url) {
     const data = await fetchArrays(url);
     this.vocab = data.meta.vocab || null;
-    this.context = this.welcome.model.context || null;
+    this.context = this.welcome?.model.context ?? this.manifest?.model_config.context ?? null;
     this.set({ entropyFloor: data.meta.entropy_floor ?? null });
     return data;
   }
@@ -263,7 +304,7 @@ export class BrowserNode extends EventTarget {
 
   /** Validator: held-out loss of theta_r and of theta_r - Delta_i for every candidate. */
   async onValidate(e) {
-    await this.workerReady;  // a request can arrive while the graphs are still loading
+    await this.modelReady;  // the worker's graphs are loaded before the tab connects
     const theta = new Float32Array(e.params.slice().buffer);
     this.params = theta;
     this.set({ state: `scoring ${e.candidates.length} candidates of round ${e.round}` });
@@ -302,8 +343,10 @@ export class BrowserNode extends EventTarget {
     this.params = new Float32Array(e.params.buffer.slice(e.params.byteOffset, e.params.byteOffset + e.params.byteLength));
     this.set({ round: e.round, version: e.params_digest.slice(0, 12) });
     if (this.workerModel !== this.welcome?.model_id) { this.queued = e; return; }
+    if (this.stats.paused) { this.glue.stopped(this.part, e.round); return; }
     const params = this.params.slice();
     this.trainStart = performance.now();
+    this.trainingRound = e.round;
     this.set({ state: `training round ${e.round}`, stepsDone: 0, stepsTotal: e.steps });
     this.worker.postMessage({ type: 'round', round: e.round, params: params.buffer, steps: e.steps,
       lr: e.lr, batchSize: e.batch_size }, [params.buffer]);
@@ -313,6 +356,11 @@ export class BrowserNode extends EventTarget {
     if (m.type === 'step') {
       this.set({ stepsDone: m.step, stepLoss: m.loss, totalSteps: this.stats.totalSteps + 1 });
     } else if (m.type === 'done') {
+      this.trainingRound = null;
+      if (this.stats.paused) {  // finished just as Pause was pressed: the round is given up
+        this.glue.stopped(this.part, m.round);
+        return;
+      }
       const wall = (performance.now() - this.trainStart) / 1000;
       let events;
       try {
@@ -327,7 +375,11 @@ export class BrowserNode extends EventTarget {
       this.set({ contributed: this.stats.contributed + (sent ? 1 : 0), samplesPerS: m.samples / wall,
         state: sent ? `submitted round ${m.round}` : this.stats.state });
     } else if (m.type === 'cancelled') {
-      this.log(`round ${m.round}: training stopped after ${m.steps} steps (the round moved on)`);
+      this.trainingRound = null;
+      this.glue.stopped(this.part, m.round);
+      const why = this.stats.paused ? 'paused: nothing is sent for this round' : 'the round moved on';
+      this.log(`round ${m.round}: training stopped after ${m.steps} steps (${why})`);
+      this.set({ stoppedAt: { round: m.round, steps: m.steps, paused: this.stats.paused } });
     } else if (m.type === 'score') {
       const resolve = this.pendingInfer.get(m.id);
       this.pendingInfer.delete(m.id);
@@ -345,12 +397,54 @@ export class BrowserNode extends EventTarget {
     const evalLoss = e.eval_loss === null || e.eval_loss === undefined ? this.stats.evalLoss
       : [...this.stats.evalLoss, [e.round, e.eval_loss]];
     this.set({ evalLoss });
-    if (e.final) { this.stopped = true; this.set({ state: 'the run is finished' }); this.ws?.close(); }
+    if (e.final) this.finish();
   }
 
   // -- controls ---------------------------------------------------------------------------
-  pause() { this.worker?.postMessage({ type: 'pause' }); this.set({ paused: true }); }
-  resume() { this.worker?.postMessage({ type: 'resume' }); this.set({ paused: false }); }
+  /** Stop between two inner steps and give up the round: nothing is sent for it. The tab
+   * leaves (closes its socket), so the server does not wait for it; Resume rejoins at the
+   * next round. */
+  pause() {
+    if (this.stats.paused || this.stopped) return;
+    const round = this.trainingRound ?? this.stats.round;
+    this.givenUp = round;
+    this.set({ paused: true, state: 'paused' });
+    if (this.trainingRound !== null && this.trainingRound !== undefined) {
+      this.worker?.postMessage({ type: 'cancel', round: this.trainingRound });
+    }
+    this.away = true;
+    this.ws?.close();
+  }
+
+  /** Rejoin once the server has moved past the round given up at Pause, or at once when no
+   * other trainer is connected (nobody else would move the run on; the round then starts
+   * afresh here: nothing trained before the pause is sent). */
+  async resume() {
+    if (!this.stats.paused || this.stopped) return;
+    this.set({ paused: false, state: 'rejoining at the next round' });
+    const token = {};
+    this.resuming = token;
+    for (;;) {
+      const run = await fetch('/api/run', { cache: 'no-store' }).then((r) => r.json()).catch(() => null);
+      if (this.resuming !== token || this.stats.paused) return;
+      if (run && run.status === 'finished') { this.finish(); return; }
+      if (run && (this.givenUp === null || this.givenUp === undefined || run.round > this.givenUp
+        || !run.peers_connected)) break;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    this.away = false;
+    this.connect(0);
+  }
+
+  /** The run committed its last round: no more training; the final model stays usable. */
+  finish() {
+    this.stopped = true;
+    this.finished = true;
+    this.params = null;  // "try the model" loads the final params
+    this.set({ state: 'the run is finished', paused: false, stepsDone: 0, stepsTotal: 0 });
+    this.ws?.close();
+  }
+
   stop() {
     this.stopped = true;
     this.worker?.terminate();
@@ -359,20 +453,38 @@ export class BrowserNode extends EventTarget {
     this.set({ state: 'stopped' });
   }
 
-  /** Train on a local text file from now on. It is read here and never leaves the tab. */
+  /** Train on a local text file from now on, if it fits what the run learns: a file whose
+   * characters or statistics do not is refused with the reason. It never leaves the tab. */
   async useOwnText(file) {
-    if (this.stats.task !== 'lm' || !this.vocab) throw new Error('this run trains a classifier: own text cannot be used');
-    this.ownText = file;
-    if (!this.worker || this.workerModel !== this.welcome.model_id) return { rows: 0, pending: true };
+    if (this.stats.task === 'classify') throw new Error('this run trains a digit classifier: own text cannot be used');
+    if (!this.vocab || !this.reference) {
+      this.ownText = file;
+      return { rows: 0, pending: true };
+    }
+    this.set({ ownDataNote: null });
     const text = typeof file === 'string' ? file : await file.text();
+    const check = fitCheck(text, this.vocab, this.reference);
+    this.set({ ownDataCheck: check });
+    if (!check.ok) {
+      this.ownText = null;
+      const err = new Error(`not used: ${check.reason}`);
+      err.check = check;
+      throw err;
+    }
+    this.ownText = file;
     const { meta, x, y, skipped } = textWindows(text, this.vocab, this.context);
     this.worker.postMessage({ type: 'data', source: 'own', data: { meta, x: x.buffer, y: y.buffer } }, [x.buffer, y.buffer]);
     this.set({ dataSource: `your file (${meta.rows} windows, ${skipped} unknown characters skipped)`, rows: meta.rows });
-    return { rows: meta.rows, skipped };
+    return { rows: meta.rows, skipped, check };
   }
 
-  infer(x, dims, xType) {
-    if (!this.worker || !this.params) return Promise.reject(new Error('no model yet: wait for the first round'));
+  async infer(x, dims, xType) {
+    if (!this.worker || !this.workerGraphs) throw new Error('the model is still loading: try again in a few seconds');
+    if (!this.params) {  // a finished run, or no round seen yet: the latest committed params
+      const resp = await fetch('/model/params.bin', { cache: 'no-store' });
+      if (!resp.ok) throw new Error(`cannot load the model: HTTP ${resp.status}`);
+      this.params = new Float32Array(await resp.arrayBuffer());
+    }
     const id = Math.random().toString(36).slice(2);
     const params = this.params.slice();
     return new Promise((resolve) => {
@@ -382,10 +494,20 @@ export class BrowserNode extends EventTarget {
   }
 
   /** Continue `prompt` by `n` symbols with the latest global model (sampled, temperature). */
-  generate(prompt, n = 60, temperature = 0.8) {
-    if (!this.vocab) return Promise.reject(new Error('this run does not train a language model'));
+  async generate(prompt, n = 60, temperature = 0.8) {
+    if (this.stats.task === 'classify') throw new Error('this run trains a digit classifier: draw a digit instead');
+    if (!this.vocab) await this.loadVocab();
     return generateText((ids) => this.infer(ids, [1, ids.length], 'int64'), this.vocab, this.context,
       prompt, n, temperature);
+  }
+
+  /** The vocabulary without a shard (a finished run, or before the first Welcome). */
+  async loadVocab() {
+    if (!this.manifest) throw new Error('the model is still loading: try again in a few seconds');
+    const data = await fetchArrays('/data/val?samples=1');
+    this.vocab = data.meta.vocab || null;
+    this.context = this.manifest.model_config.context || null;
+    if (!this.vocab) throw new Error('this run trains a digit classifier: draw a digit instead');
   }
 
   /** Class probabilities for one input row (mlp-digits: 64 pixel values in [0, 1]). */

@@ -50,6 +50,11 @@ def signal(p: Participant, kind: str, data: str) -> object:
     return _js(p.signal(str(kind), str(data)))
 
 
+def training_stopped(p: Participant, round_: int) -> None:
+    """The worker stopped `round_` without a result (Pause, or the round moved on)."""
+    p.training_stopped(int(round_))
+
+
 def set_layout(p: Participant, layout_json: str) -> None:
     p.set_layout(json.loads(layout_json))
 

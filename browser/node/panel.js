@@ -21,7 +21,6 @@ function render(s) {
   text('node-id', s.nodeId ? s.nodeId.slice(0, 16) : '–');
   text('node-version', s.round === null ? '–' : `round ${s.round} · ${s.version}`);
   const validator = s.role === 'validator';
-  text('node-title', validator ? 'This tab is validating' : 'This tab is training');
   text('node-contributed-label', validator ? 'Candidates judged' : 'Rounds contributed');
   text('node-contributed', String(validator ? s.judged : s.contributed));
   text('node-acks', `${s.accepted} / ${s.rejected}`);
@@ -40,11 +39,46 @@ function render(s) {
     rej.replaceChildren(...s.rejections.map((r) => Object.assign(document.createElement('li'),
       { textContent: `round ${r.round}: ${r.code}: ${r.message}` })));
   }
-  $('node-toggle').disabled = s.state === 'stopped' || s.state === 'the run is finished';
-  $('node-toggle').textContent = s.paused ? 'Resume' : 'Pause';
+  const finished = s.state === 'the run is finished';
+  const toggle = $('node-toggle');
+  toggle.disabled = s.state === 'stopped' || finished;
+  toggle.hidden = finished;
+  toggle.textContent = s.paused ? 'Resume' : 'Pause';
+  toggle.setAttribute('aria-pressed', String(!!s.paused));
   $('try-lm').hidden = s.task !== 'lm';
   $('try-digit').hidden = s.task !== 'classify';
-  $('own-data').hidden = s.task === 'classify' || validator;
+  $('own-data').hidden = s.task === 'classify' || validator || finished;
+  renderFinished(s, finished, validator);
+  renderLearns(s);
+  renderOwnDataCheck(s);
+}
+
+/** A finished run: the card says so and offers the final model (download, try it). */
+function renderFinished(s, finished, validator) {
+  $('node-finished').hidden = !finished;
+  if (finished) {
+    text('node-title', 'The run is finished');
+    text('node-state', 'finished');
+  } else {
+    }
+}
+
+/** What the run learns (the data, in words, and a sample of it). */
+function renderLearns(s) {
+  const box = $('node-learns');
+  box.hidden = !s.learns;
+  if (!s.learns) return;
+  text('node-learns-text', s.learns.text);
+  $('node-learns-sample-row').hidden = !s.learns.sample;
+  text('node-learns-sample', s.learns.sample || '');
+}
+
+/** The verdict on the contributor's own file: refused with the reason, or used. */
+function renderOwnDataCheck(s) {
+  const el = $('node-file-status');
+  const c = s.ownDataCheck;
+  el.classList.toggle('refused', !!(c && !c.ok));
+  if (s.ownDataNote) text('node-file-status', s.ownDataNote);
 }
 
 function setupDigitPad(node) {
@@ -85,7 +119,12 @@ function setupDigitPad(node) {
   $('try-clear').addEventListener('click', clear);
 }
 
-function main() {
+async function runFinished() {
+  const run = await fetch('/api/run', { cache: 'no-store' }).then((r) => r.json()).catch(() => null);
+  return !!run && run.status === 'finished';
+}
+
+async function main() {
   if (params.get('contribute') === '0') { $('node-card').hidden = true; return; }
   const role = params.get('role') === 'validator' ? 'validator' : 'trainer';
   const node = new BrowserNode({ backend: params.get('backend') || 'auto', role });
@@ -96,10 +135,12 @@ function main() {
   $('node-file').addEventListener('change', async (ev) => {
     const file = ev.target.files[0];
     if (!file) return;
+    text('node-file-status', `checking ${file.name} …`);
     try {
       const r = await node.useOwnText(file);
-      text('node-file-status', r.pending ? 'will be used once the model is loaded' : `using ${r.rows} windows from ${file.name}`);
-    } catch (err) { text('node-file-status', String(err.message || err)); }
+      text('node-file-status', r.pending ? 'will be checked and used once the model is loaded'
+        : `using ${r.rows} windows from ${file.name}: it fits what the run learns`);
+    } catch (err) { text('node-file-status', `${file.name}: ${String(err.message || err)}`); }
   });
   $('try-generate').addEventListener('click', async () => {
     text('try-out', '…');
@@ -109,7 +150,10 @@ function main() {
     } catch (err) { text('try-out', String(err.message || err)); }
   });
   setupDigitPad(node);
-  node.start().catch((err) => node.fail(`cannot start: ${err.message || err}`));
+  // the page paints and polls first; the node's start-up work follows
+  await new Promise((r) => setTimeout(r, 0));
+  const start = (await runFinished()) ? node.startFinished() : node.start();
+  start.catch((err) => node.fail(`cannot start: ${err.message || err}`));
 }
 
 main();

@@ -3,8 +3,8 @@
 // H times per round on this tab's shard, and the inference graph for "try the model".
 //
 // Messages in (postMessage):                      Messages out:
-//   {type:'init', backend, graphs, data, val}    {type:'ready', backend, threads, nParams, loadMs}
-//   {type:'data', data}                          {type:'data', rows, source}
+//   {type:'init', backend, graphs}               {type:'ready', backend, threads, loadMs}
+//   {type:'data', data, seed} / {type:'val', data} {type:'data', rows, source}
 //   {type:'round', round, params, steps, lr,     {type:'step', round, step, loss, ms}
 //    batchSize}                                  {type:'done', round, delta, trainLoss,
 //   {type:'pause'} / {type:'resume'}              samples, computeS, steps}
@@ -127,6 +127,15 @@ async function step(params, m, v, lr, stepNo, xy) {
   return [f('loss')[0], f('new_params'), f('new_exp_avg'), f('new_exp_avg_sq')];
 }
 
+// Let queued messages (cancel, pause) in between two steps: ORT's run() can resolve through
+// microtasks only, and a loop of awaits on it would then never see a message until the end.
+const tick = new MessageChannel();
+let tickWaiters = [];
+tick.port1.onmessage = () => { const w = tickWaiters; tickWaiters = []; w.forEach((r) => r()); };
+function yieldToMessages() {
+  return new Promise((resolve) => { tickWaiters.push(resolve); tick.port2.postMessage(0); });
+}
+
 async function runRound({ round, params, steps, lr, batchSize }) {
   if (!shard) throw new Error('no training data yet');
   let p = new Float32Array(params);
@@ -137,6 +146,8 @@ async function runRound({ round, params, steps, lr, batchSize }) {
   let lossSum = 0;
   let done = 0;
   for (let i = 0; i < steps; i++) {
+    await yieldToMessages();
+    if (cancelled.has(round)) break;
     const wait = waitResume();
     if (wait) await wait;
     if (cancelled.has(round)) break;
@@ -232,14 +243,18 @@ async function handle(msg) {
       const threads = await loadOrt(msg.backend);
       [train, infer] = await Promise.all([session(msg.graphs.train, msg.backend),
         session(msg.graphs.infer, msg.backend)]);
-      rng = (msg.seed >>> 0) || 0x9e3779b9;
+      if (msg.seed !== undefined) rng = (msg.seed >>> 0) || 0x9e3779b9;
       if (msg.data) setData(msg.data);
       if (msg.val) val = arrays(msg.val);
       info = { backend: msg.backend, threads };
       post({ type: 'ready', ...info, loadMs: performance.now() - t0 });
       break;
     }
-    case 'data': post({ type: 'data', rows: setData(msg.data), source: msg.source }); break;
+    case 'data':
+      if (msg.seed !== undefined) rng = (msg.seed >>> 0) || 0x9e3779b9;
+      post({ type: 'data', rows: setData(msg.data), source: msg.source });
+      break;
+    case 'val': val = arrays(msg.data); post({ type: 'data', rows: val.rows, source: 'val' }); break;
     case 'round': await runRound(msg); break;
     case 'infer': await runInfer(msg); break;
     case 'bench': await runBench(msg); break;
