@@ -41,6 +41,12 @@ setup() {
       "$PY" scripts/vendor_browser.py
     fi
   fi
+  # PostgreSQL for `--db postgresql://...` and its store and ledger tests (they skip without
+  # it; tests start a throwaway server from these binaries, bench/pgserver.py)
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null \
+      && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }
+  fi
   # headless Chromium for the Playwright tests in e2e/ (they skip without it)
   if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }

@@ -12,9 +12,15 @@ stake say Hello at the socket's pre-Hello check (server/ws.py), the export is ve
 (shared.ledger_audit), and random single-byte edits, entry edits, deletions and reorderings
 of it must all be detected.
 
+The whole run is repeated on each backend of the store (server.sqldb): SQLite, then
+PostgreSQL on a throwaway server this bench starts (bench.pgserver; or `--pg-url`). Without
+PostgreSQL installed it says why and runs SQLite only.
+
 Last line: JSON with rounds, entries, verify_s, tamper_trials, tamper_detected,
 supply_conserved, slashed, slash_without_evidence, sybil_identities_admitted_without_stake,
-refused_requests, governance_applied, backends.
+refused_requests, governance_applied, backends. The counts are summed over the backends'
+runs, the booleans hold for every run, verify_s is the slowest run's; `by_backend` has each
+run's own figures.
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ import contextlib
 import json
 import logging
 import random
-import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench import pgserver
 from server.coordinator import Coordinator
 from server.peers import Connection
 from server.runstate import RunState, open_run
+from server.store import Store
 from server.ws import _pre_hello_check
 from shared.codecs import get_codec
 from shared.envelope import Identity, new_nonce
@@ -170,13 +178,15 @@ def tamper(data: bytes, rng: random.Random, trial: int) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-async def bench(rounds: int, honest: int, flood_n: int, trials: int, seed: int) -> dict[str, Any]:
+async def bench(rounds: int, honest: int, flood_n: int, trials: int, seed: int,
+                db: str | None = None) -> dict[str, Any]:
+    """One run on one backend (`db`: None is SQLite; a postgresql:// URL)."""
     rng = np.random.default_rng(seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     run = await asyncio.to_thread(open_run, tmp / "run", {
         "model": "mlp-digits", "quorum": honest, "deadline_s": 10.0, "rounds": rounds,
         "validation": True, "ledger_faucet": 1000, "ledger_min_stake": 100,
-        "ledger_pow_bits": 8, "ledger_slash": 50, "resume_grace_s": 0.0})
+        "ledger_pow_bits": 8, "ledger_slash": 50, "resume_grace_s": 0.0}, None, db)
     coord = Coordinator(run)
     nodes = [BenchNode(coord) for _ in range(honest)]
     liars = [BenchNode(coord) for _ in range(3)]  # equivocator, invalid frames, bad updates
@@ -237,20 +247,71 @@ async def bench(rounds: int, honest: int, flood_n: int, trials: int, seed: int) 
            "sybil_identities_admitted_without_stake": admitted, "flood": flood_n,
            "refused_requests": f"{refused}/5",
            "governance_applied": run.config.inner_steps == 7,
-           "backends": ["sqlite"]}
+           "backends": [run.store.db.kind]}
     run.store.close()
     return out
 
 
-def verify_data_dir(data_dir: Path) -> dict[str, Any]:
+SUMMED = ("rounds", "entries", "tamper_trials", "tamper_detected", "supply", "slashed",
+          "slash_without_evidence", "sybil_identities_admitted_without_stake", "flood")
+
+
+def combine(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The figures of runs on several backends: counts summed, booleans all, the slowest
+    verify_s, and each run's own under `by_backend`."""
+    vals = list(runs.values())
+    out: dict[str, Any] = {k: sum(int(v[k]) for v in vals) for k in SUMMED}
+    out["verify_s"] = max(v["verify_s"] for v in vals)
+    out["supply_conserved"] = all(v["supply_conserved"] for v in vals)
+    out["governance_applied"] = all(v["governance_applied"] for v in vals)
+    refused = [tuple(map(int, v["refused_requests"].split("/"))) for v in vals]
+    out["refused_requests"] = f"{sum(r[0] for r in refused)}/{sum(r[1] for r in refused)}"
+    out["backends"] = list(runs)
+    out["by_backend"] = {name: {k: v for k, v in fig.items() if k != "backends"}
+                         for name, fig in runs.items()}
+    return out
+
+
+@contextlib.contextmanager
+def postgres(url: str | None) -> Iterator[str | None]:
+    """A PostgreSQL URL for the second run: `url` as given, else a fresh schema on a
+    throwaway server (stopped afterwards), else None (with the reason logged)."""
+    if url:
+        yield url
+        return
+    problem = pgserver.find_problem()
+    if problem is not None:
+        log.warning("PostgreSQL run skipped: %s", problem)
+        yield None
+        return
+    server = pgserver.Server()
+    try:
+        yield server.fresh_url()
+    finally:
+        server.stop()
+
+
+async def bench_backends(rounds: int, honest: int, flood_n: int, trials: int, seed: int,
+                         pg_url: str | None = None) -> dict[str, Any]:
+    """The same run on SQLite, then on PostgreSQL (where it can run)."""
+    runs = {"sqlite": await bench(rounds, honest, flood_n, trials, seed)}
+    with postgres(pg_url) as url:
+        if url is not None:
+            runs["postgresql"] = await bench(rounds, honest, flood_n, trials, seed, url)
+    return combine(runs)
+
+
+def verify_data_dir(data_dir: Path, db: str | None = None) -> dict[str, Any]:
     """A stopped server's ledger checked offline from its database (bench.chaos): the chain
-    (shared.ledger.verify, evidence included) and one reward entry per committed round."""
-    with contextlib.closing(sqlite3.connect(data_dir / "run.sqlite")) as db:
-        records = [{"entry": json.loads(e), "hash": h, "sig": sig} for e, h, sig in
-                   db.execute("SELECT entry, hash, sig FROM ledger ORDER BY seq")]
-        blobs = {h: bytes.fromhex(d) for h, d in db.execute("SELECT hash, data FROM "
-                                                            "ledger_evidence")}
-        rounds = [r for (r,) in db.execute("SELECT round FROM rounds ORDER BY round")]
+    (shared.ledger.verify, evidence included) and one reward entry per committed round.
+    `db`: the run's database (None: run.sqlite in `data_dir`)."""
+    store = Store(data_dir, db)
+    try:
+        records = store.ledger_records()
+        blobs = store.ledger_blobs()
+        rounds = [r["round"] for r in store.rounds(limit=10**9)]
+    finally:
+        store.close()
     try:
         state = verify(records, evidence=evidence_checker(blobs))
     except TamperedLedger as err:
@@ -269,13 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood", type=int, default=1000)
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pg-url", default=None,
+                   help="PostgreSQL for the second run (default: a throwaway server, where "
+                        "PostgreSQL is installed)")
     a = p.parse_args(argv)
-    out = asyncio.run(bench(a.rounds, a.honest, a.flood, a.trials, a.seed))
-    print(f"{out['rounds']} rounds, {out['entries']} entries, verified in {out['verify_s']} s; "
-          f"tampering detected {out['tamper_detected']}/{out['tamper_trials']}; "
-          f"{out['slashed']} slashes ({out['slash_without_evidence']} without evidence); "
-          f"{out['sybil_identities_admitted_without_stake']}/{out['flood']} unstaked "
-          "identities admitted")
+    out = asyncio.run(bench_backends(a.rounds, a.honest, a.flood, a.trials, a.seed, a.pg_url))
+    for name, fig in out["by_backend"].items():
+        print(f"{name:>10}: {fig['rounds']} rounds, {fig['entries']} entries, verified in "
+              f"{fig['verify_s']} s; tampering detected {fig['tamper_detected']}/"
+              f"{fig['tamper_trials']}; {fig['slashed']} slashes "
+              f"({fig['slash_without_evidence']} without evidence); "
+              f"{fig['sybil_identities_admitted_without_stake']}/{fig['flood']} unstaked "
+              f"identities admitted; supply conserved {fig['supply_conserved']}")
     print(json.dumps(out))
     ok = (out["tamper_detected"] == out["tamper_trials"] and out["supply_conserved"]
           and out["slash_without_evidence"] == 0

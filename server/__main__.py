@@ -25,6 +25,7 @@ from server.config import RunConfig, load_toml
 from server.demo import DemoSwarm, round_line
 from server.keys import COORDINATOR
 from server.runstate import open_run
+from server.sqldb import describe
 from transport import evloop
 
 DEFAULT_PORT = 8470
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="TOML run config (keys as in RunConfig, or a [run] table)")
     p.add_argument("--data-dir", help="run state folder (SQLite + checkpoints); resumed if it "
                    "holds a run (default: a new temp folder with --demo, else ./run-data)")
+    p.add_argument("--db", metavar="URL", default=None,
+                   help="the run's database: postgresql://USER@HOST/DBNAME (any libpq URL; "
+                        "one run per database) for rows, ledger included; checkpoints and "
+                        "the server key stay in --data-dir (default: SQLite, run.sqlite in "
+                        "--data-dir)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--demo", type=int, metavar="N", default=0,
@@ -100,7 +106,7 @@ async def serve(args: argparse.Namespace) -> int:
             overrides.setdefault("validation_samples", DEMO_VALIDATION_SAMPLES[model])
     data_dir = args.data_dir or (tempfile.mkdtemp(prefix="daa-demo-") if args.demo
                                  else "run-data")
-    run = await asyncio.to_thread(open_run, data_dir, overrides, base)
+    run = await asyncio.to_thread(open_run, data_dir, overrides, base, args.db)
     if run.config.transport in ("star", "p2p"):  # the server's aiortc peer carries data
         from transport import sctp_tuning
 
@@ -115,7 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
     await _graphs_ready(app)
     floor = run.entropy_floor
     print(f"DAA Prime run {run.run_id}: {run.config.model} ({run.n_params:,} params), "
-          f"data dir {data_dir}", flush=True)
+          f"data dir {data_dir}, rows in {describe(args.db)}", flush=True)
     print(f"open {url}  (API: {url}api/run)", flush=True)
     logging.getLogger("server").info("event loop: %s", evloop.name())
     if run.identity is not None:

@@ -31,7 +31,7 @@ log = logging.getLogger("server.run")
 class RunState:
     run_id: str  # stable id of the run
     config: RunConfig  # effective config
-    store: Store  # SQLite + checkpoints
+    store: Store  # database rows (SQLite or PostgreSQL) + checkpoints
     work: Workload  # model + data
     params: np.ndarray  # theta_version
     momentum: np.ndarray  # outer momentum
@@ -89,9 +89,10 @@ class RunState:
 
 
 def open_run(data_dir: str | Path, overrides: dict[str, Any],
-             base: dict[str, Any] | None = None) -> RunState:
-    """Resume the run in `data_dir`, or create it from `base` (TOML) + `overrides` (flags)."""
-    store = Store(data_dir)
+             base: dict[str, Any] | None = None, db: str | None = None) -> RunState:
+    """Resume the run in `data_dir`, or create it from `base` (TOML) + `overrides` (flags).
+    `db`: the database of its rows (None: SQLite in `data_dir`; postgresql://...)."""
+    store = Store(data_dir, db)
     row = store.load_run()
     if row is None:
         config = RunConfig.from_dict(base or {}).merged(overrides, resuming=False)

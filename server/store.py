@@ -1,9 +1,11 @@
-"""Durable run state under --data-dir: SQLite rows + safetensors checkpoints.
+"""Durable run state: rows in SQLite (`--data-dir`/run.sqlite, the default) or PostgreSQL
+(`--db postgresql://...`, server.sqldb chooses), safetensors checkpoints under --data-dir.
 
 Commit protocol (crash-safe at any instant):
 1. write the checkpoint to a temp file, fsync, rename over `checkpoints/vNNNNNN.safetensors`,
    fsync the directory;
-2. ONE SQLite transaction inserts the round row (naming that file) and its update rows.
+2. ONE database transaction inserts the round row (naming that file), its update rows and its
+   ledger entries.
 The last committed round is the newest row; a checkpoint file without a row is an orphan from
 a crash between 1 and 2 and is simply rewritten when that round commits again.
 """
@@ -14,7 +16,6 @@ import functools
 import json
 import math
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
+from server.sqldb import IntegrityError, connect
 from shared.messages import MAX_INT, sha256_hex
 
 # Stored evidence is bounded: a node's refusals are kept as rows (a sample) up to these
@@ -46,8 +48,8 @@ def finite_or_none(x: float | None) -> float | None:
 
 
 def sql_int(x: int) -> int:
-    """An integer SQLite's INTEGER (i64) holds: clamped (the decoder's ranges keep every
-    wire value far inside; this is the store's own guarantee)."""
+    """An integer the store's INTEGER (i64; BIGINT on PostgreSQL) holds: clamped (the
+    decoder's ranges keep every wire value far inside; this is the store's own guarantee)."""
     return max(INT64[0], min(INT64[1], int(x)))
 
 SCHEMA = """
@@ -75,7 +77,8 @@ CREATE TABLE IF NOT EXISTS rejection_counts (
     PRIMARY KEY (node_id, code));
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, runtime TEXT NOT NULL,
-    first_seen REAL NOT NULL);CREATE TABLE IF NOT EXISTS ledger (
+    first_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, round INTEGER,
     entry TEXT NOT NULL, sig TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_evidence (hash TEXT PRIMARY KEY, data TEXT NOT NULL);
@@ -148,20 +151,17 @@ def _locked(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 class Store:
-    """One run's SQLite database and checkpoint folder."""
+    """One run's database (SQLite or PostgreSQL) and checkpoint folder."""
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, db: str | None = None) -> None:
         self.dir = Path(data_dir)
         self.ckpt_dir = self.dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         # one connection, used from the event loop and from executor threads (commits): every
         # use holds `lock`, so that close() cannot free it under a running statement
         self.lock = threading.RLock()
-        self.db = sqlite3.connect(self.dir / "run.sqlite", isolation_level=None,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db_url = db  # None: SQLite in the data dir
+        self.db = connect(db, self.dir, SCHEMA)
         # the ledger whose round entries commit_round inserts in the round's transaction
         self.round_ledger: RoundLedger | None = None
 
@@ -188,8 +188,7 @@ class Store:
                    eval_loss_init: float | None) -> Checkpoint:
         ckpt = self.write_checkpoint(0, params, np.zeros_like(params), run_id=run_id,
                                      model_id=model_id)
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.db.transaction():
             self.db.execute("INSERT INTO run VALUES (?,?,?,?,?,?,?,?,?,?)",
                             (run_id, json.dumps(config), time.time(), model_id, len(params),
                              entropy_floor, eval_loss_init, self._name(0), ckpt.params_digest,
@@ -204,7 +203,7 @@ class Store:
 
     @_locked
     def update_config(self, config: dict[str, Any]) -> None:
-        with self.db:
+        with self.db.transaction():
             self.db.execute("UPDATE run SET config = ?", (json.dumps(config),))
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -269,12 +268,11 @@ class Store:
                      train_loss: float | None, updates: list[UpdateRow], bytes_up: int,
                      bytes_down: int, duration_s: float, keep: int) -> Checkpoint:
         if round_ != self.latest()[0]:  # checked BEFORE the file is written: never overwrite
-            raise sqlite3.IntegrityError(f"round {round_} cannot be committed: the next round "
+            raise IntegrityError(f"round {round_} cannot be committed: the next round "
                                          f"to commit is {self.latest()[0]}")
         ckpt = self.write_checkpoint(round_ + 1, ckpt_params, momentum, run_id=run_id,
                                      model_id=model_id)
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.db.transaction():
             self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                             (round_, time.time(), attempts, len(updates),
                              finite_or_none(eval_loss), finite_or_none(train_loss),
@@ -326,20 +324,22 @@ class Store:
         MAX_REJECTION_ROWS_PER_NODE_ROUND rows for that round and MAX_REJECTION_ROWS_PER_NODE
         in all (the sample). Returns whether a row was written."""
         rnd = round_ if isinstance(round_, int) and -1 <= round_ <= MAX_INT else None
+        same = "round IS NULL" if rnd is None else "round = ?"
         per_round, total = self.db.execute(
-            "SELECT COALESCE(SUM(round IS ?), 0), COUNT(*) FROM rejections WHERE node_id = ?",
-            (rnd, node_id)).fetchone()
+            f"SELECT COALESCE(SUM(CASE WHEN {same} THEN 1 ELSE 0 END), 0), COUNT(*) "
+            "FROM rejections WHERE node_id = ?",
+            (node_id,) if rnd is None else (rnd, node_id)).fetchone()
         keep: bool = (per_round < MAX_REJECTION_ROWS_PER_NODE_ROUND
                       and total < MAX_REJECTION_ROWS_PER_NODE)
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.db.transaction():
             if keep:
                 self.db.execute("INSERT INTO rejections (at, round, node_id, digest, code, "
                                 "reason, validators) VALUES (?,?,?,?,?,?,?)",
                                 (time.time(), rnd, node_id, digest, code,
                                  reason[:MAX_REASON_CHARS], json.dumps(validators)))
             self.db.execute("INSERT INTO rejection_counts VALUES (?,?,1,?) ON CONFLICT "
-                            "(node_id, code) DO UPDATE SET n = n + 1, stored = stored + ?",
+                            "(node_id, code) DO UPDATE SET n = rejection_counts.n + 1, "
+                            "stored = rejection_counts.stored + ?",
                             (node_id, code, int(keep), int(keep)))
         return keep
 
@@ -386,7 +386,7 @@ class Store:
             return int(row[0])
         counts = dict(self.db.execute("SELECT shard, COUNT(*) FROM nodes GROUP BY shard"))
         shard = min(range(n_shards), key=lambda s: (counts.get(s, 0), s))
-        with self.db:
+        with self.db.transaction():
             self.db.execute("INSERT INTO nodes VALUES (?,?,?,?)",
                             (node_id, shard, runtime, time.time()))
         return shard
@@ -400,8 +400,7 @@ class Store:
     @_locked
     def append_ledger(self, batch: LedgerAppend) -> None:
         """Entries that belong to no round (genesis, requests), in their own transaction."""
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.db.transaction():
             self._insert_ledger(batch)
 
     @_locked

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bench import pgserver as pg
 from tests import leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +97,27 @@ def in_netns(module: str, args: list[str], *, veth: bool = True, timeout: float 
     assert out.returncode == 0, out.stderr[-3000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.Server]:
+    """One real PostgreSQL server for the session (bench/pgserver.py), stopped at its end; skips
+    the PostgreSQL cases, saying why, where it cannot run."""
+    problem = pg.find_problem()
+    if problem is not None:
+        pytest.skip(f"PostgreSQL cases skipped: {problem}")
+    server = pg.Server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str | None:
+    """The store's database for a test, once per backend: None is SQLite in the data dir;
+    for PostgreSQL a fresh schema on the session's server."""
+    if request.param == "sqlite":
+        return None
+    server: pg.Server = request.getfixturevalue("postgres")
+    return server.fresh_url()

@@ -1,10 +1,11 @@
 """The store and the API hold only what they can: rejection evidence bounded per node and per
-round (a sample plus counters), no value SQLite's INTEGER cannot hold, no non-JSON number."""
+round (a sample plus counters), no value the database's INTEGER cannot hold, no non-JSON number."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,12 @@ from shared.errors import ERROR_CODES
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path)
+def store(tmp_path: Path, db_url: str | None) -> Iterator[Store]:
+    s = Store(tmp_path, db_url)  # on SQLite and PostgreSQL (conftest's db_url)
     s.create_run(run_id="r", config={}, model_id="m" * 64, workload={},
                  params=np.zeros(4, np.float32), entropy_floor=None, eval_loss_init=None)
-    return s
+    yield s
+    s.close()
 
 
 def reject(store: Store, node: str, round_: int | None) -> bool:

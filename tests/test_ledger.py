@@ -1,7 +1,8 @@
 """The ledger (shared.ledger, server.ledger): a run with attackers ends with a chain that
 verifies offline, conserves supply, slashes only with evidence and detects tampering;
 unstaked identities are refused at the socket; bad requests are typed errors that write
-nothing; a passed proposal changes the config at a round boundary (bench.ledger, small)."""
+nothing; a passed proposal changes the config at a round boundary (bench.ledger, small). The
+run and the request checks run on both store backends, SQLite and PostgreSQL (db_url)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from shared.ledger_audit import verify_export
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def test_a_run_with_attackers_verifies_and_detects_tampering() -> None:
-    out = await bench(rounds=2, honest=3, flood_n=20, trials=40, seed=1)
+async def test_a_run_with_attackers_verifies_and_detects_tampering(db_url: str | None) -> None:
+    out = await bench(rounds=2, honest=3, flood_n=20, trials=40, seed=1, db=db_url)
+    assert out["backends"] == ["sqlite" if db_url is None else "postgresql"]
     assert out["rounds"] == 2
     assert out["tamper_detected"] == out["tamper_trials"] == 40
     assert out["supply_conserved"]
@@ -41,8 +43,8 @@ async def test_a_run_with_attackers_verifies_and_detects_tampering() -> None:
     assert out["governance_applied"]
 
 
-def test_bad_requests_are_typed_and_write_nothing(tmp_path: Path) -> None:
-    run = open_run(tmp_path / "run", {"model": "mlp-digits", "ledger_faucet": 500})
+def test_bad_requests_are_typed_and_write_nothing(tmp_path: Path, db_url: str | None) -> None:
+    run = open_run(tmp_path / "run", {"model": "mlp-digits", "ledger_faucet": 500}, None, db_url)
     coord = Coordinator(run)
     node, other = BenchNode(coord), BenchNode(coord)
     stake(run, node, 100)
@@ -72,8 +74,15 @@ def test_bad_requests_are_typed_and_write_nothing(tmp_path: Path) -> None:
         verify_export(export, server_key=BenchNode(coord).ident.public_key)
     with pytest.raises(TamperedLedger):  # truncated: the signed head is gone
         verify_export(b"\n".join(export.split(b"\n")[:-2]) + b"\n")
+    head = run.ledger.state.head
     run.store.close()
-    assert verify_data_dir(tmp_path / "run")["verified"]
+    assert verify_data_dir(tmp_path / "run", db_url)["verified"]
+    again = open_run(tmp_path / "run", {}, None, db_url)  # resumed from the same database
+    try:
+        assert (again.run_id, again.ledger.state.head) == (run.run_id, head)
+        assert again.ledger.state.stakes[node.ident.node_id] == 100
+    finally:
+        again.store.close()
 
 
 def test_cli_verifies_a_file_and_refuses_an_edited_one(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
-"""Tests for server.store: SQLite rows + safetensors checkpoints, crash-safe commits."""
+"""Tests for server.store: database rows + safetensors checkpoints, crash-safe commits; every
+test that touches the database runs on SQLite and on PostgreSQL (the `db_url` fixture)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors import SafetensorError
 
+from server.sqldb import ClosedError, IntegrityError
 from server.store import Store, UpdateRow, atomic_write
 from shared.messages import sha256_hex
 
@@ -32,8 +33,8 @@ def row(node: str, digest: str = "d" * 64, **kw: Any) -> UpdateRow:
     return UpdateRow(**{**base, **kw})
 
 
-def new_store(path: Path) -> Store:
-    store = Store(path)
+def new_store(path: Path, db: str | None) -> Store:
+    store = Store(path, db)
     store.create_run(run_id=RUN, config={"rounds": 5, "quorum": 1}, model_id=MODEL,
                      workload={"model": {"kind": "mlp"}, "data": {"name": "markov"}},
                      params=params_for(0), entropy_floor=0.5, eval_loss_init=2.0)
@@ -51,8 +52,8 @@ def commit(store: Store, round_: int, *, updates: list[UpdateRow] | None = None,
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = new_store(tmp_path)
+def store(tmp_path: Path, db_url: str | None) -> Any:
+    s = new_store(tmp_path, db_url)
     yield s
     s.close()
 
@@ -88,8 +89,8 @@ def test_load_run_and_workload(store: Store) -> None:
     assert store.load_run()["config"] == {"rounds": 9}  # type: ignore[index]
 
 
-def test_empty_store(tmp_path: Path) -> None:
-    s = Store(tmp_path)
+def test_empty_store(tmp_path: Path, db_url: str | None) -> None:
+    s = Store(tmp_path, db_url)
     try:
         assert s.load_run() is None
         with pytest.raises(RuntimeError, match="no run"):
@@ -100,15 +101,15 @@ def test_empty_store(tmp_path: Path) -> None:
 
 
 # -- commits + resume --------------------------------------------------------------------------
-def test_commit_three_rounds_then_resume(tmp_path: Path) -> None:
-    s = new_store(tmp_path)
+def test_commit_three_rounds_then_resume(tmp_path: Path, db_url: str | None) -> None:
+    s = new_store(tmp_path, db_url)
     for r in range(3):
         ckpt = commit(s, r)
         assert ckpt.version == r + 1
         assert s.latest()[0] == r + 1
     s.close()
 
-    fresh = Store(tmp_path)
+    fresh = Store(tmp_path, db_url)
     try:
         assert fresh.latest()[0] == 3
         ckpt = fresh.load_latest()
@@ -162,8 +163,8 @@ def test_optional_losses_may_be_none(store: Store) -> None:
 
 
 # -- crash safety ------------------------------------------------------------------------------
-def test_crash_between_checkpoint_and_transaction(tmp_path: Path) -> None:
-    s = new_store(tmp_path)
+def test_crash_between_checkpoint_and_transaction(tmp_path: Path, db_url: str | None) -> None:
+    s = new_store(tmp_path, db_url)
     commit(s, 0)
     commit(s, 1)
     # crash: the checkpoint of round 2 (version 3) reached the disk, its row never did
@@ -171,7 +172,7 @@ def test_crash_between_checkpoint_and_transaction(tmp_path: Path) -> None:
     assert (s.ckpt_dir / "v000003.safetensors").exists()
     s.close()
 
-    fresh = Store(tmp_path)
+    fresh = Store(tmp_path, db_url)
     try:
         version, name, digest = fresh.latest()
         assert (version, name) == (2, "v000002.safetensors")
@@ -191,7 +192,7 @@ def test_crash_between_checkpoint_and_transaction(tmp_path: Path) -> None:
 def test_failing_transaction_leaves_no_round_row(store: Store) -> None:
     commit(store, 0)
     # two update rows with the same (round, node_id) violate the primary key
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         commit(store, 1, updates=[row("a" * 64), row("a" * 64)])
     assert [r["round"] for r in store.rounds()] == [0]
     assert store.update_keys(1) == {}
@@ -207,7 +208,7 @@ def test_duplicate_round_number_is_refused_and_keeps_committed_state(store: Stor
     commit(store, 0)
     commit(store, 1)
     committed = store.load_latest()
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         commit(store, 0, params=params_for(77), updates=[row("z" * 64)])
     assert [r["round"] for r in store.rounds()] == [0, 1]
     assert store.update_keys(0) == {"a" * 64: "d" * 64, "b" * 64: "d" * 64}
@@ -222,7 +223,7 @@ def test_duplicate_round_number_is_refused_and_keeps_committed_state(store: Stor
 
 def test_duplicate_of_latest_round_keeps_load_latest_working(store: Store) -> None:
     commit(store, 0)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         commit(store, 0, params=params_for(77))
     ckpt = store.load_latest()  # must still be the committed round-0 result
     np.testing.assert_array_equal(ckpt.params, params_for(1))
@@ -349,8 +350,8 @@ def test_checkpoint_metadata(store: Store) -> None:
 
 
 # -- shards ------------------------------------------------------------------------------------
-def test_shard_for_is_stable_and_balanced(tmp_path: Path) -> None:
-    s = new_store(tmp_path)
+def test_shard_for_is_stable_and_balanced(tmp_path: Path, db_url: str | None) -> None:
+    s = new_store(tmp_path, db_url)
     nodes = [f"{i:064x}" for i in range(12)]
     shards = {n: s.shard_for(n, "native", 4) for n in nodes}
     assert Counter(shards.values()) == {0: 3, 1: 3, 2: 3, 3: 3}
@@ -358,7 +359,7 @@ def test_shard_for_is_stable_and_balanced(tmp_path: Path) -> None:
     for n in nodes:  # asking again, whatever the runtime, gives the same shard
         assert s.shard_for(n, "browser", 4) == shards[n]
     s.close()
-    fresh = Store(tmp_path)
+    fresh = Store(tmp_path, db_url)
     try:
         assert {n: fresh.shard_for(n, "native", 4) for n in nodes} == shards
         extra = fresh.shard_for("f" * 64, "browser", 4)
@@ -378,13 +379,14 @@ def test_shard_for_fills_the_least_used(store: Store) -> None:
     assert max(total.values()) - min(total.values()) <= 1
 
 
-def test_close_waits_for_a_commit_running_in_another_thread(tmp_path: Path) -> None:
+def test_close_waits_for_a_commit_running_in_another_thread(tmp_path: Path,
+                                                            db_url: str | None) -> None:
     """The server commits in an executor thread; closing the store at shutdown must not free
-    the SQLite connection under that commit (it segfaulted in CI before the store's lock)."""
+    the connection under that commit (it segfaulted in CI before the store's lock)."""
     import threading
     import time
 
-    store = new_store(tmp_path / "run")
+    store = new_store(tmp_path / "run", db_url)
     started = threading.Event()
     order: list[str] = []
 
@@ -402,5 +404,54 @@ def test_close_waits_for_a_commit_running_in_another_thread(tmp_path: Path) -> N
     order.append("closed")
     t.join(5)
     assert order == ["committed", "closed"]  # close() waited for the commit
-    with pytest.raises(sqlite3.ProgrammingError):  # and later use is a clean error
+    with pytest.raises(ClosedError):  # and later use is a clean error
         store.rounds()
+
+
+# -- the round's ledger entries commit in the round's transaction (both backends) -------------
+class FakeBatch:
+    def __init__(self, rows: list[tuple[int, str, str, int | None, str, str]]) -> None:
+        self.rows, self.blobs = rows, {"e" * 64: b"frame"}
+
+
+class FakeLedger:
+    """server.store.RoundLedger: one entry per round; `dup` makes its insert fail (a seq
+    that is already there), `fail` makes building the batch raise."""
+
+    def __init__(self) -> None:
+        self.dup = self.fail = False
+        self.done_rounds: list[int] = []
+
+    def round_batch(self, round_: int, rows: list[UpdateRow]) -> FakeBatch:
+        if self.fail:
+            raise RuntimeError("the ledger refused the round")
+        seq = 0 if self.dup else round_
+        return FakeBatch([(seq, f"{round_:064x}", "reward", round_, "{}", "sig")])
+
+    def done(self, batch: Any) -> None:
+        self.done_rounds.append(batch.rows[0][3])
+
+
+def test_round_row_updates_and_ledger_entries_commit_together(store: Store) -> None:
+    ledger = FakeLedger()
+    store.round_ledger = ledger
+    commit(store, 0)
+    assert [r["entry"] for r in store.ledger_records()] == [{}]
+    assert store.ledger_blobs() == {"e" * 64: b"frame"}
+    for mode in ("dup", "fail"):  # the ledger insert fails / the batch cannot be built
+        setattr(ledger, mode, True)
+        with pytest.raises(IntegrityError if mode == "dup" else RuntimeError):
+            commit(store, 1)
+        setattr(ledger, mode, False)
+        assert [r["round"] for r in store.rounds()] == [0]  # neither the round row...
+        assert store.update_keys(1) == {}  # ...nor its updates...
+        assert len(store.ledger_records()) == 1  # ...nor its ledger entries
+        assert not store.db.in_transaction
+    commit(store, 1)
+    assert len(store.ledger_records()) == 2
+    assert ledger.done_rounds == [0, 1]
+
+
+def test_unknown_database_url_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="postgresql://"):
+        Store(tmp_path, "mysql://localhost/run")
