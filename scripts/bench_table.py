@@ -88,7 +88,18 @@ def _chaos(f: Fig) -> str:
             f"loss gap {f['final_loss_gap']:+.1%}, server recovery "
             f"{f['server_restart_recovery_s']:.1f} s; node rejoin {each} s "
             f"({f['node_rejoin_after_submit_s']:.1f} s right after a submit, "
-            f"{f['node_rejoin_cold_s']:.1f} s cold)")
+            f"{f['node_rejoin_cold_s']:.1f} s cold)"
+            + ("" if "ledger_verified" not in f else
+               f"; ledger verified: {'yes' if f['ledger_verified'] else 'NO'}"))
+
+
+def _ledger(f: Fig) -> str:
+    per = " / ".join(f"{name} {b['rounds']} rounds, {b['entries']} entries, verified in "
+                     f"{b['verify_s']:.3f} s" for name, b in f["by_backend"].items())
+    return (f"{per}; tampering detected {f['tamper_detected']}/{f['tamper_trials']}; "
+            f"{f['slashed']} slashes, {f['slash_without_evidence']} without evidence; "
+            f"{f['sybil_identities_admitted_without_stake']}/{f['flood']} unstaked identities "
+            f"admitted; supply conserved: {'yes' if f['supply_conserved'] else 'NO'}")
 
 
 def _browser(f: Fig) -> str:
@@ -129,6 +140,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      "browser.txt", _browser),
     ("bench.chaos", "6 real supervised nodes through a lossy relay; kill -9 workers, a node and "
      "the server; 10% message loss", "chaos.txt", _chaos),
+    ("bench.ledger", "a run with 3 staked attackers, its ledger verified offline and tampered "
+     "with 200 ways; 1,000 unstaked identities at the socket; on SQLite and PostgreSQL",
+     "ledger.txt", _ledger),
 ]
 
 
@@ -138,6 +152,7 @@ SOURCES: dict[str, str] = {
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
+    "ledger.txt": "python -m bench.ledger > bench/results/ledger.txt",
     "p2p_result_codec.txt": "python -m scripts.p2p_result_codec "
                             "--out bench/results/p2p_result_codec.txt",
     "transport.txt": "python -m bench.transport > bench/results/transport.txt",
