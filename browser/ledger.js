@@ -130,7 +130,8 @@ function renderLedgerProposals() {
       ledgerEl('td', `${p.key} = ${JSON.stringify(p.value)}`),
       ledgerEl('td', short(p.by)),
       ledgerEl('td', `${units(p.yes)}${pct} / ${units(p.no)}`, 'num'),
-      ledgerEl('td', `passes above ${units(Math.floor(total / 2))} of ${units(total)} staked`));
+      ledgerEl('td', `passes above ${units(Math.floor(total / 2))} of ${units(total)} staked`
+        + (typeof p.expires_after_round === 'number' ? `; expires when round ${p.expires_after_round} commits` : '')));
     return tr;
   }));
 }

@@ -71,6 +71,7 @@ def test_ledger_card_shows_account_slashes_and_proposals(tmp_path: Path, open_ta
         assert f"#{seq}" in props
         assert "inner_lr = 0.02" in props
         assert "0 (0%) / 0" in props
+        assert "expires when round 19 commits" in props  # ledger_proposal_rounds = 20
         assert "staked" in page.inner_text("#ledger-summary")
         page.locator("#ledger-card").screenshot(path=str(tab.screenshot("ledger-page")
                                                          .with_name("ledger-card.png")))

@@ -20,9 +20,10 @@ from shared.p2p import COORDINATE_RULES
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
                         "n_shards", "seed", "ledger_reward_per_round", "ledger_faucet",
-                        "ledger_min_stake", "ledger_pow_bits", "ledger_slash"})
+                        "ledger_min_stake", "ledger_pow_bits", "ledger_slash",
+                        "ledger_proposal_rounds"})
 LEDGER_INTS = ("ledger_reward_per_round", "ledger_faucet", "ledger_min_stake",
-               "ledger_pow_bits", "ledger_slash")
+               "ledger_pow_bits", "ledger_slash", "ledger_proposal_rounds")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +76,7 @@ class RunConfig:
     ledger_min_stake: int = 0  # stake an identity needs to be admitted (0: open admission)
     ledger_pow_bits: int = 0  # leading zero bits of the proof of work a faucet claim needs
     ledger_slash: int = 100  # units a slash takes (stake first, then balance; at most held)
+    ledger_proposal_rounds: int = 20  # committed rounds a proposal stays open (0: forever)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [

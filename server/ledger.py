@@ -49,7 +49,7 @@ log = logging.getLogger("server.ledger")
 GOVERNABLE = ("inner_steps", "inner_lr", "batch_size", "outer_lr", "outer_momentum",
               "aggregator", "quorum", "deadline_s", "validation_threshold")
 LEDGER_KEYS = ("ledger_reward_per_round", "ledger_faucet", "ledger_min_stake",
-               "ledger_pow_bits", "ledger_slash")
+               "ledger_pow_bits", "ledger_slash", "ledger_proposal_rounds")
 
 
 def rules_of(config: RunConfig) -> dict[str, Any]:
@@ -58,6 +58,7 @@ def rules_of(config: RunConfig) -> dict[str, Any]:
     return {"reward_per_round": config.ledger_reward_per_round,
             "faucet": config.ledger_faucet, "min_stake": config.ledger_min_stake,
             "pow_bits": config.ledger_pow_bits, "slash": config.ledger_slash,
+            "proposal_rounds": config.ledger_proposal_rounds,
             "reward_basis": "samples of each accepted update", "governable": list(GOVERNABLE),
             "fixed": fixed}
 
@@ -140,7 +141,8 @@ class LedgerBook:
         return batch
 
     def round_batch(self, round_: int, rows: list[UpdateRow]) -> LedgerBatch:
-        """The committed round's entries: pending slashes, the reward, passing proposals."""
+        """The committed round's entries: pending slashes, the reward, passing proposals,
+        proposals that are due and did not pass (expire)."""
         items: list[tuple[str, int | None, dict[str, Any]]] = []
         blobs: dict[str, bytes] = {}
         trial = copy.deepcopy(self.state)
@@ -156,11 +158,19 @@ class LedgerBook:
         pool = self.state.rules["reward_per_round"]
         items.append(("reward", round_, {"pool": pool, "basis": basis,
                                          "shares": reward_shares(pool, basis)}))
+        trial.apply({"kind": "reward", "round": round_, "body": items[-1][2]})
         for seq in trial.passing():
             prop = trial.proposals[seq]
             yes, _ = trial.tally(seq)
             items.append(("config", round_, {"proposal": seq, "key": prop["key"],
                                              "value": prop["value"], "yes": yes,
+                                             "total_stake": trial.total_stake()}))
+            trial.apply({"kind": "config", "round": round_, "body": items[-1][2]})
+        for seq in trial.expiring():
+            prop = trial.proposals[seq]
+            yes, no = trial.tally(seq)
+            items.append(("expire", round_, {"proposal": seq, "key": prop["key"],
+                                             "value": prop["value"], "yes": yes, "no": no,
                                              "total_stake": trial.total_stake()}))
         return self._batch(self.state, items, blobs)
 
@@ -245,7 +255,8 @@ class LedgerBook:
         for seq, p in sorted(st.proposals.items()):
             yes, no = st.tally(seq)
             props.append({"seq": seq, "key": p["key"], "value": p["value"], "by": p["by"],
-                          "yes": yes, "no": no, "total_stake": st.total_stake()})
+                          "yes": yes, "no": no, "total_stake": st.total_stake(),
+                          "expires_after_round": st.expires_after(seq)})
         return {"run_id": self.run_id, "entries": st.seq + 1, "head": st.head,
                 "supply": st.supply(), "minted": st.minted, "rules": st.rules,
                 "total_stake": st.total_stake(), "open_proposals": props,

@@ -19,6 +19,10 @@ Requests a participant makes (faucet, stake, transfer, propose, vote) are carrie
 as the participant signed them: {op, run_id, node, pk, nonce, ...} plus `sig`, an ML-DSA-65
 signature over REQUEST_DOMAIN || canonical JSON of the request without `sig`. The request's
 nonce must be the account's next one (a replayed request is refused).
+
+A proposal that has not passed after rules.proposal_rounds committed rounds (counted by the
+rounds rewarded since it was made; 0 or absent: never) is closed by an `expire` entry in the
+batch of the round that makes it due.
 """
 
 from __future__ import annotations
@@ -164,6 +168,20 @@ class LedgerState:
         total = self.total_stake()
         return [s for s in sorted(self.proposals) if total > 0 and 2 * self.tally(s)[0] > total]
 
+    def expires_after(self, seq: int) -> int | None:
+        """The committed round whose commit expires proposal `seq` unless it passes first
+        (None: proposals never expire in this run)."""
+        ttl = int(self.rules.get("proposal_rounds", 0))
+        return self.proposals[seq]["opened"] + ttl - 1 if ttl > 0 else None
+
+    def expiring(self) -> list[int]:
+        """Open proposals that are due (rules.proposal_rounds committed rounds old) and do not
+        pass, oldest first."""
+        ttl = int(self.rules.get("proposal_rounds", 0))
+        passing = set(self.passing())
+        return [s for s in sorted(self.proposals) if ttl > 0 and s not in passing
+                and len(self.rewarded_rounds) - self.proposals[s]["opened"] >= ttl]
+
     # -- requests --------------------------------------------------------------------------
     def check_request(self, req: dict[str, Any]) -> str:
         """A participant's signed request is well formed, signed by its node's key and not a
@@ -260,7 +278,7 @@ class LedgerState:
         if self.stakes.get(node, 0) <= 0:
             raise InsufficientBalance("only staked nodes propose", field="node")
         self.proposals[seq] = {"seq": seq, "key": key, "value": req.get("value"), "by": node,
-                               "votes": {}}
+                               "votes": {}, "opened": len(self.rewarded_rounds)}
 
     def _vote(self, node: str, req: dict[str, Any]) -> None:
         prop, support = req.get("proposal"), req.get("support")
@@ -292,6 +310,8 @@ class LedgerState:
             self._apply_slash(body, round_, evidence)
         elif kind == "config":
             self._apply_config(body)
+        elif kind == "expire":
+            self._apply_expire(body)
         else:
             raise TamperedLedger(f"unknown entry kind {kind!r}", field="kind")
 
@@ -343,6 +363,13 @@ class LedgerState:
         if body.get("key") != prop["key"] or body.get("value") != prop["value"]:
             raise TamperedLedger("config change differs from its proposal", field="value")
         self.closed[seq] = prop
+
+    def _apply_expire(self, body: dict[str, Any]) -> None:
+        seq = body.get("proposal")
+        if not isinstance(seq, int) or seq not in self.expiring():
+            raise TamperedLedger(f"proposal {seq} is not open and due to expire",
+                                 field="proposal")
+        self.closed[seq] = {**self.proposals.pop(seq), "expired": True}
 
 
 def verify(records: Iterable[dict[str, Any]], *, server_key: bytes | None = None,

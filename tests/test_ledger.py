@@ -21,6 +21,7 @@ from shared.ledger import (
     FixedSetting,
     InsufficientBalance,
     LedgerError,
+    LedgerState,
     ReplayedRequest,
     TamperedLedger,
     UnknownSetting,
@@ -102,3 +103,40 @@ def test_cli_verifies_a_file_and_refuses_an_edited_one(tmp_path: Path) -> None:
                         timeout=120, check=False)
     assert no.returncode == 1
     assert not json.loads(no.stdout.splitlines()[-1])["verified"]
+
+
+def test_a_proposal_that_does_not_pass_expires(tmp_path: Path, db_url: str | None) -> None:
+    """ledger_proposal_rounds = 2: a proposal without a majority is closed by an `expire`
+    entry in the batch of the second round committed after it; a vote on it is then refused,
+    and the verifier refuses an `expire` entry that comes too early."""
+    run = open_run(tmp_path / "run", {"model": "mlp-digits", "ledger_faucet": 500,
+                                      "ledger_proposal_rounds": 2}, None, db_url)
+    node, other = BenchNode(Coordinator(run)), BenchNode(Coordinator(run))
+    stake(run, node, 100)
+    stake(run, other, 300)
+    prop = run.ledger.submit(node.request(run, "propose", key="inner_lr", value=0.02))
+    run.ledger.submit(node.request(run, "vote", proposal=prop["seq"], support=True))
+    (open_,) = run.ledger.view()["open_proposals"]
+    assert (open_["seq"], open_["expires_after_round"], open_["yes"]) == (prop["seq"], 1, 100)
+    for r in range(2):
+        assert run.ledger.view()["open_proposals"], f"expired before round {r} committed"
+        run.commit(round_=r, params=run.params, momentum=run.momentum, attempts=1,
+                   eval_loss=None, train_loss=None, updates=[], bytes_up=0, bytes_down=0,
+                   duration_s=0.0)
+    assert run.ledger.view()["open_proposals"] == []
+    kinds = [(r["entry"]["kind"], r["entry"]["round"]) for r in run.store.ledger_records()]
+    assert kinds[-2:] == [("reward", 1), ("expire", 1)]
+    assert run.config.inner_lr != 0.02
+    with pytest.raises(LedgerError, match="no open proposal"):
+        run.ledger.submit(other.request(run, "vote", proposal=prop["seq"], support=True))
+    export = run.ledger.export()
+    verify_export(export)
+    # the same expire entry one round early (moved before round 1's reward) does not verify
+    lines = export.split(b"\n")
+    records = [json.loads(x)["entry"] for x in lines if x.startswith(b'{"entry"')]
+    state = LedgerState()
+    for entry in records[:-2]:
+        state.apply(entry)
+    with pytest.raises(TamperedLedger, match="due to expire"):
+        state.apply(records[-1])
+    run.store.close()
