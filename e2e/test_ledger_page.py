@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from bench.ledger import BenchNode, stake, wait_version
-from e2e.conftest import LiveServer, ensure_vendored
+from e2e.conftest import ROOT, LiveServer, ensure_vendored
 from server.coordinator import Coordinator
 from server.runstate import open_run
 
 CONFIG: dict[str, Any] = {"model": "mlp-digits", "quorum": 2, "deadline_s": 10.0,
                           "validation": True, "ledger_faucet": 1000, "ledger_slash": 50,
                           "resume_grace_s": 0.0, "rounds": 0}
+AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
 
 
 async def one_round(data_dir: Path) -> tuple[str, str, int]:
@@ -85,6 +86,10 @@ def test_ledger_card_shows_account_slashes_and_proposals(tmp_path: Path, open_ta
         page.fill("#ledger-node", "not-a-node")
         page.dispatch_event("#ledger-node", "change")
         assert "64 lowercase hex" in page.inner_text("#ledger-account-status")
+        page.add_script_tag(path=str(AXE))  # the card adds no serious accessibility fault
+        found = page.evaluate("""async () => (await axe.run('#ledger-card',
+            { resultTypes: ['violations'] })).violations.map((v) => [v.id, v.impact, v.help])""")
+        assert [v for v in found if v[1] in ("serious", "critical")] == [], found
         assert not tab.errors, tab.errors
     finally:
         server.stop()
