@@ -9,6 +9,11 @@
     GET /static/node/{path}        browser/node/: the browser node's pages and ES modules
     GET /static/vendor/{path}      browser/vendor/: npm files copied there by
                                    scripts/vendor_browser.py (./run.sh setup)
+    GET /static/worker/{node|vendor}/{path}
+                                   the same files for module Web Workers, which get no import
+                                   map: bare specifiers (`@noble/hashes/sha2.js`, `fzstd`) are
+                                   rewritten through the pages' import map (manifest.json) to
+                                   URLs under /static/worker/ (browser/node/participant_worker.js)
 
 Every response here is cross-origin isolated: COOP `same-origin`, COEP `require-corp` and
 CORP `same-origin`, so that pages get `crossOriginIsolated === true` (SharedArrayBuffer, hence
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
 import zipfile
 from dataclasses import dataclass
 from functools import cache
@@ -118,13 +125,19 @@ async def get_testdata(request: web.Request) -> web.Response:
                         headers=_isolated({"Cache-Control": "no-cache"}))
 
 
-def _file(base: Path, rel: str, *, cache_control: str, missing: str) -> web.FileResponse:
+def _resolve(base: Path, rel: str, missing: str) -> Path:
+    """`base / rel`, refused (404) when it leaves `base` or is not a file."""
     if not base.is_dir():
         raise web.HTTPNotFound(text=missing, headers=_isolated())
     root = base.resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root) or not path.is_file():
         raise web.HTTPNotFound(text=f"not found: {rel}", headers=_isolated())
+    return path
+
+
+def _file(base: Path, rel: str, *, cache_control: str, missing: str) -> web.FileResponse:
+    path = _resolve(base, rel, missing)
     ctype = CONTENT_TYPES.get(path.suffix, "application/octet-stream")
     return web.FileResponse(path, headers=_isolated({"Content-Type": ctype,
                                                      "Cache-Control": cache_control}))
@@ -141,3 +154,54 @@ async def get_vendor_file(request: web.Request) -> web.FileResponse:
     return _file(VENDOR_DIR, request.match_info["path"], cache_control="public, max-age=3600",
                  missing="browser/vendor/ is missing: run ./run.sh setup (npm ci + "
                          "scripts/vendor_browser.py)")
+
+
+# `from '<spec>'`, `import '<spec>'`, `import('<spec>')` where <spec> is bare (not ./, ../, /)
+BARE_IMPORT = re.compile(r"""(\bfrom\s*|\bimport\s*\(?\s*)(['"])([^'"./][^'"]*)\2""")
+WORKER_URL = "/static/worker/"
+
+
+def worker_import_map(vendor: Path = VENDOR_DIR) -> dict[str, str]:
+    """The pages' import map (browser/vendor/manifest.json), pointed at /static/worker/."""
+    imports = json.loads((vendor / "manifest.json").read_text(encoding="utf-8"))["imports"]
+    return {k: v.replace("/static/vendor/", f"{WORKER_URL}vendor/", 1)
+            for k, v in imports.items()}
+
+
+def rewrite_bare_imports(text: str, imports: dict[str, str]) -> str:
+    """Resolve bare import specifiers as an import map would: an exact key, else the longest
+    key ending in "/" that prefixes the specifier. Unknown specifiers are left as they are."""
+    prefixes = sorted((k for k in imports if k.endswith("/")), key=len, reverse=True)
+
+    def resolve(m: re.Match[str]) -> str:
+        spec = m[3]
+        url = imports.get(spec)
+        if url is None:
+            key = next((k for k in prefixes if spec.startswith(k)), None)
+            if key is None:
+                return m[0]
+            url = imports[key] + spec[len(key):]
+        return f"{m[1]}{m[2]}{url}{m[2]}"
+
+    return BARE_IMPORT.sub(resolve, text)
+
+
+@cache
+def _worker_module(path: Path, mtime_ns: int) -> bytes:
+    del mtime_ns  # part of the cache key: an edited file is rewritten again
+    return rewrite_bare_imports(path.read_text(encoding="utf-8"),
+                                worker_import_map()).encode("utf-8")
+
+
+@routes.get("/static/worker/{tree:node|vendor}/{path:.+}")
+async def get_worker_file(request: web.Request) -> web.StreamResponse:
+    tree = request.match_info["tree"]
+    base = NODE_DIR if tree == "node" else VENDOR_DIR
+    cache_control = "no-cache" if tree == "node" else "public, max-age=3600"
+    rel = request.match_info["path"]
+    path = _resolve(base, rel, f"browser/{tree}/ is missing")
+    if path.suffix not in (".js", ".mjs") or not (VENDOR_DIR / "manifest.json").is_file():
+        return _file(base, rel, cache_control=cache_control, missing=f"browser/{tree}/ is missing")
+    body = _worker_module(path, path.stat().st_mtime_ns)
+    return web.Response(body=body, headers=_isolated({
+        "Content-Type": CONTENT_TYPES[path.suffix], "Cache-Control": cache_control}))

@@ -1,15 +1,15 @@
 // The training tab's controller (main thread): Pyodide runs the participant's protocol logic
-// (shared/participant.py, the same package native nodes use), this file moves its frames over
-// the WebSocket and hands each round to the trainer in a Web Worker (train_worker.js).
+// (shared/participant.py, the same package native nodes use) in a Web Worker
+// (participant_worker.js, reached through participant_client.js); this file moves its frames
+// over the WebSocket (or the star uplink's data channel) and hands each round to the trainer in
+// another Web Worker (train_worker.js). Nothing heavy runs on the page's main thread.
 //
 //   const node = new BrowserNode();
 //   node.addEventListener('change', () => render(node.stats));
 //   await node.start();          // load, connect, train every round until the run ends
 //   node.pause(); node.resume(); await node.useOwnText(file); await node.generate('ab', 40);
 
-import { loadShared } from './pyodide_host.js';
-import { loadOrCreateIdentity } from './identity.js';
-import { initZstd } from './zstd.js';
+import { ParticipantClient } from './participant_client.js';
 import { decodeUpdate } from './codecs.js';
 import { StarUplink } from './rtc.js';
 import { generateText, softmax, textWindows, bigramReference, fitCheck, describeData } from './local_model.js';
@@ -48,9 +48,7 @@ export class BrowserNode extends EventTarget {
     this.role = role;
     this.requestedBackend = backend;
     this.prefix = storagePrefix;
-    this.py = null;
-    this.glue = null;
-    this.part = null;
+    this.proto = null;  // ParticipantClient: the participant in its worker
     this.worker = null;
     this.ws = null;
     this.stopped = false;
@@ -87,24 +85,13 @@ export class BrowserNode extends EventTarget {
     // The graphs load in the worker while Pyodide loads here; the tab connects (and so counts
     // toward a round) only once it can train: an unready tab never holds a round.
     this.modelReady = this.prepareModel();
-    const [shared, ident] = await Promise.all([
-      loadShared(), loadOrCreateIdentity(`${this.prefix}node`), initZstd()]);
-    this.py = shared.pyodide;
-    const glue = await fetch(new URL('./node_glue.py', import.meta.url), { cache: 'no-cache' });
-    if (!glue.ok) throw new Error(`node_glue.py: HTTP ${glue.status}`);
-    this.py.runPython(await glue.text(), { filename: 'node_glue.py' });
-    this.glue = {
-      make: this.py.globals.get('make_participant'), feed: this.py.globals.get('feed'),
-      submit: this.py.globals.get('submit'), setLayout: this.py.globals.get('set_layout'),
-      verdict: this.py.globals.get('verdict'), signal: this.py.globals.get('signal'),
-      stopped: this.py.globals.get('training_stopped'),
-    };
     const pinsKey = `${this.prefix}${PINS_KEY}`;
-    this.part = this.glue.make(ident.publicKey, ident.secretKey, storageGet(pinsKey) || '{}',
-      (json) => storageSet(pinsKey, json), backend, this.role);
-    const journal = storageGet(`${this.prefix}${JOURNAL_KEY}`);
-    if (journal && this.part.restore(journal)) this.log('an update trained before the reload is kept for resubmission');
-    this.set({ nodeId: ident.nodeId, timings: { ...this.stats.timings, python_ms: performance.now() - this.t0 } });
+    this.proto = new ParticipantClient({ onPins: (json) => storageSet(pinsKey, json) });
+    const info = await this.proto.init({ prefix: this.prefix, role: this.role, backend,
+      pins: storageGet(pinsKey) || '{}', journal: storageGet(`${this.prefix}${JOURNAL_KEY}`) });
+    if (info.restored) this.log('an update trained before the reload is kept for resubmission');
+    this.set({ nodeId: info.nodeId, timings: { ...this.stats.timings, ...info.timings,
+      python_ms: performance.now() - this.t0 } });
     await this.modelReady;
     this.set({ state: 'connecting', timings: { ...this.stats.timings, ready_ms: performance.now() - this.t0 } });
     this.connect(0);
@@ -156,17 +143,11 @@ export class BrowserNode extends EventTarget {
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
     this.set({ state: 'connecting' });
-    ws.onopen = () => { this.part.connection_made(); attempt = 0; };
+    ws.onopen = () => { this.participant('connected').catch((err) => this.log(`${err}`, 'error')); attempt = 0; };
     ws.onmessage = (ev) => {
       if (!(ev.data instanceof ArrayBuffer)) return;
-      let events;
-      try {
-        events = this.glue.feed(this.part, new Uint8Array(ev.data));
-      } catch (err) {
-        this.log(`protocol logic failed: ${err}`, 'error');
-        return;
-      }
-      for (const e of events) this.onEvent(e);
+      this.participant('feed', [new Uint8Array(ev.data)], [ev.data])
+        .catch((err) => this.log(`protocol logic failed: ${err.message || err}`, 'error'));
     };
     ws.onclose = () => {
       if (this.ws !== ws) return;
@@ -176,6 +157,14 @@ export class BrowserNode extends EventTarget {
       this.set({ state: `reconnecting in ${(delay / 1000).toFixed(1)} s` });
       setTimeout(() => this.connect(attempt + 1), delay);
     };
+  }
+
+  /** One call of the participant in its worker; its events are carried out here, in the
+   * order the calls were made. Resolves with the events. */
+  async participant(fn, args = [], transfer = []) {
+    const events = await this.proto.call(fn, args, transfer);
+    for (const e of events) this.onEvent(e);
+    return events;
   }
 
   send(frame) {
@@ -199,7 +188,7 @@ export class BrowserNode extends EventTarget {
       return;
     }
     const up = new StarUplink((kind, data) => {
-      for (const ev of this.glue.signal(this.part, kind, data)) this.onEvent(ev);
+      this.participant('signal', [kind, data]).catch((err) => this.log(`WebRTC signal: ${err.message || err}`));
     }, { timeoutS: w.rtc_timeout_s });
     this.uplink = up;
     up.channel.addEventListener('open', () => this.set({ transport: up.state }));
@@ -271,7 +260,7 @@ export class BrowserNode extends EventTarget {
       return;  // the socket reconnects
     }
     // the graphs' layout must hash, with the run's model config, to the run's model id
-    this.glue.setLayout(this.part, JSON.stringify(this.manifest.layout));
+    await this.proto.call('setLayout', [JSON.stringify(this.manifest.layout)]);
     this.set({ state: 'fetching data' });
     const t0 = performance.now();
     const validator = this.role === 'validator';
@@ -332,8 +321,7 @@ export class BrowserNode extends EventTarget {
     const [base, ...rest] = losses;
     const it = rest[Symbol.iterator]();
     const all = ok.map((good) => (good ? it.next().value : NaN));
-    const events = this.glue.verdict(this.part, e.round, base, all.map((v) => (Number.isFinite(v) ? v : NaN)));
-    for (const ev of events) this.onEvent(ev);
+    await this.participant('verdict', [e.round, base, all.map((v) => (Number.isFinite(v) ? v : NaN))]);
     const lastVerdict = { round: e.round, base, losses: all.map((v) => (Number.isFinite(v) ? v : null)) };
     this.firstVerdict = this.firstVerdict || lastVerdict;
     this.set({ judged: this.stats.judged + all.length, state: `judged round ${e.round}`, lastVerdict });
@@ -343,7 +331,7 @@ export class BrowserNode extends EventTarget {
     this.params = new Float32Array(e.params.buffer.slice(e.params.byteOffset, e.params.byteOffset + e.params.byteLength));
     this.set({ round: e.round, version: e.params_digest.slice(0, 12) });
     if (this.workerModel !== this.welcome?.model_id) { this.queued = e; return; }
-    if (this.stats.paused) { this.glue.stopped(this.part, e.round); return; }
+    if (this.stats.paused) { this.trainingStopped(e.round); return; }
     const params = this.params.slice();
     this.trainStart = performance.now();
     this.trainingRound = e.round;
@@ -358,25 +346,13 @@ export class BrowserNode extends EventTarget {
     } else if (m.type === 'done') {
       this.trainingRound = null;
       if (this.stats.paused) {  // finished just as Pause was pressed: the round is given up
-        this.glue.stopped(this.part, m.round);
+        this.trainingStopped(m.round);
         return;
       }
-      const wall = (performance.now() - this.trainStart) / 1000;
-      let events;
-      try {
-        events = this.glue.submit(this.part, m.round, new Uint8Array(m.delta), m.trainLoss,
-          m.samples, m.computeS);
-      } catch (err) {
-        this.log(`round ${m.round}: cannot submit: ${err.message || err}`, 'error');
-        return;
-      }
-      for (const e of events) this.onEvent(e);
-      const sent = events.some((e) => e.kind === 'send');
-      this.set({ contributed: this.stats.contributed + (sent ? 1 : 0), samplesPerS: m.samples / wall,
-        state: sent ? `submitted round ${m.round}` : this.stats.state });
+      this.submit(m, (performance.now() - this.trainStart) / 1000);
     } else if (m.type === 'cancelled') {
       this.trainingRound = null;
-      this.glue.stopped(this.part, m.round);
+      this.trainingStopped(m.round);
       const why = this.stats.paused ? 'paused: nothing is sent for this round' : 'the round moved on';
       this.log(`round ${m.round}: training stopped after ${m.steps} steps (${why})`);
       this.set({ stoppedAt: { round: m.round, steps: m.steps, paused: this.stats.paused } });
@@ -391,6 +367,26 @@ export class BrowserNode extends EventTarget {
     } else if (m.type === 'error') {
       this.log(`trainer: ${m.message}`, 'error');
     }
+  }
+
+  /** The worker's pseudo-gradient -> the participant (encode, journal, sign) -> Submit. */
+  async submit(m, wall) {
+    let events;
+    try {
+      events = await this.participant('submit', [m.round, new Uint8Array(m.delta), m.trainLoss,
+        m.samples, m.computeS], [m.delta]);
+    } catch (err) {
+      this.log(`round ${m.round}: cannot submit: ${err.message || err}`, 'error');
+      return;
+    }
+    const sent = events.some((e) => e.kind === 'send');
+    this.set({ contributed: this.stats.contributed + (sent ? 1 : 0), samplesPerS: m.samples / wall,
+      state: sent ? `submitted round ${m.round}` : this.stats.state });
+  }
+
+  /** The trainer stopped `round` without a result: the participant trains it again if offered. */
+  trainingStopped(round) {
+    this.participant('stopped', [round]).catch((err) => this.log(`${err.message || err}`, 'error'));
   }
 
   onCommitted(e) {
@@ -448,6 +444,7 @@ export class BrowserNode extends EventTarget {
   stop() {
     this.stopped = true;
     this.worker?.terminate();
+    this.proto?.terminate();
     this.uplink?.close();
     this.ws?.close();
     this.set({ state: 'stopped' });

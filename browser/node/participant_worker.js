@@ -1,0 +1,87 @@
+// The participant's protocol logic in a dedicated Web Worker, so that nothing heavy runs on
+// the page's main thread: Pyodide (loading the runtime, unpacking `shared`, importing it),
+// shared/participant.py (frame checks, params digests, codec + error feedback), ML-DSA-65
+// signing and zstd. The page (node.js, through participant_client.js) keeps the WebSocket and
+// the WebRTC uplink (RTCPeerConnection does not exist in Chromium's workers) and passes frames
+// here and back as transferred buffers.
+//
+// Loaded from /static/worker/node/ (server/browser_assets.py): workers get no import map, so
+// the server rewrites the bare specifiers of these modules (@noble/..., fzstd) to URLs.
+//
+// Messages in:                                            Messages out:
+//   {type:'init', prefix, role, backend, pins, journal}   {type:'ready', nodeId, restored, timings}
+//   {type:'call', id, fn, args}                           {type:'result', id, events | error}
+//                                                         {type:'pins', json} (save the pins)
+//                                                         {type:'error', message} (init failed)
+// fn: connected() | feed(frame) | submit(round, delta, trainLoss, samples, computeS) |
+//     verdict(round, base, losses) | signal(kind, data) | stopped(round) | setLayout(json);
+// `events` are node_glue.py's (plain objects, bytes as Uint8Array).
+
+import { loadShared } from './pyodide_host.js';
+import { loadOrCreateIdentity } from './identity.js';
+import { initZstd } from './zstd.js';
+
+let glue = null;
+let part = null;
+
+const CALLS = {
+  connected: () => { part.connection_made(); return []; },
+  feed: (frame) => glue.feed(part, frame),
+  submit: (round, delta, trainLoss, samples, computeS) => glue.submit(part, round, delta, trainLoss,
+    samples, computeS),
+  verdict: (round, base, losses) => glue.verdict(part, round, base, losses),
+  signal: (kind, data) => glue.signal(part, kind, data),
+  stopped: (round) => { glue.stopped(part, round); return []; },
+  setLayout: (json) => { glue.setLayout(part, json); return []; },
+};
+
+/** The events' own byte buffers, moved to the page instead of copied. */
+function transferables(events) {
+  const out = new Set();
+  for (const e of events) {
+    for (const v of Object.values(e)) {
+      if (v instanceof Uint8Array && v.byteOffset === 0 && v.byteLength === v.buffer.byteLength) out.add(v.buffer);
+    }
+  }
+  return [...out];
+}
+
+async function init({ prefix, role, backend, pins, journal }) {
+  const t0 = performance.now();
+  const [shared, ident] = await Promise.all([
+    loadShared(), loadOrCreateIdentity(`${prefix}node`), initZstd()]);
+  const py = shared.pyodide;
+  const resp = await fetch(new URL('./node_glue.py', import.meta.url), { cache: 'no-cache' });
+  if (!resp.ok) throw new Error(`node_glue.py: HTTP ${resp.status}`);
+  py.runPython(await resp.text(), { filename: 'node_glue.py' });
+  const get = (name) => py.globals.get(name);
+  glue = { make: get('make_participant'), feed: get('feed'), submit: get('submit'),
+    setLayout: get('set_layout'), verdict: get('verdict'), signal: get('signal'),
+    stopped: get('training_stopped') };
+  part = glue.make(ident.publicKey, ident.secretKey, pins || '{}',
+    (json) => self.postMessage({ type: 'pins', json }), backend, role);
+  const restored = journal ? Boolean(part.restore(journal)) : false;
+  return { nodeId: ident.nodeId, restored,
+    timings: { ...shared.timings, worker_python_ms: performance.now() - t0 } };
+}
+
+self.onmessage = async (ev) => {
+  const m = ev.data;
+  if (m.type === 'init') {
+    try {
+      self.postMessage({ type: 'ready', ...(await init(m)) });
+    } catch (err) {
+      self.postMessage({ type: 'error', message: String(err?.message || err) });
+    }
+    return;
+  }
+  if (m.type !== 'call') return;
+  let events;
+  try {
+    events = Array.from(CALLS[m.fn](...m.args));
+  } catch (err) {
+    self.postMessage({ type: 'result', id: m.id, error: String(err?.message || err) });
+    return;
+  }
+  self.postMessage({ type: 'result', id: m.id, events }, transferables(events));
+};
