@@ -133,11 +133,21 @@ def run_one(run: Run) -> dict[str, Any]:
     """Worker: one simulate() run in this process; never raises (errors are data)."""
     import torch
 
+    torch.set_num_threads(1)
+    quiet = [logging.getLogger(name) for name in ("server", "bench")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        return _run_one(run)
+    finally:  # in-process callers (the tests) keep their logging
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _run_one(run: Run) -> dict[str, Any]:
     from bench.simulate import simulate
 
-    torch.set_num_threads(1)
-    logging.getLogger("server").setLevel(logging.ERROR)
-    logging.getLogger("bench").setLevel(logging.ERROR)
     extra: dict[str, Any] = {}
     if run.batch_size is not None:
         extra["batch_size"] = run.batch_size
