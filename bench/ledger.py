@@ -49,7 +49,7 @@ from shared.codecs import get_codec
 from shared.envelope import Identity, new_nonce
 from shared.frame import decode_frame, encode_frame
 from shared.ledger import LedgerError, TamperedLedger, canonical, sign_request, solve_pow, verify
-from shared.ledger_audit import evidence_checker, parse_export, verify_export
+from shared.ledger_audit import evidence_checker, genesis_key, parse_export, verify_export
 from shared.messages import Hello, Message, Submit, sha256_hex
 
 log = logging.getLogger("bench.ledger")
@@ -222,7 +222,7 @@ async def bench(rounds: int, honest: int, flood_n: int, trials: int, seed: int,
     state = verify_export(data, server_key=run.identity.public_key if run.identity else None)
     verify_s = time.perf_counter() - t0
     exp = parse_export(data)
-    check = evidence_checker(exp.blobs)
+    check = evidence_checker(exp.blobs, genesis_key(exp.records))
     unbacked = 0
     for rec in exp.records:
         e = rec["entry"]
@@ -313,7 +313,7 @@ def verify_data_dir(data_dir: Path, db: str | None = None) -> dict[str, Any]:
     finally:
         store.close()
     try:
-        state = verify(records, evidence=evidence_checker(blobs))
+        state = verify(records, evidence=evidence_checker(blobs, genesis_key(records)))
     except TamperedLedger as err:
         return {"verified": False, "error": err.message}
     return {"verified": state.supply() == state.minted

@@ -37,6 +37,7 @@ from server.config import RunConfig
 from server.evidence import Evidence
 from server.ledger import apply_setting
 from server.outbox import Outbox
+from server.p2p import P2PReduction
 from server.peers import Connection, Peer
 from server.reduction import choose_reduction
 from server.roundopen import RoundOpener
@@ -88,6 +89,8 @@ class Coordinator:
         self.evidence = Evidence(run.store)
         self.slashing = self._wire_ledger()
         self.reduction = choose_reduction(run, self.outbox, self.evidence, self.counters)
+        if isinstance(self.reduction, P2PReduction):  # outvoted owners are slashed
+            self.reduction.outvoted = self.slashing.outvoted
         self.collection = RoundCollection(self.config, run.n_params, self.reduction,
                                           self.counters)
         self.validation = Validation(run, self.outbox, self.collection, self.evidence,

@@ -11,7 +11,9 @@ default). shared.p2p.ShardCheck compares the owners' results:
 - all owners of a shard agree: the shard is settled;
 - they disagree: another member is added as an owner (a revised plan goes to every member)
   and the majority wins; each owner that disagreed with it gets a `p2p_mismatch` rejection
-  record (GET /api/rejections), the evidence the ledger slashes on;
+  record (GET /api/rejections) and is slashed (`outvoted`, server.slashing: evidence
+  `p2p_outvoted`, the owners' signed result frames and the server's signed plans, which the
+  server keeps per revision for the running reduction);
 - an owner or member leaves, or owners stay silent for `p2p_timeout_s`: they are dropped from
   the plan (their update is left out), their shards go to the next members, and the members
   resend only what the new owners lack. Below quorum the round is retried.
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,6 +53,9 @@ from shared.p2p import (
     revise,
 )
 from shared.rounds import RoundState
+
+# (round, shard, outvoted owner, majority digest, owner -> digest, revision -> signed plan)
+Outvoted = Callable[[int, int, str, str, dict[str, str], dict[int, bytes]], bool]
 
 if TYPE_CHECKING:
     from server.collection import RoundCollection
@@ -73,6 +79,8 @@ class P2PReduction:
         self._event = asyncio.Event()  # a result came in, or the plan changed
         self._members: frozenset[str] = frozenset()  # of the last settled reduction (they hold it)
         self._liars: set[str] = set()  # owners outvoted in this server's lifetime: never primaries
+        self._plans: dict[int, bytes] = {}  # revision -> the signed ShardPlan frame (this round)
+        self.outvoted: Outvoted | None = None  # the coordinator wires server.slashing here
 
     @property
     def busy(self) -> bool:
@@ -139,16 +147,17 @@ class P2PReduction:
         await self._act(plan, check, events)
 
     async def _act(self, plan: Plan, check: ShardCheck, events: list[dict[str, Any]]) -> None:
-        extra = self._judge(plan.round, events)
+        extra = self._judge(check, events)
         if extra:
             self.counters["p2p_disputes"] += len(extra)
             await self._replan(revise(plan, extra=extra), check)
         self._event.set()
 
-    def _judge(self, round_: int, events: list[dict[str, Any]]) -> dict[int, str]:
-        """Act on ShardCheck's findings: record liars (never primaries again), log shards
-        without a majority; returns the extra owners it asks for (shard -> member)."""
+    def _judge(self, check: ShardCheck, events: list[dict[str, Any]]) -> dict[int, str]:
+        """Act on ShardCheck's findings: record and slash liars (never primaries again), log
+        shards without a majority; returns the extra owners it asks for (shard -> member)."""
         extra: dict[int, str] = {}
+        round_ = check.plan.round
         for e in events:
             if e["kind"] == "extra_owner":
                 extra[e["shard"]] = e["node"]
@@ -160,27 +169,49 @@ class P2PReduction:
                 self.evidence.record(round_, e["node"], None, "p2p_mismatch",
                                      f"reduced shard {e['shard']} differs from the other "
                                      "owners'", ["server"])
+                self._slash(check, e["node"], e["shard"])
             elif e["kind"] == "unresolved":
                 log.error("round %d: shard %d has no majority among all members", round_,
                           e["shard"])
         return extra
 
+    def _slash(self, check: ShardCheck, node: str, shard: int) -> None:
+        """Hand an outvoted owner to slashing with what its evidence needs: every counted
+        owner's digest, the majority's, and the signed plans up to the judging one."""
+        if self.outvoted is None:
+            return
+        plan = check.plan
+        self._plan_frame(plan)  # the plan that judged is signed (and sent right after)
+        owners = {o: d for o, d in check.results.get(shard, {}).items()
+                  if o in plan.owners[shard]}
+        plans = {r: f for r, f in self._plans.items() if r <= plan.revision}
+        if not self.outvoted(plan.round, shard, node, check.agreed[shard], owners, plans):
+            log.warning("round %d: %s outvoted on shard %d, but its evidence is incomplete: "
+                        "not slashed", plan.round, node[:12], shard)
+
     async def _replan(self, plan: Plan, check: ShardCheck) -> None:
         """Adopt and send a revised plan (with any extra owners its own check asks for)."""
-        while extra := self._judge(plan.round, check.revise(plan)):
+        while extra := self._judge(check, check.revise(plan)):
             plan = revise(plan, extra=extra)
         self._p2p = (plan, check)
         await self._send_plan(plan)
 
+    def _plan_frame(self, plan: Plan) -> bytes:
+        """The signed ShardPlan of `plan` (one frame per revision, kept for the evidence)."""
+        if plan.revision not in self._plans:
+            msg = ShardPlan(run_id=self.run.run_id, round=plan.round, plan=plan.to_dict(),
+                            rule=self.config.aggregator,
+                            byzantine_fraction=self.config.byzantine_fraction,
+                            result_codec=self.config.p2p_result_codec)
+            self._plans[plan.revision] = self.nodes.frame(msg)
+        return self._plans[plan.revision]
+
     async def _send_plan(self, plan: Plan) -> None:
-        msg = ShardPlan(run_id=self.run.run_id, round=plan.round, plan=plan.to_dict(),
-                        rule=self.config.aggregator,
-                        byzantine_fraction=self.config.byzantine_fraction,
-                        result_codec=self.config.p2p_result_codec)
+        data = self._plan_frame(plan)
         for m in plan.members:
             conn = self.nodes.conn(m)
             if conn is not None:
-                await self.nodes.send(conn, msg)
+                await self.nodes.send(conn, data)
 
     async def reduce(self, state: RoundState, collection: RoundCollection) -> np.ndarray | None:
         """Run the reduction of the open round; its aggregate, or None when fewer than
@@ -191,6 +222,7 @@ class P2PReduction:
                                 self._liars)
         check = ShardCheck(plan, result_codec=self.config.p2p_result_codec)
         self._p2p = (plan, check)
+        self._plans = {}
         self._event.clear()
         log.info("round %d: p2p reduction over %d members, %d owners per shard", state.round,
                  len(plan.members), len(plan.owners[0]))

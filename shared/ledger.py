@@ -41,7 +41,7 @@ REQUEST_DOMAIN = b"DAAP-LEDGER-REQ-v1"
 GENESIS_PREV = "0" * 64
 TREASURY = "treasury"  # the account slashed stake goes to
 REQUEST_OPS = ("faucet", "stake", "transfer", "propose", "vote")
-EVIDENCE_KINDS = ("equivocation", "invalid_frame", "validation_rejected")
+EVIDENCE_KINDS = ("equivocation", "invalid_frame", "validation_rejected", "p2p_outvoted")
 MAX_AMOUNT = 2**53  # amounts stay exact in every JSON reader (the tab's too)
 
 

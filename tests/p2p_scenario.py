@@ -1,6 +1,7 @@
 """Run inside a private network namespace by tests/test_p2p_run.py: a real server with
 `--transport p2p` and N real native nodes; prints JSON of /api/rounds, /api/run, /api/peers,
-/api/rejections and the node logs once the run is over.
+/api/rejections, the ledger export (/api/ledger/export) and the node logs once the run is
+over.
 `python -m tests.p2p_scenario DIR NODES ROUNDS FAULT [extra server flags...]`: FAULT "none",
 "lie" (node 0 forges its reduced shards) or "vanish" (node 0 stops mid-transfer in its
 first reduction and is then killed -9)."""
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import urllib.request
 from pathlib import Path
 
 from bench.common import free_port, get_json, poll
@@ -44,6 +46,8 @@ def main() -> int:
         out = {"rounds": get_json(url + "/api/rounds"), "run": get_json(url + "/api/run"),
                "peers": get_json(url + "/api/peers"),
                "rejections": get_json(url + "/api/rejections"),
+               "ledger_export": urllib.request.urlopen(url + "/api/ledger/export",
+                                                       timeout=30).read().decode(),
                "node_logs": [procs.log(f"n{i}") for i in range(nodes)],
                "server_log": procs.log("server")}
     finally:

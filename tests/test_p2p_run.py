@@ -5,8 +5,9 @@ namespace the test creates (tests/p2p_scenario.py), shards swapped over direct d
   the server only receives the owners' reduced shards and sends each node a few KB (the outer
   step to apply), not the params;
 - a lying owner (tests/p2p_faulty_node.py forges every shard it reduces): each disputed shard
-  gets an extra owner, the majority stands, the liar is recorded (`p2p_mismatch`) and the
-  model trains as in the honest run;
+  gets an extra owner, the majority stands, the liar is recorded (`p2p_mismatch`) and
+  slashed with `p2p_outvoted` evidence that the ledger export verifies offline (and a
+  tampered evidence frame does not), and the model trains as in the honest run;
 - a node that stops mid-transfer and is killed -9: it is dropped from the reduction, its
   shards are reassigned and the round commits with the others;
 - no usable interface (loopback only): ICE fails, the shards go through the server (relay),
@@ -14,12 +15,15 @@ namespace the test creates (tests/p2p_scenario.py), shards swapped over direct d
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.netns import available
+from shared.ledger import TamperedLedger, canonical
+from shared.ledger_audit import parse_export, verify_export
 from tests.conftest import in_netns
 
 pytestmark = pytest.mark.skipif(available() is not None,
@@ -65,6 +69,20 @@ def test_a_lying_owner_is_outvoted_and_recorded(tmp_path: Path) -> None:
     assert {r["code"] for r in recs} == {"p2p_mismatch"}
     assert {r["round"] for r in recs} == {0, 1, 2}
     assert res["rounds"][-1]["eval_loss"] < 0.8  # the forged shards never reached the model
+    export = res["ledger_export"].encode()
+    state = verify_export(export)
+    slashes = [r["entry"] for r in parse_export(export).records
+               if r["entry"]["kind"] == "slash"]
+    assert state.slashes == len(slashes) >= 1
+    assert {e["body"]["node"] for e in slashes} == {liar}
+    assert {e["body"]["evidence"]["kind"] for e in slashes} == {"p2p_outvoted"}
+    blob = slashes[0]["body"]["evidence"]["frames"][0]  # the liar's signed result, altered
+    lines = [json.loads(line) for line in export.splitlines()]
+    for obj in lines:
+        if obj.get("evidence") == blob:
+            obj["data"] = obj["data"][:-2] + ("00" if obj["data"][-2:] != "00" else "01")
+    with pytest.raises(TamperedLedger):
+        verify_export(b"\n".join(canonical(o) for o in lines) + b"\n")
     # caught in round 0, the liar never serves a shard again: from round 1 on the members
     # hold the true aggregate and step themselves (no params download)
     assert res["rounds"][2]["bytes_down"] < 3 * UPDATE  # it was 357 KB: 4 x (params + m)
