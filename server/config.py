@@ -21,7 +21,9 @@ from shared.p2p import COORDINATE_RULES
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
                         "n_shards", "seed", "ledger_reward_per_round", "ledger_faucet",
                         "ledger_min_stake", "ledger_pow_bits", "ledger_slash",
-                        "ledger_proposal_rounds"})
+                        "ledger_proposal_rounds", "aggregation_weights"})
+AGGREGATION_WEIGHTS = ("equal", "stake")
+WEIGHTED_RULES = ("mean",)  # the rules aggregation_weights = "stake" may weight
 LEDGER_INTS = ("ledger_reward_per_round", "ledger_faucet", "ledger_min_stake",
                "ledger_pow_bits", "ledger_slash", "ledger_proposal_rounds")
 
@@ -77,6 +79,8 @@ class RunConfig:
     ledger_pow_bits: int = 0  # leading zero bits of the proof of work a faucet claim needs
     ledger_slash: int = 100  # units a slash takes (stake first, then balance; at most held)
     ledger_proposal_rounds: int = 20  # committed rounds a proposal stays open (0: forever)
+    # "stake": the server's mean weighs each accepted update by its node's ledger stake
+    aggregation_weights: str = "equal"
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -126,6 +130,16 @@ class RunConfig:
             (self.validation_timeout_s > 0, "validation_timeout_s", "must be > 0"),
             *[(getattr(self, k) >= 0, k, "must be >= 0") for k in LEDGER_INTS],
             (self.ledger_pow_bits <= 32, "ledger_pow_bits", "must be <= 32"),
+            (self.aggregation_weights in AGGREGATION_WEIGHTS, "aggregation_weights",
+             f"must be one of {AGGREGATION_WEIGHTS}"),
+            (self.aggregation_weights == "equal" or self.aggregator in WEIGHTED_RULES,
+             "aggregation_weights", f"= 'stake' needs a rule that takes weights "
+             f"{WEIGHTED_RULES}, not aggregator {self.aggregator!r}"),
+            (self.aggregation_weights == "equal" or self.transport != "p2p",
+             "aggregation_weights", "= 'stake' needs the updates at the server: not with "
+             "transport p2p"),
+            (self.aggregation_weights == "equal" or self.ledger_min_stake > 0,
+             "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]
         for ok, key, what in checks:
             if not ok:

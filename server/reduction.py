@@ -7,7 +7,10 @@ the outer step applies.
 
 - `ServerReduction` (ws, star): every update comes to the server (WebSocket or its aiortc
   peer) in a `Submit`; the server decodes it and applies the run's robust rule
-  (shared.aggregation) over the round's vectors.
+  (shared.aggregation) over the round's vectors. With `aggregation_weights = "stake"` (rule
+  `mean` only, RunConfig refuses the others) each update weighs its node's ledger stake at
+  the time of the reduction; a node without stake weighs 0, and a round whose nodes hold no
+  stake at all is retried.
 - `server.p2p.P2PReduction` (p2p): a trainer keeps its update and sends a `Ready`; the members
   reduce shards among themselves and the server only checks the owners' results.
 
@@ -92,9 +95,24 @@ class ServerReduction:
         raise BadUpdate(f"this run does not reduce peer to peer (transport "
                         f"{self.config.transport!r}): no shards", field="msg_type")
 
-    async def reduce(self, state: RoundState, collection: RoundCollection) -> np.ndarray:
-        return self.aggregate([collection.vectors[n] for n in sorted(state.updates)],
-                              state.round)
+    async def reduce(self, state: RoundState, collection: RoundCollection
+                     ) -> np.ndarray | None:
+        nodes = sorted(state.updates)
+        vectors = [collection.vectors[n] for n in nodes]
+        if self.config.aggregation_weights == "stake":
+            return self.stake_weighted(nodes, vectors, state.round)
+        return self.aggregate(vectors, state.round)
+
+    def stake_weighted(self, nodes: list[str], vectors: list[np.ndarray], round_: int
+                       ) -> np.ndarray | None:
+        """The mean of `vectors` weighted by their nodes' ledger stakes (None: no stake)."""
+        stakes = self.run.ledger.state.stakes
+        weights = np.array([stakes.get(n, 0) for n in nodes], dtype=np.float64)
+        if weights.sum() <= 0:
+            log.warning("round %d: no update's node holds stake; retrying the round", round_)
+            return None
+        mean = np.average(np.stack(vectors).astype(np.float64), axis=0, weights=weights)
+        return np.asarray(mean, dtype=np.float32)
 
     def aggregate(self, vectors: list[np.ndarray], round_: int) -> np.ndarray:
         """The run's rule over the round's updates."""
