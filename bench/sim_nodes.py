@@ -48,7 +48,7 @@ class SimNode:
     inbox: list[bytes] = field(default_factory=list)
     conn: Connection | None = None
     welcome: Event | None = None  # the participant's "welcome" event
-    open: Event | None = None  # the newest "train" event not yet trained for
+    open: Event | None = None  # the newest "train" event not yet trained for (without params)
     committed: int = -1  # newest round the server told us it committed
     final: bool = False
     acks: int = 0
@@ -59,6 +59,10 @@ class SimNode:
     @property
     def node_id(self) -> str:
         return self.part.node_id
+
+    def theta(self) -> np.ndarray:
+        """The open round's params: what the participant holds (numpy natively)."""
+        return np.asarray(self.part.held, dtype=np.float32)
 
     def pump(self) -> bytes | None:
         """Feed every queued server frame to the participant and carry out its events; the
@@ -76,8 +80,8 @@ class SimNode:
             return bytes(ev["frame"])
         if kind == "welcome":
             self.welcome = ev
-        elif kind == "train":
-            self.open = ev
+        elif kind == "train":  # theta is the participant's own `held` vector: no second copy
+            self.open = {k: v for k, v in ev.items() if k != "params"}
         elif kind == "cancel" and self.open is not None and self.open["round"] == ev["round"]:
             self.open = None
         elif kind == "ack":

@@ -144,7 +144,7 @@ def _local_update(trainer: SharedTrainer, node: SimNode, spec: Attack, n_params:
     assert job is not None
     if node.byzantine and not spec.uses_own:
         return (np.zeros(n_params, np.float32), None, 0, 0.0), 0.0
-    theta = np.frombuffer(job["params"], dtype="<f4").astype(np.float32)
+    theta = node.theta()
     t0 = time.perf_counter()
     result = trainer.train(node, theta, steps=job["steps"], lr=job["lr"],
                            poison_labels=node.byzantine and spec.kind == "data")
