@@ -103,10 +103,15 @@ def _ledger(f: Fig) -> str:
 
 
 def _browser(f: Fig) -> str:
+    empty, warm = f["cold_starts"]["empty_cache"], f["cold_starts"]["warm_cache"]
     return (f"{f['model']} batch {f['batch']}: ORT-web wasm ({f['wasm_threads']} threads) "
             f"{f['wasm_step_ms']:.0f} ms a step, {f['wasm_over_native']:.2f}x native ORT, "
-            f"parity {f['wasm_parity_rel_err']:.1e}; tab open -> first accepted update "
-            f"{f['open_to_first_accepted_update_s']:.1f} s")
+            f"parity {f['wasm_parity_rel_err']:.1e}; fresh server: start -> URL "
+            f"{f['server_start_to_url_s']:.1f} s, URL -> first accepted update "
+            f"{f['cold_url_to_first_accepted_s']:.1f} s (empty graph cache: "
+            f"{empty['server_start_to_url_s']:.1f} s + "
+            f"{empty['cold_url_to_first_accepted_s']:.1f} s); longest main-thread task "
+            f"{warm['longest_task_after_paint_ms']} ms")
 
 
 def _smoke(f: Fig) -> str:
