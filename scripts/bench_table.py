@@ -119,6 +119,21 @@ def _smoke(f: Fig) -> str:
             f"(floor {f['entropy_floor']:.3f}) in {f['wall_s']:.1f} s")
 
 
+def _abuse(f: Fig) -> str:
+    return (f"{f['cases_ok']} of {f['cases']} attack classes refused as typed; "
+            f"{f['server_exits']} server exits, {f['accepted_invalid']} invalid values accepted, "
+            f"{f['api_invalid_json']} non-JSON API answers, {f['frames_processed_after_close']} "
+            f"frames processed after a close; {f['cpu_ms_per_junk_frame']:.2f} ms server CPU "
+            f"per refused junk frame; at most {f['stored_rows_per_node_max']} stored rows per "
+            f"node (bound {f['stored_rows_bound']}); {f['honest_rounds_committed']} honest "
+            "rounds committed meanwhile")
+
+
+def _fuzz_live(f: Fig) -> str:
+    return (f"{f['inputs']:,} signed mutated frames into a running server in "
+            f"{f['seconds']:.0f} s, {f['crashes']} crashes")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -143,6 +158,10 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      "per round, star vs p2p", "transport.txt", _mbps),
     ("bench.browser", "the ONNX train step in a real Chromium tab vs native ORT and torch",
      "browser.txt", _browser),
+    ("bench.abuse", "a live server with honest nodes under every attack class of a hostile "
+     "participant (issue 24)", "abuse.txt", _abuse),
+    ("bench.fuzz_frames --live --seconds 120", "a running server fuzzed over its WebSocket "
+     "with a registered identity", "fuzz_live.txt", _fuzz_live),
     ("bench.chaos", "6 real supervised nodes through a lossy relay; kill -9 workers, a node and "
      "the server; 10% message loss", "chaos.txt", _chaos),
     ("bench.ledger", "a run with 3 staked attackers, its ledger verified offline and tampered "
@@ -157,6 +176,9 @@ SOURCES: dict[str, str] = {
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
+    "abuse.txt": "python -m bench.abuse > bench/results/abuse.txt",
+    "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
+                     "> bench/results/fuzz_live.txt",
     "ledger.txt": "python -m bench.ledger > bench/results/ledger.txt",
     "p2p_result_codec.txt": "python -m scripts.p2p_result_codec "
                             "--out bench/results/p2p_result_codec.txt",
