@@ -138,6 +138,7 @@ class Participant:
         self.pending: Submit | None = None  # submitted, not yet known to be committed
         self.pending_params: str | None = None  # params digest the pending update started from
         self.pending_ready: Ready | None = None  # p2p: our Ready for the open round
+        self.rejected_round: int | None = None  # validators excluded our update of this round
         self.resolver: Resolver = resolve  # p2p nodes apply the outer step themselves
         self.counts = {"refused_frames": 0, "submitted": 0, "accepted": 0, "duplicate": 0,
                        "errors": 0}
@@ -203,11 +204,22 @@ class Participant:
         if isinstance(msg, ShardPlan | Shard):
             return [{"kind": "p2p", "message": msg}]
         if isinstance(msg, Error):
-            self.counts["errors"] += 1
-            kind = "fatal" if msg.code in FATAL_CODES else "error"
-            return [{"kind": kind, "code": msg.code, "message": msg.message,
-                     "round": msg.round}]
+            return self._on_error(msg)
         return []
+
+    def _on_error(self, msg: Error) -> list[Event]:
+        self.counts["errors"] += 1
+        kind = "fatal" if msg.code in FATAL_CODES else "error"
+        events: list[Event] = [{"kind": kind, "code": msg.code, "message": msg.message,
+                                "round": msg.round}]
+        if msg.code == "update_rejected" and msg.round is not None:
+            # validators excluded our update for this round: the server refuses any other
+            # for it, so neither resubmit it nor train the round again at its next attempt
+            self.rejected_round = msg.round
+            if self.pending is not None and self.pending.round == msg.round:
+                self.pending = self.pending_params = None
+                events.append({"kind": "journal", "entry": None})
+        return events
 
     # -- handlers ------------------------------------------------------------------------
     def frame(self, msg: Message) -> bytes:
@@ -261,6 +273,8 @@ class Participant:
             events: list[Event] = self._stop_training()  # the full params reopen the round
             return [*events, {"kind": "reconnect", "message": f"round {msg.round}: {exc}"}]
         self.held, self.held_digest = theta, msg.params_digest
+        if msg.round == self.rejected_round:
+            return []  # excluded from this round: wait for the next one
         ready = self.pending_ready
         if ready is not None and ready.round == msg.round \
                 and self.pending_params == msg.params_digest:

@@ -598,3 +598,17 @@ def test_display_fields_are_kept_within_the_schema() -> None:
     assert isinstance(msg, Submit)
     assert msg.train_loss is None
     assert msg.compute_s == 0.0
+
+
+def test_a_rejected_update_is_neither_resubmitted_nor_retrained_in_its_round() -> None:
+    """Validators excluded our update: the server refuses any other for that round, so its
+    retries (same round, next attempt) get nothing from us; the next round trains again."""
+    p = joined()
+    theta = params(0)
+    trained(p, theta, params(1))
+    events = p.receive(signed(Error(code="update_rejected", message="held-out loss worse",
+                                    field="payload", round=0)))
+    assert kinds(events) == ["error", "journal"]
+    assert p.pending is None
+    assert p.receive(signed(round_open(0, theta, attempt=1))) == []
+    assert kinds(p.receive(signed(round_open(1, params(2))))) == ["train"]
