@@ -59,8 +59,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from shared.codecs import codec_params, make_codec
-from shared.codecs.base import with_error_feedback
+from shared.codecs import make_codec
 from shared.downlink import resolve
 from shared.envelope import Identity, new_nonce
 from shared.errors import BadUpdate, ProtocolError
@@ -87,9 +86,9 @@ from shared.messages import (
     sha256_hex,
 )
 from shared.outer import worker_momentum
-from shared.platform import update_encoder
 from shared.trust import ServerTrust, UntrustedServer
-from shared.vec import add, all_finite, any_nonzero, from_bytes, sub, to_bytes
+from shared.update_encoding import encode_update
+from shared.vec import all_finite, from_bytes, to_bytes
 
 Event = dict[str, Any]
 FATAL_CODES = {"unsupported_version"}
@@ -425,34 +424,11 @@ class Participant:
         return [{"kind": "ready", "round": job.round, "delta": raw}, self._send(msg)]
 
     def _encode(self, codec: Any, delta: Any, error_feedback: bool) -> bytes:
-        """Codec payload of delta (+ residual); keeps the new residual. The platform's
-        encoder (the tab's JS codecs) when it has this codec, else shared.codecs."""
-        fast = update_encoder()
-        if fast is not None and codec.name in fast.codecs:
-            residual = to_bytes(self.residual) if error_feedback and self.residual is not None \
-                else None
-            payload, res = fast.encode(codec.name, codec_params(codec), to_bytes(delta),
-                                       residual, error_feedback)
-            if error_feedback:
-                self.residual = from_bytes(res) if res is not None else None
-            return payload
-        if hasattr(codec, "encode_with_state"):  # PowerSGD: warm-started from the last round
-            x = delta if not error_feedback or self.residual is None \
-                else add(delta, self.residual)
-            payload, self.codec_state = codec.encode_with_state(x, layout=self.layout,
-                                                                state=self.codec_state)
-            if error_feedback:
-                back = codec.decode(payload, len(x), layout=self.layout)
-                res = sub(x, back)
-                self.residual = res if any_nonzero(res) else None
-            return bytes(payload)
-        if error_feedback:
-            payload, residual_vec = with_error_feedback(codec, delta, self.residual,
-                                                        layout=self.layout)
-            # a lossless codec leaves nothing
-            self.residual = residual_vec if any_nonzero(residual_vec) else None
-            return payload
-        return bytes(codec.encode(delta, layout=self.layout))
+        """Codec payload of delta (+ residual); keeps the new residual and codec state."""
+        payload, self.residual, self.codec_state = encode_update(
+            codec, delta, residual=self.residual if error_feedback else None,
+            state=self.codec_state, error_feedback=error_feedback, layout=self.layout)
+        return payload
 
     # -- reload: the pending update survives in the tab's storage -----------------------
     def journal_entry(self) -> str | None:

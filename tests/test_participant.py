@@ -612,3 +612,32 @@ def test_a_rejected_update_is_neither_resubmitted_nor_retrained_in_its_round() -
     assert p.pending is None
     assert p.receive(signed(round_open(0, theta, attempt=1))) == []
     assert kinds(p.receive(signed(round_open(1, params(2))))) == ["train"]
+
+
+def test_encode_update_is_pure_and_carries_residual_and_state() -> None:
+    """shared.update_encoding.encode_update: nothing mutated; a lossless codec leaves no
+    residual; top-k carries what it dropped; PowerSGD returns its warm-start state."""
+    from shared.update_encoding import encode_update
+
+    delta = np.arange(1, 11, dtype=np.float32)
+    before = delta.copy()
+    payload, res, state = encode_update(make_codec("raw32"), delta, residual=None, state=None,
+                                        error_feedback=True, layout=None)
+    assert res is None
+    assert state is None
+    assert np.array_equal(np.asarray(make_codec("raw32").decode(payload, 10)), delta)
+    topk = make_codec("topk", fraction=0.1, values="fp16")
+    layout = tuple(make_manifest([("w", (10,), 0, 10)]))
+    _, res, _ = encode_update(topk, delta, residual=None, state=None, error_feedback=True,
+                              layout=layout)
+    assert res is not None
+    assert res[9] == 0
+    assert res[8] == 9
+    payload, _, _ = encode_update(topk, delta, residual=res, state=None, error_feedback=True,
+                                  layout=layout)
+    assert np.asarray(topk.decode(payload, 10, layout=layout))[8] == 18  # 9 now + 9 carried
+    assert np.array_equal(delta, before)
+    psgd_layout = tuple(make_manifest([("w", (8, 4), 0, 32)]))
+    _, _, q = encode_update(make_codec("powersgd", rank=2), params(3)[:32], residual=None,
+                            state=None, error_feedback=False, layout=psgd_layout)
+    assert q is not None
