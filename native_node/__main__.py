@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="identity folder (default ~/.daa-prime/node-NAME)")
         q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+        several = q.add_mutually_exclusive_group()
+        several.add_argument("--nproc", type=int, default=1,
+                             help="run each round's inner steps over N local processes "
+                                  "(torch.distributed DDP, gloo); still one update per round")
+        several.add_argument("--gpus", type=int, default=0,
+                             help="one process per CUDA device for N devices (DDP over NCCL; "
+                                  "fails without CUDA); still one update per round")
         q.add_argument("--data", dest="data_path",
                        help="local copy of the run's text file (text runs)")
         q.add_argument("--max-rounds", type=int, default=0,
@@ -87,8 +94,17 @@ def node(args: argparse.Namespace) -> int:
     """One node process's life: device, identity, connect, train until done or stopped."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    nproc = max(1, args.nproc)
     try:
-        device = pick_device(args.device)
+        if args.nproc < 1 or args.gpus < 0:
+            raise ValueError("--nproc and --gpus take a positive count")
+        if args.gpus > 0:
+            from native_node.distributed_trainer import check_gpus
+
+            check_gpus(args.gpus)
+            device, nproc = "cuda", args.gpus
+        else:
+            device = pick_device(args.device)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,12 +119,14 @@ def node(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"node id {identity.node_id} (ML-DSA-65 key in {state_dir}), device {device}, "
+    several = f" x {nproc} processes" if nproc > 1 else ""
+    print(f"node id {identity.node_id} (ML-DSA-65 key in {state_dir}), device {device}{several}, "
           f"event loop {evloop.name()}", file=sys.stderr, flush=True)
     client = NodeClient(NodeOptions(
         coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
-        server_id=args.server_id, role=getattr(args, "role", "trainer")))
+        server_id=args.server_id, role=getattr(args, "role", "trainer"), nproc=nproc,
+        threads=args.threads))
     code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

@@ -28,6 +28,7 @@ from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload, from_spec
 from native_node import journal, pins
 from native_node.address import coordinator_url
+from native_node.distributed_trainer import DistributedTrainer
 from native_node.trainer import RoundResult, Trainer
 from shared.envelope import Identity
 from shared.messages import SERVER, Signal, Submit
@@ -61,6 +62,8 @@ class NodeOptions:
     role: str = "trainer"  # "trainer" or "validator" (scores others' updates, never trains)
     connect_tries: int = 10  # a server that never answered: give up after this many tries
     resolve_tries: int = 3  # ... and a host name that does not resolve after this many
+    nproc: int = 1  # inner steps over this many processes (native_node/distributed_trainer.py)
+    threads: int = 0  # torch CPU threads in all (0: torch's default)
 
 
 class Backoff:
@@ -107,7 +110,7 @@ class NodeClient:
                                 save_pins=functools.partial(pins.save, opts.state_dir),
                                 expected_server_id=opts.server_id)
         self.work: Workload | None = None
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | DistributedTrainer | None = None
         self.scorer: ProbeScorer | None = None  # set when role is "validator"
         self.uplink: StarUplink | None = None  # WebRTC data channel (transport "star")
         self.p2p: P2PRole | None = None  # shard exchange with the other nodes ("p2p")
@@ -159,6 +162,12 @@ class NodeClient:
                 await self.uplink.close()
             if self.p2p is not None:
                 await self.p2p.close()
+            self._close_trainer()
+
+    def _close_trainer(self) -> None:
+        if isinstance(self.trainer, DistributedTrainer):
+            self.trainer.close()
+        self.trainer = None
 
     async def _connect_loop(self) -> int:
         """Connect, run sessions, reconnect with backoff. A server that never answered fails
@@ -342,6 +351,14 @@ class NodeClient:
             self.work = work
             if self.opts.role == "validator":
                 self.scorer = ProbeScorer(work, VALIDATOR_SAMPLES, side="tail")
+            elif self.opts.nproc > 1:  # one participant, N processes for the inner steps
+                self._close_trainer()
+                self.trainer = DistributedTrainer(
+                    {"model": ev["model"], "data": ev["data"],
+                     "local_path": self.opts.data_path,
+                     "cache_dir": str(self.opts.state_dir / "datasets")},
+                    shard=ev["shard"], n_shards=ev["n_shards"], node_id=self.node_id,
+                    nproc=self.opts.nproc, device=self.opts.device, threads=self.opts.threads)
             else:
                 self.trainer = Trainer(work, shard=ev["shard"], n_shards=ev["n_shards"],
                                        node_id=self.node_id, device=self.opts.device)

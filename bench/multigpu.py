@@ -1,0 +1,123 @@
+"""One node over several processes (torch.distributed DDP) against one node, one process.
+
+    python -m bench.multigpu [--model mlp-digits|gpt-tiny] [--nproc 2] [--rounds 4]
+
+Both runs: the REAL server (subprocess, loopback) and ONE real native node, same model, seed,
+shard, inner steps, inner lr and batch size (the node's batch per step: with `--nproc N` each
+process takes batch/N rows and DDP averages the gradients, so the global batch and the tokens
+are the same). With one node the outer step is plain averaging by default (outer lr 1, no
+momentum: the node's θ carries over, so both runs are rounds x steps AdamW steps on the same
+data and the gap measures the split alone; `--nesterov` keeps the run's default). On CPU
+the backend is gloo; NCCL (`--gpus N`) has not run here (no GPU).
+
+Counted at the server: the updates per round from the node (`outer_syncs_per_round`, from the
+run's sqlite: one row per accepted update) and the server's per-peer WebSocket bytes. The LAST
+stdout line is JSON (bench.common.emit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import children, emit, free_port, get_json, print_table
+
+
+def run_one(tmp: Path, *, model: str, flavour: str | None, nproc: int, rounds: int,
+            steps: int, batch: int, lr: float, timeout: float,
+            outer: list[str]) -> dict[str, Any]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    flags = ["--model", model, "--seed", "0", "--n-shards", "1", "--inner-steps", str(steps),
+             "--inner-lr", str(lr), "--batch-size", str(batch), "--deadline-s", "600",
+             "--codec", "raw32", "--rounds", str(rounds), "--quorum", "1", *outer]
+    if flavour:
+        flags += ["--flavour", flavour]
+    t0 = time.monotonic()
+    with children(tmp) as spawn:
+        server = spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port",
+                       str(port), *flags)
+        while True:
+            try:
+                get_json(base + "/api/run")
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() - t0 > 120:
+                    raise RuntimeError(f"server did not start; see {tmp}/server.log") from None
+                time.sleep(0.2)
+        node = spawn("node", "-m", "native_node", "join", "--coordinator",
+                     f"127.0.0.1:{port}", "--state-dir", str(tmp / "node"), "--threads",
+                     str(nproc), "--nproc", str(nproc), "--quiet")
+        while node.poll() is None:
+            if server.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"run failed or timed out; logs in {tmp}")
+            time.sleep(0.3)
+        run = get_json(base + "/api/run")
+        if run["status"] != "finished":
+            raise RuntimeError(f"the node left before the run finished; logs in {tmp}")
+        peers = [p for p in get_json(base + "/api/peers") if p["role"] == "trainer"]
+        rows = get_json(base + f"/api/rounds?limit={rounds + 10}")
+    db = sqlite3.connect(tmp / "run" / "run.sqlite")
+    per_round = [n for (n,) in db.execute(
+        "SELECT COUNT(*) FROM updates GROUP BY round ORDER BY round")]
+    db.close()
+    server_bytes = sum(p["bytes_up"] + p["bytes_down"] for p in peers)
+    return {"procs": nproc, "rounds": len(rows), "final_eval_loss": rows[-1]["eval_loss"],
+            "curve": [round(r["eval_loss"], 4) for r in rows],
+            "updates_per_round": max(per_round) if per_round else 0,
+            "server_bytes_per_round": server_bytes / max(1, len(rows)),
+            "wall_s": time.monotonic() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.multigpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mlp-digits", choices=("mlp-digits", "gpt-tiny"))
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="inner steps per round")
+    p.add_argument("--batch-size", type=int, default=32, help="the node's batch per step")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--nesterov", action="store_true",
+                   help="the run's default outer step (Nesterov) instead of plain averaging")
+    args = p.parse_args(argv)
+    flavour = "nano" if args.model == "gpt-tiny" else None
+    common = {"model": args.model, "flavour": flavour, "rounds": args.rounds,
+              "steps": args.steps, "batch": args.batch_size, "lr": args.lr,
+              "timeout": args.timeout,
+              "outer": [] if args.nesterov else ["--outer-lr", "1.0", "--outer-momentum", "0.0"]}
+    with tempfile.TemporaryDirectory(prefix="daa-multigpu-") as d:
+        single = run_one(Path(d) / "single", nproc=1, **common)
+        multi = run_one(Path(d) / "multi", nproc=args.nproc, **common)
+    print(f"{args.model}: {args.rounds} rounds x {args.steps} inner steps, batch "
+          f"{args.batch_size} per node step (split over the processes), raw32")
+    print_table([single, multi], ["procs", "rounds", "updates_per_round", "final_eval_loss",
+                                  "server_bytes_per_round", "wall_s"])
+    for r in (single, multi):
+        print(f"eval loss per round, {r['procs']} process(es): {r['curve']}")
+    # eval loss moves +-20% from round to round here: compare the mean of the last 3 rounds
+    tail = {k: sum(r["curve"][-3:]) / len(r["curve"][-3:]) for k, r in (("s", single),
+                                                                          ("m", multi))}
+    gap = abs(tail["m"] - tail["s"]) / tail["s"]
+    final_gap = abs(multi["final_eval_loss"] - single["final_eval_loss"]) / single[
+        "final_eval_loss"]
+    emit({"bench": "multigpu", "model": args.model, "procs": args.nproc, "backend": "gloo",
+          "outer_syncs_per_round": multi["updates_per_round"],
+          "loss_gap_vs_single": round(gap, 4), "loss_gap_final_round": round(final_gap, 4),
+          "server_bytes_vs_single": round(multi["server_bytes_per_round"]
+                                          / single["server_bytes_per_round"], 4),
+          "final_eval_loss": {"single": single["final_eval_loss"],
+                              "multi": multi["final_eval_loss"]},
+          "outer": "nesterov" if args.nesterov else "average",
+          "wall_s": {"single": round(single["wall_s"], 1), "multi": round(multi["wall_s"], 1)}})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
