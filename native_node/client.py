@@ -31,7 +31,7 @@ from native_node.address import coordinator_url
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.trainer import RoundResult, Trainer
 from shared.envelope import Identity
-from shared.messages import SERVER, Signal, Submit
+from shared.messages import SERVER, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
 
 if TYPE_CHECKING:  # aiortc is imported only when a run uses the star or p2p transport
@@ -397,12 +397,9 @@ class NodeClient:
 
         if self.p2p is not None:
             await self.p2p.close()
-        self.p2p = P2PRole(self.node_id, ev["run_id"], self._signed, self._send,
+        self.p2p = P2PRole(self.node_id, ev["run_id"], self.part.frame, self._send,
                            timeout_s=ev["rtc_timeout_s"])
         self.part.resolver = self.p2p.params
-
-    def _signed(self, msg: Signal | Any) -> bytes:
-        return self.part.frame(msg)
 
     # -- training --------------------------------------------------------------------------
     def _start_training(self, ev: Event) -> None:

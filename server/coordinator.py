@@ -134,13 +134,17 @@ class Coordinator:
                                     round=round_))
 
     # -- receiving -----------------------------------------------------------------------
-    async def greet(self, conn: Connection) -> None:
-        """First frame on a new connection: the challenge its Hello must sign."""
+    def challenge_frame(self, challenge: str) -> bytes:
+        """The signed Challenge whose `challenge` a connection's Hello must sign."""
         ident = self.run.identity
         assert ident is not None
-        await self.send(conn, Challenge(run_id=self.run.run_id, challenge=conn.challenge,
-                                        server_public_key=ident.public_key.hex(),
-                                        protocol_version=PROTOCOL_VERSION, agent=AGENT))
+        return self.frame(Challenge(run_id=self.run.run_id, challenge=challenge,
+                                    server_public_key=ident.public_key.hex(),
+                                    protocol_version=PROTOCOL_VERSION, agent=AGENT))
+
+    async def greet(self, conn: Connection) -> None:
+        """First frame on a new connection (in-memory drivers; server.ws pools them)."""
+        await self.send(conn, self.challenge_frame(conn.challenge))
 
     async def handle_frame(self, conn: Connection, data: bytes) -> None:
         """Every frame from a node, on its socket or its star data channel."""

@@ -27,8 +27,8 @@ from server.auth import authenticate
 from server.keys import COORDINATOR
 from server.peers import Connection
 from shared.errors import ERROR_CODES, FrameError, NotAdmitted, ProtocolError
-from shared.frame import PROTOCOL_VERSION, decode_frame
-from shared.messages import MESSAGE_TYPES, Challenge, Error, Hello, message_from_frame
+from shared.frame import decode_frame
+from shared.messages import MESSAGE_TYPES, Error, Hello, message_from_frame
 
 log = logging.getLogger("server.ws")
 HELLO_TIMEOUT_S = 30.0  # a connection that has not said who it is by then is closed
@@ -38,7 +38,6 @@ PRE_HELLO_REFUSALS = 8  # refused frames before Hello, then the connection is cl
 MAX_REFUSALS = 256  # refused frames on one connection, then it is closed
 MAX_TRACKED = 4096  # addresses / nodes whose buckets are kept (least recently used dropped)
 CHALLENGE_POOL = 64  # signed Challenges kept for reuse (see Challenges)
-AGENT = "daa-prime-server/0.1"
 # fields a refusal before Hello may name in its cached Error (any other: null)
 PRE_HELLO_FIELDS = frozenset({"header", "payload", "signature", "msg_type", "nonce", "round",
                               "version", "magic", "flags", "length", "header_len",
@@ -89,13 +88,9 @@ class Challenges:
     def take(self, coord: Any) -> tuple[str, bytes]:
         if self.pool:
             return self.pool.pop()
-        ident = coord.run.identity
         challenge = secrets.token_hex(32)
         self.signed += 1
-        return challenge, coord.frame(Challenge(
-            run_id=coord.run.run_id, challenge=challenge,
-            server_public_key=ident.public_key.hex(), protocol_version=PROTOCOL_VERSION,
-            agent=AGENT))
+        return challenge, coord.challenge_frame(challenge)
 
     def give_back(self, challenge: str, frame: bytes) -> None:
         if len(self.pool) < CHALLENGE_POOL:
