@@ -38,6 +38,7 @@ from transport.lifetime import die_with_parent
 log = logging.getLogger("native_node.supervise")
 
 NO_RESTART = (0, 2)  # finished, usage error
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
 def describe(status: int) -> str:
@@ -71,16 +72,21 @@ def supervise(worker: Callable[[], int], *, quick_s: float = 10.0,
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
     restarts = quick = 0
     try:
         while True:
             started = time.monotonic()
             me = os.getpid()
+            # SIGINT/SIGTERM stay blocked across the fork until `child` holds the worker's pid:
+            # CPython may run `forward` right after fork() returns and before the assignment,
+            # and a signal forwarded to pid 0 would leave the worker running and us waiting.
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             child = os.fork()
             if child == 0:  # the worker
                 for s, h in old.items():
                     signal.signal(s, h)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
                 die_with_parent(me)
                 code = 1
                 try:
@@ -93,25 +99,27 @@ def supervise(worker: Callable[[], int], *, quick_s: float = 10.0,
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # a pending one runs now
             log.info("worker %d started", child)
             _, status = os.waitpid(child, 0)
+            pid, child = child, 0  # reaped: the pid may be reused, so forward nothing to it
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 return code if code >= 0 else 128 - code
             if os.WIFEXITED(status) and code in NO_RESTART:
                 return code
             if max_restarts is not None and restarts >= max_restarts:
-                log.error("worker %d died (%s); %d restarts used, giving up", child,
+                log.error("worker %d died (%s); %d restarts used, giving up", pid,
                           describe(status), restarts)
                 return code if code > 0 else 1
             quick = quick + 1 if time.monotonic() - started < quick_s else 1
             delay = backoff_s(quick)
             restarts += 1
-            log.warning("worker %d died (%s); restart %d%s", child, describe(status), restarts,
+            log.warning("worker %d died (%s); restart %d%s", pid, describe(status), restarts,
                         f" in {delay:.1f} s" if delay else " now")
             if delay:
                 time.sleep(delay)
-            if stopping:
+            if stopping:  # asked to stop while no worker ran: do not fork another
                 return 128 + stopping[0]
     finally:
         for s, h in old.items():
