@@ -37,9 +37,7 @@ def new_nonce() -> str:
 ROLES = ("trainer", "validator")
 TRANSPORTS = ("ws", "star", "p2p")
 SHARD_KINDS = ("part", "result")
-SIGNAL_KINDS = ("offer", "answer", "candidate", "bye", "path")
-# one ICE server URL (Welcome.ice_servers): scheme, host[:port], an optional transport
-ICE_URL = re.compile(r"(stuns?|turns?):[A-Za-z0-9.\-\[\]:]{1,255}(\?transport=(udp|tcp))?")
+SIGNAL_KINDS = ("offer", "answer", "candidate", "bye")
 SERVER = "server"  # Signal.to / Signal.node_id naming the server's own WebRTC peer
 MAX_CANDIDATES = 4096
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -56,6 +54,8 @@ MAX_SAMPLES = 10**12  # samples one node trains on in one round
 MAX_SECONDS = 10**7  # durations (about 115 days)
 MAX_LOSS = 1e9  # |loss| in nats: larger is a broken run, refused
 MAX_LR = 1e6  # learning rates
+# the codecs a RoundOpen may assign a node for its round ("": the Welcome's codec)
+ROUND_CODECS = ("", "raw32", "fp16", "bf16", "int8-block", "int4-block", "topk")
 
 
 def spec(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
@@ -258,18 +258,9 @@ class Welcome(Message):
     rtc_timeout_s: float = spec(0, MAX_SECONDS, lo_open=True, default=10.0)
     # beta: send m = beta m + (1-beta) delta (shared.outer)
     worker_momentum: float = spec(0, 1, hi_open=True, default=0.0)
-    # the run's STUN/TURN servers for this node's peer connections: [{"urls", "username",
-    # "credential"}] (empty strings for STUN); TURN credentials are short-lived and minted for
-    # this node (server.turn: the TURN REST API scheme of coturn's use-auth-secret)
-    ice_servers: list[dict[str, Any]] = field(default_factory=list, metadata={"entries": {
-        "urls": {"type": "str"}, "username": {"type": "str"}, "credential": {"type": "str"}}})
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
-        _entries(self, "ice_servers")
-        for s in self.ice_servers:
-            _require(bool(ICE_URL.fullmatch(s["urls"])), "Welcome", "ice_servers",
-                     "urls must be one stun:, stuns:, turn: or turns: URL")
         _require(0 <= self.worker_momentum < 1, "Welcome", "worker_momentum",
                  "must be in [0, 1)")
         _require(self.n_shards >= 1, "Welcome", "n_shards", "must be >= 1")
@@ -296,10 +287,17 @@ class RoundOpen(Message):
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
     base_digest: str | None = None  # None: payload = theta_r; else the changes against it
     with_momentum: bool = False  # p2p: payload = theta_r then the outer momentum (2 x n)
+    # autotune (shared.autotune): train as many steps as fit in this many seconds, at most
+    # inner_steps (null: exactly inner_steps)
+    time_budget_s: float | None = spec(0, MAX_SECONDS, lo_open=True, default=None)
+    codec: str = ""  # this node's update codec for the round (ROUND_CODECS; "": the Welcome's)
+    topk_fraction: float = spec(0, 1, lo_open=True, default=0.01)  # share kept by codec topk
     payload: bytes = field(repr=False)  # theta_r as float32 LE, or shared.downlink changes
 
     def __post_init__(self) -> None:
         _require(self.round >= 0, "RoundOpen", "round", "must be >= 0")
+        _require(self.codec in ROUND_CODECS, "RoundOpen", "codec",
+                 f"must be one of {ROUND_CODECS}")
         _require(self.inner_steps >= 1, "RoundOpen", "inner_steps", "must be >= 1")
         _require(self.batch_size >= 1, "RoundOpen", "batch_size", "must be >= 1")
         _require(self.deadline_s > 0 and math.isfinite(self.deadline_s), "RoundOpen",
@@ -512,11 +510,8 @@ class Signal(Message):
     run_id: str  # the run
     node_id: str  # the sender (or "server")
     to: str  # the receiver: a node id or "server"
-    # "offer", "answer", "candidate" (trickled ICE), "bye", or "path" (node -> server: the
-    # candidate pair type a node's connection to a peer settled on, for /api/peers)
-    kind: str
-    # SDP (offer / answer), the candidate as JSON, "" (bye), {"peer", "pair"} as JSON (path)
-    data: str
+    kind: str  # "offer", "answer", "candidate" (trickled ICE) or "bye"
+    data: str  # SDP (offer / answer), the candidate as JSON, or "" (bye)
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:

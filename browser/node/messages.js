@@ -21,8 +21,7 @@ import {
 export const ROLES = Object.freeze(["trainer", "validator"]);
 export const TRANSPORTS = Object.freeze(["ws", "star", "p2p"]);
 export const SHARD_KINDS = Object.freeze(["part", "result"]);
-export const SIGNAL_KINDS = Object.freeze(["offer", "answer", "candidate", "bye", "path"]);
-export const ICE_URL = new RegExp("^(?:(stuns?|turns?):[A-Za-z0-9.\\-\\[\\]:]{1,255}(\\?transport=(udp|tcp))?)$");
+export const SIGNAL_KINDS = Object.freeze(["offer", "answer", "candidate", "bye"]);
 export const SERVER = "server";
 export const MAX_CANDIDATES = 4096;
 export const HEX64 = new RegExp("^(?:[0-9a-f]{64})$");
@@ -36,6 +35,7 @@ export const MAX_SAMPLES = 1000000000000;
 export const MAX_SECONDS = 10000000;
 export const MAX_LOSS = 1000000000.0;
 export const MAX_LR = 1000000.0;
+export const ROUND_CODECS = Object.freeze(["", "raw32", "fp16", "bf16", "int8-block", "int4-block", "topk"]);
 export const RESULT_CODECS = Object.freeze(["raw32", "fp16", "bf16"]);
 
 // type id -> [class name, {field: kind}] in dataclass field order
@@ -47,12 +47,12 @@ export const SCHEMAS = {
   2: ['Welcome', {
     run_id: 's', node_id: 's', model: 'd', model_id: 's', data: 'd', shard: 'i', n_shards: 'i',
     codec: 's', codec_params: 'd', error_feedback: 'b', n_params: 'i', nonce: 's', transport: 's',
-    rtc_timeout_s: 'f', worker_momentum: 'f', ice_servers: 'l',
+    rtc_timeout_s: 'f', worker_momentum: 'f',
   }],
   3: ['RoundOpen', {
     run_id: 's', round: 'i', attempt: 'i', params_digest: 's', deadline_s: 'f', inner_steps: 'i',
     inner_lr: 'f', batch_size: 'i', nonce: 's', base_digest: 's?', with_momentum: 'b',
-    payload: 'payload',
+    time_budget_s: 'f?', codec: 's', topk_fraction: 'f', payload: 'payload',
   }],
   4: ['Submit', {
     run_id: 's', round: 'i', node_id: 's', nonce: 's', codec: 's', length: 'i', digest: 's',
@@ -103,7 +103,6 @@ export const FIELD_META = {
     n_params: {"min": 1, "max": 2147483647},
     rtc_timeout_s: {"min": 0, "max": 10000000, "min_exclusive": true},
     worker_momentum: {"min": 0, "max": 1, "max_exclusive": true},
-    ice_servers: {"entries": {"urls": {"type": "str"}, "username": {"type": "str"}, "credential": {"type": "str"}}},
   },
   RoundOpen: {
     round: {"min": 0, "max": 9007199254740991},
@@ -112,6 +111,8 @@ export const FIELD_META = {
     inner_steps: {"min": 1, "max": 2147483647},
     inner_lr: {"min": 0, "max": 1000000.0, "min_exclusive": true},
     batch_size: {"min": 1, "max": 2147483647},
+    time_budget_s: {"min": 0, "max": 10000000, "min_exclusive": true},
+    topk_fraction: {"min": 0, "max": 1, "min_exclusive": true},
   },
   Submit: {
     round: {"min": 0, "max": 9007199254740991},
@@ -246,16 +247,13 @@ const POST = {
     need(m.shard >= 0 && m.shard < m.n_shards, 'Welcome', 'shard', 'must be < n_shards');
     need(m.n_params >= 1, 'Welcome', 'n_params', 'must be >= 1');
     need(TRANSPORTS.includes(m.transport), 'Welcome', 'transport', `must be one of ${TRANSPORTS}`);
-    entries('Welcome', 'ice_servers', m.ice_servers);
-    for (const ice of m.ice_servers) {
-      need(ICE_URL.test(ice.urls), 'Welcome', 'ice_servers', 'urls must be one stun:, stuns:, turn: or turns: URL');
-    }
   },
   RoundOpen(m, payload) {
     need(m.round >= 0, 'RoundOpen', 'round', 'must be >= 0');
     need(m.inner_steps >= 1, 'RoundOpen', 'inner_steps', 'must be >= 1');
     need(m.batch_size >= 1, 'RoundOpen', 'batch_size', 'must be >= 1');
     need(m.deadline_s > 0, 'RoundOpen', 'deadline_s', 'must be a positive number');
+    need(ROUND_CODECS.includes(m.codec), 'RoundOpen', 'codec', `must be one of ${ROUND_CODECS}`);
     if (m.base_digest !== null) {  // a delta against base_digest, checked once applied
       hex64('RoundOpen', 'base_digest', m.base_digest);
       return;
