@@ -8,7 +8,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,6 +24,13 @@ from shared.participant import Event, Participant
 
 log = logging.getLogger("bench.simulate")
 AGENT = "daa-prime-sim/0.1"
+
+
+class Shardholder(Protocol):
+    """What the shared trainer needs of a node: its shard's sampler and AdamW moments."""
+
+    sampler: BatchSampler | None
+    opt_state: tuple[np.ndarray, np.ndarray, float] | None
 
 
 class MemorySender:
@@ -124,10 +133,13 @@ class SharedTrainer:
                              or work.model_config.get("vocab_size", 0) or 0)
         self.opt = torch.optim.AdamW(self.params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
 
-    def train(self, node: SimNode, theta: np.ndarray, *, steps: int, lr: float,
-              poison_labels: bool = False) -> tuple[np.ndarray, float | None, int, float]:
-        """`steps` inner AdamW steps from theta on the node's shard -> (delta, mean loss,
-        samples, seconds)."""
+    def train(self, node: Shardholder, theta: np.ndarray, *, steps: int, lr: float,
+              poison_labels: bool = False,
+              keep_going: Callable[[int, float], bool] | None = None
+              ) -> tuple[np.ndarray, float | None, int, float]:
+        """Inner AdamW steps from theta on the node's shard -> (delta, mean loss, samples,
+        seconds): `steps` of them, or while `keep_going(done, elapsed_s)` says so (the
+        participant's `keep_training`: a RoundOpen's time budget)."""
         assert node.sampler is not None
         load_flat(self.model, theta)
         opt = self.opt  # one optimizer object; its state is the node's (or empty = fresh)
@@ -147,7 +159,10 @@ class SharedTrainer:
         self.model.train()
         losses: list[float] = []
         t0 = time.perf_counter()
-        for _ in range(steps):
+        done = 0
+        while (done < steps if keep_going is None
+               else keep_going(done, time.perf_counter() - t0)):
+            done += 1
             xb, yb = node.sampler.sample()
             if poison_labels:
                 yb = flip_labels(yb, self.n_classes)
@@ -170,4 +185,4 @@ class SharedTrainer:
         delta = (theta.astype(np.float32) - flatten(self.model)).astype(np.float32)
         mean = float(np.mean(losses)) if losses else None
         return delta, (mean if mean is not None and math.isfinite(mean) else None), \
-            steps * node.sampler.batch_size, compute
+            done * node.sampler.batch_size, compute

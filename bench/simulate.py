@@ -146,8 +146,11 @@ def _local_update(trainer: SharedTrainer, node: SimNode, spec: Attack, n_params:
         return (np.zeros(n_params, np.float32), None, 0, 0.0), 0.0
     theta = node.theta()
     t0 = time.perf_counter()
+    round_ = int(job["round"])
     result = trainer.train(node, theta, steps=job["steps"], lr=job["lr"],
-                           poison_labels=node.byzantine and spec.kind == "data")
+                           poison_labels=node.byzantine and spec.kind == "data",
+                           keep_going=lambda done, elapsed: node.part.keep_training(
+                               round_, done, elapsed))
     return result, time.perf_counter() - t0
 
 

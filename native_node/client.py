@@ -15,7 +15,9 @@ import contextlib
 import functools
 import logging
 import random
+import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ from ml.data import DataSpec
 from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload, from_spec
 from native_node import journal, pins
-from native_node.address import coordinator_url
+from native_node.address import coordinator_tls, coordinator_url
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.trainer import RoundResult, Trainer
 from shared.envelope import Identity
@@ -47,6 +49,27 @@ class FatalError(Exception):
     """The server refused us for a reason a retry cannot fix."""
 
 
+class Downgrade(Exception):
+    """A plain ws:// connection to a server this node has seen over TLS: refused."""
+
+
+def downgrade_message(what: str, state_dir: Path) -> str:
+    return (f"refusing a plain ws:// connection: {what} spoke TLS to this node before "
+            f"({state_dir / pins.TLS_FILENAME}); without TLS anyone on the path could read and "
+            f"alter the traffic. Use https://... (or HOST:PORT once the server offers TLS "
+            f"again); if the server really dropped TLS, remove the entry from that file. "
+            f"Retrying with backoff; the journal is kept")
+
+
+def cert_hint(where: str, exc: BaseException, ca: str | None) -> str:
+    reason = getattr(exc, "certificate_error", None) or exc
+    fix = (f"is --ca {ca} the CA that signed it?" if ca else
+           "pass --ca FILE with the CA that signed it, or give the server a certificate the "
+           "system trusts")
+    return (f"the TLS certificate of {where} does not verify ({reason}): {fix} "
+            f"(docs/operator.md, Deployment). Not falling back to plain ws://")
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeOptions:
     coordinator: str  # the server: host:port, its page's URL ... (native_node.address)
@@ -64,6 +87,7 @@ class NodeOptions:
     resolve_tries: int = 3  # ... and a host name that does not resolve after this many
     nproc: int = 1  # inner steps over this many processes (native_node/distributed_trainer.py)
     threads: int = 0  # torch CPU threads in all (0: torch's default)
+    ca: str | None = None  # CA bundle (PEM) for the server's TLS certificate (else the system's)
 
 
 class Backoff:
@@ -93,6 +117,15 @@ def unreachable_hint(given: str, where: str, url: str, tries: int, *, dns: bool)
             f"that --host lets it be reached from here, and that no firewall is in the way")
 
 
+def _not_tls(exc: BaseException) -> bool:
+    """Whether a failed TLS connection means the server speaks plain HTTP there (then a
+    bare HOST:PORT goes on without TLS), not that TLS itself failed."""
+    text = f"{exc} {exc.__cause__}".lower()
+    return isinstance(exc, aiohttp.ServerDisconnectedError) or any(
+        s in text for s in ("wrong version number", "record layer failure",
+                            "packet length too long", "unexpected eof", "http request"))
+
+
 def with_sctp_tuning() -> None:
     """This process carries data over aiortc: apply the SCTP tuning (version-guarded)."""
     from transport import sctp_tuning
@@ -115,6 +148,7 @@ class NodeClient:
         self.uplink: StarUplink | None = None  # WebRTC data channel (transport "star")
         self.p2p: P2PRole | None = None  # shard exchange with the other nodes ("p2p")
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.tls = False  # whether the current connection is TLS (wss)
         self.task: asyncio.Task[None] | None = None
         self.cancel = threading.Event()
         self.stop = asyncio.Event()
@@ -172,28 +206,61 @@ class NodeClient:
     async def _connect_loop(self) -> int:
         """Connect, run sessions, reconnect with backoff. A server that never answered fails
         after `connect_tries` attempts (a name that does not resolve after
-        `resolve_tries`) with what to check; once a session ran, reconnects go on."""
+        `resolve_tries`) with what to check; once a session ran, reconnects go on. TLS:
+        https/wss always, http/ws never, a bare HOST:PORT when the server offers it; a plain
+        connection to a server seen over TLS before is refused (a downgrade)."""
         backoff = Backoff(self.opts.backoff_max_s)
         url, where = coordinator_url(self.opts.coordinator)
+        mode = coordinator_tls(self.opts.coordinator)
+        rest = url.split("://", 1)[1]
+        ssl_ctx = ssl.create_default_context(cafile=self.opts.ca)
         answered, failures, dns_failures = False, 0, 0
         async with aiohttp.ClientSession() as http:
             while not self.stop.is_set():
+                use_tls = mode is not False
                 try:
-                    async with http.ws_connect(url, heartbeat=20.0,
-                                               max_msg_size=MAX_MESSAGE) as ws:
-                        self.ws = ws
+                    if not use_tls:
+                        self._refuse_downgrade(where)
+                    try:
+                        ws = await http.ws_connect(f"{'wss' if use_tls else 'ws'}://{rest}",
+                                                   heartbeat=20.0, max_msg_size=MAX_MESSAGE,
+                                                   ssl=ssl_ctx if use_tls else False)
+                    except aiohttp.ClientConnectorCertificateError:
+                        raise
+                    except (aiohttp.ClientSSLError, aiohttp.ServerDisconnectedError,
+                            aiohttp.ClientOSError) as exc:
+                        if mode is not None or not _not_tls(exc):
+                            raise
+                        use_tls = False  # HOST:PORT and the server speaks plain HTTP
+                        self._refuse_downgrade(where)
+                        ws = await http.ws_connect(f"ws://{rest}", heartbeat=20.0,
+                                                   max_msg_size=MAX_MESSAGE)
+                    async with ws:
+                        self.ws, self.tls = ws, use_tls
                         answered = True
                         backoff.reset()
+                        if use_tls:
+                            await asyncio.to_thread(pins.record_tls, self.opts.state_dir,
+                                                    address=where, server_id=None)
+                        else:
+                            log.warning("connected to %s WITHOUT TLS (ws://): fine on a "
+                                        "private network, not across the internet", where)
                         if await self._session(ws):
                             return 0
                 except FatalError as exc:
                     log.error("%s", exc)
                     return 2
+                except Downgrade as exc:
+                    log.error("%s", exc)
                 except (aiohttp.ClientError, ConnectionError, OSError) as exc:
                     dns = isinstance(exc, aiohttp.ClientConnectorDNSError)
                     failures += 1
                     dns_failures += dns
-                    log.warning("server %s unreachable (%s)", where, exc.__class__.__name__)
+                    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+                        log.error("%s", cert_hint(where, exc, self.opts.ca))
+                    else:
+                        log.warning("server %s unreachable (%s)", where,
+                                    exc.__class__.__name__)
                     if not answered and (failures >= self.opts.connect_tries
                                          or dns_failures >= self.opts.resolve_tries):
                         log.error("%s", unreachable_hint(self.opts.coordinator, where, url,
@@ -208,6 +275,10 @@ class NodeClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
         return 0
+
+    def _refuse_downgrade(self, where: str) -> None:
+        if where in pins.tls_seen(self.opts.state_dir)["addresses"]:
+            raise Downgrade(downgrade_message(where, self.opts.state_dir))
 
     def shutdown(self) -> None:
         self.cancel.set()
@@ -364,11 +435,45 @@ class NodeClient:
                                        node_id=self.node_id, device=self.opts.device)
         if self.part.layout is None:
             self.part.set_layout(self.work.manifest)
+        await self._check_tls(ev["server_id"])
         await self._start_uplink(ev)
         await self._start_p2p(ev)
         log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", ev["run_id"],
                  self.node_id[:12], ev["model"].get("name"), ev["n_params"], ev["shard"],
                  ev["n_shards"], ev["codec"], " + error feedback" if ev["error_feedback"] else "")
+
+    async def _check_tls(self, server_id: str | None) -> None:
+        """Remember a server key seen over TLS; refuse it over plain ws:// (a downgrade)."""
+        if server_id is None:
+            return
+        if self.tls:
+            _, where = coordinator_url(self.opts.coordinator)
+            await asyncio.to_thread(pins.record_tls, self.opts.state_dir, address=where,
+                                    server_id=server_id)
+        elif server_id in pins.tls_seen(self.opts.state_dir)["servers"]:
+            raise Downgrade(downgrade_message(f"server {server_id[:12]}",
+                                              self.opts.state_dir))
+
+    def _ice_servers(self) -> list[dict[str, Any]]:
+        """The run's STUN/TURN servers from the Welcome (TURN credentials minted for us)."""
+        welcome = self.part.welcome
+        return list(welcome.ice_servers) if welcome is not None else []
+
+    async def _probe_turn(self, ice: list[dict[str, Any]]) -> None:
+        """Say clearly when the TURN server refuses our credential (aioice would only leave
+        the relay candidate out): connections then go direct where the NATs allow, else
+        through the server's relay."""
+        from transport.rtc import probe_turn
+
+        for server in ice:
+            if not server["urls"].startswith("turn"):
+                continue
+            problem = await probe_turn(server)
+            if problem is None:
+                log.info("TURN server %s accepted this node's credential", server["urls"])
+            else:
+                log.error("%s; peer connections go direct where the NATs allow, else through "
+                          "the server's relay", problem)
 
     async def _start_uplink(self, ev: Event) -> None:
         """transport "star": offer a data channel to the server's peer (relay on failure)."""
@@ -384,21 +489,29 @@ class NodeClient:
             for out in self.part.signal(kind, data):
                 await self.on_event(out)
 
-        self.uplink = StarUplink(signal, timeout_s=ev["rtc_timeout_s"])
+        ice = self._ice_servers()
+        if ice:
+            self._background(self._probe_turn(ice))
+        self.uplink = StarUplink(signal, timeout_s=ev["rtc_timeout_s"], ice_servers=ice)
         await self.uplink.start()
         self._background(self.uplink.wait_open())
 
     async def _start_p2p(self, ev: Event) -> None:
-        if ev["transport"] != "p2p" or self.opts.role != "trainer" or (
-                self.p2p is not None and self.p2p.run_id == ev["run_id"]):
+        if self.p2p is not None and self.p2p.run_id == ev["run_id"]:
+            self.p2p.mesh.ice = self._ice_servers()  # fresh TURN credentials, new links
+            return
+        if ev["transport"] != "p2p" or self.opts.role != "trainer":
             return
         with_sctp_tuning()
         from native_node.p2p import P2PRole  # aiortc, only when used
 
         if self.p2p is not None:
             await self.p2p.close()
+        ice = self._ice_servers()
+        if ice:
+            self._background(self._probe_turn(ice))
         self.p2p = P2PRole(self.node_id, ev["run_id"], self.part.frame, self._send,
-                           timeout_s=ev["rtc_timeout_s"])
+                           timeout_s=ev["rtc_timeout_s"], ice_servers=ice)
         self.part.resolver = self.p2p.params
 
     # -- training --------------------------------------------------------------------------
@@ -413,19 +526,29 @@ class NodeClient:
         assert self.trainer is not None
         round_, steps = int(ev["round"]), int(ev["steps"])
         bar = self._progress_bar(round_, steps)
+        # the trainer stops when the round moves on (cancel) or when the participant says
+        # the round's steps or time budget are used up (autotune: keep_training)
+        halt, started = threading.Event(), time.perf_counter()
+
+        def progress(done: int, loss: float) -> None:
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update(1)
+            if cancel.is_set() or not self.part.keep_training(
+                    round_, done, time.perf_counter() - started):
+                halt.set()
+
         try:
             result: RoundResult = await asyncio.to_thread(
                 self.trainer.train_round, theta, steps=steps, lr=ev["lr"],
-                batch_size=ev["batch_size"], cancel=cancel,
-                progress=(lambda i, loss: bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                          or bar.update(1)) if bar is not None else None)
+                batch_size=ev["batch_size"], cancel=halt, progress=progress)
         except BaseException:
             self.part.training_stopped(round_)
             raise
         finally:
             if bar is not None:
                 bar.close()
-        if cancel.is_set() or result.steps < steps:
+        if cancel.is_set() or (result.steps < steps and ev.get("time_budget_s") is None):
             log.info("round %d: training cancelled after %d steps", round_, result.steps)
             self.part.training_stopped(round_)
             return

@@ -26,7 +26,8 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 | welcome   | run_id, node_id, server_id, model, model_id, data, shard, n_shards, codec, |
 |           | error_feedback, n_params, transport, rtc_timeout_s                         |
 | train     | round, attempt, params (float32 LE bytes), params_digest, steps, lr,       |
-|           | batch_size, deadline_s                                                     |
+|           | batch_size, deadline_s, time_budget_s (None: train exactly `steps`; else   |
+|           | ask `keep_training` before each step: at most `steps`, within the budget)  |
 | resubmit  | round, params, params_digest, digest: the journaled update for this round  |
 |           | is sent again (next event), instead of training                            |
 | cancel    | round: stop training it (a newer round opened)                             |
@@ -59,6 +60,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from shared.autotune import continue_training
 from shared.codecs import make_codec
 from shared.downlink import resolve
 from shared.envelope import Identity, new_nonce
@@ -102,6 +104,10 @@ class Job:
 
     round: int  # the protocol's field name
     params_digest: str  # theta_r the trainer started from
+    max_steps: int = 1  # RoundOpen.inner_steps
+    budget_s: float | None = None  # RoundOpen.time_budget_s (autotune)
+    codec: str = ""  # RoundOpen.codec ("": the Welcome's)
+    topk_fraction: float = 0.01  # RoundOpen.topk_fraction
 
 
 class Resolver(Protocol):
@@ -134,6 +140,7 @@ class Participant:
         self.residual: Any = None  # error feedback: what the codec dropped last time
         self.momentum: Any = None  # worker momentum of past deltas (Welcome.worker_momentum)
         self.codec_state: Any = None  # a stateful codec's warm start (PowerSGD's Q)
+        self.last_codec: str | None = None  # the codec of the last update (codec_state's)
         self.pending: Submit | None = None  # submitted, not yet known to be committed
         self.pending_params: str | None = None  # params digest the pending update started from
         self.pending_ready: Ready | None = None  # p2p: our Ready for the open round
@@ -288,12 +295,35 @@ class Participant:
                 and self.training.params_digest == msg.params_digest:
             return []  # a retry of the round we are already training
         events = self._stop_training()
-        self.training = Job(round=msg.round, params_digest=msg.params_digest)
+        self.training = Job(round=msg.round, params_digest=msg.params_digest,
+                            max_steps=msg.inner_steps, budget_s=msg.time_budget_s,
+                            codec=msg.codec, topk_fraction=msg.topk_fraction)
         events.append({"kind": "train", "round": msg.round, "attempt": msg.attempt,
                        "params": to_bytes(theta), "params_digest": msg.params_digest,
                        "steps": msg.inner_steps, "lr": msg.inner_lr,
-                       "batch_size": msg.batch_size, "deadline_s": msg.deadline_s})
+                       "batch_size": msg.batch_size, "deadline_s": msg.deadline_s,
+                       "time_budget_s": msg.time_budget_s})
         return events
+
+    def keep_training(self, round_: int, done: int, elapsed_s: float) -> bool:
+        """Whether the trainer of `round_`, `done` steps and `elapsed_s` seconds in, runs
+        another step: at most the round's `inner_steps` and, when the RoundOpen set a time
+        budget, while the next step ends within it (shared.autotune.continue_training). Every
+        driver asks before each step; False too when the round is no longer being trained."""
+        job = self.training
+        if job is None or job.round != round_:
+            return False
+        return continue_training(done=done, max_steps=job.max_steps, elapsed_s=elapsed_s,
+                                 budget_s=job.budget_s)
+
+    def round_codec(self, job: Job) -> Any:
+        """The codec of `job`'s update: the RoundOpen's (autotune) or else the Welcome's."""
+        assert self.welcome is not None
+        if not job.codec:
+            return make_codec(self.welcome.codec, **self.welcome.codec_params)
+        if job.codec == "topk":
+            return make_codec("topk", fraction=job.topk_fraction)
+        return make_codec(job.codec)
 
     def signal(self, kind: str, data: str, to: str = SERVER) -> list[Event]:
         """A signed WebRTC Signal (offer, candidate, bye) to the server's peer or a node."""
@@ -378,7 +408,9 @@ class Participant:
         job, welcome = self.training, self.welcome
         if job is None or job.round != round_ or welcome is None or self.held is None:
             return []  # the round moved on while we trained: nothing to send
-        codec = make_codec(welcome.codec, **welcome.codec_params)
+        codec = self.round_codec(job)
+        if codec.name != self.last_codec:  # a codec's warm start (PowerSGD) is its own
+            self.codec_state, self.last_codec = None, codec.name
         if getattr(codec, "needs_layout", False) and self.layout is None:
             return [{"kind": "fatal", "message": f"codec {codec.name} needs the layout"}]
         delta = from_bytes(delta_bytes)

@@ -198,7 +198,8 @@ def test_round_open_trains_once_and_a_newer_round_cancels() -> None:
     (train,) = p.receive(signed(round_open(0, theta0)))
     assert train == {"kind": "train", "round": 0, "attempt": 0,
                      "params": theta0.astype("<f4").tobytes(), "params_digest": digest(theta0),
-                     "steps": 5, "lr": 1e-3, "batch_size": 16, "deadline_s": 30.0}
+                     "steps": 5, "lr": 1e-3, "batch_size": 16, "deadline_s": 30.0,
+                     "time_budget_s": None}
     assert p.receive(signed(round_open(0, theta0, attempt=1))) == []  # a retry: keep going
     events = p.receive(signed(round_open(1, theta1)))
     assert kinds(events) == ["cancel", "train"]

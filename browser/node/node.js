@@ -336,8 +336,9 @@ export class BrowserNode extends EventTarget {
     this.trainStart = performance.now();
     this.trainingRound = e.round;
     this.set({ state: `training round ${e.round}`, stepsDone: 0, stepsTotal: e.steps });
+    // time_budget_s (autotune): as many steps as fit in it, at most e.steps (docs/autotune.md)
     this.worker.postMessage({ type: 'round', round: e.round, params: params.buffer, steps: e.steps,
-      lr: e.lr, batchSize: e.batch_size }, [params.buffer]);
+      lr: e.lr, batchSize: e.batch_size, budgetS: e.time_budget_s ?? null }, [params.buffer]);
   }
 
   onWorker(m) {

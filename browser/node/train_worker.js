@@ -136,7 +136,15 @@ function yieldToMessages() {
   return new Promise((resolve) => { tickWaiters.push(resolve); tick.port2.postMessage(0); });
 }
 
-async function runRound({ round, params, steps, lr, batchSize }) {
+// shared.autotune.continue_training, the rule every runtime applies: another step while below
+// `steps` and, with a time budget, while it ends within the budget at the mean pace so far
+function continueTraining(done, maxSteps, elapsedS, budgetS) {
+  if (done >= maxSteps) return false;
+  if (budgetS === null || budgetS === undefined || done === 0) return true;
+  return elapsedS + elapsedS / done <= budgetS;
+}
+
+async function runRound({ round, params, steps, lr, batchSize, budgetS = null }) {
   if (!shard) throw new Error('no training data yet');
   let p = new Float32Array(params);
   if (!moments || moments.m.length !== p.length) {
@@ -145,7 +153,8 @@ async function runRound({ round, params, steps, lr, batchSize }) {
   let compute = 0;
   let lossSum = 0;
   let done = 0;
-  for (let i = 0; i < steps; i++) {
+  const started = performance.now();
+  while (continueTraining(done, steps, (performance.now() - started) / 1000, budgetS)) {
     await yieldToMessages();
     if (cancelled.has(round)) break;
     const wait = waitResume();
@@ -159,7 +168,7 @@ async function runRound({ round, params, steps, lr, batchSize }) {
     compute += ms; lossSum += loss; done += 1;
     post({ type: 'step', round, step: done, loss, ms });
   }
-  if (done < steps) {
+  if (cancelled.has(round) || done === 0) {
     cancelled.delete(round);
     post({ type: 'cancelled', round, steps: done });
     return;
