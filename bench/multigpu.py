@@ -3,12 +3,16 @@
     python -m bench.multigpu [--model mlp-digits|gpt-tiny] [--nproc 2] [--rounds 4]
 
 Both runs: the REAL server (subprocess, loopback) and ONE real native node, same model, seed,
-shard, inner steps, inner lr and batch size (the node's batch per step: with `--nproc N` each
-process takes batch/N rows and DDP averages the gradients, so the global batch and the tokens
-are the same). With one node the outer step is plain averaging by default (outer lr 1, no
-momentum: the node's θ carries over, so both runs are rounds x steps AdamW steps on the same
-data and the gap measures the split alone; `--nesterov` keeps the run's default). On CPU
-the backend is gloo; NCCL (`--gpus N`) has not run here (no GPU).
+shard, inner steps, inner lr and batch size. The two nodes use the same identity (the multi
+run starts from a copy of the single run's node.key), so their data seed (derived from the
+node id) is the same: with `--nproc N` every process draws the same global batch the one
+process draws, trains on its slice of it and DDP averages the gradients weighted by the
+slices, so both runs see the same rows in the same order (same global batch and tokens) and
+the gap is the split's float rounding, not different data. With one node the outer step is
+plain averaging by default (outer lr 1, no momentum: the node's θ carries over, so both
+runs are rounds x steps AdamW steps on the same data and the gap measures the split alone;
+`--nesterov` keeps the run's default). On CPU the backend is gloo; NCCL (`--gpus N`) has not
+run here (no GPU).
 
 Counted at the server: the updates per round from the node (`outer_syncs_per_round`, from the
 run's sqlite: one row per accepted update) and the server's per-peer WebSocket bytes. The LAST
@@ -18,6 +22,7 @@ stdout line is JSON (bench.common.emit).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -29,8 +34,12 @@ from bench.common import children, emit, free_port, get_json, print_table
 
 def run_one(tmp: Path, *, model: str, flavour: str | None, nproc: int, rounds: int,
             steps: int, batch: int, lr: float, timeout: float,
-            outer: list[str]) -> dict[str, Any]:
+            outer: list[str], node_key: Path | None = None) -> dict[str, Any]:
+    """One run; `node_key` (a node.key file) gives the node that identity, hence its seed."""
     tmp.mkdir(parents=True, exist_ok=True)
+    if node_key is not None:
+        (tmp / "node").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(node_key, tmp / "node" / "node.key")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     flags = ["--model", model, "--seed", "0", "--n-shards", "1", "--inner-steps", str(steps),
@@ -74,6 +83,11 @@ def run_one(tmp: Path, *, model: str, flavour: str | None, nproc: int, rounds: i
             "wall_s": time.monotonic() - t0}
 
 
+def sig(x: float) -> float:
+    """Three significant digits (a gap of float rounding stays visible, e.g. 1.05e-07)."""
+    return float(f"{x:.3g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.multigpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
               "outer": [] if args.nesterov else ["--outer-lr", "1.0", "--outer-momentum", "0.0"]}
     with tempfile.TemporaryDirectory(prefix="daa-multigpu-") as d:
         single = run_one(Path(d) / "single", nproc=1, **common)
-        multi = run_one(Path(d) / "multi", nproc=args.nproc, **common)
+        multi = run_one(Path(d) / "multi", nproc=args.nproc,
+                        node_key=Path(d) / "single" / "node" / "node.key", **common)
     print(f"{args.model}: {args.rounds} rounds x {args.steps} inner steps, batch "
           f"{args.batch_size} per node step (split over the processes), raw32")
     print_table([single, multi], ["procs", "rounds", "updates_per_round", "final_eval_loss",
@@ -105,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     tail = {k: sum(r["curve"][-3:]) / len(r["curve"][-3:]) for k, r in (("s", single),
                                                                           ("m", multi))}
     gap = abs(tail["m"] - tail["s"]) / tail["s"]
+    round_gap = max(abs(m - s) / s for s, m in zip(single["curve"], multi["curve"],
+                                                     strict=False))
     final_gap = abs(multi["final_eval_loss"] - single["final_eval_loss"]) / single[
         "final_eval_loss"]
     emit({"bench": "multigpu", "model": args.model, "procs": args.nproc, "backend": "gloo",
           "outer_syncs_per_round": multi["updates_per_round"],
-          "loss_gap_vs_single": round(gap, 4), "loss_gap_final_round": round(final_gap, 4),
+          "loss_gap_vs_single": sig(gap), "loss_gap_final_round": sig(final_gap),
+          "loss_gap_max_round": sig(round_gap),
           "server_bytes_vs_single": round(multi["server_bytes_per_round"]
                                           / single["server_bytes_per_round"], 4),
           "final_eval_loss": {"single": single["final_eval_loss"],

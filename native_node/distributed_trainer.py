@@ -13,10 +13,15 @@ so the box makes ONE outer sync per round (one Submit), not N. Only the inner lo
   transport/lifetime.py requires). Each talks to the node over its own socketpair
   (multiprocessing.connection framing, pickled tuples).
 - The workers form a process group (rendezvous on a free 127.0.0.1 port) and wrap the model
-  in DDP: gradients are averaged every step, so the replicas stay identical. Rank r trains on
-  rows r, r+N, ... of the node's shard, with batch_size // N rows per step (the remainder to
-  the first ranks): the node's global batch per step is the round's batch_size, as with one
-  process. Each rank keeps its own copy of the inner AdamW state (identical across ranks).
+  in DDP: gradients are averaged every step, so the replicas stay identical. Every rank draws
+  the SAME global batch as a one-process `Trainer` with the same node id would (one sampler
+  over the whole shard, the round's batch_size, the node's seed) and trains on its slice of
+  it (`rank_rows`: batch_size // N rows, the remainder to the first ranks); each rank's loss is
+  weighted by its share of the batch, so DDP's average is the global batch's mean loss and
+  the steps are the one-process steps up to float rounding (bench.multigpu measures the gap).
+  Each rank keeps its own copy of the inner AdamW state (identical across ranks).
+- On CUDA (`--gpus N`, one device per rank) the worker uses what `Trainer` uses there: bf16
+  autocast, torch's fused AdamW, θ_r on the device and Δ through pinned host memory.
 - Per round the node sends θ to rank 0, which broadcasts it; after the H steps rank 0 sends
   back Δ = θ − θ_H and the mean loss over all ranks. A cancel (a newer RoundOpen) is sent to
   every rank and agreed on with an all-reduce before each step, so no rank is left waiting in
@@ -33,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,12 @@ START_TIMEOUT_S = 300.0  # workers import torch, rebuild the workload, join the 
 def rank_batch(batch_size: int, rank: int, world: int) -> int:
     """Rows per step for `rank`: the node's batch split over `world` ranks."""
     return batch_size // world + (1 if rank < batch_size % world else 0)
+
+
+def rank_rows(batch_size: int, rank: int, world: int) -> slice:
+    """`rank`'s contiguous rows of the node's global batch (the slices tile the batch)."""
+    start = sum(rank_batch(batch_size, r, world) for r in range(rank))
+    return slice(start, start + rank_batch(batch_size, rank, world))
 
 
 def check_gpus(n: int) -> None:
@@ -180,9 +191,10 @@ def _worker(conn: Connection) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from ml.data import BatchSampler, DataSpec, shard_indices
-    from ml.inner_opt import InnerAdamW
+    from ml.inner_opt import InnerOpt, make_inner_opt
     from ml.workload import from_spec
-    from ml.zoo import flatten, load_flat, loss_fn
+    from ml.zoo import loss_fn
+    from native_node.trainer import DeviceParams, autocast
 
     _, cfg = conn.recv()
     rank, world = int(cfg["rank"]), int(cfg["world"])
@@ -203,14 +215,9 @@ def _worker(conn: Connection) -> None:
     ds, spec = work.dataset, work.data_spec
     shard = shard_indices(ds.keys_train, n_shards=cfg["n_shards"], shard=cfg["shard"],
                           partition=spec.partition, alpha=spec.alpha, seed=spec.seed)
-    mine = np.asarray(shard)[rank::world]
-    if len(mine) == 0:  # a shard smaller than the world: every rank samples all of it
-        mine = np.asarray(shard)
     sampler: BatchSampler | None = None
-    opt: InnerAdamW | None = None
-    n = sum(p.numel() for p in model.parameters())
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
+    opt: InnerOpt | None = None
+    params = DeviceParams(model, device)
     conn.send(("ready", rank))
     while True:
         msg = conn.recv()
@@ -219,18 +226,22 @@ def _worker(conn: Connection) -> None:
         if msg[0] != "round":
             continue  # a cancel that came after its round ended
         _, seq, theta, steps, lr, batch_size = msg
-        flat = (torch.from_numpy(theta) if rank == 0 else torch.zeros(n, dtype=torch.float32))
-        flat = flat.to(device)
-        dist.broadcast(flat, 0)
-        theta_np = flat.cpu().numpy()
-        load_flat(model, theta_np)
+        if rank == 0:
+            params.set_theta(theta)
+        dist.broadcast(params.theta, 0)
+        params.to_model()
         if opt is None:
-            opt = InnerAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+            opt = make_inner_opt(model.parameters(), lr=lr, device=device)
         opt.lr = lr
-        b = max(1, rank_batch(batch_size, rank, world))
-        if sampler is None or sampler.batch_size != b:
-            sampler = BatchSampler(ds.x_train, ds.y_train, mine, batch_size=b,
-                                   seed=cfg["seed"] + rank)
+        if sampler is None or sampler.batch_size != batch_size:
+            sampler = BatchSampler(ds.x_train, ds.y_train, shard, batch_size=batch_size,
+                                   seed=cfg["seed"])
+        rows = rank_rows(batch_size, rank, world)
+        # this rank's share of the global mean; a rank with no rows this step runs one row at
+        # weight 0, since DDP needs every rank in every gradient all-reduce
+        share = (rows.stop - rows.start) / batch_size
+        if share == 0:
+            rows = slice(0, 1)
         ddp.train()
         losses: list[float] = []
         compute, done = 0.0, 0
@@ -244,26 +255,26 @@ def _worker(conn: Connection) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() > 0:
                 break
-            xb, yb = sampler.sample()
+            xb, yb = sampler.sample()  # the global batch: every rank draws the same rows
             t0 = time.perf_counter()
-            x = torch.from_numpy(np.ascontiguousarray(xb)).to(device)
-            y = torch.from_numpy(np.ascontiguousarray(yb)).to(device)
-            with autocast:
-                loss = loss_fn(ddp(x), y)
+            x = torch.from_numpy(np.ascontiguousarray(xb[rows])).to(device)
+            y = torch.from_numpy(np.ascontiguousarray(yb[rows])).to(device)
+            with autocast(device):
+                loss = loss_fn(ddp(x), y) * share
             opt.zero_grad()
-            loss.backward()  # DDP: gradients averaged over the ranks here
+            (loss * world).backward()  # DDP averages over the ranks: the global mean's grads
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             value = loss.detach().float().reshape(1)
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            mean_loss = float(value) / world
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)  # the global batch's mean loss
+            mean_loss = float(value)
             compute += time.perf_counter() - t0
             losses.append(mean_loss)
             done += 1
             if rank == 0:
                 conn.send(("progress", done, mean_loss))
         if rank == 0:
-            delta = (theta_np.astype(np.float32) - flatten(model)).astype(np.float32)
+            delta = params.delta()
             mean = float(np.mean(losses)) if losses else None
             conn.send(("done", delta, mean if mean is None or np.isfinite(mean) else None,
                        done, compute))

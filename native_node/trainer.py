@@ -1,4 +1,11 @@
-"""Inner loop: H AdamW steps with torch from the global params; returns the pseudo-gradient."""
+"""Inner loop: H AdamW steps with torch from the global params; returns the pseudo-gradient.
+
+On CUDA the forward pass and loss run under bf16 autocast (weights, gradients and optimizer
+state stay float32), the inner optimizer is torch's fused AdamW (ml/inner_opt.make_inner_opt),
+θ_r stays on the device and the pseudo-gradient Δ = θ_r − θ_H is computed there and copied
+once into pinned host memory (`DeviceParams`). On CPU the same code runs without autocast or
+pinning, with the written-out single-tensor AdamW for the zoo's small models.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,17 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ml.data import BatchSampler, shard_indices
-from ml.inner_opt import InnerAdamW
+from ml.inner_opt import InnerOpt, make_inner_opt
 from ml.workload import Workload
-from ml.zoo import flatten, load_flat, loss_fn
+from ml.zoo import loss_fn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +43,49 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (matmuls in bf16, the rest as torch decides); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class DeviceParams:
+    """θ_r kept on the model's device, and Δ = θ_r − θ_H brought back through one host buffer
+    (pinned on CUDA, so the copy is one DMA rather than a staged copy per tensor)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.params = list(model.parameters())
+        n = sum(p.numel() for p in self.params)
+        self.theta = torch.zeros(n, dtype=torch.float32, device=device)
+        self.host = torch.empty(n, dtype=torch.float32, pin_memory=device.type == "cuda")
+
+    def set_theta(self, theta: np.ndarray) -> None:
+        """θ_r from the participant (float32, the flat manifest order)."""
+        src = torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32))
+        self.theta.copy_(src)
+
+    @torch.no_grad()
+    def to_model(self) -> None:
+        """Copy θ_r into the model's parameters."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.copy_(self.theta[offset:offset + n].view_as(p))
+            offset += n
+
+    @torch.no_grad()
+    def delta(self) -> np.ndarray:
+        """Δ = θ_r − θ_H as a new float32 array (the buffer is reused next round)."""
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
+        torch.sub(self.theta, flat, out=flat)
+        self.host.copy_(flat, non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return self.host.numpy().copy()
+
+
 class Trainer:
     """Owns the local model, its shard sampler and the inner AdamW state across rounds."""
 
@@ -48,7 +99,8 @@ class Trainer:
                                      partition=spec.partition, alpha=spec.alpha, seed=spec.seed)
         self.seed = int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:4], "little")
         self.sampler: BatchSampler | None = None
-        self.opt: InnerAdamW | None = None
+        self.opt: InnerOpt | None = None
+        self.params = DeviceParams(self.model, self.device)
 
     def _batches(self, batch_size: int) -> BatchSampler:
         if self.sampler is None or self.sampler.batch_size != batch_size:
@@ -61,14 +113,12 @@ class Trainer:
                     cancel: threading.Event | None = None,
                     progress: Callable[[int, float], None] | None = None) -> RoundResult:
         """Load theta, run up to `steps` inner steps (stops early if `cancel` is set)."""
-        load_flat(self.model, theta)
+        self.params.set_theta(theta)
+        self.params.to_model()
         if self.opt is None:
-            self.opt = InnerAdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=0.01)
+            self.opt = make_inner_opt(self.model.parameters(), lr=lr, device=self.device)
         self.opt.lr = lr
         sampler = self._batches(batch_size)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                    if self.device.type == "cuda" else nullcontext())
         self.model.train()
         losses: list[float] = []
         compute = 0.0
@@ -80,7 +130,7 @@ class Trainer:
             t0 = time.perf_counter()
             x = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device)
             y = torch.from_numpy(np.ascontiguousarray(yb)).to(self.device)
-            with autocast:
+            with autocast(self.device):
                 loss = loss_fn(self.model(x), y)
             self.opt.zero_grad()
             loss.backward()
@@ -92,7 +142,7 @@ class Trainer:
             done = step + 1
             if progress is not None:
                 progress(done, value)
-        delta = (theta.astype(np.float32) - flatten(self.model)).astype(np.float32)
+        delta = self.params.delta()
         mean = float(np.mean(losses)) if losses else None
         return RoundResult(delta=delta, train_loss=mean if mean is None or np.isfinite(mean)
                            else None, samples=done * batch_size, compute_s=compute, steps=done)

@@ -134,6 +134,13 @@ def _fuzz_live(f: Fig) -> str:
             f"{f['seconds']:.0f} s, {f['crashes']} crashes")
 
 
+def _multigpu(f: Fig) -> str:
+    return (f"{f['procs']} processes ({f['backend']}), {f['outer_syncs_per_round']} outer sync "
+            f"per round; eval-loss gap vs 1 process {f['loss_gap_vs_single']:.2%} (last 3 "
+            f"rounds; worst round {f['loss_gap_max_round']:.2%}); server bytes x"
+            f"{f['server_bytes_vs_single']:.2f}")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -167,6 +174,11 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.ledger", "a run with 3 staked attackers, its ledger verified offline and tampered "
      "with 200 ways; 1,000 unstaked identities at the socket; on SQLite and PostgreSQL",
      "ledger.txt", _ledger),
+    ("bench.multigpu", "one node over 2 processes (DDP) vs 1 process, same identity, data "
+     "order, global batch and tokens; mlp-digits, 10 rounds x 20 steps", "multigpu.txt",
+     _multigpu),
+    ("bench.multigpu --model gpt-tiny", "the same with gpt-tiny (nano)", "multigpu_gpt-tiny.txt",
+     _multigpu),
 ]
 
 
@@ -180,6 +192,9 @@ SOURCES: dict[str, str] = {
     "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
                      "> bench/results/fuzz_live.txt",
     "ledger.txt": "python -m bench.ledger > bench/results/ledger.txt",
+    "multigpu.txt": "python -m bench.multigpu > bench/results/multigpu.txt",
+    "multigpu_gpt-tiny.txt": "python -m bench.multigpu --model gpt-tiny "
+                             "> bench/results/multigpu_gpt-tiny.txt",
     "p2p_result_codec.txt": "python -m scripts.p2p_result_codec "
                             "--out bench/results/p2p_result_codec.txt",
     "transport.txt": "python -m bench.transport > bench/results/transport.txt",
