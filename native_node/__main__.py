@@ -37,8 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     up.add_argument("--role", choices=ROLES, default="trainer")
     for q in (join, up):
         q.add_argument("--coordinator", required=True,
-                       help="the server: HOST:PORT (port 8470 when left out), or the URL its "
-                            "page is at (http://HOST:PORT/), as `python -m server` prints it")
+                       help="the server: HOST:PORT (port 8470 when left out; TLS when the "
+                            "server offers it), or the URL its page is at (http(s)://HOST:PORT/)"
+                            ", as `python -m server` prints it")
+        q.add_argument("--ca", metavar="FILE", default=None,
+                       help="verify the server's TLS certificate with this CA bundle (PEM) "
+                            "instead of the system's trust store")
         q.add_argument("--name", default="default",
                        help="node name: separate identities on one machine (default 'default')")
         q.add_argument("--state-dir", type=Path,
@@ -126,7 +130,7 @@ def node(args: argparse.Namespace) -> int:
         coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
         server_id=args.server_id, role=getattr(args, "role", "trainer"), nproc=nproc,
-        threads=args.threads))
+        threads=args.threads, ca=args.ca))
     code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

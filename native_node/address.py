@@ -1,5 +1,7 @@
 """What `--coordinator` accepts: `host:port`, a bare host (port 8470), `http(s)://host:port/`,
 the page's URL as the browser shows it (any path or query), or `ws(s)://host:port/ws`.
+https/wss mean TLS, http/ws plain; a bare `host[:port]` means TLS when the server offers it
+(native_node.client tries wss first; `coordinator_tls`).
 
     >>> coordinator_url("127.0.0.1:8470")
     ('ws://127.0.0.1:8470/ws', '127.0.0.1:8470')
@@ -46,3 +48,16 @@ def coordinator_url(text: str) -> tuple[str, str]:
     shown = f"[{host}]" if ":" in host else host
     where = f"{shown}:{port}"
     return f"{scheme}://{where}/ws", where
+
+
+def coordinator_tls(text: str) -> bool | None:
+    """True for https:// and wss://, False for http:// and ws://, None for a bare HOST[:PORT]
+    (the node then uses TLS when the server offers it).
+
+    >>> coordinator_tls("https://example.org"), coordinator_tls("ws://h:1"), coordinator_tls("h")
+    (True, False, None)
+    """
+    raw = text.strip()
+    if "://" not in raw:
+        return None
+    return _SCHEMES.get(raw.split("://", 1)[0].lower()) == "wss"

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from transport.rtc import FrameLink, rtc_config
+from shared.messages import SERVER
+from transport.rtc import FrameLink, IceServer, pair_type, rtc_config
 
 log = logging.getLogger("native_node.mesh")
 
@@ -33,18 +35,21 @@ OnFrame = Callable[[str, bytes], Awaitable[None] | None]  # (peer id, frame)
 
 class PeerMesh:
     def __init__(self, me: str, send_signal: SendSignal, on_frame: OnFrame, *,
-                 ice_servers: list[str] | None = None, timeout_s: float = 10.0,
+                 ice_servers: Sequence[IceServer] | None = None, timeout_s: float = 10.0,
                  max_frame: int = 64 * 1024 * 1024) -> None:
         self.me = me
         self.send_signal = send_signal
         self.on_frame = on_frame
-        self.ice = ice_servers
+        self.ice: Sequence[IceServer] = list(ice_servers or [])  # the Welcome's STUN/TURN
+        self.pairs: dict[str, str] = {}  # peer -> the selected candidate pair's type
+        self.restarts = 0  # connections negotiated again after ICE failed
         self.timeout_s = timeout_s
         self.max_frame = max_frame
         self.pcs: dict[str, RTCPeerConnection] = {}
         self.links: dict[str, FrameLink] = {}
         self.opened: dict[str, asyncio.Event] = {}
         self.failed: set[str] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def offers_to(self, peer: str) -> bool:
         """True when this node is the one that offers to `peer` (the smaller id)."""
@@ -65,7 +70,15 @@ class PeerMesh:
             self.links[peer] = link
             self.failed.discard(peer)
             self._event(peer).set()
-            log.info("p2p channel to %s open", peer[:12])
+            pc = self.pcs.get(peer)
+            pair = pair_type(pc) if pc is not None else None
+            log.info("p2p channel to %s open (%s candidate pair)", peer[:12], pair)
+            if pair is not None:
+                self.pairs[peer] = pair
+                task = asyncio.ensure_future(self.send_signal(
+                    SERVER, "path", json.dumps({"peer": peer, "pair": pair})))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
         def closed() -> None:
             if self.links.get(peer) is link:
@@ -85,19 +98,54 @@ class PeerMesh:
         if peer in self.links:
             return True
         event = self._event(peer)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        ice_failed = asyncio.Event()
         if self.offers_to(peer) and peer not in self.pcs:
-            pc = self.pcs[peer] = RTCPeerConnection(rtc_config(self.ice))
-            self._attach(peer, pc.createDataChannel("p2p", ordered=True))
-            await pc.setLocalDescription(await pc.createOffer())
-            await self.send_signal(peer, "offer", pc.localDescription.sdp)
-        try:
-            await asyncio.wait_for(event.wait(), self.timeout_s)
-        except TimeoutError:
+            await self._offer(peer, ice_failed)
+        restarted = False
+        while not event.is_set():
+            waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(ice_failed.wait())]
+            await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if event.is_set() or loop.time() >= deadline:
+                break
+            if ice_failed.is_set() and self.offers_to(peer) and not restarted:
+                # aiortc 1.16 has no ICE restart (no restartIce / iceRestart offers): the
+                # same effect, once, from a fresh connection: new candidates, a new TURN
+                # allocation, within the same deadline
+                restarted = True
+                self.restarts += 1
+                log.warning("p2p: ICE to %s failed; negotiating a fresh connection once "
+                            "before relaying through the server", peer[:12])
+                ice_failed.clear()
+                await self.drop(peer)
+                await self._offer(peer, ice_failed)
+            elif ice_failed.is_set():
+                ice_failed.clear()
+                await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+        if not event.is_set():
             self.failed.add(peer)
-            log.warning("p2p channel to %s not open after %.1f s; relaying through the server",
-                        peer[:12], self.timeout_s)
+            log.warning("p2p channel to %s not open after %.1f s (ICE %s): relaying through "
+                        "the server", peer[:12], self.timeout_s,
+                        "failed" if ice_failed.is_set() or restarted else "did not finish")
+            self.pairs[peer] = "server"
             return False
         return True
+
+    async def _offer(self, peer: str, ice_failed: asyncio.Event) -> None:
+        pc = self.pcs[peer] = RTCPeerConnection(rtc_config(self.ice))
+
+        def state() -> None:
+            if pc.iceConnectionState == "failed":
+                ice_failed.set()
+
+        pc.on("iceconnectionstatechange", state)
+        self._attach(peer, pc.createDataChannel("p2p", ordered=True))
+        await pc.setLocalDescription(await pc.createOffer())
+        await self.send_signal(peer, "offer", pc.localDescription.sdp)
 
     async def on_signal(self, peer: str, kind: str, data: str) -> None:
         """A Signal the server forwarded from `peer`."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from shared.messages import (
 )
 from shared.p2p import Plan, ShardReducer
 from shared.vec import from_bytes
+from transport.rtc import IceServer
 
 log = logging.getLogger("native_node.p2p")
 
@@ -42,7 +43,8 @@ SendWs = Callable[[bytes], Awaitable[None]]  # a signed frame on the control soc
 
 class P2PRole:
     def __init__(self, node_id: str, run_id: str, frame: Frame, send_ws: SendWs, *,
-                 ice_servers: list[str] | None = None, timeout_s: float = 10.0) -> None:
+                 ice_servers: Sequence[IceServer] | None = None, timeout_s: float = 10.0
+                 ) -> None:
         self.me, self.run_id = node_id, run_id
         self.frame, self.send_ws = frame, send_ws
         self.mesh = PeerMesh(node_id, self._signal, self._on_link_frame,

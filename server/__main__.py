@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server import tls
 from server.app import make_app
 from server.browser_data import prewarm_onnx
 from server.cli_help import CHOICES, HELP
@@ -26,6 +27,7 @@ from server.demo import DemoSwarm, round_line
 from server.keys import COORDINATOR
 from server.runstate import open_run
 from server.sqldb import describe
+from server.turn import DEFAULT_TTL_S, IceServers, read_secret
 from transport import evloop
 
 DEFAULT_PORT = 8470
@@ -54,6 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"stops after {DEMO_ROUNDS} rounds, needs N updates per round and "
                         f"runs the robust default bench.byzantine chose: "
                         f"{DEMO_ROBUST['aggregator']} + validation")
+    p.add_argument("--tls-cert", metavar="FILE", default=None,
+                   help="serve https and wss with this PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", default=None,
+                   help="the certificate's PEM private key (with --tls-cert)")
+    p.add_argument("--turn-secret-file", metavar="FILE", default=None,
+                   help="the TURN server's shared secret (coturn --static-auth-secret), first "
+                        "line of FILE: each node's Welcome carries TURN credentials minted "
+                        "from it for the TURN URLs of --ice-servers")
+    p.add_argument("--turn-ttl-s", type=float, default=DEFAULT_TTL_S, metavar="S",
+                   help=f"how long a minted TURN credential is valid (default "
+                        f"{DEFAULT_TTL_S:.0f})")
+    p.add_argument("--trust-proxy", metavar="ADDR[,ADDR]", default=None,
+                   help="reverse proxies (IP addresses) whose X-Forwarded-For names the "
+                        "client, for the per-address connection limit")
     p.add_argument("--log-level", default=None,
                    help="DEBUG, INFO, WARNING (default INFO; WARNING with --demo)")
     for name, kind in (("model", str), ("flavour", str), ("data", str), ("data-path", str),
@@ -111,18 +127,31 @@ async def serve(args: argparse.Namespace) -> int:
         from transport import sctp_tuning
 
         sctp_tuning.install()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    ssl_ctx = tls.server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    ice = IceServers.parse(run.config.ice_servers, ttl_s=args.turn_ttl_s,
+                           secret=read_secret(args.turn_secret_file)
+                           if args.turn_secret_file else None)
+    ice.check()
     app = make_app(run)
+    app[tls.TRUSTED_PROXIES] = tls.parse_proxies(args.trust_proxy)
+    app[COORDINATOR].rtc.ice = ice
     app.cleanup_ctx.append(prewarm_onnx)  # the first browser tab need not wait for it
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    site = web.TCPSite(runner, args.host, args.port, ssl_context=ssl_ctx)
     await site.start()
-    url = f"http://{args.host}:{args.port}/"
+    url = f"{'https' if ssl_ctx else 'http'}://{args.host}:{args.port}/"
     await _graphs_ready(app)
     floor = run.entropy_floor
     print(f"DAA Prime run {run.run_id}: {run.config.model} ({run.n_params:,} params), "
           f"data dir {data_dir}, rows in {describe(args.db)}", flush=True)
     print(f"open {url}  (API: {url}api/run)", flush=True)
+    if ice.urls:
+        print(f"ICE servers for every peer: {', '.join(ice.urls)}"
+              + (f" (TURN credentials minted per node, valid {ice.ttl_s:.0f} s)"
+                 if ice.has_turn else ""), flush=True)
     logging.getLogger("server").info("event loop: %s", evloop.name())
     if run.identity is not None:
         print(f"server id {run.identity.node_id} (ML-DSA-65 key in {data_dir}/server.key)",

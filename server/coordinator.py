@@ -225,7 +225,8 @@ class Coordinator:
             n_shards=self.config.n_shards, codec=self.config.codec,
             codec_params=self.config.codec_params, error_feedback=self.config.error_feedback,
             n_params=run.n_params, transport=self.config.transport,
-            rtc_timeout_s=self.config.rtc_timeout_s, worker_momentum=self.config.worker_momentum))
+            rtc_timeout_s=self.config.rtc_timeout_s, worker_momentum=self.config.worker_momentum,
+            ice_servers=self.rtc.ice_for(msg.node_id)))
         if self.finished:
             await self.send(conn, self._committed_msg(final=True))
         elif self.state is not None and not self.state.closed:
@@ -389,7 +390,7 @@ class Coordinator:
                  "first_seen": p.first_seen, "last_seen": p.last_seen,
                  "updates_accepted": p.accepted, "rejected": p.rejected,
                  "bytes_up": p.bytes_up, "bytes_down": p.bytes_down,
-                 "p2p_relayed_bytes": p.relayed_bytes}
+                 "p2p_relayed_bytes": p.relayed_bytes, "ice_pairs": dict(p.ice_pairs)}
                 for p in self.peers.values()]
 
     def status(self) -> dict[str, Any]:

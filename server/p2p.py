@@ -118,6 +118,7 @@ class P2PReduction:
                 raise UnknownNode(f"shard target {msg.to[:12]} is not connected", field="to")
             self.counters["p2p_relayed_bytes"] += len(msg.payload)
             peer.relayed_bytes += len(msg.payload)
+            peer.ice_pairs[msg.to] = "server"
             if peer.transport != "p2p-relayed":
                 peer.transport = "p2p-relayed"
                 log.info("relaying shards from %s to %s (no direct channel)", peer.node_id[:12],

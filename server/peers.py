@@ -34,6 +34,10 @@ class Peer:
     holds: str | None = None  # digest of the global params this connection was last sent
     has_momentum: bool = False  # p2p: it was sent the outer momentum (it steps itself)
     relayed_bytes: int = 0  # p2p: shard bytes the server forwarded for it (no direct channel)
+    # peer node id (or "server") -> the candidate pair type of its connection to it:
+    # host / srflx / relay (reported by the node, or the server's own peer), or "server"
+    # (the server relayed for it)
+    ice_pairs: dict[str, str] = field(default_factory=dict)
     state: str = "idle"  # idle | training | submitted | rejected | validating | gone
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)

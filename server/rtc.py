@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
 from server.config import RunConfig
-from server.peers import Connection
+from server.peers import Connection, Peer
+from server.turn import IceServers
 from shared.errors import BadUpdate, UnknownNode
-from shared.messages import SERVER, Message, Signal
-from transport.rtc import FrameLink, rtc_config
+from shared.messages import HEX64, SERVER, Message, Signal
+from transport.rtc import FrameLink, pair_type, rtc_config
 
 log = logging.getLogger("server.rtc")
+PAIR_TYPES = ("host", "srflx", "relay")  # what a node may report in a "path" Signal
+MAX_PATHS = 1024  # peers whose pair type is kept per node
 
 
 class RtcHost(Protocol):
@@ -60,11 +64,19 @@ class RtcHub:
         self.host, self.settings = host, settings
         self.pcs: dict[str, RTCPeerConnection] = {}
         self.links: dict[str, FrameLink] = {}
-        self.ice = list(settings.ice_servers)
+        # the run's STUN/TURN servers; python -m server sets the TURN secret (server.turn)
+        self.ice = IceServers(urls=settings.ice_servers)
+
+    def ice_for(self, node_id: str) -> list[dict[str, Any]]:
+        """Welcome.ice_servers for a node: TURN credentials minted for it now."""
+        return self.ice.for_node(node_id)
 
     async def on_signal(self, conn: Connection, msg: Signal) -> None:
         peer = conn.peer
         assert peer is not None
+        if msg.kind == "path":
+            self._on_path(peer, msg)
+            return
         if msg.to != SERVER:  # node -> node: forward, attested by the server's signature
             target = self.host.conn(msg.to)
             if target is None:
@@ -84,7 +96,7 @@ class RtcHub:
                             f"{self.settings.transport!r})", field="kind")
         await self.close(peer.node_id)  # a fresh offer replaces an older connection
         peer.transport = "relay"  # until its channel opens, its updates come on the socket
-        pc = RTCPeerConnection(rtc_config(self.ice))
+        pc = RTCPeerConnection(rtc_config(self.ice.for_node(SERVER)))
         self.pcs[peer.node_id] = pc
         pc.on("datachannel", lambda ch: self._attach(conn, ch))
         await pc.setRemoteDescription(RTCSessionDescription(sdp=msg.data, type="offer"))
@@ -103,7 +115,12 @@ class RtcHub:
         link = FrameLink(channel, on_frame, max_frame=self.settings.max_frame)
         self.links[peer.node_id] = link
         peer.transport = "webrtc"
-        log.info("node %s: data channel open (star)", peer.node_id[:12])
+        pc = self.pcs.get(peer.node_id)
+        pair = pair_type(pc) if pc is not None else None
+        if pair is not None:
+            peer.ice_pairs[SERVER] = pair
+        log.info("node %s: data channel open (star, %s candidate pair)", peer.node_id[:12],
+                 pair)
 
         def closed() -> None:
             if self.links.get(peer.node_id) is link:
@@ -112,6 +129,25 @@ class RtcHub:
                     peer.transport = "relay"
 
         channel.on("close", closed)
+
+    @staticmethod
+    def _on_path(peer: Peer, msg: Signal) -> None:
+        """A node says which candidate pair its connection to a peer (or to the server's
+        peer) selected: shown by /api/peers as `ice_pairs`."""
+        if msg.to != SERVER:
+            raise BadUpdate("a path signal goes to the server", field="to")
+        try:
+            info = json.loads(msg.data)
+            other, pair = str(info["peer"]), str(info["pair"])
+        except (ValueError, TypeError, KeyError):
+            raise BadUpdate('a path signal\'s data is {"peer": ID, "pair": TYPE}',
+                            field="data") from None
+        if pair not in PAIR_TYPES or not (other == SERVER or HEX64.fullmatch(other)):
+            raise BadUpdate(f"path: pair must be one of {list(PAIR_TYPES)} and peer a node id "
+                            f"or 'server'", field="data")
+        if other not in peer.ice_pairs and len(peer.ice_pairs) >= MAX_PATHS:
+            return  # bounded per peer
+        peer.ice_pairs[other] = pair
 
     async def close(self, node_id: str) -> None:
         self.links.pop(node_id, None)

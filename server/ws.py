@@ -26,6 +26,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from server.auth import authenticate
 from server.keys import COORDINATOR
 from server.peers import Connection
+from server.tls import client_address
 from shared.errors import ERROR_CODES, FrameError, NotAdmitted, ProtocolError
 from shared.frame import decode_frame
 from shared.messages import MESSAGE_TYPES, Error, Hello, message_from_frame
@@ -232,7 +233,7 @@ async def _receive(coord: Any, limits: Limits, conn: Connection, ws: web.WebSock
 async def control(request: web.Request) -> web.StreamResponse:
     coord = request.app[COORDINATOR]
     limits = _limits(request.app)
-    remote = str(request.remote)
+    remote = client_address(request)  # behind a --trust-proxy: the forwarded client
     if not limits.connects.allow(remote):  # before anything is signed or allocated
         return web.Response(status=429, text="too many connections from this address",
                             headers={"Retry-After": "1"})

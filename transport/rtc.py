@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from aiortc import (
     RTCConfiguration,
@@ -38,11 +40,51 @@ HIGH_WATER = 4 * 1024 * 1024  # pause sending above this many buffered bytes
 LOW_WATER = 1 * 1024 * 1024  # resume below this (bufferedAmountLowThreshold)
 
 FrameHandler = Callable[[bytes], Awaitable[None] | None]
+# an ICE server: a URL, or Welcome.ice_servers' {"urls", "username", "credential"}
+IceServer = str | Mapping[str, Any]
+PAIR_RANK = {"host": 0, "srflx": 1, "prflx": 1, "relay": 2}  # how indirect a candidate is
 
 
-def rtc_config(ice_servers: list[str] | None = None) -> RTCConfiguration:
-    """No STUN/TURN unless configured: the default public STUN server is unreachable offline."""
-    return RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in (ice_servers or [])])
+def rtc_config(ice_servers: Sequence[IceServer] | None = None) -> RTCConfiguration:
+    """No STUN/TURN unless configured: the default public STUN server is unreachable offline.
+    aiortc uses the first STUN and the first TURN server of the list (aioice takes one of
+    each)."""
+    servers: list[RTCIceServer] = []
+    stun = turn = False
+    for s in ice_servers or []:
+        if isinstance(s, str):
+            url, user, cred = s, None, None
+        else:
+            url, user, cred = str(s["urls"]), s.get("username") or None, \
+                s.get("credential") or None
+        is_turn = url.startswith("turn")
+        if (turn if is_turn else stun):
+            continue  # aiortc refuses a second one of a kind
+        stun, turn = stun or not is_turn, turn or is_turn
+        servers.append(RTCIceServer(urls=url, username=user, credential=cred))
+    return RTCConfiguration(iceServers=servers)
+
+
+def pair_type(pc: RTCPeerConnection) -> str | None:
+    """The type of the candidate pair `pc`'s data channel selected: "relay" when either end
+    is a TURN relay candidate, "srflx" when either is server- or peer-reflexive (a NAT's
+    mapping), else "host"; None before one is selected. Reads aioice's nominated pair (aiortc
+    has no getStats for it)."""
+    try:
+        ice = pc.sctp.transport.transport  # type: ignore[union-attr]
+        pair = ice._connection._nominated.get(1)
+    except AttributeError:
+        return None
+    if pair is None:
+        return None
+    kinds = (pair.local_candidate.type, pair.remote_candidate.type)
+    worst = max(kinds, key=lambda k: PAIR_RANK.get(k, 1))
+    return "srflx" if worst == "prflx" else worst
+
+
+def has_relay_candidate(sdp: str) -> bool:
+    """Whether an SDP lists a TURN relay candidate of ours."""
+    return " typ relay" in sdp
 
 
 class FrameLink:
@@ -134,7 +176,8 @@ class StarUplink:
     it fails, `ready()` is False and the caller sends on its WebSocket (relay fallback)."""
 
     def __init__(self, send_signal: Callable[[str, str], Awaitable[None]], *,
-                 timeout_s: float = 10.0, ice_servers: list[str] | None = None) -> None:
+                 timeout_s: float = 10.0, ice_servers: Sequence[IceServer] | None = None
+                 ) -> None:
         self.send_signal = send_signal  # (kind, data) -> a signed Signal to "server"
         self.timeout_s = timeout_s
         self.pc = RTCPeerConnection(rtc_config(ice_servers))
@@ -143,6 +186,7 @@ class StarUplink:
         self.opened = asyncio.Event()
         self.channel.on("open", self.opened.set)
         self.fell_back = False
+        self.pair: str | None = None  # the selected candidate pair's type, once open
         self.decided = asyncio.Event()  # set once the channel opened or we fell back
 
     async def start(self) -> None:
@@ -163,7 +207,11 @@ class StarUplink:
             return False
         finally:
             self.decided.set()
-        log.info("data channel to the server open: updates go peer-to-server over WebRTC")
+        self.pair = pair_type(self.pc)
+        log.info("data channel to the server open (%s candidate pair): updates go "
+                 "peer-to-server over WebRTC", self.pair)
+        if self.pair is not None:
+            await self.send_signal("path", json.dumps({"peer": "server", "pair": self.pair}))
         return True
 
     def ready(self) -> bool:
@@ -187,3 +235,36 @@ class StarUplink:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.pc.close()
+
+
+async def probe_turn(server: Mapping[str, Any], *, timeout_s: float = 5.0) -> str | None:
+    """Allocate (and release) one relay on a TURN server with its credential: None when the
+    server grants it, else why not, in words (aioice drops a refused allocation silently:
+    without this check a bad credential shows only as ICE failing later)."""
+    import time
+
+    from aioice import stun, turn
+    from aiortc.rtcicetransport import parse_stun_turn_uri
+
+    url, user = str(server["urls"]), str(server.get("username") or "")
+    try:
+        parsed = parse_stun_turn_uri(url)
+    except ValueError as exc:
+        return f"{url}: {exc}"
+    head = user.split(":", 1)[0]
+    expired = head.isdigit() and int(head) < time.time()
+    try:
+        transport, _ = await asyncio.wait_for(turn.create_turn_endpoint(
+            asyncio.DatagramProtocol, server_addr=(parsed["host"], parsed["port"]),
+            username=user, password=str(server.get("credential") or ""),
+            ssl=parsed["scheme"] == "turns", transport=parsed["transport"]), timeout_s)
+    except stun.TransactionFailed as exc:
+        code = exc.response.attributes.get("ERROR-CODE", (0, ""))[0]
+        why = ("the credential expired" if expired else
+               "the credential is not one minted with the TURN server's secret, or expired "
+               "by its clock") if code == 401 else "the allocation was refused"
+        return f"TURN server {url} refused this node's credential: {exc} ({why})"
+    except (OSError, TimeoutError, stun.TransactionError) as exc:
+        return f"TURN server {url} did not answer ({exc.__class__.__name__}: {exc})"
+    transport.close()
+    return None
