@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("max-staleness", int), ("resume-grace-s", float),
                        ("transport", str), ("ice-servers", str), ("rtc-timeout-s", float),
                        ("p2p-replicas", int), ("p2p-timeout-s", float),
-                       ("p2p-result-codec", str)):
+                       ("p2p-result-codec", str), ("autotune-pin", json.loads),
+                       ("autotune-max-steps", int)):
         key = name.replace("-", "_")
         choices = CHOICES.get(key)
         p.add_argument(f"--{name}", type=kind, default=None, choices=choices,
@@ -98,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta-downlink", action=argparse.BooleanOptionalAction, default=None,
                    help="send a node that holds the previous params only the coordinates that "
                         "changed (default: on)")
+    p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None,
+                   help="tune each round to the participants: a time budget instead of a "
+                        "fixed H, each node's codec, the deadline and the quorum, with the "
+                        "reasons in /api/run (docs/autotune.md; default: off)")
     p.add_argument("--validation", action=argparse.BooleanOptionalAction, default=None,
                    help="score every update on held-out loss and reject the ones that make "
                         "it worse by more than --validation-threshold (default: off)")

@@ -102,6 +102,14 @@ async def get_rejection_counts(request: web.Request) -> web.Response:
     return json_response(request.app[RUN].store.rejection_counts(node))
 
 
+@routes.get("/api/autotune")
+async def get_autotune(request: web.Request) -> web.Response:
+    """The autotuner's decisions (server.autotune): per round, the settings, each change with
+    its reason, and the measures it was decided from."""
+    since, limit = _paging(request, "since", -1)
+    return json_response(request.app[RUN].store.autotune_decisions(since=since, limit=limit))
+
+
 @routes.get("/api/peers")
 async def get_peers(request: web.Request) -> web.Response:
     return json_response(request.app[COORDINATOR].peers_view())

@@ -30,6 +30,10 @@ CHOICES: dict[str, list[str]] = {
 }
 
 HELP: dict[str, str] = {
+    "autotune_pin": "autotune settings the operator fixes, as JSON, e.g. '{\"codec\": "
+                    "\"raw32\", \"budget_s\": 2}' (keys: budget_s, max_steps, deadline_s, "
+                    "quorum, codec)",
+    "autotune_max_steps": "most inner steps a node runs in one autotuned round (0: 10 x H)",
     "model": "zoo model",
     "flavour": "model size, per model: " + "; ".join(
         f"{name}: {', '.join(m.flavours)}" for name, m in sorted(MODELS.items())),

@@ -10,7 +10,8 @@ goes through `take`, which runs the guards in one place, in this order:
 2. the sender joined as a trainer, else `BadUpdate` (field node_id);
 3. the message is the run's kind of update (the reduction's `update_type`), else `BadUpdate`
    (field msg_type);
-4. the run's codec (Submit) and the model's length, else `BadUpdate` (codec / length);
+4. the codec (Submit) the node was given for that round (the run's, or autotune's: see
+   server.autotune) and the model's length, else `BadUpdate` (codec / length);
 5. the round is not being reduced (p2p), else `BadUpdate` (field round);
 
 then the stale policy (a Submit for an already committed round), the round state's own check
@@ -24,6 +25,7 @@ from collections import Counter
 
 import numpy as np
 
+from server.autotune import AutotuneLoop
 from server.config import RunConfig
 from server.peers import Peer
 from server.reduction import Reduction
@@ -37,9 +39,10 @@ log = logging.getLogger("server.coordinator")
 
 class RoundCollection:
     def __init__(self, config: RunConfig, n_params: int, reduction: Reduction,
-                 counters: Counter[str]) -> None:
+                 counters: Counter[str], autotune: AutotuneLoop | None = None) -> None:
         self.config, self.n_params = config, n_params
         self.reduction = reduction
+        self.autotune = autotune  # the codec each node was given; measures each update
         self.counters = counters  # accepted, duplicates, stale_dropped, stale_applied
         self.state: RoundState | None = None  # the open round; None before the first/after the last
         self.rows: dict[str, UpdateRow] = {}  # node id -> its accepted update's store row
@@ -70,9 +73,12 @@ class RoundCollection:
             raise BadUpdate(f"a {peer.role} does not submit updates", field="node_id")
         if not isinstance(msg, self.reduction.update_type):
             raise BadUpdate(self.reduction.wrong_update, field="msg_type")
-        if isinstance(msg, Submit) and msg.codec != self.config.codec:
-            raise BadUpdate(f"codec {msg.codec!r} is not this run's codec "
-                            f"{self.config.codec!r}", field="codec")
+        if isinstance(msg, Submit) and not (
+                self.autotune.accepts_codec(peer.node_id, msg.round, msg.codec)
+                if self.autotune is not None else msg.codec == self.config.codec):
+            raise BadUpdate(f"codec {msg.codec!r} is not the codec this node was given for "
+                            f"round {msg.round} (run codec {self.config.codec!r})",
+                            field="codec")
         if msg.length != self.n_params:
             raise BadUpdate(f"wrong shape: update has {msg.length} values, the model has "
                             f"{self.n_params}", field="length")
@@ -107,6 +113,9 @@ class RoundCollection:
             self.rows[peer.node_id] = UpdateRow(
                 node_id=peer.node_id, digest=msg.digest, bytes=size, train_loss=msg.train_loss,
                 samples=msg.samples, compute_s=msg.compute_s)
+            if self.autotune is not None:
+                self.autotune.on_update(peer.node_id, peer.runtime, msg, size,
+                                        staleness=state.round - msg.round)
             peer.accepted += 1
             peer.state = "submitted"
             self.counters["accepted"] += 1

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.aggregation import RULES, estimate_f, get_rule
+from shared.autotune import SETTINGS as AUTOTUNE_SETTINGS
 from shared.codecs import CODECS, make_codec
-from shared.messages import RESULT_CODECS
+from shared.messages import RESULT_CODECS, ROUND_CODECS
 from shared.p2p import COORDINATE_RULES
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
@@ -81,6 +82,11 @@ class RunConfig:
     ledger_proposal_rounds: int = 20  # committed rounds a proposal stays open (0: forever)
     # "stake": the server's mean weighs each accepted update by its node's ledger stake
     aggregation_weights: str = "equal"
+    # the autonomy loop (shared.autotune, docs/autotune.md): per round, a time budget instead
+    # of a fixed H, each node's codec, the deadline and the quorum, from what was measured
+    autotune: bool = False
+    autotune_pin: dict[str, Any] = dataclasses.field(default_factory=dict)  # setting -> value
+    autotune_max_steps: int = 0  # most inner steps a node runs per round (0: 10 x inner_steps)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -138,6 +144,14 @@ class RunConfig:
             (self.aggregation_weights == "equal" or self.transport != "p2p",
              "aggregation_weights", "= 'stake' needs the updates at the server: not with "
              "transport p2p"),
+            (set(self.autotune_pin) <= set(AUTOTUNE_SETTINGS), "autotune_pin",
+             f"keys must be among {AUTOTUNE_SETTINGS}"),
+            (self.autotune_pin.get("codec", "raw32") in ROUND_CODECS[1:], "autotune_pin",
+             f"codec must be one of {ROUND_CODECS[1:]}"),
+            (all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                 for k, v in self.autotune_pin.items() if k != "codec"), "autotune_pin",
+             "values must be positive numbers (codec: a codec name)"),
+            (self.autotune_max_steps >= 0, "autotune_max_steps", "must be >= 0"),
             (self.aggregation_weights == "equal" or self.ledger_min_stake > 0,
              "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]
@@ -158,6 +172,10 @@ class RunConfig:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config aggregator {self.aggregator!r} with quorum "
                              f"{self.quorum}: {exc}") from None
+
+    @property
+    def autotune_steps_cap(self) -> int:
+        return self.autotune_max_steps or 10 * self.inner_steps
 
     @property
     def max_frame(self) -> int:

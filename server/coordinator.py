@@ -13,7 +13,9 @@ composed of collaborators with explicit interfaces, each in its own module:
   the server (ws, star) or the shard reduction among the members (p2p, server.p2p);
 - `Validation` (server.validation): scores the candidates before a commit, with validators;
 - `RtcHub` (server.rtc): signaling relay and the star peer, through server.rtc.RtcHost;
-- `Evidence` (server.evidence): the rejection rows the ledger slashes on.
+- `Evidence` (server.evidence): the rejection rows the ledger slashes on;
+- `AutotuneLoop` (server.autotune): measures each round, asks shared.autotune for the next
+  round's budget, codecs, deadline and quorum, and records why (run config `autotune`).
 
 Every frame enters through `handle_frame` (signature, replay, decode, dispatch); every refusal
 leaves through `reject` (typed error, log line, counter, evidence).
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from server.auth import authenticate
+from server.autotune import AutotuneLoop
 from server.collection import RoundCollection
 from server.config import RunConfig
 from server.evidence import Evidence
@@ -39,7 +42,7 @@ from server.ledger import apply_setting
 from server.outbox import Outbox
 from server.p2p import P2PReduction
 from server.peers import Connection, Peer
-from server.reduction import choose_reduction
+from server.reduction import ServerReduction, choose_reduction
 from server.roundopen import RoundOpener
 from server.rtc import RtcHub, RtcSettings
 from server.runstate import RunState
@@ -91,11 +94,14 @@ class Coordinator:
         self.reduction = choose_reduction(run, self.outbox, self.evidence, self.counters)
         if isinstance(self.reduction, P2PReduction):  # outvoted owners are slashed
             self.reduction.outvoted = self.slashing.outvoted
+        self.autotune = AutotuneLoop(run)
+        if isinstance(self.reduction, ServerReduction):
+            self.reduction.step_weights = self.autotune.weigh_by_steps
         self.collection = RoundCollection(self.config, run.n_params, self.reduction,
-                                          self.counters)
+                                          self.counters, self.autotune)
         self.validation = Validation(run, self.outbox, self.collection, self.evidence,
                                      self.counters, self.rejected)
-        self.opener = RoundOpener(run, self.outbox, self.reduction)
+        self.opener = RoundOpener(run, self.outbox, self.reduction, self.autotune)
         self.rtc = RtcHub(self, RtcSettings.of(self.config))
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -312,9 +318,12 @@ class Coordinator:
         grace_until = loop.time() + self.config.resume_grace_s
         while not self._done():
             # per round: a passed proposal may have changed quorum or deadline_s
-            policy = RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s)
+            # ... and autotune may have set this round's (never below the run's quorum)
+            policy = self.autotune.round_policy(
+                RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s))
             state = RoundState(round=self.run.version, policy=policy, opened_at=loop.time())
             self.collection.open(state)
+            self.autotune.on_round_open()
             self.replays.clear()  # older rounds are refused by number; hellos by challenge
             self.outbox.round_bytes = [0, 0]
             started = time.time()
@@ -371,6 +380,12 @@ class Coordinator:
             self.run.commit, round_=state.round, params=theta, momentum=momentum,
             attempts=state.attempt + 1, eval_loss=eval_loss, train_loss=train_loss,
             updates=rows, bytes_up=up, bytes_down=down, duration_s=duration_s)
+        await asyncio.to_thread(  # the next round's settings, from this round's measures
+            self.autotune.after_commit, round_=state.round, duration_s=duration_s,
+            eval_loss=eval_loss, aggregate=pseudo_grad, n_active=len(self._active()),
+            vectors=[self.collection.vectors[n] for n in sorted(state.updates)
+                     if n in self.collection.vectors],
+            scores=dict(self.validation.scores))
         for peer in self.peers.values():
             if peer.state in ("submitted", "rejected"):
                 peer.state = "idle"
@@ -416,4 +431,5 @@ class Coordinator:
             # p2p reductions: disputes, liars, malformed results, dropped members, relayed bytes
             "p2p": {k.removeprefix("p2p_"): n for k, n in sorted(self.counters.items())
                     if k.startswith("p2p_")},
+            "autotune": self.autotune.view(),
         }

@@ -10,7 +10,10 @@ the outer step applies.
   (shared.aggregation) over the round's vectors. With `aggregation_weights = "stake"` (rule
   `mean` only, RunConfig refuses the others) each update weighs its node's ledger stake at
   the time of the reduction; a node without stake weighs 0, and a round whose nodes hold no
-  stake at all is retried.
+  stake at all is retried. With autotune's time budgets (server.autotune, rule `mean`,
+  `aggregation_weights = "equal"`) each update weighs its inner steps (the samples it
+  trained on), as in heterogeneous DiLoCo variants: a node that fit more steps in the
+  budget counts more.
 - `server.p2p.P2PReduction` (p2p): a trainer keeps its update and sends a `Ready`; the members
   reduce shards among themselves and the server only checks the owners' results.
 
@@ -78,6 +81,7 @@ class ServerReduction:
 
     def __init__(self, run: RunState, counters: Counter[str]) -> None:
         self.run, self.config, self.counters = run, run.config, counters
+        self.step_weights = False  # autotune: the mean weighs each update by its samples
 
     def vector(self, msg: Submit | Ready) -> np.ndarray:
         assert isinstance(msg, Submit)
@@ -101,6 +105,12 @@ class ServerReduction:
         vectors = [collection.vectors[n] for n in nodes]
         if self.config.aggregation_weights == "stake":
             return self.stake_weighted(nodes, vectors, state.round)
+        if self.step_weights and self.config.aggregator == "mean":
+            weights = np.array([collection.rows[n].samples for n in nodes], dtype=np.float64)
+            if weights.sum() > 0:
+                mean = np.average(np.stack(vectors).astype(np.float64), axis=0,
+                                  weights=weights)
+                return np.asarray(mean, dtype=np.float32)
         return self.aggregate(vectors, state.round)
 
     def stake_weighted(self, nodes: list[str], vectors: list[np.ndarray], round_: int

@@ -10,15 +10,20 @@ A RoundOpen carries the global params in one of four forms (`kind`):
 - "full+m": the params then the outer momentum (p2p trainers, so that they can step later).
 
 The reduction strategy (server.reduction) picks "outer" / "full+m" for its topology; the rest
-is decided here. Each kind is signed once per broadcast and the same bytes go to all.
+is decided here. With autotune (server.autotune) each node's RoundOpen also carries the round's
+time budget, step cap and that node's codec. Each variant (kind, autotune fields) is signed
+once per broadcast and the same bytes go to every node that gets it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import numpy as np
 
+from server.autotune import AutotuneLoop
 from server.outbox import Outbox
 from server.peers import Connection, Peer
 from server.reduction import Reduction
@@ -29,12 +34,16 @@ from shared.rounds import RoundState
 
 
 class RoundOpener:
-    def __init__(self, run: RunState, outbox: Outbox, reduction: Reduction) -> None:
+    def __init__(self, run: RunState, outbox: Outbox, reduction: Reduction,
+                 autotune: AutotuneLoop | None = None) -> None:
         self.run, self.config = run, run.config
         self.outbox, self.reduction = outbox, reduction
+        self.autotune = autotune if autotune is not None else AutotuneLoop(run)
 
-    def frame(self, state: RoundState, kind: str = "full") -> bytes:
-        """The RoundOpen of `state` as `kind`, signed; the deadline is the time left now."""
+    def frame(self, state: RoundState, kind: str = "full",
+              tuned: dict[str, Any] | None = None) -> bytes:
+        """The RoundOpen of `state` as `kind`, signed; the deadline is the time left now;
+        `tuned`: the autotune fields for its node (AutotuneLoop.open_fields)."""
         run, cfg = self.run, self.config
         base: str | None = None
         payload = run.params_bytes
@@ -49,9 +58,9 @@ class RoundOpener:
             run_id=run.run_id, round=state.round, attempt=state.attempt,
             params_digest=run.params_digest,
             deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
-            inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
-            batch_size=cfg.batch_size, base_digest=base,
-            with_momentum=kind == "full+m", payload=payload))
+            inner_lr=cfg.inner_lr, batch_size=cfg.batch_size, base_digest=base,
+            with_momentum=kind == "full+m", payload=payload,
+            **{"inner_steps": cfg.inner_steps, **(tuned or {})}))
 
     def kind(self, peer: Peer | None) -> str:
         """What the RoundOpen for `peer` carries: the reduction's choice, else the delta
@@ -74,10 +83,12 @@ class RoundOpener:
                 and peer.node_id not in state.updates):
             peer.state = "training"
         kind = self.kind(peer)
+        tuned = self.autotune.open_fields(peer.node_id if peer else None, state.round)
         if data is None:
-            data = self.frame(state, kind)
+            data = self.frame(state, kind, tuned)
         await self.outbox.send(conn, data)
         if peer is not None:
+            self.autotune.on_open(peer.node_id, len(data))
             peer.holds = self.run.params_digest
             peer.has_momentum = peer.has_momentum or kind == "full+m"
 
@@ -91,8 +102,10 @@ class RoundOpener:
             if p.ws is None:
                 continue
             kind = self.kind(p)
-            if kind not in frames:
-                frames[kind] = self.frame(state, kind)
+            tuned = self.autotune.open_fields(p.node_id, state.round)
+            key = kind + json.dumps(tuned, sort_keys=True)
+            if key not in frames:
+                frames[key] = self.frame(state, kind, tuned)
             sends.append(self.send(state, Connection(ws=p.ws, remote="", peer=p),
-                                   frames[kind], mark=not retry))
+                                   frames[key], mark=not retry))
         await asyncio.gather(*sends)

@@ -82,6 +82,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, round INTEGER,
     entry TEXT NOT NULL, sig TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_evidence (hash TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS autotune (
+    round INTEGER PRIMARY KEY, decided_at REAL NOT NULL, settings TEXT NOT NULL,
+    changes TEXT NOT NULL, inputs TEXT NOT NULL);
 """
 
 
@@ -413,3 +416,32 @@ class Store:
     def ledger_blobs(self) -> dict[str, bytes]:
         return {h: bytes.fromhex(d) for h, d in
                 self.db.execute("SELECT hash, data FROM ledger_evidence")}
+
+    # -- autotune (server.autotune: the settings of each round and why) -----------------
+    @_locked
+    def record_autotune(self, *, round_: int, settings: dict[str, Any],
+                        changes: list[dict[str, Any]], inputs: dict[str, Any]) -> None:
+        """The settings decided for `round_` with their reasons and inputs (a retried
+        decision for the same round replaces the row)."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM autotune WHERE round = ?", (sql_int(round_),))
+            self.db.execute("INSERT INTO autotune VALUES (?,?,?,?,?)",
+                            (sql_int(round_), time.time(), json.dumps(settings),
+                             json.dumps(changes), json.dumps(inputs)))
+
+    @_locked
+    def autotune_decisions(self, *, since: int = -1, limit: int = 1000,
+                           newest: bool = False) -> list[dict[str, Any]]:
+        """Decisions for rounds after `since`, oldest first (`newest`: the last `limit`)."""
+        order = "DESC" if newest else "ASC"
+        cur = self.db.execute("SELECT round, decided_at, settings, changes, inputs FROM "
+                              f"autotune WHERE round > ? ORDER BY round {order} LIMIT ?",
+                              (since, limit))
+        out = [{"round": r, "decided_at": at, "settings": json.loads(st),
+                "changes": json.loads(ch), "inputs": json.loads(inp)}
+               for r, at, st, ch, inp in cur]
+        return out[::-1] if newest else out
+
+    @_locked
+    def autotune_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM autotune").fetchone()[0])

@@ -44,6 +44,7 @@ class Validation:
         self._verdicts: dict[str, Verdict] = {}  # validator node id -> its verdict this round
         self._pending = False  # a validation is waiting for verdicts
         self._verdict_in = asyncio.Event()
+        self.scores: dict[str, float | None] = {}  # node -> the server's score, last round
         self._scorer: ProbeScorer | None = None
 
     def on_verdict(self, conn: Connection, msg: Verdict) -> None:
@@ -79,6 +80,7 @@ class Validation:
                 self._scorer = ProbeScorer(self.run.work, cfg.validation_samples)
             base, losses = await asyncio.to_thread(
                 self._scorer.score, self.run.params, [vectors[n] for n in nodes])
+            self.scores = dict(zip(nodes, losses, strict=True))  # autotune's inputs
             ref = reference(base, losses)
             verdicts = [judge(ref=ref, threshold=cfg.validation_threshold,
                               score=Score(node_id=n, digest=state.updates[n], loss=loss))
