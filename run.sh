@@ -51,6 +51,14 @@ setup() {
   if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }
   fi
+  # coturn + iptables for bench.nat and tests/test_nat.py (NAT routers in network namespaces,
+  # a real TURN server), nginx for the reverse-proxy example docs/operator.md gives and
+  # tests/test_deploy_doc.py runs (they skip without them)
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v turnserver \
+      >/dev/null || ! command -v iptables >/dev/null || ! command -v nginx >/dev/null; }; then
+    apt-get install -y -q coturn iptables nginx-light \
+      || { apt-get update -q && apt-get install -y -q coturn iptables nginx-light; }
+  fi
 }
 
 cmd="${1:-demo}"

@@ -141,6 +141,15 @@ def _multigpu(f: Fig) -> str:
             f"{f['server_bytes_vs_single']:.2f}")
 
 
+def _nat(f: Fig) -> str:
+    p, w = f["paths"], f.get("without_turn", {})
+    return (f"both-cone {p['both-cone']}, both-symmetric {p['both-symmetric']}; "
+            f"{f['turn_relayed_bytes']:,} B through TURN, {f['server_relayed_bytes']:,} B "
+            f"through the server, {f['rounds_committed']} p2p rounds, TLS {f['tls']}"
+            + (f"; STUN only: both-symmetric {w['paths']['both-symmetric']}, "
+               f"{w['server_relayed_bytes']:,} B through the server" if w else ""))
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -179,6 +188,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      _multigpu),
     ("bench.multigpu --model gpt-tiny", "the same with gpt-tiny (nano)", "multigpu_gpt-tiny.txt",
      _multigpu),
+    ("bench.nat", "4 native nodes in a p2p run behind iptables NAT routers (2 cone, 2 "
+     "symmetric) in network namespaces; server over TLS, coturn with minted credentials",
+     "nat.txt", _nat),
 ]
 
 
@@ -192,6 +204,7 @@ SOURCES: dict[str, str] = {
     "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
                      "> bench/results/fuzz_live.txt",
     "ledger.txt": "python -m bench.ledger > bench/results/ledger.txt",
+    "nat.txt": "python -m bench.nat > bench/results/nat.txt  (as root)",
     "multigpu.txt": "python -m bench.multigpu > bench/results/multigpu.txt",
     "multigpu_gpt-tiny.txt": "python -m bench.multigpu --model gpt-tiny "
                              "> bench/results/multigpu_gpt-tiny.txt",

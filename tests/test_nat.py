@@ -1,0 +1,61 @@
+"""p2p rounds across real NATs (bench.nat --quick): network namespaces with iptables NAT
+routers, Debian's coturn as the TURN server, the server over TLS. Needs root, iptables and
+coturn (./run.sh setup installs them as root); skipped with the reason otherwise.
+
+Also here, without root: the TURN REST API credentials the server mints are the ones coturn
+checks (HMAC-SHA1 over "expiry:node" with the shared secret)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.netns import nat_available
+from server.turn import IceServers, credential, expiry_of, mint
+from tests.conftest import ROOT
+
+
+def test_minted_credential_is_the_turn_rest_api_one() -> None:
+    user, password = mint(b"s3cret", "ab" * 32, ttl_s=600, now=1_000_000.0)
+    assert user == f"1000600:{'ab' * 32}"
+    want = base64.b64encode(hmac.new(b"s3cret", user.encode(), hashlib.sha1).digest()).decode()
+    assert password == want == credential(b"s3cret", user)
+    assert expiry_of(user) == 1_000_600
+    assert credential(b"other", user) != password
+
+
+def test_ice_servers_per_node() -> None:
+    ice = IceServers.parse("stun:10.0.0.1:3478, turn:10.0.0.1:3478?transport=udp",
+                           secret=b"k", ttl_s=60)
+    a, b = ice.for_node("aa" * 32, now=0.0), ice.for_node("bb" * 32, now=0.0)
+    assert a[0] == {"urls": "stun:10.0.0.1:3478", "username": "", "credential": ""}
+    assert a[1]["username"] == f"60:{'aa' * 32}"
+    assert b[1]["username"] == f"60:{'bb' * 32}"
+    assert a[1]["credential"] != b[1]["credential"]
+    with pytest.raises(ValueError, match="turn-secret-file"):
+        IceServers.parse("turn:10.0.0.1:3478").check()
+
+
+@pytest.mark.timeout(120)
+def test_p2p_rounds_across_cone_and_symmetric_nats() -> None:
+    why = nat_available()
+    if why is not None:
+        pytest.skip(f"bench.nat: {why}")
+    res = subprocess.run([sys.executable, "-m", "bench.nat", "--quick", "--rounds", "3",
+                          "--timeout", "90"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=110)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    fig = json.loads(res.stdout.strip().splitlines()[-1])
+    assert fig["paths"]["both-cone"] in ("host", "srflx"), fig
+    assert fig["paths"]["both-symmetric"] == "relay", fig
+    assert fig["server_relayed_bytes"] == 0, fig
+    assert fig["turn_relayed_bytes"] > 0, fig
+    assert fig["direct_bytes"] > 0, fig
+    assert fig["rounds_committed"] >= 3, fig
+    assert fig["tls"] is True, fig
