@@ -37,7 +37,9 @@ def new_nonce() -> str:
 ROLES = ("trainer", "validator")
 TRANSPORTS = ("ws", "star", "p2p")
 SHARD_KINDS = ("part", "result")
-SIGNAL_KINDS = ("offer", "answer", "candidate", "bye")
+SIGNAL_KINDS = ("offer", "answer", "candidate", "bye", "path")
+# one ICE server URL (Welcome.ice_servers): scheme, host[:port], an optional transport
+ICE_URL = re.compile(r"(stuns?|turns?):[A-Za-z0-9.\-\[\]:]{1,255}(\?transport=(udp|tcp))?")
 SERVER = "server"  # Signal.to / Signal.node_id naming the server's own WebRTC peer
 MAX_CANDIDATES = 4096
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -258,9 +260,18 @@ class Welcome(Message):
     rtc_timeout_s: float = spec(0, MAX_SECONDS, lo_open=True, default=10.0)
     # beta: send m = beta m + (1-beta) delta (shared.outer)
     worker_momentum: float = spec(0, 1, hi_open=True, default=0.0)
+    # the run's STUN/TURN servers for this node's peer connections: [{"urls", "username",
+    # "credential"}] (empty strings for STUN); TURN credentials are short-lived and minted for
+    # this node (server.turn: the TURN REST API scheme of coturn's use-auth-secret)
+    ice_servers: list[dict[str, Any]] = field(default_factory=list, metadata={"entries": {
+        "urls": {"type": "str"}, "username": {"type": "str"}, "credential": {"type": "str"}}})
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
+        _entries(self, "ice_servers")
+        for s in self.ice_servers:
+            _require(bool(ICE_URL.fullmatch(s["urls"])), "Welcome", "ice_servers",
+                     "urls must be one stun:, stuns:, turn: or turns: URL")
         _require(0 <= self.worker_momentum < 1, "Welcome", "worker_momentum",
                  "must be in [0, 1)")
         _require(self.n_shards >= 1, "Welcome", "n_shards", "must be >= 1")
@@ -510,8 +521,11 @@ class Signal(Message):
     run_id: str  # the run
     node_id: str  # the sender (or "server")
     to: str  # the receiver: a node id or "server"
-    kind: str  # "offer", "answer", "candidate" (trickled ICE) or "bye"
-    data: str  # SDP (offer / answer), the candidate as JSON, or "" (bye)
+    # "offer", "answer", "candidate" (trickled ICE), "bye", or "path" (node -> server: the
+    # candidate pair type a node's connection to a peer settled on, for /api/peers)
+    kind: str
+    # SDP (offer / answer), the candidate as JSON, "" (bye), {"peer", "pair"} as JSON (path)
+    data: str
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
 
     def __post_init__(self) -> None:

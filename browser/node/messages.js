@@ -21,7 +21,8 @@ import {
 export const ROLES = Object.freeze(["trainer", "validator"]);
 export const TRANSPORTS = Object.freeze(["ws", "star", "p2p"]);
 export const SHARD_KINDS = Object.freeze(["part", "result"]);
-export const SIGNAL_KINDS = Object.freeze(["offer", "answer", "candidate", "bye"]);
+export const SIGNAL_KINDS = Object.freeze(["offer", "answer", "candidate", "bye", "path"]);
+export const ICE_URL = new RegExp("^(?:(stuns?|turns?):[A-Za-z0-9.\\-\\[\\]:]{1,255}(\\?transport=(udp|tcp))?)$");
 export const SERVER = "server";
 export const MAX_CANDIDATES = 4096;
 export const HEX64 = new RegExp("^(?:[0-9a-f]{64})$");
@@ -47,7 +48,7 @@ export const SCHEMAS = {
   2: ['Welcome', {
     run_id: 's', node_id: 's', model: 'd', model_id: 's', data: 'd', shard: 'i', n_shards: 'i',
     codec: 's', codec_params: 'd', error_feedback: 'b', n_params: 'i', nonce: 's', transport: 's',
-    rtc_timeout_s: 'f', worker_momentum: 'f',
+    rtc_timeout_s: 'f', worker_momentum: 'f', ice_servers: 'l',
   }],
   3: ['RoundOpen', {
     run_id: 's', round: 'i', attempt: 'i', params_digest: 's', deadline_s: 'f', inner_steps: 'i',
@@ -103,6 +104,7 @@ export const FIELD_META = {
     n_params: {"min": 1, "max": 2147483647},
     rtc_timeout_s: {"min": 0, "max": 10000000, "min_exclusive": true},
     worker_momentum: {"min": 0, "max": 1, "max_exclusive": true},
+    ice_servers: {"entries": {"urls": {"type": "str"}, "username": {"type": "str"}, "credential": {"type": "str"}}},
   },
   RoundOpen: {
     round: {"min": 0, "max": 9007199254740991},
@@ -247,6 +249,10 @@ const POST = {
     need(m.shard >= 0 && m.shard < m.n_shards, 'Welcome', 'shard', 'must be < n_shards');
     need(m.n_params >= 1, 'Welcome', 'n_params', 'must be >= 1');
     need(TRANSPORTS.includes(m.transport), 'Welcome', 'transport', `must be one of ${TRANSPORTS}`);
+    entries('Welcome', 'ice_servers', m.ice_servers);
+    for (const ice of m.ice_servers) {
+      need(ICE_URL.test(ice.urls), 'Welcome', 'ice_servers', 'urls must be one stun:, stuns:, turn: or turns: URL');
+    }
   },
   RoundOpen(m, payload) {
     need(m.round >= 0, 'RoundOpen', 'round', 'must be >= 0');
