@@ -3,6 +3,7 @@
 #   ./run.sh demo [N]   set up .venv, then start the server with N (default 2) local nodes
 #   ./run.sh test       set up .venv, then lint and run every test
 #   ./run.sh setup      only set up .venv
+#   ./run.sh images [--gpu]  build the container images (docker/) and smoke-test them
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -71,6 +72,10 @@ case "$cmd" in
     setup
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy"
+    "$VENV/bin/hadolint" docker/*.Dockerfile
     exec "$PY" -m pytest -q "${@:2}" ;;
-  *) echo "usage: ./run.sh demo [N] | test | setup" >&2; exit 2 ;;
+  images)
+    setup
+    exec "$PY" -m scripts.images "${@:2}" ;;
+  *) echo "usage: ./run.sh demo [N] | test | setup | images [--gpu]" >&2; exit 2 ;;
 esac
