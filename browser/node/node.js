@@ -189,7 +189,7 @@ export class BrowserNode extends EventTarget {
     }
     const up = new StarUplink((kind, data) => {
       this.participant('signal', [kind, data]).catch((err) => this.log(`WebRTC signal: ${err.message || err}`));
-    }, { timeoutS: w.rtc_timeout_s });
+    }, { timeoutS: w.rtc_timeout_s, iceServers: w.ice_servers ?? [] });
     this.uplink = up;
     up.channel.addEventListener('open', () => this.set({ transport: up.state }));
     up.channel.addEventListener('close', () => this.set({ transport: 'relay' }));

@@ -30,7 +30,11 @@ def make_participant(public_key, secret_key, pins_json: str, save_pins, device: 
 
 
 def feed(p: Participant, data) -> object:
-    return _js(p.receive(data.to_bytes()))
+    events = p.receive(data.to_bytes())
+    for ev in events:  # the Welcome's STUN/TURN servers, for the tab's RTCPeerConnection
+        if ev["kind"] == "welcome" and p.welcome is not None:
+            ev["ice_servers"] = [dict(s) for s in p.welcome.ice_servers]
+    return _js(events)
 
 
 def submit(p: Participant, round_: int, delta, train_loss, samples: int,

@@ -2,7 +2,9 @@
 // message limit, the frame's SHA-256 in chunk 0, backpressure on bufferedAmount) and the
 // `star` uplink to the server's aiortc peer (transport/rtc.py's StarUplink, in JS).
 //
-//   const up = new StarUplink((kind, data) => signal(kind, data), { timeoutS: 10 });
+//   const up = new StarUplink((kind, data) => signal(kind, data), { timeoutS: 10, iceServers });
+// iceServers: the Welcome's ice_servers (the run's STUN/TURN, TURN credentials minted for
+// this tab); once open, the selected candidate pair's type goes to the server (Signal 'path').
 //   await up.start();             // offer (all candidates in the SDP) -> signed Signal
 //   await up.onAnswer(sdp);       // the server peer's answer
 //   if (!(await up.send(frame))) ws.send(frame);   // relay fallback
@@ -73,17 +75,49 @@ function gathered(pc, timeoutMs) {
   });
 }
 
+/** Welcome.ice_servers ({urls, username, credential}; empty strings for STUN) as an
+ * RTCConfiguration's iceServers (Chromium refuses empty credentials on a TURN entry). */
+export function iceConfig(servers = []) {
+  return servers.map((s) => (s.username || s.credential
+    ? { urls: s.urls, username: s.username, credential: s.credential } : { urls: s.urls }));
+}
+
+const PAIR_RANK = { host: 0, srflx: 1, prflx: 1, relay: 2 };
+
+/** The type of the candidate pair `pc` selected: "relay" when either end is a TURN relay,
+ * "srflx" when either is server- or peer-reflexive, else "host"; null before one is. */
+export async function pairType(pc) {
+  const stats = await pc.getStats();
+  let pair = null;
+  stats.forEach((r) => {
+    if (r.type === 'transport' && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
+  });
+  if (!pair) stats.forEach((r) => { if (r.type === 'candidate-pair' && r.nominated && r.state === 'succeeded') pair = r; });
+  if (!pair) return null;
+  const kinds = [stats.get(pair.localCandidateId), stats.get(pair.remoteCandidateId)]
+    .map((c) => c?.candidateType ?? 'host');
+  const worst = kinds.reduce((a, b) => ((PAIR_RANK[b] ?? 1) > (PAIR_RANK[a] ?? 1) ? b : a));
+  return worst === 'prflx' ? 'srflx' : worst;
+}
+
 export class StarUplink {
   constructor(sendSignal, { timeoutS = 10, iceServers = [] } = {}) {
     this.sendSignal = sendSignal;  // (kind, sdp) -> a signed Signal to "server"
     this.timeoutS = timeoutS;
-    this.pc = new RTCPeerConnection({ iceServers });
+    this.pc = new RTCPeerConnection({ iceServers: iceConfig(iceServers) });
     this.channel = this.pc.createDataChannel('updates', { ordered: true });
     this.channel.binaryType = 'arraybuffer';
     this.fellBack = false;
     this.nextTransfer = 1;
+    this.pair = null;  // the selected candidate pair's type, once open
     this.decided = new Promise((resolve) => { this.decide = resolve; });
-    this.channel.addEventListener('open', () => this.decide(true));
+    this.channel.addEventListener('open', () => {
+      this.decide(true);
+      pairType(this.pc).then((pair) => {  // for /api/peers (ice_pairs)
+        this.pair = pair;
+        if (pair) this.sendSignal('path', JSON.stringify({ peer: 'server', pair }));
+      }).catch(() => {});
+    });
   }
 
   /** Offer (non-trickle: aiortc reads every candidate from the SDP), then wait for the
