@@ -59,3 +59,40 @@ def test_p2p_rounds_across_cone_and_symmetric_nats() -> None:
     assert fig["direct_bytes"] > 0, fig
     assert fig["rounds_committed"] >= 3, fig
     assert fig["tls"] is True, fig
+
+
+def test_path_signals_fill_ice_pairs() -> None:
+    from server.peers import Peer
+    from server.rtc import RtcHub
+    from shared.errors import BadUpdate
+    from shared.messages import SERVER, Signal
+
+    peer = Peer(node_id="aa" * 32, runtime="native", device="cpu", shard=0, ws=None)
+
+    def path(data: str, to: str = SERVER) -> Signal:
+        return Signal(run_id="r", node_id=peer.node_id, to=to, kind="path", data=data)
+
+    RtcHub._on_path(peer, path(json.dumps({"peer": "bb" * 32, "pair": "relay"})))
+    RtcHub._on_path(peer, path(json.dumps({"peer": "server", "pair": "srflx"})))
+    assert peer.ice_pairs == {"bb" * 32: "relay", "server": "srflx"}
+    for bad in ('{"peer": "' + "bb" * 32 + '", "pair": "server"}', "junk", "[]",
+                '{"peer": "someone", "pair": "host"}', '{"pair": "host"}'):
+        with pytest.raises(BadUpdate):
+            RtcHub._on_path(peer, path(bad))
+    with pytest.raises(BadUpdate, match="goes to the server"):
+        RtcHub._on_path(peer, path('{"peer": "server", "pair": "host"}', to="cc" * 32))
+    assert peer.ice_pairs == {"bb" * 32: "relay", "server": "srflx"}
+
+
+def test_rtc_config_takes_the_welcomes_entries() -> None:
+    from transport.rtc import rtc_config
+
+    cfg = rtc_config([{"urls": "stun:10.0.0.1:3478", "username": "", "credential": ""},
+                      {"urls": "turn:10.0.0.1:3478?transport=udp", "username": "9:ab",
+                       "credential": "c2Vj"}, "turn:10.0.0.2:3478"])
+    servers = cfg.iceServers or []
+    assert [s.urls for s in servers] == ["stun:10.0.0.1:3478",
+                                         "turn:10.0.0.1:3478?transport=udp"]  # one of a kind
+    assert servers[0].username is None
+    assert (servers[1].username, servers[1].credential) == ("9:ab", "c2Vj")
+    assert rtc_config().iceServers == []
