@@ -10,8 +10,11 @@ candidates are ignored). Frames go through transport.rtc.FrameLink: chunked unde
 
 Who is on the other end: the channel's DTLS fingerprint is in the SDP the server attested as
 coming from that node, so what arrives on a peer's channel is from that peer; `on_frame`
-gets its id with every frame. A peer whose channel is not open within `timeout_s` is marked
-failed and `send` returns False: the caller relays through the server instead.
+gets its id with every frame. The offering side negotiates one fresh connection when the
+channel is not open at half of `timeout_s` or ICE failed (aiortc has no ICE restart); a peer
+whose channel is still not open after `timeout_s` is marked failed and `send` returns False:
+the caller relays through the server instead. The candidate pair an open channel selected
+goes to the server (Signal "path", /api/peers).
 """
 
 from __future__ import annotations
@@ -100,26 +103,32 @@ class PeerMesh:
         event = self._event(peer)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
+        restart_at = loop.time() + self.timeout_s / 2
         ice_failed = asyncio.Event()
-        if self.offers_to(peer) and peer not in self.pcs:
+        offering = self.offers_to(peer)
+        if offering and peer not in self.pcs:
             await self._offer(peer, ice_failed)
         restarted = False
-        while not event.is_set():
+        while not event.is_set() and loop.time() < deadline:
+            until = deadline if restarted or not offering else restart_at
             waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(ice_failed.wait())]
-            await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()),
+            await asyncio.wait(waits, timeout=max(0.0, until - loop.time()),
                                return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
             if event.is_set() or loop.time() >= deadline:
                 break
-            if ice_failed.is_set() and self.offers_to(peer) and not restarted:
-                # aiortc 1.16 has no ICE restart (no restartIce / iceRestart offers): the
-                # same effect, once, from a fresh connection: new candidates, a new TURN
-                # allocation, within the same deadline
+            if offering and not restarted and (ice_failed.is_set()
+                                               or loop.time() >= restart_at):
+                # aiortc 1.16 has no ICE restart (no restartIce / iceRestart offers), and aioice
+                # declares failure only after ~30 s of retransmitted checks. The same effect,
+                # once, at half the deadline or on failure: a fresh connection (new candidates,
+                # a new TURN allocation, and a new offer in case one was lost)
                 restarted = True
                 self.restarts += 1
-                log.warning("p2p: ICE to %s failed; negotiating a fresh connection once "
-                            "before relaying through the server", peer[:12])
+                log.warning("p2p: no channel to %s after %.1f s (ICE %s); negotiating a fresh "
+                            "connection once before relaying through the server", peer[:12],
+                            self.timeout_s / 2, "failed" if ice_failed.is_set() else "checking")
                 ice_failed.clear()
                 await self.drop(peer)
                 await self._offer(peer, ice_failed)
@@ -128,9 +137,9 @@ class PeerMesh:
                 await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
         if not event.is_set():
             self.failed.add(peer)
-            log.warning("p2p channel to %s not open after %.1f s (ICE %s): relaying through "
-                        "the server", peer[:12], self.timeout_s,
-                        "failed" if ice_failed.is_set() or restarted else "did not finish")
+            log.warning("p2p channel to %s not open after %.1f s%s: relaying through the server",
+                        peer[:12], self.timeout_s,
+                        " and one fresh negotiation" if restarted else "")
             self.pairs[peer] = "server"
             return False
         return True

@@ -96,3 +96,17 @@ def test_rtc_config_takes_the_welcomes_entries() -> None:
     assert servers[0].username is None
     assert (servers[1].username, servers[1].credential) == ("9:ab", "c2Vj")
     assert rtc_config().iceServers == []
+
+
+def test_a_lost_negotiation_is_retried_once_before_the_relay() -> None:
+    from bench.netns import available
+    from tests.conftest import in_netns
+
+    if available() is not None:
+        pytest.skip(f"no private network namespace: {available()}")
+    res = in_netns("tests.ice_restart_scenario", ["6"], timeout=60)
+    assert res["dropped"] == 1, res
+    assert res["opened"] == [True, True], res
+    assert res["restarts"] == [1, 0], res  # the offerer negotiated once more
+    assert res["pairs"] == ["host", "host"], res
+    assert res["paths"] == 2, res  # each side reported its pair to the server
