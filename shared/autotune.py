@@ -44,6 +44,10 @@ LADDER: tuple[tuple[str, float, float], ...] = (
     ("topk", 0.01, 0.0229),
 )
 SETTINGS = ("budget_s", "max_steps", "deadline_s", "quorum", "codec")
+FRAME_BYTES = 4096  # a signed update frame besides its payload (ML-DSA-65 signature, header)
+PROBE = 5  # the first round runs inner_steps // PROBE steps (nothing is measured yet)
+STRAGGLER = 2.0  # a node expected later than this x the median arrival is not waited for
+LINK_MEMORY = 20  # rounds a node's last figures are kept while it is not measured
 
 
 def continue_training(*, done: int, max_steps: int, elapsed_s: float,
@@ -138,7 +142,7 @@ class Limits:
     pins: Mapping[str, Any] = field(default_factory=dict)  # setting -> fixed value
     max_change: float = 0.25  # a numeric setting moves at most this factor per round
     max_codec_steps: int = 2  # ladder rungs a node's codec moves per round
-    comm_share: float = 0.2  # target share of a round spent communicating
+    comm_share: float = 0.5  # a round spends at most this share communicating
     upload_share: float = 0.1  # a node's upload should take at most this share of the budget
     quorum_share: float = 0.5  # quorum = this share of the active trainers (>= the run's)
     min_budget_s: float = 0.05
@@ -159,6 +163,7 @@ class _Link:
     step_s: float
     bps: float  # effective bytes per second (latency folded in)
     runtime: str
+    seen: int = 0  # the last round it was measured in
 
 
 @dataclass
@@ -178,9 +183,10 @@ class Autotuner:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         pins = limits.pins
+        # the first round probes: a fifth of H, to measure every node soon
         self.settings = Settings(
-            budget_s=pins.get("budget_s"), max_steps=int(pins.get("max_steps",
-                                                                   limits.inner_steps)),
+            budget_s=pins.get("budget_s"),
+            max_steps=int(pins.get("max_steps", max(1, limits.inner_steps // PROBE))),
             deadline_s=float(pins.get("deadline_s", limits.deadline_s)),
             quorum=int(pins.get("quorum", limits.quorum)), codecs={})
         self.links: dict[str, _Link] = {}
@@ -189,6 +195,8 @@ class Autotuner:
         self.trial: _Trial | None = None
         self.blocked: dict[str, int] = {}  # "budget_s+" / "budget_s-" -> until round
         self._n_params = 1
+        self.overhead_s = 0.0
+        self.included: set[str] | None = None  # the nodes the deadline waits for
 
     # -- measuring ------------------------------------------------------------------------
     def _absorb(self, nodes: Sequence[NodeSample], run: RoundSample) -> None:
@@ -198,10 +206,14 @@ class Autotuner:
             bps = (s.bytes_up + s.bytes_down) / s.comm_s
             old = self.links.get(s.node_id)
             if old is None:
-                self.links[s.node_id] = _Link(step_s=s.step_s, bps=bps, runtime=s.runtime)
+                self.links[s.node_id] = _Link(step_s=s.step_s, bps=bps, runtime=s.runtime,
+                                              seen=run.round)
             else:  # smoothed, but a link that got much worse counts at once
                 old.step_s = 0.5 * old.step_s + 0.5 * s.step_s
                 old.bps = bps if bps < 0.5 * old.bps else 0.5 * old.bps + 0.5 * bps
+                old.seen = run.round
+        if nodes:  # what the server spends per round besides waiting: reduce, score, commit
+            self.overhead_s = max(0.0, run.duration_s - max(s.round_trip_s for s in nodes))
         if run.eval_loss is not None and math.isfinite(run.eval_loss):
             floor = run.floor if run.floor is not None else 0.0
             if self.last_loss is not None and run.duration_s > 0:
@@ -217,17 +229,19 @@ class Autotuner:
         self._n_params = max(1, run.n_params)
         cur = self.settings
         changes: list[dict[str, Any]] = []
-        present = {s.node_id for s in nodes if s.steps > 0}
-        links = {n: link for n, link in self.links.items() if n in present}
-        if not links:
+        # the nodes measured lately (one that missed a deadline keeps its last figures)
+        links = {n: link for n, link in self.links.items()
+                 if link.seen >= run.round - LINK_MEMORY}
+        if not nodes or not links:
             return Decision(round=run.round + 1, settings=cur, changes=(),
                             inputs=self._inputs(nodes, run, {}))
-        budget = self._budget(links, run, changes)
-        max_steps = self._max_steps(links, budget, changes)
+        first = cur.budget_s is None  # the first decision replaces unmeasured run defaults
+        budget = self._budget(links, run, changes, first)
+        max_steps = self._max_steps(links, budget, changes, first)
         codecs = self._codecs(links, budget if budget is not None else self._round_time(links),
                               changes)
-        deadline = self._deadline(links, budget, max_steps, codecs, run, changes)
         quorum = self._quorum(run, changes)
+        deadline = self._deadline(links, budget, max_steps, codecs, quorum, changes, first)
         self.settings = Settings(budget_s=budget, max_steps=max_steps, deadline_s=deadline,
                                  quorum=quorum, codecs=codecs)
         return Decision(round=run.round + 1, settings=self.settings, changes=tuple(changes),
@@ -244,27 +258,28 @@ class Autotuner:
         return max(link.step_s for link in links.values()) * self.settings.max_steps
 
     def _comm_s(self, link: _Link, codec: tuple[str, float]) -> float:
+        """Expected transfer time: the full params down, the update up (+ its frame)."""
         n = self._n_params
         per_value = LADDER[rung_of(*codec)][2]
-        return (4 * n + per_value * n) / max(link.bps, 1.0)
+        return (4 * n + per_value * n + 2 * FRAME_BYTES) / max(link.bps, 1.0)
 
     def _budget(self, links: Mapping[str, _Link], run: RoundSample,
-                changes: list[dict[str, Any]]) -> float | None:
+                changes: list[dict[str, Any]], first: bool) -> float | None:
         lim, cur = self.limits, self.settings
         if "budget_s" in lim.pins:
             return float(lim.pins["budget_s"])
         old = self._round_time(links)
         if self.trial is not None and self._judge(run, changes):
             return self.settings.budget_s
-        # the slowest expected transfer with each node's current codec
-        comm = max(self._comm_s(link, cur.codec_for(n, (lim.codec, 0.01)))
-                   for n, link in links.items())
+        # the slowest expected transfer among the nodes the deadline waits for
+        waited = [n for n in links if self.included is None or n in self.included] or list(links)
+        comm = max(self._comm_s(links[n], cur.codec_for(n, (lim.codec, 0.01))) for n in waited)
         share = lim.comm_share
         target = max(lim.min_budget_s, comm * (1 - share) / share)
-        if cur.budget_s is None:
+        if first:
             steps = [link.step_s for link in links.values()]
             idle = 1 - min(steps) / max(steps)
-            new = self._bounded(old, target)
+            new = target
             changes.append({"setting": "budget_s", "old": f"H {cur.max_steps}",
                             "new": round(new, 3), "reason":
                             f"H {cur.max_steps} -> {new:.2f} s of training per node: the "
@@ -313,20 +328,23 @@ class Autotuner:
         return False
 
     def _max_steps(self, links: Mapping[str, _Link], budget: float | None,
-                   changes: list[dict[str, Any]]) -> int:
+                   changes: list[dict[str, Any]], first: bool) -> int:
         lim, cur = self.limits, self.settings
         if "max_steps" in lim.pins:
             return int(lim.pins["max_steps"])
         if budget is None:
             return cur.max_steps
-        fastest = min(link.step_s for link in links.values())
-        target = min(lim.max_steps, max(1, math.ceil(budget / max(fastest, 1e-6))))
-        new = max(1, round(self._bounded(cur.max_steps, target)))
+        # the median node's pace: a faster node stops early rather than outweigh the rest
+        # with many more steps on its own shard (the mean weighs updates by steps)
+        paces = sorted(link.step_s for link in links.values())
+        median = paces[(len(paces) - 1) // 2]
+        target = min(lim.max_steps, max(1, math.ceil(budget / max(median, 1e-6))))
+        new = target if first else max(1, round(self._bounded(cur.max_steps, target)))
         if new != cur.max_steps:
             changes.append({"setting": "max_steps", "old": cur.max_steps, "new": new,
-                            "reason": f"at most {cur.max_steps} -> {new} inner steps: the "
-                                      f"fastest node runs {fastest * 1000:.1f} ms per step "
-                                      f"(cap {lim.max_steps})"})
+                            "reason": f"at most {cur.max_steps} -> {new} inner steps: what the "
+                                      f"median node runs in the budget at "
+                                      f"{median * 1000:.1f} ms per step (cap {lim.max_steps})"})
         return new
 
     def _codecs(self, links: Mapping[str, _Link], budget: float,
@@ -344,7 +362,9 @@ class Autotuner:
             allowed = lim.upload_share * budget
             want = len(LADDER) - 1
             for i in range(floor, len(LADDER)):
-                if LADDER[i][2] * n / max(link.bps, 1.0) <= allowed:
+                # a less lossy codec than now only with room to spare (no flapping)
+                room = allowed if i >= r0 else 0.5 * allowed
+                if (LADDER[i][2] * n + FRAME_BYTES) / max(link.bps, 1.0) <= room:
                     want = i
                     break
             step = max(-lim.max_codec_steps, min(lim.max_codec_steps, want - r0))
@@ -352,7 +372,7 @@ class Autotuner:
             new = (LADDER[r1][0], LADDER[r1][1] or 0.01)
             out[node] = new
             if r1 != r0:
-                took = LADDER[r0][2] * n / max(link.bps, 1.0)
+                took = (LADDER[r0][2] * n + FRAME_BYTES) / max(link.bps, 1.0)
                 changes.append({"setting": "codec", "node_id": node,
                                 "old": codec_label(*old), "new": codec_label(*new),
                                 "reason": f"{link.runtime} {node[:8]} codec "
@@ -364,25 +384,44 @@ class Autotuner:
         return out
 
     def _deadline(self, links: Mapping[str, _Link], budget: float | None, max_steps: int,
-                  codecs: Mapping[str, tuple[str, float]], run: RoundSample,
-                  changes: list[dict[str, Any]]) -> float:
+                  codecs: Mapping[str, tuple[str, float]], quorum: int,
+                  changes: list[dict[str, Any]], first: bool) -> float:
+        """Wait for every node but the stragglers: each node's expected arrival (its training,
+        capped by max_steps, + its transfers with its codec); a straggler is expected later
+        than STRAGGLER x the median arrival (but the quorum's nodes are always waited for).
+        The deadline is the last awaited arrival with a 30% margin + 0.1 s."""
         lim, cur = self.limits, self.settings
+        plan = []
+        for n, link in links.items():
+            steps = max_steps if budget is None else max(
+                1, min(max_steps, math.floor(budget / max(link.step_s, 1e-9))))
+            arrive = steps * link.step_s + self._comm_s(link, codecs.get(n, (lim.codec, 0.01)))
+            plan.append((arrive, n))
+        plan.sort()
+        median = plan[(len(plan) - 1) // 2][0]
+        j = max(min(len(plan), quorum), sum(1 for a, _ in plan if a <= STRAGGLER * median))
+        self.included = {n for _, n in plan[:j]}
         if "deadline_s" in lim.pins:
             return float(lim.pins["deadline_s"])
-        train = budget if budget is not None else max(
-            link.step_s for link in links.values()) * max_steps
-        comm = max(self._comm_s(link, codecs.get(n, (lim.codec, 0.01)))
-                   for n, link in links.items())
-        target = min(lim.deadline_s, 2.0 * (train + comm) + 1.0)
-        new = min(lim.deadline_s, self._bounded(cur.deadline_s, target))
-        if abs(new - cur.deadline_s) > 0.05 * cur.deadline_s:
-            changes.append({"setting": "deadline_s", "old": round(cur.deadline_s, 3),
-                            "new": round(new, 3), "reason":
-                            f"deadline {cur.deadline_s:.1f} s -> {new:.1f} s: twice the "
-                            f"expected round ({train:.2f} s training + {comm:.2f} s slowest "
-                            f"transfer) plus 1 s, within the run's {lim.deadline_s:g} s"})
-            return new
-        return cur.deadline_s
+        expect = plan[j - 1][0]
+        target = min(lim.deadline_s, 1.3 * expect + 0.1)
+        # it may grow at once (never cut the nodes it waits for); it shrinks bounded
+        new = target if first or target > cur.deadline_s else self._bounded(cur.deadline_s,
+                                                                             target)
+        if abs(new - cur.deadline_s) <= 0.05 * cur.deadline_s:
+            return cur.deadline_s
+        left = plan[j:]
+        why = (f"waits for all {len(plan)} nodes (the last expected after {expect:.2f} s)"
+               if not left else
+               f"waits for {j} of {len(plan)} nodes (expected after {expect:.2f} s); "
+               f"{len(left)} straggling "
+               f"{'/'.join(sorted({links[n].runtime for _, n in left}))} node(s) expected "
+               f"after {left[-1][0]:.2f} s, over {STRAGGLER:g}x the median {median:.2f} s, "
+               f"are not waited for")
+        changes.append({"setting": "deadline_s", "old": round(cur.deadline_s, 3),
+                        "new": round(new, 3),
+                        "reason": f"deadline {cur.deadline_s:.2f} s -> {new:.2f} s: {why}"})
+        return new
 
     def _quorum(self, run: RoundSample, changes: list[dict[str, Any]]) -> int:
         lim, cur = self.limits, self.settings
