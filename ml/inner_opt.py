@@ -98,11 +98,12 @@ class FusedAdamW:
 
 
 def make_inner_opt(params: Iterable[torch.nn.Parameter], *, lr: float, device: torch.device,
+                   betas: tuple[float, float] = BETAS, weight_decay: float = WEIGHT_DECAY,
                    fused: bool | None = None) -> InnerOpt:
     """The inner AdamW for a trainer; `fused=None` decides from the device and model size."""
     plist = list(params)
     if fused is None:
         fused = device.type == "cuda" or sum(p.numel() for p in plist) >= FUSED_MIN_PARAMS
     if fused:
-        return FusedAdamW(plist, lr=lr)
-    return InnerAdamW(plist, lr=lr)
+        return FusedAdamW(plist, lr=lr, betas=betas, weight_decay=weight_decay)
+    return InnerAdamW(plist, lr=lr, betas=betas, weight_decay=weight_decay)

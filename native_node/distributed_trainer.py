@@ -231,7 +231,8 @@ def _worker(conn: Connection) -> None:
         dist.broadcast(params.theta, 0)
         params.to_model()
         if opt is None:
-            opt = make_inner_opt(model.parameters(), lr=lr, device=device)
+            opt = make_inner_opt(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                 weight_decay=0.01, device=device)
         opt.lr = lr
         if sampler is None or sampler.batch_size != batch_size:
             sampler = BatchSampler(ds.x_train, ds.y_train, shard, batch_size=batch_size,

@@ -116,7 +116,8 @@ class Trainer:
         self.params.set_theta(theta)
         self.params.to_model()
         if self.opt is None:
-            self.opt = make_inner_opt(self.model.parameters(), lr=lr, device=self.device)
+            self.opt = make_inner_opt(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                      weight_decay=0.01, device=self.device)
         self.opt.lr = lr
         sampler = self._batches(batch_size)
         self.model.train()
