@@ -208,3 +208,23 @@ def test_turn_grants_a_minted_credential_and_refuses_forged_or_expired(tmp_path:
     finally:
         coturn.terminate()
         coturn.wait(10)
+
+
+def test_forwarded_client_only_from_a_trusted_proxy() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from server.tls import TRUSTED_PROXIES, client_address, parse_proxies
+
+    app = web.Application()
+    app[TRUSTED_PROXIES] = parse_proxies("127.0.0.1, ::1")
+    headers = {"X-Forwarded-For": "203.0.113.9, 198.51.100.7"}
+
+    def remote_of(peer: str, hdrs: dict[str, str]) -> str:
+        req = make_mocked_request("GET", "/ws", headers=hdrs, app=app)
+        return client_address(req.clone(remote=peer))
+
+    assert remote_of("127.0.0.1", headers) == "198.51.100.7"  # the entry the proxy appended
+    assert remote_of("10.1.2.3", headers) == "10.1.2.3"  # anyone else: its own address
+    assert remote_of("127.0.0.1", {}) == "127.0.0.1"
+    with pytest.raises(ValueError, match="not an IP address"):
+        parse_proxies("proxy.example")
