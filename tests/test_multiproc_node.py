@@ -60,4 +60,4 @@ def test_two_processes_take_the_one_process_steps() -> None:
     assert two.samples == one.samples
     split_gap = float(np.abs(two.delta - one.delta).max())
     seed_gap = float(np.abs(other.delta - one.delta).max())
-    assert split_gap < 0.05 * seed_gap, (split_gap, seed_gap)
+    assert split_gap < 0.01 * seed_gap, (split_gap, seed_gap)  # 7e-5 vs 0.11 here
