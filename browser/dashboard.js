@@ -158,6 +158,7 @@ function render(roundsChanged) {
   renderFinishedBanner();
   renderTiles();
   renderPeers();
+  renderAutotune();
   const run = state.run;
   const sig = [state.runId, state.rounds.length, state.lastRound, run.entropy_floor, run.eval_loss_init].join("|");
   if (roundsChanged || sig !== state.chartSig) {
@@ -295,6 +296,37 @@ function renderPeers() {
       el("td", { class: "num", text: `${fmtBytes(p.bytes_up)} / ${fmtBytes(p.bytes_down)}` }),
     );
   }));
+}
+
+// ------------------------------------------------- the autonomy loop (issue 22)
+
+/** The autotuner's current settings and its newest changes with their reasons
+ * (/api/run's `autotune`; hidden when the run does not tune itself). */
+function renderAutotune() {
+  const tune = state.run.autotune;
+  const card = $("autotune-card");
+  card.hidden = !tune?.enabled;
+  if (!tune?.enabled) return;
+  const s = tune.settings || {};
+  const codecs = {};
+  for (const c of Object.values(s.codecs || {})) codecs[c] = (codecs[c] || 0) + 1;
+  const pins = Object.keys(tune.pins || {});
+  const parts = [
+    s.budget_s == null ? `H ${s.max_steps}` : `budget ${fmtNum(s.budget_s)} s, at most ${s.max_steps} steps`,
+    `deadline ${fmtNum(s.deadline_s)} s`, `quorum ${s.quorum}`,
+    Object.keys(codecs).length ? `codecs ${Object.entries(codecs).map(([c, n]) => `${c} ×${n}`).join(", ")}` : "",
+    pins.length ? `pinned: ${pins.join(", ")}` : "",
+    `${tune.decisions ?? 0} decisions`,
+  ].filter(Boolean);
+  setText("autotune-settings", parts.join(" · "));
+  const lines = [];
+  for (const d of [...(tune.recent || [])].reverse()) {
+    for (const c of d.changes || []) lines.push({ round: d.round, reason: String(c.reason ?? "") });
+  }
+  const list = $("autotune-reasons");
+  const shown = lines.slice(0, 12);
+  list.replaceChildren(...(shown.length ? shown.map((l) => el("li", { text: `round ${l.round}: ${l.reason}` }))
+    : [el("li", { class: "muted", text: "no change yet: measuring the first rounds" })]));
 }
 
 // ------------------------------------------------- who the round waits for (issue 23)

@@ -150,6 +150,16 @@ def _nat(f: Fig) -> str:
                f"{w['server_relayed_bytes']:,} B through the server" if w else ""))
 
 
+def _autotune(f: Fig) -> str:
+    a, b, t = f["auto"], f["best_fixed"], f["targets"]
+    return (f"time to eval loss {f['target_loss']}: autotune {a['time_to_target_s']:.2f} s, "
+            f"best of {f['grid_size']} fixed settings (H {b['config']['H']}, "
+            f"{b['config']['codec']}) {b['time_to_target_s']:.2f} s (virtual time, modelled "
+            f"links); final loss {a['final_loss']:.4f} vs {b['final_loss']:.4f} "
+            f"({t['final_loss_gap']:+.1%}); vs one fast box alone "
+            f"x{f['speedup_vs_one_node']:.2f}")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -188,6 +198,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      _multigpu),
     ("bench.multigpu --model gpt-tiny", "the same with gpt-tiny (nano)", "multigpu_gpt-tiny.txt",
      _multigpu),
+    ("bench.autotune", "the autonomy loop vs 12 fixed (H, codec) settings: 2 fast boxes, 6 "
+     "CPU boxes, 8 tabs on slow links, one degrading 10x; mlp-digits, deterministic simulator "
+     "in virtual time", "autotune.txt", _autotune),
     ("bench.nat", "4 native nodes in a p2p run behind iptables NAT routers (2 cone, 2 "
      "symmetric) in network namespaces; server over TLS, coturn with minted credentials",
      "nat.txt", _nat),
@@ -197,6 +210,7 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
 # the command that writes each committed file in bench/results/ (a test checks the list)
 SOURCES: dict[str, str] = {
     "alie_sync.txt": "python -m bench.alie_sync > bench/results/alie_sync.txt",
+    "autotune.txt": "python -m bench.autotune > bench/results/autotune.txt",
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",

@@ -455,3 +455,32 @@ def test_round_row_updates_and_ledger_entries_commit_together(store: Store) -> N
 def test_unknown_database_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="postgresql://"):
         Store(tmp_path, "mysql://localhost/run")
+
+
+# -- autotune decisions (server.autotune) ----------------------------------------------------
+def test_autotune_decisions_round_trip_and_survive_a_reopen(store: Store, tmp_path: Path,
+                                                             db_url: str | None) -> None:
+    settings = {"budget_s": 0.45, "max_steps": 29, "deadline_s": 1.06, "quorum": 8,
+                "codecs": {"a" * 64: "int8-block"}}
+    change = {"setting": "budget_s", "old": "H 10", "new": 0.45, "reason": "H 10 -> 0.45 s"}
+    inputs = {"round": 0, "nodes": [{"node_id": "a" * 64, "steps": 10, "bytes_up": 42}]}
+    assert store.autotune_decisions() == []
+    for r in (1, 2, 3):
+        store.record_autotune(round_=r, settings={**settings, "max_steps": 28 + r},
+                              changes=[change], inputs=inputs)
+    store.record_autotune(round_=3, settings=settings, changes=[], inputs=inputs)  # replaced
+    rows = store.autotune_decisions()
+    assert [d["round"] for d in rows] == [1, 2, 3]
+    assert rows[0]["settings"]["max_steps"] == 29
+    assert rows[0]["changes"] == [change]
+    assert rows[0]["inputs"] == inputs
+    assert rows[2]["changes"] == []
+    assert [d["round"] for d in store.autotune_decisions(since=1)] == [2, 3]
+    assert [d["round"] for d in store.autotune_decisions(limit=2, newest=True)] == [2, 3]
+    assert store.autotune_count() == 3
+    store.close()
+    again = Store(tmp_path, db_url)
+    try:
+        assert again.autotune_decisions(limit=1, newest=True)[0]["settings"] == settings
+    finally:
+        again.close()
