@@ -57,14 +57,17 @@ def main(argv: list[str]) -> int:
         page.goto(f"{args.url}?backend=wasm")
         out["secure_context"] = page.evaluate("() => window.isSecureContext")
         out["cross_origin_isolated"] = page.evaluate("() => window.crossOriginIsolated")
-        page.wait_for_function(f"() => window.daaNode && window.daaNode.stats.accepted >= "
-                               f"{args.rounds}", timeout=240_000, polling=250)
+        # while the run goes on (at its end the server closes the channel): how it is sent
+        page.wait_for_function("() => window.daaNode && window.daaNode.stats.accepted >= 1",
+                               timeout=240_000, polling=250)
         out["tab_transport"] = page.evaluate("() => window.daaNode.stats.transport")
         out["local_candidates"] = sorted(set(page.evaluate(CANDIDATES) or []))
         peers = api("/api/peers")
         tab = next(p for p in peers if p["runtime"] == "browser")
         out["server_view_tab"] = tab["transport"]
         out["ice_pairs"] = tab.get("ice_pairs", {})
+        page.wait_for_function(f"() => window.daaNode.stats.accepted >= {args.rounds}",
+                               timeout=240_000, polling=250)
         out["tab_accepted"] = page.evaluate("() => window.daaNode.stats.accepted")
         out["rounds"] = api("/api/run")["committed_rounds"]
         out["console_errors"] = errors

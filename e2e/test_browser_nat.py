@@ -27,7 +27,7 @@ from bench.tlscerts import make as make_certs
 from e2e.conftest import CHROMIUM, ROOT, ensure_vendored
 from tests.conftest import wait_for
 
-ROUNDS = 2
+ROUNDS = 3
 PORT = 8470
 
 
@@ -70,7 +70,7 @@ def test_tab_joins_over_https_behind_a_symmetric_nat(tmp_path: Path, onnx_cache:
             "--port", str(PORT), "--tls-cert", str(cert), "--tls-key", str(key),
             "--ice-servers", f"stun:{PUBLIC_IP}:3478,turn:{PUBLIC_IP}:3478?transport=udp",
             "--turn-secret-file", str(tmp_path / "turn.secret"), "--transport", "star",
-            "--model", "gpt-tiny", "--inner-steps", "8", "--batch-size", "16", "--quorum", "1",
+            "--model", "mlp-digits", "--inner-steps", "8", "--batch-size", "16", "--quorum", "1",
             "--rounds", str(ROUNDS), "--deadline-s", "60", "--rtc-timeout-s", "20"])
         probe = [sys.executable, "-c", "import ssl, sys, urllib.request; urllib.request."
                  f"urlopen('https://{PUBLIC_IP}:{PORT}/api/run', timeout=3, context=ssl."
