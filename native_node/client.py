@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import random
 import ssl
@@ -124,6 +125,18 @@ def _not_tls(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ServerDisconnectedError) or any(
         s in text for s in ("wrong version number", "record layer failure",
                             "packet length too long", "unexpected eof", "http request"))
+
+
+def _local(where: str) -> bool:
+    """Whether HOST:PORT names this machine or a private network (no warning for plain ws)."""
+    host = where.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_private or addr.is_link_local
 
 
 def with_sctp_tuning() -> None:
@@ -243,8 +256,9 @@ class NodeClient:
                             await asyncio.to_thread(pins.record_tls, self.opts.state_dir,
                                                     address=where, server_id=None)
                         else:
-                            log.warning("connected to %s WITHOUT TLS (ws://): fine on a "
-                                        "private network, not across the internet", where)
+                            log.log(logging.INFO if _local(where) else logging.WARNING,
+                                    "connected to %s WITHOUT TLS (ws://): fine on a private "
+                                    "network, not across the internet", where)
                         if await self._session(ws):
                             return 0
                 except FatalError as exc:
