@@ -150,6 +150,15 @@ def _nat(f: Fig) -> str:
                f"{w['server_relayed_bytes']:,} B through the server" if w else ""))
 
 
+def _images(f: Fig) -> str:
+    sizes = ", ".join(f"{k} {v / 1000:.2f} GB" for k, v in f["images"].items())
+    sm = f["smoke"]
+    return (f"{f['engine'].split(' (')[0]}, run with {f['runner']}: {sizes}; smoke: "
+            f"{sm['rounds_committed']} rounds committed (2 node containers, then a tab too); "
+            f"the served page loads Pyodide + ORT wasm and trains: "
+            f"{'yes' if sm['page_ok'] else 'NO'}")
+
+
 def _autotune(f: Fig) -> str:
     a, b, t = f["auto"], f["best_fixed"], f["targets"]
     return (f"time to eval loss {f['target_loss']}: autotune {a['time_to_target_s']:.2f} s, "
@@ -204,6 +213,8 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.nat", "4 native nodes in a p2p run behind iptables NAT routers (2 cone, 2 "
      "symmetric) in network namespaces; server over TLS, coturn with minted credentials",
      "nat.txt", _nat),
+    ("./run.sh images --gpu", "the container images built on this machine (sizes unpacked) and "
+     "smoke-tested: server + 2 CPU node containers + a Chromium tab", "images.txt", _images),
 ]
 
 
@@ -220,6 +231,8 @@ SOURCES: dict[str, str] = {
     "ledger.txt": "python -m bench.ledger > bench/results/ledger.txt",
     "nat.txt": "python -m bench.nat > bench/results/nat.txt  (as root)",
     "multigpu.txt": "python -m bench.multigpu > bench/results/multigpu.txt",
+    "images.txt": "python -m scripts.images --gpu > bench/results/images.txt "
+                  "(./run.sh images --gpu)",
     "multigpu_gpt-tiny.txt": "python -m bench.multigpu --model gpt-tiny "
                              "> bench/results/multigpu_gpt-tiny.txt",
     "p2p_result_codec.txt": "python -m scripts.p2p_result_codec "

@@ -59,9 +59,10 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def sh(*cmd: str, quiet: bool = False, **kw: Any) -> subprocess.CompletedProcess[str]:
-    if not quiet:
-        log("$ " + " ".join(cmd))
+def sh(*cmd: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a step; its own output goes to stderr (stdout keeps the summary and the JSON)."""
+    log("$ " + " ".join(cmd))
+    kw.setdefault("stdout", sys.stderr)
     return subprocess.run(cmd, check=True, text=True, **kw)
 
 
@@ -228,6 +229,20 @@ class Runner:
                                            stdin=subprocess.DEVNULL, start_new_session=True))
         return ctr
 
+    def once(self, image: str, cmd: list[str], timeout: float = 300) -> tuple[int, str]:
+        """Run `cmd` in a fresh container of `image`; (exit code, stdout)."""
+        if self.engine == "docker":
+            argv = ["docker", "run", "--rm", "--network", "host", f"daa-prime-{image}", *cmd]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            return done.returncode, done.stdout
+        ctr = out("buildah", "from", f"daa-prime-{image}")
+        try:
+            done = subprocess.run(["buildah", "run", "--isolation", "chroot", ctr, "--", *cmd],
+                                  capture_output=True, text=True, timeout=timeout)
+            return done.returncode, done.stdout
+        finally:
+            subprocess.run(["buildah", "rm", ctr], capture_output=True)
+
     def exec(self, ctr: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
         env = env or {}
         if self.engine == "docker":
@@ -265,10 +280,10 @@ def runner(engine: str) -> Iterator[Runner]:
             r.close()
             for f in sorted(Path(d).glob("*.log")):  # the containers' output, for a failure
                 tail = f.read_text(errors="replace").splitlines()[-5:]
-                log(f"--- {f.name} (last lines)\n" + "\n".join(tail))
+                print(f"--- {f.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
 
 
-def smoke(engine: str, timeout_s: float) -> dict[str, Any]:
+def smoke(engine: str, timeout_s: float, gpu: bool) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from bench.common import free_port, get_json
 
@@ -305,6 +320,20 @@ def smoke(engine: str, timeout_s: float) -> dict[str, Any]:
                for i, ctr in enumerate(nodes)}}
         res.update(page_check(base + "/"))
         res["rounds_committed"] = len(get_json(base + "/api/rounds?limit=1000"))
+        res.update(in_image_checks(run, gpu))
+    return res
+
+
+def in_image_checks(run: Runner, gpu: bool) -> dict[str, Any]:
+    """The GPU check's dry mode in the CPU node image; the CUDA image's torch build."""
+    res: dict[str, Any] = {}
+    rc, stdout = run.once("node-cpu", ["scripts/gpu_check.sh", "--dry"])
+    lines = stdout.strip().splitlines()
+    res["gpu_check_dry_in_node_cpu"] = rc == 0 and bool(lines) and json.loads(lines[-1])["dry"]
+    if gpu:
+        code = "import torch; print(torch.__version__, 'CUDA', torch.version.cuda)"
+        rc, stdout = run.once("node-cuda", ["python", "-c", code], timeout=120)
+        res["node_cuda_torch"] = stdout.strip() if rc == 0 else f"failed (exit {rc})"
     return res
 
 
@@ -385,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"image daa-prime-{name}: {mb:,.1f} MB")
     result: dict[str, Any] = {}
     if not args.no_smoke:
-        result = smoke(engine, args.timeout)
+        result = smoke(engine, args.timeout, args.gpu)
+        for key, value in result.items():
+            log(f"smoke {key}: {value}")
     runner_name = ("docker run --network host" if engine == "docker"
                    else "buildah run --isolation chroot")
     print(json.dumps({
