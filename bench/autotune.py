@@ -176,6 +176,7 @@ def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float
     res.curve.append((0.0, world.evaluate(theta)))
     print(f"  {name} ...", file=sys.stderr, flush=True)
     t, degraded = 0.0, False
+    late: list[tuple[float, NodeSample]] = []  # updates after their round closed: timed on arrival
     while t < horizon_s:
         if not degraded and t >= DEGRADE_AT * horizon_s:
             tab = next((n for n in nodes if n.kind == "tab"), None)
@@ -234,10 +235,17 @@ def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float
         loss = world.evaluate(theta)
         res.curve.append((t_commit, loss))
         if tuner is not None:
-            samples = [NodeSample(node_id=a[1].node_id, runtime="browser" if a[1].kind == "tab"
+            def sample(a: tuple[float, Node, np.ndarray, int, int, float, int], t0: float,
+                       is_late: bool) -> NodeSample:
+                return NodeSample(node_id=a[1].node_id, runtime="browser" if a[1].kind == "tab"
                                   else "native", steps=a[3], compute_s=a[5],
-                                  round_trip_s=a[0] - t, bytes_down=a[6], bytes_up=a[4])
-                       for a in taken]
+                                  round_trip_s=a[0] - t0, bytes_down=a[6], bytes_up=a[4],
+                                  late=is_late)
+
+            late += [(a[0], sample(a, t, True)) for a in arrivals if a[1].index not in kept]
+            samples = [sample(a, t, False) for a in taken]
+            samples += [x for at, x in late if at <= t_commit]  # the late ones in by now
+            late = [(at, x) for at, x in late if at > t_commit]
             norm = float(np.linalg.norm(agg))
             decision = tuner.decide(samples, RoundSample(
                 round=res.rounds, duration_s=t_commit - t, eval_loss=loss, floor=None,

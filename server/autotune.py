@@ -21,6 +21,7 @@ Off (the default), nothing here changes a round: RoundOpen says exactly `inner_s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -52,7 +53,9 @@ class AutotuneLoop:
                              pins=pins)
         self.tuner = Autotuner(self.limits)
         self.last: Decision | None = None
-        self.opened: dict[str, tuple[float, int]] = {}  # node -> (sent at, bytes) this round
+        # round -> node -> (RoundOpen sent at, its bytes): this round's and the last one's
+        self.opened: dict[int, dict[str, tuple[float, int]]] = {}
+        self.round = -1  # the open round
         self.samples: dict[str, NodeSample] = {}  # node -> its accepted update's sample
         self.assigned: dict[int, dict[str, str]] = {}  # round -> node -> codec it was given
         self._resume()
@@ -120,22 +123,30 @@ class AutotuneLoop:
     # -- measure --------------------------------------------------------------------------
     def on_open(self, node_id: str, nbytes: int) -> None:
         if self.enabled:
-            self.opened[node_id] = (asyncio.get_running_loop().time(), nbytes)
+            self.opened.setdefault(self.round, {})[node_id] = (
+                asyncio.get_running_loop().time(), nbytes)
 
-    def on_round_open(self) -> None:
-        self.opened.clear()
+    def on_round_open(self, round_: int) -> None:
+        self.round = round_
+        for old in [r for r in self.opened if r < round_ - 1]:
+            del self.opened[old]
         self.samples.clear()
 
     def on_update(self, node_id: str, runtime: str, msg: Submit | Ready, nbytes: int,
-                  staleness: int) -> None:
-        if not self.enabled or node_id not in self.opened:
+                  staleness: int, *, late: bool = False) -> None:
+        """An update accepted (or, `late`, refused because its round had closed: its timing
+        still tells how slow the node's link or compute is)."""
+        sent_down = self.opened.get(msg.round, {}).get(node_id)
+        if not self.enabled or sent_down is None:
             return
-        sent, down = self.opened[node_id]
+        sent, down = sent_down
         now = asyncio.get_running_loop().time()
-        self.samples[node_id] = NodeSample(
+        key = node_id + (":late" if late else "")
+        self.samples[key] = NodeSample(
             node_id=node_id, runtime=runtime,
             steps=msg.samples // max(1, self.config.batch_size), compute_s=msg.compute_s,
-            round_trip_s=now - sent, bytes_down=down, bytes_up=nbytes, staleness=staleness)
+            round_trip_s=now - sent, bytes_down=down, bytes_up=nbytes, staleness=staleness,
+            late=late)
 
     def after_commit(self, *, round_: int, duration_s: float, eval_loss: float | None,
                      aggregate: np.ndarray, vectors: list[np.ndarray], n_active: int,
@@ -149,8 +160,8 @@ class AutotuneLoop:
             cos = [float(np.dot(v, aggregate) / (np.linalg.norm(v) * norm))
                    for v in vectors if np.linalg.norm(v) > 0]
             agreement = round(float(np.mean(cos)), 6) if cos else None
-        nodes = [NodeSample(**{**_fields(s), "score": scores.get(n)})
-                 for n, s in sorted(self.samples.items())]
+        nodes = [dataclasses.replace(s, score=scores.get(s.node_id))
+                 for _, s in sorted(self.samples.items())]
         sample = RoundSample(round=round_, duration_s=duration_s, eval_loss=eval_loss,
                              floor=self.run.entropy_floor, aggregate_norm=norm,
                              agreement=agreement, n_active=n_active, n_params=self.run.n_params)
@@ -175,11 +186,6 @@ class AutotuneLoop:
                 # the newest decisions' reasons (their inputs: /api/autotune)
                 "recent": [{"round": d["round"], "decided_at": d["decided_at"],
                             "changes": d["changes"]} for d in recent]}
-
-
-def _fields(s: NodeSample) -> dict[str, Any]:
-    return {k: getattr(s, k) for k in ("node_id", "runtime", "steps", "compute_s",
-                                       "round_trip_s", "bytes_down", "bytes_up", "staleness")}
 
 
 def _parse_codec(label: str) -> tuple[str, float]:

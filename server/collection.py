@@ -93,7 +93,13 @@ class RoundCollection:
         state = self.guard(peer, msg)
         weight = 1.0
         if isinstance(msg, Submit) and msg.round < state.round:
-            weight = self._stale_weight(msg.round, state.round)
+            try:
+                weight = self._stale_weight(msg.round, state.round)
+            except StaleUpdate:
+                if self.autotune is not None:  # too late, but its timing still tells
+                    self.autotune.on_update(peer.node_id, peer.runtime, msg, len(msg.payload),
+                                            staleness=state.round - msg.round, late=True)
+                raise
         as_round = state.round if weight != 1.0 else msg.round
         outcome = state.check(node_id=peer.node_id, round_=as_round, digest=msg.digest)
         if outcome is Outcome.ACCEPTED:

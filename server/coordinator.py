@@ -323,7 +323,7 @@ class Coordinator:
                 RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s))
             state = RoundState(round=self.run.version, policy=policy, opened_at=loop.time())
             self.collection.open(state)
-            self.autotune.on_round_open()
+            self.autotune.on_round_open(state.round)
             self.replays.clear()  # older rounds are refused by number; hellos by challenge
             self.outbox.round_bytes = [0, 0]
             started = time.time()

@@ -86,6 +86,7 @@ class NodeSample:
     bytes_up: int  # its update
     staleness: int = 0  # rounds late (a stale update applied to a later round)
     score: float | None = None  # validation loss of theta_r - its update, where scored
+    late: bool = False  # it came after its round closed (not aggregated): its link counts
 
     @property
     def step_s(self) -> float:
@@ -212,8 +213,9 @@ class Autotuner:
                 old.step_s = 0.5 * old.step_s + 0.5 * s.step_s
                 old.bps = bps if bps < 0.5 * old.bps else 0.5 * old.bps + 0.5 * bps
                 old.seen = run.round
-        if nodes:  # what the server spends per round besides waiting: reduce, score, commit
-            self.overhead_s = max(0.0, run.duration_s - max(s.round_trip_s for s in nodes))
+        ontime = [s for s in nodes if not s.late]
+        if ontime:  # what the server spends per round besides waiting: reduce, score, commit
+            self.overhead_s = max(0.0, run.duration_s - max(s.round_trip_s for s in ontime))
         if run.eval_loss is not None and math.isfinite(run.eval_loss):
             floor = run.floor if run.floor is not None else 0.0
             if self.last_loss is not None and run.duration_s > 0:
@@ -445,7 +447,7 @@ class Autotuner:
             "nodes": [{"node_id": s.node_id, "runtime": s.runtime, "steps": s.steps,
                        "compute_s": round(s.compute_s, 4), "round_trip_s": round(s.round_trip_s, 4),
                        "bytes_down": s.bytes_down, "bytes_up": s.bytes_up,
-                       "staleness": s.staleness, "score": s.score,
+                       "staleness": s.staleness, "score": s.score, "late": s.late,
                        "steps_per_s": round(s.steps / s.compute_s, 2) if s.compute_s > 0 else None,
                        "link_mbit_s": round(links[s.node_id].bps * 8 / 1e6, 3)
                        if s.node_id in links else None} for s in nodes]}

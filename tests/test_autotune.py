@@ -237,3 +237,21 @@ def test_the_schema_refuses_an_out_of_range_budget_or_codec(field: str, value: A
     with pytest.raises(MessageError) as err:
         decode_message(encode_frame(RoundOpen.TYPE, header, frame.payload))
     assert err.value.field == field
+
+
+def test_a_late_update_still_measures_its_link() -> None:
+    """An update that came after its round closed (refused as late) is not aggregated, but
+    its timing tells the policy the node is now slow: a lossier codec, not waited for."""
+    tuner = Autotuner(limits())
+    tuner.decide(mixed(), run(0, 2.0))
+    tab = "08" * 32
+    before = tuner.settings.codecs[tab]
+    others = [s for s in mixed() if s.node_id != tab]
+    (slow,) = [dataclasses.replace(s, round_trip_s=s.compute_s + 60.0, late=True)
+               for s in mixed() if s.node_id == tab]
+    d = tuner.decide([*others, slow], run(1, 1.9))
+    assert d.settings.codecs[tab] != before
+    assert tab not in (tuner.included or set())
+    assert any(n["late"] for n in d.inputs["nodes"])
+    # the round's own overhead comes from the updates that made it
+    assert tuner.overhead_s < 60.0
