@@ -251,3 +251,24 @@ def test_a_validator_tab_scores_every_round(make_server: Any, native_node: Any,
     assert abs(first["base"] - want) < 1e-4 * abs(want), (first, want)
     tab.screenshot("validator-tab")
     assert tab.errors == [], tab.errors
+
+
+def test_a_tab_honours_the_autotune_time_budget(make_server: Any, open_tab: Any) -> None:
+    """With --autotune and a pinned 1 s budget under a 200-step cap, the tab's train worker
+    stops when the budget is used (shared.autotune.continue_training's rule): its updates
+    ran fewer steps than the cap, within the budget, and the run commits them."""
+    server = make_server({**LM_RUN, "inner_steps": 20, "quorum": 1, "rounds": 3,
+                          "autotune": True,
+                          "autotune_pin": {"budget_s": 1.0, "max_steps": 200,
+                                           "deadline_s": 120}})
+    tab = open_tab(f"{server.url}/?backend=wasm", "budget")
+    tab.wait("s.state === 'the run is finished'", timeout_s=240)
+    decisions = api(server, "/api/autotune")
+    nodes = [n for d in decisions for n in d["inputs"]["nodes"]]
+    assert len(nodes) >= 2, decisions
+    for n in nodes:
+        assert 1 <= n["steps"] < 200, n  # the budget, not the cap, ended the round
+        assert n["compute_s"] <= 1.0 + n["compute_s"] / n["steps"] + 0.05, n
+    assert all(d["settings"]["budget_s"] == 1.0 for d in decisions)
+    assert api(server, "/api/run")["autotune"]["enabled"] is True
+    assert tab.errors == [], tab.errors
