@@ -1,0 +1,21 @@
+"""Kademlia peer discovery (docs/dht.md): pure Python, sans I/O, so tabs run it too.
+
+    record.py   signed peer records (ML-DSA-65) and the verify-once RecordStore
+    routing.py  XOR metric, k-buckets with ping-before-evict
+    wire.py     the four messages (ping, pong, find_node, nodes) as canonical JSON
+    lookup.py   one iterative parallel lookup
+    node.py     DhtNode: the protocol (bytes in, bytes out, a clock reading each call)
+    memnet.py   an in-memory network with modelled latency and loss (tests, bench.dht)
+"""
+
+from __future__ import annotations
+
+from shared.dht.errors import ExpiredRecord, ForgedRecord, RecordError, StaleRecord
+from shared.dht.lookup import LookupResult
+from shared.dht.node import DhtConfig, DhtNode
+from shared.dht.record import PeerRecord, RecordStore, sign_record, verify_record
+from shared.dht.routing import RoutingTable, bucket_index, distance
+
+__all__ = ["DhtConfig", "DhtNode", "ExpiredRecord", "ForgedRecord", "LookupResult",
+           "PeerRecord", "RecordError", "RecordStore", "RoutingTable", "StaleRecord",
+           "bucket_index", "distance", "sign_record", "verify_record"]
