@@ -163,12 +163,14 @@ class World:
 
 
 def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float,
-             fixed: tuple[int, tuple[str, float]] | None, name: str) -> Result:
+             fixed: tuple[int, tuple[str, float]] | None, name: str,
+             weights: str = "steps") -> Result:
     """One run until `horizon_s` virtual seconds: `fixed` (H, codec) or autotune (None)."""
     world.shards(nodes)
     trainer = SharedTrainer(world.work, keep_opt_state=True)
     theta, momentum = world.theta0.copy(), np.zeros_like(world.theta0)
     outer = OUTER
+    by_steps = weights == "steps"  # run config autotune_weights
     tuner = None if fixed is not None else Autotuner(Limits(
         inner_steps=RUN_H, quorum=RUN_QUORUM, deadline_s=RUN_DEADLINE_S, max_steps=10 * RUN_H))
     res = Result(name=name, config={} if fixed is None else
@@ -224,10 +226,11 @@ def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float
         kept = {a[1].index for a in taken}
         for a in arrivals:  # a node whose update missed the deadline is still busy with it
             a[1].ready_at = 0.0 if a[1].index in kept else a[0]
-        weights = np.array([a[3] for a in taken], dtype=np.float64)
+        step_counts = np.array([a[3] for a in taken], dtype=np.float64)
         # the server's mean: weighted by steps under autotune (server.reduction)
         agg = np.average(np.stack([a[2] for a in taken]).astype(np.float64), axis=0,
-                         weights=weights if fixed is None else None).astype(np.float32)
+                         weights=step_counts if fixed is None and by_steps else None
+                         ).astype(np.float32)
         theta, momentum = outer_step(theta, agg, momentum, outer)
         theta = np.asarray(theta, dtype=np.float32)
         momentum = np.asarray(momentum, dtype=np.float32)
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.2, help="target eval loss (nats)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a 2-config grid (smoke test only)")
+    p.add_argument("--weights", default="steps", choices=["steps", "equal"],
+                   help="autotune's mean: by steps (run config autotune_weights, the default) "
+                        "or equal (an ablation)")
     p.add_argument("--show-changes", type=int, default=12, help="autotune changes printed")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = grid[:2]
     results: list[Result] = []
     auto = simulate(world, nodes, horizon_s=args.horizon_s, target=args.target, fixed=None,
-                    name="auto")
+                    name="auto", weights=args.weights)
     for h, c in grid:
         results.append(simulate(world, population(POPULATION), horizon_s=args.horizon_s,
                                 target=args.target, fixed=(h, c),
@@ -320,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
           | {"degrading_link": f"one tab 10x slower both ways after {DEGRADE_AT:.0%} of "
                                f"the horizon"},
           "model": "mlp-digits", "horizon_s": args.horizon_s, "target_loss": args.target,
+          "auto_weights": args.weights,
           "auto": {"time_to_target_s": ttt(auto), "final_loss": round(auto.final_loss, 4),
                    "decisions": auto.decisions, "changes": len(auto.changes)},
           "best_fixed": {"config": best.config, "time_to_target_s": ttt(best),

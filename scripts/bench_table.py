@@ -210,6 +210,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.autotune", "the autonomy loop vs 12 fixed (H, codec) settings: 2 fast boxes, 6 "
      "CPU boxes, 8 tabs on slow links, one degrading 10x; mlp-digits, deterministic simulator "
      "in virtual time", "autotune.txt", _autotune),
+    ("bench.autotune --weights equal", "the same with autotune's mean unweighted (run config "
+     "autotune_weights = \"equal\": an ablation, not the default)", "autotune_equal.txt",
+     _autotune),
     ("bench.nat", "4 native nodes in a p2p run behind iptables NAT routers (2 cone, 2 "
      "symmetric) in network namespaces; server over TLS, coturn with minted credentials",
      "nat.txt", _nat),
@@ -222,6 +225,8 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
 SOURCES: dict[str, str] = {
     "alie_sync.txt": "python -m bench.alie_sync > bench/results/alie_sync.txt",
     "autotune.txt": "python -m bench.autotune > bench/results/autotune.txt",
+    "autotune_equal.txt": "python -m bench.autotune --weights equal "
+                          "> bench/results/autotune_equal.txt",
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",

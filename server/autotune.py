@@ -118,7 +118,7 @@ class AutotuneLoop:
 
     @property
     def weigh_by_steps(self) -> bool:
-        return self.enabled
+        return self.enabled and self.config.autotune_weights == "steps"
 
     # -- measure --------------------------------------------------------------------------
     def on_open(self, node_id: str, nbytes: int) -> None:

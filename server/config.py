@@ -87,6 +87,7 @@ class RunConfig:
     autotune: bool = False
     autotune_pin: dict[str, Any] = dataclasses.field(default_factory=dict)  # setting -> value
     autotune_max_steps: int = 0  # most inner steps a node runs per round (0: 10 x inner_steps)
+    autotune_weights: str = "steps"  # the mean under autotune: by each update's steps, or "equal"
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -152,6 +153,8 @@ class RunConfig:
                  for k, v in self.autotune_pin.items() if k != "codec"), "autotune_pin",
              "values must be positive numbers (codec: a codec name)"),
             (self.autotune_max_steps >= 0, "autotune_max_steps", "must be >= 0"),
+            (self.autotune_weights in ("steps", "equal"), "autotune_weights",
+             "must be 'steps' or 'equal'"),
             (self.aggregation_weights == "equal" or self.ledger_min_stake > 0,
              "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]

@@ -24,11 +24,13 @@ async def _committed(node: Node) -> RoundCommitted:
     raise AssertionError("no RoundCommitted")
 
 
+@pytest.mark.parametrize(("weights", "mean"), [("steps", 0.0325), ("equal", 0.025)])
 async def test_roundopen_codec_guard_step_weights_and_the_recorded_decision(
-        tmp_path: Path) -> None:
+        tmp_path: Path, weights: str, mean: float) -> None:
     async with coordinator(tmp_path, quorum=2, autotune=True, outer_lr=1.0,
                            outer_momentum=0.0, inner_steps=20, batch_size=32,
-                           autotune_pin={"codec": "int8-block"}) as coord:
+                           autotune_pin={"codec": "int8-block"},
+                           autotune_weights=weights) as coord:
         a, b = await Node.join_new(coord), await Node.join_new(coord)
         opens = [m for m in a.inbox.frames if isinstance(m, RoundOpen)]
         assert opens
@@ -46,8 +48,9 @@ async def test_roundopen_codec_guard_step_weights_and_the_recorded_decision(
                                         digest=sha256_hex(payload), samples=samples,
                                         compute_s=0.01 * samples / 32))
         await _committed(a)
-        # the mean weighs each update by its steps: (0.01 x 1 + 0.04 x 3) / 4
-        np.testing.assert_allclose(theta0 - coord.run.params, 0.0325, atol=2e-4)
+        # "steps": the mean weighs each update by its steps, (0.01 x 1 + 0.04 x 3) / 4;
+        # "equal": (0.01 + 0.04) / 2
+        np.testing.assert_allclose(theta0 - coord.run.params, mean, atol=2e-4)
         decisions = coord.run.store.autotune_decisions()
         assert [d["round"] for d in decisions] == [1]
         nodes = decisions[0]["inputs"]["nodes"]
