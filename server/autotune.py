@@ -148,9 +148,15 @@ class AutotuneLoop:
             round_trip_s=now - sent, bytes_down=down, bytes_up=nbytes, staleness=staleness,
             late=late)
 
+    def take_samples(self) -> dict[str, NodeSample]:
+        """The round's samples so far, for `after_commit` (called on the event loop, where
+        updates keep arriving; after_commit may run in a thread)."""
+        return dict(self.samples)
+
     def after_commit(self, *, round_: int, duration_s: float, eval_loss: float | None,
                      aggregate: np.ndarray, vectors: list[np.ndarray], n_active: int,
-                     scores: dict[str, float | None]) -> Decision | None:
+                     scores: dict[str, float | None], samples: dict[str, NodeSample]
+                     ) -> Decision | None:
         """The committed round's measures -> the next round's settings, stored."""
         if not self.enabled:
             return None
@@ -161,7 +167,7 @@ class AutotuneLoop:
                    for v in vectors if np.linalg.norm(v) > 0]
             agreement = round(float(np.mean(cos)), 6) if cos else None
         nodes = [dataclasses.replace(s, score=scores.get(s.node_id))
-                 for _, s in sorted(self.samples.items())]
+                 for _, s in sorted(samples.items())]
         sample = RoundSample(round=round_, duration_s=duration_s, eval_loss=eval_loss,
                              floor=self.run.entropy_floor, aggregate_norm=norm,
                              agreement=agreement, n_active=n_active, n_params=self.run.n_params)

@@ -385,7 +385,7 @@ class Coordinator:
             eval_loss=eval_loss, aggregate=pseudo_grad, n_active=len(self._active()),
             vectors=[self.collection.vectors[n] for n in sorted(state.updates)
                      if n in self.collection.vectors],
-            scores=dict(self.validation.scores))
+            scores=dict(self.validation.scores), samples=self.autotune.take_samples())
         for peer in self.peers.values():
             if peer.state in ("submitted", "rejected"):
                 peer.state = "idle"
