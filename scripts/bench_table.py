@@ -169,6 +169,15 @@ def _autotune(f: Fig) -> str:
             f"x{f['speedup_vs_one_node']:.2f}")
 
 
+def _dht(f: Fig) -> str:
+    return (f"{f['nodes']} nodes, {f['churn']:.0%} replaced, {f['loss']:.0%} loss: "
+            f"{f['success_rate']:.2%} of {f['lookups']:,} lookups found, hops p50 "
+            f"{f['hops_p50']} / p99 {f['hops_p99']} (target <= {f['hops_target_max']:.1f}), "
+            f"{f['messages_per_lookup']:.1f} messages per lookup; server down "
+            f"{f['server_down_success']:.2%}; partition healed: "
+            f"{'yes' if f['partition_healed'] else 'NO'} ({f['partition_heal_s']} s)")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -218,6 +227,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      "nat.txt", _nat),
     ("./run.sh images --gpu", "the container images built on this machine (sizes unpacked) and "
      "smoke-tested: server + 2 CPU node containers + a Chromium tab", "images.txt", _images),
+    ("bench.dht --nodes 200", "Kademlia peer discovery (shared/dht), real signed records, "
+     "in-memory network with latency and loss; churn, the server down, a healed partition",
+     "dht.txt", _dht),
 ]
 
 
@@ -230,6 +242,7 @@ SOURCES: dict[str, str] = {
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
+    "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
     "abuse.txt": "python -m bench.abuse > bench/results/abuse.txt",
     "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
                      "> bench/results/fuzz_live.txt",
