@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -358,3 +360,39 @@ def test_forged_record_in_an_answer_is_refused_and_never_contacted() -> None:
     node.receive("mem:elsewhere", liar.encode(), w.net.now + 1)
     after = node.table.get(other.node_id)
     assert (after.last_seen if after else None) == seen
+
+
+async def test_asyncio_driver_on_a_real_clock() -> None:
+    """shared.dht.aio: the driver a carrier plugs into, here over in-process queues with a
+    5 ms delay, on the event loop's real clock."""
+    import asyncio
+
+    from shared.dht.aio import DhtService
+
+    loop = asyncio.get_running_loop()
+    services: dict[str, DhtService] = {}
+
+    def carrier(me: str) -> Callable[[str, bytes], None]:
+        def send(addr: str, data: bytes) -> None:
+            if addr in services:
+                loop.call_later(0.005, services[addr].deliver, me, data)
+        return send
+
+    addrs = [f"q:{i}" for i in range(8)]
+    for i, addr in enumerate(addrs):
+        node = DhtNode(ids()[i], [addr], now=time.time(), bootstrap=() if i == 0 else (addrs[0],),
+                       seed=i)
+        services[addr] = DhtService(node, carrier(addr))
+    tasks = [asyncio.create_task(s.run()) for s in services.values()]
+    try:
+        for s in services.values():
+            s.start()
+        await asyncio.sleep(0.5)
+        results = await asyncio.wait_for(asyncio.gather(*(
+            services[addrs[i]].find(ids()[(i + 3) % 8].node_id) for i in range(8))), 10)
+        assert all(r.found for r in results)
+        assert all(r.hops is not None and r.hops <= 3 for r in results)
+    finally:
+        for s in services.values():
+            s.close()
+        await asyncio.gather(*tasks)

@@ -6,6 +6,7 @@
     lookup.py   one iterative parallel lookup
     node.py     DhtNode: the protocol (bytes in, bytes out, a clock reading each call)
     memnet.py   an in-memory network with modelled latency and loss (tests, bench.dht)
+    aio.py      an asyncio driver on a real clock: what a carrier (relay, data channel) wraps
 """
 
 from __future__ import annotations
