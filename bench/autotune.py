@@ -1,6 +1,7 @@
 """The autonomy loop against the best fixed settings, on a modelled heterogeneous population.
 
-    python -m bench.autotune [--horizon-s 10] [--target 0.2] [--quick]
+    python -m bench.autotune [--horizon-s 10] [--target 0.2] [--seed 0]
+                             [--population mixed|tab-heavy] [--quick]
 
 A deterministic simulator in VIRTUAL time: each participant's compute and link are modelled
 from stated figures (POPULATION below; docs/autotune.md), the training math is real
@@ -19,7 +20,9 @@ server after latency_i + bytes / up_i. The round commits when every node's updat
 the deadline with at least the quorum (later updates are dropped, as with stale_policy drop;
 a deadline with fewer than the quorum waits for the quorum-th update), plus SERVER_S for the
 reduction, evaluation and commit. One tab's link degrades 10x (both ways) at
-DEGRADE_AT x the horizon.
+DEGRADE_AT x the horizon. A run is measured up to the horizon: a round that would commit
+after it does not count (the run holds the model of its last commit by then), the same rule
+for every run compared.
 
 Compared, with the same horizon and target eval loss:
 
@@ -32,7 +35,7 @@ Compared, with the same horizon and target eval loss:
 - one participant alone (each device kind, with all the data, H = 50, raw32): the speedup.
 
 Prints a table and as its LAST line JSON: population, auto {time_to_target_s, final_loss,
-decisions}, best_fixed {config, time_to_target_s, final_loss}, grid_size,
+best_loss, decisions}, best_fixed {config, time_to_target_s, final_loss, best_loss}, grid_size,
 speedup_vs_one_node (one fast box alone / auto, the most conservative baseline) and per kind.
 """
 
@@ -74,6 +77,14 @@ POPULATION: tuple[tuple[str, int, float, float, float, float], ...] = (
     ("slow box", 6, 0.016, 50.0, 10.0, 0.02),
     ("tab", 8, 0.055, 10.0, 1.0, 0.04),
 )
+# --population: the issue's mix (the default) and a variant with the same device figures,
+# mostly tabs (chosen before any run of it, to check nothing is fitted to the default mix)
+POPULATIONS: dict[str, tuple[tuple[str, int, float, float, float, float], ...]] = {
+    "mixed": POPULATION,
+    "tab-heavy": (("fast box", 1, 0.002, 1000.0, 1000.0, 0.005),
+                  ("slow box", 3, 0.016, 50.0, 10.0, 0.02),
+                  ("tab", 12, 0.055, 10.0, 1.0, 0.04)),
+}
 GRID_H = (10, 25, 50, 100)
 GRID_CODECS: tuple[tuple[str, float], ...] = (("raw32", 0.01), ("int8-block", 0.01),
                                               ("topk", 0.1))
@@ -118,7 +129,13 @@ class Result:
 
     @property
     def final_loss(self) -> float:
+        """The eval loss of the model the run holds at the horizon (its last commit)."""
         return self.curve[-1][1]
+
+    @property
+    def best_loss(self) -> float:
+        """The best eval loss of its commits by the horizon (a kept best checkpoint)."""
+        return min(loss for _, loss in self.curve)
 
 
 def population(kinds: Sequence[tuple[str, int, float, float, float, float]]) -> list[Node]:
@@ -165,7 +182,8 @@ class World:
 def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float,
              fixed: tuple[int, tuple[str, float]] | None, name: str,
              weights: str = "steps") -> Result:
-    """One run until `horizon_s` virtual seconds: `fixed` (H, codec) or autotune (None)."""
+    """One run until `horizon_s` virtual seconds: `fixed` (H, codec) or autotune (None).
+    Only rounds that commit by the horizon count (the one in flight then is dropped)."""
     world.shards(nodes)
     trainer = SharedTrainer(world.work, keep_opt_state=True)
     theta, momentum = world.theta0.copy(), np.zeros_like(world.theta0)
@@ -188,6 +206,7 @@ def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float
         settings = tuner.settings if tuner is not None else None
         arrivals: list[tuple[float, Node, np.ndarray, int, int, float, int]] = []
         down_bytes = 4 * world.n + FRAME_OVERHEAD
+        round_steps = 0
         for node in nodes:
             if fixed is not None:
                 max_steps, budget, codec = fixed[0], None, fixed[1]
@@ -213,7 +232,7 @@ def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float
             arrive = done + node.latency_s + up_bytes / node.up
             arrivals.append((arrive, node, vec, steps, up_bytes, steps * node.step_s,
                              down_bytes))
-            res.steps += steps
+            round_steps += steps
         arrivals.sort(key=lambda a: (a[0], a[1].index))
         deadline = t + (settings.deadline_s if settings is not None else RUN_DEADLINE_S)
         quorum = settings.quorum if settings is not None else RUN_QUORUM
@@ -235,6 +254,9 @@ def simulate(world: World, nodes: list[Node], *, horizon_s: float, target: float
         theta = np.asarray(theta, dtype=np.float32)
         momentum = np.asarray(momentum, dtype=np.float32)
         t_commit = close + SERVER_S
+        if t_commit > horizon_s:  # past the horizon: not part of this run's figures
+            break
+        res.steps += round_steps
         loss = world.evaluate(theta)
         res.curve.append((t_commit, loss))
         if tuner is not None:
@@ -268,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--horizon-s", type=float, default=10.0, help="virtual seconds per run")
     p.add_argument("--target", type=float, default=0.2, help="target eval loss (nats)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the data split, initial parameters and batch order")
+    p.add_argument("--population", default="mixed", choices=sorted(POPULATIONS),
+                   help="mixed: the issue's population (default); tab-heavy: the same device "
+                        "figures, 1 fast box, 3 slow boxes, 12 tabs")
     p.add_argument("--quick", action="store_true", help="a 2-config grid (smoke test only)")
     p.add_argument("--weights", default="steps", choices=["steps", "equal"],
                    help="autotune's mean: by steps (run config autotune_weights, the default) "
@@ -278,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     world = World(args.seed)
-    nodes = population(POPULATION)
+    kinds = POPULATIONS[args.population]
+    nodes = population(kinds)
     grid = [(h, c) for h in GRID_H for c in GRID_CODECS]
     if args.quick:
         grid = grid[:2]
@@ -286,11 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     auto = simulate(world, nodes, horizon_s=args.horizon_s, target=args.target, fixed=None,
                     name="auto", weights=args.weights)
     for h, c in grid:
-        results.append(simulate(world, population(POPULATION), horizon_s=args.horizon_s,
+        results.append(simulate(world, population(kinds), horizon_s=args.horizon_s,
                                 target=args.target, fixed=(h, c),
                                 name=f"H {h}, {codec_label(*c)}"))
     singles: dict[str, Result] = {}
-    for kind, _, step_s, down, up, lat in POPULATION:
+    for kind, _, step_s, down, up, lat in kinds:
         singles[kind] = simulate(world, population([(kind, 1, step_s, down, up, lat)]),
                                  horizon_s=args.horizon_s, target=args.target,
                                  fixed=(RUN_H, ("raw32", 0.01)), name=f"one {kind}")
@@ -301,11 +328,14 @@ def main(argv: list[str] | None = None) -> int:
 
     best = min(results, key=key)
     rows = [{"run": r.name, "time_to_target_s": r.time_to(args.target), "final_loss":
-             round(r.final_loss, 4), "rounds": r.rounds, "inner_steps": r.steps}
+             round(r.final_loss, 4), "best_loss": round(r.best_loss, 4), "rounds": r.rounds,
+             "inner_steps": r.steps}
             for r in [auto, *results, *singles.values()]]
-    print(f"mlp-digits, {len(nodes)} participants, horizon {args.horizon_s:g} virtual s, "
-          f"target eval loss {args.target}")
-    print_table(rows, ["run", "time_to_target_s", "final_loss", "rounds", "inner_steps"])
+    print(f"mlp-digits, {len(nodes)} participants ({args.population}), seed {args.seed}, "
+          f"horizon {args.horizon_s:g} virtual s, target eval loss {args.target}; rounds "
+          f"committed by the horizon only")
+    print_table(rows, ["run", "time_to_target_s", "final_loss", "best_loss", "rounds",
+                       "inner_steps"])
     print(f"autotune: {auto.decisions} decisions, {len(auto.changes)} changes; the first:")
     for line in auto.changes[:args.show_changes]:
         print("  " + line)
@@ -322,20 +352,27 @@ def main(argv: list[str] | None = None) -> int:
 
     emit({"population": {kind: {"count": n, "step_ms": step * 1000, "down_mbit_s": down,
                                 "up_mbit_s": up, "latency_ms": lat * 1000}
-                         for kind, n, step, down, up, lat in POPULATION}
+                         for kind, n, step, down, up, lat in kinds}
           | {"degrading_link": f"one tab 10x slower both ways after {DEGRADE_AT:.0%} of "
                                f"the horizon"},
+          "population_name": args.population, "seed": args.seed,
           "model": "mlp-digits", "horizon_s": args.horizon_s, "target_loss": args.target,
           "auto_weights": args.weights,
+          "final_loss_rule": "eval loss of the last model each run committed by the horizon "
+                             "(a round in flight at the horizon does not count); best_loss: "
+                             "the best eval loss among those commits; the same for every run",
           "auto": {"time_to_target_s": ttt(auto), "final_loss": round(auto.final_loss, 4),
+                   "best_loss": round(auto.best_loss, 4),
                    "decisions": auto.decisions, "changes": len(auto.changes)},
           "best_fixed": {"config": best.config, "time_to_target_s": ttt(best),
-                         "final_loss": round(best.final_loss, 4)},
+                         "final_loss": round(best.final_loss, 4),
+                         "best_loss": round(best.best_loss, 4)},
           "grid_size": len(grid),
           "targets": {"no_later_than_best_fixed": ttt(auto) is not None and (
               ttt(best) is None or (ttt(auto) or 0) <= (ttt(best) or 0)),
               "final_loss_within_1pct": auto.final_loss <= 1.01 * best.final_loss,
-              "final_loss_gap": round(auto.final_loss / best.final_loss - 1, 4)},
+              "final_loss_gap": round(auto.final_loss / best.final_loss - 1, 4),
+              "best_loss_gap": round(auto.best_loss / best.best_loss - 1, 4)},
           "speedup_vs_one_node": speedup(singles["fast box"]),
           "speedup_vs_one_node_by_kind": {k: speedup(r) for k, r in singles.items()},
           "one_node_time_to_target_s": {k: ttt(r) for k, r in singles.items()}})
