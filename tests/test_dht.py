@@ -157,7 +157,7 @@ def test_wire_round_trip_and_typed_refusals() -> None:
     msgs = [Ping(rpc="0" * 16, sender=a.node_id, seq=3, record=rec, want_record=True),
             Pong(rpc="1" * 16, sender=a.node_id, seq=3),
             FindNode(rpc="2" * 16, sender=a.node_id, seq=3, target="f" * 64,
-                     have=("e" * 64,)),
+                     have=(("e" * 64, 9),)),
             Nodes(rpc="3" * 16, sender=a.node_id, seq=3, records=(rec,),
                   refs=(("d" * 64, 7),))]
     for m in msgs:
@@ -177,6 +177,32 @@ def test_wire_round_trip_and_typed_refusals() -> None:
     with pytest.raises(MessageError) as other:  # a record that is not the sender's own
         Ping(rpc="0" * 16, sender="0" * 64, seq=3, record=rec)
     assert other.value.field == "record"
+
+
+def test_answers_send_refs_only_for_records_the_asker_holds_at_that_version() -> None:
+    a, b, x = ids()[0], ids()[1], ids()[2]
+    nb = DhtNode(b, ["mem:b"], now=NOW, seed=1)
+    x_old = sign_record(x, addrs=("mem:x",), seq=1, expires=int(NOW) + 600)
+    x_new = sign_record(x, addrs=("mem:x2",), seq=2, expires=int(NOW) + 600)
+    nb.table.update(nb.records.accept(x_new, NOW), NOW)
+    for have, full in (((x.node_id, 1),), True), (((x.node_id, 2),), False), ((), True):
+        ask = FindNode(rpc="5" * 16, sender=a.node_id, seq=1, target=x.node_id, have=have)
+        nb.receive("mem:a", ask.encode(), NOW)
+        (addr, data), = nb.drain()
+        answer = decode(data)
+        assert addr == "mem:a"
+        assert isinstance(answer, Nodes)
+        assert (answer.records == (x_new,)) is full
+        assert (answer.refs == ((x.node_id, 2),)) is not full
+    # the asker side: a candidate that failed at its old address gets another chance when a
+    # newer record arrives
+    from shared.dht.lookup import FAILED, FRESH, Lookup
+    lk = Lookup(1, x_old.key, "user", NOW, True)
+    lk.add(x_old, 1)
+    lk.cands[x.node_id].state = FAILED
+    lk.add(x_new, 2)
+    assert lk.cands[x.node_id].state == FRESH
+    assert lk.cands[x.node_id].record == x_new
 
 
 # -- networks on the simulated clock ------------------------------------------------------------
@@ -360,6 +386,37 @@ def test_forged_record_in_an_answer_is_refused_and_never_contacted() -> None:
     node.receive("mem:elsewhere", liar.encode(), w.net.now + 1)
     after = node.table.get(other.node_id)
     assert (after.last_seen if after else None) == seen
+
+
+def test_records_are_renewed_and_a_moved_node_is_found_at_its_new_address() -> None:
+    cfg = dataclasses.replace(FAST, record_ttl_s=120)  # renewed every 60 s
+    w = Net(20, cfg=cfg, seed=7)
+    first = {a: n.record.seq for a, n in w.net.nodes.items()}
+    w.net.run_for(300)  # 2.5 lifetimes: without renewal every record would be gone
+    assert all(n.record.seq > first[a] for a, n in w.net.nodes.items())
+    assert all(len(n.table) >= 15 for n in w.net.nodes.values())
+    assert all(r.found for r in w.find_all(w.pairs(20)))
+    # a node moves: a new record (higher seq) with the new address; the old one is stale
+    old_addr = sorted(a for a in w.net.nodes if a != "server")[3]
+    mover = w.net.remove(old_addr)
+    assert mover is not None
+    old_record = mover.record
+    mover.set_addrs(["mem:moved"], w.net.now)
+    w.net.add("mem:moved", mover, start=False)
+    mover.lookup(mover.node_id, w.net.now, purpose="refresh")  # says hello to its neighbours
+    w.net.flush("mem:moved")
+    w.net.run_for(5)
+    told = [n for n in w.net.nodes.values() if n is not mover
+            and (r := n.records.get(mover.node_id)) is not None and r.seq == mover.record.seq]
+    assert told, "nobody heard the new record"
+    with pytest.raises(StaleRecord):  # still unexpired, but superseded
+        told[0].records.accept(old_record, w.net.now)
+    w.net.run_for(55)
+    srcs = [a for a in sorted(w.net.nodes) if a != "mem:moved"]
+    found = w.find_all([(s, "mem:moved") for s in srcs])
+    assert all(r.found for r in found)
+    assert all(next(x for x in r.closest if x.node_id == mover.node_id).addrs == ("mem:moved",)
+               for r in found)
 
 
 async def test_asyncio_driver_on_a_real_clock() -> None:

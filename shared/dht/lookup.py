@@ -60,8 +60,9 @@ class Lookup:
         if held is None:
             self.cands[rec.node_id] = Candidate(rec, rec.key ^ self.target, depth,
                                                 verified=verified)
-        elif rec.seq > held.record.seq and held.state == FRESH:
-            held.record, held.verified = rec, verified
+        elif rec.seq > held.record.seq and held.state in (FRESH, FAILED):
+            # a newer record (new addresses) gives a candidate that failed another chance
+            held.record, held.verified, held.state = rec, verified, FRESH
 
     def nearest(self, k: int) -> list[Candidate]:
         live = [c for c in self.cands.values() if c.state != FAILED]

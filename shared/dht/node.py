@@ -26,8 +26,8 @@ from __future__ import annotations
 import random
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from shared.dht.config import DhtConfig, Rpc
 from shared.dht.errors import RecordError, StaleRecord
 from shared.dht.lookup import DONE, FAILED, INFLIGHT, Candidate, Lookup, LookupResult
 from shared.dht.record import PeerRecord, RecordStore, sign_record
@@ -35,39 +35,6 @@ from shared.dht.routing import RoutingTable, id_hex, random_id_in_bucket
 from shared.dht.wire import FindNode, Nodes, Ping, Pong, decode
 from shared.envelope import Identity
 from shared.errors import ProtocolError
-
-
-@dataclass(frozen=True, kw_only=True)
-class DhtConfig:
-    k: int = 20  # bucket size and lookup width
-    alpha: int = 3  # FindNode queries in flight per lookup
-    rpc_timeout_s: float = 1.0  # wait this long for an answer before a retry
-    rpc_retries: int = 1  # retransmissions (to the next address) before an RPC fails
-    max_fails: int = 2  # failed RPCs in a row that evict a contact with no replacement waiting
-    maintenance_s: float = 30.0  # mean interval of the maintenance pass
-    refresh_s: float = 600.0  # refresh a bucket nobody looked into for this long
-    refreshes_per_pass: int = 3  # at most this many bucket refreshes per pass
-    random_lookup_s: float = 300.0  # one random-id lookup this often
-    probe_s: float = 60.0  # ping dormant contacts this often
-    probe_count: int = 2  # how many per probe
-    dormant_max: int = 128  # evicted contacts remembered for probing
-    bootstrap_s: float = 300.0  # ping the bootstrap addresses this often
-    record_ttl_s: int = 3600  # lifetime of the node's own record (renewed at half)
-    max_records: int = 4096  # verified records held
-    max_have: int = 40  # ids listed in FindNode.have
-
-
-@dataclass(slots=True)
-class _Rpc:
-    rpc: str
-    kind: str  # "ping" or "find"
-    purpose: str  # "lookup", "evict", "probe", "bootstrap"
-    addrs: tuple[str, ...]  # addresses to try in turn
-    node_id: str | None  # expected answerer (None: bootstrap by address)
-    lookup_id: int | None
-    data: bytes
-    deadline: float
-    tries: int = 1
 
 
 class DhtNode:
@@ -88,7 +55,7 @@ class DhtNode:
         self.stats: Counter[str] = Counter()  # messages, bytes, timeouts, refusals by code
         self._out: list[tuple[str, bytes]] = []
         self._done: list[LookupResult] = []
-        self._rpcs: dict[str, _Rpc] = {}
+        self._rpcs: dict[str, Rpc] = {}
         self._lookups: dict[int, Lookup] = {}
         self._next_lookup_id = 1
         self._told: OrderedDict[str, int] = OrderedDict()  # peer -> our seq it was sent
@@ -195,13 +162,16 @@ class DhtNode:
             self._send(src, Pong(rpc=msg.rpc, sender=self.node_id, seq=self.record.seq,
                                  record=record, want_record=want))
             return
-        have = set(msg.have)
+        have = dict(msg.have)
         near = self.table.closest(int(msg.target, 16), self.cfg.k, exclude=(msg.sender,))
+        # a record the asker holds at this seq or newer goes as a ref; a newer one in full
+        known = [c.record.seq <= have.get(c.node_id, -1) for c in near]
         self._send(src, Nodes(
             rpc=msg.rpc, sender=self.node_id, seq=self.record.seq, record=record,
             want_record=want,
-            records=tuple(c.record for c in near if c.node_id not in have),
-            refs=tuple((c.node_id, c.record.seq) for c in near if c.node_id in have)))
+            records=tuple(c.record for c, k in zip(near, known, strict=True) if not k),
+            refs=tuple((c.node_id, c.record.seq)
+                       for c, k in zip(near, known, strict=True) if k)))
 
     def _on_nodes(self, msg: Nodes, lookup_id: int, now: float) -> None:
         lk = self._lookups.get(lookup_id)
@@ -257,7 +227,7 @@ class DhtNode:
             self._next_maint = now + self._jitter(self.cfg.maintenance_s)
             self._maintain(now)
 
-    def _failed(self, rpc: _Rpc, now: float) -> None:
+    def _failed(self, rpc: Rpc, now: float) -> None:
         nid = rpc.node_id
         if nid is None:
             return
@@ -397,7 +367,7 @@ class DhtNode:
         nid = cand.record.node_id
         # records the asker holds already (verified or not yet): the answer names them by
         # (id, seq) only
-        have = tuple(c.record.node_id for c in lk.nearest(self.cfg.max_have))
+        have = tuple((c.record.node_id, c.record.seq) for c in lk.nearest(self.cfg.max_have))
         msg = FindNode(rpc=self._rpc_id(), sender=self.node_id, seq=self.record.seq,
                        record=self._record_for(nid), want_record=self._want.get(nid, False),
                        target=id_hex(lk.target), have=have)
@@ -412,7 +382,7 @@ class DhtNode:
     def _request(self, msg: Ping | FindNode, kind: str, purpose: str, addrs: tuple[str, ...],
                  node_id: str | None, lookup_id: int | None, now: float) -> None:
         data = msg.encode()
-        self._rpcs[msg.rpc] = _Rpc(msg.rpc, kind, purpose, addrs, node_id, lookup_id, data,
+        self._rpcs[msg.rpc] = Rpc(msg.rpc, kind, purpose, addrs, node_id, lookup_id, data,
                                    now + self.cfg.rpc_timeout_s)
         self._emit(addrs[0], data)
 

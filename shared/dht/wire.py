@@ -12,10 +12,9 @@ the receiver believes `sender` only if the sender's verified record lists that a
     ping -> pong                 liveness (ping-before-evict, bootstrap by address)
     find_node(target, have) -> nodes(records, refs)
                                  the k contacts nearest `target` the answerer knows: as full
-                                 signed records, except those whose id the asker listed in
-                                 `have` (records it holds already): those go as refs
-                                 {node_id, seq}, which the asker uses only if it holds that
-                                 exact version.
+                                 signed records, except those the asker listed in `have`
+                                 ({node_id, seq} of records it holds) at a seq no older than
+                                 the answerer's: those go as refs {node_id, seq}.
 
 Messages are written as canonical JSON (shared.frame.canonical_json) but read as any JSON:
 nothing signs a message as a whole (the records inside carry their own signatures, over
@@ -52,6 +51,23 @@ def _need(ok: bool, cls: str, name: str, what: str) -> None:
 def _hex64(cls: str, name: str, value: Any) -> None:
     _need(isinstance(value, str) and bool(HEX64.fullmatch(value)), cls, name,
           "must be 64 lowercase hex digits")
+
+
+def _pairs(cls: str, name: str, pairs: tuple[tuple[str, int], ...]) -> None:
+    _need(all(isinstance(n, str) and len(n) == 64 and isinstance(q, int)
+              and not isinstance(q, bool) and 0 <= q <= MAX_SEQ for n, q in pairs)
+          and bool(HEX.fullmatch("".join(n for n, _ in pairs) or "0")), cls, name,
+          "each entry is a 64 hex digit node id and a seq in [0, 2^53-1]")
+
+
+def _decode_pairs(cls: str, name: str, raw: Any) -> tuple[tuple[str, int], ...]:
+    _need(isinstance(raw, list), cls, name, "must be a list")
+    out = []
+    for item in raw:
+        _need(isinstance(item, dict) and set(item) == {"node_id", "seq"}, cls, name,
+              "each entry is {node_id, seq}")
+        out.append((item["node_id"], item["seq"]))
+    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,19 +137,19 @@ class FindNode(DhtMessage):
     TYPE: ClassVar[str] = "find_node"
     EXTRA: ClassVar[tuple[str, ...]] = ("target", "have")
     target: str  # the id looked up, 64 hex
-    have: tuple[str, ...] = ()  # node ids whose current record the asker holds (send refs)
+    # (node id, seq) of records the asker holds: answered with a ref unless newer
+    have: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         DhtMessage.__post_init__(self)
         _hex64("FindNode", "target", self.target)
         _need(isinstance(self.have, tuple) and len(self.have) <= MAX_HAVE, "FindNode", "have",
-              f"must be a list of at most {MAX_HAVE} node ids")
-        _need(all(isinstance(h, str) and len(h) == 64 for h in self.have)
-              and bool(HEX.fullmatch("".join(self.have) or "0")), "FindNode", "have",
-              "each entry must be 64 lowercase hex digits")
+              f"must be a list of at most {MAX_HAVE} (node id, seq)")
+        _pairs("FindNode", "have", self.have)
 
     def body(self) -> dict[str, Any]:
-        return {"target": self.target, "have": list(self.have)}
+        return {"target": self.target,
+                "have": [{"node_id": n, "seq": q} for n, q in self.have]}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,10 +165,7 @@ class Nodes(DhtMessage):
         DhtMessage.__post_init__(self)
         _need(len(self.records) + len(self.refs) <= MAX_RECORDS, "Nodes", "records",
               f"at most {MAX_RECORDS} records and refs together")
-        _need(all(isinstance(n, str) and len(n) == 64 and isinstance(q, int)
-                  and not isinstance(q, bool) and 0 <= q <= MAX_SEQ for n, q in self.refs)
-              and bool(HEX.fullmatch("".join(n for n, _ in self.refs) or "0")), "Nodes",
-              "refs", "each ref is a 64 hex digit node id and a seq in [0, 2^53-1]")
+        _pairs("Nodes", "refs", self.refs)
 
     def body(self) -> dict[str, Any]:
         return {"records": list(self.records),
@@ -192,17 +205,12 @@ def decode(data: bytes) -> DhtMessage:
         "want_record": obj["want_record"],
         "record": None if raw is None else PeerRecord.from_dict(raw)}
     if cls is FindNode:
-        _need(isinstance(obj["have"], list), name, "have", "must be a list")
-        kwargs.update(target=obj["target"], have=tuple(obj["have"]))
+        kwargs.update(target=obj["target"], have=_decode_pairs(name, "have", obj["have"]))
     elif cls is Nodes:
         recs, refs = obj["records"], obj["refs"]
         _need(isinstance(recs, list) and isinstance(refs, list)
               and len(recs) + len(refs) <= MAX_RECORDS, name, "records",
               f"records and refs must be lists of at most {MAX_RECORDS} together")
-        pairs = []
-        for ref in refs:
-            _need(isinstance(ref, dict) and set(ref) == {"node_id", "seq"}, name, "refs",
-                  "each ref is {node_id, seq}")
-            pairs.append((ref["node_id"], ref["seq"]))
-        kwargs.update(records=tuple(PeerRecord.from_dict(r) for r in recs), refs=tuple(pairs))
+        kwargs.update(records=tuple(PeerRecord.from_dict(r) for r in recs),
+                      refs=_decode_pairs(name, "refs", refs))
     return cls(**kwargs)
