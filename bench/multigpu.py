@@ -1,6 +1,7 @@
-"""One node over several processes (torch.distributed DDP) against one node, one process.
+"""One node over several processes (torch.distributed DDP or FSDP) against one node, one process.
 
     python -m bench.multigpu [--model mlp-digits|gpt-tiny] [--nproc 2] [--rounds 4]
+                             [--shard none|full]
 
 Both runs: the REAL server (subprocess, loopback) and ONE real native node, same model, seed,
 shard, inner steps, inner lr and batch size. The two nodes use the same identity (the multi
@@ -13,6 +14,14 @@ plain averaging by default (outer lr 1, no momentum: the node's θ carries over,
 runs are rounds x steps AdamW steps on the same data and the gap measures the split alone;
 `--nesterov` keeps the run's default). On CPU the backend is gloo; NCCL (`--gpus N`) has not
 run here (no GPU).
+
+`--shard full` runs the multi-process node with FSDP (`--shard full`: parameters, gradients and
+inner AdamW state sharded over the processes) and then, in this process, one round each of
+DDP and FSDP over the same processes (`DistributedTrainer`) to report each rank's training
+state: parameters + gradients + AdamW moments counted from the tensors the rank holds
+(`state_bytes_per_rank`), and that plus what a step holds on top (`peak_bytes_per_rank`:
+DDP's gradient buckets; FSDP's gathered units, modelled from the parameter counts, see
+native_node/sharding.py transient_bytes; on CUDA the allocator's measured peak as well).
 
 Counted at the server: the updates per round from the node (`outer_syncs_per_round`, from the
 run's sqlite: one row per accepted update) and the server's per-peer WebSocket bytes. The LAST
@@ -34,7 +43,8 @@ from bench.common import children, emit, free_port, get_json, print_table
 
 def run_one(tmp: Path, *, model: str, flavour: str | None, nproc: int, rounds: int,
             steps: int, batch: int, lr: float, timeout: float,
-            outer: list[str], node_key: Path | None = None) -> dict[str, Any]:
+            outer: list[str], node_key: Path | None = None, shard: str = "none"
+            ) -> dict[str, Any]:
     """One run; `node_key` (a node.key file) gives the node that identity, hence its seed."""
     tmp.mkdir(parents=True, exist_ok=True)
     if node_key is not None:
@@ -61,7 +71,8 @@ def run_one(tmp: Path, *, model: str, flavour: str | None, nproc: int, rounds: i
                 time.sleep(0.2)
         node = spawn("node", "-m", "native_node", "join", "--coordinator",
                      f"127.0.0.1:{port}", "--state-dir", str(tmp / "node"), "--threads",
-                     str(nproc), "--nproc", str(nproc), "--quiet")
+                     str(nproc), "--nproc", str(nproc), "--quiet",
+                     *(["--shard", shard] if nproc > 1 else []))
         while node.poll() is None:
             if server.poll() is not None or time.monotonic() - t0 > timeout:
                 raise RuntimeError(f"run failed or timed out; logs in {tmp}")
@@ -83,6 +94,29 @@ def run_one(tmp: Path, *, model: str, flavour: str | None, nproc: int, rounds: i
             "wall_s": time.monotonic() - t0}
 
 
+def memory_probe(*, model: str, flavour: str | None, nproc: int, steps: int, batch: int,
+                 lr: float) -> dict[str, list[dict[str, int]]]:
+    """One round of DDP and one of FSDP over `nproc` processes: each rank's state bytes."""
+    from ml.workload import initial_params, resolve
+    from native_node.distributed_trainer import DistributedTrainer
+
+    work = resolve(model=model, flavour=flavour, data=None, data_path=None, partition="iid",
+                   alpha=0.5, seed=0)
+    theta = initial_params(work)
+    out: dict[str, list[dict[str, int]]] = {}
+    for mode in ("none", "full"):
+        trainer = DistributedTrainer({"model": work.model_config,
+                                      "data": work.data_spec.to_dict()},
+                                     shard=0, n_shards=1, node_id="probe", nproc=nproc,
+                                     threads=nproc, sharding=mode)
+        try:
+            trainer.train_round(theta, steps=steps, lr=lr, batch_size=batch)
+        finally:
+            trainer.close()
+        out["fsdp" if mode == "full" else "ddp"] = trainer.memory
+    return out
+
+
 def sig(x: float) -> float:
     """Three significant digits (a gap of float rounding stays visible, e.g. 1.05e-07)."""
     return float(f"{x:.3g}")
@@ -92,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.multigpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mlp-digits", choices=("mlp-digits", "gpt-tiny"))
+    p.add_argument("--flavour", default=None, help="model flavour (gpt-tiny: nano)")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--shard", default="none", choices=("none", "full"),
+                   help="the multi-process node's --shard: none (DDP) or full (FSDP)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="inner steps per round")
     p.add_argument("--batch-size", type=int, default=32, help="the node's batch per step")
@@ -101,17 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nesterov", action="store_true",
                    help="the run's default outer step (Nesterov) instead of plain averaging")
     args = p.parse_args(argv)
-    flavour = "nano" if args.model == "gpt-tiny" else None
+    flavour = args.flavour or ("nano" if args.model == "gpt-tiny" else None)
     common = {"model": args.model, "flavour": flavour, "rounds": args.rounds,
               "steps": args.steps, "batch": args.batch_size, "lr": args.lr,
               "timeout": args.timeout,
               "outer": [] if args.nesterov else ["--outer-lr", "1.0", "--outer-momentum", "0.0"]}
     with tempfile.TemporaryDirectory(prefix="daa-multigpu-") as d:
         single = run_one(Path(d) / "single", nproc=1, **common)
-        multi = run_one(Path(d) / "multi", nproc=args.nproc,
+        multi = run_one(Path(d) / "multi", nproc=args.nproc, shard=args.shard,
                         node_key=Path(d) / "single" / "node" / "node.key", **common)
-    print(f"{args.model}: {args.rounds} rounds x {args.steps} inner steps, batch "
-          f"{args.batch_size} per node step (split over the processes), raw32")
+    mode = "FSDP" if args.shard == "full" else "DDP"
+    print(f"{args.model}{' ' + flavour if flavour else ''}: {args.rounds} rounds x {args.steps} "
+          f"inner steps, batch {args.batch_size} per node step (split over the {args.nproc} "
+          f"processes, {mode}), raw32")
     print_table([single, multi], ["procs", "rounds", "updates_per_round", "final_eval_loss",
                                   "server_bytes_per_round", "wall_s"])
     for r in (single, multi):
@@ -124,6 +163,20 @@ def main(argv: list[str] | None = None) -> int:
                                                      strict=False))
     final_gap = abs(multi["final_eval_loss"] - single["final_eval_loss"]) / single[
         "final_eval_loss"]
+    extra: dict[str, Any] = {}
+    if args.shard == "full":
+        mem = memory_probe(model=args.model, flavour=flavour, nproc=args.nproc,
+                           steps=2, batch=args.batch_size, lr=args.lr)
+        print_table([{"mode": k, "rank": r, **m} for k, ms in mem.items()
+                     for r, m in enumerate(ms)],
+                    ["mode", "rank", "params", "grads", "adamw", "state", "transient", "peak"])
+        top = {k: {f: max(m[f] for m in ms) for f in ("state", "peak")} for k, ms in mem.items()}
+        extra = {"shard": "full",
+                 "state_bytes_per_rank": {k: v["state"] for k, v in top.items()},
+                 "state_vs_ddp": round(top["fsdp"]["state"] / top["ddp"]["state"], 4),
+                 "peak_bytes_per_rank": {k: v["peak"] for k, v in top.items()},
+                 "peak_vs_ddp": round(top["fsdp"]["peak"] / top["ddp"]["peak"], 4),
+                 "peak_counted": "state from the ranks' tensors; transient modelled (CPU)"}
     emit({"bench": "multigpu", "model": args.model, "procs": args.nproc, "backend": "gloo",
           "outer_syncs_per_round": multi["updates_per_round"],
           "loss_gap_vs_single": sig(gap), "loss_gap_final_round": sig(final_gap),
@@ -133,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
           "final_eval_loss": {"single": single["final_eval_loss"],
                               "multi": multi["final_eval_loss"]},
           "outer": "nesterov" if args.nesterov else "average",
-          "wall_s": {"single": round(single["wall_s"], 1), "multi": round(multi["wall_s"], 1)}})
+          "wall_s": {"single": round(single["wall_s"], 1), "multi": round(multi["wall_s"], 1)},
+          **({"flavour": flavour} if flavour else {}), **extra})
     return 0
 
 

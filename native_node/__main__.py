@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         several.add_argument("--gpus", type=int, default=0,
                              help="one process per CUDA device for N devices (DDP over NCCL; "
                                   "fails without CUDA); still one update per round")
+        q.add_argument("--shard", choices=("auto", "none", "full"), default="auto",
+                       help="with --nproc/--gpus N: 'full' shards parameters, gradients and "
+                            "the inner AdamW state over the N processes (FSDP2 fully_shard); "
+                            "'none' keeps a replica each (DDP); 'auto' (default) picks full on "
+                            "CUDA when they would not fit one device's free memory, else none "
+                            "(never full on CPU)")
         q.add_argument("--data", dest="data_path",
                        help="local copy of the run's text file (text runs)")
         q.add_argument("--max-rounds", type=int, default=0,
@@ -102,6 +108,8 @@ def node(args: argparse.Namespace) -> int:
     try:
         if args.nproc < 1 or args.gpus < 0:
             raise ValueError("--nproc and --gpus take a positive count")
+        if args.shard == "full" and max(args.nproc, args.gpus) < 2:
+            raise ValueError("--shard full needs --nproc N or --gpus N with N >= 2")
         if args.gpus > 0:
             from native_node.distributed_trainer import check_gpus
 
@@ -130,7 +138,7 @@ def node(args: argparse.Namespace) -> int:
         coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
         server_id=args.server_id, role=getattr(args, "role", "trainer"), nproc=nproc,
-        threads=args.threads, ca=args.ca))
+        threads=args.threads, ca=args.ca, shard=args.shard))
     code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

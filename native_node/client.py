@@ -88,6 +88,7 @@ class NodeOptions:
     resolve_tries: int = 3  # ... and a host name that does not resolve after this many
     nproc: int = 1  # inner steps over this many processes (native_node/distributed_trainer.py)
     threads: int = 0  # torch CPU threads in all (0: torch's default)
+    shard: str = "auto"  # with nproc > 1: "none" (DDP), "full" (FSDP), "auto" (FSDP if needed)
     ca: str | None = None  # CA bundle (PEM) for the server's TLS certificate (else the system's)
 
 
@@ -443,7 +444,8 @@ class NodeClient:
                      "local_path": self.opts.data_path,
                      "cache_dir": str(self.opts.state_dir / "datasets")},
                     shard=ev["shard"], n_shards=ev["n_shards"], node_id=self.node_id,
-                    nproc=self.opts.nproc, device=self.opts.device, threads=self.opts.threads)
+                    nproc=self.opts.nproc, device=self.opts.device, threads=self.opts.threads,
+                    sharding=self.opts.shard)
             else:
                 self.trainer = Trainer(work, shard=ev["shard"], n_shards=ev["n_shards"],
                                        node_id=self.node_id, device=self.opts.device)

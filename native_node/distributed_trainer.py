@@ -1,4 +1,4 @@
-"""Several processes, one node: the round's inner steps with torch.distributed (DDP).
+"""Several processes, one node: the round's inner steps with torch.distributed (DDP or FSDP).
 
     python -m native_node join --nproc N   (gloo, CPU processes; tested)
     python -m native_node join --gpus N    (NCCL, one process per GPU; never run: no GPU here)
@@ -26,11 +26,25 @@ so the box makes ONE outer sync per round (one Submit), not N. Only the inner lo
   back Δ = θ − θ_H and the mean loss over all ranks. A cancel (a newer RoundOpen) is sent to
   every rank and agreed on with an all-reduce before each step, so no rank is left waiting in
   a collective.
+
+FSDP (`--shard full`, or `auto` on CUDA when the model's parameters + gradients + AdamW state
+would not fit one device's free memory; never automatic on CPU): the workers wrap the model
+with FSDP2 `torch.distributed.fsdp.fully_shard` (each transformer block a unit, then the
+root) over a device mesh of the N ranks (tested on CPU with gloo; NCCL on GPUs has not run).
+Each rank holds 1/N of every parameter (dim-0 rows, torch.chunk's split), of its gradient and
+of the inner AdamW moments; a unit's full parameters exist only while its forward/backward
+runs (all-gathered, freed after). The batch split, loss weighting, clipping (the global norm
+over the shards) and cancel agreement are DDP's, so the steps are again the one-process steps
+up to rounding. θ and Δ never exist in full on a rank: each rank tells the node which ranges
+of the flat parameter vector it holds (`ShardLayout`), the node sends each rank its ranges of
+θ_r and puts Δ together from the ranks' pieces when the round ends, in its own host memory,
+where the participant encodes the one update (the outer sync is unchanged).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import subprocess
@@ -45,10 +59,20 @@ from typing import Any
 
 import numpy as np
 
+from native_node.sharding import (
+    SHARD_MODES,
+    ShardParams,
+    fsdp_units,
+    needs_sharding,
+    shard_ranges,
+    state_bytes,
+    transient_bytes,
+)
 from native_node.trainer import RoundResult
 from transport.lifetime import die_with_parent, orphan_safe
 
 ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # workers import torch, rebuild the workload, join the group
 
 
@@ -76,13 +100,24 @@ def check_gpus(n: int) -> None:
 
 
 class DistributedTrainer:
-    """`Trainer`'s interface over `nproc` worker processes (DDP over gloo or NCCL)."""
+    """`Trainer`'s interface over `nproc` worker processes (DDP or FSDP over gloo or NCCL).
+
+    `sharding`: "none" (DDP), "full" (FSDP) or "auto" (FSDP on CUDA when the model's training
+    state would not fit one device, see `needs_sharding`); `self.sharded` says which ran once
+    the workers are ready, `self.memory` each rank's state bytes after the last round."""
 
     def __init__(self, recipe: dict[str, Any], *, shard: int, n_shards: int, node_id: str,
-                 nproc: int, device: str = "cpu", threads: int = 0) -> None:
+                 nproc: int, device: str = "cpu", threads: int = 0,
+                 sharding: str = "none") -> None:
         if nproc < 1:
             raise ValueError("nproc must be >= 1")
+        if sharding not in SHARD_MODES:
+            raise ValueError(f"sharding must be one of {SHARD_MODES}, not {sharding!r}")
         self.nproc = nproc
+        self.sharded: bool | None = None  # decided by the workers (auto), known when ready
+        self.layout: list[list[tuple[int, int]]] = []  # per rank: (offset, length) of θ held
+        self.n_params = 0
+        self.memory: list[dict[str, int]] = []
         self.backend = "nccl" if device.startswith("cuda") else "gloo"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -110,7 +145,7 @@ class DistributedTrainer:
                 conn.send(("init", {
                     "recipe": recipe, "shard": shard, "n_shards": n_shards, "seed": seed,
                     "rank": rank, "world": nproc, "port": port, "backend": self.backend,
-                    "device": wdev, "threads": per_rank_threads}))
+                    "device": wdev, "threads": per_rank_threads, "sharding": sharding}))
         except BaseException:
             self.close()
             raise
@@ -133,8 +168,24 @@ class DistributedTrainer:
     def wait_ready(self) -> None:
         if not self._ready:
             for rank in range(self.nproc):
-                self._recv(rank, START_TIMEOUT_S)
+                _, _, sharded, n_params, ranges = self._recv(rank, START_TIMEOUT_S)
+                self.sharded, self.n_params = bool(sharded), int(n_params)
+                self.layout.append(ranges)
+            if self.sharded:  # the ranks' pieces must tile the flat vector exactly
+                pieces = sorted(r for ranges in self.layout for r in ranges if r[1] > 0)
+                ends = [0] + [o + n for o, n in pieces]
+                if [o for o, _ in pieces] != ends[:-1] or ends[-1] != self.n_params:
+                    raise RuntimeError("distributed trainer: FSDP shards do not tile θ")
+            log.info("inner steps over %d processes: %s", self.nproc,
+                     "FSDP (parameters, gradients, AdamW state sharded)" if self.sharded
+                     else "DDP (a replica each)")
             self._ready = True
+
+    def _theta_for(self, rank: int, theta: np.ndarray) -> np.ndarray | None:
+        """What rank `rank` gets of θ_r: all of it (DDP, rank 0 broadcasts) or its shard."""
+        if not self.sharded:
+            return theta if rank == 0 else None
+        return np.concatenate([theta[o:o + n] for o, n in self.layout[rank]])
 
     def train_round(self, theta: np.ndarray, *, steps: int, lr: float, batch_size: int,
                     cancel: threading.Event | None = None,
@@ -144,7 +195,7 @@ class DistributedTrainer:
         self._seq += 1
         seq = self._seq
         for rank, conn in enumerate(self.conns):
-            conn.send(("round", seq, theta if rank == 0 else None, steps, lr, batch_size))
+            conn.send(("round", seq, self._theta_for(rank, theta), steps, lr, batch_size))
         cancelled = False
         done_msg: Any = None
         while done_msg is None:
@@ -161,10 +212,20 @@ class DistributedTrainer:
                 progress(msg[1], msg[2])
             elif msg[0] == "done":
                 done_msg = msg
+        _, delta, mean, done, compute, memory = done_msg
+        pieces, self.memory = {0: delta}, [memory]
         for rank in range(1, self.nproc):
-            while self._recv(rank)[0] != "done":
+            while (msg := self._recv(rank))[0] != "done":
                 pass
-        _, delta, mean, done, compute = done_msg
+            pieces[rank] = msg[1]
+            self.memory.append(msg[2])
+        if self.sharded:  # Δ in full, once, here: the node's host memory (the outer sync)
+            delta = np.empty(self.n_params, dtype=np.float32)
+            for rank, ranges in enumerate(self.layout):
+                at = 0
+                for o, n in ranges:
+                    delta[o:o + n] = pieces[rank][at:at + n]
+                    at += n
         return RoundResult(delta=delta, train_loss=mean, samples=done * batch_size,
                            compute_s=compute, steps=done)
 
@@ -185,16 +246,56 @@ class DistributedTrainer:
 
 
 # -- the worker process --------------------------------------------------------------------
-def _worker(conn: Connection) -> None:
+def _wrap(model: Any, sharding: str, device: Any, rank: int,
+          world: int) -> tuple[Any, Any, bool, list[tuple[int, int]], int]:
+    """DDP or FSDP around `model` (built on the host): (the module to call, its θ/Δ keeper,
+    sharded, this rank's ranges of θ, `transient_bytes`)."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from native_node.trainer import DeviceParams
+
+    sharded = sharding == "full"
+    if sharding == "auto":  # every rank decides, then all agree (free memory may differ)
+        if device.type == "cuda":
+            n_params = sum(p.numel() for p in model.parameters())
+            sharded = needs_sharding(n_params, torch.cuda.mem_get_info(device)[0])
+        vote = torch.tensor([1.0 if sharded else 0.0], device=device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        sharded = bool(vote.item() > 0)
+    if not sharded:
+        model = model.to(device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+        return ddp, DeviceParams(model, device), False, [], transient_bytes(model, False)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 has FSDP2 under its old name
+        from torch.distributed._composable.fsdp import (  # type: ignore[attr-defined,no-redef,unused-ignore]
+            fully_shard,
+        )
+
+    transient = transient_bytes(model, True)
+    ranges = shard_ranges([tuple(p.shape) for p in model.parameters()], rank, world)
+    mesh = init_device_mesh(device.type, (world,))
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root: what the units leave (embeddings, head)
+    return model, ShardParams(model, ranges, device), True, ranges, transient
+
+
+def _worker(conn: Connection) -> None:
+    import torch
+    import torch.distributed as dist
 
     from ml.data import BatchSampler, DataSpec, shard_indices
     from ml.inner_opt import InnerOpt, make_inner_opt
     from ml.workload import from_spec
     from ml.zoo import loss_fn
-    from native_node.trainer import DeviceParams, autocast
+    from native_node.trainer import autocast
 
     _, cfg = conn.recv()
     rank, world = int(cfg["rank"]), int(cfg["world"])
@@ -209,16 +310,15 @@ def _worker(conn: Connection) -> None:
                      cache_dir=Path(recipe["cache_dir"]) if recipe.get("cache_dir") else None)
     dist.init_process_group(cfg["backend"], init_method=f"tcp://127.0.0.1:{cfg['port']}",
                             rank=rank, world_size=world)
-    model = work.new_model().to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                  else None)
+    model = work.new_model()  # on the host: FSDP moves only this rank's shards to the device
+    net, params, sharded, ranges, transient = _wrap(model, cfg["sharding"], device, rank, world)
+    n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
     ds, spec = work.dataset, work.data_spec
     shard = shard_indices(ds.keys_train, n_shards=cfg["n_shards"], shard=cfg["shard"],
                           partition=spec.partition, alpha=spec.alpha, seed=spec.seed)
     sampler: BatchSampler | None = None
     opt: InnerOpt | None = None
-    params = DeviceParams(model, device)
-    conn.send(("ready", rank))
+    conn.send(("ready", rank, sharded, n_params, ranges))
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
@@ -226,9 +326,10 @@ def _worker(conn: Connection) -> None:
         if msg[0] != "round":
             continue  # a cancel that came after its round ended
         _, seq, theta, steps, lr, batch_size = msg
-        if rank == 0:
+        if sharded or rank == 0:  # FSDP: each rank's shard comes from the node
             params.set_theta(theta)
-        dist.broadcast(params.theta, 0)
+        if not sharded:
+            dist.broadcast(params.theta, 0)
         params.to_model()
         if opt is None:
             opt = make_inner_opt(model.parameters(), lr=lr, betas=(0.9, 0.95),
@@ -239,11 +340,11 @@ def _worker(conn: Connection) -> None:
                                    seed=cfg["seed"])
         rows = rank_rows(batch_size, rank, world)
         # this rank's share of the global mean; a rank with no rows this step runs one row at
-        # weight 0, since DDP needs every rank in every gradient all-reduce
+        # weight 0, since DDP/FSDP need every rank in every collective
         share = (rows.stop - rows.start) / batch_size
         if share == 0:
             rows = slice(0, 1)
-        ddp.train()
+        net.train()
         losses: list[float] = []
         compute, done = 0.0, 0
         flag = torch.zeros(1, device=device)
@@ -261,10 +362,11 @@ def _worker(conn: Connection) -> None:
             x = torch.from_numpy(np.ascontiguousarray(xb[rows])).to(device)
             y = torch.from_numpy(np.ascontiguousarray(yb[rows])).to(device)
             with autocast(device):
-                loss = loss_fn(ddp(x), y) * share
+                loss = loss_fn(net(x), y) * share
             opt.zero_grad()
-            (loss * world).backward()  # DDP averages over the ranks: the global mean's grads
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            # DDP averages over the ranks (FSDP's reduce-scatter too): the global mean's grads
+            (loss * world).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # FSDP: the global norm
             opt.step()
             value = loss.detach().float().reshape(1)
             dist.all_reduce(value, op=dist.ReduceOp.SUM)  # the global batch's mean loss
@@ -274,14 +376,21 @@ def _worker(conn: Connection) -> None:
             done += 1
             if rank == 0:
                 conn.send(("progress", done, mean_loss))
-        if rank == 0:
-            delta = params.delta()
-            mean = float(np.mean(losses)) if losses else None
-            conn.send(("done", delta, mean if mean is None or np.isfinite(mean) else None,
-                       done, compute))
-        else:
-            conn.send(("done",))
+        memory = state_bytes(model, opt, transient, device)
+        _finish(conn, rank, params.delta() if rank == 0 or sharded else None, losses, done,
+                compute, memory)  # FSDP: every rank sends its piece of Δ
     dist.destroy_process_group()
+
+
+def _finish(conn: Connection, rank: int, piece: np.ndarray | None, losses: list[float],
+            done: int, compute: float, memory: dict[str, int]) -> None:
+    """A rank's end of round: rank 0 sends Δ (or its piece), the mean loss and the counts."""
+    if rank == 0:
+        mean = float(np.mean(losses)) if losses else None
+        conn.send(("done", piece, mean if mean is None or np.isfinite(mean) else None,
+                   done, compute, memory))
+    else:
+        conn.send(("done", piece, memory))
 
 
 def main(argv: list[str]) -> int:
