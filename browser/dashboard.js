@@ -159,6 +159,7 @@ function render(roundsChanged) {
   renderTiles();
   renderPeers();
   renderAutotune();
+  renderPrivacy();
   const run = state.run;
   const sig = [state.runId, state.rounds.length, state.lastRound, run.entropy_floor, run.eval_loss_init].join("|");
   if (roundsChanged || sig !== state.chartSig) {
@@ -327,6 +328,25 @@ function renderAutotune() {
   const shown = lines.slice(0, 12);
   list.replaceChildren(...(shown.length ? shown.map((l) => el("li", { text: `round ${l.round}: ${l.reason}` }))
     : [el("li", { class: "muted", text: "no change yet: measuring the first rounds" })]));
+}
+
+// ------------------------------------------------- client-level DP (issue 18)
+
+/** One line: epsilon spent so far at delta, the budget, and why the run stopped if the
+ * budget did it (/api/run's `dp`; hidden without DP). */
+function renderPrivacy() {
+  const dp = state.run.dp;
+  const line = $("dp-line");
+  line.hidden = !dp?.enabled;
+  if (!dp?.enabled) return;
+  const eps = dp.epsilon == null ? "—" : fmtNum(dp.epsilon);
+  const parts = [
+    `Differential privacy: ε ${eps} at δ ${dp.delta} (${dp.accountant}, ${dp.steps} rounds)`,
+    dp.epsilon_budget ? `budget ε ${fmtNum(dp.epsilon_budget)}` : "",
+    `clip ${fmtNum(dp.clip)}, noise σ ${fmtNum(dp.noise_multiplier)}, sampling q ${fmtNum(dp.sample_rate)}`,
+    dp.stop_reason ? `stopped: ${dp.stop_reason}` : "",
+  ].filter(Boolean);
+  line.textContent = parts.join(" · ");
 }
 
 // ------------------------------------------------- who the round waits for (issue 23)

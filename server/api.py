@@ -209,6 +209,17 @@ async def metrics(request: web.Request) -> web.Response:
     lines += ["# HELP daa_p2p_total p2p reduction events (transport p2p).",
               "# TYPE daa_p2p_total counter"]
     lines += [f'daa_p2p_total{{event="{event}"}} {n}' for event, n in status["p2p"].items()]
+    dp = status["dp"]
+    if dp["enabled"]:  # client-level DP (server.dp_accountant)
+        lines += ["# HELP daa_dp_steps Sampled Gaussian mechanisms accounted (rounds, redraws).",
+                  "# TYPE daa_dp_steps counter", f"daa_dp_steps {dp['steps']}",
+                  "# HELP daa_dp_epsilon Epsilon spent so far at daa_dp_delta, by accountant.",
+                  "# TYPE daa_dp_epsilon gauge"]
+        for name, key in (("rdp", "epsilon"), ("pld", "epsilon_pld")):
+            if dp[key] is not None and math.isfinite(dp[key]):
+                lines.append(f'daa_dp_epsilon{{accountant="{name}"}} {dp[key]}')
+        lines += ["# HELP daa_dp_delta The delta epsilon is reported at.",
+                  "# TYPE daa_dp_delta gauge", f"daa_dp_delta {dp['delta']}"]
     return web.Response(text="\n".join(lines) + "\n",
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})

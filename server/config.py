@@ -88,6 +88,13 @@ class RunConfig:
     autotune_pin: dict[str, Any] = dataclasses.field(default_factory=dict)  # setting -> value
     autotune_max_steps: int = 0  # most inner steps a node runs per round (0: 10 x inner_steps)
     autotune_weights: str = "steps"  # the mean under autotune: by each update's steps, or "equal"
+    # client-level differential privacy (shared.dp, server.dp_accountant, docs/privacy.md)
+    dp_clip: float = 0.0  # C: each node clips its update to this L2 norm (0: no DP)
+    dp_noise_multiplier: float = 0.0  # sigma: the round's sum carries N(0, (sigma C)^2)
+    dp_sample_rate: float = 1.0  # q: each connected trainer trains a round with this chance
+    dp_delta: float = 1e-5  # the delta epsilon is reported at
+    dp_epsilon_budget: float = 0.0  # stop before a round would spend more (0: no budget)
+    dp_accountant: str = "rdp"  # which accountant the budget follows: "rdp" or "pld"
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -155,6 +162,16 @@ class RunConfig:
             (self.autotune_max_steps >= 0, "autotune_max_steps", "must be >= 0"),
             (self.autotune_weights in ("steps", "equal"), "autotune_weights",
              "must be 'steps' or 'equal'"),
+            (self.dp_clip >= 0, "dp_clip", "must be >= 0"),
+            (self.dp_noise_multiplier >= 0, "dp_noise_multiplier", "must be >= 0"),
+            (0 < self.dp_sample_rate <= 1, "dp_sample_rate", "must be in (0, 1]"),
+            (0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)"),
+            (self.dp_epsilon_budget >= 0, "dp_epsilon_budget", "must be >= 0"),
+            (self.dp_accountant in ("rdp", "pld"), "dp_accountant", "must be 'rdp' or 'pld'"),
+            (self.dp_epsilon_budget == 0 or (self.dp_clip > 0 and self.dp_noise_multiplier > 0),
+             "dp_epsilon_budget", "needs dp_clip > 0 and dp_noise_multiplier > 0"),
+            (self.dp_sample_rate == 1 or self.dp_clip > 0, "dp_sample_rate",
+             "< 1 needs dp_clip > 0 (sampling is part of DP)"),
             (self.aggregation_weights == "equal" or self.ledger_min_stake > 0,
              "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from server.auth import authenticate
 from server.autotune import AutotuneLoop
 from server.collection import RoundCollection
 from server.config import RunConfig
+from server.dp_accountant import DpAccountant
 from server.evidence import Evidence
 from server.ledger import apply_setting
 from server.outbox import Outbox
@@ -49,7 +51,13 @@ from server.runstate import RunState
 from server.slashing import Slashing
 from server.validation import Validation
 from shared.envelope import ReplayGuard
-from shared.errors import ConflictingUpdate, FrameTooLarge, NotAdmitted, ProtocolError
+from shared.errors import (
+    BadUpdate,
+    ConflictingUpdate,
+    FrameTooLarge,
+    NotAdmitted,
+    ProtocolError,
+)
 from shared.frame import PROTOCOL_VERSION, decode_frame
 from shared.messages import (
     Ack,
@@ -102,6 +110,7 @@ class Coordinator:
         self.validation = Validation(run, self.outbox, self.collection, self.evidence,
                                      self.counters, self.rejected)
         self.opener = RoundOpener(run, self.outbox, self.reduction, self.autotune)
+        self.dp = DpAccountant(self.config, run.version)  # DP: sampling and epsilon
         self.rtc = RtcHub(self, RtcSettings.of(self.config))
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -243,6 +252,10 @@ class Coordinator:
         """A trainer's update (Submit: ws/star; Ready: p2p): guarded and taken by the
         round collection, acknowledged here."""
         assert conn.peer is not None  # authenticate made sure
+        state = self.state
+        if (state is not None and msg.round == state.round
+                and not self.opener.takes_part(conn.peer)):
+            raise BadUpdate(f"not sampled for round {msg.round} (DP sampling)", field="node_id")
         outcome = self.collection.take(conn.peer, msg)
         await self.send(conn, Ack(round=msg.round, digest=msg.digest, status=outcome.value))
         self._wake.set()
@@ -276,8 +289,22 @@ class Coordinator:
 
     # -- rounds --------------------------------------------------------------------------
     def _active(self) -> list[str]:
-        """Connected trainers: the participants a round waits for."""
-        return [p.node_id for p in self.outbox.connected("trainer")]
+        """Connected trainers: the participants a round waits for (with DP sampling, the
+        round's sampled ones)."""
+        sample = self.opener.sample
+        return [p.node_id for p in self.outbox.connected("trainer")
+                if sample is None or sample(p.node_id)]
+
+    def _resample(self, state: RoundState) -> None:
+        """DP: a retried round none of whose sampled trainers is still connected draws its
+        sample again (from the next draws; each one an accounted step)."""
+        if self.opener.sample is None or self._active() or state.updates:
+            return
+        self.opener.sample = None
+        picked = self.dp.sample(state.round, self._active())
+        assert picked is not None
+        self.opener.sample = self.dp.member
+        self.opener.dp_fields = self.dp.open_fields(len(picked))
 
     def _mark_stragglers(self) -> None:
         """Connected trainers still training when the attempt closes are straggling."""
@@ -295,7 +322,8 @@ class Coordinator:
                               params_digest=self.run.params_digest, final=final)
 
     def _done(self) -> bool:
-        return self.config.rounds > 0 and self.run.version >= self.config.rounds
+        return ((self.config.rounds > 0 and self.run.version >= self.config.rounds)
+                or self.dp.budget_spent())
 
     # -- the round loop ------------------------------------------------------------------
     async def run_rounds(self) -> None:
@@ -321,6 +349,13 @@ class Coordinator:
             # ... and autotune may have set this round's (never below the run's quorum)
             policy = self.autotune.round_policy(
                 RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s))
+            self.opener.sample = None
+            picked = self.dp.sample(self.run.version, self._active())
+            if picked is not None:  # DP: the round's Poisson sample of connected trainers
+                self.opener.sample, self.opener.dp_fields = self.dp.member, \
+                    self.dp.open_fields(len(picked))
+                policy = dataclasses.replace(policy, quorum=max(1, min(policy.quorum,
+                                                                       len(picked))))
             state = RoundState(round=self.run.version, policy=policy, opened_at=loop.time())
             self.collection.open(state)
             self.autotune.on_round_open(state.round)
@@ -346,6 +381,7 @@ class Coordinator:
                     break
                 if decision is Decision.RETRY:
                     state.retry(loop.time())
+                    self._resample(state)
                     self.counters["retries"] += 1
                     log.warning("round %d below quorum (%d/%d) at its deadline: retry %d",
                                 state.round, len(state.updates), policy.quorum, state.attempt)
@@ -362,7 +398,8 @@ class Coordinator:
             await self._commit(time.time() - started, pseudo_grad)
         self.finished = True
         self.collection.finish()
-        log.info("run finished after %d rounds", self.run.version)
+        log.info("run finished after %d rounds%s", self.run.version,
+                 f": {self.dp.stop_reason}" if self.dp.stop_reason else "")
 
     async def _commit(self, duration_s: float, pseudo_grad: np.ndarray) -> None:
         """Outer step with the round's aggregate, evaluate, store, announce."""
@@ -372,6 +409,7 @@ class Coordinator:
         rows = [self.collection.rows[n] for n in sorted(state.updates)]
         outer = OuterConfig(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
         theta, momentum = outer_step(self.run.params, pseudo_grad, self.run.momentum, outer)
+        await asyncio.to_thread(self.dp.on_commit, state.round)
         eval_loss = await asyncio.to_thread(self.run.evaluate, theta)
         losses = [r.train_loss for r in rows if r.train_loss is not None]
         train_loss = float(np.mean(losses)) if losses else None
@@ -432,4 +470,6 @@ class Coordinator:
             "p2p": {k.removeprefix("p2p_"): n for k, n in sorted(self.counters.items())
                     if k.startswith("p2p_")},
             "autotune": self.autotune.view(),
+            "dp": self.dp.view(),
+            "stop_reason": self.dp.stop_reason,
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,10 @@ class RoundOpener:
         self.run, self.config = run, run.config
         self.outbox, self.reduction = outbox, reduction
         self.autotune = autotune if autotune is not None else AutotuneLoop(run)
+        # client-level DP (server.dp_accountant): the open round's sampled trainers (None:
+        # all) and the RoundOpen's noise fields; unsampled trainers get no RoundOpen
+        self.sample: Callable[[str], bool] | None = None
+        self.dp_fields: dict[str, Any] = {}
 
     def frame(self, state: RoundState, kind: str = "full",
               tuned: dict[str, Any] | None = None) -> bytes:
@@ -60,7 +65,12 @@ class RoundOpener:
             deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
             inner_lr=cfg.inner_lr, batch_size=cfg.batch_size, base_digest=base,
             with_momentum=kind == "full+m", payload=payload,
-            **{"inner_steps": cfg.inner_steps, **(tuned or {})}))
+            **{"inner_steps": cfg.inner_steps, **self.dp_fields, **(tuned or {})}))
+
+    def takes_part(self, peer: Peer | None) -> bool:
+        """Whether `peer` gets the open round: not a trainer the DP sample left out."""
+        return (peer is None or self.sample is None or peer.role != "trainer"
+                or self.sample(peer.node_id))
 
     def kind(self, peer: Peer | None) -> str:
         """What the RoundOpen for `peer` carries: the reduction's choice, else the delta
@@ -79,6 +89,8 @@ class RoundOpener:
         """The open round to one connection (`data`: already signed for its kind); a
         trainer that has not submitted is marked training unless `mark` is off (retries)."""
         peer = conn.peer
+        if not self.takes_part(peer):
+            return
         if (mark and peer is not None and peer.role == "trainer"
                 and peer.node_id not in state.updates):
             peer.state = "training"
@@ -95,7 +107,8 @@ class RoundOpener:
     async def broadcast(self, state: RoundState, *, retry: bool = False) -> None:
         """The open round to every connected node that has not submitted to it."""
         waiting = [p for p in list(self.outbox.peers.values())
-                   if p.ws is not None and p.node_id not in state.updates]
+                   if p.ws is not None and p.node_id not in state.updates
+                   and self.takes_part(p)]
         frames: dict[str, bytes] = {}  # each variant signed once, the same bytes for all
         sends = []
         for p in waiting:

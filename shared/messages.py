@@ -56,6 +56,7 @@ MAX_SAMPLES = 10**12  # samples one node trains on in one round
 MAX_SECONDS = 10**7  # durations (about 115 days)
 MAX_LOSS = 1e9  # |loss| in nats: larger is a broken run, refused
 MAX_LR = 1e6  # learning rates
+MAX_DP = 1e6  # DP clip norm and noise multiplier
 # the codecs a RoundOpen may assign a node for its round ("": the Welcome's codec)
 ROUND_CODECS = ("", "raw32", "fp16", "bf16", "int8-block", "int4-block", "topk")
 
@@ -303,6 +304,10 @@ class RoundOpen(Message):
     time_budget_s: float | None = spec(0, MAX_SECONDS, lo_open=True, default=None)
     codec: str = ""  # this node's update codec for the round (ROUND_CODECS; "": the Welcome's)
     topk_fraction: float = spec(0, 1, lo_open=True, default=0.01)  # share kept by codec topk
+    # client-level DP (shared.dp): clip the update to this L2 norm (null: no DP this round)
+    dp_clip: float | None = spec(0, MAX_DP, lo_open=True, default=None)
+    dp_sigma: float = spec(0, MAX_DP, default=0.0)  # noise multiplier of the round's sum
+    dp_participants: int = spec(0, MAX_INDEX, default=0)  # m: the round's sampled nodes (0: 1)
     payload: bytes = field(repr=False)  # theta_r as float32 LE, or shared.downlink changes
 
     def __post_init__(self) -> None:

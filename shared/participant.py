@@ -10,9 +10,11 @@ protocol: the server's signed Challenge and key pin (shared.trust), the signed H
 params (full, or a params delta checked against its digest: shared.downlink; or, in `p2p` runs,
 the outer step applied to the aggregate the node holds, through `resolver`), worker momentum,
 the codec with its error-feedback residual (and PowerSGD's warm start), the signed Submit (or
-`Ready` in `p2p` runs) and its idempotent resubmission after a reconnect, and the pending-update
-journal entry (one JSON format, `journal_entry` / `restore`, stored by every runtime as is:
-the tab in its storage, the native node in a file). Numeric work runs on whatever vectors
+`Ready` in `p2p` runs) with client-level DP first when the RoundOpen asks for it (shared.dp:
+clip to `dp_clip`, add this node's share of the round's noise), and its idempotent
+resubmission after a reconnect, and the pending-update journal entry (one JSON format,
+`journal_entry` / `restore`, stored by every runtime as is: the tab in its storage, the
+native node in a file). Numeric work runs on whatever vectors
 shared.vec gives (numpy natively, array('f') in Pyodide); a platform encoder (the tab's JS
 codecs, shared.platform) takes over the hot loop where one is registered.
 
@@ -63,6 +65,7 @@ from typing import Any, Protocol
 from shared.autotune import continue_training
 from shared.codecs import make_codec
 from shared.downlink import resolve
+from shared.dp import privatize
 from shared.envelope import Identity, new_nonce
 from shared.errors import BadUpdate, ProtocolError
 from shared.layout import TensorSlot, make_manifest, model_id
@@ -108,6 +111,9 @@ class Job:
     budget_s: float | None = None  # RoundOpen.time_budget_s (autotune)
     codec: str = ""  # RoundOpen.codec ("": the Welcome's)
     topk_fraction: float = 0.01  # RoundOpen.topk_fraction
+    dp_clip: float | None = None  # RoundOpen.dp_clip (None: no DP)
+    dp_sigma: float = 0.0  # RoundOpen.dp_sigma
+    dp_participants: int = 0  # RoundOpen.dp_participants
 
 
 class Resolver(Protocol):
@@ -297,7 +303,9 @@ class Participant:
         events = self._stop_training()
         self.training = Job(round=msg.round, params_digest=msg.params_digest,
                             max_steps=msg.inner_steps, budget_s=msg.time_budget_s,
-                            codec=msg.codec, topk_fraction=msg.topk_fraction)
+                            codec=msg.codec, topk_fraction=msg.topk_fraction,
+                            dp_clip=msg.dp_clip, dp_sigma=msg.dp_sigma,
+                            dp_participants=msg.dp_participants)
         events.append({"kind": "train", "round": msg.round, "attempt": msg.attempt,
                        "params": to_bytes(theta), "params_digest": msg.params_digest,
                        "steps": msg.inner_steps, "lr": msg.inner_lr,
@@ -421,6 +429,13 @@ class Participant:
             self.training = None
             return [{"kind": "error", "code": "not_finite",
                      "message": f"round {round_}: training diverged (NaN/inf); not submitted"}]
+        if job.dp_clip is not None:  # client-level DP first: all that follows is
+            # post-processing of the clipped, noised update (momentum, residual, codec)
+            delta, norm = privatize(delta, clip=job.dp_clip, sigma=job.dp_sigma,
+                                    participants=max(1, job.dp_participants))
+            delta_bytes = to_bytes(delta)
+            self.counts["dp_clipped"] = self.counts.get("dp_clipped", 0) + (norm > job.dp_clip)
+            self.counts["dp_updates"] = self.counts.get("dp_updates", 0) + 1
         if welcome.transport == "p2p":  # the update stays here; the shard owners get it
             return self._ready(job, delta_bytes, train_loss, samples, compute_s)
         if welcome.worker_momentum > 0:  # send the momentum of our deltas, not the delta

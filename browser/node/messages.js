@@ -36,6 +36,7 @@ export const MAX_SAMPLES = 1000000000000;
 export const MAX_SECONDS = 10000000;
 export const MAX_LOSS = 1000000000.0;
 export const MAX_LR = 1000000.0;
+export const MAX_DP = 1000000.0;
 export const ROUND_CODECS = Object.freeze(["", "raw32", "fp16", "bf16", "int8-block", "int4-block", "topk"]);
 export const RESULT_CODECS = Object.freeze(["raw32", "fp16", "bf16"]);
 
@@ -53,7 +54,8 @@ export const SCHEMAS = {
   3: ['RoundOpen', {
     run_id: 's', round: 'i', attempt: 'i', params_digest: 's', deadline_s: 'f', inner_steps: 'i',
     inner_lr: 'f', batch_size: 'i', nonce: 's', base_digest: 's?', with_momentum: 'b',
-    time_budget_s: 'f?', codec: 's', topk_fraction: 'f', payload: 'payload',
+    time_budget_s: 'f?', codec: 's', topk_fraction: 'f', dp_clip: 'f?', dp_sigma: 'f',
+    dp_participants: 'i', payload: 'payload',
   }],
   4: ['Submit', {
     run_id: 's', round: 'i', node_id: 's', nonce: 's', codec: 's', length: 'i', digest: 's',
@@ -115,6 +117,9 @@ export const FIELD_META = {
     batch_size: {"min": 1, "max": 2147483647},
     time_budget_s: {"min": 0, "max": 10000000, "min_exclusive": true},
     topk_fraction: {"min": 0, "max": 1, "min_exclusive": true},
+    dp_clip: {"min": 0, "max": 1000000.0, "min_exclusive": true},
+    dp_sigma: {"min": 0, "max": 1000000.0},
+    dp_participants: {"min": 0, "max": 2147483647},
   },
   Submit: {
     round: {"min": 0, "max": 9007199254740991},
