@@ -141,6 +141,14 @@ def _multigpu(f: Fig) -> str:
             f"{f['server_bytes_vs_single']:.2f}")
 
 
+def _multigpu_fsdp(f: Fig) -> str:
+    st, pk = f["state_bytes_per_rank"], f["peak_bytes_per_rank"]
+    return (_multigpu(f) + f"; per rank params + grads + AdamW {st['fsdp'] / 1e6:.2f} MB vs "
+            f"DDP's {st['ddp'] / 1e6:.2f} MB (x{f['state_vs_ddp']:.2f}), with a step's "
+            f"transients {pk['fsdp'] / 1e6:.2f} vs {pk['ddp'] / 1e6:.2f} MB "
+            f"(x{f['peak_vs_ddp']:.2f}, transients modelled)")
+
+
 def _nat(f: Fig) -> str:
     p, w = f["paths"], f.get("without_turn", {})
     return (f"both-cone {p['both-cone']}, both-symmetric {p['both-symmetric']}; "
@@ -223,6 +231,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      _multigpu),
     ("bench.multigpu --model gpt-tiny", "the same with gpt-tiny (nano)", "multigpu_gpt-tiny.txt",
      _multigpu),
+    ("bench.multigpu --model gpt-tiny --shard full", "the same with FSDP (fully_shard: "
+     "parameters, gradients, AdamW state sharded) instead of DDP", "multigpu_fsdp.txt",
+     _multigpu_fsdp),
     ("bench.autotune", "the autonomy loop vs 12 fixed (H, codec) settings: 2 fast boxes, 6 "
      "CPU boxes, 8 tabs on slow links, one degrading 10x; mlp-digits, deterministic simulator "
      "in virtual time", "autotune.txt", _autotune),
@@ -267,6 +278,8 @@ SOURCES: dict[str, str] = {
                   "(./run.sh images --gpu)",
     "multigpu_gpt-tiny.txt": "python -m bench.multigpu --model gpt-tiny "
                              "> bench/results/multigpu_gpt-tiny.txt",
+    "multigpu_fsdp.txt": "python -m bench.multigpu --model gpt-tiny --shard full "
+                         "> bench/results/multigpu_fsdp.txt",
     "p2p_result_codec.txt": "python -m scripts.p2p_result_codec "
                             "--out bench/results/p2p_result_codec.txt",
     "transport.txt": "python -m bench.transport > bench/results/transport.txt",
