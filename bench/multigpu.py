@@ -12,8 +12,8 @@ slices, so both runs see the same rows in the same order (same global batch and 
 the gap is the split's float rounding, not different data. With one node the outer step is
 plain averaging by default (outer lr 1, no momentum: the node's θ carries over, so both
 runs are rounds x steps AdamW steps on the same data and the gap measures the split alone;
-`--nesterov` keeps the run's default). On CPU the backend is gloo; NCCL (`--gpus N`) has not
-run here (no GPU).
+`--nesterov` keeps the run's default). On CPU the backend is gloo; NCCL (`--gpus N`) needs several
+GPUs and has not run (docs/benchmarks.md has a one-process check on an H100).
 
 `--shard full` runs the multi-process node with FSDP (`--shard full`: parameters, gradients and
 inner AdamW state sharded over the processes) and then, in this process, one round each of

@@ -1,7 +1,9 @@
 """Several processes, one node: the round's inner steps with torch.distributed (DDP or FSDP).
 
     python -m native_node join --nproc N   (gloo, CPU processes; tested)
-    python -m native_node join --gpus N    (NCCL, one process per GPU; never run: no GPU here)
+    python -m native_node join --gpus N    (NCCL, one process per GPU; run on one H100 as
+                                            one process only, see docs/benchmarks.md)
+    ... [--shard auto|none|full]           (DDP or FSDP: below)
 
 The participant (shared/participant.py, driven by native_node/client.py) is unchanged and runs
 in the node's process: it sees one trainer with `Trainer.train_round`'s signature and result,
@@ -30,7 +32,7 @@ so the box makes ONE outer sync per round (one Submit), not N. Only the inner lo
 FSDP (`--shard full`, or `auto` on CUDA when the model's parameters + gradients + AdamW state
 would not fit one device's free memory; never automatic on CPU): the workers wrap the model
 with FSDP2 `torch.distributed.fsdp.fully_shard` (each transformer block a unit, then the
-root) over a device mesh of the N ranks (tested on CPU with gloo; NCCL on GPUs has not run).
+root) over a device mesh of the N ranks (tested on CPU with gloo; NCCL at one rank on an H100).
 Each rank holds 1/N of every parameter (dim-0 rows, torch.chunk's split), of its gradient and
 of the inner AdamW moments; a unit's full parameters exist only while its forward/backward
 runs (all-gathered, freed after). The batch split, loss weighting, clipping (the global norm
