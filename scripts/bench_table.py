@@ -193,6 +193,16 @@ def _dht(f: Fig) -> str:
             f"{'yes' if f['partition_healed'] else 'NO'} ({f['partition_heal_s']} s)")
 
 
+def _secagg(f: Fig) -> str:
+    peers = f["peers"]
+    cpu = ", ".join(f"{f['round_overhead_s'][str(n)]:.2f} s at {n}" for n in peers)
+    return (f"{f['kem']} + {f['signatures']}, {f['dimension']:,} values: sum exact "
+            f"{'yes' if f['sum_exact'] else 'NO'}; recovers with up to "
+            f"{f['dropouts_tolerated']:.0%} dropping after submitting; expansion "
+            f"{f['expansion']:.3f}x at {peers[-1]} peers; protocol CPU per peer {cpu}; server "
+            f"view uniform p {f['server_view_uniform_p']:.2f}")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -252,6 +262,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.dht --nodes 200", "Kademlia peer discovery (shared/dht), real signed records, "
      "in-memory network with latency and loss; churn, the server down, a healed partition",
      "dht.txt", _dht),
+    ("bench.secagg", "secure aggregation (shared/secagg) at 16 and 64 peers in one process: "
+     "real ML-KEM-768 pair keys, ML-DSA-65 signatures, SHAKE-128 masks, Shamir recovery",
+     "secagg.txt", _secagg),
 ]
 
 
@@ -268,6 +281,7 @@ SOURCES: dict[str, str] = {
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
+    "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
     "abuse.txt": "python -m bench.abuse > bench/results/abuse.txt",
     "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
                      "> bench/results/fuzz_live.txt",

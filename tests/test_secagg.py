@@ -363,3 +363,13 @@ def test_messages_round_trip_as_canonical_json(ids: list[Identity]) -> None:
     resp = UnmaskResponse(run_id="r", round=0, node_id="ab", self_shares=(("d", "00"),))
     assert UnmaskResponse.from_json(resp.to_json()) == resp
     assert math.isfinite(float(len(adv.to_json())))
+
+
+def test_the_uniformity_tests_accept_uniform_and_reject_skewed_data() -> None:
+    rng = np.random.default_rng(3)
+    from shared.secagg.stats import ks_uniform_p
+
+    assert ks_uniform_p(rng.uniform(size=200).tolist()) > 0.001
+    assert ks_uniform_p((rng.uniform(size=200) ** 2).tolist()) < 1e-4
+    assert byte_uniformity_p(rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()) > 0.001
+    assert byte_uniformity_p(rng.integers(0, 200, 100_000, dtype=np.uint8).tobytes()) < 1e-12

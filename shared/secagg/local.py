@@ -5,7 +5,9 @@ messages over the network. Bytes each participant sends are counted per node.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from shared.envelope import Identity
@@ -28,6 +30,15 @@ class LocalRound:
     sent: dict[str, int] = field(default_factory=dict)  # node -> bytes sent
     errors: list[SecAggError] = field(default_factory=list)  # what the aggregator refused
     aggregator: SecAggAggregator | None = None
+    cpu: dict[str, float] = field(default_factory=dict)  # node -> protocol CPU seconds
+
+    @contextmanager
+    def timed(self, node: str) -> Iterator[None]:
+        t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self.cpu[node] = self.cpu.get(node, 0.0) + time.process_time() - t0
 
     def _send(self, stage: str, node: str, msg: object, accept: Callable[[object], None],
               size: int) -> None:
@@ -44,7 +55,8 @@ class LocalRound:
         agg = self.aggregator = SecAggAggregator(self.cfg, use_numpy=self.use_numpy)
         self.participants = {i.node_id: SecAggParticipant(i, self.cfg) for i in self.identities}
         for n, p in self.participants.items():
-            a = p.advertise()
+            with self.timed(n):
+                a = p.advertise()
             self._send("advert", n, a, agg.on_advert, a.wire_size())  # type: ignore[arg-type]
         roster = agg.close_roster()
         live = {a.node_id for a in roster}
@@ -52,16 +64,20 @@ class LocalRound:
             if n not in live:
                 del self.participants[n]
         for n, p in self.participants.items():
-            m = p.on_roster(roster)
+            with self.timed(n):
+                m = p.on_roster(roster)
             self._send("ciphertexts", n, m, agg.on_ciphertexts,  # type: ignore[arg-type]
                        m.wire_size())
         alive, cts = agg.relay_ciphertexts()
         for n in alive:
-            b = self.participants[n].on_ciphertexts(alive, cts)
+            with self.timed(n):
+                b = self.participants[n].on_ciphertexts(alive, cts)
             self._send("bundle", n, b, agg.on_bundle, b.wire_size())  # type: ignore[arg-type]
         alive, routed = agg.relay_shares()
         for n in alive:
-            self.errors.extend(self.participants[n].on_shares(alive, routed[n]))
+            with self.timed(n):
+                problems = self.participants[n].on_shares(alive, routed[n])
+            self.errors.extend(problems)
         self.live = [n for n in alive if n not in drop_before_submit]
         return agg
 
@@ -77,7 +93,8 @@ class LocalRound:
         req = agg.unmask_request()
         for n in responders:
             try:
-                r: UnmaskResponse = self.participants[n].on_unmask(req)
+                with self.timed(n):
+                    r: UnmaskResponse = self.participants[n].on_unmask(req)
             except SecAggError as exc:
                 self.errors.append(exc)
                 continue

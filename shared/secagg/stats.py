@@ -53,3 +53,15 @@ def byte_uniformity_p(data: bytes) -> float:
         raise ValueError("no data")
     c = Counter(data)
     return chi_square_uniform_p([c.get(i, 0) for i in range(256)])
+
+
+def ks_uniform_p(values: list[float]) -> float:
+    """Kolmogorov-Smirnov p-value that `values` are uniform on [0, 1] (asymptotic series)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no values")
+    d = max(max((i + 1) / n - x, x - i / n) for i, x in enumerate(xs))
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    p = 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * lam * lam) for j in range(1, 101))
+    return float(min(1.0, max(0.0, p)))
