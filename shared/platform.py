@@ -1,8 +1,10 @@
-"""Native vs browser primitives that Python's stdlib lacks: ML-DSA-65 signatures and zstd.
+"""Native vs browser primitives that Python's stdlib lacks: ML-DSA-65 signatures, ML-KEM-768
+(secure aggregation's pair keys, shared/secagg) and zstd.
 
 Chosen in ONE place. Natively the implementations import `pqcrypto` and `zstandard` lazily
 (never at import time: `shared` must import in Pyodide). In the browser, the JS bridge calls
-`register_signatures(...)` / `register_zstd(...)` with @noble/post-quantum and a zstd wasm.
+`register_signatures(...)` / `register_kem(...)` / `register_zstd(...)` with @noble/post-quantum
+and a zstd wasm.
 """
 
 from __future__ import annotations
@@ -146,3 +148,56 @@ def zstd() -> Zstd | None:
         except ImportError:
             return None
     return _zstd
+
+
+class Kem(Protocol):
+    name: str
+
+    def keygen(self) -> tuple[bytes, bytes]: ...  # (encapsulation key, decapsulation key)
+
+    def encaps(self, public_key: bytes) -> tuple[bytes, bytes]: ...  # (ciphertext, secret)
+
+    def decaps(self, secret_key: bytes, ciphertext: bytes) -> bytes: ...
+
+
+class PqcryptoMLKEM768:
+    """ML-KEM-768 (FIPS 203) through pqcrypto; interoperable with @noble/post-quantum."""
+
+    name = "ML-KEM-768"
+    PUBLIC_KEY_LEN = 1184
+    CIPHERTEXT_LEN = 1088
+
+    def keygen(self) -> tuple[bytes, bytes]:
+        from pqcrypto import ml_kem_768
+
+        pk, sk = ml_kem_768.keygen()
+        return bytes(pk), bytes(sk)
+
+    def encaps(self, public_key: bytes) -> tuple[bytes, bytes]:
+        from pqcrypto import ml_kem_768
+
+        if len(public_key) != self.PUBLIC_KEY_LEN:
+            raise ValueError("not an ML-KEM-768 encapsulation key")
+        ct, ss = ml_kem_768.encaps(public_key)
+        return bytes(ct), bytes(ss)
+
+    def decaps(self, secret_key: bytes, ciphertext: bytes) -> bytes:
+        from pqcrypto import ml_kem_768
+
+        if len(ciphertext) != self.CIPHERTEXT_LEN:
+            raise ValueError("not an ML-KEM-768 ciphertext")
+        return bytes(ml_kem_768.decaps(secret_key, ciphertext))
+
+
+_kem: Kem | None = None if IN_BROWSER else PqcryptoMLKEM768()
+
+
+def register_kem(impl: Kem) -> None:
+    global _kem
+    _kem = impl
+
+
+def kem() -> Kem:
+    if _kem is None:
+        raise RuntimeError("no ML-KEM implementation registered (browser bridge not loaded)")
+    return _kem

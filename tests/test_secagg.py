@@ -23,12 +23,13 @@ from shared.secagg import (
     NotNeighbour,
     RoundConfig,
     SecAggError,
+    SecAggParticipant,
     TooManyDropouts,
     choose_degree,
     neighbour_graph,
     shamir,
 )
-from shared.secagg.crypto import commit, derive, open_sealed, seal
+from shared.secagg.crypto import commit, derive, kem, open_sealed, seal
 from shared.secagg.local import LocalRound
 from shared.secagg.messages import KeyAdvert, MaskedUpdate, ShareBundle, UnmaskResponse
 from shared.secagg.prg import BLOCK, DOMAIN, mask_bytes
@@ -305,6 +306,36 @@ def test_golden_vectors() -> None:
     pts = {x: shamir.from_bytes(bytes.fromhex(h)) for x, h in sh["shares"]}
     assert shamir.reconstruct(pts, sh["threshold"])[0].to_bytes(32, "big").hex() \
         == sh["secret_hex"]
+
+
+def test_golden_masked_update_through_the_participant(ids: list[Identity]) -> None:
+    g = GOLDEN["masking"]
+    fp = FixedPoint.for_sum(g["clip"], g["max_parties"])
+    c = dataclasses.replace(cfg(4), fixed_point=fp, dimension=g["offset"] + len(g["values"]))
+    p = SecAggParticipant(ids[0], c)
+    p._self_seed = bytes.fromhex(g["self_seed_hex"])
+    # a peer id below every hex node id gets -1 (we are the larger), above gets +1
+    peers = {-1: "0" * 64, 1: "g" * 64}
+    p.pair_keys = {peers[sign]: bytes.fromhex(key) for key, sign in g["pairs"]}
+    p.masking_with = tuple(p.pair_keys)
+    for pure in (False, True):
+        x = array("f", g["values"]) if pure else np.asarray(g["values"], dtype=np.float32)
+        msg = p.masked_update(x, offset=g["offset"])
+        words = [int.from_bytes(msg.payload[i:i + 4], "little")
+                 for i in range(0, len(msg.payload), 4)]
+        assert words == g["words"]
+        assert msg.offset == g["offset"]
+
+
+def test_ml_kem_768_through_the_platform() -> None:
+    k = kem()
+    assert k.name == "ML-KEM-768"
+    pk, sk = k.keygen()
+    ct, ss = k.encaps(pk)
+    assert (len(pk), len(ct), len(ss)) == (1184, 1088, 32)
+    assert k.decaps(sk, ct) == ss
+    with pytest.raises(ValueError, match="ML-KEM-768"):
+        k.encaps(pk[:-1])
 
 
 def test_shamir_needs_t_shares() -> None:

@@ -1,72 +1,20 @@
-"""ML-KEM-768 (chosen in one place, like shared.platform's ML-DSA) and the small symmetric
-pieces built on SHA-256 / SHAKE-128 / HMAC, all of which JavaScript computes identically.
-
-Natively ML-KEM comes from pqcrypto (imported lazily: shared must import in Pyodide); the tab
-registers @noble/post-quantum's ml_kem768 with `register_kem`.
+"""The small symmetric pieces of secure aggregation, built on SHA-256 / SHAKE-128 / HMAC, all
+of which JavaScript computes identically. ML-KEM-768 is behind shared.platform (`kem()`:
+pqcrypto natively, imported lazily; the tab registers @noble/post-quantum's ml_kem768 with
+`register_kem`); re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Protocol
 
-from shared.vec import IN_BROWSER
+from shared.platform import Kem, PqcryptoMLKEM768, kem, register_kem
+
+__all__ = ["Kem", "PqcryptoMLKEM768", "commit", "derive", "kem", "open_sealed",
+           "register_kem", "seal"]
 
 TAG_LEN = 32
-
-
-class Kem(Protocol):
-    name: str
-
-    def keygen(self) -> tuple[bytes, bytes]: ...  # (encapsulation key, decapsulation key)
-
-    def encaps(self, public_key: bytes) -> tuple[bytes, bytes]: ...  # (ciphertext, secret)
-
-    def decaps(self, secret_key: bytes, ciphertext: bytes) -> bytes: ...
-
-
-class PqcryptoMLKEM768:
-    """ML-KEM-768 (FIPS 203) through pqcrypto; interoperable with @noble/post-quantum."""
-
-    name = "ML-KEM-768"
-    PUBLIC_KEY_LEN = 1184
-    CIPHERTEXT_LEN = 1088
-
-    def keygen(self) -> tuple[bytes, bytes]:
-        from pqcrypto import ml_kem_768
-
-        pk, sk = ml_kem_768.keygen()
-        return bytes(pk), bytes(sk)
-
-    def encaps(self, public_key: bytes) -> tuple[bytes, bytes]:
-        from pqcrypto import ml_kem_768
-
-        if len(public_key) != self.PUBLIC_KEY_LEN:
-            raise ValueError("not an ML-KEM-768 encapsulation key")
-        ct, ss = ml_kem_768.encaps(public_key)
-        return bytes(ct), bytes(ss)
-
-    def decaps(self, secret_key: bytes, ciphertext: bytes) -> bytes:
-        from pqcrypto import ml_kem_768
-
-        if len(ciphertext) != self.CIPHERTEXT_LEN:
-            raise ValueError("not an ML-KEM-768 ciphertext")
-        return bytes(ml_kem_768.decaps(secret_key, ciphertext))
-
-
-_kem: Kem | None = None if IN_BROWSER else PqcryptoMLKEM768()
-
-
-def register_kem(impl: Kem) -> None:
-    global _kem
-    _kem = impl
-
-
-def kem() -> Kem:
-    if _kem is None:
-        raise RuntimeError("no ML-KEM implementation registered (browser bridge not loaded)")
-    return _kem
 
 
 def derive(label: str, key: bytes, *context: str) -> bytes:

@@ -5,13 +5,15 @@
 
 A JavaScript twin (the tab) must reproduce every vector bit for bit: the mask PRG (SHAKE-128
 blocks, across a block boundary), the KDF and commitments, the share sealing, the fixed-point
-encoding, the neighbour graph and Shamir reconstruction over 2^521 - 1.
+encoding, the neighbour graph, Shamir reconstruction over 2^521 - 1, and one masked update
+end to end. Input values are float32 (as updates travel): round them with Math.fround.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,11 @@ from shared.secagg.graph import choose_degree, neighbour_graph  # noqa: E402
 from shared.secagg.prg import mask_bytes  # noqa: E402
 
 OUT = HERE / "secagg.json"
+
+
+def f32(values: list[float]) -> list[float]:
+    """The values as float32 (updates travel as float32; JS: Math.fround)."""
+    return [struct.unpack("<f", struct.pack("<f", v))[0] for v in values]
 
 
 def build() -> dict[str, Any]:
@@ -51,7 +58,7 @@ def build() -> dict[str, Any]:
     fp = FixedPoint.for_sum(1.0, 64)
     values = [0.0, 0.5, -0.5, 1.0, -1.0, 2.5, -3.0, 1e-7, 0.3333333]
     fixed = {"clip": 1.0, "max_parties": 64, "frac_bits": fp.frac_bits, "values": values,
-             "words": list(fp.encode(values))}
+             "words": list(fp.encode(f32(values)))}
     nodes = [hashlib.sha256(bytes([i])).hexdigest() for i in range(12)]
     seed = hashlib.sha256(b"round seed").digest()
     graph = {"seed_hex": seed.hex(), "nodes": nodes, "k": 4,
@@ -63,9 +70,24 @@ def build() -> dict[str, Any]:
     sham = {"p": "2^521-1", "threshold": 3,
             "shares": [[x, shamir.to_bytes(v).hex()] for x, v in pts.items()],
             "secret_hex": shamir.reconstruct(pts, 3)[0].to_bytes(32, "big").hex()}
-    return {"version": 1, "prg": prg, "prg_digest": prg_digest, "kdf": kdf, "commit": commits,
-            "seal": sealed, "fixed_point": fixed, "graph": graph, "degrees": degrees,
-            "shamir": sham}
+    # a participant's masked update, end to end: fixed point + self mask + pair masks, across
+    # a block boundary (offset 65530). pairs: (pair key, +1 when this node's id is the smaller)
+    vals = [0.5, -0.25, 0.125, 1.0, -1.0, 0.0, 0.3, -0.7, 2.0, -2.0, 1e-3, -1e-3]
+    fp4 = FixedPoint.for_sum(1.0, 4)
+    self_seed, pairs = b"\x33" * 32, [(b"\x44" * 32, -1), (b"\x55" * 32, 1)]
+    acc = [int(w) for w in fp4.encode(f32(vals))]
+    terms = [(derive("self-mask", self_seed), 1)]
+    terms += [(derive("pair-mask", key), sign) for key, sign in pairs]
+    for seed_, sign in terms:
+        m = mask_bytes(seed_, 65530, 65530 + len(vals))
+        for i in range(len(vals)):
+            acc[i] = (acc[i] + sign * int.from_bytes(m[4 * i:4 * i + 4], "little")) % 2 ** 32
+    masking = {"clip": 1.0, "max_parties": 4, "values": vals, "offset": 65530,
+               "self_seed_hex": self_seed.hex(),
+               "pairs": [[key.hex(), sign] for key, sign in pairs], "words": acc}
+    return {"version": 1, "masking": masking, "prg": prg, "prg_digest": prg_digest, "kdf": kdf,
+            "commit": commits, "seal": sealed, "fixed_point": fixed, "graph": graph,
+            "degrees": degrees, "shamir": sham}
 
 
 def main() -> int:
