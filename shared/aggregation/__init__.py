@@ -9,7 +9,10 @@ f is the number of arbitrary (Byzantine) updates to tolerate; rules that do not 
 accept and ignore it. Every rule validates its input: an empty stack, unequal lengths, a
 NaN/inf value (naming the update) and an f outside the rule's bound raise ValueError.
 Results are float32 Vectors of the inputs' kind (numpy in, numpy out; array('f') in, array
-out); all arithmetic is float64, rounded to float32 once at the end.
+out); all arithmetic is float64, rounded to float32 once at the end. The numpy path never
+makes a float64 copy of the stack: it widens one column block at a time (shared/aggregation/
+_stack.py), and the Krum family and the geometric median take their distances from one Gram
+product (bench.agg_speed times every rule against byzfl and Flower on one thread).
 
 | name              | function            | params (defaults)                   | needs      |
 |-------------------|---------------------|-------------------------------------|------------|
@@ -27,10 +30,12 @@ bucketing(s=2, seed) and nnm (n >= 2f+1).
 
 Pure Python vs numpy (the fast path when every update is a numpy array):
 - bit-identical: mean, median, trimmed-mean, and bucketing (same operations in the same order);
-- bit-identical unless two scores/distances tie within float64 rounding (~1e-15 relative):
-  krum, multi-krum, bulyan, nnm. Their distances are summed pairwise by numpy and by math.fsum
-  in pure Python; selection and averaging are then shared, so outputs differ only if a
-  near-tie flips a choice (exact ties are broken the same way on both paths);
+- bit-identical unless two scores/distances tie within float64 rounding (~1e-15 relative to
+  the largest distance): krum, multi-krum, bulyan, nnm. Pure Python sums the squared
+  differences with math.fsum; numpy takes ||a||^2 + ||b||^2 - 2ab from one Gram product of
+  the stack centered on its per-coordinate midrange; selection and averaging are then shared,
+  so outputs differ only if a near-tie flips a choice (exact ties are broken the same way on
+  both paths, and identical updates are at distance 0 on both);
 - within 1e-6 relative (to the inputs' magnitude): geometric-median, centered-clipping.
 Permuting the stack: exactly the same result for median, trimmed-mean, krum (the vector),
 multi-krum, bulyan (ties are broken by the vector, never by position); within 1e-6 relative

@@ -1,10 +1,17 @@
 """A validated stack of update vectors: the checks every rule shares, and its two backends.
 
-`prepare` turns the caller's updates into float64 rows, once: a numpy (n, d) array when every
-update is a numpy array (the native fast path), else a list of lists of Python floats (the
-pure path, the only one in Pyodide). Both backends do the same IEEE double operations in the
+`prepare` loads the caller's updates once: a numpy (n, d) array when every update is a numpy
+array (the native fast path; float32 when the updates are, so no float64 copy of the stack is
+ever made), else a list of lists of Python floats (the pure path, the only one in Pyodide).
+The numpy path works through column blocks (`blocks`) widened to float64 one block at a time,
+so every sum is still a float64 sum. Both backends do the same IEEE double operations in the
 same order wherever a rule's arithmetic allows it, which is what makes most rules give
 bit-identical results on both paths (see the package docstring for which ones do).
+
+Finiteness on the numpy path is checked by the rules themselves, on values they compute anyway
+(`Stack.check_finite`): a float64 sum, Gram entry or norm of finite float32 values cannot
+overflow, and a NaN or inf in any input makes it non-finite; only then is the stack scanned to
+name the first bad update and coordinate.
 
 Pure-path rule: never call the builtin `sum` on floats for a result. Python 3.12 made it
 compensated, so Pyodide (3.13) and a 3.11 server would disagree; use explicit left-to-right
@@ -22,8 +29,15 @@ from typing import Any
 
 from shared.vec import Vector, is_numpy, numpy_module, same_kind
 
-# Keeps the (rows x d) float64 temporaries of the distance matrix near 32 MiB.
-_CHUNK_VALUES = 1 << 22
+# Values per float64 column block on the numpy path (4 MiB: blocks stay in the L2/L3 caches),
+# and the fewest columns a block has (tests shrink both to run many blocks on small stacks).
+_BLOCK_VALUES = 1 << 19
+_MIN_WIDTH = 256
+
+
+def block_width(n: int) -> int:
+    """Columns per block on the numpy path for a stack of n updates."""
+    return max(_MIN_WIDTH, _BLOCK_VALUES // max(1, n))
 
 
 def check_f(rule: str, f: object, n: int, *, min_n: tuple[int, int] | None = None) -> int:
@@ -75,7 +89,8 @@ class Stack:
     """n validated, finite updates of equal length d, held as float64."""
 
     rule: str  # rule name, for error messages
-    rows: Any  # numpy float64 (n, d) array on the fast path, else list[list[float]]
+    rows: Any  # numpy (n, d) array (float32 if the inputs are) on the fast path, else
+    # list[list[float]]
     n: int  # number of updates
     d: int  # length of every update
     np: ModuleType | None  # numpy when this stack takes the fast path, else None
@@ -91,36 +106,92 @@ class Stack:
         """A copy of update i, as a Vector of the inputs' kind."""
         return self.vector(self.rows[i])
 
+    def blocks(self) -> range:
+        """Start columns of the numpy path's column blocks (`self.width` columns each)."""
+        return range(0, self.d, self.width)
+
+    @property
+    def width(self) -> int:
+        return block_width(self.n)
+
+    def check_finite(self, values: Any) -> None:
+        """Numpy path: `values` were computed from every row (a float64 sum, Gram matrix or
+        norms); when one is not finite, find and name the first non-finite input."""
+        np = self.np
+        assert np is not None
+        if np.isfinite(values).all():
+            return
+        X = self.rows
+        for i in range(self.n):
+            ok = np.isfinite(X[i])
+            if not ok.all():
+                j = int(np.argmin(ok))
+                raise _not_finite(self.rule, i, j, float(X[i, j]))
+        raise ValueError(f"{self.rule}: a value overflowed")  # pragma: no cover
+
     def mean_of(self, idx: Sequence[int]) -> Any:
         """Mean of the rows idx, summed left to right in the order given, then divided once."""
         k = len(idx)
         if self.np is not None:
-            acc = self.rows[idx[0]].copy()
-            for i in idx[1:]:
-                acc += self.rows[i]
-            return acc / k
-        rows = self.rows
-        out = list(rows[idx[0]])
+            np = self.np
+            X = self.rows
+            out = np.empty(self.d, dtype=np.float64)
+            rows = list(idx)
+            whole = rows == list(range(self.n))
+            w = self.width
+            with np.errstate(all="ignore"):  # a NaN or inf input: reported below
+                for c in self.blocks():
+                    block = X[:, c:c + w] if whole else X[rows, c:c + w]
+                    # axis-0 reduction of a C-ordered block: row after row, in the order given
+                    np.add.reduce(block, axis=0, dtype=np.float64, out=out[c:c + w])
+            self.check_finite(out)
+            return out / k
+        rows_py = self.rows
+        acc = list(rows_py[idx[0]])
         for i in idx[1:]:
-            out = [a + b for a, b in zip(out, rows[i], strict=True)]
-        return [a / k for a in out]
+            acc = [a + b for a, b in zip(acc, rows_py[i], strict=True)]
+        return [a / k for a in acc]
+
+    def gram(self, center: Any = None, extra: Any = None) -> Any:
+        """Numpy path: G[i, j] = (row_i - c) . (row_j - c) in float64, c = `center` (float64
+        values) or, when None, the per-coordinate midrange (max + min) / 2 of the rows, which
+        depends only on the multiset of rows. Centering keeps the cancellation in
+        ||a||^2 + ||b||^2 - 2ab at the scale of the spread of the rows, not of their norms."""
+        np = self.np
+        assert np is not None
+        X = self.rows
+        n, w = self.n, self.width
+        G = np.zeros((n, n), dtype=np.float64)
+        B = np.empty((n, w), dtype=np.float64)
+        with np.errstate(all="ignore"):  # a NaN or inf input: reported by check_finite
+            for c in self.blocks():
+                e = min(self.d, c + w) - c
+                b = B[:, :e]
+                b[...] = X[:, c:c + e]
+                if center is None:
+                    mid = np.add(b.min(axis=0), b.max(axis=0))
+                    mid *= 0.5
+                    b -= mid
+                else:
+                    b -= center[c:c + e]
+                G += b @ b.T  # one BLAS product per block (syrk: symmetric by construction)
+        self.check_finite(G.diagonal())
+        return G
 
     def sq_distances(self) -> list[list[float]]:
         """Squared Euclidean distances between all pairs, as an n x n list (symmetric, 0 on
-        the diagonal). Each entry depends only on the two vectors, not on their positions.
-        numpy sums the squared differences pairwise, the pure path with math.fsum (correctly
-        rounded): they agree to ~1e-15 relative, exactly when every square and partial sum is
-        exact (e.g. small integer-valued updates)."""
+        the diagonal). The pure path sums the squared differences with math.fsum (correctly
+        rounded); numpy takes them from one centered Gram product (`gram`), ||a||^2 + ||b||^2
+        - 2ab, an error of ~1e-16 times the squared spread of the stack. They agree to ~1e-15
+        relative to the largest distance, exactly when every product and partial sum is exact
+        (e.g. small integer-valued updates); identical updates are at distance 0 on both."""
         n = self.n
         if self.np is not None:
             np = self.np
-            X = self.rows
-            D = np.zeros((n, n), dtype=np.float64)
-            step = max(1, _CHUNK_VALUES // max(1, self.d))
-            for i in range(n - 1):
-                for j0 in range(i + 1, n, step):
-                    diff = X[j0:j0 + step] - X[i]
-                    D[i, j0:j0 + step] = (diff * diff).sum(axis=1)
+            G = self.gram()
+            g = G.diagonal()
+            D = np.triu(g[:, None] + g[None, :] - 2.0 * G, 1)
+            np.maximum(D, 0.0, out=D)
             out: list[list[float]] = (D + D.T).tolist()
             return out
         rows = self.rows
@@ -149,26 +220,48 @@ class Stack:
     def norms(self, center: Any) -> list[float]:
         """Euclidean distance of every row to `center` (float64 values)."""
         if self.np is not None:
-            diff = self.rows - center
-            out: list[float] = self.np.sqrt((diff * diff).sum(axis=1)).tolist()
+            np = self.np
+            X = self.rows
+            acc = np.zeros(self.n, dtype=np.float64)
+            w = self.width
+            B = np.empty((self.n, w), dtype=np.float64)
+            with np.errstate(all="ignore"):  # a NaN or inf input: reported below
+                for c in self.blocks():
+                    e = min(self.d, c + w) - c
+                    b = B[:, :e]
+                    b[...] = X[:, c:c + e]
+                    b -= center[c:c + e]
+                    acc += np.einsum("ij,ij->i", b, b)
+            self.check_finite(acc)
+            out: list[float] = np.sqrt(acc).tolist()
             return out
         return [math.sqrt(math.fsum([(x - c) * (x - c) for x, c in zip(r, center, strict=True)]))
                 for r in self.rows]
 
     def weighted_sum(self, weights: Sequence[float], center: Any = None) -> Any:
-        """sum_i weights[i] * (row_i - center), rows added left to right (center None: 0)."""
+        """sum_i weights[i] * (row_i - center) (center None: 0). The pure path adds the rows
+        left to right; numpy takes one float64 product per column block."""
         if self.np is not None:
             np = self.np
-            acc = np.zeros(self.d, dtype=np.float64)
-            for w, r in zip(weights, self.rows, strict=True):
-                acc += w * (r if center is None else r - center)
-            return acc
+            X = self.rows
+            wv = np.asarray(weights, dtype=np.float64)
+            out = np.empty(self.d, dtype=np.float64)
+            w = self.width
+            B = np.empty((self.n, w), dtype=np.float64)
+            for c in self.blocks():
+                e = min(self.d, c + w) - c
+                b = B[:, :e]
+                b[...] = X[:, c:c + e]
+                if center is not None:
+                    b -= center[c:c + e]
+                np.matmul(wv, b, out=out[c:c + e])
+            return out
         acc_py = [0.0] * self.d
-        for w, r in zip(weights, self.rows, strict=True):
+        for w_i, r in zip(weights, self.rows, strict=True):
             if center is None:
-                acc_py = [a + w * x for a, x in zip(acc_py, r, strict=True)]
+                acc_py = [a + w_i * x for a, x in zip(acc_py, r, strict=True)]
             else:
-                acc_py = [a + w * (x - c) for a, x, c in zip(acc_py, r, center, strict=True)]
+                acc_py = [a + w_i * (x - c) for a, x, c in zip(acc_py, r, center, strict=True)]
         return acc_py
 
 
@@ -176,14 +269,11 @@ def _not_finite(rule: str, i: int, j: int, value: float) -> ValueError:
     return ValueError(f"{rule}: update {i} is not finite ({value} at coordinate {j})")
 
 
-def prepare(updates: Sequence[Vector], rule: str) -> Stack:
-    """Validate a stack (non-empty, equal lengths, every value finite) and load it as float64.
-
-    Raises ValueError naming the rule and, for a bad update, its index in the stack."""
+def check_shapes(updates: Sequence[Vector], rule: str) -> tuple[int, int]:
+    """(n, d) of a non-empty stack of flat vectors of equal length; ValueError otherwise."""
     n = len(updates)
     if n == 0:
         raise ValueError(f"{rule}: no updates to aggregate")
-    np = numpy_module()
     for i, u in enumerate(updates):
         if is_numpy(u) and u.ndim != 1:
             raise ValueError(f"{rule}: update {i} is not a flat vector (shape {u.shape})")
@@ -191,15 +281,23 @@ def prepare(updates: Sequence[Vector], rule: str) -> Stack:
     for i, u in enumerate(updates):
         if len(u) != d:
             raise ValueError(f"{rule}: update {i} has length {len(u)}, update 0 has length {d}")
+    return n, d
+
+
+def prepare(updates: Sequence[Vector], rule: str) -> Stack:
+    """Validate a stack (non-empty, equal lengths, every value finite) and load it.
+
+    Raises ValueError naming the rule and, for a bad update, its index in the stack. On the
+    numpy path the rule checks finiteness on values it computes (Stack.check_finite)."""
+    n, d = check_shapes(updates, rule)
+    np = numpy_module()
     if np is not None and all(is_numpy(u) for u in updates):
-        X = np.empty((n, d), dtype=np.float64)
+        # float32 updates stay float32 (every rule widens one column block at a time); any
+        # other dtype is loaded as float64, as before. Finiteness: see Stack.check_finite.
+        f32 = all(u.dtype == np.float32 for u in updates)
+        X = np.empty((n, d), dtype=np.float32 if f32 else np.float64)
         for i, u in enumerate(updates):
             X[i] = u
-        ok = np.isfinite(X)
-        if not ok.all():
-            i = int(np.argmin(ok.all(axis=1)))
-            j = int(np.argmin(ok[i]))
-            raise _not_finite(rule, i, j, float(X[i, j]))
         return Stack(rule, X, n, d, np, updates[0])
     rows: list[list[float]] = []
     for i, u in enumerate(updates):

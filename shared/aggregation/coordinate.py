@@ -5,6 +5,11 @@ right over values sorted ascending (or, for `mean`, in stack order) on both back
 pure and numpy paths give bit-identical results. Sorting makes median and trimmed mean exactly
 permutation-invariant too; a final `+ 0.0` turns -0.0 into 0.0 so that not even the sign of a
 zero depends on the order of the stack.
+
+The numpy path never widens the whole stack: it sorts one column block at a time, transposed
+so that each column is a contiguous run of n float32 values (numpy's SIMD sort), then sums the
+kept values of the block in float64, in ascending order. `mean` reads the updates where they
+are, one column block at a time, without stacking them.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shared.aggregation._stack import Stack, check_f, prepare
-from shared.vec import Vector
+from shared.aggregation._stack import Stack, block_width, check_f, check_shapes, prepare
+from shared.vec import Vector, is_numpy, numpy_module
 
 
 def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
@@ -21,6 +26,24 @@ def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
 
     f is accepted and ignored. Sums run in stack order, so the pure and numpy paths agree
     exactly; a permuted stack may differ in the last float32 bit."""
+    np = numpy_module()
+    if np is not None and all(is_numpy(u) and u.dtype == np.float32 for u in updates):
+        n, d = check_shapes(updates, "mean")
+        check_f("mean", f, n)
+        out = np.empty(d, dtype=np.float64)
+        w = block_width(n)
+        block = np.empty((n, w), dtype=np.float32)
+        with np.errstate(all="ignore"):  # a NaN or inf input: reported below
+            for c in range(0, d, w):
+                e = min(d, c + w) - c
+                b = block[:, :e]
+                for i, u in enumerate(updates):
+                    b[i] = u[c:c + e]
+                np.add.reduce(b, axis=0, dtype=np.float64, out=out[c:c + e])  # row by row
+        if not np.isfinite(out).all():
+            prepare(updates, "mean").check_finite(out)  # names the bad update
+        out /= n
+        return out.astype(np.float32)
     stack = prepare(updates, "mean")
     check_f("mean", f, stack.n)
     return stack.vector(stack.mean_of(range(stack.n)))
@@ -45,11 +68,36 @@ def median_values(stack: Stack, idx: Sequence[int]) -> Any:
     n = len(idx)
     m = n // 2
     if stack.np is not None:
-        rows = stack.rows if n == stack.n else stack.rows[list(idx)]
-        S = stack.np.sort(rows, axis=0)
-        return (S[m] if n % 2 else (S[m - 1] + S[m]) / 2) + 0.0
+        np = stack.np
+        out = np.empty(stack.d, dtype=np.float64)
+        for c, S in sorted_blocks(stack, idx):
+            lo = S[:, m - 1 if n % 2 == 0 else m].astype(np.float64)
+            if n % 2 == 0:
+                lo += S[:, m]
+                lo /= 2
+            out[c:c + len(lo)] = lo
+        return out + 0.0
     rows = stack.rows
     return [_median_of_sorted(sorted(col)) for col in zip(*(rows[i] for i in idx), strict=True)]
+
+
+def sorted_blocks(stack: Stack, idx: Sequence[int]) -> Any:
+    """Numpy path: (first column, S) per column block, S[j] = the values of column c + j over
+    the rows idx, sorted ascending (a (width, len(idx)) array of the stack's dtype). Checks
+    finiteness on the way (NaN sorts last, inf first or last)."""
+    np = stack.np
+    assert np is not None
+    X = stack.rows
+    rows = list(idx)
+    whole = rows == list(range(stack.n))
+    w = stack.width
+    for c in stack.blocks():
+        block = X[:, c:c + w] if whole else X[rows, c:c + w]
+        S = np.ascontiguousarray(block.T)
+        S.sort(axis=1)
+        stack.check_finite(S[:, 0])
+        stack.check_finite(S[:, -1])
+        yield c, S
 
 
 def trimmed_mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
@@ -62,11 +110,12 @@ def trimmed_mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
     n = stack.n
     k = n - 2 * f
     if stack.np is not None:
-        S = stack.np.sort(stack.rows, axis=0)
-        acc = S[f].copy()
-        for r in range(f + 1, n - f):
-            acc += S[r]
-        return stack.vector(acc / k + 0.0)
+        np = stack.np
+        out = np.empty(stack.d, dtype=np.float64)
+        for c, S in sorted_blocks(stack, range(n)):
+            kept = np.ascontiguousarray(S[:, f:n - f].T)  # (k, width), ascending rows
+            np.add.reduce(kept, axis=0, dtype=np.float64, out=out[c:c + S.shape[0]])
+        return stack.vector(out / k + 0.0)
     out = []
     for col in zip(*stack.rows, strict=True):
         c = sorted(col)
@@ -86,16 +135,26 @@ def mean_around_median(stack: Stack, idx: Sequence[int], beta: int) -> Any:
     a contiguous run of the sorted column; they are summed in ascending order."""
     if stack.np is not None:
         np = stack.np
-        S = np.sort(stack.rows[list(idx)], axis=0)
         n = len(idx)
         m = n // 2
-        med = S[m] if n % 2 else (S[m - 1] + S[m]) / 2
-        order = np.lexsort((S, np.abs(S - med)), axis=0)[:beta]
-        kept = np.sort(np.take_along_axis(S, order, axis=0), axis=0)
-        acc = kept[0].copy()
-        for r in range(1, beta):
-            acc += kept[r]
-        return acc / beta + 0.0
+        out = np.empty(stack.d, dtype=np.float64)
+        for c, S32 in sorted_blocks(stack, idx):
+            S = S32.astype(np.float64)  # (width, n), each row sorted
+            med = S[:, m] if n % 2 else (S[:, m - 1] + S[:, m]) / 2
+            # The kept values are the window S[:, s:s + beta] of each sorted row. Sliding it
+            # one step right swaps S[t] out for S[t + beta]; that pays exactly while S[t + beta]
+            # is closer, so s counts the steps that pay.
+            start = np.zeros(S.shape[0], dtype=np.intp)
+            for t in range(n - beta):
+                a, b = S[:, t], S[:, t + beta]
+                da, db = np.abs(a - med), np.abs(b - med)
+                start += (db < da) | ((db == da) & (b < a))
+            cols = np.arange(S.shape[0])
+            acc = S[cols, start].copy()
+            for r in range(1, beta):
+                acc += S[cols, start + r]
+            out[c:c + S.shape[0]] = acc
+        return out / beta + 0.0
     rows = stack.rows
     out = []
     for col in zip(*(rows[i] for i in idx), strict=True):

@@ -11,9 +11,10 @@ Ties: candidates are ranked by (score, vector in lexicographic order, index). Br
 ties by the vector rather than by position makes every result here depend only on the
 multiset of updates, never on the order of the stack (identical vectors are interchangeable).
 
-Both backends compute the distance matrix (`Stack.sq_distances`: numpy pairwise sums vs
-math.fsum, ~1e-15 relative apart, equal when exact) and then share ONE selection routine over
-it; the averaging is bit-identical. So the pure and numpy paths pick the same updates and give
+Both backends compute the distance matrix (`Stack.sq_distances`: a centered Gram product on
+numpy, math.fsum of squared differences in pure Python; ~1e-15 relative to the largest
+distance apart, equal when exact) and then share ONE selection routine over it; the averaging
+is bit-identical. So the pure and numpy paths pick the same updates and give
 bit-identical results, except when two scores tie within that rounding (a near-tie); scores
 always agree to ~1e-12 relative.
 """
