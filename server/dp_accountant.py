@@ -29,6 +29,9 @@ def epsilon(*, sigma: float, q: float, steps: int, delta: float, accountant: str
     import dp_accounting
     from dp_accounting import pld, rdp
 
+    # RDP orders whose series does not converge are dropped with a warning each: not news
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     acc: Any
