@@ -89,8 +89,8 @@ class Stack:
     """n validated, finite updates of equal length d, held as float64."""
 
     rule: str  # rule name, for error messages
-    rows: Any  # numpy (n, d) array (float32 if the inputs are) on the fast path, else
-    # list[list[float]]
+    rows: Any  # numpy (n, d) array (float32 if the inputs are) on the fast path (or, from
+    # prepare(stacked=False), the callers' float32 arrays), else list[list[float]]
     n: int  # number of updates
     d: int  # length of every update
     np: ModuleType | None  # numpy when this stack takes the fast path, else None
@@ -126,8 +126,21 @@ class Stack:
             ok = np.isfinite(X[i])
             if not ok.all():
                 j = int(np.argmin(ok))
-                raise _not_finite(self.rule, i, j, float(X[i, j]))
+                raise _not_finite(self.rule, i, j, float(X[i][j]))
         raise ValueError(f"{self.rule}: a value overflowed")  # pragma: no cover
+
+    def fill(self, B: Any, c: int) -> Any:
+        """Numpy path: columns c.. of every row, widened into B (n x width float64); returns
+        the filled part of B. Rows are a stacked array or a list of the callers' arrays."""
+        e = min(self.d, c + self.width) - c
+        b = B[:, :e]
+        X = self.rows
+        if isinstance(X, list):
+            for i, r in enumerate(X):
+                b[i] = r[c:c + e]
+        else:
+            b[...] = X[:, c:c + e]
+        return b
 
     def mean_of(self, idx: Sequence[int]) -> Any:
         """Mean of the rows idx, summed left to right in the order given, then divided once."""
@@ -221,16 +234,13 @@ class Stack:
         """Euclidean distance of every row to `center` (float64 values)."""
         if self.np is not None:
             np = self.np
-            X = self.rows
             acc = np.zeros(self.n, dtype=np.float64)
             w = self.width
             B = np.empty((self.n, w), dtype=np.float64)
             with np.errstate(all="ignore"):  # a NaN or inf input: reported below
                 for c in self.blocks():
-                    e = min(self.d, c + w) - c
-                    b = B[:, :e]
-                    b[...] = X[:, c:c + e]
-                    b -= center[c:c + e]
+                    b = self.fill(B, c)
+                    b -= center[c:c + b.shape[1]]
                     acc += np.einsum("ij,ij->i", b, b)
             self.check_finite(acc)
             out: list[float] = np.sqrt(acc).tolist()
@@ -243,15 +253,13 @@ class Stack:
         left to right; numpy takes one float64 product per column block."""
         if self.np is not None:
             np = self.np
-            X = self.rows
             wv = np.asarray(weights, dtype=np.float64)
             out = np.empty(self.d, dtype=np.float64)
             w = self.width
             B = np.empty((self.n, w), dtype=np.float64)
             for c in self.blocks():
-                e = min(self.d, c + w) - c
-                b = B[:, :e]
-                b[...] = X[:, c:c + e]
+                b = self.fill(B, c)
+                e = b.shape[1]
                 if center is not None:
                     b -= center[c:c + e]
                 np.matmul(wv, b, out=out[c:c + e])
@@ -284,17 +292,21 @@ def check_shapes(updates: Sequence[Vector], rule: str) -> tuple[int, int]:
     return n, d
 
 
-def prepare(updates: Sequence[Vector], rule: str) -> Stack:
+def prepare(updates: Sequence[Vector], rule: str, *, stacked: bool = True) -> Stack:
     """Validate a stack (non-empty, equal lengths, every value finite) and load it.
 
     Raises ValueError naming the rule and, for a bad update, its index in the stack. On the
-    numpy path the rule checks finiteness on values it computes (Stack.check_finite)."""
+    numpy path the rule checks finiteness on values it computes (Stack.check_finite).
+    stacked=False (rules that only use `norms`, `weighted_sum` and `fill`): float32 numpy
+    updates are read where they are, never copied into one array."""
     n, d = check_shapes(updates, rule)
     np = numpy_module()
     if np is not None and all(is_numpy(u) for u in updates):
         # float32 updates stay float32 (every rule widens one column block at a time); any
         # other dtype is loaded as float64, as before. Finiteness: see Stack.check_finite.
         f32 = all(u.dtype == np.float32 for u in updates)
+        if f32 and not stacked:
+            return Stack(rule, list(updates), n, d, np, updates[0])
         X = np.empty((n, d), dtype=np.float32 if f32 else np.float64)
         for i, u in enumerate(updates):
             X[i] = u
