@@ -203,6 +203,14 @@ def _secagg(f: Fig) -> str:
             f"view uniform p {f['server_view_uniform_p']:.2f}")
 
 
+def _dp(f: Fig) -> str:
+    return (f"epsilon {f['epsilon']:.2f} ({f['accountant'].upper()}; PLD "
+            f"{f['epsilon_pld']:.2f}) at delta {f['delta']:g}, {f['participants']:,} "
+            f"participants, {f['per_round']:.0f} per round, {f['rounds']} rounds, sigma "
+            f"{f['sigma']}, C {f['clip']}; loss {f['loss_private']:.3f} vs "
+            f"{f['loss_nonprivate']:.3f} without DP (gap {f['loss_gap']:+.1%})")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -265,6 +273,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.secagg", "secure aggregation (shared/secagg) at 16 and 64 peers in one process: "
      "real ML-KEM-768 pair keys, ML-DSA-65 signatures, SHAKE-128 masks, Shamir recovery",
      "secagg.txt", _secagg),
+    ("bench.dp", "client-level DP (clip + distributed Gaussian noise, Poisson sampling) on "
+     "mlp-digits, vectorised simulation of the participant's math, mean of 3 seeds",
+     "dp.txt", _dp),
 ]
 
 
@@ -282,6 +293,7 @@ SOURCES: dict[str, str] = {
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
     "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
+    "dp.txt": "python -m bench.dp (writes bench/results/dp.txt)",
     "abuse.txt": "python -m bench.abuse > bench/results/abuse.txt",
     "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
                      "> bench/results/fuzz_live.txt",
