@@ -21,7 +21,8 @@ finished run on stderr, with an ETA.
 
 `agg_ms`: median wall time (ms) of each rule's numpy path over n = 64 updates of 1,000,000
 float32 values with f = 15 (the largest f with n >= 4f+3, so every rule incl. Bulyan
-accepts it).
+accepts it), on one thread (BLAS/OpenMP pools limited to 1). `python -m bench.agg_speed`
+times the same rules side by side with byzfl and Flower.
 
 LAST stdout line: JSON with default_rule, worst_loss_ratio_33, worst_acc_drop_33, agg_ms,
 grid {model: {fraction: {rule: {attack: value}}}}, clean {model: {rule: value}}, settings,
@@ -230,22 +231,24 @@ def execute(runs: list[Run], *, jobs: int, cache: dict[str, Any],
 # -- aggregation timing ----------------------------------------------------------------------
 def time_rules(rules: Iterable[str], *, n: int = 64, d: int = 1_000_000, f: int = 15,
                repeats: int = 3, seed: int = 0) -> dict[str, float]:
-    """Median ms of each rule's numpy path over n float32 updates of d values."""
+    """Median ms of each rule's numpy path over n float32 updates of d values, one thread."""
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     from shared.aggregation import get_rule
 
     rng = np.random.default_rng(seed)
     stack = [rng.standard_normal(d, dtype=np.float32) * 0.01 for _ in range(n)]
     out: dict[str, float] = {}
-    for name in rules:
-        rule = get_rule(name)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            rule(stack, f=f)
-            times.append((time.perf_counter() - t) * 1000.0)
-        out[name] = round(statistics.median(times), 1)
+    with threadpool_limits(1):  # one thread, as the peers are measured (bench.agg_speed)
+        for name in rules:
+            rule = get_rule(name)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                rule(stack, f=f)
+                times.append((time.perf_counter() - t) * 1000.0)
+            out[name] = round(statistics.median(times), 1)
     return out
 
 
