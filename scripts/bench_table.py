@@ -211,6 +211,17 @@ def _dp(f: Fig) -> str:
             f"{f['loss_nonprivate']:.3f} without DP (gap {f['loss_gap']:+.1%})")
 
 
+def _agg_speed(f: Fig) -> str:
+    ms, best = f["agg_ms"], f["best_peer_ms"]
+    short = {"trimmed-mean": "trimmed", "multi-krum": "multi-Krum", "krum": "Krum",
+             "geometric-median": "geo-median", "centered-clipping": "clipping"}
+    cells = ", ".join(f"{short.get(r, r)} {ms[r]:,.0f}/{best[r]:,.0f}" for r in ms
+                      if best.get(r) is not None)
+    ok = sum(bool(v) for v in f["at_or_below_best"].values())
+    return (f"ms ours/best peer (byzfl or Flower), one thread: {cells}; {ok} of {len(ms)} "
+            "at or below the best peer; docs/robustness.md")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -226,6 +237,8 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      lambda f: f"{f['wall_s']:.0f} s, {f['peak_rss_mb']:.0f} MB peak RSS"),
     ("bench.byzantine", "every attack x every rule at 10/20/33/45% attackers on the real "
      "coordinator (both models)", "byzantine.txt", _byzantine),
+    ("bench.agg_speed --before 29a806b", "every aggregation rule on 64 x 1M float32 updates, "
+     "f = 15, vs byzfl 0.0.11 and Flower 1.42 in the same run", "agg_speed.txt", _agg_speed),
     ("bench.alie_sync", "\"A Little Is Enough\" in its paper's setting: synchronous SGD, one "
      "minibatch gradient per worker", "alie_sync.txt", _alie),
     ("bench.vs_ddp", "DDP (gloo, + PowerSGD) vs this system, 4 workers, same tokens, modelled "
@@ -289,6 +302,8 @@ SOURCES: dict[str, str] = {
     "autotune_tab_heavy.txt": "python -m bench.autotune --population tab-heavy "
                               "> bench/results/autotune_tab_heavy.txt",
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
+    "agg_speed.txt": "python -m bench.agg_speed --before 29a806b "
+                     "> bench/results/agg_speed.txt",
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
