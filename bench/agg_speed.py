@@ -26,7 +26,8 @@ largest |input|, is reported ("diff"). Peers that define a rule differently say 
 (byzfl's Krum scores n - f - 1 neighbours, ours and Flower's n - f - 2; byzfl's geometric
 median starts from 0 and runs a fixed T iterations: T = the iterations ours took).
 
-LAST stdout line: JSON {"agg_ms": {rule: ours}, "peers_ms": {rule: {byzfl, flwr}},
+LAST stdout line: JSON {"agg_ms": {rule: ours}, "peers_ms": {rule: {byzfl, flwr,
+byzfl_input (numpy or torch: the faster)}},
 "best_peer_ms": {rule: ms}, "ratio_vs_best_peer": {rule: ours / best}, "at_or_below_best":
 {rule: bool}, "all_at_or_below_best": bool, "diff": {rule: {peer: rel}}, "setup": {...}}.
 """
@@ -152,11 +153,12 @@ def _flwr_rules(n: int, f: int) -> dict[str, Callable[[list[Any]], Any]]:
     }
 
 
-def _time_byzfl(name: str, make: Callable[[], Any], inputs: tuple[Any, ...],
-                repeats: int) -> tuple[float, Any]:
-    """(ms, output) of byzfl's rule on the faster of its inputs (numpy array, torch tensor)."""
-    best: tuple[float, Any] | None = None
-    for inp in inputs:
+def _time_byzfl(name: str, make: Callable[[], Any], inputs: dict[str, Any],
+                repeats: int) -> tuple[float, Any, str]:
+    """(ms, output, input kind) of byzfl's rule on the faster of its inputs (numpy array,
+    torch tensor)."""
+    best: tuple[float, Any, str] | None = None
+    for kind, inp in inputs.items():
         def call(inp: Any = inp) -> Any:
             agg = make()
             if name == "centered-clipping":
@@ -164,7 +166,7 @@ def _time_byzfl(name: str, make: Callable[[], Any], inputs: tuple[Any, ...],
             return agg(inp)
         t, out = timed(call, repeats)
         if best is None or t < best[0]:
-            best = (t, out)
+            best = (t, out, kind)
     assert best is not None
     return best
 
@@ -179,14 +181,16 @@ def peer_worker(args: argparse.Namespace) -> int:
     X = np.stack(stack)
     T = torch.from_numpy(X)
     results = [([u], 1) for u in stack]
-    ms: dict[str, dict[str, float | None]] = {}
+    ms: dict[str, dict[str, float | str | None]] = {}
     outs: dict[str, Any] = {}
     byz = _byzfl_rules(args.f, args.gm_iters)
     flw = _flwr_rules(args.n, args.f)
     for name in args.rules.split(","):
         ms[name] = {"byzfl": None, "flwr": None}
         if name in byz:
-            ms[name]["byzfl"], out = _time_byzfl(name, byz[name], (X, T), args.repeats)
+            ms[name]["byzfl"], out, kind = _time_byzfl(name, byz[name],
+                                                       {"numpy": X, "torch": T}, args.repeats)
+            ms[name]["byzfl_input"] = kind
             outs[f"{name}|byzfl"] = out.numpy() if isinstance(out, torch.Tensor) else out
         if name in flw:
             def call(fn: Callable[[list[Any]], Any] = flw[name]) -> Any:
@@ -272,9 +276,10 @@ def table(rules: list[str], ours: dict[str, float], peers: dict[str, Any],
         p = peers.get(r, {})
         vals = [v for v in (p.get("byzfl"), p.get("flwr")) if v is not None]
         best = min(vals) if vals else None
-        ratio = "-" if best is None else f"{ours[r] / best:.2f}"
+        ratio = "-" if not best else f"{ours[r] / best:.2f}"
         d = diff.get(r, {})
-        lines.append(f"| {r} | {fmt(before.get(r))} | {fmt(ours[r])} | {fmt(p.get('byzfl'))} "
+        byz = fmt(p.get("byzfl")) + (f" ({p['byzfl_input']})" if p.get("byzfl_input") else "")
+        lines.append(f"| {r} | {fmt(before.get(r))} | {fmt(ours[r])} | {byz} "
                      f"| {fmt(p.get('flwr'))} | {fmt(best)} | {ratio} | {d.get('byzfl', '-')} "
                      f"| {d.get('flwr', '-')} |")
     return "\n".join(lines)
@@ -316,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, out in peer_outs.items():
         rule, peer = key.split("|")
         diff.setdefault(rule, {})[peer] = rel_diff(our_outs[rule], out, scale)
-    best = {r: min([v for v in peers.get(r, {}).values() if v is not None], default=None)
-            for r in args.rules}
+    best = {r: min([v for k, v in peers.get(r, {}).items() if k in ("byzfl", "flwr")
+                    and v is not None], default=None) for r in args.rules}
     print(f"aggregation time, n={args.n} x d={args.d:,} float32, f={args.f}, one thread, "
           f"median of {args.repeats} (ms); ours before ({args.before or 'not asked'}), ours "
           "and the peers in the same run, back to back"
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ok: dict[str, bool | None] = {}
     for r in args.rules:
         b = best[r]
-        ratio[r] = None if b is None else round(ours[r] / b, 3)
+        ratio[r] = None if not b else round(ours[r] / b, 3)
         ok[r] = None if b is None else ours[r] <= b
     emit({"agg_ms": ours, "peers_ms": peers, "best_peer_ms": best, "ratio_vs_best_peer": ratio,
           "at_or_below_best": ok,
