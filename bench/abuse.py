@@ -28,8 +28,8 @@ import aiohttp
 
 from bench.common import emit, print_table
 from bench.live import Client, api_ok, cpu_seconds, honest_node, rows_per_node, running_server
+from server.peers import MAX_REFUSALS, PRE_HELLO_REFUSALS
 from server.store import MAX_REJECTION_ROWS_PER_NODE
-from server.ws import MAX_REFUSALS, PRE_HELLO_REFUSALS
 from shared.envelope import Identity, new_nonce
 from shared.errors import ERROR_CODES
 from shared.frame import FIXED_HEADER, FLAG_SIGNED, FLAG_ZSTD, MAGIC, SIG_LEN

@@ -43,7 +43,7 @@ from server.evidence import Evidence
 from server.ledger import apply_setting
 from server.outbox import Outbox
 from server.p2p import P2PReduction
-from server.peers import Connection, Peer
+from server.peers import Connection, Peer, close_reason
 from server.reduction import ServerReduction, choose_reduction
 from server.roundopen import RoundOpener
 from server.rtc import RtcHub, RtcSettings
@@ -78,7 +78,6 @@ from shared.rounds import Decision, RoundPolicy, RoundState
 
 log = logging.getLogger("server.coordinator")
 AGENT = "daa-prime-server/0.1"
-MAX_ERRORS_PER_CONNECTION = 256  # then the connection is closed (every Error is signed)
 
 
 CommitHook = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -140,9 +139,10 @@ class Coordinator:
             self.evidence.record(round_, conn.peer.node_id, None, err.code, err.message,
                                  ["server"])
         log.warning("rejected %s from %s: %s", err.code, who, err.message)
+        reason = close_reason(conn)  # already at the limit: a frame server.ws did not stop
         conn.errors += 1
-        if conn.errors > MAX_ERRORS_PER_CONNECTION:
-            log.warning("closing %s after %d refused frames", who, conn.errors - 1)
+        if reason is not None:
+            log.warning("closing %s after %s", who, reason)
             self._background(conn.ws.close())
             return
         await self.send(conn, Error(code=err.code, message=err.message, field=err.field,

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from shared.messages import Message
 
+PRE_HELLO_REFUSALS = 8  # refused frames before Hello, then the connection is closed
+MAX_REFUSALS = 256  # refused frames on one connection, then it is closed
+
 
 class Sender(Protocol):
     async def send_bytes(self, data: bytes) -> None: ...
@@ -58,6 +61,17 @@ class Connection:
     challenge: str = field(default_factory=lambda: secrets.token_hex(32))
     errors: int = 0  # frames refused on this connection
     public_key: bytes = b""  # the key the Hello proved possession of
+
+
+def close_reason(conn: Connection) -> str | None:
+    """Why `conn` must be closed now (unsigned), or None. The one refusal limit: checked by
+    server.ws for WebSocket frames and by the coordinator for frames that reach it by another
+    path (a star data channel)."""
+    if conn.peer is None and conn.errors >= PRE_HELLO_REFUSALS:
+        return f"{PRE_HELLO_REFUSALS} refused frames before hello"
+    if conn.errors >= MAX_REFUSALS:
+        return f"{MAX_REFUSALS} refused frames"
+    return None
 
 
 class Nodes(Protocol):

@@ -4,9 +4,10 @@ Cheap refusals (docs/protocol.md, "Limits"): an address that opens connections f
 CONNECT_RATE/s (burst CONNECT_BURST) gets HTTP 429 before anything is signed; a connection or
 node that sends frames faster than FRAME_RATE/s (burst FRAME_BURST) is closed; a connection
 that has not said Hello is closed after PRE_HELLO_REFUSALS refused frames, any connection after
-MAX_REFUSALS. A close is a WebSocket close (code 1008 and a reason), never a signed frame, and
-once decided, nothing more from that connection is processed, counted or stored: the frames
-still queued on it are dropped.
+MAX_REFUSALS (both in server.peers, whose close_reason the coordinator also applies to frames
+that reach it by another path, a star data channel). A close is a WebSocket close (code 1008
+and a reason), never a signed frame, and once decided, nothing more from that connection is
+processed, counted or stored: the frames still queued on it are dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from server.auth import authenticate
 from server.keys import COORDINATOR
-from server.peers import Connection
+from server.peers import Connection, close_reason
 from server.tls import client_address
 from shared.errors import ERROR_CODES, FrameError, NotAdmitted, ProtocolError
 from shared.frame import decode_frame
@@ -35,8 +36,6 @@ log = logging.getLogger("server.ws")
 HELLO_TIMEOUT_S = 30.0  # a connection that has not said who it is by then is closed
 CONNECT_RATE, CONNECT_BURST = 10.0, 60  # new connections per second per remote address
 FRAME_RATE, FRAME_BURST = 200.0, 1000  # frames per second per node (per connection before Hello)
-PRE_HELLO_REFUSALS = 8  # refused frames before Hello, then the connection is closed
-MAX_REFUSALS = 256  # refused frames on one connection, then it is closed
 MAX_TRACKED = 4096  # addresses / nodes whose buckets are kept (least recently used dropped)
 CHALLENGE_POOL = 64  # signed Challenges kept for reuse (see Challenges)
 # fields a refusal before Hello may name in its cached Error (any other: null)
@@ -136,15 +135,6 @@ def setup(app: web.Application) -> None:
 def _limits(app: web.Application) -> Limits:
     limits = app.get(LIMITS)
     return limits if limits is not None else Limits.default()
-
-
-def close_reason(conn: Connection) -> str | None:
-    """Why `conn` must be closed now (unsigned), or None."""
-    if conn.peer is None and conn.errors >= PRE_HELLO_REFUSALS:
-        return f"{PRE_HELLO_REFUSALS} refused frames before hello"
-    if conn.errors >= MAX_REFUSALS:
-        return f"{MAX_REFUSALS} refused frames"
-    return None
 
 
 def _pre_hello_check(coord: Any, conn: Connection, data: bytes) -> ProtocolError | None:

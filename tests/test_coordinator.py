@@ -210,3 +210,29 @@ def test_no_class_in_server_inherits_a_mixin() -> None:
                 bases = [ast.unparse(b) for b in node.bases]
                 assert not any("Mixin" in b for b in bases), (path.name, node.name, bases)
                 assert "Mixin" not in node.name, (path.name, node.name)
+
+
+async def test_frames_past_the_refusal_limit_close_the_connection_unanswered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames that reach the coordinator by another path than server.ws (a star data channel)
+    meet the same limit, server.peers.close_reason: every refusal up to it is answered, the
+    next closes the connection with no Error."""
+    monkeypatch.setattr("server.peers.MAX_REFUSALS", 4)
+    closed: list[bool] = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    async with coordinator(tmp_path, loop=False) as coord:
+        a = await Node.join_new(coord)
+        a.inbox.close = close  # type: ignore[method-assign]
+        before = len(a.inbox.frames)
+        for _ in range(4):
+            await a.send(a.submit())  # no round open: wrong_round, answered
+        assert [type(m) for m in a.inbox.frames[before:]] == [Error] * 4
+        assert not closed
+        await a.send(a.submit())
+        await asyncio.sleep(0)  # the close runs in the background
+        assert closed == [True]
+        assert len(a.inbox.frames) == before + 4  # the fifth refusal is not answered
+        assert coord.rejected == {"wrong_round": 5}

@@ -13,8 +13,9 @@ import aiohttp
 import numpy as np
 
 from server.keys import RUN
+from server.peers import MAX_REFUSALS, PRE_HELLO_REFUSALS
 from server.store import MAX_REJECTION_ROWS_PER_NODE
-from server.ws import LIMITS, MAX_REFUSALS, PRE_HELLO_REFUSALS
+from server.ws import LIMITS
 from shared.frame import encode_frame
 from shared.messages import Ack, RoundCommitted, Submit
 from tests.test_ws_protocol import Server, serve

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from server import ws
+from server import peers, ws
 from server.store import MAX_REJECTION_ROWS_PER_NODE, MAX_REJECTION_ROWS_PER_NODE_ROUND
 from shared.errors import ERROR_CODES
 from shared.messages import schema_rows
@@ -43,7 +43,7 @@ def test_limits_table_states_the_servers_limits() -> None:
     text = " ".join(" ".join(r) for r in table_after("## Limits"))
     assert f"{ws.CONNECT_RATE:g}/s, burst {ws.CONNECT_BURST}" in text
     assert f"{ws.FRAME_RATE:g}/s, burst {ws.FRAME_BURST}" in text
-    assert re.search(rf"\| {ws.PRE_HELLO_REFUSALS} \| the {ws.PRE_HELLO_REFUSALS}th", DOC)
-    assert re.search(rf"\| {ws.MAX_REFUSALS} \| the {ws.MAX_REFUSALS}th", DOC)
+    assert re.search(rf"\| {peers.PRE_HELLO_REFUSALS} \| the {peers.PRE_HELLO_REFUSALS}th", DOC)
+    assert re.search(rf"\| {peers.MAX_REFUSALS} \| the {peers.MAX_REFUSALS}th", DOC)
     assert (f"at most {MAX_REJECTION_ROWS_PER_NODE_ROUND} rows per node and round and "
             f"{MAX_REJECTION_ROWS_PER_NODE} per node") in " ".join(DOC.split())
