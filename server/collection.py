@@ -7,7 +7,8 @@ payload (for validator nodes). Every update message, `Submit` (ws/star) or `Read
 goes through `take`, which runs the guards in one place, in this order:
 
 1. a round is open, else `WrongRound`;
-2. the sender joined as a trainer, else `BadUpdate` (field node_id);
+2. the sender joined as a trainer and, with DP sampling, was sampled for the open round,
+   else `BadUpdate` (field node_id);
 3. the message is the run's kind of update (the reduction's `update_type`), else `BadUpdate`
    (field msg_type);
 4. the codec (Submit) the node was given for that round (the run's, or autotune's: see
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,8 +41,10 @@ log = logging.getLogger("server.coordinator")
 
 class RoundCollection:
     def __init__(self, config: RunConfig, n_params: int, reduction: Reduction,
-                 counters: Counter[str], autotune: AutotuneLoop | None = None) -> None:
+                 counters: Counter[str], autotune: AutotuneLoop | None = None, *,
+                 takes_part: Callable[[Peer], bool] | None = None) -> None:
         self.config, self.n_params = config, n_params
+        self.takes_part = takes_part  # DP sampling: whether a trainer gets the open round
         self.reduction = reduction
         self.autotune = autotune  # the codec each node was given; measures each update
         self.counters = counters  # accepted, duplicates, stale_dropped, stale_applied
@@ -71,6 +75,9 @@ class RoundCollection:
             raise WrongRound("no round is open", field="round")
         if peer.role != "trainer":
             raise BadUpdate(f"a {peer.role} does not submit updates", field="node_id")
+        if msg.round == state.round and self.takes_part is not None \
+                and not self.takes_part(peer):
+            raise BadUpdate(f"not sampled for round {msg.round} (DP sampling)", field="node_id")
         if not isinstance(msg, self.reduction.update_type):
             raise BadUpdate(self.reduction.wrong_update, field="msg_type")
         if isinstance(msg, Submit) and not (

@@ -52,7 +52,6 @@ from server.slashing import Slashing
 from server.validation import Validation
 from shared.envelope import ReplayGuard
 from shared.errors import (
-    BadUpdate,
     ConflictingUpdate,
     FrameTooLarge,
     NotAdmitted,
@@ -104,11 +103,12 @@ class Coordinator:
         self.autotune = AutotuneLoop(run)
         if isinstance(self.reduction, ServerReduction):
             self.reduction.step_weights = self.autotune.weigh_by_steps
+        self.opener = RoundOpener(run, self.outbox, self.reduction, self.autotune)
         self.collection = RoundCollection(self.config, run.n_params, self.reduction,
-                                          self.counters, self.autotune)
+                                          self.counters, self.autotune,
+                                          takes_part=self.opener.takes_part)
         self.validation = Validation(run, self.outbox, self.collection, self.evidence,
                                      self.counters, self.rejected)
-        self.opener = RoundOpener(run, self.outbox, self.reduction, self.autotune)
         self.dp = DpAccountant(self.config, run.version)  # DP: sampling and epsilon
         self.rtc = RtcHub(self, RtcSettings.of(self.config))
         self._wake = asyncio.Event()
@@ -252,10 +252,6 @@ class Coordinator:
         """A trainer's update (Submit: ws/star; Ready: p2p): guarded and taken by the
         round collection, acknowledged here."""
         assert conn.peer is not None  # authenticate made sure
-        state = self.state
-        if (state is not None and msg.round == state.round
-                and not self.opener.takes_part(conn.peer)):
-            raise BadUpdate(f"not sampled for round {msg.round} (DP sampling)", field="node_id")
         outcome = self.collection.take(conn.peer, msg)
         await self.send(conn, Ack(round=msg.round, digest=msg.digest, status=outcome.value))
         self._wake.set()
@@ -300,11 +296,18 @@ class Coordinator:
         sample again (from the next draws; each one an accounted step)."""
         if self.opener.sample is None or self._active() or state.updates:
             return
+        self._draw_sample(state.round)
+
+    def _draw_sample(self, round_: int) -> int | None:
+        """DP: draw `round_`'s Poisson sample of the connected trainers and hand it, with the
+        RoundOpen's noise fields, to the opener; its size, or None without DP sampling."""
         self.opener.sample = None
-        picked = self.dp.sample(state.round, self._active())
-        assert picked is not None
+        picked = self.dp.sample(round_, self._active())
+        if picked is None:
+            return None
         self.opener.sample = self.dp.member
         self.opener.dp_fields = self.dp.open_fields(len(picked))
+        return len(picked)
 
     def _mark_stragglers(self) -> None:
         """Connected trainers still training when the attempt closes are straggling."""
@@ -349,13 +352,9 @@ class Coordinator:
             # ... and autotune may have set this round's (never below the run's quorum)
             policy = self.autotune.round_policy(
                 RoundPolicy(quorum=self.config.quorum, deadline_s=self.config.deadline_s))
-            self.opener.sample = None
-            picked = self.dp.sample(self.run.version, self._active())
-            if picked is not None:  # DP: the round's Poisson sample of connected trainers
-                self.opener.sample, self.opener.dp_fields = self.dp.member, \
-                    self.dp.open_fields(len(picked))
-                policy = dataclasses.replace(policy, quorum=max(1, min(policy.quorum,
-                                                                       len(picked))))
+            sampled = self._draw_sample(self.run.version)
+            if sampled is not None:  # DP: the quorum is at most the round's sample
+                policy = dataclasses.replace(policy, quorum=max(1, min(policy.quorum, sampled)))
             state = RoundState(round=self.run.version, policy=policy, opened_at=loop.time())
             self.collection.open(state)
             self.autotune.on_round_open(state.round)
