@@ -1,0 +1,270 @@
+"""bench.load: how many real participants one `python -m server` process holds.
+
+Real WebSocket connections to a real server on loopback, real ML-DSA-65 identities and
+signatures, real encoded updates through the one participant implementation
+(shared.participant.Participant: Challenge, signed Hello, RoundOpen, codec + error feedback,
+signed Submit), from a few worker processes. No training: with 2 cores for everything, each
+participant's pseudo-gradient is a cheap deterministic vector (seeded by node and round), and
+it submits at a random moment within `--spread-s` of the RoundOpen, standing in for training
+time. Participants connect from several loopback addresses (127.0.1.x), as a crowd comes from
+many addresses: the server's per-address connect limit (server.ws) is not what is measured.
+
+Round 0 is the join (every participant connects, then submits); rounds 1..R are measured.
+Per measured round: close = the moment the server took the round's last update (the newest
+Ack any participant received: the Ack is sent before the round loop wakes), commit = the
+moment a participant received RoundCommitted. `p99_commit_ms` is the 99th percentile of
+commit - close over every participant and measured round. `submit_to_commit` adds the time
+the server took to work through the round's updates (from the last Submit sent).
+
+Dropped messages: Submits never acknowledged, RoundCommitted never received, connections
+the server closed, frames the server dropped or refused by rate (its /api/run `limits`).
+Errors: Error frames, frames a participant refused, worker exceptions, the server's refusals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from bench.common import ROOT, emit, get_json, poll, print_table
+from bench.live import running_server
+from shared.envelope import Identity
+from shared.participant import Participant
+
+PER_ADDRESS = 50  # participants per loopback source address (server.ws CONNECT_BURST is 60)
+
+
+def _flags(participants: int, rounds: int, deadline_s: float) -> list[str]:
+    return ["--rounds", str(rounds + 1), "--quorum", str(participants),
+            "--deadline-s", str(deadline_s), "--heartbeat-s", "30", "--max-frame-mb", "4",
+            "--log-level", "WARNING"]
+
+
+class Member:
+    """One participant over one real WebSocket."""
+
+    def __init__(self, index: int, spread_s: float, seed: int) -> None:
+        self.index, self.spread_s, self.seed = index, spread_s, seed
+        self.part = Participant(Identity.generate(), runtime="native", agent="bench-load",
+                                device="cpu")
+        self.submitted: dict[int, float] = {}  # round -> time the Submit left
+        self.acked: dict[int, float] = {}
+        self.committed: dict[int, float] = {}
+        self.errors: list[str] = []
+        self.closed_by_server = 0
+        self.final = False
+
+    def delta(self, round_: int, n: int) -> bytes:
+        rng = np.random.default_rng([self.seed, self.index, round_])
+        return (rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)).astype("<f4") \
+            .tobytes()
+
+    async def run(self, http: aiohttp.ClientSession, base: str, deadline: float) -> None:
+        ws = await http.ws_connect(base + "/ws", max_msg_size=1 << 26, heartbeat=None)
+        self.part.connection_made()
+        jobs: set[asyncio.Task[None]] = set()
+        n_params = 0
+        try:
+            while not self.final and time.time() < deadline:
+                try:
+                    raw = await ws.receive(timeout=max(0.1, deadline - time.time()))
+                except TimeoutError:
+                    break
+                if raw.type != aiohttp.WSMsgType.BINARY:
+                    if not self.final:
+                        self.closed_by_server += 1
+                    break
+                for ev in self.part.receive(raw.data):
+                    kind = ev["kind"]
+                    if kind == "send":
+                        await ws.send_bytes(ev["frame"])
+                    elif kind == "welcome":
+                        n_params = int(ev["n_params"])
+                    elif kind == "train":
+                        task = asyncio.ensure_future(self._submit(ws, int(ev["round"]),
+                                                                  n_params))
+                        jobs.add(task)
+                        task.add_done_callback(jobs.discard)
+                    elif kind == "ack":
+                        self.acked.setdefault(int(ev["round"]), time.time())
+                    elif kind == "committed":
+                        self.committed.setdefault(int(ev["round"]), time.time())
+                        self.final = self.final or bool(ev["final"])
+                    elif kind in ("error", "refused", "fatal", "reconnect"):
+                        self.errors.append(f"{kind}: {ev.get('code', '')} {ev['message']}"[:200])
+        finally:
+            for task in jobs:
+                task.cancel()
+            await ws.close()
+
+    async def _submit(self, ws: aiohttp.ClientWebSocketResponse, round_: int, n: int) -> None:
+        rng = np.random.default_rng([self.seed, self.index, round_, 1])
+        await asyncio.sleep(float(rng.uniform(0, self.spread_s)))  # "training"
+        events = self.part.submit(round_, self.delta(round_, n), train_loss=1.0, samples=32,
+                                  compute_s=0.1)
+        for ev in events:
+            if ev["kind"] == "send":
+                self.submitted[round_] = time.time()
+                await ws.send_bytes(ev["frame"])
+
+
+async def _worker(base: str, first: int, count: int, spread_s: float, seed: int,
+                  timeout_s: float) -> dict[str, Any]:
+    deadline = time.time() + timeout_s
+    members = [Member(i, spread_s, seed) for i in range(first, first + count)]
+    sessions: dict[str, aiohttp.ClientSession] = {}
+    tasks = []
+    for m in members:
+        addr = f"127.0.1.{1 + m.index // PER_ADDRESS}"
+        if addr not in sessions:
+            sessions[addr] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                local_addr=(addr, 0), limit=0))
+        tasks.append(asyncio.ensure_future(m.run(sessions[addr], base, deadline)))
+        await asyncio.sleep(0.01)  # a ramp, not a burst of handshakes
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for s in sessions.values():
+        await s.close()
+    return {"members": [{"submitted": m.submitted, "acked": m.acked, "committed": m.committed,
+                         "errors": m.errors, "closed": m.closed_by_server}
+                        for m in members],
+            "exceptions": [repr(r)[:200] for r in results if isinstance(r, BaseException)]}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def summarize(results: list[dict[str, Any]], rounds: int) -> tuple[dict[str, Any],
+                                                                    list[dict[str, Any]]]:
+    """Worker results -> (figures, table rows) over the measured rounds 1..rounds."""
+    members = [m for r in results for m in r["members"]]
+    errors = sum(len(m["errors"]) for m in members) + sum(len(r["exceptions"]) for r in results)
+    dropped = sum(m["closed"] for m in members)
+    lat: list[float] = []
+    s2c: list[float] = []
+    rows = []
+    for rnd in range(rounds + 1):
+        key = str(rnd)
+        acks = [m["acked"][key] for m in members if key in m["acked"]]
+        subs = [m["submitted"][key] for m in members if key in m["submitted"]]
+        commits = [m["committed"][key] for m in members if key in m["committed"]]
+        dropped += sum(1 for m in members if key in m["submitted"] and key not in m["acked"])
+        dropped += len(members) - len(commits)
+        if not acks or not commits:
+            continue
+        close, last_sub = max(acks), max(subs)
+        per = [1000 * (c - close) for c in commits]
+        if rnd >= 1:
+            lat += per
+            s2c += [1000 * (c - last_sub) for c in commits]
+        rows.append({"round": rnd, "updates": len(acks), "commits": len(commits),
+                     "submit_span_s": round(last_sub - min(subs), 2),
+                     "last_submit_to_close_ms": round(1000 * (close - last_sub)),
+                     "close_to_commit_p50_ms": round(_pct(per, 50)),
+                     "close_to_commit_max_ms": round(max(per))})
+    figs = {"p99_commit_ms": round(_pct(lat, 99), 1), "p50_commit_ms": round(_pct(lat, 50), 1),
+            "p99_submit_to_commit_ms": round(_pct(s2c, 99), 1),
+            "dropped_messages": dropped, "errors": errors,
+            "error_samples": sorted({e for m in members for e in m["errors"]})[:5] +
+            [e for r in results for e in r["exceptions"]][:5]}
+    return figs, rows
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(*, participants: int, rounds: int, workers: int, spread_s: float, seed: int,
+        timeout_s: float, deadline_s: float, work: Path) -> dict[str, Any]:
+    t0 = time.monotonic()
+    with running_server(work, *_flags(participants, rounds, deadline_s)) as (base, proc):
+        assert proc is not None
+        per = -(-participants // workers)
+        procs = []
+        for w in range(workers):
+            first, count = w * per, min(per, participants - w * per)
+            if count <= 0:
+                break
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.load", "--worker", base, "--first", str(first),
+                 "--count", str(count), "--spread-s", str(spread_s), "--seed", str(seed),
+                 "--timeout-s", str(timeout_s)],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=timeout_s + 120)
+            if p.returncode != 0:
+                raise RuntimeError(f"worker failed ({p.returncode}): {err[-2000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        status = poll(lambda: (r := get_json(base + "/api/run"))["status"] == "finished" and r,
+                      60, "the run to finish")
+        server_rounds = get_json(base + "/api/rounds")
+        rss = _peak_rss_mb(proc.pid)
+    figs, rows = summarize(results, rounds)
+    limits = status["limits"]
+    server_dropped = (limits["connections_refused"] + limits["frames_over_rate"]
+                      + limits["closed_for_rate"] + limits["dropped_after_close"])
+    return {"participants": participants, "rounds": rounds, "workers": len(procs),
+            "spread_s": spread_s, **figs,
+            "dropped_messages": figs["dropped_messages"] + server_dropped,
+            "errors": figs["errors"] + int(status["rejected_total"]),
+            "server_peak_rss_mb": round(rss, 1), "server_rejected": status["rejected"],
+            "server_limits": limits, "committed_rounds": status["committed_rounds"],
+            "round_s": [round(float(r.get("duration_s", 0)), 2) for r in
+                        (server_rounds if isinstance(server_rounds, list)
+                         else server_rounds.get("rounds", []))],
+            "wall_s": round(time.monotonic() - t0, 1),
+            "update": "no training: a deterministic N(0, 1e-3) vector per node and round, "
+                      "raw32 over mlp-digits, signed ML-DSA-65",
+            "_rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    p.add_argument("--participants", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds (after the join)")
+    p.add_argument("--workers", type=int, default=4, help="participant processes")
+    p.add_argument("--spread-s", type=float, default=10.0,
+                   help="each update leaves at a random moment within this after RoundOpen")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--deadline-s", type=float, default=600.0, help="the server's round deadline")
+    p.add_argument("--worker", metavar="BASE", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        res = asyncio.run(_worker(a.worker, a.first, a.count, a.spread_s, a.seed, a.timeout_s))
+        print(json.dumps(res))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        figs = run(participants=a.participants, rounds=a.rounds, workers=a.workers,
+                   spread_s=a.spread_s, seed=a.seed, timeout_s=a.timeout_s,
+                   deadline_s=a.deadline_s, work=Path(tmp))
+    rows = figs.pop("_rows")
+    print(f"bench.load: {figs['participants']} participants over real WebSockets, "
+          f"{figs['workers']} worker processes, 1 server process; {figs['update']}")
+    print_table(rows, ["round", "updates", "commits", "submit_span_s",
+                       "last_submit_to_close_ms", "close_to_commit_p50_ms",
+                       "close_to_commit_max_ms"])
+    print(f"server peak RSS {figs['server_peak_rss_mb']} MB; round 0 is the join, not "
+          "measured")
+    emit(figs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
