@@ -38,6 +38,9 @@ ROLES = ("trainer", "validator")
 TRANSPORTS = ("ws", "star", "p2p")
 SHARD_KINDS = ("part", "result")
 SIGNAL_KINDS = ("offer", "answer", "candidate", "bye", "path")
+# secure aggregation's key stages (shared.secagg.round): server -> node "open", "roster",
+# "ciphertexts", "shares", "unmask"; node -> server "advert", "ciphertexts", "bundle", "unmask"
+SECAGG_STAGES = ("open", "advert", "roster", "ciphertexts", "bundle", "shares", "unmask")
 # one ICE server URL (Welcome.ice_servers): scheme, host[:port], an optional transport
 ICE_URL = re.compile(r"(stuns?|turns?):[A-Za-z0-9.\-\[\]:]{1,255}(\?transport=(udp|tcp))?")
 SERVER = "server"  # Signal.to / Signal.node_id naming the server's own WebRTC peer
@@ -266,6 +269,8 @@ class Welcome(Message):
     # this node (server.turn: the TURN REST API scheme of coturn's use-auth-secret)
     ice_servers: list[dict[str, Any]] = field(default_factory=list, metadata={"entries": {
         "urls": {"type": "str"}, "username": {"type": "str"}, "credential": {"type": "str"}}})
+    # secure aggregation (shared.secagg.round): updates go masked, never in the clear
+    secagg: bool = False
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
@@ -602,7 +607,7 @@ class Shard(Message):
     TYPE: ClassVar[int] = 14
     run_id: str  # the run
     round: int = spec(0, MAX_INT)  # the round being reduced
-    node_id: str  # the sender
+    node_id: str  # the sender ("server": the combined aggregate to a group's aggregator)
     to: str  # a node id or "server"
     kind: str  # "part" or "result"
     shard: int = spec(0, MAX_INDEX)  # shard index in the plan
@@ -611,7 +616,8 @@ class Shard(Message):
     payload: bytes = field(repr=False)  # part: float32 LE; result: a result_codec payload
 
     def __post_init__(self) -> None:
-        _hex64("Shard", "node_id", self.node_id)
+        if self.node_id != SERVER:  # "server": the combined aggregate to a group aggregator
+            _hex64("Shard", "node_id", self.node_id)
         if self.to != SERVER:
             _hex64("Shard", "to", self.to)
         _require(self.kind in SHARD_KINDS, "Shard", "kind", f"must be one of {SHARD_KINDS}")
@@ -621,12 +627,35 @@ class Shard(Message):
                  "Shard", "payload", "empty, or a part not float32 sized")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecAgg(Message):
+    """Secure aggregation's key stages (shared.secagg.round), node <-> server: the server
+    relays what participants send each other. The payload's stage messages carry their own
+    ML-DSA signatures (shared.secagg.messages), so a relay cannot forge them."""
+
+    TYPE: ClassVar[int] = 15
+    run_id: str  # the run
+    round: int = spec(0, MAX_INT)  # the round being aggregated
+    node_id: str  # the sender: a node id, or "server"
+    stage: str  # SECAGG_STAGES
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+    payload: bytes = field(repr=False)  # canonical JSON of the stage's body
+
+    def __post_init__(self) -> None:
+        if self.node_id != SERVER:
+            _hex64("SecAgg", "node_id", self.node_id)
+        _require(self.stage in SECAGG_STAGES, "SecAgg", "stage",
+                 f"must be one of {list(SECAGG_STAGES)}")
+        _require(self.round >= 0, "SecAgg", "round", "must be >= 0")
+        _nonce("SecAgg", self.nonce)
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge,
-                ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard)
+                ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard, SecAgg)
 }
-assert len(MESSAGE_TYPES) == 14, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 15, "duplicate message type id"
 
 
 _TYPE_TEXT = {int: "int", float: "float", str: "string", bool: "bool", dict: "object",

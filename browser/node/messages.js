@@ -22,6 +22,7 @@ export const ROLES = Object.freeze(["trainer", "validator"]);
 export const TRANSPORTS = Object.freeze(["ws", "star", "p2p"]);
 export const SHARD_KINDS = Object.freeze(["part", "result"]);
 export const SIGNAL_KINDS = Object.freeze(["offer", "answer", "candidate", "bye", "path"]);
+export const SECAGG_STAGES = Object.freeze(["open", "advert", "roster", "ciphertexts", "bundle", "shares", "unmask"]);
 export const ICE_URL = new RegExp("^(?:(stuns?|turns?):[A-Za-z0-9.\\-\\[\\]:]{1,255}(\\?transport=(udp|tcp))?)$");
 export const SERVER = "server";
 export const MAX_CANDIDATES = 4096;
@@ -49,7 +50,7 @@ export const SCHEMAS = {
   2: ['Welcome', {
     run_id: 's', node_id: 's', model: 'd', model_id: 's', data: 'd', shard: 'i', n_shards: 'i',
     codec: 's', codec_params: 'd', error_feedback: 'b', n_params: 'i', nonce: 's', transport: 's',
-    rtc_timeout_s: 'f', worker_momentum: 'f', ice_servers: 'l',
+    rtc_timeout_s: 'f', worker_momentum: 'f', ice_servers: 'l', secagg: 'b',
   }],
   3: ['RoundOpen', {
     run_id: 's', round: 'i', attempt: 'i', params_digest: 's', deadline_s: 'f', inner_steps: 'i',
@@ -95,6 +96,9 @@ export const SCHEMAS = {
   14: ['Shard', {
     run_id: 's', round: 'i', node_id: 's', to: 's', kind: 's', shard: 'i', revision: 'i',
     nonce: 's', payload: 'payload',
+  }],
+  15: ['SecAgg', {
+    run_id: 's', round: 'i', node_id: 's', stage: 's', nonce: 's', payload: 'payload',
   }],
 };
 
@@ -167,6 +171,9 @@ export const FIELD_META = {
     round: {"min": 0, "max": 9007199254740991},
     shard: {"min": 0, "max": 2147483647},
     revision: {"min": 0, "max": 9007199254740991},
+  },
+  SecAgg: {
+    round: {"min": 0, "max": 9007199254740991},
   },
 };
 
@@ -337,6 +344,12 @@ const POST = {
       'round, shard and revision must be >= 0');
     need(payload.length > 0 && (m.kind !== 'part' || payload.length % 4 === 0), 'Shard', 'payload',
       'empty, or a part not float32 sized');
+  },
+  SecAgg(m) {
+    if (m.node_id !== SERVER) hex64('SecAgg', 'node_id', m.node_id);
+    need(SECAGG_STAGES.includes(m.stage), 'SecAgg', 'stage', `must be one of ${SECAGG_STAGES}`);
+    need(m.round >= 0, 'SecAgg', 'round', 'must be >= 0');
+    need(NONCE.test(m.nonce), 'SecAgg', 'nonce', 'must be 32 lowercase hex digits');
   },
 };
 
