@@ -31,6 +31,7 @@ from shared.messages import (
     Ready,
     RoundCommitted,
     RoundOpen,
+    SecAgg,
     Shard,
     ShardPlan,
     Signal,
@@ -169,8 +170,13 @@ def shard(**kw: Any) -> Shard:
                  payload=payload)
 
 
+def secagg(**kw: Any) -> SecAgg:
+    return SecAgg(**{"run_id": "run-1", "round": 2, "node_id": NODE, "stage": "advert",
+                     "nonce": FIXED_NONCE, **kw}, payload=kw.pop("payload", b"{}"))
+
+
 ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge(),
-       validate_request(), verdict(), signal(), ready(), shard_plan(), shard()]
+       validate_request(), verdict(), signal(), ready(), shard_plan(), shard(), secagg()]
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -398,7 +404,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 15, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 16, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))
