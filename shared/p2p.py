@@ -41,7 +41,7 @@ to the next members in the ring; peers resend only what the new owners lack.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -178,13 +178,23 @@ def next_owner(plan: Plan, shard: int) -> str | None:
     return None
 
 
-def reduce_shard(rule: str, parts: Sequence[Vector], *, byzantine_fraction: float) -> Vector:
-    """The round's rule over one shard's slices (in member order); f from the member count."""
+def shard_f(rule: str, n: int, byzantine_fraction: float) -> int:
+    """The f the round's rule is applied with over `n` members' slices."""
     if rule not in COORDINATE_RULES:
         raise ValueError(f"p2p reduction needs a coordinate-wise rule {COORDINATE_RULES}, "
                          f"not {rule!r}")
-    f = estimate_f(len(parts), byzantine_fraction, rule=rule)
-    return get_rule(rule)(parts, f=max(f, 0))
+    return max(estimate_f(n, byzantine_fraction, rule=rule), 0)
+
+
+def reduce_shard(rule: str, parts: Sequence[Vector], *, byzantine_fraction: float) -> Vector:
+    """The round's rule over one shard's slices (in member order); f from the member count."""
+    return get_rule(rule)(parts, f=shard_f(rule, len(parts), byzantine_fraction))
+
+
+# A platform's reduce-and-encode of one shard (the tab's JS loops, browser/node/p2p_kernels.js):
+# (rule, f, result codec, the members' float32 LE slices in member order) -> the result payload,
+# byte-identical with encode_result(reduce_shard(...)) (tests/test_p2p_tabs.py checks the rules)
+ShardKernel = Callable[[str, int, str, list[bytes]], bytes]
 
 
 def check_result_codec(codec: str) -> str:
@@ -216,7 +226,8 @@ class ShardReducer:
     assembles the aggregate from the shards the primaries serve."""
 
     def __init__(self, me: str, plan: Plan, update: Vector, *, rule: str,
-                 byzantine_fraction: float = 0.0, result_codec: str = "raw32") -> None:
+                 byzantine_fraction: float = 0.0, result_codec: str = "raw32",
+                 kernel: ShardKernel | None = None) -> None:
         if len(update) != plan.n_params:
             raise ValueError(f"update has {len(update)} values, the plan {plan.n_params}")
         if me not in plan.members:
@@ -231,6 +242,7 @@ class ShardReducer:
         self.shards: dict[int, bytes] = {}  # shard -> reduction: mine if I own it, else served
         self.sent: set[tuple[int, str]] = set()  # (shard, owner) slices already sent
         self._members = plan.members  # the member set the reductions so far are over
+        self.kernel = kernel  # None: shared.aggregation's rule + shared.codecs here
         self.bytes_out = self.bytes_in = 0
 
     def _slice(self, shard: int) -> bytes:
@@ -281,9 +293,15 @@ class ShardReducer:
             got = self.parts.get(s, {})
             if s in self.reduced or not all(m in got for m in self.plan.members):
                 continue
-            vecs = [from_bytes(got[m]) for m in self.plan.members]
-            res = encode_result(reduce_shard(self.rule, vecs, byzantine_fraction=self.fraction),
-                                self.result_codec)
+            if self.kernel is not None:
+                f = shard_f(self.rule, len(self.plan.members), self.fraction)
+                res = self.kernel(self.rule, f, self.result_codec,
+                                  [got[m] for m in self.plan.members])
+            else:
+                vecs = [from_bytes(got[m]) for m in self.plan.members]
+                res = encode_result(reduce_shard(self.rule, vecs,
+                                                 byzantine_fraction=self.fraction),
+                                    self.result_codec)
             self.reduced[s] = self.shards[s] = res  # an owner keeps its own reduction
             digest = sha256_hex(res)
             out.append({"kind": "result", "to": "server", "shard": s, "payload": res,
