@@ -94,14 +94,36 @@ def test_the_unmasked_sum_is_the_exact_fixed_point_sum(ids: list[Identity], pure
 
 def test_dropouts_after_submitting_recover_up_to_the_threshold_then_refuse(
         ids: list[Identity]) -> None:
-    # 7 nodes, complete graph k = 6, t = 4: a survivor keeps 6 - m responding neighbours
+    # 7 nodes, complete graph k = 6, t = 4: a survivor keeps 6 - m responding neighbours,
+    # plus its own share of its seed (even k: shared.secagg.participant.own_share)
     lr = LocalRound(cfg(7), ids[:7])
-    res, want = run(lr, respond_skip=2)
+    res, want = run(lr, respond_skip=3)
     assert np.array_equal(res.ring_sum, want)
-    assert len(res.contributors) == 7  # the two dropped after submitting are in the sum
+    assert len(res.contributors) == 7  # the three dropped after submitting are in the sum
     lr = LocalRound(cfg(7), ids[:7])
     with pytest.raises(TooManyDropouts, match="cannot be unmasked"):
-        run(lr, respond_skip=3)
+        run(lr, respond_skip=4)
+
+
+def test_three_participants_survive_one_dropping_after_submitting(
+        ids: list[Identity]) -> None:
+    # k = 2, t = 2: each survivor's seed from its one responding neighbour and its own share
+    lr = LocalRound(cfg(3), ids[:3])
+    res, want = run(lr, respond_skip=1)
+    assert np.array_equal(res.ring_sum, want)
+    assert len(res.contributors) == 3
+    lr = LocalRound(cfg(3), ids[:3])
+    with pytest.raises(TooManyDropouts):
+        run(lr, respond_skip=2)
+
+
+def test_odd_degree_has_no_own_share(ids: list[Identity]) -> None:
+    # k = 3, t = 2: an own share would let a lying server reach t with one honest neighbour
+    lr = LocalRound(cfg(4), ids[:4])
+    lr.setup()
+    assert all(not p._own for p in lr.participants.values())
+    assert lr.aggregator is not None
+    assert all(not b.own_commit for b in lr.aggregator.bundles.values())
 
 
 def test_dropouts_before_submitting_have_their_pair_masks_removed(ids: list[Identity]) -> None:

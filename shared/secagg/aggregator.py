@@ -38,6 +38,7 @@ from shared.secagg.messages import (
 from shared.secagg.participant import (
     Routed,
     holder_x,
+    own_share,
     pair_commit,
     self_commit,
     share_commit,
@@ -222,6 +223,8 @@ class SecAggAggregator:
         """x -> share vector for `dealer`, from responses whose shares match commitments."""
         b = self.bundles[dealer]
         commits = {e[0]: (e[2] if kind == "self" else e[3]) for e in b.entries}
+        if kind == "self" and b.own_commit and own_share(len(self.graph[dealer])):
+            commits[dealer] = b.own_commit  # the dealer's share of its own seed
         out: dict[int, list[int]] = {}
         for holder, resp in sorted(self.responses.items()):
             pairs = dict(resp.self_shares if kind == "self" else resp.key_shares)

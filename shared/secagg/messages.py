@@ -123,12 +123,14 @@ class ShareBundle(_Signed):
     """Stage 3: Shamir shares of (self-mask seed, pair keys...) sealed to each neighbour.
     partners: the neighbours whose pair keys are shared, in share order.
     entries: (holder, base64 sealed shares, commitment to the self-mask share, commitment to
-    the pair-key shares). complaints: neighbours whose ciphertext failed its commitment."""
+    the pair-key shares). complaints: neighbours whose ciphertext failed its commitment.
+    own_commit: see shared.secagg.participant.own_share."""
 
     self_commit: str = ""  # commitment to the self-mask seed
     partners: tuple[str, ...] = ()
     entries: tuple[tuple[str, str, str, str], ...] = ()
     complaints: tuple[str, ...] = ()
+    own_commit: str = ""  # commitment to the dealer's own self-mask share (even degree), or ""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -61,6 +61,16 @@ def holder_x(roster: Sequence[str], node: str) -> int:
     return 1 + list(roster).index(node)
 
 
+def own_share(degree: int) -> bool:
+    """Whether a dealer also holds a share of its own self-mask seed (as in Bonawitz et al.,
+    where every user is among its own share holders). Only for an even degree k: with
+    t = k/2 + 1, a server that tells some holders the dealer dropped (to rebuild its pair keys
+    from t of its k neighbours) can then get at most k - t = t - 2 neighbours' self-mask shares,
+    plus the dealer's own: t - 1 < t. For odd k that sum would reach t, so no own share there.
+    It lets a round of 3 (k = 2, t = 2) lose one submitter and still unmask."""
+    return degree % 2 == 0
+
+
 def verified_roster(cfg: RoundConfig, adverts: Sequence[KeyAdvert]) -> dict[str, KeyAdvert]:
     """The adverts for this run and round whose signatures verify (the same for everyone)."""
     out: dict[str, KeyAdvert] = {}
@@ -87,6 +97,7 @@ class SecAggParticipant:
         self.masking_with: tuple[str, ...] = ()
         self._held: dict[str, tuple[bytes, bytes]] = {}  # dealer -> (self share, key shares)
         self._answered: tuple[UnmaskRequest, UnmaskResponse] | None = None
+        self._own = b""  # our share of our own self-mask seed (own_share), or none
 
     def advertise(self) -> KeyAdvert:
         pk, self._kem_sk = kem().keygen()
@@ -141,7 +152,12 @@ class SecAggParticipant:
         if len(xs) < self.t:
             raise SecAggError(f"{len(xs)} live neighbours, fewer than the threshold {self.t}: "
                               "this participant cannot take part in the round")
-        shares = shamir.split(values, xs, self.t)
+        own_x = holder_x(self.roster, self.me) if own_share(len(self.neighbours)) else None
+        shares = shamir.split(values, xs + ([own_x] if own_x is not None else []), self.t)
+        own_commit = ""
+        if own_x is not None:  # we hold a share of our own self-mask seed (see own_share)
+            self._own = shamir.to_bytes(shares[own_x][:1])
+            own_commit = share_commit(self.cfg, "self", self.me, self.me, self._own)
         entries = []
         for h, x in zip(partners, xs, strict=True):
             s_self, s_keys = shamir.to_bytes(shares[x][:1]), shamir.to_bytes(shares[x][1:])
@@ -151,7 +167,8 @@ class SecAggParticipant:
         return ShareBundle(run_id=self.cfg.run_id, round=self.cfg.round, node_id=self.me,
                            self_commit=self_commit(self.cfg, self.me, self._self_seed),
                            partners=partners, entries=tuple(entries),
-                           complaints=tuple(sorted(complaints))).signed_by(self.identity)
+                           complaints=tuple(sorted(complaints)),
+                           own_commit=own_commit).signed_by(self.identity)
 
     def on_shares(self, alive: Sequence[str], routed: Sequence[Routed]) -> list[SecAggError]:
         """Keep the shares sealed to us by dealers the aggregator kept (`alive`); returns the
@@ -209,8 +226,10 @@ class SecAggParticipant:
         if len(surv & set(self.masking_with)) + 1 < self.t:
             raise SecAggError("fewer than the threshold of our neighbours submitted: refusing "
                               "to help unmask so small a sum", field="survivors")
-        self_shares = tuple((d, s.hex()) for d, (s, _) in sorted(self._held.items())
-                            if d in surv)
+        held = dict(self._held)
+        if self._own:  # our own share of our self-mask seed: we submitted
+            held[self.me] = (self._own, b"")
+        self_shares = tuple((d, s.hex()) for d, (s, _) in sorted(held.items()) if d in surv)
         key_shares = tuple((d, k.hex()) for d, (_, k) in sorted(self._held.items())
                            if d in drop)
         resp = UnmaskResponse(run_id=self.cfg.run_id, round=self.cfg.round, node_id=self.me,
