@@ -29,7 +29,8 @@ round's honest updates; sign-flip, scaled and gaussian from their own trained up
 label-flip trains on labels y -> C-1-y).
 
 Prints one progress line per round, a table, and as the LAST line JSON with nodes, rounds,
-wall_s, peak_rss_mb, final_eval_loss, final_accuracy, attack, aggregator, byzantine.
+wall_s, peak_rss_mb, final_eval_loss, final_accuracy, attack, aggregator, byzantine
+(`--engine ray`: the nodes on Ray workers, bench.sim_ray; adds engine and workers).
 """
 
 from __future__ import annotations
@@ -152,12 +153,6 @@ def _local_update(trainer: SharedTrainer, node: SimNode, spec: Attack, n_params:
                            keep_going=lambda done, elapsed: node.part.keep_training(
                                round_, done, elapsed))
     return result, time.perf_counter() - t0
-
-
-def _leave(coord: Coordinator, sim: Sequence[SimNode]) -> None:
-    for node in sim:
-        assert node.conn is not None
-        coord.disconnect(node.conn)
 
 
 def _keep_opt_state(opt_state: str, total_bytes: int, opt_state_mb: float) -> bool:
@@ -302,7 +297,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
             say(_round_text(row, train_s, sign_s))
         await asyncio.wait_for(task, timeout=60)
         await _until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
-        _leave(coord, sim)
+        _ = [coord.disconnect(n.conn) for n in sim]  # type: ignore[arg-type]  # leave
         errors = sum(len(n.errors) for n in sim)
         last = rows[-1]
         summary = {"nodes": nodes, "rounds": len(rows) - 1,
@@ -361,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p2p-results", default=None, choices=RESULT_CODECS,
                    help="round every aggregate through this codec, as a p2p run's owners do "
                         "(run config p2p_result_codec): what 16-bit aggregates cost")
+    p.add_argument("--engine", default="asyncio", choices=["asyncio", "ray"],
+                   help="ray: the participants on Ray workers (bench.sim_ray)")
+    p.add_argument("--workers", type=int, default=None, help="ray workers (default: CPUs)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (1 is ~2x faster for these tiny models)")
@@ -368,13 +367,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = asyncio.run(simulate(
+    kw: dict[str, Any] = dict(
         nodes=args.nodes, rounds=args.rounds, byzantine=args.byzantine, attack=args.attack,
         aggregator=args.aggregator, model=args.model, seed=args.seed,
         inner_steps=args.inner_steps, partition=args.partition, data_dir=args.data_dir,
         attack_params=_params(args.attack_param), opt_state=args.opt_state,
         opt_state_mb=args.opt_state_mb, progress=not args.quiet,
-        extra_config=_params(args.config) or None, result_codec=args.p2p_results))
+        extra_config=_params(args.config) or None)
+    if args.engine == "ray":  # an optional dependency (pip install .[sim])
+        from bench.sim_ray import simulate_ray
+        out = asyncio.run(simulate_ray(**kw, workers=args.workers, address=args.ray_address,
+                                       result_codec=args.p2p_results))
+    else:
+        out = asyncio.run(simulate(**kw, result_codec=args.p2p_results))
     s = out["summary"]
     print(f"{s['nodes']} nodes ({s['byzantine']} byzantine, {s['attack']}), aggregator "
           f"{s['aggregator']}, {s['inner_steps']} inner steps, AdamW state {s['opt_state']}; "
@@ -383,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "accepted", "rejected", "train_s", "submit_s", "round_s"])
     emit({**{k: s[k] for k in ("nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
                                "final_accuracy", "attack", "aggregator", "byzantine")},
-          "p2p_results": args.p2p_results})
+          "p2p_results": args.p2p_results,
+          **({"engine": "ray", "workers": s["workers"]} if args.engine == "ray" else {})})
     return 0
 
 
