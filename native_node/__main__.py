@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="identity folder (default ~/.daa-prime/node-NAME)")
         q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+        q.add_argument("--region", default="", help="region label (letters, digits, - _ .) "
+                       "the server groups nodes by in hierarchical runs (p2p_groups)")
         several = q.add_mutually_exclusive_group()
         several.add_argument("--nproc", type=int, default=1,
                              help="run each round's inner steps over N local processes "
@@ -138,7 +140,8 @@ def node(args: argparse.Namespace) -> int:
         coordinator=args.coordinator, identity=identity, state_dir=state_dir, device=device,
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
         server_id=args.server_id, role=getattr(args, "role", "trainer"), nproc=nproc,
-        threads=args.threads, ca=args.ca, shard=args.shard))
+        threads=args.threads, ca=args.ca, shard=args.shard,
+        region=getattr(args, "region", "")))
     code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

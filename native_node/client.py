@@ -90,6 +90,7 @@ class NodeOptions:
     threads: int = 0  # torch CPU threads in all (0: torch's default)
     shard: str = "auto"  # with nproc > 1: "none" (DDP), "full" (FSDP), "auto" (FSDP if needed)
     ca: str | None = None  # CA bundle (PEM) for the server's TLS certificate (else the system's)
+    region: str = ""  # a region label for hierarchical aggregation's groups (Hello feature)
 
 
 class Backoff:
@@ -156,6 +157,8 @@ class NodeClient:
                                 pins=pins.load(opts.state_dir),
                                 save_pins=functools.partial(pins.save, opts.state_dir),
                                 expected_server_id=opts.server_id)
+        if opts.region:  # hierarchy (p2p_groups) groups members by it
+            self.part.extra_features = (f"region={opts.region}",)
         self.work: Workload | None = None
         self.trainer: Trainer | DistributedTrainer | None = None
         self.scorer: ProbeScorer | None = None  # set when role is "validator"
@@ -323,6 +326,8 @@ class NodeClient:
             async for raw in ws:
                 if raw.type != aiohttp.WSMsgType.BINARY:
                     continue
+                if self.p2p is not None:  # hierarchy: a RoundOpen waits for the aggregate
+                    await self.p2p.group.before_frame(raw.data)
                 for event in self.part.receive(raw.data):
                     if event["kind"] == "welcome":
                         joined.set()

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from native_node.group import GroupRole
 from native_node.mesh import PeerMesh
 from shared.downlink import apply_outer_step, is_outer_step, resolve
 from shared.errors import ProtocolError
@@ -62,6 +63,7 @@ class P2PRole:
         # control socket's read loop or aiortc's callbacks (which must keep running: the
         # signals that open our channels arrive there)
         self.inbox: asyncio.Queue[ShardPlan | Shard] = asyncio.Queue()
+        self.group = GroupRole(self)  # p2p_groups > 0: hierarchical aggregation instead
         self.worker = asyncio.ensure_future(self._work())
 
     def put(self, msg: ShardPlan | Shard) -> None:
@@ -71,7 +73,9 @@ class P2PRole:
         while True:
             msg = await self.inbox.get()
             try:
-                if isinstance(msg, ShardPlan):
+                if self.group.claims(msg):
+                    await self.group.handle(msg)
+                elif isinstance(msg, ShardPlan):
                     await self.on_plan(msg)
                 else:
                     await self.on_shard(msg)

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("heartbeat-s", float), ("stale-policy", str), ("stale-weight", float),
                        ("max-staleness", int), ("resume-grace-s", float),
                        ("transport", str), ("ice-servers", str), ("rtc-timeout-s", float),
-                       ("p2p-replicas", int), ("p2p-timeout-s", float),
+                       ("p2p-replicas", int), ("p2p-timeout-s", float), ("p2p-groups", int),
                        ("p2p-result-codec", str), ("autotune-pin", json.loads),
                        ("autotune-max-steps", int)):
         key = name.replace("-", "_")

@@ -76,6 +76,7 @@ HELP: dict[str, str] = {
     "p2p_replicas": "p2p: owners that reduce each shard (count)",
     "p2p_timeout_s": "p2p: owners silent this long are dropped (seconds)",
     "p2p_result_codec": "p2p: how reduced shards travel",
+    "p2p_groups": "p2p: reduce in up to this many groups, two aggregators each (0: shards)",
 }
 
 

@@ -64,6 +64,9 @@ class RunConfig:
     p2p_replicas: int = 2  # p2p: owners that reduce each shard (their results must agree)
     p2p_timeout_s: float = 30.0  # p2p: owners silent this long are dropped, shards reassigned
     p2p_result_codec: str = "fp16"  # p2p: how reduced shards travel (shared.messages.RESULT_CODECS)
+    # p2p: 0 shards the update over all members; G > 0 reduces in up to G groups, two elected
+    # aggregators each, the server combining group results (server/hierarchy.py)
+    p2p_groups: int = 0
     ice_servers: str = ""  # comma-separated STUN/TURN URLs for WebRTC (none by default)
     rtc_timeout_s: float = 10.0  # a channel not open by then: the node relays over its socket
     delta_downlink: bool = True  # send nodes that hold theta_r-1 only what changed
@@ -124,6 +127,9 @@ class RunConfig:
             (self.transport in ("ws", "star", "p2p"), "transport", "must be ws, star or p2p"),
             (self.p2p_replicas >= 1, "p2p_replicas", "must be >= 1"),
             (self.p2p_timeout_s > 0, "p2p_timeout_s", "must be > 0"),
+            (self.p2p_groups >= 0, "p2p_groups", "must be >= 0"),
+            (self.p2p_groups == 0 or self.transport == "p2p", "p2p_groups",
+             "needs transport p2p"),
             (self.p2p_result_codec in RESULT_CODECS, "p2p_result_codec",
              f"must be one of {RESULT_CODECS}"),
             (self.transport != "p2p" or self.aggregator in COORDINATE_RULES, "aggregator",

@@ -16,6 +16,8 @@ the outer step applies.
   budget counts more.
 - `server.p2p.P2PReduction` (p2p): a trainer keeps its update and sends a `Ready`; the members
   reduce shards among themselves and the server only checks the owners' results.
+- `server.hierarchy.HierarchyReduction` (p2p with `p2p_groups > 0`): groups of members reduce
+  at two elected aggregators each; the server checks them and combines the group results.
 
 `choose_reduction` is the one place that looks at `transport` to pick one.
 """
@@ -143,6 +145,14 @@ class ServerReduction:
 def choose_reduction(run: RunState, nodes: Nodes, evidence: Evidence,
                      counters: Counter[str]) -> Reduction:
     """The strategy for the run's `transport`: the one place that chooses."""
+    if run.config.transport == "p2p" and run.config.p2p_groups > 0:
+        from server.hierarchy import HierarchyReduction  # groups reduce, the server combines
+
+        return HierarchyReduction(run, nodes, evidence, counters)
     if run.config.transport == "p2p":
         return P2PReduction(run, nodes, evidence, counters)
+    if run.config.secagg:  # ws / star, the server sums masked updates only
+        from server.secagg_round import SecAggReduction
+
+        return SecAggReduction(run, nodes, evidence, counters)
     return ServerReduction(run, counters)

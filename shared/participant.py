@@ -134,6 +134,7 @@ class Participant:
         if role not in ("trainer", "validator"):
             raise ValueError(f"role must be 'trainer' or 'validator', got {role!r}")
         self.runtime, self.agent, self.device, self.role = runtime, agent, device, role
+        self.extra_features: tuple[str, ...] = ()  # more Hello features, e.g. "region=eu"
         self.validating: ValidateRequest | None = None  # the request being scored
         self.trust = ServerTrust(pins=pins, save_pins=save_pins,
                                  expected_server_id=expected_server_id, max_payload=MAX_MESSAGE)
@@ -195,7 +196,8 @@ class Participant:
             hello = Hello(node_id=self.node_id, public_key=self.identity.public_key.hex(),
                           challenge=msg.challenge, nonce=new_nonce(), runtime=self.runtime,
                           agent=self.agent, device=self.device, role=self.role,
-                          features="delta-params" if self.role == "trainer" else "")
+                          features=",".join(("delta-params", *self.extra_features))
+                          if self.role == "trainer" else "")
             return [self._send(hello)]
         if isinstance(msg, Welcome):
             return self._on_welcome(msg)
