@@ -90,10 +90,7 @@ class P2PReduction:
         return None  # the update stays with its node
 
     def on_join(self, hello: Hello) -> str:
-        if hello.runtime == "browser" and hello.role == "trainer":
-            raise BadUpdate("this run reduces peer to peer (transport p2p), which browser "
-                            "tabs cannot join yet; run `python -m native_node join`",
-                            field="runtime")
+        # native nodes and browser tabs alike (browser/node/p2p_glue.py, mesh.js);
         # "p2p-relayed" once the server forwards shards for it
         return "p2p" if hello.role == "trainer" else "ws"
 

@@ -12,6 +12,7 @@
 import { ParticipantClient } from './participant_client.js';
 import { decodeUpdate } from './codecs.js';
 import { StarUplink } from './rtc.js';
+import { TabMesh } from './mesh.js';
 import { generateText, softmax, textWindows, bigramReference, fitCheck, describeData } from './local_model.js';
 import { fetchArrays } from './data.js';
 
@@ -197,17 +198,54 @@ export class BrowserNode extends EventTarget {
     up.start().catch((err) => this.log(`WebRTC offer failed: ${err.message || err}; relaying`));
   }
 
+  /** transport p2p: direct channels to the plan's members (mesh.js), shards on them. */
+  startMesh(w) {
+    if (w.transport !== 'p2p' || this.role !== 'trainer' || typeof RTCPeerConnection === 'undefined') return;
+    if (this.mesh && this.mesh.me === w.node_id && this.meshRun === w.run_id) {
+      this.mesh.iceServers = w.ice_servers ?? [];  // fresh TURN credentials for new links
+      return;
+    }
+    this.mesh?.close();
+    this.meshRun = w.run_id;
+    this.mesh = new TabMesh(w.node_id,
+      (to, kind, data) => this.participant('signal', [kind, data, to]).catch((err) => this.log(`p2p signal: ${err.message || err}`)),
+      (peer, frame) => this.participant('link', [peer, frame], [frame.buffer]).catch((err) => this.log(`p2p frame: ${err.message || err}`)),
+      { timeoutS: w.rtc_timeout_s, iceServers: w.ice_servers ?? [] });
+    this.set({ transport: 'p2p', p2p: { rounds: 0, direct: 0, relayed: 0 } });
+  }
+
+  /** A signed Shard for a member: its data channel, else the socket (the server forwards
+   * it). With `p2pHold` set (tests: a tab stuck mid-reduction) shards wait. */
+  sendShard(to, frame) {
+    if (this.p2pHold) { (this.held ||= []).push([to, frame]); return; }
+    this.mesh.send(to, frame).then((direct) => { if (!direct) this.send(frame); })
+      .catch(() => this.send(frame));
+  }
+
+  onP2PRound(e) {
+    const m = this.mesh?.stats ?? {};
+    this.set({ p2p: { ...e, rounds: (this.stats.p2p?.rounds ?? 0) + 1, direct: m.direct, relayed: m.relayed,
+      links: this.mesh?.open ?? 0, failed: m.failed, pairs: m.pairs, maxBuffered: m.maxBuffered },
+    state: `holding the aggregate of round ${e.round}` });
+  }
+
   onEvent(e) {
     switch (e.kind) {
       case 'send':
+        if (e.msg_type === 14 && this.p2pHold) { (this.held ||= []).push([null, e.frame]); break; }
         if (e.msg_type === 4 && this.uplink) this.sendUpdate(e.frame);  // Submit: star channel
         else this.send(e.frame);
         break;
       case 'signal':
         if (e.signal === 'answer' && e.from === 'server' && this.uplink) {
           this.uplink.onAnswer(e.data).catch((err) => this.log(`WebRTC answer: ${err.message || err}`));
+        } else if (e.from !== 'server' && this.mesh) {  // p2p: a member's offer or answer
+          this.mesh.onSignal(e.from, e.signal, e.data).catch((err) => this.log(`p2p signal: ${err.message || err}`));
         }
         break;
+      case 'mesh': this.mesh?.link(e.peers, e.ice_servers); this.set({ state: `reducing round ${e.round}` }); break;
+      case 'shard_out': this.sendShard(e.to, e.frame); break;
+      case 'p2p_round': this.onP2PRound(e); break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
       case 'train': this.onTrain(e); break;
       case 'round': this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `holding round ${e.round}` }); break;
@@ -249,6 +287,7 @@ export class BrowserNode extends EventTarget {
   async onWelcome(w) {
     this.welcome = w;
     this.startUplink(w);
+    this.startMesh(w);
     const model = w.model;
     this.set({ runId: w.run_id, model: `${model.name} (${w.n_params.toLocaleString()} params)`,
       task: w.data.kind === 'digits' ? 'classify' : 'lm' });
@@ -447,6 +486,7 @@ export class BrowserNode extends EventTarget {
     this.worker?.terminate();
     this.proto?.terminate();
     this.uplink?.close();
+    this.mesh?.close();
     this.ws?.close();
     this.set({ state: 'stopped' });
   }

@@ -21,6 +21,12 @@ def _js(events: list[dict[str, object]]) -> object:
     return to_js(events, dict_converter=js.Object.fromEntries)
 
 
+def _hooked(p: Participant, events: list[dict[str, object]]) -> list[dict[str, object]]:
+    """p2p_glue.py's P2P_HOOK (a `p2p` run's shard exchange), once the worker has run it."""
+    hook = globals().get("P2P_HOOK")
+    return hook(p, events) if hook is not None else events
+
+
 def make_participant(public_key, secret_key, pins_json: str, save_pins, device: str,
                      role: str = "trainer"):
     ident = Identity(public_key=public_key.to_bytes(), secret_key=secret_key.to_bytes())
@@ -30,7 +36,7 @@ def make_participant(public_key, secret_key, pins_json: str, save_pins, device: 
 
 
 def feed(p: Participant, data) -> object:
-    events = p.receive(data.to_bytes())
+    events = _hooked(p, p.receive(data.to_bytes()))
     for ev in events:  # the Welcome's STUN/TURN servers, for the tab's RTCPeerConnection
         if ev["kind"] == "welcome" and p.welcome is not None:
             ev["ice_servers"] = [dict(s) for s in p.welcome.ice_servers]
@@ -40,8 +46,8 @@ def feed(p: Participant, data) -> object:
 def submit(p: Participant, round_: int, delta, train_loss, samples: int,
            compute_s: float) -> object:
     loss = None if train_loss is None else float(train_loss)
-    return _js(p.submit(int(round_), delta.to_bytes(), train_loss=loss, samples=int(samples),
-                        compute_s=float(compute_s)))
+    return _js(_hooked(p, p.submit(int(round_), delta.to_bytes(), train_loss=loss,
+                                   samples=int(samples), compute_s=float(compute_s))))
 
 
 def verdict(p: Participant, round_: int, base_loss: float, losses) -> object:
@@ -50,8 +56,8 @@ def verdict(p: Participant, round_: int, base_loss: float, losses) -> object:
     return _js(p.verdict(int(round_), float(base_loss), [float(v) for v in losses.to_py()]))
 
 
-def signal(p: Participant, kind: str, data: str) -> object:
-    return _js(p.signal(str(kind), str(data)))
+def signal(p: Participant, kind: str, data: str, to: str = "server") -> object:
+    return _js(p.signal(str(kind), str(data), str(to)))
 
 
 def training_stopped(p: Participant, round_: int) -> None:

@@ -14,7 +14,8 @@
 //                                                         {type:'pins', json} (save the pins)
 //                                                         {type:'error', message} (init failed)
 // fn: connected() | feed(frame) | submit(round, delta, trainLoss, samples, computeS) |
-//     verdict(round, base, losses) | signal(kind, data) | stopped(round) | setLayout(json);
+//     verdict(round, base, losses) | signal(kind, data, to) | stopped(round) | setLayout(json) |
+//     link(peer, frame) (a frame on a p2p peer's data channel: p2p_glue.py);
 // `events` are node_glue.py's (plain objects, bytes as Uint8Array).
 
 import { loadShared } from './pyodide_host.js';
@@ -30,7 +31,8 @@ const CALLS = {
   submit: (round, delta, trainLoss, samples, computeS) => glue.submit(part, round, delta, trainLoss,
     samples, computeS),
   verdict: (round, base, losses) => glue.verdict(part, round, base, losses),
-  signal: (kind, data) => glue.signal(part, kind, data),
+  signal: (kind, data, to) => glue.signal(part, kind, data, to ?? 'server'),
+  link: (peer, frame) => glue.link(part, peer, frame),  // a frame on a p2p peer's channel
   stopped: (round) => { glue.stopped(part, round); return []; },
   setLayout: (json) => { glue.setLayout(part, json); return []; },
 };
@@ -54,10 +56,13 @@ async function init({ prefix, role, backend, pins, journal }) {
   const resp = await fetch(new URL('./node_glue.py', import.meta.url), { cache: 'no-cache' });
   if (!resp.ok) throw new Error(`node_glue.py: HTTP ${resp.status}`);
   py.runPython(await resp.text(), { filename: 'node_glue.py' });
+  const p2p = await fetch(new URL('./p2p_glue.py', import.meta.url), { cache: 'no-cache' });
+  if (!p2p.ok) throw new Error(`p2p_glue.py: HTTP ${p2p.status}`);
+  py.runPython(await p2p.text(), { filename: 'p2p_glue.py' });  // sets node_glue's P2P_HOOK
   const get = (name) => py.globals.get(name);
   glue = { make: get('make_participant'), feed: get('feed'), submit: get('submit'),
     setLayout: get('set_layout'), verdict: get('verdict'), signal: get('signal'),
-    stopped: get('training_stopped') };
+    stopped: get('training_stopped'), link: get('p2p_link') };
   part = glue.make(ident.publicKey, ident.secretKey, pins || '{}',
     (json) => self.postMessage({ type: 'pins', json }), backend, role);
   const restored = journal ? Boolean(part.restore(journal)) : false;

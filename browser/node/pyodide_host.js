@@ -9,6 +9,7 @@ import { generateIdentity, sign, verify } from './identity.js';
 import { toHex } from './floatbits.js';
 import { canCompress, compress, decompress } from './zstd.js';
 import { encode, withErrorFeedback } from './codecs.js';
+import { outerStep, reduceShard } from './p2p_kernels.js';
 
 export const PYODIDE_URL = '/static/vendor/pyodide/';
 export const SHARED_ZIP_URL = '/pkg/shared.zip';
@@ -32,6 +33,9 @@ export const bridge = {
   zstdCanCompress: () => canCompress(),
   zstdCompress: (data) => compress(data),
   zstdDecompress: (data, maxSize) => decompress(data, maxSize),
+  // p2p runs (p2p_glue.py): reduce an owned shard, apply the outer step (float32 LE bytes)
+  reduceShard: (rule, f, codec, slices) => reduceShard(rule, f, codec, slices),
+  outerStep: (theta, agg, m, lr, mu, nesterov) => outerStep(theta, agg, m, lr, mu, nesterov),
   // the participant's hot loop (shared.platform.UpdateEncoder): float32 LE bytes in and out
   encodeCodecs: () => ['raw32', 'fp16', 'bf16', 'int8-block', 'int4-block', 'topk'],
   encodeUpdate: (name, paramsJson, delta, residual, errorFeedback) => {

@@ -1,0 +1,179 @@
+"""Browser tabs as full members of a `p2p` run, and what the server moves per round.
+
+    python -m bench.p2p_tabs [--native 2] [--tabs 4] [--rounds 4] [--model gpt-tiny]
+                             [--close-tab] [--cap N] [--no-native-only]
+
+Inside a private network namespace the bench creates (bench.netns: loopback plus one veth,
+every packet stays inside it; Chromium finds no usable WebRTC candidate on loopback alone):
+
+1. A real server (`--transport p2p`, median, fp16 results), `--native` real native nodes and
+   `--tabs` headless Chromium tabs (one browser context each: its own identity) train
+   `--rounds` rounds together. Tabs open direct data channels to the plan's members
+   (browser/node/mesh.js), send their slices, reduce the shards they own in the participant
+   worker (p2p_kernels.js), serve results, and apply the outer step themselves.
+2. The same number of members, all native (`server_bytes_per_round_native_only`).
+
+Server bytes per round are the server's own counters (/api/rounds bytes in + out), averaged
+over the rounds after the first (round 0 carries the start-up: full params + momentum, channel
+set-up). A tab's bytes are its ShardReducer's shard bytes (sent, received) over its update
+size, the worst tab and round after the first; `tab_reduce_ms` is the median time of the JS
+kernel (reduce + encode one owned shard, in the worker, crossings from Pyodide included).
+
+`--close-tab` (e2e/test_browser_p2p.py): after the first round one tab holds its shard traffic
+(node.p2pHold) and is closed once it holds round 1's plan, i.e. mid-reduction; the JSON then
+says what the server did (p2p_dropped, n_updates per round).
+
+Last line: JSON with native, tabs, rounds_committed, server_bytes_per_round,
+server_bytes_per_round_native_only, peer_bytes_over_update_tab, tab_reduce_ms, and more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import netns
+from bench.common import children, emit, free_port, get_json, poll, print_table
+from bench.transport import CHROMIUM, CHROMIUM_ARGS, topology_run
+
+STATS = "() => window.daaNode ? window.daaNode.stats : null"
+
+
+def server_args(port: int, data: Path, members: int, rounds: int, model: str) -> list[str]:
+    return ["-m", "server", "--data-dir", str(data), "--port", str(port), "--model", model,
+            "--inner-steps", "4", "--batch-size", "8", "--quorum", str(members), "--rounds",
+            str(rounds), "--deadline-s", "120", "--transport", "p2p", "--aggregator", "median",
+            "--rtc-timeout-s", "20", "--p2p-timeout-s", "60", "--p2p-replicas", "2",
+            "--p2p-result-codec", "fp16", "--log-level", "INFO"]
+
+
+def steady_bytes(rows: list[dict[str, Any]]) -> float:
+    steady = [r for r in rows if r["round"] >= 1] or rows
+    return statistics.fmean(r["bytes_up"] + r["bytes_down"] for r in steady)
+
+
+def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
+              close_tab: bool = False) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    members = natives + tabs
+    quorum = members - 1 if close_tab else members
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    with children(tmp) as spawn:
+        spawn("server", *server_args(port, tmp / "run", quorum, rounds, model))
+        poll(lambda: get_json(url + "/api/run"), 120, "the server")
+        for i in range(natives):
+            spawn(f"node{i}", "-m", "native_node", "join", "--coordinator", f"127.0.0.1:{port}",
+                  "--name", f"node{i}", "--state-dir", str(tmp / f"node{i}"), "--threads", "1",
+                  "--quiet")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            pages, errors = [], []
+            for i in range(tabs):
+                page = browser.new_context().new_page()
+                page.on("console", lambda m, i=i: errors.append(f"tab{i}: {m.text}")
+                        if m.type == "error" else None)
+                page.goto(f"{url}/?backend=wasm")
+                pages.append(page)
+            closed: dict[str, Any] = {}
+            if close_tab:
+                victim = pages[0]
+                victim.wait_for_function("() => { const s = window.daaNode && window.daaNode.stats;"
+                                         " return s && s.p2p && s.p2p.rounds >= 1; }",
+                                         timeout=300_000, polling=200)
+                victim.evaluate("() => { window.daaNode.p2pHold = true; }")
+                victim.wait_for_function("() => (window.daaNode.held || []).length > 0",
+                                         timeout=300_000, polling=100)
+                closed = {"node_id": victim.evaluate("() => window.daaNode.stats.nodeId"),
+                          "held_frames": victim.evaluate("() => window.daaNode.held.length"),
+                          "state": victim.evaluate("() => window.daaNode.stats.state")}
+                victim.context.close()
+                pages = pages[1:]
+            poll(lambda: len(get_json(url + "/api/rounds")) >= rounds, 900,
+                 f"{rounds} rounds with {natives} native nodes and {tabs} tabs (logs in {tmp})")
+            stats = [p.evaluate(STATS) for p in pages]
+            browser.close()
+        rows = get_json(url + "/api/rounds")
+        metrics = get_json(url + "/api/run")
+    tab_rounds = [s.get("p2p") or {} for s in stats]
+    ratios = []
+    for p in tab_rounds:
+        if p.get("update"):
+            ratios.append(max(p["bytes_out"], p["bytes_in"]) / p["update"])
+    reduce_ms = [ms for p in tab_rounds for ms in p.get("reduce_ms", [])]
+    out = {"natives": natives, "tabs": tabs, "rounds_committed": len(rows),
+           "n_updates": [r["n_updates"] for r in rows],
+           "eval_loss": [r["eval_loss"] for r in rows],
+           "server_bytes_per_round": round(steady_bytes(rows)),
+           "peer_bytes_over_update_tab": round(max(ratios), 3) if ratios else None,
+           "tab_reduce_ms": round(statistics.median(reduce_ms), 2) if reduce_ms else None,
+           "tab_outer_steps": [p.get("outer_steps") for p in tab_rounds],
+           "tab_resyncs": [p.get("resyncs") for p in tab_rounds],
+           "tab_links": [p.get("links") for p in tab_rounds],
+           "tab_relayed_bytes": [p.get("relayed") for p in tab_rounds],
+           "tab_direct_bytes": [p.get("direct") for p in tab_rounds],
+           "tab_transport": [s.get("transport") for s in stats],
+           "closed_tab": closed or None, "console_errors": errors[:10],
+           "server_counters": {k: v for k, v in (metrics.get("counters") or {}).items()
+                               if str(k).startswith("p2p")},
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    print(f"mixed: {natives} native + {tabs} tabs: {out['server_bytes_per_round'] / 1e6:.3f} MB"
+          f" per round at the server ({out['wall_s']} s)", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--native", type=int, default=2)
+    ap.add_argument("--tabs", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--model", default="gpt-tiny")
+    ap.add_argument("--close-tab", action="store_true")
+    ap.add_argument("--no-native-only", action="store_true")
+    ap.add_argument("--dir", help="keep logs here (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    if not netns.inside():
+        why = netns.available()
+        if why is not None:
+            print(f"bench.p2p_tabs needs a private network namespace: {why}", file=sys.stderr)
+            return 2
+        return netns.rerun_inside("bench.p2p_tabs", sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(args.dir) if args.dir else Path(td)
+        mixed = mixed_run(tmp / "mixed", natives=args.native, tabs=args.tabs,
+                          rounds=args.rounds, model=args.model, close_tab=args.close_tab)
+        native_only = None
+        if not args.no_native_only:
+            n = args.native + args.tabs
+            native_only = topology_run(tmp / "native", "p2p", n, rounds=args.rounds,
+                                       flavour="nano", replicas=2, result_codec="fp16")
+    rows = [{"run": "mixed", "members": args.native + args.tabs,
+             "server_bytes_per_round": mixed["server_bytes_per_round"],
+             "rounds": mixed["rounds_committed"]}]
+    if native_only is not None:
+        rows.append({"run": "native only", "members": args.native + args.tabs,
+                     "server_bytes_per_round": native_only["server_bytes_per_round"],
+                     "rounds": native_only["rounds"]})
+    print_table(rows, ["run", "members", "server_bytes_per_round", "rounds"])
+    figures = {"native": args.native, "tabs": args.tabs, "model": args.model,
+               **{k: v for k, v in mixed.items() if k not in ("natives", "tabs")},
+               "server_bytes_per_round_native_only":
+                   native_only["server_bytes_per_round"] if native_only else None}
+    if native_only:
+        figures["server_ratio_vs_native_only"] = round(
+            mixed["server_bytes_per_round"] / native_only["server_bytes_per_round"], 3)
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

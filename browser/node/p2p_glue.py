@@ -1,0 +1,222 @@
+"""Pyodide side of a tab in a `p2p` run (the participant worker runs it after node_glue.py).
+
+The tab does what native_node/p2p.py does for a native node, with the same sans-I/O pieces
+(shared.p2p): it keeps its update when the participant says `ready`, runs a
+shared.p2p.ShardReducer on the round's ShardPlan, reduces the shards it owns with the JS
+kernel (p2p_kernels.js, in this worker: never on the page's main thread) and, at the next
+RoundOpen, applies the outer step itself (p2p_kernels.outerStep, the numpy path's float32
+arithmetic) and checks the result against the params digest; a mismatch makes the participant
+reconnect for the full params and momentum (a resync, counted).
+
+The page (node.js + mesh.js) owns the RTCPeerConnections. Events this adds for it:
+
+| kind        | fields                                                                  |
+|-------------|-------------------------------------------------------------------------|
+| mesh        | peers (direct channels to open, shared.p2p_mesh), ice_servers, round    |
+| shard_out   | to, frame: a signed Shard for a member: its channel, else the socket    |
+| p2p_round   | round, owned, bytes_out, bytes_in, update, reduce_ms, resyncs: the tab  |
+|             | holds the round's aggregate                                             |
+
+Frames that arrive on a peer's channel come back through `p2p_link(p, peer, frame)`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import daa_bridge  # type: ignore[import-not-found]  # registered by pyodide_host.js
+import js  # type: ignore[import-not-found]
+from pyodide.ffi import to_js  # type: ignore[import-not-found]
+
+from shared.downlink import OUTER, is_outer_step, resolve
+from shared.errors import BadUpdate, ProtocolError
+from shared.messages import SERVER, RoundOpen, Shard, ShardPlan, decode_message, sha256_hex
+from shared.p2p import Plan, ShardReducer
+from shared.p2p_mesh import TAB_MAX_PEERS, direct_peers
+from shared.participant import Participant
+from shared.vec import from_bytes, to_bytes
+
+Event = dict[str, Any]
+
+
+class TabP2P:
+    """One tab's p2p role (the twin of native_node.p2p.P2PRole, minus the links)."""
+
+    def __init__(self, p: Participant, cap: int | None = TAB_MAX_PEERS) -> None:
+        self.p, self.cap = p, cap
+        self.delta: bytes | None = None  # our update (float32 LE) for `delta_round`
+        self.delta_round = -1
+        self.reducer: ShardReducer | None = None
+        self.early: list[Shard] = []  # shard traffic that came before its plan
+        self.aggregate: bytes | None = None  # the last round's aggregate (float32 LE)
+        self.aggregate_round = -1
+        self.momentum: bytes | None = None  # outer momentum (from the server, then ours)
+        self.reduce_ms: list[float] = []  # the JS kernel's time per owned shard
+        self.resyncs = 0  # outer steps that did not reproduce the server's params
+        self.outer_steps = 0  # outer steps applied here that did
+        p.resolver = self.params
+
+    # -- the participant's events -----------------------------------------------------------
+    def on_events(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for ev in events:
+            if ev["kind"] == "ready":
+                self.delta, self.delta_round = bytes(ev["delta"]), int(ev["round"])
+                out.append({"kind": "ready", "round": ev["round"]})  # the bytes stay here
+            elif ev["kind"] == "p2p":
+                out += self.on_message(ev["message"])
+            else:
+                out.append(ev)
+        return out
+
+    def on_message(self, msg: ShardPlan | Shard) -> list[Event]:
+        try:
+            return self.on_plan(msg) if isinstance(msg, ShardPlan) else self.on_shard(msg)
+        except (ProtocolError, ValueError) as exc:
+            return [{"kind": "refused", "message": f"p2p {type(msg).__name__}: {exc}"}]
+
+    def on_link(self, peer: str, frame: bytes) -> list[Event]:
+        """A frame on `peer`'s data channel (its SDP came attested through the server): it
+        must be a Shard from `peer`."""
+        try:
+            msg = decode_message(frame, max_payload=len(frame) + 1024)
+        except ProtocolError as exc:
+            return [{"kind": "refused", "message": f"bad frame on {peer[:12]}'s channel: {exc}"}]
+        if not isinstance(msg, Shard) or msg.node_id != peer:
+            return [{"kind": "refused", "message": f"unexpected {type(msg).__name__} on "
+                                                   f"{peer[:12]}'s channel"}]
+        return self.on_message(msg)
+
+    # -- the round ----------------------------------------------------------------------------
+    def _kernel(self, rule: str, f: int, codec: str, slices: list[bytes]) -> bytes:
+        arr = js.Array.new()
+        for s in slices:
+            arr.push(to_js(s))
+        t0 = time.perf_counter()
+        res = bytes(daa_bridge.reduceShard(rule, f, codec, arr).to_bytes())
+        self.reduce_ms.append((time.perf_counter() - t0) * 1000)
+        return res
+
+    def on_plan(self, msg: ShardPlan) -> list[Event]:
+        plan = Plan.from_dict(msg.plan)
+        me = self.p.node_id
+        if me not in plan.members:
+            if self.reducer is not None and self.reducer.plan.round == plan.round:
+                self.reducer = None  # dropped from this round's reduction
+            return []
+        if self.delta is None or self.delta_round != msg.round:
+            return [{"kind": "refused", "message": f"round {msg.round}: a shard plan, but this "
+                                                   "tab holds no update for it"}]
+        welcome = self.p.welcome
+        ice = [dict(s) for s in welcome.ice_servers] if welcome is not None else []
+        out: list[Event] = [{"kind": "mesh", "round": plan.round, "ice_servers": ice,
+                             "peers": direct_peers(plan.members, me, self.cap)}]
+        r = self.reducer
+        if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
+            events = r.revise(plan)
+        else:
+            self.reducer = r = ShardReducer(me, plan, from_bytes(self.delta), rule=msg.rule,
+                                            byzantine_fraction=msg.byzantine_fraction,
+                                            result_codec=msg.result_codec, kernel=self._kernel)
+            events = r.start()
+        out += self._route(events)
+        early, self.early = self.early, []
+        for m in early:
+            out += self.on_shard(m)
+        return out
+
+    def on_shard(self, msg: Shard) -> list[Event]:
+        r = self.reducer
+        if r is None or msg.round != r.plan.round:
+            if r is None or msg.round > r.plan.round:
+                self.early.append(msg)
+                del self.early[:-10_000]  # bounded
+            return []
+        try:
+            if msg.kind == "part":
+                events = r.on_part(msg.node_id, msg.shard, msg.payload)
+            else:
+                events = r.on_result(msg.shard, msg.payload)
+        except ValueError as exc:
+            if msg.revision > r.plan.revision:  # sent under a plan we do not have yet
+                self.early.append(msg)
+                return []
+            return [{"kind": "refused", "message": f"round {msg.round}: shard {msg.shard} "
+                                                   f"{msg.kind} from {msg.node_id[:12]}: {exc}"}]
+        out = self._route(events)
+        if r.done and self.aggregate_round != r.plan.round:
+            self.aggregate = to_bytes(r.aggregate())
+            self.aggregate_round = r.plan.round
+            out.append({"kind": "p2p_round", "round": r.plan.round,
+                        "owned": r.plan.owned_by(self.p.node_id), "bytes_out": r.bytes_out,
+                        "bytes_in": r.bytes_in, "update": len(r.raw),
+                        "reduce_ms": list(self.reduce_ms[-4:]), "resyncs": self.resyncs,
+                        "outer_steps": self.outer_steps})
+        return out
+
+    def _route(self, events: list[Event]) -> list[Event]:
+        r = self.reducer
+        assert r is not None
+        assert self.p.welcome is not None
+        out: list[Event] = []
+        for e in events:
+            msg = Shard(run_id=self.p.welcome.run_id, round=r.plan.round, node_id=self.p.node_id,
+                        to=e["to"], kind=e["kind"], shard=e["shard"], revision=r.plan.revision,
+                        payload=e["payload"])
+            frame = self.p.frame(msg)
+            if e["to"] == SERVER:
+                out.append({"kind": "send", "msg_type": Shard.TYPE, "frame": frame})
+            else:
+                out.append({"kind": "shard_out", "to": e["to"], "frame": frame})
+        return out
+
+    # -- the next round's params --------------------------------------------------------------
+    def params(self, msg: RoundOpen, held: Any, held_digest: str | None) -> Any:
+        """theta for `msg`: with the momentum, full, a delta, or our own outer step."""
+        if msg.with_momentum:
+            n = len(msg.payload) // 8
+            self.momentum = bytes(msg.payload[4 * n:])
+            return from_bytes(msg.payload[:4 * n])
+        if msg.base_digest is not None and is_outer_step(msg.payload):
+            agg = self.aggregate if self.aggregate_round == msg.round - 1 else None
+            if held is None or held_digest != msg.base_digest or agg is None \
+                    or self.momentum is None:
+                self.resyncs += 1
+                raise BadUpdate("outer step: this tab lacks the params, momentum or aggregate",
+                                field="payload")
+            _, _, lr, mu, nesterov = OUTER.unpack(msg.payload)
+            out = daa_bridge.outerStep(to_js(to_bytes(held)), to_js(agg), to_js(self.momentum),
+                                       lr, mu, bool(nesterov))
+            theta = bytes(out.theta.to_bytes())
+            if sha256_hex(theta) != msg.params_digest:
+                self.resyncs += 1
+                raise BadUpdate("outer step: result does not match the params digest",
+                                field="params_digest")
+            self.momentum = bytes(out.m.to_bytes())
+            self.outer_steps += 1
+            return from_bytes(theta)
+        return resolve(msg, held, held_digest)
+
+
+_ROLES: dict[int, TabP2P] = {}
+
+
+def p2p_hook(p: Participant, events: list[Event]) -> list[Event]:
+    """node_glue's hook over every call's events: a p2p run's Welcome gives the tab its role."""
+    for ev in events:
+        if ev["kind"] == "welcome" and ev.get("transport") == "p2p" and id(p) not in _ROLES:
+            _ROLES[id(p)] = TabP2P(p)
+    role = _ROLES.get(id(p))
+    return role.on_events(events) if role is not None else events
+
+
+def p2p_link(p: Participant, peer: str, frame: Any) -> object:
+    """A frame from `peer`'s data channel -> the events it causes (as JS objects)."""
+    role = _ROLES.get(id(p))
+    events = role.on_link(str(peer), frame.to_bytes()) if role is not None else [
+        {"kind": "refused", "message": "a shard frame, but this run is not p2p"}]
+    return to_js(events, dict_converter=js.Object.fromEntries)
+
+
+P2P_HOOK = p2p_hook
