@@ -62,6 +62,7 @@ class Member:
         self.committed: dict[int, float] = {}
         self.errors: list[str] = []
         self.closed_by_server = 0
+        self.connect_failures: list[str] = []
         self.final = False
 
     def delta(self, round_: int, n: int) -> bytes:
@@ -69,8 +70,24 @@ class Member:
         return (rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)).astype("<f4") \
             .tobytes()
 
+    async def connect(self, http: aiohttp.ClientSession, base: str, deadline: float
+                      ) -> aiohttp.ClientWebSocketResponse:
+        """The WebSocket, retried with backoff as a node does (each failure is counted)."""
+        delay = 0.5
+        while True:
+            try:
+                return await http.ws_connect(base + "/ws", max_msg_size=1 << 26,
+                                             heartbeat=None, timeout=aiohttp.ClientWSTimeout(
+                                                 ws_receive=None, ws_close=10))
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.connect_failures.append(repr(exc)[:160])
+                if time.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(8.0, delay * 2)
+
     async def run(self, http: aiohttp.ClientSession, base: str, deadline: float) -> None:
-        ws = await http.ws_connect(base + "/ws", max_msg_size=1 << 26, heartbeat=None)
+        ws = await self.connect(http, base, deadline)
         self.part.connection_made()
         jobs: set[asyncio.Task[None]] = set()
         n_params = 0
@@ -135,7 +152,8 @@ async def _worker(base: str, first: int, count: int, spread_s: float, seed: int,
     for s in sessions.values():
         await s.close()
     return {"members": [{"submitted": m.submitted, "acked": m.acked, "committed": m.committed,
-                         "errors": m.errors, "closed": m.closed_by_server}
+                         "errors": m.errors, "closed": m.closed_by_server,
+                         "connect_failures": m.connect_failures}
                         for m in members],
             "exceptions": [repr(r)[:200] for r in results if isinstance(r, BaseException)]}
 
@@ -149,7 +167,8 @@ def summarize(results: list[dict[str, Any]], rounds: int) -> tuple[dict[str, Any
     """Worker results -> (figures, table rows) over the measured rounds 1..rounds."""
     members = [m for r in results for m in r["members"]]
     errors = sum(len(m["errors"]) for m in members) + sum(len(r["exceptions"]) for r in results)
-    dropped = sum(m["closed"] for m in members)
+    failures = [f for m in members for f in m["connect_failures"]]
+    dropped = sum(m["closed"] for m in members) + len(failures)
     lat: list[float] = []
     s2c: list[float] = []
     rows = []
@@ -174,7 +193,8 @@ def summarize(results: list[dict[str, Any]], rounds: int) -> tuple[dict[str, Any
                      "close_to_commit_max_ms": round(max(per))})
     figs = {"p99_commit_ms": round(_pct(lat, 99), 1), "p50_commit_ms": round(_pct(lat, 50), 1),
             "p99_submit_to_commit_ms": round(_pct(s2c, 99), 1),
-            "dropped_messages": dropped, "errors": errors,
+            "dropped_messages": dropped, "errors": errors, "connect_failures": len(failures),
+            "connect_failure_samples": sorted(set(failures))[:3],
             "error_samples": sorted({e for m in members for e in m["errors"]})[:5] +
             [e for r in results for e in r["exceptions"]][:5]}
     return figs, rows
