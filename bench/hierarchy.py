@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -171,14 +172,46 @@ async def _until(wake: asyncio.Event, cond: Callable[[], bool], nodes: Sequence[
             await asyncio.wait_for(wake.wait(), timeout=0.05)
 
 
+def _opened(sim: Sequence[SimNode], r: int) -> bool:
+    return all(n.open is not None and n.open["round"] == r for n in sim)
+
+
+def _round_done(records: list[dict[str, Any]], sim: Sequence[SimNode], r: int, last: bool
+                ) -> bool:
+    """Round r committed and every node holds round r+1 (the final notice after the last)."""
+    if not any(x.get("round") == r for x in records):
+        return False
+    return all(n.final for n in sim) if last else _opened(sim, r + 1)
+
+
+async def _attach_role(node: HierNode, coord: Coordinator, run_id: str,
+                       roles: dict[str, Any], wake: asyncio.Event) -> None:
+    """The real native node's p2p role (and its GroupRole) for `node`, its mesh in memory."""
+    from native_node.p2p import P2PRole
+
+    conn = node.conn
+    assert conn is not None
+
+    async def send_ws(data: bytes) -> None:
+        await coord.handle_frame(conn, data)
+
+    role = P2PRole(node.node_id, run_id, node.part.frame, send_ws)
+    await role.mesh.close()
+    role.mesh = InProcMesh(node.node_id, roles, wake)  # type: ignore[assignment]
+    roles[node.node_id] = role
+    node.role = role
+    node.part.resolver = role.params
+
+
 async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
                    inner_steps: int, model: str, flavour: str | None, aggregator: str,
-                   seed: int, progress: bool = True) -> dict[str, Any]:
+                   seed: int, progress: bool = True,
+                   outer: dict[str, float] | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="daa-hier-"))
     config: dict[str, Any] = {
         "model": model, "flavour": flavour, "aggregator": aggregator, "quorum": nodes,
         "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps, "n_shards": nodes,
-        "seed": seed, "codec": "raw32", "byzantine_fraction": 0.0}
+        "seed": seed, "codec": "raw32", "byzantine_fraction": 0.0, **(outer or {})}
     if hierarchical:
         config.update(transport="p2p", p2p_groups=groups, p2p_result_codec="fp16")
     run = await asyncio.to_thread(open_run, tmp / "run", config)
@@ -215,20 +248,8 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
             hello = node.pump()
             assert hello is not None
             await coord.handle_frame(node.conn, hello)
-            if hierarchical:  # the real node's p2p role, its mesh in memory
-                from native_node.p2p import P2PRole
-
-                conn = node.conn
-
-                async def send_ws(data: bytes, conn: Connection = conn) -> None:
-                    await coord.handle_frame(conn, data)
-
-                role = P2PRole(node.node_id, run.run_id, node.part.frame, send_ws)
-                await role.mesh.close()
-                role.mesh = InProcMesh(node.node_id, roles, wake)  # type: ignore[assignment]
-                roles[node.node_id] = role
-                node.role = role
-                node.part.resolver = role.params
+            if hierarchical:
+                await _attach_role(node, coord, run.run_id, roles, wake)
             node.pump()
             if node.welcome is None:
                 raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
@@ -241,8 +262,8 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
                                             "little"))
         rows: list[dict[str, Any]] = []
         for r in range(rounds):
-            await _until(wake, lambda r=r: all(n.open is not None and n.open["round"] == r
-                                               for n in sim), sim, task, 600, f"round {r} open")
+            await _until(wake, functools.partial(_opened, sim, r), sim, task, 600,
+                         f"round {r} open")
             b0, f0, t0 = meter.bytes, meter.frames, time.perf_counter()
             for node in sim:
                 job = node.open
@@ -255,9 +276,8 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
                 await coord.handle_frame(node.conn, data)
                 node.pump()
             last = r == rounds - 1
-            await _until(wake, (lambda: all(n.final for n in sim)) if last else
-                         (lambda r=r: all(n.open is not None and n.open["round"] == r + 1
-                                          for n in sim)), sim, task, 600, f"round {r} done")
+            await _until(wake, functools.partial(_round_done, records, sim, r, last),
+                         sim, task, 600, f"round {r} done")
             rec = next(x for x in records if x.get("round") == r)
             rows.append({"mode": "hierarchical" if hierarchical else "flat", "round": r,
                          "eval_loss": rec.get("eval_loss"), "n_updates": rec.get("n_updates"),
@@ -303,19 +323,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggregator", default="median", choices=["mean", "median",
                                                              "trimmed-mean"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outer-lr", type=float, default=None, help="run config outer_lr")
+    p.add_argument("--outer-momentum", type=float, default=None,
+                   help="run config outer_momentum")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
-    for hier in (False, True):
-        res = asyncio.run(run_mode(hierarchical=hier, nodes=args.nodes, groups=args.groups,
+    outer = {k: v for k, v in (("outer_lr", args.outer_lr),
+                               ("outer_momentum", args.outer_momentum)) if v is not None}
+    for hierarchical in (False, True):
+        res = asyncio.run(run_mode(hierarchical=hierarchical, nodes=args.nodes, groups=args.groups,
                                    rounds=args.rounds, inner_steps=args.inner_steps,
                                    model=args.model, flavour=args.flavour,
                                    aggregator=args.aggregator, seed=args.seed,
-                                   progress=not args.quiet))
-        out["hierarchical" if hier else "flat"] = res["summary"]
+                                   progress=not args.quiet, outer=outer))
+        out["hierarchical" if hierarchical else "flat"] = res["summary"]
         rows += res["rows"]
     print(f"{args.nodes} nodes, {args.model} ({args.flavour}), rule {args.aggregator}, "
           f"{args.inner_steps} inner steps, {args.rounds} rounds; hierarchical: "

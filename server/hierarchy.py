@@ -214,10 +214,10 @@ class HierarchyReduction(P2PReduction):
                         state.round)
             return None
         self._round, self._digests = state.round, dict(state.updates)
-        runs = []
-        for i, grp in enumerate(groups):
-            plan = elect(state.round, self.run.n_params, grp, avoid=sorted(self._liars))
-            runs.append(GroupRun(index=i, plan=plan, capable=[m.node_id for m in grp
+        runs: list[GroupRun] = []
+        for i, members_i in enumerate(groups):
+            plan = elect(state.round, self.run.n_params, members_i, avoid=sorted(self._liars))
+            runs.append(GroupRun(index=i, plan=plan, capable=[m.node_id for m in members_i
                                                                if m.capable],
                                  check=ShardCheck(plan, result_codec=cfg.p2p_result_codec),
                                  progress=loop.time()))
@@ -245,9 +245,9 @@ class HierarchyReduction(P2PReduction):
                     if gone:
                         log.info("round %d: dropping %s from group %d; aggregators replaced",
                                  state.round, [g[:12] for g in sorted(gone)], grp.index)
-                        plan = self._drop_gone(grp, gone, collection)
-                        if plan is not None:
-                            await self._replan_group(grp, plan)
+                        revised = self._drop_gone(grp, gone, collection)
+                        if revised is not None:
+                            await self._replan_group(grp, revised)
                 left = sum(len(g.plan.members) for g in runs if not g.dropped)
                 if left < cfg.quorum:
                     log.warning("round %d: %d members left, below quorum %d; retrying",

@@ -3,6 +3,8 @@ check of their results and the combination of group results."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -80,7 +82,8 @@ def _group(n: int, rule: str = "median") -> tuple[list[str], list[np.ndarray], d
     return members, updates, digests, nodes
 
 
-def _deliver(nodes: list[GroupReducer], events: list[dict], sender: str) -> list[dict]:
+def _deliver(nodes: list[GroupReducer], events: list[dict[str, Any]], sender: str
+             ) -> list[dict[str, Any]]:
     by_id = {r.me: r for r in nodes}
     ups = []
     for e in events:
