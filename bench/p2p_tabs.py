@@ -71,10 +71,6 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
     with children(tmp) as spawn:
         spawn("server", *server_args(port, tmp / "run", quorum, rounds, model))
         poll(lambda: get_json(url + "/api/run"), 120, "the server")
-        for i in range(natives):
-            spawn(f"node{i}", "-m", "native_node", "join", "--coordinator", f"127.0.0.1:{port}",
-                  "--name", f"node{i}", "--state-dir", str(tmp / f"node{i}"), "--threads", "1",
-                  "--quiet")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             pages, errors = [], []
@@ -84,11 +80,19 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
                         if m.type == "error" else None)
                 page.goto(f"{url}/?backend=wasm")
                 pages.append(page)
+            for page in pages:  # every tab welcomed before the native nodes start, so that
+                # the first round waits for all members (it opens at quorum)
+                page.wait_for_function("() => window.daaNode && window.daaNode.stats.runId",
+                                       timeout=300_000, polling=200)
+            for i in range(natives):
+                spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
+                      f"127.0.0.1:{port}", "--name", f"node{i}", "--state-dir",
+                      str(tmp / f"node{i}"), "--threads", "1", "--quiet")
             closed: dict[str, Any] = {}
-            if close_tab:
+            if close_tab:  # once it holds round 1's aggregate (every member is in by then)
                 victim = pages[0]
                 victim.wait_for_function("() => { const s = window.daaNode && window.daaNode.stats;"
-                                         " return s && s.p2p && s.p2p.rounds >= 1; }",
+                                         " return s && s.p2p && s.p2p.round >= 1; }",
                                          timeout=300_000, polling=200)
                 victim.evaluate("() => { window.daaNode.p2pHold = true; }")
                 victim.wait_for_function("() => (window.daaNode.held || []).length > 0",
@@ -96,6 +100,7 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
                 closed = {"node_id": victim.evaluate("() => window.daaNode.stats.nodeId"),
                           "held_frames": victim.evaluate("() => window.daaNode.held.length"),
                           "state": victim.evaluate("() => window.daaNode.stats.state")}
+                closed["round"] = int(closed["state"].rsplit(" ", 1)[-1])  # reducing round N
                 victim.context.close()
                 pages = pages[1:]
             poll(lambda: len(get_json(url + "/api/rounds")) >= rounds, 900,
@@ -123,11 +128,78 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
            "tab_direct_bytes": [p.get("direct") for p in tab_rounds],
            "tab_transport": [s.get("transport") for s in stats],
            "closed_tab": closed or None, "console_errors": errors[:10],
-           "server_counters": {k: v for k, v in (metrics.get("counters") or {}).items()
-                               if str(k).startswith("p2p")},
+           "server_counters": metrics.get("p2p") or {},  # the server's p2p_* counters
            "wall_s": round(time.perf_counter() - t0, 1)}
     print(f"mixed: {natives} native + {tabs} tabs: {out['server_bytes_per_round'] / 1e6:.3f} MB"
           f" per round at the server ({out['wall_s']} s)", file=sys.stderr, flush=True)
+    return out
+
+
+LIMITS_JS = """async ({ ks, mb }) => {
+  const gathered = (pc) => new Promise((r) => {
+    if (pc.iceGatheringState === 'complete') r();
+    pc.addEventListener('icegatheringstatechange',
+      () => pc.iceGatheringState === 'complete' && r());
+    setTimeout(r, 3000);
+  });
+  const pairs = [];
+  const rows = [];
+  for (const k of ks) {
+    const t0 = performance.now();
+    const opening = [];
+    while (pairs.length + opening.length < k) {
+      const a = new RTCPeerConnection(); const b = new RTCPeerConnection();
+      const ch = a.createDataChannel('x', { ordered: true });
+      const got = new Promise((r) => { b.ondatachannel = (ev) => r(ev.channel); });
+      const open = new Promise((r) => { ch.onopen = r; });
+      await a.setLocalDescription(await a.createOffer()); await gathered(a);
+      await b.setRemoteDescription(a.localDescription);
+      await b.setLocalDescription(await b.createAnswer()); await gathered(b);
+      await a.setRemoteDescription(b.localDescription);
+      opening.push(Promise.all([open, got]).then(([, rc]) => ({ a, b, ch, rc })));
+    }
+    pairs.push(...(await Promise.all(opening)));
+    const openMs = performance.now() - t0;
+    const size = mb * 1024 * 1024; const chunk = new Uint8Array(256 * 1024 - 64);
+    const t1 = performance.now();
+    await Promise.all(pairs.map(({ ch, rc }) => new Promise((resolve) => {
+      let got = 0; rc.binaryType = 'arraybuffer';
+      rc.onmessage = (ev) => { got += ev.data.byteLength; if (got >= size) resolve(); };
+      ch.bufferedAmountLowThreshold = 1 << 20;
+      let sent = 0;
+      const pump = () => {
+        while (sent < size && ch.bufferedAmount < (4 << 20)) {
+          ch.send(chunk); sent += chunk.length;
+        }
+        if (sent < size) ch.addEventListener('bufferedamountlow', pump, { once: true });
+      };
+      pump();
+    })));
+    const s = (performance.now() - t1) / 1000;
+    rows.push({ connections: 2 * pairs.length, open_ms: Math.round(openMs),
+      mb_per_channel: mb, aggregate_MBps: +((pairs.length * size) / 1e6 / s).toFixed(2) });
+  }
+  // how much one channel buffers before send() throws (Chromium's send queue)
+  const { ch } = pairs[0];
+  let buffered = 0;
+  try { for (;;) { ch.send(new Uint8Array(256 * 1024 - 64)); buffered = ch.bufferedAmount; } }
+  catch (err) { buffered = ch.bufferedAmount; }
+  for (const p of pairs) { p.a.close(); p.b.close(); }
+  return { rows, max_buffered_bytes: buffered };
+}"""
+
+
+def tab_limits(ks: list[int], mb: int) -> dict[str, Any]:
+    """In one headless Chromium page: open k loopback-veth pairs of RTCPeerConnections (2k
+    connections in the tab), then move `mb` MiB over every channel at once; and how many bytes
+    one channel buffers before send() throws."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        out: dict[str, Any] = page.evaluate(LIMITS_JS, {"ks": ks, "mb": mb})
+        browser.close()
     return out
 
 
@@ -140,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--close-tab", action="store_true")
     ap.add_argument("--no-native-only", action="store_true")
     ap.add_argument("--dir", help="keep logs here (default: a temporary directory)")
+    ap.add_argument("--limits", type=int, nargs="*", default=[2, 4, 8, 16, 32],
+                    help="peer-connection pairs in one tab to measure (none: skip)")
+    ap.add_argument("--limits-mb", type=int, default=4, help="MiB per channel, at once")
     args = ap.parse_args(argv)
     if not netns.inside():
         why = netns.available()
@@ -147,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.p2p_tabs needs a private network namespace: {why}", file=sys.stderr)
             return 2
         return netns.rerun_inside("bench.p2p_tabs", sys.argv[1:] if argv is None else argv)
+    limits = tab_limits(args.limits, args.limits_mb) if args.limits else None
+    if limits is not None:
+        print_table(limits["rows"], ["connections", "open_ms", "mb_per_channel",
+                                     "aggregate_MBps"])
+        print(f"one channel buffers {limits['max_buffered_bytes']:,} bytes before send() "
+              "throws", flush=True)
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(args.dir) if args.dir else Path(td)
         mixed = mixed_run(tmp / "mixed", natives=args.native, tabs=args.tabs,
@@ -167,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"native": args.native, "tabs": args.tabs, "model": args.model,
                **{k: v for k, v in mixed.items() if k not in ("natives", "tabs")},
                "server_bytes_per_round_native_only":
-                   native_only["server_bytes_per_round"] if native_only else None}
+                   native_only["server_bytes_per_round"] if native_only else None,
+               "tab_limits": limits}
     if native_only:
         figures["server_ratio_vs_native_only"] = round(
             mixed["server_bytes_per_round"] / native_only["server_bytes_per_round"], 3)

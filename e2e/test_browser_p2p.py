@@ -1,0 +1,52 @@
+"""Browser tabs as members of a `p2p` run (issue 25), with one tab closed mid-reduction.
+
+Runs bench.p2p_tabs --close-tab inside a private network namespace (bench.netns; every packet
+stays in it): a real server, two real native nodes and two headless Chromium tabs reduce
+shards among themselves. Once it holds round 1's aggregate one tab holds its shard traffic
+(node.p2pHold) and is closed once it holds round 2's plan, owning shards: the server drops it
+from the reduction, hands its shards to the next members (shared.p2p.revise), and round 2
+commits over the three updates left: the closed tab's update is not counted, nor anyone's twice.
+The tab left standing applies the outer step itself and never has to resync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import netns
+from e2e.conftest import CHROMIUM, ROOT, ensure_vendored
+
+
+def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: Path) -> None:
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"no private network namespace here: {why}")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    ensure_vendored()
+    env = {**os.environ, netns.ENV_FLAG: "1"}
+    argv = ["--native", "2", "--tabs", "2", "--rounds", "3", "--close-tab", "--no-native-only",
+            "--limits", "--dir", str(tmp_path)]
+    res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert lines, res.stdout[-2000:] + res.stderr[-3000:]
+    out = json.loads(lines[-1])
+    assert res.returncode == 0, out
+    closed = out["closed_tab"]
+    assert closed["held_frames"] > 0, out  # it was inside round 1's reduction when closed
+    r = closed["round"]  # the round it was closed in (it held round r - 1's aggregate)
+    assert r >= 2, out
+    assert out["rounds_committed"] == 3, out
+    # the round before: all four; round r: the closed tab's update left out, and nobody's
+    # counted twice
+    assert out["n_updates"][r - 1:r + 1] == [4, 3], out
+    assert out["server_counters"].get("dropped") == 1, out
+    assert out["tab_outer_steps"][0] >= 1, out  # the other tab stepped itself
+    assert out["tab_resyncs"] == [0], out
+    assert out["console_errors"] == [], out
