@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("transport", str), ("ice-servers", str), ("rtc-timeout-s", float),
                        ("p2p-replicas", int), ("p2p-timeout-s", float), ("p2p-groups", int),
                        ("p2p-result-codec", str), ("autotune-pin", json.loads),
-                       ("autotune-max-steps", int)):
+                       ("autotune-max-steps", int), ("secagg-clip", float),
+                       ("secagg-timeout-s", float)):
         key = name.replace("-", "_")
         choices = CHOICES.get(key)
         p.add_argument(f"--{name}", type=kind, default=None, choices=choices,
@@ -103,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tune each round to the participants: a time budget instead of a "
                         "fixed H, each node's codec, the deadline and the quorum, with the "
                         "reasons in /api/run (docs/autotune.md; default: off)")
+    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
+                   help="secure aggregation: nodes send only masked updates and the server "
+                        "unmasks only their sum; aggregator mean only (docs/privacy.md; "
+                        "default: off)")
     p.add_argument("--validation", action=argparse.BooleanOptionalAction, default=None,
                    help="score every update on held-out loss and reject the ones that make "
                         "it worse by more than --validation-threshold (default: off)")

@@ -80,7 +80,8 @@ class RoundCollection:
             raise BadUpdate(f"not sampled for round {msg.round} (DP sampling)", field="node_id")
         if not isinstance(msg, self.reduction.update_type):
             raise BadUpdate(self.reduction.wrong_update, field="msg_type")
-        if isinstance(msg, Submit) and not (
+        if isinstance(msg, Submit) and not self.config.secagg and not (  # secagg: codec
+
                 self.autotune.accepts_codec(peer.node_id, msg.round, msg.codec)
                 if self.autotune is not None else msg.codec == self.config.codec):
             raise BadUpdate(f"codec {msg.codec!r} is not the codec this node was given for "

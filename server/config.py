@@ -98,6 +98,10 @@ class RunConfig:
     dp_delta: float = 1e-5  # the delta epsilon is reported at
     dp_epsilon_budget: float = 0.0  # stop before a round would spend more (0: no budget)
     dp_accountant: str = "rdp"  # which accountant the budget follows: "rdp" or "pld"
+    # secure aggregation (server.secagg_round, docs/privacy.md): the server sums masked updates
+    secagg: bool = False
+    secagg_clip: float = 1.0  # each coordinate is clipped to [-it, it] before fixed point
+    secagg_timeout_s: float = 20.0  # each key stage / the unmask waits at most this long
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -181,6 +185,7 @@ class RunConfig:
             (self.aggregation_weights == "equal" or self.ledger_min_stake > 0,
              "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]
+        checks += secagg_checks(self)
         for ok, key, what in checks:
             if not ok:
                 raise ValueError(f"config {key} {what} (got {getattr(self, key)!r})")
@@ -230,6 +235,29 @@ class RunConfig:
                     f"{ {k: getattr(self, k) for k in bad} }; cannot change {bad} on resume "
                     "(use a new --data-dir)")
         return RunConfig.from_dict({**self.to_dict(), **changes})
+
+
+def secagg_checks(c: RunConfig) -> list[tuple[bool, str, str]]:
+    """What secure aggregation cannot run with: the server sees only the masked sum, so
+    nothing that needs (or reweighs) individual updates."""
+    hidden = "needs individual updates, which secure aggregation hides from the server"
+    return [
+        (c.secagg_clip > 0, "secagg_clip", "must be > 0"),
+        (c.secagg_timeout_s > 0, "secagg_timeout_s", "must be > 0"),
+        (not c.secagg or c.transport != "p2p", "transport",
+         "p2p with secagg is not built: use ws or star"),
+        (not c.secagg or c.aggregator == "mean", "aggregator",
+         f"must be mean with secagg: a robust rule {hidden}"),
+        (not c.secagg or not c.validation, "validation", f"{hidden}: not with secagg"),
+        (not c.secagg or c.aggregation_weights == "equal", "aggregation_weights",
+         "must be equal with secagg (the masked sum has one weight per update)"),
+        (not c.secagg or not c.autotune, "autotune",
+         "is not with secagg (per-node codecs and step weights)"),
+        (not c.secagg or c.worker_momentum == 0, "worker_momentum",
+         "must be 0 with secagg (nodes send their masked delta)"),
+        (not c.secagg or c.stale_policy == "drop", "stale_policy",
+         "must be drop with secagg (a late masked update cannot be unmasked)"),
+    ]
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

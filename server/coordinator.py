@@ -48,10 +48,12 @@ from server.reduction import ServerReduction, choose_reduction
 from server.roundopen import RoundOpener
 from server.rtc import RtcHub, RtcSettings
 from server.runstate import RunState
+from server.secagg_round import SecAggReduction
 from server.slashing import Slashing
 from server.validation import Validation
 from shared.envelope import ReplayGuard
 from shared.errors import (
+    BadUpdate,
     ConflictingUpdate,
     FrameTooLarge,
     NotAdmitted,
@@ -66,6 +68,7 @@ from shared.messages import (
     Message,
     Ready,
     RoundCommitted,
+    SecAgg,
     Shard,
     Signal,
     Submit,
@@ -92,7 +95,9 @@ class Coordinator:
         self.finished = False
         self.error: BaseException | None = None  # why the round loop died, if it did
         self.replays = ReplayGuard()
-        self.max_payload = min(self.config.max_frame, 4 * run.n_params + 4096)
+        # secure aggregation: key adverts (~9 KB) and masked updates' signed headers
+        self.max_payload = min(self.config.max_frame, 4 * run.n_params
+                               + (65536 if self.config.secagg else 4096))
         self.outbox = Outbox(run, self.counters)
         self.peers: dict[str, Peer] = self.outbox.peers
         self.evidence = Evidence(run.store)
@@ -112,6 +117,9 @@ class Coordinator:
         self.dp = DpAccountant(self.config, run.version)  # DP: sampling and epsilon
         self.rtc = RtcHub(self, RtcSettings.of(self.config))
         self._wake = asyncio.Event()
+        self.secagg = self.reduction if isinstance(self.reduction, SecAggReduction) else None
+        if self.secagg is not None:  # secure aggregation (server.secagg_round)
+            self.secagg.trainers, self.secagg.wake = self._trainers, self._wake.set
         self._tasks: set[asyncio.Future[Any]] = set()
 
     @property
@@ -204,6 +212,11 @@ class Coordinator:
             await self.rtc.on_signal(conn, msg)
         elif isinstance(msg, Shard):
             await self.reduction.on_shard(conn, msg)
+        elif isinstance(msg, SecAgg):
+            if self.secagg is None:
+                raise BadUpdate("this run does not aggregate securely (secagg)",
+                                field="msg_type")
+            await self.secagg.on_secagg(conn, msg)
 
     async def oversized(self, conn: Connection) -> None:
         """The transport refused a message above its limit (the socket is closing)."""
@@ -241,7 +254,7 @@ class Coordinator:
             codec_params=self.config.codec_params, error_feedback=self.config.error_feedback,
             n_params=run.n_params, transport=self.config.transport,
             rtc_timeout_s=self.config.rtc_timeout_s, worker_momentum=self.config.worker_momentum,
-            ice_servers=self.rtc.ice_for(msg.node_id)))
+            ice_servers=self.rtc.ice_for(msg.node_id), secagg=self.config.secagg))
         if self.finished:
             await self.send(conn, self._committed_msg(final=True))
         elif self.state is not None and not self.state.closed:
@@ -285,6 +298,11 @@ class Coordinator:
 
     # -- rounds --------------------------------------------------------------------------
     def _active(self) -> list[str]:
+        """The trainers the open round waits for (secure aggregation: those masking)."""
+        nodes = self._trainers()
+        return self.secagg.expected(nodes) if self.secagg is not None else nodes
+
+    def _trainers(self) -> list[str]:
         """Connected trainers: the participants a round waits for (with DP sampling, the
         round's sampled ones)."""
         sample = self.opener.sample
@@ -363,6 +381,8 @@ class Coordinator:
             started = time.time()
             log.info("round %d open", state.round)
             await self.opener.broadcast(state)
+            if self.secagg is not None:
+                self.secagg.start(state)
             while True:
                 now = loop.time()
                 wait_s = state.remaining(now)
@@ -385,6 +405,8 @@ class Coordinator:
                     log.warning("round %d below quorum (%d/%d) at its deadline: retry %d",
                                 state.round, len(state.updates), policy.quorum, state.attempt)
                     await self.opener.broadcast(state, retry=True)
+                    if self.secagg is not None:
+                        self.secagg.start(state)
                     continue
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -396,6 +418,8 @@ class Coordinator:
                 continue  # below quorum after the reduction dropped members: again
             await self._commit(time.time() - started, pseudo_grad)
         self.finished = True
+        if self.secagg is not None:
+            self.secagg.cancel()
         self.collection.finish()
         log.info("run finished after %d rounds%s", self.run.version,
                  f": {self.dp.stop_reason}" if self.dp.stop_reason else "")
@@ -471,4 +495,5 @@ class Coordinator:
             "autotune": self.autotune.view(),
             "dp": self.dp.view(),
             "stop_reason": self.dp.stop_reason,
+            "secagg": self.secagg.view() if self.secagg is not None else None,
         }

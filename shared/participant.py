@@ -46,6 +46,9 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 |           | (validator role) score them and call `verdict`                             |
 | ready     | round, delta (float32 LE bytes): (`p2p` runs) keep this update for the     |
 |           | shard owners; the signed Ready follows (next event)                        |
+| secagg    | round, stage: "waiting" (trained; the secure-aggregation key stages still  |
+|           | run) or "masked" (sent; `plain`: the fixed-point ring bytes before masking,|
+|           | for the node's own checks; they never leave it) (shared.secagg.round)      |
 | p2p       | message (ShardPlan or Shard, verified): hand it to the p2p reduction       |
 |           | (native nodes only: the server refuses tabs in `p2p` runs)                 |
 
@@ -81,6 +84,7 @@ from shared.messages import (
     Ready,
     RoundCommitted,
     RoundOpen,
+    SecAgg,
     Shard,
     ShardPlan,
     Signal,
@@ -91,6 +95,7 @@ from shared.messages import (
     sha256_hex,
 )
 from shared.outer import worker_momentum
+from shared.secagg.round import SECAGG_CODEC, SecAggClient, pack_masked
 from shared.trust import ServerTrust, UntrustedServer
 from shared.update_encoding import encode_update
 from shared.vec import all_finite, from_bytes, to_bytes
@@ -153,6 +158,7 @@ class Participant:
         self.pending_ready: Ready | None = None  # p2p: our Ready for the open round
         self.rejected_round: int | None = None  # validators excluded our update of this round
         self.resolver: Resolver = resolve  # p2p nodes apply the outer step themselves
+        self.secagg: SecAggClient | None = None  # runs with secure aggregation (Welcome.secagg)
         self.counts = {"refused_frames": 0, "submitted": 0, "accepted": 0, "duplicate": 0,
                        "errors": 0}
 
@@ -217,6 +223,8 @@ class Participant:
             return [{"kind": "signal", "from": msg.node_id, "signal": msg.kind, "data": msg.data}]
         if isinstance(msg, ShardPlan | Shard):
             return [{"kind": "p2p", "message": msg}]
+        if isinstance(msg, SecAgg):
+            return self._on_secagg(msg)
         if isinstance(msg, Error):
             return self._on_error(msg)
         return []
@@ -272,6 +280,10 @@ class Participant:
             self.pending = self.pending_params = None  # journaled for another run
             events.append({"kind": "journal", "entry": None})
         self.welcome = msg
+        if not msg.secagg:
+            self.secagg = None
+        elif self.secagg is None or self.secagg.run_id != msg.run_id:
+            self.secagg = SecAggClient(self.identity, msg.run_id)
         return [*events, {"kind": "welcome", "run_id": msg.run_id, "node_id": msg.node_id,
                  "server_id": self.trust.server_id, "model": msg.model,
                  "model_id": msg.model_id, "data": msg.data, "shard": msg.shard,
@@ -393,6 +405,8 @@ class Participant:
             events.append({"kind": "journal", "entry": None})
         if self.training is not None and self.training.round <= msg.round:
             events += self._stop_training()  # committed without us: stop at once
+        if self.secagg is not None:
+            self.secagg.committed(msg.round)
         events.append({"kind": "committed", "round": msg.round, "eval_loss": msg.eval_loss,
                        "n_updates": msg.n_updates, "params_digest": msg.params_digest,
                        "final": msg.final})
@@ -438,6 +452,11 @@ class Participant:
             delta_bytes = to_bytes(delta)
             self.counts["dp_clipped"] = self.counts.get("dp_clipped", 0) + (norm > job.dp_clip)
             self.counts["dp_updates"] = self.counts.get("dp_updates", 0) + 1
+        if self.secagg is not None:  # secure aggregation: only ever sent masked
+            self.training = None
+            meta = {"train_loss": loss_or_none(train_loss), "samples": int(samples),
+                    "compute_s": seconds(compute_s), "params_digest": job.params_digest}
+            return self._masked(self.secagg.hold(round_, delta, meta), round_)
         if welcome.transport == "p2p":  # the update stays here; the shard owners get it
             return self._ready(job, delta_bytes, train_loss, samples, compute_s)
         if welcome.worker_momentum > 0:  # send the momentum of our deltas, not the delta
@@ -457,6 +476,38 @@ class Participant:
         self.training = None
         self.counts["submitted"] += 1
         return [{"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
+
+    def _on_secagg(self, msg: SecAgg) -> list[Event]:
+        """A secure-aggregation stage from the server (shared.secagg.round): our answer, and
+        the masked update once the shares are in and the trainer is done."""
+        if self.secagg is None or self.welcome is None:
+            return [{"kind": "refused", "message": "a secagg stage, but this run has none"}]
+        try:
+            out, masked = self.secagg.on_message(msg.stage, msg.round, msg.payload,
+                                                 self.welcome.n_params)
+        except ProtocolError as exc:
+            return [{"kind": "error", "code": exc.code, "message": f"secagg {msg.stage}: {exc}",
+                     "round": msg.round}]
+        events = [self._send(SecAgg(run_id=self.welcome.run_id, round=msg.round,
+                                    node_id=self.node_id, stage=stage, payload=body))
+                  for stage, body in out]
+        return events + self._masked(masked, msg.round)
+
+    def _masked(self, masked: Any, round_: int) -> list[Event]:
+        """The masked update as a Submit of codec `secagg`, journaled like any other."""
+        client = self.secagg
+        if masked is None or client is None or client.held is None or self.welcome is None:
+            return [{"kind": "secagg", "round": round_, "stage": "waiting"}]
+        meta, payload = client.held.meta, pack_masked(masked)
+        msg = Submit(run_id=self.welcome.run_id, round=round_, node_id=self.node_id,
+                     nonce=new_nonce(), codec=SECAGG_CODEC, length=self.welcome.n_params,
+                     digest=sha256_hex(payload), train_loss=meta["train_loss"],
+                     samples=meta["samples"], compute_s=meta["compute_s"], payload=payload)
+        self.pending, self.pending_params = msg, meta["params_digest"]
+        self.counts["submitted"] += 1
+        plain = client.last_plain[1] if client.last_plain else b""
+        return [{"kind": "secagg", "round": round_, "stage": "masked", "plain": plain},
+                {"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
 
     def _ready(self, job: Job, delta_bytes: bytes, train_loss: float | None,
                samples: int, compute_s: float) -> list[Event]:

@@ -1,0 +1,260 @@
+"""Secure aggregation in a run: the real coordinator (server.secagg_round) and the one
+participant implementation (shared.participant, as native nodes, tabs and the simulator run
+it), over memory. The committed aggregate is checked against the plain fixed-point sum of what
+the participants trained; dropouts after submitting and bad input at every stage (typed error,
+sender excluded, the rest still unmasked exactly)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.config import RunConfig
+from server.coordinator import Coordinator
+from server.peers import Connection
+from server.runstate import open_run
+from shared.envelope import Identity
+from shared.frame import decode_frame
+from shared.messages import Message, SecAgg, Submit, message_from_frame, sha256_hex
+from shared.outer import OuterConfig, outer_step
+from shared.participant import Participant
+from shared.secagg import FixedPoint
+from shared.secagg.messages import KeyAdvert, MaskedUpdate, ShareBundle
+from shared.secagg.round import pack_masked, unpack_masked
+
+Tamper = Callable[["Live", Message], Message]
+
+
+class Live:
+    """One participant over an in-memory connection: every frame it answers goes back."""
+
+    def __init__(self, coord: Coordinator, tamper: Tamper | None = None) -> None:
+        self.coord, self.tamper = coord, tamper
+        self.part = Participant(Identity.generate(), runtime="native", agent="test",
+                                device="cpu")
+        self.inbox: list[bytes] = []
+        self.conn = Connection(ws=self, remote="mem")
+        self.trains: list[dict[str, Any]] = []
+        self.plain: dict[int, bytes] = {}
+        self.errors: list[tuple[str, str]] = []
+        self.gone = False
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.inbox.append(data)
+
+    async def close(self) -> None:
+        return None
+
+    async def pump(self) -> None:
+        while self.inbox and not self.gone:
+            for ev in self.part.receive(self.inbox.pop(0)):
+                await self.on_event(ev)
+
+    async def on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev["kind"]
+        if kind == "send":
+            data = bytes(ev["frame"])
+            if self.tamper is not None:
+                msg = message_from_frame(decode_frame(data), max_payload=1 << 26)
+                changed = self.tamper(self, msg)
+                if changed is not msg:
+                    data = self.part.frame(changed)
+            await self.coord.handle_frame(self.conn, data)
+        elif kind == "train":
+            self.trains.append(ev)
+        elif kind == "secagg" and ev["stage"] == "masked":
+            self.plain[ev["round"]] = bytes(ev["plain"])
+        elif kind in ("error", "refused", "fatal"):
+            self.errors.append((ev.get("code", kind), ev["message"]))
+
+    async def train(self, delta: np.ndarray) -> None:
+        r = self.trains[-1]["round"]
+        for ev in self.part.submit(r, delta.astype("<f4").tobytes(), train_loss=1.0,
+                                   samples=8, compute_s=0.1):
+            await self.on_event(ev)
+
+    def leave(self) -> None:
+        self.gone = True
+        self.coord.disconnect(self.conn)
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    end = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def secure_run(tmp_path: Path, nodes: int, tampers: dict[int, Tamper] | None = None,
+                     **config: Any) -> AsyncIterator[tuple[Coordinator, list[Live]]]:
+    run = open_run(tmp_path / "run", {"model": "mlp-digits", "quorum": 2, "deadline_s": 60.0,
+                                      "secagg": True, "secagg_clip": 0.5,
+                                      "secagg_timeout_s": 5.0, "rounds": 1, **config})
+    coord = Coordinator(run)
+    lives = [Live(coord, (tampers or {}).get(i)) for i in range(nodes)]
+    for live in lives:
+        await coord.greet(live.conn)
+        await live.pump()
+    task = asyncio.create_task(coord.run_rounds())
+
+    async def pumping() -> None:
+        while True:
+            for live in lives:
+                await live.pump()
+            await asyncio.sleep(0.005)
+
+    pump = asyncio.create_task(pumping())
+    try:
+        yield coord, lives
+    finally:
+        for t in (pump, task):
+            t.cancel()
+            await asyncio.wait([t], timeout=1)
+
+
+def deltas(n: int, count: int, seed: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-0.3, 0.3, n).astype(np.float32) for _ in range(count)]
+
+
+def expect_commit(coord: Coordinator, start: tuple[np.ndarray, np.ndarray],
+                  plains: list[bytes]) -> None:
+    """The round committed theta0 - step(mean) where mean = exact fixed-point sum / n."""
+    theta0, mom0 = start
+    ring = np.zeros(len(theta0), dtype=np.uint32)
+    for p in plains:
+        ring += np.frombuffer(p, dtype="<u4")
+    last = coord.status()["secagg"]["last"]
+    assert last["sum_sha256"] == hashlib.sha256(ring.astype("<u4").tobytes()).hexdigest()
+    assert len(last["contributors"]) == len(plains)
+    mean = (ring.view(np.int32).astype(np.float64) / 2 ** last["frac_bits"]
+            / len(plains)).astype(np.float32)
+    cfg = coord.config
+    want, _ = outer_step(theta0, mean, mom0, OuterConfig(lr=cfg.outer_lr,
+                                                         momentum=cfg.outer_momentum))
+    assert np.array_equal(np.asarray(coord.run.params), np.asarray(want))
+
+
+async def train_all(lives: list[Live], ds: list[np.ndarray]) -> None:
+    await until(lambda: all(lv.trains for lv in lives), "every node to get the round")
+    for lv, d in zip(lives, ds, strict=True):
+        await lv.train(d)
+
+
+async def test_the_committed_aggregate_is_the_exact_mean_of_the_masked_updates(
+        tmp_path: Path) -> None:
+    async with secure_run(tmp_path, 3, quorum=3) as (coord, lives):
+        theta0 = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
+        ds = deltas(coord.run.n_params, 3)
+        await train_all(lives, ds)
+        await until(lambda: coord.run.version == 1, "the commit")
+        fp = FixedPoint.for_sum(0.5, 3)
+        for lv, d in zip(lives, ds, strict=True):  # what each node masked is its own update
+            assert lv.plain[0] == fp.encode(d).astype("<u4").tobytes()
+            assert lv.errors == []
+        expect_commit(coord, theta0, [lv.plain[0] for lv in lives])
+        rows = coord.run.store.update_keys(0)
+        assert sorted(rows) == sorted(lv.part.node_id for lv in lives)
+        assert coord.counters["secagg_rounds"] == 1
+
+
+async def test_a_node_dropping_after_its_masked_update_is_still_in_the_sum(
+        tmp_path: Path) -> None:
+    async with secure_run(tmp_path, 3, quorum=2) as (coord, lives):
+        theta0 = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
+        ds = deltas(coord.run.n_params, 3, seed=5)
+        await until(lambda: all(lv.trains for lv in lives), "the round")
+        await lives[2].train(ds[2])
+        await until(lambda: len(coord.state.updates) == 1 if coord.state else False, "accept")
+        lives[2].leave()  # gone before the unmask request: its update must still count
+        await lives[0].train(ds[0])
+        await lives[1].train(ds[1])
+        await until(lambda: coord.run.version == 1, "the commit")
+        last = coord.status()["secagg"]["last"]
+        assert lives[2].part.node_id in last["contributors"]
+        assert lives[2].part.node_id not in last["responders"]
+        expect_commit(coord, theta0, [lv.plain[0] for lv in lives])
+        assert coord.counters["secagg_dropped_after_submit"] == 1
+
+
+def _bad_advert_signature(live: Live, msg: Message) -> Message:
+    if isinstance(msg, SecAgg) and msg.stage == "advert":
+        adv = KeyAdvert.from_json(msg.payload)
+        sig = bytearray(base64.b64decode(adv.signature))
+        sig[10] ^= 1
+        bad = dataclasses.replace(adv, signature=base64.b64encode(bytes(sig)).decode())
+        return dataclasses.replace(msg, payload=bad.to_json())
+    return msg
+
+
+def _shares_to_a_stranger(live: Live, msg: Message) -> Message:
+    if isinstance(msg, SecAgg) and msg.stage == "bundle":
+        b = ShareBundle.from_json(msg.payload)
+        entries = (("ee" * 32, *b.entries[0][1:]), *b.entries[1:])
+        bad = dataclasses.replace(b, entries=entries, signature="").signed_by(
+            live.part.identity)
+        return dataclasses.replace(msg, payload=bad.to_json())
+    return msg
+
+
+def _masked(change: Callable[[MaskedUpdate], MaskedUpdate]) -> Tamper:
+    def tamper(live: Live, msg: Message) -> Message:
+        if isinstance(msg, Submit) and msg.codec == "secagg":
+            mu = change(unpack_masked(msg.payload))
+            mu = dataclasses.replace(mu, payload_sha256=sha256_hex(mu.payload),
+                                     signature="").signed_by(live.part.identity)
+            payload = pack_masked(mu)
+            return dataclasses.replace(msg, payload=payload, digest=sha256_hex(payload))
+        return msg
+    return tamper
+
+
+@pytest.mark.parametrize(("tamper", "code", "in_roster"), [
+    (_bad_advert_signature, "secagg_bad_key_message", False),
+    (_shares_to_a_stranger, "secagg_not_neighbour", True),
+    (_masked(lambda m: dataclasses.replace(m, payload=m.payload[:-4], length=m.length - 1)),
+     "secagg_bad_masked_update", True),
+    (_masked(lambda m: dataclasses.replace(m, ring_bits=64)), "secagg_bad_masked_update", True),
+], ids=["advert-signature", "shares-to-wrong-peer", "wrong-length", "wrong-ring"])
+async def test_bad_input_excludes_the_sender_and_the_rest_unmask_exactly(
+        tmp_path: Path, tamper: Tamper, code: str, in_roster: bool) -> None:
+    async with secure_run(tmp_path, 4, {3: tamper}, quorum=3) as (coord, lives):
+        theta0 = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
+        ds = deltas(coord.run.n_params, 4, seed=7)
+        await until(lambda: all(lv.trains for lv in lives), "the round")
+        await until(lambda: coord.status()["secagg"]["stage"] == "masking", "the key stages",
+                    timeout=20)
+        for lv, d in zip(lives, ds, strict=True):
+            await lv.train(d)
+        await until(lambda: coord.run.version == 1, "the commit")
+        bad = lives[3]
+        assert code in [c for c, _ in bad.errors], bad.errors
+        assert coord.rejected[code] >= 1
+        last = coord.status()["secagg"]["last"]
+        assert bad.part.node_id not in last["contributors"]
+        assert (bad.part.node_id in coord.secagg.agg.roster) == in_roster  # type: ignore[union-attr]
+        expect_commit(coord, theta0, [lv.plain[0] for lv in lives[:3]])
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("aggregator", "median", "secure aggregation hides"),
+    ("validation", True, "secure aggregation hides"),
+    ("transport", "p2p", "not built"),
+    ("autotune", True, "secagg"),
+])
+def test_secagg_refuses_what_needs_individual_updates(key: str, value: Any, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        RunConfig(secagg=True, **{key: value})
+    if key != "transport":
+        RunConfig(**{key: value})  # fine without secagg
+
