@@ -18,7 +18,8 @@ Each round (a vectorised simulation of the math; the coordinator has no live gro
   (|G| a - sum of the honest members' updates) / (attackers in G), within the fixed-point
   range. a is bench.byzantine's attack (shared.attacks, registry defaults) of the
   attackers' own trained updates (sign-flip, scaled, gaussian; label-flip trains on flipped
-  labels) or of the honest group means (alie, ipm: n = g, f = spoiled groups);
+  labels) or of the honest group means (alie, ipm: n = g, f = spoiled groups; ALIE's z
+  at f = min(spoiled, (g - 1) // 2), since its formula has no z for a majority);
 - each group runs a real secure-aggregation round (shared.secagg: ML-KEM-768 pair keys,
   ML-DSA-65 signed key messages, masked fixed-point vectors, Shamir recovery), one honest
   member of one group dropping after sending its masked update; every unmasked sum is
@@ -125,7 +126,9 @@ def group_attack(attack: str, groups: Sequence[Sequence[str]], bad: set[str],
             target = np.mean([np.asarray(spec.apply(own=own[n], seed=seed * 7919 + gi),
                                          np.float64) for n in mine], 0)
         else:
-            target = np.asarray(spec.apply(honest=means, n=len(groups), f=n_bad,
+            # ALIE's z needs f < n/2; past that the attackers need not hide: z at that f
+            f_z = min(n_bad, (len(groups) - 1) // 2) if attack == "alie" else n_bad
+            target = np.asarray(spec.apply(honest=means, n=len(groups), f=max(f_z, 1),
                                            seed=seed), np.float64)
         rest = sum((honest[n].astype(np.float64) for n in g if n not in bad),
                    np.zeros_like(target))
