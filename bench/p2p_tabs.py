@@ -58,7 +58,7 @@ def steady_bytes(rows: list[dict[str, Any]]) -> float:
 
 
 def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
-              close_tab: bool = False) -> dict[str, Any]:
+              close_tab: bool = False, lie_tab: bool = False) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -84,6 +84,10 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
                 # the first round waits for all members (it opens at quorum)
                 page.wait_for_function("() => window.daaNode && window.daaNode.stats.runId",
                                        timeout=300_000, polling=200)
+            liar = None
+            if lie_tab:  # the last tab's reduced shards of round 1 are wrong
+                liar = pages[-1].evaluate("() => window.daaNode.participant('lie', [1])"
+                                          ".then(() => window.daaNode.stats.nodeId)")
             for i in range(natives):
                 spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
                       f"127.0.0.1:{port}", "--name", f"node{i}", "--state-dir",
@@ -109,6 +113,7 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
             browser.close()
         rows = get_json(url + "/api/rounds")
         metrics = get_json(url + "/api/run")
+        rejections = get_json(url + "/api/rejections")
     tab_rounds = [s.get("p2p") or {} for s in stats]
     ratios = []
     for p in tab_rounds:
@@ -128,6 +133,10 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
            "tab_direct_bytes": [p.get("direct") for p in tab_rounds],
            "tab_transport": [s.get("transport") for s in stats],
            "closed_tab": closed or None, "console_errors": errors[:10],
+           "lying_tab": None if liar is None else {
+               "node_id": liar, "outvoted_shards": sorted(
+                   (r["round"], r["reason"]) for r in rejections
+                   if r["node_id"] == liar and r["code"] == "p2p_mismatch")},
            "server_counters": metrics.get("p2p") or {},  # the server's p2p_* counters
            "wall_s": round(time.perf_counter() - t0, 1)}
     print(f"mixed: {natives} native + {tabs} tabs: {out['server_bytes_per_round'] / 1e6:.3f} MB"
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--model", default="gpt-tiny")
     ap.add_argument("--close-tab", action="store_true")
+    ap.add_argument("--lie-tab", action="store_true")
     ap.add_argument("--no-native-only", action="store_true")
     ap.add_argument("--dir", help="keep logs here (default: a temporary directory)")
     ap.add_argument("--limits", type=int, nargs="*", default=[2, 4, 8, 16, 32],
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(args.dir) if args.dir else Path(td)
         mixed = mixed_run(tmp / "mixed", natives=args.native, tabs=args.tabs,
-                          rounds=args.rounds, model=args.model, close_tab=args.close_tab)
+                          rounds=args.rounds, model=args.model, close_tab=args.close_tab,
+                          lie_tab=args.lie_tab)
         native_only = None
         if not args.no_native_only:
             n = args.native + args.tabs

@@ -6,7 +6,9 @@ shards among themselves. Once it holds round 1's aggregate one tab holds its sha
 (node.p2pHold) and is closed once it holds round 2's plan, owning shards: the server drops it
 from the reduction, hands its shards to the next members (shared.p2p.revise), and round 2
 commits over the three updates left: the closed tab's update is not counted, nor anyone's twice.
-The tab left standing applies the outer step itself and never has to resync.
+The other tab lies about its reduced shards of round 1: the server adds an extra owner, the
+majority's result is committed and the tab is recorded as outvoted; its own aggregate held
+its lie, so its next outer step fails the digest check and it resyncs.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: P
         pytest.skip(f"Chromium is not installed at {CHROMIUM}")
     ensure_vendored()
     env = {**os.environ, netns.ENV_FLAG: "1"}
-    argv = ["--native", "2", "--tabs", "2", "--rounds", "3", "--close-tab", "--no-native-only",
-            "--limits", "--dir", str(tmp_path)]
+    argv = ["--native", "2", "--tabs", "2", "--rounds", "3", "--close-tab", "--lie-tab",
+            "--no-native-only", "--limits", "--dir", str(tmp_path)]
     res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -48,5 +50,12 @@ def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: P
     assert out["n_updates"][r - 1:r + 1] == [4, 3], out
     assert out["server_counters"].get("dropped") == 1, out
     assert out["tab_outer_steps"][0] >= 1, out  # the other tab stepped itself
-    assert out["tab_resyncs"] == [0], out
+    # that tab lied about its shards of round 1: outvoted by an extra owner and recorded,
+    # the round committed the majority's; its own aggregate held its lie, so its next outer
+    # step did not reproduce the server's params and it resynced (full params + momentum)
+    lied = out["lying_tab"]["outvoted_shards"]
+    assert lied, out
+    assert {rnd for rnd, _ in lied} == {1}, out
+    assert out["server_counters"].get("liars", 0) >= 1, out
+    assert out["tab_resyncs"][0] >= 1, out
     assert out["console_errors"] == [], out

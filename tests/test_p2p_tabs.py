@@ -156,3 +156,24 @@ def test_direct_peers_is_bounded_and_symmetric() -> None:
     assert direct_peers(members, members[0], 4)[:2] == [members[1], members[-1]]
     with pytest.raises(ValueError, match="not a member"):
         direct_peers(small, "f" * 64, 4)
+
+
+async def test_tabs_join_flat_p2p_runs_but_not_grouped_ones(tmp_path: Path) -> None:
+    """A tab's Hello is welcomed by a flat p2p run; a grouped one (p2p_groups) refuses it
+    with a typed error naming the field: the tab has no group role."""
+    from shared.messages import Welcome
+    from tests.test_ws_protocol import serve
+
+    async with serve(tmp_path / "flat", quorum=2, aggregator="median", transport="p2p") as srv:
+        tab = await srv.client("tab", hello=False)
+        await tab.send(tab.hello(runtime="browser"))
+        assert (await tab.expect(Welcome)).transport == "p2p"
+    async with serve(tmp_path / "grouped", quorum=2, aggregator="median", transport="p2p",
+                     p2p_groups=1) as srv:
+        tab = await srv.client("tab", hello=False)
+        await tab.send(tab.hello(runtime="browser"))
+        err = await tab.error("bad_update")
+        assert err.field == "runtime"
+        assert "groups" in err.message
+        native = await srv.client("native")
+        assert native.welcome is not None

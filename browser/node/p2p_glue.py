@@ -55,6 +55,7 @@ class TabP2P:
         self.reduce_ms: list[float] = []  # the JS kernel's time per owned shard
         self.resyncs = 0  # outer steps that did not reproduce the server's params
         self.outer_steps = 0  # outer steps applied here that did
+        self.lie_round = -1  # fault injection (e2e tests): results of this round are altered
         p.resolver = self.params
 
     # -- the participant's events -----------------------------------------------------------
@@ -96,6 +97,8 @@ class TabP2P:
         t0 = time.perf_counter()
         res = bytes(daa_bridge.reduceShard(rule, f, codec, arr).to_bytes())
         self.reduce_ms.append((time.perf_counter() - t0) * 1000)
+        if self.reducer is not None and self.reducer.plan.round == self.lie_round:
+            res = res[:-2] + bytes([res[-2] ^ 1]) + res[-1:]  # the last value's lowest bit
         return res
 
     def on_plan(self, msg: ShardPlan) -> list[Event]:
@@ -217,6 +220,13 @@ def p2p_link(p: Participant, peer: str, frame: Any) -> object:
     events = role.on_link(str(peer), frame.to_bytes()) if role is not None else [
         {"kind": "refused", "message": "a shard frame, but this run is not p2p"}]
     return to_js(events, dict_converter=js.Object.fromEntries)
+
+
+def p2p_lie(p: Participant, round_: int) -> None:
+    """Fault injection for the e2e tests: this tab's reduced shards of `round_` are wrong."""
+    role = _ROLES.get(id(p))
+    if role is not None:
+        role.lie_round = int(round_)
 
 
 P2P_HOOK = p2p_hook

@@ -33,6 +33,7 @@ const CALLS = {
   verdict: (round, base, losses) => glue.verdict(part, round, base, losses),
   signal: (kind, data, to) => glue.signal(part, kind, data, to ?? 'server'),
   link: (peer, frame) => glue.link(part, peer, frame),  // a frame on a p2p peer's channel
+  lie: (round) => { glue.lie(part, round); return []; },  // fault injection (e2e tests)
   stopped: (round) => { glue.stopped(part, round); return []; },
   setLayout: (json) => { glue.setLayout(part, json); return []; },
 };
@@ -62,7 +63,7 @@ async function init({ prefix, role, backend, pins, journal }) {
   const get = (name) => py.globals.get(name);
   glue = { make: get('make_participant'), feed: get('feed'), submit: get('submit'),
     setLayout: get('set_layout'), verdict: get('verdict'), signal: get('signal'),
-    stopped: get('training_stopped'), link: get('p2p_link') };
+    stopped: get('training_stopped'), link: get('p2p_link'), lie: get('p2p_lie') };
   part = glue.make(ident.publicKey, ident.secretKey, pins || '{}',
     (json) => self.postMessage({ type: 'pins', json }), backend, role);
   const restored = journal ? Boolean(part.restore(journal)) : false;
