@@ -11,6 +11,9 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import json
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from shared.frame import decode_frame
 from shared.messages import Message, SecAgg, Submit, message_from_frame, sha256_hex
 from shared.outer import OuterConfig, outer_step
 from shared.participant import Participant
+from shared.platform import PqcryptoMLKEM768
 from shared.secagg import FixedPoint
 from shared.secagg.messages import KeyAdvert, MaskedUpdate, ShareBundle
 from shared.secagg.round import pack_masked, unpack_masked
@@ -258,3 +262,35 @@ def test_secagg_refuses_what_needs_individual_updates(key: str, value: Any, says
     if key != "transport":
         RunConfig(**{key: value})  # fine without secagg
 
+
+
+# -- the tab's side: the JS PRG / KDF / masking and ML-KEM-768 (browser/node/secagg.js) ------
+ROOT = Path(__file__).resolve().parent.parent
+JS_RUNNER = ROOT / "tests" / "js" / "secagg_node.mjs"
+
+
+def _node(*args: str, stdin: str = "") -> Any:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    proc = subprocess.run([node, str(JS_RUNNER), *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_the_js_mask_prg_matches_the_golden_vectors() -> None:
+    results = _node("golden", str(ROOT / "shared" / "testdata" / "secagg.json"))
+    assert len(results) >= 9  # every prg vector, the 200,000-word digest, kdf, one masking
+    assert [r for r in results if not r["ok"]] == []
+
+
+def test_ml_kem_768_agrees_between_pqcrypto_and_the_tabs_noble() -> None:
+    py = PqcryptoMLKEM768()
+    pk, sk = py.keygen()
+    first = _node("kem", stdin=json.dumps({"public_key": pk.hex()}))
+    assert py.decaps(sk, bytes.fromhex(first["ciphertext"])).hex() == first["shared_secret"]
+    ct, ss = py.encaps(bytes.fromhex(first["public_key"]))
+    second = _node("kem", stdin=json.dumps({"public_key": pk.hex(), "ciphertext": ct.hex(),
+                                            "secret_key": first["secret_key"]}))
+    assert second["decapsulated"] == ss.hex()

@@ -1,6 +1,6 @@
-"""Pyodide side of the browser bridge: hands `shared.platform` the tab's ML-DSA-65
-(@noble/post-quantum), zstd (fzstd + zstd-wasm) and codec encoders (codecs.js, byte-identical
-with shared.codecs on the golden vectors).
+"""Pyodide side of the browser bridge: hands `shared.platform` the tab's ML-DSA-65 and
+ML-KEM-768 (@noble/post-quantum), zstd (fzstd + zstd-wasm) and codec encoders (codecs.js,
+byte-identical with shared.codecs on the golden vectors).
 
 pyodide_host.js registers the JS module `daa_bridge` and then runs this file; `shared` must
 already be importable. Bytes cross as Uint8Array copies (`to_js` one way, `to_bytes` back).
@@ -14,7 +14,12 @@ from typing import Any
 import daa_bridge  # type: ignore[import-not-found]  # registered by pyodide_host.js
 from pyodide.ffi import JsException, to_js  # type: ignore[import-not-found]
 
-from shared.platform import register_signatures, register_update_encoder, register_zstd
+from shared.platform import (
+    register_kem,
+    register_signatures,
+    register_update_encoder,
+    register_zstd,
+)
 
 
 class NobleMLDSA65:
@@ -34,6 +39,30 @@ class NobleMLDSA65:
                context: bytes) -> bool:
         return bool(daa_bridge.mldsaVerify(to_js(public_key), to_js(message), to_js(signature),
                                            to_js(context)))
+
+
+class NobleMLKEM768:
+    """shared.platform.Kem over @noble/post-quantum's ml_kem768 (browser/node/secagg.js):
+    secure aggregation's pair keys. A malformed key or ciphertext raises ValueError."""
+
+    name = "ml-kem-768"
+
+    def keygen(self) -> tuple[bytes, bytes]:
+        pair = daa_bridge.mlkemKeygen()
+        return bytes(pair.publicKey.to_bytes()), bytes(pair.secretKey.to_bytes())
+
+    def encaps(self, public_key: bytes) -> tuple[bytes, bytes]:
+        try:
+            out = daa_bridge.mlkemEncaps(to_js(public_key))
+        except JsException as exc:
+            raise ValueError(str(exc)) from None
+        return bytes(out.cipherText.to_bytes()), bytes(out.sharedSecret.to_bytes())
+
+    def decaps(self, secret_key: bytes, ciphertext: bytes) -> bytes:
+        try:
+            return bytes(daa_bridge.mlkemDecaps(to_js(secret_key), to_js(ciphertext)).to_bytes())
+        except JsException as exc:
+            raise ValueError(str(exc)) from None
 
 
 class BrowserZstd:
@@ -65,6 +94,7 @@ class BrowserEncoder:
 
 
 register_signatures(NobleMLDSA65())
+register_kem(NobleMLKEM768())
 register_update_encoder(BrowserEncoder())
 if daa_bridge.zstdCanCompress():
     register_zstd(BrowserZstd())

@@ -262,6 +262,7 @@ export class BrowserNode extends EventTarget {
         this.set({ accepted: this.stats.accepted + (e.status === 'accepted' ? 1 : 0) });
         break;
       case 'committed': this.onCommitted(e); break;
+      case 'secagg': this.onSecAgg(e); break;
       case 'error':
         this.log(`server: ${e.code}: ${e.message}`);
         if (e.round !== null && e.round !== undefined) {
@@ -275,6 +276,15 @@ export class BrowserNode extends EventTarget {
       case 'fatal': this.fail(e.message); break;
       default: break;
     }
+  }
+
+  /** Secure aggregation (shared/secagg/round.py): the fixed-point update this tab masked stays
+   * here (`secaggPlain`, for the page's own checks); only its masked form left the tab. */
+  onSecAgg(e) {
+    if (e.stage === 'masked') this.secaggPlain = { round: e.round, ring: e.plain };
+    this.set({ secagg: { round: e.round, stage: e.stage },
+      state: e.stage === 'waiting' ? `round ${e.round}: trained; waiting for the secure-aggregation keys`
+        : `round ${e.round}: masked update sent` });
   }
 
   fail(message) {

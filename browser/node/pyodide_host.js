@@ -9,6 +9,7 @@ import { generateIdentity, sign, verify } from './identity.js';
 import { toHex } from './floatbits.js';
 import { canCompress, compress, decompress } from './zstd.js';
 import { encode, withErrorFeedback } from './codecs.js';
+import { kemDecaps, kemEncaps, kemKeygen } from './secagg.js';
 import { outerStep, reduceShard } from './p2p_kernels.js';
 
 export const PYODIDE_URL = '/static/vendor/pyodide/';
@@ -30,6 +31,10 @@ export const bridge = {
   mldsaKeygen: () => generateIdentity(),
   mldsaSign: (secretKey, message, context) => sign(secretKey, message, context),
   mldsaVerify: (publicKey, message, signature, context) => verify(publicKey, message, signature, context),
+  // secure aggregation's pair keys (shared.platform.Kem): ML-KEM-768
+  mlkemKeygen: () => kemKeygen(),
+  mlkemEncaps: (publicKey) => kemEncaps(publicKey),
+  mlkemDecaps: (secretKey, cipherText) => kemDecaps(secretKey, cipherText),
   zstdCanCompress: () => canCompress(),
   zstdCompress: (data) => compress(data),
   zstdDecompress: (data, maxSize) => decompress(data, maxSize),
