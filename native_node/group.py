@@ -69,8 +69,8 @@ class GroupRole:
         r = self.reducer
         if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
             events = r.revise(plan)
-        elif r is not None and r.plan.round == plan.round:
-            return  # an old revision
+        elif r is not None and r.plan.round == plan.round and plan == r.plan:
+            return  # the same plan again
         else:
             self.reducer = r = GroupReducer(me, plan, digests, host.delta, rule=msg.rule,
                                             byzantine_fraction=msg.byzantine_fraction,

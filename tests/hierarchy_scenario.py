@@ -4,7 +4,7 @@ prints JSON of /api/rounds, /api/rejections, the node logs and the server log on
 is over.
 `python -m tests.hierarchy_scenario DIR NODES ROUNDS FAULT`: FAULT "none", "lie" (node 0
 forges every group result it computes: tests/hierarchy_faulty_node.py) or "vanish" (node 0
-goes silent the first time it is elected aggregator and is then killed -9)."""
+stops the first time it is elected aggregator and is killed -9 at once)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,6 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         if fault == "vanish":
             poll(lambda: "HIER-FAULT vanished" in procs.log("n0"), 120, "node 0 to go silent")
-            poll(lambda: "aggregators silent" in procs.log("server"), 60,
-                 "the server to drop the silent aggregator")
             assert faulty is not None
             os.killpg(faulty.pid, signal.SIGKILL)
         poll(lambda: len(get_json(url + "/api/rounds")) == rounds, 180, f"{rounds} rounds")
