@@ -15,6 +15,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import os
 import random
 import ssl
 import threading
@@ -375,9 +376,21 @@ class NodeClient:
         elif kind == "fatal":
             raise FatalError(f"server: {ev.get('code', 'refused')}: {ev['message']}"
                              if "code" in ev else ev["message"])
+        elif kind == "secagg":
+            self._on_secagg(ev)
         else:
             self._log_event(ev)
         return False
+
+    def _on_secagg(self, ev: Event) -> None:
+        """Secure aggregation: only the masked update left. With DAA_SECAGG_KEEP_PLAIN set (the
+        e2e test) its fixed-point words are kept in the state dir, to check the sum against."""
+        if ev["stage"] != "masked":
+            log.info("round %d: trained; waiting for the secure-aggregation keys", ev["round"])
+            return
+        log.info("round %d: masked update sent (secure aggregation)", ev["round"])
+        if os.environ.get("DAA_SECAGG_KEEP_PLAIN"):
+            (self.opts.state_dir / f"secagg-plain-{ev['round']}.u32").write_bytes(ev["plain"])
 
     def _log_event(self, ev: Event) -> None:
         kind = ev["kind"]

@@ -1,0 +1,89 @@
+"""Secure aggregation in a real run: two tabs (Pyodide, the tab's ML-KEM-768 from
+@noble/post-quantum) and a native node (pqcrypto) against the real server with `secagg` on.
+One tab is closed right after its masked update was accepted, before the round unmasks; the
+round still commits, with that tab's update in the sum, and the sum the server unmasked is
+exactly the plain fixed-point sum of what the three participants masked (each keeps its own
+fixed-point words: the tabs in the page, the native node in its state dir for this test).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2e.conftest import wait_until
+from shared.outer import OuterConfig, outer_step
+
+RUN = {"model": "mlp-digits", "inner_steps": 150, "batch_size": 32, "deadline_s": 120.0,
+       "quorum": 3, "rounds": 1, "secagg": True, "secagg_clip": 1.0,
+       "secagg_timeout_s": 30.0}
+PLAIN_JS = """() => {
+  const p = window.daaNode && window.daaNode.secaggPlain;
+  if (!p) return null;
+  let s = '';
+  for (let i = 0; i < p.ring.length; i += 1) s += String.fromCharCode(p.ring[i]);
+  return { round: p.round, b64: btoa(s) };
+}"""
+
+
+def api(server: Any, path: str) -> Any:
+    with urllib.request.urlopen(f"{server.url}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def plain_of(tab: Any) -> bytes:
+    got = tab.page.evaluate(PLAIN_JS)
+    assert got is not None and got["round"] == 0, got
+    return base64.b64decode(got["b64"])
+
+
+def test_two_tabs_and_a_native_node_sum_securely_with_a_tab_dropping_after_submitting(
+        make_server: Any, native_node: Any, open_tab: Any, tmp_path: Path,
+        monkeypatch: Any) -> None:
+    monkeypatch.setenv("DAA_SECAGG_KEEP_PLAIN", "1")  # the native node keeps its words
+    server = make_server(RUN)
+    theta0, mom0 = server.call(lambda: (np.array(server.run.params), np.array(server.run.momentum)))
+    drops = open_tab(f"{server.url}/?backend=wasm", "drops")
+    drops.wait("!!s.nodeId && s.round === 0", timeout_s=120)
+    native = native_node(server)
+    stays = open_tab(f"{server.url}/?backend=wasm", "stays")
+    # the dropping tab trained first; its masked update goes once the key stages ran
+    drops.wait("s.accepted >= 1", timeout_s=120)
+    dropped_plain = plain_of(drops)
+    drop_id = drops.stats()["nodeId"]
+    drops.close()  # gone before the round's unmask request
+    wait_until(lambda: api(server, "/api/run")["committed_rounds"] >= 1, 120, "round 0")
+    stay_id = stays.stats()["nodeId"]
+    stays_plain = plain_of(stays)
+    native_plain = (native.log.parent / "secagg-plain-0.u32").read_bytes()
+
+    last = api(server, "/api/run")["secagg"]["last"]
+    assert last["round"] == 0
+    assert len(last["contributors"]) == 3 and drop_id in last["contributors"], last
+    assert drop_id not in last["responders"] and stay_id in last["responders"], last
+    assert last["excluded"] == {}
+    ring = np.zeros(len(theta0), dtype=np.uint32)
+    for words in (dropped_plain, stays_plain, native_plain):
+        ring += np.frombuffer(words, dtype="<u4")
+    assert hashlib.sha256(ring.tobytes()).hexdigest() == last["sum_sha256"]
+    mean = (ring.view(np.int32).astype(np.float64) / 2 ** last["frac_bits"] / 3
+            ).astype(np.float32)
+    cfg = server.run.config
+    want, _ = outer_step(theta0, mean, mom0, OuterConfig(lr=cfg.outer_lr,
+                                                         momentum=cfg.outer_momentum))
+    got = server.call(lambda: np.array(server.run.params))
+    assert np.array_equal(got, np.asarray(want))
+    (row,) = api(server, "/api/rounds")
+    assert row["n_updates"] == 3
+    stays.wait("s.state === 'the run is finished'", timeout_s=60)
+    s = stays.stats()
+    assert s["accepted"] == 1 and s["rejected"] == 0, s
+    assert stays.errors == [], stays.errors
+    assert native.proc.wait(timeout=30) == 0
+    stays.screenshot("secagg-tab-dropped")
