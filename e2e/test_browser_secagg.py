@@ -39,7 +39,8 @@ def api(server: Any, path: str) -> Any:
 
 def plain_of(tab: Any) -> bytes:
     got = tab.page.evaluate(PLAIN_JS)
-    assert got is not None and got["round"] == 0, got
+    assert got is not None
+    assert got["round"] == 0, got
     return base64.b64decode(got["b64"])
 
 
@@ -65,8 +66,10 @@ def test_two_tabs_and_a_native_node_sum_securely_with_a_tab_dropping_after_submi
 
     last = api(server, "/api/run")["secagg"]["last"]
     assert last["round"] == 0
-    assert len(last["contributors"]) == 3 and drop_id in last["contributors"], last
-    assert drop_id not in last["responders"] and stay_id in last["responders"], last
+    assert len(last["contributors"]) == 3, last
+    assert drop_id in last["contributors"], last
+    assert drop_id not in last["responders"], last  # it dropped after submitting
+    assert stay_id in last["responders"], last
     assert last["excluded"] == {}
     ring = np.zeros(len(theta0), dtype=np.uint32)
     for words in (dropped_plain, stays_plain, native_plain):
@@ -83,7 +86,8 @@ def test_two_tabs_and_a_native_node_sum_securely_with_a_tab_dropping_after_submi
     assert row["n_updates"] == 3
     stays.wait("s.state === 'the run is finished'", timeout_s=60)
     s = stays.stats()
-    assert s["accepted"] == 1 and s["rejected"] == 0, s
+    assert s["accepted"] == 1, s
+    assert s["rejected"] == 0, s
     assert stays.errors == [], stays.errors
     assert native.proc.wait(timeout=30) == 0
     stays.screenshot("secagg-tab-dropped")
