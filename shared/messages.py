@@ -650,12 +650,38 @@ class SecAgg(Message):
         _nonce("SecAgg", self.nonce)
 
 
+DHT_MAX_PAYLOAD = 256 * 1024  # one shared.dht.wire message (a data channel's largest)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Dht(Message):
+    """Kademlia peer discovery (shared.dht, docs/dht.md) over the control WebSocket: a node's
+    DHT message to the server's own DHT node (`to` "server") or, relayed, to another node,
+    which gets it re-signed by the server with `node_id` = the authenticated sender. On a data
+    channel between two nodes the same frame travels unsigned (the channel says who sent it)."""
+
+    TYPE: ClassVar[int] = 16
+    run_id: str  # the run
+    node_id: str  # the sender: a node id, or "server"
+    to: str  # the receiver: a node id, or "server"
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+    payload: bytes = field(repr=False)  # one shared.dht.wire message (canonical JSON)
+
+    def __post_init__(self) -> None:
+        for name in ("node_id", "to"):
+            if getattr(self, name) != SERVER:
+                _hex64("Dht", name, getattr(self, name))
+        _nonce("Dht", self.nonce)
+        _require(0 < len(self.payload) <= DHT_MAX_PAYLOAD, "Dht", "payload",
+                 f"must be 1..{DHT_MAX_PAYLOAD} bytes")
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge,
-                ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard, SecAgg)
+                ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard, SecAgg, Dht)
 }
-assert len(MESSAGE_TYPES) == 15, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 16, "duplicate message type id"
 
 
 _TYPE_TEXT = {int: "int", float: "float", str: "string", bool: "bool", dict: "object",

@@ -25,6 +25,7 @@ from shared.messages import (
     MESSAGE_TYPES,
     Ack,
     Challenge,
+    Dht,
     Error,
     Hello,
     Message,
@@ -175,8 +176,14 @@ def secagg(**kw: Any) -> SecAgg:
                      "nonce": FIXED_NONCE, **kw}, payload=kw.pop("payload", b"{}"))
 
 
+def dht(**kw: Any) -> Dht:
+    return Dht(**{"run_id": "run-1", "node_id": NODE, "to": "server", "nonce": FIXED_NONCE,
+                  **kw}, payload=kw.pop("payload", b'{"type":"ping"}'))
+
+
 ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge(),
-       validate_request(), verdict(), signal(), ready(), shard_plan(), shard(), secagg()]
+       validate_request(), verdict(), signal(), ready(), shard_plan(), shard(), secagg(),
+       dht()]
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -404,7 +411,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 16, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 17, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))

@@ -40,6 +40,7 @@ export const MAX_LR = 1000000.0;
 export const MAX_DP = 1000000.0;
 export const ROUND_CODECS = Object.freeze(["", "raw32", "fp16", "bf16", "int8-block", "int4-block", "topk"]);
 export const RESULT_CODECS = Object.freeze(["raw32", "fp16", "bf16"]);
+export const DHT_MAX_PAYLOAD = 262144;
 
 // type id -> [class name, {field: kind}] in dataclass field order
 export const SCHEMAS = {
@@ -99,6 +100,9 @@ export const SCHEMAS = {
   }],
   15: ['SecAgg', {
     run_id: 's', round: 'i', node_id: 's', stage: 's', nonce: 's', payload: 'payload',
+  }],
+  16: ['Dht', {
+    run_id: 's', node_id: 's', to: 's', nonce: 's', payload: 'payload',
   }],
 };
 
@@ -337,7 +341,7 @@ const POST = {
       'byzantine_fraction', 'must be in [0, 1)');
   },
   Shard(m, payload) {
-    hex64('Shard', 'node_id', m.node_id);
+    if (m.node_id !== SERVER) hex64('Shard', 'node_id', m.node_id);
     if (m.to !== SERVER) hex64('Shard', 'to', m.to);
     need(SHARD_KINDS.includes(m.kind), 'Shard', 'kind', `must be one of ${SHARD_KINDS}`);
     need(m.round >= 0 && m.shard >= 0 && m.revision >= 0, 'Shard', 'shard',
@@ -350,6 +354,13 @@ const POST = {
     need(SECAGG_STAGES.includes(m.stage), 'SecAgg', 'stage', `must be one of ${SECAGG_STAGES}`);
     need(m.round >= 0, 'SecAgg', 'round', 'must be >= 0');
     need(NONCE.test(m.nonce), 'SecAgg', 'nonce', 'must be 32 lowercase hex digits');
+  },
+  Dht(m, payload) {
+    if (m.node_id !== SERVER) hex64('Dht', 'node_id', m.node_id);
+    if (m.to !== SERVER) hex64('Dht', 'to', m.to);
+    need(NONCE.test(m.nonce), 'Dht', 'nonce', 'must be 32 lowercase hex digits');
+    need(payload.length > 0 && payload.length <= DHT_MAX_PAYLOAD, 'Dht', 'payload',
+      `must be 1..${DHT_MAX_PAYLOAD} bytes`);
   },
 };
 
