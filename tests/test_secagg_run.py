@@ -6,11 +6,9 @@ sender excluded, the rest still unmasked exactly)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import dataclasses
-import hashlib
 import json
 import shutil
 import subprocess
@@ -21,109 +19,22 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.secagg_run import Live, Tamper, committed_as, live_run, until
 from server.config import RunConfig
 from server.coordinator import Coordinator
-from server.peers import Connection
-from server.runstate import open_run
-from shared.envelope import Identity
-from shared.frame import decode_frame
-from shared.messages import Message, SecAgg, Submit, message_from_frame, sha256_hex
-from shared.outer import OuterConfig, outer_step
-from shared.participant import Participant
+from shared.messages import Message, SecAgg, Submit, sha256_hex
 from shared.platform import PqcryptoMLKEM768
 from shared.secagg import FixedPoint
 from shared.secagg.messages import KeyAdvert, MaskedUpdate, ShareBundle
 from shared.secagg.round import pack_masked, unpack_masked
 
-Tamper = Callable[["Live", Message], Message]
-
-
-class Live:
-    """One participant over an in-memory connection: every frame it answers goes back."""
-
-    def __init__(self, coord: Coordinator, tamper: Tamper | None = None) -> None:
-        self.coord, self.tamper = coord, tamper
-        self.part = Participant(Identity.generate(), runtime="native", agent="test",
-                                device="cpu")
-        self.inbox: list[bytes] = []
-        self.conn = Connection(ws=self, remote="mem")
-        self.trains: list[dict[str, Any]] = []
-        self.plain: dict[int, bytes] = {}
-        self.errors: list[tuple[str, str]] = []
-        self.gone = False
-
-    async def send_bytes(self, data: bytes) -> None:
-        self.inbox.append(data)
-
-    async def close(self) -> None:
-        return None
-
-    async def pump(self) -> None:
-        while self.inbox and not self.gone:
-            for ev in self.part.receive(self.inbox.pop(0)):
-                await self.on_event(ev)
-
-    async def on_event(self, ev: dict[str, Any]) -> None:
-        kind = ev["kind"]
-        if kind == "send":
-            data = bytes(ev["frame"])
-            if self.tamper is not None:
-                msg = message_from_frame(decode_frame(data), max_payload=1 << 26)
-                changed = self.tamper(self, msg)
-                if changed is not msg:
-                    data = self.part.frame(changed)
-            await self.coord.handle_frame(self.conn, data)
-        elif kind == "train":
-            self.trains.append(ev)
-        elif kind == "secagg" and ev["stage"] == "masked":
-            self.plain[ev["round"]] = bytes(ev["plain"])
-        elif kind in ("error", "refused", "fatal"):
-            self.errors.append((ev.get("code", kind), ev["message"]))
-
-    async def train(self, delta: np.ndarray) -> None:
-        r = self.trains[-1]["round"]
-        for ev in self.part.submit(r, delta.astype("<f4").tobytes(), train_loss=1.0,
-                                   samples=8, compute_s=0.1):
-            await self.on_event(ev)
-
-    def leave(self) -> None:
-        self.gone = True
-        self.coord.disconnect(self.conn)
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    end = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
 
 @contextlib.asynccontextmanager
 async def secure_run(tmp_path: Path, nodes: int, tampers: dict[int, Tamper] | None = None,
                      **config: Any) -> AsyncIterator[tuple[Coordinator, list[Live]]]:
-    run = open_run(tmp_path / "run", {"model": "mlp-digits", "quorum": 2, "deadline_s": 60.0,
-                                      "secagg": True, "secagg_clip": 0.5,
-                                      "secagg_timeout_s": 5.0, "rounds": 1, **config})
-    coord = Coordinator(run)
-    lives = [Live(coord, (tampers or {}).get(i)) for i in range(nodes)]
-    for live in lives:
-        await coord.greet(live.conn)
-        await live.pump()
-    task = asyncio.create_task(coord.run_rounds())
-
-    async def pumping() -> None:
-        while True:
-            for live in lives:
-                await live.pump()
-            await asyncio.sleep(0.005)
-
-    pump = asyncio.create_task(pumping())
-    try:
-        yield coord, lives
-    finally:
-        for t in (pump, task):
-            t.cancel()
-            await asyncio.wait([t], timeout=1)
+    async with live_run(tmp_path / "run", nodes, tampers, **{
+            "secagg": True, "secagg_clip": 0.5, "secagg_timeout_s": 5.0, **config}) as out:
+        yield out
 
 
 def deltas(n: int, count: int, seed: int = 3) -> list[np.ndarray]:
@@ -133,20 +44,9 @@ def deltas(n: int, count: int, seed: int = 3) -> list[np.ndarray]:
 
 def expect_commit(coord: Coordinator, start: tuple[np.ndarray, np.ndarray],
                   plains: list[bytes]) -> None:
-    """The round committed theta0 - step(mean) where mean = exact fixed-point sum / n."""
-    theta0, mom0 = start
-    ring = np.zeros(len(theta0), dtype=np.uint32)
-    for p in plains:
-        ring += np.frombuffer(p, dtype="<u4")
-    last = coord.status()["secagg"]["last"]
-    assert last["sum_sha256"] == hashlib.sha256(ring.astype("<u4").tobytes()).hexdigest()
-    assert len(last["contributors"]) == len(plains)
-    mean = (ring.view(np.int32).astype(np.float64) / 2 ** last["frac_bits"]
-            / len(plains)).astype(np.float32)
-    cfg = coord.config
-    want, _ = outer_step(theta0, mean, mom0, OuterConfig(lr=cfg.outer_lr,
-                                                         momentum=cfg.outer_momentum))
-    assert np.array_equal(np.asarray(coord.run.params), np.asarray(want))
+    """The round committed theta0 - step(mean), mean = the exact fixed-point sum / n."""
+    assert len(coord.status()["secagg"]["last"]["contributors"]) == len(plains)
+    assert committed_as(coord, start, plains)
 
 
 async def train_all(lives: list[Live], ds: list[np.ndarray]) -> None:
