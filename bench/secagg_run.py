@@ -1,7 +1,7 @@
 """What secure aggregation costs in a live round: the real coordinator (server.secagg_round)
 and the one participant implementation (shared.participant), all in this process, over memory.
 
-    python -m bench.secagg_run [--model mlp-digits] [--nodes 4 16] [--seed 0]
+    python -m bench.secagg_run [--models mlp-digits gpt-tiny] [--nodes 4 16] [--seed 0]
 
 Per node count, three rounds on the same precomputed updates (no training, so the round time
 is the protocol's): `plain` (secagg off, codec raw32), `secagg`, and `secagg` with a third of
@@ -181,7 +181,7 @@ async def one(data_dir: Path, model: str, n: int, mode: str, seed: int) -> dict[
         peers = [coord.peers[lv.part.node_id] for lv in lives]
         exact = committed_as(coord, start, [lv.plain[0] for lv in lives]) if secagg else None
         errors = sum(len(lv.errors) for lv in lives)
-    return {"nodes": n, "mode": mode, "dropped": drop, "n_params": len(start[0]),
+    return {"model": model, "nodes": n, "mode": mode, "dropped": drop, "n_params": len(start[0]),
             "up_kb": round(float(np.mean([p.bytes_up for p in peers])) / 1024, 1),
             "down_kb": round(float(np.mean([p.bytes_down for p in peers])) / 1024, 1),
             "round_s": round(round_s, 3), "exact": exact, "node_errors": errors}
@@ -189,27 +189,30 @@ async def one(data_dir: Path, model: str, n: int, mode: str, seed: int) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="mlp-digits")
+    p.add_argument("--models", nargs="+", default=["mlp-digits", "gpt-tiny"])
     p.add_argument("--nodes", type=int, nargs="+", default=[4, 16])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.nodes:
-            for mode in ("plain", "secagg", "dropout"):
-                row = asyncio.run(one(Path(tmp) / f"{n}-{mode}", args.model, n, mode, args.seed))
-                rows.append(row)
-    print(f"{'nodes':>5} {'mode':>8} {'dropped':>7} {'up KB':>9} {'down KB':>9} "
-          f"{'round s':>8} {'exact':>6}")
+        for model in args.models:
+            for n in args.nodes:
+                for mode in ("plain", "secagg", "dropout"):
+                    rows.append(asyncio.run(one(Path(tmp) / f"{model}-{n}-{mode}", model, n,
+                                                mode, args.seed)))
+    print(f"{'model':>10} {'params':>7} {'nodes':>5} {'mode':>8} {'dropped':>7} {'up KB':>9} "
+          f"{'down KB':>9} {'round s':>8} {'exact':>6}")
     for r in rows:
-        print(f"{r['nodes']:>5} {r['mode']:>8} {r['dropped']:>7} {r['up_kb']:>9} "
-              f"{r['down_kb']:>9} {r['round_s']:>8} {r['exact']!s:>6}")
-    plain = {r["nodes"]: r for r in rows if r["mode"] == "plain"}
-    ratio = {str(r["nodes"]): round(r["up_kb"] / plain[r["nodes"]]["up_kb"], 3)
-             for r in rows if r["mode"] == "secagg"}
+        print(f"{r['model']:>10} {r['n_params']:>7} {r['nodes']:>5} {r['mode']:>8} "
+              f"{r['dropped']:>7} {r['up_kb']:>9} {r['down_kb']:>9} {r['round_s']:>8} "
+              f"{r['exact']!s:>6}")
+    plain = {(r["model"], r["nodes"]): r for r in rows if r["mode"] == "plain"}
+    ratio = {f"{r['model']}/{r['nodes']}": round(
+        r["up_kb"] / plain[r["model"], r["nodes"]]["up_kb"], 3)
+        for r in rows if r["mode"] == "secagg"}
     secure = [r for r in rows if r["mode"] != "plain"]
-    print(json.dumps({"model": args.model, "n_params": rows[0]["n_params"],
-                      "nodes": args.nodes, "rows": rows, "up_ratio": ratio,
+    print(json.dumps({"models": args.models, "nodes": args.nodes, "rows": rows,
+                      "up_ratio": ratio,
                       "exact": all(r["exact"] for r in secure),
                       "node_errors": sum(r["node_errors"] for r in rows)}))
     return 0

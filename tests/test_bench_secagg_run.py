@@ -10,7 +10,7 @@ from bench import secagg_run
 
 
 def test_tiny_live_secagg_bench(capsys: pytest.CaptureFixture[str]) -> None:
-    assert secagg_run.main(["--nodes", "3"]) == 0
+    assert secagg_run.main(["--models", "mlp-digits", "--nodes", "3"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     fig = json.loads(out[-1])
     assert fig["exact"] is True
@@ -18,4 +18,4 @@ def test_tiny_live_secagg_bench(capsys: pytest.CaptureFixture[str]) -> None:
     modes = {r["mode"]: r for r in fig["rows"]}
     assert set(modes) == {"plain", "secagg", "dropout"}
     assert modes["dropout"]["dropped"] == 1
-    assert fig["up_ratio"]["3"] > 1  # masked updates and key messages cost more than clear
+    assert fig["up_ratio"]["mlp-digits/3"] > 1  # key messages and masked headers cost bytes
