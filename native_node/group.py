@@ -25,7 +25,7 @@ import numpy as np
 
 from shared.frame import FIXED_HEADER, FIXED_LEN
 from shared.hierarchy import GroupReducer, is_group_plan, parse_plan
-from shared.messages import SERVER, RoundOpen, Shard, ShardPlan
+from shared.messages import SERVER, RoundOpen, Shard, ShardPlan, sha256_hex
 
 if TYPE_CHECKING:
     from native_node.p2p import P2PRole
@@ -42,6 +42,7 @@ class GroupRole:
         self.wait_s = wait_s
         self._got = asyncio.Event()  # the combined aggregate of the last reduction came
         self.forwarded = 0  # aggregates this node forwarded as an aggregator
+        self._sends: set[asyncio.Future[None]] = set()  # frames on their way to peers
 
     def claims(self, msg: ShardPlan | Shard) -> bool:
         """Whether `msg` belongs to a group reduction (not to the p2p shard exchange)."""
@@ -69,12 +70,14 @@ class GroupRole:
         r = self.reducer
         if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
             events = r.revise(plan)
-        elif r is not None and r.plan.round == plan.round and plan == r.plan:
-            return  # the same plan again
-        else:
+        else:  # a new reduction (a retried round starts again at revision 0)
+            old = r if r is not None and r.plan.round == plan.round else None
             self.reducer = r = GroupReducer(me, plan, digests, host.delta, rule=msg.rule,
                                             byzantine_fraction=msg.byzantine_fraction,
                                             result_codec=msg.result_codec)
+            if old is not None and r.aggregating:  # updates that came for it already
+                r.parts.update({m: p for m, p in old.parts.items()
+                                if m in plan.members and sha256_hex(p) == digests[m]})
             self.group = group
             self._got.clear()
             events = r.start()
@@ -112,8 +115,11 @@ class GroupRole:
                 r.on_forward(msg.node_id, msg.payload)
                 events = []
         except ValueError as exc:
-            if msg.revision > r.plan.revision:  # sent under a plan we do not have yet
+            if msg.revision > r.plan.revision or msg.kind == "part":
+                # sent under a plan we do not have yet (a revision, or a retried round's
+                # new reduction): tried again when the next plan comes
                 self.early.append(msg)
+                del self.early[:-1000]
                 return
             log.warning("round %d: group %s from %s refused: %s", msg.round, msg.kind,
                         msg.node_id[:12], exc)
@@ -140,14 +146,25 @@ class GroupRole:
             if to == SERVER:
                 await host.send_ws(data)
                 continue
-            task = host.connecting.get(to)
-            if task is not None and not task.done() and to not in host.mesh.failed:
-                await asyncio.wait([task])  # the first round waits for its channels once
+            # in the background: a channel still opening (to a peer that may have vanished)
+            # must not hold up the next plan revision
+            task = asyncio.ensure_future(self._send_peer(to, data, len(e["payload"])))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _send_peer(self, to: str, data: bytes, size: int) -> None:
+        host = self.host
+        opening = host.connecting.get(to)
+        if opening is not None and not opening.done() and to not in host.mesh.failed:
+            await asyncio.wait([opening])  # the first round waits for its channels once
+        try:
             if await host.mesh.send(to, data):
-                host.sent_direct += len(e["payload"])
-            else:
-                host.sent_relayed += len(e["payload"])
-                await host.send_ws(data)
+                host.sent_direct += size
+                return
+            host.sent_relayed += size
+            await host.send_ws(data)
+        except (ConnectionError, ValueError) as exc:
+            log.warning("group frame to %s not sent: %s", to[:12], exc)
 
     async def before_frame(self, data: bytes) -> None:
         """Hold a RoundOpen until the last reduction's combined aggregate is here (at most

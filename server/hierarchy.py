@@ -154,6 +154,7 @@ class HierarchyReduction(P2PReduction):
 
     async def _replan_group(self, grp: GroupRun, plan: Plan) -> None:
         grp.plan = plan
+        grp.progress = asyncio.get_running_loop().time()  # the new aggregators get a full wait
         await self._act_group(grp, grp.check.revise(plan))
         await self._send_group_plan(grp)
 
