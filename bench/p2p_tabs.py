@@ -19,9 +19,11 @@ set-up). A tab's bytes are its ShardReducer's shard bytes (sent, received) over 
 size, the worst tab and round after the first; `tab_reduce_ms` is the median time of the JS
 kernel (reduce + encode one owned shard, in the worker, crossings from Pyodide included).
 
-`--close-tab` (e2e/test_browser_p2p.py): after the first round one tab holds its shard traffic
-(node.p2pHold) and is closed once it holds round 1's plan, i.e. mid-reduction; the JSON then
-says what the server did (p2p_dropped, n_updates per round).
+`--close-tab` (e2e/test_browser_p2p.py): once round 2 opened, one tab holds its shard traffic
+(node.p2pHold) and is closed once it holds the round's plan, i.e. mid-reduction; the JSON then
+says what the server did (p2p_dropped, n_updates per round). `--lie-tab`: the last tab's
+reduced shards of round 1 are wrong (fault injection); the JSON lists its p2p_mismatch
+records.
 
 Last line: JSON with native, tabs, rounds_committed, server_bytes_per_round,
 server_bytes_per_round_native_only, peer_bytes_over_update_tab, tab_reduce_ms, and more.
@@ -93,11 +95,12 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
                       f"127.0.0.1:{port}", "--name", f"node{i}", "--state-dir",
                       str(tmp / f"node{i}"), "--threads", "1", "--quiet")
             closed: dict[str, Any] = {}
-            if close_tab:  # once it holds round 1's aggregate (every member is in by then)
+            if close_tab:  # once round 2 opened for it (every member is in by then, and
+                # round 1's reduction, disputes included, is over)
                 victim = pages[0]
                 victim.wait_for_function("() => { const s = window.daaNode && window.daaNode.stats;"
-                                         " return s && s.p2p && s.p2p.round >= 1; }",
-                                         timeout=300_000, polling=200)
+                                         " return s && s.p2p && s.round >= 2; }",
+                                         timeout=300_000, polling=100)
                 victim.evaluate("() => { window.daaNode.p2pHold = true; }")
                 victim.wait_for_function("() => (window.daaNode.held || []).length > 0",
                                          timeout=300_000, polling=100)

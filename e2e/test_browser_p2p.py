@@ -2,7 +2,7 @@
 
 Runs bench.p2p_tabs --close-tab inside a private network namespace (bench.netns; every packet
 stays in it): a real server, two real native nodes and two headless Chromium tabs reduce
-shards among themselves. Once it holds round 1's aggregate one tab holds its shard traffic
+shards among themselves. Once round 2 opened one tab holds its shard traffic
 (node.p2pHold) and is closed once it holds round 2's plan, owning shards: the server drops it
 from the reduction, hands its shards to the next members (shared.p2p.revise), and round 2
 commits over the three updates left: the closed tab's update is not counted, nor anyone's twice.
@@ -42,8 +42,8 @@ def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: P
     assert res.returncode == 0, out
     closed = out["closed_tab"]
     assert closed["held_frames"] > 0, out  # it was inside round 1's reduction when closed
-    r = closed["round"]  # the round it was closed in (it held round r - 1's aggregate)
-    assert r >= 2, out
+    r = closed["round"]  # the round it was closed in
+    assert r == 2, out
     assert out["rounds_committed"] == 3, out
     # the round before: all four; round r: the closed tab's update left out, and nobody's
     # counted twice

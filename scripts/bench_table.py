@@ -158,6 +158,15 @@ def _nat(f: Fig) -> str:
                f"{w['server_relayed_bytes']:,} B through the server" if w else ""))
 
 
+def _p2p_tabs(f: Fig) -> str:
+    return (f"{f['native']} native + {f['tabs']} tabs, {f['rounds_committed']} rounds: server "
+            f"{f['server_bytes_per_round']:,} B per round vs "
+            f"{f['server_bytes_per_round_native_only']:,} B all native "
+            f"(x{f['server_ratio_vs_native_only']:.2f}); a tab moves "
+            f"{f['peer_bytes_over_update_tab']:.2f}x its update, reduces a shard in "
+            f"{f['tab_reduce_ms']:.1f} ms; tab outer-step resyncs {sum(f['tab_resyncs'])}")
+
+
 def _images(f: Fig) -> str:
     sizes = ", ".join(f"{k} {v / 1000:.2f} GB" for k, v in f["images"].items())
     sm = f["smoke"]
@@ -278,6 +287,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.nat", "4 native nodes in a p2p run behind iptables NAT routers (2 cone, 2 "
      "symmetric) in network namespaces; server over TLS, coturn with minted credentials",
      "nat.txt", _nat),
+    ("bench.p2p_tabs", "headless Chromium tabs and native nodes in one p2p run (tabs reduce "
+     "shards and step themselves) vs the same member count all native, private netns",
+     "p2p_tabs.txt", _p2p_tabs),
     ("./run.sh images --gpu", "the container images built on this machine (sizes unpacked) and "
      "smoke-tested: server + 2 CPU node containers + a Chromium tab", "images.txt", _images),
     ("bench.dht --nodes 200", "Kademlia peer discovery (shared/dht), real signed records, "
@@ -324,6 +336,7 @@ SOURCES: dict[str, str] = {
     "p2p_result_codec.txt": "python -m scripts.p2p_result_codec "
                             "--out bench/results/p2p_result_codec.txt",
     "transport.txt": "python -m bench.transport > bench/results/transport.txt",
+    "p2p_tabs.txt": "python -m bench.p2p_tabs > bench/results/p2p_tabs.txt  (as root)",
     "transport_runs.txt": "python -m scripts.transport_runs "
                           "--out bench/results/transport_runs.txt",
     **{name: "python -m bench.vs_ddp (writes them into bench/results/)" for name in (
