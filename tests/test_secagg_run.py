@@ -91,6 +91,21 @@ async def test_a_node_dropping_after_its_masked_update_is_still_in_the_sum(
         assert coord.counters["secagg_dropped_after_submit"] == 1
 
 
+async def test_dp_clips_and_noises_before_masking(tmp_path: Path) -> None:
+    """With dp_clip each node privatizes its update first (shared.dp), then masks it: what
+    was masked is the clipped update, and the committed mean is still its exact sum."""
+    async with secure_run(tmp_path, 3, quorum=3, dp_clip=0.01, dp_noise_multiplier=0.0
+                          ) as (coord, lives):
+        start = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
+        await train_all(lives, deltas(coord.run.n_params, 3))
+        await until(lambda: coord.run.version == 1, "the commit")
+        bits = coord.status()["secagg"]["last"]["frac_bits"]
+        for lv in lives:
+            x = np.frombuffer(lv.plain[0], dtype="<u4").view(np.int32) / 2 ** bits
+            assert np.linalg.norm(x) <= 0.01 * 1.001  # clipped to C (plus rounding)
+        expect_commit(coord, start, [lv.plain[0] for lv in lives])
+
+
 def _bad_advert_signature(live: Live, msg: Message) -> Message:
     if isinstance(msg, SecAgg) and msg.stage == "advert":
         adv = KeyAdvert.from_json(msg.payload)
