@@ -177,3 +177,33 @@ async def test_tabs_join_flat_p2p_runs_but_not_grouped_ones(tmp_path: Path) -> N
         assert "groups" in err.message
         native = await srv.client("native")
         assert native.welcome is not None
+
+
+def test_the_tabs_reassembler_takes_shared_rtc_chunks_and_refuses_broken_ones() -> None:
+    """mesh.js's Reassembler (what a tab receives on a p2p channel) against the chunks
+    shared.rtc makes: whole frames come out verified; a flipped byte, a missing chunk, an
+    oversized frame and a cancelled transfer deliver nothing, and later frames still do."""
+    from shared.rtc import cancel_chunk, chunks
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.bytes(n) for n in (10, 600_000, 300_000))
+    good_a = list(chunks(a, 1))
+    good_b = list(chunks(b, 2))
+    flipped = list(chunks(c, 3))
+    flipped[1] = flipped[1][:-1] + bytes([flipped[1][-1] ^ 1])
+    missing = list(chunks(c, 4))
+    del missing[1]
+    cancelled = [*list(chunks(c, 5))[:1], cancel_chunk(5)]
+    huge = list(chunks(rng.bytes(800_000), 6))  # over max_frame
+    messages = [*good_a, *flipped, *missing, *cancelled, *good_b, *huge, *good_a]
+    proc = subprocess.run([node, str(ROOT / "tests" / "js" / "mesh_node.mjs")],
+                          input=json.dumps({"messages": [m.hex() for m in messages],
+                                            "max_frame": 700_000}),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["frames"] == [a.hex(), b.hex(), a.hex()]
+    assert out["bad"] >= 3  # the digest, the gap and the oversized frame

@@ -102,6 +102,7 @@ export class TabMesh {
     this.iceServers = iceServers;
     for (const p of peers) {
       this.wanted.add(p);
+      if (this.peers.get(p)?.state === 'closed') this.drop(p);  // it left and came back
       const e = this.entry(p);
       if (this.offersTo(p) && e.state === 'new') {
         e.state = 'offering';
@@ -125,6 +126,7 @@ export class TabMesh {
       e.state = 'open';
       this.stats.links++;
       e.settle(true);
+      e.open = Promise.resolve(true);  // also after a failed first try (a fresh offer came)
       pairType(e.pc).then((pair) => {
         if (!pair) return;
         this.stats.pairs[peer] = pair;
