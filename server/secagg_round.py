@@ -149,8 +149,9 @@ class SecAggReduction(ServerReduction):
                          | set(agg.excluded), cfg.secagg_timeout_s)
         alive, cts = agg.relay_ciphertexts()
         self.stage = "bundle"
-        for n in alive:
-            await self._send(n, state.round, "ciphertexts", relay_ct_body(alive, cts))
+        for n in alive:  # each node gets the ciphertexts addressed to it, not all of them
+            mine = [m for m in cts if any(e[0] == n for e in m.entries)]
+            await self._send(n, state.round, "ciphertexts", relay_ct_body(alive, mine))
         await self._wait(lambda: set(self._live(agg.keyed)) <= set(agg.bundles)
                          | set(agg.excluded), cfg.secagg_timeout_s)
         alive, routed = agg.relay_shares()
