@@ -13,6 +13,7 @@ from server import api, browser_assets, browser_data, ledger_api, ws
 from server.coordinator import Coordinator
 from server.keys import COORDINATOR, RUN
 from server.runstate import RunState
+from server.signer import SigningPool
 
 log = logging.getLogger("server.app")
 
@@ -31,9 +32,21 @@ def make_app(run: RunState) -> web.Application:
     static = Path(api.BROWSER_DIR)
     if static.is_dir():
         app.router.add_static("/static/", static)
+    app.cleanup_ctx.append(_signing_pool)  # before the round loop: closed after it
     app.cleanup_ctx.append(_round_loop)
     app.on_shutdown.append(_close_sockets)
     return app
+
+
+async def _signing_pool(app: web.Application) -> AsyncIterator[None]:
+    """Per-connection frames (Acks, Welcomes, Challenges) signed off the event loop."""
+    coord, run = app[COORDINATOR], app[RUN]
+    pool = SigningPool(run.identity, run.run_id) if run.identity is not None else None
+    coord.outbox.signer = pool
+    yield
+    coord.outbox.signer = None
+    if pool is not None:
+        pool.close()
 
 
 async def _round_loop(app: web.Application) -> AsyncIterator[None]:

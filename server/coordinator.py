@@ -159,11 +159,14 @@ class Coordinator:
     # -- receiving -----------------------------------------------------------------------
     def challenge_frame(self, challenge: str) -> bytes:
         """The signed Challenge whose `challenge` a connection's Hello must sign."""
+        return self.frame(self.challenge_msg(challenge))
+
+    def challenge_msg(self, challenge: str) -> Challenge:
         ident = self.run.identity
         assert ident is not None
-        return self.frame(Challenge(run_id=self.run.run_id, challenge=challenge,
-                                    server_public_key=ident.public_key.hex(),
-                                    protocol_version=PROTOCOL_VERSION, agent=AGENT))
+        return Challenge(run_id=self.run.run_id, challenge=challenge,
+                         server_public_key=ident.public_key.hex(),
+                         protocol_version=PROTOCOL_VERSION, agent=AGENT)
 
     async def greet(self, conn: Connection) -> None:
         """First frame on a new connection (in-memory drivers; server.ws pools them)."""

@@ -14,6 +14,7 @@ from collections import Counter
 
 from server.peers import Connection, Peer
 from server.runstate import RunState
+from server.signer import SigningPool
 from shared.envelope import sign_round
 from shared.messages import Message
 
@@ -26,6 +27,9 @@ class Outbox:
         self.counters = counters  # bytes_down (and bytes_up, counted as frames arrive)
         self.peers: dict[str, Peer] = {}  # node id -> peer, connected or not
         self.round_bytes = [0, 0]  # up, down during the open round
+        # signs per-connection frames off the event loop (server.app sets it; None: in
+        # process, as in-memory drivers and tests run the coordinator)
+        self.signer: SigningPool | None = None
 
     def frame(self, msg: Message) -> bytes:
         """`msg` signed with the server's key (shared.envelope)."""
@@ -35,8 +39,12 @@ class Outbox:
             run_id=self.run.run_id, round_=sign_round(getattr(msg, "round", None)),
             msg_type=msg.TYPE, nonce=msg.nonce))
 
+    async def signed(self, msg: Message) -> bytes:
+        """`msg` signed like `frame`, by the signing processes when there are some."""
+        return self.frame(msg) if self.signer is None else await self.signer.frame(msg)
+
     async def send(self, conn: Connection, msg: Message | bytes) -> None:
-        data = msg if isinstance(msg, bytes) else self.frame(msg)
+        data = msg if isinstance(msg, bytes) else await self.signed(msg)
         if conn.peer is not None:
             conn.peer.bytes_down += len(data)
         self.round_bytes[1] += len(data)

@@ -49,6 +49,11 @@ class RoundOpener:
               tuned: dict[str, Any] | None = None) -> bytes:
         """The RoundOpen of `state` as `kind`, signed; the deadline is the time left now;
         `tuned`: the autotune fields for its node (AutotuneLoop.open_fields)."""
+        return self.outbox.frame(self.message(state, kind, tuned))
+
+    def message(self, state: RoundState, kind: str = "full",
+                tuned: dict[str, Any] | None = None) -> RoundOpen:
+        """The RoundOpen `frame` signs."""
         run, cfg = self.run, self.config
         base: str | None = None
         payload = run.params_bytes
@@ -59,13 +64,13 @@ class RoundOpener:
             payload = encode_outer_step(cfg.outer_lr, cfg.outer_momentum)
         elif kind == "full+m":
             payload = run.params_bytes + np.ascontiguousarray(run.momentum, "<f4").tobytes()
-        return self.outbox.frame(RoundOpen(
+        return RoundOpen(
             run_id=run.run_id, round=state.round, attempt=state.attempt,
             params_digest=run.params_digest,
             deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
             inner_lr=cfg.inner_lr, batch_size=cfg.batch_size, base_digest=base,
             with_momentum=kind == "full+m", payload=payload,
-            **{"inner_steps": cfg.inner_steps, **self.dp_fields, **(tuned or {})}))
+            **{"inner_steps": cfg.inner_steps, **self.dp_fields, **(tuned or {})})
 
     def takes_part(self, peer: Peer | None) -> bool:
         """Whether `peer` gets the open round: not a trainer the DP sample left out."""
@@ -96,8 +101,8 @@ class RoundOpener:
             peer.state = "training"
         kind = self.kind(peer)
         tuned = self.autotune.open_fields(peer.node_id if peer else None, state.round)
-        if data is None:
-            data = self.frame(state, kind, tuned)
+        if data is None:  # one node (a join): signed off the event loop
+            data = await self.outbox.signed(self.message(state, kind, tuned))
         await self.outbox.send(conn, data)
         if peer is not None:
             self.autotune.on_open(peer.node_id, len(data))

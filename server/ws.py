@@ -92,6 +92,14 @@ class Challenges:
         self.signed += 1
         return challenge, coord.challenge_frame(challenge)
 
+    async def take_signed(self, coord: Any) -> tuple[str, bytes]:
+        """`take`, with a new Challenge signed off the event loop (server.signer)."""
+        if self.pool:
+            return self.pool.pop()
+        challenge = secrets.token_hex(32)
+        self.signed += 1
+        return challenge, await coord.outbox.signed(coord.challenge_msg(challenge))
+
     def give_back(self, challenge: str, frame: bytes) -> None:
         if len(self.pool) < CHALLENGE_POOL:
             self.pool.append((challenge, frame))
@@ -240,7 +248,7 @@ async def control(request: web.Request) -> web.StreamResponse:
             closing.append(asyncio.ensure_future(ws.close()))
 
     hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, no_hello)
-    challenge, greeting = limits.challenges.take(coord)
+    challenge, greeting = await limits.challenges.take_signed(coord)
     conn.challenge = challenge
     hello_seen = False
     seen: dict[tuple[str, str | None], int] = {}
