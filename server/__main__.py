@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="secure aggregation: nodes send only masked updates and the server "
                         "unmasks only their sum; aggregator mean only (docs/privacy.md; "
                         "default: off)")
+    p.add_argument("--dht", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a Kademlia DHT node (a bootstrap for nodes' peer discovery) and "
+                        "relay nodes' DHT messages (docs/dht.md; default: off)")
     p.add_argument("--validation", action=argparse.BooleanOptionalAction, default=None,
                    help="score every update on held-out loss and reject the ones that make "
                         "it worse by more than --validation-threshold (default: off)")

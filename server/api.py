@@ -67,6 +67,7 @@ async def get_run(request: web.Request) -> web.Response:
         "eval_loss": last["eval_loss"] if last else run.eval_loss_init,
         **coord.status(),
         "limits": request.app[LIMITS].view(),  # rate limits and closes (server/ws.py)
+        "dht": coord.dht.view() if coord.dht is not None else None,  # server/dht.py
     })
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from server import api, browser_assets, browser_data, ledger_api, ws
 from server.coordinator import Coordinator
+from server.dht import ServerDht
 from server.keys import COORDINATOR, RUN
 from server.runstate import RunState
 from server.signer import SigningPool
@@ -33,6 +34,7 @@ def make_app(run: RunState) -> web.Application:
     if static.is_dir():
         app.router.add_static("/static/", static)
     app.cleanup_ctx.append(_signing_pool)  # before the round loop: closed after it
+    app.cleanup_ctx.append(_dht)
     app.cleanup_ctx.append(_round_loop)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -47,6 +49,19 @@ async def _signing_pool(app: web.Application) -> AsyncIterator[None]:
     coord.outbox.signer = None
     if pool is not None:
         pool.close()
+
+
+async def _dht(app: web.Application) -> AsyncIterator[None]:
+    """The server's Kademlia node and the DHT relay (run config `dht`, server.dht)."""
+    coord, run = app[COORDINATOR], app[RUN]
+    if not run.config.dht or run.identity is None:
+        yield
+        return
+    coord.dht = ServerDht(coord.outbox, run.identity, run.run_id, coord.counters)
+    coord.dht.start()
+    yield
+    await coord.dht.close()
+    coord.dht = None
 
 
 async def _round_loop(app: web.Application) -> AsyncIterator[None]:

@@ -7,7 +7,17 @@ from __future__ import annotations
 from shared.envelope import verify_frame
 from shared.errors import BadSignature, MessageError, UnknownNode, WrongRun
 from shared.frame import Frame
-from shared.messages import MESSAGE_TYPES, Hello, Ready, SecAgg, Shard, Signal, Submit, Verdict
+from shared.messages import (
+    MESSAGE_TYPES,
+    Dht,
+    Hello,
+    Ready,
+    SecAgg,
+    Shard,
+    Signal,
+    Submit,
+    Verdict,
+)
 
 
 def authenticate(frame: Frame, *, run_id: str, challenge: str, peer_id: str | None,
@@ -32,7 +42,7 @@ def authenticate(frame: Frame, *, run_id: str, challenge: str, peer_id: str | No
         nonce = verify_frame(frame, public_key=public_key, run_id=run_id, node_id=node_id)
         return node_id, nonce, public_key
     if frame.msg_type in (Submit.TYPE, Verdict.TYPE, Signal.TYPE, Ready.TYPE, Shard.TYPE,
-                          SecAgg.TYPE):
+                          SecAgg.TYPE, Dht.TYPE):
         what = MESSAGE_TYPES[frame.msg_type].__name__
         for name in ("node_id", "run_id", "nonce"):
             if not isinstance(header.get(name), str):

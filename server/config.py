@@ -102,6 +102,9 @@ class RunConfig:
     secagg: bool = False
     secagg_clip: float = 1.0  # each coordinate is clipped to [-it, it] before fixed point
     secagg_timeout_s: float = 20.0  # each key stage / the unmask waits at most this long
+    # Kademlia peer discovery (server.dht, docs/dht.md): the server runs a DHT node (a
+    # bootstrap) and relays nodes' Dht frames; each relayed message costs a server signature
+    dht: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [

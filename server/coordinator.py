@@ -63,6 +63,7 @@ from shared.frame import PROTOCOL_VERSION, decode_frame
 from shared.messages import (
     Ack,
     Challenge,
+    Dht,
     Error,
     Hello,
     Message,
@@ -116,6 +117,7 @@ class Coordinator:
                                      self.counters, self.rejected)
         self.dp = DpAccountant(self.config, run.version)  # DP: sampling and epsilon
         self.rtc = RtcHub(self, RtcSettings.of(self.config))
+        self.dht: Any = None  # server.dht.ServerDht when the run config has `dht` (server.app)
         self._wake = asyncio.Event()
         self.secagg = self.reduction if isinstance(self.reduction, SecAggReduction) else None
         if self.secagg is not None:  # secure aggregation (server.secagg_round)
@@ -220,6 +222,11 @@ class Coordinator:
                 raise BadUpdate("this run does not aggregate securely (secagg)",
                                 field="msg_type")
             await self.secagg.on_secagg(conn, msg)
+        elif isinstance(msg, Dht):  # peer discovery (server.dht; run config `dht`)
+            if self.dht is None:
+                raise BadUpdate("this server runs no DHT node (run config dht)",
+                                field="msg_type")
+            await self.dht.on_message(conn, msg)
 
     async def oversized(self, conn: Connection) -> None:
         """The transport refused a message above its limit (the socket is closing)."""

@@ -50,6 +50,7 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 |           | run) or "masked" (sent; `plain`: the fixed-point ring bytes before masking,|
 |           | for the node's own checks; they never leave it) (shared.secagg.round)      |
 | p2p       | message (ShardPlan or Shard, verified): hand it to the p2p reduction       |
+| dht       | message (Dht, verified): hand it to the DHT carrier (native_node.dht)      |
 |           | (native nodes only: the server refuses tabs in `p2p` runs)                 |
 
 A driver whose trainer stops without a result (cancelled, crashed) calls `training_stopped` so
@@ -78,6 +79,7 @@ from shared.messages import (
     SERVER,
     Ack,
     Challenge,
+    Dht,
     Error,
     Hello,
     Message,
@@ -221,6 +223,8 @@ class Participant:
             return self._on_committed(msg)
         if isinstance(msg, Signal):  # e.g. the server peer's answer to our offer
             return [{"kind": "signal", "from": msg.node_id, "signal": msg.kind, "data": msg.data}]
+        if isinstance(msg, Dht):  # peer discovery: for the driver's DHT carrier
+            return [{"kind": "dht", "message": msg}]
         if isinstance(msg, ShardPlan | Shard):
             return [{"kind": "p2p", "message": msg}]
         if isinstance(msg, SecAgg):
