@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shared.frame import FIXED_HEADER, FIXED_LEN
-from shared.hierarchy import GroupReducer, is_group_plan, parse_plan
+from shared.hierarchy import GroupReducer, encode_missing, is_group_plan, parse_plan
 from shared.messages import SERVER, RoundOpen, Shard, ShardPlan, sha256_hex
 
 if TYPE_CHECKING:
@@ -85,10 +85,32 @@ class GroupRole:
                      len(plan.members), [a[:12] for a in plan.owners[0]],
                      " (this node)" if r.aggregating else "")
         self._connect(r)
+        if r.aggregating and float(msg.plan.get("report_s") or 0) > 0:
+            self._report_later(r, float(msg.plan["report_s"]))
         await self._route(events)
         early, self.early = self.early, []
         for m in early:
             await self.on_shard(m)
+
+    def _report_later(self, r: GroupReducer, delay_s: float) -> None:
+        """Tell the server whose updates we still lack `delay_s` after the plan, so that it
+        can drop a member that never sent one (e.g. the other aggregator, hung)."""
+        revision = r.plan.revision
+
+        async def report() -> None:
+            await asyncio.sleep(delay_s)
+            if self.reducer is not r or r.plan.revision != revision:
+                return
+            missing = r.missing()
+            if missing:
+                log.warning("round %d: no update from %s after %.0f s; telling the server",
+                            r.plan.round, [m[:12] for m in missing], delay_s)
+                await self._route([{"kind": "part", "to": SERVER,
+                                    "payload": encode_missing(missing)}])
+
+        task = asyncio.ensure_future(report())
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     def _connect(self, r: GroupReducer) -> None:
         """Channels to our aggregators; an aggregator also to every member."""

@@ -18,7 +18,11 @@ uploads the encoded group result. Per group, shared.p2p.ShardCheck compares the 
   round (its members' updates are left out);
 - an aggregator or member leaves, or aggregators stay silent for `p2p_timeout_s`: they are
   dropped from the group (shared.p2p.revise: the next member aggregates), members resend
-  only to new aggregators. Below quorum the round is retried.
+  only to new aggregators. An aggregator still lacking updates at half that time reports
+  whose (a `Shard` "part" to the server listing their ids); at the timeout a member every
+  other aggregator reported missing is dropped too (so a hung aggregator, which sends its
+  partner nothing, does not take the whole group down), while an aggregator that reported
+  is not silent. Below quorum the round is retried.
 
 The server then combines the settled group results with the run's rule
 (shared.hierarchy.combine: `mean` weighs groups by size, so it equals the flat mean), rounds
@@ -46,7 +50,9 @@ from server.peers import Connection, Nodes
 from shared.errors import BadUpdate
 from shared.hierarchy import (
     Member,
+    accused,
     combine,
+    decode_missing,
     elect,
     make_groups,
     next_aggregator,
@@ -75,6 +81,7 @@ class GroupRun:
     progress: float  # loop time of the last change
     dropped: bool = False
     sent_plans: dict[int, bytes] = field(default_factory=dict)  # revision -> signed frame
+    missing: dict[str, set[str]] = field(default_factory=dict)  # aggregator -> updates lacked
 
     @property
     def settled(self) -> bool:
@@ -107,13 +114,25 @@ class HierarchyReduction(P2PReduction):
         groups = self._groups
         if groups is None or msg.round != self._round:
             raise BadUpdate("no reduction is running for that round", field="round")
-        if msg.kind != "result" or not 0 <= msg.shard < len(groups):
-            raise BadUpdate("the server takes group results only", field="shard")
+        if not 0 <= msg.shard < len(groups):
+            raise BadUpdate("no such group", field="shard")
         grp = groups[msg.shard]
         if grp.dropped:
             return
         if msg.revision < grp.check.members_revision or msg.revision > grp.plan.revision:
             self.counters["hierarchy_old_revision"] += 1
+            return
+        if msg.kind == "part":  # an aggregator's report of the updates it still lacks
+            if peer.node_id not in grp.plan.owners[0]:
+                raise BadUpdate("only the group's aggregators report missing updates",
+                                field="kind")
+            try:
+                grp.missing[peer.node_id] = decode_missing(msg.payload, grp.plan.members)
+            except ValueError as exc:
+                raise BadUpdate(str(exc), field="payload") from None
+            log.info("round %d: group %d: %s lacks the updates of %s", grp.plan.round,
+                     grp.index, peer.node_id[:12],
+                     [m[:12] for m in sorted(grp.missing[peer.node_id])])
             return
         try:
             events = grp.check.on_result(peer.node_id, 0, msg.payload)
@@ -153,6 +172,8 @@ class HierarchyReduction(P2PReduction):
         self._event.set()
 
     async def _replan_group(self, grp: GroupRun, plan: Plan) -> None:
+        if plan.members != grp.plan.members:
+            grp.missing.clear()  # reports were about the old member set
         grp.plan = plan
         grp.progress = asyncio.get_running_loop().time()  # the new aggregators get a full wait
         await self._act_group(grp, grp.check.revise(plan))
@@ -164,7 +185,8 @@ class HierarchyReduction(P2PReduction):
             assert self._groups is not None
             msg = ShardPlan(run_id=self.run.run_id, round=plan.round,
                             plan=plan_dict(plan, group=grp.index, n_groups=len(self._groups),
-                                           digests=self._digests),
+                                           digests=self._digests,
+                                           report_s=self.config.p2p_timeout_s / 2),
                             rule=self.config.aggregator,
                             byzantine_fraction=self.config.byzantine_fraction,
                             result_codec=self.config.p2p_result_codec)
@@ -236,12 +258,17 @@ class HierarchyReduction(P2PReduction):
                         continue
                     gone = {m for m in grp.plan.members if self.nodes.conn(m) is None}
                     if loop.time() - grp.progress > cfg.p2p_timeout_s:
+                        # silent: neither a result nor a report of missing updates; members
+                        # every other aggregator lacks leave too (their update never came)
                         silent = {a for a in grp.plan.owners[0]
-                                  if a not in grp.check.results.get(0, {})}
-                        log.warning("round %d: group %d aggregators silent for %.0f s: %s",
-                                    state.round, grp.index, cfg.p2p_timeout_s,
-                                    [s[:12] for s in sorted(silent)])
-                        gone |= silent
+                                  if a not in grp.check.results.get(0, {})
+                                  and a not in grp.missing}
+                        lacking = accused(grp.plan.owners[0], grp.missing)
+                        log.warning("round %d: group %d aggregators silent for %.0f s: %s; "
+                                    "updates missing: %s", state.round, grp.index,
+                                    cfg.p2p_timeout_s, [s[:12] for s in sorted(silent)],
+                                    [m[:12] for m in sorted(lacking)])
+                        gone |= silent | lacking
                         grp.progress = loop.time()
                     if gone:
                         log.info("round %d: dropping %s from group %d; aggregators replaced",

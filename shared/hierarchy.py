@@ -119,12 +119,13 @@ def next_aggregator(plan: Plan, capable: Sequence[str], avoid: Sequence[str] = (
     return free[0] if free else None
 
 
-def plan_dict(plan: Plan, *, group: int, n_groups: int, digests: Mapping[str, str]
-              ) -> dict[str, Any]:
+def plan_dict(plan: Plan, *, group: int, n_groups: int, digests: Mapping[str, str],
+              report_s: float = 0.0) -> dict[str, Any]:
     """The ShardPlan `plan` field of a group plan: shared.p2p.Plan.to_dict() plus the group's
-    index, the number of groups, and each member's Ready digest."""
+    index, the number of groups, each member's Ready digest and `report_s` (an aggregator
+    still lacking updates that long after the plan reports which; 0: never)."""
     return {**plan.to_dict(), "group": group, "n_groups": n_groups,
-            "digests": {m: digests[m] for m in plan.members}}
+            "digests": {m: digests[m] for m in plan.members}, "report_s": report_s}
 
 
 def is_group_plan(d: Mapping[str, Any]) -> bool:
@@ -143,6 +144,35 @@ def parse_plan(d: Mapping[str, Any]) -> tuple[Plan, int, dict[str, str]]:
     if not 0 <= group < int(d["n_groups"]):
         raise ValueError("group index out of range")
     return plan, group, digests
+
+
+def encode_missing(ids: Sequence[str]) -> bytes:
+    """An aggregator's report of the members whose update it lacks: their ids (64 hex each),
+    concatenated (a `Shard` "part" to the server; 64 bytes an id keep it float32-sized)."""
+    return "".join(ids).encode("ascii")
+
+
+def decode_missing(payload: bytes, members: Sequence[str]) -> set[str]:
+    """The ids of a missing-update report; ValueError unless they are members."""
+    text = bytes(payload).decode("ascii", errors="replace")
+    if not text or len(text) % 64:
+        raise ValueError("a missing-update report is whole 64-character node ids")
+    ids = {text[i:i + 64] for i in range(0, len(text), 64)}
+    if not ids <= set(members):
+        raise ValueError("a missing-update report names nodes outside the group")
+    return ids
+
+
+def accused(owners: Sequence[str], reports: Mapping[str, set[str]]) -> set[str]:
+    """Members every other aggregator reported missing (at least one report): their updates
+    never came, so they leave the group. An aggregator that holds a member's update does
+    not report it, so no aggregator alone can have an honest member dropped."""
+    out: set[str] = set()
+    for m in set().union(*reports.values()) if reports else set():
+        others = [a for a in owners if a != m]
+        if others and all(m in reports.get(a, set()) for a in others):
+            out.add(m)
+    return out
 
 
 def reduce_group(rule: str, updates: Sequence[Vector], *, byzantine_fraction: float) -> Vector:
@@ -283,6 +313,12 @@ class GroupReducer:
         self.bytes_in += len(payload)
         if self.global_ is None:
             self.global_ = bytes(payload)
+
+    def missing(self) -> list[str]:
+        """Members whose update this aggregator still lacks ([] when not aggregating)."""
+        if not self.aggregating or self.result is not None:
+            return []
+        return [m for m in self.plan.members if m not in self.parts]
 
     def aggregate(self) -> Vector | None:
         if self.global_ is None:

@@ -5,8 +5,9 @@ real node with one fault added (the Byzantine behaviour lives here, in test code
 
 MODE "lie": every group result this node computes is forged (its first value set to 1000, a
 valid payload of the round's result codec).
-MODE "vanish": the first time it is elected aggregator the node logs "HIER-FAULT vanished"
-and stops handling anything of the reduction (the test then kills it -9)."""
+MODE "vanish" (and "silent"): the first time it is elected aggregator the node logs
+"HIER-FAULT vanished" and stops handling anything of the reduction, for good (with "vanish"
+the test then kills it -9; a "silent" node stays connected and keeps training)."""
 
 from __future__ import annotations
 
@@ -55,5 +56,5 @@ def vanish() -> None:
 
 
 if __name__ == "__main__":
-    {"lie": lie, "vanish": vanish}[sys.argv[1]]()
+    {"lie": lie, "vanish": vanish, "silent": vanish}[sys.argv[1]]()
     sys.exit(main(sys.argv[2:]))

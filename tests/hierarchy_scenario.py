@@ -4,7 +4,8 @@ prints JSON of /api/rounds, /api/rejections, the node logs and the server log on
 is over.
 `python -m tests.hierarchy_scenario DIR NODES ROUNDS FAULT`: FAULT "none", "lie" (node 0
 forges every group result it computes: tests/hierarchy_faulty_node.py) or "vanish" (node 0
-stops the first time it is elected aggregator and is killed -9 at once)."""
+stops the first time it is elected aggregator and is killed -9 at once) or "silent" (the
+same, but it stays connected: the other aggregator reports its update missing)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.conftest import Procs
 
 def main() -> int:
     tmp, nodes, rounds, fault = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    quorum = nodes - 1 if fault == "vanish" else nodes
+    quorum = nodes - 1 if fault in ("vanish", "silent") else nodes
     procs = Procs(tmp)
     port = free_port()
     try:

@@ -11,8 +11,11 @@ import pytest
 from shared.hierarchy import (
     GroupReducer,
     Member,
+    accused,
     combine,
+    decode_missing,
     elect,
+    encode_missing,
     make_groups,
     next_aggregator,
     parse_plan,
@@ -211,3 +214,20 @@ def test_combine_mean_weighs_groups_by_size_and_robust_rules_by_group() -> None:
     assert np.allclose(res, 1.0)  # one poisoned group result cannot move the median far
     with pytest.raises(ValueError, match="one size per group"):
         combine([], [], rule="mean", byzantine_fraction=0.0)
+
+
+def test_missing_update_reports_drop_only_what_every_other_aggregator_lacks() -> None:
+    a, b, c, d = ids(4)
+    assert decode_missing(encode_missing([a, c]), [a, b, c, d]) == {a, c}
+    with pytest.raises(ValueError, match="outside the group"):
+        decode_missing(encode_missing(["e" * 64]), [a, b])
+    with pytest.raises(ValueError, match="64-character"):
+        decode_missing(b"abcd", [a, b])
+    assert accused((a, b), {b: {a}}) == {a}  # a hung aggregator: the other lacks its update
+    assert accused((a, b), {a: {c}}) == set()  # b holds c's update (it did not report it)
+    assert accused((a, b), {a: {c}, b: {c}}) == {c}
+    assert accused((a, b), {}) == set()
+    _, _, _, nodes = _group(4)
+    agg = next(r for r in nodes if r.aggregating)
+    assert agg.missing() == [m for m in agg.plan.members if m != agg.me]
+    assert next(r for r in nodes if not r.aggregating).missing() == []

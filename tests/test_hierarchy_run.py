@@ -9,8 +9,10 @@ channels.
 - a lying aggregator (tests/hierarchy_faulty_node.py forges its group results): its group
   gets a third aggregator, the majority stands, the liar is recorded (`hierarchy_mismatch`)
   and the model trains as in the honest run;
-- an aggregator that goes silent and is killed -9: it is dropped, another member
-  aggregates its group, and every round commits with the other five."""
+- an aggregator that stops and is killed -9: it is dropped, another member aggregates its
+  group, and every round commits with the other five;
+- an aggregator that stops but stays connected: the other aggregator reports its update
+  missing, the server drops it from the group, and every round commits with the others."""
 
 from __future__ import annotations
 
@@ -70,5 +72,15 @@ def test_a_vanished_aggregator_is_replaced_and_the_round_completes(tmp_path: Pat
     res = scenario(tmp_path, "vanish")
     assert "HIER-FAULT vanished" in res["node_logs"][0]
     assert "aggregators replaced" in res["server_log"]
+    assert [r["n_updates"] for r in res["rounds"]] == [5, 5, 5]
+    assert res["rounds"][-1]["eval_loss"] < res["rounds"][0]["eval_loss"]
+
+
+def test_a_hung_aggregator_is_reported_missing_and_dropped(tmp_path: Path) -> None:
+    res = scenario(tmp_path, "silent")
+    assert "HIER-FAULT vanished" in res["node_logs"][0]
+    hung = node_id(res["node_logs"][0])
+    assert f"lacks the updates of ['{hung[:12]}']" in res["server_log"]
+    assert "telling the server" in "".join(res["node_logs"][1:])
     assert [r["n_updates"] for r in res["rounds"]] == [5, 5, 5]
     assert res["rounds"][-1]["eval_loss"] < res["rounds"][0]["eval_loss"]
