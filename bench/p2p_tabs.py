@@ -46,11 +46,12 @@ from bench.transport import CHROMIUM, CHROMIUM_ARGS, topology_run
 STATS = "() => window.daaNode ? window.daaNode.stats : null"
 
 
-def server_args(port: int, data: Path, members: int, rounds: int, model: str) -> list[str]:
+def server_args(port: int, data: Path, members: int, rounds: int, model: str,
+                rtc_timeout_s: float = 20.0) -> list[str]:
     return ["-m", "server", "--data-dir", str(data), "--port", str(port), "--model", model,
             "--inner-steps", "4", "--batch-size", "8", "--quorum", str(members), "--rounds",
             str(rounds), "--deadline-s", "120", "--transport", "p2p", "--aggregator", "median",
-            "--rtc-timeout-s", "20", "--p2p-timeout-s", "60", "--p2p-replicas", "2",
+            "--rtc-timeout-s", str(rtc_timeout_s), "--p2p-timeout-s", "60", "--p2p-replicas", "2",
             "--p2p-result-codec", "fp16", "--log-level", "INFO"]
 
 
@@ -60,7 +61,8 @@ def steady_bytes(rows: list[dict[str, Any]]) -> float:
 
 
 def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
-              close_tab: bool = False, lie_tab: bool = False) -> dict[str, Any]:
+              close_tab: bool = False, lie_tab: bool = False, rtc_timeout_s: float = 20.0
+              ) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     with children(tmp) as spawn:
-        spawn("server", *server_args(port, tmp / "run", quorum, rounds, model))
+        spawn("server", *server_args(port, tmp / "run", quorum, rounds, model, rtc_timeout_s))
         poll(lambda: get_json(url + "/api/run"), 120, "the server")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="gpt-tiny")
     ap.add_argument("--close-tab", action="store_true")
     ap.add_argument("--lie-tab", action="store_true")
+    ap.add_argument("--rtc-timeout-s", type=float, default=20.0,
+                    help="how long a peer waits for a direct channel before relaying")
     ap.add_argument("--no-native-only", action="store_true")
     ap.add_argument("--dir", help="keep logs here (default: a temporary directory)")
     ap.add_argument("--limits", type=int, nargs="*", default=[2, 4, 8, 16, 32],
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.dir) if args.dir else Path(td)
         mixed = mixed_run(tmp / "mixed", natives=args.native, tabs=args.tabs,
                           rounds=args.rounds, model=args.model, close_tab=args.close_tab,
-                          lie_tab=args.lie_tab)
+                          lie_tab=args.lie_tab, rtc_timeout_s=args.rtc_timeout_s)
         native_only = None
         if not args.no_native_only:
             n = args.native + args.tabs

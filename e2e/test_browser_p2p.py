@@ -59,3 +59,33 @@ def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: P
     assert out["server_counters"].get("liars", 0) >= 1, out
     assert out["tab_resyncs"][0] >= 1, out
     assert out["console_errors"] == [], out
+
+
+def test_a_tab_without_a_direct_channel_relays_its_shards_through_the_server(
+        tmp_path: Path) -> None:
+    """A namespace with loopback only: neither Chromium nor aiortc finds a usable candidate,
+    so after rtc_timeout_s the tab's and the native node's shards go through the server,
+    which forwards and counts them; the rounds commit and the tab still steps itself."""
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"no private network namespace here: {why}")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    ensure_vendored()
+    env = {**os.environ, netns.ENV_FLAG: "1"}
+    argv = ["--native", "1", "--tabs", "1", "--rounds", "2", "--rtc-timeout-s", "3",
+            "--no-native-only", "--limits", "--dir", str(tmp_path)]
+    res = subprocess.run(netns.command("bench.p2p_tabs", argv, veth=False), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert lines, res.stdout[-2000:] + res.stderr[-3000:]
+    out = json.loads(lines[-1])
+    assert res.returncode == 0, out
+    assert out["rounds_committed"] == 2, out
+    assert out["n_updates"] == [2, 2], out
+    assert out["tab_direct_bytes"] == [0], out
+    assert out["tab_relayed_bytes"][0] > 0, out  # counted by the tab ...
+    assert out["server_counters"].get("relayed_bytes", 0) >= out["tab_relayed_bytes"][0] // 2
+    assert out["tab_links"] == [0], out
+    assert out["tab_outer_steps"] == [1], out
+    assert out["tab_resyncs"] == [0], out
