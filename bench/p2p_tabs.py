@@ -80,8 +80,11 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
             pages, errors = [], []
             for i in range(tabs):
                 page = browser.new_context().new_page()
-                page.on("console", lambda m, i=i: errors.append(f"tab{i}: {m.text}")
-                        if m.type == "error" else None)
+                def console(m: Any, i: int = i) -> None:
+                    if m.type == "error":
+                        errors.append(f"tab{i}: {m.text}")
+
+                page.on("console", console)
                 page.goto(f"{url}/?backend=wasm")
                 pages.append(page)
             for page in pages:  # every tab welcomed before the native nodes start, so that

@@ -60,7 +60,8 @@ def awkward(rng: np.random.Generator, n: int, d: int) -> list[np.ndarray]:
 
 def test_js_reduction_is_byte_identical_with_the_native_one() -> None:
     rng = np.random.default_rng(7)
-    cases, want = [], []
+    cases: list[dict[str, Any]] = []
+    want: list[str] = []
     for n in (1, 2, 3, 4, 5, 8):
         for rule in COORDINATE_RULES:
             for codec in ("raw32", "fp16", "bf16"):
