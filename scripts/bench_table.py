@@ -212,6 +212,19 @@ def _secagg(f: Fig) -> str:
             f"view uniform p {f['server_view_uniform_p']:.2f}")
 
 
+def _secagg_run(f: Fig) -> str:
+    def kb(model: str, n: int, mode: str) -> float:
+        return float(next(r["up_kb"] for r in f["rows"]
+                          if (r["model"], r["nodes"], r["mode"]) == (model, n, mode)))
+    parts = []
+    for key, ratio in f["up_ratio"].items():
+        model, n = key.split("/")
+        parts.append(f"{model} at {n} nodes {kb(model, int(n), 'plain'):.0f} -> "
+                     f"{kb(model, int(n), 'secagg'):.0f} KB up per node ({ratio:.2f}x)")
+    return ("; ".join(parts) + f"; committed mean exact {'yes' if f['exact'] else 'NO'} (a "
+            "third dropping after submitting included)")
+
+
 def _dp(f: Fig) -> str:
     return (f"epsilon {f['epsilon']:.2f} ({f['accountant'].upper()}; PLD "
             f"{f['epsilon_pld']:.2f}) at delta {f['delta']:g}, {f['participants']:,} "
@@ -301,6 +314,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.dp", "client-level DP (clip + distributed Gaussian noise, Poisson sampling) on "
      "mlp-digits, vectorised simulation of the participant's math, mean of 3 seeds",
      "dp.txt", _dp),
+    ("bench.secagg_run", "secure aggregation in a live round (real coordinator + the one "
+     "participant, in one process): bytes per node with and without, a third dropping",
+     "secagg_run.txt", _secagg_run),
 ]
 
 
@@ -320,6 +336,7 @@ SOURCES: dict[str, str] = {
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
     "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
+    "secagg_run.txt": "python -m bench.secagg_run > bench/results/secagg_run.txt",
     "dp.txt": "python -m bench.dp (writes bench/results/dp.txt)",
     "abuse.txt": "python -m bench.abuse > bench/results/abuse.txt",
     "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
