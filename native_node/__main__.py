@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
         q.add_argument("--region", default="", help="region label (letters, digits, - _ .) "
                        "the server groups nodes by in hierarchical runs (p2p_groups)")
+        q.add_argument("--dht", action="store_true", help="run a Kademlia DHT node for peer "
+                       "discovery over the p2p data channels and the server's relay (the "
+                       "server needs --dht; docs/dht.md; default: off)")
         several = q.add_mutually_exclusive_group()
         several.add_argument("--nproc", type=int, default=1,
                              help="run each round's inner steps over N local processes "
@@ -141,7 +144,7 @@ def node(args: argparse.Namespace) -> int:
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
         server_id=args.server_id, role=getattr(args, "role", "trainer"), nproc=nproc,
         threads=args.threads, ca=args.ca, shard=args.shard,
-        region=getattr(args, "region", "")))
+        region=getattr(args, "region", ""), dht=getattr(args, "dht", False)))
     code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

@@ -32,6 +32,7 @@ from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload, from_spec
 from native_node import journal, pins
 from native_node.address import coordinator_tls, coordinator_url
+from native_node.dht import NodeDht
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.trainer import RoundResult, Trainer
 from shared.envelope import Identity
@@ -92,6 +93,7 @@ class NodeOptions:
     shard: str = "auto"  # with nproc > 1: "none" (DDP), "full" (FSDP), "auto" (FSDP if needed)
     ca: str | None = None  # CA bundle (PEM) for the server's TLS certificate (else the system's)
     region: str = ""  # a region label for hierarchical aggregation's groups (Hello feature)
+    dht: bool = False  # run a Kademlia DHT node (native_node.dht; the server needs `dht`)
 
 
 class Backoff:
@@ -165,6 +167,7 @@ class NodeClient:
         self.scorer: ProbeScorer | None = None  # set when role is "validator"
         self.uplink: StarUplink | None = None  # WebRTC data channel (transport "star")
         self.p2p: P2PRole | None = None  # shard exchange with the other nodes ("p2p")
+        self.dht: NodeDht | None = None  # peer discovery (opts.dht)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.tls = False  # whether the current connection is TLS (wss)
         self.task: asyncio.Task[None] | None = None
@@ -393,8 +396,12 @@ class NodeClient:
             (self.opts.state_dir / f"secagg-plain-{ev['round']}.u32").write_bytes(ev["plain"])
 
     def _log_event(self, ev: Event) -> None:
+        """The other events: logged (a relayed DHT message goes to the DHT carrier)."""
         kind = ev["kind"]
-        if kind == "ack":
+        if kind == "dht":
+            if self.dht is not None:
+                self.dht.on_relayed(ev["message"])
+        elif kind == "ack":
             log.info("round %d: update %s (%s)", ev["round"], ev["status"], ev["digest"][:12])
         elif kind == "resubmit":
             log.info("round %d: resubmitting the update trained before the reconnect",
@@ -472,6 +479,7 @@ class NodeClient:
         await self._check_tls(ev["server_id"])
         await self._start_uplink(ev)
         await self._start_p2p(ev)
+        self._start_dht(ev["run_id"])
         log.info("joined run %s as %s: %s, %d params, shard %d/%d, codec %s%s", ev["run_id"],
                  self.node_id[:12], ev["model"].get("name"), ev["n_params"], ev["shard"],
                  ev["n_shards"], ev["codec"], " + error feedback" if ev["error_feedback"] else "")
@@ -547,6 +555,20 @@ class NodeClient:
         self.p2p = P2PRole(self.node_id, ev["run_id"], self.part.frame, self._send,
                            timeout_s=ev["rtc_timeout_s"], ice_servers=ice)
         self.part.resolver = self.p2p.params
+
+    def _start_dht(self, run_id: str) -> None:
+        """Peer discovery (opts.dht): over the p2p mesh's channels where there is one, else
+        the server's relay (native_node.dht)."""
+        if not self.opts.dht or (self.dht is not None and self.dht.run_id == run_id):
+            return
+        if self.dht is not None:
+            self._background(self.dht.close())
+        mesh = self.p2p.mesh if self.p2p is not None else None
+        self.dht = NodeDht(self.opts.identity, run_id, send_frame=self._send,
+                           sign=self.part.frame, mesh=mesh)
+        if self.p2p is not None:
+            self.p2p.on_dht = self.dht.on_direct
+        self.dht.start()
 
     # -- training --------------------------------------------------------------------------
     def _start_training(self, ev: Event) -> None:

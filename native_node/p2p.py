@@ -59,6 +59,8 @@ class P2PRole:
         self.momentum: np.ndarray | None = None  # outer momentum (from the server, then ours)
         self.connecting: dict[str, asyncio.Task[bool]] = {}
         self.sent_direct = self.sent_relayed = 0
+        # peer discovery on the same channels (native_node.dht): takes its Dht frames
+        self.on_dht: Callable[[str, bytes], bool] | None = None
         # plans and shards are handled one at a time by a worker task, never inside the
         # control socket's read loop or aiortc's callbacks (which must keep running: the
         # signals that open our channels arrive there)
@@ -98,6 +100,8 @@ class P2PRole:
     async def _on_link_frame(self, peer: str, frame: bytes) -> None:
         """A frame on `peer`'s channel: the channel is that peer's (its SDP came through the
         server attested), so the frame's node_id must be `peer`."""
+        if self.on_dht is not None and self.on_dht(peer, frame):
+            return
         try:
             msg = decode_message(frame, max_payload=len(frame) + 1024)
         except ProtocolError as exc:
