@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ml.llama import LLAMA_FLAVOURS, Llama
+
 __all__ = [
     "MODELS",
     "GPTTiny",
@@ -58,6 +60,8 @@ MODELS: dict[str, ModelEntry] = {
             },
         },
     ),
+    # Llama-style decoder (ml/llama.py): RMSNorm, rotary embeddings, SwiGLU, tied embeddings
+    "llama": ModelEntry(task="lm", default_flavour="2m", flavours=LLAMA_FLAVOURS),
     "mlp-digits": ModelEntry(
         task="classify",
         default_flavour="default",
@@ -79,8 +83,8 @@ def model_config(
 ) -> dict[str, object]:
     """Complete JSON-able config for ``name``/``flavour``.
 
-    ``vocab_size`` is required for gpt-tiny; ``context`` overrides the flavour's default.
-    Both are ignored by mlp-digits.
+    ``vocab_size`` is required for the language models (gpt-tiny, llama); ``context``
+    overrides the flavour's default. Both are ignored by mlp-digits.
     """
     if name not in MODELS:
         raise ValueError(f"name: unknown model {name!r}; known: {sorted(MODELS)}")
@@ -234,6 +238,8 @@ def build_model(config: Mapping[str, object]) -> nn.Module:
         return GPTTiny(config)
     if name == "mlp-digits":
         return MLPDigits(config)
+    if name == "llama":
+        return Llama(config)
     raise ValueError(f"config['name']: unknown model {name!r}; known: {sorted(MODELS)}")
 
 

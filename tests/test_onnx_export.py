@@ -54,6 +54,10 @@ STEPS = 3
 CONFIGS: dict[str, dict[str, Any]] = {
     "gpt-tiny": model_config("gpt-tiny", "nano", vocab_size=32),
     "mlp-digits": model_config("mlp-digits"),
+    # the Llama blocks (RMSNorm, rotary tables built in the graph, SwiGLU, tied output) at
+    # gpt-tiny nano's size: at 2m, Adam's first step moves the few entries whose gradient is
+    # near eps (1e-8) by float noise and new_params differs by 1.2e-5 (docs/onnx.md)
+    "llama": model_config("llama", "tiny", vocab_size=32),
 }
 FIGURES: dict[str, float] = {}  # worst errors seen, printed at the end (-s) for docs/onnx.md
 
@@ -101,14 +105,19 @@ def batch(cfg: dict[str, Any], size: int, rng: np.random.Generator, seq: int | N
 
 
 def torch_steps(cfg: dict[str, Any], theta: np.ndarray,
-                batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> list[dict[str, Any]]:
-    """The native trainer's inner step, verbatim, from the same params."""
+                batches: list[tuple[np.ndarray, np.ndarray]], lr: float,
+                dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
+    """The native trainer's inner step, verbatim, from the same params (float64: the
+    same trajectory computed nearly exactly, to measure float32's own drift)."""
     model = build_model(cfg)
     load_flat(model, theta)
+    model = model.to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     out = []
     for x, y in batches:
-        loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(y))
+        xt = torch.from_numpy(x)
+        xt = xt.to(dtype) if xt.is_floating_point() else xt
+        loss = loss_fn(model(xt), torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -116,7 +125,7 @@ def torch_steps(cfg: dict[str, Any], theta: np.ndarray,
         state = [opt.state[p] for p in model.parameters()]
         out.append({
             "loss": np.float32(loss.detach()),
-            "new_params": flatten(model),
+            "new_params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy(),
             "new_exp_avg": torch.cat([s["exp_avg"].reshape(-1) for s in state]).numpy(),
             "new_exp_avg_sq": torch.cat([s["exp_avg_sq"].reshape(-1) for s in state]).numpy(),
             "grad_norm": float(norm),
@@ -129,7 +138,11 @@ def torch_steps(cfg: dict[str, Any], theta: np.ndarray,
 def test_train_step_parity_with_torch_adamw(exported: tuple[dict[str, Any], ExportedGraphs],
                                             size: int, mode: str, lr: float) -> None:
     """3 steps; "chained": ORT's outputs are its next inputs (two independent float32
-    trajectories); "per-step": each ORT step starts from torch's previous state."""
+    trajectories); "per-step": each ORT step starts from torch's previous state.
+
+    Chained, ORT must stay within TOL of torch, or no farther from it than torch float32
+    itself is from the float64 trajectory (llama: torch f32 vs f64 drifts 3.4e-5 on exp_avg
+    by step 2 at B=3, ORT vs torch 1.8e-5): the graph adds no error of its own."""
     cfg, graphs = exported
     sess = session(graphs.train_step)
     assert [i.name for i in sess.get_inputs()] == list(TRAIN_INPUTS)
@@ -140,6 +153,7 @@ def test_train_step_parity_with_torch_adamw(exported: tuple[dict[str, Any], Expo
     # (1.0) in both chains; gpt-tiny clips in steps 1-2 at B=3 (1.48, 1.28), never at B=16
     batches = [batch(cfg, size, rng, scale=s) for s in (4.0, 0.1, 1.0)]
     ref = torch_steps(cfg, theta, batches, lr)
+    exact = torch_steps(cfg, theta, batches, lr, torch.float64) if mode == "chained" else ref
     zeros = np.zeros_like(theta)
     params, m, v = theta, zeros, zeros
     for k, ((x, y), want) in enumerate(zip(batches, ref, strict=True)):
@@ -155,8 +169,10 @@ def test_train_step_parity_with_torch_adamw(exported: tuple[dict[str, Any], Expo
         for name in TRAIN_OUTPUTS:
             err = rel(got[name], want[name])
             note(f"{cfg['name']} {mode} lr={lr:g} {name}", err)
-            assert err < TOL, (f"{cfg['name']} {mode} lr={lr:g} B={size} step {k + 1} {name}: "
-                               f"rel err {err:.2e}")
+            drift = rel(want[name], exact[k][name]) if mode == "chained" else 0.0
+            assert err < max(TOL, drift), (
+                f"{cfg['name']} {mode} lr={lr:g} B={size} step {k + 1} {name}: "
+                f"rel err {err:.2e} (torch f32 vs f64: {drift:.2e})")
         # informational: the update (params' - params) is ill-conditioned under Adam (entries
         # whose gradient is float noise, e.g. the key bias, move by ~lr * sign(noise))
         before = theta if k == 0 else ref[k - 1]["new_params"]
@@ -309,6 +325,8 @@ def test_zero_gradients_give_weight_decay_only(
     cfg, graphs = exported
     if cfg["task"] != "lm":
         pytest.skip("the embedding rows of absent tokens are the clean zero-gradient case")
+    if cfg["name"] == "llama":
+        pytest.skip("tied embeddings: every wte row gets the output softmax's gradient")
     sess = session(graphs.train_step)
     model = build_model(cfg)
     theta = flatten(model)

@@ -35,7 +35,7 @@ def test_model_config_contents_and_errors() -> None:
     assert cfg["vocab_size"] == 32
     assert model_config("gpt-tiny", "micro", vocab_size=32, context=32)["context"] == 32
     assert model_config("mlp-digits", "wide")["hidden"] == 256
-    assert set(MODELS) == {"gpt-tiny", "mlp-digits"}
+    assert set(MODELS) == {"gpt-tiny", "llama", "mlp-digits"}
     with pytest.raises(ValueError, match="name"):
         model_config("resnet")
     with pytest.raises(ValueError, match="flavour"):
