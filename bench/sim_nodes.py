@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ml.data import BatchSampler
+from ml.inner_opt import InnerAdamW
 from ml.workload import Workload
 from ml.zoo import flatten, load_flat, loss_fn
 from server.peers import Connection
@@ -121,7 +122,9 @@ class SimNode:
 
 
 class SharedTrainer:
-    """The inner loop of native_node.trainer.Trainer on ONE model shared by every node."""
+    """The inner loop of native_node.trainer.Trainer on ONE model shared by every node, with
+    its optimizer (ml.inner_opt.InnerAdamW: torch's single-tensor AdamW written out, the same
+    arithmetic bit for bit without torch.optim's per-step hooks, ~25% of a step here)."""
 
     def __init__(self, work: Workload, *, keep_opt_state: bool) -> None:
         self.work = work
@@ -131,7 +134,6 @@ class SharedTrainer:
         # label flipping: y -> C-1-y over the classes, or over the vocabulary for a language model
         self.n_classes = int(work.model_config.get("n_classes", 0)
                              or work.model_config.get("vocab_size", 0) or 0)
-        self.opt = torch.optim.AdamW(self.params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
 
     def train(self, node: Shardholder, theta: np.ndarray, *, steps: int, lr: float,
               poison_labels: bool = False,
@@ -142,20 +144,16 @@ class SharedTrainer:
         participant's `keep_training`: a RoundOpen's time budget)."""
         assert node.sampler is not None
         load_flat(self.model, theta)
-        opt = self.opt  # one optimizer object; its state is the node's (or empty = fresh)
-        opt.state.clear()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if self.keep and node.opt_state is not None:
+        opt = InnerAdamW(self.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)  # fresh
+        if self.keep and node.opt_state is not None:  # or the node's own moments
             avg, sq, step = node.opt_state
             off = 0
-            for p in self.params:
+            for p, m, v in zip(self.params, opt.exp_avg, opt.exp_avg_sq, strict=True):
                 n = p.numel()
-                opt.state[p] = {
-                    "step": torch.tensor(step, dtype=torch.float32),
-                    "exp_avg": torch.from_numpy(avg[off:off + n].copy()).view_as(p),
-                    "exp_avg_sq": torch.from_numpy(sq[off:off + n].copy()).view_as(p)}
+                m.copy_(torch.from_numpy(avg[off:off + n]).view_as(p))
+                v.copy_(torch.from_numpy(sq[off:off + n]).view_as(p))
                 off += n
+            opt.steps = int(step)
         self.model.train()
         losses: list[float] = []
         t0 = time.perf_counter()
@@ -169,19 +167,17 @@ class SharedTrainer:
             x = torch.from_numpy(np.ascontiguousarray(xb))
             y = torch.from_numpy(np.ascontiguousarray(yb))
             loss = loss_fn(self.model(x), y)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             opt.step()
             losses.append(float(loss.detach()))
         compute = time.perf_counter() - t0
         if self.keep:
-            st = [opt.state[p] for p in self.params]
             node.opt_state = (
-                np.concatenate([s["exp_avg"].reshape(-1).numpy() for s in st]).astype(np.float32),
-                np.concatenate([s["exp_avg_sq"].reshape(-1).numpy()
-                                for s in st]).astype(np.float32),
-                float(st[0]["step"]))
+                np.concatenate([m.reshape(-1).numpy() for m in opt.exp_avg]).astype(np.float32),
+                np.concatenate([v.reshape(-1).numpy() for v in opt.exp_avg_sq]).astype(np.float32),
+                float(opt.steps))
         delta = (theta.astype(np.float32) - flatten(self.model)).astype(np.float32)
         mean = float(np.mean(losses)) if losses else None
         return delta, (mean if mean is not None and math.isfinite(mean) else None), \
