@@ -57,8 +57,9 @@ def flower_missing(venv: Path) -> str | None:
     py = venv_python(venv)
     if not py.exists():
         return f"no Flower venv at {venv} (python -m bench.vs_flower --setup creates it)"
-    probe = subprocess.run([str(py), "-c", "import flwr, ray, torch, sklearn"],
-                           capture_output=True, text=True, check=False)
+    probe = subprocess.run([str(py), "-c", "from importlib.metadata import version as v; "
+                            "[v(p) for p in ('flwr', 'ray', 'torch', 'scikit-learn')]"],
+                           capture_output=True, text=True, check=False)  # installed, not imported
     return None if probe.returncode == 0 else f"Flower venv {venv} is incomplete: " \
         f"{probe.stderr.strip().splitlines()[-1:]}"
 

@@ -10,19 +10,20 @@ by --setup (torch TORCH_VERSION first, the CPU wheel on disk), never in the proj
 is bench.hivemind_side: DecentralizedAverager with no compression and with 8-bit (uniform)
 quantization. Ours is bench.p2p_peers: each peer a process running native_node.p2p.P2PRole
 over aiortc data channels, owners' results in raw32 or fp16 (the run's p2p_result_codec),
-1 owner per shard (no cross-check, as hivemind) or 2 (the run default p2p_replicas: the
-server compares the owners' results). Every peer holds 1M float32 (--size), the same seeded
-tensors on both sides.
+1 owner per shard (no cross-check, as hivemind) or 2 (`--ours raw32:2`, the run default
+p2p_replicas: the server compares the owners' results). Every peer holds 1M float32
+(--size), the same seeded tensors on both sides.
 
 Per configuration: round_s (median of --rounds timed all-reduces; round 0 opens connections
 and is not timed), MB_per_peer (bytes each peer sends per round: hivemind's serialized tensor
-parts; our signed frames on channels and to the server), max_abs_err (worst peer against the
-exact float64 mean). For each peer count the JSON's `hivemind` and `ours` are each side's
-fastest configuration at 32-bit error (max_abs_err <= --exact-err: both lossless), `lossy`
-the fastest of any error with the error stated.
+parts; our signed frames on channels and to the server), rel_err and max_abs_err (worst peer
+against the exact float64 mean: relative L2, max absolute). For each peer count the JSON's
+`hivemind` and `ours` are each side's fastest configuration at 32-bit error (rel_err <=
+--exact-err: both lossless), `lossy` the fastest of any error with the error stated.
 
 Prints a table and, LAST, JSON: hivemind, ours ({"4": {round_s, MB_per_peer, config,
-max_abs_err}, "16": ...}), lossy, configs (every row), size, rounds, faster_at_no_more_bytes.
+rel_err, max_abs_err}, "16": ...}), lossy, configs (every row), size, rounds,
+faster_at_no_more_bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from bench.p2p_peers import REPO, run_ours, tensor
 HIVEMIND_VERSION = "1.1.12"
 TORCH_VERSION = "2.13.0"
 DEFAULT_VENV = Path.home() / ".cache" / "daa-prime" / "venv-hivemind"
-OURS = ("raw32:1", "fp16:1", "raw32:2")  # result codec : owners per shard
+OURS = ("raw32:1", "fp16:1")  # result codec : owners per shard ("raw32:2": the run default)
 HIVEMIND = ("none", "8bit")
 
 
@@ -51,9 +52,10 @@ def hivemind_missing(venv: Path) -> str | None:
     py = venv / "bin" / "python"
     if not py.exists():
         return f"no hivemind venv at {venv} (python -m bench.vs_hivemind --setup creates it)"
-    probe = subprocess.run([str(py), "-c", "import hivemind, numpy, torch; "
-                            "assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)"],
-                           capture_output=True, text=True, check=False)
+    probe = subprocess.run([str(py), "-c", "from importlib.metadata import version as v; "
+                            "v('hivemind'), v('torch'); "
+                            "assert tuple(map(int, v('numpy').split('.')[:2])) < (2, 4)"],
+                           capture_output=True, text=True, check=False)  # installed, not imported
     return None if probe.returncode == 0 else f"hivemind venv {venv} is incomplete or has " \
         f"numpy >= 2.4: {probe.stderr.strip().splitlines()[-1:]}"
 
@@ -79,7 +81,8 @@ def run_hivemind(*, venv: Path, peers: int, size: int, compression: str, rounds:
     return {"side": "hivemind", "config": compression, "peers": peers,
             "round_s": out["round_s"], "rounds_s": out["rounds_s"],
             "MB_per_peer": out["MB_per_peer"], "max_abs_err": out["max_abs_err"],
-            "match_s": out["match_s"], "version": out["hivemind"], "numpy": out["numpy"]}
+            "rel_err": out["rel_err"], "match_s": out["match_s"], "version": out["hivemind"],
+            "numpy": out["numpy"]}
 
 
 def run_our_config(*, peers: int, size: int, config: str, rounds: int) -> dict[str, Any]:
@@ -87,20 +90,22 @@ def run_our_config(*, peers: int, size: int, config: str, rounds: int) -> dict[s
     out = asyncio.run(run_ours(peers=peers, size=size, codec=codec, rounds=rounds,
                                replicas=int(replicas)))
     exact = np.mean([tensor(0, i, size).astype(np.float64) for i in range(peers)], axis=0)
-    err = float(np.abs(out["aggregate"].astype(np.float64) - exact).max())
+    diff = out["aggregate"].astype(np.float64) - exact
     return {"side": "ours", "config": config, "peers": peers, "round_s": out["round_s"],
             "rounds_s": out["rounds_s"], "MB_per_peer": out["MB_per_peer"],
-            "MB_recv_per_peer": out["MB_recv_per_peer"], "max_abs_err": err}
+            "MB_recv_per_peer": out["MB_recv_per_peer"],
+            "max_abs_err": float(np.abs(diff).max()),
+            "rel_err": float(np.linalg.norm(diff) / np.linalg.norm(exact))}
 
 
 def best(rows: list[dict[str, Any]], side: str, peers: int, max_err: float | None
          ) -> dict[str, Any] | None:
     fit = [r for r in rows if r["side"] == side and r["peers"] == peers
-           and (max_err is None or r["max_abs_err"] <= max_err)]
+           and (max_err is None or r["rel_err"] <= max_err)]
     if not fit:
         return None
     r = min(fit, key=lambda r: r["round_s"])
-    return {k: r[k] for k in ("round_s", "MB_per_peer", "config", "max_abs_err")}
+    return {k: r[k] for k in ("round_s", "MB_per_peer", "config", "rel_err", "max_abs_err")}
 
 
 def summarize(rows: list[dict[str, Any]], peer_counts: list[int], exact_err: float
@@ -121,10 +126,11 @@ def summarize(rows: list[dict[str, Any]], peer_counts: list[int], exact_err: flo
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [f"{'side':<9} {'peers':>5} {'config':<8} {'round_s':>8} {'MB_per_peer':>11} "
-           f"{'max_abs_err':>11}  rounds_s"]
+           f"{'rel_err':>9} {'max_abs_err':>11}  rounds_s"]
     for r in rows:
         out.append(f"{r['side']:<9} {r['peers']:>5} {r['config']:<8} {r['round_s']:>8.3f} "
-                   f"{r['MB_per_peer']:>11.3f} {r['max_abs_err']:>11.2e}  {r['rounds_s']}")
+                   f"{r['MB_per_peer']:>11.3f} {r['rel_err']:>9.2e} {r['max_abs_err']:>11.2e}"
+                   f"  {r['rounds_s']}")
     return out
 
 
@@ -139,8 +145,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-hivemind", action="store_true", help="only our side")
     p.add_argument("--ours", nargs="+", default=list(OURS), metavar="CODEC:OWNERS")
     p.add_argument("--hivemind", nargs="+", default=list(HIVEMIND), choices=HIVEMIND)
-    p.add_argument("--exact-err", type=float, default=1e-5,
-                   help="max_abs_err that counts as lossless (float32 rounding)")
+    p.add_argument("--exact-err", type=float, default=1e-6,
+                   help="rel_err that counts as lossless (float32 rounding)")
     args = p.parse_args(argv)
     for cfg in args.ours:
         codec, _, owners = cfg.partition(":")
