@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -110,7 +111,7 @@ def evaluate(theta: np.ndarray, shapes: list[tuple[int, ...]], x: np.ndarray,
 
 def run(*, participants: int, rate: float, sigma: float, clip: float, rounds: int,
         inner_steps: int, batch: int, inner_lr: float, outer_lr: float, seed: int,
-        private: bool, say: Any) -> dict[str, Any]:
+        private: bool, say: Any, outer_momentum: float = 0.9) -> dict[str, Any]:
     wl = resolve(model="mlp-digits", flavour=None, data="digits", data_path=None,
                  partition="iid", alpha=0.5, seed=seed)
     ds = wl.dataset
@@ -129,7 +130,7 @@ def run(*, participants: int, rate: float, sigma: float, clip: float, rounds: in
     xv, yv = np.asarray(ds.x_val, np.float32), np.asarray(ds.y_val, np.int64)
     ids = [f"{i:064x}" for i in range(participants)]
     momentum = np.zeros_like(theta)
-    outer = OuterConfig(lr=outer_lr, momentum=0.9)
+    outer = OuterConfig(lr=outer_lr, momentum=outer_momentum)
     mean = get_rule("mean")
     rng = np.random.default_rng(seed + 1)
     torch.manual_seed(seed)
@@ -156,21 +157,34 @@ def run(*, participants: int, rate: float, sigma: float, clip: float, rounds: in
     return {"loss": loss, "accuracy": acc, "steps": steps, "per_round": float(np.mean(sizes))}
 
 
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _job(kw: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    return run(**{**kw, "say": _stderr})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.dp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--participants", type=int, default=1000)
-    p.add_argument("--rate", type=float, default=0.5, help="Poisson sampling rate q")
-    p.add_argument("--sigma", type=float, default=2.8, help="noise multiplier of the sum")
+    p.add_argument("--participants", type=int, default=1618,
+                   help="one per training example of digits by default")
+    p.add_argument("--rate", type=float, default=0.3, help="Poisson sampling rate q")
+    p.add_argument("--sigma", type=float, default=1.75, help="noise multiplier of the sum")
     p.add_argument("--clip", type=float, default=0.5, help="L2 clip norm C of an update")
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--inner-steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--inner-lr", type=float, default=1e-3)
     p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seeds", default="0,1,2", help="runs averaged (data split, init, "
                    "sampling and batches all follow the seed)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument("--out", default="bench/results/dp.txt")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -183,12 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in a.seeds.split(",")]
     kw = {"participants": a.participants, "rate": a.rate, "sigma": a.sigma, "clip": a.clip,
           "rounds": a.rounds, "inner_steps": a.inner_steps, "batch": a.batch,
-          "inner_lr": a.inner_lr, "outer_lr": a.outer_lr, "say": say}
-    plains, privs = [], []
-    for seed in seeds:
-        say(f"seed {seed}")
-        plains.append(run(**kw, seed=seed, private=False))
-        privs.append(run(**kw, seed=seed, private=True))
+          "inner_lr": a.inner_lr, "outer_lr": a.outer_lr,
+          "outer_momentum": a.outer_momentum, "say": say}
+    tasks = [{**kw, "seed": seed, "private": private} for seed in seeds
+             for private in (False, True)]
+    if a.jobs > 1:  # each run is independent and seeded: the same figures in any order
+        with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
+            results = pool.map(_job, [{**t, "say": None} for t in tasks])
+    else:
+        results = [run(**t) for t in tasks]
+    plains = [r for t, r in zip(tasks, results, strict=True) if not t["private"]]
+    privs = [r for t, r in zip(tasks, results, strict=True) if t["private"]]
 
     def avg(runs: list[dict[str, Any]], key: str) -> float:
         return float(np.mean([r[key] for r in runs]))
@@ -203,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     gap = (priv["loss"] - plain["loss"]) / plain["loss"]
     out = {"participants": a.participants, "per_round": round(priv["per_round"], 1),
            "rounds": a.rounds, "accountant_steps": steps, "sigma": a.sigma,
-           "clip": a.clip, "sample_rate": a.rate, "epsilon": round(eps["rdp"], 4),
+           "clip": a.clip, "sample_rate": a.rate, "outer_lr": a.outer_lr,
+           "outer_momentum": a.outer_momentum, "epsilon": round(eps["rdp"], 4),
            "epsilon_pld": round(eps["pld"], 4), "delta": a.delta, "accountant": "rdp",
            "loss_nonprivate": round(plain["loss"], 4), "loss_private": round(priv["loss"], 4),
            "loss_gap": round(gap, 4), "acc_nonprivate": round(plain["accuracy"], 4),

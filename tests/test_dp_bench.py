@@ -25,7 +25,7 @@ def test_cli_prints_the_figures_last(capsys: pytest.CaptureFixture[str], tmp_pat
         assert key in fig, key
     assert fig["participants"] == 100
     assert 10 < fig["per_round"] < 50
-    assert fig["epsilon"] == pytest.approx(epsilon(sigma=2.8, q=0.3,
+    assert fig["epsilon"] == pytest.approx(epsilon(sigma=fig["sigma"], q=0.3,
                                                    steps=fig["accountant_steps"],
                                                    delta=1e-5), abs=1e-4)
     assert fig["loss_gap"] == pytest.approx(
@@ -43,3 +43,14 @@ def test_overwhelming_noise_costs_loss() -> None:
     assert loud["loss"] > 1.5 * plain["loss"]
     again = run(**kw, sigma=50.0, private=True)  # type: ignore[arg-type]
     assert again["loss"] == loud["loss"]  # the noise is seeded: a rerun repeats the figures
+
+
+def test_parallel_runs_give_the_same_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--participants", "100", "--rounds", "2", "--inner-steps", "2", "--seeds", "0",
+            "--rate", "0.5", "--out", ""]
+    assert main(args) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--jobs", "2"]) == 0
+    two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("loss_private", "loss_nonprivate", "epsilon", "per_round"):
+        assert one[key] == two[key], key
