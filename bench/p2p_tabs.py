@@ -61,8 +61,8 @@ def steady_bytes(rows: list[dict[str, Any]]) -> float:
 
 
 def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
-              close_tab: bool = False, lie_tab: bool = False, rtc_timeout_s: float = 20.0
-              ) -> dict[str, Any]:
+              close_tab: bool = False, lie_tab: bool = False, rtc_timeout_s: float = 20.0,
+              tab_cap: int | None = None) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,8 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
                         errors.append(f"tab{i}: {m.text}")
 
                 page.on("console", console)
-                page.goto(f"{url}/?backend=wasm")
+                page.goto(f"{url}/?backend=wasm"
+                          + ("" if tab_cap is None else f"&p2p_cap={tab_cap}"))
                 pages.append(page)
             for page in pages:  # every tab welcomed before the native nodes start, so that
                 # the first round waits for all members (it opens at quorum)
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="gpt-tiny")
     ap.add_argument("--close-tab", action="store_true")
     ap.add_argument("--lie-tab", action="store_true")
+    ap.add_argument("--tab-cap", type=int, help="each tab's cap on direct channels (p2p_cap)")
     ap.add_argument("--rtc-timeout-s", type=float, default=20.0,
                     help="how long a peer waits for a direct channel before relaying")
     ap.add_argument("--no-native-only", action="store_true")
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.dir) if args.dir else Path(td)
         mixed = mixed_run(tmp / "mixed", natives=args.native, tabs=args.tabs,
                           rounds=args.rounds, model=args.model, close_tab=args.close_tab,
-                          lie_tab=args.lie_tab, rtc_timeout_s=args.rtc_timeout_s)
+                          lie_tab=args.lie_tab, rtc_timeout_s=args.rtc_timeout_s,
+                          tab_cap=args.tab_cap)
         native_only = None
         if not args.no_native_only:
             n = args.native + args.tabs

@@ -89,3 +89,33 @@ def test_a_tab_without_a_direct_channel_relays_its_shards_through_the_server(
     assert out["tab_links"] == [0], out
     assert out["tab_outer_steps"] == [1], out
     assert out["tab_resyncs"] == [0], out
+
+
+def test_tabs_with_a_lower_cap_link_to_their_ring_neighbours_and_relay_the_rest(
+        tmp_path: Path) -> None:
+    """Each tab opened with ?p2p_cap=2 among 4 members links directly to its two ring
+    neighbours only (shared.p2p_mesh.direct_peers) and declines the member opposite it, whose
+    shards then go through the server; the rounds commit and the tabs step themselves."""
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"no private network namespace here: {why}")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    ensure_vendored()
+    env = {**os.environ, netns.ENV_FLAG: "1"}
+    argv = ["--native", "2", "--tabs", "2", "--rounds", "2", "--tab-cap", "2",
+            "--rtc-timeout-s", "4", "--no-native-only", "--limits", "--dir", str(tmp_path)]
+    res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert lines, res.stdout[-2000:] + res.stderr[-3000:]
+    out = json.loads(lines[-1])
+    assert res.returncode == 0, out
+    assert out["rounds_committed"] == 2, out
+    assert out["n_updates"] == [4, 4], out
+    assert out["tab_links"] == [2, 2], out  # not 3: the opposite member is not linked
+    assert all(b > 0 for b in out["tab_relayed_bytes"]), out
+    assert all(b > 0 for b in out["tab_direct_bytes"]), out
+    assert out["server_counters"].get("relayed_bytes", 0) > 0, out
+    assert out["tab_outer_steps"] == [1, 1], out
+    assert out["tab_resyncs"] == [0, 0], out

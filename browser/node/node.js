@@ -212,6 +212,8 @@ export class BrowserNode extends EventTarget {
       (peer, frame) => this.participant('link', [peer, frame], [frame.buffer]).catch((err) => this.log(`p2p frame: ${err.message || err}`)),
       { timeoutS: w.rtc_timeout_s, iceServers: w.ice_servers ?? [] });
     this.set({ transport: 'p2p', p2p: { rounds: 0, direct: 0, relayed: 0 } });
+    const cap = new URLSearchParams(location.search).get('p2p_cap');  // fewer direct channels
+    if (cap !== null) this.participant('cap', [Number(cap)]).catch((err) => this.log(`p2p cap: ${err.message || err}`));
   }
 
   /** A signed Shard for a member: its data channel, else the socket (the server forwards

@@ -222,6 +222,13 @@ def p2p_link(p: Participant, peer: str, frame: Any) -> object:
     return to_js(events, dict_converter=js.Object.fromEntries)
 
 
+def p2p_cap(p: Participant, cap: int) -> None:
+    """This tab's cap on direct channels (the page's `?p2p_cap=N`, e.g. a weak device)."""
+    role = _ROLES.get(id(p))
+    if role is not None and int(cap) >= 0:
+        role.cap = int(cap)
+
+
 def p2p_lie(p: Participant, round_: int) -> None:
     """Fault injection for the e2e tests: this tab's reduced shards of `round_` are wrong."""
     role = _ROLES.get(id(p))

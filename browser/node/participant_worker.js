@@ -34,6 +34,7 @@ const CALLS = {
   signal: (kind, data, to) => glue.signal(part, kind, data, to ?? 'server'),
   link: (peer, frame) => glue.link(part, peer, frame),  // a frame on a p2p peer's channel
   lie: (round) => { glue.lie(part, round); return []; },  // fault injection (e2e tests)
+  cap: (n) => { glue.cap(part, n); return []; },  // p2p: at most n direct channels
   stopped: (round) => { glue.stopped(part, round); return []; },
   setLayout: (json) => { glue.setLayout(part, json); return []; },
 };
@@ -63,7 +64,8 @@ async function init({ prefix, role, backend, pins, journal }) {
   const get = (name) => py.globals.get(name);
   glue = { make: get('make_participant'), feed: get('feed'), submit: get('submit'),
     setLayout: get('set_layout'), verdict: get('verdict'), signal: get('signal'),
-    stopped: get('training_stopped'), link: get('p2p_link'), lie: get('p2p_lie') };
+    stopped: get('training_stopped'), link: get('p2p_link'), lie: get('p2p_lie'),
+    cap: get('p2p_cap') };
   part = glue.make(ident.publicKey, ident.secretKey, pins || '{}',
     (json) => self.postMessage({ type: 'pins', json }), backend, role);
   const restored = journal ? Boolean(part.restore(journal)) : false;
