@@ -201,3 +201,25 @@ def kem() -> Kem:
     if _kem is None:
         raise RuntimeError("no ML-KEM implementation registered (browser bridge not loaded)")
     return _kem
+
+
+class RingMasker(Protocol):
+    """Adds secure aggregation's masks to a ring vector in one call (the tab's JS loop,
+    browser/node/secagg.js: bit-identical with shared.secagg.prg, golden-checked)."""
+
+    def add_masks(self, words: bytes, terms: list[tuple[bytes, int]], start: int) -> bytes:
+        """u32 LE `words` + sum of sign * mask(seed)[start:] over `terms` (mod 2^32)."""
+        ...
+
+
+_ring_masker: RingMasker | None = None
+
+
+def register_ring_masker(impl: RingMasker | None) -> None:
+    """The tab registers its JS mask loop here (None: shared.secagg.prg's Python loop)."""
+    global _ring_masker
+    _ring_masker = impl
+
+
+def ring_masker() -> RingMasker | None:
+    return _ring_masker

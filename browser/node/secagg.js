@@ -130,10 +130,26 @@ export function checkSecagg(doc) {
   const m = doc.masking;
   check('masked update', () => {
     const bits = fracBits(m.clip, m.max_parties);
-    const acc = encodeFixed(m.values.map(Math.fround), m.clip, bits);
-    addMask(acc, derive('self-mask', fromHex(m.self_seed_hex)), m.offset, 1);
-    for (const [key, sign] of m.pairs) addMask(acc, derive('pair-mask', fromHex(key)), m.offset, sign);
-    same(Array.from(acc), m.words);
+    const words = new Uint8Array(encodeFixed(m.values.map(Math.fround), m.clip, bits).buffer);
+    const seeds = [derive('self-mask', fromHex(m.self_seed_hex)),
+      ...m.pairs.map(([key]) => derive('pair-mask', fromHex(key)))];
+    const all = new Uint8Array(32 * seeds.length);
+    seeds.forEach((seed, k) => all.set(seed, 32 * k));
+    const out = addMasks(words, all, [1, ...m.pairs.map(([, sign]) => sign)], m.offset);
+    same(Array.from(new Uint32Array(out.buffer)), m.words);
   });
   return results;
+}
+
+/** shared.platform.RingMasker for the tab's participant: u32 LE `words` plus, for each 32-byte
+ * seed in `seeds` (concatenated), sign * its mask from word `start` on (mod 2^32). */
+export function addMasks(words, seeds, signs, start) {
+  const acc = new Uint32Array(words.length / 4);
+  const dv = new DataView(words.buffer, words.byteOffset, words.byteLength);
+  for (let i = 0; i < acc.length; i += 1) acc[i] = dv.getUint32(4 * i, true);
+  signs.forEach((sign, k) => addMask(acc, seeds.subarray(32 * k, 32 * k + 32), start, sign));
+  const out = new Uint8Array(words.length);
+  const ov = new DataView(out.buffer);
+  for (let i = 0; i < acc.length; i += 1) ov.setUint32(4 * i, acc[i], true);
+  return out;
 }

@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Sequence
 
 from shared.envelope import Identity
+from shared.platform import ring_masker
 from shared.secagg import shamir
 from shared.secagg.crypto import commit, derive, kem, open_sealed, seal
 from shared.secagg.errors import BadKeyMessage, BadShare, NotNeighbour, SecAggError
@@ -35,7 +36,7 @@ from shared.secagg.messages import (
     b64,
     unb64,
 )
-from shared.secagg.prg import add_mask, ring_bytes
+from shared.secagg.prg import add_mask, is_numpy_ring, ring_bytes
 from shared.vec import Vector
 
 Routed = tuple[str, str, str, str]
@@ -198,12 +199,18 @@ class SecAggParticipant:
         return self.mask(y, offset=offset)
 
     def mask(self, y: object, *, offset: int = 0) -> MaskedUpdate:
-        """Mask an already fixed-point-encoded ring vector (consumed: masked in place)."""
-        add_mask(y, derive("self-mask", self._self_seed), offset)
-        for p in self.masking_with:
-            add_mask(y, derive("pair-mask", self.pair_keys[p]), offset,
-                     1 if self.me < p else -1)
-        data = ring_bytes(y)
+        """Mask an already fixed-point-encoded ring vector (consumed: masked in place, or by
+        the platform's mask loop where one is registered: the tab's JS)."""
+        terms = [(derive("self-mask", self._self_seed), 1)]
+        terms += [(derive("pair-mask", self.pair_keys[p]), 1 if self.me < p else -1)
+                  for p in self.masking_with]
+        masker = ring_masker()
+        if masker is not None and not is_numpy_ring(y):  # the tab: one JS pass
+            data = masker.add_masks(ring_bytes(y), terms, offset)
+        else:
+            for seed, sign in terms:
+                add_mask(y, seed, offset, sign)
+            data = ring_bytes(y)
         return MaskedUpdate(run_id=self.cfg.run_id, round=self.cfg.round, node_id=self.me,
                             ring_bits=32, offset=offset, length=len(data) // 4,
                             payload_sha256=hashlib.sha256(data).hexdigest(),
