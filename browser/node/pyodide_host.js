@@ -9,7 +9,7 @@ import { generateIdentity, sign, verify } from './identity.js';
 import { toHex } from './floatbits.js';
 import { canCompress, compress, decompress } from './zstd.js';
 import { encode, withErrorFeedback } from './codecs.js';
-import { kemDecaps, kemEncaps, kemKeygen } from './secagg.js';
+import { addMasks, kemDecaps, kemEncaps, kemKeygen } from './secagg.js';
 import { outerStep, reduceShard } from './p2p_kernels.js';
 
 export const PYODIDE_URL = '/static/vendor/pyodide/';
@@ -35,6 +35,7 @@ export const bridge = {
   mlkemKeygen: () => kemKeygen(),
   mlkemEncaps: (publicKey) => kemEncaps(publicKey),
   mlkemDecaps: (secretKey, cipherText) => kemDecaps(secretKey, cipherText),
+  secaggAddMasks: (words, seeds, signs, start) => addMasks(words, seeds, Array.from(signs), start),
   zstdCanCompress: () => canCompress(),
   zstdCompress: (data) => compress(data),
   zstdDecompress: (data, maxSize) => decompress(data, maxSize),
