@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ml.zoo import build_model, loss_fn, manifest
+from ml.zoo import build_model, loss_for, manifest
 from ml.zoo import model_config as zoo_model_config
 from shared.frame import canonical_json
 from shared.layout import make_manifest, manifest_json, model_id
@@ -202,6 +202,7 @@ def train_step_fn(model: torch.nn.Module, opt: InnerAdamW = INNER_ADAMW
     single-tensor path (weight decay first, lerp for the first moment, bias corrections).
     """
     split = _unflatten(model)
+    loss_fn = loss_for(model)  # the model's own loss (ml/byo.py), else the zoo's
     b1, b2, eps, wd, clip = opt.beta1, opt.beta2, opt.eps, opt.weight_decay, opt.clip_norm
 
     def step_fn(params: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: Tensor, step: Tensor,

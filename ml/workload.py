@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml.byo import ENTRY_POINT_GROUP, byo_config, check, resolve_factory
 from ml.data import Dataset, DataSpec, load_dataset, load_dataset_cached
 from ml.zoo import MODELS, build_model, flatten, manifest, model_config
 from shared.layout import TensorSlot, make_manifest, model_id
@@ -47,9 +48,17 @@ def file_sha256(path: str | Path) -> str:
 
 def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str | None,
             partition: str, alpha: float, seed: int) -> Workload:
-    """Build the workload a new run trains, from the run config's fields."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}")
+    """Build the workload a new run trains, from the run config's fields. A model that is
+    not a zoo name is a bring-your-own factory (ml/byo.py), checked here before any run state
+    is written."""
+    byo = None if model in MODELS else resolve_factory(model)
+    if model not in MODELS and byo is None:
+        raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}, a "
+                         f"'package.module:factory', or an installed {ENTRY_POINT_GROUP!r} "
+                         "entry point")
+    if byo is not None:
+        return _resolve_byo(byo, flavour=flavour, data=data, data_path=data_path,
+                            partition=partition, alpha=alpha, seed=seed)
     task = MODELS[model].task
     kind = data or NATURAL_DATA[task]
     if (task == "lm") != (kind in ("markov", "text")):
@@ -64,6 +73,24 @@ def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str
     if task == "lm" and kind == "markov":
         vocab = spec.vocab_size
     cfg = model_config(model, flavour, vocab_size=vocab, context=context, seed=seed)
+    return from_spec(cfg, spec, dataset=dataset)
+
+
+def _resolve_byo(byo: tuple[str, str | None], *, flavour: str | None, data: str | None,
+                 data_path: str | None, partition: str, alpha: float, seed: int) -> Workload:
+    kind = data or "digits"
+    task = "lm" if kind in ("markov", "text") else "classify"
+    spec = DataSpec(kind=kind, seed=seed, context=64, partition=partition, alpha=alpha,
+                    path=str(Path(data_path).resolve()) if data_path else None,
+                    sha256=file_sha256(data_path) if kind == "text" and data_path else None)
+    dataset = load_dataset(spec)
+    if task == "lm":
+        vocab = spec.vocab_size if kind == "markov" else len(dataset.vocab or [])
+        sizes = {"vocab_size": vocab, "context": spec.context}
+    else:
+        sizes = {"n_inputs": int(np.prod(dataset.x_train.shape[1:])),
+                 "n_classes": int(np.max(dataset.y_train)) + 1}
+    cfg = check(byo_config(byo[0], byo[1], task=task, seed=seed, sizes=sizes, flavour=flavour))
     return from_spec(cfg, spec, dataset=dataset)
 
 

@@ -9,7 +9,7 @@ data-dependent shapes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ __all__ = [
     "flatten",
     "load_flat",
     "loss_fn",
+    "loss_for",
     "manifest",
     "model_config",
     "param_count",
@@ -240,6 +241,10 @@ def build_model(config: Mapping[str, object]) -> nn.Module:
         return MLPDigits(config)
     if name == "llama":
         return Llama(config)
+    if name == "byo":  # bring your own (ml/byo.py): the factory the run was checked with
+        from ml.byo import build_module
+
+        return build_module(config)
     raise ValueError(f"config['name']: unknown model {name!r}; known: {sorted(MODELS)}")
 
 
@@ -248,6 +253,16 @@ def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
     n_classes = logits.shape[-1]
     onehot = (y[..., None] == torch.arange(n_classes, device=logits.device)).to(logits.dtype)
     return -(torch.log_softmax(logits, dim=-1) * onehot).sum(-1).mean()
+
+
+LOSS_ATTR = "_daa_loss"  # where ml.byo leaves a bring-your-own model's own loss
+
+
+def loss_for(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss ``model`` trains with everywhere (trainers, ONNX export, evaluation): a
+    bring-your-own model's own loss (ml/byo.py), else :func:`loss_fn`."""
+    own = model.__dict__.get(LOSS_ATTR)
+    return own if callable(own) else loss_fn
 
 
 def param_count(model: nn.Module) -> int:
@@ -311,7 +326,7 @@ def evaluate(
                 yb = torch.from_numpy(np.ascontiguousarray(ys[start : start + batch_size]))
                 if xb.is_floating_point():
                     xb = xb.to(torch.float32)
-                loss = loss_fn(model(xb.to(device)), yb.to(device))
+                loss = loss_for(model)(model(xb.to(device)), yb.to(device))
                 total += float(loss) * xb.shape[0]
     finally:
         model.train(was_training)

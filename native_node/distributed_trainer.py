@@ -296,7 +296,7 @@ def _worker(conn: Connection) -> None:
     from ml.data import BatchSampler, DataSpec, shard_indices
     from ml.inner_opt import InnerOpt, make_inner_opt
     from ml.workload import from_spec
-    from ml.zoo import loss_fn
+    from ml.zoo import loss_for
     from native_node.trainer import autocast
 
     _, cfg = conn.recv()
@@ -364,7 +364,7 @@ def _worker(conn: Connection) -> None:
             x = torch.from_numpy(np.ascontiguousarray(xb[rows])).to(device)
             y = torch.from_numpy(np.ascontiguousarray(yb[rows])).to(device)
             with autocast(device):
-                loss = loss_fn(net(x), y) * share
+                loss = loss_for(model)(net(x), y) * share
             opt.zero_grad()
             # DDP averages over the ranks (FSDP's reduce-scatter too): the global mean's grads
             (loss * world).backward()

@@ -23,7 +23,7 @@ import torch
 from ml.data import BatchSampler, shard_indices
 from ml.inner_opt import InnerOpt, make_inner_opt
 from ml.workload import Workload
-from ml.zoo import loss_fn
+from ml.zoo import loss_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,7 +132,7 @@ class Trainer:
             x = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device)
             y = torch.from_numpy(np.ascontiguousarray(yb)).to(self.device)
             with autocast(self.device):
-                loss = loss_fn(self.model(x), y)
+                loss = loss_for(self.model)(self.model(x), y)
             self.opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

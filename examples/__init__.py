@@ -1,0 +1,1 @@
+"""Examples the docs walk through (docs/byo_model.md)."""
