@@ -70,6 +70,7 @@ class Meter:
 
     def __init__(self) -> None:
         self.bytes = self.frames = 0
+        self.cpu_s = 0.0  # server CPU: receiving frames, and reducing the received results
         self.by_type: dict[int, int] = {}  # message type id -> bytes
 
     def add(self, data: bytes) -> None:
@@ -173,6 +174,31 @@ async def _until(wake: asyncio.Event, cond: Callable[[], bool], nodes: Sequence[
             await asyncio.wait_for(wake.wait(), timeout=0.05)
 
 
+def _time_reduction(coord: Coordinator, meter: Meter) -> None:
+    """Count the server's reducing step in `meter.cpu_s`: the rule over every update (flat)
+    or decoding, combining and sending the group results (hierarchical)."""
+    red: Any = coord.reduction
+    name = "_combine" if hasattr(red, "_combine") else "aggregate"
+    real = getattr(red, name)
+
+    if asyncio.iscoroutinefunction(real):
+        async def timed_async(*a: Any, **k: Any) -> Any:
+            t = time.thread_time()
+            out = await real(*a, **k)
+            meter.cpu_s += time.thread_time() - t
+            return out
+
+        setattr(red, name, timed_async)
+    else:
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.thread_time()
+            out = real(*a, **k)
+            meter.cpu_s += time.thread_time() - t
+            return out
+
+        setattr(red, name, timed)
+
+
 def _opened(sim: Sequence[SimNode], r: int) -> bool:
     return all(n.open is not None and n.open["round"] == r for n in sim)
 
@@ -223,9 +249,12 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
 
     async def counted(conn: Connection, data: bytes) -> None:
         meter.add(data)
-        await real_handle(conn, data)
+        t = time.thread_time()
+        await real_handle(conn, data)  # in memory: its awaits return at once
+        meter.cpu_s += time.thread_time() - t
 
     coord.handle_frame = counted  # type: ignore[method-assign]
+    _time_reduction(coord, meter)
     records: list[dict[str, Any]] = []
     coord.commit_hooks.append(records.append)
     trainer = SharedTrainer(work, keep_opt_state=True)
@@ -265,7 +294,7 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
         for r in range(rounds):
             await _until(wake, functools.partial(_opened, sim, r), sim, task, 600,
                          f"round {r} open")
-            b0, f0, t0 = meter.bytes, meter.frames, time.perf_counter()
+            b0, f0, c0, t0 = meter.bytes, meter.frames, meter.cpu_s, time.perf_counter()
             for node in sim:
                 job = node.open
                 assert job is not None
@@ -283,6 +312,7 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
             rows.append({"mode": "hierarchical" if hierarchical else "flat", "round": r,
                          "eval_loss": rec.get("eval_loss"), "n_updates": rec.get("n_updates"),
                          "server_bytes": meter.bytes - b0, "server_frames": meter.frames - f0,
+                         "server_cpu_s": round(meter.cpu_s - c0, 3),
                          "round_s": round(time.perf_counter() - t0, 2)})
             if progress:
                 print(f"  {rows[-1]}", file=sys.stderr, flush=True)
@@ -302,6 +332,7 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
     return {"rows": rows, "summary": {
         "server_bytes_per_round": round(float(np.mean([x["server_bytes"] for x in steady]))),
         "server_frames_per_round": round(float(np.mean([x["server_frames"] for x in steady]))),
+        "server_cpu_s_per_round": round(float(np.mean([x["server_cpu_s"] for x in steady])), 3),
         "round_s": round(float(np.mean([x["round_s"] for x in rows])), 2),
         "final_loss": rows[-1]["eval_loss"], "node_errors": len(errors),
         "liars": counters.get("hierarchy_liars", 0),
@@ -350,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.outer_momentum}, {args.rounds} rounds; hierarchical: "
           f"{out['hierarchical']['groups']} groups (two aggregators each), fp16 results")
     print_table(rows, ["mode", "round", "eval_loss", "n_updates", "server_bytes",
-                       "server_frames", "round_s"])
+                       "server_frames", "server_cpu_s", "round_s"])
     flat, hier = out["flat"], out["hierarchical"]
     ratio = hier["server_bytes_per_round"] / flat["server_bytes_per_round"]
     gap = (hier["final_loss"] - flat["final_loss"]) / flat["final_loss"]
