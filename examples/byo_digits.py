@@ -63,7 +63,7 @@ def build(config: dict[str, Any]) -> ModelSpec:
     """The factory: ``config`` carries seed, task and the data's sizes (n_inputs, n_classes)."""
     if config["task"] != "classify":
         raise ValueError(f"byo_digits classifies; this run's data is {config['task']!r}")
-    hidden = 96 if config.get("flavour") in (None, "default") else int(config["flavour"])
+    hidden = 96
     n_in, n_out = int(config["n_inputs"]), int(config["n_classes"])
     model = ResidualMLP(n_in, hidden, n_out, int(config["seed"]))
     batch = BatchSpec(task="classify", x_shape=(n_in,), y_shape=(), out_shape=(n_out,))

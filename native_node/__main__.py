@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "(never full on CPU)")
         q.add_argument("--data", dest="data_path",
                        help="local copy of the run's text file (text runs)")
+        q.add_argument("--allow-model", action="append", default=[], metavar="MOD:FACTORY",
+                       help="let the server make this node import this bring-your-own model "
+                            "factory (repeatable; installed daa_prime.models entry points "
+                            "are allowed without it; docs/byo_model.md)")
         q.add_argument("--max-rounds", type=int, default=0,
                        help="leave after submitting this many rounds (0: until the run ends)")
         q.add_argument("--quiet", action="store_true", help="no progress bar, log lines only")
@@ -144,7 +148,8 @@ def node(args: argparse.Namespace) -> int:
         data_path=args.data_path, max_rounds=args.max_rounds, progress=not args.quiet,
         server_id=args.server_id, role=getattr(args, "role", "trainer"), nproc=nproc,
         threads=args.threads, ca=args.ca, shard=args.shard,
-        region=getattr(args, "region", ""), dht=getattr(args, "dht", False)))
+        region=getattr(args, "region", ""), dht=getattr(args, "dht", False),
+        allow_model=tuple(args.allow_model)))
     code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import numpy as np
 
+from ml.byo import ByoError, check_allowed
 from ml.data import DataSpec
 from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload, from_spec
@@ -94,6 +95,7 @@ class NodeOptions:
     ca: str | None = None  # CA bundle (PEM) for the server's TLS certificate (else the system's)
     region: str = ""  # a region label for hierarchical aggregation's groups (Hello feature)
     dht: bool = False  # run a Kademlia DHT node (native_node.dht; the server needs `dht`)
+    allow_model: tuple[str, ...] = ()  # bring-your-own factories this node may import (ml.byo)
 
 
 class Backoff:
@@ -452,9 +454,13 @@ class NodeClient:
         if self.work is None or self.work.model_id != ev["model_id"]:
             self.cancel.set()
             spec = DataSpec.from_dict(ev["data"])
-            work = await asyncio.to_thread(from_spec, ev["model"], spec,
-                                           local_path=self.opts.data_path,
-                                           cache_dir=self.opts.state_dir / "datasets")
+            try:  # a server must not make this node import what it did not allow
+                check_allowed(ev["model"], self.opts.allow_model)
+                work = await asyncio.to_thread(from_spec, ev["model"], spec,
+                                               local_path=self.opts.data_path,
+                                               cache_dir=self.opts.state_dir / "datasets")
+            except ByoError as exc:
+                raise FatalError(str(exc)) from None
             if work.model_id != ev["model_id"] or work.n_params != ev["n_params"]:
                 raise FatalError(f"model mismatch: server model id {ev['model_id'][:12]} "
                                  f"({ev['n_params']} params), rebuilt {work.model_id[:12]} "

@@ -17,7 +17,6 @@ from shared.messages import RESULT_CODECS, TRANSPORTS
 
 # flags whose value is one of a fixed set (argparse checks them and lists them in --help)
 CHOICES: dict[str, list[str]] = {
-    "model": sorted(MODELS),
     "flavour": sorted({f for m in MODELS.values() for f in m.flavours}),
     "data": ["markov", "text", "digits"],
     "partition": ["iid", "noniid"],
@@ -34,7 +33,9 @@ HELP: dict[str, str] = {
                     "\"raw32\", \"budget_s\": 2}' (keys: budget_s, max_steps, deadline_s, "
                     "quorum, codec)",
     "autotune_max_steps": "most inner steps a node runs in one autotuned round (0: 10 x H)",
-    "model": "zoo model",
+    "model": "zoo model (" + ", ".join(sorted(MODELS)) + "), or bring your own: "
+             "package.module:factory or an installed daa_prime.models entry point "
+             "(docs/byo_model.md)",
     "flavour": "model size, per model: " + "; ".join(
         f"{name}: {', '.join(m.flavours)}" for name, m in sorted(MODELS.items())),
     "data": "training data (none: the model's own: markov for gpt-tiny, digits for mlp-digits)",

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ml.byo import ENTRY_POINT_GROUP, resolve_factory
+from ml.zoo import MODELS
 from shared.aggregation import RULES, estimate_f, get_rule
 from shared.autotune import SETTINGS as AUTOTUNE_SETTINGS
 from shared.codecs import CODECS, make_codec
@@ -29,9 +31,16 @@ LEDGER_INTS = ("ledger_reward_per_round", "ledger_faucet", "ledger_min_stake",
                "ledger_pow_bits", "ledger_slash", "ledger_proposal_rounds")
 
 
+def _known_model(name: str) -> bool:
+    """A zoo name or a bring-your-own factory (checked in full by ml.byo.check at creation)."""
+    return name in MODELS or resolve_factory(name) is not None
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    model: str = "gpt-tiny"  # zoo model name
+    # zoo model name, or bring your own: "package.module:factory" or the name of an
+    # installed "daa_prime.models" entry point (ml/byo.py, docs/byo_model.md)
+    model: str = "gpt-tiny"
     flavour: str | None = None  # zoo flavour (None: the model's default)
     data: str | None = None  # "markov" | "text" | "digits" (None: the model's natural data)
     data_path: str | None = None  # UTF-8 text file for data = "text"
@@ -108,6 +117,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
+            (_known_model(self.model), "model", "must be a zoo model "
+             f"({', '.join(sorted(MODELS))}), 'package.module:factory' or an installed "
+             f"{ENTRY_POINT_GROUP!r} entry point"),
             (self.partition in ("iid", "noniid"), "partition", "must be 'iid' or 'noniid'"),
             (self.data in (None, "markov", "text", "digits"), "data",
              "must be markov, text or digits"),
