@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from server.browser_assets import ISOLATION
 from server.browser_data import onnx_root
 from server.keys import COORDINATOR, RUN
 from server.ws import LIMITS
+
+log = logging.getLogger("server.api")
 
 routes = web.RouteTableDef()
 MAX_JSON_DEPTH = 64
@@ -68,6 +71,8 @@ async def get_run(request: web.Request) -> web.Response:
         **coord.status(),
         "limits": request.app[LIMITS].view(),  # rate limits and closes (server/ws.py)
         "dht": coord.dht.view() if coord.dht is not None else None,  # server/dht.py
+        # ms from each commit's last taken update to its RoundCommitted sent (server/outbox.py)
+        "commit_ms": coord.outbox.commit_ms[-100:],
     })
 
 
@@ -154,8 +159,17 @@ async def onnx_graph(request: web.Request) -> web.FileResponse:
     except ImportError as exc:
         raise web.HTTPServiceUnavailable(text=f"ONNX export needs the 'onnx' extra "
                                               f"(pip install 'daa-prime[onnx]'): {exc}") from None
-    graphs = await asyncio.get_running_loop().run_in_executor(
-        None, export_graphs, run.work.model_config, onnx_root(run.store.dir))
+    try:
+        graphs = await asyncio.get_running_loop().run_in_executor(
+            None, export_graphs, run.work.model_config, onnx_root(run.store.dir))
+    except Exception as exc:  # a bring-your-own model that does not export: the tab says why
+        log.warning("ONNX export failed: %s: %s", type(exc).__name__, exc)
+        raise web.HTTPUnprocessableEntity(text=json.dumps({
+            "reason": "export_failed", "detail": f"{type(exc).__name__}: {exc}"[:2000]}),
+            content_type="application/json") from None
+    missing = graphs.manifest.get("train_unavailable")
+    if name == "train_step.onnx" and missing:  # the manifest says why (docs/byo_model.md)
+        raise web.HTTPConflict(text=json.dumps(missing), content_type="application/json")
     return web.FileResponse(getattr(graphs, ONNX_FILES[name]), headers={
         "X-Model-Id": run.work.model_id, "X-Graph-Key": graphs.key,
         "Cache-Control": "public, max-age=3600"})
