@@ -20,6 +20,20 @@ const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
 const BACKOFF_MAX_MS = 10000;
 const GRAPHS_RETRY_MS = 2000;  // the server's graphs are not exported yet: ask again
+// A tab's train step holds params, both AdamW moments, their three outputs and the gradient
+// (7 float32 copies) in one wasm32 heap of at most 4 GiB: keep that under 2 GiB.
+export const TAB_STATE_BYTES = 2 ** 31;
+
+/** Why this tab cannot train the run's model ({reason, detail}), or null (docs/byo_model.md). */
+export function trainUnavailable(manifest) {
+  if (manifest.train_unavailable) return manifest.train_unavailable;
+  const need = 7 * 4 * manifest.n_params;
+  if (need > TAB_STATE_BYTES) {
+    return { reason: 'too_large', detail: `${manifest.n_params.toLocaleString()} parameters need ` +
+      `${(need / 2 ** 30).toFixed(1)} GiB of training state; a tab holds at most ${TAB_STATE_BYTES / 2 ** 30} GiB` };
+  }
+  return null;
+}
 
 /** 'webgpu' when navigator.gpu gives an adapter (or when forced), else 'wasm'. */
 export async function pickBackend(requested = 'auto') {
@@ -94,8 +108,17 @@ export class BrowserNode extends EventTarget {
     this.set({ nodeId: info.nodeId, timings: { ...this.stats.timings, ...info.timings,
       python_ms: performance.now() - this.t0 } });
     await this.modelReady;
+    if (this.stats.cannotTrain) return;  // inference only (or nothing): never joins a round
     this.set({ state: 'connecting', timings: { ...this.stats.timings, ready_ms: performance.now() - this.t0 } });
     this.connect(0);
+  }
+
+  /** This tab cannot train the run's model: say why; `infer`: the inference graph loaded. */
+  cannotTrain(why, infer) {
+    this.stopped = true;
+    const state = infer ? `inference only (${why.reason})` : `cannot run this model (${why.reason})`;
+    this.set({ cannotTrain: { ...why, infer }, state,
+      notes: [...this.stats.notes, `This tab cannot train the run's model: ${why.reason}: ${why.detail}`] });
   }
 
   /** A finished run: no training, only the final model ("try the model", download). */
@@ -117,6 +140,7 @@ export class BrowserNode extends EventTarget {
     for (;;) {
       const resp = await fetch('/model/onnx/manifest.json').catch(() => null);
       if (resp && resp.ok) { this.manifest = await resp.json(); break; }
+      if (resp && resp.status === 422) { this.cannotTrain(await resp.json(), false); return; }
       this.set({ state: 'waiting for the server to export the model' });
       await new Promise((r) => setTimeout(r, GRAPHS_RETRY_MS));
     }
@@ -128,9 +152,11 @@ export class BrowserNode extends EventTarget {
         else if (ev.data.type === 'error') reject(new Error(ev.data.message));
       };
     });
+    const why = trainUnavailable(this.manifest);
     this.worker.postMessage({ type: 'init', backend: this.stats.backend,
-      graphs: { train: '/model/onnx/train_step.onnx', infer: '/model/onnx/infer.onnx' } });
+      graphs: { train: why ? null : '/model/onnx/train_step.onnx', infer: '/model/onnx/infer.onnx' } });
     const info = await ready;
+    if (why) this.cannotTrain(why, true);
     this.worker.onmessage = (ev) => this.onWorker(ev.data);
     this.workerGraphs = this.manifest.model_id;
     this.set({ threads: info.threads, timings: { ...this.stats.timings, graphs_ms: performance.now() - t0 } });

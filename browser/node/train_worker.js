@@ -250,7 +250,8 @@ async function handle(msg) {
     case 'init': {
       const t0 = performance.now();
       const threads = await loadOrt(msg.backend);
-      [train, infer] = await Promise.all([session(msg.graphs.train, msg.backend),
+      // graphs.train null: this tab cannot train the model (node.js says why), inference only
+      [train, infer] = await Promise.all([msg.graphs.train ? session(msg.graphs.train, msg.backend) : null,
         session(msg.graphs.infer, msg.backend)]);
       if (msg.seed !== undefined) rng = (msg.seed >>> 0) || 0x9e3779b9;
       if (msg.data) setData(msg.data);
