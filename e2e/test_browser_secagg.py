@@ -20,7 +20,7 @@ import numpy as np
 from e2e.conftest import wait_until
 from shared.outer import OuterConfig, outer_step
 
-RUN = {"model": "mlp-digits", "inner_steps": 150, "batch_size": 32, "deadline_s": 120.0,
+RUN = {"model": "mlp-digits", "inner_steps": 300, "batch_size": 32, "deadline_s": 120.0,
        "quorum": 3, "rounds": 1, "secagg": True, "secagg_clip": 1.0,
        "secagg_timeout_s": 30.0}
 PLAIN_JS = """() => {
@@ -50,10 +50,10 @@ def test_two_tabs_and_a_native_node_sum_securely_with_a_tab_dropping_after_submi
     monkeypatch.setenv("DAA_SECAGG_KEEP_PLAIN", "1")  # the native node keeps its words
     server = make_server(RUN)
     theta0, mom0 = server.call(lambda: (np.array(server.run.params), np.array(server.run.momentum)))
+    native = native_node(server)  # starts while the first tab loads
     drops = open_tab(f"{server.url}/?backend=wasm", "drops")
     drops.wait("!!s.nodeId && s.round === 0", timeout_s=120)
-    native = native_node(server)
-    stays = open_tab(f"{server.url}/?backend=wasm", "stays")
+    stays = open_tab(f"{server.url}/?backend=wasm", "stays")  # trains last
     # the dropping tab trained first; its masked update goes once the key stages ran
     drops.wait("s.accepted >= 1", timeout_s=120)
     dropped_plain = plain_of(drops)
