@@ -6,6 +6,7 @@ sender excluded, the rest still unmasked exactly)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -89,6 +90,49 @@ async def test_a_node_dropping_after_its_masked_update_is_still_in_the_sum(
         assert lives[2].part.node_id not in last["responders"]
         expect_commit(coord, theta0, [lv.plain[0] for lv in lives])
         assert coord.counters["secagg_dropped_after_submit"] == 1
+
+
+async def test_too_many_dropouts_retry_the_round_with_fresh_keys(tmp_path: Path) -> None:
+    """4 nodes (k = 3, t = 2): two drop after submitting, so no survivor's seed has t answers:
+    the server commits nothing, re-keys the round among the two left, which mask their held
+    updates again, and the round commits their exact mean."""
+    async with secure_run(tmp_path, 4, quorum=2) as (coord, lives):
+        start = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
+        ds = deltas(coord.run.n_params, 4, seed=11)
+        await until(lambda: coord.status()["secagg"]["stage"] == "masking", "the keys")
+        for lv, d in zip(lives[:2], ds, strict=False):
+            await lv.train(d)
+        await until(lambda: len(coord.state.updates) == 2 if coord.state else False, "accept")
+        for lv in lives[:2]:
+            lv.leave()
+        for lv, d in zip(lives[2:], ds[2:], strict=True):
+            await lv.train(d)
+        first = {lv.part.node_id: lv.plain[0] for lv in lives[2:]}
+        await until(lambda: coord.run.version == 1, "the commit after the retry", timeout=60)
+        assert coord.counters["secagg_unmask_failed"] == 1
+        last = coord.status()["secagg"]["last"]
+        assert sorted(last["contributors"]) == sorted(first)
+        bits = last["frac_bits"]  # finer now: the fixed point is sized for 2, not 4
+        for lv, d in zip(lives[2:], ds[2:], strict=True):  # the held update, masked again
+            assert lv.plain[0] != first[lv.part.node_id]
+            again = np.frombuffer(lv.plain[0], dtype="<u4").view(np.int32) / 2 ** bits
+            assert np.abs(again - d).max() <= 2 ** -bits
+        expect_commit(coord, start, [lv.plain[0] for lv in lives[2:]])
+
+
+async def test_a_node_joining_after_the_keys_does_not_hold_the_round_up(
+        tmp_path: Path) -> None:
+    async with secure_run(tmp_path, 3, quorum=3, deadline_s=120.0) as (coord, lives):
+        await until(lambda: coord.status()["secagg"]["stage"] == "masking", "the keys")
+        late = Live(coord)
+        await coord.greet(late.conn)
+        await late.pump()
+        await until(lambda: bool(late.trains), "the late node's RoundOpen")
+        t0 = asyncio.get_running_loop().time()
+        await train_all(lives, deltas(coord.run.n_params, 3))
+        await until(lambda: coord.run.version == 1, "the commit")
+        assert asyncio.get_running_loop().time() - t0 < 30  # not the 120 s deadline
+        assert late.part.node_id not in coord.status()["secagg"]["last"]["contributors"]
 
 
 async def test_dp_clips_and_noises_before_masking(tmp_path: Path) -> None:
