@@ -224,7 +224,10 @@ def _check_forward(spec: ModelSpec, config: Mapping[str, Any]) -> None:
         if not torch.equal(before[n], b):
             raise ByoError("buffers", f"buffer {n} changes in a training forward; its value "
                                       "would differ between nodes (it does not travel)")
-    loss = (spec.loss or loss_fn)(out, y)
+    try:
+        loss = (spec.loss or loss_fn)(out, y)
+    except Exception as exc:
+        raise ByoError("loss", f"loss(output, y) raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(loss, Tensor) or loss.ndim != 0 or not bool(torch.isfinite(loss)):
         got = (f"shape {list(loss.shape)}, value {loss.detach().reshape(-1)[:3].tolist()}"
                if isinstance(loss, Tensor) else type(loss).__name__)
