@@ -56,9 +56,10 @@ async def train_all(lives: list[Live], ds: list[np.ndarray]) -> None:
         await lv.train(d)
 
 
+@pytest.mark.parametrize("transport", ["ws", "star"])
 async def test_the_committed_aggregate_is_the_exact_mean_of_the_masked_updates(
-        tmp_path: Path) -> None:
-    async with secure_run(tmp_path, 3, quorum=3) as (coord, lives):
+        tmp_path: Path, transport: str) -> None:
+    async with secure_run(tmp_path, 3, quorum=3, transport=transport) as (coord, lives):
         theta0 = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
         ds = deltas(coord.run.n_params, 3)
         await train_all(lives, ds)
