@@ -71,6 +71,7 @@ class Meter:
     def __init__(self) -> None:
         self.bytes = self.frames = 0
         self.cpu_s = 0.0  # server CPU: receiving frames, and reducing the received results
+        self.cpu_by: dict[str, float] = {}  # message received (or "reduce") -> CPU s
         self.by_type: dict[int, int] = {}  # message type id -> bytes
 
     def add(self, data: bytes) -> None:
@@ -186,6 +187,7 @@ def _time_reduction(coord: Coordinator, meter: Meter) -> None:
             t = time.thread_time()
             out = await real(*a, **k)
             meter.cpu_s += time.thread_time() - t
+            meter.cpu_by["reduce"] = meter.cpu_by.get("reduce", 0.0) + time.thread_time() - t
             return out
 
         setattr(red, name, timed_async)
@@ -194,6 +196,7 @@ def _time_reduction(coord: Coordinator, meter: Meter) -> None:
             t = time.thread_time()
             out = real(*a, **k)
             meter.cpu_s += time.thread_time() - t
+            meter.cpu_by["reduce"] = meter.cpu_by.get("reduce", 0.0) + time.thread_time() - t
             return out
 
         setattr(red, name, timed)
@@ -251,7 +254,10 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
         meter.add(data)
         t = time.thread_time()
         await real_handle(conn, data)  # in memory: its awaits return at once
-        meter.cpu_s += time.thread_time() - t
+        took = time.thread_time() - t
+        meter.cpu_s += took
+        kind = MESSAGE_TYPES[FIXED_HEADER.unpack_from(data, 0)[2]].__name__
+        meter.cpu_by[kind] = meter.cpu_by.get(kind, 0.0) + took
 
     coord.handle_frame = counted  # type: ignore[method-assign]
     _time_reduction(coord, meter)
@@ -337,6 +343,9 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
         "final_loss": rows[-1]["eval_loss"], "node_errors": len(errors),
         "liars": counters.get("hierarchy_liars", 0),
         "groups": len(getattr(coord.reduction, "last_groups", [])),
+        # whole run (joins included): handling each received message (its Ack signed
+        # within), and the reducing step
+        "server_cpu_s_by_message": {k: round(v, 3) for k, v in sorted(meter.cpu_by.items())},
         "bytes_by_message": {MESSAGE_TYPES[t].__name__ if t in MESSAGE_TYPES else str(t): b
                              for t, b in sorted(meter.by_type.items())}}}
 
