@@ -251,3 +251,28 @@ def test_a_bad_factory_stops_the_server_before_run_state_is_written(tmp_path: Pa
         assert not list((tmp_path / "run" / "checkpoints").iterdir())
     finally:
         store.close()
+
+
+def python_scalar_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Fine in eager torch; its ``float(...)`` is data-dependent, so the train step's trace
+    (make_fx over grad_and_value) fails: the train graph does not export, inference does."""
+    scale = 1.0 if float(logits.detach().abs().max()) < 1e9 else 0.0
+    return loss_fn(logits, y) * scale
+
+
+def unexportable_loss(config: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(module=Tiny(int(config["seed"])), batch=SPEC, loss=python_scalar_loss)
+
+
+def test_a_train_step_that_does_not_export_leaves_inference_and_the_reason(
+        tmp_path: Path) -> None:
+    from ml.onnx_export import export_graphs
+
+    checked = check(cfg("tests.test_byo:unexportable_loss"))
+    graphs = export_graphs(checked, tmp_path)
+    why = graphs.manifest["train_unavailable"]
+    assert why["reason"] == "export_failed"
+    assert why["detail"]
+    assert set(graphs.manifest["graphs"]) == {"infer"}
+    assert graphs.infer.exists()
+    assert not graphs.train_step.exists()
