@@ -121,6 +121,16 @@ class SecAggReduction(ServerReduction):
                 await asyncio.wait_for(self._event.wait(), timeout=POLL_S)
 
     async def _keys(self, state: RoundState) -> None:
+        try:
+            await self._key_stages(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug, not a node's fault: say so; the round's retry re-keys
+            log.exception("round %d: the secure-aggregation key stages failed", state.round)
+            self.counters["secagg_key_stage_errors"] += 1
+            self.stage, self.agg = "idle", None
+
+    async def _key_stages(self, state: RoundState) -> None:
         cfg = self.config
         need = max(2, cfg.quorum)
         while len(self.trainers()) < need and not state.closed:
