@@ -65,7 +65,8 @@ class Drifting(Tiny):
         self.register_buffer("seen", torch.zeros(()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.seen += x.shape[0]
+        seen = self.get_buffer("seen")
+        seen.add_(x.shape[0])
         return super().forward(x)
 
 
