@@ -77,10 +77,15 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
         poll(lambda: get_json(url + "/api/run"), 120, "the server")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            pages, errors = [], []
+            pages, errors, logs = [], [], []  # logs: every console line of each tab
             for i in range(tabs):
                 page = browser.new_context().new_page()
-                def console(m: Any, i: int = i) -> None:
+                tab_log = (tmp / f"tab{i}.log").open("a", encoding="utf-8")
+                logs.append(tab_log)
+
+                def console(m: Any, i: int = i, log: Any = tab_log) -> None:
+                    log.write(f"{time.strftime('%H:%M:%S')} {m.type}: {m.text}\n")
+                    log.flush()
                     if m.type == "error":
                         errors.append(f"tab{i}: {m.text}")
 
@@ -120,6 +125,8 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
                  f"{rounds} rounds with {natives} native nodes and {tabs} tabs (logs in {tmp})")
             stats = [p.evaluate(STATS) for p in pages]
             browser.close()
+            for f in logs:
+                f.close()
         rows = get_json(url + "/api/rounds")
         metrics = get_json(url + "/api/run")
         rejections = get_json(url + "/api/rejections")
