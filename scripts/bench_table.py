@@ -202,6 +202,15 @@ def _dht(f: Fig) -> str:
             f"{'yes' if f['partition_healed'] else 'NO'} ({f['partition_heal_s']} s)")
 
 
+def _hierarchy(f: Fig) -> str:
+    flat, hier = f["flat"], f["hierarchical"]
+    return (f"{f['nodes']} nodes, {f['groups']} groups: server {hier['server_bytes_per_round']:,} "
+            f"vs {flat['server_bytes_per_round']:,} B per round flat ({f['bytes_ratio']:.3f}; "
+            f"target <= 0.25), server CPU {hier['server_cpu_s_per_round']:.2f} vs "
+            f"{flat['server_cpu_s_per_round']:.2f} s; final loss {hier['final_loss']:.4f} vs "
+            f"{flat['final_loss']:.4f} ({f['loss_gap']:+.2%}; target within 2%)")
+
+
 def _secagg(f: Fig) -> str:
     peers = f["peers"]
     cpu = ", ".join(f"{f['round_overhead_s'][str(n)]:.2f} s at {n}" for n in peers)
@@ -308,6 +317,10 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.dht --nodes 200", "Kademlia peer discovery (shared/dht), real signed records, "
      "in-memory network with latency and loss; churn, the server down, a healed partition",
      "dht.txt", _dht),
+    ("bench.hierarchy", "hierarchical aggregation (p2p_groups: two aggregators per group, the "
+     "server combines group results) vs every update to the server; the real coordinator, "
+     "participants and native p2p/group roles over in-process links, mlp-digits", "hierarchy.txt",
+     _hierarchy),
     ("bench.secagg", "secure aggregation (shared/secagg) at 16 and 64 peers in one process: "
      "real ML-KEM-768 pair keys, ML-DSA-65 signatures, SHAKE-128 masks, Shamir recovery",
      "secagg.txt", _secagg),
@@ -335,6 +348,7 @@ SOURCES: dict[str, str] = {
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
+    "hierarchy.txt": "python -m bench.hierarchy > bench/results/hierarchy.txt",
     "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
     "secagg_run.txt": "python -m bench.secagg_run > bench/results/secagg_run.txt",
     "dp.txt": "python -m bench.dp (writes bench/results/dp.txt)",

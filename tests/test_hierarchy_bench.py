@@ -24,6 +24,8 @@ def test_tiny_flat_vs_hierarchical() -> None:
         assert side["node_errors"] == 0
         assert side["server_bytes_per_round"] > 0
         assert side["final_loss"] is not None
+        assert side["server_cpu_s_per_round"] > 0
+        assert side["server_cpu_s_by_message"]["reduce"] > 0
     # flat: every update in, params out; hierarchical: group results, no Submit at all
     assert "Submit" in flat["bytes_by_message"]
     assert "Submit" not in hier["bytes_by_message"]
