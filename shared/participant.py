@@ -51,7 +51,7 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 |           | for the node's own checks; they never leave it) (shared.secagg.round)      |
 | p2p       | message (ShardPlan or Shard, verified): hand it to the p2p reduction       |
 | dht       | message (Dht, verified): hand it to the DHT carrier (native_node.dht)      |
-|           | (native nodes only: the server refuses tabs in `p2p` runs)                 |
+|           | (native_node/p2p.py; in a tab browser/node/p2p_glue.py)                    |
 
 A driver whose trainer stops without a result (cancelled, crashed) calls `training_stopped` so
 that the round is trained again when it is offered again.
