@@ -277,3 +277,28 @@ def test_a_train_step_that_does_not_export_leaves_inference_and_the_reason(
     assert set(graphs.manifest["graphs"]) == {"infer"}
     assert graphs.infer.exists()
     assert not graphs.train_step.exists()
+
+
+def test_the_tab_says_why_it_cannot_train(tmp_path: Path) -> None:
+    """browser/node/node.js's trainUnavailable under Node.js: the manifest's export failure,
+    or a training state over the tab's 2 GiB budget (7 float32 copies of the parameters)."""
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed")
+    root = Path(__file__).resolve().parent.parent
+    script = ("import('./browser/node/node.js').then((m) => console.log(JSON.stringify("
+              "[76695844, 76695845, 16650].map((n) => m.trainUnavailable({n_params: n})).concat("
+              "[m.trainUnavailable({n_params: 5, train_unavailable: {reason: 'export_failed', "
+              "detail: 'why'}})]))))")
+    out = subprocess.run([node, "--input-type=module", "-e", script], cwd=root,
+                         capture_output=True, text=True, timeout=60, check=True)
+    fits, too_big, small, failed = json.loads(out.stdout)
+    assert fits is None  # 7 * 4 * 76,695,844 bytes = 2 GiB - 16 bytes
+    assert too_big["reason"] == "too_large"
+    assert "76,695,845 parameters" in too_big["detail"]
+    assert small is None
+    assert failed == {"reason": "export_failed", "detail": "why"}
