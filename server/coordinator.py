@@ -276,7 +276,11 @@ class Coordinator:
         round collection, acknowledged here."""
         assert conn.peer is not None  # authenticate made sure
         outcome = self.collection.take(conn.peer, msg)
-        await self.send(conn, Ack(round=msg.round, digest=msg.digest, status=outcome.value))
+        # hierarchical runs acknowledge the Readys in each group's signed plan instead (one
+        # signature per group, not per member: server.hierarchy)
+        if getattr(self.reduction, "acks_updates", True):
+            await self.send(conn, Ack(round=msg.round, digest=msg.digest,
+                                      status=outcome.value))
         self._wake.set()
 
     def _wire_ledger(self) -> Slashing:

@@ -30,7 +30,9 @@ the combination through the result codec, and sends it (a `Shard` from the serve
 group's aggregators, which forward it to their members. The next RoundOpen to those members
 carries only the outer step, which each checks against the params digest. Server bytes per
 round: two group results up and two aggregates down per group, plus small signed control
-frames per member (Ready, its Ack, the group plan, the outer step, the commit notice).
+frames per member (Ready, the group plan, the outer step, the commit notice). A Ready gets
+no Ack: the group plan, signed once per group, lists every digest the server accepted, so
+the server signs per group, not per member (a refused Ready still gets its typed Error).
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class GroupRun:
 
 class HierarchyReduction(P2PReduction):
     """Groups reduce at two elected aggregators each; the server combines group results."""
+
+    # no signed Ack per Ready: each group's plan, signed once, lists the digests it accepted
+    # (a refused Ready still gets its typed Error)
+    acks_updates = False
 
     def __init__(self, run: RunState, nodes: Nodes, evidence: Evidence,
                  counters: Counter[str]) -> None:
