@@ -253,6 +253,25 @@ def _agg_speed(f: Fig) -> str:
             "at or below the best peer; docs/robustness.md")
 
 
+def _vs_hivemind(f: Fig) -> str:
+    h, o = f["hivemind"], f["ours"]
+    cells = "; ".join(f"{n} peers ours {o[n]['round_s']:.2f} s / {o[n]['MB_per_peer']:.2f} MB "
+                      f"vs hivemind {h[n]['round_s']:.2f} s / {h[n]['MB_per_peer']:.2f} MB"
+                      for n in sorted(o, key=int))
+    met = all(f["faster_at_no_more_bytes"].values())
+    return (f"1M float32, float32 error, per round: {cells}; target (ours faster at no more "
+            f"bytes) {'met' if met else 'MISSED'}; docs/benchmarks.md")
+
+
+def _vs_flower(f: Fig) -> str:
+    o, fl = f["ours"], f["flower"]
+    return (f"{f['clients']} clients, {f['rounds']} rounds x {f['inner_steps']} AdamW steps: "
+            f"s per round ours {o['round_s']:.1f} vs Flower {fl['round_s']:.1f} (after the "
+            f"first: {o['round_s_after_first']:.1f} vs {fl['round_s_after_first']:.1f}); peak "
+            f"MB (whole process tree) {o['peak_mb']:,.0f} vs {fl['peak_mb']:,.0f}; "
+            "docs/benchmarks.md")
+
+
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
@@ -268,6 +287,12 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      lambda f: f"{f['wall_s']:.0f} s, {f['peak_rss_mb']:.0f} MB peak RSS"),
     ("bench.byzantine", "every attack x every rule at 10/20/33/45% attackers on the real "
      "coordinator (both models)", "byzantine.txt", _byzantine),
+    ("bench.vs_flower --clients 100", "our simulation (Ray engine: real coordinator, signed "
+     "participants) beside Flower 1.42's Ray simulation, same model, shards and local work per "
+     "client, same machine", "vs_flower.txt", _vs_flower),
+    ("bench.vs_hivemind --rounds 2", "our p2p reduction (native P2PRole peers over aiortc) "
+     "beside hivemind 1.1.12's DecentralizedAverager, 4 and 16 peers on loopback",
+     "vs_hivemind.txt", _vs_hivemind),
     ("bench.agg_speed --before 29a806b", "every aggregation rule on 64 x 1M float32 updates, "
      "f = 15, vs byzfl 0.0.11 and Flower 1.42 in the same run", "agg_speed.txt", _agg_speed),
     ("bench.alie_sync", "\"A Little Is Enough\" in its paper's setting: synchronous SGD, one "
@@ -376,6 +401,8 @@ SOURCES: dict[str, str] = {
     **{name: f"python -m bench.{name.split('.')[0]} > bench/results/{name}"
        for name in ("smoke.txt", "codecs.txt", "error_feedback.txt")},
     "fuzz_frames.txt": "python -m bench.fuzz_frames --seconds 120 > bench/results/fuzz_frames.txt",
+    "vs_flower.txt": "python -m bench.vs_flower --clients 100 > bench/results/vs_flower.txt",
+    "vs_hivemind.txt": "python -m bench.vs_hivemind --rounds 2 > bench/results/vs_hivemind.txt",
     "simulate.txt": "python -m bench.simulate --nodes 1000 --rounds 3 --model mlp-digits "
                     "> bench/results/simulate.txt",
 }
