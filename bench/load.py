@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -129,7 +130,7 @@ class Member:
                                                                   n_params))
                         jobs[task] = int(ev["round"])
                         task.add_done_callback(lambda t: jobs.pop(t, None))
-                    elif kind == "ack":
+                    elif kind == "ack" and ev["status"] == "accepted":  # not a resubmission's
                         self.acked.setdefault(int(ev["round"]), time.time())
                     elif kind == "committed":
                         self.committed.setdefault(int(ev["round"]), time.time())
@@ -140,7 +141,10 @@ class Member:
             for task, round_ in list(jobs.items()):
                 task.cancel()
                 self.part.training_stopped(round_)  # trained again when offered again
-            await ws.close()
+            if self.part.training is not None:  # a round whose "training" was cut off
+                self.part.training_stopped(self.part.training.round)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ws.close(), 5)
 
     async def _submit(self, ws: aiohttp.ClientWebSocketResponse, round_: int, n: int) -> None:
         rng = np.random.default_rng([self.seed, self.index, round_, 1])
@@ -166,7 +170,12 @@ async def _worker(base: str, first: int, count: int, spread_s: float, seed: int,
                 local_addr=(addr, 0), limit=0))
         tasks.append(asyncio.ensure_future(m.run(sessions[addr], base, deadline)))
         await asyncio.sleep(0.01)  # a ramp, not a burst of handshakes
+    # bounded: whatever has not finished by the deadline is cut off and reported as it stands
+    done, late = await asyncio.wait(tasks, timeout=max(1.0, deadline + 30 - time.time()))
+    for task in late:
+        task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    results = [r for t, r in zip(tasks, results, strict=True) if t in done]
     for s in sessions.values():
         await s.close()
     return {"members": [{"submitted": m.submitted, "acked": m.acked, "committed": m.committed,
@@ -191,13 +200,18 @@ def summarize(results: list[dict[str, Any]], rounds: int) -> tuple[dict[str, Any
     s2c: list[float] = []
     rows = []
     done = 0
+    why: list[str] = []
     for rnd in range(rounds + 1):
         key = str(rnd)
         acks = [m["acked"][key] for m in members if key in m["acked"]]
         subs = [m["submitted"][key] for m in members if key in m["submitted"]]
         commits = [m["committed"][key] for m in members if key in m["committed"]]
-        dropped += sum(1 for m in members if key in m["submitted"] and key not in m["acked"])
-        dropped += len(members) - len(commits)
+        unacked = sum(1 for m in members if key in m["submitted"] and key not in m["acked"])
+        dropped += unacked + len(members) - len(commits)
+        if unacked:
+            why.append(f"round {rnd}: {unacked} Submit(s) without an accepted Ack")
+        if len(commits) < len(members):
+            why.append(f"round {rnd}: {len(members) - len(commits)} never got RoundCommitted")
         if not acks or not commits:
             continue
         close, last_sub = max(acks), max(subs)
@@ -216,7 +230,7 @@ def summarize(results: list[dict[str, Any]], rounds: int) -> tuple[dict[str, Any
             "p99_submit_to_commit_ms": round(_pct(s2c, 99), 1),
             "dropped_messages": dropped, "errors": errors, "connect_failures": len(failures),
             "connect_failure_samples": sorted(set(failures))[:3],
-            "closed_by_server": sum(m["closed"] for m in members),
+            "closed_by_server": sum(m["closed"] for m in members), "drop_samples": why[:5],
             "close_samples": sorted({c for m in members for c in m["closes"]})[:3],
             "error_samples": sorted({e for m in members for e in m["errors"]})[:5] +
             [e for r in results for e in r["exceptions"]][:5]}
@@ -248,9 +262,15 @@ def run(*, participants: int, rounds: int, workers: int, spread_s: float, seed: 
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         results = []
         for p in procs:
-            out, err = p.communicate(timeout=timeout_s + 120)
+            try:
+                out, err = p.communicate(timeout=timeout_s + 120)
+            except subprocess.TimeoutExpired:  # counted: its participants are missing
+                p.kill()
+                out, err = p.communicate()
             if p.returncode != 0:
-                raise RuntimeError(f"worker failed ({p.returncode}): {err[-2000:]}")
+                results.append({"members": [], "exceptions": [
+                    f"worker exited {p.returncode}: {err[-300:]}"]})
+                continue
             results.append(json.loads(out.strip().splitlines()[-1]))
         try:
             status = poll(lambda: (r := get_json(base + "/api/run"))["status"] == "finished"
@@ -260,14 +280,18 @@ def run(*, participants: int, rounds: int, workers: int, spread_s: float, seed: 
         server_rounds = get_json(base + "/api/rounds")
         rss = _peak_rss_mb(proc.pid)
     figs, rows = summarize(results, rounds)
+    missing = participants - sum(len(r["members"]) for r in results)  # a worker that failed
     limits = status["limits"]
     server_dropped = (limits["connections_refused"] + limits["frames_over_rate"]
                       + limits["closed_for_rate"] + limits["dropped_after_close"])
     return {"participants": participants, "workers": len(procs),
             "spread_s": spread_s, **figs,
             "dropped_messages": figs["dropped_messages"] + server_dropped,
-            "errors": figs["errors"] + int(status["rejected_total"]),
+            "errors": figs["errors"] + int(status["rejected_total"]) + missing,
+            "missing_participants": missing,
             "server_peak_rss_mb": round(rss, 1), "server_rejected": status["rejected"],
+            # the server's own clock: last update taken -> RoundCommitted handed to every socket
+            "server_commit_ms": status.get("commit_ms", []),
             "server_limits": limits, "committed_rounds": status["committed_rounds"],
             "finished": status["status"] == "finished",
             "round_s": [round(float(r.get("duration_s", 0)), 2) for r in
@@ -284,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--participants", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3, help="measured rounds (after the join)")
     p.add_argument("--workers", type=int, default=4, help="participant processes")
-    p.add_argument("--spread-s", type=float, default=10.0,
+    p.add_argument("--spread-s", type=float, default=30.0,
                    help="each update leaves at a random moment within this after RoundOpen")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=900.0)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 
 from server.peers import Connection, Peer
 from server.runstate import RunState
 from server.signer import SigningPool
 from shared.envelope import sign_round
-from shared.messages import Message
+from shared.messages import Ack, Message, RoundCommitted
 
 log = logging.getLogger("server.coordinator")
 
@@ -30,6 +31,11 @@ class Outbox:
         # signs per-connection frames off the event loop (server.app sets it; None: in
         # process, as in-memory drivers and tests run the coordinator)
         self.signer: SigningPool | None = None
+        # round close -> commit, server side: when the open round took its last update (the
+        # moment its Ack was handed here) and, per commit, the ms until RoundCommitted had
+        # been handed to every socket (bench.load reads them from /api/run)
+        self.last_take = 0.0
+        self.commit_ms: list[float] = []
 
     def frame(self, msg: Message) -> bytes:
         """`msg` signed with the server's key (shared.envelope)."""
@@ -44,6 +50,8 @@ class Outbox:
         return self.frame(msg) if self.signer is None else await self.signer.frame(msg)
 
     async def send(self, conn: Connection, msg: Message | bytes) -> None:
+        if isinstance(msg, Ack) and msg.status == "accepted":
+            self.last_take = time.monotonic()
         data = msg if isinstance(msg, bytes) else await self.signed(msg)
         if conn.peer is not None:
             conn.peer.bytes_down += len(data)
@@ -69,3 +77,7 @@ class Outbox:
         data = msg if isinstance(msg, bytes) else self.frame(msg)
         await asyncio.gather(*(self.send(Connection(ws=p.ws, remote="", peer=p), data)
                                for p in peers if p.ws is not None))
+        if isinstance(msg, RoundCommitted) and self.last_take > 0:
+            self.commit_ms.append(round(1000 * (time.monotonic() - self.last_take), 1))
+            del self.commit_ms[:-1000]
+            self.last_take = 0.0

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,8 @@ def test_tiny_load_run_commits_every_round_with_nothing_dropped() -> None:
     assert fig["server_peak_rss_mb"] > 50
 
 
-def _member(acked: dict[str, float], committed: dict[str, float], **kw: object) -> dict:
+def _member(acked: dict[str, float], committed: dict[str, float], **kw: object
+            ) -> dict[str, Any]:
     return {"submitted": {k: v - 0.5 for k, v in acked.items()}, "acked": acked,
             "committed": committed, "errors": [], "closed": 0, "connect_failures": [],
             "closes": [], **kw}
