@@ -267,17 +267,17 @@ class SecAggReduction(ServerReduction):
         for node, code in res.flagged.items():
             self.evidence.record(state.round, node, None, code, "unmask shares failed their "
                                  "commitments", ["server"])
-        n = len(res.contributors)
+        count = len(res.contributors)
         self.last = {"round": state.round, "contributors": list(res.contributors),
                      "responders": sorted(agg.responses), "excluded": dict(res.excluded),
                      "flagged": dict(res.flagged), "frac_bits": agg.cfg.fixed_point.frac_bits,
                      "sum_sha256": hashlib.sha256(ring_bytes(res.ring_sum)).hexdigest()}
         self.counters["secagg_rounds"] += 1
-        self.counters["secagg_dropped_after_submit"] += n - len(agg.responses)
+        self.counters["secagg_dropped_after_submit"] += count - len(agg.responses)
         self.stage = "idle"
         log.info("round %d: unmasked the sum of %d masked updates (%d answered the unmask)",
-                 state.round, n, len(agg.responses))
-        return np.asarray(np.asarray(res.values, dtype=np.float64) / n, dtype=np.float32)
+                 state.round, count, len(agg.responses))
+        return np.asarray(np.asarray(res.values, dtype=np.float64) / count, dtype=np.float32)
 
     def view(self) -> dict[str, Any]:
         return {"stage": self.stage, "invited": len(self.invited),
