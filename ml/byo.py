@@ -286,3 +286,76 @@ def check_allowed(config: Mapping[str, Any], allow: Sequence[str]) -> None:
     raise ByoError("not_allowed", f"the server asks this node to import {factory!r}; run the "
                    f"node with --allow-model {factory} to allow it, or install it as a "
                    f"{ENTRY_POINT_GROUP!r} entry point")
+
+
+def _parity(config: Mapping[str, Any], train_path: Path) -> dict[str, float]:
+    """max |onnxruntime - torch| / max |torch| of each train-step output, one step, batch 8."""
+    import onnxruntime as ort
+
+    from ml.onnx_export import TRAIN_OUTPUTS, train_step_fn
+    from ml.zoo import build_model, flatten
+
+    model = build_model(config)
+    flat = torch.from_numpy(flatten(model))
+    zeros = torch.zeros_like(flat)
+    x, y = example_batch(config, batch=8)
+    lr, step = torch.tensor(1e-3), torch.tensor(1.0)
+    want = train_step_fn(model)(flat, zeros, zeros.clone(), lr, step, x, y)
+    feed = {"params": flat.numpy(), "exp_avg": zeros.numpy(), "exp_avg_sq": zeros.numpy(),
+            "lr": lr.numpy(), "step": step.numpy(), "x": x.numpy(), "y": y.numpy()}
+    got = ort.InferenceSession(str(train_path)).run(None, feed)
+    out = {}
+    for name, a, b in zip(TRAIN_OUTPUTS, want, got, strict=True):
+        ref = a.detach().numpy()
+        out[name] = float(abs(ref - b).max() / max(float(abs(ref).max()), 1e-30))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ml.byo package.module:factory [--data digits|markov] [--export DIR]``:
+    the start-time check, and with --export the tab graphs and their parity with torch."""
+    import argparse
+    import json
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m ml.byo", description=main.__doc__)
+    ap.add_argument("model", help="package.module:factory or a daa_prime.models entry point")
+    ap.add_argument("--data", choices=("digits", "markov"), default="digits")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--export", type=Path, default=None, help="export the ONNX graphs here")
+    args = ap.parse_args(argv)
+    from ml.workload import resolve
+
+    try:
+        work = resolve(model=args.model, flavour=None, data=args.data, data_path=None,
+                       partition="iid", alpha=0.5, seed=args.seed)
+    except ValueError as exc:  # ml.byo.ByoError (not this __main__ module's class)
+        print(json.dumps({"model": args.model, "ok": False,
+                          "reason": getattr(exc, "reason", "unknown"), "error": str(exc)}))
+        return 2
+    report: dict[str, Any] = {"model": args.model, "ok": True, "task": work.model_config["task"],
+                              "params": work.n_params, "model_id": work.model_id}
+    print(f"check passed: {args.model}, {work.n_params:,} parameters, task "
+          f"{report['task']}")
+    if args.export is not None:
+        from ml.onnx_export import export_graphs
+
+        t0 = time.perf_counter()
+        graphs = export_graphs(work.model_config, args.export)
+        report["export_s"] = round(time.perf_counter() - t0, 1)
+        report["train_unavailable"] = graphs.manifest.get("train_unavailable")
+        for name, g in graphs.manifest["graphs"].items():
+            report[f"{name}_bytes"], report[f"{name}_nodes"] = g["bytes"], g["nodes"]
+            print(f"{name:10s} {g['bytes']:>10,} bytes {g['nodes']:>6} nodes")
+        if report["train_unavailable"] is None:
+            report["parity"] = _parity(work.model_config, graphs.train_step)
+            for name, err in report["parity"].items():
+                print(f"parity {name:15s} {err:.2e}")
+        else:
+            print(f"train step not exported: {report['train_unavailable']['detail'][:300]}")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
