@@ -53,3 +53,24 @@ def test_a_model_whose_train_step_does_not_export_is_inference_only(
     assert s["contributed"] == 0
     assert api(server, "/api/run")["peers_connected"] == 0
 
+
+
+def test_a_tab_trains_a_transformers_gpt2_for_a_round(make_server: Any, native_node: Any,
+                                                      open_tab: Any) -> None:
+    """examples/byo_hf_gpt2.py (GPT-2 from a transformers config, no weights) in a tab next
+    to a native node; skipped where transformers is not installed (it is no dependency)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    factory = "examples.byo_hf_gpt2:build"
+    server = make_server({**RUN, "model": factory, "data": "markov", "inner_steps": 4})
+    native = native_node(server, "--allow-model", factory)
+    tab = open_tab(f"{server.url}/?backend=wasm", "byo-hf")
+    tab.wait("s.state === 'the run is finished'", timeout_s=300)
+    rounds = api(server, "/api/rounds")
+    assert rounds[0]["n_updates"] == 2, rounds
+    s = tab.stats()
+    assert s["accepted"] == 1, s
+    assert s["nodeId"] in server.call(lambda: server.run.store.update_keys(0))
+    assert native.proc.wait(timeout=30) == 0
+    assert tab.errors == [], tab.errors
