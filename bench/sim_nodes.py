@@ -8,7 +8,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +21,7 @@ from ml.workload import Workload
 from ml.zoo import flatten, load_flat, loss_fn
 from server.peers import Connection
 from shared.attacks import flip_labels
+from shared.messages import SecAgg
 from shared.participant import Event, Participant
 
 log = logging.getLogger("bench.simulate")
@@ -65,6 +66,10 @@ class SimNode:
     errors: list[str] = field(default_factory=list)
     sampler: BatchSampler | None = None
     opt_state: tuple[np.ndarray, np.ndarray, float] | None = None  # exp_avg, exp_avg_sq, step
+    # secure aggregation: what the node answers to SecAgg stages (and its masked Submit once
+    # they are done), sent by `flush` through `send` (the coordinator's handle_frame)
+    outgoing: list[bytes] = field(default_factory=list)
+    send: Callable[[bytes], Awaitable[None]] | None = None
 
     @property
     def node_id(self) -> str:
@@ -80,9 +85,26 @@ class SimNode:
         reply: bytes | None = None
         frames, self.inbox = self.inbox, []
         for raw in frames:
+            secagg = len(raw) > 5 and raw[5] == SecAgg.TYPE  # the frame's message type
             for ev in self.part.receive(raw):
-                reply = self._on_event(ev) or reply
+                out = self._on_event(ev)
+                if secagg and out is not None:
+                    self.outgoing.append(out)
+                else:
+                    reply = out or reply
         return reply
+
+    async def send_update(self, data: bytes | None) -> None:
+        """Send the update `submit` returned (None: it goes masked with `flush`)."""
+        if data is not None and self.send is not None:
+            await self.send(data)
+
+    async def flush(self) -> None:
+        """Send what the node answered to secure-aggregation stages."""
+        frames, self.outgoing = self.outgoing, []
+        for data in frames:
+            if self.send is not None:
+                await self.send(data)
 
     def _on_event(self, ev: Event) -> bytes | None:
         kind = ev["kind"]
@@ -106,9 +128,10 @@ class SimNode:
         return None
 
     def submit(self, delta: np.ndarray, *, train_loss: float | None, samples: int,
-               compute_s: float) -> bytes:
+               compute_s: float) -> bytes | None:
         """The participant's signed Submit of `delta` for the open round (codec, error
-        feedback and worker momentum exactly as every runtime applies them)."""
+        feedback and worker momentum exactly as every runtime applies them); None when it
+        waits for the secure-aggregation keys (then `flush` sends it masked)."""
         assert self.open is not None
         events = self.part.submit(int(self.open["round"]),
                                   np.ascontiguousarray(delta, dtype="<f4").tobytes(),
@@ -118,6 +141,8 @@ class SimNode:
             frame = self._on_event(ev)
             if frame is not None:
                 return frame
+        if any(ev["kind"] == "secagg" for ev in events):
+            return None
         raise RuntimeError(f"node {self.index} sent no update: {self.errors[-1:]}")
 
 

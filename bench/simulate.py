@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -92,6 +93,7 @@ async def _until(wake: asyncio.Event, cond: Any, nodes: Sequence[SimNode], task:
         for node in nodes:
             if node.inbox:
                 node.pump()
+            await node.flush()  # secure aggregation's answers
         if cond():
             return
         if task.done():
@@ -126,6 +128,7 @@ async def _join(node: SimNode, coord: Coordinator, wake: asyncio.Event,
     """Challenge -> Hello -> Welcome (+ the open round) for one simulated node; its
     participant's "welcome" event."""
     node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
+    node.send = functools.partial(coord.handle_frame, node.conn)
     await coord.greet(node.conn)
     hello = node.pump()
     assert hello is not None, "no Challenge from the coordinator"
@@ -277,7 +280,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                 t0 = time.perf_counter()
                 data = node.submit(delta, train_loss=train_loss, samples=samples,
                                    compute_s=compute_s)
-                await coord.handle_frame(node.conn, data)
+                await node.send_update(data)  # None: sent masked once the secagg keys are in
                 sign_s += time.perf_counter() - t0
                 node.pump()
                 if progress and (k + 1) % 50 == 0:

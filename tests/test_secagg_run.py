@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 
 from bench.secagg_run import Live, Tamper, committed_as, live_run, until
+from bench.simulate import simulate
 from server.config import RunConfig
 from server.coordinator import Coordinator
+from server.runstate import open_run
 from shared.messages import Message, SecAgg, Submit, sha256_hex
 from shared.platform import PqcryptoMLKEM768
 from shared.secagg import FixedPoint
@@ -254,3 +256,21 @@ def test_ml_kem_768_agrees_between_pqcrypto_and_the_tabs_noble() -> None:
     second = _node("kem", stdin=json.dumps({"public_key": pk.hex(), "ciphertext": ct.hex(),
                                             "secret_key": first["secret_key"]}))
     assert second["decapsulated"] == ss.hex()
+
+
+def test_the_simulators_nodes_aggregate_securely_like_the_plain_mean(tmp_path: Path) -> None:
+    """bench.simulate's nodes are the same participant: with secagg their round commits the
+    masked sum's mean, which is the plain run's within the fixed point's rounding."""
+    kw = {"nodes": 4, "rounds": 2, "byzantine": 0.0, "attack": "sign-flip",
+          "aggregator": "mean", "inner_steps": 5, "progress": False}
+    sec = asyncio.run(simulate(**kw, data_dir=tmp_path / "secagg",  # type: ignore[arg-type]
+                               extra_config={"secagg": True, "quorum": 4}))
+    plain = asyncio.run(simulate(**kw, data_dir=tmp_path / "plain",  # type: ignore[arg-type]
+                                 extra_config={"quorum": 4}))
+    for out in (sec, plain):
+        assert out["summary"]["node_errors"] == 0
+    s, p = sec["summary"], plain["summary"]
+    assert s["final_eval_loss"] < s["initial_eval_loss"]
+    assert np.isclose(s["final_eval_loss"], p["final_eval_loss"], rtol=1e-4)
+    # the run was a secure one: a clear Submit there is refused (it would be a node error)
+    assert open_run(Path(s["data_dir"]) / "run", {}).config.secagg is True
