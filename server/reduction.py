@@ -155,8 +155,4 @@ def choose_reduction(run: RunState, nodes: Nodes, evidence: Evidence,
         from server.secagg_round import SecAggReduction
 
         return SecAggReduction(run, nodes, evidence, counters)
-    if run.config.secagg:  # ws / star, the server sums masked updates only
-        from server.secagg_round import SecAggReduction
-
-        return SecAggReduction(run, nodes, evidence, counters)
     return ServerReduction(run, counters)
