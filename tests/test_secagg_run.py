@@ -28,7 +28,7 @@ from server.runstate import open_run
 from shared.messages import Message, SecAgg, Submit, sha256_hex
 from shared.platform import PqcryptoMLKEM768
 from shared.secagg import FixedPoint
-from shared.secagg.messages import KeyAdvert, MaskedUpdate, ShareBundle
+from shared.secagg.messages import KeyAdvert, MaskedUpdate, ShareBundle, UnmaskResponse
 from shared.secagg.round import pack_masked, unpack_masked
 
 
@@ -171,6 +171,36 @@ def _shares_to_a_stranger(live: Live, msg: Message) -> Message:
             live.part.identity)
         return dataclasses.replace(msg, payload=bad.to_json())
     return msg
+
+
+def _a_share_failing_its_commitment(live: Live, msg: Message) -> Message:
+    if isinstance(msg, SecAgg) and msg.stage == "unmask":
+        r = UnmaskResponse.from_json(msg.payload)
+        dealer, share = r.self_shares[0]
+        bad_share = format(int(share, 16) ^ 1, f"0{len(share)}x")
+        bad = dataclasses.replace(r, self_shares=((dealer, bad_share), *r.self_shares[1:]),
+                                  signature="").signed_by(live.part.identity)
+        return dataclasses.replace(msg, payload=bad.to_json())
+    return msg
+
+
+async def test_a_share_failing_its_commitment_is_ignored_and_its_holder_flagged(
+        tmp_path: Path) -> None:
+    """4 nodes (k = 3, t = 2): one reveals a wrong share at the unmask; it fails the dealer's
+    commitment, is ignored (the others' shares suffice) and its holder is flagged, with
+    evidence; its own update stays in the exact sum."""
+    tampers = {3: _a_share_failing_its_commitment}
+    async with secure_run(tmp_path, 4, tampers, quorum=4) as (coord, lives):
+        start = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
+        await train_all(lives, deltas(coord.run.n_params, 4, seed=13))
+        await until(lambda: coord.run.version == 1, "the commit")
+        last = coord.status()["secagg"]["last"]
+        bad = lives[3].part.node_id
+        assert last["flagged"] == {bad: "secagg_bad_share"}
+        assert bad in last["contributors"]
+        rows = coord.run.store.rejections(node_id=bad)
+        assert [r["code"] for r in rows] == ["secagg_bad_share"]
+        expect_commit(coord, start, [lv.plain[0] for lv in lives])
 
 
 def _masked(change: Callable[[MaskedUpdate], MaskedUpdate]) -> Tamper:
