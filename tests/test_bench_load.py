@@ -29,7 +29,9 @@ def test_tiny_load_run_commits_every_round_with_nothing_dropped() -> None:
     assert fig["finished"] is True
     assert fig["dropped_messages"] == 0
     assert fig["errors"] == 0
-    assert 0 < fig["p50_commit_ms"] <= fig["p99_commit_ms"] < 60_000
+    assert len(fig["server_commit_ms"]) == 3  # one per commit, the join's included
+    assert 0 < fig["p99_commit_ms"] <= max(fig["server_commit_ms"][1:]) < 60_000
+    assert fig["p99_submit_to_commit_ms"] > 0
     assert fig["server_peak_rss_mb"] > 50
 
 
@@ -40,18 +42,18 @@ def _member(acked: dict[str, float], committed: dict[str, float], **kw: object
             "closes": [], **kw}
 
 
-def test_summary_measures_from_the_last_ack_and_counts_what_went_missing() -> None:
-    # round 1: the last Ack (the server took the round's last update) at t=10.0; commits
-    # reach the two members at 10.2 and 10.4 s; the second member never got round 2's Ack
+def test_summary_measures_from_the_last_submit_and_counts_what_went_missing() -> None:
+    # round 1: the last Submit left at t=9.5; commits reach the two members at 10.2 and
+    # 10.4 s; the second member never got round 2's Ack
     a = _member({"0": 1.0, "1": 9.0, "2": 20.0}, {"0": 2.0, "1": 10.2, "2": 21.0})
     b = _member({"0": 1.5, "1": 10.0}, {"0": 2.0, "1": 10.4, "2": 21.0},
                 closed=1, closes=["CLOSE 1006"], connect_failures=["timeout"])
     b["submitted"]["2"] = 19.0
     figs, rows = summarize([{"members": [a, b], "exceptions": []}], 2)
     assert figs["rounds"] == 2
-    # round 1: 200 and 400 ms after the close; round 2: 1000 ms for both
-    assert figs["p50_commit_ms"] == pytest.approx(700, abs=1)
-    assert figs["p99_commit_ms"] == pytest.approx(1000, abs=1)
+    # round 1: 700 and 900 ms after the last Submit; round 2 (last Submit 19.5): 1500 ms
+    assert figs["p99_submit_to_commit_ms"] == pytest.approx(1500, abs=1)
+    assert [r["submit_to_commit_max_ms"] for r in rows] == [1000, 900, 1500]
     # b's unacknowledged Submit, its close and its failed connect
     assert figs["dropped_messages"] == 3
     assert figs["errors"] == 0
