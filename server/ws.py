@@ -242,18 +242,21 @@ async def control(request: web.Request) -> web.StreamResponse:
     conn = Connection(ws=ws, remote=remote)
     closing: list[asyncio.Future[bool]] = []
 
-    def no_hello() -> None:
-        if conn.peer is None and not ws.closed:
+    hello_seen = False
+
+    def no_hello() -> None:  # a Hello that came in but waits for its turn is not closed
+        if conn.peer is None and not hello_seen and not ws.closed:
             log.info("no hello from %s within %.0f s; closing", conn.remote, HELLO_TIMEOUT_S)
             closing.append(asyncio.ensure_future(ws.close()))
 
-    hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, no_hello)
+    hello_timer: asyncio.TimerHandle | None = None
     challenge, greeting = await limits.challenges.take_signed(coord)
     conn.challenge = challenge
-    hello_seen = False
     seen: dict[tuple[str, str | None], int] = {}
     try:
         await coord.send(conn, greeting)
+        # from the Challenge sent (its signing, which waits under load, is not the node's time)
+        hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, no_hello)
         async for msg in ws:
             if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) \
                     and await _stopped_at_socket(limits, conn, ws):
@@ -268,7 +271,8 @@ async def control(request: web.Request) -> web.StreamResponse:
                 await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason.encode()[:120])
                 break
     finally:
-        hello_timer.cancel()
+        if hello_timer is not None:
+            hello_timer.cancel()
         coord.disconnect(conn)
         if not hello_seen and conn.peer is None:  # never answered: safe to hand out again
             limits.challenges.give_back(challenge, greeting)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
+from server import ws as ws_module
+from server.keys import COORDINATOR
 from server.signer import SIGNATURE_LEN, SigningPool
 from shared.envelope import Identity, verify_frame
 from shared.errors import BadSignature
 from shared.frame import decode_frame
-from shared.messages import Ack, Challenge, sha256_hex
+from shared.messages import Ack, Challenge, Welcome, sha256_hex
 
 RUN = "run-signer-test"
 
@@ -93,5 +98,33 @@ def test_no_workers_signs_in_process_and_a_broken_pool_falls_back() -> None:
         assert pool.workers == 0
         assert pool.signed_in_process >= 1
         pool.close()
+
+    asyncio.run(go())
+
+
+def test_hello_timeout_counts_from_the_challenge_and_spares_a_hello_in_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """server.ws: a connection that says nothing is closed HELLO_TIMEOUT_S after its
+    Challenge; one whose Hello came in is not closed while that Hello waits its turn."""
+    from tests.test_ws_protocol import serve
+
+    monkeypatch.setattr(ws_module, "HELLO_TIMEOUT_S", 1.0)
+
+    async def go() -> None:
+        async with serve(tmp_path) as srv:
+            silent = await srv.client("silent", hello=False)
+            msg = await silent.ws.receive(timeout=10)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            coord = srv.app[COORDINATOR]
+            slow = coord._on_hello
+
+            async def late_hello(conn: Any, hello: Any) -> None:  # the server is behind
+                await asyncio.sleep(2.0)
+                await slow(conn, hello)
+
+            monkeypatch.setattr(coord, "_on_hello", late_hello)
+            c = await srv.client("talker", hello=False)
+            await c.send(c.hello())
+            assert (await c.expect(Welcome)).node_id == c.node_id
 
     asyncio.run(go())
