@@ -34,6 +34,15 @@ def scenario(tmp: Path, fault: str, nodes: int = 6, rounds: int = 3) -> dict[str
                     timeout=280)
 
 
+def assert_faulty_left(rounds: list[dict[str, Any]]) -> None:
+    """Every round committed; the faulty node (elected in round 0 or 1: a group of three
+    rotates its two aggregators by round) took part until then and in no round after."""
+    counts = [r["n_updates"] for r in rounds]
+    assert len(counts) == 3
+    assert counts[2] == 5
+    assert counts in ([5, 5, 5], [6, 5, 5])
+
+
 def node_id(log: str) -> str:
     return log.split("node id ", 1)[1].split()[0]
 
@@ -72,7 +81,7 @@ def test_a_vanished_aggregator_is_replaced_and_the_round_completes(tmp_path: Pat
     res = scenario(tmp_path, "vanish")
     assert "HIER-FAULT vanished" in res["node_logs"][0]
     assert "aggregators replaced" in res["server_log"]
-    assert [r["n_updates"] for r in res["rounds"]] == [5, 5, 5]
+    assert_faulty_left(res["rounds"])
     assert res["rounds"][-1]["eval_loss"] < res["rounds"][0]["eval_loss"]
 
 
@@ -82,5 +91,5 @@ def test_a_hung_aggregator_is_reported_missing_and_dropped(tmp_path: Path) -> No
     hung = node_id(res["node_logs"][0])
     assert f"lacks the updates of ['{hung[:12]}']" in res["server_log"]
     assert "telling the server" in "".join(res["node_logs"][1:])
-    assert [r["n_updates"] for r in res["rounds"]] == [5, 5, 5]
+    assert_faulty_left(res["rounds"])
     assert res["rounds"][-1]["eval_loss"] < res["rounds"][0]["eval_loss"]
