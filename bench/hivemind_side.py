@@ -48,7 +48,7 @@ def _count_serialized(counter: Any) -> None:
                 counter.value += out.ByteSize()
             return out
 
-        cls.compress = counting  # type: ignore[method-assign]
+        cls.compress = counting
 
 
 def run(peers: int, size: int, compression: str, rounds: int, seed: int) -> dict[str, Any]:

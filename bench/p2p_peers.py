@@ -83,7 +83,7 @@ async def peer_main(index: int, port: int, size: int, seed: int) -> None:
         meter["recv"] += len(data)
         return on_frame(peer, data)
 
-    role.mesh.send = counted_send  # type: ignore[method-assign]
+    role.mesh.send = counted_send  # type: ignore[method-assign,assignment]
     role.mesh.on_frame = counted_frame
     mine = tensor(seed, index, size)
     await _send(writer, b"H", me.encode())

@@ -14,19 +14,17 @@ participants verify them and answer (Hello, signed Submits) as they would on a s
 driver feeds the answers to `coordinator.handle_frame`. Training and signing run in the
 workers in parallel; verification, aggregation, the outer step and commits in the driver.
 
-Without --ray-address Ray starts locally on this machine (127.0.0.1, --workers CPUs);
-with it, `ray.init(address=...)` joins an existing cluster, whose nodes need this project
-installed (`pip install daa-prime[sim]`). Attacks computed from other nodes' updates
-(ALIE, IPM) need every honest update in one place and are refused on this engine.
-
-Peak memory is the simultaneous peak of the summed resident sets of the driver and every
-process it started (Ray's GCS and raylet and the workers), sampled every 0.5 s from /proc.
+Without --ray-address Ray starts locally (--workers CPUs); with it, `ray.init(address=...)`
+joins a cluster whose nodes have this project installed (`pip install daa-prime[sim]`).
+Refused here: attacks computed from other nodes' updates (ALIE, IPM), secure aggregation.
+Peak memory: the summed resident sets of the driver and all it started (bench.proctree).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -144,8 +142,10 @@ class SliceWorker:
                     seed=self.seed * 1_000_003 + round_ * 10_007 + node.index,
                     **self.attack_params), dtype=np.float32)
             t0 = time.perf_counter()
-            out.append((node.index, node.submit(delta, train_loss=loss, samples=samples,
-                                                compute_s=compute_s)))
+            frame = node.submit(delta, train_loss=loss, samples=samples, compute_s=compute_s)
+            if frame is None:  # it waits for SecAgg keys: stages this engine does not carry
+                raise RuntimeError("secure aggregation runs on the asyncio engine only")
+            out.append((node.index, frame))
             sign_s += time.perf_counter() - t0
         return out, train_s, sign_s
 
@@ -221,6 +221,14 @@ class Swarm:
                 raise TimeoutError(f"timed out waiting for {what}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=min(left, 1.0))
+
+
+def _all_open(swarm: Swarm, round_: int) -> bool:
+    return bool((swarm.open == round_).all())
+
+
+def _committed(records: list[dict[str, Any]], round_: int) -> bool:
+    return bool(records) and records[-1]["round"] >= round_
 
 
 def _start_ray(workers: int, address: str | None) -> Any:
@@ -332,7 +340,7 @@ async def _drive(ray: Any, *, nodes: int, rounds: int, byzantine: float, n_byz: 
         rows: list[dict[str, Any]] = [{"round": "init", "eval_loss": run.eval_loss_init,
                                        "accuracy": acc0}]
         for r in range(rounds):
-            await swarm.until(lambda r=r: bool((swarm.open == r).all()), task, 600,
+            await swarm.until(functools.partial(_all_open, swarm, r), task, 600,
                               f"round {r} to open")
             t_round = time.perf_counter()
             acc_before, rej_before = coord.counters["accepted"], sum(coord.rejected.values())
@@ -354,8 +362,8 @@ async def _drive(ray: Any, *, nodes: int, rounds: int, byzantine: float, n_byz: 
                     sign_s += sg + time.perf_counter() - t1
                     done += len(frames)
                 say(f"  round {r}: {done}/{nodes} submitted", end="\r")
-            await swarm.until(lambda r=r: bool(records) and records[-1]["round"] >= r, task,
-                              600, f"round {r} to commit")
+            await swarm.until(functools.partial(_committed, records, r), task, 600,
+                              f"round {r} to commit")
             rec = records[-1]
             acc = accuracy(run, run.params, eval_model) if is_classify else None
             row = {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,

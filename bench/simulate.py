@@ -28,9 +28,8 @@ train and submit, then compute their update with shared.attacks (ALIE and IPM fr
 round's honest updates; sign-flip, scaled and gaussian from their own trained update;
 label-flip trains on labels y -> C-1-y).
 
-Prints one progress line per round, a table, and as the LAST line JSON with nodes, rounds,
-wall_s, peak_rss_mb, final_eval_loss, final_accuracy, attack, aggregator, byzantine
-(`--engine ray`: the nodes on Ray workers, bench.sim_ray; adds engine and workers).
+Prints a progress line per round, a table, and as the LAST line JSON with nodes, rounds,
+wall_s, peak_rss_mb, final_eval_loss, final_accuracy, attack, aggregator, byzantine (+engine).
 """
 
 from __future__ import annotations
@@ -300,7 +299,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
             say(_round_text(row, train_s, sign_s))
         await asyncio.wait_for(task, timeout=60)
         await _until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
-        _ = [coord.disconnect(n.conn) for n in sim]  # type: ignore[arg-type]  # leave
+        list(map(coord.disconnect, [n.conn for n in sim]))  # type: ignore[arg-type]  # leave
         errors = sum(len(n.errors) for n in sim)
         last = rows[-1]
         summary = {"nodes": nodes, "rounds": len(rows) - 1,
