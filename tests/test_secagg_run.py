@@ -189,7 +189,7 @@ async def test_a_share_failing_its_commitment_is_ignored_and_its_holder_flagged(
     """4 nodes (k = 3, t = 2): one reveals a wrong share at the unmask; it fails the dealer's
     commitment, is ignored (the others' shares suffice) and its holder is flagged, with
     evidence; its own update stays in the exact sum."""
-    tampers = {3: _a_share_failing_its_commitment}
+    tampers: dict[int, Tamper] = {3: _a_share_failing_its_commitment}
     async with secure_run(tmp_path, 4, tampers, quorum=4) as (coord, lives):
         start = (np.asarray(coord.run.params).copy(), np.asarray(coord.run.momentum).copy())
         await train_all(lives, deltas(coord.run.n_params, 4, seed=13))
