@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.proctree import PeakSampler, tree_rss_mb
 from bench.sim_ray import ray_missing, simulate_ray
@@ -27,7 +28,8 @@ def test_ray_engine_commits_the_same_rounds_as_the_asyncio_engine(
     over two workers, produce the very rounds the one-process engine commits."""
     assert main(["--engine", "ray", "--workers", "2", "--nodes", "6", "--rounds", "2",
                  "--inner-steps", "3", "--byzantine", "0.2", "--attack", "sign-flip",
-                 "--seed", "3", "--data-dir", str(tmp_path / "ray"), "--quiet"]) == 0
+                 "--seed", "3", "--data-dir", str(tmp_path / "ray"), "--quiet",
+                 "--torch-threads", "0"]) == 0  # 0: leave this process's torch threads
     out = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(out[-1])
     assert figures["engine"] == "ray"
@@ -39,9 +41,14 @@ def test_ray_engine_commits_the_same_rounds_as_the_asyncio_engine(
     table = [line.split("|") for line in out if line.split("|")[0].strip() in ("0", "1")]
     assert [int(r[4]) for r in table] == [6, 6]  # n_updates: every node's update, each round
     assert [int(r[6]) for r in table] == [0, 0]  # none rejected
-    ref = asyncio.run(simulate(nodes=6, rounds=2, byzantine=0.2, attack="sign-flip",
-                               aggregator="median", inner_steps=3, seed=3,
-                               data_dir=tmp_path / "one", progress=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray workers train: the same kernels, the same bits
+    try:
+        ref = asyncio.run(simulate(nodes=6, rounds=2, byzantine=0.2, attack="sign-flip",
+                                   aggregator="median", inner_steps=3, seed=3,
+                                   data_dir=tmp_path / "one", progress=False))
+    finally:
+        torch.set_num_threads(threads)
     assert figures["final_eval_loss"] == ref["summary"]["final_eval_loss"]
     assert figures["final_accuracy"] == ref["summary"]["final_accuracy"]
 
