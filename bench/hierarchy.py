@@ -309,6 +309,8 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
                     node, node.theta(), steps=int(job["steps"]), lr=float(job["lr"]))
                 data = node.submit(delta, train_loss=loss, samples=samples,
                                    compute_s=compute_s)
+                if data is None:
+                    raise RuntimeError(f"node {node.index} sent no update: {node.errors[-1:]}")
                 await coord.handle_frame(node.conn, data)
                 node.pump()
             last = r == rounds - 1
