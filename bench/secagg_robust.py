@@ -1,7 +1,7 @@
 """Secure and robust together: secure aggregation inside groups, a robust rule over the group
 means, under bench.byzantine's attacks at group level (mlp-digits).
 
-    python -m bench.secagg_robust [--participants 15] [--assumed 0.2] [--rounds 10]
+    python -m bench.secagg_robust [--participants 12] [--assumed 0.25] [--rounds 8]
         [--attacks sign-flip,scaled,gaussian,alie,ipm,label-flip]
         [--rules mean,median,centered-clipping,median+validation]
         [--seeds 0] [--jobs 2] [--out bench/results/secagg_robust.txt]
@@ -75,7 +75,7 @@ from shared.secagg.groups import (
 from shared.secagg.local import LocalRound
 
 ATTACKS = ("sign-flip", "scaled", "gaussian", "alie", "ipm", "label-flip")
-# trimmed-mean is left out of the defaults: with g = 5 groups and f = 2 it is the median
+# trimmed-mean is left out of the defaults: with few groups it is (about) the median
 RULES = ("mean", "median", "centered-clipping", "median+validation")
 FP_CLIP = 1.0  # per-coordinate fixed-point range; honest updates stay below 0.02
 PROBE = 200  # training examples held back as the server's validation probe
@@ -218,17 +218,17 @@ def _job(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.secagg_robust", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--participants", type=int, default=15)
-    p.add_argument("--assumed", type=float, default=0.2,
+    p.add_argument("--participants", type=int, default=12)
+    p.add_argument("--assumed", type=float, default=0.25,
                    help="attacker fraction the group count is sized for")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--inner-steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--inner-lr", type=float, default=3e-3)
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--seeds", default="0")
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=3)
     p.add_argument("--out", default="bench/results/secagg_robust.txt")
     a = p.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -248,14 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     say(f"{len(jobs)} runs, {g} groups of {a.participants} participants, attackers {counts}")
-    if a.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
-            done = list(pool.imap_unordered(_job, jobs))
-    else:
-        done = [_job(kw) for kw in jobs]
-    for kw, res in done:
-        say(f"  {kw['rule']} / {kw['attack'] or 'clean'} / {kw['attackers']}: "
-            f"acc {res['accuracy']:.3f}")
+    done = []
+    with multiprocessing.get_context("spawn").Pool(max(1, a.jobs)) as pool:
+        for kw, res in pool.imap_unordered(_job, jobs):
+            done.append((kw, res))
+            say(f"  [{len(done)}/{len(jobs)}] {kw['rule']} / {kw['attack'] or 'clean'} / "
+                f"{kw['attackers']} attackers: acc {res['accuracy']:.3f}, {res['spoiled']:.2f} "
+                f"groups spoiled per round")
     scen = {v: k for k, v in counts.items()}
 
     def cell(results: list[dict[str, Any]]) -> dict[str, Any]:

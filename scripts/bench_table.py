@@ -242,6 +242,21 @@ def _dp(f: Fig) -> str:
             f"{f['loss_nonprivate']:.3f} without DP (gap {f['loss_gap']:+.1%})")
 
 
+def _secagg_robust(f: Fig) -> str:
+    def worst(scenario: str, rule: str) -> float:
+        return float(min(c["acc"] for c in f["grid"][scenario][rule].values()))
+    rules = list(f["clean"])
+    parts = []
+    for sc in ("minority", "majority"):
+        w = ", ".join(f"{r} {worst(sc, r):.1f}%" for r in rules)
+        parts.append(f"{f['attackers'][sc]} attackers ({f['spoiled'][sc]:.2f} of {f['groups']} "
+                     f"groups spoiled per round): worst accuracy {w}")
+    clean = ", ".join(f"{r} {c['acc']:.1f}%" for r, c in f["clean"].items())
+    return (f"{f['participants']} participants in {f['groups']} groups, "
+            f"{f['settings']['rounds']} rounds; clean {clean}; " + "; ".join(parts)
+            + f"; group sums exact {'yes' if f['sum_exact'] else 'NO'}")
+
+
 def _agg_speed(f: Fig) -> str:
     ms, best = f["agg_ms"], f["best_peer_ms"]
     short = {"trimmed-mean": "trimmed", "multi-krum": "multi-Krum", "krum": "Krum",
@@ -352,6 +367,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.dp", "client-level DP (clip + distributed Gaussian noise, Poisson sampling) on "
      "mlp-digits, vectorised simulation of the participant's math, mean of 3 seeds",
      "dp.txt", _dp),
+    ("bench.secagg_robust", "secure aggregation inside groups + a robust rule over the group "
+     "means (shared/secagg/groups.py), bench.byzantine's attacks at group level, mlp-digits, "
+     "real secure aggregation per group in one process", "secagg_robust.txt", _secagg_robust),
     ("bench.secagg_run", "secure aggregation in a live round (real coordinator + the one "
      "participant, in one process): bytes per node with and without, a third dropping",
      "secagg_run.txt", _secagg_run),
@@ -376,7 +394,8 @@ SOURCES: dict[str, str] = {
     "hierarchy.txt": "python -m bench.hierarchy > bench/results/hierarchy.txt",
     "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
     "secagg_run.txt": "python -m bench.secagg_run > bench/results/secagg_run.txt",
-    "dp.txt": "python -m bench.dp (writes bench/results/dp.txt)",
+    "dp.txt": "python -m bench.dp --jobs 3 (writes bench/results/dp.txt)",
+    "secagg_robust.txt": "python -m bench.secagg_robust (writes bench/results/secagg_robust.txt)",
     "abuse.txt": "python -m bench.abuse > bench/results/abuse.txt",
     "fuzz_live.txt": "python -m bench.fuzz_frames --live --seconds 120 "
                      "> bench/results/fuzz_live.txt",
