@@ -231,3 +231,15 @@ def test_missing_update_reports_drop_only_what_every_other_aggregator_lacks() ->
     agg = next(r for r in nodes if r.aggregating)
     assert agg.missing() == [m for m in agg.plan.members if m != agg.me]
     assert next(r for r in nodes if not r.aggregating).missing() == []
+
+
+def test_run_config_takes_p2p_groups_with_p2p_only() -> None:
+    from server.config import RunConfig
+    from server.reduction import choose_reduction  # noqa: F401 - the hook imports cleanly
+
+    cfg = RunConfig.from_dict({"transport": "p2p", "p2p_groups": 4, "aggregator": "median"})
+    assert cfg.p2p_groups == 4
+    with pytest.raises(ValueError, match="p2p_groups needs transport p2p"):
+        RunConfig.from_dict({"transport": "ws", "p2p_groups": 2})
+    with pytest.raises(ValueError, match="p2p_groups must be >= 0"):
+        RunConfig.from_dict({"transport": "p2p", "p2p_groups": -1, "aggregator": "median"})
