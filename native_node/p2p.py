@@ -33,6 +33,7 @@ from shared.messages import (
     decode_message,
 )
 from shared.p2p import Plan, ShardReducer
+from shared.secagg.p2p import SECAGG_RULE, SecAggShardReducer
 from shared.vec import from_bytes
 from transport.rtc import IceServer
 
@@ -130,6 +131,9 @@ class P2PRole:
         r = self.reducer
         if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
             events = r.revise(plan)
+        elif msg.rule == SECAGG_RULE:  # secure aggregation: self.delta holds masked words
+            self.reducer = r = SecAggShardReducer(self.me, plan, self.delta.tobytes())
+            events = r.start()
         else:
             self.reducer = r = ShardReducer(self.me, plan, self.delta, rule=msg.rule,
                                             byzantine_fraction=msg.byzantine_fraction,

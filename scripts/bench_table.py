@@ -302,6 +302,10 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      lambda f: f"{f['wall_s']:.0f} s, {f['peak_rss_mb']:.0f} MB peak RSS"),
     ("bench.byzantine", "every attack x every rule at 10/20/33/45% attackers on the real "
      "coordinator (both models)", "byzantine.txt", _byzantine),
+    ("bench.simulate --engine ray --nodes 1000 --rounds 3 --model mlp-digits", "the same "
+     "1000 signed nodes on 2 Ray workers (bench/sim_ray.py; 10,000 not finished here)",
+     "simulate_ray.txt", lambda f: f"{f['wall_s']:.0f} s, {f['peak_rss_mb']:,.0f} MB peak "
+     "(driver + Ray + workers)"),
     ("bench.vs_flower --clients 100", "our simulation (Ray engine: real coordinator, signed "
      "participants) beside Flower 1.42's Ray simulation, same model, shards and local work per "
      "client, same machine", "vs_flower.txt", _vs_flower),
@@ -420,6 +424,8 @@ SOURCES: dict[str, str] = {
     **{name: f"python -m bench.{name.split('.')[0]} > bench/results/{name}"
        for name in ("smoke.txt", "codecs.txt", "error_feedback.txt")},
     "fuzz_frames.txt": "python -m bench.fuzz_frames --seconds 120 > bench/results/fuzz_frames.txt",
+    "simulate_ray.txt": "python -m bench.simulate --engine ray --nodes 1000 --rounds 3 "
+                        "--model mlp-digits > bench/results/simulate_ray.txt",
     "vs_flower.txt": "python -m bench.vs_flower --clients 100 > bench/results/vs_flower.txt",
     "vs_hivemind.txt": "python -m bench.vs_hivemind --rounds 2 > bench/results/vs_hivemind.txt",
     "simulate.txt": "python -m bench.simulate --nodes 1000 --rounds 3 --model mlp-digits "

@@ -259,8 +259,8 @@ def secagg_checks(c: RunConfig) -> list[tuple[bool, str, str]]:
     return [
         (c.secagg_clip > 0, "secagg_clip", "must be > 0"),
         (c.secagg_timeout_s > 0, "secagg_timeout_s", "must be > 0"),
-        (not c.secagg or c.transport != "p2p", "transport",
-         "p2p with secagg is not built: use ws or star"),
+        (not c.secagg or c.transport != "p2p" or c.p2p_groups == 0, "p2p_groups",
+         "grouped p2p with secagg is not built: use p2p_groups 0, ws or star"),
         (not c.secagg or c.aggregator == "mean", "aggregator",
          f"must be mean with secagg: a robust rule {hidden}"),
         (not c.secagg or not c.validation, "validation", f"{hidden}: not with secagg"),

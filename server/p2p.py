@@ -81,6 +81,11 @@ class P2PReduction:
         self._liars: set[str] = set()  # owners outvoted in this server's lifetime: never primaries
         self._plans: dict[int, bytes] = {}  # revision -> the signed ShardPlan frame (this round)
         self.outvoted: Outvoted | None = None  # the coordinator wires server.slashing here
+        # what the plan asks owners to do and how their results are checked (secure p2p
+        # rounds, server.secagg_p2p, set a ring sum and its check here)
+        self.rule, self.result_codec = self.config.aggregator, self.config.p2p_result_codec
+        self.make_check: Callable[[Plan], ShardCheck] = lambda plan: ShardCheck(
+            plan, result_codec=self.result_codec)
 
     @property
     def busy(self) -> bool:
@@ -203,9 +208,8 @@ class P2PReduction:
         """The signed ShardPlan of `plan` (one frame per revision, kept for the evidence)."""
         if plan.revision not in self._plans:
             msg = ShardPlan(run_id=self.run.run_id, round=plan.round, plan=plan.to_dict(),
-                            rule=self.config.aggregator,
-                            byzantine_fraction=self.config.byzantine_fraction,
-                            result_codec=self.config.p2p_result_codec)
+                            rule=self.rule, byzantine_fraction=self.config.byzantine_fraction,
+                            result_codec=self.result_codec)
             self._plans[plan.revision] = self.nodes.frame(msg)
         return self._plans[plan.revision]
 
@@ -223,7 +227,7 @@ class P2PReduction:
         plan = prefer_primaries(make_plan(state.round, state.updates, self.run.n_params,
                                           replicas=self.config.p2p_replicas),
                                 self._liars)
-        check = ShardCheck(plan, result_codec=self.config.p2p_result_codec)
+        check = self.make_check(plan)
         self._p2p = (plan, check)
         self._plans = {}
         self._event.clear()

@@ -149,6 +149,10 @@ def choose_reduction(run: RunState, nodes: Nodes, evidence: Evidence,
         from server.hierarchy import HierarchyReduction  # groups reduce, the server combines
 
         return HierarchyReduction(run, nodes, evidence, counters)
+    if run.config.transport == "p2p" and run.config.secagg:  # owners sum masked shards
+        from server.secagg_p2p import SecAggP2PReduction
+
+        return SecAggP2PReduction(run, nodes, evidence, counters)
     if run.config.transport == "p2p":
         return P2PReduction(run, nodes, evidence, counters)
     if run.config.secagg:  # ws / star, the server sums masked updates only

@@ -249,6 +249,11 @@ class SecAggReduction(ServerReduction):
                         state.round)
             self.agg = None
             return None
+        return await self.unmask(state, agg)
+
+    async def unmask(self, state: RoundState, agg: SecAggAggregator) -> np.ndarray | None:
+        """Unmask `agg.sum` (the masked updates of `agg.submitted`): the contributors' mean,
+        or None (retried with fresh keys). server.secagg_p2p sets the sum from the owners'."""
         self.stage = "unmask"
         req = agg.unmask_request()
         asked = self._live(req.survivors)

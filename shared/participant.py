@@ -97,6 +97,7 @@ from shared.messages import (
     sha256_hex,
 )
 from shared.outer import worker_momentum
+from shared.secagg.p2p import masked_ready
 from shared.secagg.round import SECAGG_CODEC, SecAggClient, pack_masked
 from shared.trust import ServerTrust, UntrustedServer
 from shared.update_encoding import encode_update
@@ -502,6 +503,8 @@ class Participant:
         client = self.secagg
         if masked is None or client is None or client.held is None or self.welcome is None:
             return [{"kind": "secagg", "round": round_, "stage": "waiting"}]
+        if self.welcome.transport == "p2p":  # the masked words go to shard owners instead
+            return self._masked_ready(masked, round_)
         meta, payload = client.held.meta, pack_masked(masked)
         msg = Submit(run_id=self.welcome.run_id, round=round_, node_id=self.node_id,
                      nonce=new_nonce(), codec=SECAGG_CODEC, length=self.welcome.n_params,
@@ -512,6 +515,19 @@ class Participant:
         plain = client.last_plain[1] if client.last_plain else b""
         return [{"kind": "secagg", "round": round_, "stage": "masked", "plain": plain},
                 {"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
+
+    def _masked_ready(self, masked: Any, round_: int) -> list[Event]:
+        """`p2p` with secagg: keep the masked words for the owners (shared.secagg.p2p)."""
+        client, welcome = self.secagg, self.welcome
+        assert client is not None
+        assert client.held is not None
+        assert welcome is not None
+        msg = masked_ready(welcome.run_id, round_, self.node_id, masked, client.held.meta)
+        self.pending_ready, self.pending_params = msg, client.held.meta["params_digest"]
+        self.counts["submitted"] += 1
+        plain = client.last_plain[1] if client.last_plain else b""
+        return [{"kind": "secagg", "round": round_, "stage": "masked", "plain": plain},
+                {"kind": "ready", "round": round_, "delta": masked.payload}, self._send(msg)]
 
     def _ready(self, job: Job, delta_bytes: bytes, train_loss: float | None,
                samples: int, compute_s: float) -> list[Event]:

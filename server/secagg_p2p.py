@@ -1,0 +1,121 @@
+"""Secure aggregation in a `p2p` run (run config `secagg` with `transport = "p2p"`).
+
+The key stages are those of a star run (server.secagg_round.SecAggReduction, which this class
+extends: the coordinator wires it the same way). Then, per round:
+
+1. Each member masks its fixed-point update (shared.secagg.round), keeps the masked words and
+   sends a `Ready` (shared.secagg.p2p.masked_ready); `vector` takes it from members of the
+   round's masking set only.
+2. When the round would commit, the p2p reduction of server.p2p runs with rule
+   `secagg-sum`: members send slices of their MASKED words to the shards' owners, owners add
+   them in Z_2^32 and upload the ring sums; the two owners of a shard are compared by digest
+   (shared.secagg.p2p.SecAggShardCheck), a member or owner that leaves is dropped from the
+   plan as in any p2p round (its update is then out of the sum and its pair masks come off at
+   the unmask).
+3. The agreed shards are the masked sum of the final plan's members; it is unmasked with the
+   seeds the survivors' shares recover, exactly as in star (SecAggReduction.unmask).
+
+Members cannot compute the outer step themselves (they hold no unmasked aggregate), so every
+trainer's next RoundOpen carries the params and the outer momentum (`full+m`): server bytes
+per member and round 8 x n_params, as much as a star run's downlink, instead of p2p's short
+outer step. Browser tabs are refused in these runs (their p2p reducer has no ring sum yet).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from server.evidence import Evidence
+from server.p2p import P2PReduction
+from server.peers import Connection, Nodes, Peer
+from server.runstate import RunState
+from server.secagg_round import SecAggReduction
+from shared.errors import BadUpdate
+from shared.messages import Hello, Ready, Shard, Submit
+from shared.p2p import Plan
+from shared.rounds import RoundState
+from shared.secagg import SecAggError
+from shared.secagg.p2p import SECAGG_RULE, SecAggShardCheck
+from shared.secagg.prg import ring_from_bytes
+
+if TYPE_CHECKING:
+    from server.collection import RoundCollection
+
+log = logging.getLogger("server.secagg")
+
+
+class SecAggP2PReduction(SecAggReduction):
+    """p2p with secure aggregation: owners sum masked shards, the server unmasks the sum."""
+
+    update_type: type[Submit] | type[Ready] = Ready
+    wrong_update = "this run reduces masked updates peer to peer: send Ready, not the update"
+
+    def __init__(self, run: RunState, nodes: Nodes, evidence: Evidence,
+                 counters: Counter[str]) -> None:
+        super().__init__(run, nodes, evidence, counters)
+        self.p2p = P2PReduction(run, nodes, evidence, counters)
+        self.p2p.rule, self.p2p.result_codec = SECAGG_RULE, "raw32"
+        self.p2p.make_check = self._make_check
+        self.check: SecAggShardCheck | None = None  # the running reduction's check
+
+    def _make_check(self, plan: Plan) -> SecAggShardCheck:
+        self.check = SecAggShardCheck(plan)
+        return self.check
+
+    @property  # type: ignore[override]
+    def busy(self) -> bool:
+        return self.p2p.busy
+
+    def on_join(self, hello: Hello) -> str:
+        if hello.runtime == "browser" and hello.role == "trainer":
+            raise BadUpdate("this run aggregates securely peer to peer (secagg with p2p), "
+                            "which browser tabs cannot join yet; run `python -m native_node "
+                            "join`, or use transport star", field="runtime")
+        return self.p2p.on_join(hello)
+
+    def open_kind(self, peer: Peer, holds_prev: bool) -> str | None:
+        return "full+m" if peer.role == "trainer" else None  # members hold no aggregate
+
+    async def on_shard(self, conn: Connection, msg: Shard) -> None:
+        await self.p2p.on_shard(conn, msg)
+
+    def vector(self, msg: Submit | Ready) -> np.ndarray | None:  # type: ignore[override]
+        """A member's Ready for its masked update: from the masking set of this round only."""
+        agg = self.agg
+        if not isinstance(msg, Ready):
+            raise BadUpdate(self.wrong_update, field="msg_type")
+        if agg is None or self.stage != "masking" or msg.round != agg.cfg.round:
+            raise SecAggError(f"round {msg.round} takes no masked updates now (stage "
+                              f"{self.stage}); keys are set up at the round's start",
+                              field="round")
+        if msg.node_id not in agg.masking or msg.node_id in agg.excluded:
+            raise SecAggError("not in this round's masking set", field="node_id")
+        self.wake()
+        return None
+
+    async def reduce(self, state: RoundState, collection: RoundCollection
+                     ) -> np.ndarray | None:
+        agg = self.agg
+        if agg is None or self.stage != "masking" or not set(state.updates) <= set(agg.masking):
+            log.warning("round %d: the Readys are not this round's masking set; retrying",
+                        state.round)
+            self.agg, self.stage = None, "idle"
+            return None
+        self.check = None
+        out = await self.p2p.reduce(state, collection)
+        check = self.check
+        if out is None or check is None or not check.done:
+            self.agg, self.stage = None, "idle"
+            return None
+        members = check.plan.members
+        if not set(members) <= set(agg.masking):  # make_plan takes the round's updates only
+            self.agg, self.stage = None, "idle"
+            return None
+        agg.sum = ring_from_bytes(check.ring())
+        agg.submitted = sorted(members)
+        self.counters["secagg_p2p_rounds"] += 1
+        return await self.unmask(state, agg)
