@@ -245,7 +245,6 @@ async def test_bad_input_excludes_the_sender_and_the_rest_unmask_exactly(
 @pytest.mark.parametrize(("key", "value", "says"), [
     ("aggregator", "median", "secure aggregation hides"),
     ("validation", True, "secure aggregation hides"),
-    ("transport", "p2p", "not built"),
     ("autotune", True, "secagg"),
 ])
 def test_secagg_refuses_what_needs_individual_updates(key: str, value: Any, says: str) -> None:
