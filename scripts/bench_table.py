@@ -202,6 +202,17 @@ def _dht(f: Fig) -> str:
             f"{'yes' if f['partition_healed'] else 'NO'} ({f['partition_heal_s']} s)")
 
 
+def _load(f: Fig) -> str:
+    met = (f["p99_commit_ms"] is not None and f["p99_commit_ms"] <= 1000
+           and f["dropped_messages"] == 0 and f["errors"] == 0)
+    return (f"{f['participants']:,} participants, {f['rounds']} measured rounds: p99 round "
+            f"close -> commit {f['p99_commit_ms']:,.0f} ms (server clock), "
+            f"{f['dropped_messages']} dropped, {f['errors']} errors, server peak RSS "
+            f"{f['server_peak_rss_mb']:,.0f} MB; participants' last Submit -> commit p99 "
+            f"{f['p99_submit_to_commit_ms']:,.0f} ms; target (<= 1,000 ms, none dropped, no "
+            f"errors) {'met' if met else 'MISSED'}")
+
+
 def _hierarchy(f: Fig) -> str:
     flat, hier = f["flat"], f["hierarchical"]
     return (f"{f['nodes']} nodes, {f['groups']} groups: server {hier['server_bytes_per_round']:,} "
@@ -361,6 +372,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.dht --nodes 200", "Kademlia peer discovery (shared/dht), real signed records, "
      "in-memory network with latency and loss; churn, the server down, a healed partition",
      "dht.txt", _dht),
+    ("bench.load --participants 1000", "real participants (shared.participant, ML-DSA-65, "
+     "raw32 updates, no training) over real WebSockets from 4 processes against one server "
+     "process on loopback", "load.txt", _load),
     ("bench.hierarchy", "hierarchical aggregation (p2p_groups: two aggregators per group, the "
      "server combines group results) vs every update to the server; the real coordinator, "
      "participants and native p2p/group roles over in-process links, mlp-digits", "hierarchy.txt",
@@ -395,6 +409,7 @@ SOURCES: dict[str, str] = {
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
+    "load.txt": "python -m bench.load --participants 1000 > bench/results/load.txt",
     "hierarchy.txt": "python -m bench.hierarchy > bench/results/hierarchy.txt",
     "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
     "secagg_run.txt": "python -m bench.secagg_run > bench/results/secagg_run.txt",
