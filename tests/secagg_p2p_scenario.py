@@ -3,7 +3,7 @@
 fixed-point words in its state dir); one round; prints JSON of /api/rounds, /api/run and the
 logs.
 
-`python -m tests.secagg_p2p_scenario DIR NODES FAULT`: FAULT "none" or "drop" (node 0 sends
+`python -m tests.secagg_p2p_scenario DIR NODES FAULT [ROUNDS]`: FAULT "none" or "drop" (node 0 sends
 every masked slice of its first reduction, logs "SECAGG-P2P dropped after its slices", stops,
 and is killed -9). The server is stopped (SIGSTOP) until every node's connection waits in its
 accept queue, so that all of them are in the round's key stages whatever the machine's load.
@@ -43,6 +43,7 @@ def established(port: int) -> int:
 
 def main() -> int:
     tmp, nodes, fault = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     os.environ["DAA_SECAGG_KEEP_PLAIN"] = "1"
     procs = Procs(tmp)
     port = free_port()
@@ -50,7 +51,7 @@ def main() -> int:
     try:
         server = procs.server(
             "server", tmp / "run", port, "--model", "mlp-digits", "--inner-steps", "5",
-            "--quorum", str(nodes - 1 if fault == "drop" else nodes), "--rounds", "1",
+            "--quorum", str(nodes - 1 if fault == "drop" else nodes), "--rounds", str(rounds),
             "--transport", "p2p", "--secagg", "--secagg-clip", "0.5", "--secagg-timeout-s",
             "30", "--aggregator", "mean", "--deadline-s", "90", "--rtc-timeout-s", "20",
             "--p2p-timeout-s", "5")
@@ -72,7 +73,7 @@ def main() -> int:
         if fault == "drop":
             poll(lambda: "SECAGG-P2P dropped" in procs.log("n0"), 150, "node 0 to drop")
             os.killpg(victim.pid, signal.SIGKILL)
-        poll(lambda: len(get_json(url + "/api/rounds")) == 1, 180, "the round")
+        poll(lambda: len(get_json(url + "/api/rounds")) == rounds, 180, "the rounds")
         out = {"rounds": get_json(url + "/api/rounds"), "run": get_json(url + "/api/run"),
                "node_logs": [procs.log(f"n{i}") for i in range(nodes)],
                "server_log": procs.log("server")}
