@@ -66,8 +66,8 @@ class SecAggP2PReduction(SecAggReduction):
         self.check = SecAggShardCheck(plan)
         return self.check
 
-    @property  # type: ignore[override]
-    def busy(self) -> bool:
+    @property
+    def busy(self) -> bool:  # type: ignore[override]
         return self.p2p.busy
 
     def on_join(self, hello: Hello) -> str:
