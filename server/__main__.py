@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("p2p-replicas", int), ("p2p-timeout-s", float), ("p2p-groups", int),
                        ("p2p-result-codec", str), ("autotune-pin", json.loads),
                        ("autotune-max-steps", int), ("secagg-clip", float),
-                       ("secagg-timeout-s", float)):
+                       ("secagg-timeout-s", float), ("secagg-groups", int)):
         key = name.replace("-", "_")
         choices = CHOICES.get(key)
         p.add_argument(f"--{name}", type=kind, default=None, choices=choices,

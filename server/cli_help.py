@@ -78,6 +78,8 @@ HELP: dict[str, str] = {
     "p2p_timeout_s": "p2p: owners silent this long are dropped (seconds)",
     "p2p_result_codec": "p2p: how reduced shards travel",
     "p2p_groups": "p2p: reduce in up to this many groups, two aggregators each (0: shards)",
+    "secagg_groups": "secagg: secure aggregation in this many groups, the aggregator over "
+                     "their means (0: off, -1: 2f+1 from byzantine-fraction)",
 }
 
 

@@ -111,6 +111,9 @@ class RunConfig:
     secagg: bool = False
     secagg_clip: float = 1.0  # each coordinate is clipped to [-it, it] before fixed point
     secagg_timeout_s: float = 20.0  # each key stage / the unmask waits at most this long
+    # secure and robust (server.secagg_groups_round): secagg inside this many groups, the
+    # run's robust rule over the group means (0: off; -1: 2f+1 from byzantine_fraction)
+    secagg_groups: int = 0
     # Kademlia peer discovery (server.dht, docs/dht.md): the server runs a DHT node (a
     # bootstrap) and relays nodes' Dht frames; each relayed message costs a server signature
     dht: bool = False
@@ -252,6 +255,9 @@ class RunConfig:
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
 
+GROUP_RULES = ("mean", "median", "trimmed-mean", "centered-clipping")  # over group means
+
+
 def secagg_checks(c: RunConfig) -> list[tuple[bool, str, str]]:
     """What secure aggregation cannot run with: the server sees only the masked sum, so
     nothing that needs (or reweighs) individual updates."""
@@ -261,8 +267,13 @@ def secagg_checks(c: RunConfig) -> list[tuple[bool, str, str]]:
         (c.secagg_timeout_s > 0, "secagg_timeout_s", "must be > 0"),
         (not c.secagg or c.transport != "p2p" or c.p2p_groups == 0, "p2p_groups",
          "grouped p2p with secagg is not built: use p2p_groups 0, ws or star"),
-        (not c.secagg or c.aggregator == "mean", "aggregator",
-         f"must be mean with secagg: a robust rule {hidden}"),
+        (c.secagg_groups >= -1, "secagg_groups", "must be >= 0, or -1 (auto)"),
+        (c.secagg_groups == 0 or (c.secagg and c.transport != "p2p"), "secagg_groups",
+         "needs secagg in a ws or star run"),
+        (not c.secagg or c.aggregator == "mean" or (
+            c.secagg_groups != 0 and c.aggregator in GROUP_RULES), "aggregator",
+         f"must be mean with secagg (a robust rule {hidden}); with secagg_groups one of "
+         f"{list(GROUP_RULES)} over the group means"),
         (not c.secagg or not c.validation, "validation", f"{hidden}: not with secagg"),
         (not c.secagg or c.aggregation_weights == "equal", "aggregation_weights",
          "must be equal with secagg (the masked sum has one weight per update)"),

@@ -155,6 +155,10 @@ def choose_reduction(run: RunState, nodes: Nodes, evidence: Evidence,
         return SecAggP2PReduction(run, nodes, evidence, counters)
     if run.config.transport == "p2p":
         return P2PReduction(run, nodes, evidence, counters)
+    if run.config.secagg and run.config.secagg_groups != 0:  # secure and robust (groups)
+        from server.secagg_groups_round import SecAggGroupsReduction
+
+        return SecAggGroupsReduction(run, nodes, evidence, counters)
     if run.config.secagg:  # ws / star, the server sums masked updates only
         from server.secagg_round import SecAggReduction
 
