@@ -274,7 +274,8 @@ def secagg_checks(c: RunConfig) -> list[tuple[bool, str, str]]:
             c.secagg_groups != 0 and c.aggregator in GROUP_RULES), "aggregator",
          f"must be mean with secagg (a robust rule {hidden}); with secagg_groups one of "
          f"{list(GROUP_RULES)} over the group means"),
-        (not c.secagg or not c.validation, "validation", f"{hidden}: not with secagg"),
+        (not c.secagg or not c.validation or c.secagg_groups != 0, "validation",
+         f"{hidden}: not with secagg (with secagg_groups the group means are validated)"),
         (not c.secagg or c.aggregation_weights == "equal", "aggregation_weights",
          "must be equal with secagg (the masked sum has one weight per update)"),
         (not c.secagg or not c.autotune, "autotune",

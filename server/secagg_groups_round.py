@@ -19,6 +19,9 @@ round:
    clipping, or mean), combined with groups.combine. A group that fails to unmask, or that
    sent nothing, is left out (logged, counted `secagg_group_failed`) while more than half of
    the round's groups are left; otherwise the round is retried with fresh groups and keys.
+   With `validation`, each unmasked group mean is scored on the server's held-out probe and
+   groups.validate drops the ones that fail (validation at group level; validator nodes are
+   not asked: they would see a group's mean).
 
 The server sees each group's sum, never one node's update: privacy holds at group level, and
 robustness while attackers hold fewer than half the groups (docs/secagg_groups.md).
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.scoring import ProbeScorer
 from server.evidence import Evidence
 from server.peers import Connection, Nodes
 from server.runstate import RunState
@@ -76,6 +80,7 @@ class SecAggGroupsReduction(SecAggReduction):
         self.round = -1
         self.seed = b""
         self.of: dict[str, GroupSession] = {}  # node id -> its group's session
+        self._scorer: ProbeScorer | None = None  # validation at group level
 
     # -- groups and their key stages -------------------------------------------------------
     def start(self, state: RoundState) -> None:
@@ -186,6 +191,16 @@ class SecAggGroupsReduction(SecAggReduction):
                          "combined": [], "left_out": left_out, "committed": False}
             self._reset()
             return None
+        if self.config.validation:
+            left_out = sorted(left_out + await self._validate(state, got, status))
+        if not got:
+            self.counters["secagg_groups_retried"] += 1
+            log.warning("round %d: validation rejected every group mean: retrying",
+                        state.round)
+            self.last = {"round": state.round, "seed": self.seed.hex(), "groups": status,
+                         "combined": [], "left_out": left_out, "committed": False}
+            self._reset()
+            return None
         agg = self._combine(state, got, total)
         self.last = {"round": state.round, "seed": self.seed.hex(), "groups": status,
                      "combined": sorted(got), "left_out": left_out, "committed": True,
@@ -193,6 +208,28 @@ class SecAggGroupsReduction(SecAggReduction):
         self.counters["secagg_group_rounds"] += 1
         self.stage = "idle"
         return agg
+
+    async def _validate(self, state: RoundState, got: dict[int, np.ndarray],
+                        status: list[dict[str, Any]]) -> list[int]:
+        """Validation at group level: each group mean scored on the server's held-out probe
+        (ml.scoring.ProbeScorer); groups.validate drops a mean whose loss exceeds
+        max(base, median) by more than `validation_threshold` (removed from `got`; returned)."""
+        if self._scorer is None:
+            self._scorer = ProbeScorer(self.run.work, self.config.validation_samples)
+        idx = sorted(got)
+        base, losses = await asyncio.to_thread(self._scorer.score, self.run.params,
+                                               [got[i] for i in idx])
+        keep = G.validate(base, losses, threshold=self.config.validation_threshold)
+        rejected = [i for i, ok in zip(idx, keep, strict=True) if not ok]
+        for i, loss, ok in zip(idx, losses, keep, strict=True):
+            status[i]["loss"] = loss
+            if not ok:
+                del got[i]
+                status[i]["status"] = "rejected by validation"
+                self.counters["secagg_group_rejected"] += 1
+                log.warning("round %d: group %d's mean fails validation (held-out loss %s, "
+                            "base %s): left out", state.round, i, loss, base)
+        return rejected
 
     def _combine(self, state: RoundState, got: dict[int, np.ndarray], total: int
                  ) -> np.ndarray:

@@ -43,15 +43,17 @@ def deltas(n: int, count: int, seed: int) -> list[np.ndarray]:
 
 
 def group_means(coord: Coordinator, lives: list[Live]) -> list[np.ndarray]:
-    """Each group's mean from the fixed-point vectors its contributors masked (checked
-    against the sum the server unmasked), in group order."""
+    """Each unmasked group's mean from the fixed-point vectors its contributors masked
+    (checked against the sum the server unmasked), in group order; the groups left out of
+    the combination are skipped."""
     plain = {lv.part.node_id: lv.plain[0] for lv in lives if 0 in lv.plain}
     last = coord.status()["secagg"]["last"]
     means = []
     for g in last["groups"]:
-        if g["status"] != "ok":
-            assert g["index"] in last["left_out"]
+        if g["index"] in last["left_out"]:
+            assert g["status"] != "ok"
             continue
+        assert g["status"] == "ok"
         ring = np.zeros(coord.run.n_params, dtype=np.uint32)
         for node in g["contributors"]:
             ring += np.frombuffer(plain[node], dtype="<u4")
@@ -172,15 +174,37 @@ async def test_a_group_that_cannot_unmask_is_left_out_and_the_rest_commit(
                                                 / 2).astype(np.float32))
 
 
+async def test_validation_at_group_level_drops_the_spoiled_group_mean(tmp_path: Path) -> None:
+    async with grouped_run(tmp_path, 9, quorum=9, validation=True) as (coord, lives, start):
+        ds = [d / 6 for d in deltas(coord.run.n_params, 9, seed=17)]
+        ds[2] = np.full(coord.run.n_params, -100.0, dtype=np.float32)  # clipped to -0.5
+        for lv, d in zip(lives, ds, strict=True):
+            await lv.train(d)
+        await until(lambda: coord.run.version == 1, "the commit")
+        bad = lives[2].part.node_id
+        groups = check_groups(coord, lives)
+        spoiled = next(i for i, g in enumerate(groups) if bad in g["members"])
+        last = coord.status()["secagg"]["last"]
+        assert last["groups"][spoiled]["status"] == "rejected by validation"
+        kept = [i for i in range(3) if i != spoiled]
+        assert last["combined"] == kept
+        assert all(last["groups"][i]["status"] == "ok" for i in kept)
+        assert coord.counters["secagg_group_rejected"] == 1
+        means = group_means(coord, lives)
+        two = (means[0].astype(np.float64) + means[1]) / 2  # the median of the two kept
+        assert committed(coord, start, two.astype(np.float32))
+
+
 def test_the_config_allows_robust_rules_only_over_groups() -> None:
     RunConfig(secagg=True, secagg_groups=3, aggregator="median", quorum=6)
     RunConfig(secagg=True, secagg_groups=-1, aggregator="trimmed-mean", quorum=6,
               byzantine_fraction=0.2)
+    RunConfig(secagg=True, secagg_groups=3, aggregator="median", validation=True)
     for bad in (dict(secagg=True, aggregator="median"),  # no groups: the server sees one sum
+                dict(secagg=True, validation=True),
                 dict(secagg_groups=3),  # groups without secagg
                 dict(secagg=True, secagg_groups=3, aggregator="krum"),
                 dict(secagg=True, secagg_groups=3, transport="p2p"),
-                dict(secagg=True, secagg_groups=3, validation=True),
                 dict(secagg=True, secagg_groups=-2)):
         with pytest.raises(ValueError, match="config "):
             RunConfig(**bad)
