@@ -27,13 +27,14 @@ from shared.messages import (
     SERVER,
     Message,
     RoundOpen,
+    SecAgg,
     Shard,
     ShardPlan,
     Signal,
     decode_message,
 )
 from shared.p2p import Plan, ShardReducer
-from shared.secagg.p2p import SECAGG_RULE, SecAggShardReducer
+from shared.secagg.p2p import ACCUSE_STAGE, SECAGG_RULE, BadMaskedSlice, SecAggShardReducer
 from shared.vec import from_bytes
 from transport.rtc import IceServer
 
@@ -59,6 +60,7 @@ class P2PRole:
         self.aggregate_round = -1
         self.momentum: np.ndarray | None = None  # outer momentum (from the server, then ours)
         self.connecting: dict[str, asyncio.Task[bool]] = {}
+        self.frames: dict[tuple[str, int, int], bytes] = {}  # the last part frame per sender
         self.sent_direct = self.sent_relayed = 0
         # peer discovery on the same channels (native_node.dht): takes its Dht frames
         self.on_dht: Callable[[str, bytes], bool] | None = None
@@ -111,6 +113,9 @@ class P2PRole:
         if not isinstance(msg, Shard) or msg.node_id != peer:
             log.warning("unexpected %s from %s on its channel", type(msg).__name__, peer[:12])
             return
+        if msg.kind == "part" and (self.reducer is None  # kept as signed: the evidence
+                                   or isinstance(self.reducer, SecAggShardReducer)):
+            self.frames[(peer, msg.round, msg.shard)] = frame
         self.put(msg)
 
     # -- the round -------------------------------------------------------------------------
@@ -128,6 +133,7 @@ class P2PRole:
                         msg.round)
             return
         self._connect_all(plan)
+        self.frames = {k: f for k, f in self.frames.items() if k[1] >= plan.round}
         r = self.reducer
         if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
             events = r.revise(plan)
@@ -158,6 +164,14 @@ class P2PRole:
                 events = r.on_part(msg.node_id, msg.shard, msg.payload)
             else:
                 events = r.on_result(msg.shard, msg.payload)
+        except BadMaskedSlice as exc:  # secure p2p: hand the signed slice to the server
+            log.warning("round %d: %s", msg.round, exc.message)
+            frame = self.frames.pop((msg.node_id, msg.round, msg.shard), None)
+            if frame is not None:
+                await self.send_ws(self.frame(SecAgg(run_id=self.run_id, round=msg.round,
+                                                     node_id=self.me, stage=ACCUSE_STAGE,
+                                                     payload=frame)))
+            return
         except ValueError as exc:
             if msg.revision > r.plan.revision:  # sent under a plan we do not have yet
                 self.early.append(msg)

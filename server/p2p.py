@@ -86,6 +86,7 @@ class P2PReduction:
         self.rule, self.result_codec = self.config.aggregator, self.config.p2p_result_codec
         self.make_check: Callable[[Plan], ShardCheck] = lambda plan: ShardCheck(
             plan, result_codec=self.result_codec)
+        self.ejected: set[str] = set()  # members proven to send bad input: dropped as gone
 
     @property
     def busy(self) -> bool:
@@ -230,6 +231,7 @@ class P2PReduction:
         check = self.make_check(plan)
         self._p2p = (plan, check)
         self._plans = {}
+        self.ejected = set()
         self._event.clear()
         log.info("round %d: p2p reduction over %d members, %d owners per shard", state.round,
                  len(plan.members), len(plan.owners[0]))
@@ -244,7 +246,8 @@ class P2PReduction:
                     return np.asarray(check.aggregate(), dtype=np.float32)
                 if len(check.agreed) > settled:
                     settled, progress = len(check.agreed), loop.time()
-                gone = {m for m in plan.members if self.nodes.conn(m) is None}
+                gone = {m for m in plan.members if self.nodes.conn(m) is None
+                        or m in self.ejected}
                 if loop.time() - progress > self.config.p2p_timeout_s:
                     silent = {o for s, own in enumerate(plan.owners) if s not in check.agreed
                               for o in own if o not in check.results.get(s, {})}

@@ -23,6 +23,7 @@ outer step. Browser tabs are refused in these runs (their p2p reducer has no rin
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -34,12 +35,19 @@ from server.p2p import P2PReduction
 from server.peers import Connection, Nodes, Peer
 from server.runstate import RunState
 from server.secagg_round import SecAggReduction
-from shared.errors import BadUpdate
-from shared.messages import Hello, Ready, Shard, Submit
+from shared.errors import BadUpdate, ProtocolError
+from shared.messages import SERVER, Hello, Ready, SecAgg, Shard, Submit
 from shared.p2p import Plan
 from shared.rounds import RoundState
-from shared.secagg import SecAggError
-from shared.secagg.p2p import SECAGG_RULE, SecAggShardCheck
+from shared.secagg import SecAggAggregator, SecAggError
+from shared.secagg.p2p import (
+    ACCUSE_STAGE,
+    SECAGG_RULE,
+    BadMaskedSlice,
+    SecAggShardCheck,
+    check_accusation,
+    check_slice,
+)
 from shared.secagg.prg import ring_from_bytes
 
 if TYPE_CHECKING:
@@ -81,7 +89,66 @@ class SecAggP2PReduction(SecAggReduction):
         return "full+m" if peer.role == "trainer" else None  # members hold no aggregate
 
     async def on_shard(self, conn: Connection, msg: Shard) -> None:
+        """A relayed masked slice is checked here (the server knows the plan); one of the
+        wrong length is refused and its sender ejected from the round."""
+        red = self.p2p._p2p
+        if red is not None and msg.to != SERVER and msg.kind == "part" \
+                and msg.round == red[0].round and 0 <= msg.shard < red[0].n_shards:
+            try:
+                check_slice(red[0], msg.shard, bytes(msg.payload), msg.node_id)
+            except BadMaskedSlice as exc:
+                self._eject(msg.node_id, exc, "server")
+                raise
         await self.p2p.on_shard(conn, msg)
+
+    async def on_secagg(self, conn: Connection, msg: SecAgg) -> None:
+        """Key stages as in star, and owners' accusations: a member's signed slice of the
+        wrong length (shared.secagg.p2p.check_accusation) ejects that member."""
+        if msg.stage != ACCUSE_STAGE:
+            await super().on_secagg(conn, msg)
+            return
+        assert conn.peer is not None
+        agg, red = self.agg, self.p2p._p2p
+        if msg.node_id != conn.peer.node_id:
+            raise BadUpdate("node_id is not the sender's", field="node_id")
+        if agg is None or red is None or msg.round != red[0].round:
+            raise SecAggError("no secure p2p reduction is running for that round",
+                              field="round")
+        plan = red[0]
+        slice_frame = bytes(msg.payload)
+        sender, key = self._signing_key(agg, slice_frame)
+        if sender in self.p2p.ejected:
+            return  # another owner's accusation was first
+        accused = check_accusation(slice_frame, run_id=self.run.run_id, round_=plan.round,
+                                   accuser=msg.node_id, plan=plan, signing_key=key)
+        self._eject(accused, BadMaskedSlice("a masked slice of the wrong length",
+                                            field="payload"), msg.node_id)
+
+    @staticmethod
+    def _signing_key(agg: SecAggAggregator, frame: bytes) -> tuple[str, bytes]:
+        from shared.messages import decode_message
+
+        try:
+            part = decode_message(frame, max_payload=len(frame) + 1024)
+        except ProtocolError as exc:
+            raise SecAggError(f"accusation frame: {exc}", field="payload") from None
+        if not isinstance(part, Shard):
+            raise SecAggError("accusation frame: not a Shard", field="payload")
+        sender = part.node_id
+        adv = agg.adverts.get(sender)
+        if adv is None:
+            raise SecAggError("the accused is not in this round's roster", field="payload")
+        return sender, base64.b64decode(adv.signing_key)
+
+    def _eject(self, node: str, exc: SecAggError, by: str) -> None:
+        agg = self.agg
+        if agg is None or node in self.p2p.ejected:
+            return
+        agg.excluded[node] = exc.code
+        self.p2p.ejected.add(node)
+        self._count(exc, node, agg.cfg.round)
+        self.evidence.record(agg.cfg.round, node, None, exc.code, exc.message, [by])
+        self.p2p._event.set()
 
     def vector(self, msg: Submit | Ready) -> np.ndarray | None:  # type: ignore[override]
         """A member's Ready for its masked update: from the masking set of this round only."""

@@ -40,7 +40,8 @@ SHARD_KINDS = ("part", "result")
 SIGNAL_KINDS = ("offer", "answer", "candidate", "bye", "path")
 # secure aggregation's key stages (shared.secagg.round): server -> node "open", "roster",
 # "ciphertexts", "shares", "unmask"; node -> server "advert", "ciphertexts", "bundle", "unmask"
-SECAGG_STAGES = ("open", "advert", "roster", "ciphertexts", "bundle", "shares", "unmask")
+SECAGG_STAGES = ("open", "advert", "roster", "ciphertexts", "bundle", "shares", "unmask",
+                 "accuse")  # accuse: p2p owner -> server, a bad signed slice (shared.secagg.p2p)
 # one ICE server URL (Welcome.ice_servers): scheme, host[:port], an optional transport
 ICE_URL = re.compile(r"(stuns?|turns?):[A-Za-z0-9.\-\[\]:]{1,255}(\?transport=(udp|tcp))?")
 SERVER = "server"  # Signal.to / Signal.node_id naming the server's own WebRTC peer

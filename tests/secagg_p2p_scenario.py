@@ -3,12 +3,15 @@
 fixed-point words in its state dir); one round; prints JSON of /api/rounds, /api/run and the
 logs.
 
-`python -m tests.secagg_p2p_scenario DIR NODES FAULT [ROUNDS]`: FAULT "none" or "drop" (node 0 sends
-every masked slice of its first reduction, logs "SECAGG-P2P dropped after its slices", stops,
-and is killed -9). The server is stopped (SIGSTOP) until every node's connection waits in its
-accept queue, so that all of them are in the round's key stages whatever the machine's load.
-`python -m tests.secagg_p2p_scenario node join ...`: node 0 of "drop" (the fault added here, in
-test code).
+`python -m tests.secagg_p2p_scenario DIR NODES FAULT [ROUNDS]`: FAULT "none", "drop" (node 0
+sends every masked slice of its reduction of round 1, logs "SECAGG-P2P dropped after its
+slices", stops, and is killed -9) or "badslice" (from round 1 node 0's masked slices carry one
+u32 word too many). ROUNDS: 1 without a fault, else 2 (round 0 may be keyed before every node
+is in; round 1 always has all of them, so the fault hits a round node 0 masks in).
+The server is stopped (SIGSTOP) until every node's connection waits in its accept queue, so
+that all of them are in the round's key stages whatever the machine's load.
+`python -m tests.secagg_p2p_scenario node FAULT join ...`: node 0 of that fault (the fault added
+here, in test code).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def established(port: int) -> int:
 
 def main() -> int:
     tmp, nodes, fault = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 1 if fault == "none" else 2
     os.environ["DAA_SECAGG_KEEP_PLAIN"] = "1"
     procs = Procs(tmp)
     port = free_port()
@@ -51,7 +54,7 @@ def main() -> int:
     try:
         server = procs.server(
             "server", tmp / "run", port, "--model", "mlp-digits", "--inner-steps", "5",
-            "--quorum", str(nodes - 1 if fault == "drop" else nodes), "--rounds", str(rounds),
+            "--quorum", str(nodes - 1 if fault != "none" else nodes), "--rounds", str(rounds),
             "--transport", "p2p", "--secagg", "--secagg-clip", "0.5", "--secagg-timeout-s",
             "30", "--aggregator", "mean", "--deadline-s", "90", "--rtc-timeout-s", "20",
             "--p2p-timeout-s", "5")
@@ -59,9 +62,9 @@ def main() -> int:
         os.kill(server.pid, signal.SIGSTOP)
         try:
             for i in range(nodes):
-                if i == 0 and fault == "drop":
+                if i == 0 and fault != "none":
                     victim = procs.start("n0", ["-m", "tests.secagg_p2p_scenario", "node",
-                                                "join", "--coordinator", f"127.0.0.1:{port}",
+                                                fault, "join", "--coordinator", f"127.0.0.1:{port}",
                                                 "--state-dir", str(tmp / "n0"), "--threads",
                                                 "1", "--quiet"])
                 else:
@@ -91,7 +94,8 @@ def drop_after_slices() -> None:
 
     async def route(self: node_p2p.P2PRole, events: list[dict[str, Any]]) -> None:
         await real(self, events)
-        if any(e["kind"] == "part" for e in events):
+        r = self.reducer
+        if r is not None and r.plan.round >= 1 and any(e["kind"] == "part" for e in events):
             await asyncio.sleep(1.0)  # the channels flush
             print("SECAGG-P2P dropped after its slices", file=sys.stderr, flush=True)
             await asyncio.Event().wait()  # never again (the scenario kills it -9)
@@ -99,10 +103,22 @@ def drop_after_slices() -> None:
     node_p2p.P2PRole._route = route  # type: ignore[method-assign]
 
 
+def bad_slices() -> None:
+    """Node 0 of "badslice": every masked slice it sends has one u32 word too many."""
+    from shared.secagg.p2p import SecAggShardReducer
+
+    real = SecAggShardReducer._slice
+
+    def longer(self: SecAggShardReducer, shard: int) -> bytes:
+        return real(self, shard) + (b"\0\0\0\0" if self.plan.round >= 1 else b"")
+
+    SecAggShardReducer._slice = longer  # type: ignore[method-assign,assignment]
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "node":
         from native_node.__main__ import main as node_main
 
-        drop_after_slices()
-        sys.exit(node_main(sys.argv[2:]))
+        {"drop": drop_after_slices, "badslice": bad_slices}[sys.argv[2]]()
+        sys.exit(node_main(sys.argv[3:]))
     raise SystemExit(main())

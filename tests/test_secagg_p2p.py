@@ -146,14 +146,15 @@ def node_id(log: str) -> str:
     return log.split("node id ", 1)[1].split()[0]
 
 
-def check_sum(res: dict[str, Any], tmp: Path, nodes: int) -> list[str]:
-    """The server's unmasked sum of round 0 is the plain sum of its contributors' words."""
+def check_sum(res: dict[str, Any], tmp: Path, nodes: int, round_: int) -> list[str]:
+    """The server's unmasked sum of the run's last round is the plain sum of its
+    contributors' words."""
     ids = {node_id(res["node_logs"][i]): i for i in range(nodes)}
     last = res["run"]["secagg"]["last"]
-    assert last["round"] == 0
+    assert last["round"] == round_
     acc = np.zeros(9610, dtype=np.uint32)  # mlp-digits
     for n in last["contributors"]:
-        acc += np.frombuffer((tmp / f"n{ids[n]}" / "secagg-plain-0.u32").read_bytes(),
+        acc += np.frombuffer((tmp / f"n{ids[n]}" / f"secagg-plain-{round_}.u32").read_bytes(),
                              dtype="<u4")
     assert last["sum_sha256"] == hashlib.sha256(acc.astype("<u4").tobytes()).hexdigest()
     return list(last["contributors"])
@@ -163,7 +164,7 @@ def check_sum(res: dict[str, Any], tmp: Path, nodes: int) -> list[str]:
 def test_four_native_nodes_commit_the_exact_sum(tmp_path: Path) -> None:
     res = in_netns("tests.secagg_p2p_scenario", [str(tmp_path), "4", "none"], timeout=280)
     assert [r["n_updates"] for r in res["rounds"]] == [4]
-    assert len(check_sum(res, tmp_path, 4)) == 4
+    assert len(check_sum(res, tmp_path, 4, 0)) == 4
     assert "secure aggregation keyed among 4 of 4" in res["server_log"]
     assert res["run"]["secagg"]["stage"] == "idle"
 
@@ -173,9 +174,57 @@ def test_a_node_killed_after_sending_its_masked_slices_still_gives_the_exact_sum
         tmp_path: Path) -> None:
     res = in_netns("tests.secagg_p2p_scenario", [str(tmp_path), "4", "drop"], timeout=280)
     assert "SECAGG-P2P dropped after its slices" in res["node_logs"][0]
-    assert (tmp_path / "n0" / "secagg-plain-0.u32").exists()  # it trained and masked
-    assert len(res["rounds"]) == 1
-    assert "secure aggregation keyed among 4 of 4" in res["server_log"]  # n0 masked too
-    contributors = check_sum(res, tmp_path, 4)
+    assert (tmp_path / "n0" / "secagg-plain-1.u32").exists()  # it trained and masked
+    assert len(res["rounds"]) == 2
+    assert "round 1: secure aggregation keyed among 4 of 4" in res["server_log"]
+    contributors = check_sum(res, tmp_path, 4, 1)
     assert node_id(res["node_logs"][0]) not in contributors  # dropped: its masks came off
     assert len(contributors) == 3
+
+
+@netns
+def test_a_member_sending_bad_masked_slices_is_excluded_and_the_rest_is_exact(
+        tmp_path: Path) -> None:
+    res = in_netns("tests.secagg_p2p_scenario", [str(tmp_path), "4", "badslice"], timeout=280)
+    bad = node_id(res["node_logs"][0])
+    assert "round 1: secure aggregation keyed among 4 of 4" in res["server_log"]
+    assert "secagg_bad_masked_update" in res["server_log"]
+    assert res["run"]["secagg"]["last"]["excluded"].get(bad) == "secagg_bad_masked_update"
+    contributors = check_sum(res, tmp_path, 4, 1)
+    assert bad not in contributors
+    assert len(contributors) == 3
+
+
+def test_an_owners_accusation_needs_the_members_signed_slice_of_the_wrong_length() -> None:
+    from shared.errors import MessageError
+    from shared.messages import Shard
+    from shared.secagg.p2p import check_accusation
+
+    ids = [Identity.generate() for _ in range(3)]
+    plan = make_plan(0, [i.node_id for i in ids], N_PARAMS, replicas=2)
+    by_id = {i.node_id: i for i in ids}
+    owner = plan.owners[0][0]
+    member = next(m for m in plan.members if m != owner)
+    lo, hi = plan.bounds(0)
+
+    def signed(who: str, payload: bytes, to: str = owner) -> bytes:
+        msg = Shard(run_id="r", round=0, node_id=who, to=to, kind="part", shard=0,
+                    revision=0, payload=payload)
+        return msg.to_frame(sign=by_id[who].signer(run_id="r", round_=0, msg_type=Shard.TYPE,
+                                                   nonce=msg.nonce))
+
+    key = by_id[member].public_key
+    bad = signed(member, b"\0" * (4 * (hi - lo) + 4))
+    assert check_accusation(bad, run_id="r", round_=0, accuser=owner, plan=plan,
+                            signing_key=key) == member
+    good = signed(member, b"\0" * (4 * (hi - lo)))
+    with pytest.raises(MessageError, match="well formed"):
+        check_accusation(good, run_id="r", round_=0, accuser=owner, plan=plan,
+                         signing_key=key)
+    with pytest.raises(MessageError):  # signed by someone else than the accused
+        check_accusation(bad, run_id="r", round_=0, accuser=owner, plan=plan,
+                         signing_key=by_id[owner].public_key)
+    other = next(m for m in plan.members if m not in (owner, member))
+    with pytest.raises(MessageError, match="not one this owner took"):  # sent to another
+        check_accusation(signed(member, b"\0" * 8, to=other), run_id="r", round_=0,
+                         accuser=owner, plan=plan, signing_key=key)

@@ -130,3 +130,39 @@ class SecAggShardCheck(ShardCheck):
 
     def aggregate(self) -> Vector:
         return from_bytes(self.ring())  # bit-preserving view; the server reads ring()
+
+
+ACCUSE_STAGE = "accuse"  # SecAgg stage: an owner hands the server a member's bad signed slice
+
+
+def check_accusation(frame: bytes, *, run_id: str, round_: int, accuser: str, plan: Plan,
+                     signing_key: bytes) -> str:
+    """The accused node of an owner's accusation, once proven: `frame` is a Shard part
+    signed by that member (checked with its advert's ML-DSA key), of this round, to the
+    accuser, for a shard it owns, and not the shard's length of u32 words. MessageError (a
+    ProtocolError) when the accusation proves nothing."""
+    from shared.envelope import verify_frame
+    from shared.errors import MessageError
+    from shared.frame import decode_frame
+    from shared.messages import Shard, message_from_frame
+
+    try:
+        fr = decode_frame(frame, max_payload=len(frame) + 1024)
+        msg = message_from_frame(fr, max_payload=len(frame) + 1024)
+        if not isinstance(msg, Shard) or msg.kind != "part":
+            raise MessageError("not a masked slice", field="payload")
+        verify_frame(fr, public_key=signing_key, run_id=run_id, node_id=msg.node_id)
+    except MessageError:
+        raise
+    except Exception as exc:  # a frame error or bad signature: nothing is proven
+        raise MessageError(f"accusation frame: {exc}", field="payload") from None
+    if (msg.run_id, msg.round, msg.to) != (run_id, round_, accuser) \
+            or not 0 <= msg.shard < plan.n_shards or accuser not in plan.owners[msg.shard] \
+            or msg.node_id not in plan.members:
+        raise MessageError("the slice is not one this owner took in this round",
+                           field="payload")
+    try:
+        check_slice(plan, msg.shard, bytes(msg.payload), msg.node_id)
+    except BadMaskedSlice:
+        return msg.node_id
+    raise MessageError("the accused slice is well formed", field="payload")
