@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,38 @@ async def test_a_group_that_cannot_unmask_is_left_out_and_the_rest_commit(
         assert committed(coord, start, np.asarray(two, dtype=np.float32))
         assert np.array_equal(np.asarray(two), ((means[0].astype(np.float64) + means[1])
                                                 / 2).astype(np.float32))
+
+
+async def test_half_the_groups_failing_retries_the_round_with_fresh_groups(
+        tmp_path: Path) -> None:
+    """Six nodes in two groups; two of one group's members drop after submitting: one of two
+    groups unmasked is not more than half, so nothing is committed; the round is re-drawn
+    among the four left (one group: a group keeps >= 3), who mask their held updates again,
+    and it commits their exact mean."""
+    async with grouped_run(tmp_path, 6, quorum=4, secagg_groups=2) as (coord, lives, start):
+        red = coord.secagg
+        assert isinstance(red, SecAggGroupsReduction)
+        doomed = set(red.sessions[0].members[:2])
+        first = [lv for lv in lives if lv.part.node_id in doomed]
+        rest = [lv for lv in lives if lv not in first]
+        ds = deltas(coord.run.n_params, 6, seed=19)
+        for lv, d in zip(first, ds, strict=False):
+            await lv.train(d)
+        await until(lambda: all(lv.acks for lv in first), "the droppers' updates")
+        for lv in first:
+            lv.leave()
+        for lv, d in zip(rest, ds[2:], strict=True):
+            await lv.train(d)
+        await until(lambda: coord.run.version == 1, "the commit after the retry", timeout=60)
+        assert coord.counters["secagg_groups_retried"] == 1
+        assert coord.counters["secagg_groups_capped"] == 1
+        last = coord.status()["secagg"]["last"]
+        assert len(last["groups"]) == 1
+        assert sorted(last["groups"][0]["contributors"]) == sorted(lv.part.node_id
+                                                                   for lv in rest)
+        (mean,) = group_means(coord, rest)
+        assert committed(coord, start, mean)
+        json.dumps(coord.status()["secagg"])  # /api/run carries it
 
 
 async def test_validation_at_group_level_drops_the_spoiled_group_mean(tmp_path: Path) -> None:
