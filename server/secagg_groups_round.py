@@ -147,6 +147,7 @@ class SecAggGroupsReduction(SecAggReduction):
     def _session(self, node: str, round_: int) -> GroupSession:
         s = self.of.get(node)
         if s is None or round_ != self.round:
+            self.counters["secagg_no_group"] += 1
             raise SecAggError(f"no secure-aggregation group of {node[:12]} in round {round_}",
                               field="round")
         return s
