@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.messages import Ready, sha256_hex
+from shared.envelope import verify_frame
+from shared.errors import MessageError
+from shared.frame import decode_frame
+from shared.messages import Ready, Shard, message_from_frame, sha256_hex
 from shared.p2p import Event, MalformedResult, Plan, ShardCheck, ShardReducer
 from shared.secagg.errors import BadMaskedUpdate
 from shared.secagg.messages import MaskedUpdate
@@ -141,11 +144,6 @@ def check_accusation(frame: bytes, *, run_id: str, round_: int, accuser: str, pl
     signed by that member (checked with its advert's ML-DSA key), of this round, to the
     accuser, for a shard it owns, and not the shard's length of u32 words. MessageError (a
     ProtocolError) when the accusation proves nothing."""
-    from shared.envelope import verify_frame
-    from shared.errors import MessageError
-    from shared.frame import decode_frame
-    from shared.messages import Shard, message_from_frame
-
     try:
         fr = decode_frame(frame, max_payload=len(frame) + 1024)
         msg = message_from_frame(fr, max_payload=len(frame) + 1024)
