@@ -106,8 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reasons in /api/run (docs/autotune.md; default: off)")
     p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
                    help="secure aggregation: nodes send only masked updates and the server "
-                        "unmasks only their sum; aggregator mean only (docs/privacy.md; "
-                        "default: off)")
+                        "unmasks only their sum; aggregator mean only, robust rules over "
+                        "groups with --secagg-groups (docs/privacy.md; default: off)")
     p.add_argument("--dht", action=argparse.BooleanOptionalAction, default=None,
                    help="run a Kademlia DHT node (a bootstrap for nodes' peer discovery) and "
                         "relay nodes' DHT messages (docs/dht.md; default: off)")
