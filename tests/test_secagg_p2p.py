@@ -228,3 +228,27 @@ def test_an_owners_accusation_needs_the_members_signed_slice_of_the_wrong_length
     with pytest.raises(MessageError, match="not one this owner took"):  # sent to another
         check_accusation(signed(member, b"\0" * 8, to=other), run_id="r", round_=0,
                          accuser=owner, plan=plan, signing_key=key)
+
+
+def test_a_tab_is_refused_in_a_secure_p2p_run_and_a_native_node_admitted(
+        tmp_path: Path) -> None:
+    from server.coordinator import Coordinator
+    from server.runstate import open_run
+    from server.secagg_p2p import SecAggP2PReduction
+    from shared.errors import BadUpdate
+    from shared.messages import Hello
+
+    coord = Coordinator(open_run(tmp_path / "run", {"model": "mlp-digits", "transport": "p2p",
+                                                    "secagg": True}))
+    red = coord.reduction
+    assert isinstance(red, SecAggP2PReduction)
+    assert coord.secagg is red  # wired as the star run's key stages are
+    ident = Identity.generate()
+
+    def hello(runtime: str) -> Hello:
+        return Hello(node_id=ident.node_id, public_key=ident.public_key.hex(),
+                     challenge="00" * 32, runtime=runtime, agent="t", device="cpu")
+
+    with pytest.raises(BadUpdate, match="browser tabs cannot join"):
+        red.on_join(hello("browser"))
+    assert red.on_join(hello("native")) == "p2p"
