@@ -88,6 +88,31 @@ def test_js_reduction_refuses_what_the_native_one_refuses() -> None:
     assert all("error" in g for g in got["reduce"]), got
 
 
+def test_js_ring_sum_is_byte_identical_with_the_native_secagg_sum() -> None:
+    """Secure p2p rounds (rule `secagg-sum`): the tab's JS ring sum of masked u32 words gives
+    shared.secagg.p2p.ring_sum's bytes (numpy and pure Python), wrap-arounds included; a
+    slice of another length or a float codec is refused."""
+    from shared.secagg.p2p import SECAGG_RULE, ring_sum
+
+    rng = np.random.default_rng(11)
+    cases, want = [], []
+    for n, d in ((1, 1), (2, 7), (3, 257), (5, 1000), (16, 33)):
+        rows = [rng.integers(0, 2 ** 32, d, dtype=np.uint64).astype("<u4") for _ in range(n)]
+        rows[0][0] = 0xFFFFFFFF  # the sum wraps
+        parts = [r.tobytes() for r in rows]
+        got_py = ring_sum(parts, use_numpy=False)
+        assert ring_sum(parts) == got_py
+        want.append(got_py.hex())
+        cases.append({"rule": SECAGG_RULE, "f": 0, "codec": "raw32",
+                      "slices": [p.hex() for p in parts]})
+    bad = [{"rule": SECAGG_RULE, "f": 0, "codec": "raw32", "slices": ["00" * 8, "00" * 12]},
+           {"rule": SECAGG_RULE, "f": 0, "codec": "fp16", "slices": ["00" * 8]},
+           {"rule": SECAGG_RULE, "f": 0, "codec": "raw32", "slices": ["00" * 6]}]
+    got = run_js({"reduce": cases + bad})["reduce"]
+    assert got[:len(want)] == want
+    assert all("error" in g for g in got[len(want):]), got
+
+
 def test_js_outer_step_matches_numpy_bit_for_bit() -> None:
     rng = np.random.default_rng(3)
     cases, want = [], []

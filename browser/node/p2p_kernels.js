@@ -7,6 +7,7 @@
 //   them: float64 sums in member order (mean) or in ascending order (trimmed mean), the
 //   median's middle values averaged in float64, `+ 0.0` (no negative zero), one rounding to
 //   float32 at the end; then codecs.js's encode (checked against the golden vectors).
+// - reduceShard('secagg-sum', ...): secure p2p rounds, the masked u32 words summed mod 2^32.
 // - outerStep: shared.outer.outer_step's numpy path, every operation rounded to float32
 //   (Math.fround after each double op: exact for + and *, since 53 >= 2 * 24 + 2).
 //
@@ -59,9 +60,33 @@ export function reduceValues(rule, f, slices) {
   return out;
 }
 
+/** `secagg-sum` (shared/secagg/p2p.py's ring_sum): the members' masked u32 LE words added
+ * in Z_2^32, in member order; the bytes of that sum (no float, no codec). */
+export function ringSum(slices) {
+  const n = slices.length;
+  if (n === 0) throw new Error('no slices to reduce');
+  const len = slices[0].byteLength;
+  if (len % 4 !== 0) throw new Error(`masked slice of ${len} bytes is not u32 words`);
+  const d = len >> 2;
+  const acc = new Uint32Array(d);
+  for (const s of slices) {
+    if (s.byteLength !== len) throw new Error('slices differ in length');
+    const dv = new DataView(s.buffer, s.byteOffset, s.byteLength);
+    for (let j = 0; j < d; j++) acc[j] = (acc[j] + dv.getUint32(4 * j, true)) >>> 0;
+  }
+  const out = new Uint8Array(len);
+  const ov = new DataView(out.buffer);
+  for (let j = 0; j < d; j++) ov.setUint32(4 * j, acc[j], true);
+  return out;
+}
+
 /** Reduce one shard and encode it: (rule, f, result codec, Uint8Array slices) -> payload. */
 export function reduceShard(rule, f, codec, slices) {
   if (!['raw32', 'fp16', 'bf16'].includes(codec)) throw new Error(`result codec ${codec}`);
+  if (rule === 'secagg-sum') {
+    if (codec !== 'raw32') throw new Error(`secagg-sum takes raw32 words, not ${codec}`);
+    return ringSum(Array.from(slices));
+  }
   return encode(codec, reduceValues(rule, f, Array.from(slices, f32)));
 }
 
