@@ -18,7 +18,8 @@ extends: the coordinator wires it the same way). Then, per round:
 Members cannot compute the outer step themselves (they hold no unmasked aggregate), so every
 trainer's next RoundOpen carries the params and the outer momentum (`full+m`): server bytes
 per member and round 8 x n_params, as much as a star run's downlink, instead of p2p's short
-outer step. Browser tabs are refused in these runs (their p2p reducer has no ring sum yet).
+outer step. Browser tabs are members and owners like native nodes (browser/node/p2p_glue.py,
+their ring sum in JS).
 """
 
 from __future__ import annotations
@@ -79,11 +80,7 @@ class SecAggP2PReduction(SecAggReduction):
         return self.p2p.busy
 
     def on_join(self, hello: Hello) -> str:
-        if hello.runtime == "browser" and hello.role == "trainer":
-            raise BadUpdate("this run aggregates securely peer to peer (secagg with p2p), "
-                            "which browser tabs cannot join yet; run `python -m native_node "
-                            "join`, or use transport star", field="runtime")
-        return self.p2p.on_join(hello)
+        return self.p2p.on_join(hello)  # tabs too: browser/node/p2p_glue.py's TabSecAggReducer
 
     def open_kind(self, peer: Peer, holds_prev: bool) -> str | None:
         return "full+m" if peer.role == "trainer" else None  # members hold no aggregate

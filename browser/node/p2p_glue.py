@@ -18,6 +18,13 @@ The page (node.js + mesh.js) owns the RTCPeerConnections. Events this adds for i
 |             | holds the round's aggregate                                             |
 
 Frames that arrive on a peer's channel come back through `p2p_link(p, peer, frame)`.
+
+Secure p2p runs (`secagg`, shared.secagg.p2p): the participant's `ready` carries the MASKED
+u32 words (its `_masked_ready`); on a plan of rule `secagg-sum` the tab runs TabSecAggReducer
+(slices of those words to the owners; as an owner, the ring sum in JS, p2p_kernels.ringSum,
+uploaded to the server); a directly received slice of the wrong length is handed to the
+server signed (SecAgg stage `accuse`), as native owners do. Such runs send every trainer the
+full params and momentum in its RoundOpen (`full+m`), so the tab takes no outer step there.
 """
 
 from __future__ import annotations
@@ -31,13 +38,48 @@ from pyodide.ffi import to_js  # type: ignore[import-not-found]
 
 from shared.downlink import OUTER, is_outer_step, resolve
 from shared.errors import BadUpdate, ProtocolError
-from shared.messages import SERVER, RoundOpen, Shard, ShardPlan, decode_message, sha256_hex
-from shared.p2p import Plan, ShardReducer
+from shared.messages import (
+    SERVER,
+    RoundOpen,
+    SecAgg,
+    Shard,
+    ShardPlan,
+    decode_message,
+    sha256_hex,
+)
+from shared.p2p import Plan, ShardKernel, ShardReducer
 from shared.p2p_mesh import TAB_MAX_PEERS, direct_peers
 from shared.participant import Participant
+from shared.secagg.p2p import ACCUSE_STAGE, SECAGG_RULE, BadMaskedSlice, SecAggShardReducer
 from shared.vec import from_bytes, to_bytes
 
 Event = dict[str, Any]
+
+
+class TabSecAggReducer(SecAggShardReducer):
+    """shared.secagg.p2p's member/owner, with the owner's ring sum in the JS kernel (the
+    same bytes as shared.secagg.p2p.ring_sum: tests/test_p2p_tabs.py)."""
+
+    def __init__(self, me: str, plan: Plan, masked: bytes, kernel: ShardKernel) -> None:
+        super().__init__(me, plan, masked)
+        self.sum_kernel = kernel
+
+    def _reduce_ready(self) -> list[Event]:
+        out: list[Event] = []
+        for s in self.plan.owned_by(self.me):
+            got = self.parts.get(s, {})
+            if s in self.reduced or not all(m in got for m in self.plan.members):
+                continue
+            res = self.sum_kernel(SECAGG_RULE, 0, "raw32", [got[m] for m in self.plan.members])
+            self.reduced[s] = self.shards[s] = res
+            out.append({"kind": "result", "to": "server", "shard": s, "payload": res,
+                        "digest": sha256_hex(res)})
+        return out
+
+    @property
+    def summed(self) -> bool:
+        """Every shard this owner holds is summed and uploaded."""
+        return all(s in self.reduced for s in self.plan.owned_by(self.me))
 
 
 class TabP2P:
@@ -56,6 +98,8 @@ class TabP2P:
         self.resyncs = 0  # outer steps that did not reproduce the server's params
         self.outer_steps = 0  # outer steps applied here that did
         self.lie_round = -1  # fault injection (e2e tests): results of this round are altered
+        self.frames: dict[tuple[str, int, int], bytes] = {}  # secure p2p: signed direct parts
+        self.accused = 0  # secure p2p: bad masked slices handed to the server
         p.resolver = self.params
 
     # -- the participant's events -----------------------------------------------------------
@@ -87,6 +131,9 @@ class TabP2P:
         if not isinstance(msg, Shard) or msg.node_id != peer:
             return [{"kind": "refused", "message": f"unexpected {type(msg).__name__} on "
                                                    f"{peer[:12]}'s channel"}]
+        if msg.kind == "part" and (self.reducer is None
+                                   or isinstance(self.reducer, SecAggShardReducer)):
+            self.frames[(peer, msg.round, msg.shard)] = frame  # kept signed: the evidence
         return self.on_message(msg)
 
     # -- the round ----------------------------------------------------------------------------
@@ -115,9 +162,13 @@ class TabP2P:
         ice = [dict(s) for s in welcome.ice_servers] if welcome is not None else []
         out: list[Event] = [{"kind": "mesh", "round": plan.round, "ice_servers": ice,
                              "peers": direct_peers(plan.members, me, self.cap)}]
+        self.frames = {k: f for k, f in self.frames.items() if k[1] >= plan.round}
         r = self.reducer
         if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
             events = r.revise(plan)
+        elif msg.rule == SECAGG_RULE:  # secure aggregation: self.delta holds masked words
+            self.reducer = r = TabSecAggReducer(me, plan, self.delta, self._kernel)
+            events = r.start()
         else:
             self.reducer = r = ShardReducer(me, plan, from_bytes(self.delta), rule=msg.rule,
                                             byzantine_fraction=msg.byzantine_fraction,
@@ -141,6 +192,15 @@ class TabP2P:
                 events = r.on_part(msg.node_id, msg.shard, msg.payload)
             else:
                 events = r.on_result(msg.shard, msg.payload)
+        except BadMaskedSlice as exc:  # secure p2p: hand the signed slice to the server
+            frame = self.frames.pop((msg.node_id, msg.round, msg.shard), None)
+            out = [{"kind": "refused", "message": f"round {msg.round}: {exc.message}"}]
+            if frame is not None and self.p.welcome is not None:
+                self.accused += 1
+                acc = SecAgg(run_id=self.p.welcome.run_id, round=msg.round, node_id=self.p.node_id,
+                             stage=ACCUSE_STAGE, payload=frame)
+                out.append({"kind": "send", "msg_type": SecAgg.TYPE, "frame": self.p.frame(acc)})
+            return out
         except ValueError as exc:
             if msg.revision > r.plan.revision:  # sent under a plan we do not have yet
                 self.early.append(msg)
@@ -148,6 +208,11 @@ class TabP2P:
             return [{"kind": "refused", "message": f"round {msg.round}: shard {msg.shard} "
                                                    f"{msg.kind} from {msg.node_id[:12]}: {exc}"}]
         out = self._route(events)
+        if isinstance(r, TabSecAggReducer) and events and r.summed:
+            out.append({"kind": "p2p_round", "round": r.plan.round, "secagg": True,
+                        "owned": r.plan.owned_by(self.p.node_id), "bytes_out": r.bytes_out,
+                        "bytes_in": r.bytes_in, "update": len(r.raw),
+                        "reduce_ms": list(self.reduce_ms[-4:]), "accused": self.accused})
         if r.done and self.aggregate_round != r.plan.round:
             self.aggregate = to_bytes(r.aggregate())
             self.aggregate_round = r.plan.round
