@@ -254,7 +254,7 @@ export class BrowserNode extends EventTarget {
     const m = this.mesh?.stats ?? {};
     this.set({ p2p: { ...e, rounds: (this.stats.p2p?.rounds ?? 0) + 1, direct: m.direct, relayed: m.relayed,
       links: this.mesh?.open ?? 0, failed: m.failed, pairs: m.pairs, maxBuffered: m.maxBuffered },
-    state: `holding the aggregate of round ${e.round}` });
+    state: e.secagg ? `summed its masked shards of round ${e.round}` : `holding the aggregate of round ${e.round}` });
   }
 
   onEvent(e) {
