@@ -1,6 +1,7 @@
 // Runs browser/node/p2p_kernels.js under Node.js for tests/test_p2p_tabs.py: reads JSON on
 // stdin {reduce: [{rule, f, codec, slices: [hex]}], outer: [{theta, agg, m, lr, mu, nesterov}]}
-// (bytes as hex: float32 LE, or u32 LE words for rule `secagg-sum`, the ring sum) and prints {reduce: [hex | {error}], outer: [{theta, m}]}.
+// (bytes as hex: float32 LE, or u32 LE words for rule `secagg-sum`, the ring sum) and
+// prints {reduce: [hex | {error}], outer: [{theta, m}]}.
 
 import { readFileSync } from 'node:fs';
 import { outerStep, reduceShard } from '../../browser/node/p2p_kernels.js';
