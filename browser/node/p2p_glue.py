@@ -194,7 +194,7 @@ class TabP2P:
                 events = r.on_result(msg.shard, msg.payload)
         except BadMaskedSlice as exc:  # secure p2p: hand the signed slice to the server
             frame = self.frames.pop((msg.node_id, msg.round, msg.shard), None)
-            out = [{"kind": "refused", "message": f"round {msg.round}: {exc.message}"}]
+            out: list[Event] = [{"kind": "refused", "message": f"round {msg.round}: {exc.message}"}]
             if frame is not None and self.p.welcome is not None:
                 self.accused += 1
                 acc = SecAgg(run_id=self.p.welcome.run_id, round=msg.round, node_id=self.p.node_id,
