@@ -8,12 +8,13 @@ Prints ONE JSON line (the last line):
 - `models`: for every flavour of the zoo's models, the trainer's inner steps (native_node.trainer:
   bf16 autocast, fused AdamW and θ on the device on CUDA) as `tokens_per_s` (for mlp-digits a
   token is one sample) and `mfu`, model FLOPs utilization: training FLOPs (6 x params per
-  token, plus attention's 12 x layers x d_model x context for gpt-tiny) per second over the
-  device's dense bf16 peak (a table of known cards, or --peak-tflops; null when unknown).
-  The zoo has no llama flavours yet (`llama` is null): gpt-tiny and mlp-digits are measured;
+  token, plus attention's 12 x layers x d_model x context for the language models) per second
+  over the device's dense bf16 peak (a table of known cards, or --peak-tflops; null when
+  unknown). `llama` repeats the llama flavours' rows; a dry run on the CPU skips flavours over
+  DRY_MAX_PARAMS (llama 20m and 125m) and `note` says so;
 - `bf16_parity`: the same steps from the same θ on the same batches in fp32 and under bf16
   autocast: per-step losses and the final held-out loss, relative differences;
-- `outer_sync_ms`: one outer sync of the largest gpt-tiny flavour on this machine, without
+- `outer_sync_ms`: one outer sync of the largest language model measured, without
   the network: Δ from the device through pinned memory, raw32 encode, decode, the outer
   Nesterov step, θ back to the device.
 """
@@ -38,8 +39,7 @@ from native_node.trainer import DeviceParams, Trainer
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
                ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
                ("RTX 4090", 165.2)]
-NOTE = ("ml/zoo has no llama flavours yet: measured every flavour the zoo has "
-        "(gpt-tiny nano/micro, mlp-digits default/wide)")
+DRY_MAX_PARAMS = 2_000_000  # a dry run on the CPU: flavours above this are skipped
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -169,13 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_tflops(name, args.peak_tflops)
     models: dict[str, Any] = {}
     works: dict[str, Workload] = {}
+    skipped: list[str] = []
     for model, entry in MODELS.items():
         for flavour in entry.flavours:
             key = f"{model}/{flavour}"
-            works[key] = workload(model, flavour)
-            models[key] = throughput(works[key], dev, batch=batch, steps=steps, warmup=warmup,
+            work = workload(model, flavour)
+            if args.dry and work.n_params > DRY_MAX_PARAMS:
+                skipped.append(key)
+                continue
+            works[key] = work
+            models[key] = throughput(work, dev, batch=batch, steps=steps, warmup=warmup,
                                      peak=peak)
             print(f"{key}: {models[key]}", flush=True)
+    note = (f"dry run: skipped {', '.join(skipped)} (over {DRY_MAX_PARAMS:,} parameters)"
+            if skipped else "every flavour of the zoo measured")
     lm = [k for k in works if works[k].model_config.get("task") == "lm"]
     biggest = max(lm, key=lambda k: works[k].n_params)
     bf16 = parity(works[biggest], torch.device(dev), batch=batch, steps=parity_steps)
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "check": "gpu", "dry": args.dry, "device": name, "device_type": dev,
         "torch": torch.__version__, "cuda": torch.version.cuda, "peak_tflops": peak,
-        "models": models, "llama": None, "note": NOTE, "bf16_parity": bf16,
+        "models": models, "llama": {k: v for k, v in models.items() if k.startswith("llama/")},
+        "note": note, "bf16_parity": bf16,
         "outer_sync_ms": sync, "outer_sync_model": biggest,
         "wall_s": round(time.monotonic() - t_start, 1)},
         sort_keys=True), flush=True)

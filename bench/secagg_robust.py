@@ -183,8 +183,9 @@ def run(*, participants: int, attackers: int, attack: str | None, rule: str, rou
         sent = dict(honest)
         if attack:
             sent.update(group_attack(attack, groups, bad, own, honest, seed * 1000 + r))
-        # one honest member of one group drops after sending its masked update
-        gone = [n for n in groups[r % g] if n not in bad][:1]
+        # one honest member of one group drops after sending its masked update: the first
+        # group from r % g on that has one (attackers may fill a group: identities are random)
+        gone = next(([n] for k in range(g) for n in groups[(r + k) % g] if n not in bad), [])
         sums, w = secure_group_sums(groups, sent, idents, run_id="secagg-robust", round_=r,
                                     seed=rseed, fp=fp, drop_after=gone)
         wrong, dropped, secagg_rounds = wrong + w, dropped + len(gone), secagg_rounds + g

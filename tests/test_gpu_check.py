@@ -18,16 +18,16 @@ def test_gpu_check_dry_prints_its_figures() -> None:
     fig = json.loads(out.stdout.strip().splitlines()[-1])
     assert fig["dry"] is True
     assert fig["device"] == "cpu (dry run)"
-    assert fig["llama"] is None  # the zoo has no llama flavours yet, and the note says so
-    assert "llama" in fig["note"]
     assert set(fig["models"]) == {"gpt-tiny/nano", "gpt-tiny/micro", "mlp-digits/default",
-                                  "mlp-digits/wide"}
+                                  "mlp-digits/wide", "llama/tiny", "llama/2m"}
+    assert set(fig["llama"]) == {"llama/tiny", "llama/2m"}
+    assert "llama/125m" in fig["note"]  # too big for a dry run on the CPU, and said so
     for name, m in fig["models"].items():
         assert m["tokens_per_s"] > 0, name
         assert m["steps"] == 2, name
         assert m["mfu"] is None  # no known peak for a CPU
     parity = fig["bf16_parity"]
-    assert parity["model"] == "gpt-tiny/micro"
+    assert parity["model"] == "llama/2m"  # the largest language model measured
     assert 0 <= parity["max_step_rel_diff"] < 0.05  # bf16 autocast tracks fp32 closely
     assert 0 <= parity["eval_rel_diff"] < 0.05
     sync = fig["outer_sync_ms"]
