@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,35 @@ PLAIN_JS = """() => {
   for (let i = 0; i < p.ring.length; i += 1) s += String.fromCharCode(p.ring[i]);
   return { round: p.round, b64: btoa(s) };
 }"""
+
+
+class HeldUplink:
+    """The last tab's socket to the server, routed through the test (Playwright's
+    route_web_socket): its Submit frames (msg_type 4) wait until `release`, a slow uplink, so
+    the dropping tab is surely gone before the round's unmask request (on a loaded machine the
+    last tab could otherwise submit first). Everything else passes at once. The sync API
+    forwards frames only while the test is inside a Playwright call: wait on the tab."""
+
+    def __init__(self) -> None:
+        self.held: list[bytes] = []
+        self.holding = True
+        self.server: Any = None
+
+    def route(self, ws: Any) -> None:
+        self.server = ws.connect_to_server()
+        ws.on_message(self.up)
+
+    def up(self, msg: str | bytes) -> None:
+        if (self.holding and isinstance(msg, bytes) and len(msg) > 5 and msg[:4] == b"DAAP"
+                and msg[5] == 4):
+            self.held.append(msg)
+            return
+        self.server.send(msg)
+
+    def release(self) -> None:
+        self.holding = False
+        for msg in self.held:
+            self.server.send(msg)
 
 
 def api(server: Any, path: str) -> Any:
@@ -53,12 +83,17 @@ def test_two_tabs_and_a_native_node_sum_securely_with_a_tab_dropping_after_submi
     native = native_node(server)  # starts while the first tab loads
     drops = open_tab(f"{server.url}/?backend=wasm", "drops")
     drops.wait("!!s.nodeId && s.round === 0", timeout_s=120)
-    stays = open_tab(f"{server.url}/?backend=wasm", "stays")  # trains last
+    uplink = HeldUplink()
+    stays = open_tab(f"{server.url}/?backend=wasm", "stays",  # submits last
+                     before_load=lambda page: page.route_web_socket(re.compile(".*"),
+                                                                    uplink.route))
     # the dropping tab trained first; its masked update goes once the key stages ran
     drops.wait("s.accepted >= 1", timeout_s=120)
     dropped_plain = plain_of(drops)
     drop_id = drops.stats()["nodeId"]
     drops.close()  # gone before the round's unmask request
+    uplink.release()
+    stays.wait("s.accepted >= 1", timeout_s=120)
     wait_until(lambda: api(server, "/api/run")["committed_rounds"] >= 1, 120, "round 0")
     stay_id = stays.stats()["nodeId"]
     stays_plain = plain_of(stays)
