@@ -23,13 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--inner-steps", type=int, default=50)
     p.add_argument("--model", default="gpt-tiny")
+    p.add_argument("--flavour", default=None, help="zoo flavour (default: the model's)")
     p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="daa-smoke-"))
     out = run_swarm(tmp, nodes=args.nodes, rounds=args.rounds, timeout=args.timeout,
-                    server_flags=["--model", args.model, "--inner-steps", str(args.inner_steps)])
+                    server_flags=["--model", args.model, "--inner-steps", str(args.inner_steps),
+                                  *(["--flavour", args.flavour] if args.flavour else [])])
     run, rounds, wall = out["run"], out["rounds"], out["wall_s"]
-    print(f"gpt-tiny smoke: {args.nodes} native nodes, {args.inner_steps} inner steps/round, "
+    print(f"{args.model} {args.flavour or ''} smoke: {args.nodes} native nodes, "
+          f"{args.inner_steps} inner steps/round, "
           f"{run['n_params']:,} params, logs in {tmp}")
     print_table(rounds, ["round", "n_updates", "eval_loss", "train_loss", "bytes_up",
                          "bytes_down", "duration_s"])
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     emit({"rounds": len(rounds), "nodes": args.nodes, "eval_loss_start": start,
           "eval_loss_end": end, "entropy_floor": run["entropy_floor"],
           "bytes_up": run["bytes_up"], "bytes_down": run["bytes_down"], "wall_s": round(wall, 2),
-          "n_params": run["n_params"], "passed": bool(end < 0.9 * start and wall < 90)})
+          "model": args.model, "flavour": args.flavour, "n_params": run["n_params"],
+          "passed": bool(end < 0.9 * start and wall < 90)})
     return 0
 
 

@@ -303,6 +303,9 @@ def _vs_flower(f: Fig) -> str:
 # (command, what, results file, figures -> text)
 ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.smoke", "real server + 2 native nodes, gpt-tiny, 5 rounds", "smoke.txt", _smoke),
+    ("bench.smoke --model llama --flavour 2m --rounds 3 --inner-steps 30", "real server + 2 "
+     "native nodes, llama 2m (1.78M parameters at the Markov data's 32 tokens), 3 rounds",
+     "smoke_llama.txt", _smoke),
     ("bench.codecs", "every codec on a 10M-value real gpt-tiny pseudo-gradient", "codecs.txt",
      lambda f: ", ".join(f"{k}: ratio {v['ratio']:.2f}" for k, v in f["codecs"].items())),
     ("bench.error_feedback", "gpt-tiny, 4 nodes: raw32 vs topk 1% with / without error "
@@ -440,6 +443,8 @@ SOURCES: dict[str, str] = {
         "vs_ddp_loss_vs_wan_time.png")},
     **{name: f"python -m bench.{name.split('.')[0]} > bench/results/{name}"
        for name in ("smoke.txt", "codecs.txt", "error_feedback.txt")},
+    "smoke_llama.txt": "python -m bench.smoke --model llama --flavour 2m --rounds 3 "
+                       "--inner-steps 30 > bench/results/smoke_llama.txt",
     "fuzz_frames.txt": "python -m bench.fuzz_frames --seconds 120 > bench/results/fuzz_frames.txt",
     "simulate_ray.txt": "python -m bench.simulate --engine ray --nodes 1000 --rounds 3 "
                         "--model mlp-digits > bench/results/simulate_ray.txt",
