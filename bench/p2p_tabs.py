@@ -47,12 +47,13 @@ STATS = "() => window.daaNode ? window.daaNode.stats : null"
 
 
 def server_args(port: int, data: Path, members: int, rounds: int, model: str,
-                rtc_timeout_s: float = 20.0) -> list[str]:
+                rtc_timeout_s: float = 20.0, groups: int = 0) -> list[str]:
     return ["-m", "server", "--data-dir", str(data), "--port", str(port), "--model", model,
             "--inner-steps", "4", "--batch-size", "8", "--quorum", str(members), "--rounds",
             str(rounds), "--deadline-s", "120", "--transport", "p2p", "--aggregator", "median",
             "--rtc-timeout-s", str(rtc_timeout_s), "--p2p-timeout-s", "60", "--p2p-replicas", "2",
-            "--p2p-result-codec", "fp16", "--log-level", "INFO"]
+            "--p2p-result-codec", "fp16", "--log-level", "INFO",
+            *(["--p2p-groups", str(groups)] if groups else [])]
 
 
 def steady_bytes(rows: list[dict[str, Any]]) -> float:
@@ -62,7 +63,7 @@ def steady_bytes(rows: list[dict[str, Any]]) -> float:
 
 def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
               close_tab: bool = False, lie_tab: bool = False, rtc_timeout_s: float = 20.0,
-              tab_cap: int | None = None) -> dict[str, Any]:
+              tab_cap: int | None = None, groups: int = 0) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,8 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     with children(tmp) as spawn:
-        spawn("server", *server_args(port, tmp / "run", quorum, rounds, model, rtc_timeout_s))
+        spawn("server", *server_args(port, tmp / "run", quorum, rounds, model, rtc_timeout_s,
+                                     groups))
         poll(lambda: get_json(url + "/api/run"), 120, "the server")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -145,6 +147,7 @@ def mixed_run(tmp: Path, *, natives: int, tabs: int, rounds: int, model: str,
            "tab_outer_steps": [p.get("outer_steps") for p in tab_rounds],
            "tab_resyncs": [p.get("resyncs") for p in tab_rounds],
            "tab_links": [p.get("links") for p in tab_rounds],
+           "tab_groups": [p.get("group") for p in tab_rounds],  # grouped runs (--groups)
            "tab_relayed_bytes": [p.get("relayed") for p in tab_rounds],
            "tab_direct_bytes": [p.get("direct") for p in tab_rounds],
            "tab_transport": [s.get("transport") for s in stats],
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tab-cap", type=int, help="each tab's cap on direct channels (p2p_cap)")
     ap.add_argument("--rtc-timeout-s", type=float, default=20.0,
                     help="how long a peer waits for a direct channel before relaying")
+    ap.add_argument("--groups", type=int, default=0, help="the server's --p2p-groups")
     ap.add_argument("--no-native-only", action="store_true")
     ap.add_argument("--dir", help="keep logs here (default: a temporary directory)")
     ap.add_argument("--limits", type=int, nargs="*", default=[2, 4, 8, 16, 32],
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed = mixed_run(tmp / "mixed", natives=args.native, tabs=args.tabs,
                           rounds=args.rounds, model=args.model, close_tab=args.close_tab,
                           lie_tab=args.lie_tab, rtc_timeout_s=args.rtc_timeout_s,
-                          tab_cap=args.tab_cap)
+                          tab_cap=args.tab_cap, groups=args.groups)
         native_only = None
         if not args.no_native_only:
             n = args.native + args.tabs

@@ -96,12 +96,8 @@ class P2PReduction:
         return None  # the update stays with its node
 
     def on_join(self, hello: Hello) -> str:
-        # native nodes and browser tabs alike (browser/node/p2p_glue.py, mesh.js), except in
-        # grouped runs: the tab has no group role (native_node/group.py) yet
-        if hello.runtime == "browser" and hello.role == "trainer" and self.config.p2p_groups:
-            raise BadUpdate("this run reduces in groups (p2p_groups), which browser tabs "
-                            "cannot join yet; run `python -m native_node join`",
-                            field="runtime")
+        # native nodes and browser tabs alike (browser/node/p2p_glue.py, mesh.js); in grouped
+        # runs a tab is a plain member, never an aggregator (shared.hierarchy.elect)
         # "p2p-relayed" once the server forwards shards for it
         return "p2p" if hello.role == "trainer" else "ws"
 

@@ -38,6 +38,7 @@ from pyodide.ffi import to_js  # type: ignore[import-not-found]
 
 from shared.downlink import OUTER, is_outer_step, resolve
 from shared.errors import BadUpdate, ProtocolError
+from shared.hierarchy import GroupReducer, is_group_plan, parse_plan
 from shared.messages import (
     SERVER,
     RoundOpen,
@@ -100,6 +101,7 @@ class TabP2P:
         self.lie_round = -1  # fault injection (e2e tests): results of this round are altered
         self.frames: dict[tuple[str, int, int], bytes] = {}  # secure p2p: signed direct parts
         self.accused = 0  # secure p2p: bad masked slices handed to the server
+        self.group = TabGroup(self)  # grouped runs (p2p_groups): a plain member
         p.resolver = self.params
 
     # -- the participant's events -----------------------------------------------------------
@@ -117,6 +119,10 @@ class TabP2P:
 
     def on_message(self, msg: ShardPlan | Shard) -> list[Event]:
         try:
+            if isinstance(msg, ShardPlan) and is_group_plan(msg.plan):
+                return self.group.on_plan(msg)
+            if isinstance(msg, Shard) and self.group.reducer is not None:
+                return self.group.on_shard(msg)
             return self.on_plan(msg) if isinstance(msg, ShardPlan) else self.on_shard(msg)
         except (ProtocolError, ValueError) as exc:
             return [{"kind": "refused", "message": f"p2p {type(msg).__name__}: {exc}"}]
@@ -265,6 +271,86 @@ class TabP2P:
             self.outer_steps += 1
             return from_bytes(theta)
         return resolve(msg, held, held_digest)
+
+
+class TabGroup:
+    """A tab in a grouped run (p2p_groups): native_node/group.py's member side, with the same
+    shared.hierarchy.GroupReducer. Tabs are never elected aggregators (shared.hierarchy.elect
+    takes capable, i.e. native, members only): the tab sends its update to its group's two
+    aggregators (direct channel, else the server relay), takes the combined aggregate that
+    they forward, and the next RoundOpen's outer step is TabP2P.params's."""
+
+    def __init__(self, role: TabP2P) -> None:
+        self.role = role
+        self.reducer: GroupReducer | None = None
+        self.group = -1
+
+    def on_plan(self, msg: ShardPlan) -> list[Event]:
+        role, me = self.role, self.role.p.node_id
+        plan, group, digests = parse_plan(msg.plan)
+        if me not in plan.members:
+            if self.reducer is not None and self.reducer.plan.round == plan.round:
+                self.reducer = None  # dropped from this round's reduction
+            return []
+        if role.delta is None or role.delta_round != msg.round:
+            return [{"kind": "refused", "message": f"round {msg.round}: a group plan, but this "
+                                                   "tab holds no update for it"}]
+        r = self.reducer
+        if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
+            events = r.revise(plan)
+        else:
+            self.reducer = r = GroupReducer(me, plan, digests, from_bytes(role.delta),
+                                            rule=msg.rule,
+                                            byzantine_fraction=msg.byzantine_fraction,
+                                            result_codec=msg.result_codec)
+            self.group = group
+            events = r.start()
+        if r.aggregating:  # cannot happen with shared.hierarchy.elect; refused, not guessed
+            self.reducer = None
+            return [{"kind": "refused", "message": f"round {msg.round}: a tab cannot aggregate"}]
+        welcome = role.p.welcome
+        ice = [dict(s) for s in welcome.ice_servers] if welcome is not None else []
+        out: list[Event] = [{"kind": "mesh", "round": plan.round, "ice_servers": ice,
+                             "peers": [a for a in plan.owners[0] if a != me]}]
+        out += self._route(events)
+        early, role.early = role.early, []
+        for m in early:
+            out += self.on_shard(m)
+        return out
+
+    def on_shard(self, msg: Shard) -> list[Event]:
+        r, role = self.reducer, self.role
+        if r is None or msg.round != r.plan.round:
+            if r is None or msg.round > r.plan.round:
+                role.early.append(msg)
+                del role.early[:-1000]  # bounded
+            return []
+        try:
+            if msg.kind == "part":
+                r.on_part(msg.node_id, msg.payload)  # raises: a tab does not aggregate
+            r.on_forward(msg.node_id, msg.payload)
+        except ValueError as exc:
+            return [{"kind": "refused", "message": f"round {msg.round}: group {msg.kind} "
+                                                   f"from {msg.node_id[:12]}: {exc}"}]
+        agg = r.aggregate()
+        if agg is None or role.aggregate_round == r.plan.round:
+            return []
+        role.aggregate, role.aggregate_round = to_bytes(agg), r.plan.round
+        return [{"kind": "p2p_round", "round": r.plan.round, "group": self.group, "owned": [],
+                 "bytes_out": r.bytes_out, "bytes_in": r.bytes_in, "update": len(r.raw),
+                 "reduce_ms": [], "resyncs": role.resyncs, "outer_steps": role.outer_steps}]
+
+    def _route(self, events: list[Event]) -> list[Event]:
+        r, p = self.reducer, self.role.p
+        assert r is not None
+        assert p.welcome is not None
+        out: list[Event] = []
+        for e in events:  # the tab's update to its aggregators (never to the server)
+            frame = p.frame(Shard(run_id=p.welcome.run_id, round=r.plan.round, node_id=p.node_id,
+                                  to=e["to"], kind=e["kind"], shard=self.group,
+                                  revision=r.plan.revision, payload=e["payload"]))
+            out.append({"kind": "shard_out", "to": e["to"], "frame": frame})
+        return out
 
 
 _ROLES: dict[int, TabP2P] = {}

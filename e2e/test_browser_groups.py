@@ -1,0 +1,49 @@
+"""Browser tabs as plain members of a grouped p2p run (issue 25 item 3, p2p_groups).
+
+Runs bench.p2p_tabs --groups 2 inside a private network namespace (bench.netns): a real
+server, six native nodes and two headless Chromium tabs in two groups of four (each group
+needs two native members that may aggregate: six natives make that hold for any cut).
+Tabs are never elected aggregators (shared.hierarchy.elect takes native members only): each
+tab sends its update to its group's two aggregators, takes the combined aggregate they
+forward, and applies the next RoundOpen's outer step itself, checked against the params
+digest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import netns
+from e2e.conftest import CHROMIUM, ROOT, ensure_vendored
+
+
+def test_tabs_are_members_of_a_grouped_run(tmp_path: Path) -> None:
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"no private network namespace here: {why}")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    ensure_vendored()
+    env = {**os.environ, netns.ENV_FLAG: "1"}
+    argv = ["--native", "6", "--tabs", "2", "--rounds", "3", "--groups", "2",
+            "--no-native-only", "--limits", "--dir", str(tmp_path)]
+    res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert lines, res.stdout[-2000:] + res.stderr[-3000:]
+    out = json.loads(lines[-1])
+    assert res.returncode == 0, out
+    assert out["rounds_committed"] == 3, out
+    assert out["n_updates"] == [8, 8, 8], out  # both tabs' updates in every round
+    server_log = (tmp_path / "mixed" / "server.log").read_text()
+    assert server_log.count("8 members in 2 groups") == 3, server_log[-3000:]
+    assert all(g in (0, 1) for g in out["tab_groups"]), out  # each tab reduced in a group
+    # each tab held the group's combined aggregate and stepped itself, never resyncing
+    assert all(s is not None and s >= 1 for s in out["tab_outer_steps"]), out
+    assert out["tab_resyncs"] == [0, 0], out
+    assert out["console_errors"] == [], out
