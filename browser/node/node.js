@@ -19,7 +19,8 @@ import { fetchArrays } from './data.js';
 const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
 const BACKOFF_MAX_MS = 10000;
-const GRAPHS_RETRY_MS = 2000;  // the server's graphs are not exported yet: ask again
+const GRAPHS_RETRY_MS = 2000;
+const GROUP_WAIT_MS = 5000;  // grouped p2p: a RoundOpen waits this long for the group's aggregate  // the server's graphs are not exported yet: ask again
 // A tab's train step holds params, both AdamW moments, their three outputs and the gradient
 // (7 float32 copies) in one wasm32 heap of at most 4 GiB: keep that under 2 GiB.
 export const TAB_STATE_BYTES = 2 ** 31;
@@ -171,11 +172,7 @@ export class BrowserNode extends EventTarget {
     this.ws = ws;
     this.set({ state: 'connecting' });
     ws.onopen = () => { this.participant('connected').catch((err) => this.log(`${err}`, 'error')); attempt = 0; };
-    ws.onmessage = (ev) => {
-      if (!(ev.data instanceof ArrayBuffer)) return;
-      this.participant('feed', [new Uint8Array(ev.data)], [ev.data])
-        .catch((err) => this.log(`protocol logic failed: ${err.message || err}`, 'error'));
-    };
+    ws.onmessage = (ev) => { if (ev.data instanceof ArrayBuffer) this.feed(ev.data); };
     ws.onclose = () => {
       if (this.ws !== ws) return;
       this.ws = null;
@@ -192,6 +189,29 @@ export class BrowserNode extends EventTarget {
     const events = await this.proto.call(fn, args, transfer);
     for (const e of events) this.onEvent(e);
     return events;
+  }
+
+  /** A frame from the server to the participant. In a grouped p2p run a RoundOpen (frame
+   * type 3, byte 5) can overtake the combined aggregate that the group's aggregators forward
+   * by another path: it waits for the tab's p2p_round, at most GROUP_WAIT_MS (as
+   * native_node/group.py's before_frame), else the outer step would miss it and resync. */
+  feed(buf) {
+    const frame = new Uint8Array(buf);
+    if (this.groupWait != null && frame.length >= 16 && frame[5] === 3) {
+      (this.groupHeld ||= []).push(buf);
+      this.groupTimer ||= setTimeout(() => this.releaseGroup(), GROUP_WAIT_MS);
+      return;
+    }
+    this.participant('feed', [frame], [buf])
+      .catch((err) => this.log(`protocol logic failed: ${err.message || err}`, 'error'));
+  }
+
+  releaseGroup() {
+    clearTimeout(this.groupTimer);
+    this.groupWait = this.groupTimer = null;
+    const held = this.groupHeld || [];
+    this.groupHeld = [];
+    for (const buf of held) this.feed(buf);
   }
 
   send(frame) {
@@ -251,6 +271,7 @@ export class BrowserNode extends EventTarget {
   }
 
   onP2PRound(e) {
+    if (this.groupWait === e.round) this.releaseGroup();
     const m = this.mesh?.stats ?? {};
     this.set({ p2p: { ...e, rounds: (this.stats.p2p?.rounds ?? 0) + 1, direct: m.direct, relayed: m.relayed,
       links: this.mesh?.open ?? 0, failed: m.failed, pairs: m.pairs, maxBuffered: m.maxBuffered },
@@ -271,7 +292,10 @@ export class BrowserNode extends EventTarget {
           this.mesh.onSignal(e.from, e.signal, e.data).catch((err) => this.log(`p2p signal: ${err.message || err}`));
         }
         break;
-      case 'mesh': this.mesh?.link(e.peers, e.ice_servers); this.set({ state: `reducing round ${e.round}` }); break;
+      case 'mesh':
+        this.mesh?.link(e.peers, e.ice_servers); this.set({ state: `reducing round ${e.round}` });
+        if (e.group != null) this.groupWait = e.round;  // grouped: hold the next RoundOpen
+        break;
       case 'shard_out': this.sendShard(e.to, e.frame); break;
       case 'p2p_round': this.onP2PRound(e); break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;

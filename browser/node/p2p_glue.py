@@ -311,7 +311,7 @@ class TabGroup:
         welcome = role.p.welcome
         ice = [dict(s) for s in welcome.ice_servers] if welcome is not None else []
         out: list[Event] = [{"kind": "mesh", "round": plan.round, "ice_servers": ice,
-                             "peers": [a for a in plan.owners[0] if a != me]}]
+                             "group": group, "peers": [a for a in plan.owners[0] if a != me]}]
         out += self._route(events)
         early, role.early = role.early, []
         for m in early:
