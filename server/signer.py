@@ -27,6 +27,7 @@ from typing import Any
 from shared.envelope import Identity, sign_round, signing_bytes
 from shared.messages import Message
 from shared.platform import signatures
+from transport.lifetime import die_with_parent
 
 log = logging.getLogger("server.signer")
 SIGNATURE_LEN = 3309  # ML-DSA-65 (FIPS 204): every signature has this length
@@ -42,9 +43,12 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _init(secret_key: bytes) -> None:
+def _init(secret_key: bytes, parent_pid: int) -> None:
+    """A worker's start: keep the key, and die with the server, whatever kills it (a worker
+    whose server was SIGKILLed would otherwise wait on its queue forever, an orphan)."""
     global _SECRET
     _SECRET = secret_key
+    die_with_parent(parent_pid)
 
 
 def _sign(message: bytes, context: bytes) -> bytes:
@@ -66,7 +70,7 @@ class SigningPool:
             try:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     self.workers, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init, initargs=(self.identity.secret_key,))
+                    initializer=_init, initargs=(self.identity.secret_key, os.getpid()))
             except (OSError, ValueError) as exc:
                 log.warning("no signing processes (%s): signing on the event loop", exc)
                 self.workers = 0
