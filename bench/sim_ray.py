@@ -40,7 +40,14 @@ import torch
 
 from bench.proctree import PeakSampler
 from bench.sim_nodes import AGENT, SharedTrainer, SimNode
-from bench.simulate import _keep_opt_state, _local_update, _round_text, accuracy, peak_rss_mb
+from bench.simulate import (
+    _keep_opt_state,
+    _local_update,
+    _round_text,
+    accuracy,
+    peak_rss_mb,
+    round_row,
+)
 from ml.data import BatchSampler, DataSpec, assign_shards
 from ml.workload import from_spec
 from server.coordinator import Coordinator
@@ -364,14 +371,8 @@ async def _drive(ray: Any, *, nodes: int, rounds: int, byzantine: float, n_byz: 
                 say(f"  round {r}: {done}/{nodes} submitted", end="\r")
             await swarm.until(functools.partial(_committed, records, r), task, 600,
                               f"round {r} to commit")
-            rec = records[-1]
-            acc = accuracy(run, run.params, eval_model) if is_classify else None
-            row = {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,
-                   "train_loss": rec.get("train_loss"), "n_updates": rec.get("n_updates"),
-                   "accepted": coord.counters["accepted"] - acc_before,
-                   "rejected": sum(coord.rejected.values()) - rej_before,
-                   "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
-                   "round_s": round(time.perf_counter() - t_round, 2)}
+            row = round_row(r, records[-1], run, coord, eval_model if is_classify else None,
+                            acc_before, rej_before, train_s, sign_s, t_round)
             rows.append(row)
             say(_round_text(row, train_s, sign_s))
         await swarm.until(lambda: bool(swarm.final.all()), task, 600, "the final commit")

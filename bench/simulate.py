@@ -163,6 +163,20 @@ def _keep_opt_state(opt_state: str, total_bytes: int, opt_state_mb: float) -> bo
                                    and total_bytes <= opt_state_mb * 1024 * 1024)
 
 
+def round_row(r: int, rec: dict[str, Any], run: Any, coord: Any, eval_model: Any,
+              acc_before: int, rej_before: int, train_s: float, sign_s: float,
+              t_round: float) -> dict[str, Any]:
+    """One round's table row (both engines): the committed record, accuracy when
+    `eval_model` is given (classification), and this round's counters and times."""
+    acc = accuracy(run, run.params, eval_model) if eval_model is not None else None
+    return {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,
+            "train_loss": rec.get("train_loss"), "n_updates": rec.get("n_updates"),
+            "accepted": coord.counters["accepted"] - acc_before,
+            "rejected": sum(coord.rejected.values()) - rej_before,
+            "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
+            "round_s": round(time.perf_counter() - t_round, 2)}
+
+
 def _round_text(row: dict[str, Any], train_s: float, sign_s: float) -> str:
     loss_txt = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "n/a"
     acc_txt = f", accuracy {row['accuracy']:.3f}" if row["accuracy"] is not None else ""
@@ -287,14 +301,8 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
             honest.clear()
             await _until(wake, lambda r=r: bool(records) and records[-1]["round"] >= r, sim, task,
                          600, f"round {r} to commit")
-            rec = records[-1]
-            acc = accuracy(run, run.params, eval_model) if is_classify else None
-            row = {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,
-                   "train_loss": rec.get("train_loss"), "n_updates": rec.get("n_updates"),
-                   "accepted": coord.counters["accepted"] - acc_before,
-                   "rejected": sum(coord.rejected.values()) - rej_before,
-                   "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
-                   "round_s": round(time.perf_counter() - t_round, 2)}
+            row = round_row(r, records[-1], run, coord, eval_model if is_classify else None,
+                            acc_before, rej_before, train_s, sign_s, t_round)
             rows.append(row)
             say(_round_text(row, train_s, sign_s))
         await asyncio.wait_for(task, timeout=60)
