@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shared.dht import DhtConfig, DhtNode, LookupResult
-from shared.dht.aio import DhtService
+from shared.dht.aio import DhtHost
 from shared.envelope import Identity
 from shared.errors import ProtocolError
 from shared.messages import SERVER, Dht, Message, decode_message
@@ -43,17 +43,15 @@ SendFrame = Callable[[bytes], Awaitable[None]]  # a frame on the control WebSock
 SignFrame = Callable[[Message], bytes]  # the participant's `frame`: signed for the connection
 
 
-class NodeDht:
+class NodeDht(DhtHost):
     def __init__(self, identity: Identity, run_id: str, *, send_frame: SendFrame,
                  sign: SignFrame, mesh: Any = None, bootstrap: tuple[str, ...] = (SERVER_ADDR,),
                  config: DhtConfig | None = None) -> None:
+        super().__init__()
         self.identity, self.me, self.run_id = identity, identity.node_id, run_id
         self.send_frame, self.sign, self.mesh = send_frame, sign, mesh
         self.bootstrap, self.config = bootstrap, config
         self.counters: Counter[str] = Counter()
-        self.service: DhtService | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._sends: set[asyncio.Future[None]] = set()
         self.relay_up = True  # the control WebSocket is connected (the driver says)
 
     @property
@@ -68,19 +66,8 @@ class NodeDht:
 
     def start(self) -> None:
         """Start the DHT node on the running loop; it pings the bootstrap addresses."""
-        node = DhtNode(self.identity, self.addrs, now=time.time(), config=self.config,
-                       bootstrap=self.bootstrap, seed=int(self.me[:8], 16))
-        self.service = DhtService(node, self._send)
-        self.service.start()
-        self._task = asyncio.create_task(self.service.run(), name="dht")
-
-    async def close(self) -> None:
-        if self.service is not None:
-            self.service.close()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        for fut in list(self._sends):
-            fut.cancel()
+        self._launch(DhtNode(self.identity, self.addrs, now=time.time(), config=self.config,
+                             bootstrap=self.bootstrap, seed=int(self.me[:8], 16)))
 
     async def find(self, node_id: str) -> LookupResult:
         """A node lookup: LookupResult.found when `node_id` itself answered."""
@@ -155,11 +142,6 @@ class NodeDht:
         except (ConnectionError, RuntimeError, ProtocolError, OSError) as exc:
             self.counters["relay_failed"] += 1
             log.debug("dht relay to %s failed: %s", to[:12], exc)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        fut = asyncio.ensure_future(coro)
-        self._sends.add(fut)
-        fut.add_done_callback(self._sends.discard)
 
     # -- channels ----------------------------------------------------------------------------
     def contacts(self) -> list[str]:

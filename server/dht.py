@@ -18,7 +18,6 @@ off by default; bench.dht measured ~0.6 DHT messages per node per second of main
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from typing import Any
 
 from server.peers import Connection, Nodes
 from shared.dht import DhtNode
-from shared.dht.aio import DhtService
+from shared.dht.aio import DhtHost
 from shared.envelope import Identity
 from shared.errors import UnknownNode
 from shared.messages import SERVER, Dht
@@ -36,32 +35,19 @@ RELAY = "relay:"  # an address through the server's WebSocket relay: relay:<node
 SERVER_ADDR = RELAY + SERVER  # the server's own DHT node
 
 
-class ServerDht:
+class ServerDht(DhtHost):
     """The server's DHT node, fed by the coordinator's Dht frames (server.coordinator)."""
 
     def __init__(self, nodes: Nodes, identity: Identity, run_id: str,
                  counters: Counter[str] | None = None) -> None:
+        super().__init__()
         self.nodes, self.identity, self.run_id = nodes, identity, run_id
         self.counters: Counter[str] = counters if counters is not None else Counter()
-        self.service: DhtService | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._sends: set[asyncio.Future[None]] = set()
 
     def start(self) -> None:
         """Start the node (on the running loop): no bootstrap, it is one."""
-        node = DhtNode(self.identity, [SERVER_ADDR], now=time.time(),
-                       seed=int(self.identity.node_id[:8], 16))
-        self.service = DhtService(node, self._send)
-        self.service.start()
-        self._task = asyncio.create_task(self.service.run(), name="dht")
-
-    async def close(self) -> None:
-        if self.service is not None:
-            self.service.close()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        for fut in list(self._sends):
-            fut.cancel()
+        self._launch(DhtNode(self.identity, [SERVER_ADDR], now=time.time(),
+                             seed=int(self.identity.node_id[:8], 16)))
 
     @property
     def node(self) -> DhtNode | None:
@@ -92,10 +78,8 @@ class ServerDht:
             self.counters["dht_unreachable"] += 1
             return
         self.counters["dht_out"] += 1
-        fut = asyncio.ensure_future(self.nodes.send(
+        self._spawn(self.nodes.send(
             conn, Dht(run_id=self.run_id, node_id=SERVER, to=to, payload=data)))
-        self._sends.add(fut)
-        fut.add_done_callback(self._sends.discard)
 
     def view(self) -> dict[str, Any]:
         node = self.node

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from shared.dht.lookup import LookupResult
 from shared.dht.node import DhtNode
@@ -79,3 +79,35 @@ class DhtService:
             if fut is not None and not fut.done():
                 fut.set_result(result)
         self._wake.set()  # the next deadline may have moved earlier
+
+
+class DhtHost:
+    """A carrier's lifetime around one DhtService: the running task and the sends it spawned
+    (server.dht and native_node.dht subclass it and supply `_send`)."""
+
+    def __init__(self) -> None:
+        self.service: DhtService | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Future[None]] = set()
+
+    def _send(self, addr: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _launch(self, node: DhtNode) -> None:
+        """Start `node` on the running loop, sending through `self._send`."""
+        self.service = DhtService(node, self._send)
+        self.service.start()
+        self._task = asyncio.create_task(self.service.run(), name="dht")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        fut = asyncio.ensure_future(coro)
+        self._sends.add(fut)
+        fut.add_done_callback(self._sends.discard)
+
+    async def close(self) -> None:
+        if self.service is not None:
+            self.service.close()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        for fut in list(self._sends):
+            fut.cancel()
