@@ -99,7 +99,10 @@ def test_a_reloaded_tab_keeps_its_identity_and_does_not_double_submit(
     tab.wait("s.accepted === 1", timeout_s=120)
     before = tab.stats()
     tab.page.reload()
-    tab.wait("s.state === 'resubmitted round 0'", timeout_s=60)
+    # a counter, not the transient state line (the welcome's data fetch used to overwrite
+    # "resubmitted round 0" before a poll on a loaded machine saw it); a reload is a whole boot
+    tab.wait("s.resubmitted === 1 && s.round === 0", timeout_s=120)
+    assert tab.stats()["state"] == "resubmitted round 0"  # no longer clobbered by the fetch
     wait_until(lambda: api(server, "/api/run")["duplicates"] >= 1, 60,
                "the resubmitted update")
     after = tab.stats()

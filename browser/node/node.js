@@ -79,7 +79,7 @@ export class BrowserNode extends EventTarget {
       rejections: [], evalLoss: [], entropyFloor: null, stepLoss: null, stepsDone: 0, stepsTotal: 0, totalSteps: 0,
       samplesPerS: null, paused: false, rows: null, dataSource: 'server', errors: [], timings: {},
       firstAcceptedMs: null, consoleErrors: 0, role, judged: 0, lastVerdict: null, transport: null,
-      learns: null, ownDataCheck: null, ownDataNote: null, stoppedAt: null,
+      learns: null, ownDataCheck: null, ownDataNote: null, stoppedAt: null, resubmitted: 0,
     };
     this.t0 = performance.now();
   }
@@ -304,7 +304,8 @@ export class BrowserNode extends EventTarget {
       case 'validate': this.onValidate(e).catch((err) => this.log(`round ${e.round}: cannot score: ${err.message || err}`, 'error')); break;
       case 'resubmit':
         this.params = new Float32Array(e.params.slice().buffer);
-        this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `resubmitted round ${e.round}` });
+        this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `resubmitted round ${e.round}`,
+          resubmitted: this.stats.resubmitted + 1 });
         break;
       case 'cancel': this.worker?.postMessage({ type: 'cancel', round: e.round }); break;
       case 'ack':
@@ -348,6 +349,7 @@ export class BrowserNode extends EventTarget {
 
   async onWelcome(w) {
     this.welcome = w;
+    const resubmitted = this.stats.resubmitted;  // a RoundOpen may resubmit while data loads
     this.startUplink(w);
     this.startMesh(w);
     const model = w.model;
@@ -362,7 +364,7 @@ export class BrowserNode extends EventTarget {
     }
     // the graphs' layout must hash, with the run's model config, to the run's model id
     await this.proto.call('setLayout', [JSON.stringify(this.manifest.layout)]);
-    this.set({ state: 'fetching data' });
+    if (this.stats.resubmitted === resubmitted) this.set({ state: 'fetching data' });
     const t0 = performance.now();
     const validator = this.role === 'validator';
     const data = validator ? null : await this.fetchShard(w.shard, w.n_shards);
@@ -379,7 +381,8 @@ export class BrowserNode extends EventTarget {
       dataSource: validator ? 'validation rows from the server' : this.stats.dataSource,
       timings: { ...this.stats.timings, model_ms: performance.now() - t0 } });
     if (this.queued) { const q = this.queued; this.queued = null; this.onTrain(q); }
-    else this.set({ state: validator ? 'waiting for candidates' : 'waiting for a round' });
+    // a journal entry resubmitted while the data loaded keeps its state line
+    else if (this.stats.resubmitted === resubmitted) this.set({ state: validator ? 'waiting for candidates' : 'waiting for a round' });
   }
 
   async fetchData(url) {
