@@ -70,6 +70,31 @@ def test_node_identity_is_stable_and_private(tmp_path: Path) -> None:
         load_or_create_identity(tmp_path / "n")
 
 
+def test_key_files_hold_a_seed_and_old_expanded_files_still_sign(tmp_path: Path) -> None:
+    from shared.platform import PqcryptoMLDSA65, signatures
+
+    a = load_or_create_identity(tmp_path / "n")
+    blob = (tmp_path / "n" / "node.key").read_bytes()
+    assert blob[:8] == b"DAAPKEY2"
+    assert len(blob) == 8 + 1952 + 32
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1  # another seed: another key pair than the stored public key
+    (tmp_path / "n" / "node.key").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="not the one its seed derives"):
+        load_or_create_identity(tmp_path / "n")
+    pk, sk = PqcryptoMLDSA65().keygen()  # a file written before seeds: DAAPKEY1, 4032 bytes
+    (tmp_path / "old").mkdir()
+    old = tmp_path / "old" / "node.key"
+    old.write_bytes(b"DAAPKEY1" + pk + sk)
+    old.chmod(0o600)
+    b = load_or_create_identity(tmp_path / "old")
+    assert b.public_key == pk
+    assert len(b.secret_key) == 4032
+    for ident in (a, b):
+        sig = signatures().sign(ident.secret_key, b"m", b"ctx")
+        assert PqcryptoMLDSA65().verify(ident.public_key, b"m", sig, b"ctx")
+
+
 def test_text_file_run_and_node_local_copy(tmp_path: Path) -> None:
     text = ("the quick brown fox jumps over the lazy dog. " * 200).encode()
     src = tmp_path / "corpus.txt"

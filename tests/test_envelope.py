@@ -51,7 +51,7 @@ def signed(ident: Identity, msg: Submit, **over: object) -> bytes:
 
 def test_key_sizes_and_node_id(ident: Identity) -> None:
     assert len(ident.public_key) == 1952
-    assert len(ident.secret_key) == 4032
+    assert len(ident.secret_key) == 32  # the seed (FIPS 204's ξ): signed through OpenSSL
     assert ident.node_id == node_id_of(ident.public_key)
     assert len(ident.node_id) == 64
 
@@ -179,3 +179,17 @@ def test_zstd_bomb_and_garbage_are_refused(ident: Identity) -> None:
     garbage = encode_frame(Submit.TYPE, header, b"\x28\xb5\x2f\xfd" + b"junk", flags=FLAG_ZSTD)
     with pytest.raises(FrameError, match="zstd"):
         decode_message(garbage)
+
+
+def test_seed_and_expanded_keys_sign_the_same_standard() -> None:
+    """A seed key (cryptography/OpenSSL) and an expanded key (pqcrypto) each verify under the
+    other implementation: one standard, two signers, any verifier."""
+    from shared.platform import NativeMLDSA65, PqcryptoMLDSA65
+
+    native, pq = NativeMLDSA65(), PqcryptoMLDSA65()
+    for pk, sk in (native.keygen(), pq.keygen()):
+        sig = native.sign(sk, b"message", b"run-1")
+        assert pq.verify(pk, b"message", sig, b"run-1")
+        assert native.verify(pk, b"message", sig, b"run-1")
+        assert not pq.verify(pk, b"message", sig, b"run-2")  # the context is bound
+        assert not pq.verify(pk, b"messagE", sig, b"run-1")

@@ -1,8 +1,11 @@
 """A node's persistent ML-DSA-65 identity.
 
 `<state dir>/node.key` (mode 0600; refused when others can read it) holds the key pair:
-the 8-byte magic b"DAAPKEY1", the 1952-byte public key, then the 4032-byte secret key. The
-node id is SHA-256 of the public key (shared.envelope.node_id_of).
+the 8-byte magic b"DAAPKEY2", the 1952-byte public key, then the 32-byte seed the key pair is
+derived from (FIPS 204's ξ; signed through `cryptography`, shared.platform.NativeMLDSA65).
+Files written before hold b"DAAPKEY1", the public key and the 4032-byte expanded secret key;
+they still load and sign (through pqcrypto). The node id is SHA-256 of the public key
+(shared.envelope.node_id_of).
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import os
 from pathlib import Path
 
 from shared.envelope import Identity
-from shared.platform import PqcryptoMLDSA65
+from shared.platform import NativeMLDSA65, PqcryptoMLDSA65
 
-MAGIC = b"DAAPKEY1"
+MAGIC, MAGIC_SEED = b"DAAPKEY1", b"DAAPKEY2"
 PK_LEN, SK_LEN = PqcryptoMLDSA65.PUBLIC_KEY_LEN, PqcryptoMLDSA65.SECRET_KEY_LEN
+SEED_LEN = NativeMLDSA65.SEED_LEN
+LAYOUTS = {MAGIC: SK_LEN, MAGIC_SEED: SEED_LEN}  # magic -> length of the secret part
 
 
 def default_state_dir(name: str) -> Path:
@@ -31,7 +36,8 @@ def load_or_create_identity(state_dir: Path, filename: str = "node.key") -> Iden
         tmp = path.with_name(f".{filename}.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC + ident.public_key + ident.secret_key)
+            magic = MAGIC_SEED if len(ident.secret_key) == SEED_LEN else MAGIC
+            fh.write(magic + ident.public_key + ident.secret_key)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -39,9 +45,14 @@ def load_or_create_identity(state_dir: Path, filename: str = "node.key") -> Iden
     if mode & 0o077:
         raise PermissionError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
     blob = path.read_bytes()
-    if len(blob) != len(MAGIC) + PK_LEN + SK_LEN or not blob.startswith(MAGIC):
-        raise ValueError(f"{path} is not a DAA Prime ML-DSA-65 node key "
-                         f"(expected {len(MAGIC) + PK_LEN + SK_LEN} bytes starting {MAGIC!r}); "
+    sk_len = LAYOUTS.get(blob[:len(MAGIC)])
+    if sk_len is None or len(blob) != len(MAGIC) + PK_LEN + sk_len:
+        raise ValueError(f"{path} is not a DAA Prime ML-DSA-65 node key (expected "
+                         f"{len(MAGIC) + PK_LEN + SEED_LEN} bytes starting {MAGIC_SEED!r}, or "
+                         f"{len(MAGIC) + PK_LEN + SK_LEN} starting {MAGIC!r}); "
                          "move it away to create a new identity")
-    pk = blob[len(MAGIC):len(MAGIC) + PK_LEN]
-    return Identity(public_key=pk, secret_key=blob[len(MAGIC) + PK_LEN:])
+    pk, sk = blob[len(MAGIC):len(MAGIC) + PK_LEN], blob[len(MAGIC) + PK_LEN:]
+    if sk_len == SEED_LEN and NativeMLDSA65().public_key_of(sk) != pk:
+        raise ValueError(f"{path}: the public key is not the one its seed derives (a damaged "
+                         "file); move it away to create a new identity")
+    return Identity(public_key=pk, secret_key=sk)
