@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure("cryptography", native, args.repeats))
     print_table(rows, ["implementation", "secret_key_bytes", "keygen_ms", "sign_ms",
                        "verify_ms"])
-    figures: dict[str, object] = {r["implementation"]: {k: v for k, v in r.items()
-                                                       if k != "implementation"} for r in rows}
+    figures: dict[str, object] = {str(r["implementation"]): {
+        k: v for k, v in r.items() if k != "implementation"} for r in rows}
     if len(rows) == 2:
         figures["sign_speedup"] = round(float(rows[0]["sign_ms"])  # type: ignore[arg-type]
                                         / float(rows[1]["sign_ms"]), 2)  # type: ignore[arg-type]
