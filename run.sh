@@ -73,7 +73,7 @@ case "$cmd" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy"
     "$VENV/bin/hadolint" docker/*.Dockerfile
-    exec "$PY" -m pytest -q "${@:2}" ;;
+    exec "$PY" -m pytest -q --durations=30 "${@:2}" ;;
   images)
     setup
     exec "$PY" -m scripts.images "${@:2}" ;;
