@@ -2,6 +2,10 @@
 the train step in ONNX Runtime Web (wasm) against native onnxruntime and torch on the CPU.
 
     python -m bench.browser [--model gpt-tiny] [--steps 20] [--batch 32] [--no-webgpu]
+    python -m bench.browser --models llama-2m,llama-20m [--steps 3] [--batch 8]
+
+The second form measures the Llama flavours' train step in a tab (wasm, WebGPU where there
+is a GPU) against native onnxruntime, and which flavours a tab can train: bench/browser_llama.py.
 
 1. Cold starts (issue 23), twice: Chromium is launched first; then the real server (`python
    -m server`, run defaults, quorum 1) starts on a NEW data dir, and a new tab (its own
@@ -199,10 +203,24 @@ def rel_err(got: np.ndarray | float, ref: np.ndarray | float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gpt-tiny")
-    ap.add_argument("--steps", type=int, default=20, help="timed train steps per runtime")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed train steps per runtime (20; 3 with --models)")
+    ap.add_argument("--batch", type=int, default=None, help="rows per step (32; 8 with --models)")
     ap.add_argument("--no-webgpu", action="store_true")
+    ap.add_argument("--models", default=None, help="llama flavours instead of the cold starts, "
+                    "e.g. llama-2m,llama-20m (bench/browser_llama.py)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed tab steps (--models)")
+    ap.add_argument("--webgpu-software", action="store_true",
+                    help="--models: time WebGPU on a software adapter (SwiftShader) too")
+    ap.add_argument("--tab-timeout-s", type=float, default=1800, help="per tab run (--models)")
     args = ap.parse_args()
+    if args.models:
+        from bench.browser_llama import run_llama
+
+        args.steps, args.batch = args.steps or 3, args.batch or 8
+        run_llama(args)
+        return
+    args.steps, args.batch = args.steps or 20, args.batch or 32
     from playwright.sync_api import sync_playwright
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-browser-"))

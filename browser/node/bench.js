@@ -1,7 +1,10 @@
 // The train-step benchmark page (bench/browser.py drives it): the run's ONNX train step in
 // train_worker.js on the first rows of the whole training set, `?backend=wasm|webgpu`,
-// `&steps=N`, `&batch=B`. Result in window.__bench: {backend, threads, loadMs, stepMs[],
-// loss, params (the step's new params) and expAvg (its new first moment), as plain arrays, n}.
+// `&steps=N`, `&batch=B`, `&warmup=W`. Result in window.__bench: {backend, threads, loadMs,
+// stepMs[], loss, params (the step's new params) and expAvg (its new first moment), as plain
+// arrays, n}. `&every=K` returns every K-th entry of those two only (large models);
+// `&memory=1` adds what the tab reports of its memory after the steps, the worker included
+// (performance.measureUserAgentSpecificMemory, which needs cross-origin isolation).
 
 import { fetchArrays } from './data.js';
 
@@ -9,6 +12,24 @@ const q = new URLSearchParams(location.search);
 const backend = q.get('backend') || 'wasm';
 const steps = Number(q.get('steps') || 10);
 const batchSize = Number(q.get('batch') || 32);
+const every = Math.max(1, Number(q.get('every') || 1));
+const warmupSteps = q.get('warmup');
+
+async function tabMemory() {
+  const mem = { jsHeapUsed: performance.memory ? performance.memory.usedJSHeapSize : null };
+  if (!performance.measureUserAgentSpecificMemory) {
+    mem.error = 'performance.measureUserAgentSpecificMemory is not available (no cross-origin isolation)';
+    return mem;
+  }
+  try {
+    const m = await performance.measureUserAgentSpecificMemory();
+    mem.bytes = m.bytes;
+    mem.workerBytes = m.breakdown.filter((e) => e.attribution.some((a) => a.scope === 'DedicatedWorkerGlobalScope'))
+      .reduce((sum, e) => sum + e.bytes, 0);
+  } catch (err) { mem.error = String(err.message || err); }
+  return mem;
+}
+const sample = (buf) => Array.from(new Float32Array(buf).filter((_, i) => i % every === 0));
 
 async function main() {
   const data = await fetchArrays('/data/shard?shard=0&n_shards=1');
@@ -20,12 +41,13 @@ async function main() {
   worker.postMessage({ type: 'init', backend, seed: 1, data,
     graphs: { train: '/model/onnx/train_step.onnx', infer: '/model/onnx/infer.onnx' } }, [data.x, data.y]);
   const ready = await next();
-  worker.postMessage({ type: 'bench', params, steps, batchSize, warmup: backend === 'webgpu' ? 1 : 2 });
+  const warmup = warmupSteps !== null ? Number(warmupSteps) : (backend === 'webgpu' ? 1 : 2);
+  worker.postMessage({ type: 'bench', params, steps, batchSize, warmup });
   const res = await next();
-  const out = new Float32Array(res.params);
+  const memory = q.get('memory') === '1' ? await tabMemory() : null;
   window.__bench = { backend: ready.backend, threads: ready.threads, loadMs: ready.loadMs,
-    stepMs: res.stepMs, loss: res.loss, params: Array.from(out),
-    expAvg: Array.from(new Float32Array(res.expAvg)), n: out.length };
+    stepMs: res.stepMs, loss: res.loss, params: sample(res.params), expAvg: sample(res.expAvg),
+    n: res.params.byteLength / 4, every, memory };
   document.getElementById('status').textContent = 'done';
 }
 
