@@ -13,6 +13,7 @@ import { ParticipantClient } from './participant_client.js';
 import { decodeUpdate } from './codecs.js';
 import { StarUplink } from './rtc.js';
 import { TabMesh } from './mesh.js';
+import { TabDhtLink } from './dht.js';
 import { generateText, softmax, textWindows, bigramReference, fitCheck, describeData } from './local_model.js';
 import { fetchArrays } from './data.js';
 
@@ -73,6 +74,7 @@ export class BrowserNode extends EventTarget {
     this.params = null;       // latest global params (Float32Array), for "try the model"
     this.dataSource = 'server';
     this.pendingInfer = new Map();
+    this.dht = new TabDhtLink(this);  // peer discovery when the run has it (dht.js)
     this.stats = {
       state: 'loading', backend: null, threads: null, notes: [], nodeId: null, runId: null,
       model: null, task: null, round: null, version: null, contributed: 0, accepted: 0, rejected: 0,
@@ -102,7 +104,8 @@ export class BrowserNode extends EventTarget {
     // toward a round) only once it can train: an unready tab never holds a round.
     this.modelReady = this.prepareModel();
     const pinsKey = `${this.prefix}${PINS_KEY}`;
-    this.proto = new ParticipantClient({ onPins: (json) => storageSet(pinsKey, json) });
+    this.proto = new ParticipantClient({ onPins: (json) => storageSet(pinsKey, json),
+      onEvents: (events) => { for (const e of events) this.onEvent(e); } });  // the DHT's
     const info = await this.proto.init({ prefix: this.prefix, role: this.role, backend,
       pins: storageGet(pinsKey) || '{}', journal: storageGet(`${this.prefix}${JOURNAL_KEY}`) });
     if (info.restored) this.log('an update trained before the reload is kept for resubmission');
@@ -255,7 +258,8 @@ export class BrowserNode extends EventTarget {
     this.meshRun = w.run_id;
     this.mesh = new TabMesh(w.node_id,
       (to, kind, data) => this.participant('signal', [kind, data, to]).catch((err) => this.log(`p2p signal: ${err.message || err}`)),
-      (peer, frame) => this.participant('link', [peer, frame], [frame.buffer]).catch((err) => this.log(`p2p frame: ${err.message || err}`)),
+      (peer, frame) => this.dht.onDirect(peer, frame)
+        || this.participant('link', [peer, frame], [frame.buffer]).catch((err) => this.log(`p2p frame: ${err.message || err}`)),
       { timeoutS: w.rtc_timeout_s, iceServers: w.ice_servers ?? [] });
     this.set({ transport: 'p2p', p2p: { rounds: 0, direct: 0, relayed: 0 } });
     const cap = new URLSearchParams(location.search).get('p2p_cap');  // fewer direct channels
@@ -327,7 +331,7 @@ export class BrowserNode extends EventTarget {
       case 'refused': this.log(`dropped a frame from the server: ${e.message}`); break;
       case 'reconnect': this.log(e.message); this.ws?.close(); break;
       case 'fatal': this.fail(e.message); break;
-      default: break;
+      default: if (e.kind.startsWith('dht_')) this.dht.onEvent(e); break;
     }
   }
 
@@ -352,6 +356,7 @@ export class BrowserNode extends EventTarget {
     const resubmitted = this.stats.resubmitted;  // a RoundOpen may resubmit while data loads
     this.startUplink(w);
     this.startMesh(w);
+    this.dht.onWelcome(w).catch((err) => this.log(`dht: ${err.message || err}`));
     const model = w.model;
     this.set({ runId: w.run_id, model: `${model.name} (${w.n_params.toLocaleString()} params)`,
       task: w.data.kind === 'digits' ? 'classify' : 'lm' });
@@ -537,6 +542,9 @@ export class BrowserNode extends EventTarget {
     this.connect(0);
   }
 
+  /** Look a node up in the DHT: {found, hops, queries, ms} (dht.js). */
+  dhtFind(nodeId) { return this.dht.find(nodeId); }
+
   /** The run committed its last round: no more training; the final model stays usable. */
   finish() {
     this.stopped = true;
@@ -552,6 +560,7 @@ export class BrowserNode extends EventTarget {
     this.proto?.terminate();
     this.uplink?.close();
     this.mesh?.close();
+    this.dht.close();
     this.ws?.close();
     this.set({ state: 'stopped' });
   }

@@ -22,9 +22,13 @@ def _js(events: list[dict[str, object]]) -> object:
 
 
 def _hooked(p: Participant, events: list[dict[str, object]]) -> list[dict[str, object]]:
-    """p2p_glue.py's P2P_HOOK (a `p2p` run's shard exchange), once the worker has run it."""
-    hook = globals().get("P2P_HOOK")
-    return hook(p, events) if hook is not None else events
+    """p2p_glue.py's P2P_HOOK (a `p2p` run's shard exchange) and dht_glue.py's DHT_HOOK (the
+    server's Dht frames to the tab's DHT carrier), once the worker has run them."""
+    for name in ("P2P_HOOK", "DHT_HOOK"):
+        hook = globals().get(name)
+        if hook is not None:
+            events = hook(p, events)
+    return events
 
 
 def make_participant(public_key, secret_key, pins_json: str, save_pins, device: str,

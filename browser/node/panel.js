@@ -4,6 +4,7 @@
 // The node is also `window.daaNode` (the e2e tests and bench.browser read its stats).
 
 import { BrowserNode } from './node.js';
+import { dhtLine } from './dht.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -27,6 +28,7 @@ function render(s) {
   text('node-speed', s.samplesPerS ? `${s.samplesPerS.toFixed(1)} samples/s` : '–');
   text('node-loss', s.stepLoss === null ? '–' : s.stepLoss.toFixed(4));
   text('node-data', s.rows ? `${s.dataSource === 'server' ? 'shard from the server' : s.dataSource}, ${s.rows} rows` : '–');
+  renderDht(s);
   const bar = $('node-progress');
   bar.max = Math.max(1, s.stepsTotal); bar.value = s.stepsDone;
   const notes = [...s.notes, ...s.errors.map((e) => `Error: ${e}`)];
@@ -54,6 +56,16 @@ function render(s) {
 }
 
 /** A finished run: the card says so and offers the final model (download, try it). */
+/** One line under the tiles when the tab runs a DHT node (dht.js). */
+function renderDht(s) {
+  let el = $('node-dht');
+  if (!el && s.dht) {
+    el = Object.assign(document.createElement('p'), { id: 'node-dht', className: 'muted' });
+    $('node-progress')?.after(el);
+  }
+  if (el) { el.hidden = !s.dht; text('node-dht', dhtLine(s.dht)); }
+}
+
 function renderFinished(s, finished, validator) {
   $('node-finished').hidden = !finished;
   if (finished) {

@@ -9,11 +9,12 @@
 const WORKER_URL = '/static/worker/node/participant_worker.js';
 
 export class ParticipantClient {
-  constructor({ onPins = () => {} } = {}) {
+  constructor({ onPins = () => {}, onEvents = () => {} } = {}) {
     this.worker = new Worker(WORKER_URL, { type: 'module' });
     this.pending = new Map();
     this.nextId = 0;
     this.onPins = onPins;
+    this.onEvents = onEvents;  // events the worker posts between calls (the DHT's, dht_glue.py)
     this.failed = null;
     this.worker.onmessage = (ev) => this.onMessage(ev.data);
     this.worker.onerror = (ev) => this.failAll(`the participant worker failed: ${ev.message || 'cannot load'}`);
@@ -21,6 +22,7 @@ export class ParticipantClient {
 
   onMessage(m) {
     if (m.type === 'pins') { this.onPins(m.json); return; }
+    if (m.type === 'events') { this.onEvents(m.events); return; }
     if (m.type === 'ready' || m.type === 'error') {
       const init = this.initWaiter;
       this.initWaiter = null;

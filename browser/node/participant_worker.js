@@ -15,7 +15,9 @@
 //                                                         {type:'error', message} (init failed)
 // fn: connected() | feed(frame) | submit(round, delta, trainLoss, samples, computeS) |
 //     verdict(round, base, losses) | signal(kind, data, to) | stopped(round) | setLayout(json) |
-//     link(peer, frame) (a frame on a p2p peer's data channel: p2p_glue.py);
+//     link(peer, frame) (a frame on a p2p peer's data channel: p2p_glue.py) |
+//     dhtStart/dhtFind/dhtLink/dhtUndelivered/dhtSync (the tab's DHT carrier: dht_glue.py);
+// {type:'events', events} out: events the DHT carrier posts between calls (dht_glue.py);
 // `events` are node_glue.py's (plain objects, bytes as Uint8Array).
 
 import { loadShared } from './pyodide_host.js';
@@ -37,6 +39,12 @@ const CALLS = {
   cap: (n) => { glue.cap(part, n); return []; },  // p2p: at most n direct channels
   stopped: (round) => { glue.stopped(part, round); return []; },
   setLayout: (json) => { glue.setLayout(part, json); return []; },
+  // the tab's Kademlia carrier (dht_glue.py)
+  dhtStart: (runId, channels) => { glue.dht.start(part, runId, channels); return []; },
+  dhtFind: (target, req) => { glue.dht.find(part, target, req); return []; },
+  dhtLink: (peer, frame) => { glue.dht.link(part, peer, frame); return []; },
+  dhtUndelivered: (peer, frame) => { glue.dht.undelivered(part, peer, frame); return []; },
+  dhtSync: (open, relayUp) => glue.dht.sync(part, open, relayUp),
 };
 
 /** The events' own byte buffers, moved to the page instead of copied. */
@@ -61,11 +69,20 @@ async function init({ prefix, role, backend, pins, journal }) {
   const p2p = await fetch(new URL('./p2p_glue.py', import.meta.url), { cache: 'no-cache' });
   if (!p2p.ok) throw new Error(`p2p_glue.py: HTTP ${p2p.status}`);
   py.runPython(await p2p.text(), { filename: 'p2p_glue.py' });  // sets node_glue's P2P_HOOK
+  const dht = await fetch(new URL('./dht_glue.py', import.meta.url), { cache: 'no-cache' });
+  if (!dht.ok) throw new Error(`dht_glue.py: HTTP ${dht.status}`);
+  py.runPython(await dht.text(), { filename: 'dht_glue.py' });  // sets node_glue's DHT_HOOK
   const get = (name) => py.globals.get(name);
   glue = { make: get('make_participant'), feed: get('feed'), submit: get('submit'),
     setLayout: get('set_layout'), verdict: get('verdict'), signal: get('signal'),
     stopped: get('training_stopped'), link: get('p2p_link'), lie: get('p2p_lie'),
-    cap: get('p2p_cap') };
+    cap: get('p2p_cap'),
+    dht: { start: get('dht_start'), find: get('dht_find'), link: get('dht_link'),
+      undelivered: get('dht_undelivered'), sync: get('dht_sync') } };
+  get('dht_set_post')((events) => {
+    const evs = Array.from(events);
+    self.postMessage({ type: 'events', events: evs }, transferables(evs));
+  });
   part = glue.make(ident.publicKey, ident.secretKey, pins || '{}',
     (json) => self.postMessage({ type: 'pins', json }), backend, role);
   const restored = journal ? Boolean(part.restore(journal)) : false;
