@@ -30,6 +30,7 @@ import numpy as np
 from ml.byo import ByoError, check_allowed
 from ml.data import DataSpec
 from ml.scoring import ProbeScorer, score_candidates
+from ml.tokenizer import TokenizerMismatch
 from ml.workload import Workload, from_spec
 from native_node import journal, pins
 from native_node.address import coordinator_tls, coordinator_url
@@ -39,6 +40,7 @@ from native_node.trainer import RoundResult, Trainer
 from shared.envelope import Identity
 from shared.messages import SERVER, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
+from shared.sparseloco import FEATURE as SPARSE_FEATURE
 
 if TYPE_CHECKING:  # aiortc is imported only when a run uses the star or p2p transport
     from native_node.p2p import P2PRole
@@ -162,8 +164,9 @@ class NodeClient:
                                 pins=pins.load(opts.state_dir),
                                 save_pins=functools.partial(pins.save, opts.state_dir),
                                 expected_server_id=opts.server_id)
+        self.part.extra_features = (SPARSE_FEATURE,)  # applies sparseloco steps (numpy)
         if opts.region:  # hierarchy (p2p_groups) groups members by it
-            self.part.extra_features = (f"region={opts.region}",)
+            self.part.extra_features += (f"region={opts.region}",)
         self.work: Workload | None = None
         self.trainer: Trainer | DistributedTrainer | None = None
         self.scorer: ProbeScorer | None = None  # set when role is "validator"
@@ -459,7 +462,7 @@ class NodeClient:
                 work = await asyncio.to_thread(from_spec, ev["model"], spec,
                                                local_path=self.opts.data_path,
                                                cache_dir=self.opts.state_dir / "datasets")
-            except ByoError as exc:
+            except (ByoError, TokenizerMismatch) as exc:
                 raise FatalError(str(exc)) from None
             if work.model_id != ev["model_id"] or work.n_params != ev["n_params"]:
                 raise FatalError(f"model mismatch: server model id {ev['model_id'][:12]} "

@@ -74,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DEBUG, INFO, WARNING (default INFO; WARNING with --demo)")
     for name, kind in (("model", str), ("flavour", str), ("data", str), ("data-path", str),
                        ("partition", str), ("alpha", float), ("n-shards", int), ("seed", int),
+                       ("tokenizer", str),
                        ("inner-steps", int), ("inner-lr", float), ("batch-size", int),
                        ("outer-lr", float), ("outer-momentum", float), ("aggregator", str),
+                       ("outer", str), ("outer-params", json.loads),
                        ("worker-momentum", float), ("cc-reference", str),
                        ("codec", str), ("rounds", int), ("quorum", int), ("deadline-s", float),
                        ("keep-checkpoints", int), ("max-frame-mb", float),

@@ -22,6 +22,7 @@ CHOICES: dict[str, list[str]] = {
     "partition": ["iid", "noniid"],
     "aggregator": sorted(RULES),
     "cc_reference": ["zero", "history"],
+    "outer": ["nesterov", "sparseloco"],
     "codec": sorted(CODECS),
     "stale_policy": ["drop", "weight"],
     "transport": list(TRANSPORTS),
@@ -44,11 +45,18 @@ HELP: dict[str, str] = {
     "alpha": "Dirichlet concentration of non-iid shards (> 0; smaller is more skewed)",
     "n_shards": "training-set shards handed out to nodes round-robin (count)",
     "seed": "model init and data seed (integer)",
+    "tokenizer": "language data's tokens: '' the data's own symbols, byte (UTF-8), or bpe:N, a "
+                 "byte-level BPE of N tokens (257..8192) trained at run creation on the "
+                 "run's text (the [bpe] extra; docs/models.md)",
     "inner_steps": "H: inner AdamW steps each node runs per round (count)",
     "inner_lr": "inner AdamW learning rate",
     "batch_size": "inner batch size (examples)",
     "outer_lr": "outer Nesterov SGD learning rate",
     "outer_momentum": "outer momentum, in [0, 1)",
+    "outer": "outer step: nesterov (DiLoCo) or sparseloco (sparse 2-bit step, broadcast as "
+             "such; docs/sparseloco.md)",
+    "outer_params": "sparseloco step as JSON: momentum (0), fraction (0.02), values (int2), "
+                    "block (256)",
     "aggregator": "robust aggregation rule",
     "worker_momentum": "nodes send m = beta m + (1 - beta) delta; beta in [0, 1) (0: delta)",
     "cc_reference": "centered clipping's starting point",

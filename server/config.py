@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from ml.byo import ENTRY_POINT_GROUP, resolve_factory
+from ml.tokenizer import parse_tokenizer
 from ml.zoo import MODELS
 from shared.aggregation import RULES, estimate_f, get_rule
 from shared.autotune import SETTINGS as AUTOTUNE_SETTINGS
 from shared.codecs import CODECS, make_codec
 from shared.messages import RESULT_CODECS, ROUND_CODECS
 from shared.p2p import COORDINATE_RULES
+from shared.sparseloco import SparseOuter
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
+                        "tokenizer",
                         "n_shards", "seed", "ledger_reward_per_round", "ledger_faucet",
                         "ledger_min_stake", "ledger_pow_bits", "ledger_slash",
                         "ledger_proposal_rounds", "aggregation_weights"})
@@ -48,11 +51,18 @@ class RunConfig:
     alpha: float = 0.5  # Dirichlet concentration of non-iid shards
     n_shards: int = 8  # training set shards handed out to nodes round-robin
     seed: int = 0  # model init and data seed
+    # language data's tokens (ml/tokenizer.py): "" the data's symbols, "byte" (UTF-8), or
+    # "bpe:N", a byte-level BPE of N tokens trained at run creation on the run's text
+    tokenizer: str = ""
     inner_steps: int = 50  # H: inner AdamW steps per round
     inner_lr: float = 1e-2  # inner AdamW learning rate
     batch_size: int = 32  # inner batch size
     outer_lr: float = 0.7  # outer Nesterov SGD learning rate
     outer_momentum: float = 0.9  # outer momentum
+    # "nesterov" (DiLoCo) or "sparseloco": a sparse 2-bit outer step, broadcast as such
+    # (shared.sparseloco; outer_params: momentum, fraction, values, block)
+    outer: str = "nesterov"
+    outer_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     aggregator: str = "mean"  # aggregation rule (shared.aggregation.RULES)
     aggregator_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # its params
     byzantine_fraction: float = 0.0  # share of updates assumed arbitrary: f = floor(n * it)
@@ -136,6 +146,12 @@ class RunConfig:
             (self.outer_lr > 0, "outer_lr", "must be > 0"),
             (0 <= self.outer_momentum < 1, "outer_momentum", "must be in [0, 1)"),
             (0 <= self.worker_momentum < 1, "worker_momentum", "must be in [0, 1)"),
+            (self.outer in ("nesterov", "sparseloco"), "outer",
+             "must be 'nesterov' or 'sparseloco'"),
+            (self.outer != "sparseloco" or self.transport != "p2p", "outer",
+             "= 'sparseloco' needs the aggregate at the server: not with transport p2p"),
+            (self.outer != "sparseloco" or self.cc_reference == "zero", "outer",
+             "= 'sparseloco' keeps its residual in the momentum slot: cc_reference 'zero' only"),
             (self.cc_reference in ("zero", "history"), "cc_reference",
              "must be 'zero' or 'history'"),
             (self.aggregator in RULES, "aggregator", f"must be one of {sorted(RULES)}"),
@@ -204,9 +220,19 @@ class RunConfig:
              "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]
         checks += secagg_checks(self)
+        try:
+            parse_tokenizer(self.tokenizer)
+        except ValueError as exc:
+            checks.append((False, "tokenizer",
+                           str(exc).removeprefix("tokenizer: ").split(", got ")[0]))
         for ok, key, what in checks:
             if not ok:
                 raise ValueError(f"config {key} {what} (got {getattr(self, key)!r})")
+        if self.outer == "sparseloco":
+            try:
+                SparseOuter.from_params(self.outer_lr, self.outer_params)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"config outer_params: {exc}") from None
         try:
             make_codec(self.codec, **self.codec_params)
         except (TypeError, ValueError) as exc:

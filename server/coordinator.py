@@ -42,6 +42,7 @@ from server.dp_accountant import DpAccountant
 from server.evidence import Evidence
 from server.ledger import apply_setting
 from server.outbox import Outbox
+from server.outer_step import commit_step
 from server.p2p import P2PReduction
 from server.peers import Connection, Peer, close_reason
 from server.reduction import ServerReduction, choose_reduction
@@ -76,7 +77,6 @@ from shared.messages import (
     Verdict,
     Welcome,
 )
-from shared.outer import OuterConfig, outer_step
 from shared.rounds import Decision, RoundPolicy, RoundState
 
 log = logging.getLogger("server.coordinator")
@@ -444,8 +444,8 @@ class Coordinator:
         assert state is not None
         state.closed = True
         rows = [self.collection.rows[n] for n in sorted(state.updates)]
-        outer = OuterConfig(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
-        theta, momentum = outer_step(self.run.params, pseudo_grad, self.run.momentum, outer)
+        theta, momentum, step = await asyncio.to_thread(
+            commit_step, self.config, self.run.params, pseudo_grad, self.run.momentum)
         await asyncio.to_thread(self.dp.on_commit, state.round)
         eval_loss = await asyncio.to_thread(self.run.evaluate, theta)
         losses = [r.train_loss for r in rows if r.train_loss is not None]
@@ -454,7 +454,8 @@ class Coordinator:
         record = await asyncio.to_thread(
             self.run.commit, round_=state.round, params=theta, momentum=momentum,
             attempts=state.attempt + 1, eval_loss=eval_loss, train_loss=train_loss,
-            updates=rows, bytes_up=up, bytes_down=down, duration_s=duration_s)
+            updates=rows, bytes_up=up, bytes_down=down, duration_s=duration_s,
+            sparse_step=step)
         await asyncio.to_thread(  # the next round's settings, from this round's measures
             self.autotune.after_commit, round_=state.round, duration_s=duration_s,
             eval_loss=eval_loss, aggregate=pseudo_grad, n_active=len(self._active()),

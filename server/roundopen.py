@@ -7,7 +7,9 @@ A RoundOpen carries the global params in one of four forms (`kind`):
   them and said `delta-params` in its Hello;
 - "outer": only the outer step to apply (p2p members of the last reduction hold the aggregate,
   the previous params and the outer momentum);
-- "full+m": the params then the outer momentum (p2p trainers, so that they can step later).
+- "full+m": the params then the outer momentum (p2p trainers, so that they can step later);
+- "sparse": outer "sparseloco": the sparse step that takes the previous params to these
+  (shared.sparseloco), to a node that holds them and said `sparse-step` in its Hello.
 
 The reduction strategy (server.reduction) picks "outer" / "full+m" for its topology; the rest
 is decided here. With autotune (server.autotune) each node's RoundOpen also carries the round's
@@ -32,6 +34,7 @@ from server.runstate import RunState
 from shared.downlink import encode_outer_step
 from shared.messages import RoundOpen
 from shared.rounds import RoundState
+from shared.sparseloco import FEATURE as SPARSE_FEATURE
 
 
 class RoundOpener:
@@ -57,7 +60,9 @@ class RoundOpener:
         run, cfg = self.run, self.config
         base: str | None = None
         payload = run.params_bytes
-        if kind == "delta" and run.params_changes is not None:
+        if kind == "sparse" and run.sparse_step is not None:
+            base, payload = run.prev_digest, run.sparse_step
+        elif kind == "delta" and run.params_changes is not None:
             base, payload = run.prev_digest, run.params_changes
         elif kind == "outer":
             base = run.prev_digest
@@ -84,6 +89,9 @@ class RoundOpener:
         holds_prev = peer is not None and peer.holds is not None and peer.holds == run.prev_digest
         if peer is not None and (kind := self.reduction.open_kind(peer, holds_prev)):
             return kind
+        if (peer is not None and holds_prev and run.sparse_step is not None
+                and SPARSE_FEATURE in peer.features):
+            return "sparse"
         if (peer is not None and holds_prev and run.params_changes is not None
                 and "delta-params" in peer.features):
             return "delta"

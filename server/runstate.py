@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ml.data import DataSpec
+from ml.tokenizer import keep_tokenizer_file
 from ml.workload import Workload, from_spec, initial_params, resolve
 from ml.zoo import evaluate, load_flat
 from server.config import RunConfig
@@ -44,6 +45,7 @@ class RunState:
     params_bytes: bytes = b""  # params as sent in RoundOpen
     prev_digest: str | None = None  # digest of the params before the last commit
     params_changes: bytes | None = None  # params vs the previous ones (shared.downlink)
+    sparse_step: bytes | None = None  # outer "sparseloco": the step from the previous params
     _eval_lock: threading.Lock = field(default_factory=threading.Lock)
     _eval_model: torch.nn.Module | None = None
     ledger: LedgerBook = field(init=False)  # stake, rewards, slashes (server.ledger)
@@ -70,8 +72,10 @@ class RunState:
 
     def commit(self, *, round_: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
                eval_loss: float | None, train_loss: float | None, updates: list[UpdateRow],
-               bytes_up: int, bytes_down: int, duration_s: float) -> dict[str, Any]:
-        """Persist round `round_` atomically, then make theta_{round_+1} the global params."""
+               bytes_up: int, bytes_down: int, duration_s: float,
+               sparse_step: bytes | None = None) -> dict[str, Any]:
+        """Persist round `round_` atomically, then make theta_{round_+1} the global params
+        (`sparse_step`: the sparseloco RoundOpen payload that takes a node there)."""
         ckpt = self.store.commit_round(
             round_=round_, ckpt_params=params, momentum=momentum, run_id=self.run_id,
             model_id=self.work.model_id, attempts=attempts, eval_loss=eval_loss,
@@ -80,6 +84,7 @@ class RunState:
         prev, self.prev_digest = self.params, self.params_digest
         self.params_changes = (encode_changes(prev, ckpt.params)
                                if self.config.delta_downlink else None)
+        self.sparse_step = sparse_step
         self.params, self.momentum = ckpt.params, ckpt.momentum
         self.params_bytes = to_bytes(self.params)
         self.params_digest = ckpt.params_digest
@@ -98,7 +103,8 @@ def open_run(data_dir: str | Path, overrides: dict[str, Any],
         config = RunConfig.from_dict(base or {}).merged(overrides, resuming=False)
         work = resolve(model=config.model, flavour=config.flavour, data=config.data,
                        data_path=config.data_path, partition=config.partition,
-                       alpha=config.alpha, seed=config.seed)
+                       alpha=config.alpha, seed=config.seed, tokenizer=config.tokenizer)
+        keep_tokenizer_file(store.dir, work.data_spec)  # bpe: tokenizer.json with the run
         run_id = uuid.uuid4().hex[:16]
         theta0 = initial_params(work)
         state = RunState(run_id=run_id, config=config, store=store, work=work, params=theta0,
@@ -120,6 +126,7 @@ def open_run(data_dir: str | Path, overrides: dict[str, Any],
     config = stored.merged(overrides, resuming=True)
     store.update_config(config.to_dict())
     model_cfg, spec = _stored_workload(store)
+    keep_tokenizer_file(store.dir, spec)
     work = from_spec(model_cfg, spec)
     if work.model_id != row["model_id"]:
         raise RuntimeError(f"model id changed: stored {row['model_id']}, rebuilt "

@@ -30,6 +30,7 @@ from shared.codecs import varint
 from shared.errors import BadUpdate
 from shared.messages import sha256_hex
 from shared.outer import OuterConfig, outer_step
+from shared.sparseloco import is_sparse_step, resolve_step
 from shared.vec import from_bytes, numpy_module, to_bytes
 
 MAGIC = b"DL"
@@ -110,8 +111,9 @@ def apply_changes(prev: Any, payload: bytes | memoryview) -> Any:
 
 def resolve(msg: Any, held: Any, held_digest: str | None) -> Any:
     """theta_r from a RoundOpen: its full payload, or `held` (theta_{r-1}, whose digest is
-    `held_digest`) plus its changes. The result's digest is checked; BadUpdate otherwise (the
-    caller then reconnects to get the full params)."""
+    `held_digest`) plus its changes or the sparse step to apply (shared.sparseloco). The
+    result's digest is checked; BadUpdate otherwise (the caller then reconnects to get the
+    full params)."""
     if msg.base_digest is None:
         if getattr(msg, "with_momentum", False):  # p2p: params, then the outer momentum
             return from_bytes(msg.payload[:len(msg.payload) // 2])
@@ -119,7 +121,10 @@ def resolve(msg: Any, held: Any, held_digest: str | None) -> Any:
     if held is None or held_digest != msg.base_digest:
         raise BadUpdate(f"params delta against {msg.base_digest[:12]}, but this node holds "
                         f"{(held_digest or 'nothing')[:12]}", field="base_digest")
-    theta = apply_changes(held, msg.payload)
+    if is_sparse_step(msg.payload):  # SparseLoCo: apply the server's sparse step
+        theta = resolve_step(held, msg.payload)
+    else:
+        theta = apply_changes(held, msg.payload)
     if sha256_hex(to_bytes(theta)) != msg.params_digest:
         raise BadUpdate("params delta does not reproduce params_digest", field="params_digest")
     return theta

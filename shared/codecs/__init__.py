@@ -15,7 +15,7 @@ error-feedback residual (`with_error_feedback`). Byte layouts: each codec module
 | bf16       | 2       | floats   | -                                                       |
 | int8-block | 3       | quant    | block=1024, mode="absmax"/"minmax", scale_dtype="fp32"  |
 | int4-block | 4       | quant    | block=64, mode="absmax"/"minmax", scale_dtype="fp32"    |
-| topk       | 5       | topk     | fraction=0.01, values="int8"/"fp16", block=256          |
+| topk       | 5       | topk     | fraction=0.01, values="int8"/"fp16"/"int2", block=256 |
 | powersgd   | 6       | powersgd | rank=4, seed=0 (needs layout)                           |
 """
 

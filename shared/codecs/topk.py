@@ -7,13 +7,16 @@ ascending order, delta-coded (first index, then gaps >= 1) as LEB128 varints (se
 
     int8: the int8-block absmax quantizer with fp32 scales over the kept values, one scale per
           `block` kept values (q = rint(v / scale) in float64, scale = max|v| / 127);
-    fp16: IEEE half, nearest-even, saturating at +-65504 (as the fp16 codec).
+    fp16: IEEE half, nearest-even, saturating at +-65504 (as the fp16 codec);
+    int2: sign + one magnitude bit, two float32 levels per `block` kept values
+          (shared.codecs.int2; SparseLoCo's 2-bit values).
 
 Payload (little-endian):
 
-    u8 5 | u8 values (0 int8, 1 fp16) | u16 0 (reserved) | u32 k | u32 block (int8; 0 for fp16)
+    u8 5 | u8 values (0 int8, 1 fp16, 2 int2) | u16 0 (reserved) | u32 k | u32 block (0 for fp16)
     | int8: scales f32[ceil(k / block)] | q i8[k]
     | fp16: f16[k]
+    | int2: levels f32[2 * ceil(k / block)] | codes u8[ceil(k / 4)]
     | varint gaps[k], filling the payload to its end
 
 Decoders refuse k > length, indices that do not increase or reach `length`, non-canonical
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
 
-from shared.codecs import varint
+from shared.codecs import int2, varint
 from shared.codecs.base import (
     CodecBase,
     Layout,
@@ -42,7 +45,7 @@ from shared.codecs.base import (
 from shared.codecs.floats import f16_pack, f16_pack_np
 from shared.codecs.quant import MAX_BLOCK, Int8Block
 
-VALUE_KINDS = ("int8", "fp16")
+VALUE_KINDS = ("int8", "fp16", "int2")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -52,7 +55,7 @@ class TopK(CodecBase):
     name: ClassVar[str] = "topk"
     wire_id: ClassVar[int] = 5
     fraction: float = 0.01  # share of entries kept, in (0, 1]
-    values: str = "int8"  # "int8" (per-block fp32 scales) or "fp16"
+    values: str = "int8"  # "int8" (per-block fp32 scales), "fp16" or "int2" (2 levels/block)
     block: int = 256  # kept values per int8 scale
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class TopK(CodecBase):
     def _values_size(self, k: int) -> int:
         if self.values == "fp16":
             return 2 * k
+        if self.values == "int2":
+            return int2.size(k, self.block)
         return self._quant().max_encoded_size(k) - 8  # scales + q, without its header
 
     def max_encoded_size(self, length: int, *, layout: Layout = None) -> int:
@@ -92,7 +97,7 @@ class TopK(CodecBase):
 
     # -- header ------------------------------------------------------------------------------
     def _header(self, k: int) -> bytes:
-        block = self.block if self.values == "int8" else 0
+        block = 0 if self.values == "fp16" else self.block
         return struct.pack("<BHII", VALUE_KINDS.index(self.values), 0, k, block)
 
     def _params(self) -> bytes:
@@ -107,6 +112,8 @@ class TopK(CodecBase):
             if block:
                 raise bad(f"topk header: fp16 values with block {block}")
             block = 256
+        elif not 1 <= block <= MAX_BLOCK:
+            raise bad(f"topk header: block {block}")
         return _Parsed(build(cls, values=VALUE_KINDS[kind], block=block), k)
 
     # -- encode ------------------------------------------------------------------------------
@@ -119,7 +126,8 @@ class TopK(CodecBase):
         idx = sorted(sorted(range(n), key=mags.__getitem__, reverse=True)[:k])
         vals = [xs[i] for i in idx]
         quant = self._quant()
-        vbytes = f16_pack(vals) if self.values == "fp16" else quant._encode_pure(vals, None)
+        vbytes = (f16_pack(vals) if self.values == "fp16" else int2.encode_pure(vals, self.block)
+                  if self.values == "int2" else quant._encode_pure(vals, None))
         gaps = [b - a for a, b in zip([0, *idx], idx, strict=False)]
         return b"".join((self._header(k), vbytes, varint.encode_pure(gaps)))
 
@@ -139,6 +147,8 @@ class TopK(CodecBase):
         vals = x[idx]
         if self.values == "fp16":
             vbytes = f16_pack_np(np, vals)
+        elif self.values == "int2":
+            vbytes = int2.encode_np(np, vals, self.block)
         else:
             vbytes = self._quant()._encode_np(np, vals, None)
         gaps = np.diff(idx, prepend=0)
@@ -176,6 +186,8 @@ class _Parsed:
             raise bad(f"topk: index {idx[-1]} >= length {length}")
         if c.values == "fp16":
             vals: Any = struct.unpack(f"<{k}e", vbytes)
+        elif c.values == "int2":
+            vals = int2.decode_pure(vbytes, k, c.block)
         else:
             vals = c._quant()._decode_pure(Reader(vbytes, c.name), k, None)
         out = array("f", bytes(4 * length))
@@ -194,6 +206,8 @@ class _Parsed:
             raise bad(f"topk: index {int(idx[-1])} >= length {length}")
         if c.values == "fp16":
             vals = np.frombuffer(vbytes, dtype="<f2").astype(np.float32)
+        elif c.values == "int2":
+            vals = int2.decode_np(np, vbytes, k, c.block)
         else:
             vals = c._quant()._decode_np(np, Reader(vbytes, c.name), k, None)
         out = np.zeros(length, dtype=np.float32)
