@@ -47,6 +47,7 @@ from bench.simulate import (
     accuracy,
     peak_rss_mb,
     round_row,
+    sim_shards,
 )
 from ml.data import BatchSampler, DataSpec, assign_shards
 from ml.workload import from_spec
@@ -302,6 +303,7 @@ async def _drive(ray: Any, *, nodes: int, rounds: int, byzantine: float, n_byz: 
     config = {"model": model, "aggregator": aggregator, "byzantine_fraction": byzantine,
               "quorum": nodes, "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps,
               "n_shards": nodes, "partition": partition, "seed": seed, **extra_config}
+    config["n_shards"] = await asyncio.to_thread(sim_shards, config)
     run = await asyncio.to_thread(open_run, tmp / "run", config)
     work, cfg = run.work, run.config
     coord = Coordinator(run)

@@ -55,10 +55,11 @@ import torch
 from bench.sim_nodes import AGENT, MemorySender, SharedTrainer, SimNode
 from ml.data import BatchSampler, assign_shards
 from ml.zoo import load_flat
+from server.config import RunConfig
 from server.coordinator import Coordinator
 from server.peers import Connection
 from server.reduction import ServerReduction
-from server.runstate import RunState, open_run
+from server.runstate import RunState, open_run, workload_of
 from shared.attacks import ATTACKS, Attack, get_attack
 from shared.envelope import Identity
 from shared.messages import RESULT_CODECS
@@ -185,6 +186,13 @@ def _round_text(row: dict[str, Any], train_s: float, sign_s: float) -> str:
             f"(train {train_s:.1f} s, sign+handle {sign_s:.1f} s)" + " " * 10)
 
 
+def sim_shards(config: dict[str, Any]) -> int:
+    """One shard a node, or one a training row when nodes outnumber rows (10,000 nodes on the
+    1,437 rows of digits: nodes then share shards, as the server hands them out round-robin)."""
+    rows = len(workload_of(RunConfig.from_dict(config)).dataset.keys_train)
+    return min(int(config["n_shards"]), rows)
+
+
 async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, aggregator: str,
                    model: str = "mlp-digits", seed: int = 0, inner_steps: int | None = None,
                    partition: str = "iid", data_dir: str | Path | None = None,
@@ -207,6 +215,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     config = {"model": model, "aggregator": aggregator, "byzantine_fraction": byzantine,
               "quorum": quorum, "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps,
               "n_shards": nodes, "partition": partition, "seed": seed, **(extra_config or {})}
+    config["n_shards"] = await asyncio.to_thread(sim_shards, config)
     run = await asyncio.to_thread(open_run, tmp / "run", config)
     work = run.work
     cfg = run.config

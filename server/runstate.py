@@ -93,6 +93,13 @@ class RunState:
         return {**self.last_round, "entropy_floor": self.entropy_floor}
 
 
+def workload_of(config: RunConfig) -> Workload:
+    """The workload a new run with `config` trains (what open_run builds for it)."""
+    return resolve(model=config.model, flavour=config.flavour, data=config.data,
+                   data_path=config.data_path, partition=config.partition,
+                   alpha=config.alpha, seed=config.seed, tokenizer=config.tokenizer)
+
+
 def open_run(data_dir: str | Path, overrides: dict[str, Any],
              base: dict[str, Any] | None = None, db: str | None = None) -> RunState:
     """Resume the run in `data_dir`, or create it from `base` (TOML) + `overrides` (flags).
@@ -101,9 +108,11 @@ def open_run(data_dir: str | Path, overrides: dict[str, Any],
     row = store.load_run()
     if row is None:
         config = RunConfig.from_dict(base or {}).merged(overrides, resuming=False)
-        work = resolve(model=config.model, flavour=config.flavour, data=config.data,
-                       data_path=config.data_path, partition=config.partition,
-                       alpha=config.alpha, seed=config.seed, tokenizer=config.tokenizer)
+        work = workload_of(config)
+        rows = len(work.dataset.keys_train)
+        if config.n_shards > rows:
+            raise ValueError(f"n_shards {config.n_shards} exceeds the {rows} training rows of "
+                             f"{config.model}'s data: shards would be empty; use at most {rows}")
         keep_tokenizer_file(store.dir, work.data_spec)  # bpe: tokenizer.json with the run
         run_id = uuid.uuid4().hex[:16]
         theta0 = initial_params(work)

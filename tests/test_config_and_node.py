@@ -145,3 +145,13 @@ def test_aggregator_must_handle_a_quorum_sized_round() -> None:
         RunConfig(worker_momentum=1.0)
     with pytest.raises(ValueError, match="cc_reference"):
         RunConfig(cc_reference="previous")
+
+
+def test_a_run_with_more_shards_than_training_rows_is_refused_before_it_exists(
+        tmp_path: Path) -> None:
+    from server.runstate import open_run
+
+    with pytest.raises(ValueError, match="exceeds the 1618 training rows"):
+        open_run(tmp_path / "run", {"model": "mlp-digits", "n_shards": 10_000})
+    run = open_run(tmp_path / "run", {"model": "mlp-digits", "n_shards": 1618})
+    assert run.config.n_shards == 1618
