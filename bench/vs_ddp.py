@@ -41,6 +41,16 @@ import numpy as np
 from bench.common import ROOT, children, code_digest, emit, free_port, get_json
 from bench.ddp_worker import lo_counters, load_workload, run_ddp
 from bench.error_feedback import SPARSE_OUTER, TOPK
+from bench.vs_ddp_sparse import (
+    SPARSE_CODECS,
+    config_name,
+    down_over_up,
+    sparse_figures,
+    with_raw32,
+)
+from bench.vs_ddp_sparse import (
+    targets_md as sparse_targets_md,
+)
 
 NETNS_ENV = "DAA_VS_DDP_NETNS"
 BW_BYTES_S = 100e6 / 8  # 100 Mbit/s per worker, each direction
@@ -52,6 +62,7 @@ CODECS: dict[str, list[str]] = {
     "topk-ef": [*TOPK, *SPARSE_OUTER, "--error-feedback"],
     # plain parameter averaging (outer lr 1, no momentum): the small-data model's outer step
     "raw32-avg": ["--codec", "raw32", "--outer-lr", "1.0", "--outer-momentum", "0.0"],
+    **SPARSE_CODECS,  # sparseloco-H<steps>: bench.vs_ddp_sparse
 }
 
 
@@ -73,15 +84,17 @@ class Grid:
 
 def full_grids() -> list[Grid]:
     gpt = tuple((h, c) for h in (10, 50, 100, 500) for c in ("raw32", "int8-block", "topk-ef"))
+    gpt += ((50, "sparseloco"), (100, "sparseloco"), (50, "sparseloco-nesterov"))
     mlp = ((10, "raw32"), (50, "raw32"), (100, "raw32"), (50, "int8-block"), (50, "topk-ef"),
            (10, "raw32-avg"), (50, "raw32-avg"))
     return [Grid("gpt-tiny", "nano", 4, 2000, 16, 0.01, gpt, 50),
             Grid("mlp-digits", None, 4, 500, 32, 0.01, mlp, 25, psgd_start=10)]
 
 
-def quick_grids() -> list[Grid]:
-    return [Grid("mlp-digits", None, 2, 20, 32, 0.01, ((10, "raw32"),), 10,
-                 ddp_hooks=("allreduce",))]
+def quick_grids(sparse: bool = False) -> list[Grid]:
+    """mlp-digits, 2 workers, 20 steps; `sparse` (--only sparseloco) adds sparseloco-H10."""
+    runs = ((10, "raw32"), (10, "sparseloco")) if sparse else ((10, "raw32"),)
+    return [Grid("mlp-digits", None, 2, 20, 32, 0.01, runs, 10, ddp_hooks=("allreduce",))]
 
 
 # -- running one configuration -----------------------------------------------------------
@@ -163,6 +176,7 @@ def summarize_diloco(g: Grid, h: int, codec: str, out: dict[str, Any],
             "messages_critical": DILOCO_HOPS * len(rows), "compute_s": compute, "wall_s": wall,
             "wall_total_s": out["wall_total_s"], "utilization": compute / wall,
             "wan_time_s": float(wan_r.sum()), "wan_utilization": compute / float(wan_r.sum()),
+            "down_over_up": down_over_up(rows), "down_over_up_with_join": down / up,
             "curve": curve}
 
 
@@ -231,10 +245,12 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
     if cache_path.exists() and not fresh:
         cache = json.loads(cache_path.read_text())
     todo = [(g, f"ddp-{k}", 1) for g in grids for k in g.ddp_hooks]
-    todo += [(g, f"diloco-H{h}-{c}", h) for g in grids for h, c in g.runs]
+    todo += [(g, config_name(h, c), h) for g in grids for h, c in g.runs]
+    codec_of = {config_name(h, c): c for g in grids for h, c in g.runs}
     if only:
-        todo = [t for t in todo if t[1].startswith("ddp-allreduce") or any(o in t[1]
-                                                                           for o in only)]
+        picked = [t[1] for t in todo if any(o in t[1] for o in only)]
+        picked += [n for g in grids for n in with_raw32(picked, g.runs)]  # compare at same H
+        todo = [t for t in todo if t[1].startswith("ddp-allreduce") or t[1] in picked]
     # cheap first, so that an interrupted run has the most configurations
     todo.sort(key=lambda t: (t[2] > 1, estimate_s(t[0], t[2])))
     if only:  # ... or in the order asked for
@@ -263,7 +279,7 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
                 res = summarize_ddp(g, hook, out, netns, evaluate_all(work, out["snapshots"]))
                 res["entropy_floor"] = work.dataset.entropy_floor
             else:
-                codec = name.split("-", 2)[2]
+                codec = codec_of[name]
                 res = summarize_diloco(g, h, codec, run_diloco(where, g, h, codec, timeout),
                                        netns)
             res.update(config=name, model=g.model, run_s=time.monotonic() - t0)
@@ -276,7 +292,7 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
     shutil.rmtree(tmp, ignore_errors=True)
     order = {(g.model, name): i for i, (g, name) in enumerate(
         [(g, f"ddp-{k}") for g in grids for k in g.ddp_hooks]
-        + [(g, f"diloco-H{h}-{c}") for g in grids for h in sorted({h for h, _ in g.runs})
+        + [(g, config_name(h, c)) for g in grids for h in sorted({h for h, _ in g.runs})
            for c in CODECS if (h, c) in g.runs])}
     missing = []
     for g, name, _ in sorted(todo, key=lambda t: order[(t[0].model, t[1])]):
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc is not None:
             return rc
     netns = bool(os.environ.get(NETNS_ENV))
-    grids = quick_grids() if args.quick else full_grids()
+    grids = (quick_grids("sparseloco" in (args.only or "")) if args.quick else full_grids())
     if args.models:
         grids = [g for g in grids if g.model in args.models.split(",")]
     if args.steps:
@@ -353,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     figs["from_cache"] = from_cache  # configurations not run now: read from the cache
     figs["configs_run_s"] = round(sum(r["run_s"] for rs in results.values() for r in rs), 1)
     write_outputs(out_dir, grids, results, figs, wall_s=time.monotonic() - t0,
-                  command="python -m bench.vs_ddp " + " ".join(argv))
+                  command="python -m bench.vs_ddp " + " ".join(argv),
+                  stem="vs_ddp" + "".join(f"_{o}" for o in (args.only or "").split(",") if o))
     emit(figs)
     return 0
 
@@ -399,6 +416,7 @@ def model_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
                  "loss_gap_vs_ddp": best["loss_gap_vs_ddp"],
                  "utilization_wan": best["wan_utilization"],
                  "bytes_ratio_if_down_like_up": best["bytes_ratio_if_down_like_up"],
+                 "down_over_up": best.get("down_over_up"),
                  "wan_time_to_target_s": best["wan_time_to_target_s"],
                  "chosen_by": "most bytes saved within 3% of DDP's loss" if ok
                  else "none within 3% of DDP: the lowest loss"},
@@ -412,6 +430,7 @@ def model_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         "ddp_wan_time_to_target_s": ddp["wan_time_to_target_s"],
         "ddp_utilization_loopback": ddp["utilization"],
         "target_loss": target,
+        "sparseloco": sparse_figures(results),
     }
 
 
@@ -467,7 +486,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def plots(out_dir: Path, grids: list[Grid], results: dict[str, list[dict[str, Any]]]) -> None:
+def plots(out_dir: Path, grids: list[Grid], results: dict[str, list[dict[str, Any]]],
+          stem: str = "vs_ddp") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -502,7 +522,7 @@ def plots(out_dir: Path, grids: list[Grid], results: dict[str, list[dict[str, An
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / f"vs_ddp_loss_vs_{name}.png", dpi=110)
+        fig.savefig(out_dir / f"{stem}_loss_vs_{name}.png", dpi=110)
         plt.close(fig)
 
 
@@ -581,7 +601,8 @@ def settings_line(g: Grid) -> str:
 
 
 def write_outputs(out_dir: Path, grids: list[Grid], results: dict[str, list[dict[str, Any]]],
-                  figs: dict[str, Any], *, wall_s: float, command: str) -> None:
+                  figs: dict[str, Any], *, wall_s: float, command: str,
+                  stem: str = "vs_ddp") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# bench.vs_ddp: `{command}`", "",
              f"wan_method: model ({BW_BYTES_S * 8 / 1e6:.0f} Mbit/s, {LATENCY_S * 1e3:.0f} ms "
@@ -593,12 +614,14 @@ def write_outputs(out_dir: Path, grids: list[Grid], results: dict[str, list[dict
     if figs["not_run"]:
         lines += [f"Not run (time): {', '.join(figs['not_run'])}", ""]
     lines += targets_md(figs)
-    (out_dir / "vs_ddp.md").write_text("\n".join(lines))
+    if figs.get("sparseloco"):
+        lines += ["", *sparse_targets_md(figs["sparseloco"])]
+    (out_dir / f"{stem}.md").write_text("\n".join(lines))
     slim = {m: [{k: v for k, v in r.items() if k != "curve"} for r in rs]
             for m, rs in results.items()}
-    (out_dir / "vs_ddp.json").write_text(json.dumps({"figures": figs, "configs": slim},
+    (out_dir / f"{stem}.json").write_text(json.dumps({"figures": figs, "configs": slim},
                                                     indent=1, sort_keys=True))
-    plots(out_dir, grids, results)
+    plots(out_dir, grids, results, stem)
     for g in grids:
         print(settings_line(g))
         print(table(results[g.model]))

@@ -1,0 +1,103 @@
+"""bench.vs_ddp's SparseLoCo configurations (issue 16 item 4) and their figures.
+
+`sparseloco-H<steps>`: nodes send top-k (`NODE_FRACTION`) with 2-bit values and keep the
+residual (error feedback, no outer momentum); the server's outer step is itself top-k
+(`DOWN_FRACTION`, 2-bit, server residual) and is what RoundOpen carries (shared.sparseloco).
+`sparseloco-H<steps>-nesterov`: the same with DiLoCo's Nesterov outer step (lr 0.7, momentum
+0.9) applied to the aggregate before the server compresses it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+NODE_FRACTION = 0.03
+DOWN_FRACTION = 0.03
+_NODE = ["--codec", "topk", "--codec-params",
+         json.dumps({"fraction": NODE_FRACTION, "values": "int2"}), "--error-feedback",
+         "--outer", "sparseloco"]
+SPARSE_CODECS: dict[str, list[str]] = {
+    "sparseloco": [*_NODE, "--outer-lr", "1.0", "--outer-params",
+                   json.dumps({"fraction": DOWN_FRACTION, "values": "int2"})],
+    "sparseloco-nesterov": [*_NODE, "--outer-lr", "0.7", "--outer-params",
+                            json.dumps({"fraction": DOWN_FRACTION, "values": "int2",
+                                        "momentum": 0.9})],
+}
+
+
+def config_name(h: int, codec: str) -> str:
+    """`sparseloco-H50`, `sparseloco-H50-nesterov`; `diloco-H50-raw32` for the others."""
+    if codec.startswith("sparseloco"):
+        return f"sparseloco-H{h}{codec.removeprefix('sparseloco')}"
+    return f"diloco-H{h}-{codec}"
+
+
+def with_raw32(names: list[str], runs: tuple[tuple[int, str], ...]) -> set[str]:
+    """The raw32 configurations at the H values of `names` (compression is against them)."""
+    hs = {h for h, c in runs if config_name(h, c) in names}
+    return {config_name(h, "raw32") for h in hs if (h, "raw32") in runs}
+
+
+def down_over_up(rows: list[dict[str, Any]]) -> float | None:
+    """Bytes down / bytes up per node per round (the server's per-round payload counts; the
+    same for every node of a round), mean over the rounds after the first (whose download is
+    the joining nodes' full params)."""
+    ratios = [r["bytes_down"] / r["bytes_up"] for r in rows[1:] if r["bytes_up"]]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def sparse_figures(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best SparseLoCo configuration against the issue's targets: >= 1,000x fewer bytes
+    than DDP within 1% of its loss, >= 95% fewer bytes than raw32 at <= 1% loss gap,
+    down_over_up <= 2."""
+    sp = [r for r in results if r["config"].startswith("sparseloco")]
+    if not sp:
+        return None
+    ok = [r for r in sp if r["loss_gap_vs_ddp"] <= 0.01]
+    best = (max(ok, key=lambda r: r["bytes_ratio_vs_ddp"]) if ok
+            else min(sp, key=lambda r: r["loss_gap_vs_ddp"]))
+    comp = [r for r in sp if "compression_savings" in r]
+    c_ok = [r for r in comp if r["compression_loss_gap"] <= 0.01]
+    cbest = (max(c_ok, key=lambda r: r["compression_savings"]) if c_ok
+             else min(comp, key=lambda r: r["compression_loss_gap"]) if comp else None)
+    d = best.get("down_over_up")
+    return {
+        "config": best["config"], "bytes_ratio_vs_ddp": best["bytes_ratio_vs_ddp"],
+        "loss_gap_vs_ddp": best["loss_gap_vs_ddp"], "down_over_up": d,
+        "down_over_up_with_join": best.get("down_over_up_with_join"),
+        "chosen_by": "most bytes saved within 1% of DDP's loss" if ok
+        else "none within 1% of DDP: the lowest loss",
+        "compression_config": cbest["config"] if cbest else None,
+        "compression_savings": cbest["compression_savings"] if cbest else None,
+        "compression_loss_gap": cbest["compression_loss_gap"] if cbest else None,
+        "targets": {
+            "bytes_ratio_1000x": best["bytes_ratio_vs_ddp"] >= 1000,
+            "loss_within_1pct": best["loss_gap_vs_ddp"] <= 0.01,
+            "compression_savings_95pct": bool(cbest and cbest["compression_savings"] >= 0.95),
+            "compression_gap_1pct": bool(cbest and cbest["compression_loss_gap"] <= 0.01),
+            "down_over_up_2": d is not None and d <= 2}}
+
+
+def targets_md(f: dict[str, Any]) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    t = f["targets"]
+    out = [f"## SparseLoCo targets (best = {f['config']}, chosen by: {f['chosen_by']})", "",
+           "| target | measured | |", "|---|---|---|",
+           f"| >= 1,000x fewer bytes per worker than DDP | {f['bytes_ratio_vs_ddp']:,.1f}x | "
+           f"{mark(t['bytes_ratio_1000x'])} |",
+           f"| final eval loss within 1% of DDP's | {100 * f['loss_gap_vs_ddp']:+.2f}% | "
+           f"{mark(t['loss_within_1pct'])} |"]
+    if f["compression_savings"] is not None:
+        out += [f"| >= 95% fewer bytes than raw32 at the same H ({f['compression_config']}) | "
+                f"{100 * f['compression_savings']:.1f}% | "
+                f"{mark(t['compression_savings_95pct'])} |",
+                f"| ... at a loss gap <= 1% | {100 * f['compression_loss_gap']:+.2f}% | "
+                f"{mark(t['compression_gap_1pct'])} |"]
+    d, dj = f["down_over_up"], f["down_over_up_with_join"]
+    out += [f"| bytes down / bytes up per node per round <= 2 | "
+            f"{'—' if d is None else f'{d:.2f}'} (with the join's full params: "
+            f"{'—' if dj is None else f'{dj:.2f}'}) | {mark(t['down_over_up_2'])} |", ""]
+    return out
