@@ -130,3 +130,34 @@ def test_a_tab_finds_native_nodes_and_they_find_it_through_the_relay(
     assert view.get("relayed", 0) > 0, view
     assert cli.proc.poll() is None, cli.log.read_text()[-2000:]
     assert tab.errors == [], tab.errors
+
+
+@pytest.mark.timeout(300)
+def test_a_tab_keeps_finding_nodes_over_its_data_channels_with_the_server_killed(
+        tmp_path: Path) -> None:
+    """A p2p run in a private network namespace (e2e/dht_p2p_scenario.py): the tab's DHT rides
+    the shard channels the run opened; with the server process killed, its lookups of both
+    native nodes still succeed, over those channels alone."""
+    from bench import netns
+    from e2e.conftest import CHROMIUM, ensure_vendored
+    from tests.conftest import in_netns
+
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"no private network namespace here: {why}")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    ensure_vendored()
+    res = in_netns("e2e.dht_p2p_scenario", [str(tmp_path)], timeout=280)
+    print(json.dumps(res))  # shown with -s
+    assert all(r["found"] for r in res["before"]), res
+    assert all(r["found"] for r in res["after"]), res  # the server is gone
+    delta = res["delta"]
+    assert delta["found"] == res["natives"], res
+    assert delta["direct_out"] >= res["natives"], res  # queries on the channels
+    assert delta["direct_in"] >= res["natives"], res  # and their answers
+    assert delta["relay_out"] == 0, res  # nothing went through the (dead) relay
+    assert res["dht"]["relay_up"] is False, res
+    assert res["console_errors_before_kill"] == [], res
+    # after the kill the page logs its failed reconnects and fetches; nothing else
+    assert [e for e in res["console_errors"] if "ERR_CONNECTION_REFUSED" not in e] == [], res
