@@ -8,6 +8,7 @@
     node.py     DhtNode: the protocol (bytes in, bytes out, a clock reading each call)
     memnet.py   an in-memory network with modelled latency and loss (tests, bench.dht)
     aio.py      an asyncio driver on a real clock: what a carrier (relay, data channel) wraps
+    carrier.py  a participant's carrier (rtc:/relay: routing), for native nodes and tabs
 """
 
 from __future__ import annotations
