@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bench.common import run_swarm
-from server.app import RUN
-from shared.codecs import decode_payload, make_codec
+from server.keys import RUN
+from shared.codecs import TopK, decode_payload, make_codec
 from shared.downlink import resolve
 from shared.errors import BadUpdate
 from shared.messages import Ack, RoundCommitted, RoundOpen, Welcome, sha256_hex
@@ -29,6 +29,7 @@ def test_int2_values_decode_the_same_on_both_paths(n: int, block: int) -> None:
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n).astype(np.float32)
     codec = make_codec("topk", fraction=0.3, values="int2", block=block)
+    assert isinstance(codec, TopK)
     payload = codec.encode(x)
     assert payload == codec.encode([float(v) for v in x], use_numpy=False)
     a = np.asarray(decode_payload(payload, n), np.float32)

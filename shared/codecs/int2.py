@@ -76,7 +76,7 @@ def encode_np(np: ModuleType, vals: Any, block: int) -> bytes:
     codes = (hi_bits.astype(np.uint8) << 1) | (vals < 0).astype(np.uint8)
     codes = np.concatenate([codes, np.zeros(-k % 4, dtype=np.uint8)]).reshape(-1, 4)
     packed = codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6
-    return levels.tobytes() + packed.astype(np.uint8).tobytes()
+    return bytes(levels.tobytes() + packed.astype(np.uint8).tobytes())
 
 
 def _split(data: memoryview, k: int, block: int) -> tuple[memoryview, memoryview]:
