@@ -263,8 +263,9 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
     tmp = Path(tempfile.mkdtemp(prefix="daa-vs-ddp-"))
     results: dict[str, list[dict[str, Any]]] = {g.model: [] for g in grids}
     workloads: dict[str, Any] = {}
-    for g, name, h in todo:
-        key = config_key(g, name, netns)
+    keys = {(g.model, name): config_key(g, name, netns) for g, name, _ in todo}  # the code as
+    for g, name, h in todo:  # it was when the run began: others may edit the tree meanwhile
+        key = keys[(g.model, name)]
         if key not in cache and not cached_only:
             t0 = time.monotonic()
             where = tmp / key.replace("/", "_")
@@ -296,8 +297,8 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
            for c in CODECS if (h, c) in g.runs])}
     missing = []
     for g, name, _ in sorted(todo, key=lambda t: order[(t[0].model, t[1])]):
-        if config_key(g, name, netns) in cache:
-            results[g.model].append(cache[config_key(g, name, netns)])
+        if keys[(g.model, name)] in cache:
+            results[g.model].append(cache[keys[(g.model, name)]])
         else:
             missing.append(f"{g.model}/{name}")
     return results, missing, from_cache
