@@ -3,6 +3,7 @@
     python -m bench.byzantine [--jobs 2] [--models mlp-digits,gpt-tiny]
         [--fractions 0.1,0.2,0.3333,0.45] [--rules ...] [--attacks ...] [--seeds 0,1,2]
         [--nodes 10] [--rounds 4] [--inner-steps 10] [--fresh] [--quick] [--no-agg-ms]
+        [--agg-only] [--agg-repeats 5] [--agg-n 64] [--agg-d 1000000] [--agg-f 15]
 
 Every cell is a `bench.simulate.simulate` run (the REAL coordinator, honest + attacking nodes
 over the in-memory transport), averaged over the seeds, and compared with the clean run of the
@@ -19,9 +20,10 @@ bench/results/byzantine-cache.json so an interrupted bench resumes (--fresh igno
 JSON line lists the cells read from the cache in "from_cache". One progress line per
 finished run on stderr, with an ETA.
 
-`agg_ms`: median wall time (ms) of each rule's numpy path over n = 64 updates of 1,000,000
-float32 values with f = 15 (the largest f with n >= 4f+3, so every rule incl. Bulyan
-accepts it), on one thread (BLAS/OpenMP pools limited to 1). `python -m bench.agg_speed`
+`agg_ms`: the fastest of --agg-repeats (5) calls (ms) of each rule's numpy path over n = 64
+updates of 1,000,000 float32 values with f = 15 (the largest f with n >= 4f+3, so every rule
+incl. Bulyan accepts it), on one thread (BLAS/OpenMP pools limited to 1), with the load
+average next to it; `--agg-only` times the rules and runs no cell. `python -m bench.agg_speed`
 times the same rules side by side with byzfl and Flower.
 
 LAST stdout line: JSON with default_rule, worst_loss_ratio_33, worst_acc_drop_33, agg_ms,
@@ -41,7 +43,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ CACHE = ROOT / "bench" / "results" / "byzantine-cache.json"
 # what a cell runs (bench.simulate in-process): a change here invalidates the cached cells
 MEASURED = ("bench/simulate.py", "bench/sim_nodes.py", "shared", "ml", "server")
 CELL_TIMEOUT_S = 900.0
+ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 log = logging.getLogger("bench.byzantine")
 
 
@@ -230,8 +232,12 @@ def execute(runs: list[Run], *, jobs: int, cache: dict[str, Any],
 
 # -- aggregation timing ----------------------------------------------------------------------
 def time_rules(rules: Iterable[str], *, n: int = 64, d: int = 1_000_000, f: int = 15,
-               repeats: int = 3, seed: int = 0) -> dict[str, float]:
-    """Median ms of each rule's numpy path over n float32 updates of d values, one thread."""
+               repeats: int = 5, seed: int = 0) -> dict[str, float]:
+    """Fastest of `repeats` calls (ms) of each rule's numpy path over n float32 updates of d
+    values, on one thread. The minimum, not the median: the machine is shared, and other
+    work only ever adds time."""
+    for var in ONE_THREAD_ENV:  # before numpy's first import (threadpoolctl covers the rest)
+        os.environ.setdefault(var, "1")
     import numpy as np
     from threadpoolctl import threadpool_limits
 
@@ -248,7 +254,7 @@ def time_rules(rules: Iterable[str], *, n: int = 64, d: int = 1_000_000, f: int 
                 t = time.perf_counter()
                 rule(stack, f=f)
                 times.append((time.perf_counter() - t) * 1000.0)
-            out[name] = round(statistics.median(times), 1)
+            out[name] = round(min(times), 1)
     return out
 
 
@@ -437,6 +443,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agg-n", type=int, default=64)
     p.add_argument("--agg-d", type=int, default=1_000_000)
     p.add_argument("--agg-f", type=int, default=15)
+    p.add_argument("--agg-repeats", type=int, default=5,
+                   help="timed calls per rule; agg_ms is the fastest")
+    p.add_argument("--agg-only", action="store_true",
+                   help="time the rules (agg_ms) and run no cell")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.fractions = "mlp-digits", "1/3"
@@ -492,6 +502,35 @@ def save_cache(path: Path | None, cache: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def agg_setup(args: argparse.Namespace) -> dict[str, Any]:
+    return {"n": args.agg_n, "d": args.agg_d, "f": args.agg_f, "repeats": args.agg_repeats,
+            "statistic": "min", "threads": 1, "loadavg": loadavg()}
+
+
+def loadavg() -> str | None:
+    """/proc/loadavg's 1/5/15-minute figures (the machine is shared: timings depend on it)."""
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return None
+
+
+def agg_table(args: argparse.Namespace, agg: dict[str, float]) -> str:
+    return (f"\naggregation time, numpy path, n={args.agg_n} x d={args.agg_d} float32, "
+            f"f={args.agg_f}, one thread, fastest of {args.agg_repeats} (ms; load "
+            f"{loadavg()}):\n" + markdown(list(agg), [[f"{v:.1f}" for v in agg.values()]]))
+
+
+def agg_only(args: argparse.Namespace) -> int:
+    """--agg-only: agg_ms alone (no cell runs, the cache untouched)."""
+    from shared.aggregation import RULES
+
+    before = loadavg()
+    agg = time_rules(RULES, n=args.agg_n, d=args.agg_d, f=args.agg_f, repeats=args.agg_repeats)
+    print(agg_table(args, agg).lstrip())
+    emit({"agg_ms": agg, "agg_ms_setup": {**agg_setup(args), "loadavg_before": before}})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     global DEFAULT_RULE
     args = parse(argv)
@@ -517,9 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     cache = {} if args.fresh else load_cache(cache_path)
 
     agg: dict[str, float] | None = None
+    if args.agg_only:
+        return agg_only(args)
     if not args.no_agg_ms:  # first, so that a --cached-only tabulation sees the newest cache
         from shared.aggregation import RULES
-        agg = time_rules(RULES, n=args.agg_n, d=args.agg_d, f=args.agg_f)
+        agg = time_rules(RULES, n=args.agg_n, d=args.agg_d, f=args.agg_f,
+                         repeats=args.agg_repeats)
         if args.cached_only and cache_path and cache_path.exists():
             with contextlib.suppress(ValueError):
                 cache = json.loads(cache_path.read_text())
@@ -546,13 +588,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(runs)} runs, {wall:.0f} s")
     print("\n".join(lines))
     if agg is not None:
-        print(f"\naggregation time, numpy path, n={args.agg_n} x d={args.agg_d} float32, "
-              f"f={args.agg_f} (median of 3), ms:")
-        print(markdown(list(agg), [[f"{v:.1f}" for v in agg.values()]]))
+        print(agg_table(args, agg))
     figures = {"default_rule": DEFAULT_RULE, "default_validation": validation,
                **summary(args, figs), "agg_ms": agg,
-               "agg_ms_setup": None if agg is None else
-               {"n": args.agg_n, "d": args.agg_d, "f": args.agg_f, "repeats": 3},
+               "agg_ms_setup": None if agg is None else agg_setup(args),
                **figs, "settings": settings,
                "from_cache": from_cache,  # cells not run now: read from --cache
                "code_digest": code_digest(*MEASURED)}

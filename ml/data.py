@@ -71,6 +71,11 @@ class DataSpec:
     val_fraction: float = 0.1
     partition: str = "iid"
     alpha: float = 0.5
+    # ml/tokenizer.py: "" (the data's symbols), "byte" or "bpe:N"; a BPE tokenizer's JSON
+    # (zlib + base64) and its SHA-256 once trained at run creation
+    tokenizer: str = ""
+    tokenizer_sha256: str | None = None
+    tokenizer_blob: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -89,10 +94,18 @@ class DataSpec:
             raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
         if self.kind == "text" and not self.path:
             raise ValueError("path: required for kind 'text'")
+        from ml.tokenizer import parse_tokenizer
+
+        parse_tokenizer(self.tokenizer)
 
     def to_dict(self) -> dict[str, object]:
-        """All fields as a JSON-able dict."""
-        return dataclasses.asdict(self)
+        """All fields as a JSON-able dict (the tokenizer's only when set: older specs keep
+        their form and cache keys)."""
+        d = dataclasses.asdict(self)
+        if not self.tokenizer:
+            for key in ("tokenizer", "tokenizer_sha256", "tokenizer_blob"):
+                d.pop(key)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> DataSpec:
@@ -116,6 +129,9 @@ class Dataset:
     vocab: list[str] | None = None
     entropy_floor: float | None = None
     entropy_rate: float | None = None
+    # UTF-8 bytes (Markov: symbols) per predicted token of the val split: loss per byte =
+    # loss per token / this, comparable across tokenizers (ml/tokenizer.py)
+    bytes_per_token: float | None = None
 
     @property
     def task(self) -> str:
@@ -252,12 +268,14 @@ class MarkovSource:
 
 
 def _lm_dataset(
-    train: IntArray, val: IntArray, vocab: list[str], floor: float | None, rate: float | None
+    train: IntArray, val: IntArray, vocab: list[str], floor: float | None, rate: float | None,
+    bytes_per_token: float | None = None,
 ) -> Dataset:
     """Windows [N, T+1] -> x = w[:, :-1], y = w[:, 1:]; keys = first token."""
     x_tr, y_tr = np.ascontiguousarray(train[:, :-1]), np.ascontiguousarray(train[:, 1:])
     x_va, y_va = np.ascontiguousarray(val[:, :-1]), np.ascontiguousarray(val[:, 1:])
-    return Dataset(x_tr, y_tr, x_va, y_va, x_tr[:, 0].copy(), vocab, floor, rate)
+    return Dataset(x_tr, y_tr, x_va, y_va, x_tr[:, 0].copy(), vocab, floor, rate,
+                   bytes_per_token)
 
 
 def _load_markov(spec: DataSpec) -> Dataset:
@@ -268,7 +286,7 @@ def _load_markov(spec: DataSpec) -> Dataset:
     train = src.sample(spec.n_train, length, np.random.default_rng((spec.seed, 1)))
     val = src.sample(spec.n_val, length, np.random.default_rng((spec.seed, 2)))
     floor, rate = src.window_floor(spec.context), src.entropy_rate
-    return _lm_dataset(train, val, markov_symbols(spec.vocab_size), floor, rate)
+    return _lm_dataset(train, val, markov_symbols(spec.vocab_size), floor, rate, 1.0)
 
 
 def _text_split(n_chars: int, val_fraction: float, t: int) -> int | None:
@@ -277,14 +295,18 @@ def _text_split(n_chars: int, val_fraction: float, t: int) -> int | None:
     return split if min(split, n_chars - split) >= t + 1 else None
 
 
-def _load_text(spec: DataSpec) -> Dataset:
+def _read_text(spec: DataSpec) -> str:
     assert spec.path is not None
     raw = Path(spec.path).read_bytes()
     if spec.sha256 is not None:
         got = hashlib.sha256(raw).hexdigest()
         if got != spec.sha256.lower():
             raise ValueError(f"sha256: expected {spec.sha256}, got {got} for {spec.path}")
-    text = raw.decode("utf-8")
+    return raw.decode("utf-8")
+
+
+def _load_text(spec: DataSpec) -> Dataset:
+    text = _read_text(spec)
     t, n = spec.context, len(text)
     split = _text_split(n, spec.val_fraction, t)
     if split is None:
@@ -299,7 +321,8 @@ def _load_text(spec: DataSpec) -> Dataset:
     lookup = {c: i for i, c in enumerate(vocab)}
     ids = np.fromiter((lookup[c] for c in text), dtype=np.int64, count=n)
     train, val = (sliding_window_view(part, t + 1)[::t] for part in (ids[:split], ids[split:]))
-    return _lm_dataset(train, val, vocab, None, None)
+    per_char = np.array([len(c.encode("utf-8")) for c in vocab], dtype=np.float64)
+    return _lm_dataset(train, val, vocab, None, None, float(per_char[val[:, 1:]].mean()))
 
 
 def _load_digits(spec: DataSpec) -> Dataset:
@@ -321,6 +344,10 @@ def _load_digits(spec: DataSpec) -> Dataset:
 
 def load_dataset(spec: DataSpec) -> Dataset:
     """Load (or generate) the dataset described by ``spec``."""
+    if spec.tokenizer:  # "byte" or "bpe:N" (ml/tokenizer.py)
+        from ml.tokenizer import load_tokenized
+
+        return load_tokenized(spec)
     if spec.kind == "markov":
         return _load_markov(spec)
     if spec.kind == "text":
@@ -448,7 +475,8 @@ def load_dataset_cached(spec: DataSpec, cache_dir: Path | None) -> Dataset:
             return Dataset(x_train=z["x_train"], y_train=z["y_train"], x_val=z["x_val"],
                            y_val=z["y_val"], keys_train=z["keys_train"], vocab=vocab,
                            entropy_floor=None if math.isnan(ent[0]) else ent[0],
-                           entropy_rate=None if math.isnan(ent[1]) else ent[1])
+                           entropy_rate=None if math.isnan(ent[1]) else ent[1],
+                           bytes_per_token=None if math.isnan(ent[2]) else ent[2])
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, IndexError) as exc:
@@ -463,6 +491,7 @@ def load_dataset_cached(spec: DataSpec, cache_dir: Path | None) -> Dataset:
                      vocab=np.array(ds.vocab or [], dtype=str),
                      has_vocab=np.array(ds.vocab is not None),
                      entropy=np.array([math.nan if v is None else v
-                                       for v in (ds.entropy_floor, ds.entropy_rate)]))
+                                       for v in (ds.entropy_floor, ds.entropy_rate,
+                                                 ds.bytes_per_token)]))
         os.replace(tmp, path)
     return ds

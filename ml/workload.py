@@ -16,6 +16,7 @@ import torch
 
 from ml.byo import ENTRY_POINT_GROUP, byo_config, check, resolve_factory
 from ml.data import Dataset, DataSpec, load_dataset, load_dataset_cached
+from ml.tokenizer import TokenizerMismatch, prepare_spec, tokenizer_tag
 from ml.zoo import MODELS, build_model, flatten, manifest, model_config
 from shared.layout import TensorSlot, make_manifest, model_id
 
@@ -47,15 +48,19 @@ def file_sha256(path: str | Path) -> str:
 
 
 def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str | None,
-            partition: str, alpha: float, seed: int) -> Workload:
+            partition: str, alpha: float, seed: int, tokenizer: str = "") -> Workload:
     """Build the workload a new run trains, from the run config's fields. A model that is
     not a zoo name is a bring-your-own factory (ml/byo.py), checked here before any run state
-    is written."""
+    is written. `tokenizer` (ml/tokenizer.py): "" the data's symbols, "byte", or "bpe:N",
+    trained here on the run's training text."""
     byo = None if model in MODELS else resolve_factory(model)
     if model not in MODELS and byo is None:
         raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}, a "
                          f"'package.module:factory', or an installed {ENTRY_POINT_GROUP!r} "
                          "entry point")
+    if byo is not None and tokenizer:
+        raise ValueError(f"tokenizer {tokenizer!r} is for the zoo's language models, not a "
+                         "bring-your-own model")
     if byo is not None:
         return _resolve_byo(byo, flavour=flavour, data=data, data_path=data_path,
                             partition=partition, alpha=alpha, seed=seed)
@@ -67,12 +72,16 @@ def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str
     context = int(probe.get("context", 64))  # type: ignore[call-overload]
     spec = DataSpec(kind=kind, seed=seed, context=context, partition=partition, alpha=alpha,
                     path=str(Path(data_path).resolve()) if data_path else None,
-                    sha256=file_sha256(data_path) if kind == "text" and data_path else None)
+                    sha256=file_sha256(data_path) if kind == "text" and data_path else None,
+                    tokenizer=tokenizer)
+    spec = prepare_spec(spec)  # trains a BPE tokenizer on the training text
     dataset = load_dataset(spec)
     vocab = len(dataset.vocab) if dataset.vocab is not None else None
-    if task == "lm" and kind == "markov":
+    if task == "lm" and kind == "markov" and not tokenizer:
         vocab = spec.vocab_size
     cfg = model_config(model, flavour, vocab_size=vocab, context=context, seed=seed)
+    if (tag := tokenizer_tag(spec)) is not None:
+        cfg["tokenizer"] = tag  # part of the model id: another tokenizer is another model
     return from_spec(cfg, spec, dataset=dataset)
 
 
@@ -100,6 +109,10 @@ def from_spec(model_cfg: dict[str, Any], spec: DataSpec, *, dataset: Dataset | N
     `cache_dir` keeps the generated dataset on disk (ml.data.load_dataset_cached)."""
     if local_path is not None:
         spec = DataSpec.from_dict({**spec.to_dict(), "path": local_path})
+    want, have = model_cfg.get("tokenizer"), tokenizer_tag(spec)
+    if want != have:
+        raise TokenizerMismatch(f"tokenizer mismatch: the model was built for tokenizer "
+                                f"{str(want)[:16]}, the data spec gives {str(have)[:16]}")
     if dataset is None:
         dataset = load_dataset_cached(spec, cache_dir)
     net = build_model(model_cfg)

@@ -58,7 +58,8 @@ async def get_run(request: web.Request) -> web.Response:
         "model": run.work.model_config,
         "model_id": run.work.model_id,
         "n_params": run.n_params,
-        "data": run.work.data_spec.to_dict(),
+        "data": {k: v for k, v in run.work.data_spec.to_dict().items()
+                 if k != "tokenizer_blob"},  # the blob: the run's tokenizer.json
         # the resolved flavour where the config leaves it to the model's default
         "config": {**run.config.to_dict(),
                    "flavour": run.config.flavour or run.work.model_config.get("flavour")},
@@ -66,6 +67,8 @@ async def get_run(request: web.Request) -> web.Response:
         "params_digest": run.params_digest,
         "entropy_floor": run.entropy_floor,
         "entropy_rate": run.work.dataset.entropy_rate,
+        # loss per byte = loss per token / this (ml/tokenizer.py)
+        "bytes_per_token": run.work.dataset.bytes_per_token,
         "eval_loss_init": run.eval_loss_init,
         "eval_loss": last["eval_loss"] if last else run.eval_loss_init,
         **coord.status(),

@@ -1,10 +1,10 @@
 """A validated stack of update vectors: the checks every rule shares, and its two backends.
 
-`prepare` loads the caller's updates once: a numpy (n, d) array when every update is a numpy
-array (the native fast path; float32 when the updates are, so no float64 copy of the stack is
-ever made), else a list of lists of Python floats (the pure path, the only one in Pyodide).
-The numpy path works through column blocks (`blocks`) widened to float64 one block at a time,
-so every sum is still a float64 sum. Both backends do the same IEEE double operations in the
+`prepare` loads the caller's updates once: on the numpy path (every update a numpy array)
+float32 updates are kept where they are, as a list (no copy of the stack is ever made; other
+dtypes are stacked as float64), else a list of lists of Python floats (the pure path, the only
+one in Pyodide). The numpy path works through column blocks (`blocks`) widened to float64 one
+block at a time, so every sum is still a float64 sum. Both backends do the same IEEE double operations in the
 same order wherever a rule's arithmetic allows it, which is what makes most rules give
 bit-identical results on both paths (see the package docstring for which ones do).
 
@@ -33,11 +33,34 @@ from shared.vec import Vector, is_numpy, numpy_module, same_kind
 # and the fewest columns a block has (tests shrink both to run many blocks on small stacks).
 _BLOCK_VALUES = 1 << 19
 _MIN_WIDTH = 256
+# Rules that stream rows through one or two float64 rows of a block (the mean) use blocks of
+# this many default blocks' columns (128k columns at n = 64: 1 MiB per row, in L2/L3).
+MEAN_FACTOR = 16
+# Sorting rules fill a (columns, n) float32 block column by column (strided stores): a
+# quarter block (2,048 columns at n = 64, 512 KiB) keeps those stores in L2.
+SORT_FACTOR = 0.25
 
 
-def block_width(n: int) -> int:
-    """Columns per block on the numpy path for a stack of n updates."""
-    return max(_MIN_WIDTH, _BLOCK_VALUES // max(1, n))
+def block_width(n: int, factor: float = 1.0) -> int:
+    """Columns per block on the numpy path for a stack of n updates (`factor` times the
+    default block: row-streaming rules keep only a block of one or two rows in cache)."""
+    return max(_MIN_WIDTH, int(_BLOCK_VALUES * factor) // max(1, n))
+
+
+def running_sum(np: ModuleType, rows: Sequence[Any], start: int, width: int, acc: Any,
+                tmp: Any) -> Any:
+    """Numpy path: acc[:e] = 0.0 + rows[0][start:start+e] + rows[1][...] + ..., summed left
+    to right in float64 (acc, tmp: float64 scratch of `width`; e = the columns left). Each
+    float32 slice is widened into tmp (in cache) and added: no float64 copy of the stack,
+    and the order and roundings of a plain Python loop. Returns acc[:e]."""
+    e = min(len(rows[0]), start + width) - start
+    a, t = acc[:e], tmp[:e]
+    np.copyto(a, rows[0][start:start + e])
+    a += 0.0  # -0.0 -> 0.0: a numpy reduce starts at +0, so does the pure path
+    for r in rows[1:]:
+        np.copyto(t, r[start:start + e])
+        a += t
+    return a
 
 
 def check_f(rule: str, f: object, n: int, *, min_n: tuple[int, int] | None = None) -> int:
@@ -89,8 +112,8 @@ class Stack:
     """n validated, finite updates of equal length d, held as float64."""
 
     rule: str  # rule name, for error messages
-    rows: Any  # numpy (n, d) array (float32 if the inputs are) on the fast path (or, from
-    # prepare(stacked=False), the callers' float32 arrays), else list[list[float]]
+    rows: Any  # numpy path: the callers' float32 arrays (a list, never copied), or an (n, d)
+    # float64 array for other dtypes; else list[list[float]]
     n: int  # number of updates
     d: int  # length of every update
     np: ModuleType | None  # numpy when this stack takes the fast path, else None
@@ -119,8 +142,13 @@ class Stack:
         norms); when one is not finite, find and name the first non-finite input."""
         np = self.np
         assert np is not None
-        if np.isfinite(values).all():
-            return
+        if not np.isfinite(values).all():
+            self.raise_not_finite()
+
+    def raise_not_finite(self) -> None:
+        """Numpy path: raise the ValueError that names the first non-finite input."""
+        np = self.np
+        assert np is not None
         X = self.rows
         for i in range(self.n):
             ok = np.isfinite(X[i])
@@ -147,20 +175,19 @@ class Stack:
         k = len(idx)
         if self.np is not None:
             np = self.np
-            X = self.rows
             out = np.empty(self.d, dtype=np.float64)
-            rows = list(idx)
-            whole = rows == list(range(self.n))
-            w = self.width
+            rows = [self.rows[i] for i in idx]
+            w = block_width(k, MEAN_FACTOR)
+            acc, tmp = np.empty(w), np.empty(w)
             with np.errstate(all="ignore"):  # a NaN or inf input: reported below
-                for c in self.blocks():
-                    block = X[:, c:c + w] if whole else X[rows, c:c + w]
-                    # axis-0 reduction of a C-ordered block: row after row, in the order given
-                    np.add.reduce(block, axis=0, dtype=np.float64, out=out[c:c + w])
+                for c in range(0, self.d, w):
+                    a = running_sum(np, rows, c, w, acc, tmp)
+                    a /= k
+                    out[c:c + len(a)] = a
             self.check_finite(out)
-            return out / k
+            return out
         rows_py = self.rows
-        acc = list(rows_py[idx[0]])
+        acc = [0.0 + x for x in rows_py[idx[0]]]  # as numpy: no -0.0 sum
         for i in idx[1:]:
             acc = [a + b for a, b in zip(acc, rows_py[i], strict=True)]
         return [a / k for a in acc]
@@ -172,15 +199,13 @@ class Stack:
         ||a||^2 + ||b||^2 - 2ab at the scale of the spread of the rows, not of their norms."""
         np = self.np
         assert np is not None
-        X = self.rows
         n, w = self.n, self.width
         G = np.zeros((n, n), dtype=np.float64)
         B = np.empty((n, w), dtype=np.float64)
         with np.errstate(all="ignore"):  # a NaN or inf input: reported by check_finite
             for c in self.blocks():
-                e = min(self.d, c + w) - c
-                b = B[:, :e]
-                b[...] = X[:, c:c + e]
+                b = self.fill(B, c)
+                e = b.shape[1]
                 if center is None:
                     mid = np.add(b.min(axis=0), b.max(axis=0))
                     mid *= 0.5
@@ -292,22 +317,22 @@ def check_shapes(updates: Sequence[Vector], rule: str) -> tuple[int, int]:
     return n, d
 
 
-def prepare(updates: Sequence[Vector], rule: str, *, stacked: bool = True) -> Stack:
+def prepare(updates: Sequence[Vector], rule: str) -> Stack:
     """Validate a stack (non-empty, equal lengths, every value finite) and load it.
 
     Raises ValueError naming the rule and, for a bad update, its index in the stack. On the
     numpy path the rule checks finiteness on values it computes (Stack.check_finite).
-    stacked=False (rules that only use `norms`, `weighted_sum` and `fill`): float32 numpy
-    updates are read where they are, never copied into one array."""
+    Float32 numpy updates are read where they are, never copied into one array: every rule
+    reads them one column block at a time (`fill`, `running_sum`, `sorted_blocks`)."""
     n, d = check_shapes(updates, rule)
     np = numpy_module()
     if np is not None and all(is_numpy(u) for u in updates):
-        # float32 updates stay float32 (every rule widens one column block at a time); any
-        # other dtype is loaded as float64, as before. Finiteness: see Stack.check_finite.
+        # float32 updates stay where they are (every rule widens one column block at a
+        # time); any other dtype is loaded as float64. Finiteness: see Stack.check_finite.
         f32 = all(u.dtype == np.float32 for u in updates)
-        if f32 and not stacked:
+        if f32:  # every rule reads column blocks of the callers' arrays (Stack.fill)
             return Stack(rule, list(updates), n, d, np, updates[0])
-        X = np.empty((n, d), dtype=np.float32 if f32 else np.float64)
+        X = np.empty((n, d), dtype=np.float64)
         for i, u in enumerate(updates):
             X[i] = u
         return Stack(rule, X, n, d, np, updates[0])

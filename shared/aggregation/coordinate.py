@@ -17,7 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shared.aggregation._stack import Stack, block_width, check_f, check_shapes, prepare
+from shared.aggregation._stack import (
+    MEAN_FACTOR,
+    SORT_FACTOR,
+    Stack,
+    block_width,
+    check_f,
+    check_shapes,
+    prepare,
+    running_sum,
+)
 from shared.vec import Vector, is_numpy, numpy_module
 
 
@@ -30,20 +39,19 @@ def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
     if np is not None and all(is_numpy(u) and u.dtype == np.float32 for u in updates):
         n, d = check_shapes(updates, "mean")
         check_f("mean", f, n)
-        out = np.empty(d, dtype=np.float64)
-        w = block_width(n)
-        block = np.empty((n, w), dtype=np.float32)
+        out = np.empty(d, dtype=np.float32)
+        w = block_width(n, MEAN_FACTOR)
+        acc, tmp = np.empty(w), np.empty(w)
+        bad = False
         with np.errstate(all="ignore"):  # a NaN or inf input: reported below
             for c in range(0, d, w):
-                e = min(d, c + w) - c
-                b = block[:, :e]
-                for i, u in enumerate(updates):
-                    b[i] = u[c:c + e]
-                np.add.reduce(b, axis=0, dtype=np.float64, out=out[c:c + e])  # row by row
-        if not np.isfinite(out).all():
-            prepare(updates, "mean").check_finite(out)  # names the bad update
-        out /= n
-        return out.astype(np.float32)
+                a = running_sum(np, updates, c, w, acc, tmp)
+                bad = bad or not np.isfinite(a).all()
+                a /= n
+                out[c:c + len(a)] = a  # the one rounding to float32
+        if bad:
+            prepare(updates, "mean").raise_not_finite()  # names the bad update
+        return out
     stack = prepare(updates, "mean")
     check_f("mean", f, stack.n)
     return stack.vector(stack.mean_of(range(stack.n)))
@@ -61,39 +69,56 @@ def median(updates: Sequence[Vector], *, f: int = 0) -> Vector:
     f is accepted and ignored (the median tolerates up to (n - 1) // 2 arbitrary updates)."""
     stack = prepare(updates, "median")
     check_f("median", f, stack.n)
+    if stack.np is not None:
+        np = stack.np
+        out = np.empty(stack.d, dtype=np.float32)
+        for c, S in sorted_blocks(stack, range(stack.n)):
+            out[c:c + S.shape[0]] = _middle(np, S)  # the one rounding to float32
+        return out
     return stack.vector(median_values(stack, range(stack.n)))
 
 
-def median_values(stack: Stack, idx: Sequence[int]) -> Any:
-    n = len(idx)
+def _middle(np: Any, S: Any) -> Any:
+    """Numpy path: the median of each sorted row of S, float64, no -0.0."""
+    n = S.shape[1]
     m = n // 2
+    lo = S[:, m - 1 if n % 2 == 0 else m].astype(np.float64)
+    if n % 2 == 0:
+        lo += S[:, m]
+        lo /= 2
+    lo += 0.0
+    return lo
+
+
+def median_values(stack: Stack, idx: Sequence[int]) -> Any:
     if stack.np is not None:
         np = stack.np
         out = np.empty(stack.d, dtype=np.float64)
         for c, S in sorted_blocks(stack, idx):
-            lo = S[:, m - 1 if n % 2 == 0 else m].astype(np.float64)
-            if n % 2 == 0:
-                lo += S[:, m]
-                lo /= 2
-            out[c:c + len(lo)] = lo
-        return out + 0.0
+            out[c:c + S.shape[0]] = _middle(np, S)
+        return out
     rows = stack.rows
     return [_median_of_sorted(sorted(col)) for col in zip(*(rows[i] for i in idx), strict=True)]
 
 
 def sorted_blocks(stack: Stack, idx: Sequence[int]) -> Any:
     """Numpy path: (first column, S) per column block, S[j] = the values of column c + j over
-    the rows idx, sorted ascending (a (width, len(idx)) array of the stack's dtype). Checks
-    finiteness on the way (NaN sorts last, inf first or last)."""
+    the rows idx, sorted ascending (a (width, len(idx)) array of the stack's dtype; one
+    buffer, refilled for the next block). Each row's slice is written straight into its
+    column of S (no stacked copy, no transposition pass), then every row of S is sorted
+    (numpy's SIMD sort of contiguous runs). Checks finiteness on the way (NaN sorts last,
+    inf first or last)."""
     np = stack.np
     assert np is not None
-    X = stack.rows
-    rows = list(idx)
-    whole = rows == list(range(stack.n))
-    w = stack.width
-    for c in stack.blocks():
-        block = X[:, c:c + w] if whole else X[rows, c:c + w]
-        S = np.ascontiguousarray(block.T)
+    rows = [stack.rows[i] for i in idx]
+    k = len(rows)
+    w = block_width(k, SORT_FACTOR)
+    buf = np.empty((w, k), dtype=rows[0].dtype)
+    for c in range(0, stack.d, w):
+        e = min(stack.d, c + w) - c
+        S = buf[:e]
+        for j, r in enumerate(rows):
+            S[:, j] = r[c:c + e]
         S.sort(axis=1)
         stack.check_finite(S[:, 0])
         stack.check_finite(S[:, -1])
@@ -111,19 +136,27 @@ def trimmed_mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
     k = n - 2 * f
     if stack.np is not None:
         np = stack.np
-        out = np.empty(stack.d, dtype=np.float64)
+        out = np.empty(stack.d, dtype=np.float32)
+        K = None
         for c, S in sorted_blocks(stack, range(n)):
-            kept = np.ascontiguousarray(S[:, f:n - f].T)  # (k, width), ascending rows
-            np.add.reduce(kept, axis=0, dtype=np.float64, out=out[c:c + S.shape[0]])
-        return stack.vector(out / k + 0.0)
-    out = []
+            e = S.shape[0]
+            if K is None:
+                K = np.empty((k, e))
+            kept = K[:, :e]
+            np.copyto(kept, S[:, f:n - f].T)  # widened, one row per rank: ascending
+            acc = np.add.reduce(kept, axis=0)  # row after row: ascending order, from +0
+            acc /= k
+            acc += 0.0
+            out[c:c + e] = acc  # the one rounding to float32
+        return out
+    out_py = []
     for col in zip(*stack.rows, strict=True):
         c = sorted(col)
         s = c[f]
         for x in c[f + 1:n - f]:
             s += x
-        out.append(s / k + 0.0)
-    return stack.vector(out)
+        out_py.append(s / k + 0.0)
+    return stack.vector(out_py)
 
 
 def mean_around_median(stack: Stack, idx: Sequence[int], beta: int) -> Any:

@@ -140,7 +140,7 @@ def centered_clipping(updates: Sequence[Vector], *, f: int = 0, tau: float = 10.
     robustness also relies on worker momentum (each worker sends a momentum of its updates,
     not a raw update); that is the caller's job too, not this function's. tau (in the units
     of the updates) has no universal default: 10.0 here. f is accepted and ignored."""
-    stack = prepare(updates, "centered-clipping", stacked=False)
+    stack = prepare(updates, "centered-clipping")
     check_f("centered-clipping", f, stack.n)
     tau = check_positive("centered-clipping", "tau", tau)
     iterations = check_int("centered-clipping", "iterations", iterations, low=1)
