@@ -31,7 +31,6 @@ from ml.byo import ByoError, check_allowed
 from ml.data import DataSpec
 from ml.scoring import ProbeScorer, score_candidates
 from ml.tokenizer import TokenizerMismatch
-from ml.tokenizer import TokenizerMismatch
 from ml.workload import Workload, from_spec
 from native_node import journal, pins
 from native_node.address import coordinator_tls, coordinator_url
