@@ -4,9 +4,9 @@
 float32 updates are kept where they are, as a list (no copy of the stack is ever made; other
 dtypes are stacked as float64), else a list of lists of Python floats (the pure path, the only
 one in Pyodide). The numpy path works through column blocks (`blocks`) widened to float64 one
-block at a time, so every sum is still a float64 sum. Both backends do the same IEEE double operations in the
-same order wherever a rule's arithmetic allows it, which is what makes most rules give
-bit-identical results on both paths (see the package docstring for which ones do).
+block at a time, so every sum is still a float64 sum. Both backends do the same IEEE double
+operations in the same order wherever a rule's arithmetic allows it, which is what makes most
+rules give bit-identical results on both paths (see the package docstring for which ones do).
 
 Finiteness on the numpy path is checked by the rules themselves, on values they compute anyway
 (`Stack.check_finite`): a float64 sum, Gram entry or norm of finite float32 values cannot
@@ -255,8 +255,11 @@ class Stack:
         y: list[float] = self.rows[j]
         return (x > y) - (x < y)
 
-    def norms(self, center: Any) -> list[float]:
-        """Euclidean distance of every row to `center` (float64 values)."""
+    def norms(self, center: Any = None) -> list[float]:
+        """Euclidean distance of every row to `center` (float64 values; None: the origin,
+        which saves the numpy path a subtraction pass)."""
+        if center is None and self.np is None:
+            center = [0.0] * self.d
         if self.np is not None:
             np = self.np
             acc = np.zeros(self.n, dtype=np.float64)
@@ -265,7 +268,8 @@ class Stack:
             with np.errstate(all="ignore"):  # a NaN or inf input: reported below
                 for c in self.blocks():
                     b = self.fill(B, c)
-                    b -= center[c:c + b.shape[1]]
+                    if center is not None:
+                        b -= center[c:c + b.shape[1]]
                     acc += np.einsum("ij,ij->i", b, b)
             self.check_finite(acc)
             out: list[float] = np.sqrt(acc).tolist()

@@ -146,10 +146,13 @@ def centered_clipping(updates: Sequence[Vector], *, f: int = 0, tau: float = 10.
     iterations = check_int("centered-clipping", "iterations", iterations, low=1)
     v = check_reference(stack, reference)
     n = stack.n
+    at_zero = reference is None  # v = 0: x - v = x, and numpy skips the subtractions
     for _ in range(iterations):
-        norms = stack.norms(v)
+        center = None if at_zero and stack.np is not None else v
+        norms = stack.norms(center)
         scale = [tau / x if x > tau else 1.0 for x in norms]
-        acc = stack.weighted_sum(scale, center=v)
+        acc = stack.weighted_sum(scale, center=center)
+        at_zero = False
         v = v + acc / n if stack.np is not None else [
             c + a / n for c, a in zip(v, acc, strict=True)]
     return stack.vector(v)
