@@ -109,6 +109,32 @@ class NotAdmitted(ProtocolError):
     code = "not_admitted"
 
 
+class BadChunk(BadUpdate):
+    """A chunk of a streamed update (shared.stream) whose SHA-256 is not the one its signed
+    manifest lists, or whose length or index does not fit the manifest. Dropped; the
+    transfer's verified chunks are kept."""
+
+    code = "bad_chunk"
+
+
+class DuplicateChunk(BadChunk):
+    """A chunk of a streamed update that was already received and verified."""
+
+    code = "duplicate_chunk"
+
+
+class ChunkOutOfWindow(BadChunk):
+    """A chunk too far ahead of the first one still missing (beyond the receive window)."""
+
+    code = "chunk_out_of_window"
+
+
+class ForeignChunk(BadChunk):
+    """A chunk naming an update (round, digest) that no open transfer of its sender has."""
+
+    code = "foreign_chunk"
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -127,5 +153,9 @@ ERROR_CODES: tuple[str, ...] = tuple(
         UpdateRejected,
         StaleUpdate,
         NotAdmitted,
+        BadChunk,
+        DuplicateChunk,
+        ChunkOutOfWindow,
+        ForeignChunk,
     )
 )

@@ -272,6 +272,9 @@ class Welcome(Message):
         "urls": {"type": "str"}, "username": {"type": "str"}, "credential": {"type": "str"}}})
     # secure aggregation (shared.secagg.round): updates go masked, never in the clear
     secagg: bool = False
+    # streamed updates (shared.stream): an update whose payload exceeds this many bytes goes
+    # as a StreamSubmit and Chunks of this size (0: always one Submit)
+    stream_chunk: int = spec(0, MAX_INDEX, default=0)
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)
@@ -677,12 +680,78 @@ class Dht(Message):
                  f"must be 1..{DHT_MAX_PAYLOAD} bytes")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamSubmit(Message):
+    """Node -> server: a Submit too large for one frame, announced with its chunk manifest
+    (shared.stream); its payload then follows in `Chunk`s. Signed once, here: the manifest
+    binds every chunk, `digest` the whole payload (the update's idempotency key)."""
+
+    TYPE: ClassVar[int] = 17
+    run_id: str  # the run this update belongs to
+    round: int = spec(0, MAX_INT)  # outer round it was trained for
+    node_id: str  # sender; must match the connection's Hello
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex; never reused
+    codec: str  # registry name of the codec of the streamed payload
+    length: int = spec(1, MAX_INDEX)  # number of float32 values the payload decodes to
+    digest: str  # sha256 of the whole payload, uncompressed (as Submit.digest)
+    size: int = spec(1, MAX_INT)  # bytes of the whole payload
+    chunk_bytes: int = spec(1024, MAX_INDEX)  # bytes per chunk (the last one shorter)
+    train_loss: float | None = spec(-MAX_LOSS, MAX_LOSS)  # mean inner training loss
+    samples: int = spec(0, MAX_SAMPLES)  # training samples consumed this round
+    compute_s: float = spec(0, MAX_SECONDS)  # seconds spent in forward/backward/optimizer
+    payload: bytes = field(repr=False)  # the manifest: each chunk's 32-byte SHA-256 in order
+
+    def __post_init__(self) -> None:
+        _hex64("StreamSubmit", "node_id", self.node_id)
+        _hex64("StreamSubmit", "digest", self.digest)
+        _nonce("StreamSubmit", self.nonce)
+        _require(self.chunk_bytes >= 1024, "StreamSubmit", "chunk_bytes", "must be >= 1024")
+        _require(self.size >= 1, "StreamSubmit", "size", "must be >= 1")
+        n = -(-self.size // self.chunk_bytes)
+        _require(len(self.payload) == 32 * n, "StreamSubmit", "payload",
+                 "the manifest must hold one 32-byte SHA-256 per chunk")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Chunk(Message):
+    """Node -> server, unsigned: chunk `index` of the streamed update (`round`, `digest`)
+    its sender announced in a StreamSubmit on this connection; checked against its manifest
+    entry. Unsigned because the signed manifest already binds its bytes."""
+
+    TYPE: ClassVar[int] = 18
+    round: int = spec(0, MAX_INT)  # the update's round
+    digest: str  # the update's StreamSubmit.digest
+    index: int = spec(0, MAX_INDEX)  # chunk number, from 0
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex
+    payload: bytes = field(repr=False)  # the chunk's bytes
+
+    def __post_init__(self) -> None:
+        _hex64("Chunk", "digest", self.digest)
+        _require(self.index >= 0, "Chunk", "index", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resume(Message):
+    """Server -> node, answer to a StreamSubmit: send the update's chunks from `next` on
+    (0: a new transfer; more: it resumes after the last chunk verified before a reconnect)."""
+
+    TYPE: ClassVar[int] = 19
+    round: int = spec(0, MAX_INT)  # the update's round
+    digest: str  # the update's StreamSubmit.digest
+    next: int = spec(0, MAX_INDEX)  # first chunk to send
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+
+    def __post_init__(self) -> None:
+        _hex64("Resume", "digest", self.digest)
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge,
-                ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard, SecAgg, Dht)
+                ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard, SecAgg, Dht,
+                StreamSubmit, Chunk, Resume)
 }
-assert len(MESSAGE_TYPES) == 16, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 19, "duplicate message type id"
 
 
 _TYPE_TEXT = {int: "int", float: "float", str: "string", bool: "bool", dict: "object",

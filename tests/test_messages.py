@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -25,17 +26,20 @@ from shared.messages import (
     MESSAGE_TYPES,
     Ack,
     Challenge,
+    Chunk,
     Dht,
     Error,
     Hello,
     Message,
     Ready,
+    Resume,
     RoundCommitted,
     RoundOpen,
     SecAgg,
     Shard,
     ShardPlan,
     Signal,
+    StreamSubmit,
     Submit,
     ValidateRequest,
     Verdict,
@@ -181,9 +185,27 @@ def dht(**kw: Any) -> Dht:
                   **kw}, payload=kw.pop("payload", b'{"type":"ping"}'))
 
 
+def stream_submit(**kw: Any) -> StreamSubmit:
+    return StreamSubmit(**{"run_id": "run-1", "round": 2, "node_id": NODE, "nonce": FIXED_NONCE,
+                           "codec": "raw32", "length": 2, "digest": sha256_hex(UPDATE),
+                           "size": len(UPDATE), "chunk_bytes": 1024, "train_loss": 0.5,
+                           "samples": 32, "compute_s": 0.25, **kw},
+                        payload=kw.pop("payload", hashlib.sha256(UPDATE).digest()))
+
+
+def chunk(**kw: Any) -> Chunk:
+    return Chunk(**{"round": 2, "digest": sha256_hex(UPDATE), "index": 0,
+                    "nonce": FIXED_NONCE, **kw}, payload=kw.pop("payload", UPDATE))
+
+
+def resume(**kw: Any) -> Resume:
+    return Resume(**{"round": 2, "digest": sha256_hex(UPDATE), "next": 0,
+                     "nonce": FIXED_NONCE, **kw})
+
+
 ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge(),
        validate_request(), verdict(), signal(), ready(), shard_plan(), shard(), secagg(),
-       dht()]
+       dht(), stream_submit(), chunk(), resume()]
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -411,7 +433,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 17, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 20, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))

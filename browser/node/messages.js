@@ -51,7 +51,7 @@ export const SCHEMAS = {
   2: ['Welcome', {
     run_id: 's', node_id: 's', model: 'd', model_id: 's', data: 'd', shard: 'i', n_shards: 'i',
     codec: 's', codec_params: 'd', error_feedback: 'b', n_params: 'i', nonce: 's', transport: 's',
-    rtc_timeout_s: 'f', worker_momentum: 'f', ice_servers: 'l', secagg: 'b',
+    rtc_timeout_s: 'f', worker_momentum: 'f', ice_servers: 'l', secagg: 'b', stream_chunk: 'i',
   }],
   3: ['RoundOpen', {
     run_id: 's', round: 'i', attempt: 'i', params_digest: 's', deadline_s: 'f', inner_steps: 'i',
@@ -104,6 +104,16 @@ export const SCHEMAS = {
   16: ['Dht', {
     run_id: 's', node_id: 's', to: 's', nonce: 's', payload: 'payload',
   }],
+  17: ['StreamSubmit', {
+    run_id: 's', round: 'i', node_id: 's', nonce: 's', codec: 's', length: 'i', digest: 's',
+    size: 'i', chunk_bytes: 'i', train_loss: 'f?', samples: 'i', compute_s: 'f', payload: 'payload',
+  }],
+  18: ['Chunk', {
+    round: 'i', digest: 's', index: 'i', nonce: 's', payload: 'payload',
+  }],
+  19: ['Resume', {
+    round: 'i', digest: 's', next: 'i', nonce: 's',
+  }],
 };
 
 // class name -> {field: its dataclasses.field metadata}
@@ -115,6 +125,7 @@ export const FIELD_META = {
     rtc_timeout_s: {"min": 0, "max": 10000000, "min_exclusive": true},
     worker_momentum: {"min": 0, "max": 1, "max_exclusive": true},
     ice_servers: {"entries": {"urls": {"type": "str"}, "username": {"type": "str"}, "credential": {"type": "str"}}},
+    stream_chunk: {"min": 0, "max": 2147483647},
   },
   RoundOpen: {
     round: {"min": 0, "max": 9007199254740991},
@@ -178,6 +189,23 @@ export const FIELD_META = {
   },
   SecAgg: {
     round: {"min": 0, "max": 9007199254740991},
+  },
+  StreamSubmit: {
+    round: {"min": 0, "max": 9007199254740991},
+    length: {"min": 1, "max": 2147483647},
+    size: {"min": 1, "max": 9007199254740991},
+    chunk_bytes: {"min": 1024, "max": 2147483647},
+    train_loss: {"min": -1000000000.0, "max": 1000000000.0},
+    samples: {"min": 0, "max": 1000000000000},
+    compute_s: {"min": 0, "max": 10000000},
+  },
+  Chunk: {
+    round: {"min": 0, "max": 9007199254740991},
+    index: {"min": 0, "max": 2147483647},
+  },
+  Resume: {
+    round: {"min": 0, "max": 9007199254740991},
+    next: {"min": 0, "max": 2147483647},
   },
 };
 
@@ -361,6 +389,22 @@ const POST = {
     need(NONCE.test(m.nonce), 'Dht', 'nonce', 'must be 32 lowercase hex digits');
     need(payload.length > 0 && payload.length <= DHT_MAX_PAYLOAD, 'Dht', 'payload',
       `must be 1..${DHT_MAX_PAYLOAD} bytes`);
+  },
+  StreamSubmit(m, payload) {
+    hex64('StreamSubmit', 'node_id', m.node_id);
+    hex64('StreamSubmit', 'digest', m.digest);
+    need(NONCE.test(m.nonce), 'StreamSubmit', 'nonce', 'must be 32 lowercase hex digits');
+    need(m.chunk_bytes >= 1024, 'StreamSubmit', 'chunk_bytes', 'must be >= 1024');
+    need(m.size >= 1, 'StreamSubmit', 'size', 'must be >= 1');
+    need(payload.length === 32 * Math.ceil(m.size / m.chunk_bytes), 'StreamSubmit', 'payload',
+      'the manifest must hold one 32-byte SHA-256 per chunk');
+  },
+  Chunk(m) {
+    hex64('Chunk', 'digest', m.digest);
+    need(m.index >= 0, 'Chunk', 'index', 'must be >= 0');
+  },
+  Resume(m) {
+    hex64('Resume', 'digest', m.digest);
   },
 };
 
