@@ -8,7 +8,8 @@ gpt-tiny's does (ml/onnx_export.py).
 
 Flavours run from about 2M to about 125M parameters at a byte-level vocabulary (256 tokens),
 plus a 0.1M "tiny" one for tests; :func:`llama_param_count` gives the exact count for any
-config without building the model.
+config without building the model. A run's vocabulary is its tokenizer's (ml/tokenizer.py:
+the data's symbols, 256 bytes, or a BPE trained on the run's text).
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, kind in (("model", str), ("flavour", str), ("data", str), ("data-path", str),
                        ("partition", str), ("alpha", float), ("n-shards", int), ("seed", int),
                        ("tokenizer", str),
-                       ("tokenizer", str),
                        ("inner-steps", int), ("inner-lr", float), ("batch-size", int),
                        ("outer-lr", float), ("outer-momentum", float), ("aggregator", str),
                        ("outer", str), ("outer-params", json.loads),

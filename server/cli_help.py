@@ -47,10 +47,7 @@ HELP: dict[str, str] = {
     "seed": "model init and data seed (integer)",
     "tokenizer": "language data's tokens: '' the data's own symbols, byte (UTF-8), or bpe:N, a "
                  "byte-level BPE of N tokens (257..8192) trained at run creation on the "
-                 "run's text (the [bpe] extra; docs/models.md)",
-    "tokenizer": "language data's tokens: '' the data's own symbols, byte (UTF-8), or bpe:N, a "
-                 "byte-level BPE of N tokens (257..8192) trained at run creation on the "
-                 "run's text (the [bpe] extra; docs/models.md)",
+                 "run's text (the [bpe] extra; docs/operator.md \"Tokens\")",
     "inner_steps": "H: inner AdamW steps each node runs per round (count)",
     "inner_lr": "inner AdamW learning rate",
     "batch_size": "inner batch size (examples)",

@@ -15,7 +15,6 @@ from typing import Any
 
 from ml.byo import ENTRY_POINT_GROUP, resolve_factory
 from ml.tokenizer import parse_tokenizer
-from ml.tokenizer import parse_tokenizer
 from ml.zoo import MODELS
 from shared.aggregation import RULES, estimate_f, get_rule
 from shared.autotune import SETTINGS as AUTOTUNE_SETTINGS
@@ -25,7 +24,6 @@ from shared.p2p import COORDINATE_RULES
 from shared.sparseloco import SparseOuter
 
 FIXED_KEYS = frozenset({"model", "flavour", "data", "data_path", "partition", "alpha",
-                        "tokenizer",
                         "tokenizer",
                         "n_shards", "seed", "ledger_reward_per_round", "ledger_faucet",
                         "ledger_min_stake", "ledger_pow_bits", "ledger_slash",
@@ -53,9 +51,6 @@ class RunConfig:
     alpha: float = 0.5  # Dirichlet concentration of non-iid shards
     n_shards: int = 8  # training set shards handed out to nodes round-robin
     seed: int = 0  # model init and data seed
-    # language data's tokens (ml/tokenizer.py): "" the data's symbols, "byte" (UTF-8), or
-    # "bpe:N", a byte-level BPE of N tokens trained at run creation on the run's text
-    tokenizer: str = ""
     # language data's tokens (ml/tokenizer.py): "" the data's symbols, "byte" (UTF-8), or
     # "bpe:N", a byte-level BPE of N tokens trained at run creation on the run's text
     tokenizer: str = ""
@@ -225,11 +220,6 @@ class RunConfig:
              "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]
         checks += secagg_checks(self)
-        try:
-            parse_tokenizer(self.tokenizer)
-        except ValueError as exc:
-            checks.append((False, "tokenizer",
-                           str(exc).removeprefix("tokenizer: ").split(", got ")[0]))
         try:
             parse_tokenizer(self.tokenizer)
         except ValueError as exc:
