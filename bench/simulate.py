@@ -189,7 +189,8 @@ def _round_text(row: dict[str, Any], train_s: float, sign_s: float) -> str:
 def sim_shards(config: dict[str, Any]) -> int:
     """One shard a node, or one a training row when nodes outnumber rows (10,000 nodes on the
     1,437 rows of digits: nodes then share shards, as the server hands them out round-robin)."""
-    rows = len(workload_of(RunConfig.from_dict(config)).dataset.keys_train)
+    cfg = RunConfig.from_dict({}).merged(config, resuming=False)  # as open_run reads it
+    rows = len(workload_of(cfg).dataset.keys_train)
     return min(int(config["n_shards"]), rows)
 
 
