@@ -34,8 +34,8 @@ from shared.vec import Vector, is_numpy, numpy_module, same_kind
 _BLOCK_VALUES = 1 << 19
 _MIN_WIDTH = 256
 # Rules that stream rows through one or two float64 rows of a block (the mean) use blocks of
-# this many default blocks' columns (128k columns at n = 64: 1 MiB per row, in L2/L3).
-MEAN_FACTOR = 16
+# block_width(1, MEAN_FACTOR) columns, whatever n (128k columns: 1 MiB per row, in L2/L3).
+MEAN_FACTOR = 0.25
 # Sorting rules fill a (columns, n) float32 block column by column (strided stores): a
 # quarter block (2,048 columns at n = 64, 512 KiB) keeps those stores in L2.
 SORT_FACTOR = 0.25
@@ -177,7 +177,7 @@ class Stack:
             np = self.np
             out = np.empty(self.d, dtype=np.float64)
             rows = [self.rows[i] for i in idx]
-            w = block_width(k, MEAN_FACTOR)
+            w = block_width(1, MEAN_FACTOR)
             acc, tmp = np.empty(w), np.empty(w)
             with np.errstate(all="ignore"):  # a NaN or inf input: reported below
                 for c in range(0, self.d, w):

@@ -40,7 +40,7 @@ def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
         n, d = check_shapes(updates, "mean")
         check_f("mean", f, n)
         out = np.empty(d, dtype=np.float32)
-        w = block_width(n, MEAN_FACTOR)
+        w = block_width(1, MEAN_FACTOR)
         acc, tmp = np.empty(w), np.empty(w)
         bad = False
         with np.errstate(all="ignore"):  # a NaN or inf input: reported below
