@@ -210,7 +210,8 @@ def summarize_ddp(g: Grid, hook: str, out: dict[str, Any], netns: bool,
 # -- the grid, the cache, progress -------------------------------------------------------
 # the code each kind of configuration runs (and this file, whose summaries are what is cached)
 MEASURED_DDP = ("bench/ddp_worker.py", "bench/vs_ddp.py", "ml")
-MEASURED_DILOCO = ("bench/vs_ddp.py", "server", "native_node", "shared", "ml", "transport")
+MEASURED_DILOCO = ("bench/vs_ddp.py", "bench/vs_ddp_sparse.py", "server", "native_node",
+                   "shared", "ml", "transport")
 
 
 def config_key(g: Grid, name: str, netns: bool) -> str:
