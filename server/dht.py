@@ -26,13 +26,12 @@ from typing import Any
 from server.peers import Connection, Nodes
 from shared.dht import DhtNode
 from shared.dht.aio import DhtHost
+from shared.dht.carrier import RELAY, SERVER_ADDR  # relay:<node id>; relay:server is ours
 from shared.envelope import Identity
 from shared.errors import UnknownNode
 from shared.messages import SERVER, Dht
 
 log = logging.getLogger("server.dht")
-RELAY = "relay:"  # an address through the server's WebSocket relay: relay:<node id>
-SERVER_ADDR = RELAY + SERVER  # the server's own DHT node
 
 
 class ServerDht(DhtHost):
