@@ -87,7 +87,11 @@ def rule_page(browser: Any) -> Any:
                     mimetypes.guess_type(f.name)[0] or "application/octet-stream")
                 route.fulfill(status=200, body=f.read_bytes(), content_type=ctype)
                 return
-        route.fulfill(status=200, content_type="text/html", body="<!doctype html><title>rule")
+        route.fulfill(status=200, content_type="text/html", body=f"<!doctype html>{imports}")
+
+    index = (ROOT / "browser" / "index.html").read_text()  # the tab's import map, as it is
+    start = index.index('<script type="importmap">')
+    imports = index[start:index.index("</script>", start) + len("</script>")]
 
     page = browser.new_page()
     page.route(f"{RULE_ORIGIN}/**", serve)
@@ -166,8 +170,12 @@ def measure(spawn: Any, browser: Any, gpu_browser: Any, tmp: Path, flavour: str,
     n = int(run["n_params"])
     every = max(1, math.ceil(n / PARITY_ENTRIES))
     version = fetch(f"{base}/model/params.bin")[1]["X-Round-Version"]
-    wasm = tab_bench(browser, base, "wasm", args.steps, args.batch, args.warmup, every,
-                     args.tab_timeout_s)
+    try:  # a tab that fails (out of memory, ...) is a finding: its row says so
+        wasm: dict[str, Any] | None = tab_bench(browser, base, "wasm", args.steps, args.batch,
+                                                args.warmup, every, args.tab_timeout_s)
+        wasm_error = None
+    except Exception as exc:  # Playwright's errors and the page's, kept as text
+        wasm, wasm_error = None, f"{type(exc).__name__}: {exc}"[:500]
     adapter = webgpu_adapter(gpu_browser, f"{base}/api/run")
     gpu = None
     if adapter["ok"] and (not adapter["software"] or args.webgpu_software):
@@ -206,9 +214,10 @@ def measure(spawn: Any, browser: Any, gpu_browser: Any, tmp: Path, flavour: str,
                                           if adapter["ok"] else adapter["reason"])
     row = {"model": f"llama-{flavour}", "params": n, "seq": int(x.shape[1]),
            "batch": args.batch, "server_start_s": round(start_s, 1),
-           "graph_mb": round(manifest["graphs"]["train"]["bytes"] / 2**20, 1)
-           if "train" in manifest["graphs"] else None,
-           "native_ort_step_ms": round(native, 1), "wasm": tab_row(wasm), "webgpu": gpu_row,
+           "graph_mb": round(manifest["graphs"]["train_step"]["bytes"] / 2**20, 1)
+           if "train_step" in manifest["graphs"] else None,
+           "native_ort_step_ms": round(native, 1),
+           "wasm": tab_row(wasm) if wasm is not None else {"error": wasm_error}, "webgpu": gpu_row,
            "webgpu_adapter": adapter.get("info")}
     return row, manifest
 
@@ -257,23 +266,40 @@ def run_llama(args: Any) -> None:
             else "the parameter count (not exported or run here)"}
     for row in rows:
         row["tab_can_train"] = can_train[row["model"]]["can_train"]
-    print(f"llama flavours, batch {args.batch} x the run's context, {args.steps} timed steps "
-          f"after {args.warmup} warm-up (medians; 2 shared cores, loaded by other work)")
-    print_table([{"model": r["model"], "params": r["params"], "seq": r["seq"],
-                  "wasm_ms": r["wasm"]["step_ms"], "native_ort_ms": r["native_ort_step_ms"],
-                  "wasm/native": r["wasm"]["over_native"],
-                  "webgpu_ms": r["webgpu"]["step_ms"] if isinstance(r["webgpu"], dict)
-                  else "unavailable", "tab_mb": r["wasm"]["tab_mb"],
-                  "worker_mb": r["wasm"]["worker_mb"], "grad_rel_err": r["wasm"]["grad_rel_err"]}
+    fig = {"models": rows, "can_train": can_train, "batch": args.batch,
+           "steps_timed": args.steps, "warmup": args.warmup}
+    report(fig)
+    emit(fig)
+
+
+def report(fig: dict[str, Any]) -> None:
+    """The tables of a run's figures (its JSON line)."""
+    rows, can_train = fig["models"], fig["can_train"]
+    print(f"llama flavours, batch {fig['batch']} x the run's context, {fig['steps_timed']} "
+          f"timed steps after {fig['warmup']} warm-up (medians; 2 shared cores, loaded by "
+          "other work)")
+
+    def g(v: Any, fmt: str) -> str:
+        return "" if v is None else v if isinstance(v, str) else format(v, fmt)
+
+    print_table([{"model": r["model"], "params": f"{r['params']:,}", "seq": r["seq"],
+                  "wasm_ms": g(r["wasm"].get("step_ms", "failed"), ".1f"),
+                  "native_ort_ms": g(r["native_ort_step_ms"], ".1f"),
+                  "wasm/native": g(r["wasm"].get("over_native"), ".2f"),
+                  "webgpu_ms": g(r["webgpu"]["step_ms"], ".1f") if isinstance(r["webgpu"], dict)
+                  else "unavailable", "tab_mb": g(r["wasm"].get("tab_mb"), ".1f"),
+                  "worker_mb": g(r["wasm"].get("worker_mb"), ".1f"),
+                  "loss_rel_err": g(r["wasm"].get("loss_rel_err"), ".2g"),
+                  "grad_rel_err": g(r["wasm"].get("grad_rel_err"), ".2g")}
                  for r in rows], ["model", "params", "seq", "wasm_ms", "native_ort_ms",
                                   "wasm/native", "webgpu_ms", "tab_mb", "worker_mb",
-                                  "grad_rel_err"])
+                                  "loss_rel_err", "grad_rel_err"])
     for r in rows:
+        if "error" in r["wasm"]:
+            print(f"{r['model']} wasm: the tab failed: {r['wasm']['error']}")
         if not isinstance(r["webgpu"], dict):
             print(f"{r['model']} webgpu: {r['webgpu']}")
-    print_table([{"model": k, "params": v["params"], "tab_can_train": "yes" if v["can_train"]
+    print_table([{"model": k, "params": f"{v['params']:,}", "tab_can_train": "yes" if v["can_train"]
                   else f"no ({v['reason']})", "decided_on": v["decided_on"]}
                  for k, v in can_train.items()], ["model", "params", "tab_can_train",
                                                   "decided_on"])
-    emit({"models": rows, "can_train": can_train, "batch": args.batch,
-          "steps_timed": args.steps, "warmup": args.warmup})
