@@ -36,9 +36,10 @@ from native_node import journal, pins
 from native_node.address import coordinator_tls, coordinator_url
 from native_node.dht import NodeDht
 from native_node.distributed_trainer import DistributedTrainer
+from native_node.stream_upload import Uploader
 from native_node.trainer import RoundResult, Trainer
 from shared.envelope import Identity
-from shared.messages import SERVER, Submit
+from shared.messages import SERVER, Resume, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
 from shared.sparseloco import FEATURE as SPARSE_FEATURE
 
@@ -174,6 +175,7 @@ class NodeClient:
         self.p2p: P2PRole | None = None  # shard exchange with the other nodes ("p2p")
         self.dht: NodeDht | None = None  # peer discovery (opts.dht)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.uploader = Uploader(self.part)  # updates larger than Welcome.stream_chunk
         self.tls = False  # whether the current connection is TLS (wss)
         self.task: asyncio.Task[None] | None = None
         self.cancel = threading.Event()
@@ -337,6 +339,9 @@ class NodeClient:
                     continue
                 if self.p2p is not None:  # hierarchy: a RoundOpen waits for the aggregate
                     await self.p2p.group.before_frame(raw.data)
+                if raw.data[5:6] == bytes((Resume.TYPE,)):  # streamed update: send chunks
+                    self.uploader.on_resume(ws, raw.data)
+                    continue
                 for event in self.part.receive(raw.data):
                     if event["kind"] == "welcome":
                         joined.set()
@@ -422,6 +427,9 @@ class NodeClient:
             return
         if self.ws is not None and not self.ws.closed:
             try:
+                if is_update and self.uploader.wants(frame):  # in chunks (stream_upload)
+                    await self.uploader.start(self.ws, frame)
+                    return
                 await self.ws.send_bytes(frame)
             except (ConnectionError, aiohttp.ClientError) as exc:
                 log.warning("send failed (%s); an update is resubmitted after the reconnect",

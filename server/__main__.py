@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("worker-momentum", float), ("cc-reference", str),
                        ("codec", str), ("rounds", int), ("quorum", int), ("deadline-s", float),
                        ("keep-checkpoints", int), ("max-frame-mb", float),
+                       ("stream-chunk-mb", float),
                        ("codec-params", json.loads), ("aggregator-params", json.loads),
                        ("byzantine-fraction", float), ("validation-threshold", float),
                        ("validation-samples", int), ("validation-timeout-s", float),

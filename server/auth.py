@@ -15,6 +15,7 @@ from shared.messages import (
     SecAgg,
     Shard,
     Signal,
+    StreamSubmit,
     Submit,
     Verdict,
 )
@@ -42,7 +43,7 @@ def authenticate(frame: Frame, *, run_id: str, challenge: str, peer_id: str | No
         nonce = verify_frame(frame, public_key=public_key, run_id=run_id, node_id=node_id)
         return node_id, nonce, public_key
     if frame.msg_type in (Submit.TYPE, Verdict.TYPE, Signal.TYPE, Ready.TYPE, Shard.TYPE,
-                          SecAgg.TYPE, Dht.TYPE):
+                          SecAgg.TYPE, Dht.TYPE, StreamSubmit.TYPE):
         what = MESSAGE_TYPES[frame.msg_type].__name__
         for name in ("node_id", "run_id", "nonce"):
             if not isinstance(header.get(name), str):

@@ -66,6 +66,8 @@ HELP: dict[str, str] = {
     "deadline_s": "collection window of one round attempt (seconds)",
     "keep_checkpoints": "newest checkpoints kept on disk (count)",
     "max_frame_mb": "largest frame accepted on the control channel (MB)",
+    "stream_chunk_mb": "updates larger than this go in chunks of this size, spooled to disk "
+                       "(MB; 0: off)",
     "codec_params": "the codec's parameters (JSON object, e.g. '{\"k\": 0.01}')",
     "aggregator_params": "the rule's parameters (JSON object)",
     "byzantine_fraction": "share of updates assumed arbitrary, in [0, 0.5): f = floor(n * it)",

@@ -95,6 +95,9 @@ class RunConfig:
     max_staleness: int = 1  # "weight": oldest round (current - this) still applied
     keep_checkpoints: int = 10  # newest checkpoints kept on disk
     max_frame_mb: float = 64.0  # largest frame accepted on the control channel
+    # streamed updates (server.streams): an update larger than this goes in chunks of this
+    # size, spooled to disk and aggregated in column blocks; 0: always one frame (default)
+    stream_chunk_mb: float = 0.0
     # the ledger (docs/ledger.md); fixed for the run by its genesis entry
     ledger_reward_per_round: int = 1000  # units minted per committed round, split by samples
     ledger_faucet: int = 0  # units a new identity may claim once (demos; 0: no faucet)
@@ -161,6 +164,12 @@ class RunConfig:
             (self.deadline_s > 0, "deadline_s", "must be > 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.max_frame_mb > 0, "max_frame_mb", "must be > 0"),
+            (self.stream_chunk_mb == 0 or 1024 <= self.stream_chunk_mb * 2**20 <= min(
+                self.max_frame, 2**31 - 1) - 4096, "stream_chunk_mb",
+             "must be 0 (off) or from 1 KiB to max_frame_mb less 4 KiB"),
+            (self.stream_chunk_mb == 0 or (self.transport == "ws" and not self.secagg
+                                           and not self.validation), "stream_chunk_mb",
+             "streamed updates are built for transport ws without secagg or validation"),
             (self.resume_grace_s >= 0, "resume_grace_s", "must be >= 0"),
             (self.transport in ("ws", "star", "p2p"), "transport", "must be ws, star or p2p"),
             (self.p2p_replicas >= 1, "p2p_replicas", "must be >= 1"),
@@ -255,6 +264,11 @@ class RunConfig:
     @property
     def max_frame(self) -> int:
         return int(self.max_frame_mb * 1024 * 1024)
+
+    @property
+    def stream_chunk(self) -> int:
+        """Bytes per chunk of a streamed update (0: updates go in one frame)."""
+        return int(self.stream_chunk_mb * 1024 * 1024)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

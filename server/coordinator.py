@@ -51,6 +51,7 @@ from server.rtc import RtcHub, RtcSettings
 from server.runstate import RunState
 from server.secagg_round import SecAggReduction
 from server.slashing import Slashing
+from server.streams import StreamIntake
 from server.validation import Validation
 from shared.envelope import ReplayGuard
 from shared.errors import (
@@ -64,6 +65,7 @@ from shared.frame import PROTOCOL_VERSION, decode_frame
 from shared.messages import (
     Ack,
     Challenge,
+    Chunk,
     Dht,
     Error,
     Hello,
@@ -73,6 +75,7 @@ from shared.messages import (
     SecAgg,
     Shard,
     Signal,
+    StreamSubmit,
     Submit,
     Verdict,
     Welcome,
@@ -123,6 +126,8 @@ class Coordinator:
         if self.secagg is not None:  # secure aggregation (server.secagg_round)
             self.secagg.trainers, self.secagg.wake = self._trainers, self._wake.set
         self._tasks: set[asyncio.Future[Any]] = set()
+        # streamed updates (server.streams): run option stream_chunk_mb, off by default
+        self.streams = StreamIntake(self) if self.config.stream_chunk > 0 else None
 
     @property
     def state(self) -> RoundState | None:
@@ -187,6 +192,9 @@ class Coordinator:
             frame = decode_frame(data, max_payload=self.max_payload)
             round_ = frame.header.get("round") if isinstance(frame.header.get("round"),
                                                              int) else None
+            if frame.msg_type == Chunk.TYPE and self.streams is not None:  # unsigned
+                await self.streams.on_chunk(conn, frame)
+                return
             # signature + replay checks BEFORE the payload is inflated or decoded
             node_id, nonce, key = authenticate(
                 frame, run_id=self.run.run_id, challenge=conn.challenge,
@@ -222,6 +230,11 @@ class Coordinator:
                 raise BadUpdate("this run does not aggregate securely (secagg)",
                                 field="msg_type")
             await self.secagg.on_secagg(conn, msg)
+        elif isinstance(msg, StreamSubmit):  # a large update, in chunks (server.streams)
+            if self.streams is None:
+                raise BadUpdate("this run takes updates in one frame (stream_chunk_mb 0)",
+                                field="msg_type")
+            await self.streams.on_start(conn, msg)
         elif isinstance(msg, Dht):  # peer discovery (server.dht; run config `dht`)
             if self.dht is None:
                 raise BadUpdate("this server runs no DHT node (run config dht)",
@@ -264,7 +277,8 @@ class Coordinator:
             codec_params=self.config.codec_params, error_feedback=self.config.error_feedback,
             n_params=run.n_params, transport=self.config.transport,
             rtc_timeout_s=self.config.rtc_timeout_s, worker_momentum=self.config.worker_momentum,
-            ice_servers=self.rtc.ice_for(msg.node_id), secagg=self.config.secagg))
+            ice_servers=self.rtc.ice_for(msg.node_id), secagg=self.config.secagg,
+            stream_chunk=self.config.stream_chunk))
         if self.finished:
             await self.send(conn, self._committed_msg(final=True))
         elif self.state is not None and not self.state.closed:

@@ -34,6 +34,7 @@ from server.evidence import Evidence
 from server.p2p import P2PReduction
 from server.peers import Connection, Nodes, Peer
 from server.runstate import RunState
+from server.spool import COORDINATE_RULES, block_values, blockwise, spooled
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update
 from shared.errors import BadUpdate
@@ -139,6 +140,9 @@ class ServerReduction:
         params = dict(cfg.aggregator_params)
         if cfg.aggregator == "centered-clipping" and cfg.cc_reference == "history":
             params["reference"] = history_reference(self.run.momentum, cfg.outer_momentum)
+        if spooled(vectors) and cfg.aggregator in COORDINATE_RULES:  # streamed: from disk
+            return blockwise(get_rule(cfg.aggregator), vectors, f=f,
+                             block=block_values(len(vectors)), **params)
         return np.asarray(get_rule(cfg.aggregator)(vectors, f=f, **params), dtype=np.float32)
 
 
