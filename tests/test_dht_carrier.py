@@ -122,8 +122,9 @@ async def test_carriers_route_over_channels_first_and_the_relay_otherwise() -> N
         assert (s["lookups"], s["found"]) == (4, 3)
         assert s["contacts"] >= 2
     finally:
-        for x in (a, b, c, net.server):
-            await x.close()
+        hosts: list[DhtHost] = [a, b, c, net.server]
+        for h in hosts:
+            await h.close()
 
 
 async def test_a_channel_frame_must_be_a_dht_frame_from_that_peer_to_us() -> None:
