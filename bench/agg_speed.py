@@ -1,7 +1,7 @@
 """Aggregation speed, ours vs the peer libraries (byzfl, Flower), one thread, same run.
 
-    python -m bench.agg_speed [--n 64] [--d 1000000] [--f 15] [--repeats 5]
-        [--peers-python PATH] [--rules mean,median,...]
+    python -m bench.agg_speed [--n 64] [--d 1000000] [--f 15] [--repeats 5] [--rounds 1]
+        [--peers-python PATH] [--rules mean,median,...] [--before REV]
 
 Times every rule of `shared.aggregation` on n float32 updates of d values (standard normal x
 0.01, seed 0; f = 15 is the largest f with n >= 4f+3, so Bulyan accepts it), then, back to
@@ -10,9 +10,11 @@ torch input, the faster one is its figure) and Flower's `flwr.server.strategy.ag
 Every process runs on ONE thread (OMP/OpenBLAS/MKL threads = 1, threadpoolctl, torch
 set_num_threads(1)). A figure is the fastest of `--repeats` timed calls (a peer call slower
 than 5 s is timed once or twice): the machine is shared, and other work only adds time; the
-load average is printed with the table. Ours get a list of 1-D float32 arrays (our API); the peers
-get their own preferred input already built (a stacked (n, d) array or tensor; Flower a list
-of ([update], 1)), so stacking is not charged to them.
+load average is printed with the table. `--rounds R` repeats the whole comparison R times,
+interleaved (ours before, ours, the peers; again), and keeps each figure's fastest: a load
+that comes and goes then hits every side alike. Ours get a list of 1-D float32 arrays (our
+API); the peers get their own preferred input already built (a stacked (n, d) array or
+tensor; Flower a list of ([update], 1)), so stacking is not charged to them.
 
 Peers live in a throwaway venv outside the repo (not a project dependency):
     python -m venv /tmp/peers/venv
@@ -87,6 +89,11 @@ def loadavg() -> str | None:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return None
+
+
+def fastest(acc: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """Per rule, the lower of two rounds' figures."""
+    return {k: min(v, acc.get(k, v)) for k, v in new.items()}
 
 
 def one_thread() -> None:
@@ -300,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d", type=int, default=1_000_000)
     p.add_argument("--f", type=int, default=15)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved rounds of before/ours/peers; each figure is the fastest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--peers-python", default=os.environ.get("AGG_PEERS_PYTHON",
@@ -318,13 +327,29 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import emit
 
     args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    before, before_error = run_before(args.before, args) if args.before else ({}, None)
     one_thread()
-    stack = make_stack(args.n, args.d, args.seed)
-    ours, our_outs, gm_iters = run_ours(stack, args.rules, args.f, args.repeats)
-    scale = max(float(abs(u).max()) for u in stack)
-    del stack
-    peers, peer_outs, why = run_peers(args.peers_python, args, gm_iters)
+    before: dict[str, float] = {}
+    ours: dict[str, float] = {}
+    peers: dict[str, Any] = {}
+    before_error = why = None
+    for _ in range(args.rounds):  # before, ours, peers, again: each sees the same loads
+        if args.before:
+            ms, before_error = run_before(args.before, args)
+            before = fastest(before, ms)
+        stack = make_stack(args.n, args.d, args.seed)
+        ms, our_outs, gm_iters = run_ours(stack, args.rules, args.f, args.repeats)
+        ours = fastest(ours, ms)
+        scale = max(float(abs(u).max()) for u in stack)
+        del stack
+        p_ms, peer_outs, why = run_peers(args.peers_python, args, gm_iters)
+        for rule, row in p_ms.items():
+            old = peers.setdefault(rule, dict(row))
+            for peer in ("byzfl", "flwr"):
+                if row.get(peer) is not None and (old.get(peer) is None
+                                                   or row[peer] < old[peer]):
+                    old[peer] = row[peer]
+                    if peer == "byzfl":
+                        old["byzfl_input"] = row.get("byzfl_input")
     diff: dict[str, dict[str, float | None]] = {}
     for key, out in peer_outs.items():
         rule, peer = key.split("|")
@@ -332,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     best = {r: min([v for k, v in peers.get(r, {}).items() if k in ("byzfl", "flwr")
                     and v is not None], default=None) for r in args.rules}
     print(f"aggregation time, n={args.n} x d={args.d:,} float32, f={args.f}, one thread, "
-          f"fastest of {args.repeats} (ms; load {loadavg()}); ours before "
-          f"({args.before or 'not asked'}), ours and the peers in the same run, back to back"
+          f"fastest of {args.repeats} calls x {args.rounds} round(s) (ms; load at the end "
+          f"{loadavg()}); each round times ours before ({args.before or 'not asked'}), ours "
+          "and the peers, back to back"
           + "".join(f"; {e}" for e in (why, before_error) if e))
     print(table(args.rules, ours, peers, diff, before))
     print("diff: max |ours - peer| / max |input|. byzfl's Krum family scores n-f-1 neighbours "
@@ -352,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
           "before_rev": args.before or None, "before_error": before_error,
           "setup": {"n": args.n, "d": args.d, "f": args.f, "repeats": args.repeats,
                     "seed": args.seed, "threads": 1, "tau": TAU, "gm_iterations": gm_iters,
-                    "cpu_count": os.cpu_count(), "statistic": "min",
+                    "cpu_count": os.cpu_count(), "statistic": "min", "rounds": args.rounds,
                     "loadavg": loadavg()}})
     return 0
 

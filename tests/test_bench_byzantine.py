@@ -59,3 +59,27 @@ def test_agg_ms_small() -> None:
     ms = byzantine.time_rules(RULES, n=11, d=2000, f=2, repeats=2)
     assert set(ms) == set(RULES)
     assert all(math.isfinite(v) and v >= 0.0 for v in ms.values())
+
+
+def test_agg_only_prints_agg_ms_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    assert byzantine.main(["--agg-only", "--agg-n", "11", "--agg-d", "3000", "--agg-f", "2",
+                           "--agg-repeats", "2"]) == 0
+    fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(fig) == {"agg_ms", "agg_ms_setup"}  # no grid: no cell was run
+    assert fig["agg_ms_setup"]["statistic"] == "min"
+    assert fig["agg_ms_setup"]["n"] == 11
+    assert all(math.isfinite(v) and v >= 0.0 for v in fig["agg_ms"].values())
+
+
+def test_agg_speed_tiny_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import agg_speed
+
+    assert agg_speed.main(["--n", "11", "--d", "2000", "--f", "2", "--repeats", "1",
+                           "--rounds", "2", "--peers-python", "", "--before", "HEAD"]) == 0
+    fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fig["setup"]["rounds"] == 2
+    assert fig["before_error"] is None
+    assert set(fig["before_ms"]) == set(fig["agg_ms"]) == set(agg_speed.RULES)
+    assert fig["peers_error"]  # no peers interpreter: said, and no peer figure invented
+    assert fig["all_at_or_below_best"] is None
+    assert agg_speed.fastest({"a": 2.0, "b": 1.0}, {"a": 1.5, "b": 3.0}) == {"a": 1.5, "b": 1.0}
