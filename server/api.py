@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ml.tokenizer import unpack
 from server.browser_assets import ISOLATION
 from server.browser_data import onnx_root
 from server.keys import COORDINATOR, RUN
@@ -87,6 +88,18 @@ def _paging(request: web.Request, since_key: str, since_default: int) -> tuple[i
     except ValueError:
         raise web.HTTPBadRequest(text=f"{since_key} and limit must be integers") from None
     return since, limit
+
+
+@routes.get("/api/tokenizer.json")
+async def get_tokenizer(request: web.Request) -> web.Response:
+    """The run's BPE tokenizer.json (ml/tokenizer.py), as nodes get it in Welcome; 404 when
+    the run has none. X-Tokenizer-Sha256 is the hash in the model config."""
+    spec = request.app[RUN].work.data_spec
+    if spec.tokenizer_blob is None or spec.tokenizer_sha256 is None:
+        raise web.HTTPNotFound(text="this run has no BPE tokenizer")
+    return web.Response(text=unpack(spec.tokenizer_blob, spec.tokenizer_sha256),
+                        content_type="application/json",
+                        headers={"X-Tokenizer-Sha256": spec.tokenizer_sha256})
 
 
 @routes.get("/api/rounds")

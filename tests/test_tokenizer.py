@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,10 @@ def test_a_real_run_trains_a_bpe_llama(procs: Procs, tmp_path: Path) -> None:
     assert isinstance(rows, list)
     stored = (tmp_path / "run" / "tokenizer.json").read_bytes()
     assert run["model"]["tokenizer"] == hashlib.sha256(stored).hexdigest()
+    url = f"http://127.0.0.1:{port}/api/tokenizer.json"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read() == stored
+        assert resp.headers["X-Tokenizer-Sha256"] == run["model"]["tokenizer"]
     assert run["model"]["vocab_size"] == 400
     assert "tokenizer_blob" not in run["data"]
     assert run["entropy_floor"] is None
