@@ -212,3 +212,20 @@ def test_a_real_run_trains_a_bpe_llama(procs: Procs, tmp_path: Path) -> None:
     assert rows[0]["n_updates"] == 1
     assert rows[0]["eval_loss"] < run["eval_loss_init"], (rows, run["eval_loss_init"])
     assert node.wait(60) == 0
+
+
+def test_a_text_run_is_rebuilt_by_a_node_from_its_own_copy(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text(_corpus(), "utf-8")
+    run = open_run(tmp_path / "run", _overrides(data="text", data_path=str(path),
+                                                tokenizer="bpe:400"))
+    assert run.work.model_config["vocab_size"] == 400
+    copy = tmp_path / "node" / "corpus.txt"  # the node's copy, elsewhere
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    node = from_spec(run.work.model_config, run.work.data_spec, local_path=str(copy))
+    assert node.model_id == run.work.model_id
+    np.testing.assert_array_equal(node.dataset.x_train, run.work.dataset.x_train)
+    copy.write_text(_corpus() + "one more line\n", "utf-8")  # another text: refused
+    with pytest.raises(ValueError, match="sha256"):
+        from_spec(run.work.model_config, run.work.data_spec, local_path=str(copy))
