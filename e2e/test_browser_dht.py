@@ -124,6 +124,7 @@ def test_a_tab_finds_native_nodes_and_they_find_it_through_the_relay(
     tab.page.wait_for_function(
         "() => (document.getElementById('node-dht')?.textContent || '').includes('2 / 2 found')",
         timeout=10_000)
+    tab.screenshot("dht-tab")
     # the server's node holds all three, and it relayed their messages
     view = api(server, "/api/run")["dht"]
     assert view["contacts"] >= 3, view
