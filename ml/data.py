@@ -76,6 +76,7 @@ class DataSpec:
     tokenizer: str = ""
     tokenizer_sha256: str | None = None
     tokenizer_blob: str | None = None
+    tokenizer_ids: str | None = None  # digest of the token windows, checked where tokenized
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -103,7 +104,7 @@ class DataSpec:
         their form and cache keys)."""
         d = dataclasses.asdict(self)
         if not self.tokenizer:
-            for key in ("tokenizer", "tokenizer_sha256", "tokenizer_blob"):
+            for key in ("tokenizer", "tokenizer_sha256", "tokenizer_blob", "tokenizer_ids"):
                 d.pop(key)
         return d
 

@@ -12,7 +12,9 @@ Three tokenizers, named by the run config's ``tokenizer`` (and the data spec's):
   is deterministic for a given text and N (tests/test_tokenizer.py). The tokenizer.json rides
   in the data spec (zlib + base64, ``tokenizer_blob``) with its SHA-256, so every node gets it
   in the server's signed Welcome and checks it before it tokenizes anything; the model config
-  carries the hash, so it is part of the run's model id. The server also keeps it as
+  carries the hash, so it is part of the run's model id, and the spec carries a digest of the
+  token windows (``tokenizer_ids``), so a node whose ``tokenizers`` encodes differently is
+  refused too. The server also keeps it as
   ``tokenizer.json`` in the run's data directory.
 
 Floors: with BPE the per-token floor of a window is not known in closed form (token
@@ -40,8 +42,9 @@ if TYPE_CHECKING:
     from ml.data import Dataset, DataSpec
 
 __all__ = ["BPE_MAX", "BPE_MIN", "MAX_BLOB", "TOKENIZER_FILE", "Bpe", "TokenizerMismatch",
-           "bits_per_byte", "keep_tokenizer_file", "load_tokenized", "pack", "parse_tokenizer",
-           "prepare_spec", "tokenizer_tag", "train_bpe", "unpack"]
+           "bits_per_byte", "ids_digest", "keep_tokenizer_file", "load_tokenized", "pack",
+           "parse_tokenizer", "prepare_spec", "seal_spec", "tokenizer_tag", "train_bpe",
+           "unpack"]
 
 BPE_MIN, BPE_MAX = 257, 8192  # 256 byte tokens + at least one merge
 # The blob travels in the Welcome's JSON header, which frames cap at 64 KiB (shared/frame.py).
@@ -236,7 +239,29 @@ def load_tokenized(spec: DataSpec) -> Dataset:
     floor = src.window_floor(t) if src is not None and kind == "byte" else None
     rate = src.entropy_rate if src is not None else None
     per_token = float(token_bytes[val[:, 1:]].mean())
-    return _lm_dataset(train, val, vocab, floor, rate, per_token)
+    ds = _lm_dataset(train, val, vocab, floor, rate, per_token)
+    if spec.tokenizer_ids is not None and (got := ids_digest(ds)) != spec.tokenizer_ids:
+        version = getattr(_tokenizers(), "__version__", "?") if kind == "bpe" else "-"
+        raise TokenizerMismatch(f"tokenizer mismatch: this node's tokenizers ({version}) "
+                                f"encodes the run's text differently (token digest {got[:16]},"
+                                f" the run's {spec.tokenizer_ids[:16]})")
+    return ds
+
+
+def ids_digest(ds: Dataset) -> str:
+    """SHA-256 over a language dataset's token windows (train and val, x and y)."""
+    h = hashlib.sha256()
+    for a in (ds.x_train, ds.y_train, ds.x_val, ds.y_val):
+        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def seal_spec(spec: DataSpec, ds: Dataset) -> DataSpec:
+    """At run creation, after loading: record the token windows' digest, so that a node whose
+    tokenizer encodes the text differently is refused where it tokenizes."""
+    if not spec.tokenizer:
+        return spec
+    return dataclasses.replace(spec, tokenizer_ids=ids_digest(ds))
 
 
 def bits_per_byte(loss_nats: float | None, bytes_per_token: float | None) -> float | None:

@@ -16,7 +16,7 @@ import torch
 
 from ml.byo import ENTRY_POINT_GROUP, byo_config, check, resolve_factory
 from ml.data import Dataset, DataSpec, load_dataset, load_dataset_cached
-from ml.tokenizer import TokenizerMismatch, prepare_spec, tokenizer_tag
+from ml.tokenizer import TokenizerMismatch, prepare_spec, seal_spec, tokenizer_tag
 from ml.zoo import MODELS, build_model, flatten, manifest, model_config
 from shared.layout import TensorSlot, make_manifest, model_id
 
@@ -76,6 +76,7 @@ def resolve(*, model: str, flavour: str | None, data: str | None, data_path: str
                     tokenizer=tokenizer)
     spec = prepare_spec(spec)  # trains a BPE tokenizer on the training text
     dataset = load_dataset(spec)
+    spec = seal_spec(spec, dataset)  # the token windows' digest, checked by every node
     vocab = len(dataset.vocab) if dataset.vocab is not None else None
     if task == "lm" and kind == "markov" and not tokenizer:
         vocab = spec.vocab_size

@@ -229,3 +229,21 @@ def test_a_text_run_is_rebuilt_by_a_node_from_its_own_copy(tmp_path: Path) -> No
     copy.write_text(_corpus() + "one more line\n", "utf-8")  # another text: refused
     with pytest.raises(ValueError, match="sha256"):
         from_spec(run.work.model_config, run.work.data_spec, local_path=str(copy))
+
+
+def test_a_node_whose_tokenizers_encodes_differently_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = open_run(tmp_path, _overrides())
+    cfg, spec = run.work.model_config, run.work.data_spec
+    assert spec.tokenizer_ids is not None
+    honest = Bpe.encode
+
+    def drifted(self: Bpe, docs: list[str]) -> list[np.ndarray]:
+        """Another tokenizers release: same tokenizer.json, one token split differently."""
+        out = honest(self, docs)
+        out[0] = np.concatenate([out[0][:5], out[0][6:]])
+        return out
+
+    monkeypatch.setattr(Bpe, "encode", drifted)
+    with pytest.raises(TokenizerMismatch, match="encodes the run's text differently"):
+        from_spec(cfg, spec)
