@@ -204,3 +204,27 @@ def test_real_server_and_two_native_nodes_stay_in_step(tmp_path: Path) -> None:
         assert r["bytes_down"] < 0.1 * 4 * n * 2
     losses = [r["eval_loss"] for r in rows]
     assert losses[-1] < out["run"]["eval_loss_init"]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_restarted_server_resumes_its_residual(tmp_path: Path, momentum: float) -> None:
+    from server.outer_step import commit_step
+    from server.runstate import open_run
+
+    cfg = {"model": "mlp-digits", "outer": "sparseloco", "outer_lr": 1.0,
+           "outer_params": {"fraction": 0.02, "momentum": momentum}}
+    run = open_run(tmp_path / "run", cfg)
+    grad = np.random.default_rng(5).standard_normal(run.n_params).astype(np.float32)
+    theta, state, step = commit_step(run.config, run.params, grad, run.momentum)
+    assert step is not None
+    assert state.size == (2 if momentum else 1) * run.n_params
+    run.commit(round_=0, params=theta, momentum=state, attempts=1, eval_loss=None,
+               train_loss=None, updates=[], bytes_up=0, bytes_down=0, duration_s=0.1,
+               sparse_step=step)
+    assert run.sparse_step == step
+    run.store.close()
+    again = open_run(tmp_path / "run", {})
+    assert again.params.tobytes() == theta.tobytes()
+    assert again.momentum.tobytes() == state.tobytes()  # e (and m) survive the restart
+    assert again.sparse_step is None  # nodes get the full params after a restart
+    again.store.close()
