@@ -183,9 +183,10 @@ def _text_docs(spec: DataSpec) -> tuple[list[str], list[str]]:
 def _docs(spec: DataSpec) -> tuple[list[str], list[str], Any]:
     kind, _ = parse_tokenizer(spec.tokenizer)
     if spec.kind == "markov":
-        if kind == "byte" and spec.vocab_size > ASCII_SYMBOLS:
-            raise ValueError(f"tokenizer 'byte': the synthetic language has one byte per "
-                             f"symbol up to {ASCII_SYMBOLS} symbols, got {spec.vocab_size}")
+        if spec.vocab_size > ASCII_SYMBOLS:  # beyond, a symbol is 3 bytes: floors would mix
+            raise ValueError(f"tokenizer {spec.tokenizer!r}: the synthetic language has one "
+                             f"byte per symbol up to {ASCII_SYMBOLS} symbols, got "
+                             f"{spec.vocab_size}")
         return _markov_docs(spec, kind)
     if spec.kind == "text":
         return (*_text_docs(spec), None)

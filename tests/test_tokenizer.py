@@ -247,3 +247,13 @@ def test_a_node_whose_tokenizers_encodes_differently_is_refused(
     monkeypatch.setattr(Bpe, "encode", drifted)
     with pytest.raises(TokenizerMismatch, match="encodes the run's text differently"):
         from_spec(cfg, spec)
+
+
+def test_a_tokenizer_too_large_for_the_welcome_is_refused_at_creation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ml.tokenizer.MAX_BLOB", 1000)
+    with pytest.raises(ValueError, match="over the 1000 the Welcome carries"):
+        prepare_spec(_small("bpe:300"))
+    with pytest.raises(ValueError, match="one byte per symbol up to 94"):
+        load_dataset(DataSpec(kind="markov", vocab_size=100, n_train=8, n_val=8,
+                              tokenizer="byte"))
