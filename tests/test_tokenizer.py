@@ -32,6 +32,7 @@ from ml.tokenizer import (
     unpack,
 )
 from ml.workload import from_spec
+from server.browser_data import shard_arrays
 from server.config import RunConfig
 from server.runstate import open_run
 from tests.conftest import Procs, wait_for
@@ -160,6 +161,11 @@ def test_tokenizer_is_stored_with_the_run_and_reloaded(tmp_path: Path) -> None:
     assert run.work.model_config["tokenizer"] == sha == run.work.data_spec.tokenizer_sha256
     assert run.work.model_config["vocab_size"] == 300
     assert json.loads(stored.read_text())["model"]["type"] == "BPE"
+    payload, meta = shard_arrays(run.work, 0, 8)  # what a tab fetches: token ids + vocab
+    assert isinstance(meta["x_bytes"], int)
+    assert meta["vocab"] == run.work.dataset.vocab
+    ids = np.frombuffer(payload[:meta["x_bytes"]], dtype="<i4")
+    assert 256 <= int(ids.max()) < 300  # merged tokens, inside the vocabulary
     again = open_run(tmp_path, {})
     assert again.work.model_id == run.work.model_id
     np.testing.assert_array_equal(again.params, run.params)
