@@ -10,7 +10,9 @@ run's context) and round 0's params:
 - the tab: /static/node/bench.html with `backend=wasm` runs the train step (forward + backward
   + clip + AdamW, one graph) in its Web Worker, `warmup` untimed steps then `steps` timed ones,
   and reports its memory after them (performance.measureUserAgentSpecificMemory: the page
-  and its workers, the wasm heap included; `worker_mb` is the trainer worker's share);
+  and its workers, the wasm heap included; `worker_mb` is the trainer worker's share; the
+  browser answers it about 60 s later here, with or without --enable-blink-features=
+  ForceEagerMeasureMemory);
 - WebGPU: a second Chromium with --enable-unsafe-webgpu asks navigator.gpu for an adapter.
   No adapter, or only a software one (SwiftShader: CPU emulation, its step times say nothing
   about a GPU), and the row says `unavailable here: <what the browser said>`; with a real
@@ -46,7 +48,6 @@ from bench.common import get_json, poll, print_table
 ROOT = Path(__file__).resolve().parent.parent
 RULE_ORIGIN = "http://127.0.0.1:9"  # never contacted: Playwright serves it (rule_page)
 PARITY_ENTRIES = 250_000  # at most this many entries of params / moments come back per tab
-EAGER_MEMORY = "--enable-blink-features=ForceEagerMeasureMemory"
 
 
 def parse_models(spec: str) -> list[str]:
@@ -170,13 +171,16 @@ def measure(spawn: Any, browser: Any, gpu_browser: Any, tmp: Path, flavour: str,
     n = int(run["n_params"])
     every = max(1, math.ceil(n / PARITY_ENTRIES))
     version = fetch(f"{base}/model/params.bin")[1]["X-Round-Version"]
+    t_tab = time.monotonic()
     try:  # a tab that fails (out of memory, ...) is a finding: its row says so
         wasm: dict[str, Any] | None = tab_bench(browser, base, "wasm", args.steps, args.batch,
                                                 args.warmup, every, args.tab_timeout_s)
         wasm_error = None
     except Exception as exc:  # Playwright's errors and the page's, kept as text
         wasm, wasm_error = None, f"{type(exc).__name__}: {exc}"[:500]
+    t_probe = time.monotonic()
     adapter = webgpu_adapter(gpu_browser, f"{base}/api/run")
+    t_probed = time.monotonic()
     gpu = None
     if adapter["ok"] and (not adapter["software"] or args.webgpu_software):
         gpu = tab_bench(gpu_browser, base, "webgpu", args.steps, args.batch, 1, every,
@@ -193,6 +197,8 @@ def measure(spawn: Any, browser: Any, gpu_browser: Any, tmp: Path, flavour: str,
     ort_ms, ort_loss, _params, ort_m = native_ort(graph, theta, x, y, args.steps)
     graph.unlink()
     native = statistics.median(ort_ms)
+    wall = {"tab_s": round(t_probe - t_tab, 1), "webgpu_probe_s": round(t_probed - t_probe, 1),
+            "webgpu_and_native_s": round(time.monotonic() - t_probed, 1)}
 
     def tab_row(res: dict[str, Any]) -> dict[str, Any]:
         ms = statistics.median(res["stepMs"])
@@ -218,7 +224,7 @@ def measure(spawn: Any, browser: Any, gpu_browser: Any, tmp: Path, flavour: str,
            if "train_step" in manifest["graphs"] else None,
            "native_ort_step_ms": round(native, 1),
            "wasm": tab_row(wasm) if wasm is not None else {"error": wasm_error}, "webgpu": gpu_row,
-           "webgpu_adapter": adapter.get("info")}
+           "webgpu_adapter": adapter.get("info"), "wall": wall}
     return row, manifest
 
 
@@ -238,9 +244,9 @@ def run_llama(args: Any) -> None:
     rows: list[dict[str, Any]] = []
     manifests: dict[str, dict[str, Any]] = {}
     with children(tmp) as spawn, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[*ARGS, EAGER_MEMORY])
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         gpu_browser = pw.chromium.launch(executable_path=CHROMIUM,
-                                         args=[*ARGS, EAGER_MEMORY, "--enable-unsafe-webgpu"])
+                                         args=[*ARGS, "--enable-unsafe-webgpu"])
         rules = rule_page(browser)
         by_size = dict(zip(LLAMA_FLAVOURS, tab_refusals(
             rules, [{"n_params": sizes[f]} for f in LLAMA_FLAVOURS]), strict=True))
