@@ -84,9 +84,20 @@ def blockwise(rule: Callable[..., Any], vectors: Sequence[np.ndarray], *, block:
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        cols = [np.array(v[start:stop], dtype=np.float32) for v in vectors]
+        cols = [read_block(v, start, stop) for v in vectors]
         out[start:stop] = np.asarray(rule(cols, **params), dtype=np.float32)
     return out
+
+
+def read_block(v: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Values [start, stop) of `v` as a new float32 array. A spooled vector's are read from
+    its file (not through its mapping: mapped pages would stay in the server's resident set,
+    and a round's blocks would add up to every update)."""
+    name = getattr(v, "filename", None)
+    if isinstance(v, np.memmap) and name is not None and v.dtype == np.dtype("<f4"):
+        out = np.fromfile(name, dtype="<f4", count=stop - start, offset=4 * start)
+        return out.astype(np.float32, copy=False)
+    return np.array(v[start:stop], dtype=np.float32)
 
 
 def spooled(vectors: Sequence[np.ndarray]) -> bool:

@@ -1,0 +1,170 @@
+"""Server memory with streamed updates (stream_chunk_mb) against single-frame updates.
+
+    python -m bench.stream                       # llama 2m (1.8M params), 4 and 16 participants
+    python -m bench.stream --model mlp-digits --flavour "" --participants 2 --chunk-mb 0.01
+
+For each mode (single frame: stream_chunk_mb 0; streamed: chunks of --chunk-mb) and each
+participant count N, a real server (`python -m server`, one round, quorum N, rule --rule)
+and N participants over real WebSockets in this process: the shared Participant (signed
+Hello, signed Submit of a random raw32 update), streamed by the native node's own uploader
+(native_node.stream_upload) when the server's Welcome asks for it. Measured on the server
+process (/proc): its resident set once every participant has joined (baseline) and its peak
+(VmHWM) when the round has committed; growth = peak - baseline. The participants are not
+native nodes (no training): the figure is the server's receipt, storage and aggregation.
+The machine is shared with other jobs: wall times are loose, memory figures are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from bench.common import emit, get_json, poll, print_table
+from bench.live import running_server
+from native_node.stream_upload import Uploader
+from shared.envelope import Identity
+from shared.messages import Resume, Submit
+from shared.participant import Participant
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class Member:
+    """One participant: joins, submits one random update (streamed when asked), leaves."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.part = Participant(Identity.generate(), runtime="native", agent="bench-stream",
+                                device="cpu")
+        self.uploader = Uploader(self.part)
+        self.joined = asyncio.Event()
+        self.go = asyncio.Event()
+        self.n_params = 0
+        self.round: int | None = None
+        self.acked = False
+        self.errors: list[str] = []
+        self.job: asyncio.Future[None] | None = None  # the submission
+
+    async def run(self, http: aiohttp.ClientSession, base: str) -> None:
+        async with http.ws_connect(base + "/ws", max_msg_size=1 << 30, heartbeat=None) as ws:
+            async for raw in ws:
+                if raw.type != aiohttp.WSMsgType.BINARY:
+                    break
+                if raw.data[5:6] == bytes((Resume.TYPE,)):
+                    self.uploader.on_resume(ws, raw.data)
+                    continue
+                for ev in self.part.receive(raw.data):
+                    kind = ev["kind"]
+                    if kind == "send":
+                        await ws.send_bytes(ev["frame"])
+                    elif kind == "welcome":
+                        self.n_params = int(ev["n_params"])
+                    elif kind == "train":
+                        self.round = int(ev["round"])
+                        self.joined.set()
+                        self.job = asyncio.ensure_future(self._submit(ws))
+                    elif kind == "ack":
+                        self.acked = True
+                    elif kind == "committed" and ev["final"]:
+                        return
+                    elif kind in ("error", "fatal", "refused"):
+                        self.errors.append(f"{ev.get('code', '')} {ev['message']}"[:200])
+
+    async def _submit(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        await self.go.wait()  # every participant joined: the baseline is taken
+        assert self.round is not None
+        rng = np.random.default_rng(self.index)
+        delta = rng.standard_normal(self.n_params, dtype=np.float32) * np.float32(1e-3)
+        try:
+            for ev in self.part.submit(self.round, delta.astype("<f4").tobytes(),
+                                       train_loss=1.0, samples=32, compute_s=0.1):
+                if ev["kind"] == "send":
+                    if ev["msg_type"] == Submit.TYPE and self.uploader.wants(ev["frame"]):
+                        await self.uploader.start(ws, ev["frame"])
+                    else:
+                        await ws.send_bytes(ev["frame"])
+        except Exception as exc:  # a broken bench must end, not wait for its timeouts
+            self.errors.append(f"submit: {exc!r}"[:200])
+            await ws.close()
+            raise
+
+
+async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
+    members = [Member(i) for i in range(n)]
+    async with aiohttp.ClientSession() as http:
+        tasks = [asyncio.ensure_future(m.run(http, base)) for m in members]
+        await asyncio.wait_for(asyncio.gather(*(m.joined.wait() for m in members)), 300)
+        await asyncio.sleep(0.5)
+        baseline = _status_kb(pid, "VmRSS") / 1024
+        t0 = time.monotonic()
+        for m in members:
+            m.go.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        wall = time.monotonic() - t0
+    return {"baseline_mb": baseline, "wall_s": wall, "acked": sum(m.acked for m in members),
+            "errors": [e for m in members for e in m.errors][:5], "n_params": members[0].n_params}
+
+
+def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float,
+            rule: str) -> dict[str, Any]:
+    flags = ["--model", model, "--rounds", "1", "--quorum", str(n), "--deadline-s", "600",
+             "--inner-steps", "1", "--aggregator", rule, "--max-frame-mb", "512",
+             "--stream-chunk-mb", str(chunk_mb), "--log-level", "WARNING",
+             "--heartbeat-s", "120"]
+    if flavour:
+        flags += ["--flavour", flavour]
+    with running_server(work, *flags) as (base, proc):
+        assert proc is not None
+        out = asyncio.run(_drive(base, proc.pid, n))
+        status = poll(lambda: (r := get_json(base + "/api/run"))["status"] == "finished"
+                      and r, 120, "the run to finish")
+        peak = _status_kb(proc.pid, "VmHWM") / 1024
+    spool = work / "run" / "spool"
+    return {"mode": "streamed" if chunk_mb else "single", "participants": n,
+            "n_params": out["n_params"], "update_mb": round(4 * out["n_params"] / 2**20, 2),
+            "baseline_rss_mb": round(out["baseline_mb"], 1), "peak_rss_mb": round(peak, 1),
+            "growth_mb": round(peak - out["baseline_mb"], 1), "wall_s": round(out["wall_s"], 2),
+            "acked": out["acked"], "committed_rounds": status["committed_rounds"],
+            "rejected": status["rejected"], "errors": out["errors"],
+            "spool_files_left": len(list(spool.iterdir())) if spool.exists() else 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama")
+    p.add_argument("--flavour", default="2m")
+    p.add_argument("--participants", default="4,16", help="comma-separated counts")
+    p.add_argument("--chunk-mb", type=float, default=1.0)
+    p.add_argument("--rule", default="median")
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.participants.split(",")]
+    rows = []
+    for n in counts:
+        for chunk_mb in (0.0, args.chunk_mb):
+            with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
+                rows.append(run_one(Path(tmp), model=args.model, flavour=args.flavour, n=n,
+                                    chunk_mb=chunk_mb, rule=args.rule))
+    print_table(rows, ["mode", "participants", "update_mb", "baseline_rss_mb", "peak_rss_mb",
+                       "growth_mb", "wall_s", "acked", "spool_files_left"])
+    growth = {f"{r['mode']}_{r['participants']}": r["growth_mb"] for r in rows}
+    emit({"bench": "stream", "model": args.model, "flavour": args.flavour,
+          "n_params": rows[0]["n_params"], "update_mb": rows[0]["update_mb"],
+          "chunk_mb": args.chunk_mb, "rule": args.rule, "growth_mb": growth, "rows": rows,
+          "note": "2-core machine shared with other jobs: wall_s is loose"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
