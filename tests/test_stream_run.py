@@ -49,7 +49,9 @@ def test_chunked_updates_commit_resume_after_a_cut_and_leave_no_spool(
     run = get_json(base + "/api/run")
     assert run["committed_rounds"] == rounds
     log = procs.log("server")
-    n_params = int(re.search(r"streamed update from \w+ for round 0: (\d+) bytes", log)[1]) // 4
+    first = re.search(r"streamed update from \w+ for round 0: (\d+) bytes", log)
+    assert first is not None, log[-3000:]
+    n_params = int(first[1]) // 4
     assert n_params * 4 > 2 * CHUNK  # several chunks per update
     # every accepted update of every round came streamed, and each was complete
     assert log.count("complete (accepted)") == 2 * rounds, log[-3000:]
