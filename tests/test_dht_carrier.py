@@ -8,6 +8,7 @@ arrives on a channel, and the summary the tab's card shows."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from typing import Any
 
@@ -88,7 +89,22 @@ async def until(cond: Any, timeout: float = 20) -> None:
     await asyncio.wait_for(wait(), timeout)
 
 
-async def test_carriers_route_over_channels_first_and_the_relay_otherwise() -> None:
+def run(coro: Any) -> None:
+    """On a fresh loop in its own thread: also right after the e2e tests in one session, whose
+    Playwright (sync API) holds a running loop on the main thread."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coro).result(timeout=60)
+
+
+def test_carriers_route_over_channels_first_and_the_relay_otherwise() -> None:
+    run(routing())
+
+
+def test_a_channel_frame_must_be_a_dht_frame_from_that_peer_to_us() -> None:
+    run(channel_checks())
+
+
+async def routing() -> None:
     net = Net()
     net.server = ServerNode(net)
     a, b, c = Carrier(net, True), Carrier(net, True), Carrier(net, False)
@@ -127,7 +143,7 @@ async def test_carriers_route_over_channels_first_and_the_relay_otherwise() -> N
             await h.close()
 
 
-async def test_a_channel_frame_must_be_a_dht_frame_from_that_peer_to_us() -> None:
+async def channel_checks() -> None:
     net = Net()
     a, b, c = Carrier(net, True), Carrier(net, True), Carrier(net, True)
     try:
