@@ -239,7 +239,8 @@ def signed_examples(previous: dict[str, Any] | None) -> dict[str, Any]:
     from shared.platform import PqcryptoMLDSA65
 
     # the expanded 4032-byte secret key: noble (the tab's selftest) signs with that form
-    ident = Identity(*PqcryptoMLDSA65().keygen())
+    pk, sk = PqcryptoMLDSA65().keygen()
+    ident = Identity(public_key=pk, secret_key=sk)
     update = b"\x00" + _f32(0.5, -0.25)
     submit = Submit(run_id=RUN, round=3, node_id=ident.node_id, nonce=NONCE, codec="raw32",
                     length=2, digest=sha256_hex(update), train_loss=1.5, samples=8,
