@@ -8,9 +8,12 @@ participant count N, a real server (`python -m server`, one round, quorum N, rul
 and N participants over real WebSockets in this process: the shared Participant (signed
 Hello, signed Submit of a random raw32 update), streamed by the native node's own uploader
 (native_node.stream_upload) when the server's Welcome asks for it. Measured on the server
-process (/proc): its resident set once every participant has joined (baseline) and its peak
-(VmHWM) when the round has committed; growth = peak - baseline. The participants are not
-native nodes (no training): the figure is the server's receipt, storage and aggregation.
+process (/proc): its resident set once every participant has joined (baseline); its peak
+(VmHWM) once all N updates are acknowledged (receipt; one more member joins and never submits,
+so the round waits for its deadline and commits only then) and once the round has committed
+(the outer step, evaluation and checkpoint included); growth = peak - baseline. The
+participants are not native nodes (no training): the figure is the server's receipt, storage
+and aggregation.
 The machine is shared with other jobs: wall times are loose, memory figures are not.
 """
 
@@ -102,24 +105,41 @@ class Member:
 
 
 async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
-    members = [Member(i) for i in range(n)]
+    """n submitting members and one idle one: the round then waits for its deadline after
+    the n updates are in, so the server's peak while receiving them is read apart from the
+    commit's (outer step, evaluation, checkpoint)."""
+    members = [Member(i) for i in range(n + 1)]
     async with aiohttp.ClientSession() as http:
         tasks = [asyncio.ensure_future(m.run(http, base)) for m in members]
         await asyncio.wait_for(asyncio.gather(*(m.joined.wait() for m in members)), 300)
         await asyncio.sleep(0.5)
         baseline = _status_kb(pid, "VmRSS") / 1024
         t0 = time.monotonic()
-        for m in members:
+        for m in members[:n]:
             m.go.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 300)
+
+        async def all_acked() -> None:
+            while not all(m.acked for m in members[:n]):
+                if any(m.errors for m in members):
+                    raise RuntimeError(f"refused: {[m.errors for m in members if m.errors]}")
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(all_acked(), 600)
         wall = time.monotonic() - t0
-    return {"baseline_mb": baseline, "wall_s": wall, "acked": sum(m.acked for m in members),
+        receipt_peak = _status_kb(pid, "VmHWM") / 1024
+        await asyncio.wait_for(asyncio.gather(*tasks), 600)
+        for m in members:
+            if m.job is not None:
+                m.job.cancel()
+    return {"baseline_mb": baseline, "receipt_peak_mb": receipt_peak, "wall_s": wall,
+            "acked": sum(m.acked for m in members),
             "errors": [e for m in members for e in m.errors][:5], "n_params": members[0].n_params}
 
 
 def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float,
-            rule: str) -> dict[str, Any]:
-    flags = ["--model", model, "--rounds", "1", "--quorum", str(n), "--deadline-s", "600",
+            rule: str, deadline_s: float) -> dict[str, Any]:
+    flags = ["--model", model, "--rounds", "1", "--quorum", str(n), "--deadline-s",
+             str(deadline_s),
              "--inner-steps", "1", "--aggregator", rule, "--max-frame-mb", "512",
              "--stream-chunk-mb", str(chunk_mb), "--log-level", "WARNING",
              "--heartbeat-s", "120"]
@@ -134,8 +154,11 @@ def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float,
     spool = work / "run" / "spool"
     return {"mode": "streamed" if chunk_mb else "single", "participants": n,
             "n_params": out["n_params"], "update_mb": round(4 * out["n_params"] / 2**20, 2),
-            "baseline_rss_mb": round(out["baseline_mb"], 1), "peak_rss_mb": round(peak, 1),
-            "growth_mb": round(peak - out["baseline_mb"], 1), "wall_s": round(out["wall_s"], 2),
+            "baseline_rss_mb": round(out["baseline_mb"], 1),
+            "receipt_peak_rss_mb": round(out["receipt_peak_mb"], 1),
+            "receipt_growth_mb": round(out["receipt_peak_mb"] - out["baseline_mb"], 1),
+            "peak_rss_mb": round(peak, 1), "growth_mb": round(peak - out["baseline_mb"], 1),
+            "wall_s": round(out["wall_s"], 2),
             "acked": out["acked"], "committed_rounds": status["committed_rounds"],
             "rejected": status["rejected"], "errors": out["errors"],
             "spool_files_left": len(list(spool.iterdir())) if spool.exists() else 0}
@@ -148,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--participants", default="4,16", help="comma-separated counts")
     p.add_argument("--chunk-mb", type=float, default=1.0)
     p.add_argument("--rule", default="median")
+    p.add_argument("--deadline-s", type=float, default=60.0,
+                   help="round deadline: the updates must be in by then (an idle member "
+                        "holds the round open until it)")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.participants.split(",")]
     rows = []
@@ -155,13 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         for chunk_mb in (0.0, args.chunk_mb):
             with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
                 rows.append(run_one(Path(tmp), model=args.model, flavour=args.flavour, n=n,
-                                    chunk_mb=chunk_mb, rule=args.rule))
-    print_table(rows, ["mode", "participants", "update_mb", "baseline_rss_mb", "peak_rss_mb",
-                       "growth_mb", "wall_s", "acked", "spool_files_left"])
+                                    chunk_mb=chunk_mb, rule=args.rule,
+                                    deadline_s=args.deadline_s))
+    print_table(rows, ["mode", "participants", "update_mb", "baseline_rss_mb",
+                       "receipt_growth_mb", "peak_rss_mb", "growth_mb", "wall_s", "acked",
+                       "spool_files_left"])
     growth = {f"{r['mode']}_{r['participants']}": r["growth_mb"] for r in rows}
+    receipt = {f"{r['mode']}_{r['participants']}": r["receipt_growth_mb"] for r in rows}
     emit({"bench": "stream", "model": args.model, "flavour": args.flavour,
           "n_params": rows[0]["n_params"], "update_mb": rows[0]["update_mb"],
-          "chunk_mb": args.chunk_mb, "rule": args.rule, "growth_mb": growth, "rows": rows,
+          "chunk_mb": args.chunk_mb, "rule": args.rule, "growth_mb": growth,
+          "receipt_growth_mb": receipt, "rows": rows,
           "note": "2-core machine shared with other jobs: wall_s is loose"})
     return 0
 
