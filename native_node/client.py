@@ -576,7 +576,10 @@ class NodeClient:
     def _start_dht(self, run_id: str) -> None:
         """Peer discovery (opts.dht): over the p2p mesh's channels where there is one, else
         the server's relay (native_node.dht)."""
-        if not self.opts.dht or (self.dht is not None and self.dht.run_id == run_id):
+        if not self.opts.dht:
+            return
+        if self.dht is not None and self.dht.run_id == run_id:  # a Welcome after a reconnect:
+            self.dht.relay_restored()  # the server may have restarted with an empty table
             return
         if self.dht is not None:
             self._background(self.dht.close())

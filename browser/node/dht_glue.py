@@ -167,6 +167,8 @@ def dht_sync(p: Participant, open_peers: Any, relay_up: bool) -> object:
     if carrier is None:
         return _js([])
     carrier.open = {str(x) for x in open_peers.to_py()}
+    if relay_up and not carrier.relay_up:
+        carrier.relay_restored()  # the socket is back: the bootstrap is pinged at once
     carrier.relay_up = bool(relay_up)
     return _js([{"kind": "dht_summary", **carrier.summary(), "node_id": carrier.me,
                  "channels": len(carrier.open), "relay_up": carrier.relay_up}])

@@ -40,6 +40,10 @@ class DhtService:
         self.node.start(self.now())
         self._flush()
 
+    def rejoin(self) -> None:
+        """Ping the bootstrap addresses now (a restarted bootstrap has an empty table)."""
+        self.start()
+
     def deliver(self, src: str, data: bytes) -> None:
         self.node.receive(src, data, self.now())
         self._flush()

@@ -86,6 +86,14 @@ class DhtCarrier(DhtHost):
         self._launch(DhtNode(self.identity, self.addrs, now=time.time(), config=self.config,
                              bootstrap=self.bootstrap, seed=int(self.me[:8], 16)))
 
+    def relay_restored(self) -> None:
+        """The control WebSocket is back (a Welcome after a reconnect): ping the bootstrap
+        now, not at the next `bootstrap_s` (300 s by default), so a restarted server's empty
+        table refills at once."""
+        self.relay_up = True
+        if self.service is not None:
+            self.service.rejoin()
+
     async def find(self, node_id: str) -> LookupResult:
         """A node lookup: LookupResult.found when `node_id` itself answered."""
         assert self.service is not None, "start() first"
