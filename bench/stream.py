@@ -8,7 +8,8 @@ participant count N, a real server (`python -m server`, one round, quorum N, rul
 and N participants over real WebSockets in this process: the shared Participant (signed
 Hello, signed Submit of a random raw32 update), streamed by the native node's own uploader
 (native_node.stream_upload) when the server's Welcome asks for it. Measured on the server
-process (/proc): its resident set once every participant has joined (baseline); its peak
+process (/proc): its resident set once every participant has joined (baseline; the peak is
+reset there, /proc/PID/clear_refs 5, so the startup's does not count); its peak
 (VmHWM) once all N updates are acknowledged (receipt; one more member joins and never submits,
 so the round waits for its deadline and commits only then) and once the round has committed
 (the outer step, evaluation and checkpoint included); growth = peak - baseline. The
@@ -42,6 +43,15 @@ def _status_kb(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _reset_peak(pid: int) -> bool:
+    """Reset the process's VmHWM to its current resident set (Linux: clear_refs 5)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 class Member:
@@ -114,6 +124,7 @@ async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
         await asyncio.wait_for(asyncio.gather(*(m.joined.wait() for m in members)), 300)
         await asyncio.sleep(0.5)
         baseline = _status_kb(pid, "VmRSS") / 1024
+        reset = _reset_peak(pid)  # the startup's peak (model, first evaluation) is not ours
         t0 = time.monotonic()
         for m in members[:n]:
             m.go.set()
@@ -132,6 +143,7 @@ async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
             if m.job is not None:
                 m.job.cancel()
     return {"baseline_mb": baseline, "receipt_peak_mb": receipt_peak, "wall_s": wall,
+            "peak_reset": reset,
             "acked": sum(m.acked for m in members),
             "errors": [e for m in members for e in m.errors][:5], "n_params": members[0].n_params}
 
@@ -160,6 +172,7 @@ def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float,
             "peak_rss_mb": round(peak, 1), "growth_mb": round(peak - out["baseline_mb"], 1),
             "wall_s": round(out["wall_s"], 2),
             "acked": out["acked"], "committed_rounds": status["committed_rounds"],
+            "peak_reset_after_join": out["peak_reset"],
             "rejected": status["rejected"], "errors": out["errors"],
             "spool_files_left": len(list(spool.iterdir())) if spool.exists() else 0}
 
