@@ -87,6 +87,7 @@ def _field_value(name: str, hint: Any, payload: bytes, none: bool) -> Any:
         "n_shards": 2, "length": max(1, len(payload) // 4), "deadline_s": 30.0,
         "agent": "daa-prime/0.1 \u00e9\u2603", "device": "webgpu" if none else "cpu",
         "code": "bad_frame", "protocol_version": 1, "codec_params": {"k": 0.01},
+        "chunk_bytes": 1024,  # StreamSubmit: the smallest chunk
     }
     if name in by_name:
         return by_name[name]

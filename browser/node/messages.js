@@ -396,8 +396,8 @@ const POST = {
     need(NONCE.test(m.nonce), 'StreamSubmit', 'nonce', 'must be 32 lowercase hex digits');
     need(m.chunk_bytes >= 1024, 'StreamSubmit', 'chunk_bytes', 'must be >= 1024');
     need(m.size >= 1, 'StreamSubmit', 'size', 'must be >= 1');
-    need(payload.length === 32 * Math.ceil(m.size / m.chunk_bytes), 'StreamSubmit', 'payload',
-      'the manifest must hold one 32-byte SHA-256 per chunk');
+    need(payload.length > 0 && payload.length % 32 === 0, 'StreamSubmit', 'payload',
+      'the manifest must be 32-byte SHA-256 entries');
   },
   Chunk(m) {
     hex64('Chunk', 'digest', m.digest);
