@@ -10,9 +10,11 @@ accept and ignore it. Every rule validates its input: an empty stack, unequal le
 NaN/inf value (naming the update) and an f outside the rule's bound raise ValueError.
 Results are float32 Vectors of the inputs' kind (numpy in, numpy out; array('f') in, array
 out); all arithmetic is float64, rounded to float32 once at the end. The numpy path never
-makes a float64 copy of the stack: it widens one column block at a time (shared/aggregation/
-_stack.py), and the Krum family and the geometric median take their distances from one Gram
-product (bench.agg_speed times every rule against byzfl and Flower on one thread).
+copies the stack: it reads the callers' float32 arrays one column block at a time and widens
+that block to float64 (shared/aggregation/_stack.py; the mean streams row slices through one
+float64 block, the sorting rules fill a transposed block directly), and the Krum family and
+the geometric median take their distances from one Gram product (bench.agg_speed times every
+rule against byzfl and Flower on one thread).
 
 | name              | function            | params (defaults)                   | needs      |
 |-------------------|---------------------|-------------------------------------|------------|
