@@ -415,6 +415,7 @@ SOURCES: dict[str, str] = {
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
     "load.txt": "python -m bench.load --participants 1000 > bench/results/load.txt",
+    "stream.txt": "python -m bench.stream --deadline-s 60 > bench/results/stream.txt",
     "hierarchy.txt": "python -m bench.hierarchy > bench/results/hierarchy.txt",
     "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
     "secagg_run.txt": "python -m bench.secagg_run > bench/results/secagg_run.txt",
