@@ -4,10 +4,13 @@ server with two native nodes whose download per round stays near their upload.""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.common import run_swarm
 from server.keys import RUN
@@ -228,3 +231,15 @@ def test_a_restarted_server_resumes_its_residual(tmp_path: Path, momentum: float
     assert again.momentum.tobytes() == state.tobytes()  # e (and m) survive the restart
     assert again.sparse_step is None  # nodes get the full params after a restart
     again.store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=80))
+def test_random_step_payloads_only_raise_bad_update(blob: bytes) -> None:
+    held = np.zeros(16, np.float32)
+    for payload in (b"DL\x03" + struct.pack("<d", 1.0) + blob, b"DL\x03" + blob):
+        try:
+            out = resolve_step(held, payload)
+        except BadUpdate:
+            continue
+        assert out.shape == (16,)
