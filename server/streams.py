@@ -168,6 +168,7 @@ class StreamIntake:
         if vec is not None and not hasattr(vec, "filename"):  # to disk: memory stays bounded
             collection.vectors[node_id] = self.spool.store_vector(node_id, msg.round, vec)
         collection.payloads.pop(node_id, None)  # validators are off for streamed runs
+        del submit, vec  # not held across the await below: other transfers complete meanwhile
         log.info("streamed update from %s for round %d complete (%s)", node_id[:12],
                  msg.round, outcome.value)
         await self.coord.send(conn, Ack(round=msg.round, digest=msg.digest,
