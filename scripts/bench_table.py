@@ -81,6 +81,16 @@ def _vs_ddp(f: Fig) -> str:
     return "; ".join(out)
 
 
+def _vs_ddp_sparse(f: Fig) -> str:
+    s = f["models"]["gpt-tiny"]["sparseloco"]
+    sav, d = s["compression_savings"], s["down_over_up"]
+    return (f"gpt-tiny: {s['config']} moves {s['bytes_ratio_vs_ddp']:,.0f}x fewer bytes than "
+            f"DDP at {s['loss_gap_vs_ddp']:+.1%} loss; {s['compression_config']} saves "
+            f"{sav:.1%} of raw32's bytes at {s['compression_loss_gap']:+.1%}; bytes down / up "
+            f"per round {d:.2f}; targets missed: "
+            f"{', '.join(k for k, ok in s['targets'].items() if not ok) or 'none'}")
+
+
 def _chaos(f: Fig) -> str:
     each = "-".join(f"{x:.1f}" for x in (min(f["node_rejoin_each_s"]),
                                          max(f["node_rejoin_each_s"])))
@@ -334,6 +344,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      "minibatch gradient per worker", "alie_sync.txt", _alie),
     ("bench.vs_ddp", "DDP (gloo, + PowerSGD) vs this system, 4 workers, same tokens, modelled "
      "100 Mbit/s + 50 ms WAN", "vs_ddp.json", _vs_ddp),
+    ("bench.vs_ddp --models gpt-tiny --only sparseloco", "SparseLoCo (2-bit top-k, error "
+     "feedback, sparse outer step broadcast as such) vs DDP and raw32 DiLoCo at the same H",
+     "vs_ddp_sparseloco.txt", _vs_ddp_sparse),
     ("bench.transport", "one frame over a WebRTC data channel in a private netns (aiortc -> "
      "aiortc in 2 processes and in 1, Chromium -> aiortc, Chromium <-> Chromium); server bytes "
      "per round, star vs p2p", "transport.txt", _mbps),
@@ -442,6 +455,10 @@ SOURCES: dict[str, str] = {
     **{name: "python -m bench.vs_ddp (writes them into bench/results/)" for name in (
         "vs_ddp.json", "vs_ddp.md", "vs_ddp.txt", "vs_ddp_loss_vs_bytes.png",
         "vs_ddp_loss_vs_wan_time.png")},
+    **{name: "python -m bench.vs_ddp --models gpt-tiny --only sparseloco "
+             "> bench/results/vs_ddp_sparseloco.txt" for name in (
+        "vs_ddp_sparseloco.json", "vs_ddp_sparseloco.md", "vs_ddp_sparseloco.txt",
+        "vs_ddp_sparseloco_loss_vs_bytes.png", "vs_ddp_sparseloco_loss_vs_wan_time.png")},
     **{name: f"python -m bench.{name.split('.')[0]} > bench/results/{name}"
        for name in ("smoke.txt", "codecs.txt", "error_feedback.txt")},
     "smoke_llama.txt": "python -m bench.smoke --model llama --flavour 2m --rounds 3 "
