@@ -109,3 +109,21 @@ async def test_bad_chunks_are_refused_typed_and_the_transfer_still_completes(
         # median of (0.02 streamed, 0.01, 1000) = 0.02; outer lr 1, no momentum
         np.testing.assert_allclose(theta0 - theta1, 0.02, rtol=1e-4, atol=1e-6)
         assert list(spool.iterdir()) == []  # the committed round's spool file is gone
+
+
+async def test_a_run_without_streaming_refuses_stream_frames_and_says_so(
+        tmp_path: Path) -> None:
+    async with serve(tmp_path, quorum=2, deadline_s=60.0) as srv:  # stream_chunk_mb 0
+        a = await srv.client("a")
+        assert a.welcome is not None
+        assert a.welcome.stream_chunk == 0  # nodes send every update in one Submit
+        payload = get_codec("raw32").encode(np.full(a.n_params, 0.02, np.float32))
+        await a.send(announce(a, payload))
+        err = await a.error("bad_update")
+        assert err.field == "msg_type"
+        await a.ws.send_bytes(chunk_frame(payload, 0))
+        assert (await a.error("bad_message")).field == "msg_type"
+        assert not (tmp_path / "run" / "spool").exists()
+        run = await srv.api("/api/run")
+        assert run["rejected"] == {"bad_update": 1, "bad_message": 1}
+        assert run["accepted"] == 0
