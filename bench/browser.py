@@ -213,6 +213,9 @@ def main() -> None:
     ap.add_argument("--webgpu-software", action="store_true",
                     help="--models: time WebGPU on a software adapter (SwiftShader) too")
     ap.add_argument("--tab-timeout-s", type=float, default=1800, help="per tab run (--models)")
+    ap.add_argument("--no-tab-memory", action="store_true",
+                    help="--models: skip the tab's memory measurement (Chromium takes ~60 s to "
+                         "answer performance.measureUserAgentSpecificMemory)")
     args = ap.parse_args()
     if args.models:
         from bench.browser_llama import run_llama

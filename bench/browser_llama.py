@@ -133,11 +133,11 @@ def webgpu_adapter(browser: Any, url: str) -> dict[str, Any]:
 
 
 def tab_bench(browser: Any, base: str, backend: str, steps: int, batch: int, warmup: int,
-              every: int, timeout_s: float) -> dict[str, Any]:
+              every: int, timeout_s: float, memory: bool = True) -> dict[str, Any]:
     page = browser.new_page()
     try:
         page.goto(f"{base}/static/node/bench.html?backend={backend}&steps={steps}"
-                  f"&batch={batch}&warmup={warmup}&every={every}&memory=1")
+                  f"&batch={batch}&warmup={warmup}&every={every}&memory={int(memory)}")
         page.wait_for_function("() => window.__bench", timeout=timeout_s * 1000, polling=1000)
         res = dict(page.evaluate("() => window.__bench"))
     finally:
@@ -174,7 +174,8 @@ def measure(spawn: Any, browser: Any, gpu_browser: Any, tmp: Path, flavour: str,
     t_tab = time.monotonic()
     try:  # a tab that fails (out of memory, ...) is a finding: its row says so
         wasm: dict[str, Any] | None = tab_bench(browser, base, "wasm", args.steps, args.batch,
-                                                args.warmup, every, args.tab_timeout_s)
+                                                args.warmup, every, args.tab_timeout_s,
+                                                memory=not args.no_tab_memory)
         wasm_error = None
     except Exception as exc:  # Playwright's errors and the page's, kept as text
         wasm, wasm_error = None, f"{type(exc).__name__}: {exc}"[:500]
