@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-NODE_FRACTION = 0.03
-DOWN_FRACTION = 0.03
+NODE_FRACTION = 0.05
+DOWN_FRACTION = 0.05
 _NODE = ["--codec", "topk", "--codec-params",
          json.dumps({"fraction": NODE_FRACTION, "values": "int2"}), "--error-feedback",
          "--outer", "sparseloco"]
