@@ -299,6 +299,14 @@ def _vs_hivemind(f: Fig) -> str:
             f"bytes) {'met' if met else 'MISSED'}; docs/benchmarks.md")
 
 
+def _browser_llama(f: Fig) -> str:
+    rows = ", ".join(f"{m['model']} {m['wasm']['step_ms']:,.0f} vs {m['native_ort_step_ms']:,.0f}"
+                     for m in f["models"] if isinstance(m.get("wasm"), dict))
+    can = ", ".join(f"{k} {'yes' if v['can_train'] else 'no'}" for k, v in f["can_train"].items())
+    return (f"ms a step, tab wasm vs native ORT (batch {f['batch']}, loaded machine): {rows}; "
+            f"WebGPU not measurable here; tab can train: {can}; docs/browser.md")
+
+
 def _vs_flower(f: Fig) -> str:
     o, fl = f["ours"], f["flower"]
     met = o["round_s"] < fl["round_s"] and o["peak_mb"] <= fl["peak_mb"]
@@ -329,16 +337,28 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.byzantine", "every attack x every rule at 10/20/33/45% attackers on the real "
      "coordinator (both models)", "byzantine.txt", _byzantine),
     ("bench.simulate --engine ray --nodes 1000 --rounds 3 --model mlp-digits", "the same "
-     "1000 signed nodes on 2 Ray workers (bench/sim_ray.py; 10,000 not finished here)",
+     "1000 signed nodes on 2 Ray workers (bench/sim_ray.py)",
      "simulate_ray.txt", lambda f: f"{f['wall_s']:.0f} s, {f['peak_rss_mb']:,.0f} MB peak "
      "(driver + Ray + workers)"),
+    ("bench.simulate --engine ray --nodes 10000 --rounds 3 --model mlp-digits", "10,000 signed "
+     "nodes on 2 Ray workers, sharing digits' 1,618 training rows (one row a shard)",
+     "simulate_ray_10k.txt", lambda f: f"{f['rounds']} rounds, {f['wall_s']:,.0f} s, "
+     f"{f['peak_rss_mb']:,.0f} MB peak; eval loss {f['final_eval_loss']:.3f} (one-row shards: "
+     "no learning signal, see docs/benchmarks.md)"),
+    ("bench.signatures", "ML-DSA-65 keygen / sign / verify: cryptography (OpenSSL, seed keys) vs "
+     "pqcrypto (expanded keys)", "signatures.txt",
+     lambda f: f"sign ms {f['cryptography']['sign_ms']:.2f} vs {f['pqcrypto']['sign_ms']:.2f} "
+     f"({f['sign_speedup']:.1f}x); verify ms {f['cryptography']['verify_ms']:.2f}"),
+    ("bench.browser --models llama-2m,llama-20m,llama-125m", "the llama flavours' train step "
+     "in a Chromium tab (wasm; WebGPU needs a real adapter) vs native onnxruntime",
+     "browser_llama.txt", _browser_llama),
     ("bench.vs_flower", "our simulation (Ray engine: real coordinator, signed "
      "participants) beside Flower 1.42's Ray simulation, same model, shards and local work per "
      "client, same machine", "vs_flower.txt", _vs_flower),
     ("bench.vs_hivemind --rounds 2", "our p2p reduction (native P2PRole peers over aiortc) "
      "beside hivemind 1.1.12's DecentralizedAverager, 4 and 16 peers on loopback",
      "vs_hivemind.txt", _vs_hivemind),
-    ("bench.agg_speed --before 29a806b", "every aggregation rule on 64 x 1M float32 updates, "
+    ("bench.agg_speed --before 5ec0e07 --rounds 3 --repeats 3", "every aggregation rule on 64 x 1M float32 updates, "
      "f = 15, vs byzfl 0.0.11 and Flower 1.42 in the same run", "agg_speed.txt", _agg_speed),
     ("bench.alie_sync", "\"A Little Is Enough\" in its paper's setting: synchronous SGD, one "
      "minibatch gradient per worker", "alie_sync.txt", _alie),
@@ -422,8 +442,25 @@ SOURCES: dict[str, str] = {
     "autotune_tab_heavy.txt": "python -m bench.autotune --population tab-heavy "
                               "> bench/results/autotune_tab_heavy.txt",
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
-    "agg_speed.txt": "python -m bench.agg_speed --before 29a806b "
+    "agg_speed.txt": "python -m bench.agg_speed --before 5ec0e07 --rounds 3 --repeats 3 "
                      "> bench/results/agg_speed.txt",
+    "agg_speed_cpu.txt": "python -m bench.agg_speed --clock cpu --before 5ec0e07 --rounds 1 "
+                         "--repeats 3 > bench/results/agg_speed_cpu.txt",
+    "byzantine_agg.txt": "python -m bench.byzantine --agg-only > bench/results/byzantine_agg.txt",
+    "signatures.txt": "python -m bench.signatures > bench/results/signatures.txt",
+    "browser_llama.txt": "python -m bench.browser --models llama-2m,llama-20m,llama-125m "
+                         "> bench/results/browser_llama.txt",
+    "browser_llama_b32.txt": "python -m bench.browser --models llama-20m --batch 32 --steps 1 "
+                             "--warmup 0 > bench/results/browser_llama_b32.txt",
+    "simulate_ray_10k.txt": "python -m bench.simulate --engine ray --nodes 10000 --rounds 3 "
+                            "--model mlp-digits > bench/results/simulate_ray_10k.txt",
+    **{f"smoke_llama_tiny_{name}.txt": f"python -m bench.smoke --model llama --flavour tiny "
+       f"{flag}--rounds 3 --inner-steps 30 > bench/results/smoke_llama_tiny_{name}.txt"
+       for name, flag in (("symbols", ""), ("byte", "--tokenizer byte "),
+                          ("bpe512", "--tokenizer bpe:512 "))},
+    "smoke_llama_2m_bpe512.txt": "python -m bench.smoke --model llama --flavour 2m --tokenizer "
+                                 "bpe:512 --rounds 3 --inner-steps 30 --timeout 900 "
+                                 "> bench/results/smoke_llama_2m_bpe512.txt",
     "byzantine.txt": "python -m bench.byzantine > bench/results/byzantine.txt",
     "chaos.txt": "python -m bench.chaos > bench/results/chaos.txt",
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
