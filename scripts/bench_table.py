@@ -358,8 +358,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.vs_hivemind --rounds 2", "our p2p reduction (native P2PRole peers over aiortc) "
      "beside hivemind 1.1.12's DecentralizedAverager, 4 and 16 peers on loopback",
      "vs_hivemind.txt", _vs_hivemind),
-    ("bench.agg_speed --before 5ec0e07 --rounds 3 --repeats 3", "every aggregation rule on 64 x 1M float32 updates, "
-     "f = 15, vs byzfl 0.0.11 and Flower 1.42 in the same run", "agg_speed.txt", _agg_speed),
+    ("bench.agg_speed --before 5ec0e07 --rounds 3 --repeats 3", "every aggregation rule on "
+     "64 x 1M float32 updates, f = 15, vs byzfl 0.0.11 and Flower 1.42 in the same run",
+     "agg_speed.txt", _agg_speed),
     ("bench.alie_sync", "\"A Little Is Enough\" in its paper's setting: synchronous SGD, one "
      "minibatch gradient per worker", "alie_sync.txt", _alie),
     ("bench.vs_ddp", "DDP (gloo, + PowerSGD) vs this system, 4 workers, same tokens, modelled "
