@@ -69,6 +69,7 @@ def main(argv: list[str]) -> int:
         page.wait_for_function(f"() => window.daaNode.stats.accepted >= {args.rounds}",
                                timeout=240_000, polling=250)
         out["tab_accepted"] = page.evaluate("() => window.daaNode.stats.accepted")
+        out["tab_updates_via"] = page.evaluate("() => window.daaNode.stats.updatesVia")
         out["rounds"] = api("/api/run")["committed_rounds"]
         out["console_errors"] = errors
         browser.close()

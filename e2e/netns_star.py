@@ -86,6 +86,7 @@ def main(argv: list[str]) -> int:
         native = next(p for p in peers if p["runtime"] == "native")
         rounds = api(f"{base}/api/rounds")
         out = {"tab_transport": mid, "tab_transport_at_end": stats["transport"],
+               "tab_updates_via": stats["updatesVia"],
                "tab_accepted": stats["accepted"],
                "server_view_tab": tab["transport"], "server_view_native": native["transport"],
                "tab_updates": tab["updates_accepted"], "rounds": len(rounds),
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
             p.wait(10)
     print(json.dumps(out), flush=True)
     want = args.expect
-    ok = (out.get("tab_transport") == want and out.get("server_view_tab") == want
+    ok = (out.get("tab_updates_via", {}).get(want, 0) >= 2 and out.get("server_view_tab") == want
           and out.get("server_view_native") == want and out.get("rounds") == 3
           and out.get("tab_accepted") == 3 and out.get("n_updates") == [2, 2, 2]
           and not out.get("console_errors"))

@@ -102,7 +102,9 @@ def test_tab_joins_over_https_behind_a_symmetric_nat(tmp_path: Path, onnx_cache:
     assert out["cross_origin_isolated"] is True, out
     assert "relay" in out["local_candidates"], out  # coturn granted the minted credential
     assert "srflx" in out["local_candidates"], out  # STUN through the NAT
-    assert out["tab_transport"] == "webrtc", out
+    # counted per update as it left (the transport line turns 'relay' when the run's end
+    # closes the channel, which can come before it is read once rounds are fast)
+    assert out["tab_updates_via"].get("webrtc", 0) >= 1, out
     assert out["server_view_tab"] == "webrtc", out
     assert out["ice_pairs"].get("server") in ("host", "srflx", "relay"), out
     assert out["tab_accepted"] >= ROUNDS, out

@@ -32,7 +32,10 @@ def test_tab_updates_over_webrtc_or_relayed(tmp_path: Path, onnx_cache: Path, ve
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     assert lines, res.stdout[-2000:] + res.stderr[-3000:]
     out = json.loads(lines[-1])
-    assert out["tab_transport"] == expect, out
+    # how the tab's updates left, counted as they were sent: the transport line read after
+    # the 2nd accept could already be 'relay' when the 3rd round had ended the run (its
+    # channel closes), once rounds got fast
+    assert out["tab_updates_via"].get(expect, 0) >= 2, out
     assert out["server_view_tab"] == expect, out
     assert out["server_view_native"] == expect, out
     assert out["n_updates"] == [2, 2, 2], out

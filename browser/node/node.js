@@ -82,6 +82,7 @@ export class BrowserNode extends EventTarget {
       samplesPerS: null, paused: false, rows: null, dataSource: 'server', errors: [], timings: {},
       firstAcceptedMs: null, consoleErrors: 0, role, judged: 0, lastVerdict: null, transport: null,
       learns: null, ownDataCheck: null, ownDataNote: null, stoppedAt: null, resubmitted: 0,
+      updatesVia: {},  // how each update left: {webrtc: n, relay: m}
     };
     this.t0 = performance.now();
   }
@@ -226,7 +227,8 @@ export class BrowserNode extends EventTarget {
    * usable: the relay fallback. */
   async sendUpdate(frame) {
     const direct = await this.uplink.send(frame);
-    this.set({ transport: this.uplink.state });
+    const via = direct ? 'webrtc' : 'relay', counts = this.stats.updatesVia;
+    this.set({ transport: this.uplink.state, updatesVia: { ...counts, [via]: (counts[via] || 0) + 1 } });
     if (!direct) this.send(frame);
   }
 
