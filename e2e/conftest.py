@@ -46,6 +46,20 @@ def ensure_vendored() -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "vendor_browser.py")], check=True)
 
 
+def netns_env() -> dict[str, str]:
+    """Skip unless a private network namespace and Chromium are available; vendor the browser
+    assets; the environment a netns scenario (bench.netns) runs in."""
+    from bench import netns
+
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"no private network namespace here: {why}")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    ensure_vendored()
+    return {**os.environ, netns.ENV_FLAG: "1"}
+
+
 def wait_until(fn: Any, timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -139,16 +139,10 @@ def test_a_tab_keeps_finding_nodes_over_its_data_channels_with_the_server_killed
     """A p2p run in a private network namespace (e2e/dht_p2p_scenario.py): the tab's DHT rides
     the shard channels the run opened; with the server process killed, its lookups of both
     native nodes still succeed, over those channels alone."""
-    from bench import netns
-    from e2e.conftest import CHROMIUM, ensure_vendored
+    from e2e.conftest import netns_env
     from tests.conftest import in_netns
 
-    why = netns.available()
-    if why is not None:
-        pytest.skip(f"no private network namespace here: {why}")
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
-    ensure_vendored()
+    netns_env()
     res = in_netns("e2e.dht_p2p_scenario", [str(tmp_path)], timeout=280)
     print(json.dumps(res))  # shown with -s
     assert all(r["found"] for r in res["before"]), res

@@ -12,24 +12,15 @@ digest.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from bench import netns
-from e2e.conftest import CHROMIUM, ROOT, ensure_vendored
+from e2e.conftest import ROOT, netns_env
 
 
 def test_tabs_are_members_of_a_grouped_run(tmp_path: Path) -> None:
-    why = netns.available()
-    if why is not None:
-        pytest.skip(f"no private network namespace here: {why}")
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
-    ensure_vendored()
-    env = {**os.environ, netns.ENV_FLAG: "1"}
+    env = netns_env()
     argv = ["--native", "6", "--tabs", "2", "--rounds", "3", "--groups", "2",
             "--no-native-only", "--limits", "--dir", str(tmp_path)]
     res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,

@@ -14,24 +14,15 @@ its lie, so its next outer step fails the digest check and it resyncs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from bench import netns
-from e2e.conftest import CHROMIUM, ROOT, ensure_vendored
+from e2e.conftest import ROOT, netns_env
 
 
 def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: Path) -> None:
-    why = netns.available()
-    if why is not None:
-        pytest.skip(f"no private network namespace here: {why}")
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
-    ensure_vendored()
-    env = {**os.environ, netns.ENV_FLAG: "1"}
+    env = netns_env()
     argv = ["--native", "2", "--tabs", "2", "--rounds", "3", "--close-tab", "--lie-tab",
             "--no-native-only", "--limits", "--dir", str(tmp_path)]
     res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
@@ -66,13 +57,7 @@ def test_a_tab_without_a_direct_channel_relays_its_shards_through_the_server(
     """A namespace with loopback only: neither Chromium nor aiortc finds a usable candidate,
     so after rtc_timeout_s the tab's and the native node's shards go through the server,
     which forwards and counts them; the rounds commit and the tab still steps itself."""
-    why = netns.available()
-    if why is not None:
-        pytest.skip(f"no private network namespace here: {why}")
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
-    ensure_vendored()
-    env = {**os.environ, netns.ENV_FLAG: "1"}
+    env = netns_env()
     argv = ["--native", "1", "--tabs", "1", "--rounds", "2", "--rtc-timeout-s", "3",
             "--no-native-only", "--limits", "--dir", str(tmp_path)]
     res = subprocess.run(netns.command("bench.p2p_tabs", argv, veth=False), cwd=ROOT, env=env,
@@ -96,13 +81,7 @@ def test_tabs_with_a_lower_cap_link_to_their_ring_neighbours_and_relay_the_rest(
     """Each tab opened with ?p2p_cap=2 among 4 members links directly to its two ring
     neighbours only (shared.p2p_mesh.direct_peers) and declines the member opposite it, whose
     shards then go through the server; the rounds commit and the tabs step themselves."""
-    why = netns.available()
-    if why is not None:
-        pytest.skip(f"no private network namespace here: {why}")
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
-    ensure_vendored()
-    env = {**os.environ, netns.ENV_FLAG: "1"}
+    env = netns_env()
     argv = ["--native", "2", "--tabs", "2", "--rounds", "2", "--tab-cap", "2",
             "--rtc-timeout-s", "4", "--no-native-only", "--limits", "--dir", str(tmp_path)]
     res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
