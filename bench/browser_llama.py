@@ -134,17 +134,11 @@ def webgpu_adapter(browser: Any, url: str) -> dict[str, Any]:
 
 def tab_bench(browser: Any, base: str, backend: str, steps: int, batch: int, warmup: int,
               every: int, timeout_s: float, memory: bool = True) -> dict[str, Any]:
-    page = browser.new_page()
-    try:
-        page.goto(f"{base}/static/node/bench.html?backend={backend}&steps={steps}"
-                  f"&batch={batch}&warmup={warmup}&every={every}&memory={int(memory)}")
-        page.wait_for_function("() => window.__bench", timeout=timeout_s * 1000, polling=1000)
-        res = dict(page.evaluate("() => window.__bench"))
-    finally:
-        page.close()
-    if "error" in res:
-        raise RuntimeError(f"tab ({backend}): {res['error']}")
-    return res
+    from bench.browser import bench_page  # bench.browser hands --models to this module
+
+    return bench_page(browser, f"{base}/static/node/bench.html?backend={backend}&steps={steps}"
+                      f"&batch={batch}&warmup={warmup}&every={every}&memory={int(memory)}",
+                      timeout_s)
 
 
 def _printed_url(log: Path) -> str | None:
