@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from bench import netns
 from e2e.conftest import ROOT, netns_env
@@ -23,13 +24,23 @@ from e2e.conftest import ROOT, netns_env
 
 def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: Path) -> None:
     env = netns_env()
-    argv = ["--native", "2", "--tabs", "2", "--rounds", "3", "--close-tab", "--lie-tab",
-            "--no-native-only", "--limits", "--dir", str(tmp_path)]
-    res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    assert lines, res.stdout[-2000:] + res.stderr[-3000:]
-    out = json.loads(lines[-1])
+
+    def scenario(attempt: int) -> tuple[Any, dict[str, Any]]:
+        argv = ["--native", "2", "--tabs", "2", "--rounds", "3", "--close-tab", "--lie-tab",
+                "--no-native-only", "--limits", "--dir", str(tmp_path / f"try{attempt}")]
+        res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+        assert lines, res.stdout[-2000:] + res.stderr[-3000:]
+        return res, json.loads(lines[-1])
+
+    res, out = scenario(0)
+    if out.get("n_updates", [None, None])[1:2] == [3]:
+        # KNOWN INTERMITTENT (cause not found; closing notes of 2026-12-05/06): a tab missed
+        # round 1 (quorum 3 lets it commit without it), so round 1 is not the scenario under
+        # test (the lying tab may not have lied). Said, then run once more; a second miss fails.
+        print(f"round 1 committed without a tab: {out.get('n_updates')}; running again")
+        res, out = scenario(1)
     assert res.returncode == 0, out
     closed = out["closed_tab"]
     assert closed["held_frames"] > 0, out  # it was inside round 1's reduction when closed
