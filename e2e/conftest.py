@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,19 @@ def netns_env() -> dict[str, str]:
         pytest.skip(f"Chromium is not installed at {CHROMIUM}")
     ensure_vendored()
     return {**os.environ, netns.ENV_FLAG: "1"}
+
+
+def p2p_tabs(argv: list[str], *, veth: bool = True) -> tuple[int, dict[str, Any]]:
+    """bench.p2p_tabs in a private netns (skips like netns_env) -> (its exit code, its last
+    JSON line); a missing line fails with the scenario's output."""
+    from bench import netns
+
+    env = netns_env()
+    res = subprocess.run(netns.command("bench.p2p_tabs", argv, veth=veth), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert lines, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.returncode, json.loads(lines[-1])
 
 
 def wait_until(fn: Any, timeout_s: float, what: str) -> Any:

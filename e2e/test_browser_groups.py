@@ -11,24 +11,15 @@ digest.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
-from bench import netns
-from e2e.conftest import ROOT, netns_env
+from e2e.conftest import p2p_tabs
 
 
 def test_tabs_are_members_of_a_grouped_run(tmp_path: Path) -> None:
-    env = netns_env()
-    argv = ["--native", "6", "--tabs", "2", "--rounds", "3", "--groups", "2",
-            "--no-native-only", "--limits", "--dir", str(tmp_path)]
-    res = subprocess.run(netns.command("bench.p2p_tabs", argv), cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    assert lines, res.stdout[-2000:] + res.stderr[-3000:]
-    out = json.loads(lines[-1])
-    assert res.returncode == 0, out
+    rc, out = p2p_tabs(["--native", "6", "--tabs", "2", "--rounds", "3", "--groups", "2",
+                        "--no-native-only", "--limits", "--dir", str(tmp_path)])
+    assert rc == 0, out
     assert out["rounds_committed"] == 3, out
     assert out["n_updates"] == [8, 8, 8], out  # both tabs' updates in every round
     server_log = (tmp_path / "mixed" / "server.log").read_text()
