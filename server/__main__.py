@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("codec-params", json.loads), ("aggregator-params", json.loads),
                        ("byzantine-fraction", float), ("validation-threshold", float),
                        ("validation-samples", int), ("validation-timeout-s", float),
+                       ("eval-samples", int),
                        ("heartbeat-s", float), ("stale-policy", str), ("stale-weight", float),
                        ("max-staleness", int), ("resume-grace-s", float),
                        ("transport", str), ("ice-servers", str), ("rtc-timeout-s", float),

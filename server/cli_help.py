@@ -75,6 +75,8 @@ HELP: dict[str, str] = {
                             "max(base, median candidate) * (1 + this) (fraction)",
     "validation_samples": "held-out examples each update is scored on (count)",
     "validation_timeout_s": "wait this long for validator nodes' verdicts (seconds)",
+    "eval_samples": "held-out examples the eval loss of each commit is over (count; 0: "
+                    "the whole validation split)",
     "heartbeat_s": "ping interval; a node silent for 1.5x this is dropped (seconds)",
     "stale_policy": "a late update for a past round: dropped, or applied with a weight",
     "stale_weight": "with stale policy 'weight': a late update counts this ** age (fraction)",

@@ -75,6 +75,7 @@ class RunConfig:
     validation_threshold: float = 0.1  # reject above max(base, median candidate) * (1 + it)
     validation_samples: int = 512  # held-out examples each validator scores on
     validation_timeout_s: float = 10.0  # how long to wait for validator nodes' verdicts
+    eval_samples: int = 0  # held-out examples the server's eval loss is over (0: all)
     rounds: int = 0  # stop after this many committed rounds (0: run forever)
     quorum: int = 1  # fewest updates a round is committed with
     deadline_s: float = 60.0  # collection window of one round attempt
@@ -195,6 +196,7 @@ class RunConfig:
             (self.validation_threshold >= 0, "validation_threshold", "must be >= 0"),
             (self.validation_samples >= 1, "validation_samples", "must be >= 1"),
             (self.validation_timeout_s > 0, "validation_timeout_s", "must be > 0"),
+            (self.eval_samples >= 0, "eval_samples", "must be >= 0"),
             *[(getattr(self, k) >= 0, k, "must be >= 0") for k in LEDGER_INTS],
             (self.ledger_pow_bits <= 32, "ledger_pow_bits", "must be <= 32"),
             (self.aggregation_weights in AGGREGATION_WEIGHTS, "aggregation_weights",

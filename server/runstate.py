@@ -67,7 +67,8 @@ class RunState:
                 self._eval_model = self.work.new_model()
             load_flat(self._eval_model, params)
             ds = self.work.dataset
-            loss = evaluate(self._eval_model, ds.x_val, ds.y_val)
+            n = self.config.eval_samples or len(ds.x_val)  # eval_samples 0: all
+            loss = evaluate(self._eval_model, ds.x_val[:n], ds.y_val[:n])
         return loss if math.isfinite(loss) else None
 
     def commit(self, *, round_: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
