@@ -43,6 +43,7 @@ from bench.ddp_worker import lo_counters, load_workload, run_ddp
 from bench.error_feedback import SPARSE_OUTER, TOPK
 from bench.vs_ddp_sparse import (
     SPARSE_CODECS,
+    SPARSE_RUNS,
     config_name,
     down_over_up,
     sparse_figures,
@@ -84,7 +85,7 @@ class Grid:
 
 def full_grids() -> list[Grid]:
     gpt = tuple((h, c) for h in (10, 50, 100, 500) for c in ("raw32", "int8-block", "topk-ef"))
-    gpt += ((50, "sparseloco"), (100, "sparseloco"), (50, "sparseloco-nesterov"))
+    gpt += SPARSE_RUNS  # (H, codec) of the sparseloco configurations: bench.vs_ddp_sparse
     mlp = ((10, "raw32"), (50, "raw32"), (100, "raw32"), (50, "int8-block"), (50, "topk-ef"),
            (10, "raw32-avg"), (50, "raw32-avg"))
     return [Grid("gpt-tiny", "nano", 4, 2000, 16, 0.01, gpt, 50),

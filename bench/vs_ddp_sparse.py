@@ -26,6 +26,11 @@ SPARSE_CODECS: dict[str, list[str]] = {
 }
 
 
+# the sparseloco configurations of bench.vs_ddp's gpt-tiny grid, as (H, codec)
+SPARSE_RUNS: tuple[tuple[int, str], ...] = (
+    (50, "sparseloco"), (100, "sparseloco"), (50, "sparseloco-nesterov"))
+
+
 def config_name(h: int, codec: str) -> str:
     """`sparseloco-H50`, `sparseloco-H50-nesterov`; `diloco-H50-raw32` for the others."""
     if codec.startswith("sparseloco"):
