@@ -37,7 +37,7 @@ from native_node.address import coordinator_tls, coordinator_url
 from native_node.dht import NodeDht
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.stream_upload import Uploader
-from native_node.trainer import RoundResult, Trainer
+from native_node.trainer import Rebase, RoundResult, Trainer
 from shared.envelope import Identity
 from shared.messages import SERVER, Resume, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
@@ -166,6 +166,11 @@ class NodeClient:
                                 save_pins=functools.partial(pins.save, opts.state_dir),
                                 expected_server_id=opts.server_id)
         self.part.extra_features = (SPARSE_FEATURE,)  # applies sparseloco steps (numpy)
+        # run option overlap (shared.overlap): the one-process torch trainer trains ahead
+        self.part.ahead.supported = opts.nproc == 1 and opts.role == "trainer"
+        self.rebase: Rebase | None = None  # the steps running ahead take the new params here
+        self.ahead_done: RoundResult | None = None  # steps ahead done, their round not open
+        self.last_train: Event | None = None  # the last train event (steps, lr, batch size)
         if opts.region:  # hierarchy (p2p_groups) groups members by it
             self.part.extra_features += (f"region={opts.region}",)
         self.work: Workload | None = None
@@ -366,7 +371,7 @@ class NodeClient:
             await self._send(ev["frame"], is_update=ev["msg_type"] == Submit.TYPE)
         elif kind == "welcome":
             await self._on_welcome(ev)
-        elif kind == "train":
+        elif kind in ("train", "train_ahead"):
             self._start_training(ev)
         elif kind == "cancel":
             self.cancel.set()
@@ -592,16 +597,75 @@ class NodeClient:
 
     # -- training --------------------------------------------------------------------------
     def _start_training(self, ev: Event) -> None:
+        if ev["kind"] == "train_ahead":
+            self._start_ahead()
+            return
+        if ev.get("merge") and self._merge_ahead(ev):
+            return
         self.cancel.set()  # a previous round still training stops (the participant said so)
         self.cancel = threading.Event()
+        self.rebase = self.ahead_done = None
+        self.last_train = ev
         theta = np.frombuffer(ev["params"], dtype="<f4").copy()
         self.task = asyncio.create_task(self._train_and_submit(ev, theta, self.cancel))
 
-    async def _train_and_submit(self, ev: Event, theta: np.ndarray,
-                                cancel: threading.Event) -> None:
+    def _start_ahead(self) -> None:
+        """Overlap: train the next round from the local params now (shared.overlap)."""
+        if self.last_train is None or not isinstance(self.trainer, Trainer):
+            self.part.ahead.drop()  # its RoundOpen then trains as without the option
+            return
+        self.cancel.set()
+        self.cancel = threading.Event()
+        self.rebase, self.ahead_done = Rebase(), None
+        self.task = asyncio.create_task(self._train_and_submit(self.last_train, None,
+                                                               self.cancel, self.rebase))
+
+    def _merge_ahead(self, ev: Event) -> bool:
+        """The round the steps run ahead belong to opened: hand its params to them (merged
+        between steps), or merge now when they are done. False: none run ahead."""
+        rebase = self.rebase
+        if rebase is None:
+            return False
+        self.last_train = ev
+        if rebase.put(int(ev["round"]), np.frombuffer(ev["params"], dtype="<f4").copy()):
+            return True
+        done, self.ahead_done = self.ahead_done, None
+        if done is not None:  # else the trainer's task is finishing: it sees the late params
+            self.task = asyncio.create_task(self._after_ahead(done, rebase, self.cancel))
+        return True
+
+    async def _after_ahead(self, result: RoundResult, rebase: Rebase,
+                           cancel: threading.Event) -> None:
+        """Steps run ahead are done: submit them if merged, else wait for their round."""
+        if cancel.is_set() or not isinstance(self.trainer, Trainer):
+            if rebase.round is not None:
+                self.part.training_stopped(rebase.round)
+            if self.rebase is rebase:
+                self.rebase = None
+            return
+        delta = result.delta
+        if not rebase.merged:
+            late = rebase.take()
+            if late is None:
+                self.ahead_done = result  # _merge_ahead goes on when the round opens
+                return
+            delta = await asyncio.to_thread(self.trainer.merge_after, late)
+        if self.rebase is rebase:
+            self.rebase = None
+        assert rebase.round is not None
+        await self._submit(rebase.round, delta, result)
+
+    async def _submit(self, round_: int, delta_arr: np.ndarray, result: RoundResult) -> None:
+        delta = np.ascontiguousarray(delta_arr, dtype="<f4").tobytes()
+        for out in self.part.submit(round_, delta, train_loss=result.train_loss,
+                                    samples=result.samples, compute_s=result.compute_s):
+            await self.on_event(out)
+
+    async def _train_and_submit(self, ev: Event, theta: np.ndarray | None,
+                                cancel: threading.Event, rebase: Rebase | None = None) -> None:
         assert self.trainer is not None
         round_, steps = int(ev["round"]), int(ev["steps"])
-        bar = self._progress_bar(round_, steps)
+        bar = self._progress_bar(round_ + (rebase is not None), steps)
         # the trainer stops when the round moves on (cancel) or when the participant says
         # the round's steps or time budget are used up (autotune: keep_training)
         halt, started = threading.Event(), time.perf_counter()
@@ -610,20 +674,26 @@ class NodeClient:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update(1)
-            if cancel.is_set() or not self.part.keep_training(
-                    round_, done, time.perf_counter() - started):
+            now = round_ if rebase is None else rebase.round  # ahead: None until it opens
+            if cancel.is_set() or (now is None and done >= steps) or (
+                    now is not None and not self.part.keep_training(
+                        now, done, time.perf_counter() - started)):
                 halt.set()
 
         try:
             result: RoundResult = await asyncio.to_thread(
                 self.trainer.train_round, theta, steps=steps, lr=ev["lr"],
-                batch_size=ev["batch_size"], cancel=halt, progress=progress)
+                batch_size=ev["batch_size"], cancel=halt, progress=progress,
+                **({"rebase": rebase} if rebase is not None else {}))
         except BaseException:
-            self.part.training_stopped(round_)
+            self.part.training_stopped(round_ if rebase is None else rebase.round or -1)
             raise
         finally:
             if bar is not None:
                 bar.close()
+        if rebase is not None:
+            await self._after_ahead(result, rebase, cancel)
+            return
         if cancel.is_set() or (result.steps < steps and ev.get("time_budget_s") is None):
             log.info("round %d: training cancelled after %d steps", round_, result.steps)
             self.part.training_stopped(round_)
@@ -631,10 +701,7 @@ class NodeClient:
         loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
         log.info("round %d: %d steps in %.1f s, train loss %s", round_, result.steps,
                  result.compute_s, loss)
-        delta = np.ascontiguousarray(result.delta, dtype="<f4").tobytes()
-        for out in self.part.submit(round_, delta, train_loss=result.train_loss,
-                                    samples=result.samples, compute_s=result.compute_s):
-            await self.on_event(out)
+        await self._submit(round_, result.delta, result)
 
     async def _validate(self, ev: Event) -> None:
         """Score the round's candidates (torch, in a thread) and answer with a Verdict."""

@@ -76,6 +76,29 @@ class DeviceParams:
             offset += n
 
     @torch.no_grad()
+    def flat(self) -> torch.Tensor:
+        """The model's params now, as one float32 vector (manifest order)."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
+    def hold_current(self) -> None:
+        """The model's params now become the base Δ is taken against (steps run ahead)."""
+        self.theta.copy_(self.flat())
+
+    @torch.no_grad()
+    def merge(self, new: np.ndarray) -> None:
+        """Overlap (shared.overlap.merge): the model's params become new + (now − base), in
+        float32, and `new` becomes the base; so Δ is then taken against `new`."""
+        src = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32)).to(self.device)
+        merged = src + (self.flat() - self.theta)
+        self.theta.copy_(src)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.copy_(merged[offset:offset + n].view_as(p))
+            offset += n
+
+    @torch.no_grad()
     def delta(self) -> np.ndarray:
         """Δ = θ_r − θ_H as a new float32 array (the buffer is reused next round)."""
         flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
@@ -84,6 +107,35 @@ class DeviceParams:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return self.host.numpy().copy()
+
+
+class Rebase:
+    """The mailbox of steps run ahead (run option overlap): the event loop puts the new
+    round's params; the training thread merges them at its next step, or once at its end."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: np.ndarray | None = None  # put, not yet merged by the thread
+        self.round: int | None = None  # the round the steps became (set by `put`)
+        self.merged = False  # the thread merged them (then its Δ is against them)
+        self.closed = False  # the thread is done: a later `put` must merge after the fact
+
+    def put(self, round_: int, theta: np.ndarray) -> bool:
+        """The params of `round_`; False when the thread has already finished."""
+        with self.lock:
+            self.round = round_
+            if self.closed:
+                self.pending = theta
+                return False
+            self.pending = theta
+            return True
+
+    def take(self, *, close: bool = False) -> np.ndarray | None:
+        with self.lock:
+            theta, self.pending = self.pending, None
+            self.closed = self.closed or close
+            self.merged = self.merged or theta is not None
+            return theta
 
 
 class Trainer:
@@ -109,12 +161,18 @@ class Trainer:
                                         batch_size=batch_size, seed=self.seed)
         return self.sampler
 
-    def train_round(self, theta: np.ndarray, *, steps: int, lr: float, batch_size: int,
+    def train_round(self, theta: np.ndarray | None, *, steps: int, lr: float, batch_size: int,
                     cancel: threading.Event | None = None,
-                    progress: Callable[[int, float], None] | None = None) -> RoundResult:
-        """Load theta, run up to `steps` inner steps (stops early if `cancel` is set)."""
-        self.params.set_theta(theta)
-        self.params.to_model()
+                    progress: Callable[[int, float], None] | None = None,
+                    rebase: Rebase | None = None) -> RoundResult:
+        """Load theta, run up to `steps` inner steps (stops early if `cancel` is set).
+        theta None: go on from the model's params (steps run ahead), merging what `rebase`
+        gets between steps and at the end (shared.overlap)."""
+        if theta is None:
+            self.params.hold_current()
+        else:
+            self.params.set_theta(theta)
+            self.params.to_model()
         if self.opt is None:
             self.opt = make_inner_opt(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
                                       weight_decay=0.01, device=self.device)
@@ -127,6 +185,8 @@ class Trainer:
         for step in range(steps):
             if cancel is not None and cancel.is_set():
                 break
+            if rebase is not None and (new := rebase.take()) is not None:
+                self.params.merge(new)
             xb, yb = sampler.sample()
             t0 = time.perf_counter()
             x = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device)
@@ -143,7 +203,15 @@ class Trainer:
             done = step + 1
             if progress is not None:
                 progress(done, value)
+        if rebase is not None and (new := rebase.take(close=True)) is not None:
+            self.params.merge(new)
         delta = self.params.delta()
         mean = float(np.mean(losses)) if losses else None
         return RoundResult(delta=delta, train_loss=mean if mean is None or np.isfinite(mean)
                            else None, samples=done * batch_size, compute_s=compute, steps=done)
+
+    def merge_after(self, theta: np.ndarray) -> np.ndarray:
+        """Steps run ahead that ended before their round opened: merge `theta` now and
+        return Δ against it (shared.overlap.pseudo_gradient)."""
+        self.params.merge(theta)
+        return self.params.delta()

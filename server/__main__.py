@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="secure aggregation: nodes send only masked updates and the server "
                         "unmasks only their sum; aggregator mean only, robust rules over "
                         "groups with --secagg-groups (docs/privacy.md; default: off)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="nodes train round t+1 from their local params while round t is "
+                        "uploaded and aggregated, then merge onto the new params (one-step "
+                        "delayed; native nodes only; docs/operator.md; default: off)")
     p.add_argument("--dht", action=argparse.BooleanOptionalAction, default=None,
                    help="run a Kademlia DHT node (a bootstrap for nodes' peer discovery) and "
                         "relay nodes' DHT messages (docs/dht.md; default: off)")

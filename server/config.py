@@ -131,6 +131,9 @@ class RunConfig:
     # Kademlia peer discovery (server.dht, docs/dht.md): the server runs a DHT node (a
     # bootstrap) and relays nodes' Dht frames; each relayed message costs a server signature
     dht: bool = False
+    # overlapped rounds (shared.overlap, docs/operator.md): nodes train round t+1 from their
+    # local params while round t is aggregated, then merge onto theta_{t+1}; off by default
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -230,7 +233,7 @@ class RunConfig:
             (self.aggregation_weights == "equal" or self.ledger_min_stake > 0,
              "aggregation_weights", "= 'stake' needs staked admission (ledger_min_stake > 0)"),
         ]
-        checks += secagg_checks(self)
+        checks += secagg_checks(self) + overlap_checks(self)
         try:
             parse_tokenizer(self.tokenizer)
         except ValueError as exc:
@@ -298,6 +301,13 @@ class RunConfig:
 
 
 GROUP_RULES = ("mean", "median", "trimmed-mean", "centered-clipping")  # over group means
+
+
+def overlap_checks(c: RunConfig) -> list[tuple[bool, str, str]]:
+    """What overlapped rounds (shared.overlap) are built for: updates at the server from
+    nodes that train a fixed H (not p2p, secagg or autotune's time budget)."""
+    return [(not c.overlap or (c.transport != "p2p" and not c.secagg and not c.autotune),
+             "overlap", "is built for transport ws or star without secagg or autotune")]
 
 
 def secagg_checks(c: RunConfig) -> list[tuple[bool, str, str]]:

@@ -278,7 +278,7 @@ class Coordinator:
             n_params=run.n_params, transport=self.config.transport,
             rtc_timeout_s=self.config.rtc_timeout_s, worker_momentum=self.config.worker_momentum,
             ice_servers=self.rtc.ice_for(msg.node_id), secagg=self.config.secagg,
-            stream_chunk=self.config.stream_chunk))
+            stream_chunk=self.config.stream_chunk, overlap=self.config.overlap))
         if self.finished:
             await self.send(conn, self._committed_msg(final=True))
         elif self.state is not None and not self.state.closed:

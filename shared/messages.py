@@ -275,6 +275,9 @@ class Welcome(Message):
     # streamed updates (shared.stream): an update whose payload exceeds this many bytes goes
     # as a StreamSubmit and Chunks of this size (0: always one Submit)
     stream_chunk: int = spec(0, MAX_INDEX, default=0)
+    # overlapped rounds (shared.overlap): train round t+1 from the local params while round t
+    # is aggregated, then merge its progress onto theta_{t+1}
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         _hex64("Welcome", "model_id", self.model_id)

@@ -30,6 +30,10 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 | train     | round, attempt, params (float32 LE bytes), params_digest, steps, lr,       |
 |           | batch_size, deadline_s, time_budget_s (None: train exactly `steps`; else   |
 |           | ask `keep_training` before each step: at most `steps`, within the budget)  |
+|           | merge (only when True): the steps run ahead (train_ahead) are this round's:|
+|           | move them onto params (shared.overlap.merge) and go on, steps in all       |
+| train_ahead | after_round: (run option overlap) train the next round's steps from the  |
+|           | local params now, before its RoundOpen comes (shared.overlap)              |
 | resubmit  | round, params, params_digest, digest: the journaled update for this round  |
 |           | is sent again (next event), instead of training                            |
 | cancel    | round: stop training it (a newer round opened)                             |
@@ -97,6 +101,7 @@ from shared.messages import (
     sha256_hex,
 )
 from shared.outer import worker_momentum
+from shared.overlap import Ahead
 from shared.secagg.p2p import masked_ready
 from shared.secagg.round import SECAGG_CODEC, SecAggClient, pack_masked
 from shared.trust import ServerTrust, UntrustedServer
@@ -162,6 +167,7 @@ class Participant:
         self.rejected_round: int | None = None  # validators excluded our update of this round
         self.resolver: Resolver = resolve  # p2p nodes apply the outer step themselves
         self.secagg: SecAggClient | None = None  # runs with secure aggregation (Welcome.secagg)
+        self.ahead = Ahead()  # run option overlap (shared.overlap); drivers set .supported
         self.counts = {"refused_frames": 0, "submitted": 0, "accepted": 0, "duplicate": 0,
                        "errors": 0}
 
@@ -285,6 +291,7 @@ class Participant:
             self.pending = self.pending_params = None  # journaled for another run
             events.append({"kind": "journal", "entry": None})
         self.welcome = msg
+        self.ahead.on_welcome(msg.overlap)
         if not msg.secagg:
             self.secagg = None
         elif self.secagg is None or self.secagg.run_id != msg.run_id:
@@ -320,6 +327,9 @@ class Participant:
                 and self.training.params_digest == msg.params_digest:
             return []  # a retry of the round we are already training
         events = self._stop_training()
+        merge = self.ahead.takes(msg.round)  # overlap: steps run ahead become this round's
+        if not merge:
+            self.ahead.drop()
         self.training = Job(round=msg.round, params_digest=msg.params_digest,
                             max_steps=msg.inner_steps, budget_s=msg.time_budget_s,
                             codec=msg.codec, topk_fraction=msg.topk_fraction,
@@ -329,7 +339,7 @@ class Participant:
                        "params": to_bytes(theta), "params_digest": msg.params_digest,
                        "steps": msg.inner_steps, "lr": msg.inner_lr,
                        "batch_size": msg.batch_size, "deadline_s": msg.deadline_s,
-                       "time_budget_s": msg.time_budget_s})
+                       "time_budget_s": msg.time_budget_s, **({"merge": True} if merge else {})})
         return events
 
     def keep_training(self, round_: int, done: int, elapsed_s: float) -> bool:
@@ -480,7 +490,8 @@ class Participant:
         self.pending, self.pending_params = msg, job.params_digest
         self.training = None
         self.counts["submitted"] += 1
-        return [{"kind": "journal", "entry": self.journal_entry()}, self._send(msg)]
+        return [{"kind": "journal", "entry": self.journal_entry()}, self._send(msg),
+                *self.ahead.after_submit(round_)]
 
     def _on_secagg(self, msg: SecAgg) -> list[Event]:
         """A secure-aggregation stage from the server (shared.secagg.round): our answer, and

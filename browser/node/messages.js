@@ -52,6 +52,7 @@ export const SCHEMAS = {
     run_id: 's', node_id: 's', model: 'd', model_id: 's', data: 'd', shard: 'i', n_shards: 'i',
     codec: 's', codec_params: 'd', error_feedback: 'b', n_params: 'i', nonce: 's', transport: 's',
     rtc_timeout_s: 'f', worker_momentum: 'f', ice_servers: 'l', secagg: 'b', stream_chunk: 'i',
+    overlap: 'b',
   }],
   3: ['RoundOpen', {
     run_id: 's', round: 'i', attempt: 'i', params_digest: 's', deadline_s: 'f', inner_steps: 'i',

@@ -84,7 +84,7 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                                      {"urls": "turn:10.200.0.1:3478?transport=udp",
                                       "username": "1767225600:" + NODE_A[:12],
                                       "credential": "c2VjcmV0"}],
-                     "secagg": True, "stream_chunk": 4194304}, b""),
+                     "secagg": True, "stream_chunk": 4194304, "overlap": True}, b""),
         ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 1,
                        "params_digest": sha256_hex(params), "deadline_s": 29.5,
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
