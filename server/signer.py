@@ -32,6 +32,7 @@ from transport.lifetime import die_with_parent
 log = logging.getLogger("server.signer")
 SIGNATURE_LEN = 3309  # ML-DSA-65 (FIPS 204): every signature has this length
 _SECRET: bytes = b""  # the worker process's copy of the server key
+BIG_PAYLOAD = 1 << 20  # frames with a larger payload are built in a thread
 
 
 def default_workers() -> int:
@@ -95,7 +96,11 @@ class SigningPool:
             seen.append(digest)
             return bytes(SIGNATURE_LEN)
 
-        draft = msg.to_frame(sign=placeholder)
+        big = len(getattr(msg, "payload", b"")) > BIG_PAYLOAD
+        # a large frame (a RoundOpen of full params) is built off the loop: its copies and
+        # hash take seconds at 100M+ params and would hold up every other frame (Welcomes)
+        draft = (await asyncio.to_thread(msg.to_frame, sign=placeholder) if big
+                 else msg.to_frame(sign=placeholder))
         signed = signing_bytes(run_id=self.run_id,
                                round_=sign_round(getattr(msg, "round", None)),
                                node_id=self.identity.node_id, msg_type=msg.TYPE,
@@ -111,6 +116,8 @@ class SigningPool:
         if len(sig) != SIGNATURE_LEN:  # a scheme with another length: do it the plain way
             return self.frame_now(msg)
         self.signed_in_pool += 1
+        if big:  # one copy of the frame, not two (slice, then concatenation)
+            return await asyncio.to_thread(b"".join, (memoryview(draft)[:-SIGNATURE_LEN], sig))
         return draft[:-SIGNATURE_LEN] + sig
 
     def view(self) -> dict[str, Any]:
