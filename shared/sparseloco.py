@@ -7,7 +7,7 @@ server then makes its own step sparse too, so that the downlink is as small as t
     x      = aggregate + e              (e: the server's residual; plain mode)
     x      = g + mu * m' + e,  m' = mu * m + g    (outer_params momentum > 0: Nesterov)
     u      = decode(encode_topk(x))     (fraction, values "int2", block: outer_params)
-    e'     = x - u
+    e'     = decay * (x - u)            (decay: outer_params, 1 by default)
     theta' = theta - lr * u             (float32; `apply_step`)
 
 and broadcasts only the encoded u (the RoundOpen kind "sparse", payload below). Every node
@@ -52,10 +52,13 @@ class SparseOuter:
     fraction: float = 0.02  # share of coordinates the step moves (the downlink's density)
     values: str = "int2"  # "int2", "int8" or "fp16"
     block: int = 256  # kept values per level pair / scale
+    decay: float = 1.0  # the server residual's decay: e' = decay * (x - u) (1: keep it all)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"sparseloco lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"sparseloco decay must be in [0, 1], got {self.decay!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"sparseloco momentum must be in [0, 1), got {self.momentum!r}")
         self.codec()  # TopK checks fraction, values, block
@@ -68,7 +71,7 @@ class SparseOuter:
     @classmethod
     def from_params(cls, lr: float, params: dict[str, Any]) -> SparseOuter:
         """From the run's outer_lr and outer_params; ValueError names a bad or unknown key."""
-        known = {"momentum", "fraction", "values", "block"}
+        known = {"momentum", "fraction", "values", "block", "decay"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"outer_params has no key(s) {unknown}; it takes {sorted(known)}")
@@ -107,6 +110,8 @@ def server_step(theta: Any, grad: Any, state: Any, cfg: SparseOuter
     payload = HEAD.pack(MAGIC, VERSION, cfg.lr) + cfg.codec().encode(x)
     u = decode_step(payload, n)[1]
     e = (x - u).astype(np.float32)
+    if cfg.decay != 1.0:
+        e = (np.float32(cfg.decay) * e).astype(np.float32)
     new_state = e if m is None else np.concatenate([m, e])
     return apply_step(theta, u, cfg.lr), new_state, payload
 

@@ -107,6 +107,22 @@ def test_error_feedback_keeps_what_the_step_dropped() -> None:
     assert np.abs(e2).sum() < np.abs(e1).sum()
 
 
+def test_decay_shrinks_only_the_server_residual() -> None:
+    n = 1000
+    grad = np.linspace(-1, 1, n).astype(np.float32)
+    theta = np.zeros(n, np.float32)
+    keep = SparseOuter(lr=1.0, fraction=0.05, values="fp16")
+    half = SparseOuter(lr=1.0, fraction=0.05, values="fp16", decay=0.5)
+    t1, e1, p1 = server_step(theta, grad, np.zeros(n, np.float32), keep)
+    t2, e2, p2 = server_step(theta, grad, np.zeros(n, np.float32), half)
+    assert p1 == p2  # the step (what nodes apply) is the same
+    assert t1.tobytes() == t2.tobytes()
+    np.testing.assert_array_equal(e2, np.float32(0.5) * e1)
+    assert SparseOuter.from_params(1.0, {"decay": 0.9}).decay == 0.9
+    with pytest.raises(ValueError, match="decay"):
+        SparseOuter(decay=1.5)
+
+
 def test_a_node_that_missed_a_round_is_refused_then_resyncs() -> None:
     rng = np.random.default_rng(2)
     n = 4000
