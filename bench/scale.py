@@ -57,6 +57,23 @@ def vm_kb(pid: int, key: str = "VmHWM") -> int | None:
     return None
 
 
+def holds_params(log: Path, pid: int, n_bytes: int) -> bool:
+    """Whether a node has (about) read its first RoundOpen: it logged its Welcome ("joined
+    run") and has read n_bytes in all (/proc/PID/io rchar: socket reads and the files its
+    imports read, so it may be that many bytes short). A node that exited counts as done
+    (the run's own checks catch its failure)."""
+    try:
+        if "joined run" not in log.read_text(errors="replace"):
+            return False
+        rchar = int(next(ln.split()[1] for ln in Path(f"/proc/{pid}/io").read_text()
+                         .splitlines() if ln.startswith("rchar:")))
+    except (StopIteration, ValueError):
+        return False
+    except OSError:
+        return not Path(f"/proc/{pid}").exists()
+    return rchar >= n_bytes
+
+
 class Peaks:
     """The last VmHWM seen per pid (the kernel keeps the high-water mark: reading it before
     the process exits is all that sampling must do)."""
@@ -106,6 +123,22 @@ def server_flags(a: argparse.Namespace) -> list[str]:
     return flags + (["--flavour", a.flavour] if a.flavour else [])
 
 
+def _try_json(url: str) -> Any:
+    try:
+        return get_json(url)
+    except OSError:
+        return None
+
+
+def progress(base: str, seen: int, t0: float) -> None:
+    """A stderr line per round committed since `seen`."""
+    for r in sorted(get_json(base + "/api/rounds"), key=lambda r: r["round"])[seen:]:
+        print(f"[scale {time.monotonic() - t0:6.1f} s] round {r['round']} committed: eval "
+              f"loss {r['eval_loss']}, {r['n_updates']} updates, {r['duration_s']:.1f} s, up "
+              f"{r['bytes_up'] / 1e6:.2f} MB, down {r['bytes_down'] / 1e6:.2f} MB",
+              file=sys.stderr, flush=True)
+
+
 def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -133,9 +166,19 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         t_ready = time.monotonic() - t0
         print(f"[scale {t_ready:6.1f} s] server up: {run0.get('n_params')} params, eval loss "
               f"{run0['eval_loss_init']:.4f}", file=sys.stderr, flush=True)
-        nodes = [spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
-                       f"127.0.0.1:{port}", "--state-dir", str(tmp / f"node{i}"), "--threads",
-                       "1", "--quiet") for i in range(a.nodes)]
+        nodes: list[Any] = []
+        for i in range(a.nodes):
+            nodes.append(spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
+                               f"127.0.0.1:{port}", "--state-dir", str(tmp / f"node{i}"),
+                               "--threads", "1", "--quiet"))
+            if a.stagger and i + 1 < a.nodes:  # the next joins once this one holds the params
+                while not holds_params(tmp / f"node{i}.log", nodes[i].pid,
+                                       4 * int(run0["n_params"])):
+                    peaks.sample([server.pid, *(n.pid for n in nodes)])
+                    check_alive(f"while node {i} joined")
+                    time.sleep(0.25)
+                print(f"[scale {time.monotonic() - t0:6.1f} s] node {i} holds the params",
+                      file=sys.stderr, flush=True)
         pids = [server.pid, *(n.pid for n in nodes)]
         seen, last_poll = 0, 0.0
         while True:
@@ -143,20 +186,10 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if time.monotonic() - last_poll > 1.0:
                 last_poll = time.monotonic()
                 check_alive(f"at round {seen}")
-                try:
-                    status = get_json(base + "/api/run")
-                except OSError:
-                    status = None
+                status = _try_json(base + "/api/run")
                 if status is not None:
                     if status["committed_rounds"] > seen:
-                        rows = get_json(base + "/api/rounds")
-                        for r in sorted(rows, key=lambda r: r["round"])[seen:]:
-                            print(f"[scale {time.monotonic() - t0:6.1f} s] round {r['round']} "
-                                  f"committed: eval loss {r['eval_loss']}, {r['n_updates']} "
-                                  f"updates, {r['duration_s']:.1f} s, up "
-                                  f"{r['bytes_up'] / 1e6:.2f} MB, down "
-                                  f"{r['bytes_down'] / 1e6:.2f} MB", file=sys.stderr,
-                                  flush=True)
+                        progress(base, seen, t0)
                         seen = status["committed_rounds"]
                     if status["status"] == "finished":
                         break
@@ -260,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-mb", type=float, default=4.0, help="streamed upload chunk (MB)")
     p.add_argument("--deadline-s", type=float, default=3600.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stagger", action=argparse.BooleanOptionalAction, default=True,
+                   help="start each node once the one before holds the params (default on: "
+                        "four simultaneous 125M joins wedge a loaded 2-core machine)")
     p.add_argument("--timeout", type=float, default=3600.0, help="whole run (s)")
     p.add_argument("--logs", default=None, help="keep the logs in this folder")
     a = p.parse_args(argv)
