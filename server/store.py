@@ -25,10 +25,10 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save as st_save
 
+from server.ckpt_file import f32_digest, save_f32
 from server.sqldb import IntegrityError, connect
-from shared.messages import MAX_INT, sha256_hex
+from shared.messages import MAX_INT
 
 # Stored evidence is bounded: a node's refusals are kept as rows (a sample) up to these
 # counts, and every refusal, kept or not, is counted in `rejection_counts` (node, code). So a
@@ -218,12 +218,12 @@ class Store:
                          run_id: str, model_id: str) -> Checkpoint:
         params = np.ascontiguousarray(params, dtype=np.float32)
         momentum = np.ascontiguousarray(momentum, dtype=np.float32)
-        digest = sha256_hex(params.astype("<f4").tobytes())
+        digest = f32_digest(params)  # hashed and written from the arrays: no copies
         meta = {"run_id": run_id, "model_id": model_id, "version": str(version),
                 "params_sha256": digest, "format": "daa-prime/flat-v1",
-                "momentum_sha256": sha256_hex(momentum.astype("<f4").tobytes())}
-        blob = st_save({"params": params, "outer_momentum": momentum}, metadata=meta)
-        atomic_write(self.ckpt_dir / self._name(version), blob)
+                "momentum_sha256": f32_digest(momentum)}
+        save_f32(self.ckpt_dir / self._name(version),
+                 {"params": params, "outer_momentum": momentum}, meta)
         return Checkpoint(version=version, params=params, momentum=momentum,
                           params_digest=digest)
 
@@ -233,11 +233,11 @@ class Store:
             meta = fh.metadata() or {}
             params = fh.get_tensor("params")
             momentum = fh.get_tensor("outer_momentum")
-        digest = sha256_hex(params.astype("<f4").tobytes())
+        digest = f32_digest(params)
         if digest != meta.get("params_sha256"):
             raise RuntimeError(f"checkpoint {path} is corrupt: params digest {digest} != "
                                f"recorded {meta.get('params_sha256')}")
-        if sha256_hex(momentum.astype("<f4").tobytes()) != meta.get("momentum_sha256"):
+        if f32_digest(momentum) != meta.get("momentum_sha256"):
             raise RuntimeError(f"checkpoint {path} is corrupt: outer momentum digest mismatch")
         return Checkpoint(version=int(meta["version"]), params=params, momentum=momentum,
                           params_digest=digest)
