@@ -653,6 +653,8 @@ class NodeClient:
         if self.rebase is rebase:
             self.rebase = None
         assert rebase.round is not None
+        log.info("round %d: %d steps (overlapped with the previous round's upload) in %.1f s",
+                 rebase.round, result.steps, result.compute_s)
         await self._submit(rebase.round, delta, result)
 
     async def _submit(self, round_: int, delta_arr: np.ndarray, result: RoundResult) -> None:
