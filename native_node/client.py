@@ -463,6 +463,7 @@ class NodeClient:
             log.info("round %d committed: eval loss %s from %d updates", ev["round"], loss,
                      ev["n_updates"])
         if ev["final"]:
+            self.cancel.set()  # steps run ahead (overlap) for a round that will not come
             log.info("the run is finished")
         return bool(ev["final"])
 
