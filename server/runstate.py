@@ -26,6 +26,9 @@ from shared.vec import to_bytes
 from transport.identity import load_or_create_identity
 
 log = logging.getLogger("server.run")
+# the eval model of a run with more parameters than this is built for each eval and let go
+# (a 125M model's copy would stay resident between commits: bench.scale)
+EVAL_MODEL_KEPT = 16_000_000
 
 
 @dataclass(eq=False)
@@ -69,6 +72,8 @@ class RunState:
             ds = self.work.dataset
             n = self.config.eval_samples or len(ds.x_val)  # eval_samples 0: all
             loss = evaluate(self._eval_model, ds.x_val[:n], ds.y_val[:n])
+            if params.size > EVAL_MODEL_KEPT:  # rebuilt at the next eval: not held between
+                self._eval_model = None
         return loss if math.isfinite(loss) else None
 
     def commit(self, *, round_: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
