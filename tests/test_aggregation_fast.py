@@ -55,3 +55,25 @@ def test_centered_clipping_from_the_origin_is_the_zero_reference() -> None:
         a = centered_clipping(X, tau=5.0, iterations=it)
         b = centered_clipping(X, tau=5.0, iterations=it, reference=np.zeros(1000, np.float32))
         assert a.tobytes() == b.tobytes()
+
+
+def test_mean_is_the_float32_running_sum_and_falls_back_to_float64_on_overflow() -> None:
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((9, 1000), dtype=np.float32)
+    want = X[0] + np.float32(0.0)
+    for r in X[1:]:
+        want = want + r  # float32, row after row: byzfl's and Flower's mean
+    want = want / np.float32(9)
+    got = mean(list(X))
+    assert got.tobytes() == want.tobytes()
+    assert got.tobytes() == mean([array("f", r.tolist()) for r in X]).tobytes()
+    # finite updates whose float32 sum overflows: the float64 mean, on both paths
+    big = np.full((3, 4), 3e38, dtype=np.float32)
+    big[:, 1] = [1.0, 2.0, 4.0]
+    for kind in (list(big), [array("f", r.tolist()) for r in big]):
+        top = float(np.float32(3e38))
+        assert [float(x) for x in mean(kind)] == [top, float(np.float32(7 / 3)), top, top]
+    bad = list(X[:3].copy())
+    bad[1][5] = np.nan
+    with pytest.raises(ValueError, match="update 1 is not finite"):
+        mean(bad)

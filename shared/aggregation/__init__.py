@@ -9,10 +9,11 @@ f is the number of arbitrary (Byzantine) updates to tolerate; rules that do not 
 accept and ignore it. Every rule validates its input: an empty stack, unequal lengths, a
 NaN/inf value (naming the update) and an f outside the rule's bound raise ValueError.
 Results are float32 Vectors of the inputs' kind (numpy in, numpy out; array('f') in, array
-out); all arithmetic is float64, rounded to float32 once at the end. The numpy path never
-copies the stack: it reads the callers' float32 arrays one column block at a time and widens
-that block to float64 (shared/aggregation/_stack.py; the mean streams row slices through one
-float64 block, the sorting rules fill a transposed block directly), and the Krum family and
+out); all arithmetic is float64, rounded to float32 once at the end, except the mean of float32
+updates: a float32 running sum, as byzfl's and Flower's (float64 if that sum overflows). The
+numpy path never copies the stack: it reads the callers' float32 arrays one column block at a
+time and widens that block to float64 (shared/aggregation/_stack.py; the mean adds each row
+once into a float32 accumulator, the sorting rules fill a block directly), and the Krum family and
 the geometric median take their distances from one Gram product (bench.agg_speed times every
 rule against byzfl and Flower on one thread).
 

@@ -1,59 +1,85 @@
 """Coordinate-wise rules: mean, median, trimmed mean, and Bulyan's median-window mean.
 
-Every value is computed in float64 and rounded to float32 once, at the end. Sums run left to
-right over values sorted ascending (or, for `mean`, in stack order) on both backends, so the
-pure and numpy paths give bit-identical results. Sorting makes median and trimmed mean exactly
+Every value is computed in float64 and rounded to float32 once, at the end, except the mean
+of float32 updates, which is summed in float32 (see `mean`). Sums run left to right over values
+sorted ascending (or, for `mean`, in stack order) on both backends, so the pure and numpy paths
+give bit-identical results. Sorting makes median and trimmed mean exactly
 permutation-invariant too; a final `+ 0.0` turns -0.0 into 0.0 so that not even the sign of a
 zero depends on the order of the stack.
 
-The numpy path never widens the whole stack: it sorts one column block at a time, transposed
-so that each column is a contiguous run of n float32 values (numpy's SIMD sort), then sums the
-kept values of the block in float64, in ascending order. `mean` reads the updates where they
-are, one column block at a time, without stacking them.
+The numpy path never widens the whole stack: it sorts one column block at a time (the median
+and Bulyan transposed, so that each column is a contiguous run of n float32 values for numpy's
+SIMD sort; the trimmed mean in place along the stack axis, `rank_blocks`), then sums the kept
+values of the block in float64, in ascending order. `mean` reads the updates where they are,
+each once, without stacking them.
 """
 
 from __future__ import annotations
 
+import math
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
 from shared.aggregation._stack import (
-    MEAN_FACTOR,
+    RANK_FACTOR,
     SORT_FACTOR,
     Stack,
     block_width,
     check_f,
     check_shapes,
     prepare,
-    running_sum,
+    unaliased,
 )
 from shared.vec import Vector, is_numpy, numpy_module
+
+
+def _float32_kind(u: object, np: Any) -> bool:
+    """A float32 update: a numpy float32 array or an array('f')."""
+    if isinstance(u, array):
+        return u.typecode == "f"
+    return np is not None and is_numpy(u) and u.dtype == np.float32
 
 
 def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
     """Coordinate-wise arithmetic mean. Not robust: one update can move it anywhere.
 
-    f is accepted and ignored. Sums run in stack order, so the pure and numpy paths agree
-    exactly; a permuted stack may differ in the last float32 bit."""
+    f is accepted and ignored. Float32 updates (numpy float32 or array('f')) are summed in
+    float32, row after row in stack order, then divided by n (what byzfl's and Flower's
+    means do; an error of at most (n - 1) float32 roundings of the running sum): one pass
+    over the stack at memory speed. If that float32 sum overflows (finite updates whose sum
+    is not), the mean is taken in float64 instead. Other updates are summed in float64. Both
+    paths do the same IEEE operations in the same order (Python's float64 add and divide of
+    float32 values, rounded to float32, is the float32 operation: 53 >= 2 * 24 + 2), so the
+    pure and numpy paths agree exactly; a permuted stack may differ in the last bits."""
     np = numpy_module()
     if np is not None and all(is_numpy(u) and u.dtype == np.float32 for u in updates):
-        n, d = check_shapes(updates, "mean")
+        n = check_shapes(updates, "mean")[0]
         check_f("mean", f, n)
-        out = np.empty(d, dtype=np.float32)
-        w = block_width(1, MEAN_FACTOR)
-        acc, tmp = np.empty(w), np.empty(w)
-        bad = False
-        with np.errstate(all="ignore"):  # a NaN or inf input: reported below
-            for c in range(0, d, w):
-                a = running_sum(np, updates, c, w, acc, tmp)
-                bad = bad or not np.isfinite(a).all()
-                a /= n
-                out[c:c + len(a)] = a  # the one rounding to float32
-        if bad:
-            prepare(updates, "mean").raise_not_finite()  # names the bad update
+        with np.errstate(all="ignore"):  # a NaN, inf or overflow: handled below
+            out = np.add(updates[0], updates[1]) if n > 1 else updates[0] + np.float32(0.0)
+            for r in updates[2:]:
+                out += r  # each row is read once, into a float32 accumulator (in L3)
+            out /= np.float32(n)
+            out += np.float32(0.0)  # -0.0 -> 0.0, as a sum that starts at +0
+            # the sum of the result is finite unless a value is not (or, rarely, that sum
+            # overflows: then every value is looked at)
+            ok = np.isfinite(np.add.reduce(out)) or np.isfinite(out).all()
+        if not ok:  # a non-finite update (named by prepare's check) or an overflowed sum
+            stack = prepare(updates, "mean")
+            return stack.vector(stack.mean_of(range(n)))
         return out
     stack = prepare(updates, "mean")
     check_f("mean", f, stack.n)
+    if all(_float32_kind(u, np) for u in updates):
+        rows = stack.rows
+        acc = array("f", [0.0 + x for x in rows[0]])  # as numpy: no -0.0 sum
+        for r in rows[1:]:
+            acc = array("f", [a + b for a, b in zip(acc, r, strict=True)])  # float32 sum
+        k = stack.n
+        res = array("f", [a / k + 0.0 for a in acc])
+        if all(math.isfinite(x) for x in res):
+            return stack.vector(res)
     return stack.vector(stack.mean_of(range(stack.n)))
 
 
@@ -125,6 +151,29 @@ def sorted_blocks(stack: Stack, idx: Sequence[int], width: int | None = None) ->
         yield c, S
 
 
+def rank_blocks(stack: Stack) -> Any:
+    """Numpy path: (first column, B) per column block, B[r] = the values of rank r (ascending)
+    of the block's columns over all rows (an (n, width) array of the stack's dtype; one
+    buffer, refilled for the next block). Each row's slice is copied into its row of B
+    (contiguous copies, no transposition), then B is sorted in place along axis 0 (numpy
+    sorts each column through a contiguous buffer; `unaliased` keeps the columns' values
+    off one cache set). Checks finiteness on the way (NaN sorts last, inf first or last)."""
+    np = stack.np
+    assert np is not None
+    rows = stack.rows
+    w = unaliased(block_width(stack.n, RANK_FACTOR))
+    buf = np.empty((stack.n, w), dtype=rows[0].dtype)
+    for c in range(0, stack.d, w):
+        e = min(stack.d, c + w) - c
+        B = buf[:, :e]
+        for j, r in enumerate(rows):
+            B[j] = r[c:c + e]
+        B.sort(axis=0)
+        stack.check_finite(B[0])
+        stack.check_finite(B[-1])
+        yield c, B
+
+
 def trimmed_mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
     """Coordinate-wise mean after dropping the f largest and f smallest values.
 
@@ -138,13 +187,13 @@ def trimmed_mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
         np = stack.np
         out = np.empty(stack.d, dtype=np.float32)
         K = None
-        for c, S in sorted_blocks(stack, range(n)):
-            e = S.shape[0]
+        for c, B in rank_blocks(stack):
+            e = B.shape[1]
             if K is None:
                 K = np.empty((k, e))
             kept = K[:, :e]
-            np.copyto(kept, S[:, f:n - f].T)  # widened, one row per rank: ascending
-            acc = np.add.reduce(kept, axis=0)  # row after row: ascending order, from +0
+            np.copyto(kept, B[f:n - f])  # widened, one row per rank: ascending
+            acc = np.add.reduce(kept, axis=0)  # row after row: ascending order
             acc /= k
             acc += 0.0
             out[c:c + e] = acc  # the one rounding to float32
