@@ -13,9 +13,12 @@ than 5 s is timed once or twice): the machine is shared, and other work only add
 load average is printed with the table. `--rounds R` repeats the whole comparison R times,
 interleaved (ours before, ours, the peers; again), and keeps each figure's fastest: a load
 that comes and goes then hits every side alike. `--clock cpu` times process CPU time instead
-of wall time. Ours get a list of 1-D float32 arrays (our
-API); the peers get their own preferred input already built (a stacked (n, d) array or
-tensor; Flower a list of ([update], 1)), so stacking is not charged to them.
+of wall time. Ours get a list of 1-D float32 arrays (our API): the rows of one stacked (n, d)
+array, the same memory the peers read; the peers get their own preferred input already built
+(that stacked array, or a tensor; Flower a list of ([update], 1)), so stacking is not charged
+to them. `--separate` also times ours on n separately allocated arrays ("agg_ms_separate":
+4,000,000-byte arrays miss numpy's 4 MiB huge-page threshold, and the mean, which only
+streams memory, reads them ~15% slower).
 
 Peers live in a throwaway venv outside the repo (not a project dependency):
     python -m venv /tmp/peers/venv
@@ -30,7 +33,8 @@ largest |input|, is reported ("diff"). Peers that define a rule differently say 
 (byzfl's Krum scores n - f - 1 neighbours, ours and Flower's n - f - 2; byzfl's geometric
 median starts from 0 and runs a fixed T iterations: T = the iterations ours took).
 
-LAST stdout line: JSON {"agg_ms": {rule: ours}, "peers_ms": {rule: {byzfl, flwr,
+LAST stdout line: JSON {"agg_ms": {rule: ours}, "agg_ms_separate": {rule: ms} or null,
+"peers_ms": {rule: {byzfl, flwr,
 byzfl_input (numpy or torch: the faster)}},
 "best_peer_ms": {rule: ms}, "ratio_vs_best_peer": {rule: ours / best}, "at_or_below_best":
 {rule: bool}, "all_at_or_below_best": bool, "diff": {rule: {peer: rel}}, "setup": {...}}.
@@ -69,6 +73,16 @@ def make_stack(n: int, d: int, seed: int) -> list[Any]:
 
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(d, dtype=np.float32) * np.float32(0.01) for _ in range(n)]
+
+
+def stacked_rows(stack: list[Any]) -> list[Any]:
+    """The rows of one (n, d) array holding `stack`: the memory the peers read (their stacked
+    input), so every side reads the same kind of pages. 64 separately allocated 4,000,000-byte
+    arrays sit just under numpy's 4 MiB huge-page threshold; reading them costs ~15% more
+    (TLB misses) than the rows of one 256 MB array, which is what the peers are handed."""
+    import numpy as np
+
+    return list(np.stack(stack))
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -225,7 +239,7 @@ def peer_worker(args: argparse.Namespace) -> int:
 def ours_worker(args: argparse.Namespace) -> int:
     """Time the rules of whatever `shared` this interpreter imports (the --before checkout)."""
     one_thread()
-    stack = make_stack(args.n, args.d, args.seed)
+    stack = stacked_rows(make_stack(args.n, args.d, args.seed))
     ms = run_ours(stack, args.rules.split(","), args.f, args.repeats)[0]
     print(json.dumps(ms), flush=True)
     return 0
@@ -321,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             DEFAULT_PEERS_PYTHON))
     p.add_argument("--before", default="", metavar="REV",
                    help="also time our rules as of git revision REV (same run, first)")
+    p.add_argument("--separate", action="store_true",
+                   help="also time ours on n separately allocated arrays (agg_ms_separate)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-ours", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gm-iters", type=int, default=0, help=argparse.SUPPRESS)
@@ -337,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     one_thread()
     before: dict[str, float] = {}
     ours: dict[str, float] = {}
+    separate: dict[str, float] = {}
     peers: dict[str, Any] = {}
     before_error = why = None
     for _ in range(args.rounds):  # before, ours, peers, again: each sees the same loads
@@ -344,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             ms, before_error = run_before(args.before, args)
             before = fastest(before, ms)
         stack = make_stack(args.n, args.d, args.seed)
+        if args.separate:  # also our API's other common input: separately allocated arrays
+            separate = fastest(separate, run_ours(stack, args.rules, args.f, args.repeats)[0])
+        stack = stacked_rows(stack)
         ms, our_outs, gm_iters = run_ours(stack, args.rules, args.f, args.repeats)
         ours = fastest(ours, ms)
         scale = max(float(abs(u).max()) for u in stack)
@@ -370,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
           "and the peers, back to back"
           + "".join(f"; {e}" for e in (why, before_error) if e))
     print(table(args.rules, ours, peers, diff, before))
+    if separate:
+        print("ours on separate arrays (--separate), ms: "
+              + ", ".join(f"{r} {separate[r]:,.1f}" for r in args.rules))
     print("diff: max |ours - peer| / max |input|. byzfl's Krum family scores n-f-1 neighbours "
           f"(ours, Flower's: n-f-2); byzfl's geometric median starts at 0 with T={gm_iters} "
           "(the iterations ours took from the coordinate-wise median).")
@@ -382,12 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     emit({"agg_ms": ours, "peers_ms": peers, "best_peer_ms": best, "ratio_vs_best_peer": ratio,
           "at_or_below_best": ok,
           "all_at_or_below_best": None if why else all(v for v in ok.values() if v is not None),
-          "diff": diff, "peers_error": why, "before_ms": before or None,
+          "diff": diff, "peers_error": why, "agg_ms_separate": separate or None,
+          "before_ms": before or None,
           "before_rev": args.before or None, "before_error": before_error,
           "setup": {"n": args.n, "d": args.d, "f": args.f, "repeats": args.repeats,
                     "seed": args.seed, "threads": 1, "tau": TAU, "gm_iterations": gm_iters,
                     "cpu_count": os.cpu_count(), "statistic": "min", "rounds": args.rounds,
-                    "clock": args.clock,
+                    "clock": args.clock, "ours_input": "rows of one (n, d) array",
                     "loadavg": loadavg()}})
     return 0
 

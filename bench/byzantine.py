@@ -21,7 +21,8 @@ JSON line lists the cells read from the cache in "from_cache". One progress line
 finished run on stderr, with an ETA.
 
 `agg_ms`: the fastest of --agg-repeats (5) calls (ms) of each rule's numpy path over n = 64
-updates of 1,000,000 float32 values with f = 15 (the largest f with n >= 4f+3, so every rule
+updates of 1,000,000 float32 values (rows of one stacked array, as bench.agg_speed hands
+them) with f = 15 (the largest f with n >= 4f+3, so every rule
 incl. Bulyan accepts it), on one thread (BLAS/OpenMP pools limited to 1), with the load
 average next to it; `--agg-only` times the rules and runs no cell. `python -m bench.agg_speed`
 times the same rules side by side with byzfl and Flower.
@@ -244,7 +245,9 @@ def time_rules(rules: Iterable[str], *, n: int = 64, d: int = 1_000_000, f: int 
     from shared.aggregation import get_rule
 
     rng = np.random.default_rng(seed)
-    stack = [rng.standard_normal(d, dtype=np.float32) * 0.01 for _ in range(n)]
+    # the rows of one (n, d) array: the memory bench.agg_speed hands every side (64 separate
+    # 4,000,000-byte arrays miss numpy's huge pages; its --separate times those too)
+    stack = list(np.stack([rng.standard_normal(d, dtype=np.float32) * 0.01 for _ in range(n)]))
     out: dict[str, float] = {}
     with threadpool_limits(1):  # one thread, as the peers are measured (bench.agg_speed)
         for name in rules:

@@ -76,12 +76,13 @@ def test_agg_speed_tiny_rounds(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert agg_speed.main(["--n", "11", "--d", "2000", "--f", "2", "--repeats", "1",
                            "--rounds", "2", "--peers-python", "", "--before", "HEAD",
-                           "--clock", "cpu"]) == 0
+                           "--clock", "cpu", "--separate"]) == 0
     fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert fig["setup"]["rounds"] == 2
     assert fig["setup"]["clock"] == "cpu"
     assert fig["before_error"] is None
     assert set(fig["before_ms"]) == set(fig["agg_ms"]) == set(agg_speed.RULES)
+    assert set(fig["agg_ms_separate"]) == set(agg_speed.RULES)
     assert fig["peers_error"]  # no peers interpreter: said, and no peer figure invented
     assert fig["all_at_or_below_best"] is None
     assert agg_speed.fastest({"a": 2.0, "b": 1.0}, {"a": 1.5, "b": 3.0}) == {"a": 1.5, "b": 1.0}
