@@ -156,6 +156,8 @@ def figures(g: Grid, h: int, out: dict[str, Any], *, delay_s: float,
             "utilization_vs_ddp_formula": round(s["utilization"], 4),
             "round_s": round(float(np.mean(dur[1:])), 3),
             "final_eval_loss": round(float(s["final_eval_loss"]), 4),
+            "loss_last5_mean": round(float(np.mean([r["eval_loss"]
+                                                    for r in out["rounds"][-5:]])), 4),
             "eval_loss_init": round(float(out["run"]["eval_loss_init"]), 4),
             "losses": [round(float(r["eval_loss"]), 4) for r in out["rounds"]]}
 
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
           f" link: latency as given + 100 Mbit/s each way per node; "
           f"utilization = compute / wall per node, rounds 1..")
     print_table(rows, ["config", "rounds", "compute_s", "wall_s", "round_s", "utilization",
-                       "eval_loss_init", "final_eval_loss"])
+                       "eval_loss_init", "final_eval_loss", "loss_last5_mean"])
     by = {(r["delay_s"], r["overlap"]): r for r in rows}
     gains = {f"{d:g}": {"utilization_off": by[(d, False)]["utilization"],
                         "utilization_on": by[(d, True)]["utilization"],
@@ -209,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                         "round_s_off": by[(d, False)]["round_s"],
                         "round_s_on": by[(d, True)]["round_s"],
                         "final_eval_loss_off": by[(d, False)]["final_eval_loss"],
-                        "final_eval_loss_on": by[(d, True)]["final_eval_loss"]}
+                        "final_eval_loss_on": by[(d, True)]["final_eval_loss"],
+                        "loss_last5_mean_off": by[(d, False)]["loss_last5_mean"],
+                        "loss_last5_mean_on": by[(d, True)]["loss_last5_mean"]}
              for d in delays}
     emit({"model": a.model, "nodes": a.nodes, "rounds": a.rounds, "steps": a.steps,
           "batch_size": a.batch_size, "outer_lr": a.outer_lr,
