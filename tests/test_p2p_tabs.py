@@ -75,6 +75,12 @@ def test_js_reduction_is_byte_identical_with_the_native_one() -> None:
                                               codec).hex())
                     cases.append({"rule": rule, "f": f, "codec": codec,
                                   "slices": [r.astype("<f4").tobytes().hex() for r in rows]})
+    big = [np.full(9, 3.0e38, dtype=np.float32) for _ in range(3)]  # a float32 sum overflows:
+    big[1][4] = np.float32(1.5)  # the mean is taken in float64 instead, by every path
+    for codec in ("raw32", "fp16"):
+        want.append(encode_result(reduce_shard("mean", big, byzantine_fraction=0.0), codec).hex())
+        cases.append({"rule": "mean", "f": 0, "codec": codec,
+                      "slices": [r.astype("<f4").tobytes().hex() for r in big]})
     got = run_js({"reduce": cases})["reduce"]
     assert len(got) == len(want) > 100
     for case, g, w in zip(cases, got, want, strict=True):
