@@ -20,9 +20,9 @@ Measured:
   down_over_up = bytes down / bytes up per node per round, mean over the rounds after the
   first (round 0's download is every joining node's full float32 params); the figure with
   the join is given beside it.
-- stream_MBps: streamed update bytes received by the server / the time its log shows them
-  arriving (per round, first "streamed update ... bytes in N chunks" to last "complete";
-  the nodes' uploads overlap, so this is the server's receive rate).
+- stream_MBps: streamed update bytes / the seconds the server's log shows each arriving
+  (its StreamSubmit logged to its last chunk verified and the update taken), summed over
+  the updates: the mean rate of one upload (chunks verified and spooled on arrival).
 - eval loss: the server's, at creation (eval_loss_init) and after the last commit.
 The machine is shared (2 cores, other jobs): times are loose; memory and bytes are not.
 """
@@ -42,8 +42,8 @@ from bench.common import children, emit, free_port, get_json
 from bench.vs_ddp_sparse import SPARSE_CODECS
 
 LOG_TS = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
-STREAM_START = re.compile(LOG_TS + r".*streamed update from \S+ for round (\d+): (\d+) bytes")
-STREAM_DONE = re.compile(LOG_TS + r".*streamed update from \S+ for round (\d+) complete")
+STREAM_START = re.compile(LOG_TS + r".*streamed update from (\S+) for round (\d+): (\d+) bytes")
+STREAM_DONE = re.compile(LOG_TS + r".*streamed update from (\S+) for round (\d+) complete")
 
 
 def vm_kb(pid: int, key: str = "VmHWM") -> int | None:
@@ -91,24 +91,20 @@ class Peaks:
 
 
 def stream_rate(log_text: str) -> dict[str, Any]:
-    """Streamed bytes and the seconds the server's log shows them arriving, per round."""
-    starts: dict[int, list[tuple[float, int]]] = {}
-    ends: dict[int, list[float]] = {}
+    """Each streamed update's bytes and the seconds the server's log shows it arriving (its
+    "streamed update from NODE for round R: B bytes" to its "... complete"), summed."""
+    starts: dict[tuple[str, int], tuple[float, int]] = {}
+    total_b, total_s, n = 0, 0.0, 0
 
     def ts(s: str) -> float:
         return datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
     for line in log_text.splitlines():
         if m := STREAM_START.match(line):
-            starts.setdefault(int(m[2]), []).append((ts(m[1]), int(m[3])))
-        elif m := STREAM_DONE.match(line):
-            ends.setdefault(int(m[2]), []).append(ts(m[1]))
-    total_b, total_s, n = 0, 0.0, 0
-    for r, ss in starts.items():
-        if r in ends:
-            total_b += sum(b for _, b in ss)
-            total_s += max(ends[r]) - min(t for t, _ in ss)
-            n += len(ends[r])
+            starts[(m[2], int(m[3]))] = (ts(m[1]), int(m[4]))
+        elif (m := STREAM_DONE.match(line)) and (key := (m[2], int(m[3]))) in starts:
+            t0, size = starts.pop(key)
+            total_b, total_s, n = total_b + size, total_s + ts(m[1]) - t0, n + 1
     return {"streamed_bytes": total_b, "stream_s": total_s, "streamed_updates": n,
             "stream_MBps": total_b / 1e6 / total_s if total_s > 0 else None}
 
@@ -290,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner-lr", type=float, default=1e-3)
     p.add_argument("--eval-samples", type=int, default=8,
                    help="held-out windows the server's eval loss is over")
-    p.add_argument("--chunk-mb", type=float, default=4.0, help="streamed upload chunk (MB)")
+    p.add_argument("--chunk-mb", type=float, default=0.25,
+                   help="streamed upload chunk (MB): below the sparse update, so it streams")
     p.add_argument("--deadline-s", type=float, default=3600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stagger", action=argparse.BooleanOptionalAction, default=True,
