@@ -41,6 +41,17 @@ def last_json(name: str) -> Fig | None:
     return None
 
 
+def _overlap(f: Fig) -> str:
+    d = max(f["by_delay"], key=float)
+    g = f["by_delay"][d]
+    peak = {r["overlap"]: max(r["losses"]) for r in f["runs"] if r["delay_s"] == float(d)}
+    return (f"{float(d) * 1000:.0f} ms link: utilization {100 * g['utilization_off']:.1f}% -> "
+            f"{100 * g['utilization_on']:.1f}%, round {g['round_s_off']:.2f} -> "
+            f"{g['round_s_on']:.2f} s; held-out loss off -> on: last 5 rounds "
+            f"{g['loss_last5_mean_off']:.3f} -> {g['loss_last5_mean_on']:.3f}, worst round "
+            f"{peak[False]:.3f} -> {peak[True]:.3f}")
+
+
 def _mbps(f: Fig) -> str:
     m = f["MBps"]
     pairs = ("aiortc-aiortc", "aiortc-aiortc-1process", "aiortc-chromium", "chromium-chromium")
@@ -414,6 +425,11 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.load --participants 1000", "real participants (shared.participant, ML-DSA-65, "
      "raw32 updates, no training) over real WebSockets from 4 processes against one server "
      "process on loopback", "load.txt", _load),
+    ("bench.overlap", "run option overlap (the next round's steps during the upload): real "
+     "server + 2 native nodes, mlp-digits H=200, 20 rounds, plain averaging, each node behind "
+     "a 100 Mbit/s link relay, off vs on", "overlap.txt", _overlap),
+    ("bench.overlap --outer-lr 0.7 --outer-momentum 0.9 --delays 0.1", "the same with "
+     "DiLoCo's Nesterov outer step", "overlap_nesterov.txt", _overlap),
     ("bench.hierarchy", "hierarchical aggregation (p2p_groups: two aggregators per group, the "
      "server combines group results) vs every update to the server; the real coordinator, "
      "participants and native p2p/group roles over in-process links, mlp-digits", "hierarchy.txt",
@@ -467,6 +483,9 @@ SOURCES: dict[str, str] = {
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
     "load.txt": "python -m bench.load --participants 1000 > bench/results/load.txt",
     "stream.txt": "python -m bench.stream --deadline-s 60 > bench/results/stream.txt",
+    "overlap.txt": "python -m bench.overlap > bench/results/overlap.txt",
+    "overlap_nesterov.txt": "python -m bench.overlap --outer-lr 0.7 --outer-momentum 0.9 "
+                            "--delays 0.1 > bench/results/overlap_nesterov.txt",
     "hierarchy.txt": "python -m bench.hierarchy > bench/results/hierarchy.txt",
     "secagg.txt": "python -m bench.secagg > bench/results/secagg.txt",
     "secagg_run.txt": "python -m bench.secagg_run > bench/results/secagg_run.txt",
