@@ -683,13 +683,20 @@ class NodeClient:
                         now, done, time.perf_counter() - started)):
                 halt.set()
 
+        if rebase is not None:  # steps run ahead: the one-process torch trainer (_start_ahead)
+            assert isinstance(self.trainer, Trainer)
+            call = functools.partial(self.trainer.train_round, None, rebase=rebase)
+        else:
+            assert theta is not None
+            call = functools.partial(self.trainer.train_round, theta)
         try:
             result: RoundResult = await asyncio.to_thread(
-                self.trainer.train_round, theta, steps=steps, lr=ev["lr"],
-                batch_size=ev["batch_size"], cancel=halt, progress=progress,
-                **({"rebase": rebase} if rebase is not None else {}))
+                call, steps=steps, lr=ev["lr"], batch_size=ev["batch_size"], cancel=halt,
+                progress=progress)
         except BaseException:
-            self.part.training_stopped(round_ if rebase is None else rebase.round or -1)
+            stopped = round_ if rebase is None else rebase.round
+            if stopped is not None:
+                self.part.training_stopped(stopped)
             raise
         finally:
             if bar is not None:

@@ -14,6 +14,7 @@ import pytest
 from ml.workload import initial_params, resolve
 from native_node.trainer import Rebase, Trainer
 from server.config import RunConfig
+from shared.messages import Submit
 from shared.overlap import Ahead, local_params, merge, pseudo_gradient
 from shared.participant import Participant
 from tests.test_participant import challenge, kinds, params, participant, round_open, sent, signed
@@ -116,14 +117,18 @@ def test_participant_trains_ahead_and_the_next_round_open_merges() -> None:
     events = p.submit(0, delta, train_loss=1.0, samples=16, compute_s=0.5)
     assert kinds(events) == ["journal", "send", "train_ahead"]
     assert events[2]["after_round"] == 0
-    assert sent(events[1]).round == 0
+    first = sent(events[1])
+    assert isinstance(first, Submit)
+    assert first.round == 0
     (train1,) = p.receive(signed(round_open(1, theta1)))
     assert train1["merge"] is True
     assert train1["params_digest"] == round_open(1, theta1).params_digest
     assert p.ahead.merges == 1
     # the update of round 1 is an ordinary Submit, checked against round 1's params
     events = p.submit(1, delta, train_loss=0.9, samples=16, compute_s=0.5)
-    assert sent(events[1]).round == 1
+    second = sent(events[1])
+    assert isinstance(second, Submit)
+    assert second.round == 1
     assert p.pending_params == round_open(1, theta1).params_digest
     # a retry of round 0 (an older round) is not merged into the steps ahead of round 1
     assert p.ahead.after == 1
