@@ -483,6 +483,8 @@ SOURCES: dict[str, str] = {
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
     "load.txt": "python -m bench.load --participants 1000 > bench/results/load.txt",
     "stream.txt": "python -m bench.stream --deadline-s 60 > bench/results/stream.txt",
+    "scale.txt": "python -m bench.scale --flavour 20m > bench/results/scale.txt",
+    "scale_server.txt": "python -m bench.scale_server > bench/results/scale_server.txt",
     "overlap.txt": "python -m bench.overlap > bench/results/overlap.txt",
     "overlap_nesterov.txt": "python -m bench.overlap --outer-lr 0.7 --outer-momentum 0.9 "
                             "--delays 0.1 > bench/results/overlap_nesterov.txt",

@@ -65,3 +65,17 @@ def test_stream_rate_reads_the_servers_log_lines() -> None:
     assert r["streamed_bytes"] == 8_000_000
     assert r["stream_s"] == pytest.approx(2.0 + 3.0)  # each update from its start to its end
     assert r["stream_MBps"] == pytest.approx(1.6)
+
+
+@pytest.mark.timeout(120)
+def test_tiny_scale_server_bench_measures_each_commit_stage() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.scale_server", "--flavour", "tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    f = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f["bench"] == "scale_server"
+    assert [s["stage"] for s in f["stages"]] == ["imports", "open_run", "aggregate",
+                                                 "outer_step", "evaluate", "commit"]
+    assert all(s["peak_mb"] >= s["rss_mb"] > 50 for s in f["stages"])
+    assert f["server_peak_rss_mb"] == max(s["peak_mb"] for s in f["stages"])
+    assert f["eval_loss_after"] is not None
