@@ -99,7 +99,7 @@ def test_error_feedback_keeps_what_the_step_dropped() -> None:
     n = 1000
     grad = np.linspace(-1, 1, n).astype(np.float32)
     theta = np.zeros(n, np.float32)
-    cfg = SparseOuter(lr=1.0, fraction=0.05, values="fp16")
+    cfg = SparseOuter(lr=1.0, fraction=0.05, values="fp16", decay=1.0)
     t1, e1, _ = server_step(theta, grad, np.zeros(n, np.float32), cfg)
     np.testing.assert_allclose(e1 + (theta - t1), grad, atol=1e-3)  # sent + kept = all
     t2, e2, _ = server_step(t1, np.zeros(n, np.float32), e1, cfg)  # no new gradient: the
@@ -111,14 +111,15 @@ def test_decay_shrinks_only_the_server_residual() -> None:
     n = 1000
     grad = np.linspace(-1, 1, n).astype(np.float32)
     theta = np.zeros(n, np.float32)
-    keep = SparseOuter(lr=1.0, fraction=0.05, values="fp16")
+    keep = SparseOuter(lr=1.0, fraction=0.05, values="fp16", decay=1.0)
     half = SparseOuter(lr=1.0, fraction=0.05, values="fp16", decay=0.5)
     t1, e1, p1 = server_step(theta, grad, np.zeros(n, np.float32), keep)
     t2, e2, p2 = server_step(theta, grad, np.zeros(n, np.float32), half)
     assert p1 == p2  # the step (what nodes apply) is the same
     assert t1.tobytes() == t2.tobytes()
     np.testing.assert_array_equal(e2, np.float32(0.5) * e1)
-    assert SparseOuter.from_params(1.0, {"decay": 0.9}).decay == 0.9
+    assert SparseOuter().decay == 0.9  # the default: the best variant in bench.vs_ddp
+    assert SparseOuter.from_params(1.0, {"decay": 0.5}).decay == 0.5
     with pytest.raises(ValueError, match="decay"):
         SparseOuter(decay=1.5)
 
