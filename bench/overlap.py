@@ -81,6 +81,7 @@ class LinkRelay(Relay):
         finally:
             task.cancel()
 
+MERGED_LINE = "overlapped with the previous round's upload"  # native_node.client's log
 BANDWIDTH = 100e6  # bits/s each way per node (bench.vs_ddp's modelled link)
 
 
@@ -135,8 +136,10 @@ def run_one(tmp: Path, g: Grid, *, h: int, delay_s: float, overlap: bool, timeou
     for r, node, c in db.execute("SELECT round, node_id, compute_s FROM updates"):
         comp[r, ids.index(node)] = c
     db.close()
+    merged = [(tmp / f"node{i}.log").read_text(errors="replace").count(MERGED_LINE)
+              for i in range(g.workers)]  # rounds whose steps ran ahead, per node
     return {"run": run, "peers": peers, "rounds": rows, "compute": comp, "lo_tx_bytes": 0,
-            "wall_total_s": wall_total}
+            "wall_total_s": wall_total, "merged": merged}
 
 
 def figures(g: Grid, h: int, out: dict[str, Any], *, delay_s: float,
@@ -151,6 +154,7 @@ def figures(g: Grid, h: int, out: dict[str, Any], *, delay_s: float,
     wall = float(dur[1:].sum())
     return {"config": f"delay {delay_s:g}s overlap {'on' if overlap else 'off'}",
             "delay_s": delay_s, "overlap": overlap, "rounds": s["rounds"],
+            "rounds_run_ahead": out["merged"],
             "compute_s": round(compute, 3), "wall_s": round(wall, 3),
             "utilization": round(compute / wall, 4),
             "utilization_vs_ddp_formula": round(s["utilization"], 4),

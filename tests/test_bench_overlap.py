@@ -24,6 +24,8 @@ def test_quick_overlap_trains_and_raises_utilization() -> None:
     fig = json.loads(lines[-1])
     assert fig["delays_s"] == [0.1]
     runs = {r["overlap"]: r for r in fig["runs"]}
+    assert runs[False]["rounds_run_ahead"] == [0, 0]
+    assert runs[True]["rounds_run_ahead"] == [3, 3]  # every round after the first, each node
     for r in runs.values():
         assert r["rounds"] == 4
         assert r["final_eval_loss"] < 0.5 * r["eval_loss_init"]  # it trains, in both modes
