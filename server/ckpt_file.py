@@ -24,7 +24,7 @@ from shared.messages import sha256_hex
 
 def f32_view(a: np.ndarray) -> memoryview:
     """The little-endian float32 bytes of `a` (no copy when it is already such an array)."""
-    return memoryview(np.ascontiguousarray(a, dtype="<f4").reshape(-1)).cast("B")
+    return np.ascontiguousarray(a, dtype="<f4").reshape(-1).data.cast("B")
 
 
 def f32_digest(a: np.ndarray) -> str:
