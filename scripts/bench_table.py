@@ -318,6 +318,23 @@ def _browser_llama(f: Fig) -> str:
             f"WebGPU not measurable here; tab can train: {can}; docs/browser.md")
 
 
+def _scale(f: Fig) -> str:
+    bound = "met" if f["server_within_bound"] else "MISSED"
+    return (f"eval loss {f['eval_loss_start']:.3f} -> {f['eval_loss_end']:.3f}; down/up "
+            f"{f['down_over_up']:.2f} per node per round; server peak "
+            f"{f['server_peak_rss_mb']:,.0f} MB (4 x model + 300 = "
+            f"{f['server_rss_bound_mb']:,.0f}: {bound}); node peak "
+            f"{f['node_peak_rss_mb']:,.0f} MB; 125m: nodes do not fit 23 GB (docs/benchmarks.md)")
+
+
+def _scale_server(f: Fig) -> str:
+    step = next(s for s in f["stages"] if s["stage"] == "outer_step")
+    return (f"peak {f['server_peak_rss_mb']:,.0f} MB vs 4 x model + 300 = "
+            f"{f['server_rss_bound_mb']:,.0f} MB: {'met' if f['within_bound'] else 'MISSED'} "
+            f"(outer step {step['peak_mb']:,.0f}, after creation "
+            f"{f['stages'][1]['rss_mb']:,.0f})")
+
+
 def _vs_flower(f: Fig) -> str:
     o, fl = f["ours"], f["flower"]
     met = o["round_s"] < fl["round_s"] and o["peak_mb"] <= fl["peak_mb"]
@@ -430,6 +447,11 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
      "a 100 Mbit/s link relay, off vs on", "overlap.txt", _overlap),
     ("bench.overlap --outer-lr 0.7 --outer-momentum 0.9 --delays 0.1", "the same with "
      "DiLoCo's Nesterov outer step", "overlap_nesterov.txt", _overlap),
+    ("bench.scale --flavour 20m", "real server (streamed uploads, sparse downlink) + 4 real "
+     "native nodes, llama 20m (19.0M params), 2 rounds x 4 steps", "scale.txt", _scale),
+    ("bench.scale_server", "the server's code at one commit of llama 125m (122.7M params), no "
+     "nodes: creation, SparseLoCo outer step, eval, checkpoint", "scale_server.txt",
+     _scale_server),
     ("bench.hierarchy", "hierarchical aggregation (p2p_groups: two aggregators per group, the "
      "server combines group results) vs every update to the server; the real coordinator, "
      "participants and native p2p/group roles over in-process links, mlp-digits", "hierarchy.txt",
