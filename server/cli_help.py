@@ -56,7 +56,7 @@ HELP: dict[str, str] = {
     "outer": "outer step: nesterov (DiLoCo) or sparseloco (sparse 2-bit step, broadcast as "
              "such; docs/sparseloco.md)",
     "outer_params": "sparseloco step as JSON: momentum (0), fraction (0.04), values (int2), "
-                    "block (256), decay (0.9: the server residual's per-round decay)",
+                    "block (256), decay (0.8: the server residual's per-round decay)",
     "aggregator": "robust aggregation rule",
     "worker_momentum": "nodes send m = beta m + (1 - beta) delta; beta in [0, 1) (0: delta)",
     "cc_reference": "centered clipping's starting point",

@@ -7,7 +7,7 @@ server then makes its own step sparse too, so that the downlink is as small as t
     x      = aggregate + e              (e: the server's residual; plain mode)
     x      = g + mu * m' + e,  m' = mu * m + g    (outer_params momentum > 0: Nesterov)
     u      = decode(encode_topk(x))     (fraction, values "int2", block: outer_params)
-    e'     = decay * (x - u)            (decay: outer_params, 0.9 by default)
+    e'     = decay * (x - u)            (decay: outer_params, 0.8 by default)
     theta' = theta - lr * u             (float32; `apply_step`)
 
 and broadcasts only the encoded u (the RoundOpen kind "sparse", payload below). Every node
@@ -52,7 +52,7 @@ class SparseOuter:
     fraction: float = 0.04  # share of coordinates the step moves (the downlink's density)
     values: str = "int2"  # "int2", "int8" or "fp16"
     block: int = 256  # kept values per level pair / scale
-    decay: float = 0.9  # the server residual's decay: e' = decay * (x - u) (1: keep it all)
+    decay: float = 0.8  # the server residual's decay: e' = decay * (x - u) (1: keep it all)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
