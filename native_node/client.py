@@ -606,12 +606,14 @@ class NodeClient:
         self.cancel.set()  # a previous round still training stops (the participant said so)
         self.cancel = threading.Event()
         self.rebase = self.ahead_done = None
-        self.last_train = ev
-        theta = np.frombuffer(ev["params"], dtype="<f4").copy()
+        self.last_train = {k: v for k, v in ev.items() if k != "params"}  # no stale params
+        theta = np.frombuffer(ev["params"], dtype="<f4")  # the trainer copies it in
         self.task = asyncio.create_task(self._train_and_submit(ev, theta, self.cancel))
 
     def _start_ahead(self) -> None:
         """Overlap: train the next round from the local params now (shared.overlap)."""
+        if self.part.ahead.after is None:  # the next round opened while the Submit was being
+            return  # sent: it is already training from its params, as without the option
         if self.last_train is None or not isinstance(self.trainer, Trainer):
             self.part.ahead.drop()  # its RoundOpen then trains as without the option
             return
@@ -627,7 +629,7 @@ class NodeClient:
         rebase = self.rebase
         if rebase is None:
             return False
-        self.last_train = ev
+        self.last_train = {k: v for k, v in ev.items() if k != "params"}
         if rebase.put(int(ev["round"]), np.frombuffer(ev["params"], dtype="<f4").copy()):
             return True
         done, self.ahead_done = self.ahead_done, None

@@ -4,9 +4,12 @@ the run and the driver both do it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from array import array
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,10 +17,20 @@ import pytest
 from ml.workload import initial_params, resolve
 from native_node.trainer import Rebase, Trainer
 from server.config import RunConfig
-from shared.messages import Submit
+from shared.codecs import decode_update
+from shared.messages import RoundOpen, Submit
 from shared.overlap import Ahead, local_params, merge, pseudo_gradient
 from shared.participant import Participant
-from tests.test_participant import challenge, kinds, params, participant, round_open, sent, signed
+from tests.test_participant import (
+    RUN,
+    challenge,
+    kinds,
+    params,
+    participant,
+    round_open,
+    sent,
+    signed,
+)
 from tests.test_participant import welcome as plain_welcome
 
 
@@ -163,3 +176,73 @@ def test_config_overlap_is_off_by_default_and_refused_where_not_built() -> None:
     for bad in ({"transport": "p2p"}, {"secagg": True}, {"autotune": True}):
         with pytest.raises(ValueError, match="overlap"):
             RunConfig(overlap=True, **bad)
+
+
+# -- the native node's choreography: steps ahead, then the RoundOpen (no network) ----------------
+async def _settle(client: Any) -> None:
+    for _ in range(400):  # the trainer runs in a thread; its task finishes on this loop
+        if client.task is None or client.task.done():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the node's training task did not finish")
+
+
+@pytest.mark.parametrize("merge_mid_way", [False, True])
+async def test_native_node_trains_ahead_and_submits_against_the_new_round(
+        tmp_path: Path, merge_mid_way: bool) -> None:
+    from native_node.client import NodeClient, NodeOptions
+    from tests.test_participant import digest, key
+
+    trainer, theta0 = _trainer()
+    n = len(theta0)
+    client = NodeClient(NodeOptions(coordinator="127.0.0.1:1", identity=key("node"),
+                                    state_dir=tmp_path, progress=False))
+    client.trainer = trainer
+    for frame in (challenge(), dataclasses.replace(plain_welcome(n_params=n), overlap=True)):
+        client.part.receive(signed(frame))  # (the Welcome's toy model is not built here)
+
+    def open_(rnd: int, theta: np.ndarray, steps: int) -> RoundOpen:
+        return RoundOpen(run_id=RUN, round=rnd, attempt=0, params_digest=digest(theta),
+                         deadline_s=30.0, inner_steps=steps, inner_lr=1e-2, batch_size=16,
+                         payload=theta.astype("<f4").tobytes())
+
+    steps = 400 if merge_mid_way else 3
+    for ev in client.part.receive(signed(open_(0, theta0, steps))):  # steps ahead: as many
+        await client.on_event(ev)
+    for _ in range(400):  # round 0 trained and submitted; the steps of round 1 run ahead
+        if client.rebase is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert client.part.pending is not None
+    assert client.part.pending.round == 0
+    rebase = client.rebase
+    assert rebase is not None
+    if merge_mid_way:
+        assert not rebase.closed  # 400 steps: round 1 opens while they run
+    else:
+        await _settle(client)
+        assert client.ahead_done is not None  # done before round 1 opened: it waits
+    theta1 = theta0 + np.float32(0.003)
+    for ev in client.part.receive(signed(open_(1, theta1, steps))):
+        assert ev.get("merge") is True
+        await client.on_event(ev)
+    if merge_mid_way:  # the round's params reach the running steps, merged between two
+        for _ in range(400):
+            if rebase.merged:
+                break
+            await asyncio.sleep(0.02)
+        assert rebase.merged
+        assert not rebase.closed
+    await _settle(client)
+    pending = client.part.pending
+    assert pending is not None
+    assert pending.round == 1
+    assert client.part.pending_params == digest(theta1)
+    delta = decode_update(pending.payload, n, expect="raw32")  # the pseudo-gradient itself
+    # round 2's steps now run ahead from where round 1 ended: their base is round 1's final
+    assert client.part.ahead.after == 1
+    final = trainer.params.theta.numpy().copy()
+    np.testing.assert_array_equal(delta, pseudo_gradient(theta1, final))
+    assert client.part.ahead.merges == 1
+    client.cancel.set()
+    await _settle(client)
