@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import emit
-from bench.vs_ddp_sparse import DOWN_FRACTION, NODE_FRACTION
+from bench.scale import FRACTION
 
 
 def _kb(key: str) -> int:
@@ -59,8 +59,8 @@ def measure(model: str, flavour: str, eval_samples: int, data_dir: Path) -> dict
     stage("imports", time.monotonic())
     cfg: dict[str, Any] = {
         "model": model, "eval_samples": eval_samples, "n_shards": 4, "outer": "sparseloco",
-        "outer_lr": 1.0, "outer_params": {"fraction": DOWN_FRACTION, "values": "int2"},
-        "codec": "topk", "codec_params": {"fraction": NODE_FRACTION, "values": "int2"}}
+        "outer_lr": 1.0, "outer_params": {"fraction": FRACTION, "values": "int2", "decay": 1.0},
+        "codec": "topk", "codec_params": {"fraction": FRACTION, "values": "int2"}}
     if flavour:
         cfg["flavour"] = flavour
     t0 = time.monotonic()
