@@ -9,6 +9,7 @@ data-dependent shapes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -296,7 +297,9 @@ def load_flat(model: nn.Module, vec: npt.ArrayLike) -> None:
     total = param_count(model)
     if arr.shape[0] != total:
         raise ValueError(f"vec: length {arr.shape[0]} != parameter count {total}")
-    src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    with warnings.catch_warnings():  # a read-only vec (the server's params) is only read
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     offset = 0
     with torch.no_grad():
         for p in model.parameters():

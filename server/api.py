@@ -151,7 +151,7 @@ async def latest_params(request: web.Request) -> web.Response:
     """The latest committed global params as the flat float32 LE vector (the layout of
     /model/onnx/manifest.json), for browser tools that read no safetensors."""
     run = request.app[RUN]
-    body = run.params.astype("<f4").tobytes()
+    body = run.params_bytes  # already the float32 LE bytes: no copy per request
     return web.Response(body=body, content_type="application/octet-stream", headers={
         **ISOLATION, "X-Params-SHA256": run.params_digest, "X-Round-Version": str(run.version),
         "Cache-Control": "no-cache"})
