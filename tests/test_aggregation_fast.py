@@ -57,7 +57,7 @@ def test_centered_clipping_from_the_origin_is_the_zero_reference() -> None:
         assert a.tobytes() == b.tobytes()
 
 
-def test_mean_is_the_float32_running_sum_and_falls_back_to_float64_on_overflow() -> None:
+def test_mean_is_the_float32_running_sum_and_float64_where_it_overflows() -> None:
     rng = np.random.default_rng(2)
     X = rng.standard_normal((9, 1000), dtype=np.float32)
     want = X[0] + np.float32(0.0)
@@ -68,11 +68,15 @@ def test_mean_is_the_float32_running_sum_and_falls_back_to_float64_on_overflow()
     assert got.tobytes() == want.tobytes()
     assert got.tobytes() == mean([array("f", r.tolist()) for r in X]).tobytes()
     # finite updates whose float32 sum overflows: the float64 mean, on both paths
+    # finite updates whose float32 sum overflows in some columns: those columns alone are
+    # summed in float64 (column 1 keeps its float32 sum, which float64 would round up)
     big = np.full((3, 4), 3e38, dtype=np.float32)
-    big[:, 1] = [1.0, 2.0, 4.0]
+    big[:, 1] = [1.0, 5e-8, 5e-8]
+    one = (np.float32(1.0) + np.float32(5e-8) + np.float32(5e-8)) / np.float32(3)
+    assert one != np.float32((1.0 + 2 * float(np.float32(5e-8))) / 3)
     for kind in (list(big), [array("f", r.tolist()) for r in big]):
         top = float(np.float32(3e38))
-        assert [float(x) for x in mean(kind)] == [top, float(np.float32(7 / 3)), top, top]
+        assert [float(x) for x in mean(kind)] == [top, float(one), top, top]
     bad = list(X[:3].copy())
     bad[1][5] = np.nan
     with pytest.raises(ValueError, match="update 1 is not finite"):

@@ -5,7 +5,7 @@
 //
 // - reduceShard: shared.aggregation's mean / median / trimmed-mean as their numpy paths run
 //   them: the mean a float32 sum in member order (Math.fround after each add) divided by n,
-//   in float64 instead when that sum overflows; the trimmed mean a float64 sum in ascending
+//   in float64 for a coordinate where that sum overflows; the trimmed mean a float64 sum in ascending
 //   order; the median's middle values averaged in float64; `+ 0.0` (no negative zero), one
 //   rounding to float32 at the end; then codecs.js's encode (checked against the golden vectors).
 // - reduceShard('secagg-sum', ...): secure p2p rounds, the masked u32 words summed mod 2^32.
@@ -33,17 +33,15 @@ export function reduceValues(rule, f, slices) {
   const out = new Float32Array(d);
   if (rule === 'mean') {
     const fr = Math.fround;
-    let finite = true;
     for (let j = 0; j < d; j++) {
       let acc = 0.0 + slices[0][j];  // a sum from +0: no -0 sum
       for (let i = 1; i < n; i++) acc = fr(acc + slices[i][j]);  // the float32 add
       out[j] = acc / n;  // rounded once by the store: the float32 division
-      finite = finite && Number.isFinite(out[j]);
-    }
-    for (let j = 0; !finite && j < d; j++) {  // the float32 sum overflowed: float64 sums
-      let acc = 0.0 + slices[0][j];
-      for (let i = 1; i < n; i++) acc += slices[i][j];
-      out[j] = acc / n;
+      if (!Number.isFinite(out[j])) {  // the float32 sum overflowed: this column in float64
+        acc = 0.0 + slices[0][j];
+        for (let i = 1; i < n; i++) acc += slices[i][j];
+        out[j] = acc / n;
+      }
     }
   } else if (rule === 'median' || rule === 'trimmed-mean') {
     const col = new Float64Array(n);

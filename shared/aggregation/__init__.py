@@ -10,7 +10,7 @@ accept and ignore it. Every rule validates its input: an empty stack, unequal le
 NaN/inf value (naming the update) and an f outside the rule's bound raise ValueError.
 Results are float32 Vectors of the inputs' kind (numpy in, numpy out; array('f') in, array
 out); all arithmetic is float64, rounded to float32 once at the end, except the mean of float32
-updates: a float32 running sum, as byzfl's and Flower's (float64 if that sum overflows). The
+updates: a float32 running sum, as byzfl's and Flower's (float64 where it overflows). The
 numpy path never copies the stack: it reads the callers' float32 arrays one column block at a
 time and widens that block to float64 (shared/aggregation/_stack.py; the mean adds each row
 once into a float32 accumulator, the sorting rules fill a block directly), and the Krum family and

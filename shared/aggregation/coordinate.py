@@ -47,8 +47,10 @@ def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
     f is accepted and ignored. Float32 updates (numpy float32 or array('f')) are summed in
     float32, row after row in stack order, then divided by n (what byzfl's and Flower's
     means do; an error of at most (n - 1) float32 roundings of the running sum): one pass
-    over the stack at memory speed. If that float32 sum overflows (finite updates whose sum
-    is not), the mean is taken in float64 instead. Other updates are summed in float64. Both
+    over the stack at memory speed. A coordinate whose float32 sum overflows (finite values,
+    a sum that is not) is summed in float64 instead, so each coordinate's result depends only
+    on its own column (column blocks and p2p shards give the same bits as the whole vector).
+    Other updates are summed in float64. Both
     paths do the same IEEE operations in the same order (Python's float64 add and divide of
     float32 values, rounded to float32, is the float32 operation: 53 >= 2 * 24 + 2), so the
     pure and numpy paths agree exactly; a permuted stack may differ in the last bits."""
@@ -66,8 +68,13 @@ def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
             # overflows: then every value is looked at)
             ok = np.isfinite(np.add.reduce(out)) or np.isfinite(out).all()
         if not ok:  # a non-finite update (named by prepare's check) or an overflowed sum
-            stack = prepare(updates, "mean")
-            return stack.vector(stack.mean_of(range(n)))
+            idx = np.flatnonzero(~np.isfinite(out))
+            cols = np.stack([r[idx] for r in updates]).astype(np.float64)
+            if not np.isfinite(cols).all():
+                prepare(updates, "mean").raise_not_finite()
+            acc = np.add.reduce(cols, axis=0)  # row after row, in float64
+            acc /= n
+            out[idx] = acc + 0.0
         return out
     stack = prepare(updates, "mean")
     check_f("mean", f, stack.n)
@@ -78,8 +85,13 @@ def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
             acc = array("f", [a + b for a, b in zip(acc, r, strict=True)])  # float32 sum
         k = stack.n
         res = array("f", [a / k + 0.0 for a in acc])
-        if all(math.isfinite(x) for x in res):
-            return stack.vector(res)
+        for j, x in enumerate(res):
+            if not math.isfinite(x):  # the float32 sum overflowed: this column in float64
+                s = 0.0 + rows[0][j]
+                for r in rows[1:]:
+                    s += r[j]
+                res[j] = s / k + 0.0
+        return stack.vector(res)
     return stack.vector(stack.mean_of(range(stack.n)))
 
 
