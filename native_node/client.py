@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import numpy as np
 
+from ml import memory
 from ml.byo import ByoError, check_allowed
 from ml.data import DataSpec
 from ml.scoring import ProbeScorer, score_candidates
@@ -665,6 +666,8 @@ class NodeClient:
         for out in self.part.submit(round_, delta, train_loss=result.train_loss,
                                     samples=result.samples, compute_s=result.compute_s):
             await self.on_event(out)
+        del delta
+        memory.trim()  # the encoding's temporaries (several copies of Δ at their peak)
 
     async def _train_and_submit(self, ev: Event, theta: np.ndarray | None,
                                 cancel: threading.Event, rebase: Rebase | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml import memory
 from ml.data import BatchSampler, shard_indices
 from ml.inner_opt import InnerOpt, make_inner_opt
 from ml.workload import Workload
@@ -59,12 +61,17 @@ class DeviceParams:
         self.params = list(model.parameters())
         n = sum(p.numel() for p in self.params)
         self.theta = torch.zeros(n, dtype=torch.float32, device=device)
-        self.host = torch.empty(n, dtype=torch.float32, pin_memory=device.type == "cuda")
+        # CUDA: Δ comes back through one pinned host buffer; on CPU Δ is handed out as is
+        self.host = (torch.empty(n, dtype=torch.float32, pin_memory=True)
+                     if device.type == "cuda" else None)
 
     def set_theta(self, theta: np.ndarray) -> None:
-        """θ_r from the participant (float32, the flat manifest order)."""
-        src = torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32))
-        self.theta.copy_(src)
+        """θ_r from the participant (float32, the flat manifest order); copied, so a
+        read-only view of the RoundOpen's bytes will do."""
+        arr = np.ascontiguousarray(theta, dtype=np.float32)
+        with warnings.catch_warnings():  # torch warns on a non-writable array; only read
+            warnings.simplefilter("ignore", UserWarning)
+            self.theta.copy_(torch.from_numpy(arr))
 
     @torch.no_grad()
     def to_model(self) -> None:
@@ -100,12 +107,14 @@ class DeviceParams:
 
     @torch.no_grad()
     def delta(self) -> np.ndarray:
-        """Δ = θ_r − θ_H as a new float32 array (the buffer is reused next round)."""
+        """Δ = θ_r − θ_H as a new float32 array (on CPU the one the subtraction wrote: at
+        125M params every copy of Δ is 0.5 GB)."""
         flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
         torch.sub(self.theta, flat, out=flat)
-        self.host.copy_(flat, non_blocking=self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        if self.host is None:
+            return flat.numpy()
+        self.host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
         return self.host.numpy().copy()
 
 
@@ -203,6 +212,8 @@ class Trainer:
             done = step + 1
             if progress is not None:
                 progress(done, value)
+        self.opt.zero_grad()  # the gradients are not needed while Δ is encoded and sent
+        memory.trim()  # nor the steps' freed buffers (ml.memory)
         if rebase is not None and (new := rebase.take(close=True)) is not None:
             self.params.merge(new)
         delta = self.params.delta()
