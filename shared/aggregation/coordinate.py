@@ -38,7 +38,7 @@ def _float32_kind(u: object, np: Any) -> bool:
     """A float32 update: a numpy float32 array or an array('f')."""
     if isinstance(u, array):
         return u.typecode == "f"
-    return np is not None and is_numpy(u) and u.dtype == np.float32
+    return np is not None and is_numpy(u) and getattr(u, "dtype", None) == np.float32
 
 
 def mean(updates: Sequence[Vector], *, f: int = 0) -> Vector:
