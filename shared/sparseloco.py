@@ -111,7 +111,7 @@ def server_step(theta: Any, grad: Any, state: Any, cfg: SparseOuter
     u = decode_step(payload, n)[1]
     e = (x - u).astype(np.float32)
     if cfg.decay != 1.0:
-        e = (np.float32(cfg.decay) * e).astype(np.float32)
+        e *= np.float32(cfg.decay)  # in place: same float32 products, no n-sized temporary
     new_state = e if m is None else np.concatenate([m, e])
     return apply_step(theta, u, cfg.lr), new_state, payload
 
