@@ -1,43 +1,33 @@
 """Aggregation speed, ours vs the peer libraries (byzfl, Flower), one thread, same run.
 
     python -m bench.agg_speed [--n 64] [--d 1000000] [--f 15] [--repeats 5] [--rounds 1]
-        [--peers-python PATH] [--rules mean,median,...] [--before REV]
+        [--peers-python PATH] [--rules mean,median,...] [--before REV] [--clock cpu] [--separate]
 
 Times every rule of `shared.aggregation` on n float32 updates of d values (standard normal x
 0.01, seed 0; f = 15 is the largest f with n >= 4f+3, so Bulyan accepts it), then, back to
 back in the same run, the peers' counterparts in a subprocess: byzfl 0.0.11 (numpy input and
 torch input, the faster one is its figure) and Flower's `flwr.server.strategy.aggregate`.
-Every process runs on ONE thread (OMP/OpenBLAS/MKL threads = 1, threadpoolctl, torch
-set_num_threads(1)). A figure is the fastest of `--repeats` timed calls (a peer call slower
-than 5 s is timed once or twice): the machine is shared, and other work only adds time; the
-load average is printed with the table. `--rounds R` repeats the whole comparison R times,
-interleaved (ours before, ours, the peers; again), and keeps each figure's fastest: a load
-that comes and goes then hits every side alike. `--clock cpu` times process CPU time instead
-of wall time. Ours get a list of 1-D float32 arrays (our API): the rows of one stacked (n, d)
-array, the same memory the peers read; the peers get their own preferred input already built
-(that stacked array, or a tensor; Flower a list of ([update], 1)), so stacking is not charged
-to them. `--separate` also times ours on n separately allocated arrays ("agg_ms_separate":
-4,000,000-byte arrays miss numpy's 4 MiB huge-page threshold, and the mean, which only
-streams memory, reads them ~15% slower).
+Every process runs on ONE thread (OMP/OpenBLAS/MKL = 1, threadpoolctl, torch 1 thread). A
+figure is the fastest of `--repeats` calls (a peer call over 5 s is timed once or twice): other
+work on a shared machine only adds time; the load average is printed. `--rounds R` repeats the
+comparison R times interleaved (ours before, ours, peers) and keeps each figure's fastest.
+`--clock cpu` times process CPU time. Ours get a list of 1-D float32 arrays (our API): the rows
+of one stacked (n, d) array, the memory the peers read; the peers get their preferred input
+built (that array or a tensor; Flower a list of ([update], 1)), stacking not charged.
+`--separate` also times ours on n separately allocated arrays ("agg_ms_separate"; 4,000,000
+bytes each misses numpy's 4 MiB huge-page threshold: the memory-bound mean reads ~15% slower).
 
-Peers live in a throwaway venv outside the repo (not a project dependency):
-    python -m venv /tmp/peers/venv
-    echo $PWD/.venv/lib/python3.11/site-packages \
-        > /tmp/peers/venv/lib/python3.11/site-packages/main.pth
-    /tmp/peers/venv/bin/pip install --no-deps byzfl==0.0.11 && /tmp/peers/venv/bin/pip install flwr
-byzfl imports torchvision only for its datasets: a stub module is installed before importing
-it. `--peers-python ''` (or a missing interpreter) skips the peers (their figures are null).
+Peers live in a throwaway venv outside the repo (/tmp/peers/venv: a .pth naming this repo's
+.venv site-packages, `pip install --no-deps byzfl==0.0.11`, `pip install flwr`); byzfl's
+torchvision import is stubbed. `--peers-python ''` skips the peers (their figures are null).
 
-Same answers: for each rule, the largest |ours - peer| over all coordinates, relative to the
-largest |input|, is reported ("diff"). Peers that define a rule differently say so in a note
-(byzfl's Krum scores n - f - 1 neighbours, ours and Flower's n - f - 2; byzfl's geometric
-median starts from 0 and runs a fixed T iterations: T = the iterations ours took).
+Same answers: "diff" is max |ours - peer| / max |input| per rule. A note says where peers
+define a rule differently (byzfl's Krum scores n - f - 1 neighbours, ours and Flower's n - f - 2;
+byzfl's geometric median starts from 0 for T iterations: T = the iterations ours took).
 
 LAST stdout line: JSON {"agg_ms": {rule: ours}, "agg_ms_separate": {rule: ms} or null,
-"peers_ms": {rule: {byzfl, flwr,
-byzfl_input (numpy or torch: the faster)}},
-"best_peer_ms": {rule: ms}, "ratio_vs_best_peer": {rule: ours / best}, "at_or_below_best":
-{rule: bool}, "all_at_or_below_best": bool, "diff": {rule: {peer: rel}}, "setup": {...}}.
+"peers_ms": {rule: {byzfl, flwr, byzfl_input (the faster)}}, "best_peer_ms", "ratio_vs_best_peer",
+"at_or_below_best", "all_at_or_below_best", "diff": {rule: {peer: rel}}, "setup": {...}}.
 """
 
 from __future__ import annotations
@@ -76,12 +66,7 @@ def make_stack(n: int, d: int, seed: int) -> list[Any]:
 
 
 def stacked_rows(stack: list[Any]) -> list[Any]:
-    """The rows of one (n, d) array holding `stack`: the memory the peers read (their stacked
-    input), so every side reads the same kind of pages. 64 separately allocated 4,000,000-byte
-    arrays sit just under numpy's 4 MiB huge-page threshold; reading them costs ~15% more
-    (TLB misses) than the rows of one 256 MB array, which is what the peers are handed."""
-    import numpy as np
-
+    import numpy as np  # the rows of one (n, d) array holding `stack`: what the peers read
     return list(np.stack(stack))
 
 
@@ -100,17 +85,13 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return round(min(times), 1), out
 
 
-def loadavg() -> str | None:
-    """/proc/loadavg's 1/5/15-minute figures (the machine is shared: timings depend on it)."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return None
+def loadavg() -> str:
+    """The 1/5/15-minute load averages (the machine is shared: timings depend on them)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def fastest(acc: dict[str, float], new: dict[str, float]) -> dict[str, float]:
-    """Per rule, the lower of two rounds' figures."""
-    return {k: min(v, acc.get(k, v)) for k, v in new.items()}
+    return {k: min(v, acc.get(k, v)) for k, v in new.items()}  # per rule, the lower figure
 
 
 def one_thread() -> None:
@@ -335,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             DEFAULT_PEERS_PYTHON))
     p.add_argument("--before", default="", metavar="REV",
                    help="also time our rules as of git revision REV (same run, first)")
-    p.add_argument("--separate", action="store_true",
-                   help="also time ours on n separately allocated arrays (agg_ms_separate)")
+    p.add_argument("--separate", action="store_true", help="also time ours on separate arrays")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-ours", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gm-iters", type=int, default=0, help=argparse.SUPPRESS)
@@ -353,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     one_thread()
     before: dict[str, float] = {}
     ours: dict[str, float] = {}
-    separate: dict[str, float] = {}
+    separate: dict[str, float] = {}  # --separate: ours on n separately allocated arrays
     peers: dict[str, Any] = {}
     before_error = why = None
     for _ in range(args.rounds):  # before, ours, peers, again: each sees the same loads
@@ -361,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             ms, before_error = run_before(args.before, args)
             before = fastest(before, ms)
         stack = make_stack(args.n, args.d, args.seed)
-        if args.separate:  # also our API's other common input: separately allocated arrays
+        if args.separate:
             separate = fastest(separate, run_ours(stack, args.rules, args.f, args.repeats)[0])
         stack = stacked_rows(stack)
         ms, our_outs, gm_iters = run_ours(stack, args.rules, args.f, args.repeats)
