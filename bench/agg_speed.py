@@ -143,8 +143,7 @@ def _byzfl_rules(f: int, gm_iters: int) -> dict[str, Callable[[], Any]]:
     from byzfl.aggregators import aggregators as A
 
     def cc() -> Any:
-        agg = A.CenteredClipping(L=1, tau=TAU)
-        return agg  # .m is set per call (byzfl's constructor refuses any m)
+        return A.CenteredClipping(L=1, tau=TAU)  # .m set per call (its constructor refuses m)
 
     return {"mean": A.Average, "median": A.Median, "trimmed-mean": lambda: A.TrMean(f=f),
             "krum": lambda: A.Krum(f=f), "multi-krum": lambda: A.MultiKrum(f=f),
