@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml import memory
 from ml.data import DataSpec
 from ml.tokenizer import keep_tokenizer_file
 from ml.workload import Workload, from_spec, initial_params, resolve
 from ml.zoo import evaluate, load_flat
 from server.config import RunConfig
 from server.ledger import LedgerBook
-from server.memtrim import release_free_memory
 from server.store import Store, UpdateRow
 from shared.downlink import encode_changes
 from shared.envelope import Identity
@@ -81,7 +81,7 @@ class RunState:
             loss = evaluate(self._eval_model, ds.x_val[:n], ds.y_val[:n])
             if params.size > EVAL_MODEL_KEPT:  # rebuilt at the next eval: not held between
                 self._eval_model = None
-                release_free_memory()  # its tensors' pages too (server/memtrim.py)
+                memory.trim()  # its tensors' pages too (ml/memory.py)
         return loss if math.isfinite(loss) else None
 
     def commit(self, *, round_: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
@@ -105,7 +105,7 @@ class RunState:
         self.version = round_ + 1
         self.last_round = self.store.rounds(since=round_ - 1, limit=1)[0]
         if self.n_params > EVAL_MODEL_KEPT:  # the outer step's temporaries are gone by now
-            release_free_memory()
+            memory.trim()
         return {**self.last_round, "entropy_floor": self.entropy_floor}
 
 

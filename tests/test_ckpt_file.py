@@ -1,4 +1,4 @@
-"""server/ckpt_file.py writes the safetensors format from the arrays; server/memtrim.py."""
+"""server/ckpt_file.py writes the safetensors format from the arrays."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from server.ckpt_file import f32_digest, save_f32
-from server.memtrim import release_free_memory
 from shared.messages import sha256_hex
 
 
@@ -38,8 +37,3 @@ def test_f32_digest_is_the_digest_of_the_float32_bytes(dtype: str) -> None:
     a = np.linspace(-1, 1, 257).astype(dtype)
     assert f32_digest(a) == sha256_hex(a.astype("<f4").tobytes())
 
-
-def test_release_free_memory_returns_a_bool() -> None:
-    junk = [bytearray(1 << 20) for _ in range(32)]
-    del junk
-    assert isinstance(release_free_memory(), bool)
