@@ -28,19 +28,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
+import contextlib
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 
-from bench.common import children, emit, free_port, get_json, print_table
+from bench.common import emit, print_table
 from bench.netfault import Relay, RelayThread
-from bench.vs_ddp import Grid, summarize_diloco
+from bench.vs_ddp import Grid, run_diloco, summarize_diloco
 
 
 class LinkRelay(Relay):
@@ -87,59 +87,25 @@ BANDWIDTH = 100e6  # bits/s each way per node (bench.vs_ddp's modelled link)
 
 def run_one(tmp: Path, g: Grid, *, h: int, delay_s: float, overlap: bool, timeout: float,
             outer: tuple[float, float] = (1.0, 0.0)) -> dict[str, Any]:
-    """One run: server, relay with `delay_s` each way, g.workers nodes until they leave."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    rounds = g.steps // h
-    flags = ["--model", g.model, "--seed", str(g.seed), "--n-shards", str(g.workers),
-             "--inner-steps", str(h), "--inner-lr", str(g.lr), "--batch-size",
-             str(g.batch_size), "--deadline-s", "900", "--codec", "raw32",
-             "--outer-lr", str(outer[0]), "--outer-momentum", str(outer[1]),
-             "--overlap" if overlap else "--no-overlap"]
-    t0 = time.monotonic()
-    relay = RelayThread(f"127.0.0.1:{port}")
-    relay.relay = LinkRelay(f"127.0.0.1:{port}", latency_s=delay_s, bandwidth_bps=BANDWIDTH)
-    with children(tmp) as spawn:
-        server = spawn("server", "-m", "server", "--data-dir", str(tmp / "run"), "--port",
-                       str(port), "--rounds", str(rounds), "--quorum", str(g.workers), *flags)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                get_json(base + "/api/run")
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start; see {tmp}/server.log") from None
-                time.sleep(0.2)
-        relay_port = relay.start()
+    """One run (bench.vs_ddp.run_diloco): server, relay with `delay_s` each way, g.workers
+    nodes until they leave."""
+
+    @contextlib.contextmanager
+    def link(port: int) -> Iterator[int]:
+        relay = RelayThread(f"127.0.0.1:{port}")
+        relay.relay = LinkRelay(f"127.0.0.1:{port}", latency_s=delay_s,
+                                bandwidth_bps=BANDWIDTH)
         try:
-            nodes = [spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
-                           f"127.0.0.1:{relay_port}", "--state-dir", str(tmp / f"node{i}"),
-                           "--threads", "1", "--quiet") for i in range(g.workers)]
-            for node in nodes:
-                while node.poll() is None:
-                    if server.poll() is not None or time.monotonic() - t0 > timeout:
-                        raise RuntimeError(f"run failed or timed out; logs in {tmp}")
-                    time.sleep(0.2)
+            yield relay.start()
         finally:
             relay.stop()
-        wall_total = time.monotonic() - t0
-        run = get_json(base + "/api/run")
-        if run["status"] != "finished":
-            raise RuntimeError(f"nodes left before the run finished; logs in {tmp}")
-        peers = [p for p in get_json(base + "/api/peers") if p["role"] == "trainer"]
-        rows = get_json(base + f"/api/rounds?limit={rounds + 10}")
-    db = sqlite3.connect(tmp / "run" / "run.sqlite")
-    comp = np.zeros((rounds, g.workers))
-    ids = sorted(p["node_id"] for p in peers)
-    for r, node, c in db.execute("SELECT round, node_id, compute_s FROM updates"):
-        comp[r, ids.index(node)] = c
-    db.close()
-    merged = [(tmp / f"node{i}.log").read_text(errors="replace").count(MERGED_LINE)
-              for i in range(g.workers)]  # rounds whose steps ran ahead, per node
-    return {"run": run, "peers": peers, "rounds": rows, "compute": comp, "lo_tx_bytes": 0,
-            "wall_total_s": wall_total, "merged": merged}
+
+    out = run_diloco(tmp, g, h, "raw32", timeout, via=link, extra_flags=(
+        "--outer-lr", str(outer[0]), "--outer-momentum", str(outer[1]),
+        "--overlap" if overlap else "--no-overlap"))
+    out["merged"] = [(tmp / f"node{i}.log").read_text(errors="replace").count(MERGED_LINE)
+                     for i in range(g.workers)]  # rounds whose steps ran ahead, per node
+    return out
 
 
 def figures(g: Grid, h: int, out: dict[str, Any], *, delay_s: float,

@@ -23,6 +23,7 @@ and a digest of the code it runs; `--fresh` ignores it). The LAST stdout line is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -99,16 +102,20 @@ def quick_grids(sparse: bool = False) -> list[Grid]:
 
 
 # -- running one configuration -----------------------------------------------------------
-def run_diloco(tmp: Path, g: Grid, h: int, codec: str, timeout: float) -> dict[str, Any]:
+def run_diloco(tmp: Path, g: Grid, h: int, codec: str, timeout: float, *,
+               extra_flags: tuple[str, ...] = (),
+               via: Callable[[int], AbstractContextManager[int]] | None = None
+               ) -> dict[str, Any]:
     """The real server + g.workers native nodes; waits for the nodes to leave (no polling
-    while they train, so the lo counters hold only the run's own traffic)."""
+    while they train, so the lo counters hold only the run's own traffic). `via(port)`, when
+    given, puts a link between them (bench.overlap): it yields the port the nodes join."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     rounds = g.steps // h
     flags = ["--model", g.model, "--seed", str(g.seed), "--n-shards", str(g.workers),
              "--inner-steps", str(h), "--inner-lr", str(g.lr), "--batch-size",
-             str(g.batch_size), "--deadline-s", "900", *CODECS[codec]]
+             str(g.batch_size), "--deadline-s", "900", *CODECS[codec], *extra_flags]
     if g.flavour:
         flags += ["--flavour", g.flavour]
     t0 = time.monotonic()
@@ -125,14 +132,15 @@ def run_diloco(tmp: Path, g: Grid, h: int, codec: str, timeout: float) -> dict[s
                     raise RuntimeError(f"server did not start; see {tmp}/server.log") from None
                 time.sleep(0.2)
         tx0, _ = lo_counters()
-        nodes = [spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
-                       f"127.0.0.1:{port}", "--state-dir", str(tmp / f"node{i}"),
-                       "--threads", "1", "--quiet") for i in range(g.workers)]
-        for node in nodes:
-            while node.poll() is None:
-                if server.poll() is not None or time.monotonic() - t0 > timeout:
-                    raise RuntimeError(f"DiLoCo run failed or timed out; logs in {tmp}")
-                time.sleep(0.5)
+        with (via or contextlib.nullcontext)(port) as join_port:
+            nodes = [spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
+                           f"127.0.0.1:{join_port}", "--state-dir", str(tmp / f"node{i}"),
+                           "--threads", "1", "--quiet") for i in range(g.workers)]
+            for node in nodes:
+                while node.poll() is None:
+                    if server.poll() is not None or time.monotonic() - t0 > timeout:
+                        raise RuntimeError(f"DiLoCo run failed or timed out; logs in {tmp}")
+                    time.sleep(0.2 if via else 0.5)
         tx1, _ = lo_counters()
         wall_total = time.monotonic() - t0
         run = get_json(base + "/api/run")
