@@ -296,8 +296,14 @@ def _agg_speed(f: Fig) -> str:
     cells = ", ".join(f"{short.get(r, r)} {ms[r]:,.0f}/{best[r]:,.0f}" for r in ms
                       if best.get(r) is not None)
     ok = sum(bool(v) for v in f["at_or_below_best"].values())
-    return (f"ms ours/best peer (byzfl or Flower), one thread: {cells}; {ok} of {len(ms)} "
-            "at or below the best peer; docs/robustness.md")
+    sep = f.get("agg_ms_separate") or {}
+    over = ", ".join(f"{short.get(r, r)} {sep[r]:,.1f}" for r in ("mean", "trimmed-mean")
+                     if r in sep and best.get(r) is not None and sep[r] > best[r])
+    clock = "CPU ms" if f["setup"].get("clock") == "cpu" else "ms"
+    return (f"{clock} ours/best peer (byzfl or Flower), one thread: {cells}; {ok} of "
+            f"{len(ms)} at or below the best peer on one stacked array (the peers' input)"
+            + (f"; on 64 separate arrays above it: {over}" if over else "")
+            + "; docs/robustness.md")
 
 
 def _vs_hivemind(f: Fig) -> str:
@@ -386,9 +392,9 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.vs_hivemind --rounds 2", "our p2p reduction (native P2PRole peers over aiortc) "
      "beside hivemind 1.1.12's DecentralizedAverager, 4 and 16 peers on loopback",
      "vs_hivemind.txt", _vs_hivemind),
-    ("bench.agg_speed --before 5ec0e07 --rounds 3 --repeats 3", "every aggregation rule on "
-     "64 x 1M float32 updates, f = 15, vs byzfl 0.0.11 and Flower 1.42 in the same run",
-     "agg_speed.txt", _agg_speed),
+    ("bench.agg_speed --clock cpu --before 567e09b --rounds 2 --repeats 3 --separate",
+     "every aggregation rule on 64 x 1M float32 updates, f = 15, vs byzfl 0.0.11 and Flower "
+     "1.42 in the same run", "agg_speed_cpu.txt", _agg_speed),
     ("bench.alie_sync", "\"A Little Is Enough\" in its paper's setting: synchronous SGD, one "
      "minibatch gradient per worker", "alie_sync.txt", _alie),
     ("bench.vs_ddp", "DDP (gloo, + PowerSGD) vs this system, 4 workers, same tokens, modelled "
@@ -483,8 +489,13 @@ SOURCES: dict[str, str] = {
     "browser.txt": "python -m bench.browser > bench/results/browser.txt",
     "agg_speed.txt": "python -m bench.agg_speed --before 5ec0e07 --rounds 3 --repeats 3 "
                      "> bench/results/agg_speed.txt",
-    "agg_speed_cpu.txt": "python -m bench.agg_speed --clock cpu --before 5ec0e07 --rounds 1 "
-                         "--repeats 3 > bench/results/agg_speed_cpu.txt",
+    "agg_speed_cpu.txt": "python -m bench.agg_speed --clock cpu --before 567e09b --rounds 2 "
+                         "--repeats 3 --separate > bench/results/agg_speed_cpu.txt",
+    "agg_speed_ab.txt": "python -m bench.agg_speed --rules mean,trimmed-mean --before 567e09b "
+                        "--rounds 3 --repeats 5 --separate > bench/results/agg_speed_ab.txt",
+    "agg_speed_ab_cpu.txt": "python -m bench.agg_speed --rules mean,trimmed-mean --clock cpu "
+                            "--before 567e09b --rounds 3 --repeats 5 --separate "
+                            "> bench/results/agg_speed_ab_cpu.txt",
     "byzantine_agg.txt": "python -m bench.byzantine --agg-only > bench/results/byzantine_agg.txt",
     "signatures.txt": "python -m bench.signatures > bench/results/signatures.txt",
     "browser_llama.txt": "python -m bench.browser --models llama-2m,llama-20m,llama-125m "
