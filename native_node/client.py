@@ -662,7 +662,8 @@ class NodeClient:
         await self._submit(rebase.round, delta, result)
 
     async def _submit(self, round_: int, delta_arr: np.ndarray, result: RoundResult) -> None:
-        delta = np.ascontiguousarray(delta_arr, dtype="<f4").tobytes()
+        # the participant reads the trainer's array in place (no bytes copy of Δ: 0.5 GB at 125M)
+        delta = np.ascontiguousarray(delta_arr, dtype="<f4").data.cast("B")
         for out in self.part.submit(round_, delta, train_loss=result.train_loss,
                                     samples=result.samples, compute_s=result.compute_s):
             await self.on_event(out)

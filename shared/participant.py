@@ -440,10 +440,11 @@ class Participant:
             self.training = None
 
     # -- the trainer's result ------------------------------------------------------------
-    def submit(self, round_: int, delta_bytes: bytes, *, train_loss: float | None,
-               samples: int, compute_s: float) -> list[Event]:
+    def submit(self, round_: int, delta_bytes: bytes | memoryview, *,
+               train_loss: float | None, samples: int, compute_s: float) -> list[Event]:
         """The trainer finished `round_`: `delta_bytes` is its pseudo-gradient theta_r - theta_i
-        (float32 LE). Encode it (+ residual), sign it and send it."""
+        (float32 LE; a byte view of the trainer's array will do: it is read, never kept).
+        Encode it (+ residual), sign it and send it."""
         job, welcome = self.training, self.welcome
         if job is None or job.round != round_ or welcome is None or self.held is None:
             return []  # the round moved on while we trained: nothing to send
@@ -540,7 +541,7 @@ class Participant:
         return [{"kind": "secagg", "round": round_, "stage": "masked", "plain": plain},
                 {"kind": "ready", "round": round_, "delta": masked.payload}, self._send(msg)]
 
-    def _ready(self, job: Job, delta_bytes: bytes, train_loss: float | None,
+    def _ready(self, job: Job, delta_bytes: bytes | memoryview, train_loss: float | None,
                samples: int, compute_s: float) -> list[Event]:
         """`p2p` runs: keep the raw update for the shard owners, tell the server it is ready."""
         assert self.welcome is not None

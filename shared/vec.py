@@ -42,7 +42,7 @@ def from_bytes(data: bytes | bytearray | memoryview, *, use_numpy: bool | None =
         raise ValueError(f"{len(data)} bytes is not a whole number of float32 values")
     np = numpy_module() if use_numpy is not False else None
     if np is not None:
-        return np.frombuffer(bytes(data), dtype="<f4").astype(np.float32)
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)  # one copy, not two
     out = array("f")
     out.frombytes(bytes(data))
     if sys.byteorder == "big":  # pragma: no cover

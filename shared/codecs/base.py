@@ -198,10 +198,13 @@ def with_error_feedback(codec: Codec, delta: Vector, residual: Vector | None, *,
     if np is not None and not isinstance(delta, array):
         x = np.asarray(delta, dtype=np.float32)
         if residual is not None:
-            x = x + np.asarray(residual, dtype=np.float32)
+            x = x + np.asarray(residual, dtype=np.float32)  # ours: the new residual in place
         payload = codec.encode(x, layout=layout)
         back = np.asarray(codec.decode(payload, x.size, layout=layout), dtype=np.float32)
-        return payload, x - back
+        if residual is None:
+            return payload, x - back
+        np.subtract(x, back, out=x)  # one vector fewer at the peak (a 125M node: 0.5 GB)
+        return payload, x
     xs = f32_array(delta)
     if residual is not None:
         if len(residual) != len(xs):

@@ -134,16 +134,13 @@ class TopK(CodecBase):
     def _encode_np(self, np: ModuleType, x: Any, layout: Layout) -> bytes:
         n = x.size
         k = self.k_for(n)
-        mags = np.abs(x)
-        if not np.isfinite(mags).all():
-            raise ValueError(f"{self.name}: values contain NaN or infinity; refusing to encode")
         if k == n:
+            if not np.isfinite(x).all():
+                raise ValueError(f"{self.name}: values contain NaN or infinity; refusing to "
+                                 "encode")
             idx = np.arange(n, dtype=np.int64)
         else:
-            t = np.partition(mags, n - k)[n - k]  # the k-th largest magnitude
-            above = np.flatnonzero(mags > t)
-            ties = np.flatnonzero(mags == t)[:k - above.size]  # lowest indices first
-            idx = np.sort(np.concatenate([above, ties]))
+            idx = _top_indices(np, x, k, self.name)
         vals = x[idx]
         if self.values == "fp16":
             vbytes = f16_pack_np(np, vals)
@@ -163,6 +160,32 @@ class TopK(CodecBase):
             raise bad(f"topk: {r.remaining} bytes of varints for k = {k}")
         return vbytes, r.take(r.remaining, "indices")
 
+
+
+SELECT_BLOCK = 1 << 20  # values per pass when selecting above the threshold
+
+
+def _top_indices(np: ModuleType, x: Any, k: int, name: str) -> Any:
+    """The k indices of largest |x| (ties: lower index first), ascending. One float32 copy
+    of |x| at a time (partitioned in place for the threshold), then a pass over blocks of x:
+    at 125M values the whole-vector masks and copies cost a gigabyte or more."""
+    n = x.size
+    mags = np.abs(x)
+    if not np.isfinite(mags).all():
+        raise ValueError(f"{name}: values contain NaN or infinity; refusing to encode")
+    mags.partition(n - k)
+    t = mags[n - k]  # the k-th largest magnitude
+    del mags
+    above, ties = [], []
+    n_above = 0
+    for lo in range(0, n, SELECT_BLOCK):
+        m = np.abs(x[lo:lo + SELECT_BLOCK])
+        a = np.flatnonzero(m > t)
+        above.append(a + lo)
+        n_above += a.size
+        ties.append(np.flatnonzero(m == t) + lo)
+    tie = np.concatenate(ties)[:k - n_above]  # lowest indices first
+    return np.sort(np.concatenate([*above, tie]))
 
 
 @dataclass(frozen=True, slots=True)
