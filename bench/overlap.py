@@ -81,7 +81,7 @@ class LinkRelay(Relay):
         finally:
             task.cancel()
 
-MERGED_LINE = "overlapped with the previous round's upload"  # native_node.client's log
+MERGED_LINE = "overlapped with the previous round's upload"  # native_node.training's log
 BANDWIDTH = 100e6  # bits/s each way per node (bench.vs_ddp's modelled link)
 
 

@@ -19,7 +19,6 @@ import os
 import random
 import ssl
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +26,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import numpy as np
 
-from ml import memory
 from ml.byo import ByoError, check_allowed
 from ml.data import DataSpec
-from ml.scoring import ProbeScorer, score_candidates
+from ml.scoring import ProbeScorer
 from ml.tokenizer import TokenizerMismatch
 from ml.workload import Workload, from_spec
 from native_node import journal, pins
@@ -38,7 +36,8 @@ from native_node.address import coordinator_tls, coordinator_url
 from native_node.dht import NodeDht
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.stream_upload import Uploader
-from native_node.trainer import Rebase, RoundResult, Trainer
+from native_node.trainer import Trainer
+from native_node.training import TrainingMixin
 from shared.envelope import Identity
 from shared.messages import SERVER, Resume, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
@@ -158,7 +157,7 @@ def with_sctp_tuning() -> None:
         sctp_tuning.install()
 
 
-class NodeClient:
+class NodeClient(TrainingMixin):
     def __init__(self, opts: NodeOptions) -> None:
         self.opts = opts
         self.part = Participant(opts.identity, runtime="native", agent=AGENT,
@@ -169,9 +168,9 @@ class NodeClient:
         self.part.extra_features = (SPARSE_FEATURE,)  # applies sparseloco steps (numpy)
         # run option overlap (shared.overlap): the one-process torch trainer trains ahead
         self.part.ahead.supported = opts.nproc == 1 and opts.role == "trainer"
-        self.rebase: Rebase | None = None  # the steps running ahead take the new params here
-        self.ahead_done: RoundResult | None = None  # steps ahead done, their round not open
-        self.last_train: Event | None = None  # the last train event (steps, lr, batch size)
+        self.rebase = None  # steps run ahead (native_node.training declares these)
+        self.ahead_done = None
+        self.last_train = None
         if opts.region:  # hierarchy (p2p_groups) groups members by it
             self.part.extra_features += (f"region={opts.region}",)
         self.work: Workload | None = None
@@ -596,148 +595,3 @@ class NodeClient:
         if self.p2p is not None:
             self.p2p.on_dht = self.dht.on_direct
         self.dht.start()
-
-    # -- training --------------------------------------------------------------------------
-    def _start_training(self, ev: Event) -> None:
-        if ev["kind"] == "train_ahead":
-            self._start_ahead()
-            return
-        if ev.get("merge") and self._merge_ahead(ev):
-            return
-        self.cancel.set()  # a previous round still training stops (the participant said so)
-        self.cancel = threading.Event()
-        self.rebase = self.ahead_done = None
-        self.last_train = {k: v for k, v in ev.items() if k != "params"}  # no stale params
-        theta = np.frombuffer(ev["params"], dtype="<f4")  # the trainer copies it in
-        self.task = asyncio.create_task(self._train_and_submit(ev, theta, self.cancel))
-
-    def _start_ahead(self) -> None:
-        """Overlap: train the next round from the local params now (shared.overlap)."""
-        if self.part.ahead.after is None:  # the next round opened while the Submit was being
-            return  # sent: it is already training from its params, as without the option
-        if self.last_train is None or not isinstance(self.trainer, Trainer):
-            self.part.ahead.drop()  # its RoundOpen then trains as without the option
-            return
-        self.cancel.set()
-        self.cancel = threading.Event()
-        self.rebase, self.ahead_done = Rebase(), None
-        self.task = asyncio.create_task(self._train_and_submit(self.last_train, None,
-                                                               self.cancel, self.rebase))
-
-    def _merge_ahead(self, ev: Event) -> bool:
-        """The round the steps run ahead belong to opened: hand its params to them (merged
-        between steps), or merge now when they are done. False: none run ahead."""
-        rebase = self.rebase
-        if rebase is None:
-            return False
-        self.last_train = {k: v for k, v in ev.items() if k != "params"}
-        if rebase.put(int(ev["round"]), np.frombuffer(ev["params"], dtype="<f4").copy()):
-            return True
-        done, self.ahead_done = self.ahead_done, None
-        if done is not None:  # else the trainer's task is finishing: it sees the late params
-            self.task = asyncio.create_task(self._after_ahead(done, rebase, self.cancel))
-        return True
-
-    async def _after_ahead(self, result: RoundResult, rebase: Rebase,
-                           cancel: threading.Event) -> None:
-        """Steps run ahead are done: submit them if merged, else wait for their round."""
-        if cancel.is_set() or not isinstance(self.trainer, Trainer):
-            if rebase.round is not None:
-                self.part.training_stopped(rebase.round)
-            if self.rebase is rebase:
-                self.rebase = None
-            return
-        delta = result.delta
-        if not rebase.merged:
-            late = rebase.take()
-            if late is None:
-                self.ahead_done = result  # _merge_ahead goes on when the round opens
-                return
-            delta = await asyncio.to_thread(self.trainer.merge_after, late)
-        if self.rebase is rebase:
-            self.rebase = None
-        assert rebase.round is not None
-        log.info("round %d: %d steps (overlapped with the previous round's upload) in %.1f s",
-                 rebase.round, result.steps, result.compute_s)
-        await self._submit(rebase.round, delta, result)
-
-    async def _submit(self, round_: int, delta_arr: np.ndarray, result: RoundResult) -> None:
-        # the participant reads the trainer's array in place (no bytes copy of Δ: 0.5 GB at 125M)
-        delta = np.ascontiguousarray(delta_arr, dtype="<f4").data.cast("B")
-        for out in self.part.submit(round_, delta, train_loss=result.train_loss,
-                                    samples=result.samples, compute_s=result.compute_s):
-            await self.on_event(out)
-        del delta
-        memory.trim()  # the encoding's temporaries (several copies of Δ at their peak)
-
-    async def _train_and_submit(self, ev: Event, theta: np.ndarray | None,
-                                cancel: threading.Event, rebase: Rebase | None = None) -> None:
-        assert self.trainer is not None
-        round_, steps = int(ev["round"]), int(ev["steps"])
-        bar = self._progress_bar(round_ + (rebase is not None), steps)
-        # the trainer stops when the round moves on (cancel) or when the participant says
-        # the round's steps or time budget are used up (autotune: keep_training)
-        halt, started = threading.Event(), time.perf_counter()
-
-        def progress(done: int, loss: float) -> None:
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                bar.update(1)
-            now = round_ if rebase is None else rebase.round  # ahead: None until it opens
-            if cancel.is_set() or (now is None and done >= steps) or (
-                    now is not None and not self.part.keep_training(
-                        now, done, time.perf_counter() - started)):
-                halt.set()
-
-        if rebase is not None:  # steps run ahead: the one-process torch trainer (_start_ahead)
-            assert isinstance(self.trainer, Trainer)
-            call = functools.partial(self.trainer.train_round, None, rebase=rebase)
-        else:
-            assert theta is not None
-            call = functools.partial(self.trainer.train_round, theta)
-        try:
-            result: RoundResult = await asyncio.to_thread(
-                call, steps=steps, lr=ev["lr"], batch_size=ev["batch_size"], cancel=halt,
-                progress=progress)
-        except BaseException:
-            stopped = round_ if rebase is None else rebase.round
-            if stopped is not None:
-                self.part.training_stopped(stopped)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        if rebase is not None:
-            await self._after_ahead(result, rebase, cancel)
-            return
-        if cancel.is_set() or (result.steps < steps and ev.get("time_budget_s") is None):
-            log.info("round %d: training cancelled after %d steps", round_, result.steps)
-            self.part.training_stopped(round_)
-            return
-        loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
-        log.info("round %d: %d steps in %.1f s, train loss %s", round_, result.steps,
-                 result.compute_s, loss)
-        await self._submit(round_, result.delta, result)
-
-    async def _validate(self, ev: Event) -> None:
-        """Score the round's candidates (torch, in a thread) and answer with a Verdict."""
-        if self.scorer is None or self.work is None:
-            log.warning("round %d: a validation request, but this node is a %s", ev["round"],
-                        self.opts.role)
-            return
-        theta = np.frombuffer(ev["params"], dtype="<f4").copy()
-        base, losses = await asyncio.to_thread(
-            score_candidates, self.scorer, theta, [c["payload"] for c in ev["candidates"]],
-            length=ev["length"], codec=ev["codec"], layout=self.work.manifest)
-        log.info("round %d: scored %d candidates (base loss %s)", ev["round"], len(losses),
-                 f"{base:.4f}" if base is not None else "n/a")
-        for out in self.part.verdict(ev["round"], base, losses):
-            await self.on_event(out)
-
-    def _progress_bar(self, round_: int, steps: int) -> Any:
-        if not self.opts.progress:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=steps, desc=f"round {round_}", unit="step", leave=False,
-                    dynamic_ncols=True)
