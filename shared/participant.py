@@ -106,7 +106,7 @@ from shared.secagg.p2p import masked_ready
 from shared.secagg.round import SECAGG_CODEC, SecAggClient, pack_masked
 from shared.trust import ServerTrust, UntrustedServer
 from shared.update_encoding import encode_update
-from shared.vec import all_finite, from_bytes, to_bytes
+from shared.vec import all_finite, read_bytes, to_bytes
 
 Event = dict[str, Any]
 FATAL_CODES = {"unsupported_version"}
@@ -453,7 +453,7 @@ class Participant:
             self.codec_state, self.last_codec = None, codec.name
         if getattr(codec, "needs_layout", False) and self.layout is None:
             return [{"kind": "fatal", "message": f"codec {codec.name} needs the layout"}]
-        delta = from_bytes(delta_bytes)
+        delta = read_bytes(delta_bytes)  # read only (encoded, masked or clipped into new)
         if len(delta) != len(self.held):
             raise ValueError(f"trainer returned {len(delta)} values, the round has "
                              f"{len(self.held)}")
