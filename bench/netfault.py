@@ -112,6 +112,20 @@ class Relay:
             await down.close()
         return down
 
+    async def _forward(self, dst: Any, msg: Any, direction: str) -> bool:
+        """Send one message on dst and count it; False when dst is gone."""
+        if dst.closed:
+            return False
+        try:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            else:
+                await dst.send_str(msg.data)
+        except (ConnectionError, RuntimeError):
+            return False
+        self.stats[f"forwarded_{direction}"] += 1
+        return True
+
     async def _pump(self, src: Any, dst: Any, direction: str) -> None:
         """Forward src -> dst in order; ends when src closes."""
         async for msg in src:
@@ -122,16 +136,8 @@ class Relay:
                 continue
             if self.delay_s > 0:
                 await asyncio.sleep(self.delay_s)  # in order: one pump per direction
-            if dst.closed:
+            if not await self._forward(dst, msg, direction):
                 break
-            try:
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    await dst.send_bytes(msg.data)
-                else:
-                    await dst.send_str(msg.data)
-            except (ConnectionError, RuntimeError):
-                break
-            self.stats[f"forwarded_{direction}"] += 1
             if direction == UP and self.cut_armed is not None and len(msg.data) >= self.cut_armed:
                 self.cut_armed = None
                 self.stats["cut_after_upload"] += 1

@@ -59,16 +59,8 @@ class LinkRelay(Relay):
             while True:
                 due, msg = await queue.get()
                 await asyncio.sleep(max(0.0, due - loop.time()))
-                if dst.closed:
+                if not await self._forward(dst, msg, direction):
                     return
-                try:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        await dst.send_bytes(msg.data)
-                    else:
-                        await dst.send_str(msg.data)
-                except (ConnectionError, RuntimeError):
-                    return
-                self.stats[f"forwarded_{direction}"] += 1
 
         task = asyncio.create_task(deliver())
         free_at = 0.0  # when the link has sent what is queued

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from safetensors import SafetensorError
 
+from server.ckpt_file import atomic_write_parts
 from server.sqldb import ClosedError, IntegrityError
-from server.store import Store, UpdateRow, atomic_write
+from server.store import Store, UpdateRow
 from shared.messages import sha256_hex
 
 RUN, MODEL = "run-test", "ab" * 32
@@ -322,8 +323,8 @@ def test_prune_removes_orphans(store: Store) -> None:
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     target = tmp_path / "file.bin"
-    atomic_write(target, b"first")
-    atomic_write(target, b"second, longer")
+    atomic_write_parts(target, [b"first"])
+    atomic_write_parts(target, [b"second, ", b"longer"])
     assert target.read_bytes() == b"second, longer"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
