@@ -127,6 +127,7 @@ class Rebase:
         self.pending: np.ndarray | None = None  # put, not yet merged by the thread
         self.round: int | None = None  # the round the steps became (set by `put`)
         self.merged = False  # the thread merged them (then its Δ is against them)
+        self.merged_between = False  # ... between two steps, not once at the end
         self.closed = False  # the thread is done: a later `put` must merge after the fact
 
     def put(self, round_: int, theta: np.ndarray) -> bool:
@@ -144,6 +145,7 @@ class Rebase:
             theta, self.pending = self.pending, None
             self.closed = self.closed or close
             self.merged = self.merged or theta is not None
+            self.merged_between = self.merged_between or (theta is not None and not close)
             return theta
 
 

@@ -1,4 +1,4 @@
-"""p2p rounds across real NATs (bench.nat --quick): network namespaces with iptables NAT
+"""p2p rounds across real NATs (bench.nat, both phases): network namespaces with iptables NAT
 routers, Debian's coturn as the TURN server, the server over TLS. Needs root, iptables and
 coturn (./run.sh setup installs them as root); skipped with the reason otherwise.
 
@@ -42,23 +42,30 @@ def test_ice_servers_per_node() -> None:
         IceServers.parse("turn:10.0.0.1:3478").check()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_p2p_rounds_across_cone_and_symmetric_nats() -> None:
     why = nat_available()
     if why is not None:
         pytest.skip(f"bench.nat: {why}")
-    res = subprocess.run([sys.executable, "-m", "bench.nat", "--quick", "--rounds", "3",
-                          "--timeout", "90"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=110)
+    res = subprocess.run([sys.executable, "-m", "bench.nat", "--rounds", "3", "--timeout", "60"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=140)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     fig = json.loads(res.stdout.strip().splitlines()[-1])
-    assert fig["paths"]["both-cone"] in ("host", "srflx"), fig
+    # With TURN configured, aioice nominates the first pair whose check answers (aggressive
+    # nomination): a cone pair's srflx check can lose that race to its TURN pair on a loaded
+    # machine, so the punch-through itself is asserted in the STUN-only phase below.
+    assert fig["paths"]["both-cone"] in ("host", "srflx", "relay"), fig
     assert fig["paths"]["both-symmetric"] == "relay", fig
     assert fig["server_relayed_bytes"] == 0, fig
     assert fig["turn_relayed_bytes"] > 0, fig
     assert fig["direct_bytes"] > 0, fig
     assert fig["rounds_committed"] >= 3, fig
     assert fig["tls"] is True, fig
+    stun = fig["without_turn"]
+    assert stun["paths"]["both-cone"] in ("host", "srflx"), fig  # cone NATs punch through
+    assert stun["paths"]["both-symmetric"] == "server", fig  # no TURN: the server relays
+    assert stun["server_relayed_bytes"] > 0 and stun["turn_relayed_bytes"] == 0, fig
+    assert stun["rounds_committed"] >= 2, fig
 
 
 def test_path_signals_fill_ice_pairs() -> None:

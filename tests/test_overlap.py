@@ -235,7 +235,7 @@ async def test_native_node_trains_ahead_and_submits_against_the_new_round(
                 break
             await asyncio.sleep(0.02)
         assert rebase.merged
-        assert not rebase.closed
+        assert rebase.merged_between  # (not after the last step; the steps may end since)
     await _settle(client)
     pending = client.part.pending
     assert pending is not None
