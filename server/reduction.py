@@ -34,7 +34,9 @@ from server.evidence import Evidence
 from server.p2p import P2PReduction
 from server.peers import Connection, Nodes, Peer
 from server.runstate import RunState
-from server.spool import COORDINATE_RULES, block_values, blockwise, spooled
+from server.spool import spooled
+from server.spool_rules import aggregate as spooled_aggregate
+from server.spool_rules import weighted_mean
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update
 from shared.errors import BadUpdate
@@ -111,9 +113,7 @@ class ServerReduction:
         if self.step_weights and self.config.aggregator == "mean":
             weights = np.array([collection.rows[n].samples for n in nodes], dtype=np.float64)
             if weights.sum() > 0:
-                mean = np.average(np.stack(vectors).astype(np.float64), axis=0,
-                                  weights=weights)
-                return np.asarray(mean, dtype=np.float32)
+                return weighted_mean(vectors, weights)  # by column blocks, spooled or not
         return self.aggregate(vectors, state.round)
 
     def stake_weighted(self, nodes: list[str], vectors: list[np.ndarray], round_: int
@@ -124,8 +124,7 @@ class ServerReduction:
         if weights.sum() <= 0:
             log.warning("round %d: no update's node holds stake; retrying the round", round_)
             return None
-        mean = np.average(np.stack(vectors).astype(np.float64), axis=0, weights=weights)
-        return np.asarray(mean, dtype=np.float32)
+        return weighted_mean(vectors, weights)  # by column blocks, spooled or not
 
     def aggregate(self, vectors: list[np.ndarray], round_: int) -> np.ndarray:
         """The run's rule over the round's updates."""
@@ -140,9 +139,8 @@ class ServerReduction:
         params = dict(cfg.aggregator_params)
         if cfg.aggregator == "centered-clipping" and cfg.cc_reference == "history":
             params["reference"] = history_reference(self.run.momentum, cfg.outer_momentum)
-        if spooled(vectors) and cfg.aggregator in COORDINATE_RULES:  # streamed: from disk
-            return blockwise(get_rule(cfg.aggregator), vectors, f=f,
-                             block=block_values(len(vectors)), **params)
+        if spooled(vectors):  # streamed: every rule reads the files by column blocks
+            return spooled_aggregate(cfg.aggregator, vectors, f=f, **params)
         return np.asarray(get_rule(cfg.aggregator)(vectors, f=f, **params), dtype=np.float32)
 
 

@@ -339,7 +339,10 @@ def prepare(updates: Sequence[Vector], rule: str) -> Stack:
     Raises ValueError naming the rule and, for a bad update, its index in the stack. On the
     numpy path the rule checks finiteness on values it computes (Stack.check_finite).
     Float32 numpy updates are read where they are, never copied into one array: every rule
-    reads them one column block at a time (`fill`, `running_sum`, `sorted_blocks`)."""
+    reads them one column block at a time (`fill`, `running_sum`, `sorted_blocks`).
+    A Stack given as `updates` is used as it is (server.spool_rules: rows read from disk)."""
+    if isinstance(updates, Stack):
+        return updates
     n, d = check_shapes(updates, rule)
     np = numpy_module()
     if np is not None and all(is_numpy(u) for u in updates):
