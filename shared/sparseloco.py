@@ -39,8 +39,8 @@ VERSION = 3
 HEAD = struct.Struct("<2sBd")
 FEATURE = "sparse-step"  # Hello feature: this node applies "sparse" RoundOpens
 
-__all__ = ["FEATURE", "SparseOuter", "apply_step", "decode_step", "is_sparse_step",
-           "server_step"]
+__all__ = ["FEATURE", "SparseOuter", "apply_sparse", "apply_step", "decode_sparse_step",
+           "decode_step", "is_sparse_step", "resolve_step", "server_step"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,50 +78,85 @@ class SparseOuter:
         return cls(lr=lr, **params)
 
 
-def apply_step(theta: Any, u: Any, lr: float) -> Any:
-    """theta - lr * u in float32 (numpy in, numpy out): the one function the server and every
-    node run, so that they agree bit for bit."""
+CHUNK = 1 << 22  # values per pass where the step still needs a temporary (Nesterov)
+
+
+def _numpy() -> Any:
     np = numpy_module()
     if np is None:
         raise RuntimeError("the sparseloco step needs numpy")
+    return np
+
+
+def apply_step(theta: Any, u: Any, lr: float) -> Any:
+    """theta - lr * u in float32 over every coordinate (numpy in, numpy out): the dense
+    reference that `apply_sparse` reproduces bit for bit (tests/test_sparseloco_inplace.py)."""
+    np = _numpy()
     t = np.asarray(theta, dtype=np.float32)
     step = (np.float32(lr) * np.asarray(u, dtype=np.float32)).astype(np.float32)
     return (t - step).astype(np.float32)
 
 
+def apply_sparse(theta: Any, idx: Any, vals: Any, lr: float, *, out: Any = None) -> Any:
+    """The same bits as `apply_step(theta, u, lr)` for the u that is `vals` at `idx` (int64,
+    ascending) and 0 elsewhere, with no n-sized temporary: a copy of theta (or `out`, a
+    writable float32 array of theta's size that already holds theta) with
+    out[idx] -= f32(f32(lr) * vals). Where u is 0 the dense step is theta - (+0.0), which is
+    theta exactly (-0.0, +-inf and quiet NaNs included; only a signalling NaN, which the dense
+    subtraction would quiet, is kept as it is)."""
+    np = _numpy()
+    if out is None:
+        out = np.array(theta, dtype=np.float32, copy=True)
+    step = (np.float32(lr) * np.asarray(vals, dtype=np.float32)).astype(np.float32)
+    out[idx] -= step
+    return out
+
+
 def server_step(theta: Any, grad: Any, state: Any, cfg: SparseOuter
                 ) -> tuple[Any, Any, bytes]:
     """(theta', state', RoundOpen payload) from the round's aggregate `grad`; `state` is the
-    checkpointed buffer: [e] (plain) or [m, e] (Nesterov), zeros of size n at the start."""
-    np = numpy_module()
-    if np is None:
-        raise RuntimeError("the sparseloco step needs numpy")
+    checkpointed buffer: [e] (plain) or [m, e] (Nesterov), zeros of size n at the start.
+
+    In place: a writable float32 `state` is consumed (x is built in its e slot, then becomes
+    e'; state' IS that buffer), so the step holds theta, theta' and the state, plus the
+    top-k's k-sized arrays and one CHUNK of temporaries: no n-sized one."""
+    np = _numpy()
     n = theta.size
     g = np.asarray(grad, dtype=np.float32)
     st = np.asarray(state, dtype=np.float32)
+    size = 2 * n if cfg.momentum > 0 else n
+    if st.size == size and st.flags.writeable and st.flags.c_contiguous:
+        buf = st.reshape(-1)
+    else:  # the first Nesterov step (m = 0), a mode switch, or a read-only state: a copy
+        buf = np.zeros(size, np.float32)
+        buf[-n:] = st[-n:]  # [-n:]: the residual of a [m, e] state too
+    x = buf[-n:]
     if cfg.momentum > 0:
-        if st.size == n:  # the run's first step (or a switch from plain mode): m = 0
-            st = np.concatenate([np.zeros(n, np.float32), st])
-        m = (np.float32(cfg.momentum) * st[:n] + g).astype(np.float32)
-        x = (g + np.float32(cfg.momentum) * m + st[n:]).astype(np.float32)
+        mu = np.float32(cfg.momentum)
+        m = buf[:n]
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            mc = m[lo:hi]
+            mc *= mu
+            mc += g[lo:hi]  # m' = f32(f32(mu * m) + g)
+            t = mu * mc
+            t += g[lo:hi]  # g + mu * m' (addition commutes bit for bit)
+            x[lo:hi] += t  # x = (g + mu * m') + e
     else:
-        m = None
-        x = (g + st[-n:]).astype(np.float32)  # [-n:]: the residual of a [m, e] state too
+        x += g  # x = g + e
     payload = HEAD.pack(MAGIC, VERSION, cfg.lr) + cfg.codec().encode(x)
-    u = decode_step(payload, n)[1]
-    e = (x - u).astype(np.float32)
+    _, idx, vals = decode_sparse_step(payload, n)
+    x[idx] -= vals  # e = x - u: where u is 0, x - (+0.0) is x exactly
     if cfg.decay != 1.0:
-        e *= np.float32(cfg.decay)  # in place: same float32 products, no n-sized temporary
-    new_state = e if m is None else np.concatenate([m, e])
-    return apply_step(theta, u, cfg.lr), new_state, payload
+        x *= np.float32(cfg.decay)
+    return apply_sparse(theta, idx, vals, cfg.lr), buf, payload
 
 
 def is_sparse_step(payload: bytes | memoryview) -> bool:
     return len(payload) > HEAD.size and bytes(payload[:3]) == MAGIC + bytes([VERSION])
 
 
-def decode_step(payload: bytes | memoryview, n: int) -> tuple[float, Any]:
-    """(lr, u) from a "sparse" RoundOpen payload; BadUpdate on anything malformed."""
+def _check(payload: bytes | memoryview) -> tuple[float, memoryview]:
     if not is_sparse_step(payload):
         raise BadUpdate("not a sparse-step payload", field="payload")
     _, _, lr = HEAD.unpack_from(payload)
@@ -130,6 +165,12 @@ def decode_step(payload: bytes | memoryview, n: int) -> tuple[float, Any]:
     body = memoryview(payload)[HEAD.size:]
     if body[0] != TopK.wire_id:
         raise BadUpdate("sparse step: the step is not a topk payload", field="payload")
+    return lr, body
+
+
+def decode_step(payload: bytes | memoryview, n: int) -> tuple[float, Any]:
+    """(lr, u) from a "sparse" RoundOpen payload; BadUpdate on anything malformed."""
+    lr, body = _check(payload)
     np = numpy_module()
     u = decode_payload(body, n, use_numpy=np is not None)
     if np is None:
@@ -137,8 +178,18 @@ def decode_step(payload: bytes | memoryview, n: int) -> tuple[float, Any]:
     return lr, np.asarray(u, dtype=np.float32)
 
 
-def resolve_step(held: Any, payload: bytes | memoryview) -> Any:
+def decode_sparse_step(payload: bytes | memoryview, n: int) -> tuple[float, Any, Any]:
+    """(lr, indices, values) of the step u (0 off the indices); BadUpdate if malformed."""
+    lr, body = _check(payload)
+    if numpy_module() is None:
+        raise BadUpdate("sparse step: this runtime has no numpy", field="payload")
+    idx, vals = TopK.decode_sparse(body, n)
+    return lr, idx, vals
+
+
+def resolve_step(held: Any, payload: bytes | memoryview, *, out: Any = None) -> Any:
     """theta_r from theta_{r-1} (`held`) and a "sparse" payload (the caller checks the
-    digest)."""
-    lr, u = decode_step(payload, len(held))
-    return apply_step(held, u, lr)
+    digest). `out`: a writable float32 array holding `held` to update in place instead of a
+    copy (a failed decode leaves it untouched: the payload is decoded before any write)."""
+    lr, idx, vals = decode_sparse_step(payload, len(held))
+    return apply_sparse(held, idx, vals, lr, out=out)

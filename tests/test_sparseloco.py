@@ -102,7 +102,8 @@ def test_error_feedback_keeps_what_the_step_dropped() -> None:
     cfg = SparseOuter(lr=1.0, fraction=0.05, values="fp16", decay=1.0)
     t1, e1, _ = server_step(theta, grad, np.zeros(n, np.float32), cfg)
     np.testing.assert_allclose(e1 + (theta - t1), grad, atol=1e-3)  # sent + kept = all
-    t2, e2, _ = server_step(t1, np.zeros(n, np.float32), e1, cfg)  # no new gradient: the
+    e1 = e1.copy()  # server_step consumes its state buffer (updated in place)
+    t2, e2, _ = server_step(t1, np.zeros(n, np.float32), e1.copy(), cfg)  # no new grad: the
     assert (t2 != t1).sum() == cfg.codec().k_for(n)  # residual alone moves the next step
     assert np.abs(e2).sum() < np.abs(e1).sum()
 

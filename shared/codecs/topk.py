@@ -35,15 +35,19 @@ from typing import Any, ClassVar
 from shared.codecs import int2, varint
 from shared.codecs.base import (
     CodecBase,
+    Data,
     Layout,
     Reader,
     bad,
     build,
     check_finite_list,
+    check_length,
     f32_array,
+    header_byte,
 )
 from shared.codecs.floats import f16_pack, f16_pack_np
 from shared.codecs.quant import MAX_BLOCK, Int8Block
+from shared.vec import numpy_module
 
 VALUE_KINDS = ("int8", "fp16", "int2")
 
@@ -152,6 +156,25 @@ class TopK(CodecBase):
         return b"".join((self._header(k), vbytes, varint.encode_np(np, gaps)))
 
     # -- decode ------------------------------------------------------------------------------
+    @classmethod
+    def decode_sparse(cls, data: Data, length: int) -> tuple[Any, Any]:
+        """(indices, values) of a topk payload (numpy only): int64 ascending indices and their
+        float32 values, the rest being 0, as `decode_payload` would have them, without the
+        n-sized vector. The same checks (BadUpdate); values are not checked for finiteness."""
+        np = numpy_module()
+        if np is None:
+            raise ValueError("decode_sparse needs numpy")
+        length = check_length(length)
+        wid = header_byte(data)
+        if wid != cls.wire_id:
+            raise bad(f"payload has wire id {wid}, not {cls.name}'s {cls.wire_id}", "codec")
+        r = Reader(data, cls.name)
+        r.take(1, "wire id")
+        parsed = cls._read_params(r)
+        with np.errstate(all="ignore"):
+            idx, vals = parsed._sparse_np(np, r, length)
+        return idx, vals
+
     def _split(self, r: Reader, length: int, k: int) -> tuple[memoryview, memoryview]:
         if k > length:
             raise bad(f"topk: k = {k} exceeds length {length}")
@@ -166,16 +189,12 @@ SELECT_BLOCK = 1 << 20  # values per pass when selecting above the threshold
 
 
 def _top_indices(np: ModuleType, x: Any, k: int, name: str) -> Any:
-    """The k indices of largest |x| (ties: lower index first), ascending. One float32 copy
-    of |x| at a time (partitioned in place for the threshold), then a pass over blocks of x:
-    at 125M values the whole-vector masks and copies cost a gigabyte or more."""
+    """The k indices of largest |x| (ties: lower index first), ascending. The threshold (the
+    k-th largest |x|) comes from two counting passes over blocks of x (`_kth_magnitude`),
+    then one pass selects above it: no whole-vector temporary (at 125M values a copy of |x|
+    is 491 MB, and the server's outer step and a node's encode both peak here)."""
     n = x.size
-    mags = np.abs(x)
-    if not np.isfinite(mags).all():
-        raise ValueError(f"{name}: values contain NaN or infinity; refusing to encode")
-    mags.partition(n - k)
-    t = mags[n - k]  # the k-th largest magnitude
-    del mags
+    t = _kth_magnitude(np, x, k, name)
     above, ties = [], []
     n_above = 0
     for lo in range(0, n, SELECT_BLOCK):
@@ -186,6 +205,39 @@ def _top_indices(np: ModuleType, x: Any, k: int, name: str) -> Any:
         ties.append(np.flatnonzero(m == t) + lo)
     tie = np.concatenate(ties)[:k - n_above]  # lowest indices first
     return np.sort(np.concatenate([*above, tie]))
+
+
+def _kth_magnitude(np: ModuleType, x: Any, k: int, name: str) -> Any:
+    """The k-th largest |x| (1 <= k <= n) as a float32, exactly what partitioning |x| gives.
+    For finite float32 values, |x|'s bit pattern (the sign bit cleared) orders as |x| does:
+    one pass counts the patterns' top 16 bits, a second counts the low 16 bits of those in
+    the top bucket that holds the k-th; each pass holds one block's temporaries."""
+    n = x.size
+    bits = x.reshape(-1).view(np.uint32)
+
+    def hist(shift: int, top: int | None) -> Any:
+        counts = np.zeros(1 << 16, dtype=np.int64)
+        for lo in range(0, n, SELECT_BLOCK):
+            b = bits[lo:lo + SELECT_BLOCK] & np.uint32(0x7FFFFFFF)
+            if top is None:
+                if int(b.max()) >= 0x7F800000:
+                    raise ValueError(f"{name}: values contain NaN or infinity; refusing to "
+                                     "encode")
+            else:
+                b = b[(b >> np.uint32(16)) == np.uint32(top)]
+            counts += np.bincount((b >> np.uint32(shift)) & np.uint32(0xFFFF),
+                                  minlength=1 << 16)
+        return counts
+
+    def bucket(counts: Any, want: int) -> tuple[int, int]:
+        """(the bucket holding the want-th largest, how many lie in higher buckets)"""
+        above = np.cumsum(counts[::-1])  # above[j]: count in the top j + 1 buckets
+        j = int(np.searchsorted(above, want))  # the first j with above[j] >= want
+        return (1 << 16) - 1 - j, int(above[j - 1]) if j else 0
+
+    hi, higher = bucket(hist(16, None), k)
+    lo, _ = bucket(hist(0, hi), k - higher)
+    return np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +271,12 @@ class _Parsed:
         return f32_array(out)
 
     def _decode_np(self, np: ModuleType, r: Reader, length: int, layout: Layout) -> Any:
+        idx, vals = self._sparse_np(np, r, length)
+        out = np.zeros(length, dtype=np.float32)
+        out[idx] = vals
+        return out
+
+    def _sparse_np(self, np: ModuleType, r: Reader, length: int) -> tuple[Any, Any]:
         c, k = self.codec, self.k
         vbytes, ibytes = c._split(r, length, k)
         gaps = varint.decode_np(np, ibytes, k)
@@ -233,6 +291,4 @@ class _Parsed:
             vals = int2.decode_np(np, vbytes, k, c.block)
         else:
             vals = c._quant()._decode_np(np, Reader(vbytes, c.name), k, None)
-        out = np.zeros(length, dtype=np.float32)
-        out[idx] = vals
-        return out
+        return idx, np.asarray(vals, dtype=np.float32)

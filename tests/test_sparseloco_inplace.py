@@ -1,0 +1,152 @@
+"""The in-place, sparse SparseLoCo step (shared.sparseloco) against the dense formulas it
+replaced: the same bits for theta', the state and the payload, plain and Nesterov, across
+chunk edges, and the same bits as the dense apply on -0.0, infinities and NaNs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared import sparseloco
+from shared.codecs import TopK, decode_payload, make_codec
+from shared.sparseloco import (
+    SparseOuter,
+    apply_sparse,
+    apply_step,
+    decode_sparse_step,
+    decode_step,
+    resolve_step,
+    server_step,
+)
+
+
+def dense_server_step(theta: np.ndarray, grad: np.ndarray, state: np.ndarray,
+                      cfg: SparseOuter) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """The step as it was written before it went in place (every temporary n-sized)."""
+    n = theta.size
+    g = np.asarray(grad, dtype=np.float32)
+    st = np.asarray(state, dtype=np.float32)
+    if cfg.momentum > 0:
+        if st.size == n:
+            st = np.concatenate([np.zeros(n, np.float32), st])
+        m = (np.float32(cfg.momentum) * st[:n] + g).astype(np.float32)
+        x = (g + np.float32(cfg.momentum) * m + st[n:]).astype(np.float32)
+    else:
+        m = None
+        x = (g + st[-n:]).astype(np.float32)
+    payload = sparseloco.HEAD.pack(sparseloco.MAGIC, sparseloco.VERSION, cfg.lr) + \
+        cfg.codec().encode(x)
+    u = decode_step(payload, n)[1]
+    e = (x - u).astype(np.float32)
+    if cfg.decay != 1.0:
+        e = (e * np.float32(cfg.decay)).astype(np.float32)
+    new_state = e if m is None else np.concatenate([m, e])
+    return apply_step(theta, u, cfg.lr), new_state, payload
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize(("values", "decay", "lr"), [("int2", 0.8, 1.0), ("int8", 1.0, 0.7),
+                                                     ("fp16", 0.5, 0.35)])
+def test_in_place_step_gives_the_dense_steps_bits(monkeypatch: pytest.MonkeyPatch,
+                                                  momentum: float, values: str, decay: float,
+                                                  lr: float) -> None:
+    monkeypatch.setattr(sparseloco, "CHUNK", 997)  # many chunks, edges inside the vector
+    rng = np.random.default_rng(int(momentum * 10) + len(values))
+    n = 10_007
+    cfg = SparseOuter(lr=lr, momentum=momentum, fraction=0.03, values=values, decay=decay,
+                      block=64)
+    theta = rng.standard_normal(n).astype(np.float32)
+    theta[:50] = -0.0
+    state_ref = np.zeros(n, np.float32)  # the first step: a size-n state (m = 0)
+    state = state_ref.copy()
+    for _ in range(5):
+        grad = (rng.standard_normal(n) * 0.01).astype(np.float32)
+        grad[rng.random(n) > 0.3] = 0.0
+        grad[rng.integers(0, n, 20)] = -0.0
+        t_ref, state_ref, p_ref = dense_server_step(theta, grad, state_ref, cfg)
+        passed = state
+        t_new, state, p_new = server_step(theta, grad, state, cfg)
+        assert p_new == p_ref
+        assert t_new.tobytes() == t_ref.tobytes()
+        assert state.tobytes() == state_ref.tobytes()
+        if passed.size == state.size:
+            assert np.shares_memory(state, passed)  # consumed in place, no copy
+        theta = t_ref
+
+
+def test_a_read_only_or_plain_sized_state_is_copied_not_written() -> None:
+    rng = np.random.default_rng(7)
+    n = 3000
+    theta = rng.standard_normal(n).astype(np.float32)
+    grad = rng.standard_normal(n).astype(np.float32)
+    e = rng.standard_normal(n).astype(np.float32)
+    ro = np.frombuffer(e.tobytes(), np.float32)  # as a checkpoint's bytes would be
+    for cfg in (SparseOuter(fraction=0.05), SparseOuter(fraction=0.05, momentum=0.5)):
+        t_ref, s_ref, _ = dense_server_step(theta, grad, e, cfg)
+        t_new, s_new, _ = server_step(theta, grad, ro, cfg)
+        assert t_new.tobytes() == t_ref.tobytes()
+        assert s_new.tobytes() == s_ref.tobytes()
+        assert ro.tobytes() == e.tobytes()
+    # [m, e] into a plain step: the residual carries over, m is dropped (as before)
+    me = np.concatenate([rng.standard_normal(n).astype(np.float32), e])
+    t_ref, s_ref, _ = dense_server_step(theta, grad, me, SparseOuter(fraction=0.05))
+    t_new, s_new, _ = server_step(theta, grad, me.copy(), SparseOuter(fraction=0.05))
+    assert s_new.size == n
+    assert s_new.tobytes() == s_ref.tobytes()
+    assert t_new.tobytes() == t_ref.tobytes()
+
+
+def test_sparse_apply_matches_the_dense_apply_on_edge_values() -> None:
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45,
+                         3.4e38, -3.4e38], np.float32)
+    rng = np.random.default_rng(11)
+    theta = np.concatenate([specials, rng.standard_normal(990).astype(np.float32)])
+    n = theta.size
+    idx = np.sort(rng.choice(np.arange(5, n), 60, replace=False)).astype(np.int64)
+    idx = np.unique(np.concatenate([idx, [1, 2, 4]]))  # moved: -0.0, inf, nan
+    vals = rng.standard_normal(idx.size).astype(np.float32)
+    vals[:3] = [0.0, -0.0, 2.0]
+    vals[5] = np.float32(3.4e38)  # overflow to inf after lr: the same on both paths
+    for lr in (1.0, 0.3, 7.5):
+        u = np.zeros(n, np.float32)
+        u[idx] = vals
+        with np.errstate(over="ignore"):
+            dense = apply_step(theta, u, lr)
+            sparse = apply_sparse(theta, idx, vals, lr)
+            out = theta.copy()
+            assert apply_sparse(theta, idx, vals, lr, out=out) is out
+        assert sparse.tobytes() == dense.tobytes()
+        assert out.tobytes() == dense.tobytes()
+
+
+@pytest.mark.parametrize("values", ["int2", "int8", "fp16"])
+def test_sparse_decode_is_the_dense_decode(values: str) -> None:
+    x = np.random.default_rng(3).standard_normal(5000).astype(np.float32)
+    payload = make_codec("topk", fraction=0.04, values=values, block=32).encode(x)
+    idx, vals = TopK.decode_sparse(payload, x.size)
+    assert idx.dtype == np.int64
+    assert vals.dtype == np.float32
+    assert np.all(np.diff(idx) > 0)
+    dense = np.zeros(x.size, np.float32)
+    dense[idx] = vals
+    assert dense.tobytes() == np.asarray(decode_payload(payload, x.size), np.float32).tobytes()
+
+
+def test_resolve_step_in_place_leaves_held_alone_on_a_bad_payload() -> None:
+    rng = np.random.default_rng(5)
+    n = 2000
+    theta = rng.standard_normal(n).astype(np.float32)
+    new, _, payload = server_step(theta, rng.standard_normal(n).astype(np.float32),
+                                  np.zeros(n, np.float32), SparseOuter(fraction=0.05))
+    held = theta.copy()
+    assert resolve_step(held, payload, out=held) is held
+    assert held.tobytes() == new.tobytes()
+    lr, idx, vals = decode_sparse_step(payload, n)
+    assert lr == 1.0
+    assert idx.size == vals.size == SparseOuter(fraction=0.05).codec().k_for(n)
+    held = theta.copy()
+    from shared.errors import BadUpdate
+
+    with pytest.raises(BadUpdate):
+        resolve_step(held, payload[:-1], out=held)
+    assert held.tobytes() == theta.tobytes()
