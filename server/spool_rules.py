@@ -83,12 +83,16 @@ class SpooledRow:
             out: np.ndarray = self.v[start:stop]
             return out
         buf = self.buf
-        if buf is None or not (self.lo <= start and stop <= self.lo + len(buf)):
-            self.lo = start
-            buf = self.buf = read_block(self.v, start, min(self.d, max(stop, start + self.chunk)))
-            buf.flags.writeable = False  # callers copy what they take (fill, sorted_blocks)
-            self.reads += 1
-        return buf[start - self.lo:stop - self.lo]
+        if buf is not None and self.lo <= start and stop <= self.lo + len(buf):
+            return buf[start - self.lo:stop - self.lo]
+        self.buf = None
+        self.reads += 1
+        if stop - start >= self.chunk:  # a range as long as the read-ahead: not kept (the
+            return read_block(self.v, start, stop)  # caller copies it, e.g. mean_of's rows)
+        self.lo = start
+        buf = self.buf = read_block(self.v, start, min(self.d, start + self.chunk))
+        buf.flags.writeable = False  # callers copy what they take (fill, sorted_blocks)
+        return buf[:stop - start]
 
     def whole(self) -> np.ndarray:
         """Every value, in a new float32 array (read from the file, not the mapping)."""
@@ -152,14 +156,16 @@ def spooled_stack(rule: str, vectors: Sequence[np.ndarray],
     return SpooledStack(rule, rows, n, d, np, vectors[0])
 
 
-def aggregate(rule: str, vectors: Sequence[np.ndarray], *, f: int, **params: Any
-              ) -> np.ndarray:
+def aggregate(rule: str, vectors: Sequence[np.ndarray], *, f: int, chunk: int | None = None,
+              **params: Any) -> np.ndarray:
     """`get_rule(rule)(vectors, f=f, **params)`, reading spooled vectors from their files
-    block by block (see the module doc): the same result, bit for bit."""
+    block by block (see the module doc): the same result, bit for bit. `chunk`: values per
+    block (coordinate-wise rules) or per row's read-ahead (the others); default
+    server.spool.block_values(n)."""
     if rule in COORDINATE_RULES:
-        return blockwise(get_rule(rule), vectors, f=f, block=block_values(len(vectors)),
-                         **params)
-    stack = spooled_stack(rule, vectors)
+        block = block_values(len(vectors)) if chunk is None else max(1, chunk)
+        return blockwise(get_rule(rule), vectors, f=f, block=block, **params)
+    stack = spooled_stack(rule, vectors, chunk)
     try:
         return np.asarray(get_rule(rule)(stack, f=f, **params), dtype=np.float32)
     finally:
