@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ml import tab_limits
 from ml.zoo import build_model, loss_for, manifest
 from ml.zoo import model_config as zoo_model_config
 from shared.frame import canonical_json
@@ -123,7 +124,8 @@ class ExportedGraphs:
     export_s: float  # seconds spent exporting now (0.0 on a cache hit)
 
 
-_GRAPH_CODE = ("ml/onnx_export.py", "ml/onnx_fan.py", "ml/zoo.py", "shared/layout.py")
+_GRAPH_CODE = ("ml/onnx_export.py", "ml/onnx_fan.py", "ml/tab_limits.py", "ml/zoo.py",
+               "shared/layout.py")
 
 
 @functools.lru_cache(maxsize=1)
@@ -460,12 +462,15 @@ def _export_into(cfg: dict[str, Any], key: str, tmp: Path, opt: InnerAdamW) -> d
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     x, y = _example_batch(cfg, batch=4)
     batch = torch.export.Dim("batch")
-    zeros = torch.zeros(n, dtype=torch.float32)
-    train_args = (flat, zeros, zeros.clone(), torch.tensor(1e-3), torch.tensor(1.0), x, y)
-    train_s, train_error = 0.0, None
+    train_s, train_error = 0.0, tab_limits.train_unavailable(n)  # no tab can train it: skip
     try:
-        train_s = _export(train_step_fn(model, opt), _TrainGraph, train_args, TRAIN_INPUTS,
-                          TRAIN_OUTPUTS, {"x": {0: batch}, "y": {0: batch}}, tmp / TRAIN_FILE)
+        if train_error is None:
+            zeros = torch.zeros(n, dtype=torch.float32)
+            train_args = (flat, zeros, zeros.clone(), torch.tensor(1e-3), torch.tensor(1.0),
+                          x, y)
+            train_s = _export(train_step_fn(model, opt), _TrainGraph, train_args,
+                              TRAIN_INPUTS, TRAIN_OUTPUTS, {"x": {0: batch}, "y": {0: batch}},
+                              tmp / TRAIN_FILE)
     except Exception as exc:  # a bring-your-own model's train step may not export: tabs are
         if cfg.get("name") != "byo":  # told why and offered inference (docs/byo_model.md)
             raise
