@@ -1,0 +1,33 @@
+"""bench.spool_rules in a tiny configuration: every rule, both modes, the same answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(120)
+def test_tiny_spool_rules_bench_gives_the_same_answer_in_both_modes() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.spool_rules", "--params", "50000",
+                           "--participants", "7"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fig["bench"] == "spool_rules"
+    assert fig["all_same"] is True
+    rules = ["krum", "multi-krum", "bulyan", "geometric-median", "centered-clipping",
+             "weighted-mean"]
+    assert [(r["rule"], r["mode"]) for r in fig["rows"]] == [
+        (rule, mode) for rule in rules for mode in ("single", "streamed")]
+    for row in fig["rows"]:
+        assert row["participants"] == 7
+        assert row["f"] == (0 if row["rule"] == "weighted-mean" else 1)
+        assert row["held_mb"] == (0.0 if row["mode"] == "streamed" else 1.3)
+        assert row["peak_rss_mb"] >= row["baseline_rss_mb"] > 10
+    assert set(fig["growth_mb"]) == {f"{r}_{m}_7" for r in rules for m in ("single", "streamed")}
