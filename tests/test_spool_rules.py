@@ -57,7 +57,7 @@ def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> i
     return int(request.param)
 
 
-CASES = [  # (rule, params)
+CASES: list[tuple[str, dict[str, Any]]] = [  # (rule, params)
     ("mean", {}), ("median", {}), ("trimmed-mean", {}), ("krum", {}), ("multi-krum", {}),
     ("multi-krum", {"m": 2}), ("bulyan", {}), ("geometric-median", {}),
     ("geometric-median", {"max_iter": 3}), ("centered-clipping", {"tau": 0.5}),
@@ -192,4 +192,5 @@ def test_read_block_reads_the_file_not_the_mapping(tmp_path: Path) -> None:
     got = read_block(maps[1].view(Trap), 100, 200)
     assert not isinstance(got, np.memmap)
     assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, np.fromfile(maps[1].filename, dtype="<f4")[100:200])
+    np.testing.assert_array_equal(got, np.fromfile(tmp_path / "spool" / f"{1:064x}-7.f32",
+                                                  dtype="<f4")[100:200])
