@@ -49,6 +49,7 @@ class Relay:
         self._session: aiohttp.ClientSession | None = None
         self._sockets: set[Any] = set()
         self.cut_armed: int | None = None  # see cut_after_upload
+        self.cut_down: list[int] | None = None  # see cut_after_download: [min_bytes, left]
 
     def set_fault(self, *, drop: float = 0.0, delay_s: float = 0.0) -> None:
         if not 0.0 <= drop <= 1.0 or delay_s < 0:
@@ -77,6 +78,11 @@ class Relay:
         connection is closed before any reply can come back (the sender cannot know whether
         the server got it)."""
         self.cut_armed = min_bytes
+
+    def cut_after_download(self, min_bytes: int, count: int = 1) -> None:
+        """One shot: once `count` server messages of >= min_bytes have been forwarded to the
+        client (chunks of a streamed RoundOpen), that connection is closed."""
+        self.cut_down = [min_bytes, count]
 
     async def close(self) -> None:
         for ws in list(self._sockets):
@@ -142,6 +148,13 @@ class Relay:
                 self.cut_armed = None
                 self.stats["cut_after_upload"] += 1
                 break  # the handler closes both sides
+            cut = self.cut_down
+            if direction == DOWN and cut is not None and len(msg.data) >= cut[0]:
+                cut[1] -= 1
+                if cut[1] <= 0:
+                    self.cut_down = None
+                    self.stats["cut_after_download"] += 1
+                    break
 
 
 class RelayThread:
@@ -170,6 +183,9 @@ class RelayThread:
 
     def cut_after_upload(self, min_bytes: int) -> None:
         self.loop.call_soon_threadsafe(self.relay.cut_after_upload, min_bytes)
+
+    def cut_after_download(self, min_bytes: int, count: int = 1) -> None:
+        self.loop.call_soon_threadsafe(self.relay.cut_after_download, min_bytes, count)
 
     def stop(self) -> None:
         if self.thread.is_alive():

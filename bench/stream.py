@@ -32,9 +32,10 @@ import numpy as np
 
 from bench.common import emit, get_json, poll, print_table
 from bench.live import running_server
+from native_node.stream_down import Downloader
 from native_node.stream_upload import Uploader
 from shared.envelope import Identity
-from shared.messages import Resume, Submit
+from shared.messages import ParamsChunk, Resume, Submit
 from shared.participant import Participant
 
 
@@ -62,6 +63,7 @@ class Member:
         self.part = Participant(Identity.generate(), runtime="native", agent="bench-stream",
                                 device="cpu")
         self.uploader = Uploader(self.part)
+        self.downloader = Downloader(self.part)  # a RoundOpen larger than a chunk streams too
         self.joined = asyncio.Event()
         self.go = asyncio.Event()
         self.n_params = 0
@@ -78,8 +80,14 @@ class Member:
                 if raw.data[5:6] == bytes((Resume.TYPE,)):
                     self.uploader.on_resume(ws, raw.data)
                     continue
-                for ev in self.part.receive(raw.data):
+                if raw.data[5:6] == bytes((ParamsChunk.TYPE,)):
+                    events = await self.downloader.on_chunk(ws, raw.data)
+                else:
+                    events = self.part.receive(raw.data)
+                for ev in events:
                     kind = ev["kind"]
+                    if kind == "params_stream":
+                        events.extend(await self.downloader.start(ws, ev["message"]))
                     if kind == "send":
                         await ws.send_bytes(ev["frame"])
                     elif kind == "welcome":

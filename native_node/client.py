@@ -35,11 +35,12 @@ from native_node import journal, pins
 from native_node.address import coordinator_tls, coordinator_url
 from native_node.dht import NodeDht
 from native_node.distributed_trainer import DistributedTrainer
+from native_node.stream_down import Downloader
 from native_node.stream_upload import Uploader
 from native_node.trainer import Trainer
 from native_node.training import TrainingMixin
 from shared.envelope import Identity
-from shared.messages import SERVER, Resume, Submit
+from shared.messages import SERVER, ParamsChunk, Resume, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
 from shared.sparseloco import FEATURE as SPARSE_FEATURE
 
@@ -181,6 +182,7 @@ class NodeClient(TrainingMixin):
         self.dht: NodeDht | None = None  # peer discovery (opts.dht)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.uploader = Uploader(self.part)  # updates larger than Welcome.stream_chunk
+        self.downloader = Downloader(self.part)  # RoundOpens in chunks (native_node.stream_down)
         self.tls = False  # whether the current connection is TLS (wss)
         self.task: asyncio.Task[None] | None = None
         self.cancel = threading.Event()
@@ -347,10 +349,16 @@ class NodeClient(TrainingMixin):
                 if raw.data[5:6] == bytes((Resume.TYPE,)):  # streamed update: send chunks
                     self.uploader.on_resume(ws, raw.data)
                     continue
+                if raw.data[5:6] == bytes((ParamsChunk.TYPE,)):  # a streamed RoundOpen's chunk
+                    if await self._events(await self.downloader.on_chunk(ws, raw.data)):
+                        return True
+                    continue
                 for event in self.part.receive(raw.data):
                     if event["kind"] == "welcome":
                         joined.set()
-                    if await self.on_event(event):
+                    more = [event] if event["kind"] != "params_stream" else \
+                        await self.downloader.start(ws, event["message"])  # fetch its chunks
+                    if await self._events(more):
                         return True
                 if self.opts.max_rounds and self.submitted >= self.opts.max_rounds \
                         and self.part.pending is None:
@@ -398,6 +406,13 @@ class NodeClient(TrainingMixin):
             self._on_secagg(ev)
         else:
             self._log_event(ev)
+        return False
+
+    async def _events(self, events: list[Event]) -> bool:
+        """Carry out events in order; True when the run is over."""
+        for event in events:
+            if await self.on_event(event):
+                return True
         return False
 
     def _on_secagg(self, ev: Event) -> None:

@@ -11,6 +11,7 @@ from shared.messages import (
     MESSAGE_TYPES,
     Dht,
     Hello,
+    ParamsFetch,
     Ready,
     SecAgg,
     Shard,
@@ -43,7 +44,7 @@ def authenticate(frame: Frame, *, run_id: str, challenge: str, peer_id: str | No
         nonce = verify_frame(frame, public_key=public_key, run_id=run_id, node_id=node_id)
         return node_id, nonce, public_key
     if frame.msg_type in (Submit.TYPE, Verdict.TYPE, Signal.TYPE, Ready.TYPE, Shard.TYPE,
-                          SecAgg.TYPE, Dht.TYPE, StreamSubmit.TYPE):
+                          SecAgg.TYPE, Dht.TYPE, StreamSubmit.TYPE, ParamsFetch.TYPE):
         what = MESSAGE_TYPES[frame.msg_type].__name__
         for name in ("node_id", "run_id", "nonce"):
             if not isinstance(header.get(name), str):

@@ -51,6 +51,7 @@ from server.rtc import RtcHub, RtcSettings
 from server.runstate import RunState
 from server.secagg_round import SecAggReduction
 from server.slashing import Slashing
+from server.stream_down import ParamsStreams
 from server.streams import StreamIntake
 from server.validation import Validation
 from shared.envelope import ReplayGuard
@@ -70,6 +71,7 @@ from shared.messages import (
     Error,
     Hello,
     Message,
+    ParamsFetch,
     Ready,
     RoundCommitted,
     SecAgg,
@@ -128,6 +130,10 @@ class Coordinator:
         self._tasks: set[asyncio.Future[Any]] = set()
         # streamed updates (server.streams): run option stream_chunk_mb, off by default
         self.streams = StreamIntake(self) if self.config.stream_chunk > 0 else None
+        # ... and RoundOpen payloads larger than a chunk go in chunks (server.stream_down)
+        self.params_streams = (ParamsStreams(self, self.config.stream_chunk)
+                               if self.config.stream_chunk > 0 else None)
+        self.opener.streams = self.params_streams
 
     @property
     def state(self) -> RoundState | None:
@@ -235,6 +241,11 @@ class Coordinator:
                 raise BadUpdate("this run takes updates in one frame (stream_chunk_mb 0)",
                                 field="msg_type")
             await self.streams.on_start(conn, msg)
+        elif isinstance(msg, ParamsFetch):  # a streamed RoundOpen's chunks, please
+            if self.params_streams is None:
+                raise BadUpdate("this run sends RoundOpens in one frame (stream_chunk_mb 0)",
+                                field="msg_type")
+            await self.params_streams.on_fetch(conn, msg)
         elif isinstance(msg, Dht):  # peer discovery (server.dht; run config `dht`)
             if self.dht is None:
                 raise BadUpdate("this server runs no DHT node (run config dht)",
@@ -316,6 +327,8 @@ class Coordinator:
             peer.ws = None
             peer.state = "gone"
             log.info("node %s left", peer.node_id[:12])
+            if self.params_streams is not None:
+                self.params_streams.disconnect(peer.node_id)
             self._background(self.rtc.close(peer.node_id))
             self._wake.set()
 

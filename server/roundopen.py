@@ -31,6 +31,7 @@ from server.outbox import Outbox
 from server.peers import Connection, Peer
 from server.reduction import Reduction
 from server.runstate import RunState
+from server.stream_down import ParamsStreams
 from shared.downlink import encode_outer_step
 from shared.messages import RoundOpen
 from shared.rounds import RoundState
@@ -47,6 +48,9 @@ class RoundOpener:
         # all) and the RoundOpen's noise fields; unsampled trainers get no RoundOpen
         self.sample: Callable[[str], bool] | None = None
         self.dp_fields: dict[str, Any] = {}
+        # streamed downlink (server.stream_down; run option stream_chunk_mb): a payload
+        # larger than a chunk goes as its manifest, then in ParamsChunk frames
+        self.streams: ParamsStreams | None = None
 
     def frame(self, state: RoundState, kind: str = "full",
               tuned: dict[str, Any] | None = None) -> bytes:
@@ -69,13 +73,23 @@ class RoundOpener:
             payload = encode_outer_step(cfg.outer_lr, cfg.outer_momentum)
         elif kind == "full+m":
             payload = run.params_bytes + np.ascontiguousarray(run.momentum, "<f4").tobytes()
+        streamed: dict[str, Any] = {}
+        if self.streams is not None and self.streams.wants(payload):
+            offer = self.streams.offer(payload)
+            streamed = {"stream_size": len(payload), "chunk_bytes": offer.chunk_bytes}
+            payload = offer.manifest
         return RoundOpen(
             run_id=run.run_id, round=state.round, attempt=state.attempt,
             params_digest=run.params_digest,
             deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
             inner_lr=cfg.inner_lr, batch_size=cfg.batch_size, base_digest=base,
             with_momentum=kind == "full+m", payload=payload,
-            **{"inner_steps": cfg.inner_steps, **self.dp_fields, **(tuned or {})})
+            **{"inner_steps": cfg.inner_steps, **self.dp_fields, **(tuned or {}), **streamed})
+
+    async def _prepare(self, kinds: set[str]) -> None:
+        """Streamed runs: the full params' manifest hashed off the event loop, once."""
+        if self.streams is not None and "full" in kinds:
+            await self.streams.prepare(self.run.params_bytes)
 
     def takes_part(self, peer: Peer | None) -> bool:
         """Whether `peer` gets the open round: not a trainer the DP sample left out."""
@@ -110,6 +124,7 @@ class RoundOpener:
         kind = self.kind(peer)
         tuned = self.autotune.open_fields(peer.node_id if peer else None, state.round)
         if data is None:  # one node (a join): signed off the event loop
+            await self._prepare({kind})
             data = await self.outbox.signed(self.message(state, kind, tuned))
         await self.outbox.send(conn, data)
         if peer is not None:
@@ -123,6 +138,7 @@ class RoundOpener:
                    if p.ws is not None and p.node_id not in state.updates
                    and self.takes_part(p)]
         frames: dict[str, bytes] = {}  # each variant signed once, the same bytes for all
+        await self._prepare({self.kind(p) for p in waiting})
         sends = []
         for p in waiting:
             if p.ws is None:

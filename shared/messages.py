@@ -320,6 +320,10 @@ class RoundOpen(Message):
     dp_clip: float | None = spec(0, MAX_DP, lo_open=True, default=None)
     dp_sigma: float = spec(0, MAX_DP, default=0.0)  # noise multiplier of the round's sum
     dp_participants: int = spec(0, MAX_INDEX, default=0)  # m: the round's sampled nodes (0: 1)
+    # streamed downlink (shared.stream_down): 0, or the payload is the SHA-256 manifest of a
+    # payload of this many bytes that follows in ParamsChunk frames
+    stream_size: int = spec(0, MAX_INT, default=0)
+    chunk_bytes: int = spec(0, MAX_INDEX, default=0)  # bytes per ParamsChunk (0: not streamed)
     payload: bytes = field(repr=False)  # theta_r as float32 LE, or shared.downlink changes
 
     def __post_init__(self) -> None:
@@ -330,6 +334,15 @@ class RoundOpen(Message):
         _require(self.batch_size >= 1, "RoundOpen", "batch_size", "must be >= 1")
         _require(self.deadline_s > 0 and math.isfinite(self.deadline_s), "RoundOpen",
                  "deadline_s", "must be a positive number")
+        if self.stream_size:  # the manifest; the payload is checked once it is whole
+            _require(self.chunk_bytes >= 1024, "RoundOpen", "chunk_bytes", "must be >= 1024")
+            _require(len(self.payload) == 32 * -(-self.stream_size // self.chunk_bytes),
+                     "RoundOpen", "payload", "the manifest must be one SHA-256 per chunk")
+            if self.base_digest is not None:
+                _hex64("RoundOpen", "base_digest", self.base_digest)
+            return
+        _require(self.chunk_bytes == 0, "RoundOpen", "chunk_bytes",
+                 "must be 0 when stream_size is 0")
         if self.base_digest is not None:  # checked once applied (shared.downlink)
             _hex64("RoundOpen", "base_digest", self.base_digest)
             return
@@ -749,13 +762,48 @@ class Resume(Message):
         _hex64("Resume", "digest", self.digest)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParamsChunk(Message):
+    """Server -> node, unsigned: chunk `index` of a streamed RoundOpen payload
+    (shared.stream_down), checked against the manifest the signed RoundOpen carries."""
+
+    TYPE: ClassVar[int] = 20
+    round: int = spec(0, MAX_INT)  # the RoundOpen's round
+    digest: str  # the stream's id: SHA-256 of the RoundOpen's manifest (its payload)
+    index: int = spec(0, MAX_INDEX)  # chunk number, from 0
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex
+    payload: bytes = field(repr=False)  # the chunk's bytes
+
+    def __post_init__(self) -> None:
+        _hex64("ParamsChunk", "digest", self.digest)
+        _require(self.index >= 0, "ParamsChunk", "index", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParamsFetch(Message):
+    """Node -> server, answer to a streamed RoundOpen: send its chunks from `next` on (0: a
+    new download; more: it resumes after the last chunk verified before a reconnect)."""
+
+    TYPE: ClassVar[int] = 21
+    run_id: str  # the run
+    round: int = spec(0, MAX_INT)  # the RoundOpen's round
+    node_id: str  # sender; must match the connection's Hello
+    digest: str  # the stream's id: SHA-256 of the RoundOpen's manifest
+    next: int = spec(0, MAX_INDEX)  # first chunk to send
+    nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)
+
+    def __post_init__(self) -> None:
+        _hex64("ParamsFetch", "node_id", self.node_id)
+        _hex64("ParamsFetch", "digest", self.digest)
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, RoundOpen, Submit, Ack, Error, RoundCommitted, Challenge,
                 ValidateRequest, Verdict, Signal, Ready, ShardPlan, Shard, SecAgg, Dht,
-                StreamSubmit, Chunk, Resume)
+                StreamSubmit, Chunk, Resume, ParamsChunk, ParamsFetch)
 }
-assert len(MESSAGE_TYPES) == 19, "duplicate message type id"
+assert len(MESSAGE_TYPES) == 21, "duplicate message type id"
 
 
 _TYPE_TEXT = {int: "int", float: "float", str: "string", bool: "bool", dict: "object",

@@ -216,10 +216,10 @@ class Participant:
             return [self._send(hello)]
         if isinstance(msg, Welcome):
             return self._on_welcome(msg)
-        if isinstance(msg, RoundOpen) and self.role == "validator":
-            return self._hold(msg)
+        if isinstance(msg, RoundOpen) and msg.stream_size:  # the driver fetches its chunks
+            return [{"kind": "params_stream", "message": msg}]  # (shared.stream_down)
         if isinstance(msg, RoundOpen):
-            return self._on_round_open(msg)
+            return self.round_open(msg)
         if isinstance(msg, ValidateRequest):
             return self._on_validate(msg)
         if isinstance(msg, Ack):
@@ -239,6 +239,11 @@ class Participant:
         if isinstance(msg, Error):
             return self._on_error(msg)
         return []
+
+    def round_open(self, msg: RoundOpen) -> list[Event]:
+        """A whole RoundOpen: one frame's, or a streamed one's once all its chunks are in
+        (shared.stream_down: the driver checked them against the signed manifest)."""
+        return self._hold(msg) if self.role == "validator" else self._on_round_open(msg)
 
     def _on_error(self, msg: Error) -> list[Event]:
         self.counts["errors"] += 1
@@ -557,9 +562,11 @@ class Participant:
 
     def _encode(self, codec: Any, delta: Any, error_feedback: bool) -> bytes:
         """Codec payload of delta (+ residual); keeps the new residual and codec state."""
+        residual, self.residual = self.residual, None  # given up: the new one is written in it
         payload, self.residual, self.codec_state = encode_update(
-            codec, delta, residual=self.residual if error_feedback else None,
-            state=self.codec_state, error_feedback=error_feedback, layout=self.layout)
+            codec, delta, residual=residual if error_feedback else None,
+            state=self.codec_state, error_feedback=error_feedback, layout=self.layout,
+            consume=True)
         return payload
 
     # -- reload: the pending update survives in the tab's storage -----------------------

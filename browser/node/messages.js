@@ -58,7 +58,7 @@ export const SCHEMAS = {
     run_id: 's', round: 'i', attempt: 'i', params_digest: 's', deadline_s: 'f', inner_steps: 'i',
     inner_lr: 'f', batch_size: 'i', nonce: 's', base_digest: 's?', with_momentum: 'b',
     time_budget_s: 'f?', codec: 's', topk_fraction: 'f', dp_clip: 'f?', dp_sigma: 'f',
-    dp_participants: 'i', payload: 'payload',
+    dp_participants: 'i', stream_size: 'i', chunk_bytes: 'i', payload: 'payload',
   }],
   4: ['Submit', {
     run_id: 's', round: 'i', node_id: 's', nonce: 's', codec: 's', length: 'i', digest: 's',
@@ -115,6 +115,12 @@ export const SCHEMAS = {
   19: ['Resume', {
     round: 'i', digest: 's', next: 'i', nonce: 's',
   }],
+  20: ['ParamsChunk', {
+    round: 'i', digest: 's', index: 'i', nonce: 's', payload: 'payload',
+  }],
+  21: ['ParamsFetch', {
+    run_id: 's', round: 'i', node_id: 's', digest: 's', next: 'i', nonce: 's',
+  }],
 };
 
 // class name -> {field: its dataclasses.field metadata}
@@ -140,6 +146,8 @@ export const FIELD_META = {
     dp_clip: {"min": 0, "max": 1000000.0, "min_exclusive": true},
     dp_sigma: {"min": 0, "max": 1000000.0},
     dp_participants: {"min": 0, "max": 2147483647},
+    stream_size: {"min": 0, "max": 9007199254740991},
+    chunk_bytes: {"min": 0, "max": 2147483647},
   },
   Submit: {
     round: {"min": 0, "max": 9007199254740991},
@@ -205,6 +213,14 @@ export const FIELD_META = {
     index: {"min": 0, "max": 2147483647},
   },
   Resume: {
+    round: {"min": 0, "max": 9007199254740991},
+    next: {"min": 0, "max": 2147483647},
+  },
+  ParamsChunk: {
+    round: {"min": 0, "max": 9007199254740991},
+    index: {"min": 0, "max": 2147483647},
+  },
+  ParamsFetch: {
     round: {"min": 0, "max": 9007199254740991},
     next: {"min": 0, "max": 2147483647},
   },
@@ -305,6 +321,14 @@ const POST = {
     need(m.batch_size >= 1, 'RoundOpen', 'batch_size', 'must be >= 1');
     need(m.deadline_s > 0, 'RoundOpen', 'deadline_s', 'must be a positive number');
     need(ROUND_CODECS.includes(m.codec), 'RoundOpen', 'codec', `must be one of ${ROUND_CODECS}`);
+    if (m.stream_size) {  // the manifest of a streamed payload (shared/stream_down.py)
+      need(m.chunk_bytes >= 1024, 'RoundOpen', 'chunk_bytes', 'must be >= 1024');
+      need(payload.length === 32 * Math.ceil(m.stream_size / m.chunk_bytes), 'RoundOpen',
+        'payload', 'the manifest must be one SHA-256 per chunk');
+      if (m.base_digest !== null) hex64('RoundOpen', 'base_digest', m.base_digest);
+      return;
+    }
+    need(m.chunk_bytes === 0, 'RoundOpen', 'chunk_bytes', 'must be 0 when stream_size is 0');
     if (m.base_digest !== null) {  // a delta against base_digest, checked once applied
       hex64('RoundOpen', 'base_digest', m.base_digest);
       return;
@@ -406,6 +430,14 @@ const POST = {
   },
   Resume(m) {
     hex64('Resume', 'digest', m.digest);
+  },
+  ParamsChunk(m) {
+    hex64('ParamsChunk', 'digest', m.digest);
+    need(m.index >= 0, 'ParamsChunk', 'index', 'must be >= 0');
+  },
+  ParamsFetch(m) {
+    hex64('ParamsFetch', 'node_id', m.node_id);
+    hex64('ParamsFetch', 'digest', m.digest);
   },
 };
 

@@ -21,6 +21,7 @@ part and a short decimal form, so its JSON text is the same in Python and JavaSc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import sys
@@ -64,6 +65,10 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
     new_params = _f32(1.0, -2.0, 0.125, 3.75)  # one coordinate changed: a params delta
     changes = _changes(params, new_params)
     update = b"\x00" + _f32(0.5, -0.25, 0.0, -0.0)  # raw32: wire id 0, then float32 LE
+    # a streamed RoundOpen payload (shared.stream_down): 2049 bytes in chunks of 1024
+    stream_payload = bytes(range(256)) * 8 + b"\x07"
+    stream_manifest = b"".join(hashlib.sha256(stream_payload[i:i + 1024]).digest()
+                               for i in range(0, len(stream_payload), 1024))
     return [
         ("Challenge", {"run_id": RUN, "challenge": CHALLENGE,
                        "server_public_key": "a1b2" * 4, "protocol_version": 1,
@@ -90,20 +95,30 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
                        "base_digest": None, "with_momentum": False,
                        "time_budget_s": None, "codec": "", "topk_fraction": 0.01,
-                       "dp_clip": None, "dp_sigma": 0.0, "dp_participants": 0}, params),
+                       "dp_clip": None, "dp_sigma": 0.0, "dp_participants": 0,
+                       "stream_size": 0, "chunk_bytes": 0}, params),
+        ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 0,  # streamed: the manifest
+                       "params_digest": sha256_hex(params), "deadline_s": 29.5,
+                       "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
+                       "base_digest": None, "with_momentum": False,
+                       "time_budget_s": None, "codec": "", "topk_fraction": 0.01,
+                       "dp_clip": None, "dp_sigma": 0.0, "dp_participants": 0,
+                       "stream_size": 2049, "chunk_bytes": 1024}, stream_manifest),
         ("RoundOpen", {"run_id": RUN, "round": 5, "attempt": 0,
                        "params_digest": sha256_hex(params), "deadline_s": 29.5,
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
                        "base_digest": None, "with_momentum": True,
                        "time_budget_s": None, "codec": "", "topk_fraction": 0.01,
-                       "dp_clip": None, "dp_sigma": 0.0, "dp_participants": 0},
+                       "dp_clip": None, "dp_sigma": 0.0, "dp_participants": 0,
+                       "stream_size": 0, "chunk_bytes": 0},
          params + params[::-1]),
         ("RoundOpen", {"run_id": RUN, "round": 6, "attempt": 0,
                        "params_digest": sha256_hex(new_params), "deadline_s": 30.5,
                        "inner_steps": 10, "inner_lr": 0.001, "batch_size": 16,
                        "base_digest": sha256_hex(params), "with_momentum": False,
                        "time_budget_s": 12.5, "codec": "topk", "topk_fraction": 0.05,
-                       "dp_clip": 1.5, "dp_sigma": 1.1, "dp_participants": 256}, changes),
+                       "dp_clip": 1.5, "dp_sigma": 1.1, "dp_participants": 256,
+                       "stream_size": 0, "chunk_bytes": 0}, changes),
         ("Submit", {"run_id": RUN, "round": 5, "node_id": NODE_B, "nonce": NONCE,
                     "codec": "raw32",
                     "length": 4, "digest": sha256_hex(update), "train_loss": 1.375,
@@ -155,6 +170,10 @@ def valid_examples() -> list[tuple[str, dict[str, Any], bytes]]:
          bytes.fromhex(sha256_hex(update))),  # one chunk: its SHA-256 is the manifest
         ("Chunk", {"round": 5, "digest": sha256_hex(update), "index": 0}, update),
         ("Resume", {"round": 5, "digest": sha256_hex(update), "next": 0}, b""),
+        ("ParamsChunk", {"round": 5, "digest": sha256_hex(stream_manifest), "index": 2},
+         stream_payload[2048:]),
+        ("ParamsFetch", {"run_id": RUN, "round": 5, "node_id": NODE_A,
+                         "digest": sha256_hex(stream_manifest), "next": 2}, b""),
         ("Verdict", {"run_id": RUN, "round": 5, "node_id": NODE_A, "base_loss": 2.5,
                      "scores": [{"node_id": NODE_B, "digest": sha256_hex(update),
                                  "loss": 2.375}]}, b""),

@@ -1,0 +1,170 @@
+"""The streamed RoundOpen (shared.stream_down, server.stream_down) against a real server on
+loopback, frame by frame: with `stream_chunk_mb` the server signs a RoundOpen whose payload is
+the params' manifest and sends the chunks a node fetches; a node's Download checks every
+chunk (a bad, repeated, out-of-window or foreign one is a typed refusal that changes
+nothing) and rebuilds the RoundOpen whose digest is the params'; a fetch for a stream the
+server does not offer, or from beyond its last chunk, gets its typed Error; after a
+reconnect the same stream is offered again and the download goes on from its first missing
+chunk."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from shared.errors import BadChunk, ChunkOutOfWindow, DuplicateChunk, ForeignChunk
+from shared.messages import ParamsChunk, ParamsFetch, RoundOpen, decode_message, sha256_hex
+from shared.stream_down import Download, stream_id
+from tests.test_ws_protocol import Client, serve
+
+CB = 1024  # the smallest chunk: mlp-digits params travel in more chunks than the window
+CHUNK_MB = CB / 2**20
+
+
+def fetch_msg(c: Client, digest: str, start: int = 0, round_: int | None = None
+              ) -> ParamsFetch:
+    return ParamsFetch(run_id=c.opened.run_id, node_id=c.node_id, digest=digest, next=start,
+                       round=c.opened.round if round_ is None else round_)
+
+
+async def fetch(c: Client, msg: RoundOpen, start: int = 0) -> None:
+    await c.send(fetch_msg(c, stream_id(msg.payload), start, msg.round))
+
+
+async def chunk_msg(c: Client) -> ParamsChunk:
+    raw = await c.ws.receive(timeout=10)
+    assert raw.type == aiohttp.WSMsgType.BINARY, raw
+    msg = decode_message(raw.data)
+    assert isinstance(msg, ParamsChunk), msg
+    return msg
+
+
+async def download(c: Client, msg: RoundOpen, dl: Download | None = None,
+                   start: int = 0) -> tuple[RoundOpen, list[int]]:
+    """Fetch from `start` and take every chunk: (the whole RoundOpen, indices received)."""
+    dl = dl or Download(msg, max_size=1 << 26)
+    await fetch(c, msg, start)
+    seen: list[int] = []
+    while True:
+        part = await chunk_msg(c)
+        seen.append(part.index)
+        whole = dl.accept(part)
+        if whole is not None:
+            return whole, seen
+
+
+async def params_of(c: Client, msg: RoundOpen) -> np.ndarray:
+    """The params a (possibly streamed) RoundOpen carries."""
+    if msg.stream_size:
+        msg = (await download(c, msg))[0]
+    return np.frombuffer(msg.payload, "<f4")
+
+
+async def test_a_streamed_roundopen_rebuilds_the_params_and_bad_chunks_change_nothing(
+        tmp_path: Path) -> None:
+    async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
+        a = await srv.client("a")
+        opened = a.opened
+        n_bytes = 4 * a.n_params
+        assert (opened.stream_size, opened.chunk_bytes) == (n_bytes, CB)
+        assert len(opened.payload) == 32 * -(-n_bytes // CB)  # the manifest, not the params
+        dl = Download(opened, max_size=1 << 26)
+        n = dl.reassembly.n
+        assert n > 17
+        await fetch(a, opened)
+        good = [await chunk_msg(a) for _ in range(n)]
+        assert [g.index for g in good] == list(range(n))
+        assert {g.digest for g in good} == {dl.id}
+        assert dl.accept(good[0]) is None
+        assert dl.accept(good[1]) is None
+
+        def state() -> tuple[int, frozenset[int], str]:
+            return dl.next, frozenset(dl.reassembly.ahead), sha256_hex(bytes(dl._view))
+
+        before = state()
+        tampered = bytearray(good[2].payload)
+        tampered[5] ^= 0xFF
+        other = "ab" * 32
+        cases: list[tuple[ParamsChunk, type[Exception]]] = [
+            (ParamsChunk(round=0, digest=dl.id, index=2, payload=bytes(tampered)), BadChunk),
+            (ParamsChunk(round=0, digest=dl.id, index=2, payload=good[3].payload), BadChunk),
+            (ParamsChunk(round=0, digest=dl.id, index=2, payload=good[2].payload[:-1]),
+             BadChunk),
+            (good[1], DuplicateChunk),
+            (good[2 + 16], ChunkOutOfWindow),
+            (ParamsChunk(round=0, digest=other, index=2, payload=good[2].payload),
+             ForeignChunk),
+            (ParamsChunk(round=1, digest=dl.id, index=2, payload=good[2].payload),
+             ForeignChunk),
+        ]
+        for bad, err in cases:
+            with pytest.raises(err) as info:
+                dl.accept(bad)
+            assert type(info.value) is err
+            assert state() == before  # refused: nothing written, nothing counted as received
+        assert dl.counts["refused"] == len(cases)
+        whole = None
+        for g in good[2:]:
+            whole = dl.accept(g)
+        assert whole is not None  # its construction checked params_digest over the whole
+        assert (whole.stream_size, whole.chunk_bytes) == (0, 0)
+        assert sha256_hex(whole.payload) == opened.params_digest
+        assert np.frombuffer(whole.payload, "<f4").shape == (a.n_params,)
+        assert (whole.round, whole.inner_steps, whole.deadline_s) == (
+            opened.round, opened.inner_steps, opened.deadline_s)
+        run = await srv.api("/api/run")
+        assert not run["rejected"]
+
+
+async def test_fetches_the_server_does_not_offer_get_typed_errors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="server")
+    async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
+        a = await srv.client("a")
+        sid = stream_id(a.opened.payload)
+        n = -(-a.opened.stream_size // CB)
+        await a.send(fetch_msg(a, "cd" * 32))
+        assert (await a.error("foreign_chunk")).field == "digest"
+        await a.send(fetch_msg(a, sid, n))
+        assert (await a.error("bad_chunk")).field == "next"
+        run = await srv.api("/api/run")
+        assert run["rejected"] == {"foreign_chunk": 1, "bad_chunk": 1}
+        assert "foreign_chunk" in caplog.text
+        whole, seen = await download(a, a.opened)  # the stream itself is untouched
+        assert seen == list(range(n))
+        assert sha256_hex(whole.payload) == a.opened.params_digest
+
+
+async def test_after_a_reconnect_the_download_goes_on_from_the_first_missing_chunk(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="server.stream_down")
+    async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
+        a = await srv.client("a")
+        dl = Download(a.opened, max_size=1 << 26)
+        await fetch(a, a.opened)
+        for _ in range(3):
+            dl.accept(await chunk_msg(a))
+        await a.ws.close()  # cut mid-download
+        again = await srv.client("a")  # the same identity, a new socket
+        assert dl.same(again.opened)  # the same payload, the same stream id
+        start = dl.renew(again.opened)
+        assert start == 3
+        whole, seen = await download(again, again.opened, dl, start)
+        assert seen == list(range(3, dl.reassembly.n))  # only the missing chunks travelled
+        assert sha256_hex(whole.payload) == again.opened.params_digest
+        assert "resuming the streamed RoundOpen of" in caplog.text
+        assert "at chunk 3 of" in caplog.text
+
+
+async def test_without_streaming_the_roundopen_is_one_frame_and_fetches_are_refused(
+        tmp_path: Path) -> None:
+    async with serve(tmp_path, quorum=2, deadline_s=60.0) as srv:
+        a = await srv.client("a")
+        assert (a.opened.stream_size, a.opened.chunk_bytes) == (0, 0)
+        assert sha256_hex(a.opened.payload) == a.opened.params_digest
+        await a.send(fetch_msg(a, "cd" * 32))
+        assert (await a.error("bad_update")).field == "msg_type"
