@@ -31,3 +31,24 @@ def test_tiny_spool_rules_bench_gives_the_same_answer_in_both_modes() -> None:
         assert row["held_mb"] == (0.0 if row["mode"] == "streamed" else 1.3)
         assert row["peak_rss_mb"] >= row["baseline_rss_mb"] > 10
     assert set(fig["growth_mb"]) == {f"{r}_{m}_7" for r in rules for m in ("single", "streamed")}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("rule", ["krum", "bulyan"])
+def test_a_real_server_commits_a_streamed_round_with_a_krum_family_rule(rule: str) -> None:
+    """bench.stream, tiny: a real server takes streamed updates and reduces them by Krum or
+    Bulyan from the spool (server.reduction -> server.spool_rules), as single frames too."""
+    proc = subprocess.run([sys.executable, "-m", "bench.stream", "--model", "mlp-digits",
+                           "--flavour", "", "--participants", "3", "--chunk-mb", "0.01",
+                           "--deadline-s", "8", "--rule", rule],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fig["rule"] == rule
+    assert [r["mode"] for r in fig["rows"]] == ["single", "streamed"]
+    for row in fig["rows"]:
+        assert row["acked"] == 3
+        assert row["committed_rounds"] == 1
+        assert row["rejected"] == {}
+        assert row["errors"] == []
+        assert row["spool_files_left"] == 0

@@ -194,3 +194,23 @@ def test_read_block_reads_the_file_not_the_mapping(tmp_path: Path) -> None:
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, np.fromfile(tmp_path / "spool" / f"{1:064x}-7.f32",
                                                   dtype="<f4")[100:200])
+
+
+@pytest.mark.parametrize("rule", ["krum", "multi-krum", "bulyan", "geometric-median",
+                                  "centered-clipping", "median"])
+def test_the_servers_reduction_takes_every_rule_from_the_spool(tmp_path: Path,
+                                                              rule: str) -> None:
+    """ServerReduction.aggregate (the run's f, params and rule) on spooled updates: the
+    answer of the same reduction on the updates in memory, and no mapping read."""
+    from collections import Counter
+
+    from server.config import RunConfig
+    from server.reduction import ServerReduction
+
+    red = ServerReduction.__new__(ServerReduction)  # aggregate needs config and counters
+    red.config = RunConfig(aggregator=rule, byzantine_fraction=0.25, quorum=7)
+    red.counters = Counter()
+    vectors = _round(7, seed=8)
+    want = red.aggregate(vectors, 3)
+    maps: list[np.ndarray] = [m.view(Trap) for m in _spool(tmp_path, vectors)]
+    np.testing.assert_array_equal(red.aggregate(maps, 3), want)
