@@ -26,8 +26,8 @@ of a Stack reads its rows one column block at a time (`fill`, `running_sum`,
 The arithmetic is the in-memory rule's, operation for operation and block for block (the
 block widths are the Stack's, which depend only on n), so the results are bit-identical to
 the rule on the same vectors in memory (tests/test_spool_rules.py). Memory: each row keeps
-one read-ahead chunk of its file (`block_values(n)` values: ~64 MB for all rows together,
-whatever n and the model size), the rule's own float64 blocks (~4 MiB), an n x n matrix,
+one read-ahead chunk of its file (~16 MB for all rows together, `READ_AHEAD`, whatever n
+and the model size), the rule's own float64 blocks (~4 MiB), an n x n matrix,
 and the rule's one or two float64 vectors of the model's size (the estimate, the result);
 never an update of the round.
 
@@ -46,6 +46,8 @@ import numpy as np
 from server.spool import COORDINATE_RULES, block_values, blockwise, read_block, spooled
 from shared.aggregation import get_rule
 from shared.aggregation._stack import Stack, _not_finite, check_shapes
+
+READ_AHEAD = 16 * 2**20  # bytes of read-ahead chunks, all rows of a stack together
 
 
 class SpooledRow:
@@ -146,12 +148,12 @@ def spooled_stack(rule: str, vectors: Sequence[np.ndarray],
                   chunk: int | None = None) -> SpooledStack:
     """The round's float32 vectors (spool memmaps or arrays) as a stack for `rule`; ValueError
     for an empty round or unequal lengths. `chunk`: read-ahead values per row (default
-    server.spool.block_values(n): ~64 MB for all rows together)."""
+    server.spool.block_values(n, READ_AHEAD): ~16 MB for all rows together)."""
     n, d = check_shapes(vectors, rule)
     for i, v in enumerate(vectors):
         if v.dtype != np.float32:
             raise ValueError(f"{rule}: update {i} is {v.dtype}, spooled updates are float32")
-    chunk = block_values(n) if chunk is None else max(1, chunk)
+    chunk = block_values(n, READ_AHEAD) if chunk is None else max(1, chunk)
     rows = [SpooledRow(v, chunk) for v in vectors]
     return SpooledStack(rule, rows, n, d, np, vectors[0])
 
@@ -161,7 +163,7 @@ def aggregate(rule: str, vectors: Sequence[np.ndarray], *, f: int, chunk: int | 
     """`get_rule(rule)(vectors, f=f, **params)`, reading spooled vectors from their files
     block by block (see the module doc): the same result, bit for bit. `chunk`: values per
     block (coordinate-wise rules) or per row's read-ahead (the others); default
-    server.spool.block_values(n)."""
+    server.spool.block_values(n) for a block, READ_AHEAD bytes for all rows' chunks."""
     if rule in COORDINATE_RULES:
         block = block_values(len(vectors)) if chunk is None else max(1, chunk)
         return blockwise(get_rule(rule), vectors, f=f, block=block, **params)
