@@ -7,7 +7,8 @@ the outer step applies.
 
 - `ServerReduction` (ws, star): every update comes to the server (WebSocket or its aiortc
   peer) in a `Submit`; the server decodes it and applies the run's robust rule
-  (shared.aggregation) over the round's vectors. With `aggregation_weights = "stake"` (rule
+  (shared.aggregation) over the round's vectors (streamed updates: from their spool files,
+  block by block, server.spool_rules). With `aggregation_weights = "stake"` (rule
   `mean` only, RunConfig refuses the others) each update weighs its node's ledger stake at
   the time of the reduction; a node without stake weighs 0, and a round whose nodes hold no
   stake at all is retried. With autotune's time budgets (server.autotune, rule `mean`,

@@ -10,7 +10,9 @@ The files of a round are deleted once it commits (`clear`).
 coordinate depends on that coordinate of every update only) to a list of vectors, memmaps
 included, one block of columns at a time: the rule function is the run's own
 (shared.aggregation), called on the slices, so the result is the same as on the whole stack,
-and the memory it needs is n_updates x block values, whatever the model size.
+and the memory it needs is n_updates x block values, whatever the model size. The rules
+that need every update at once (Krum family, geometric median, centered clipping) and the
+stake / step-weighted mean read the files by blocks in server/spool_rules.py.
 """
 
 from __future__ import annotations
