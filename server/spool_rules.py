@@ -113,7 +113,10 @@ class SpooledStack(Stack):
     __slots__ = ()
 
     def row_vector(self, i: int) -> Any:
-        return self.vector(self.rows[i].whole())
+        """Update i, read from its file (Stack.vector's float32 -> float64 -> float32 is the
+        identity on it: skipped, two copies of the model fewer)."""
+        self.drop()
+        return self.rows[i].whole()
 
     def _pairs(self, i: int, j: int) -> Any:
         """(first column, values of row i, values of row j) per chunk of columns."""
