@@ -1,6 +1,6 @@
 """Server memory while nodes download the params: streamed RoundOpen vs one frame.
 
-    python -m bench.stream_down                  # llama 20m (19.1M params, 76 MB), 1 and 4 joiners
+    python -m bench.stream_down                  # llama 20m (72.5 MiB of params), 1 and 4 joiners
     python -m bench.stream_down --flavour tiny --joiners 2 --chunk-mb 0.05
 
 For each mode (single frame: stream_chunk_mb 0; streamed: chunks of --chunk-mb; the
