@@ -516,6 +516,7 @@ SOURCES: dict[str, str] = {
     "dht.txt": "python -m bench.dht --nodes 200 > bench/results/dht.txt",
     "load.txt": "python -m bench.load --participants 1000 > bench/results/load.txt",
     "stream.txt": "python -m bench.stream --deadline-s 60 > bench/results/stream.txt",
+    "stream_down.txt": "python -m bench.stream_down > bench/results/stream_down.txt",
     "scale.txt": "python -m bench.scale --flavour 20m > bench/results/scale.txt",
     "scale_server.txt": "python -m bench.scale_server > bench/results/scale_server.txt",
     "scale_125m_1node.txt": "python -m bench.scale --nodes 1 --inner-steps 2 "
