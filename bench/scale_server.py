@@ -8,7 +8,8 @@ bench.scale runs the whole system; at 125M its four native nodes need more memor
 process, with the server's own code: `server.runstate.open_run` (model, data, first eval,
 checkpoint 0), then one commit as `server.coordinator` does it: the round's aggregate (a
 random float32 vector of the model's size, as a mean of updates would be), the outer step
-(`server.outer_step.commit_step`, SparseLoCo: top-k 5% at 2 bits with the server residual),
+(`server.outer_step.commit_step`, SparseLoCo: top-k 5% at 2 bits with the server residual;
+the aggregate handed over as `server.coordinator` hands it when autotune is off),
 the eval (`RunState.evaluate`, first --eval-samples held-out windows) and `RunState.commit`
 (checkpoint, delta downlink, the RoundOpen bytes). Per stage: the resident set after it and
 its peak (VmHWM, reset before each stage with /proc/self/clear_refs), in MB.
@@ -71,7 +72,9 @@ def measure(model: str, flavour: str, eval_samples: int, data_dir: Path) -> dict
     agg *= np.float32(1e-3)
     stage("aggregate", t0)
     t0 = time.monotonic()
-    theta, mom, step = commit_step(run.config, run.params, agg, run.momentum)
+    handed = [agg]  # as the coordinator hands it over (autotune off): the step lets go of it
+    del agg
+    theta, mom, step = commit_step(run.config, run.params, handed, run.momentum)
     stage("outer_step", t0)
     t0 = time.monotonic()
     loss = run.evaluate(theta)

@@ -457,7 +457,8 @@ class Coordinator:
             if pseudo_grad is None:
                 self.counters["retries"] += 1
                 continue  # below quorum after the reduction dropped members: again
-            await self._commit(time.time() - started, pseudo_grad)
+            handed, pseudo_grad = [pseudo_grad], None  # _commit may let go of it (memory)
+            await self._commit(time.time() - started, handed)
         self.finished = True
         if self.secagg is not None:
             self.secagg.cancel()
@@ -465,14 +466,16 @@ class Coordinator:
         log.info("run finished after %d rounds%s", self.run.version,
                  f": {self.dp.stop_reason}" if self.dp.stop_reason else "")
 
-    async def _commit(self, duration_s: float, pseudo_grad: np.ndarray) -> None:
+    async def _commit(self, duration_s: float, handed: list[np.ndarray]) -> None:
         """Outer step with the round's aggregate, evaluate, store, announce."""
         state = self.state
         assert state is not None
         state.closed = True
         rows = [self.collection.rows[n] for n in sorted(state.updates)]
+        # autotune reads the aggregate after the commit; else the outer step lets go of it
+        pseudo_grad = handed[0] if self.autotune.enabled else np.zeros(0, np.float32)
         theta, momentum, step = await asyncio.to_thread(
-            commit_step, self.config, self.run.params, pseudo_grad, self.run.momentum)
+            commit_step, self.config, self.run.params, handed, self.run.momentum)
         await asyncio.to_thread(self.dp.on_commit, state.round)
         eval_loss = await asyncio.to_thread(self.run.evaluate, theta)
         losses = [r.train_loss for r in rows if r.train_loss is not None]

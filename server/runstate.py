@@ -19,6 +19,7 @@ from ml.tokenizer import keep_tokenizer_file
 from ml.workload import Workload, from_spec, initial_params, resolve
 from ml.zoo import evaluate, load_flat
 from server.config import RunConfig
+from server.eval_view import model_over
 from server.ledger import LedgerBook
 from server.store import Store, UpdateRow
 from shared.downlink import encode_changes
@@ -27,8 +28,8 @@ from shared.vec import to_bytes
 from transport.identity import load_or_create_identity
 
 log = logging.getLogger("server.run")
-# the eval model of a run with more parameters than this is built for each eval and let go
-# (a 125M model's copy would stay resident between commits: bench.scale)
+# the eval model of a run with more parameters than this is built for each eval over the
+# params it evaluates (server.eval_view: no copy) and let go (bench.scale_server)
 EVAL_MODEL_KEPT = 16_000_000
 
 
@@ -62,8 +63,14 @@ class RunState:
 
     def _share_params(self) -> None:
         """RoundOpen's bytes of the params, and the params as a read-only view of them: one
-        copy in memory, not two (491 MB at 125M params; bench.scale_server)."""
-        self.params_bytes = to_bytes(self.params)
+        copy in memory, not two (491 MB at 125M params; bench.scale_server). Params that are
+        already such a view of a whole bytes object (server.outer_step) keep those bytes."""
+        base = self.params.base
+        if (isinstance(base, bytes) and self.params.dtype == np.dtype("<f4")
+                and self.params.ndim == 1 and self.params.nbytes == len(base)):
+            self.params_bytes = base
+        else:
+            self.params_bytes = to_bytes(self.params)
         self.params = np.frombuffer(self.params_bytes, dtype="<f4")
 
     @property
@@ -73,15 +80,19 @@ class RunState:
     def evaluate(self, params: np.ndarray) -> float | None:
         """Validation loss (nats) of `params` on the held-out split; None if not finite."""
         with self._eval_lock:
-            if self._eval_model is None:
-                self._eval_model = self.work.new_model()
-            load_flat(self._eval_model, params)
+            if params.size > EVAL_MODEL_KEPT:  # its parameters are views of `params`
+                model = model_over(self.work.new_model, params)
+            else:
+                if self._eval_model is None:
+                    self._eval_model = self.work.new_model()
+                load_flat(self._eval_model, params)
+                model = self._eval_model
             ds = self.work.dataset
             n = self.config.eval_samples or len(ds.x_val)  # eval_samples 0: all
-            loss = evaluate(self._eval_model, ds.x_val[:n], ds.y_val[:n])
-            if params.size > EVAL_MODEL_KEPT:  # rebuilt at the next eval: not held between
-                self._eval_model = None
-                memory.trim()  # its tensors' pages too (ml/memory.py)
+            loss = evaluate(model, ds.x_val[:n], ds.y_val[:n])
+            del model
+            if params.size > EVAL_MODEL_KEPT:
+                memory.trim()  # the activations' pages (ml/memory.py)
         return loss if math.isfinite(loss) else None
 
     def commit(self, *, round_: int, params: np.ndarray, momentum: np.ndarray, attempts: int,
@@ -99,6 +110,7 @@ class RunState:
         self.params_changes = (encode_changes(prev, ckpt.params)
                                if self.config.delta_downlink else None)
         self.sparse_step = sparse_step
+        del prev
         self.params, self.momentum = ckpt.params, ckpt.momentum
         self._share_params()
         self.params_digest = ckpt.params_digest
@@ -133,13 +145,15 @@ def open_run(data_dir: str | Path, overrides: dict[str, Any],
         run_id = uuid.uuid4().hex[:16]
         theta0 = initial_params(work)
         state = RunState(run_id=run_id, config=config, store=store, work=work, params=theta0,
-                         momentum=np.zeros_like(theta0), version=0, params_digest="",
-                         entropy_floor=work.dataset.entropy_floor, eval_loss_init=None)
-        state.eval_loss_init = state.evaluate(theta0)
+                         momentum=np.zeros(theta0.shape, np.float32), version=0,
+                         params_digest="", entropy_floor=work.dataset.entropy_floor,
+                         eval_loss_init=None)
+        del theta0  # state.params is a view of its bytes: one copy of theta_0, not two
+        state.eval_loss_init = state.evaluate(state.params)
         ckpt = store.create_run(run_id=run_id, config=config.to_dict(), model_id=work.model_id,
                                 workload={"model": work.model_config,
                                           "data": work.data_spec.to_dict()},
-                                params=theta0, entropy_floor=state.entropy_floor,
+                                params=state.params, entropy_floor=state.entropy_floor,
                                 eval_loss_init=state.eval_loss_init)
         state.params_digest = ckpt.params_digest
         log.info("created run %s: %s, %d params, model id %s", run_id, config.model,

@@ -40,7 +40,7 @@ HEAD = struct.Struct("<2sBd")
 FEATURE = "sparse-step"  # Hello feature: this node applies "sparse" RoundOpens
 
 __all__ = ["FEATURE", "SparseOuter", "apply_sparse", "apply_step", "decode_sparse_step",
-           "decode_step", "is_sparse_step", "resolve_step", "server_step"]
+           "decode_step", "is_sparse_step", "resolve_step", "server_step", "state_step"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -112,22 +112,34 @@ def apply_sparse(theta: Any, idx: Any, vals: Any, lr: float, *, out: Any = None)
     return out
 
 
-def server_step(theta: Any, grad: Any, state: Any, cfg: SparseOuter
+def server_step(theta: Any, grad: Any, state: Any, cfg: SparseOuter, *, out: Any = None
                 ) -> tuple[Any, Any, bytes]:
     """(theta', state', RoundOpen payload) from the round's aggregate `grad`; `state` is the
     checkpointed buffer: [e] (plain) or [m, e] (Nesterov), zeros of size n at the start.
+    `out`: where to build theta' (a writable float32 array holding theta), else a copy.
+    `state_step` then `apply_sparse`: see there."""
+    idx, vals, new_state, payload = state_step(grad, state, cfg)
+    return apply_sparse(theta, idx, vals, cfg.lr, out=out), new_state, payload
+
+
+def state_step(grad: Any, state: Any, cfg: SparseOuter) -> tuple[Any, Any, Any, bytes]:
+    """(indices, values, state', payload): the step u (top-k of x, decoded sparse), the new
+    state and the RoundOpen payload; theta' = apply_sparse(theta, indices, values, cfg.lr).
 
     In place: a writable float32 `state` is consumed (x is built in its e slot, then becomes
-    e'; state' IS that buffer), so the step holds theta, theta' and the state, plus the
-    top-k's k-sized arrays and one CHUNK of temporaries: no n-sized one."""
+    e'; state' IS that buffer), so the step holds the state, the top-k's k-sized arrays and
+    one CHUNK of temporaries beside `grad`: no n-sized temporary. The server lets go of
+    `grad` before it makes theta' (server.outer_step)."""
     np = _numpy()
-    n = theta.size
     g = np.asarray(grad, dtype=np.float32)
+    n = g.size
     st = np.asarray(state, dtype=np.float32)
     size = 2 * n if cfg.momentum > 0 else n
     if st.size == size and st.flags.writeable and st.flags.c_contiguous:
         buf = st.reshape(-1)
-    else:  # the first Nesterov step (m = 0), a mode switch, or a read-only state: a copy
+    elif st.size == size:  # read-only (a checkpoint's bytes, say): a copy
+        buf = np.array(st, dtype=np.float32, copy=True).reshape(-1)
+    else:  # the first Nesterov step (m = 0), or a switch from Nesterov to plain
         buf = np.zeros(size, np.float32)
         buf[-n:] = st[-n:]  # [-n:]: the residual of a [m, e] state too
     x = buf[-n:]
@@ -149,7 +161,7 @@ def server_step(theta: Any, grad: Any, state: Any, cfg: SparseOuter
     x[idx] -= vals  # e = x - u: where u is 0, x - (+0.0) is x exactly
     if cfg.decay != 1.0:
         x *= np.float32(cfg.decay)
-    return apply_sparse(theta, idx, vals, cfg.lr), buf, payload
+    return idx, vals, buf, payload
 
 
 def is_sparse_step(payload: bytes | memoryview) -> bool:

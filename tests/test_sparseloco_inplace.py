@@ -87,6 +87,14 @@ def test_a_read_only_or_plain_sized_state_is_copied_not_written() -> None:
         assert t_new.tobytes() == t_ref.tobytes()
         assert s_new.tobytes() == s_ref.tobytes()
         assert ro.tobytes() == e.tobytes()
+    me = np.concatenate([rng.standard_normal(n).astype(np.float32), e])
+    me_ro = np.frombuffer(me.tobytes(), np.float32)
+    nesterov = SparseOuter(fraction=0.05, momentum=0.5)
+    t_ref, s_ref, _ = dense_server_step(theta, grad, me, nesterov)
+    t_new, s_new, _ = server_step(theta, grad, me_ro, nesterov)
+    assert t_new.tobytes() == t_ref.tobytes()
+    assert s_new.tobytes() == s_ref.tobytes()
+    assert me_ro.tobytes() == me.tobytes()
     # [m, e] into a plain step: the residual carries over, m is dropped (as before)
     me = np.concatenate([rng.standard_normal(n).astype(np.float32), e])
     t_ref, s_ref, _ = dense_server_step(theta, grad, me, SparseOuter(fraction=0.05))
@@ -150,3 +158,29 @@ def test_resolve_step_in_place_leaves_held_alone_on_a_bad_payload() -> None:
     with pytest.raises(BadUpdate):
         resolve_step(held, payload[:-1], out=held)
     assert held.tobytes() == theta.tobytes()
+
+
+@pytest.mark.parametrize("block", [1, 3, 256])
+def test_chunked_int2_and_varint_passes_give_one_pass_bytes(monkeypatch: pytest.MonkeyPatch,
+                                                            block: int) -> None:
+    from shared.codecs import int2, varint
+
+    x = np.random.default_rng(block).standard_normal(20_011).astype(np.float32)
+    codec = make_codec("topk", fraction=0.6, values="int2", block=block)
+    whole = codec.encode(x)
+    dense = np.asarray(decode_payload(whole, x.size), np.float32)
+    monkeypatch.setattr(varint, "CHUNK", 37)
+    monkeypatch.setattr(int2, "chunk", lambda b: 4 * b * 3)
+    assert codec.encode(x) == whole
+    assert np.asarray(decode_payload(whole, x.size), np.float32).tobytes() == dense.tobytes()
+    gaps = np.diff(np.flatnonzero(x > 0), prepend=0)
+    data = varint.encode_np(np, gaps)
+    assert data == varint.encode_pure(int(g) for g in gaps)
+    assert varint.decode_np(np, data, gaps.size).tolist() == gaps.tolist()
+    from shared.errors import BadUpdate
+
+    for bad, count in ((data[:-1] + b"\x80", gaps.size), (data, gaps.size + 1),
+                       (data, gaps.size - 1), (b"\x80" * 50 + b"\x01", 1),
+                       (data[:40] + b"\x80\x00" + data[40:], gaps.size + 1)):
+        with pytest.raises(BadUpdate):
+            varint.decode_np(np, bad, count)

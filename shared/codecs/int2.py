@@ -55,7 +55,21 @@ def encode_pure(vals: list[float], block: int) -> bytes:
     return struct.pack(f"<{len(levels)}f", *levels) + packed
 
 
+def chunk(block: int) -> int:
+    """Values per pass (a multiple of `block` and of 4, about 2**20): blocks and code bytes
+    never straddle two passes, so the passes' levels and codes are the whole vector's."""
+    return 4 * block * max(1, (1 << 18) // block)
+
+
 def encode_np(np: ModuleType, vals: Any, block: int) -> bytes:
+    step = chunk(block)
+    if vals.size <= step:
+        return b"".join(_encode_np(np, vals, block))
+    parts = [_encode_np(np, vals[lo:lo + step], block) for lo in range(0, vals.size, step)]
+    return b"".join([p[0] for p in parts] + [p[1] for p in parts])
+
+
+def _encode_np(np: ModuleType, vals: Any, block: int) -> tuple[bytes, bytes]:
     k = int(vals.size)
     nb = -(-k // block)
     mags = np.abs(vals.astype(np.float64))
@@ -76,7 +90,7 @@ def encode_np(np: ModuleType, vals: Any, block: int) -> bytes:
     codes = (hi_bits.astype(np.uint8) << 1) | (vals < 0).astype(np.uint8)
     codes = np.concatenate([codes, np.zeros(-k % 4, dtype=np.uint8)]).reshape(-1, 4)
     packed = codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6
-    return bytes(levels.tobytes() + packed.astype(np.uint8).tobytes())
+    return levels.tobytes(), packed.astype(np.uint8).tobytes()
 
 
 def _split(data: memoryview, k: int, block: int) -> tuple[memoryview, memoryview]:
@@ -92,13 +106,17 @@ def decode_np(np: ModuleType, data: memoryview, k: int, block: int) -> Any:
     if not np.isfinite(levels).all() or (levels < 0).any():
         raise bad("int2 values: a level is negative or not finite")
     packed = np.frombuffer(cb, dtype=np.uint8)
-    codes = np.stack([packed & 3, packed >> 2 & 3, packed >> 4 & 3, packed >> 6], axis=1)
-    codes = codes.ravel()
-    if codes[k:].any():
+    if k % 4 and packed[-1] >> (2 * (k % 4)):
         raise bad("int2 values: non-zero pad bits")
-    codes = codes[:k]
-    mag = levels[np.arange(k) // block, codes >> 1]
-    return np.where(codes & 1, -mag, mag).astype(np.float32)
+    out = np.empty(k, dtype=np.float32)
+    step = chunk(block)  # a pass's temporaries are a few times its size, not k's
+    for lo in range(0, k, step):
+        hi = min(k, lo + step)
+        p = packed[lo // 4:-(-hi // 4)]
+        codes = np.stack([p & 3, p >> 2 & 3, p >> 4 & 3, p >> 6], axis=1).ravel()[:hi - lo]
+        mag = levels[np.arange(lo, hi) // block, codes >> 1]
+        out[lo:hi] = np.where(codes & 1, -mag, mag)
+    return out
 
 
 def decode_pure(data: memoryview, k: int, block: int) -> list[float]:

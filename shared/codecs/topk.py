@@ -282,7 +282,7 @@ class _Parsed:
         gaps = varint.decode_np(np, ibytes, k)
         if k > 1 and int(gaps[1:].min()) == 0:
             raise bad("topk: indices do not increase")
-        idx = np.cumsum(gaps)
+        idx = np.cumsum(gaps, out=gaps)  # in place: one k-sized int64 array, not two
         if k and int(idx[-1]) >= length:
             raise bad(f"topk: index {int(idx[-1])} >= length {length}")
         if c.values == "fp16":

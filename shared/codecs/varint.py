@@ -55,8 +55,20 @@ def decode_pure(data: memoryview | bytes, count: int) -> list[int]:
     return out
 
 
+CHUNK = 1 << 20  # values (encode) or bytes (decode) per pass: temporaries stay this size
+
+
 def encode_np(np: ModuleType, values: Any) -> bytes:
-    """uint64 array (values < 2**32) -> LEB128 bytes."""
+    """uint64 array (values < 2**32) -> LEB128 bytes, CHUNK values at a time (the bytes of
+    consecutive values are consecutive: the same output as one pass)."""
+    values = np.asarray(values)
+    if values.size <= CHUNK:
+        return _encode_np(np, values)
+    return b"".join(_encode_np(np, values[lo:lo + CHUNK])
+                    for lo in range(0, values.size, CHUNK))
+
+
+def _encode_np(np: ModuleType, values: Any) -> bytes:
     v = np.asarray(values, dtype=np.uint64)
     if v.size == 0:
         return b""
@@ -77,8 +89,34 @@ def encode_np(np: ModuleType, values: Any) -> bytes:
 
 
 def decode_np(np: ModuleType, data: memoryview | bytes, count: int) -> Any:
-    """Exactly `count` varints filling `data` exactly -> int64 array."""
+    """Exactly `count` varints filling `data` exactly -> int64 array. Sections longer than
+    CHUNK bytes are cut after a varint's last byte and decoded piece by piece into the one
+    output array (the same values, the same refusals)."""
     b = np.frombuffer(data, dtype=np.uint8)
+    if b.size <= CHUNK:
+        return _decode_np(np, b, count)
+    out = np.empty(count, dtype=np.int64)
+    lo = pos = 0
+    while lo < b.size:
+        hi = min(b.size, lo + CHUNK)
+        if hi < b.size:  # end the piece after its last complete varint
+            last = np.flatnonzero(b[lo:hi] < 0x80)
+            if last.size == 0:
+                raise bad("varint longer than 5 bytes")
+            hi = lo + int(last[-1]) + 1
+        piece = b[lo:hi]
+        n = int(np.count_nonzero(piece < 0x80))
+        if pos + n > count:
+            raise bad(f"varint section holds more than {count} values, expected {count}")
+        out[pos:pos + n] = _decode_np(np, piece, n)
+        pos += n
+        lo = hi
+    if pos != count:
+        raise bad(f"varint section holds {pos} values, expected {count}")
+    return out
+
+
+def _decode_np(np: ModuleType, b: Any, count: int) -> Any:
     if b.size == 0:
         if count:
             raise bad(f"varint section holds 0 values, expected {count}")
