@@ -250,7 +250,9 @@ def mean_around_median(stack: Stack, idx: Sequence[int], beta: int) -> Any:
             for r in range(1, beta):
                 acc += S[cols, start + r]
             out[c:c + S.shape[0]] = acc
-        return out / beta + 0.0
+        out /= beta  # in place: one float64 vector of the model's size, not three
+        out += 0.0
+        return out
     rows = stack.rows
     out = []
     for col in zip(*(rows[i] for i in idx), strict=True):

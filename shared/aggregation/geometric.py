@@ -92,7 +92,8 @@ def _weiszfeld_gram(stack: Stack, v0: Any, eps: float, tol: float,
 
 def _point(stack: Stack, v0: Any, a: Any) -> Any:
     """v0 + sum_j a_j (x_j - v0), float64 values."""
-    out: Any = v0 + stack.weighted_sum(a.tolist(), center=v0)
+    out: Any = stack.weighted_sum(a.tolist(), center=v0)
+    out += v0  # in place (the same sums: addition commutes), no third vector
     return out
 
 
@@ -153,6 +154,10 @@ def centered_clipping(updates: Sequence[Vector], *, f: int = 0, tau: float = 10.
         scale = [tau / x if x > tau else 1.0 for x in norms]
         acc = stack.weighted_sum(scale, center=center)
         at_zero = False
-        v = v + acc / n if stack.np is not None else [
-            c + a / n for c, a in zip(v, acc, strict=True)]
+        if stack.np is not None:  # v + acc / n, in place in acc (a fresh array)
+            acc /= n
+            acc += v
+            v = acc
+        else:
+            v = [c + a / n for c, a in zip(v, acc, strict=True)]
     return stack.vector(v)
