@@ -4,6 +4,9 @@ chunk edges, and the same bits as the dense apply on -0.0, infinities and NaNs."
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -184,3 +187,37 @@ def test_chunked_int2_and_varint_passes_give_one_pass_bytes(monkeypatch: pytest.
                        (data[:40] + b"\x80\x00" + data[40:], gaps.size + 1)):
         with pytest.raises(BadUpdate):
             varint.decode_np(np, bad, count)
+
+
+def test_the_commit_lets_go_of_the_aggregate_and_keeps_theta_once(tmp_path: Path) -> None:
+    """server.outer_step drops a handed-over aggregate before theta' exists, builds theta' in
+    the bytes RunState then keeps for RoundOpen (no copy), and updates the residual in place:
+    the server's memory at a 125M commit (bench.scale_server)."""
+    from server.outer_step import commit_step
+    from server.runstate import open_run
+
+    run = open_run(tmp_path / "run", {"model": "mlp-digits", "outer": "sparseloco",
+                                      "outer_lr": 1.0, "outer_params": {"fraction": 0.05}})
+    try:
+        grad = np.random.default_rng(9).standard_normal(run.n_params).astype(np.float32)
+        ref_theta, ref_state, ref_step = server_step(
+            run.params, grad, run.momentum.copy(), SparseOuter.from_params(
+                1.0, {"fraction": 0.05}))
+        gone = weakref.ref(grad)
+        handed, momentum = [grad], run.momentum
+        del grad
+        theta, state, step = commit_step(run.config, run.params, handed, momentum)
+        assert handed == []
+        assert gone() is None  # the aggregate was freed by the step
+        assert state is momentum or np.shares_memory(state, momentum)  # e in place
+        assert theta.tobytes() == ref_theta.tobytes()
+        assert state.tobytes() == ref_state.tobytes()
+        assert step == ref_step
+        assert isinstance(theta.base, bytes)
+        run.commit(round_=0, params=theta, momentum=state, attempts=1, eval_loss=None,
+                   train_loss=None, updates=[], bytes_up=0, bytes_down=0, duration_s=0.1,
+                   sparse_step=step)
+        assert run.params_bytes is theta.base  # RoundOpen's bytes are theta' itself
+        assert np.shares_memory(run.params, theta)
+    finally:
+        run.store.close()
