@@ -34,6 +34,7 @@ from native_node.stream_down import Downloader
 from shared.envelope import Identity
 from shared.messages import ParamsChunk
 from shared.participant import Participant
+from shared.stream_down import FEATURE
 
 
 class Joiner:
@@ -42,6 +43,7 @@ class Joiner:
     def __init__(self) -> None:
         self.part = Participant(Identity.generate(), runtime="native", agent="bench-down",
                                 device="cpu")
+        self.part.extra_features = (FEATURE,)  # fetches streamed RoundOpens, as native nodes
         self.downloader = Downloader(self.part)
         self.done = asyncio.Event()
         self.streamed = False

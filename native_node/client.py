@@ -43,6 +43,7 @@ from shared.envelope import Identity
 from shared.messages import SERVER, ParamsChunk, Resume, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
 from shared.sparseloco import FEATURE as SPARSE_FEATURE
+from shared.stream_down import FEATURE as STREAM_FEATURE
 
 if TYPE_CHECKING:  # aiortc is imported only when a run uses the star or p2p transport
     from native_node.p2p import P2PRole
@@ -166,7 +167,8 @@ class NodeClient(TrainingMixin):
                                 pins=pins.load(opts.state_dir),
                                 save_pins=functools.partial(pins.save, opts.state_dir),
                                 expected_server_id=opts.server_id)
-        self.part.extra_features = (SPARSE_FEATURE,)  # applies sparseloco steps (numpy)
+        # applies sparseloco steps (numpy); fetches streamed RoundOpens (native_node.stream_down)
+        self.part.extra_features = (SPARSE_FEATURE, STREAM_FEATURE)
         # run option overlap (shared.overlap): the one-process torch trainer trains ahead
         self.part.ahead.supported = opts.nproc == 1 and opts.role == "trainer"
         self.rebase = None  # steps run ahead (native_node.training declares these)

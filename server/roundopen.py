@@ -36,6 +36,7 @@ from shared.downlink import encode_outer_step
 from shared.messages import RoundOpen
 from shared.rounds import RoundState
 from shared.sparseloco import FEATURE as SPARSE_FEATURE
+from shared.stream_down import FEATURE as STREAM_FEATURE
 
 
 class RoundOpener:
@@ -53,13 +54,14 @@ class RoundOpener:
         self.streams: ParamsStreams | None = None
 
     def frame(self, state: RoundState, kind: str = "full",
-              tuned: dict[str, Any] | None = None) -> bytes:
+              tuned: dict[str, Any] | None = None, streamed: bool = False) -> bytes:
         """The RoundOpen of `state` as `kind`, signed; the deadline is the time left now;
-        `tuned`: the autotune fields for its node (AutotuneLoop.open_fields)."""
-        return self.outbox.frame(self.message(state, kind, tuned))
+        `tuned`: the autotune fields for its node (AutotuneLoop.open_fields); `streamed`: a
+        payload larger than a chunk goes as its manifest (server.stream_down)."""
+        return self.outbox.frame(self.message(state, kind, tuned, streamed))
 
     def message(self, state: RoundState, kind: str = "full",
-                tuned: dict[str, Any] | None = None) -> RoundOpen:
+                tuned: dict[str, Any] | None = None, streamed: bool = False) -> RoundOpen:
         """The RoundOpen `frame` signs."""
         run, cfg = self.run, self.config
         base: str | None = None
@@ -73,10 +75,10 @@ class RoundOpener:
             payload = encode_outer_step(cfg.outer_lr, cfg.outer_momentum)
         elif kind == "full+m":
             payload = run.params_bytes + np.ascontiguousarray(run.momentum, "<f4").tobytes()
-        streamed: dict[str, Any] = {}
-        if self.streams is not None and self.streams.wants(payload):
+        stream: dict[str, Any] = {}
+        if streamed and self.streams is not None and self.streams.wants(payload):
             offer = self.streams.offer(payload)
-            streamed = {"stream_size": len(payload), "chunk_bytes": offer.chunk_bytes}
+            stream = {"stream_size": len(payload), "chunk_bytes": offer.chunk_bytes}
             payload = offer.manifest
         return RoundOpen(
             run_id=run.run_id, round=state.round, attempt=state.attempt,
@@ -84,7 +86,13 @@ class RoundOpener:
             deadline_s=max(0.001, state.remaining(asyncio.get_running_loop().time())),
             inner_lr=cfg.inner_lr, batch_size=cfg.batch_size, base_digest=base,
             with_momentum=kind == "full+m", payload=payload,
-            **{"inner_steps": cfg.inner_steps, **self.dp_fields, **(tuned or {}), **streamed})
+            **{"inner_steps": cfg.inner_steps, **self.dp_fields, **(tuned or {}), **stream})
+
+    def streams_to(self, peer: Peer | None) -> bool:
+        """Whether `peer` gets large RoundOpens in chunks: a streamed run, and its Hello says
+        it fetches them (native nodes; tabs do not yet)."""
+        return (self.streams is not None and peer is not None
+                and STREAM_FEATURE in peer.features)
 
     async def _prepare(self, kinds: set[str]) -> None:
         """Streamed runs: the full params' manifest hashed off the event loop, once."""
@@ -124,8 +132,10 @@ class RoundOpener:
         kind = self.kind(peer)
         tuned = self.autotune.open_fields(peer.node_id if peer else None, state.round)
         if data is None:  # one node (a join): signed off the event loop
-            await self._prepare({kind})
-            data = await self.outbox.signed(self.message(state, kind, tuned))
+            streamed = self.streams_to(peer)
+            if streamed:
+                await self._prepare({kind})
+            data = await self.outbox.signed(self.message(state, kind, tuned, streamed))
         await self.outbox.send(conn, data)
         if peer is not None:
             self.autotune.on_open(peer.node_id, len(data))
@@ -138,16 +148,17 @@ class RoundOpener:
                    if p.ws is not None and p.node_id not in state.updates
                    and self.takes_part(p)]
         frames: dict[str, bytes] = {}  # each variant signed once, the same bytes for all
-        await self._prepare({self.kind(p) for p in waiting})
+        await self._prepare({self.kind(p) for p in waiting if self.streams_to(p)})
         sends = []
         for p in waiting:
             if p.ws is None:
                 continue
             kind = self.kind(p)
             tuned = self.autotune.open_fields(p.node_id, state.round)
-            key = kind + json.dumps(tuned, sort_keys=True)
+            streamed = self.streams_to(p)
+            key = kind + json.dumps(tuned, sort_keys=True) + ("+stream" if streamed else "")
             if key not in frames:
-                frames[key] = self.frame(state, kind, tuned)
+                frames[key] = self.frame(state, kind, tuned, streamed)
             sends.append(self.send(state, Connection(ws=p.ws, remote="", peer=p),
                                    frames[key], mark=not retry))
         await asyncio.gather(*sends)

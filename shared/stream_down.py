@@ -3,7 +3,8 @@
 When a run streams (`stream_chunk_mb` > 0) and a RoundOpen's payload is larger than the chunk
 size, the server signs a RoundOpen whose payload is the payload's manifest (shared.stream: one
 SHA-256 per chunk) and whose `stream_size` / `chunk_bytes` say how it is cut; its
-`params_digest` stays the check of the whole. The node answers with a signed `ParamsFetch`
+`params_digest` stays the check of the whole; only to nodes whose Hello lists the feature
+"stream-params" (the others get one frame). The node answers with a signed `ParamsFetch`
 (the stream id, the first chunk it wants), and the server sends unsigned `ParamsChunk`
 frames from there, in order. The stream id is the SHA-256 of the manifest: it names the
 payload's bytes, whatever round, attempt or node they go to.
@@ -28,6 +29,8 @@ from shared.errors import BadChunk, ForeignChunk
 from shared.messages import ParamsChunk, RoundOpen
 from shared.stream import DEFAULT_WINDOW, Reassembly
 from shared.vec import numpy_module
+
+FEATURE = "stream-params"  # Hello feature: this node fetches streamed RoundOpens
 
 
 def stream_id(manifest: bytes | memoryview) -> str:

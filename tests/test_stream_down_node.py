@@ -16,6 +16,7 @@ import pytest
 from native_node.stream_down import MAX_REFETCH, Downloader
 from shared.messages import ParamsChunk, sha256_hex
 from shared.participant import Participant
+from shared.stream_down import FEATURE
 from tests.test_stream_down_wire import CB, CHUNK_MB
 from tests.test_ws_protocol import identity, serve
 
@@ -55,6 +56,7 @@ async def drive(ws: Any, part: Participant, dl: Downloader, on_stream: Any) -> d
 async def test_a_streamed_roundopen_trains_and_a_bad_chunk_is_refetched(tmp_path: Any) -> None:
     async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
         part = Participant(identity("n"), runtime="native", agent="test", device="cpu")
+        part.extra_features = (FEATURE,)  # as native nodes say
         dl = Downloader(part)
         seen: list[Any] = []
 
@@ -94,6 +96,7 @@ async def test_a_server_that_keeps_sending_bad_chunks_makes_the_node_reconnect(
         tmp_path: Any) -> None:
     async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
         part = Participant(identity("m"), runtime="native", agent="test", device="cpu")
+        part.extra_features = (FEATURE,)  # as native nodes say
         dl = Downloader(part)
         events: list[list[Any]] = []
 

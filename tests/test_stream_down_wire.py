@@ -17,9 +17,16 @@ import numpy as np
 import pytest
 
 from shared.errors import BadChunk, ChunkOutOfWindow, DuplicateChunk, ForeignChunk
-from shared.messages import ParamsChunk, ParamsFetch, RoundOpen, decode_message, sha256_hex
-from shared.stream_down import Download, stream_id
-from tests.test_ws_protocol import Client, serve
+from shared.messages import (
+    ParamsChunk,
+    ParamsFetch,
+    RoundOpen,
+    Welcome,
+    decode_message,
+    sha256_hex,
+)
+from shared.stream_down import FEATURE, Download, stream_id
+from tests.test_ws_protocol import Client, Server, serve
 
 CB = 1024  # the smallest chunk: mlp-digits params travel in more chunks than the window
 CHUNK_MB = CB / 2**20
@@ -29,6 +36,15 @@ def fetch_msg(c: Client, digest: str, start: int = 0, round_: int | None = None
               ) -> ParamsFetch:
     return ParamsFetch(run_id=c.opened.run_id, node_id=c.node_id, digest=digest, next=start,
                        round=c.opened.round if round_ is None else round_)
+
+
+async def joined(srv: Server, name: str, features: str = FEATURE) -> Client:
+    """A client whose Hello says it fetches streamed RoundOpens (as native nodes do)."""
+    c = await srv.client(name, hello=False)
+    await c.send(c.hello(features=features))
+    c.welcome = await c.expect(Welcome)
+    c.open = await c.expect(RoundOpen)
+    return c
 
 
 async def fetch(c: Client, msg: RoundOpen, start: int = 0) -> None:
@@ -67,7 +83,10 @@ async def params_of(c: Client, msg: RoundOpen) -> np.ndarray:
 async def test_a_streamed_roundopen_rebuilds_the_params_and_bad_chunks_change_nothing(
         tmp_path: Path) -> None:
     async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
-        a = await srv.client("a")
+        plain = await srv.client("plain")  # no "stream-params" in its Hello (a tab): one frame
+        assert (plain.opened.stream_size, plain.opened.chunk_bytes) == (0, 0)
+        assert sha256_hex(plain.opened.payload) == plain.opened.params_digest
+        a = await joined(srv, "a")
         opened = a.opened
         n_bytes = 4 * a.n_params
         assert (opened.stream_size, opened.chunk_bytes) == (n_bytes, CB)
@@ -113,7 +132,7 @@ async def test_a_streamed_roundopen_rebuilds_the_params_and_bad_chunks_change_no
         assert whole is not None  # its construction checked params_digest over the whole
         assert (whole.stream_size, whole.chunk_bytes) == (0, 0)
         assert sha256_hex(whole.payload) == opened.params_digest
-        assert np.frombuffer(whole.payload, "<f4").shape == (a.n_params,)
+        assert bytes(whole.payload) == plain.opened.payload
         assert (whole.round, whole.inner_steps, whole.deadline_s) == (
             opened.round, opened.inner_steps, opened.deadline_s)
         run = await srv.api("/api/run")
@@ -124,7 +143,7 @@ async def test_fetches_the_server_does_not_offer_get_typed_errors(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="server")
     async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
-        a = await srv.client("a")
+        a = await joined(srv, "a")
         sid = stream_id(a.opened.payload)
         n = -(-a.opened.stream_size // CB)
         await a.send(fetch_msg(a, "cd" * 32))
@@ -143,13 +162,13 @@ async def test_after_a_reconnect_the_download_goes_on_from_the_first_missing_chu
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="server.stream_down")
     async with serve(tmp_path, quorum=2, stream_chunk_mb=CHUNK_MB, deadline_s=60.0) as srv:
-        a = await srv.client("a")
+        a = await joined(srv, "a")
         dl = Download(a.opened, max_size=1 << 26)
         await fetch(a, a.opened)
         for _ in range(3):
             dl.accept(await chunk_msg(a))
         await a.ws.close()  # cut mid-download
-        again = await srv.client("a")  # the same identity, a new socket
+        again = await joined(srv, "a")  # the same identity, a new socket
         assert dl.same(again.opened)  # the same payload, the same stream id
         start = dl.renew(again.opened)
         assert start == 3
@@ -163,7 +182,7 @@ async def test_after_a_reconnect_the_download_goes_on_from_the_first_missing_chu
 async def test_without_streaming_the_roundopen_is_one_frame_and_fetches_are_refused(
         tmp_path: Path) -> None:
     async with serve(tmp_path, quorum=2, deadline_s=60.0) as srv:
-        a = await srv.client("a")
+        a = await joined(srv, "a")  # it would fetch, but the run does not stream
         assert (a.opened.stream_size, a.opened.chunk_bytes) == (0, 0)
         assert sha256_hex(a.opened.payload) == a.opened.params_digest
         await a.send(fetch_msg(a, "cd" * 32))

@@ -25,7 +25,6 @@ from shared.messages import (
     sha256_hex,
 )
 from shared.stream import chunk, manifest, n_chunks
-from tests.test_stream_down_wire import params_of
 from tests.test_ws_protocol import Client, serve
 
 CB = 1024  # the smallest chunk: 38 chunks for mlp-digits, more than the 16-chunk window
@@ -55,7 +54,7 @@ async def test_bad_chunks_are_refused_typed_and_the_transfer_still_completes(
         assert a.welcome is not None
         assert a.welcome.stream_chunk == int(0.01 * 2**20)
         n = a.n_params
-        theta0 = await params_of(a, a.opened)  # a streamed RoundOpen (shared.stream_down)
+        theta0 = np.frombuffer(a.opened.payload, "<f4")
         payload = get_codec("raw32").encode(np.full(n, 0.02, np.float32))
         total = n_chunks(len(payload), CB)
         assert total > 17
@@ -106,7 +105,7 @@ async def test_bad_chunks_are_refused_typed_and_the_transfer_still_completes(
             await c.send(c.submit(np.full(n, value, np.float32)))
             assert (await c.expect(Ack)).status == "accepted"
         await a.expect(RoundCommitted)
-        theta1 = await params_of(a, await a.expect(RoundOpen))
+        theta1 = np.frombuffer((await a.expect(RoundOpen)).payload, "<f4")
         # median of (0.02 streamed, 0.01, 1000) = 0.02; outer lr 1, no momentum
         np.testing.assert_allclose(theta0 - theta1, 0.02, rtol=1e-4, atol=1e-6)
         assert list(spool.iterdir()) == []  # the committed round's spool file is gone
