@@ -31,6 +31,8 @@ from shared.messages import (
     Error,
     Hello,
     Message,
+    ParamsChunk,
+    ParamsFetch,
     Ready,
     Resume,
     RoundCommitted,
@@ -203,9 +205,27 @@ def resume(**kw: Any) -> Resume:
                      "nonce": FIXED_NONCE, **kw})
 
 
+def params_chunk(**kw: Any) -> ParamsChunk:
+    return ParamsChunk(**{"round": 2, "digest": sha256_hex(UPDATE), "index": 0,
+                          "nonce": FIXED_NONCE, **kw}, payload=kw.pop("payload", PARAMS))
+
+
+def params_fetch(**kw: Any) -> ParamsFetch:
+    return ParamsFetch(**{"run_id": "run-1", "round": 2, "node_id": NODE,
+                          "digest": sha256_hex(UPDATE), "next": 0, "nonce": FIXED_NONCE, **kw})
+
+
+def streamed_round_open() -> RoundOpen:
+    """A RoundOpen whose payload is the manifest of 1025 bytes in chunks of 1024
+    (shared.stream_down): two SHA-256 entries; params_digest is checked once whole."""
+    return round_open(payload=bytes(64), params_digest=sha256_hex(PARAMS), stream_size=1025,
+                      chunk_bytes=1024)
+
+
 ALL = [hello(), welcome(), round_open(), submit(), ack(), error(), committed(), challenge(),
        validate_request(), verdict(), signal(), ready(), shard_plan(), shard(), secagg(),
-       dht(), stream_submit(), chunk(), resume()]
+       dht(), stream_submit(), chunk(), resume(), params_chunk(), params_fetch(),
+       streamed_round_open()]
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -433,7 +453,7 @@ def test_payload_on_message_without_payload(msg: Message) -> None:
     assert "no payload" in str(info.value)
 
 
-@pytest.mark.parametrize("msg_type", [0, 20, 99, 255])
+@pytest.mark.parametrize("msg_type", [0, 22, 99, 255])
 def test_unknown_message_type(msg_type: int) -> None:
     with pytest.raises(MessageError) as info:
         decode_message(encode_frame(msg_type, {}))
