@@ -24,6 +24,7 @@ import torch
 from ml import memory
 from ml.data import BatchSampler, shard_indices
 from ml.inner_opt import InnerOpt, make_inner_opt
+from ml.recompute import recompute_blocks, wants_recompute
 from ml.workload import Workload
 from ml.zoo import loss_for
 
@@ -53,25 +54,51 @@ def autocast(device: torch.device) -> AbstractContextManager[Any]:
 
 
 class DeviceParams:
-    """θ_r kept on the model's device, and Δ = θ_r − θ_H brought back through one host buffer
-    (pinned on CUDA, so the copy is one DMA rather than a staged copy per tensor)."""
+    """θ_r kept on the model's device (on CPU: the participant's own array, not a copy), and
+    Δ = θ_r − θ_H brought back through one host buffer (pinned on CUDA, so the copy is one
+    DMA rather than a staged copy per tensor)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.model, self.device = model, device
         self.params = list(model.parameters())
-        n = sum(p.numel() for p in self.params)
-        self.theta = torch.zeros(n, dtype=torch.float32, device=device)
+        self.n = n = sum(p.numel() for p in self.params)
+        # θ_r: on CUDA a device buffer; on CPU the caller's own array, shared (set_theta)
+        self.theta = torch.zeros(n if device.type == "cuda" else 0, dtype=torch.float32,
+                                 device=device)
+        self.shared = False  # self.theta is a view of the caller's array: never written
         # CUDA: Δ comes back through one pinned host buffer; on CPU Δ is handed out as is
         self.host = (torch.empty(n, dtype=torch.float32, pin_memory=True)
                      if device.type == "cuda" else None)
 
+    def _own(self) -> torch.Tensor:
+        """θ's own buffer, to write into (a shared view is let go first, never written)."""
+        if self.shared or self.theta.numel() != self.n:
+            self.theta = torch.empty(self.n, dtype=torch.float32, device=self.device)
+            self.shared = False
+        return self.theta
+
     def set_theta(self, theta: np.ndarray) -> None:
-        """θ_r from the participant (float32, the flat manifest order); copied, so a
-        read-only view of the RoundOpen's bytes will do."""
+        """θ_r from the participant (float32, the flat manifest order). On CPU the array
+        itself becomes the base Δ is taken against (no second copy of the model: the
+        participant holds θ_r anyway; it is only read, so a read-only view of the
+        RoundOpen's bytes will do, and the caller must not write it until `delta`); on
+        CUDA it is copied to the device."""
         arr = np.ascontiguousarray(theta, dtype=np.float32)
+        if arr.size != self.n:
+            raise ValueError(f"params of {arr.size} values for a model of {self.n}")
         with warnings.catch_warnings():  # torch warns on a non-writable array; only read
             warnings.simplefilter("ignore", UserWarning)
-            self.theta.copy_(torch.from_numpy(arr))
+            src = torch.from_numpy(arr)
+        if self.device.type == "cpu":
+            self.theta, self.shared = src, True
+        else:
+            self._own().copy_(src)
+
+    def release(self) -> None:
+        """Let a shared θ_r go (its Δ is taken): the caller may then replace or update its
+        array (the next RoundOpen) while no reference here keeps the old one alive."""
+        if self.shared:
+            self.theta, self.shared = torch.zeros(0, dtype=torch.float32), False
 
     @torch.no_grad()
     def to_model(self) -> None:
@@ -90,7 +117,11 @@ class DeviceParams:
     @torch.no_grad()
     def hold_current(self) -> None:
         """The model's params now become the base Δ is taken against (steps run ahead)."""
-        self.theta.copy_(self.flat())
+        own, offset = self._own(), 0
+        for p in self.params:
+            n = p.numel()
+            own[offset:offset + n].copy_(p.detach().reshape(-1))
+            offset += n
 
     @torch.no_grad()
     def merge(self, new: np.ndarray) -> None:
@@ -98,7 +129,7 @@ class DeviceParams:
         float32, and `new` becomes the base; so Δ is then taken against `new`."""
         src = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32)).to(self.device)
         merged = src + (self.flat() - self.theta)
-        self.theta.copy_(src)
+        self._own().copy_(src)
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -153,10 +184,14 @@ class Trainer:
     """Owns the local model, its shard sampler and the inner AdamW state across rounds."""
 
     def __init__(self, work: Workload, *, shard: int, n_shards: int, node_id: str,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", recompute: bool | None = None) -> None:
         self.work = work
         self.device = torch.device(device)
         self.model = work.new_model().to(self.device)
+        # recompute the blocks' activations in the backward pass (ml.recompute; None: on
+        # CPU for large models, where they are ~1 GB of a 125M node's peak)
+        if recompute if recompute is not None else wants_recompute(self.model, self.device):
+            recompute_blocks(self.model)
         ds, spec = work.dataset, work.data_spec
         self.indices = shard_indices(ds.keys_train, n_shards=n_shards, shard=shard,
                                      partition=spec.partition, alpha=spec.alpha, seed=spec.seed)
@@ -202,9 +237,11 @@ class Trainer:
             t0 = time.perf_counter()
             x = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device)
             y = torch.from_numpy(np.ascontiguousarray(yb)).to(self.device)
+            # the last step's gradients go before the forward pass, whose buffers then reuse
+            # their memory (on CPU: freed heap that glibc keeps; ~170 MB less at 125m)
+            self.opt.zero_grad()
             with autocast(self.device):
                 loss = loss_for(self.model)(self.model(x), y)
-            self.opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
@@ -219,6 +256,7 @@ class Trainer:
         if rebase is not None and (new := rebase.take(close=True)) is not None:
             self.params.merge(new)
         delta = self.params.delta()
+        self.params.release()
         mean = float(np.mean(losses)) if losses else None
         return RoundResult(delta=delta, train_loss=mean if mean is None or np.isfinite(mean)
                            else None, samples=done * batch_size, compute_s=compute, steps=done)

@@ -31,7 +31,7 @@ from shared.errors import BadUpdate
 from shared.messages import sha256_hex
 from shared.outer import OuterConfig, outer_step
 from shared.sparseloco import is_sparse_step, resolve_step
-from shared.vec import from_bytes, numpy_module, to_bytes
+from shared.vec import byte_view, from_bytes, numpy_module
 
 MAGIC = b"DL"
 VERSION = 1
@@ -125,7 +125,7 @@ def resolve(msg: Any, held: Any, held_digest: str | None) -> Any:
         theta = resolve_step(held, msg.payload)
     else:
         theta = apply_changes(held, msg.payload)
-    if sha256_hex(to_bytes(theta)) != msg.params_digest:
+    if sha256_hex(byte_view(theta)) != msg.params_digest:
         raise BadUpdate("params delta does not reproduce params_digest", field="params_digest")
     return theta
 
@@ -160,7 +160,7 @@ def apply_outer_step(theta: Any, momentum: Any, aggregate: Any, payload: bytes,
                         field="payload")
     new, m = outer_step(theta, aggregate, momentum,
                         OuterConfig(lr=lr, momentum=mu, nesterov=bool(nesterov)))
-    if sha256_hex(to_bytes(new)) != params_digest:
+    if sha256_hex(byte_view(new)) != params_digest:
         raise BadUpdate("outer step: result does not match the params digest",
                         field="params_digest")
     return new, m

@@ -92,7 +92,7 @@ def test_device_params_delta_is_theta_minus_the_model() -> None:
     model = build_model(model_config("mlp-digits", seed=1))
     params = DeviceParams(model, torch.device("cpu"))
     assert params.host is None  # a (pinned) host buffer only on CUDA; on CPU Δ is handed out
-    theta = np.random.default_rng(0).standard_normal(params.theta.numel()).astype(np.float32)
+    theta = np.random.default_rng(0).standard_normal(params.n).astype(np.float32)
     params.set_theta(theta)
     params.to_model()
     assert np.array_equal(flatten(model), theta)
