@@ -18,9 +18,12 @@ import io
 
 import numpy as np
 
+from ml import memory
 from server.config import RunConfig
 from shared.outer import OuterConfig, outer_step
 from shared.sparseloco import SparseOuter, apply_sparse, state_step
+
+TRIM_ABOVE = 1 << 24  # params: above this, the step's freed heap is trimmed (ml/memory.py)
 
 
 def commit_step(config: RunConfig, params: np.ndarray,
@@ -39,9 +42,12 @@ def commit_step(config: RunConfig, params: np.ndarray,
         view = buf.getbuffer()
         out = np.frombuffer(view, "<f4")
         apply_sparse(params, idx, vals, cfg.lr, out=out)
-        del out
+        del out, idx, vals
         view.release()
-        return np.frombuffer(buf.getvalue(), "<f4"), state, payload
+        theta = np.frombuffer(buf.getvalue(), "<f4")
+        if theta.size >= TRIM_ABOVE:  # the encode's freed heap back to the OS before the eval
+            memory.trim()
+        return theta, state, payload
     outer = OuterConfig(lr=config.outer_lr, momentum=config.outer_momentum)
     theta, m = outer_step(params, grad, momentum, outer)
     return np.asarray(theta, np.float32), np.asarray(m, np.float32), None
