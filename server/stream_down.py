@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -128,7 +129,7 @@ class ParamsStreams:
                      peer.node_id[:12], msg.next, offer.n)
         task = asyncio.ensure_future(self._send(conn, offer, msg.round, msg.next))
         self.sending[peer.node_id] = (offer.id, task)
-        task.add_done_callback(lambda t, n=peer.node_id: self._done(n, t))
+        task.add_done_callback(functools.partial(self._done, peer.node_id))
 
     def _done(self, node_id: str, task: asyncio.Task[None]) -> None:
         cur = self.sending.get(node_id)
@@ -141,7 +142,7 @@ class ParamsStreams:
         """The chunks, in order, each awaited on the socket (aiohttp drains it)."""
         sent = 0
         for i in range(start, offer.n):
-            if conn.ws.closed:
+            if getattr(conn.ws, "closed", False):  # gone (a data channel has no such flag)
                 log.info("streamed RoundOpen interrupted at chunk %d of %d (socket closed)",
                          i, offer.n)
                 return
