@@ -23,12 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
-from shared.errors import BadChunk, ForeignChunk
-from shared.messages import ParamsChunk, RoundOpen
+from shared.errors import BadChunk, BadUpdate, ForeignChunk, ProtocolError
+from shared.messages import ParamsChunk, ParamsFetch, RoundOpen, decode_message
 from shared.stream import DEFAULT_WINDOW, Reassembly
 from shared.vec import numpy_module
+
+if TYPE_CHECKING:
+    from shared.participant import Event, Participant
+
+log = logging.getLogger("shared.stream_down")
+MAX_REFETCH = 3  # bad chunks at the point the download waits for, before a reconnect
+MAX_CHUNK_FRAME = 2**31 - 1  # a ParamsChunk frame (its payload is checked against the manifest)
 
 FEATURE = "stream-params"  # Hello feature: this node fetches streamed RoundOpens
 
@@ -113,3 +121,120 @@ class Download:
         construction checks `params_digest` (BadUpdate)."""
         return dataclasses.replace(self.msg, payload=self._view,  # type: ignore[arg-type]
                                    stream_size=0, chunk_bytes=0)
+
+
+class Fetcher:
+    """A participant's streamed RoundOpens, without I/O (the native node's and the tab's
+    driver both use it): `start` on the participant's "params_stream" event, `on_chunk` on
+    each ParamsChunk frame; both return events to carry out ("send" the ParamsFetch frame,
+    and once the RoundOpen is whole, the participant's own events for it).
+
+    A RoundOpen for params the participant already holds (a round's retry) is completed from
+    them at once. The same payload announced again (after a reconnect) is fetched from the
+    first missing chunk. A refused chunk (typed) is counted and dropped and changes nothing;
+    a bad one where the download waits makes it fetch again from there, MAX_REFETCH times at
+    most, then the participant reconnects."""
+
+    def __init__(self, part: Participant) -> None:
+        self.part = part
+        self.current: Download | None = None
+        self.refetches = 0
+        self.counts: dict[str, int] = {}  # chunks, fetches, resumed, from_held, refusals by code
+
+    def _count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def max_size(self) -> int:
+        """The largest streamed payload taken: params and outer momentum."""
+        w = self.part.welcome
+        return 8 * w.n_params + 4096 if w is not None else 0
+
+    def start(self, msg: RoundOpen) -> list[Event]:
+        """A streamed RoundOpen: fetch its chunks (from where a download of the same payload
+        stopped), or complete it at once from params the participant holds."""
+        held = self._from_held(msg)
+        if held is not None:
+            self._count("from_held")
+            log.info("round %d: streamed RoundOpen of params this node holds; no download",
+                     msg.round)
+            return self.part.round_open(held)
+        cur = self.current
+        if cur is not None and cur.same(msg):
+            start = cur.renew(msg)
+            self._count("resumed")
+            log.info("round %d: resuming the params download at chunk %d of %d", msg.round,
+                     start, cur.reassembly.n)
+        else:
+            self.current = None  # the old buffer goes before the new one is allocated
+            try:
+                cur = self.current = Download(msg, max_size=self.max_size())
+            except ProtocolError as err:
+                self._count(err.code)
+                return [{"kind": "refused", "message": f"{err.code}: {err}"}]
+            start = 0
+            log.info("round %d: downloading the params (%d bytes in %d chunks)", msg.round,
+                     msg.stream_size, cur.reassembly.n)
+        self.refetches = 0
+        return [self._fetch(cur, start)]
+
+    def _from_held(self, msg: RoundOpen) -> RoundOpen | None:
+        part = self.part
+        if (msg.base_digest is not None or msg.with_momentum or part.held is None
+                or part.held_digest != msg.params_digest
+                or 4 * len(part.held) != msg.stream_size):
+            return None
+        try:
+            return dataclasses.replace(msg, payload=memoryview(part.held).cast("B"),  # type: ignore[arg-type]
+                                       stream_size=0, chunk_bytes=0)
+        except (BadUpdate, TypeError, ValueError):  # held was changed in place: download
+            return None
+
+    def _fetch(self, cur: Download, start: int) -> Event:
+        self._count("fetches")
+        return {"kind": "send", "msg_type": ParamsFetch.TYPE,
+                "frame": self.part.frame(ParamsFetch(
+                    run_id=cur.msg.run_id, round=cur.msg.round, node_id=self.part.node_id,
+                    digest=cur.id, next=start))}
+
+    def on_chunk(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """One ParamsChunk frame: checked and written, or refused; the participant's events
+        once the RoundOpen is whole."""
+        index: int | None = None
+        try:
+            msg = decode_message(data, max_payload=MAX_CHUNK_FRAME)
+            if not isinstance(msg, ParamsChunk):
+                return []
+            index = msg.index
+            cur = self.current
+            if cur is None:
+                raise ForeignChunk(f"chunk {msg.index} of stream {msg.digest[:12]}: no "
+                                   "download is open", field="digest")
+            whole = cur.accept(msg)
+        except BadUpdate as err:  # a refused chunk (or the whole not matching its digest)
+            return self._refused(err, index)
+        except ProtocolError as err:
+            self._count(err.code)
+            log.warning("refused a params chunk: %s: %s", err.code, err)
+            return []
+        self._count("chunks")
+        if whole is None:
+            return []
+        self.current = None
+        log.info("round %d: params download complete", whole.round)
+        return self.part.round_open(whole)
+
+    def _refused(self, err: BadUpdate, index: int | None) -> list[Event]:
+        self._count(err.code)
+        cur = self.current
+        if cur is not None and cur.complete:  # every chunk matched, the whole did not
+            self.current = None
+            return [{"kind": "reconnect", "message": f"streamed params: {err}"}]
+        log.warning("refused a params chunk: %s: %s", err.code, err)
+        if cur is not None and err.code == "bad_chunk" and index == cur.next:  # the one due
+            self.refetches += 1
+            if self.refetches > MAX_REFETCH:
+                self.current = None
+                return [{"kind": "reconnect",
+                         "message": f"{self.refetches} bad chunks in a row from the server"}]
+            return [self._fetch(cur, cur.reassembly.resume())]
+        return []

@@ -81,7 +81,7 @@ async def test_a_streamed_roundopen_trains_and_a_bad_chunk_is_refetched(tmp_path
             n = -(-opened.stream_size // CB)
             assert dl.counts["chunks"] == n
             # the first fetch's chunks that arrived after the refetch are duplicates
-            assert dl.counts["chunks"] + dl.counts["duplicate_chunk"] <= 2 * n
+            assert dl.counts["chunks"] + dl.counts.get("duplicate_chunk", 0) <= 2 * n
             # the same RoundOpen again (a retry): the node holds its params, no download
             fetches = dl.counts["fetches"]
             assert await dl.start(ws, opened) == []  # a retry of the round being trained
