@@ -12,7 +12,10 @@ import js  # type: ignore[import-not-found]
 from pyodide.ffi import to_js  # type: ignore[import-not-found]
 
 from shared.envelope import Identity
+from shared.messages import ParamsChunk
 from shared.participant import Participant
+from shared.stream_down import FEATURE as STREAM_FEATURE
+from shared.stream_down import Fetcher
 
 AGENT = "daa-prime-browser/0.1"
 
@@ -34,13 +37,34 @@ def _hooked(p: Participant, events: list[dict[str, object]]) -> list[dict[str, o
 def make_participant(public_key, secret_key, pins_json: str, save_pins, device: str,
                      role: str = "trainer"):
     ident = Identity(public_key=public_key.to_bytes(), secret_key=secret_key.to_bytes())
-    return Participant(ident, runtime="browser", agent=AGENT, device=device, role=role,
-                       pins=json.loads(pins_json or "{}"),
-                       save_pins=lambda pins: save_pins(json.dumps(pins)))
+    p = Participant(ident, runtime="browser", agent=AGENT, device=device, role=role,
+                    pins=json.loads(pins_json or "{}"),
+                    save_pins=lambda pins: save_pins(json.dumps(pins)))
+    p.extra_features = (STREAM_FEATURE,)  # large RoundOpens in chunks (shared.stream_down)
+    FETCHERS[id(p)] = Fetcher(p)
+    return p
+
+
+FETCHERS: dict[int, Fetcher] = {}  # the participant's streamed-RoundOpen downloads
+
+
+def _received(p: Participant, frame: bytes) -> list[dict[str, object]]:
+    """A server frame -> the participant's events; a streamed RoundOpen's chunks go to its
+    Fetcher, which answers the manifest with a ParamsFetch ("send") and, once the params are
+    whole, gives the participant's events for the RoundOpen."""
+    fetcher = FETCHERS.setdefault(id(p), Fetcher(p))
+    if len(frame) > 5 and frame[5] == ParamsChunk.TYPE:
+        events = fetcher.on_chunk(frame)
+    else:
+        events = p.receive(frame)
+    out: list[dict[str, object]] = []
+    for ev in events:
+        out.extend(fetcher.start(ev["message"]) if ev["kind"] == "params_stream" else [ev])
+    return out
 
 
 def feed(p: Participant, data) -> object:
-    events = _hooked(p, p.receive(data.to_bytes()))
+    events = _hooked(p, _received(p, data.to_bytes()))
     for ev in events:  # the Welcome's STUN/TURN servers, for the tab's RTCPeerConnection
         if ev["kind"] == "welcome" and p.welcome is not None:
             ev["ice_servers"] = [dict(s) for s in p.welcome.ice_servers]
