@@ -90,9 +90,18 @@ class RoundOpener:
 
     def streams_to(self, peer: Peer | None) -> bool:
         """Whether `peer` gets large RoundOpens in chunks: a streamed run, and its Hello says
-        it fetches them (native nodes; tabs do not yet)."""
+        it fetches them (native nodes and tabs)."""
         return (self.streams is not None and peer is not None
                 and STREAM_FEATURE in peer.features)
+
+    def streamed_bytes(self, peer: Peer | None, kind: str) -> int:
+        """The payload bytes that follow `peer`'s RoundOpen of `kind` in chunks (0: none)."""
+        run = self.run
+        payload = {"full": run.params_bytes, "sparse": run.sparse_step,
+                   "delta": run.params_changes}.get(kind)
+        if payload is None or self.streams is None or not self.streams_to(peer):
+            return 0
+        return len(payload) if self.streams.wants(payload) else 0
 
     async def _prepare(self, kinds: set[str]) -> None:
         """Streamed runs: the full params' manifest hashed off the event loop, once."""
@@ -138,7 +147,7 @@ class RoundOpener:
             data = await self.outbox.signed(self.message(state, kind, tuned, streamed))
         await self.outbox.send(conn, data)
         if peer is not None:
-            self.autotune.on_open(peer.node_id, len(data))
+            self.autotune.on_open(peer.node_id, len(data) + self.streamed_bytes(peer, kind))
             peer.holds = self.run.params_digest
             peer.has_momentum = peer.has_momentum or kind == "full+m"
 

@@ -163,9 +163,12 @@ class ParamsStreams:
             cur[1].cancel()
 
     def after_commit(self, record: dict[str, Any]) -> None:
-        """A round committed: the params it replaced are no longer offered."""
-        for sid in list(self.offers):
-            self._withdraw(sid)
+        """A round committed: the params it replaced are no longer offered (an offer of the
+        new params, made to a node that joined meanwhile, stays)."""
+        current = self.coord.run.params_bytes
+        for sid, offer in list(self.offers.items()):
+            if offer.payload is not current:
+                self._withdraw(sid)
 
     def view(self) -> dict[str, Any]:
         return {"offers": len(self.offers), "sending": len(self.sending)}
