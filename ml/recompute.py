@@ -53,6 +53,6 @@ def recompute_blocks(model: torch.nn.Module) -> bool:
                 return _plain(*args)
             return checkpoint(_plain, *args, use_reentrant=False)
 
-        block.forward = forward  # type: ignore[method-assign]
+        block.forward = forward
         block._recomputed = True  # type: ignore[assignment]
     return True

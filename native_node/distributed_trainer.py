@@ -330,8 +330,8 @@ def _worker(conn: Connection) -> None:
         _, seq, theta, steps, lr, batch_size = msg
         if sharded or rank == 0:  # FSDP: each rank's shard comes from the node
             params.set_theta(theta)
-        if not sharded:
-            dist.broadcast(params.theta, 0)
+        if not sharded:  # rank 0 sends the node's array; the others receive into their own
+            dist.broadcast(params.theta if rank == 0 else params.own(), 0)
         params.to_model()
         if opt is None:
             opt = make_inner_opt(model.parameters(), lr=lr, betas=(0.9, 0.95),

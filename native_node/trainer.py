@@ -70,7 +70,7 @@ class DeviceParams:
         self.host = (torch.empty(n, dtype=torch.float32, pin_memory=True)
                      if device.type == "cuda" else None)
 
-    def _own(self) -> torch.Tensor:
+    def own(self) -> torch.Tensor:
         """θ's own buffer, to write into (a shared view is let go first, never written)."""
         if self.shared or self.theta.numel() != self.n:
             self.theta = torch.empty(self.n, dtype=torch.float32, device=self.device)
@@ -92,7 +92,7 @@ class DeviceParams:
         if self.device.type == "cpu":
             self.theta, self.shared = src, True
         else:
-            self._own().copy_(src)
+            self.own().copy_(src)
 
     def release(self) -> None:
         """Let a shared θ_r go (its Δ is taken): the caller may then replace or update its
@@ -117,7 +117,7 @@ class DeviceParams:
     @torch.no_grad()
     def hold_current(self) -> None:
         """The model's params now become the base Δ is taken against (steps run ahead)."""
-        own, offset = self._own(), 0
+        own, offset = self.own(), 0
         for p in self.params:
             n = p.numel()
             own[offset:offset + n].copy_(p.detach().reshape(-1))
@@ -129,7 +129,7 @@ class DeviceParams:
         float32, and `new` becomes the base; so Δ is then taken against `new`."""
         src = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32)).to(self.device)
         merged = src + (self.flat() - self.theta)
-        self._own().copy_(src)
+        self.own().copy_(src)
         offset = 0
         for p in self.params:
             n = p.numel()

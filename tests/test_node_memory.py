@@ -58,6 +58,7 @@ def test_encode_update_consumes_only_when_asked() -> None:
     p1, r1, _ = encode_update(codec, delta, residual=residual, state=None,
                               error_feedback=True, layout=None)
     assert residual.tobytes() == keep.tobytes()
+    assert r1 is not None
     assert r1 is not residual
     p2, r2, _ = encode_update(codec, delta, residual=residual, state=None,
                               error_feedback=True, layout=None, consume=True)
@@ -68,6 +69,7 @@ def test_encode_update_consumes_only_when_asked() -> None:
     ro.flags.writeable = False  # not ours to write: encoded from a new x
     _, r3, _ = encode_update(codec, delta, residual=ro, state=None, error_feedback=True,
                              layout=None, consume=True)
+    assert r3 is not None
     assert r3 is not ro
     assert r3.tobytes() == r1.tobytes()
 
