@@ -9,7 +9,9 @@ chunk."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -187,3 +189,45 @@ async def test_without_streaming_the_roundopen_is_one_frame_and_fetches_are_refu
         assert sha256_hex(a.opened.payload) == a.opened.params_digest
         await a.send(fetch_msg(a, "cd" * 32))
         assert (await a.error("bad_update")).field == "msg_type"
+
+
+async def test_a_node_that_does_not_read_holds_the_server_to_about_one_chunk_in_flight(
+        tmp_path: Path) -> None:
+    """Flow control: llama tiny's 410 KB of params in 8 KiB chunks to a node that fetches and
+    then reads nothing (its socket is not read; both ends' socket buffers are made small, so
+    that the kernel cannot take the whole payload): the server's send task waits on the
+    socket (aiohttp drains it) with about one chunk in its own write buffer, and goes on
+    when the node reads."""
+    from server.keys import COORDINATOR
+
+    cb = 8192
+    async with serve(tmp_path, model="llama", flavour="tiny", quorum=2,
+                     stream_chunk_mb=cb / 2**20, deadline_s=120.0) as srv:
+        a = await joined(srv, "a")
+        coord = srv.app[COORDINATOR]
+        n = -(-a.opened.stream_size // cb)
+        assert a.opened.stream_size > 400_000
+        peer = coord.peers[a.node_id]
+        transport = peer.ws._req.transport  # type: ignore[union-attr]
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                      32768)
+        a.ws.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        assert a.ws._conn is not None
+        reader = a.ws._conn.transport
+        assert reader is not None
+        reader.pause_reading()  # the node reads nothing
+        await fetch(a, a.opened)
+        await asyncio.sleep(1.0)
+        sent = coord.counters["params_chunks_sent"]
+        assert 0 < sent < n, (sent, n)  # the rest waits: the kernel took what it could
+        streams = coord.params_streams
+        assert streams is not None
+        assert not streams.sending[a.node_id][1].done()  # the sender waits on the socket
+        assert transport.get_write_buffer_size() <= 65536 + 2 * cb
+        reader.resume_reading()
+        dl = Download(a.opened, max_size=1 << 26)
+        whole = None
+        while whole is None:
+            whole = dl.accept(await chunk_msg(a))
+        assert sha256_hex(whole.payload) == a.opened.params_digest
+        assert coord.counters["params_chunks_sent"] == n
