@@ -517,6 +517,19 @@ SOURCES: dict[str, str] = {
     "load.txt": "python -m bench.load --participants 1000 > bench/results/load.txt",
     "stream.txt": "python -m bench.stream --deadline-s 60 > bench/results/stream.txt",
     "stream_down.txt": "python -m bench.stream_down > bench/results/stream_down.txt",
+    **{f"stream_{rule}.txt": f"python -m bench.stream --rule {rule} "
+       f"> bench/results/stream_{rule}.txt" for rule in ("krum", "bulyan")},
+    "stream_median_control.txt": "python -m bench.stream --rule median --participants 4 "
+                                 "> bench/results/stream_median_control.txt",
+    "spool_rules.txt": "python -m bench.spool_rules > bench/results/spool_rules.txt",
+    "spool_rules_16m.txt": "python -m bench.spool_rules --params 16777216 --participants 16 "
+                           "> bench/results/spool_rules_16m.txt",
+    "spool_rules_64x1m.txt": "python -m bench.spool_rules --params 1000000 --participants 64 "
+                             "--byzantine-fraction 0.234 > bench/results/spool_rules_64x1m.txt",
+    "agg_speed_ab_inplace.txt": "python -m bench.agg_speed --rules krum,multi-krum,bulyan,"
+                                "geometric-median,centered-clipping --before f134c57 "
+                                "--peers-python '' --clock cpu --rounds 2 "
+                                "> bench/results/agg_speed_ab_inplace.txt",
     "scale.txt": "python -m bench.scale --flavour 20m > bench/results/scale.txt",
     "scale_server.txt": "python -m bench.scale_server > bench/results/scale_server.txt",
     "scale_125m_1node.txt": "python -m bench.scale --nodes 1 --inner-steps 2 "
