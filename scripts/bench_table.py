@@ -534,6 +534,8 @@ SOURCES: dict[str, str] = {
     "scale_server.txt": "python -m bench.scale_server > bench/results/scale_server.txt",
     "scale_125m_1node.txt": "python -m bench.scale --nodes 1 --inner-steps 2 "
                             "> bench/results/scale_125m_1node.txt",
+    "scale_125m_2nodes.txt": "python -m bench.scale --nodes 2 --inner-steps 2 "
+                             "> bench/results/scale_125m_2nodes.txt",
     "overlap.txt": "python -m bench.overlap > bench/results/overlap.txt",
     "overlap_nesterov.txt": "python -m bench.overlap --outer-lr 0.7 --outer-momentum 0.9 "
                             "--delays 0.1 > bench/results/overlap_nesterov.txt",
