@@ -1,9 +1,9 @@
 """Activation checkpointing for the inner steps of large models on a CPU node.
 
 A model's backward pass needs what its forward pass computed. At llama 125m and batch 2 x 256
-tokens the saved activations of the 13 blocks (attention scores, softmax, the SwiGLU's
-hidden-width tensors) are ~1.1 GB, more than two copies of the model's gradients: most of a
-CPU node's peak above its model state (bench.scale, docs/benchmarks.md). With
+tokens a CPU step held ~1.2 GB above the model state and its gradients (RSS, measured in
+one process), mostly the saved activations of the 13 blocks (attention scores, softmax, the
+SwiGLU's hidden-width tensors): more than two copies of the model (docs/benchmarks.md). With
 `recompute_blocks` each block keeps only its input during the forward pass and runs its
 forward again inside the backward pass (torch.utils.checkpoint, non-reentrant): one block's
 activations at a time, for one more forward pass of compute. The recomputed forward is the
