@@ -31,6 +31,8 @@ log = logging.getLogger("server.run")
 # the eval model of a run with more parameters than this is built for each eval over the
 # params it evaluates (server.eval_view: no copy) and let go (bench.scale_server)
 EVAL_MODEL_KEPT = 16_000_000
+EVAL_TOKENS = 512  # tokens per eval batch above EVAL_MODEL_KEPT: a 125M model's activations
+# for 8 x 256 tokens at once were ~0.4 GB over theta, theta' and the residual (bench.scale)
 
 
 @dataclass(eq=False)
@@ -89,7 +91,11 @@ class RunState:
                 model = self._eval_model
             ds = self.work.dataset
             n = self.config.eval_samples or len(ds.x_val)  # eval_samples 0: all
-            loss = evaluate(model, ds.x_val[:n], ds.y_val[:n])
+            batch = 256
+            if params.size > EVAL_MODEL_KEPT:
+                per_sample = int(np.prod(np.shape(ds.x_val[:1])[1:])) or 1
+                batch = max(1, EVAL_TOKENS // per_sample)
+            loss = evaluate(model, ds.x_val[:n], ds.y_val[:n], batch_size=batch)
             del model
             if params.size > EVAL_MODEL_KEPT:
                 memory.trim()  # the activations' pages (ml/memory.py)

@@ -35,6 +35,24 @@ def test_round_trip_is_bit_exact_including_signed_zeros() -> None:
     assert array("f", pure).tobytes() == new.tobytes()
 
 
+def test_changes_found_block_by_block_are_the_whole_vector_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.downlink as dl
+
+    rng = np.random.default_rng(7)
+    prev = rng.standard_normal(10_007).astype(np.float32)
+    new = prev.copy()
+    moved = rng.choice(prev.size, 300, replace=False)
+    new[moved] += np.float32(0.5)
+    new[[0, 1023, 1024, 10_006]] = -new[[0, 1023, 1024, 10_006]]  # block edges move too
+    whole = encode_changes(prev, new)
+    monkeypatch.setattr(dl, "CMP_BLOCK", 1024)
+    blocks = encode_changes(prev, new)
+    assert blocks == whole
+    assert blocks is not None
+    assert apply_changes(prev, blocks).tobytes() == new.tobytes()
+
+
 def test_dense_changes_are_not_worth_a_delta() -> None:
     prev = np.zeros(10, np.float32)
     assert encode_changes(prev, prev + 1) is None
