@@ -98,7 +98,7 @@ class Sender:
             msg = self.part.trust.open(bytes(data))
         except ProtocolError as err:
             self._count("ignored_resumes")
-            log.warning("ignoring a bad Resume frame: %s: %s", err.code, err)
+            log.warning("ignoring a bad Resume frame: %s", err)
             return None
         cur = self.current
         if not isinstance(msg, Resume) or cur is None \
