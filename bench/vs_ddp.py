@@ -46,9 +46,12 @@ from bench.ddp_worker import lo_counters, load_workload, run_ddp
 from bench.error_feedback import SPARSE_OUTER, TOPK
 from bench.vs_ddp_sparse import (
     SPARSE_CODECS,
+    SPARSE_REPEATS,
     SPARSE_RUNS,
     config_name,
     down_over_up,
+    merge_repeats,
+    repeat_keys,
     sparse_figures,
     with_raw32,
 )
@@ -248,9 +251,11 @@ class Progress:
 
 
 def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
-             timeout: float, only: list[str] | None = None, cached_only: bool = False
+             timeout: float, only: list[str] | None = None, cached_only: bool = False,
+             repeats: int = 1
              ) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[str]]:
-    """(results by model, configurations not run, configurations read from the cache)."""
+    """(results by model, configurations not run, configurations read from the cache).
+    `repeats`: runs of each DiLoCo configuration, merged (bench.vs_ddp_sparse.merge_repeats)."""
     cache: dict[str, Any] = {}
     if cache_path.exists() and not fresh:
         cache = json.loads(cache_path.read_text())
@@ -266,16 +271,24 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
     if only:  # ... or in the order asked for
         todo.sort(key=lambda t: (t[2] > 1, min((i for i, o in enumerate(only) if o in t[1]),
                                                default=-1)))
-    from_cache = [f"{g.model}/{name}" for g, name, _ in todo
-                  if config_key(g, name, netns) in cache]
+    def reps(name: str) -> int:
+        return 1 if name.startswith("ddp-") else repeats
+
+    from_cache = [f"{g.model}/{name}{k.removeprefix(config_key(g, name, netns))}"
+                  for g, name, _ in todo
+                  for k in repeat_keys(config_key(g, name, netns), reps(name)) if k in cache]
     prog = Progress(sum(estimate_s(g, h) for g, name, h in todo
-                        if config_key(g, name, netns) not in cache))
+                        for k in repeat_keys(config_key(g, name, netns), reps(name))
+                        if k not in cache))
     tmp = Path(tempfile.mkdtemp(prefix="daa-vs-ddp-"))
     results: dict[str, list[dict[str, Any]]] = {g.model: [] for g in grids}
     workloads: dict[str, Any] = {}
     keys = {(g.model, name): config_key(g, name, netns) for g, name, _ in todo}  # the code as
-    for g, name, h in todo:  # it was when the run began: others may edit the tree meanwhile
-        key = keys[(g.model, name)]
+    todo_runs = [(g, name, h, repeat_keys(keys[(g.model, name)], reps(name))[i])  # it was
+                 for i in range(repeats) for g, name, h in todo if i < reps(name)]  # when the
+    if repeats > 1:  # the repeated comparison first, DDP (its one run) last
+        todo_runs.sort(key=lambda t: t[1].startswith("ddp-"))
+    for g, name, h, key in todo_runs:  # run began: others may edit the tree meanwhile
         if key not in cache and not cached_only:
             t0 = time.monotonic()
             where = tmp / key.replace("/", "_")
@@ -307,8 +320,9 @@ def run_grid(grids: list[Grid], *, cache_path: Path, fresh: bool, netns: bool,
            for c in CODECS if (h, c) in g.runs])}
     missing = []
     for g, name, _ in sorted(todo, key=lambda t: order[(t[0].model, t[1])]):
-        if keys[(g.model, name)] in cache:
-            results[g.model].append(cache[keys[(g.model, name)]])
+        runs = [cache[k] for k in repeat_keys(keys[(g.model, name)], reps(name)) if k in cache]
+        if len(runs) == reps(name):
+            results[g.model].append(merge_repeats(runs))
         else:
             missing.append(f"{g.model}/{name}")
     return results, missing, from_cache
@@ -354,7 +368,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="report the cached configurations only (listed as not_run otherwise)")
     p.add_argument("--steps", type=int, default=None,
                    help="override the steps per worker (drops H above it; for trials)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs of each DiLoCo configuration, mean and spread reported (default:"
+                        f" {SPARSE_REPEATS} with --only sparseloco on the full grid, else 1)")
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = (SPARSE_REPEATS if "sparseloco" in (args.only or "") and not args.quick
+                        else 1)
     if not args.no_netns:
         rc = in_netns(argv)
         if rc is not None:
@@ -373,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     results, missing, from_cache = run_grid(
         grids, cache_path=out_dir / "vs_ddp-cache.json", fresh=args.fresh, netns=netns,
         timeout=args.timeout, only=args.only.split(",") if args.only else None,
-        cached_only=args.cached_only)
+        cached_only=args.cached_only, repeats=args.repeats)
     figs = figures(grids, results, netns=netns)
     figs["wall_s"] = round(time.monotonic() - t0, 1)
     figs["not_run"] = missing
     figs["from_cache"] = from_cache  # configurations not run now: read from the cache
+    figs["repeats"] = args.repeats
     figs["configs_run_s"] = round(sum(r["run_s"] for rs in results.values() for r in rs), 1)
     write_outputs(out_dir, grids, results, figs, wall_s=time.monotonic() - t0,
                   command="python -m bench.vs_ddp " + " ".join(argv),

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.vs_ddp_sparse import config_name, down_over_up, with_raw32
+from bench.vs_ddp_sparse import (
+    config_name,
+    down_over_up,
+    gap_se,
+    merge_repeats,
+    repeat_keys,
+    sparse_figures,
+    targets_md,
+    with_raw32,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,10 +35,49 @@ def test_names_and_raw32_at_the_same_h() -> None:
     assert down_over_up(rows) == pytest.approx(1.25)  # the join's round left out
 
 
+def test_repeats_merge_to_means_with_their_spread() -> None:
+    assert repeat_keys("m/c/abc", 3) == ["m/c/abc", "m/c/abc#r1", "m/c/abc#r2"]
+    assert repeat_keys("m/c/abc", 1) == ["m/c/abc"]
+
+    def run(loss: float, up: float) -> dict[str, object]:
+        return {"config": "sparseloco-H25", "H": 25, "final_eval_loss": loss,
+                "bytes_up_payload": up, "run_s": 10.0, "codec": "sparseloco",
+                "curve": [[0, 0.0, 0.0, 2.0], [25, up, 1.0, loss]]}
+
+    one = run(1.0, 4.0)
+    assert merge_repeats([one]) is one  # a single run is reported as it is
+    m = merge_repeats([run(1.0, 4.0), run(1.2, 6.0), run(1.1, 5.0)])
+    assert m["final_eval_loss"] == pytest.approx(1.1)
+    assert m["bytes_up_payload"] == pytest.approx(5.0)
+    assert m["run_s"] == pytest.approx(30.0)  # the time of all the runs
+    assert m["H"] == 25
+    assert m["config"] == "sparseloco-H25"
+    assert m["codec"] == "sparseloco"
+    assert m["repeats"] == 3
+    assert m["final_eval_loss_runs"] == [1.0, 1.2, 1.1]
+    assert m["final_eval_loss_sd"] == pytest.approx(0.1)
+    assert m["curve"][1] == pytest.approx([25, 5.0, 1.0, 1.1])
+    base = merge_repeats([run(1.0, 1.0), run(1.0, 1.0)])  # no spread in the baseline
+    # se of the relative gap: sd / sqrt(n) / base for the mean of 3 runs with sd 0.1
+    assert gap_se(m, base) == pytest.approx(0.1 / 3 ** 0.5)
+    assert gap_se(m, one) is None  # a single run has no spread
+    assert isinstance(m["H"], int)  # what the runs share stays as it is (names are made of it)
+    raw = merge_repeats([{**run(1.0, 9.0), "config": "diloco-H25-raw32", "codec": "raw32"},
+                         {**run(1.0, 9.0), "config": "diloco-H25-raw32", "codec": "raw32"}])
+    m.update(loss_gap_vs_ddp=0.0, bytes_ratio_vs_ddp=1000.0, compression_savings=0.96,
+             compression_loss_gap=0.1)
+    f = sparse_figures([m, raw])
+    assert f is not None
+    assert f["compression_loss_gap_se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert f["loss_runs"]["sparseloco-H25"]["runs"] == [1.0, 1.2, 1.1]
+    assert "| sparseloco-H25 | 1.0000, 1.2000, 1.1000 | 1.1000 | 0.1000 |" in targets_md(f)
+
+
 @pytest.mark.timeout(300)
 def test_quick_sparseloco_grid(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.vs_ddp", "--quick", "--only",
-                           "sparseloco", "--fresh", "--out-dir", str(tmp_path)], cwd=ROOT,
+                           "sparseloco", "--fresh", "--repeats", "2", "--out-dir", str(tmp_path)],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -48,4 +96,12 @@ def test_quick_sparseloco_grid(tmp_path: Path) -> None:
     assert set(s["targets"]) == {"bytes_ratio_1000x", "loss_within_1pct",
                                  "compression_savings_95pct", "compression_gap_1pct",
                                  "down_over_up_2"}
-    assert "SparseLoCo targets" in (tmp_path / "vs_ddp_sparseloco.md").read_text()
+    assert len(sp["final_eval_loss_runs"]) == 2  # two runs of each DiLoCo configuration
+    assert sp["final_eval_loss"] == pytest.approx(sum(sp["final_eval_loss_runs"]) / 2)
+    assert set(s["loss_runs"]) == {"diloco-H10-raw32", "sparseloco-H10"}
+    assert s["compression_loss_gap_se"] is not None
+    assert s["compression_loss_gap_se"] >= 0
+    assert set(fig["from_cache"]) == set()  # --fresh: every run made now
+    md = (tmp_path / "vs_ddp_sparseloco.md").read_text()
+    assert "SparseLoCo targets" in md
+    assert "Final eval loss of each run" in md
