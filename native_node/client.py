@@ -36,6 +36,7 @@ from native_node.address import coordinator_tls, coordinator_url
 from native_node.dht import NodeDht
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.stream_down import Downloader
+from native_node.stream_rtc import StreamRoute
 from native_node.stream_upload import Uploader
 from native_node.trainer import Trainer
 from native_node.training import TrainingMixin
@@ -184,6 +185,7 @@ class NodeClient(TrainingMixin):
         self.dht: NodeDht | None = None  # peer discovery (opts.dht)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.uploader = Uploader(self.part)  # updates larger than Welcome.stream_chunk
+        self.stream_route = StreamRoute(self)  # ... over the star data channel (stream_rtc)
         self.downloader = Downloader(self.part)  # RoundOpens in chunks (native_node.stream_down)
         self.tls = False  # whether the current connection is TLS (wss)
         self.task: asyncio.Task[None] | None = None
@@ -349,7 +351,7 @@ class NodeClient(TrainingMixin):
                 if self.p2p is not None:  # hierarchy: a RoundOpen waits for the aggregate
                     await self.p2p.group.before_frame(raw.data)
                 if raw.data[5:6] == bytes((Resume.TYPE,)):  # streamed update: send chunks
-                    self.uploader.on_resume(ws, raw.data)
+                    self.uploader.on_resume(self.stream_route.socket(ws), raw.data)
                     continue
                 if raw.data[5:6] == bytes((ParamsChunk.TYPE,)):  # a streamed RoundOpen's chunk
                     if await self._events(await self.downloader.on_chunk(ws, raw.data)):
@@ -445,6 +447,9 @@ class NodeClient(TrainingMixin):
 
     async def _send(self, frame: bytes, *, is_update: bool = False) -> None:
         """With the star transport an update goes over the data channel when it is open."""
+        if is_update and self.stream_route.takes(frame):  # star + streamed: stream_rtc
+            await self.stream_route.start(frame)
+            return
         if is_update and self.uplink is not None and await self.uplink.send(frame):
             return
         if self.ws is not None and not self.ws.closed:

@@ -171,9 +171,11 @@ class RunConfig:
             (self.stream_chunk_mb == 0 or 1024 <= self.stream_chunk_mb * 2**20 <= min(
                 self.max_frame, 2**31 - 1) - 4096, "stream_chunk_mb",
              "must be 0 (off) or from 1 KiB to max_frame_mb less 4 KiB"),
-            (self.stream_chunk_mb == 0 or (self.transport == "ws" and not self.secagg
-                                           and not self.validation), "stream_chunk_mb",
-             "streamed updates are built for transport ws without secagg or validation"),
+            (self.stream_chunk_mb == 0 or (self.transport in ("ws", "star")
+                                           and not self.secagg and not self.validation),
+             "stream_chunk_mb", "streamed updates are built for transport ws or star without "
+             "secagg or validation (p2p members swap shards in one frame each; secagg's "
+             "masked words and validators' payload copies are not spooled)"),
             (self.resume_grace_s >= 0, "resume_grace_s", "must be >= 0"),
             (self.transport in ("ws", "star", "p2p"), "transport", "must be ws, star or p2p"),
             (self.p2p_replicas >= 1, "p2p_replicas", "must be >= 1"),

@@ -52,7 +52,7 @@ from server.runstate import RunState
 from server.secagg_round import SecAggReduction
 from server.slashing import Slashing
 from server.stream_down import ParamsStreams
-from server.streams import StreamIntake
+from server.streams import StreamIntake, stream_view
 from server.validation import Validation
 from shared.envelope import ReplayGuard
 from shared.errors import (
@@ -537,6 +537,7 @@ class Coordinator:
             # p2p reductions: disputes, liars, malformed results, dropped members, relayed bytes
             "p2p": {k.removeprefix("p2p_"): n for k, n in sorted(self.counters.items())
                     if k.startswith("p2p_")},
+            "stream": stream_view(self.counters),  # streamed updates, by path (server.streams)
             "autotune": self.autotune.view(),
             "dp": self.dp.view(),
             "stop_reason": self.dp.stop_reason,

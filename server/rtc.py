@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,16 +30,20 @@ from server.config import RunConfig
 from server.peers import Connection, Peer
 from server.turn import IceServers
 from shared.errors import BadUpdate, UnknownNode
-from shared.messages import HEX64, SERVER, Message, Signal
+from shared.messages import HEX64, SERVER, Chunk, Message, Signal, StreamSubmit
 from transport.rtc import FrameLink, pair_type, rtc_config
 
 log = logging.getLogger("server.rtc")
 PAIR_TYPES = ("host", "srflx", "relay")  # what a node may report in a "path" Signal
 MAX_PATHS = 1024  # peers whose pair type is kept per node
+# streamed-update frames counted when they come over a node's data channel
+STREAM_FRAMES = {Chunk.TYPE: "stream_chunks_rtc", StreamSubmit.TYPE: "stream_submits_rtc"}
 
 
 class RtcHost(Protocol):
     """What the hub needs from the coordinator."""
+
+    counters: Counter[str]  # the run's counters (stream frames that came over a channel)
 
     def conn(self, node_id: str) -> Connection | None: ...  # None when not connected
 
@@ -110,6 +115,9 @@ class RtcHub:
         host = self.host
 
         async def on_frame(frame: bytes) -> None:
+            kind = STREAM_FRAMES.get(frame[5]) if len(frame) > 5 else None
+            if kind is not None:  # streamed updates: which path their frames took
+                host.counters[kind] += 1
             await host.handle_frame(conn, frame)
 
         link = FrameLink(channel, on_frame, max_frame=self.settings.max_frame)

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,8 @@ class StreamIntake:
         self.coord = coord
         self.spool = Spool(coord.run.store.dir / "spool")
         self.transfers: dict[str, Transfer] = {}  # node id -> its open transfer
-        self.counters = coord.counters  # stream_started, stream_resumed, stream_completed
+        # stream_started, stream_resumed, stream_completed, stream_submits, stream_chunks
+        self.counters = coord.counters
         coord.commit_hooks.append(self.after_commit)
 
     # -- announcements -------------------------------------------------------------------
@@ -66,6 +68,7 @@ class StreamIntake:
         peer = conn.peer
         assert peer is not None  # authenticated
         coord = self.coord
+        self.counters["stream_submits"] += 1  # on either path (server.rtc counts its own)
         state = coord.collection.state
         if msg.length != coord.run.n_params:
             raise BadUpdate(f"wrong shape: update has {msg.length} values, the model has "
@@ -115,6 +118,7 @@ class StreamIntake:
         """An unsigned Chunk frame on an authenticated connection; refusals are the
         coordinator's (Error to the sender, log line, counter)."""
         coord = self.coord
+        self.counters["stream_chunks"] += 1  # on either path (server.rtc counts its own)
         round_ = frame.header.get("round") if isinstance(frame.header.get("round"), int) \
             else None
         try:
@@ -195,3 +199,15 @@ class StreamIntake:
         open_parts = {t.path for t in self.transfers.values()}
         gone = self.spool.clear(keep=lambda p: p in open_parts)
         log.info("round %d committed: %d spool file(s) deleted", round_, gone)
+
+
+def stream_view(counters: Counter[str]) -> dict[str, int]:
+    """/api/run's `stream`: transfers started / resumed / completed, and their frames by path
+    (announcements and chunks in all, and those that came over star data channels)."""
+    view = {k.removeprefix("stream_"): n for k, n in sorted(counters.items())
+            if k.startswith("stream_")}
+    for kind in ("submits", "chunks"):
+        view.setdefault(kind, 0)
+        view.setdefault(f"{kind}_rtc", 0)
+        view[f"{kind}_ws"] = view[kind] - view[f"{kind}_rtc"]
+    return view

@@ -1,0 +1,66 @@
+"""Streamed updates over the star data channel (native_node.stream_rtc; docs/protocol.md,
+"Streamed updates"), with real processes in a private network namespace the test creates:
+a real server (`--transport star --stream-chunk-mb 0.01`), a real native node process and a
+native node in the scenario's process (tests/stream_rtc_scenario.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.netns import available
+from tests.conftest import in_netns
+
+pytestmark = pytest.mark.skipif(available() is not None,
+                                reason=f"no private network namespace: {available()}")
+N_CHUNKS = 42  # gpt-tiny nano's raw32 update (433,281 bytes) in 10 KiB chunks
+CUT_AT = 3  # tests/stream_rtc_scenario.py drops the channel before this chunk
+
+
+def test_updates_stream_over_the_channel_resume_after_a_drop_and_refuse_bad_chunks(
+        tmp_path: Path) -> None:
+    res = in_netns("tests.stream_rtc_scenario", [str(tmp_path)], veth=True)
+    assert [(r["round"], r["n_updates"]) for r in res["rounds"]] == [(0, 2), (1, 2), (2, 2)]
+    done, route, stream = res["done"], res["route"], res["run"]["stream"]
+    assert done["cut"]
+    assert done["injected"]
+    # every update streamed: 2 nodes x 3 rounds, one transfer each, all complete
+    assert stream["started"] == stream["completed"] == 6
+    # round 0 of the cut node: its channel dropped after chunk CUT_AT - 1; the update was
+    # announced again on the WebSocket and only the chunks the server lacked travelled there
+    assert route["lost"] == 1
+    assert route["reoffers"] == 1
+    assert stream["resumed"] == 1
+    assert stream["submits_ws"] == 1
+    assert f"for round 0 at chunk {CUT_AT} of {N_CHUNKS}" in res["server_log"]
+    assert stream["chunks_ws"] == N_CHUNKS - CUT_AT
+    # everything else went over data channels (the cut node's over the new one), 4 bad
+    # chunks included
+    assert stream["submits_rtc"] == 6
+    assert stream["chunks_rtc"] == 5 * N_CHUNKS + CUT_AT + 4
+    assert stream["chunks"] == stream["chunks_rtc"] + stream["chunks_ws"]
+    # the bad chunks: each refused with its typed error, the transfer went on and committed
+    assert res["run"]["rejected"] == {"bad_chunk": 1, "duplicate_chunk": 1,
+                                      "chunk_out_of_window": 1, "foreign_chunk": 1}
+    cut = res["cut_node"][:12]
+    for code in ("bad_chunk", "duplicate_chunk", "chunk_out_of_window", "foreign_chunk"):
+        assert re.search(rf"rejected {code} from {cut}", res["server_log"])
+    # the channel was offered again and both nodes end on their data channels
+    assert sorted(p["transport"] for p in res["peers"]) == ["webrtc", "webrtc"]
+    assert "complete (accepted)" in res["server_log"]
+
+
+def test_without_a_channel_the_streamed_updates_go_over_the_websocket(tmp_path: Path) -> None:
+    res = in_netns("tests.stream_rtc_scenario", [str(tmp_path), "--no-faults"], veth=False)
+    assert [(r["round"], r["n_updates"]) for r in res["rounds"]] == [(0, 2), (1, 2), (2, 2)]
+    stream = res["run"]["stream"]
+    assert stream["started"] == stream["completed"] == 6
+    assert stream["chunks_rtc"] == stream["submits_rtc"] == 0
+    assert stream["chunks_ws"] == 6 * N_CHUNKS
+    assert stream["submits_ws"] == 6
+    assert res["route"].get("frames_rtc", 0) == 0
+    assert not res["route"].get("reoffers")
+    assert sorted(p["transport"] for p in res["peers"]) == ["relay", "relay"]
+    assert res["run"]["rejected_total"] == 0
