@@ -11,14 +11,25 @@ from pathlib import Path
 import pytest
 
 from bench.netns import available
+from server.config import RunConfig
 from tests.conftest import in_netns
 
-pytestmark = pytest.mark.skipif(available() is not None,
-                                reason=f"no private network namespace: {available()}")
+netns = pytest.mark.skipif(available() is not None,
+                           reason=f"no private network namespace: {available()}")
 N_CHUNKS = 42  # gpt-tiny nano's raw32 update (433,281 bytes) in 10 KiB chunks
 CUT_AT = 3  # tests/stream_rtc_scenario.py drops the channel before this chunk
 
 
+def test_run_config_takes_streaming_with_ws_and_star_and_says_why_not_with_p2p() -> None:
+    for transport in ("ws", "star"):
+        assert RunConfig(transport=transport, stream_chunk_mb=1.0).stream_chunk == 2**20
+    with pytest.raises(ValueError, match="p2p members swap shards in one frame"):
+        RunConfig(transport="p2p", stream_chunk_mb=1.0)
+    with pytest.raises(ValueError, match="built for transport ws or star without secagg"):
+        RunConfig(transport="star", stream_chunk_mb=1.0, validation=True)
+
+
+@netns
 def test_updates_stream_over_the_channel_resume_after_a_drop_and_refuse_bad_chunks(
         tmp_path: Path) -> None:
     res = in_netns("tests.stream_rtc_scenario", [str(tmp_path)], veth=True)
@@ -52,6 +63,7 @@ def test_updates_stream_over_the_channel_resume_after_a_drop_and_refuse_bad_chun
     assert "complete (accepted)" in res["server_log"]
 
 
+@netns
 def test_without_a_channel_the_streamed_updates_go_over_the_websocket(tmp_path: Path) -> None:
     res = in_netns("tests.stream_rtc_scenario", [str(tmp_path), "--no-faults"], veth=False)
     assert [(r["round"], r["n_updates"]) for r in res["rounds"]] == [(0, 2), (1, 2), (2, 2)]
