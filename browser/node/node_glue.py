@@ -12,10 +12,11 @@ import js  # type: ignore[import-not-found]
 from pyodide.ffi import to_js  # type: ignore[import-not-found]
 
 from shared.envelope import Identity
-from shared.messages import ParamsChunk
+from shared.messages import Chunk, ParamsChunk, Resume
 from shared.participant import Participant
 from shared.stream_down import FEATURE as STREAM_FEATURE
 from shared.stream_down import Fetcher
+from shared.stream_up import Sender
 
 AGENT = "daa-prime-browser/0.1"
 
@@ -42,10 +43,27 @@ def make_participant(public_key, secret_key, pins_json: str, save_pins, device: 
                     save_pins=lambda pins: save_pins(json.dumps(pins)))
     p.extra_features = (STREAM_FEATURE,)  # large RoundOpens in chunks (shared.stream_down)
     FETCHERS[id(p)] = Fetcher(p)
+    SENDERS[id(p)] = Sender(p)
     return p
 
 
 FETCHERS: dict[int, Fetcher] = {}  # the participant's streamed-RoundOpen downloads
+SENDERS: dict[int, Sender] = {}  # its streamed updates (shared.stream_up)
+
+
+def _streamed(p: Participant, events: list[dict[str, object]]) -> list[dict[str, object]]:
+    """A Submit larger than the Welcome's stream_chunk goes as its signed StreamSubmit (the
+    chunks follow the server's Resume). node.js sends these on the socket: in a star run
+    only single-frame updates take the tab's data channel."""
+    return SENDERS.setdefault(id(p), Sender(p)).stream(events)
+
+
+def _resumed(p: Participant, frame: bytes) -> list[dict[str, object]]:
+    """The server's Resume -> the Chunk frames from its `next` on, all at once ("send"
+    events, in order, for the socket: the page's WebSocket buffers them)."""
+    frames = SENDERS.setdefault(id(p), Sender(p)).on_resume(frame)
+    return [] if frames is None else [
+        {"kind": "send", "msg_type": Chunk.TYPE, "frame": f} for f in frames]
 
 
 def _received(p: Participant, frame: bytes) -> list[dict[str, object]]:
@@ -55,6 +73,8 @@ def _received(p: Participant, frame: bytes) -> list[dict[str, object]]:
     fetcher = FETCHERS.setdefault(id(p), Fetcher(p))
     if len(frame) > 5 and frame[5] == ParamsChunk.TYPE:
         events = fetcher.on_chunk(frame)
+    elif len(frame) > 5 and frame[5] == Resume.TYPE:  # our streamed update: its chunks
+        return _resumed(p, frame)
     else:
         events = p.receive(frame)
     out: list[dict[str, object]] = []
@@ -64,7 +84,7 @@ def _received(p: Participant, frame: bytes) -> list[dict[str, object]]:
 
 
 def feed(p: Participant, data) -> object:
-    events = _hooked(p, _received(p, data.to_bytes()))
+    events = _streamed(p, _hooked(p, _received(p, data.to_bytes())))  # a resubmission too
     for ev in events:  # the Welcome's STUN/TURN servers, for the tab's RTCPeerConnection
         if ev["kind"] == "welcome" and p.welcome is not None:
             ev["ice_servers"] = [dict(s) for s in p.welcome.ice_servers]
@@ -74,8 +94,9 @@ def feed(p: Participant, data) -> object:
 def submit(p: Participant, round_: int, delta, train_loss, samples: int,
            compute_s: float) -> object:
     loss = None if train_loss is None else float(train_loss)
-    return _js(_hooked(p, p.submit(int(round_), delta.to_bytes(), train_loss=loss,
-                                   samples=int(samples), compute_s=float(compute_s))))
+    return _js(_streamed(p, _hooked(p, p.submit(int(round_), delta.to_bytes(), train_loss=loss,
+                                                samples=int(samples),
+                                                compute_s=float(compute_s)))))
 
 
 def verdict(p: Participant, round_: int, base_loss: float, losses) -> object:
