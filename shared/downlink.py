@@ -57,6 +57,7 @@ def encode_changes(prev: Any, new: Any) -> bytes | None:
     found = [np.flatnonzero(ua[lo:lo + CMP_BLOCK] != ub[lo:lo + CMP_BLOCK]) + lo
              for lo in range(0, a.size, CMP_BLOCK)]
     idx = np.concatenate(found) if found else np.zeros(0, np.int64)
+    del found
     n, k = a.size, idx.size
     if k * 2 > n:
         return None
