@@ -46,14 +46,14 @@ def faults(done: dict[str, Any]) -> None:
         if ok and done["cut"] and not done["injected"] and msg.round > 0 and msg.index == 1:
             done["injected"], done["injected_round"] = True, msg.round
             bad = [Chunk(round=msg.round, digest=msg.digest, index=2,
-                         payload=bytes(len(msg.payload))),  # bad_chunk: not its SHA-256
+                         payload=bytes(len(msg.payload))).to_frame(),  # bad_chunk: SHA-256
                    frame,  # duplicate_chunk
                    Chunk(round=msg.round, digest=msg.digest, index=40,
-                         payload=msg.payload),  # chunk_out_of_window (the window is 2..17)
+                         payload=msg.payload).to_frame(),  # chunk_out_of_window (2..17 now)
                    Chunk(round=msg.round, digest="00" * 32, index=0,
-                         payload=msg.payload)]  # foreign_chunk
+                         payload=msg.payload).to_frame()]  # foreign_chunk
             for b in bad:
-                await self.link.send_frame(b if isinstance(b, bytes) else b.to_frame())
+                await self.link.send_frame(b)
         return ok
 
     StarUplink.send = send  # type: ignore[method-assign]
