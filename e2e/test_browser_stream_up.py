@@ -19,8 +19,10 @@ from server.keys import COORDINATOR
 
 CHUNK_MB = 0.05
 CUT_AFTER = 2  # chunks of round 0's update the server verifies before it cuts the socket
-RUN = {"model": "gpt-tiny", "inner_steps": 8, "batch_size": 16, "deadline_s": 120.0,
-       "quorum": 1, "rounds": 2, "codec": "raw32", "stream_chunk_mb": CHUNK_MB}
+ROUNDS = 2
+RUN: dict[str, object] = {
+    "model": "gpt-tiny", "inner_steps": 8, "batch_size": 16, "deadline_s": 120.0, "quorum": 1,
+    "rounds": ROUNDS, "codec": "raw32", "stream_chunk_mb": CHUNK_MB}
 
 
 def api(server: Any, path: str) -> Any:
@@ -48,7 +50,7 @@ def test_a_tab_streams_its_updates_and_resumes_after_a_cut(make_server: Any,
     tab = open_tab(f"{server.url}/?backend=wasm", "tab")
     tab.wait("s.state === 'the run is finished'", timeout_s=240)
     s = tab.stats()
-    assert s["accepted"] == RUN["rounds"], s
+    assert s["accepted"] == ROUNDS, s
     assert s["rejected"] == 0, s
     assert s["resubmitted"] >= 1, s  # after the cut
     cut_round, n = seen["cut"]
@@ -58,17 +60,17 @@ def test_a_tab_streams_its_updates_and_resumes_after_a_cut(make_server: Any,
     assert n > CUT_AFTER + 1
     counters = server.call(lambda: dict(coord.counters))
     # every round's update came streamed; the cut one resumed once, at chunk CUT_AFTER
-    assert counters["stream_started"] == RUN["rounds"], counters
-    assert counters["stream_completed"] == RUN["rounds"], counters
+    assert counters["stream_started"] == ROUNDS, counters
+    assert counters["stream_completed"] == ROUNDS, counters
     assert counters["stream_resumed"] == 1, counters
     # the verified chunks did not travel again: n chunks per round reached the intake
-    assert seen["chunks"] == RUN["rounds"] * n, seen
+    assert seen["chunks"] == ROUNDS * n, seen
     rejected = server.call(lambda: dict(coord.rejected))
     assert not any(rejected.get(code) for code in
                    ("bad_chunk", "duplicate_chunk", "chunk_out_of_window", "foreign_chunk"))
     rounds = api(server, "/api/rounds")
-    assert [r["n_updates"] for r in rounds] == [1] * RUN["rounds"], rounds
-    for r in range(RUN["rounds"]):
+    assert [r["n_updates"] for r in rounds] == [1] * ROUNDS, rounds
+    for r in range(ROUNDS):
         assert s["nodeId"] in server.call(lambda r=r: server.run.store.update_keys(r))
     assert not list((server.data_dir / "spool").iterdir())  # nothing left after the commits
     assert tab.errors == [], tab.errors

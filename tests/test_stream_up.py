@@ -54,6 +54,8 @@ async def test_streamed_update_resumes_after_a_cut_and_commits(tmp_path: Any) ->
     async with serve(tmp_path, quorum=1, stream_chunk_mb=CHUNK_MB, codec="raw32",
                      deadline_s=60.0, rounds=2) as srv:
         coord = srv.app[COORDINATOR]
+        intake = coord.streams
+        assert intake is not None
         part = Participant(identity("up"), runtime="native", agent="test", device="cpu")
         snd = Sender(part)
         async with srv.http.ws_connect(srv.url + "/ws") as ws:
@@ -82,11 +84,11 @@ async def test_streamed_update_resumes_after_a_cut_and_commits(tmp_path: Any) ->
             for _ in range(2):
                 await ws.send_bytes(next(frames))
             for _ in range(100):  # the server verified both before the cut
-                t = coord.streams.transfers.get(part.node_id)
+                t = intake.transfers.get(part.node_id)
                 if t is not None and t.reassembly.next == 2:
                     break
                 await asyncio.sleep(0.02)
-            assert coord.streams.transfers[part.node_id].reassembly.next == 2
+            assert intake.transfers[part.node_id].reassembly.next == 2
         async with srv.http.ws_connect(srv.url + "/ws") as ws:  # the reconnect
             part.connection_made()
             resume = await drive(ws, part, snd, "resume")  # resubmitted, streamed again
