@@ -517,6 +517,7 @@ SOURCES: dict[str, str] = {
     "load.txt": "python -m bench.load --participants 1000 > bench/results/load.txt",
     "stream.txt": "python -m bench.stream --deadline-s 60 > bench/results/stream.txt",
     "stream_down.txt": "python -m bench.stream_down > bench/results/stream_down.txt",
+    "stream_rtc.txt": "python -m bench.stream_rtc > bench/results/stream_rtc.txt",
     **{f"stream_{rule}.txt": f"python -m bench.stream --rule {rule} "
        f"> bench/results/stream_{rule}.txt" for rule in ("krum", "bulyan")},
     "stream_median_control.txt": "python -m bench.stream --rule median --participants 4 "
