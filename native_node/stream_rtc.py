@@ -88,9 +88,17 @@ class StreamRoute:
         if ws is None or ws.closed:
             return  # resubmitted after the reconnect
         self.frame = frame
+        up = self.client.uplink
+        if up is not None and not up.decided.is_set():
+            # a resubmission right after a reconnect: the channel's answer comes on this
+            # socket, so the session must go on reading it while the announcement waits
+            self._background(self._announce(ws, up, frame))
+            return
+        await self._announce(ws, up, frame)
+
+    async def _announce(self, ws: Any, up: StarUplink | None, frame: bytes) -> None:
         try:
-            await self.client.uploader.start(ChannelSocket(self, ws, self.client.uplink,
-                                                           wait=True), frame)
+            await self.client.uploader.start(ChannelSocket(self, ws, up, wait=True), frame)
         except (ConnectionError, RuntimeError) as exc:  # aiohttp's errors derive from these
             log.warning("send failed (%s); the update is resubmitted after the reconnect", exc)
 

@@ -29,8 +29,9 @@ ROUNDS = 3
 CUT_AT = 3  # round 0: the channel drops before this chunk goes (chunks 0..2 went over it)
 
 
-def faults(done: dict[str, Any]) -> None:
-    """Patch StarUplink.send (this process's node only): the cut, then the bad chunks."""
+def faults(done: dict[str, Any], client: NodeClient) -> None:
+    """Patch StarUplink.send (this process's node only): the channel's cut, the bad chunks,
+    then in the last round a cut of the node's WebSocket mid-transfer."""
     orig = StarUplink.send
 
     async def send(self: StarUplink, frame: bytes) -> bool:
@@ -38,6 +39,11 @@ def faults(done: dict[str, Any]) -> None:
             return await orig(self, frame)
         msg = decode_message(frame)
         assert isinstance(msg, Chunk)
+        if not done["ws_cut"] and msg.round == ROUNDS - 1 and msg.index == CUT_AT \
+                and client.ws is not None:
+            await asyncio.sleep(0.5)
+            done["ws_cut"] = True
+            await client.ws.close()  # the node reconnects; its new channel resumes it
         if not done["cut"] and msg.round == 0 and msg.index == CUT_AT:
             await asyncio.sleep(0.5)  # the chunks before it arrive and are verified
             await self.pc.close()  # the channel drops mid-transfer
@@ -63,9 +69,8 @@ async def main(tmp: Path, with_faults: bool) -> dict[str, Any]:
     procs = Procs(tmp)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    done: dict[str, Any] = {"cut": False, "injected": False, "injected_round": None}
-    if with_faults:
-        faults(done)
+    done: dict[str, Any] = {"cut": False, "injected": False, "injected_round": None,
+                            "ws_cut": False}
     try:
         procs.server("server", tmp / "run", port, "--model", "gpt-tiny", "--inner-steps", "3",
                      "--batch-size", "8", "--quorum", "2", "--rounds", str(ROUNDS),
@@ -82,6 +87,8 @@ async def main(tmp: Path, with_faults: bool) -> dict[str, Any]:
         client = NodeClient(NodeOptions(coordinator=f"127.0.0.1:{port}",
                                         identity=Identity.generate(), state_dir=tmp / "cut",
                                         progress=False))
+        if with_faults:
+            faults(done, client)
         await asyncio.wait_for(client.run(), timeout=180)
         for _ in range(100):  # the server commits the last round before the node hears it
             if get_json(url + "/api/run")["status"] == "finished":

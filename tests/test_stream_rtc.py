@@ -43,13 +43,19 @@ def test_updates_stream_over_the_channel_resume_after_a_drop_and_refuse_bad_chun
     # announced again on the WebSocket and only the chunks the server lacked travelled there
     assert route["lost"] == 1
     assert route["reoffers"] == 1
-    assert stream["resumed"] == 1
     assert stream["submits_ws"] == 1
     assert f"for round 0 at chunk {CUT_AT} of {N_CHUNKS}" in res["server_log"]
     assert stream["chunks_ws"] == N_CHUNKS - CUT_AT
-    # everything else went over data channels (the cut node's over the new one), 4 bad
+    # the last round: the node's WebSocket cut after chunk CUT_AT - 1; after the reconnect
+    # the update was announced again over the node's new channel and resumed there
+    assert done["ws_cut"]
+    assert stream["resumed"] == 2
+    resumed = re.search(rf"for round 2 at chunk (\d+) of {N_CHUNKS}", res["server_log"])
+    assert resumed is not None
+    assert int(resumed[1]) >= CUT_AT
+    # everything else went over data channels (the cut node's over the new ones), 4 bad
     # chunks included
-    assert stream["submits_rtc"] == 6
+    assert stream["submits_rtc"] == 7
     assert stream["chunks_rtc"] == 5 * N_CHUNKS + CUT_AT + 4
     assert stream["chunks"] == stream["chunks_rtc"] + stream["chunks_ws"]
     # the bad chunks: each refused with its typed error, the transfer went on and committed
