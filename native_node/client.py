@@ -450,6 +450,8 @@ class NodeClient(TrainingMixin):
         if is_update and self.stream_route.takes(frame):  # star + streamed: stream_rtc
             await self.stream_route.start(frame)
             return
+        if is_update and self.stream_route.deferred(frame):  # star channel not ready yet
+            return
         if is_update and self.uplink is not None and await self.uplink.send(frame):
             return
         if self.ws is not None and not self.ws.closed:

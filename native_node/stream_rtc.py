@@ -102,6 +102,27 @@ class StreamRoute:
         except (ConnectionError, RuntimeError) as exc:  # aiohttp's errors derive from these
             log.warning("send failed (%s); the update is resubmitted after the reconnect", exc)
 
+    def deferred(self, frame: bytes) -> bool:
+        """A one-frame update while the star channel is being set up (a resubmission right
+        after a reconnect): sent from a task once the channel opened or was given up, so the
+        session goes on reading the socket where the channel's answer comes. True if so."""
+        up = self.client.uplink
+        if up is None or up.decided.is_set():
+            return False
+        self._background(self._send_when_decided(up, frame))
+        return True
+
+    async def _send_when_decided(self, up: StarUplink, frame: bytes) -> None:
+        if await up.send(frame):  # waits (at most rtc_timeout_s) for the channel
+            return
+        ws = self.client.ws
+        if ws is None or ws.closed:
+            return  # resubmitted after the reconnect
+        try:
+            await ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError) as exc:
+            log.warning("send failed (%s); the update is resubmitted after the reconnect", exc)
+
     def socket(self, ws: Any) -> Any:
         """Where a Resume's chunks go: the channel if it is open now, else `ws` itself."""
         up = self.client.uplink

@@ -4,8 +4,9 @@ native node process and one native node in this process (NodeClient), whose data
 script drops mid-transfer in round 0 and over which it slips bad chunks into the next
 transfer that goes over a channel. Prints JSON of /api/run, /api/rounds, /api/peers, the
 in-process node's path counts and what was done to it.
-`python -m tests.stream_rtc_scenario DIR [--no-faults]` (--no-faults: ICE is expected to fail,
-the data channel's timeout is 2 s)."""
+`python -m tests.stream_rtc_scenario DIR [--no-faults | --single]` (--no-faults: ICE is
+expected to fail, the data channel's timeout is 2 s; --single: one-frame updates, the
+WebSocket cut as round 1's Submit goes out)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from bench.common import free_port, get_json
 from native_node.client import NodeClient, NodeOptions
 from shared.envelope import Identity
-from shared.messages import Chunk, decode_message
+from shared.messages import Chunk, Submit, decode_message
 from tests.conftest import Procs
 from transport.rtc import StarUplink
 
@@ -65,7 +66,25 @@ def faults(done: dict[str, Any], client: NodeClient) -> None:
     StarUplink.send = send  # type: ignore[method-assign]
 
 
-async def main(tmp: Path, with_faults: bool) -> dict[str, Any]:
+def single_fault(done: dict[str, Any], client: NodeClient) -> None:
+    """One-frame updates: round 1's Submit is lost with the node's WebSocket, cut as it goes
+    out; the node reconnects and resubmits it."""
+    orig = StarUplink.send
+
+    async def send(self: StarUplink, frame: bytes) -> bool:
+        msg = decode_message(frame, max_payload=2**31 - 1)
+        if not done["ws_cut"] and isinstance(msg, Submit) and msg.round == 1 \
+                and client.ws is not None:
+            done["ws_cut"] = True
+            await client.ws.close()
+            return True  # as if it went: the reconnect's resubmission must carry it
+        return await orig(self, frame)
+
+    StarUplink.send = send  # type: ignore[method-assign]
+
+
+async def main(tmp: Path, mode: str) -> dict[str, Any]:
+    with_faults = mode == "faults"
     procs = Procs(tmp)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -74,9 +93,9 @@ async def main(tmp: Path, with_faults: bool) -> dict[str, Any]:
     try:
         procs.server("server", tmp / "run", port, "--model", "gpt-tiny", "--inner-steps", "3",
                      "--batch-size", "8", "--quorum", "2", "--rounds", str(ROUNDS),
-                     "--transport", "star", "--rtc-timeout-s", "20" if with_faults else "2",
+                     "--transport", "star", "--rtc-timeout-s", "2" if mode == "no-faults" else "20",
                      "--deadline-s", "90",
-                     "--stream-chunk-mb", "0.01")
+                     "--stream-chunk-mb", "0" if mode == "single" else "0.01")
         for _ in range(300):
             try:
                 get_json(url + "/api/run")
@@ -89,6 +108,8 @@ async def main(tmp: Path, with_faults: bool) -> dict[str, Any]:
                                         progress=False))
         if with_faults:
             faults(done, client)
+        elif mode == "single":
+            single_fault(done, client)
         await asyncio.wait_for(client.run(), timeout=180)
         for _ in range(100):  # the server commits the last round before the node hears it
             if get_json(url + "/api/run")["status"] == "finished":
@@ -97,7 +118,8 @@ async def main(tmp: Path, with_faults: bool) -> dict[str, Any]:
         return {"rounds": get_json(url + "/api/rounds"), "run": get_json(url + "/api/run"),
                 "peers": get_json(url + "/api/peers"), "cut_node": client.node_id,
                 "route": dict(client.stream_route.counts), "done": done,
-                "server_log": procs.log("server"), "direct_log": procs.log("direct")}
+                "server_log": procs.log("server"), "direct_log": procs.log("direct"),
+                "node_log": (tmp / "cut.log").read_text()}
     finally:
         procs.kill_all()
 
@@ -106,5 +128,10 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    out = asyncio.run(main(Path(sys.argv[1]), "--no-faults" not in sys.argv[2:]))
+    mode = "no-faults" if "--no-faults" in sys.argv[2:] else \
+        "single" if "--single" in sys.argv[2:] else "faults"
+    handler = logging.FileHandler(Path(sys.argv[1]) / "cut.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    out = asyncio.run(main(Path(sys.argv[1]), mode))
     print(json.dumps(out))

@@ -82,3 +82,22 @@ def test_without_a_channel_the_streamed_updates_go_over_the_websocket(tmp_path: 
     assert not res["route"].get("reoffers")
     assert sorted(p["transport"] for p in res["peers"]) == ["relay", "relay"]
     assert res["run"]["rejected_total"] == 0
+
+
+@netns
+def test_a_one_frame_update_resubmitted_after_a_reconnect_takes_the_new_channel(
+        tmp_path: Path) -> None:
+    """Its resubmission waits for the new channel apart from the session, which reads the
+    channel's answer meanwhile (waiting inside it stalled until rtc_timeout_s, 20 s here,
+    then relayed every update of the session over the WebSocket)."""
+    res = in_netns("tests.stream_rtc_scenario", [str(tmp_path), "--single"], veth=True)
+    assert res["done"]["ws_cut"]
+    assert [(r["round"], r["n_updates"]) for r in res["rounds"]] == [(0, 2), (1, 2), (2, 2)]
+    assert res["rounds"][1]["duration_s"] < 10
+    log = res["node_log"]
+    assert "round 1: resubmitting the update" in log
+    assert log.count("updates go peer-to-server over WebRTC") == 2  # one channel a connection
+    assert "not open after" not in log
+    assert res["run"]["stream"]["submits"] == 0  # one-frame updates
+    assert sorted(p["transport"] for p in res["peers"]) == ["webrtc", "webrtc"]
+    assert res["run"]["rejected_total"] == 0
