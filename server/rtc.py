@@ -5,7 +5,9 @@ itself) is forwarded to its target node, re-signed by the server with `node_id` 
 A Signal addressed to "server" is for the server's own aiortc peer: with `transport = "star"`
 each trainer offers a data channel to it and sends its update frames there instead of on the
 WebSocket. Frames arriving on a node's channel go through the same `handle_frame` as the
-WebSocket's (signature, replay and round checks included), bound to that node's connection.
+WebSocket's (signature, replay and round checks included), bound to that node's connection;
+streamed-update frames among them (StreamSubmit, Chunk: native_node.stream_rtc) are counted
+(`stream_submits_rtc`, `stream_chunks_rtc`; /api/run `stream`).
 A node whose channel does not open within `rtc_timeout_s` keeps using its WebSocket (relay);
 `/api/peers` shows which (`transport`: webrtc / relay / ws).
 
