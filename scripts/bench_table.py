@@ -97,7 +97,10 @@ def _vs_ddp_sparse(f: Fig) -> str:
     sav, d = s["compression_savings"], s["down_over_up"]
     return (f"gpt-tiny: {s['config']} moves {s['bytes_ratio_vs_ddp']:,.0f}x fewer bytes than "
             f"DDP at {s['loss_gap_vs_ddp']:+.1%} loss; {s['compression_config']} saves "
-            f"{sav:.1%} of raw32's bytes at {s['compression_loss_gap']:+.1%}; bytes down / up "
+            f"{sav:.1%} of raw32's bytes at {s['compression_loss_gap']:+.1%}"
+            + ("" if s.get("compression_loss_gap_se") is None else
+               f" ± {s['compression_loss_gap_se']:.1%} (means of {f.get('repeats', 1)} runs)")
+            + f"; bytes down / up "
             f"per round {d:.2f}; targets missed: "
             f"{', '.join(k for k, ok in s['targets'].items() if not ok) or 'none'}")
 
