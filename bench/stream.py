@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +123,20 @@ class Member:
             raise
 
 
-async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
-    """n submitting members and one idle one: the round then waits for its deadline after
-    the n updates are in, so the server's peak while receiving them is read apart from the
-    commit's (outer step, evaluation, checkpoint)."""
-    members = [Member(i) for i in range(n + 1)]
+async def drive(members: list[Any], base: str, pid: int, n: int, *,
+                ready: Callable[[Any], list[Awaitable[Any]]] | None = None,
+                before: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                poll_s: float = 0.05) -> dict[str, Any]:
+    """members[:n] submit, the last one idles: the round then waits for its deadline after the
+    n updates are in, so the server's peak while receiving them is read apart from the
+    commit's (outer step, evaluation, checkpoint). `ready`: what to await of each member
+    before the baseline (its join); `before`: figures to read once all are ready."""
+    ready = ready or (lambda m: [m.joined.wait()])
     async with aiohttp.ClientSession() as http:
         tasks = [asyncio.ensure_future(m.run(http, base)) for m in members]
-        await asyncio.wait_for(asyncio.gather(*(m.joined.wait() for m in members)), 300)
+        await asyncio.wait_for(asyncio.gather(*(w for m in members for w in ready(m))), 300)
         await asyncio.sleep(0.5)
+        extra = await before() if before is not None else {}
         baseline = _status_kb(pid, "VmRSS") / 1024
         reset = _reset_peak(pid)  # the startup's peak (model, first evaluation) is not ours
         t0 = time.monotonic()
@@ -141,7 +147,7 @@ async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
             while not all(m.acked for m in members[:n]):
                 if any(m.errors for m in members):
                     raise RuntimeError(f"refused: {[m.errors for m in members if m.errors]}")
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(poll_s)
 
         await asyncio.wait_for(all_acked(), 600)
         wall = time.monotonic() - t0
@@ -153,7 +159,12 @@ async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
     return {"baseline_mb": baseline, "receipt_peak_mb": receipt_peak, "wall_s": wall,
             "peak_reset": reset,
             "acked": sum(m.acked for m in members),
-            "errors": [e for m in members for e in m.errors][:5], "n_params": members[0].n_params}
+            "errors": [e for m in members for e in m.errors][:5], "n_params": members[0].n_params,
+            **extra}
+
+
+async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
+    return await drive([Member(i) for i in range(n + 1)], base, pid, n)
 
 
 def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float,

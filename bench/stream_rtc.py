@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import numpy as np
 from bench import netns
 from bench.common import emit, get_json, poll, print_table
 from bench.live import running_server
-from bench.stream import Member, _reset_peak, _status_kb
+from bench.stream import Member, _status_kb, drive
 from native_node.stream_rtc import StreamRoute
 from shared.messages import SERVER, ParamsChunk, Resume, Submit
 
@@ -142,37 +141,14 @@ async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
     if not sctp_tuning.installed():  # as a native node does (native_node.client)
         sctp_tuning.install()
     members = [StarMember(i) for i in range(n + 1)]
-    async with aiohttp.ClientSession() as http:
-        tasks = [asyncio.ensure_future(m.run(http, base)) for m in members]
-        await asyncio.wait_for(asyncio.gather(*(m.joined.wait() for m in members),
-                                              *(m.opened.wait() for m in members)), 300)
-        await asyncio.sleep(0.5)
-        peers = await asyncio.to_thread(get_json, base + "/api/peers")  # channels open
-        baseline = _status_kb(pid, "VmRSS") / 1024
-        reset = _reset_peak(pid)
-        t0 = time.monotonic()
-        for m in members[:n]:
-            m.go.set()
 
-        async def all_acked() -> None:
-            while not all(m.acked for m in members[:n]):
-                if any(m.errors for m in members):
-                    raise RuntimeError(f"refused: {[m.errors for m in members if m.errors]}")
-                await asyncio.sleep(0.02)
+    async def channels_open() -> dict[str, Any]:
+        peers = await asyncio.to_thread(get_json, base + "/api/peers")
+        return {"transports": sorted(p["transport"] for p in peers)}
 
-        await asyncio.wait_for(all_acked(), 600)
-        wall = time.monotonic() - t0
-        receipt_peak = _status_kb(pid, "VmHWM") / 1024
-        await asyncio.wait_for(asyncio.gather(*tasks), 600)
-        for m in members:
-            if m.job is not None:
-                m.job.cancel()
-    return {"baseline_mb": baseline, "receipt_peak_mb": receipt_peak, "wall_s": wall,
-            "peak_reset": reset, "acked": sum(m.acked for m in members),
-            "errors": [e for m in members for e in m.errors][:5],
-            "n_params": members[0].n_params,
-            "transports": sorted(p["transport"] for p in peers),
-            "route": [dict(m.route.counts) for m in members[:n]]}
+    out = await drive(members, base, pid, n, ready=lambda m: [m.joined.wait(), m.opened.wait()],
+                      before=channels_open, poll_s=0.02)
+    return {**out, "route": [dict(m.route.counts) for m in members[:n]]}
 
 
 def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float, rule: str,

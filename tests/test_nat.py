@@ -64,7 +64,8 @@ def test_p2p_rounds_across_cone_and_symmetric_nats() -> None:
     stun = fig["without_turn"]
     assert stun["paths"]["both-cone"] in ("host", "srflx"), fig  # cone NATs punch through
     assert stun["paths"]["both-symmetric"] == "server", fig  # no TURN: the server relays
-    assert stun["server_relayed_bytes"] > 0 and stun["turn_relayed_bytes"] == 0, fig
+    assert stun["server_relayed_bytes"] > 0, fig
+    assert stun["turn_relayed_bytes"] == 0, fig
     assert stun["rounds_committed"] >= 2, fig
 
 

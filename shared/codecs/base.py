@@ -288,15 +288,21 @@ class CodecBase:
         return type(self).decode_payload(data, length, layout=layout, use_numpy=use_numpy)
 
     @classmethod
-    def decode_payload(cls, data: Data, length: int, *, layout: Layout = None,
-                       use_numpy: bool | None = None) -> Vector:
+    def open_payload(cls, data: Data, length: int) -> tuple[int, Reader, Any]:
+        """(checked length, a reader past the header, the codec the header describes) of a
+        payload of THIS codec; BadUpdate on a wrong wire id or header."""
         length = check_length(length)
         wid = header_byte(data)
         if wid != cls.wire_id:
             raise bad(f"payload has wire id {wid}, not {cls.name}'s {cls.wire_id}", "codec")
         r = Reader(data, cls.name)
         r.take(1, "wire id")
-        codec = cls._read_params(r)
+        return length, r, cls._read_params(r)
+
+    @classmethod
+    def decode_payload(cls, data: Data, length: int, *, layout: Layout = None,
+                       use_numpy: bool | None = None) -> Vector:
+        length, r, codec = cls.open_payload(data, length)
         if use_numpy and numpy_module() is None:
             raise ValueError("use_numpy=True but numpy is not available here")
         np = numpy_module() if use_numpy is not False else None

@@ -41,9 +41,7 @@ from shared.codecs.base import (
     bad,
     build,
     check_finite_list,
-    check_length,
     f32_array,
-    header_byte,
 )
 from shared.codecs.floats import f16_pack, f16_pack_np
 from shared.codecs.quant import MAX_BLOCK, Int8Block
@@ -164,13 +162,7 @@ class TopK(CodecBase):
         np = numpy_module()
         if np is None:
             raise ValueError("decode_sparse needs numpy")
-        length = check_length(length)
-        wid = header_byte(data)
-        if wid != cls.wire_id:
-            raise bad(f"payload has wire id {wid}, not {cls.name}'s {cls.wire_id}", "codec")
-        r = Reader(data, cls.name)
-        r.take(1, "wire id")
-        parsed = cls._read_params(r)
+        length, r, parsed = cls.open_payload(data, length)
         with np.errstate(all="ignore"):
             idx, vals = parsed._sparse_np(np, r, length)
         return idx, vals
