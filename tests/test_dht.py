@@ -334,15 +334,17 @@ def split_and_heal(cfg: DhtConfig, *, forget_across: bool = False
     w.net.run_for(300)
 
     def crossing() -> int:
-        return sum(any(side[c.addr] != side[a] for c in n.table.contacts())
+        # (a contact of the removed server, never asked since, is in neither half)
+        return sum(any(side.get(c.addr, side[a]) != side[a] for c in n.table.contacts())
                    for a, n in w.net.nodes.items())
 
-    if forget_across:
+    if forget_across:  # the server's surviving contacts go too: it is gone, not across
         for a, n in w.net.nodes.items():
             for bucket in n.table.buckets:
-                bucket.replacements[:] = [c for c in bucket.replacements if side[c.addr] == side[a]]
+                bucket.replacements[:] = [c for c in bucket.replacements
+                                          if side.get(c.addr) == side[a]]
             for c in n.table.contacts():
-                if side[c.addr] != side[a]:
+                if side.get(c.addr) != side[a]:
                     n.table.remove(c.node_id)
     during = crossing()
     w.net.heal()
