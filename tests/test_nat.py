@@ -47,7 +47,7 @@ def test_p2p_rounds_across_cone_and_symmetric_nats() -> None:
     why = nat_available()
     if why is not None:
         pytest.skip(f"bench.nat: {why}")
-    res = subprocess.run([sys.executable, "-m", "bench.nat", "--rounds", "3", "--timeout", "60"],
+    res = subprocess.run([sys.executable, "-m", "bench.nat", "--rounds", "2", "--timeout", "60"],
                          cwd=ROOT, capture_output=True, text=True, timeout=140)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     fig = json.loads(res.stdout.strip().splitlines()[-1])
@@ -59,7 +59,7 @@ def test_p2p_rounds_across_cone_and_symmetric_nats() -> None:
     assert fig["server_relayed_bytes"] == 0, fig
     assert fig["turn_relayed_bytes"] > 0, fig
     assert fig["direct_bytes"] > 0, fig
-    assert fig["rounds_committed"] >= 3, fig
+    assert fig["rounds_committed"] >= 2, fig
     assert fig["tls"] is True, fig
     stun = fig["without_turn"]
     assert stun["paths"]["both-cone"] in ("host", "srflx"), fig  # cone NATs punch through
