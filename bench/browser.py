@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import children, emit, free_port, get_json, poll, print_table
+from bench.scratch import scratch
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -226,7 +226,7 @@ def main() -> None:
     args.steps, args.batch = args.steps or 20, args.batch or 32
     from playwright.sync_api import sync_playwright
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-browser-"))
+    tmp = scratch("bench-browser-")
     cache = tmp / "onnx-cache"  # empty for the first start, filled by it for the second
     with children(tmp) as spawn, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)

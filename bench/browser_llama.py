@@ -44,6 +44,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from bench.common import get_json, poll, print_table
+from bench.scratch import scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_ORIGIN = "http://127.0.0.1:9"  # never contacted: Playwright serves it (rule_page)
@@ -225,8 +226,6 @@ def measure(spawn: Any, browser: Any, gpu_browser: Any, tmp: Path, flavour: str,
 
 def run_llama(args: Any) -> None:
     """The --models mode of bench.browser (module docstring)."""
-    import tempfile
-
     from playwright.sync_api import sync_playwright
 
     from bench.browser import ARGS, CHROMIUM
@@ -235,7 +234,7 @@ def run_llama(args: Any) -> None:
 
     flavours = parse_models(args.models)
     sizes = {f: flavour_params(f) for f in LLAMA_FLAVOURS}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-browser-llama-"))
+    tmp = scratch("bench-browser-llama-")
     rows: list[dict[str, Any]] = []
     manifests: dict[str, dict[str, Any]] = {}
     with children(tmp) as spawn, sync_playwright() as pw:

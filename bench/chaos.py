@@ -52,7 +52,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -64,6 +63,7 @@ from typing import Any, TypeVar
 from bench.common import children, emit, free_port, get_json, print_table
 from bench.ledger import verify_data_dir
 from bench.netfault import RelayThread
+from bench.scratch import scratch
 
 POLL_S = 0.05
 T = TypeVar("T")
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.nodes < 4 or args.rounds < args.loss_rounds + 10:
         p.error("the schedule needs --nodes >= 4 and --rounds >= --loss-rounds + 10")
-    tmp = Path(tempfile.mkdtemp(prefix="daa-chaos-"))
+    tmp = scratch("daa-chaos-")
     t0 = time.monotonic()
     chaos = chaos_run(tmp / "chaos", args)
     clean = None if args.skip_clean else clean_run(tmp / "clean", args, tmp / "chaos")

@@ -43,15 +43,14 @@ import hashlib
 import logging
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.scratch import scratch
 from bench.sim_nodes import AGENT, MemorySender, SharedTrainer, SimNode
 from ml.data import BatchSampler, assign_shards
 from server.coordinator import Coordinator
@@ -237,7 +236,7 @@ async def run_mode(*, hierarchical: bool, nodes: int, groups: int, rounds: int,
                    inner_steps: int, model: str, flavour: str | None, aggregator: str,
                    seed: int, progress: bool = True,
                    outer: dict[str, float] | None = None) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="daa-hier-"))
+    tmp = scratch("daa-hier-")
     config: dict[str, Any] = {
         "model": model, "flavour": flavour, "aggregator": aggregator, "quorum": nodes,
         "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps, "n_shards": nodes,

@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench import pgserver
+from bench.scratch import scratch
 from server.coordinator import Coordinator
 from server.peers import Connection
 from server.runstate import RunState, open_run
@@ -182,7 +182,7 @@ async def bench(rounds: int, honest: int, flood_n: int, trials: int, seed: int,
                 db: str | None = None) -> dict[str, Any]:
     """One run on one backend (`db`: None is SQLite; a postgresql:// URL)."""
     rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    tmp = scratch("bench-ledger-")
     run = await asyncio.to_thread(open_run, tmp / "run", {
         "model": "mlp-digits", "quorum": honest, "deadline_s": 10.0, "rounds": rounds,
         "validation": True, "ledger_faucet": 1000, "ledger_min_stake": 100,

@@ -34,7 +34,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 
 from bench.common import ROOT, emit
 from bench.netns import PUBLIC_IP, NatLab, nat_available
+from bench.scratch import scratch
 from bench.tlscerts import make as make_certs
 from transport.lifetime import orphan_safe
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.nat: {why}", file=sys.stderr)
         return 2
     tag = f"{os.getpid() % 100000:05d}"
-    tmp = Path(tempfile.mkdtemp(prefix="daa-nat-"))
+    tmp = scratch("daa-nat-")
     lab = NatLab(tag, HOMES)
     try:
         lab.build()

@@ -29,7 +29,6 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from bench.proctree import PeakSampler
+from bench.scratch import scratch
 from bench.sim_nodes import AGENT, SharedTrainer, SimNode
 from bench.simulate import (
     _keep_opt_state,
@@ -299,7 +299,7 @@ async def _drive(ray: Any, *, nodes: int, rounds: int, byzantine: float, n_byz: 
         if progress:
             print(text, end=end, file=sys.stderr, flush=True)
 
-    tmp = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="daa-sim-"))
+    tmp = Path(data_dir) if data_dir is not None else scratch("daa-sim-")
     config = {"model": model, "aggregator": aggregator, "byzantine_fraction": byzantine,
               "quorum": nodes, "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps,
               "n_shards": nodes, "partition": partition, "seed": seed, **extra_config}

@@ -43,7 +43,6 @@ import logging
 import math
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.scratch import scratch
 from bench.sim_nodes import AGENT, MemorySender, SharedTrainer, SimNode
 from ml.data import BatchSampler, assign_shards
 from ml.zoo import load_flat
@@ -208,7 +208,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
         raise ValueError("need --nodes >= 1 and --rounds >= 1")
     spec = get_attack(attack)
     t_start = time.perf_counter()
-    tmp = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="daa-sim-"))
+    tmp = Path(data_dir) if data_dir is not None else scratch("daa-sim-")
     validating = bool((extra_config or {}).get("validation"))
     # every node submits, so a round commits once all have; with validation some updates
     # are excluded at commit time, and a round keeps going when at least half remain

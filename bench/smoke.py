@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
-from pathlib import Path
 
 from bench.common import emit, print_table, run_swarm
+from bench.scratch import scratch
 from ml.tokenizer import bits_per_byte
 
 
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="'' (the data's symbols), byte, or bpe:N (ml/tokenizer.py)")
     p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="daa-smoke-"))
+    tmp = scratch("daa-smoke-")
     out = run_swarm(tmp, nodes=args.nodes, rounds=args.rounds, timeout=args.timeout,
                     server_flags=["--model", args.model, "--inner-steps", str(args.inner_steps),
                                   *(["--flavour", args.flavour] if args.flavour else []),
