@@ -15,11 +15,12 @@ of a Stack reads its rows one column block at a time (`fill`, `running_sum`,
   matrix accumulated block of columns by block (`Stack.gram`: G += B @ B.T per block);
   the selection is the rule's own, from those distances; the mean of the selected updates
   (multi-Krum) and Bulyan's trimmed step around the median run block by block.
-- Geometric median: its numpy path (Weiszfeld in the n coefficients of the Gram matrix
-  centered on the coordinate-wise median) takes one pass for the median, one for the
-  Gram matrix and one for the point; where it falls back to explicit steps, each step is
-  one pass for the distances to the estimate and one for the weighted sum, the estimate
-  kept in memory (one float64 vector). Same iterations, same stopping rule.
+- Geometric median (server.spool_geomed): the same Weiszfeld iteration in the n
+  coefficients of the Gram matrix centered on the coordinate-wise median: one pass for the
+  median, one for the Gram matrix and one for the point; where it falls back to explicit
+  steps, each step is one pass for the distances to the estimate and one for the weighted
+  sum. Its model-size float64 vectors (the median, the estimate) live in scratch files
+  beside the spool, read by blocks: its memory is blocks and the float32 result.
 - Centered clipping: per iteration, one pass for the distances to the estimate (by block),
   one for the clipped sum.
 
@@ -28,8 +29,8 @@ block widths are the Stack's, which depend only on n), so the results are bit-id
 the rule on the same vectors in memory (tests/test_spool_rules.py). Memory: each row keeps
 one read-ahead chunk of its file (~16 MB for all rows together, `READ_AHEAD`, whatever n
 and the model size), the rule's own float64 blocks (~4 MiB), an n x n matrix,
-and the rule's one or two float64 vectors of the model's size (the estimate, a sum) and its
-float32 result; never an update of the round (bench.spool_rules measures it). One cost is
+and the rule's one or two float64 vectors of the model's size (centered clipping's estimate
+and sum; the geometric median keeps its own on disk) and its float32 result; never an update of the round (bench.spool_rules measures it). One cost is
 the disk's, not memory's: an exact tie in Krum scores is broken by comparing the two
 updates (`lex_cmp`), which reads both files up to their first difference, so identical
 updates (a common attack) cost two reads of the model per comparison.
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from server import spool_geomed
 from server.spool import COORDINATE_RULES, block_values, blockwise, read_block, spooled
 from shared.aggregation import get_rule
 from shared.aggregation._stack import Stack, _not_finite, check_shapes
@@ -175,6 +177,8 @@ def aggregate(rule: str, vectors: Sequence[np.ndarray], *, f: int, chunk: int | 
         return blockwise(get_rule(rule), vectors, f=f, block=block, **params)
     stack = spooled_stack(rule, vectors, chunk)
     try:
+        if rule == "geometric-median":  # its model-size float64 vectors on disk
+            return spool_geomed.geometric_median(stack, f=f, **params)
         return np.asarray(get_rule(rule)(stack, f=f, **params), dtype=np.float32)
     finally:
         stack.drop()
