@@ -12,13 +12,14 @@
 import { bad, ceilDiv, concat, MAX_BLOCK, Reader } from './codec_base.js';
 import { decodeQuant, MODES, quantBody, quantHeader, readQuantParams, SCALE_DTYPES } from './codec_quant.js';
 import { BadUpdate } from './errors.js';
+import { int2Decode, int2Encode, int2Size } from './codec_int2.js';
 import { bytesOf, halfBitsOfF32, halfTable } from './floatbits.js';
 
 export const WIRE_IDS = Object.freeze({
   raw32: 0, fp16: 1, bf16: 2, 'int8-block': 3, 'int4-block': 4, topk: 5, powersgd: 6,
 });
 const NAMES = Object.keys(WIRE_IDS);
-const VALUE_KINDS = ['int8', 'fp16'];
+const VALUE_KINDS = ['int8', 'fp16', 'int2'];  // 'int2': codec_int2.js
 const VARINT_LIMIT = 2 ** 32;
 export const DEFAULTS = Object.freeze({
   raw32: {}, fp16: {}, bf16: {},
@@ -136,8 +137,8 @@ function topkBody(x, { fraction, values, block }) {
   const head = new DataView(new ArrayBuffer(11));
   head.setUint8(0, VALUE_KINDS.indexOf(values));
   head.setUint32(3, k, true);
-  head.setUint32(7, values === 'int8' ? block : 0, true);
-  const vbytes = values === 'fp16' ? packF16(vals)
+  head.setUint32(7, values === 'fp16' ? 0 : block, true);
+  const vbytes = values === 'fp16' ? packF16(vals) : values === 'int2' ? int2Encode(vals, block)
     : quantBody(vals, 8, { block, mode: 'absmax', scale_dtype: 'fp32' });
   const gaps = idx.map((v, j) => v - (j ? idx[j - 1] : 0));  // a Uint32Array
   return concat([new Uint8Array(head.buffer), vbytes, varintEncode(gaps)]);
@@ -184,7 +185,17 @@ function varintDecode(data, count) {
   return out;
 }
 
-function decodeTopk(r, length) {
+/** A topk payload's (indices, values) without the dense vector: {idx: number[] ascending,
+ * vals: Float32Array}, with every check of decodePayload (BadUpdate). */
+export function decodeTopkSparse(data, length) {
+  checkLength(length);
+  if (payloadCodec(data) !== 'topk') throw bad(`payload is ${payloadCodec(data)}, expected topk`, 'codec');
+  const r = new Reader(data, 'topk');
+  r.take(1, 'wire id');
+  return topkSparse(r, length);
+}
+
+function topkSparse(r, length) {
   const kind = r.u8('header');
   const zero = r.u16('header');
   const k = r.u32('header');
@@ -196,7 +207,7 @@ function decodeTopk(r, length) {
   }
   if (block < 1 || block > MAX_BLOCK) throw bad(`topk header: block ${block}`);
   if (k > length) throw bad(`topk: k = ${k} exceeds length ${length}`);
-  const vsize = kind === 1 ? 2 * k : 4 * ceilDiv(k, block) + k;
+  const vsize = kind === 1 ? 2 * k : kind === 2 ? int2Size(k, block) : 4 * ceilDiv(k, block) + k;
   const vbytes = r.take(vsize, 'values');
   if (!(k <= r.remaining && r.remaining <= 5 * k)) throw bad(`topk: ${r.remaining} bytes of varints for k = ${k}`);
   const idx = varintDecode(r.take(r.remaining, 'indices'), k);
@@ -210,9 +221,17 @@ function decodeTopk(r, length) {
     const dv = new DataView(vbytes.buffer, vbytes.byteOffset, vbytes.byteLength);
     const table = halfTable();
     vals = Float32Array.from({ length: k }, (_, i) => table[dv.getUint16(2 * i, true)]);
+  } else if (kind === 2) {
+    vals = int2Decode(vbytes, k, block);
   } else {
     vals = decodeQuant(new Reader(vbytes, 'topk'), k, 8, { block, mode: 'absmax', scale_dtype: 'fp32' });
   }
+  return { idx, vals };
+}
+
+function decodeTopk(r, length) {
+  const { idx, vals } = topkSparse(r, length);
+  const k = idx.length;
   const out = new Float32Array(length);
   for (let j = 0; j < k; j++) out[idx[j]] = vals[j];
   return out;
