@@ -599,8 +599,10 @@ class NodeClient(TrainingMixin):
         ice = self._ice_servers()
         if ice:
             self._background(self._probe_turn(ice))
+        welcome = self.part.welcome
         self.p2p = P2PRole(self.node_id, ev["run_id"], self.part.frame, self._send,
-                           timeout_s=ev["rtc_timeout_s"], ice_servers=ice)
+                           timeout_s=ev["rtc_timeout_s"], ice_servers=ice,
+                           stream_chunk=welcome.stream_chunk if welcome is not None else 0)
         self.part.resolver = self.p2p.params
 
     def _start_dht(self, run_id: str) -> None:

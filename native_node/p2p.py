@@ -21,8 +21,9 @@ import numpy as np
 
 from native_node.group import GroupRole
 from native_node.mesh import PeerMesh
+from native_node.p2p_send import PieceSender
 from shared.downlink import apply_outer_step, is_outer_step, resolve
-from shared.errors import ProtocolError
+from shared.errors import DuplicateChunk, ProtocolError
 from shared.messages import (
     SERVER,
     Message,
@@ -34,6 +35,7 @@ from shared.messages import (
     decode_message,
 )
 from shared.p2p import Plan, ShardReducer
+from shared.p2p_stream import ACK, ack_again, check_ack
 from shared.secagg.p2p import ACCUSE_STAGE, SECAGG_RULE, BadMaskedSlice, SecAggShardReducer
 from shared.vec import from_bytes
 from transport.rtc import IceServer
@@ -46,9 +48,13 @@ SendWs = Callable[[bytes], Awaitable[None]]  # a signed frame on the control soc
 
 class P2PRole:
     def __init__(self, node_id: str, run_id: str, frame: Frame, send_ws: SendWs, *,
-                 ice_servers: Sequence[IceServer] | None = None, timeout_s: float = 10.0
-                 ) -> None:
+                 ice_servers: Sequence[IceServer] | None = None, timeout_s: float = 10.0,
+                 stream_chunk: int = 0) -> None:
         self.me, self.run_id = node_id, run_id
+        # streamed runs (stream_chunk_mb > 0): pieces windowed, acknowledged and resumed
+        self.stream = stream_chunk > 0
+        self.pieces = PieceSender(self)
+        self.refused: dict[str, int] = {}  # typed refusals of pieces, by error code
         self.frame, self.send_ws = frame, send_ws
         self.mesh = PeerMesh(node_id, self._signal, self._on_link_frame,
                              ice_servers=ice_servers, timeout_s=timeout_s)
@@ -136,14 +142,17 @@ class P2PRole:
         self.frames = {k: f for k, f in self.frames.items() if k[1] >= plan.round}
         r = self.reducer
         if r is not None and r.plan.round == plan.round and plan.revision > r.plan.revision:
+            if r.stream and plan.members != r.plan.members:
+                self.pieces.reset()  # every piece goes again under the new member set
             events = r.revise(plan)
         elif msg.rule == SECAGG_RULE:  # secure aggregation: self.delta holds masked words
             self.reducer = r = SecAggShardReducer(self.me, plan, self.delta.tobytes())
             events = r.start()
         else:
+            self.pieces.reset()
             self.reducer = r = ShardReducer(self.me, plan, self.delta, rule=msg.rule,
                                             byzantine_fraction=msg.byzantine_fraction,
-                                            result_codec=msg.result_codec)
+                                            result_codec=msg.result_codec, stream=self.stream)
             events = r.start()
             log.info("round %d: p2p reduction with %d members; this node owns shards %s",
                      plan.round, len(plan.members), plan.owned_by(self.me))
@@ -160,6 +169,10 @@ class P2PRole:
                 del self.early[:-10_000]  # bounded: a flood cannot grow it without end
             return
         try:
+            if msg.kind == ACK:
+                check_ack(r, msg.node_id, msg.shard, msg.payload)
+                self.pieces.acked(msg.node_id, msg.shard)
+                return
             if msg.kind == "part":
                 events = r.on_part(msg.node_id, msg.shard, msg.payload)
             else:
@@ -172,10 +185,15 @@ class P2PRole:
                                                      node_id=self.me, stage=ACCUSE_STAGE,
                                                      payload=frame)))
             return
-        except ValueError as exc:
+        except (ValueError, ProtocolError) as exc:
             if msg.revision > r.plan.revision:  # sent under a plan we do not have yet
                 self.early.append(msg)
                 return
+            if isinstance(exc, ProtocolError):  # a streamed piece refused: nothing changed
+                self.refused[exc.code] = self.refused.get(exc.code, 0) + 1
+                if isinstance(exc, DuplicateChunk):  # resent after a lost channel
+                    await self._route(ack_again(r, msg.node_id, msg.shard, msg.payload))
+                    return
             log.warning("round %d: shard %d %s from %s refused: %s", msg.round, msg.shard,
                         msg.kind, msg.node_id[:12], exc)
             return
@@ -187,23 +205,39 @@ class P2PRole:
                      "shard bytes this round: %d sent, %d received, update %d)", r.plan.round,
                      self.sent_direct, self.sent_relayed, r.bytes_out, r.bytes_in,
                      len(r.raw))
+            if r.stream:
+                p = self.pieces
+                log.info("round %d: streamed: %d shards; %d pieces sent, %d resent after %d "
+                         "lost channels since start; largest shard frame %d bytes; peak held %d "
+                         "bytes; "
+                         "refused %s", r.plan.round, r.plan.n_shards, p.pieces_sent,
+                         p.pieces_resent, p.resumes, p.max_frame, r.peak_held_bytes,
+                         dict(sorted(self.refused.items())))
 
     async def _route(self, events: list[dict[str, Any]]) -> None:
         r = self.reducer
         assert r is not None
         for e in events:
             to = e["to"]
+            if r.stream and e["kind"] == "part":
+                self.pieces.add(to, e["shard"])  # windowed, acknowledged, resumed
+                continue
             msg = Shard(run_id=self.run_id, round=r.plan.round, node_id=self.me, to=to,
                         kind=e["kind"], shard=e["shard"], revision=r.plan.revision,
                         payload=e["payload"])
             data = self.frame(msg)
+            self.pieces.max_frame = max(self.pieces.max_frame, len(data))
             if to == SERVER:
                 await self.send_ws(data)
                 continue
             task = self.connecting.get(to)
             if task is not None and not task.done() and to not in self.mesh.failed:
                 await asyncio.wait([task])  # the first round waits for its channels once
-            if await self.mesh.send(to, data):
+            try:
+                direct = await self.mesh.send(to, data)
+            except ConnectionError:  # the channel closed under the frame: relay it instead
+                direct = False
+            if direct:
                 self.sent_direct += len(e["payload"])
             else:
                 self.sent_relayed += len(e["payload"])
@@ -229,6 +263,7 @@ class P2PRole:
 
     async def close(self) -> None:
         self.worker.cancel()
+        self.pieces.reset()
         for t in self.connecting.values():
             t.cancel()
         await self.mesh.close()

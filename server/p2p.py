@@ -42,7 +42,7 @@ import numpy as np
 
 from server.evidence import Evidence
 from server.peers import Connection, Nodes, Peer
-from shared.errors import BadUpdate, UnknownNode
+from shared.errors import BadUpdate, NotAdmitted, UnknownNode
 from shared.messages import SERVER, Hello, Ready, Shard, ShardPlan, Submit
 from shared.p2p import (
     MalformedResult,
@@ -99,6 +99,10 @@ class P2PReduction:
         # native nodes and browser tabs alike (browser/node/p2p_glue.py, mesh.js); in grouped
         # runs a tab is a plain member, never an aggregator (shared.hierarchy.elect)
         # "p2p-relayed" once the server forwards shards for it
+        if self.config.stream_chunk > 0 and hello.runtime == "browser":
+            raise NotAdmitted("this p2p run streams its shards in pieces of stream_chunk_mb "
+                              "(acknowledged, resumed: native_node/p2p_send.py), which tabs "
+                              "do not do yet; join it with a native node", field="runtime")
         return "p2p" if hello.role == "trainer" else "ws"
 
     def open_kind(self, peer: Peer, holds_prev: bool) -> str | None:
@@ -116,6 +120,8 @@ class P2PReduction:
         assert peer is not None
         if msg.node_id != peer.node_id:
             raise BadUpdate("a Shard's node_id must be its sender's", field="node_id")
+        if len(msg.payload) > self.counters["p2p_shard_max_bytes"]:  # streamed runs: <= chunk
+            self.counters["p2p_shard_max_bytes"] = len(msg.payload)
         if msg.to != SERVER:  # relayed: the two nodes have no open data channel
             target = self.nodes.conn(msg.to)
             if target is None:
@@ -222,8 +228,9 @@ class P2PReduction:
         `quorum` members are left (the caller retries the round)."""
         loop = asyncio.get_running_loop()
         plan = prefer_primaries(make_plan(state.round, state.updates, self.run.n_params,
-                                          replicas=self.config.p2p_replicas),
-                                self._liars)
+                                          replicas=self.config.p2p_replicas,
+                                          max_shard=self.config.stream_chunk // 4),
+                                self._liars)  # streamed: no shard over a chunk (p2p_stream)
         check = self.make_check(plan)
         self._p2p = (plan, check)
         self._plans = {}

@@ -36,7 +36,7 @@ def new_nonce() -> str:
 
 ROLES = ("trainer", "validator")
 TRANSPORTS = ("ws", "star", "p2p")
-SHARD_KINDS = ("part", "result")
+SHARD_KINDS = ("part", "result", "ack")  # ack: streamed p2p receipts (shared.p2p_stream)
 SIGNAL_KINDS = ("offer", "answer", "candidate", "bye", "path")
 # secure aggregation's key stages (shared.secagg.round): server -> node "open", "roster",
 # "ciphertexts", "shares", "unmask"; node -> server "advert", "ciphertexts", "bundle", "unmask"
@@ -629,7 +629,7 @@ class Shard(Message):
     round: int = spec(0, MAX_INT)  # the round being reduced
     node_id: str  # the sender ("server": the combined aggregate to a group's aggregator)
     to: str  # a node id or "server"
-    kind: str  # "part" or "result"
+    kind: str  # "part", "result" or "ack" (streamed runs: an owner's receipt of a part)
     shard: int = spec(0, MAX_INDEX)  # shard index in the plan
     revision: int = spec(0, MAX_INT)  # the plan revision it was sent under
     nonce: str = field(default_factory=new_nonce)  # 16 random bytes, hex (shared.envelope)

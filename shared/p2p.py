@@ -49,6 +49,7 @@ from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update, get_codec
 from shared.errors import BadUpdate
 from shared.messages import RESULT_CODECS, sha256_hex
+from shared.p2p_stream import ack_event, check_piece
 from shared.vec import Vector, all_finite, from_bytes, to_bytes
 
 COORDINATE_RULES = ("mean", "median", "trimmed-mean")  # per-coordinate: work per shard
@@ -112,19 +113,25 @@ def check_plan(plan: Plan) -> None:
             raise ValueError(f"shard {s}: owners must be distinct members, at least one")
 
 
-def make_plan(round_: int, members: Iterable[str], n_params: int, *, replicas: int = 2
-              ) -> Plan:
+def make_plan(round_: int, members: Iterable[str], n_params: int, *, replicas: int = 2,
+              max_shard: int = 0) -> Plan:
     """One shard per member; shard s owned by members[s], members[s+1], ... (`replicas` of
-    them, fewer when there are fewer members)."""
+    them, fewer when there are fewer members). `max_shard` > 0 (streamed p2p runs): as many
+    more shards as it takes for none to hold more than `max_shard` floats, dealt round the
+    ring the same way (shard s owned by members[s % n], ...)."""
     ms = tuple(sorted(set(members)))
     if replicas < 1:
         raise ValueError("replicas must be >= 1")
     n = len(ms)
     if n == 0:
         raise ValueError("a plan needs at least one member")
+    if max_shard < 0:
+        raise ValueError("max_shard must be >= 0")
     k = min(replicas, n)
+    n_shards = max(n, -(-n_params // max_shard)) if max_shard else n
     plan = Plan(round=round_, n_params=n_params, members=ms,
-                owners=tuple(tuple(ms[(s + j) % n] for j in range(k)) for s in range(n)))
+                owners=tuple(tuple(ms[(s + j) % n] for j in range(k))
+                             for s in range(n_shards)))
     check_plan(plan)
     return plan
 
@@ -227,7 +234,7 @@ class ShardReducer:
 
     def __init__(self, me: str, plan: Plan, update: Vector, *, rule: str,
                  byzantine_fraction: float = 0.0, result_codec: str = "raw32",
-                 kernel: ShardKernel | None = None) -> None:
+                 kernel: ShardKernel | None = None, stream: bool = False) -> None:
         if len(update) != plan.n_params:
             raise ValueError(f"update has {len(update)} values, the plan {plan.n_params}")
         if me not in plan.members:
@@ -244,10 +251,21 @@ class ShardReducer:
         self._members = plan.members  # the member set the reductions so far are over
         self.kernel = kernel  # None: shared.aggregation's rule + shared.codecs here
         self.bytes_out = self.bytes_in = 0
+        # streamed runs (shared.p2p_stream): pieces of a shard are dropped once it is reduced,
+        # the owner acknowledges each piece then (ACK events), and a bad piece gets a typed
+        # error (BadChunk / DuplicateChunk / ForeignChunk) that leaves every reduction as it was
+        self.stream = stream
+        self.held_bytes = self.peak_held_bytes = 0  # others' pieces held, now and at most
 
     def _slice(self, shard: int) -> bytes:
         lo, hi = self.plan.bounds(shard)
         return self.raw[4 * lo:4 * hi]
+
+    def _own_slice(self, shard: int) -> bytes | memoryview:
+        if not self.stream or self.kernel is not None:
+            return self._slice(shard)
+        lo, hi = self.plan.bounds(shard)
+        return memoryview(self.raw)[4 * lo:4 * hi]  # held as a view: no copy of our update
 
     def _sends(self) -> list[Event]:
         out: list[Event] = []
@@ -257,9 +275,9 @@ class ShardReducer:
                     continue
                 self.sent.add((s, o))
                 if o == self.me:
-                    out += self._store(self.me, s, self._slice(s))
+                    out += self._store(self.me, s, self._own_slice(s))
                 else:
-                    payload = self._slice(s)
+                    payload = self._own_slice(s)  # streamed: a view, sent (and cut) later
                     self.bytes_out += len(payload)
                     out.append({"kind": "part", "to": o, "shard": s, "payload": payload})
         return out
@@ -269,7 +287,14 @@ class ShardReducer:
 
     def on_part(self, sender: str, shard: int, payload: bytes) -> list[Event]:
         """A member's slice of a shard we own. Wrong sizes, strangers and unowned shards raise
-        ValueError (the caller answers the sender with a typed error)."""
+        ValueError (the caller answers the sender with a typed error); streamed, typed
+        BadChunk errors (shared.p2p_stream.check_piece), duplicates included."""
+        if self.stream:
+            check_piece(self.plan, self.me, self.reduced, self.parts, sender, shard, payload)
+            self.bytes_in += len(payload)
+            self.held_bytes += len(payload)
+            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+            return self._store(sender, shard, bytes(payload))
         if sender not in self.plan.members:
             raise ValueError(f"part from {sender[:12]}, not a member of the plan")
         if not 0 <= shard < self.plan.n_shards or self.me not in self.plan.owners[shard]:
@@ -283,7 +308,7 @@ class ShardReducer:
         self.bytes_in += len(payload)
         return self._store(sender, shard, bytes(payload))
 
-    def _store(self, sender: str, shard: int, payload: bytes) -> list[Event]:
+    def _store(self, sender: str, shard: int, payload: bytes | memoryview) -> list[Event]:
         self.parts.setdefault(shard, {})[sender] = payload
         return self._reduce_ready()
 
@@ -304,6 +329,10 @@ class ShardReducer:
                                     self.result_codec)
             self.reduced[s] = self.shards[s] = res  # an owner keeps its own reduction
             digest = sha256_hex(res)
+            if self.stream:  # the pieces are done with: acknowledge and drop them
+                out += [ack_event(m, s, got[m]) for m in self.plan.members if m != self.me]
+                self.held_bytes -= sum(len(got[m]) for m in got if m != self.me)
+                del self.parts[s]
             out.append({"kind": "result", "to": "server", "shard": s, "payload": res,
                         "digest": digest})
             own = self.plan.owners[s]
@@ -340,6 +369,8 @@ class ShardReducer:
             keep = set(plan.members)
             self.parts = {s: {m: p for m, p in got.items() if m in keep}
                           for s, got in self.parts.items()}
+            if self.stream:  # reduced pieces were dropped: every member sends all again
+                self.parts, self.sent, self.held_bytes = {}, set(), 0
             self.reduced.clear()
             self.shards.clear()
             self._members = plan.members
@@ -453,3 +484,4 @@ class ShardCheck:
             raise ValueError("not every shard is agreed")
         return join_results(self.plan, [self.payloads[self.agreed[s]]
                                         for s in range(self.plan.n_shards)], self.result_codec)
+

@@ -20,12 +20,12 @@ N_CHUNKS = 42  # gpt-tiny nano's raw32 update (433,281 bytes) in 10 KiB chunks
 CUT_AT = 3  # tests/stream_rtc_scenario.py drops the channel before this chunk
 
 
-def test_run_config_takes_streaming_with_ws_and_star_and_says_why_not_with_p2p() -> None:
-    for transport in ("ws", "star"):
+def test_run_config_takes_streaming_with_every_transport_and_says_why_not_with_groups() -> None:
+    for transport in ("ws", "star", "p2p"):  # p2p: tests/test_p2p_stream*.py
         assert RunConfig(transport=transport, stream_chunk_mb=1.0).stream_chunk == 2**20
-    with pytest.raises(ValueError, match="p2p members swap shards in one frame"):
-        RunConfig(transport="p2p", stream_chunk_mb=1.0)
-    with pytest.raises(ValueError, match="built for transport ws or star without secagg"):
+    with pytest.raises(ValueError, match="grouped p2p hands combined shards on in one frame"):
+        RunConfig(transport="p2p", stream_chunk_mb=1.0, p2p_groups=2)
+    with pytest.raises(ValueError, match="built for transport ws, star or p2p without secagg"):
         RunConfig(transport="star", stream_chunk_mb=1.0, validation=True)
 
 

@@ -20,7 +20,7 @@ import {
 
 export const ROLES = Object.freeze(["trainer", "validator"]);
 export const TRANSPORTS = Object.freeze(["ws", "star", "p2p"]);
-export const SHARD_KINDS = Object.freeze(["part", "result"]);
+export const SHARD_KINDS = Object.freeze(["part", "result", "ack"]);
 export const SIGNAL_KINDS = Object.freeze(["offer", "answer", "candidate", "bye", "path"]);
 export const SECAGG_STAGES = Object.freeze(["open", "advert", "roster", "ciphertexts", "bundle", "shares", "unmask", "accuse"]);
 export const ICE_URL = new RegExp("^(?:(stuns?|turns?):[A-Za-z0-9.\\-\\[\\]:]{1,255}(\\?transport=(udp|tcp))?)$");
