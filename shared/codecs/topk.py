@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import struct
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
@@ -143,7 +144,11 @@ class TopK(CodecBase):
             idx = np.arange(n, dtype=np.int64)
         else:
             idx = _top_indices(np, x, k, self.name)
-        vals = x[idx]
+        return self.encode_kept(np, idx, x[idx])
+
+    def encode_kept(self, np: ModuleType, idx: Any, vals: Any) -> bytes:
+        """The payload after its wire id, of the kept entries: ascending int64 `idx`, float32
+        `vals` (the numpy path's tail; shared.chunk_encode selects them chunk by chunk)."""
         if self.values == "fp16":
             vbytes = f16_pack_np(np, vals)
         elif self.values == "int2":
@@ -151,7 +156,7 @@ class TopK(CodecBase):
         else:
             vbytes = self._quant()._encode_np(np, vals, None)
         gaps = np.diff(idx, prepend=0)
-        return b"".join((self._header(k), vbytes, varint.encode_np(np, gaps)))
+        return b"".join((self._header(idx.size), vbytes, varint.encode_np(np, gaps)))
 
     # -- decode ------------------------------------------------------------------------------
     @classmethod
@@ -180,17 +185,27 @@ class TopK(CodecBase):
 SELECT_BLOCK = 1 << 20  # values per pass when selecting above the threshold
 
 
+Blocks = Callable[[], Iterator[tuple[int, Any]]]  # a fresh pass: (offset, float32 block)
+
+
 def _top_indices(np: ModuleType, x: Any, k: int, name: str) -> Any:
     """The k indices of largest |x| (ties: lower index first), ascending. The threshold (the
     k-th largest |x|) comes from two counting passes over blocks of x (`_kth_magnitude`),
     then one pass selects above it: no whole-vector temporary (at 125M values a copy of |x|
     is 491 MB, and the server's outer step and a node's encode both peak here)."""
     n = x.size
-    t = _kth_magnitude(np, x, k, name)
+    return top_indices_blocks(np, lambda: ((lo, x[lo:lo + SELECT_BLOCK])
+                                           for lo in range(0, n, SELECT_BLOCK)), k, name)
+
+
+def top_indices_blocks(np: ModuleType, blocks: Blocks, k: int, name: str) -> Any:
+    """`_top_indices` over a vector given as consecutive blocks, three passes of `blocks()`
+    (shared.chunk_encode: a node's pseudo-gradient computed a chunk at a time)."""
+    t = _kth_magnitude(np, blocks, k, name)
     above, ties = [], []
     n_above = 0
-    for lo in range(0, n, SELECT_BLOCK):
-        m = np.abs(x[lo:lo + SELECT_BLOCK])
+    for lo, xb in blocks():
+        m = np.abs(xb)
         a = np.flatnonzero(m > t)
         above.append(a + lo)
         n_above += a.size
@@ -199,18 +214,15 @@ def _top_indices(np: ModuleType, x: Any, k: int, name: str) -> Any:
     return np.sort(np.concatenate([*above, tie]))
 
 
-def _kth_magnitude(np: ModuleType, x: Any, k: int, name: str) -> Any:
+def _kth_magnitude(np: ModuleType, blocks: Blocks, k: int, name: str) -> Any:
     """The k-th largest |x| (1 <= k <= n) as a float32, exactly what partitioning |x| gives.
     For finite float32 values, |x|'s bit pattern (the sign bit cleared) orders as |x| does:
     one pass counts the patterns' top 16 bits, a second counts the low 16 bits of those in
     the top bucket that holds the k-th; each pass holds one block's temporaries."""
-    n = x.size
-    bits = x.reshape(-1).view(np.uint32)
-
     def hist(shift: int, top: int | None) -> Any:
         counts = np.zeros(1 << 16, dtype=np.int64)
-        for lo in range(0, n, SELECT_BLOCK):
-            b = bits[lo:lo + SELECT_BLOCK] & np.uint32(0x7FFFFFFF)
+        for _, xb in blocks():
+            b = xb.reshape(-1).view(np.uint32) & np.uint32(0x7FFFFFFF)
             if top is None:
                 if int(b.max()) >= 0x7F800000:
                     raise ValueError(f"{name}: values contain NaN or infinity; refusing to "
