@@ -279,3 +279,24 @@ def register_ring_masker(impl: RingMasker | None) -> None:
 
 def ring_masker() -> RingMasker | None:
     return _ring_masker
+
+
+class SparseStepper(Protocol):
+    """SparseLoCo's step where numpy is missing (the tab's JS, browser/node/sparse_step.js,
+    golden-checked): theta_{r-1} (float32 LE bytes) and a "sparse" RoundOpen payload ->
+    theta_r's bytes, the bits of shared.sparseloco.apply_sparse; BadUpdate if malformed."""
+
+    def step(self, theta: bytes, payload: bytes) -> bytes: ...
+
+
+_sparse_stepper: SparseStepper | None = None
+
+
+def register_sparse_stepper(impl: SparseStepper | None) -> None:
+    """The tab registers its JS sparse step here (natively numpy applies it)."""
+    global _sparse_stepper
+    _sparse_stepper = impl
+
+
+def sparse_stepper() -> SparseStepper | None:
+    return _sparse_stepper

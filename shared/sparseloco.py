@@ -32,15 +32,17 @@ from typing import Any
 
 from shared.codecs import TopK, decode_payload, make_codec
 from shared.errors import BadUpdate
-from shared.vec import numpy_module
+from shared.platform import sparse_stepper
+from shared.vec import from_bytes, numpy_module, to_bytes
 
 MAGIC = b"DL"
 VERSION = 3
 HEAD = struct.Struct("<2sBd")
 FEATURE = "sparse-step"  # Hello feature: this node applies "sparse" RoundOpens
 
-__all__ = ["FEATURE", "SparseOuter", "apply_sparse", "apply_step", "decode_sparse_step",
-           "decode_step", "is_sparse_step", "resolve_step", "server_step", "state_step"]
+__all__ = ["FEATURE", "SparseOuter", "apply_sparse", "apply_step", "can_step",
+           "decode_sparse_step", "decode_step", "is_sparse_step", "resolve_step", "server_step",
+           "state_step"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -202,6 +204,16 @@ def decode_sparse_step(payload: bytes | memoryview, n: int) -> tuple[float, Any,
 def resolve_step(held: Any, payload: bytes | memoryview, *, out: Any = None) -> Any:
     """theta_r from theta_{r-1} (`held`) and a "sparse" payload (the caller checks the
     digest). `out`: a writable float32 array holding `held` to update in place instead of a
-    copy (a failed decode leaves it untouched: the payload is decoded before any write)."""
+    copy (a failed decode leaves it untouched: the payload is decoded before any write).
+    Without numpy (a tab) the registered stepper applies it (shared.platform: the tab's JS)."""
+    stepper = sparse_stepper() if numpy_module() is None else None
+    if stepper is not None:
+        return from_bytes(stepper.step(to_bytes(held), bytes(payload)))
     lr, idx, vals = decode_sparse_step(payload, len(held))
     return apply_sparse(held, idx, vals, lr, out=out)
+
+
+def can_step() -> bool:
+    """Whether this runtime applies "sparse" RoundOpens (its Hello may say FEATURE): numpy,
+    or a registered stepper (the tab's JS)."""
+    return numpy_module() is not None or sparse_stepper() is not None

@@ -1,6 +1,6 @@
 """Pyodide side of the browser bridge: hands `shared.platform` the tab's ML-DSA-65 and
-ML-KEM-768 (@noble/post-quantum), zstd (fzstd + zstd-wasm) and codec encoders (codecs.js,
-byte-identical with shared.codecs on the golden vectors).
+ML-KEM-768 (@noble/post-quantum), zstd (fzstd + zstd-wasm), codec encoders (codecs.js,
+byte-identical with shared.codecs on the golden vectors) and SparseLoCo's step (sparse_step.js).
 
 pyodide_host.js registers the JS module `daa_bridge` and then runs this file; `shared` must
 already be importable. Bytes cross as Uint8Array copies (`to_js` one way, `to_bytes` back).
@@ -14,10 +14,12 @@ from typing import Any
 import daa_bridge  # type: ignore[import-not-found]  # registered by pyodide_host.js
 from pyodide.ffi import JsException, to_js  # type: ignore[import-not-found]
 
+from shared.errors import BadUpdate
 from shared.platform import (
     register_kem,
     register_ring_masker,
     register_signatures,
+    register_sparse_stepper,
     register_update_encoder,
     register_zstd,
 )
@@ -105,9 +107,21 @@ class BrowserEncoder:
         return bytes(out.payload.to_bytes()), (bytes(res.to_bytes()) if res is not None else None)
 
 
+class BrowserSparseStep:
+    """shared.platform.SparseStepper over sparse_step.js: SparseLoCo's step applied in JS
+    (golden-checked against numpy's apply_sparse); a malformed payload is BadUpdate."""
+
+    def step(self, theta: bytes, payload: bytes) -> bytes:
+        try:
+            return bytes(daa_bridge.sparseStep(to_js(theta), to_js(payload)).to_bytes())
+        except JsException as exc:
+            raise BadUpdate(f"sparse step: {exc}", field="payload") from None
+
+
 register_signatures(NobleMLDSA65())
 register_kem(NobleMLKEM768())
 register_ring_masker(BrowserRingMasker())
 register_update_encoder(BrowserEncoder())
+register_sparse_stepper(BrowserSparseStep())
 if daa_bridge.zstdCanCompress():
     register_zstd(BrowserZstd())

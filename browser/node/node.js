@@ -305,7 +305,10 @@ export class BrowserNode extends EventTarget {
       case 'shard_out': this.sendShard(e.to, e.frame); break;
       case 'p2p_round': this.onP2PRound(e); break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
-      case 'train': this.onTrain(e); break;
+      case 'train':  // e.downlink: the RoundOpen kinds taken and resyncs (shared/open_kinds.py)
+        if (e.downlink) this.set({ downlink: e.downlink });
+        this.onTrain(e);
+        break;
       case 'round': this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `holding round ${e.round}` }); break;
       case 'validate': this.onValidate(e).catch((err) => this.log(`round ${e.round}: cannot score: ${err.message || err}`, 'error')); break;
       case 'resubmit':
@@ -331,7 +334,9 @@ export class BrowserNode extends EventTarget {
         break;
       case 'journal': storageSet(`${this.prefix}${JOURNAL_KEY}`, e.entry ?? null); break;
       case 'refused': this.log(`dropped a frame from the server: ${e.message}`); break;
-      case 'reconnect': this.log(e.message); this.ws?.close(); break;
+      case 'reconnect':
+        if (e.downlink) this.set({ downlink: e.downlink });
+        this.log(e.message); this.ws?.close(); break;
       case 'fatal': this.fail(e.message); break;
       default: if (e.kind.startsWith('dht_')) this.dht.onEvent(e); break;
     }

@@ -13,6 +13,7 @@ from pyodide.ffi import to_js  # type: ignore[import-not-found]
 
 from shared.envelope import Identity
 from shared.messages import Chunk, ParamsChunk, Resume
+from shared.open_kinds import OpenKinds, sparse_features
 from shared.participant import Participant
 from shared.stream_down import FEATURE as STREAM_FEATURE
 from shared.stream_down import Fetcher
@@ -42,11 +43,14 @@ def make_participant(public_key, secret_key, pins_json: str, save_pins, device: 
                     pins=json.loads(pins_json or "{}"),
                     save_pins=lambda pins: save_pins(json.dumps(pins)))
     p.extra_features = (STREAM_FEATURE,)  # large RoundOpens in chunks (shared.stream_down)
+    p.extra_features += sparse_features()  # SparseLoCo's steps in JS (daa_glue.py)
+    KINDS[id(p)] = OpenKinds.watch(p)  # the RoundOpen kinds taken, for the page's stats
     FETCHERS[id(p)] = Fetcher(p)
     SENDERS[id(p)] = Sender(p)
     return p
 
 
+KINDS: dict[int, OpenKinds] = {}  # what the participant's RoundOpens carried (+ resyncs)
 FETCHERS: dict[int, Fetcher] = {}  # the participant's streamed-RoundOpen downloads
 SENDERS: dict[int, Sender] = {}  # its streamed updates (shared.stream_up)
 
@@ -86,6 +90,8 @@ def _received(p: Participant, frame: bytes) -> list[dict[str, object]]:
 def feed(p: Participant, data) -> object:
     events = _streamed(p, _hooked(p, _received(p, data.to_bytes())))  # a resubmission too
     for ev in events:  # the Welcome's STUN/TURN servers, for the tab's RTCPeerConnection
+        if ev["kind"] in ("train", "reconnect") and id(p) in KINDS:
+            ev["downlink"] = dict(KINDS[id(p)].counts)  # node.js: stats.downlink
         if ev["kind"] == "welcome" and p.welcome is not None:
             ev["ice_servers"] = [dict(s) for s in p.welcome.ice_servers]
     return _js(events)

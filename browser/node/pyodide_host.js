@@ -11,6 +11,7 @@ import { canCompress, compress, decompress } from './zstd.js';
 import { encode, withErrorFeedback } from './codecs.js';
 import { addMasks, kemDecaps, kemEncaps, kemKeygen } from './secagg.js';
 import { outerStep, reduceShard } from './p2p_kernels.js';
+import { sparseStep } from './sparse_step.js';
 
 export const PYODIDE_URL = '/static/vendor/pyodide/';
 export const SHARED_ZIP_URL = '/pkg/shared.zip';
@@ -42,6 +43,8 @@ export const bridge = {
   // p2p runs (p2p_glue.py): reduce an owned shard, apply the outer step (float32 LE bytes)
   reduceShard: (rule, f, codec, slices) => reduceShard(rule, f, codec, slices),
   outerStep: (theta, agg, m, lr, mu, nesterov) => outerStep(theta, agg, m, lr, mu, nesterov),
+  // SparseLoCo's "sparse" RoundOpen (shared.platform.SparseStepper): theta_r's bytes
+  sparseStep: (theta, payload) => sparseStep(theta, payload),
   // the participant's hot loop (shared.platform.UpdateEncoder): float32 LE bytes in and out
   encodeCodecs: () => ['raw32', 'fp16', 'bf16', 'int8-block', 'int4-block', 'topk'],
   encodeUpdate: (name, paramsJson, delta, residual, errorFeedback) => {
