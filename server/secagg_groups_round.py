@@ -68,6 +68,7 @@ class GroupSession(SecAggReduction):
         self.index, self.members = index, members
         self.trainers = lambda: [n for n in outer.trainers() if n in members]
         self.wake = lambda: outer.wake()
+        self.streamed = outer.streamed  # streamed masked updates (server.secagg_stream)
 
 
 class SecAggGroupsReduction(SecAggReduction):
@@ -144,6 +145,9 @@ class SecAggGroupsReduction(SecAggReduction):
             out += s.expected([n for n in connected if n in s.members])
         return out
 
+    def session(self, node: str, round_: int) -> SecAggReduction:
+        return self._session(node, round_)
+
     def _session(self, node: str, round_: int) -> GroupSession:
         s = self.of.get(node)
         if s is None or round_ != self.round:
@@ -165,6 +169,8 @@ class SecAggGroupsReduction(SecAggReduction):
     # -- the commit: unmask each group, the robust rule over their means -------------------
     async def reduce(self, state: RoundState, collection: RoundCollection
                      ) -> np.ndarray | None:
+        if self.streamed is not None:  # unfinished streamed masked updates leave the sums
+            self.streamed.before_unmask()
         submitted = {n for s in self.sessions if s.agg is not None for n in s.agg.submitted}
         if not submitted or set(state.updates) != submitted:
             log.warning("round %d: masked updates and the round's updates disagree; retrying",

@@ -11,7 +11,8 @@ stages (shared.secagg.round), sums the masked updates and unmasks only their sum
    quiet, wait for the next round (`expected` tells the coordinator whom the round waits for).
 2. Each trainer sends its masked update as a Submit of codec `secagg`; `vector` checks and adds
    it into the masked sum (shared.secagg.SecAggAggregator.on_masked); bad input is a typed
-   error and excludes the sender, before anything is recorded.
+   error and excludes the sender, before anything is recorded. With `stream_chunk_mb`, a
+   larger one streams in and its words join the sum chunk by chunk (server.secagg_stream).
 3. `reduce` (the round decided to commit): `unmask` to every submitter still connected, their
    shares back, then the sum is unmasked; the mean of the contributors is the aggregate. Too
    few valid shares (TooManyDropouts) or any other refusal: None, the round is retried with
@@ -57,6 +58,7 @@ from shared.secagg.round import (
 
 if TYPE_CHECKING:
     from server.collection import RoundCollection
+    from server.secagg_stream import MaskedStreams
 
 log = logging.getLogger("server.secagg")
 POLL_S = 0.2
@@ -77,6 +79,7 @@ class SecAggReduction(ServerReduction):
         self._task: asyncio.Task[None] | None = None
         self._event = asyncio.Event()
         self.last: dict[str, Any] = {}  # the last unmasked round, for /api/run
+        self.streamed: MaskedStreams | None = None  # stream_chunk_mb: server.secagg_stream
 
     # -- the round's key stages ---------------------------------------------------------
     def start(self, state: RoundState) -> None:
@@ -90,6 +93,11 @@ class SecAggReduction(ServerReduction):
         self.cancel()
         self.agg, self.stage = None, "waiting"
         self._task = asyncio.ensure_future(self._keys(state))
+
+    def session(self, node: str, round_: int) -> SecAggReduction:
+        """The secure-aggregation session that sums `node`'s masked update for `round_`
+        (server.secagg_groups_round: its group's)."""
+        return self
 
     def cancel(self) -> None:
         if self._task is not None and not self._task.done():
@@ -230,6 +238,9 @@ class SecAggReduction(ServerReduction):
             raise SecAggError(f"round {msg.round} takes no masked updates now (stage "
                               f"{self.stage}); keys are set up at the round's start",
                               field="round")
+        if self.streamed is not None and self.streamed.take(msg):  # summed as it streamed
+            self.wake()
+            return None
         try:
             mu = unpack_masked(msg.payload)
             if (mu.node_id, mu.round, mu.run_id) != (msg.node_id, msg.round, msg.run_id):
@@ -243,6 +254,8 @@ class SecAggReduction(ServerReduction):
 
     async def reduce(self, state: RoundState, collection: RoundCollection
                      ) -> np.ndarray | None:
+        if self.streamed is not None:  # unfinished streamed masked updates leave the sum
+            self.streamed.before_unmask()
         agg = self.agg
         if agg is None or not agg.submitted or set(state.updates) != set(agg.submitted):
             log.warning("round %d: masked updates and the round's updates disagree; retrying",

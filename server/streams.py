@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from server.peers import Connection
+from server.secagg_stream import SIZE_SLACK, MaskedStreams
 from server.spool import Spool
 from shared.errors import BadUpdate, ForeignChunk, ProtocolError
 from shared.frame import Frame
@@ -61,6 +62,8 @@ class StreamIntake:
         # stream_started, stream_resumed, stream_completed, stream_submits, stream_chunks
         self.counters = coord.counters
         coord.commit_hooks.append(self.after_commit)
+        # secagg: masked words go into the masked sum as their chunks arrive
+        self.watcher = MaskedStreams(coord.secagg, self) if coord.secagg is not None else None
 
     # -- announcements -------------------------------------------------------------------
     async def on_start(self, conn: Connection, msg: StreamSubmit) -> None:
@@ -73,7 +76,7 @@ class StreamIntake:
         if msg.length != coord.run.n_params:
             raise BadUpdate(f"wrong shape: update has {msg.length} values, the model has "
                             f"{coord.run.n_params}", field="length")
-        if msg.size > 4 * coord.run.n_params + 4096:
+        if msg.size > 4 * coord.run.n_params + 4096 + (SIZE_SLACK if self.watcher else 0):
             raise BadUpdate(f"a streamed update of {msg.size} bytes is larger than any "
                             "encoding of this model's update", field="size")
         if state is None or msg.round > state.round:
@@ -83,6 +86,8 @@ class StreamIntake:
             coord.counters["duplicates"] += 1
             await coord.send(conn, Ack(round=msg.round, digest=msg.digest, status="duplicate"))
             return
+        if self.watcher is not None:
+            self.watcher.opened(peer.node_id, msg)
         old = self.transfers.get(peer.node_id)
         if old is not None and old.key == (msg.round, msg.digest) \
                 and old.msg.payload == msg.payload and old.msg.size == msg.size \
@@ -140,22 +145,35 @@ class StreamIntake:
             raise ForeignChunk(f"no streamed update (round {msg.round}, digest "
                                f"{msg.digest[:12]}) was announced by this node", field="digest")
         t.reassembly.accept(msg.index, msg.payload)
+        if self.watcher is not None:
+            try:
+                self.watcher.advance(node_id, t)
+            except ProtocolError as err:
+                self._drop(node_id, f"refused: {err.message}")
+                raise
         return t if t.reassembly.complete else None
 
     async def _complete(self, conn: Connection, t: Transfer) -> None:
         """The last chunk is in: check the digest, take the update, spool its vector."""
         assert conn.peer is not None
         node_id, msg = conn.peer.node_id, t.msg
-        self.transfers.pop(node_id, None)
         t.fh.flush()
         t.fh.seek(0)
         h = hashlib.sha256()
         while block := t.fh.read(HASH_BLOCK):
             h.update(block)
         if h.hexdigest() != msg.digest:  # every chunk matched a manifest that lied
-            t.fh.close()
-            os.unlink(t.path)
+            self._drop(node_id, "its payload does not hash to its digest")
             raise BadUpdate("the streamed payload does not hash to its digest", field="digest")
+        if self.watcher is not None:  # secagg: the words are in the masked sum already
+            try:
+                outcome = self.watcher.complete(conn.peer, t)
+                self.counters["stream_completed"] += 1
+            finally:
+                self._drop(node_id, "complete")
+            await self._acked(conn, msg, outcome)
+            return
+        self.transfers.pop(node_id, None)
         t.fh.seek(0)
         payload = t.fh.read()
         t.fh.close()
@@ -173,7 +191,10 @@ class StreamIntake:
             collection.vectors[node_id] = self.spool.store_vector(node_id, msg.round, vec)
         collection.payloads.pop(node_id, None)  # validators are off for streamed runs
         del submit, vec  # not held across the await below: other transfers complete meanwhile
-        log.info("streamed update from %s for round %d complete (%s)", node_id[:12],
+        await self._acked(conn, msg, outcome)
+
+    async def _acked(self, conn: Connection, msg: StreamSubmit, outcome: Any) -> None:
+        log.info("streamed update from %s for round %d complete (%s)", msg.node_id[:12],
                  msg.round, outcome.value)
         await self.coord.send(conn, Ack(round=msg.round, digest=msg.digest,
                                         status=outcome.value))
@@ -181,6 +202,8 @@ class StreamIntake:
 
     # -- housekeeping --------------------------------------------------------------------
     def _drop(self, node_id: str, why: str) -> None:
+        if self.watcher is not None:  # its masked words out of the sum, from its file
+            self.watcher.dropped(node_id)
         t = self.transfers.pop(node_id, None)
         if t is None:
             return

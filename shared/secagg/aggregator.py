@@ -185,23 +185,30 @@ class SecAggAggregator:
 
     # stage 4
     def on_masked(self, msg: MaskedUpdate) -> None:
+        self.check_masked(msg)
+        add_into(self.sum, ring_from_bytes(msg.payload, use_numpy=self.use_numpy))
+        self.submitted.append(msg.node_id)
+
+    def check_masked(self, msg: MaskedUpdate, *, payload_len: int | None = None) -> None:
+        """on_masked's checks (bad input excludes the sender). `payload_len`: the words are
+        not in `msg` but streamed in (server.secagg_stream): their length is checked, their
+        SHA-256 is the streamer's to check once they are all in."""
         if (msg.node_id not in self.masking or msg.node_id in self.excluded
                 or msg.node_id in self.submitted):
             raise SecAggError("not expecting a masked update from this node", field="node_id")
+        size = len(msg.payload) if payload_len is None else payload_len
         bad = None
         if msg.ring_bits != 32:
             bad = ("ring_bits", f"ring Z_2^{msg.ring_bits}, this round sums in Z_2^32")
         elif (msg.offset, msg.length) != (self.start, self.stop - self.start) or \
-                len(msg.payload) != 4 * msg.length:
-            bad = ("length", f"{len(msg.payload) // 4} values at {msg.offset}; this aggregator "
+                size != 4 * msg.length:
+            bad = ("length", f"{size // 4} values at {msg.offset}; this aggregator "
                              f"sums [{self.start}, {self.stop})")
-        elif not msg.digest_ok() or not msg.verify(base64.b64decode(
+        elif (payload_len is None and not msg.digest_ok()) or not msg.verify(base64.b64decode(
                 self.adverts[msg.node_id].signing_key)):
             bad = ("signature", "payload digest or signature does not verify")
         if bad is not None:
             raise self._exclude(msg.node_id, BadMaskedUpdate(bad[1], field=bad[0]))
-        add_into(self.sum, ring_from_bytes(msg.payload, use_numpy=self.use_numpy))
-        self.submitted.append(msg.node_id)
 
     # stage 5
     def unmask_request(self) -> UnmaskRequest:
