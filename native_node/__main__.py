@@ -76,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--max-rounds", type=int, default=0,
                        help="leave after submitting this many rounds (0: until the run ends)")
         q.add_argument("--quiet", action="store_true", help="no progress bar, log lines only")
+        q.add_argument("--chunk-encode", action=argparse.BooleanOptionalAction, default=True,
+                       help="in streamed runs, compute and encode the update a chunk at a "
+                            "time into a spool file under the state dir (default on; "
+                            "shared.chunk_encode)")
         q.add_argument("--server-id", help="require this server key id (64 hex); default: "
                        "trust the first key seen for a run and refuse a different one later")
         q.add_argument("--supervise", action="store_true",
@@ -149,7 +153,7 @@ def node(args: argparse.Namespace) -> int:
         server_id=args.server_id, role=getattr(args, "role", "trainer"), nproc=nproc,
         threads=args.threads, ca=args.ca, shard=args.shard,
         region=getattr(args, "region", ""), dht=getattr(args, "dht", False),
-        allow_model=tuple(args.allow_model)))
+        allow_model=tuple(args.allow_model), chunk_encode=args.chunk_encode))
     code = evloop.run(_run(client))
     print("node stopped", file=sys.stderr, flush=True)
     return code

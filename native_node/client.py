@@ -31,7 +31,7 @@ from ml.data import DataSpec
 from ml.scoring import ProbeScorer
 from ml.tokenizer import TokenizerMismatch
 from ml.workload import Workload, from_spec
-from native_node import journal, pins
+from native_node import chunk_update, journal, pins
 from native_node.address import coordinator_tls, coordinator_url
 from native_node.dht import NodeDht
 from native_node.distributed_trainer import DistributedTrainer
@@ -40,6 +40,7 @@ from native_node.stream_rtc import StreamRoute
 from native_node.stream_upload import Uploader
 from native_node.trainer import Trainer
 from native_node.training import TrainingMixin
+from shared.chunk_encode import Spooled
 from shared.envelope import Identity
 from shared.messages import SERVER, ParamsChunk, Resume, Submit
 from shared.participant import MAX_MESSAGE, Event, Participant
@@ -102,6 +103,7 @@ class NodeOptions:
     region: str = ""  # a region label for hierarchical aggregation's groups (Hello feature)
     dht: bool = False  # run a Kademlia DHT node (native_node.dht; the server needs `dht`)
     allow_model: tuple[str, ...] = ()  # bring-your-own factories this node may import (ml.byo)
+    chunk_encode: bool = True  # streamed runs: the update encoded by chunks (chunk_update)
 
 
 class Backoff:
@@ -172,6 +174,8 @@ class NodeClient(TrainingMixin):
         self.part.extra_features = (SPARSE_FEATURE, STREAM_FEATURE)
         # run option overlap (shared.overlap): the one-process torch trainer trains ahead
         self.part.ahead.supported = opts.nproc == 1 and opts.role == "trainer"
+        if opts.chunk_encode:  # streamed runs: Δ encoded by chunks into spool files
+            self.part.spool = functools.partial(chunk_update.new_spool, opts.state_dir)
         self.rebase = None  # steps run ahead (native_node.training declares these)
         self.ahead_done = None
         self.last_train = None
@@ -379,15 +383,15 @@ class NodeClient(TrainingMixin):
     async def on_event(self, ev: Event) -> bool:
         """Carry out one event; True when the run is over."""
         kind = ev["kind"]
-        if kind == "send":
-            await self._send(ev["frame"], is_update=ev["msg_type"] == Submit.TYPE)
+        if kind in ("send", "stream"):
+            await self._send_event(ev)
         elif kind == "welcome":
             await self._on_welcome(ev)
         elif kind in ("train", "train_ahead"):
             self._start_training(ev)
         elif kind == "cancel":
             self.cancel.set()
-        elif kind == "journal":
+        elif kind == "journal":  # (a cleared journal also removes the spool files)
             await self._journal(ev["entry"])
         elif kind == "validate":
             await self._validate(ev)
@@ -464,9 +468,26 @@ class NodeClient(TrainingMixin):
                 log.warning("send failed (%s); an update is resubmitted after the reconnect",
                             exc)
 
+    async def _send_event(self, ev: Event) -> None:
+        """A frame to send, or ("stream") an update encoded into a spool (chunk_submit)."""
+        if ev["kind"] == "stream":
+            await self._send_spooled(ev["update"])
+        else:
+            await self._send(ev["frame"], is_update=ev["msg_type"] == Submit.TYPE)
+
+    async def _send_spooled(self, update: Spooled) -> None:
+        """Announce an update whose chunks are read from its spool (transport ws)."""
+        if self.ws is not None and not self.ws.closed:
+            try:
+                await self.ws.send_bytes(self.uploader.sender.start_spooled(update)["frame"])
+            except (ConnectionError, aiohttp.ClientError) as exc:
+                log.warning("send failed (%s); the update is resubmitted after the reconnect",
+                            exc)
+
     async def _journal(self, entry: str | None) -> None:
         if entry is None:
             journal.clear(self.opts.state_dir)
+            chunk_update.clear(self.opts.state_dir)  # no update pending: its spool goes
             return
         try:  # before the Submit goes out: after a crash from here on, resubmit, not retrain
             await asyncio.to_thread(journal.save, self.opts.state_dir, entry)

@@ -31,7 +31,7 @@ from ml.zoo import loss_for
 
 @dataclass(frozen=True, kw_only=True)
 class RoundResult:
-    delta: np.ndarray  # pseudo-gradient theta_r - theta_i (float32)
+    delta: np.ndarray  # pseudo-gradient theta_r - theta_i (float32; empty with keep_base)
     train_loss: float | None  # mean inner loss over the round
     samples: int  # samples consumed
     compute_s: float  # seconds in forward/backward/optimizer
@@ -210,10 +210,12 @@ class Trainer:
     def train_round(self, theta: np.ndarray | None, *, steps: int, lr: float, batch_size: int,
                     cancel: threading.Event | None = None,
                     progress: Callable[[int, float], None] | None = None,
-                    rebase: Rebase | None = None) -> RoundResult:
+                    rebase: Rebase | None = None, keep_base: bool = False) -> RoundResult:
         """Load theta, run up to `steps` inner steps (stops early if `cancel` is set).
         theta None: go on from the model's params (steps run ahead), merging what `rebase`
-        gets between steps and at the end (shared.overlap)."""
+        gets between steps and at the end (shared.overlap). `keep_base`: Δ is not made
+        (the result's is empty) and θ_r stays held: the caller reads Δ a chunk at a time
+        (native_node.chunk_update.ParamsDelta), then calls `params.release()`."""
         if theta is None:
             self.params.hold_current()
         else:
@@ -255,8 +257,9 @@ class Trainer:
         memory.trim()  # nor the steps' freed buffers (ml.memory)
         if rebase is not None and (new := rebase.take(close=True)) is not None:
             self.params.merge(new)
-        delta = self.params.delta()
-        self.params.release()
+        delta = np.empty(0, dtype=np.float32) if keep_base else self.params.delta()
+        if not keep_base:
+            self.params.release()
         mean = float(np.mean(losses)) if losses else None
         return RoundResult(delta=delta, train_loss=mean if mean is None or np.isfinite(mean)
                            else None, samples=done * batch_size, compute_s=compute, steps=done)

@@ -20,6 +20,7 @@ import numpy as np
 from ml import memory
 from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload
+from native_node.chunk_update import ParamsDelta
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.trainer import Rebase, RoundResult, Trainer
 from shared.participant import Event, Participant
@@ -132,6 +133,26 @@ class TrainingMixin:
         del delta
         memory.trim()  # the encoding's temporaries (several copies of Δ at their peak)
 
+    def _release_base(self, chunks: bool) -> None:
+        """The trainer kept θ_r for Δ by chunks, which will not be read: let it go."""
+        if chunks and isinstance(self.trainer, Trainer):
+            self.trainer.params.release()
+
+    async def _submit_chunks(self, round_: int, result: RoundResult) -> None:
+        """Δ read a chunk at a time from the trainer's base and trained params: in a
+        streamed run it is never whole (shared.chunk_submit; else the participant takes the
+        whole Δ from the source). The base is let go once the update is encoded."""
+        assert isinstance(self.trainer, Trainer)
+        source = ParamsDelta(self.trainer.params)
+        try:
+            events = self.part.submit(round_, source, train_loss=result.train_loss,
+                                      samples=result.samples, compute_s=result.compute_s)
+        finally:
+            source.release()
+        for out in events:
+            await self.on_event(out)
+        memory.trim()
+
     async def _train_and_submit(self, ev: Event, theta: np.ndarray | None,
                                 cancel: threading.Event, rebase: Rebase | None = None) -> None:
         assert self.trainer is not None
@@ -140,6 +161,9 @@ class TrainingMixin:
         # the trainer stops when the round moves on (cancel) or when the participant says
         # the round's steps or time budget are used up (autotune: keep_training)
         halt, started = threading.Event(), time.perf_counter()
+        # Δ by chunks (native_node.chunk_update) when the participant may spool the update
+        chunks = isinstance(self.trainer, Trainer) and self.part.spool is not None \
+            and rebase is None
 
         def progress(done: int, loss: float) -> None:
             if bar is not None:
@@ -154,6 +178,9 @@ class TrainingMixin:
         if rebase is not None:  # steps run ahead: the one-process torch trainer (_start_ahead)
             assert isinstance(self.trainer, Trainer)
             call = functools.partial(self.trainer.train_round, None, rebase=rebase)
+        elif isinstance(self.trainer, Trainer):
+            assert theta is not None
+            call = functools.partial(self.trainer.train_round, theta, keep_base=chunks)
         else:
             assert theta is not None
             call = functools.partial(self.trainer.train_round, theta)
@@ -162,6 +189,7 @@ class TrainingMixin:
                 call, steps=steps, lr=ev["lr"], batch_size=ev["batch_size"], cancel=halt,
                 progress=progress)
         except BaseException:
+            self._release_base(chunks)
             stopped = round_ if rebase is None else rebase.round
             if stopped is not None:
                 self.part.training_stopped(stopped)
@@ -175,10 +203,14 @@ class TrainingMixin:
         if cancel.is_set() or (result.steps < steps and ev.get("time_budget_s") is None):
             log.info("round %d: training cancelled after %d steps", round_, result.steps)
             self.part.training_stopped(round_)
+            self._release_base(chunks)
             return
         loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
         log.info("round %d: %d steps in %.1f s, train loss %s", round_, result.steps,
                  result.compute_s, loss)
+        if chunks:
+            await self._submit_chunks(round_, result)
+            return
         await self._submit(round_, result.delta, result)
 
     async def _validate(self, ev: Event) -> None:

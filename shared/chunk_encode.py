@@ -95,9 +95,14 @@ class FileSpool:
         return os.fstat(self.fd).st_size
 
     def remove(self) -> None:
-        os.close(self.fd)
+        """Unlink the file; a transfer still reading it goes on (the descriptor is closed
+        when this object goes)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
 
 
 @dataclass(frozen=True, kw_only=True)

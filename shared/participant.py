@@ -5,7 +5,8 @@ frames they receive (`Participant.receive`) and carry out the events it returns:
 tab (browser/node/node_glue.py + node.js, training with ONNX Runtime Web), the native node
 (native_node/client.py, training with torch) and the simulator (bench/sim_nodes.py, 1,000
 nodes in one process). When a driver's trainer has the round's pseudo-gradient it calls
-`Participant.submit`. This class owns everything a participant must get right about the
+`Participant.submit` (a native node in a streamed run hands it a chunk source:
+shared.chunk_submit). This class owns everything a participant must get right about the
 protocol: the server's signed Challenge and key pin (shared.trust), the signed Hello, the round's
 params (full, or a params delta checked against its digest: shared.downlink; or, in `p2p` runs,
 the outer step applied to the aggregate the node holds, through `resolver`), worker momentum,
@@ -24,6 +25,8 @@ Events are plain dicts (JSON-able except `bytes` values), `kind` first:
 |-----------|----------------------------------------------------------------------------|
 | send      | msg_type, frame (bytes): send it to the server as one binary WebSocket     |
 |           | message (a Submit, type 4, may go over the star data channel instead)      |
+| stream    | update (shared.chunk_encode.Spooled): our update, encoded by chunks into a |
+|           | spool: stream it from there (shared.stream_up.Sender.start_spooled)        |
 | signal    | from, signal (offer/answer/candidate/bye), data: WebRTC signaling for us   |
 | welcome   | run_id, node_id, server_id, model, model_id, data, shard, n_shards, codec, |
 |           | error_feedback, n_params, transport, rtc_timeout_s                         |
@@ -70,7 +73,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from shared import chunk_submit
 from shared.autotune import continue_training
+from shared.chunk_encode import DeltaSource, Spool, Spooled
 from shared.codecs import make_codec
 from shared.downlink import resolve
 from shared.dp import privatize
@@ -106,7 +111,7 @@ from shared.secagg.p2p import masked_ready
 from shared.secagg.round import SECAGG_CODEC, SecAggClient, pack_masked
 from shared.trust import ServerTrust, UntrustedServer
 from shared.update_encoding import encode_update
-from shared.vec import all_finite, read_bytes, to_bytes
+from shared.vec import all_finite, byte_view, read_bytes, to_bytes
 
 Event = dict[str, Any]
 FATAL_CODES = {"unsupported_version"}
@@ -161,13 +166,14 @@ class Participant:
         self.momentum: Any = None  # worker momentum of past deltas (Welcome.worker_momentum)
         self.codec_state: Any = None  # a stateful codec's warm start (PowerSGD's Q)
         self.last_codec: str | None = None  # the codec of the last update (codec_state's)
-        self.pending: Submit | None = None  # submitted, not yet known to be committed
+        self.pending: Submit | Spooled | None = None  # submitted, not yet committed
         self.pending_params: str | None = None  # params digest the pending update started from
         self.pending_ready: Ready | None = None  # p2p: our Ready for the open round
         self.rejected_round: int | None = None  # validators excluded our update of this round
         self.resolver: Resolver = resolve  # p2p nodes apply the outer step themselves
         self.secagg: SecAggClient | None = None  # runs with secure aggregation (Welcome.secagg)
         self.ahead = Ahead()  # run option overlap (shared.overlap); drivers set .supported
+        self.spool: Callable[[], Spool] | None = None  # a new spool file: chunked encoding
         self.counts = {"refused_frames": 0, "submitted": 0, "accepted": 0, "duplicate": 0,
                        "errors": 0}
 
@@ -327,7 +333,8 @@ class Participant:
             # trained before the reconnect (or reload): resubmit as is, never retrain
             return [{"kind": "resubmit", "round": msg.round, "params": to_bytes(theta),
                      "params_digest": msg.params_digest, "digest": self.pending.digest},
-                    self._send(self.pending)]
+                    self._send(self.pending) if isinstance(self.pending, Submit)
+                    else {"kind": "stream", "update": self.pending}]
         if self.training is not None and self.training.round == msg.round \
                 and self.training.params_digest == msg.params_digest:
             return []  # a retry of the round we are already training
@@ -445,7 +452,7 @@ class Participant:
             self.training = None
 
     # -- the trainer's result ------------------------------------------------------------
-    def submit(self, round_: int, delta_bytes: bytes | memoryview, *,
+    def submit(self, round_: int, delta_bytes: bytes | memoryview | DeltaSource, *,
                train_loss: float | None, samples: int, compute_s: float) -> list[Event]:
         """The trainer finished `round_`: `delta_bytes` is its pseudo-gradient theta_r - theta_i
         (float32 LE; a byte view of the trainer's array will do: it is read, never kept).
@@ -458,6 +465,12 @@ class Participant:
             self.codec_state, self.last_codec = None, codec.name
         if getattr(codec, "needs_layout", False) and self.layout is None:
             return [{"kind": "fatal", "message": f"codec {codec.name} needs the layout"}]
+        if not isinstance(delta_bytes, bytes | bytearray | memoryview):  # Δ by chunks
+            if chunk_submit.why_not(self, job, codec) is None:  # (shared.chunk_submit)
+                return chunk_submit.submit_chunked(self, job, codec, delta_bytes,
+                                                   train_loss=train_loss, samples=samples,
+                                                   compute_s=compute_s)
+            delta_bytes = byte_view(delta_bytes.whole())
         delta = read_bytes(delta_bytes)  # read only (encoded, masked or clipped into new)
         if len(delta) != len(self.held):
             raise ValueError(f"trainer returned {len(delta)} values, the round has "
@@ -573,6 +586,8 @@ class Participant:
     def journal_entry(self) -> str | None:
         if self.pending is None:
             return None
+        if isinstance(self.pending, Spooled):
+            return chunk_submit.journal_entry(self.pending, self.pending_params)
         fields = {f.name: getattr(self.pending, f.name)
                   for f in dataclasses.fields(self.pending) if f.name != "payload"}
         return json.dumps({"version": JOURNAL_VERSION, "params_digest": self.pending_params,
@@ -584,11 +599,15 @@ class Participant:
         its round and params come again). False when the entry is unusable."""
         try:
             doc = json.loads(entry)
+            key = "spooled" if isinstance(doc, dict) and "spooled" in doc else "submit"
             if not isinstance(doc, dict) or doc.get("version") != JOURNAL_VERSION \
-                    or doc["submit"]["node_id"] != self.node_id:
+                    or doc[key]["node_id"] != self.node_id:
                 return False
-            submit = Submit(**doc["submit"], payload=base64.b64decode(doc["payload"]))
-        except (ValueError, KeyError, TypeError, ProtocolError):
+            submit = chunk_submit.restore(doc) if key == "spooled" else \
+                Submit(**doc["submit"], payload=base64.b64decode(doc["payload"]))
+        except (ValueError, KeyError, TypeError, ProtocolError, OSError):
+            return False
+        if submit is None:  # its spool file is gone or changed
             return False
         self.pending, self.pending_params = submit, str(doc["params_digest"])
         return True

@@ -18,7 +18,7 @@ flight, or that comes when none is, is counted and ignored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from shared.messages import Chunk, Resume, StreamSubmit, Submit, decode_message
 from shared.stream import chunks, manifest, n_chunks
 
 if TYPE_CHECKING:
+    from shared.chunk_encode import Spooled
     from shared.participant import Event, Participant
 
 log = logging.getLogger("shared.stream_up")
@@ -35,20 +36,25 @@ MAX_OWN_PAYLOAD = 2**31 - 1  # our own Submit frame, decoded to split it
 
 @dataclass
 class Upload:
-    """The update in flight: what its chunks are cut from."""
+    """The update in flight: what its chunks are cut from (its payload, or `read(index)`:
+    a chunk read from a spool file, shared.chunk_encode)."""
 
     round: int
     digest: str
     payload: bytes
     chunk_bytes: int
+    read: Callable[[int], bytes] | None = None
+    size: int = 0  # payload bytes (when `read`)
 
     @property
     def n(self) -> int:
-        return n_chunks(len(self.payload), self.chunk_bytes)
+        return n_chunks(self.size if self.read else len(self.payload), self.chunk_bytes)
 
     def frames(self, start: int) -> Iterator[bytes]:
         """The Chunk frames from `start` to the last, each made when asked for."""
-        for i, part in chunks(self.payload, self.chunk_bytes, start):
+        parts = ((i, self.read(i)) for i in range(start, self.n)) if self.read \
+            else chunks(self.payload, self.chunk_bytes, start)
+        for i, part in parts:
             yield Chunk(round=self.round, digest=self.digest, index=i,
                         payload=bytes(part)).to_frame()
 
@@ -87,6 +93,22 @@ class Sender:
         self._count("started")
         log.info("round %d: streaming the update (%d bytes in %d chunks)", msg.round,
                  len(msg.payload), up.n)
+        return {"kind": "send", "msg_type": StreamSubmit.TYPE,
+                "frame": self.part.frame(announce)}
+
+    def start_spooled(self, up: Spooled) -> Event:
+        """A pending update encoded into a spool (shared.chunk_encode) -> the "send" event of
+        its StreamSubmit; its chunks are then read from the spool as they go out."""
+        self.current = Upload(round=up.round, digest=up.digest, payload=b"",
+                              chunk_bytes=up.chunk_bytes, read=up.read_chunk, size=up.size)
+        announce = StreamSubmit(
+            run_id=up.run_id, round=up.round, node_id=up.node_id, codec=up.codec,
+            length=up.length, digest=up.digest, size=up.size, chunk_bytes=up.chunk_bytes,
+            train_loss=up.train_loss, samples=up.samples, compute_s=up.compute_s,
+            payload=up.manifest)
+        self._count("started")
+        log.info("round %d: streaming the update from its spool (%d bytes in %d chunks)",
+                 up.round, up.size, self.current.n)
         return {"kind": "send", "msg_type": StreamSubmit.TYPE,
                 "frame": self.part.frame(announce)}
 
