@@ -12,6 +12,7 @@
 import { ParticipantClient } from './participant_client.js';
 import { decodeUpdate } from './codecs.js';
 import { StarUplink } from './rtc.js';
+import { StreamPump } from './stream_pump.js';
 import { TabMesh } from './mesh.js';
 import { TabDhtLink } from './dht.js';
 import { generateText, softmax, textWindows, bigramReference, fitCheck, describeData } from './local_model.js';
@@ -84,6 +85,7 @@ export class BrowserNode extends EventTarget {
       learns: null, ownDataCheck: null, ownDataNote: null, stoppedAt: null, resubmitted: 0,
       updatesVia: {},  // how each update left: {webrtc: n, relay: m}
     };
+    this.pump = new StreamPump(this);  // streamed updates: stats.stream (stream_pump.js)
     this.t0 = performance.now();
   }
 
@@ -289,6 +291,7 @@ export class BrowserNode extends EventTarget {
       case 'send':
         if (e.msg_type === 14 && this.p2pHold) { (this.held ||= []).push([null, e.frame]); break; }
         if (e.msg_type === 4 && this.uplink) this.sendUpdate(e.frame);  // Submit: star channel
+        else if (this.pump.takes(e)) this.pump.announce(e).catch((err) => this.log(`streamed update: ${err.message || err}`));
         else this.send(e.frame);
         break;
       case 'signal':
@@ -303,6 +306,7 @@ export class BrowserNode extends EventTarget {
         if (e.group != null) this.groupWait = e.round;  // grouped: hold the next RoundOpen
         break;
       case 'shard_out': this.sendShard(e.to, e.frame); break;
+      case 'stream_chunks': this.pump.run(e).catch((err) => this.log(`streamed update: ${err.message || err}`)); break;
       case 'p2p_round': this.onP2PRound(e); break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
       case 'train':  // e.downlink: the RoundOpen kinds taken and resyncs (shared/open_kinds.py)
@@ -318,6 +322,7 @@ export class BrowserNode extends EventTarget {
         break;
       case 'cancel': this.worker?.postMessage({ type: 'cancel', round: e.round }); break;
       case 'ack':
+        this.pump.onAck(e);
         if (e.status === 'accepted' && this.stats.firstAcceptedMs === null) {
           this.stats.firstAcceptedMs = performance.now() - this.t0;
         }

@@ -6,13 +6,15 @@ and params cross as Uint8Array; events come back as plain JS objects (bytes -> U
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 
 import js  # type: ignore[import-not-found]
 from pyodide.ffi import to_js  # type: ignore[import-not-found]
 
 from shared.envelope import Identity
-from shared.messages import Chunk, ParamsChunk, Resume
+from shared.messages import Chunk, ParamsChunk, Resume, StreamSubmit, decode_message
 from shared.open_kinds import OpenKinds, sparse_features
 from shared.participant import Participant
 from shared.stream_down import FEATURE as STREAM_FEATURE
@@ -55,19 +57,67 @@ FETCHERS: dict[int, Fetcher] = {}  # the participant's streamed-RoundOpen downlo
 SENDERS: dict[int, Sender] = {}  # its streamed updates (shared.stream_up)
 
 
+PUMPS: dict[int, tuple[int, Iterator[bytes]]] = {}  # the latest Resume's chunks still to send
+_PUMP_IDS = itertools.count(1)
+
+
 def _streamed(p: Participant, events: list[dict[str, object]]) -> list[dict[str, object]]:
     """A Submit larger than the Welcome's stream_chunk goes as its signed StreamSubmit (the
-    chunks follow the server's Resume). node.js sends these on the socket: in a star run
-    only single-frame updates take the tab's data channel."""
-    return SENDERS.setdefault(id(p), Sender(p)).stream(events)
+    chunks follow the server's Resume), tagged with its round and digest: node.js
+    (stream_pump.js) sends it over the star data channel when the run has one, else on the
+    socket."""
+    sender = SENDERS.setdefault(id(p), Sender(p))
+    out = sender.stream(events)
+    cur = sender.current
+    for ev in out:
+        if ev["kind"] == "send" and ev["msg_type"] == StreamSubmit.TYPE and cur is not None:
+            ev["round"], ev["digest"] = cur.round, cur.digest
+    return out
 
 
 def _resumed(p: Participant, frame: bytes) -> list[dict[str, object]]:
-    """The server's Resume -> the Chunk frames from its `next` on, all at once ("send"
-    events, in order, for the socket: the page's WebSocket buffers them)."""
-    frames = SENDERS.setdefault(id(p), Sender(p)).on_resume(frame)
-    return [] if frames is None else [
-        {"kind": "send", "msg_type": Chunk.TYPE, "frame": f} for f in frames]
+    """The server's Resume -> one "stream_chunks" event: stream_pump.js pulls the Chunk
+    frames from its `next` on one at a time (stream_next), each once its path's buffer has
+    drained, so neither the worker nor the page holds more than about two chunk frames.
+    A newer Resume replaces the older one's chunks."""
+    sender = SENDERS.setdefault(id(p), Sender(p))
+    frames = sender.on_resume(frame)
+    cur = sender.current
+    if frames is None or cur is None:
+        return []
+    msg = decode_message(frame)  # verified by on_resume
+    pump = next(_PUMP_IDS)
+    PUMPS[id(p)] = (pump, frames)
+    return [{"kind": "stream_chunks", "pump": pump, "round": cur.round, "digest": cur.digest,
+             "next": getattr(msg, "next", 0), "n": cur.n, "chunk_bytes": cur.chunk_bytes}]
+
+
+def stream_next(p: Participant, pump: int) -> object:
+    """The next Chunk frame of `pump` (one "send" event), made now; none once it is done or a
+    newer Resume (or stream_again) replaced it."""
+    cur = PUMPS.get(id(p))
+    if cur is None or cur[0] != int(pump):
+        return _js([])
+    frame = next(cur[1], None)
+    if frame is None:
+        del PUMPS[id(p)]
+        return _js([])
+    return _js([{"kind": "send", "msg_type": Chunk.TYPE, "frame": frame}])
+
+
+def stream_again(p: Participant) -> object:
+    """The update in flight announced again (fresh nonce, same manifest): its data channel
+    was lost mid-transfer, node.js sends this on the socket and the server answers Resume at
+    its first missing chunk. None when the participant no longer holds that update."""
+    sender = SENDERS.get(id(p))
+    cur, pending = (sender.current if sender else None), p.pending
+    if sender is None or cur is None or pending is None \
+            or (pending.round, pending.digest) != (cur.round, cur.digest):
+        return _js([])
+    PUMPS.pop(id(p), None)
+    ev = sender.start(p.frame(pending))
+    ev["round"], ev["digest"] = cur.round, cur.digest
+    return _js([ev])
 
 
 def _received(p: Participant, frame: bytes) -> list[dict[str, object]]:

@@ -15,6 +15,7 @@
 //                                                         {type:'error', message} (init failed)
 // fn: connected() | feed(frame) | submit(round, delta, trainLoss, samples, computeS) |
 //     verdict(round, base, losses) | signal(kind, data, to) | stopped(round) | setLayout(json) |
+//     streamNext(pump) | streamAgain() (a streamed update's chunks, one at a time: node_glue.py) |
 //     link(peer, frame) (a frame on a p2p peer's data channel: p2p_glue.py) |
 //     dhtStart/dhtFind/dhtLink/dhtUndelivered/dhtSync (the tab's DHT carrier: dht_glue.py);
 // {type:'events', events} out: events the DHT carrier posts between calls (dht_glue.py);
@@ -38,6 +39,8 @@ const CALLS = {
   lie: (round) => { glue.lie(part, round); return []; },  // fault injection (e2e tests)
   cap: (n) => { glue.cap(part, n); return []; },  // p2p: at most n direct channels
   stopped: (round) => { glue.stopped(part, round); return []; },
+  streamNext: (pump) => glue.streamNext(part, pump),  // one Chunk frame (stream_pump.js)
+  streamAgain: () => glue.streamAgain(part),  // the StreamSubmit again, fresh nonce
   setLayout: (json) => { glue.setLayout(part, json); return []; },
   // the tab's Kademlia carrier (dht_glue.py)
   dhtStart: (runId, channels) => { glue.dht.start(part, runId, channels); return []; },
@@ -76,7 +79,7 @@ async function init({ prefix, role, backend, pins, journal }) {
   glue = { make: get('make_participant'), feed: get('feed'), submit: get('submit'),
     setLayout: get('set_layout'), verdict: get('verdict'), signal: get('signal'),
     stopped: get('training_stopped'), link: get('p2p_link'), lie: get('p2p_lie'),
-    cap: get('p2p_cap'),
+    cap: get('p2p_cap'), streamNext: get('stream_next'), streamAgain: get('stream_again'),
     dht: { start: get('dht_start'), find: get('dht_find'), link: get('dht_link'),
       undelivered: get('dht_undelivered'), sync: get('dht_sync') } };
   get('dht_set_post')((events) => {

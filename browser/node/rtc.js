@@ -47,6 +47,11 @@ export function* chunks(frame, transferId, chunkData = CHUNK_DATA) {
   }
 }
 
+/** The bytes a frame of `length` puts in a channel's buffer (its chunks' headers included). */
+export function wireBytes(length, chunkData = CHUNK_DATA) {
+  return length + HEADER_LEN * Math.max(1, Math.ceil(length / chunkData)) + DIGEST_LEN;
+}
+
 export function cancelChunk(transferId) { return header(KIND_CANCEL, transferId, 0, 0, 0); }
 
 /** Send one frame over an open RTCDataChannel, chunked, waiting while too much is buffered. */
@@ -108,10 +113,12 @@ export class StarUplink {
     this.channel = this.pc.createDataChannel('updates', { ordered: true });
     this.channel.binaryType = 'arraybuffer';
     this.fellBack = false;
+    this.opened = false;  // the channel did open (stream_pump.js offers a new one after)
     this.nextTransfer = 1;
     this.pair = null;  // the selected candidate pair's type, once open
     this.decided = new Promise((resolve) => { this.decide = resolve; });
     this.channel.addEventListener('open', () => {
+      this.opened = true;
       this.decide(true);
       pairType(this.pc).then((pair) => {  // for /api/peers (ice_pairs)
         this.pair = pair;
