@@ -171,12 +171,12 @@ class RunConfig:
             (self.stream_chunk_mb == 0 or 1024 <= self.stream_chunk_mb * 2**20 <= min(
                 self.max_frame, 2**31 - 1) - 4096, "stream_chunk_mb",
              "must be 0 (off) or from 1 KiB to max_frame_mb less 4 KiB"),
-            (self.stream_chunk_mb == 0 or (not self.secagg and not self.validation
-                                           and self.p2p_groups == 0),
+            (self.stream_chunk_mb == 0 or (self.p2p_groups == 0 and (
+                self.transport != "p2p" or not (self.secagg or self.validation))),
              "stream_chunk_mb", "streamed updates are built for transport ws, star or p2p "
-             "without secagg, validation or p2p_groups (secagg's masked words and validators' "
-             "payload copies are not spooled; grouped p2p hands combined shards on in one "
-             "frame)"),
+             "without p2p_groups, and with secagg or validation for ws or star (p2p secagg's "
+             "masked shards and p2p validation are not streamed; grouped p2p hands combined "
+             "shards on in one frame)"),
             (self.resume_grace_s >= 0, "resume_grace_s", "must be >= 0"),
             (self.transport in ("ws", "star", "p2p"), "transport", "must be ws, star or p2p"),
             (self.p2p_replicas >= 1, "p2p_replicas", "must be >= 1"),

@@ -189,7 +189,7 @@ class StreamIntake:
         vec = collection.vectors.get(node_id)
         if vec is not None and not hasattr(vec, "filename"):  # to disk: memory stays bounded
             collection.vectors[node_id] = self.spool.store_vector(node_id, msg.round, vec)
-        collection.payloads.pop(node_id, None)  # validators are off for streamed runs
+        collection.payloads.pop(node_id, None)  # not kept (server.validation scores its file)
         del submit, vec  # not held across the await below: other transfers complete meanwhile
         await self._acked(conn, msg, outcome)
 

@@ -8,6 +8,13 @@ An excluded update gets an `update_rejected` Error to its sender, a counter, a l
 row in the store's `rejections` table (round, node, digest, reason, the validators against it),
 and the round is retried if what remains is below quorum.
 
+Streamed updates (`stream_chunk_mb`, server.streams) are spooled: the server scores each
+from its file, one at a time (`Spooled`: read from the file, not through the mapping, so the
+round's updates never add up in memory). Validator nodes get the candidates that came in one
+frame; a streamed candidate's payload is not kept (it would be the memory the spool saves),
+so it is scored by the server's probe alone (`validation_server_only` counts them; sending
+it on to validators in chunks is not built).
+
 `Validation` is the coordinator's collaborator for this: it reads the open round from the
 round collection (server.collection) and reaches nodes through server.peers.Nodes.
 """
@@ -18,12 +25,16 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
 
 from ml.scoring import ProbeScorer
 from server.collection import RoundCollection
 from server.evidence import Evidence
 from server.peers import Connection, Nodes, Peer
+from server.spool import read_block
 from shared.errors import BadUpdate, UpdateRejected, WrongRound
 from shared.messages import Error, ValidateRequest, Verdict
 from shared.validation import Score, combine, judge, reference, rejected
@@ -32,6 +43,28 @@ if TYPE_CHECKING:
     from server.runstate import RunState
 
 log = logging.getLogger("server.coordinator")
+
+
+class Spooled(Sequence[np.ndarray]):
+    """The round's candidates for the probe: a spooled one is read from its file when the
+    scorer gets to it (server.spool.read_block), and let go after."""
+
+    def __init__(self, vectors: list[np.ndarray]) -> None:
+        self.vectors = vectors
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | Sequence[np.ndarray]:
+        if isinstance(i, slice):
+            return Spooled(self.vectors[i])
+        v = self.vectors[i]
+        return read_block(v, 0, len(v)) if isinstance(v, np.memmap) else v
 
 
 class Validation:
@@ -72,14 +105,22 @@ class Validation:
             return
         validators = [p for p in self.nodes.peers.values()
                       if p.ws is not None and p.role == "validator"]
+        sendable = [n for n in nodes if n in self.collection.payloads]  # not streamed ones
+        if validators and len(sendable) < len(nodes):
+            self.counters["validation_server_only"] += len(nodes) - len(sendable)
+            log.info("round %d: %d streamed candidate(s) scored by the server alone "
+                     "(validator nodes get the %d that came in one frame)", state.round,
+                     len(nodes) - len(sendable), len(sendable))
+        if not sendable:
+            validators = []
         self._verdicts, self._pending = {}, True
         try:
             if validators:
-                await self._request_verdicts(nodes, validators)
+                await self._request_verdicts(sendable, validators)
             if self._scorer is None:
                 self._scorer = ProbeScorer(self.run.work, cfg.validation_samples)
             base, losses = await asyncio.to_thread(
-                self._scorer.score, self.run.params, [vectors[n] for n in nodes])
+                self._scorer.score, self.run.params, Spooled([vectors[n] for n in nodes]))
             self.scores = dict(zip(nodes, losses, strict=True))  # autotune's inputs
             ref = reference(base, losses)
             verdicts = [judge(ref=ref, threshold=cfg.validation_threshold,

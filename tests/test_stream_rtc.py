@@ -25,8 +25,10 @@ def test_run_config_takes_streaming_with_every_transport_and_says_why_not_with_g
         assert RunConfig(transport=transport, stream_chunk_mb=1.0).stream_chunk == 2**20
     with pytest.raises(ValueError, match="grouped p2p hands combined shards on in one frame"):
         RunConfig(transport="p2p", stream_chunk_mb=1.0, p2p_groups=2)
-    with pytest.raises(ValueError, match="built for transport ws, star or p2p without secagg"):
-        RunConfig(transport="star", stream_chunk_mb=1.0, validation=True)
+    for extra in ({"secagg": True}, {"validation": True}):  # tests/test_stream_secagg.py
+        RunConfig(transport="star", stream_chunk_mb=1.0, **extra)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="with secagg or validation for ws or star"):
+            RunConfig(transport="p2p", stream_chunk_mb=1.0, **extra)  # type: ignore[arg-type]
 
 
 @netns

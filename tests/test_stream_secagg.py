@@ -85,19 +85,27 @@ class StreamLive(Live):
 
 
 @contextlib.asynccontextmanager
-async def streamed_run(tmp_path: Path, nodes: int, tampers: dict[int, Tamper] | None = None,
-                       **config: Any) -> AsyncIterator[tuple[Coordinator, list[StreamLive]]]:
+async def streaming_run(tmp_path: Path, nodes: int, tampers: dict[int, Tamper] | None = None,
+                        **config: Any) -> AsyncIterator[tuple[Coordinator, list[StreamLive]]]:
+    """bench.secagg_run.live_run with StreamLive participants and `stream_chunk_mb`."""
     import bench.secagg_run as sr
 
     orig = sr.Live
     sr.Live = StreamLive  # type: ignore[misc]  # live_run builds its participants by name
     try:
         async with live_run(tmp_path / "run", nodes, tampers, **{
-                "secagg": True, "secagg_clip": 0.5, "secagg_timeout_s": 5.0,
                 "stream_chunk_mb": CHUNK_MB, **config}) as (coord, lives):
             yield coord, [lv for lv in lives if isinstance(lv, StreamLive)]
     finally:
         sr.Live = orig  # type: ignore[misc]
+
+
+@contextlib.asynccontextmanager
+async def streamed_run(tmp_path: Path, nodes: int, tampers: dict[int, Tamper] | None = None,
+                       **config: Any) -> AsyncIterator[tuple[Coordinator, list[StreamLive]]]:
+    async with streaming_run(tmp_path, nodes, tampers, **{
+            "secagg": True, "secagg_clip": 0.5, "secagg_timeout_s": 5.0, **config}) as out:
+        yield out
 
 
 def deltas(n: int, count: int, seed: int) -> list[np.ndarray]:
@@ -216,7 +224,8 @@ async def test_a_stream_for_the_wrong_codec_or_stage_is_refused_before_any_chunk
         frame = lv.part.frame(StreamSubmit(
             run_id=coord.run.run_id, round=0, node_id=lv.part.node_id, codec="raw32",
             length=coord.run.n_params, digest="00" * 32, size=4 * coord.run.n_params,
-            chunk_bytes=4096, train_loss=None, samples=0, compute_s=0.0, payload=b"\0" * 32 * -(-4 * coord.run.n_params // 4096)))
+            chunk_bytes=4096, train_loss=None, samples=0, compute_s=0.0,
+            payload=b"\0" * 32 * -(-4 * coord.run.n_params // 4096)))
         await coord.handle_frame(lv.conn, frame)
         await until(lambda: bool(lv.errors), "the refusal")
         assert lv.errors[0][0] == "bad_update"
