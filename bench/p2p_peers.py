@@ -51,7 +51,16 @@ async def _recv(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 
 # -- a peer (its own process) -----------------------------------------------------------------
-async def peer_main(index: int, port: int, size: int, seed: int) -> None:
+def _status_kb(key: str) -> int:
+    """A /proc/self/status figure (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+async def peer_main(index: int, port: int, size: int, seed: int, stream_chunk: int = 0
+                    ) -> None:
     from native_node.p2p import P2PRole
     from shared.envelope import Identity
     from shared.messages import Message, ShardPlan, decode_message, new_nonce
@@ -71,7 +80,7 @@ async def peer_main(index: int, port: int, size: int, seed: int) -> None:
         meter["sent"] += len(data)
         await _send(writer, b"S", data)
 
-    role = P2PRole(me, RUN_ID, frame, send_ws, timeout_s=120.0)
+    role = P2PRole(me, RUN_ID, frame, send_ws, timeout_s=120.0, stream_chunk=stream_chunk)
     mesh_send, on_frame = role.mesh.send, role.mesh.on_frame
 
     async def counted_send(peer: str, data: bytes, **kw: Any) -> bool:
@@ -91,6 +100,8 @@ async def peer_main(index: int, port: int, size: int, seed: int) -> None:
 
     async def reduce(r: int, plan: dict[str, Any], codec: str, last: bool) -> None:
         sent0, recv0 = meter["sent"], meter["recv"]
+        rss0 = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: this round's peak
         role.trained(r, mine)
         t0 = time.perf_counter()
         role.put(ShardPlan(run_id=RUN_ID, round=r, plan=plan, rule="mean",
@@ -102,7 +113,9 @@ async def peer_main(index: int, port: int, size: int, seed: int) -> None:
         assert agg is not None
         await _send(writer, b"D", json.dumps({
             "round": r, "seconds": took, "sent": meter["sent"] - sent0,
-            "recv": meter["recv"] - recv0, "sha": hashlib.sha256(agg.tobytes()).hexdigest()
+            "recv": meter["recv"] - recv0, "sha": hashlib.sha256(agg.tobytes()).hexdigest(),
+            "rss_growth": 1024 * (_status_kb("VmHWM") - rss0),
+            "max_frame": role.pieces.max_frame, "resent": role.pieces.pieces_resent,
         }).encode())
         if last and index == 0:
             await _send(writer, b"A", agg.astype("<f4").tobytes())
@@ -128,8 +141,10 @@ async def peer_main(index: int, port: int, size: int, seed: int) -> None:
 
 # -- the parent: relay, plans, figures ----------------------------------------------------------
 async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int = 0,
-                   replicas: int = 2, timeout: float = 600) -> dict[str, Any]:
-    """N peer processes reduce their tensors `rounds` times after one untimed round."""
+                   replicas: int = 2, timeout: float = 600, stream_chunk: int = 0
+                   ) -> dict[str, Any]:
+    """N peer processes reduce their tensors `rounds` times after one untimed round
+    (`stream_chunk` > 0: a streamed reduction, shards no larger than it: shared.p2p_stream)."""
     from shared.messages import decode_message
     from shared.p2p import make_plan
 
@@ -168,13 +183,15 @@ async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int 
     port = server.sockets[0].getsockname()[1]
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.p2p_peers", "--peer", str(i), "--port", str(port),
-        "--size", str(size), "--seed", str(seed), cwd=REPO) for i in range(peers)]
+        "--size", str(size), "--seed", str(seed), "--stream-chunk", str(stream_chunk),
+        cwd=REPO) for i in range(peers)]
     rows: list[list[dict[str, Any]]] = []
     try:
         await asyncio.wait_for(joined.wait(), timeout)
         members = [ids[i] for i in range(peers)]
         for r in range(rounds + 1):
-            plan = make_plan(r, members, size, replicas=replicas).to_dict()
+            plan = make_plan(r, members, size, replicas=replicas,
+                             max_shard=stream_chunk // 4).to_dict()
             job = json.dumps({"round": r, "plan": plan, "codec": codec,
                               "last": r == rounds}).encode()
             for m in members:
@@ -200,6 +217,9 @@ async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int 
                                  / 1e6, 3),
             "MB_recv_per_peer": round(float(np.mean([s["recv"] for row in timed
                                                      for s in row])) / 1e6, 3),
+            "owner_rss_growth_mb": round(max(s["rss_growth"] for row in timed for s in row)
+                                         / 2**20, 1),
+            "max_shard_frame": max(s["max_frame"] for row in timed for s in row),
             "aggregate": np.frombuffer(agg[0], dtype="<f4") if agg else None}
 
 
@@ -209,12 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-chunk", type=int, default=0)
     args = p.parse_args(argv)
     from transport import evloop
 
     prof_dir = os.environ.get("DAA_P2P_PROFILE")  # a folder: cProfile of each peer there
     if prof_dir is None:
-        evloop.run(peer_main(args.peer, args.port, args.size, args.seed))
+        evloop.run(peer_main(args.peer, args.port, args.size, args.seed, args.stream_chunk))
         return 0
     import cProfile
 

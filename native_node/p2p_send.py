@@ -93,7 +93,7 @@ class PieceSender:
         lo, hi = r.plan.bounds(shard)
         data = role.frame(Shard(run_id=role.run_id, round=r.plan.round, node_id=role.me, to=to,
                                 kind="part", shard=shard, revision=r.plan.revision,
-                                payload=r.raw[4 * lo:4 * hi]))
+                                payload=bytes(r.raw[4 * lo:4 * hi])))
         self.pieces_sent += 1
         self.max_frame = max(self.max_frame, len(data))
         task = role.connecting.get(to)

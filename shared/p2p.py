@@ -49,7 +49,7 @@ from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update, get_codec
 from shared.errors import BadUpdate
 from shared.messages import RESULT_CODECS, sha256_hex
-from shared.p2p_stream import ack_event, check_piece
+from shared.p2p_stream import ack_event, check_piece, update_bytes
 from shared.vec import Vector, all_finite, from_bytes, to_bytes
 
 COORDINATE_RULES = ("mean", "median", "trimmed-mean")  # per-coordinate: work per shard
@@ -243,7 +243,7 @@ class ShardReducer:
             raise ValueError(f"p2p needs a coordinate-wise rule {COORDINATE_RULES}")
         self.me, self.plan, self.rule = me, plan, rule
         self.fraction, self.result_codec = byzantine_fraction, check_result_codec(result_codec)
-        self.raw = to_bytes(update)
+        self.raw = update_bytes(update) if stream else to_bytes(update)  # streamed: no copy
         self.parts: dict[int, dict[str, bytes]] = {}  # shard -> member -> slice (owned)
         self.reduced: dict[int, bytes] = {}  # shard -> my reduction (owned shards)
         self.shards: dict[int, bytes] = {}  # shard -> reduction: mine if I own it, else served
@@ -394,11 +394,11 @@ class ShardReducer:
 
 def join_results(plan: Plan, payloads: Sequence[bytes], codec: str) -> Vector:
     """The aggregate: every shard's result decoded, in shard order."""
-    parts = []
+    out = bytearray(4 * plan.n_params)  # filled in place: one copy of the aggregate, not two
     for s, payload in enumerate(payloads):
         lo, hi = plan.bounds(s)
-        parts.append(to_bytes(decode_result(payload, hi - lo, codec)))
-    return from_bytes(b"".join(parts))
+        out[4 * lo:4 * hi] = to_bytes(decode_result(payload, hi - lo, codec))
+    return from_bytes(out)
 
 
 class ShardCheck:

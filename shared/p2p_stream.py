@@ -24,17 +24,31 @@ stream adds (ShardReducer(stream=True), native_node/p2p_send.py):
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import BadChunk, DuplicateChunk, ForeignChunk
-from shared.vec import all_finite, from_bytes
+from shared.vec import Vector, all_finite, from_bytes, to_bytes
 
 if TYPE_CHECKING:
     from shared.p2p import Plan, ShardReducer
 
 ACK = "ack"  # Shard kind of an owner's receipt of a piece (payload: the piece's SHA-256)
 DEFAULT_WINDOW = 8  # unacknowledged pieces a sender keeps in flight per owner
+
+
+def update_bytes(update: Vector) -> bytes | memoryview:
+    """A member's update as float32 LE bytes, without a copy where its buffer already is that
+    (a C-contiguous float32 numpy array or array("f") on a little-endian machine)."""
+    if sys.byteorder == "little":
+        try:
+            view = memoryview(update)  # type: ignore[arg-type]
+            if view.format in ("f", "@f") and view.c_contiguous:
+                return view.cast("B")
+        except (TypeError, ValueError):
+            pass
+    return to_bytes(update)
 
 
 def ack_event(to: str, shard: int, piece: bytes | memoryview) -> dict[str, Any]:
