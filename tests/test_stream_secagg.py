@@ -1,6 +1,7 @@
 """Streamed masked updates (secagg with stream_chunk_mb): the real coordinator
 (server.streams + server.secagg_stream) and the one participant implementation with the
-one streaming sender (shared.stream_up), over memory. The masked words join the sum chunk by
+one streaming sender (shared.stream_up), over memory, plain and grouped; and a real run of
+native nodes. The masked words join the sum chunk by
 chunk; a transfer left unfinished, a bad chunk and a masked update whose words do not match
 its signed header all leave the sum exact (the committed aggregate is the exact mean of the
 updates that were taken), and the server holds no update."""
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.common import free_port, get_json
 from bench.secagg_run import Live, Tamper, committed_as, live_run, until
 from server.coordinator import Coordinator
 from server.secagg_stream import MaskedStreams
@@ -30,6 +33,7 @@ from shared.messages import (
 )
 from shared.secagg.round import pack_masked, unpack_masked
 from shared.stream_up import Sender
+from tests.conftest import Procs, wait_for
 
 CHUNK_MB = 0.004  # ~4 KiB chunks: every mlp-digits masked update travels in several
 
@@ -232,3 +236,63 @@ async def test_a_stream_for_the_wrong_codec_or_stage_is_refused_before_any_chunk
         assert "codec must be 'secagg'" in lv.errors[0][1]
         assert coord.streams is not None
         assert coord.streams.transfers == {}
+
+
+def test_a_secagg_run_of_native_nodes_streams_its_masked_updates(procs: Procs,
+                                                                 tmp_path: Path) -> None:
+    """`python -m server --secagg --stream-chunk-mb 0.01` and three native nodes on loopback:
+    every masked update travels in chunks, each round unmasks the sum of all three, and the
+    spool keeps nothing of a committed round."""
+    port, rounds, data = free_port(), 2, tmp_path / "run"
+    base = f"http://127.0.0.1:{port}"
+    procs.server("server", data, port, "--model", "mlp-digits", "--inner-steps", "5",
+                 "--batch-size", "32", "--deadline-s", "60", "--quorum", "3", "--rounds",
+                 str(rounds), "--secagg", "--secagg-clip", "0.5", "--secagg-timeout-s", "20",
+                 "--stream-chunk-mb", "0.01")
+    wait_for(lambda: get_json(base + "/api/run"), 30, "the server")
+    for name in ("a", "b", "c"):
+        procs.node(name, port)
+    wait_for(lambda: get_json(base + "/api/run")["status"] == "finished", 150,
+             f"the run to finish (logs in {tmp_path})")
+    run = get_json(base + "/api/run")
+    assert run["committed_rounds"] == rounds
+    assert run["secagg"]["last"]["round"] == rounds - 1
+    assert len(run["secagg"]["last"]["contributors"]) == 3
+    assert run["stream"]["completed"] == 3 * rounds
+    log = procs.log("server")
+    sizes = [int(x) for x in re.findall(r"streamed update from \w+ for round \d+: (\d+) bytes",
+                                        log)]
+    assert len(sizes) == 3 * rounds, log[-3000:]
+    assert min(sizes) > 2 * int(0.01 * 2**20)  # several chunks each
+    assert log.count("complete (accepted)") == 3 * rounds
+    assert list((data / "spool").iterdir()) == []
+
+
+async def test_grouped_secagg_streams_into_each_groups_sum(tmp_path: Path) -> None:
+    """secagg_groups 3, nine nodes: each masked update streams into its group's sum; one
+    node stops mid-transfer and leaves, its words come back out of its group's sum, and the
+    commit is the median of the exact group means of the updates that were taken."""
+    from tests.test_secagg_groups_run import committed, group_means
+
+    async with streamed_run(tmp_path, 9, quorum=8, secagg_groups=3,
+                            aggregator="median") as (coord, lives):
+        start = start_of(coord)
+        await keyed(coord, lives)
+        ds = deltas(coord.run.n_params, 9, seed=4)
+        lives[0].cut_after = 3
+        await lives[0].train(ds[0])
+        await until(lambda: lives[0].sent == 3, "3 chunks")
+        assert watcher(coord).progress[lives[0].part.node_id].added > 0
+        lives[0].leave()
+        for lv, d in zip(lives[1:], ds[1:], strict=True):
+            await lv.train(d)
+        await until(lambda: coord.run.version == 1, "the commit")
+        gone = lives[0].part.node_id
+        last = coord.status()["secagg"]["last"]
+        assert all(gone not in g["contributors"] for g in last["groups"])
+        others: list[Live] = list(lives[1:])
+        means = group_means(coord, others)
+        assert len(means) == 3
+        assert committed(coord, start, np.median(np.stack(means), axis=0).astype(np.float32))
+        assert coord.counters["secagg_stream_words_undone"] > 0
+        assert coord.counters["stream_completed"] == 8
