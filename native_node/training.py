@@ -143,12 +143,15 @@ class TrainingMixin:
         streamed run it is never whole (shared.chunk_submit; else the participant takes the
         whole Δ from the source). The base is let go once the update is encoded."""
         assert isinstance(self.trainer, Trainer)
-        source = ParamsDelta(self.trainer.params)
+        source, before = ParamsDelta(self.trainer.params), self.part.counts.get("chunk_encoded")
         try:
             events = self.part.submit(round_, source, train_loss=result.train_loss,
                                       samples=result.samples, compute_s=result.compute_s)
         finally:
             source.release()
+        if self.part.counts.get("chunk_encoded") != before:
+            log.info("round %d: update encoded by chunks (%d chunks of the pseudo-gradient "
+                     "read)", round_, source.reads)
         for out in events:
             await self.on_event(out)
         memory.trim()
