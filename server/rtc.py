@@ -6,7 +6,8 @@ A Signal addressed to "server" is for the server's own aiortc peer: with `transp
 each trainer offers a data channel to it and sends its update frames there instead of on the
 WebSocket. Frames arriving on a node's channel go through the same `handle_frame` as the
 WebSocket's (signature, replay and round checks included), bound to that node's connection;
-streamed-update frames among them (StreamSubmit, Chunk: native_node.stream_rtc) are counted
+streamed-update frames among them (StreamSubmit, Chunk: native_node.stream_rtc, and
+browser/node/stream_pump.js for tabs) are counted
 (`stream_submits_rtc`, `stream_chunks_rtc`; /api/run `stream`).
 A node whose channel does not open within `rtc_timeout_s` keeps using its WebSocket (relay);
 `/api/peers` shows which (`transport`: webrtc / relay / ws).
