@@ -30,12 +30,13 @@ def api(server: Any, path: str) -> Any:
 
 
 def n_chunks(server: Any) -> int:
-    return -(-(4 * server.run.n_params + 1) // int(CHUNK_MB * 2**20))  # raw32: tag + floats
+    update_bytes = 4 * int(server.run.n_params) + 1  # raw32: a tag byte and the floats
+    return -(-update_bytes // int(CHUNK_MB * 2**20))
 
 
 def check_commits(server: Any, coord: Any, tab: Any) -> dict[str, Any]:
     """Every round committed with the tab's update, no chunk refused, no page error."""
-    s = tab.stats()
+    s: dict[str, Any] = tab.stats()
     assert s["accepted"] == ROUNDS, s
     assert s["rejected"] == 0, s
     assert [r["n_updates"] for r in api(server, "/api/rounds")] == [1] * ROUNDS
