@@ -11,6 +11,10 @@ made when asked for). After a reconnect the participant resubmits its pending up
 "send" event of its Submit frame, as at first): the server, still holding the verified
 chunks, answers `Resume` at the first missing one, and only the rest travels again.
 
+A native node that encoded its update by chunks into a spool (shared.chunk_encode) has no
+Submit frame: `Sender.start_spooled` announces it from its fields and manifest, and its
+chunks are read from the spool as they go out.
+
 A Resume that does not verify (the server's key, replay), that is not for the update in
 flight, or that comes when none is, is counted and ignored.
 """
