@@ -1,6 +1,11 @@
 """Simulated nodes for bench.simulate: an in-memory Sender, a node that drives the same
 shared.participant.Participant as native nodes and browser tabs (so a feature added to the
-participant is simulated with no extra code), and one shared torch trainer for all of them."""
+participant is simulated with no extra code), and one shared torch trainer for all of them.
+
+Like native nodes, a simulated node says `sparse-step` (it applies SparseLoCo's sparse
+RoundOpens with numpy; `kinds` counts what its RoundOpens carried) and trains ahead in an
+`overlap` run (`Ahead`: steps of round t+1 from its own params right after its Submit of round
+t, merged onto theta_{t+1} when that round opens, shared.overlap)."""
 
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ from ml.workload import Workload
 from ml.zoo import flatten, load_flat, loss_fn
 from server.peers import Connection
 from shared.attacks import flip_labels
+from shared.envelope import Identity
 from shared.messages import SecAgg
+from shared.open_kinds import OpenKinds, sparse_features
+from shared.overlap import merge
 from shared.participant import Event, Participant
 
 log = logging.getLogger("bench.simulate")
@@ -51,6 +59,29 @@ class MemorySender:
         self.closed = True
 
 
+@dataclass(slots=True)
+class Ahead:
+    """Steps a node ran ahead of its next round (run option overlap): from `start` (where its
+    last round's steps ended) to `end`, `steps` of them."""
+
+    after_round: int
+    start: np.ndarray
+    end: np.ndarray
+    steps: int
+    losses: list[float]
+    samples: int
+    compute_s: float
+
+
+def sim_participant(identity: Identity) -> Participant:
+    """A simulated node's participant: what a native node's says and does (sparse steps,
+    training ahead)."""
+    part = Participant(identity, runtime="native", agent=AGENT, device="cpu")
+    part.extra_features = sparse_features()
+    part.ahead.supported = True
+    return part
+
+
 @dataclass(eq=False)
 class SimNode:
     index: int
@@ -70,6 +101,13 @@ class SimNode:
     # they are done), sent by `flush` through `send` (the coordinator's handle_frame)
     outgoing: list[bytes] = field(default_factory=list)
     send: Callable[[bytes], Awaitable[None]] | None = None
+    kinds: OpenKinds | None = None  # the RoundOpen kinds it took (and resyncs)
+    ahead_after: int | None = None  # overlap: its Submit of this round said "train ahead"
+    ahead: Ahead | None = None  # steps run ahead, waiting for their round to open
+    steps_ahead: int = 0  # inner steps it ran ahead in all
+
+    def __post_init__(self) -> None:
+        self.kinds = OpenKinds.watch(self.part)
 
     @property
     def node_id(self) -> str:
@@ -114,6 +152,8 @@ class SimNode:
             self.welcome = ev
         elif kind == "train":  # theta is the participant's own `held` vector: no second copy
             self.open = {k: v for k, v in ev.items() if k != "params"}
+        elif kind == "train_ahead":
+            self.ahead_after = int(ev["after_round"])
         elif kind == "cancel" and self.open is not None and self.open["round"] == ev["round"]:
             self.open = None
         elif kind == "ack":
@@ -137,10 +177,9 @@ class SimNode:
                                   np.ascontiguousarray(delta, dtype="<f4").tobytes(),
                                   train_loss=train_loss, samples=samples, compute_s=compute_s)
         self.open = None
-        for ev in events:
-            frame = self._on_event(ev)
-            if frame is not None:
-                return frame
+        frames = [f for f in map(self._on_event, events) if f is not None]  # + train_ahead
+        if frames:
+            return frames[0]
         if any(ev["kind"] == "secagg" for ev in events):
             return None
         raise RuntimeError(f"node {self.index} sent no update: {self.errors[-1:]}")
@@ -156,6 +195,8 @@ class SharedTrainer:
         self.model = work.new_model()
         self.params = list(self.model.parameters())
         self.keep = keep_opt_state
+        self.last_losses: list[float] = []  # the last `train`'s step losses
+        self.last_node: Shardholder | None = None  # ... and whose they were
         # label flipping: y -> C-1-y over the classes, or over the vocabulary for a language model
         self.n_classes = int(work.model_config.get("n_classes", 0)
                              or work.model_config.get("vocab_size", 0) or 0)
@@ -203,7 +244,64 @@ class SharedTrainer:
                 np.concatenate([m.reshape(-1).numpy() for m in opt.exp_avg]).astype(np.float32),
                 np.concatenate([v.reshape(-1).numpy() for v in opt.exp_avg_sq]).astype(np.float32),
                 float(opt.steps))
+        self.last_losses, self.last_node = losses, node
         delta = (theta.astype(np.float32) - flatten(self.model)).astype(np.float32)
         mean = float(np.mean(losses)) if losses else None
         return delta, (mean if mean is not None and math.isfinite(mean) else None), \
             done * node.sampler.batch_size, compute
+
+    def final(self) -> np.ndarray:
+        """The shared model's params: where the last `train` ended (until the next one)."""
+        return np.asarray(flatten(self.model), dtype=np.float32)
+
+
+def run_ahead(trainer: SharedTrainer, node: SimNode, *, steps: int, lr: float) -> None:
+    """Overlap (`node.ahead_after`, set by its Submit's events): right after the Submit (the
+    shared model still holds where that round's steps ended), `steps` inner steps of its next
+    round from there, kept in `node.ahead` until that round opens. An attacker that trained
+    nothing runs none."""
+    if node.ahead_after is None:  # no overlap, or its Submit did not say so
+        return
+    if trainer.last_node is not node:  # the model does not hold where its steps ended
+        node.ahead_after = None
+        return
+    start = trainer.final()
+    _, _, samples, compute_s = trainer.train(node, start, steps=steps, lr=lr)
+    node.ahead = Ahead(after_round=node.ahead_after, start=start, end=trainer.final(),
+                       steps=steps, losses=list(trainer.last_losses), samples=samples,
+                       compute_s=compute_s)
+    node.ahead_after = None
+    node.steps_ahead += steps
+
+
+def train_merged(trainer: SharedTrainer, node: SimNode, theta: np.ndarray, *, round_: int,
+                 lr: float) -> tuple[np.ndarray, float | None, int, float]:
+    """The round the steps run ahead belong to opened with `theta`: they are moved onto it
+    (shared.overlap.merge: theta + (end - start)), the round's remaining steps run from
+    there, and the update is the ordinary theta - final. (delta, loss, samples, compute s)."""
+    ahead, node.ahead = node.ahead, None
+    assert ahead is not None
+    local = np.asarray(merge(theta, ahead.end, ahead.start), dtype=np.float32)
+    losses, samples, compute_s = list(ahead.losses), ahead.samples, ahead.compute_s
+    final = local
+    if node.part.keep_training(round_, ahead.steps, 0.0):
+        _, _, more, secs = trainer.train(
+            node, local, steps=0, lr=lr, keep_going=lambda done, elapsed: node.part
+            .keep_training(round_, ahead.steps + done, elapsed))
+        final = trainer.final()
+        losses += trainer.last_losses
+        samples, compute_s = samples + more, compute_s + secs
+    mean = float(np.mean(losses)) if losses else None
+    return ((theta - final).astype(np.float32),
+            mean if mean is not None and math.isfinite(mean) else None, samples, compute_s)
+
+
+def sim_summary(nodes: list[SimNode]) -> dict[str, object]:
+    """The nodes' RoundOpen kinds (and resyncs) summed, and what overlap did: RoundOpens
+    merged into steps run ahead, and those steps."""
+    kinds: dict[str, int] = {}
+    for n in nodes:
+        for k, v in (n.kinds.counts if n.kinds is not None else {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    return {"downlink": kinds, "ahead_merges": sum(n.part.ahead.merges for n in nodes),
+            "steps_ahead": sum(n.steps_ahead for n in nodes)}

@@ -41,7 +41,6 @@ import functools
 import hashlib
 import logging
 import math
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -52,37 +51,29 @@ import numpy as np
 import torch
 
 from bench.scratch import scratch
-from bench.sim_nodes import AGENT, MemorySender, SharedTrainer, SimNode
+from bench.sim_nodes import (
+    MemorySender,
+    SharedTrainer,
+    SimNode,
+    run_ahead,
+    sim_participant,
+    sim_summary,
+    train_merged,
+)
+from bench.sim_report import _round_text, accuracy, peak_rss_mb, round_row
 from ml.data import BatchSampler, assign_shards
-from ml.zoo import load_flat
 from server.config import RunConfig
 from server.coordinator import Coordinator
 from server.peers import Connection
 from server.reduction import ServerReduction
-from server.runstate import RunState, open_run, workload_of
+from server.runstate import open_run, workload_of
 from shared.attacks import ATTACKS, Attack, get_attack
 from shared.envelope import Identity
 from shared.messages import RESULT_CODECS
 from shared.p2p import decode_result, encode_result
-from shared.participant import Event, Participant
+from shared.participant import Event
 
 log = logging.getLogger("bench.simulate")
-
-
-def accuracy(run: RunState, params: np.ndarray, model: torch.nn.Module | None = None) -> float:
-    """Top-1 accuracy of `params` on the run's validation split (classification models)."""
-    net = model if model is not None else run.work.new_model()
-    load_flat(net, params)
-    ds = run.work.dataset
-    net.eval()
-    with torch.no_grad():
-        logits = net(torch.from_numpy(np.ascontiguousarray(ds.x_val)).to(torch.float32))
-    return float((logits.argmax(-1).numpy() == np.asarray(ds.y_val)).mean())
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
 
 
 async def _until(wake: asyncio.Event, cond: Any, nodes: Sequence[SimNode], task: asyncio.Task[Any],
@@ -151,6 +142,10 @@ def _local_update(trainer: SharedTrainer, node: SimNode, spec: Attack, n_params:
     theta = node.theta()
     t0 = time.perf_counter()
     round_ = int(job["round"])
+    if job.get("merge") and node.ahead is not None:  # overlap: steps run ahead are this round's
+        return train_merged(trainer, node, theta, round_=round_, lr=job["lr"]), \
+            time.perf_counter() - t0
+    node.ahead = None  # none ran ahead, or not for this round: dropped
     result = trainer.train(node, theta, steps=job["steps"], lr=job["lr"],
                            poison_labels=node.byzantine and spec.kind == "data",
                            keep_going=lambda done, elapsed: node.part.keep_training(
@@ -164,26 +159,13 @@ def _keep_opt_state(opt_state: str, total_bytes: int, opt_state_mb: float) -> bo
                                    and total_bytes <= opt_state_mb * 1024 * 1024)
 
 
-def round_row(r: int, rec: dict[str, Any], run: Any, coord: Any, eval_model: Any,
-              acc_before: int, rej_before: int, train_s: float, sign_s: float,
-              t_round: float) -> dict[str, Any]:
-    """One round's table row (both engines): the committed record, accuracy when
-    `eval_model` is given (classification), and this round's counters and times."""
-    acc = accuracy(run, run.params, eval_model) if eval_model is not None else None
-    return {"round": r, "eval_loss": rec.get("eval_loss"), "accuracy": acc,
-            "train_loss": rec.get("train_loss"), "n_updates": rec.get("n_updates"),
-            "accepted": coord.counters["accepted"] - acc_before,
-            "rejected": sum(coord.rejected.values()) - rej_before,
-            "train_s": round(train_s, 2), "submit_s": round(sign_s, 2),
-            "round_s": round(time.perf_counter() - t_round, 2)}
-
-
-def _round_text(row: dict[str, Any], train_s: float, sign_s: float) -> str:
-    loss_txt = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "n/a"
-    acc_txt = f", accuracy {row['accuracy']:.3f}" if row["accuracy"] is not None else ""
-    return (f"round {row['round']}: eval loss {loss_txt}{acc_txt}, {row['accepted']} "
-            f"accepted, {row['rejected']} rejected, {row['round_s']:.1f} s "
-            f"(train {train_s:.1f} s, sign+handle {sign_s:.1f} s)" + " " * 10)
+def outer_config(outer: str | None, overlap: bool) -> dict[str, Any]:
+    """Run config for --outer and --overlap (SparseLoCo: its nodes' 4% int2 top-k, lr 1)."""
+    cfg: dict[str, Any] = {"overlap": True} if overlap else {}
+    if outer == "sparseloco":
+        cfg |= {"outer_lr": 1.0, "codec": "topk",
+                "codec_params": {"fraction": 0.04, "values": "int2"}}
+    return cfg | ({"outer": outer} if outer else {})
 
 
 def sim_shards(config: dict[str, Any]) -> int:
@@ -200,10 +182,15 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                    attack_params: dict[str, Any] | None = None, opt_state: str = "auto",
                    opt_state_mb: float = 256.0, progress: bool = True,
                    extra_config: dict[str, Any] | None = None,
-                   result_codec: str | None = None) -> dict[str, Any]:
+                   result_codec: str | None = None, outer: str | None = None,
+                   overlap: bool = False, ahead_steps: int | None = None) -> dict[str, Any]:
     """Run the simulation; returns {"rounds": [per-round rows], "summary": {...}}.
     `result_codec`: every aggregate goes through that codec before the outer step, as in a
-    `p2p` run whose owners send reduced shards in it (shared.p2p.encode_result)."""
+    `p2p` run whose owners send reduced shards in it (shared.p2p.encode_result).
+    `outer` "sparseloco": SparseLoCo's run (4% int2 top-k up, outer lr 1, unless
+    extra_config says otherwise); the nodes apply its sparse RoundOpens. `overlap`: the run
+    option; right after its Submit a node trains `ahead_steps` (default H // 2: the time its
+    upload, the aggregation and the downlink take, in steps) of its next round."""
     if nodes < 1 or rounds < 1:
         raise ValueError("need --nodes >= 1 and --rounds >= 1")
     spec = get_attack(attack)
@@ -215,7 +202,8 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     quorum = max(1, (nodes + 1) // 2) if validating else nodes
     config = {"model": model, "aggregator": aggregator, "byzantine_fraction": byzantine,
               "quorum": quorum, "deadline_s": 1e7, "rounds": rounds, "inner_steps": inner_steps,
-              "n_shards": nodes, "partition": partition, "seed": seed, **(extra_config or {})}
+              "n_shards": nodes, "partition": partition, "seed": seed,
+              **outer_config(outer, overlap), **(extra_config or {})}
     config["n_shards"] = await asyncio.to_thread(sim_shards, config)
     run = await asyncio.to_thread(open_run, tmp / "run", config)
     work = run.work
@@ -228,6 +216,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     n_byz = math.floor(round(nodes * byzantine, 9))
     rng = np.random.default_rng(seed)
     byz_set = set(rng.permutation(nodes)[:n_byz].tolist())
+    n_ahead = cfg.inner_steps // 2 if ahead_steps is None else ahead_steps  # overlap
     keep = _keep_opt_state(opt_state, nodes * run.n_params * 8, opt_state_mb)
     trainer = SharedTrainer(work, keep_opt_state=keep)
     ds, dspec = work.dataset, work.data_spec
@@ -244,9 +233,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
     # -- identities (every node its own ML-DSA-65 key) -------------------------------------
     t0 = time.perf_counter()
     sim: list[SimNode] = [
-        SimNode(index=i, byzantine=i in byz_set,
-                part=Participant(Identity.generate(), runtime="native", agent=AGENT,
-                                 device="cpu"))
+        SimNode(index=i, byzantine=i in byz_set, part=sim_participant(Identity.generate()))
         for i in range(nodes)]
     keygen_s = time.perf_counter() - t0
     say(f"{nodes} identities in {keygen_s:.1f} s; {n_byz} byzantine ({attack}), "
@@ -306,6 +293,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                 await node.send_update(data)  # None: sent masked once the secagg keys are in
                 sign_s += time.perf_counter() - t0
                 node.pump()
+                run_ahead(trainer, node, lr=cfg.inner_lr, steps=n_ahead)  # overlap runs
                 if progress and (k + 1) % 50 == 0:
                     say(f"  round {r}: {k + 1}/{nodes} submitted", end="\r")
             honest.clear()
@@ -329,7 +317,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                    "byzantine_fraction": byzantine, "inner_steps": cfg.inner_steps,
                    "opt_state": "kept" if keep else "fresh", "keygen_s": round(keygen_s, 2),
                    "join_s": round(join_s, 2), "node_errors": errors,
-                   "rejected": dict(coord.rejected), "data_dir": str(tmp)}
+                   "rejected": dict(coord.rejected), "data_dir": str(tmp), **sim_summary(sim)}
         return {"rounds": rows, "summary": summary}
     finally:  # an error above must not leave the round loop running (asyncio.run would wait)
         if not task.done():
@@ -376,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p2p-results", default=None, choices=RESULT_CODECS,
                    help="round every aggregate through this codec, as a p2p run's owners do "
                         "(run config p2p_result_codec): what 16-bit aggregates cost")
+    p.add_argument("--outer", default=None, choices=["nesterov", "sparseloco"],
+                   help="the outer step; sparseloco: 4%% int2 top-k up, sparse step down")
+    p.add_argument("--overlap", action="store_true",
+                   help="run option overlap: nodes train ahead while their update is out")
+    p.add_argument("--ahead-steps", type=int, default=None,
+                   help="steps a node trains ahead under --overlap (default H // 2)")
     p.add_argument("--engine", default="asyncio", choices=["asyncio", "ray"],
                    help="ray: the participants on Ray workers (bench.sim_ray)")
     p.add_argument("--workers", type=int, default=None, help="ray workers (default: CPUs)")
@@ -399,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         out = asyncio.run(simulate_ray(**kw, workers=args.workers, address=args.ray_address,
                                        result_codec=args.p2p_results))
     else:
-        out = asyncio.run(simulate(**kw, result_codec=args.p2p_results))
+        out = asyncio.run(simulate(**kw, result_codec=args.p2p_results, outer=args.outer,
+                                   overlap=args.overlap, ahead_steps=args.ahead_steps))
     s = out["summary"]
     print(f"{s['nodes']} nodes ({s['byzantine']} byzantine, {s['attack']}), aggregator "
           f"{s['aggregator']}, {s['inner_steps']} inner steps, AdamW state {s['opt_state']}; "
@@ -409,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     emit({**{k: s[k] for k in ("nodes", "rounds", "wall_s", "peak_rss_mb", "final_eval_loss",
                                "final_accuracy", "attack", "aggregator", "byzantine")},
           "p2p_results": args.p2p_results,
+          **({k: s[k] for k in ("downlink", "ahead_merges", "steps_ahead")}
+             if args.outer or args.overlap else {}),
           **({"engine": "ray", "workers": s["workers"]} if args.engine == "ray" else {})})
     return 0
 
