@@ -15,6 +15,7 @@ from the one-shot path. Otherwise the source's whole Δ takes the one-shot path.
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from shared.chunk_encode import (
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from shared.participant import Event, Job, Participant
 
 JOURNAL_VERSION = 1  # shared.participant's
+log = logging.getLogger("shared.chunk_submit")
 
 
 def why_not(part: Participant, job: Job, codec: Any) -> str | None:
@@ -45,8 +47,10 @@ def why_not(part: Participant, job: Job, codec: Any) -> str | None:
 
 
 def submit_chunked(part: Participant, job: Job, codec: Any, source: DeltaSource, *,
-                   train_loss: float | None, samples: int, compute_s: float) -> list[Event]:
-    """Encode, spool, sign and send `job`'s update (see the module doc)."""
+                   train_loss: float | None, samples: int, compute_s: float
+                   ) -> list[Event] | None:
+    """Encode, spool, sign and send `job`'s update (see the module doc). None: no spool
+    file could be made (then the caller takes the one-shot path)."""
     from shared.participant import loss_or_none, seconds
 
     w, make = part.welcome, part.spool
@@ -56,17 +60,26 @@ def submit_chunked(part: Participant, job: Job, codec: Any, source: DeltaSource,
         part.training = None
         return [{"kind": "error", "code": "not_finite",
                  "message": f"round {job.round}: training diverged (NaN/inf); not submitted"}]
+    try:
+        spool = make()
+    except OSError as exc:
+        log.warning("no spool file (%s): the update is encoded in memory", exc)
+        part.counts["chunk_spool_failed"] = part.counts.get("chunk_spool_failed", 0) + 1
+        return None
     residual, part.residual = part.residual, None  # given up: the new one is written in it
-    spool = make()
     try:
         size, part.residual = encode_chunked(codec, source, residual=residual,
                                              error_feedback=w.error_feedback, spool=spool)
-    except ValueError as exc:
+        digest, manifest = digests(spool, size, w.stream_chunk)
+    except (ValueError, OSError) as exc:
         part.training = None
         spool.remove()
-        return [{"kind": "fatal", "message": f"this node cannot encode codec {codec.name}: "
-                                             f"{exc}"}]
-    digest, manifest = digests(spool, size, w.stream_chunk)
+        if isinstance(exc, ValueError):
+            return [{"kind": "fatal", "message": f"this node cannot encode codec "
+                                                 f"{codec.name}: {exc}"}]
+        part.residual = None  # written in part: it starts again from zero, as after a restart
+        return [{"kind": "error", "code": "spool_failed",
+                 "message": f"round {job.round}: the spool file failed ({exc}); not submitted"}]
     fields = {"run_id": w.run_id, "round": job.round, "node_id": part.node_id,
               "codec": codec.name, "length": source.n, "digest": digest,
               "train_loss": loss_or_none(train_loss), "samples": int(samples),

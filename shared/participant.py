@@ -466,10 +466,11 @@ class Participant:
         if getattr(codec, "needs_layout", False) and self.layout is None:
             return [{"kind": "fatal", "message": f"codec {codec.name} needs the layout"}]
         if not isinstance(delta_bytes, bytes | bytearray | memoryview):  # Δ by chunks
-            if chunk_submit.why_not(self, job, codec) is None:  # (shared.chunk_submit)
-                return chunk_submit.submit_chunked(self, job, codec, delta_bytes,
-                                                   train_loss=train_loss, samples=samples,
-                                                   compute_s=compute_s)
+            if chunk_submit.why_not(self, job, codec) is None and (  # shared.chunk_submit
+                    out := chunk_submit.submit_chunked(
+                        self, job, codec, delta_bytes, train_loss=train_loss,
+                        samples=samples, compute_s=compute_s)) is not None:
+                return out
             delta_bytes = byte_view(delta_bytes.whole())
         delta = read_bytes(delta_bytes)  # read only (encoded, masked or clipped into new)
         if len(delta) != len(self.held):

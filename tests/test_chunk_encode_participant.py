@@ -181,3 +181,37 @@ def test_what_keeps_the_one_shot_path(tmp_path: Path) -> None:
     assert (msg_b.digest, msg_b.payload) == (msg_a.digest, msg_a.payload)
     assert p.counts["chunk_encoded"] == 1
     assert digest(theta(0))  # (the helper's params digest: the rounds above used it)
+
+
+class FullSpool(FileSpool):
+    """A spool on a full disk: writes fail."""
+
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_spool_that_fails_never_sends_a_wrong_update(tmp_path: Path) -> None:
+    one, p = pair(tmp_path, codec="int8-block", error_feedback=True)
+
+    def no_spool() -> FileSpool:
+        raise OSError(13, "Permission denied")
+
+    p.spool = no_spool  # no file can be made: the one-shot path, the same update
+    for q in (one, p):
+        q.receive(signed(round_open(0, theta(0))))
+    delta = 0.1 * theta(4)
+    a = one.submit(0, delta.tobytes(), train_loss=None, samples=1, compute_s=1.0)
+    b = p.submit(0, ArraySource(delta), train_loss=None, samples=1, compute_s=1.0)
+    assert kinds(b) == ["journal", "send"]
+    msg_a, msg_b = sent(a[1]), sent(b[1])
+    assert isinstance(msg_a, Submit)
+    assert isinstance(msg_b, Submit)
+    assert msg_b.digest == msg_a.digest
+    assert p.counts["chunk_spool_failed"] == 1
+    p.spool = lambda: FullSpool(str(tmp_path / "full.spool"))  # writes fail mid-encoding
+    p.receive(signed(round_open(1, theta(1))))
+    ev = p.submit(1, ArraySource(delta), train_loss=None, samples=1, compute_s=1.0)
+    assert [e.get("code") for e in ev] == ["spool_failed"]
+    assert p.residual is None  # partly written: dropped, as after a restart
+    assert p.training is None
+    assert not (tmp_path / "full.spool").exists()
