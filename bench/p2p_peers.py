@@ -141,8 +141,8 @@ async def peer_main(index: int, port: int, size: int, seed: int, stream_chunk: i
 
 # -- the parent: relay, plans, figures ----------------------------------------------------------
 async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int = 0,
-                   replicas: int = 2, timeout: float = 600, stream_chunk: int = 0
-                   ) -> dict[str, Any]:
+                   replicas: int = 2, timeout: float = 600, stream_chunk: int = 0,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
     """N peer processes reduce their tensors `rounds` times after one untimed round
     (`stream_chunk` > 0: a streamed reduction, shards no larger than it: shared.p2p_stream)."""
     from shared.messages import decode_message
@@ -184,7 +184,7 @@ async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int 
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.p2p_peers", "--peer", str(i), "--port", str(port),
         "--size", str(size), "--seed", str(seed), "--stream-chunk", str(stream_chunk),
-        cwd=REPO) for i in range(peers)]
+        cwd=REPO, env={**os.environ, **(env or {})}) for i in range(peers)]
     rows: list[list[dict[str, Any]]] = []
     try:
         await asyncio.wait_for(joined.wait(), timeout)

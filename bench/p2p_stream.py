@@ -28,6 +28,11 @@ import numpy as np
 from bench.p2p_peers import run_ours
 from ml.llama import LLAMA_FLAVOURS, llama_param_count
 
+# glibc: buffers from 64 KiB up always get their own mapping, returned when freed (by default
+# the threshold grows with what was freed, and freed buffers then stay resident in the heap,
+# so a round's VmRSS would hide the memory an earlier round freed)
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.p2p_stream", description=__doc__)
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     aggs = []
     for mode, stream_chunk in (("one-frame", 0), ("streamed", chunk)):
         res = asyncio.run(run_ours(peers=args.peers, size=size, codec=args.codec,
-                                   rounds=args.rounds, stream_chunk=stream_chunk))
+                                   rounds=args.rounds, stream_chunk=stream_chunk,
+                                   env=MALLOC))
         aggs.append(res.pop("aggregate"))
         rows.append({"mode": mode, "chunk_bytes": stream_chunk, **res})
     # the members' order (random identities) changes the mean's rounding: one fp16 step at most

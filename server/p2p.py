@@ -42,7 +42,7 @@ import numpy as np
 
 from server.evidence import Evidence
 from server.peers import Connection, Nodes, Peer
-from shared.errors import BadUpdate, NotAdmitted, UnknownNode
+from shared.errors import BadUpdate, UnknownNode
 from shared.messages import SERVER, Hello, Ready, Shard, ShardPlan, Submit
 from shared.p2p import (
     MalformedResult,
@@ -100,7 +100,7 @@ class P2PReduction:
         # runs a tab is a plain member, never an aggregator (shared.hierarchy.elect)
         # "p2p-relayed" once the server forwards shards for it
         if self.config.stream_chunk > 0 and hello.runtime == "browser":
-            raise NotAdmitted("this p2p run streams its shards in pieces of stream_chunk_mb "
+            raise BadUpdate("this p2p run streams its shards in pieces of stream_chunk_mb "
                               "(acknowledged, resumed: native_node/p2p_send.py), which tabs "
                               "do not do yet; join it with a native node", field="runtime")
         return "p2p" if hello.role == "trainer" else "ws"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from shared.p2p import Plan, ShardReducer
 
 ACK = "ack"  # Shard kind of an owner's receipt of a piece (payload: the piece's SHA-256)
-DEFAULT_WINDOW = 8  # unacknowledged pieces a sender keeps in flight per owner
+DEFAULT_WINDOW = 4  # unacknowledged pieces a sender keeps in flight per owner
 
 
 def update_bytes(update: Vector) -> bytes | memoryview:

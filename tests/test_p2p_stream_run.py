@@ -8,7 +8,7 @@ native nodes inside a private network namespace the test creates (tests/p2p_stre
   (tests/p2p_stream_node.py): both sides resend only the pieces not acknowledged (at most a
   window), through the relay, the owner refuses the ones it already reduced as duplicates
   (and acknowledges them again), and every round still commits with all 3 updates;
-- a tab's Hello in such a run gets a typed refusal (not_admitted) saying why."""
+- a tab's Hello in such a run gets a typed refusal (bad_update, field runtime) saying why."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ async def test_a_tab_is_refused_in_a_streamed_p2p_run_with_the_reason(tmp_path: 
                      stream_chunk_mb=0.25) as srv:
         tab = await srv.client("tab", hello=False)
         await tab.send(tab.hello(runtime="browser"))
-        err = await tab.error("not_admitted")
+        err = await tab.error("bad_update")
         assert err.field == "runtime"
         assert "tabs do not do yet" in err.message
         native = await srv.client("native")
