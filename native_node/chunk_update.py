@@ -8,6 +8,9 @@ device; only the chunk comes to the host. The same float32 subtraction as
 `DeviceParams.delta`, so the same bits. The base stays held until `release` (after the
 participant has encoded the update).
 
+`RssPeak` samples the process's resident set while an update is encoded (either path), for
+the log line bench.node_stream reads.
+
 Spool files live in `<state dir>/spool/`, one per pending update: a new one removes the
 others (older updates, never resubmitted again), a cleared journal removes them all.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -86,3 +91,49 @@ def clear(state_dir: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
 
+
+
+def rss_mb() -> float | None:
+    """This process's resident set now (MB; None where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class RssPeak:
+    """The largest resident set seen while the block runs (a thread samples every 2 ms)."""
+
+    def __init__(self) -> None:
+        self.before = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            now = rss_mb()
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+    def __enter__(self) -> RssPeak:
+        if self.before is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._sample_once()
+
+    def _sample_once(self) -> None:
+        now = rss_mb()
+        if now is not None and (self.peak is None or now > self.peak):
+            self.peak = now
+
+    def line(self) -> str:
+        if self.before is None or self.peak is None:
+            return "RSS not measured"
+        return f"RSS {self.before:.1f} MB before, peak {self.peak:.1f} MB while encoding"

@@ -20,7 +20,7 @@ import numpy as np
 from ml import memory
 from ml.scoring import ProbeScorer, score_candidates
 from ml.workload import Workload
-from native_node.chunk_update import ParamsDelta
+from native_node.chunk_update import ParamsDelta, RssPeak
 from native_node.distributed_trainer import DistributedTrainer
 from native_node.trainer import Rebase, RoundResult, Trainer
 from shared.participant import Event, Participant
@@ -127,9 +127,11 @@ class TrainingMixin:
     async def _submit(self, round_: int, delta_arr: np.ndarray, result: RoundResult) -> None:
         # the participant reads the trainer's array in place (no bytes copy of Δ: 0.5 GB at 125M)
         delta = np.ascontiguousarray(delta_arr, dtype="<f4").data.cast("B")
-        for out in self.part.submit(round_, delta, train_loss=result.train_loss,
-                                    samples=result.samples, compute_s=result.compute_s):
-            await self.on_event(out)
+        with RssPeak() as rss:  # (measured until the update's frames are handed on)
+            for out in self.part.submit(round_, delta, train_loss=result.train_loss,
+                                        samples=result.samples, compute_s=result.compute_s):
+                await self.on_event(out)
+        log.info("round %d: update encoded in one piece: %s", round_, rss.line())
         del delta
         memory.trim()  # the encoding's temporaries (several copies of Δ at their peak)
 
@@ -144,16 +146,17 @@ class TrainingMixin:
         whole Δ from the source). The base is let go once the update is encoded."""
         assert isinstance(self.trainer, Trainer)
         source, before = ParamsDelta(self.trainer.params), self.part.counts.get("chunk_encoded")
-        try:
-            events = self.part.submit(round_, source, train_loss=result.train_loss,
-                                      samples=result.samples, compute_s=result.compute_s)
-        finally:
-            source.release()
-        if self.part.counts.get("chunk_encoded") != before:
-            log.info("round %d: update encoded by chunks (%d chunks of the pseudo-gradient "
-                     "read)", round_, source.reads)
-        for out in events:
-            await self.on_event(out)
+        with RssPeak() as rss:
+            try:
+                events = self.part.submit(round_, source, train_loss=result.train_loss,
+                                          samples=result.samples, compute_s=result.compute_s)
+            finally:
+                source.release()
+            for out in events:
+                await self.on_event(out)
+        how = f"by chunks ({source.reads} chunks of the pseudo-gradient read)" \
+            if self.part.counts.get("chunk_encoded") != before else "in one piece"
+        log.info("round %d: update encoded %s: %s", round_, how, rss.line())
         memory.trim()
 
     async def _train_and_submit(self, ev: Event, theta: np.ndarray | None,
