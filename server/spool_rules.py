@@ -26,12 +26,13 @@ of a Stack reads its rows one column block at a time (`fill`, `running_sum`,
 
 The arithmetic is the in-memory rule's, operation for operation and block for block (the
 block widths are the Stack's, which depend only on n), so the results are bit-identical to
-the rule on the same vectors in memory (tests/test_spool_rules.py). Memory: each row keeps
-one read-ahead chunk of its file (~16 MB for all rows together, `READ_AHEAD`, whatever n
-and the model size), the rule's own float64 blocks (~4 MiB), an n x n matrix,
-and the rule's one or two float64 vectors of the model's size (centered clipping's estimate
-and sum; the geometric median keeps its own on disk) and its float32 result; never an update of the round (bench.spool_rules measures it). One cost is
-the disk's, not memory's: an exact tie in Krum scores is broken by comparing the two
+the rule on the same vectors in memory (tests/test_spool_rules.py; the geometric median's
+explicit fallback: see server.spool_geomed). Memory: each row keeps one read-ahead chunk of
+its file (~16 MB for all rows together, `READ_AHEAD`, whatever n and the model size), the
+rule's own float64 blocks (~4 MiB), an n x n matrix, centered clipping's two float64
+vectors of the model's size (the estimate, a sum; the geometric median keeps its own on
+disk) and the float32 result; never an update of the round (bench.spool_rules measures it).
+One cost is the disk's, not memory's: an exact tie in Krum scores is broken by comparing the two
 updates (`lex_cmp`), which reads both files up to their first difference, so identical
 updates (a common attack) cost two reads of the model per comparison.
 
