@@ -40,15 +40,8 @@ import torch
 from bench.proctree import PeakSampler
 from bench.scratch import scratch
 from bench.sim_nodes import AGENT, SharedTrainer, SimNode
-from bench.simulate import (
-    _keep_opt_state,
-    _local_update,
-    _round_text,
-    accuracy,
-    peak_rss_mb,
-    round_row,
-    sim_shards,
-)
+from bench.sim_report import _round_text, accuracy, peak_rss_mb, round_row
+from bench.simulate import _keep_opt_state, _local_update, sim_shards
 from ml.data import BatchSampler, DataSpec, assign_shards
 from ml.workload import from_spec
 from server.coordinator import Coordinator
