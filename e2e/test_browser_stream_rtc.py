@@ -69,18 +69,16 @@ def test_a_tab_streams_its_updates_over_its_data_channel(make_server: Any,
     assert st["maxQueuedBytes"] <= 2 * (int(CHUNK_MB * 2**20) + 1024), st
 
 
-def test_a_channel_dropped_mid_upload_resumes_on_the_websocket(make_server: Any,
-                                                              open_tab: Any) -> None:
-    server = make_server(RUN)
-    coord = server.call(lambda: server.runner.app[COORDINATOR])
+def cut_after_chunks(server: Any, coord: Any, what: str) -> dict[str, Any]:
+    """The tab's channels carry its frames to the server as usual until the server verified
+    CUT_AFTER chunks of round 0's update: then the server drops that channel (`what` =
+    "channel") or the tab's WebSocket ("socket", which takes the channel with it), and the
+    frames still on their way over that channel are lost. Returns what it saw."""
     hub, intake = coord.rtc, coord.streams
     seen: dict[str, Any] = {"cut": None, "dropped": 0, "channels": 0}
     attach = hub._attach
 
     def attach_and_watch(conn: Any, channel: Any) -> None:
-        """The channel's frames go to the server as usual, until it verified CUT_AFTER
-        chunks of round 0's update: then it drops this channel, and the frames that were
-        still on their way over it are lost."""
         attach(conn, channel)
         node_id = conn.peer.node_id
         link = hub.links[node_id]
@@ -96,11 +94,19 @@ def test_a_channel_dropped_mid_upload_resumes_on_the_websocket(make_server: Any,
             if seen["cut"] is None and t is not None and t.msg.round == 0 \
                     and t.reassembly.next == CUT_AFTER:
                 seen["cut"] = (link, t.reassembly.n)
-                await hub.close(node_id)
+                await (hub.close(node_id) if what == "channel" else conn.ws.close())
 
         link.on_frame = on_frame
 
     server.call(lambda: setattr(hub, "_attach", attach_and_watch))
+    return seen
+
+
+def test_a_channel_dropped_mid_upload_resumes_on_the_websocket(make_server: Any,
+                                                              open_tab: Any) -> None:
+    server = make_server(RUN)
+    coord = server.call(lambda: server.runner.app[COORDINATOR])
+    seen = cut_after_chunks(server, coord, "channel")
     tab = open_tab(f"{server.url}/?backend=wasm", "star-stream-cut")
     tab.wait("s.state === 'the run is finished'", timeout_s=240)
     s = check_commits(server, coord, tab)
@@ -124,4 +130,34 @@ def test_a_channel_dropped_mid_upload_resumes_on_the_websocket(make_server: Any,
     st = s["stream"]
     assert (st["lost"], st["reoffers"], st["resumes"]) == (1, 1, 1), st
     assert st["submits_ws"] == 1, st
+    assert 1 <= st["maxQueuedFrames"] <= 2, st
+
+
+def test_a_socket_cut_mid_upload_resumes_over_the_new_channel(make_server: Any,
+                                                              open_tab: Any) -> None:
+    """The server closes the tab's WebSocket (and so its channel) after 2 verified chunks:
+    the tab reconnects, offers a new channel with the Welcome, resubmits its update over it
+    and the server resumes the transfer at its first missing chunk."""
+    server = make_server(RUN)
+    coord = server.call(lambda: server.runner.app[COORDINATOR])
+    seen = cut_after_chunks(server, coord, "socket")
+    tab = open_tab(f"{server.url}/?backend=wasm", "star-stream-ws-cut")
+    tab.wait("s.state === 'the run is finished'", timeout_s=240)
+    s = check_commits(server, coord, tab)
+    n = n_chunks(server)
+    assert seen["cut"] is not None, seen
+    assert seen["channels"] == 2, seen  # the first connection's, and the reconnected one's
+    assert s["resubmitted"] >= 1, s
+    counters = server.call(lambda: dict(coord.counters))
+    assert counters["stream_started"] == ROUNDS, counters
+    assert counters["stream_resumed"] == 1, counters  # round 0, at chunk CUT_AFTER
+    assert counters["stream_completed"] == ROUNDS, counters
+    view = api(server, "/api/run")["stream"]
+    # every frame over a channel, each chunk once: the 2 verified ones did not travel again
+    assert view["chunks"] == ROUNDS * n, view
+    assert (view["submits_rtc"], view["chunks_rtc"]) == (ROUNDS + 1, ROUNDS * n), view
+    assert (view["submits_ws"], view["chunks_ws"]) == (0, 0), view
+    st = s["stream"]
+    assert st["resumes"] == 1, st
+    assert st["submits_ws"] == st["chunks_ws"] == 0, st
     assert 1 <= st["maxQueuedFrames"] <= 2, st

@@ -148,15 +148,14 @@ export class StreamPump {
     if (!f || f.path !== 'rtc' || f.uplink !== up) return;
     Object.assign(f, { path: 'ws', uplink: null });
     this.pump = null;
+    const ws = node.ws;
+    // the connection itself is gone (the server closes a node's channel with its socket):
+    // the reconnect offers a new channel and resubmits the update, resumed as well
+    if (!ws || ws !== f.ws || ws.readyState !== WebSocket.OPEN) return;
     this.stats.lost += 1;
     node.log('data channel to the server lost mid-transfer: the streamed update resumes over '
       + 'the WebSocket from the first chunk the server lacks');
     this.reoffer(up);
-    const ws = node.ws;
-    if (!ws || ws !== f.ws || ws.readyState !== WebSocket.OPEN) {
-      this.publish();
-      return;  // a reconnect resubmits it
-    }
     node.proto.call('streamAgain', []).then((events) => {
       for (const ev of events) {
         if (this.flight !== f || ws.readyState !== WebSocket.OPEN) return;
