@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from bench.common import free_port, get_json
 from bench.secagg_run import Live, Tamper, committed_as, live_run, until
@@ -133,9 +134,10 @@ async def keyed(coord: Coordinator, lives: list[StreamLive]) -> None:
     await until(lambda: coord.status()["secagg"]["stage"] == "masking", "the keys")
 
 
+@pytest.mark.parametrize("transport", ["ws", "star"])  # star: frames reach the same intake
 async def test_masked_words_join_the_sum_as_chunks_arrive_and_the_mean_is_exact(
-        tmp_path: Path) -> None:
-    async with streamed_run(tmp_path, 3, quorum=3) as (coord, lives):
+        tmp_path: Path, transport: str) -> None:
+    async with streamed_run(tmp_path, 3, quorum=3, transport=transport) as (coord, lives):
         start = start_of(coord)
         ds = deltas(coord.run.n_params, 3, seed=1)
         await keyed(coord, lives)
