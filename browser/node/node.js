@@ -310,7 +310,7 @@ export class BrowserNode extends EventTarget {
       case 'p2p_round': this.onP2PRound(e); break;
       case 'welcome': this.onWelcome(e).catch((err) => this.fail(`cannot join: ${err.message || err}`)); break;
       case 'train':  // e.downlink: the RoundOpen kinds taken and resyncs (shared/open_kinds.py)
-        if (e.downlink) this.set({ downlink: e.downlink });
+        if (e.downlink) this.set({ downlink: e.downlink, aheadMerges: e.ahead_merges });
         this.onTrain(e);
         break;
       case 'round': this.set({ round: e.round, version: e.params_digest.slice(0, 12), state: `holding round ${e.round}` }); break;
@@ -321,6 +321,7 @@ export class BrowserNode extends EventTarget {
           resubmitted: this.stats.resubmitted + 1 });
         break;
       case 'cancel': this.worker?.postMessage({ type: 'cancel', round: e.round }); break;
+      case 'train_ahead': this.onTrainAhead(e); break;  // run option overlap
       case 'ack':
         this.pump.onAck(e);
         if (e.status === 'accepted' && this.stats.firstAcceptedMs === null) {
@@ -455,18 +456,32 @@ export class BrowserNode extends EventTarget {
     if (this.stats.paused) { this.trainingStopped(e.round); return; }
     const params = this.params.slice();
     this.trainStart = performance.now();
+    this.firstTrain ??= this.trainStart;  // stats.computeS / stats.trainWallS: utilization
+    this.lastTrain = { steps: e.steps, lr: e.lr, batchSize: e.batch_size };  // for steps ahead
     this.trainingRound = e.round;
     this.set({ state: `training round ${e.round}`, stepsDone: 0, stepsTotal: e.steps });
     // time_budget_s (autotune): as many steps as fit in it, at most e.steps (docs/autotune.md)
     this.worker.postMessage({ type: 'round', round: e.round, params: params.buffer, steps: e.steps,
-      lr: e.lr, batchSize: e.batch_size, budgetS: e.time_budget_s ?? null }, [params.buffer]);
+      lr: e.lr, batchSize: e.batch_size, budgetS: e.time_budget_s ?? null, merge: Boolean(e.merge) },
+    [params.buffer]);
+  }
+
+  /** Overlap (shared/overlap.py): right after its Submit the tab trains the next round's steps
+   * in the train worker (ahead.js); that round's RoundOpen (merge) takes them over. */
+  onTrainAhead(e) {
+    if (!this.lastTrain || this.stats.paused || this.workerModel !== this.welcome?.model_id) return;
+    this.set({ state: `training ahead of round ${e.after_round + 1}` });
+    this.worker.postMessage({ type: 'ahead', afterRound: e.after_round, ...this.lastTrain });
   }
 
   onWorker(m) {
     if (m.type === 'step') {
-      this.set({ stepsDone: m.step, stepLoss: m.loss, totalSteps: this.stats.totalSteps + 1 });
+      this.set({ stepsDone: m.step, stepLoss: m.loss, totalSteps: this.stats.totalSteps + 1,
+        stepsAhead: (this.stats.stepsAhead ?? 0) + (m.ahead ? 1 : 0) });
     } else if (m.type === 'done') {
       this.trainingRound = null;
+      this.set({ computeS: (this.stats.computeS ?? 0) + m.computeS,
+        trainWallS: (performance.now() - this.firstTrain) / 1000 });
       if (this.stats.paused) {  // finished just as Pause was pressed: the round is given up
         this.trainingStopped(m.round);
         return;
@@ -562,6 +577,7 @@ export class BrowserNode extends EventTarget {
     this.stopped = true;
     this.finished = true;
     this.params = null;  // "try the model" loads the final params
+    this.worker?.postMessage({ type: 'ahead_stop' });  // overlap: no round follows the last
     this.set({ state: 'the run is finished', paused: false, stepsDone: 0, stepsTotal: 0 });
     this.ws?.close();
   }

@@ -47,6 +47,7 @@ def make_participant(public_key, secret_key, pins_json: str, save_pins, device: 
     p.extra_features = (STREAM_FEATURE,)  # large RoundOpens in chunks (shared.stream_down)
     p.extra_features += sparse_features()  # SparseLoCo's steps in JS (daa_glue.py)
     KINDS[id(p)] = OpenKinds.watch(p)  # the RoundOpen kinds taken, for the page's stats
+    p.ahead.supported = role == "trainer"  # overlap: train_worker.js trains ahead (ahead.js)
     FETCHERS[id(p)] = Fetcher(p)
     SENDERS[id(p)] = Sender(p)
     return p
@@ -142,6 +143,7 @@ def feed(p: Participant, data) -> object:
     for ev in events:  # the Welcome's STUN/TURN servers, for the tab's RTCPeerConnection
         if ev["kind"] in ("train", "reconnect") and id(p) in KINDS:
             ev["downlink"] = dict(KINDS[id(p)].counts)  # node.js: stats.downlink
+            ev["ahead_merges"] = p.ahead.merges  # overlap: rounds that took steps run ahead
         if ev["kind"] == "welcome" and p.welcome is not None:
             ev["ice_servers"] = [dict(s) for s in p.welcome.ice_servers]
     return _js(events)

@@ -11,10 +11,15 @@
 //   {type:'cancel', round}                       {type:'cancelled', round, steps}
 //   {type:'infer', id, params, x, dims}          {type:'infer', id, logits, dims}
 //   {type:'bench', params, steps, batchSize}     {type:'bench', stepMs, loss, params}
+//   {type:'ahead', afterRound, steps, lr,        (steps ahead post 'step' with ahead: true)
+//    batchSize} / {type:'ahead_stop'}            overlap (ahead.js): the next round's steps
+//   ('round' with merge: true takes them over)   from where the last round's ended
 //   {type:'score', id, candidates: [params]}     {type:'score', id, losses} (validators)
 //                                                {type:'error', message}
 // `data` = {x: ArrayBuffer, y: ArrayBuffer, meta} (the layout server/browser_data.py serves).
 // AdamW moments and the step counter persist across rounds, as in the native trainer.
+
+import { AheadRun } from './ahead.js';
 
 const VENDOR = '/static/vendor/onnxruntime-web/';
 let ort = null;
@@ -24,6 +29,8 @@ let info = null;   // {backend, threads}
 let shard = null;  // {x, y, rows, xCols, yCols, lm}
 let val = null;    // the same, for the validation rows a validator scores on
 let moments = null;  // {m, v, step}
+let local = null;  // where the last round's steps ended (overlap: steps ahead start there)
+let ahead = null;  // AheadRun: steps run ahead of the next round (ahead.js)
 let paused = false;
 let resumeWaiters = [];
 const cancelled = new Set();
@@ -144,15 +151,16 @@ function continueTraining(done, maxSteps, elapsedS, budgetS) {
   return elapsedS + elapsedS / done <= budgetS;
 }
 
-async function runRound({ round, params, steps, lr, batchSize, budgetS = null }) {
+async function runRound({ round, params, steps, lr, batchSize, budgetS = null, from = null,
+  done0 = 0, lossSum0 = 0, compute0 = 0 }) {
   if (!shard) throw new Error('no training data yet');
-  let p = new Float32Array(params);
+  let p = from ?? new Float32Array(params);  // from: merged steps run ahead (ahead.js)
   if (!moments || moments.m.length !== p.length) {
     moments = { m: new Float32Array(p.length), v: new Float32Array(p.length), step: 0 };
   }
-  let compute = 0;
-  let lossSum = 0;
-  let done = 0;
+  let compute = compute0;
+  let lossSum = lossSum0;
+  let done = done0;
   const started = performance.now();
   while (continueTraining(done, steps, (performance.now() - started) / 1000, budgetS)) {
     await yieldToMessages();
@@ -174,11 +182,35 @@ async function runRound({ round, params, steps, lr, batchSize, budgetS = null })
     return;
   }
   const trainLoss = Number.isFinite(lossSum / done) ? lossSum / done : null;
+  local = p;
   const start = new Float32Array(params);
   const delta = new Float32Array(p.length);  // the pseudo-gradient theta_r - theta_i
   for (let i = 0; i < p.length; i++) delta[i] = start[i] - p[i];
   post({ type: 'done', round, delta: delta.buffer, trainLoss, samples: done * batchSize,
     computeS: compute / 1000, steps: done }, [delta.buffer]);
+}
+
+/** Overlap: the next round's steps from `local` until its 'round' (merge) comes, `steps`
+ * are done, or they are abandoned; a merge that came meanwhile finishes the round now. */
+async function runAhead({ afterRound, steps, lr, batchSize }) {
+  if (!local || !shard || !moments) return;
+  const a = new AheadRun({ after: afterRound, start: local, steps, lr, batchSize });
+  ahead = a;
+  while (a.goesOn()) {
+    await yieldToMessages();
+    const wait = waitResume();
+    if (wait) await wait;
+    if (!a.goesOn()) break;
+    const t0 = performance.now();
+    const [loss, np, nm, nv] = await step(a.p, moments.m, moments.v, lr, moments.step + 1, batch(batchSize));
+    a.compute += performance.now() - t0;
+    a.p = np; moments.m = nm; moments.v = nv; moments.step += 1;
+    a.lossSum += loss; a.done += 1;
+    post({ type: 'step', round: afterRound + 1, step: a.done, loss, ms: performance.now() - t0, ahead: true });
+  }
+  a.running = false;
+  if (a.stop || ahead !== a) { if (ahead === a) ahead = null; return; }
+  if (a.rebase) { ahead = null; await runRound(a.merged(a.rebase)); }
 }
 
 async function runInfer({ id, params, x, dims, xType }) {
@@ -265,7 +297,12 @@ async function handle(msg) {
       post({ type: 'data', rows: setData(msg.data), source: msg.source });
       break;
     case 'val': val = arrays(msg.data); post({ type: 'data', rows: val.rows, source: 'val' }); break;
-    case 'round': await runRound(msg); break;
+    case 'round':  // merge: the steps run ahead (done, else runAhead merges them) are its own
+      if (msg.merge && ahead && !ahead.stop) { const a = ahead; ahead = null; await runRound(a.merged(msg)); break; }
+      ahead = null;
+      await runRound(msg);
+      break;
+    case 'ahead': await runAhead(msg); break;
     case 'infer': await runInfer(msg); break;
     case 'bench': await runBench(msg); break;
     case 'score': await runScore(msg); break;
@@ -284,6 +321,11 @@ self.onmessage = (ev) => {
     return;
   }
   if (msg.type === 'cancel') { cancelled.add(msg.round); return; }
+  if (msg.type === 'ahead_stop' || (msg.type === 'round' && !msg.merge)) {  // abandon steps ahead
+    if (ahead) ahead.stop = true;
+    if (msg.type === 'ahead_stop') return;
+  }
+  if (msg.type === 'round' && msg.merge && ahead?.running) { ahead.rebase = msg; return; }
   chain = chain.then(() => handle(msg)).catch((err) => post({
     type: 'error', message: String(err && err.message ? err.message : err), during: msg.type,
     round: msg.round,
