@@ -89,8 +89,8 @@ class Member:
                     kind = ev["kind"]
                     if kind == "params_stream":
                         events.extend(await self.downloader.start(ws, ev["message"]))
-                    if kind == "send":
-                        await ws.send_bytes(ev["frame"])
+                    if kind == "send":  # a masked update (secagg) is sent from here
+                        await self._send(ws, ev)
                     elif kind == "welcome":
                         self.n_params = int(ev["n_params"])
                     elif kind == "train":
@@ -104,6 +104,13 @@ class Member:
                     elif kind in ("error", "fatal", "refused"):
                         self.errors.append(f"{ev.get('code', '')} {ev['message']}"[:200])
 
+    async def _send(self, ws: aiohttp.ClientWebSocketResponse, ev: dict[str, Any]) -> None:
+        """A "send" event: an update streamed when the server's Welcome asks for it."""
+        if ev["msg_type"] == Submit.TYPE and self.uploader.wants(ev["frame"]):
+            await self.uploader.start(ws, ev["frame"])
+        else:
+            await ws.send_bytes(ev["frame"])
+
     async def _submit(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         await self.go.wait()  # every participant joined: the baseline is taken
         assert self.round is not None
@@ -113,10 +120,7 @@ class Member:
             for ev in self.part.submit(self.round, delta.astype("<f4").tobytes(),
                                        train_loss=1.0, samples=32, compute_s=0.1):
                 if ev["kind"] == "send":
-                    if ev["msg_type"] == Submit.TYPE and self.uploader.wants(ev["frame"]):
-                        await self.uploader.start(ws, ev["frame"])
-                    else:
-                        await ws.send_bytes(ev["frame"])
+                    await self._send(ws, ev)
         except Exception as exc:  # a broken bench must end, not wait for its timeouts
             self.errors.append(f"submit: {exc!r}"[:200])
             await ws.close()
@@ -168,12 +172,13 @@ async def _drive(base: str, pid: int, n: int) -> dict[str, Any]:
 
 
 def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float,
-            rule: str, deadline_s: float) -> dict[str, Any]:
+            rule: str, deadline_s: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One server and round; `extra`: more server flags (bench.stream_secagg: --secagg)."""
     flags = ["--model", model, "--rounds", "1", "--quorum", str(n), "--deadline-s",
              str(deadline_s),
              "--inner-steps", "1", "--aggregator", rule, "--max-frame-mb", "512",
              "--stream-chunk-mb", str(chunk_mb), "--log-level", "WARNING",
-             "--heartbeat-s", "120"]
+             "--heartbeat-s", "120", *extra]
     if flavour:
         flags += ["--flavour", flavour]
     with running_server(work, *flags) as (base, proc):
@@ -193,6 +198,7 @@ def run_one(work: Path, *, model: str, flavour: str, n: int, chunk_mb: float,
             "acked": out["acked"], "committed_rounds": status["committed_rounds"],
             "peak_reset_after_join": out["peak_reset"],
             "rejected": status["rejected"], "errors": out["errors"],
+            "streamed_transfers": status.get("stream", {}).get("completed", 0),
             "spool_files_left": len(list(spool.iterdir())) if spool.exists() else 0}
 
 
