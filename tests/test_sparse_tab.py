@@ -23,6 +23,7 @@ from shared.downlink import encode_changes, resolve
 from shared.errors import BadUpdate
 from shared.messages import sha256_hex
 from shared.open_kinds import OpenKinds, kind_of, sparse_features
+from shared.overlap import merge
 from shared.sparseloco import FEATURE, SparseOuter, server_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,3 +149,18 @@ def test_open_kinds_counts_each_kind() -> None:
     assert kinds.counts == {"full": 1, "delta": 1, "sparse": 0, "outer": 0, "resyncs": 1}
     assert [kind_of(m) for m in (full, delta)] == ["full", "delta"]
     assert open_kinds.KINDS == ("full", "delta", "sparse", "outer")
+
+
+def test_js_overlap_merge_is_shared_overlap_merge(tmp_path: Path) -> None:
+    """The tab's merge of steps run ahead (browser/node/ahead.js) gives the float32 bits of
+    shared.overlap.merge, the native nodes' and the simulator's."""
+    rng = np.random.default_rng(6)
+    cases, want = [], []
+    for n in (1, 7, 50_001):
+        t, loc, st = ((rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3, n)).astype(
+            np.float32) for _ in range(3))
+        t[0], loc[0], st[0] = -0.0, 1e-30, 1e-30  # -0 + (x - x): +0 in both
+        cases.append({"theta": t.tobytes().hex(), "local": loc.tobytes().hex(),
+                      "start": st.tobytes().hex()})
+        want.append(np.asarray(merge(t, loc, st), dtype="<f4").tobytes().hex())
+    assert run_js({"merge": cases}, tmp_path)["merge"] == want
