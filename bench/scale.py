@@ -124,7 +124,8 @@ def server_flags(a: argparse.Namespace) -> list[str]:
              str(a.inner_lr), "--batch-size", str(a.batch_size), "--eval-samples",
              str(a.eval_samples), "--stream-chunk-mb", str(a.chunk_mb), "--deadline-s",
              str(a.deadline_s), "--heartbeat-s", "120", "--keep-checkpoints", "2",
-             "--seed", str(a.seed), "--log-level", "INFO", *SPARSE_FLAGS]
+             "--seed", str(a.seed), "--log-level", "INFO",
+             *(getattr(a, "codec_flags", None) or SPARSE_FLAGS)]
     return flags + (["--flavour", a.flavour] if a.flavour else [])
 
 
@@ -175,7 +176,7 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for i in range(a.nodes):
             nodes.append(spawn(f"node{i}", "-m", "native_node", "join", "--coordinator",
                                f"127.0.0.1:{port}", "--state-dir", str(tmp / f"node{i}"),
-                               "--threads", "1", "--quiet"))
+                               "--threads", "1", "--quiet", *getattr(a, "node_flags", ())))
             if a.stagger and i + 1 < a.nodes:  # the next joins once this one holds the params
                 while not holds_params(tmp / f"node{i}.log", nodes[i].pid,
                                        4 * int(run0["n_params"])):
