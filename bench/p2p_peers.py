@@ -24,6 +24,7 @@ import json
 import os
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,29 @@ async def _recv(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 
 # -- a peer (its own process) -----------------------------------------------------------------
-def _status_kb(key: str) -> int:
-    """A /proc/self/status figure (VmRSS, VmHWM) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
+class RssPeak:
+    """This process's peak RSS while running, sampled every 2 ms by a thread (VmHWM misses
+    buffers unmapped before it is read)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self.now()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self.now())
+
+    def growth(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, self.now()) - self.start
 
 
 async def peer_main(index: int, port: int, size: int, seed: int, stream_chunk: int = 0
@@ -100,8 +118,7 @@ async def peer_main(index: int, port: int, size: int, seed: int, stream_chunk: i
 
     async def reduce(r: int, plan: dict[str, Any], codec: str, last: bool) -> None:
         sent0, recv0 = meter["sent"], meter["recv"]
-        rss0 = _status_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: this round's peak
+        rss = RssPeak()
         role.trained(r, mine)
         t0 = time.perf_counter()
         role.put(ShardPlan(run_id=RUN_ID, round=r, plan=plan, rule="mean",
@@ -114,7 +131,7 @@ async def peer_main(index: int, port: int, size: int, seed: int, stream_chunk: i
         await _send(writer, b"D", json.dumps({
             "round": r, "seconds": took, "sent": meter["sent"] - sent0,
             "recv": meter["recv"] - recv0, "sha": hashlib.sha256(agg.tobytes()).hexdigest(),
-            "rss_growth": 1024 * (_status_kb("VmHWM") - rss0),
+            "rss_growth": rss.growth(),
             "max_frame": role.pieces.max_frame, "resent": role.pieces.pieces_resent,
         }).encode())
         if last and index == 0:
@@ -217,8 +234,9 @@ async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int 
                                  / 1e6, 3),
             "MB_recv_per_peer": round(float(np.mean([s["recv"] for row in timed
                                                      for s in row])) / 1e6, 3),
-            "owner_rss_growth_mb": round(max(s["rss_growth"] for row in timed for s in row)
-                                         / 2**20, 1),
+            # round 0, each peer's first reduction: later rounds start holding the last one's
+            # reducer and aggregate, whose memory the new round reuses
+            "owner_rss_growth_mb": round(max(s["rss_growth"] for s in rows[0]) / 2**20, 1),
             "max_shard_frame": max(s["max_frame"] for row in timed for s in row),
             "aggregate": np.frombuffer(agg[0], dtype="<f4") if agg else None}
 

@@ -7,8 +7,10 @@ aiortc data channels on this machine's interfaces) reduce one float32 tensor eac
 as the llama flavour's parameter count, twice: with one shard per member (each slice one
 frame, the p2p default) and streamed (`stream_chunk_mb`: shards no larger than a chunk,
 pieces windowed, acknowledged and dropped once reduced; shared/p2p_stream.py). Per mode:
-the peak RSS growth of the worst owner over a timed round (VmHWM reset at the plan, less
-VmRSS then: what the reduction itself adds, the aggregate it must hold included), the
+the peak RSS growth of the worst owner in its first reduction (round 0, in a fresh process:
+RSS sampled every 2 ms from the plan to the aggregate, less RSS at the plan; what the
+reduction adds, the aggregate it must hold and the channels' opening included; a later round
+starts holding the last round's reducer and aggregate and reuses their memory), the
 largest Shard frame a peer sent, the round's seconds and MB sent per peer. Round 0 opens the
 channels and is not timed. Every peer of a run must end with the same aggregate SHA-256,
 and the two modes with the same mean (fp16 results) up to one rounding step (each run draws
