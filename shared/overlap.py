@@ -24,8 +24,9 @@ overlap of "Eager updates", arXiv 2502.12996). At most one round is trained ahea
 finished its steps ahead before the RoundOpen came waits for it.
 
 This module holds the math (pure functions over shared.vec vectors, exact in float32) and the
-participant's bookkeeping (`Ahead`); drivers that can train ahead say so (`supported`); the
-others (tabs today) train as without the option.
+participant's bookkeeping (`Ahead`); drivers that can train ahead say so (`supported`: native
+nodes with one process, tabs (browser/node/ahead.js, its merge golden-checked against `merge`),
+bench.simulate's nodes); the others (`--nproc` > 1 nodes) train as without the option.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Ahead:
     """One participant's overlap state: whether the run and the driver do it, and which
     round's Submit the steps now run ahead follow (None: none run ahead)."""
 
-    supported: bool = False  # the driver can train ahead and merge (native nodes)
+    supported: bool = False  # the driver can train ahead and merge (native nodes, tabs)
     enabled: bool = False  # the run asks for it (Welcome.overlap) and the driver can
     after: int | None = None  # round whose Submit the steps ahead follow
     merges: int = 0  # RoundOpens merged into steps run ahead

@@ -325,7 +325,7 @@ self.onmessage = (ev) => {
     if (ahead) ahead.stop = true;
     if (msg.type === 'ahead_stop') return;
   }
-  if (msg.type === 'round' && msg.merge && ahead?.running) { ahead.rebase = msg; return; }
+  if (msg.type === 'round' && msg.merge && ahead?.running && !ahead.stop) { ahead.rebase = msg; return; }
   chain = chain.then(() => handle(msg)).catch((err) => post({
     type: 'error', message: String(err && err.message ? err.message : err), during: msg.type,
     round: msg.round,
