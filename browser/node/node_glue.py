@@ -72,7 +72,7 @@ def _streamed(p: Participant, events: list[dict[str, object]]) -> list[dict[str,
     cur = sender.current
     for ev in out:
         if ev["kind"] == "send" and ev["msg_type"] == StreamSubmit.TYPE and cur is not None:
-            ev["round"], ev["digest"] = cur.round, cur.digest
+            ev["round"], ev["digest"], ev["size"] = cur.round, cur.digest, len(cur.payload)
     return out
 
 

@@ -18,14 +18,16 @@
 // - A closed WebSocket stops the chunks: after the reconnect the participant resubmits its
 //   update and the server resumes it the same way.
 //
-// `stats` (the node's stats.stream): frames by path, resumes, lost channels, reoffers, and the
-// most chunk frames / bytes ever queued in the path's buffer right after a send.
+// `stats` (the node's stats.stream): frames by path, resumes, lost channels, reoffers, the
+// most chunk frames / bytes ever queued in the path's buffer right after a send, and the
+// time of each upload (its StreamSubmit to its Ack; a lost channel's resume included).
 
 import { wireBytes } from './rtc.js';
 
 const POLL_MS = 4;  // how often a waiting pump looks at bufferedAmount (WebSockets have no event)
 export const MAX_REOFFERS = 3;  // new channels offered after losing one, per connection
 const STREAM_SUBMIT = 17;
+const MAX_UPLOADS = 16;
 
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
@@ -54,7 +56,8 @@ export class StreamPump {
     this.welcome = null;  // the Welcome the reoffers are counted under
     this.reoffers = 0;
     this.stats = { submits_ws: 0, submits_rtc: 0, chunks_ws: 0, chunks_rtc: 0, resumes: 0,
-      lost: 0, reoffers: 0, maxQueuedFrames: 0, maxQueuedBytes: 0, chunkBytes: 0 };
+      lost: 0, reoffers: 0, maxQueuedFrames: 0, maxQueuedBytes: 0, chunkBytes: 0,
+      uploads: [] };  // the last MAX_UPLOADS updates: ms from the StreamSubmit to the Ack
     node.stats.stream = this.stats;
   }
 
@@ -64,7 +67,8 @@ export class StreamPump {
   async announce(e) {
     const node = this.node, up = node.uplink;
     this.pump = null;  // a new announcement: the older Resume's chunks stop
-    const flight = { round: e.round, digest: e.digest, path: 'ws', uplink: null, ws: node.ws };
+    const flight = { round: e.round, digest: e.digest, path: 'ws', uplink: null, ws: node.ws,
+      size: e.size, t0: performance.now() };
     this.flight = flight;
     if (up) {
       if (await up.send(e.frame)) {
@@ -129,7 +133,11 @@ export class StreamPump {
   /** An Ack for our update: it is in, nothing to resume. */
   onAck(e) {
     const f = this.flight;
-    if (f && f.round === e.round && f.digest === e.digest) this.flight = null;
+    if (!f || f.round !== e.round || f.digest !== e.digest) return;
+    this.flight = null;
+    this.stats.uploads = [...this.stats.uploads, { round: f.round, bytes: f.size,
+      ms: performance.now() - f.t0, status: e.status }].slice(-MAX_UPLOADS);
+    this.publish();
   }
 
   /** Whether a frame is ours to send (a StreamSubmit); chunks only ever leave from run(). */
