@@ -31,4 +31,8 @@ def test_tiny_node_stream_bench_runs_both_paths_and_reports_peaks() -> None:
     assert 100 < c["chunked_peak_mb"] < 2000
     assert c["saved_mb"] == pytest.approx(c["one_shot_peak_mb"] - c["chunked_peak_mb"],
                                           abs=0.11)
-    assert f["est_125m_node_peak_chunked_mb"] is None  # only from the topk configuration
+    assert 100 < c["one_shot_encode_peak_mb"] < 2000  # the node's own log line
+    assert 100 < c["chunked_encode_peak_mb"] < 2000
+    assert c["encode_peak_saved_mb"] == pytest.approx(
+        c["one_shot_encode_peak_mb"] - c["chunked_encode_peak_mb"], abs=0.11)
+    assert f["est_125m_encode_peak_chunked_mb"] is None  # only from the topk configuration
