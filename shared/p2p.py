@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from shared.aggregation import estimate_f, get_rule
 from shared.codecs import decode_update, get_codec
@@ -243,7 +243,7 @@ class ShardReducer:
             raise ValueError(f"p2p needs a coordinate-wise rule {COORDINATE_RULES}")
         self.me, self.plan, self.rule = me, plan, rule
         self.fraction, self.result_codec = byzantine_fraction, check_result_codec(result_codec)
-        self.raw = update_bytes(update) if stream else to_bytes(update)  # streamed: no copy
+        self.raw: bytes | memoryview = update_bytes(update) if stream else to_bytes(update)
         self.parts: dict[int, dict[str, bytes]] = {}  # shard -> member -> slice (owned)
         self.reduced: dict[int, bytes] = {}  # shard -> my reduction (owned shards)
         self.shards: dict[int, bytes] = {}  # shard -> reduction: mine if I own it, else served
@@ -259,7 +259,7 @@ class ShardReducer:
 
     def _slice(self, shard: int) -> bytes:
         lo, hi = self.plan.bounds(shard)
-        return self.raw[4 * lo:4 * hi]
+        return bytes(self.raw[4 * lo:4 * hi])  # no copy of a bytes slice; streamed: a piece
 
     def _own_slice(self, shard: int) -> bytes | memoryview:
         if not self.stream or self.kernel is not None:
@@ -309,7 +309,8 @@ class ShardReducer:
         return self._store(sender, shard, bytes(payload))
 
     def _store(self, sender: str, shard: int, payload: bytes | memoryview) -> list[Event]:
-        self.parts.setdefault(shard, {})[sender] = payload
+        # streamed: our own slices are views of our update (bytes-like, read only, no copy)
+        self.parts.setdefault(shard, {})[sender] = cast(bytes, payload)
         return self._reduce_ready()
 
     def _reduce_ready(self) -> list[Event]:

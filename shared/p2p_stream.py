@@ -43,7 +43,7 @@ def update_bytes(update: Vector) -> bytes | memoryview:
     (a C-contiguous float32 numpy array or array("f") on a little-endian machine)."""
     if sys.byteorder == "little":
         try:
-            view = memoryview(update)  # type: ignore[arg-type]
+            view = memoryview(update)
             if view.format in ("f", "@f") and view.c_contiguous:
                 return view.cast("B")
         except (TypeError, ValueError):
