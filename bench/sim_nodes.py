@@ -10,12 +10,14 @@ t, merged onto theta_{t+1} when that round opens, shared.overlap)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -305,3 +307,43 @@ def sim_summary(nodes: list[SimNode]) -> dict[str, object]:
             kinds[k] = kinds.get(k, 0) + v
     return {"downlink": kinds, "ahead_merges": sum(n.part.ahead.merges for n in nodes),
             "steps_ahead": sum(n.steps_ahead for n in nodes)}
+
+
+async def pump_until(wake: asyncio.Event, cond: Any, nodes: Sequence[SimNode],
+                     task: asyncio.Task[Any], timeout: float, what: str) -> None:
+    """Pump every node's inbox until `cond()`; fail if the coordinator died or time ran out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for node in nodes:
+            if node.inbox:
+                node.pump()
+            await node.flush()  # secure aggregation's answers
+        if cond():
+            return
+        if task.done():
+            task.result()  # raises the coordinator's error
+            if not cond():
+                raise RuntimeError(f"the coordinator stopped while waiting for {what}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out waiting for {what}")
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=min(left, 1.0))
+
+
+async def join(node: SimNode, coord: Any, wake: asyncio.Event,
+                manifest: Any) -> Event:
+    """Challenge -> Hello -> Welcome (+ the open round) for one simulated node; its
+    participant's "welcome" event."""
+    node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
+    node.send = functools.partial(coord.handle_frame, node.conn)
+    await coord.greet(node.conn)
+    hello = node.pump()
+    assert hello is not None, "no Challenge from the coordinator"
+    await coord.handle_frame(node.conn, hello)
+    node.pump()
+    if node.welcome is None:
+        raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
+    node.part.set_layout(manifest)  # raises unless it hashes to the run's model
+    return node.welcome

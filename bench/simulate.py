@@ -37,13 +37,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +50,10 @@ import torch
 
 from bench.scratch import scratch
 from bench.sim_nodes import (
-    MemorySender,
     SharedTrainer,
     SimNode,
+    join,
+    pump_until,
     run_ahead,
     sim_participant,
     sim_summary,
@@ -64,39 +63,14 @@ from bench.sim_report import _round_text, accuracy, peak_rss_mb, round_row
 from ml.data import BatchSampler, assign_shards
 from server.config import RunConfig
 from server.coordinator import Coordinator
-from server.peers import Connection
 from server.reduction import ServerReduction
 from server.runstate import open_run, workload_of
 from shared.attacks import ATTACKS, Attack, get_attack
 from shared.envelope import Identity
 from shared.messages import RESULT_CODECS
 from shared.p2p import decode_result, encode_result
-from shared.participant import Event
 
 log = logging.getLogger("bench.simulate")
-
-
-async def _until(wake: asyncio.Event, cond: Any, nodes: Sequence[SimNode], task: asyncio.Task[Any],
-                 timeout: float, what: str) -> None:
-    """Pump every node's inbox until `cond()`; fail if the coordinator died or time ran out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for node in nodes:
-            if node.inbox:
-                node.pump()
-            await node.flush()  # secure aggregation's answers
-        if cond():
-            return
-        if task.done():
-            task.result()  # raises the coordinator's error
-            if not cond():
-                raise RuntimeError(f"the coordinator stopped while waiting for {what}")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"timed out waiting for {what}")
-        wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout=min(left, 1.0))
 
 
 def _round_through_codec(coord: Coordinator, result_codec: str) -> None:
@@ -112,23 +86,6 @@ def _round_through_codec(coord: Coordinator, result_codec: str) -> None:
                                         result_codec), dtype=np.float32)
 
     reduction.aggregate = as_p2p_results  # type: ignore[method-assign]
-
-
-async def _join(node: SimNode, coord: Coordinator, wake: asyncio.Event,
-                manifest: Any) -> Event:
-    """Challenge -> Hello -> Welcome (+ the open round) for one simulated node; its
-    participant's "welcome" event."""
-    node.conn = Connection(ws=MemorySender(node, wake), remote=f"sim:{node.index}")
-    node.send = functools.partial(coord.handle_frame, node.conn)
-    await coord.greet(node.conn)
-    hello = node.pump()
-    assert hello is not None, "no Challenge from the coordinator"
-    await coord.handle_frame(node.conn, hello)
-    node.pump()
-    if node.welcome is None:
-        raise RuntimeError(f"node {node.index} was not welcomed: {node.errors}")
-    node.part.set_layout(manifest)  # raises unless it hashes to the run's model
-    return node.welcome
 
 
 def _local_update(trainer: SharedTrainer, node: SimNode, spec: Attack, n_params: int
@@ -244,7 +201,7 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
         # -- join: Challenge -> Hello -> Welcome (+ the open round) -----------------------------
         t0 = time.perf_counter()
         for node in sim:
-            shard = (await _join(node, coord, wake, work.manifest))["shard"]
+            shard = (await join(node, coord, wake, work.manifest))["shard"]
             idx = np.sort(by_shard[starts[shard]:starts[shard + 1]]).astype(np.int64)
             # seeded by (run seed, node index), not the random node id: runs are repeatable
             node.sampler = BatchSampler(ds.x_train, ds.y_train, idx, batch_size=cfg.batch_size,
@@ -262,8 +219,9 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
         acc0 = accuracy(run, run.params, eval_model) if is_classify else None
         rows.append({"round": "init", "eval_loss": run.eval_loss_init, "accuracy": acc0})
         for r in range(rounds):
-            await _until(wake, lambda r=r: all(n.open is not None and n.open["round"] == r
-                                               for n in sim), sim, task, 600, f"round {r} to open")
+            await pump_until(wake, lambda r=r: all(n.open is not None and n.open["round"] == r
+                                                   for n in sim), sim, task, 600,
+                             f"round {r} to open")
             t_round = time.perf_counter()
             acc_before, rej_before = coord.counters["accepted"], sum(coord.rejected.values())
             honest: list[np.ndarray] = []
@@ -297,14 +255,14 @@ async def simulate(*, nodes: int, rounds: int, byzantine: float, attack: str, ag
                 if progress and (k + 1) % 50 == 0:
                     say(f"  round {r}: {k + 1}/{nodes} submitted", end="\r")
             honest.clear()
-            await _until(wake, lambda r=r: bool(records) and records[-1]["round"] >= r, sim, task,
-                         600, f"round {r} to commit")
+            await pump_until(wake, lambda r=r: bool(records) and records[-1]["round"] >= r, sim,
+                             task, 600, f"round {r} to commit")
             row = round_row(r, records[-1], run, coord, eval_model if is_classify else None,
                             acc_before, rej_before, train_s, sign_s, t_round)
             rows.append(row)
             say(_round_text(row, train_s, sign_s))
         await asyncio.wait_for(task, timeout=60)
-        await _until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
+        await pump_until(wake, lambda: all(n.final for n in sim), sim, task, 60, "the final commit")
         list(map(coord.disconnect, [n.conn for n in sim]))  # type: ignore[arg-type]  # leave
         errors = sum(len(n.errors) for n in sim)
         last = rows[-1]
