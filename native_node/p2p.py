@@ -5,7 +5,10 @@ shared.p2p.ShardReducer: its slice of every shard goes to that shard's owners, t
 owns are reduced and uploaded to the server, and the primaries' reduced shards come back to it,
 so it ends the round holding the aggregate. Shard frames travel over direct data channels
 (native_node/mesh.py); to a peer whose channel is not open (yet, or ever) they go through the
-server, which forwards them. At the next RoundOpen the server sends either the params and the
+server, which forwards them. With `stream_chunk_mb` (Welcome.stream_chunk) the plan's shards
+are at most a chunk and this node's parts go through native_node/p2p_send.py (windowed,
+acknowledged, resent from the first unacknowledged piece after a lost channel;
+shared/p2p_stream.py). At the next RoundOpen the server sends either the params and the
 outer momentum (`with_momentum`) or only the outer step to apply (shared.downlink), which this
 node computes from what it holds and checks against the params digest.
 """
@@ -235,7 +238,7 @@ class P2PRole:
                 await asyncio.wait([task])  # the first round waits for its channels once
             try:
                 direct = await self.mesh.send(to, data)
-            except ConnectionError:  # the channel closed under the frame: relay it instead
+            except (ConnectionError, TimeoutError):  # closed or stalled under the frame: relay
                 direct = False
             if direct:
                 self.sent_direct += len(e["payload"])
