@@ -22,7 +22,7 @@ def run_tab(make_server: Any, open_tab: Any, native_node: Any, overlap: bool) ->
     native_node(server)
     tab = open_tab(f"{server.url}/?backend=wasm", f"tab-{overlap}")
     tab.wait("s.state === 'the run is finished'", timeout_s=300)
-    s = tab.stats()
+    s: dict[str, Any] = tab.stats()
     assert tab.errors == [], tab.errors
     tab.close()
     return s
