@@ -93,7 +93,7 @@ class P2PRole:
                     await self.on_plan(msg)
                 else:
                     await self.on_shard(msg)
-            except (ConnectionError, ProtocolError, ValueError) as exc:
+            except (ConnectionError, ProtocolError, ValueError, TimeoutError) as exc:
                 log.warning("p2p: %s failed: %s", type(msg).__name__, exc)
 
     # -- signaling and links ---------------------------------------------------------------
