@@ -10,7 +10,8 @@
 //   about two chunk frames are queued at most, whatever the update's size. All chunks of one
 //   Resume take the path chosen when it arrives (the server's window takes reordering within
 //   16 chunks, not a switch of paths); a newer Resume stops the older one's chunks.
-// - A data channel lost while the update is unacknowledged (closed, or a send failed) stops
+// - A data channel lost while the update is unacknowledged (closed, a send failed, or its
+//   buffer stalled STALL_MS; native_node/stream_rtc.py's FrameLink stalls after 30 s too) stops
 //   the chunks: the update is announced again on the WebSocket (`streamAgain`: fresh nonce,
 //   same manifest), the server answers Resume at its first missing chunk, and only the rest
 //   travels. A new channel is offered at once (at most MAX_REOFFERS a connection); later
@@ -25,6 +26,7 @@
 import { wireBytes } from './rtc.js';
 
 const POLL_MS = 4;  // how often a waiting pump looks at bufferedAmount (WebSockets have no event)
+const STALL_MS = 30000;  // a channel whose buffer did not drain for this long is lost
 export const MAX_REOFFERS = 3;  // new channels offered after losing one, per connection
 const STREAM_SUBMIT = 17;
 const MAX_UPLOADS = 16;
@@ -126,7 +128,12 @@ export class StreamPump {
       : () => ws.readyState === WebSocket.OPEN;
     const queued = new Queued(buffered);
     for (;;) {
-      while (this.pump === pump && usable() && buffered() >= e.chunk_bytes) await sleep(POLL_MS);
+      let low = buffered(), since = performance.now();
+      while (this.pump === pump && usable() && buffered() >= e.chunk_bytes) {
+        await sleep(POLL_MS);
+        if (buffered() < low) { low = buffered(); since = performance.now(); }
+        else if (rtc && performance.now() - since > STALL_MS) up.fellBack = true;  // -> lost
+      }
       if (this.pump !== pump) return;
       if (!usable()) break;
       const events = await node.proto.call('streamNext', [pump]);
