@@ -3,6 +3,7 @@ shared.chunk_encode), through the real system.
 
     python -m bench.node_stream                          # llama 20m, 1 node, 2 rounds, 2 codecs
     python -m bench.node_stream --flavour tiny --rounds 1 --codecs int8   # the test's
+    python -m bench.node_stream --flavour 125m --codecs topk --nodes 4    # bench.scale's 125m
 
 For each codec configuration it runs bench.scale's real server and --nodes real native nodes
 (WebSocket transport, streamed uploads in --chunk-mb chunks, the SparseLoCo sparse downlink)
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--inner-steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--inner-lr", type=float, default=1e-3)
+    p.add_argument("--inner-lr", type=float, default=None,
+                   help="default 1e-3, and 1e-5 for the 125m flavour (as bench.scale)")
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--chunk-mb", type=float, default=0.25)
     p.add_argument("--deadline-s", type=float, default=3600.0)
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, help="each run (s)")
     a = p.parse_args(argv)
     a.stagger = True
+    if a.inner_lr is None:
+        a.inner_lr = 1e-5 if a.flavour == "125m" else 1e-3
     runs = []
     for codec in a.codecs:
         for chunked in (False, True):
