@@ -238,7 +238,7 @@ async def test_native_node_trains_ahead_and_submits_against_the_new_round(
         assert rebase.merged_between  # (not after the last step; the steps may end since)
     await _settle(client)
     pending = client.part.pending
-    assert pending is not None
+    assert isinstance(pending, Submit)  # (not spooled: the run does not stream)
     assert pending.round == 1
     assert client.part.pending_params == digest(theta1)
     delta = decode_update(pending.payload, n, expect="raw32")  # the pseudo-gradient itself

@@ -72,7 +72,7 @@ async def test_streamed_update_resumes_after_a_cut_and_commits(tmp_path: Any) ->
             msg = decode_message(ann["frame"])
             assert isinstance(msg, StreamSubmit)
             pending = part.pending
-            assert pending is not None
+            assert isinstance(pending, Submit)  # (a tab's: never spooled)
             assert (msg.digest, msg.size, msg.chunk_bytes) == (pending.digest,
                                                                len(pending.payload), CB)
             n = n_chunks(msg.size, CB)
