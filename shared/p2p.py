@@ -50,7 +50,7 @@ from shared.codecs import decode_update, get_codec
 from shared.errors import BadUpdate
 from shared.messages import RESULT_CODECS, sha256_hex
 from shared.p2p_stream import ack_event, check_piece, update_bytes
-from shared.vec import Vector, all_finite, from_bytes, to_bytes
+from shared.vec import Vector, all_finite, from_bytes, numpy_module, to_bytes
 
 COORDINATE_RULES = ("mean", "median", "trimmed-mean")  # per-coordinate: work per shard
 MALFORMED = "malformed"  # ShardCheck's vote for an owner's result that does not decode
@@ -395,11 +395,12 @@ class ShardReducer:
 
 def join_results(plan: Plan, payloads: Sequence[bytes], codec: str) -> Vector:
     """The aggregate: every shard's result decoded, in shard order."""
-    out = bytearray(4 * plan.n_params)  # filled in place: one copy of the aggregate, not two
+    out = bytearray(4 * plan.n_params)  # filled in place: the aggregate's only copy
     for s, payload in enumerate(payloads):
         lo, hi = plan.bounds(s)
         out[4 * lo:4 * hi] = to_bytes(decode_result(payload, hi - lo, codec))
-    return from_bytes(out)
+    np = numpy_module()
+    return np.frombuffer(out, dtype="<f4") if np is not None else from_bytes(out)
 
 
 class ShardCheck:
