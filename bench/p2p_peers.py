@@ -169,7 +169,7 @@ async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int 
     writers: dict[str, asyncio.StreamWriter] = {}
     stats: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     agg: list[bytes] = []
-    joined = asyncio.Event()
+    joined, got_agg = asyncio.Event(), asyncio.Event()
     to_server = [0]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -193,6 +193,7 @@ async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int 
                     await stats.put(json.loads(body))
                 elif tag == b"A":
                     agg.append(body)
+                    got_agg.set()
         except with_exc:
             return
 
@@ -214,6 +215,7 @@ async def run_ours(*, peers: int, size: int, codec: str, rounds: int, seed: int 
             for m in members:
                 await _send(writers[m], b"P", job)
             rows.append([await asyncio.wait_for(stats.get(), timeout) for _ in members])
+        await asyncio.wait_for(got_agg.wait(), timeout)  # peer 0's, sent after its figures
         for m in members:
             await _send(writers[m], b"Q", b"")
         await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), 60)
