@@ -14,7 +14,7 @@ import js  # type: ignore[import-not-found]
 from pyodide.ffi import to_js  # type: ignore[import-not-found]
 
 from shared.envelope import Identity
-from shared.messages import Chunk, ParamsChunk, Resume, StreamSubmit, decode_message
+from shared.messages import Chunk, ParamsChunk, Resume, StreamSubmit, Submit, decode_message
 from shared.open_kinds import OpenKinds, sparse_features
 from shared.participant import Participant
 from shared.stream_down import FEATURE as STREAM_FEATURE
@@ -72,7 +72,8 @@ def _streamed(p: Participant, events: list[dict[str, object]]) -> list[dict[str,
     cur = sender.current
     for ev in out:
         if ev["kind"] == "send" and ev["msg_type"] == StreamSubmit.TYPE and cur is not None:
-            ev["round"], ev["digest"], ev["size"] = cur.round, cur.digest, len(cur.payload)
+            ev["round"], ev["digest"] = cur.round, cur.digest
+            ev["size"] = cur.size if cur.read else len(cur.payload)
     return out
 
 
@@ -116,7 +117,8 @@ def stream_again(p: Participant) -> object:
             or (pending.round, pending.digest) != (cur.round, cur.digest):
         return _js([])
     PUMPS.pop(id(p), None)
-    ev = sender.start(p.frame(pending))
+    ev = sender.start(p.frame(pending)) if isinstance(pending, Submit) \
+        else sender.start_spooled(pending)  # (a tab encodes in one shot: always a Submit)
     ev["round"], ev["digest"] = cur.round, cur.digest
     return _js([ev])
 
