@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -87,3 +88,38 @@ def test_a_streamed_run_trains_with_updates_encoded_by_chunks(procs: Procs,
              "the node's spool to be emptied")
     assert not any(run["rejected"].get(code) for code in
                    ("bad_chunk", "duplicate_chunk", "chunk_out_of_window", "foreign_chunk"))
+
+
+@pytest.mark.timeout(150)
+def test_a_spooled_update_survives_a_restart_of_its_node(procs: Procs, tmp_path: Path) -> None:
+    """A node killed after its chunked update was taken, before the round commits: at its
+    restart the journal names the spool file, the update is checked against it and sent
+    again from it (the server already has it: a duplicate), never trained again."""
+    port, rounds = free_port(), 2
+    base = f"http://127.0.0.1:{port}"
+    procs.server("server", tmp_path / "run", port, "--model", "mlp-digits", "--inner-steps",
+                 "5", "--batch-size", "32", "--deadline-s", "90", "--quorum", "2",
+                 "--rounds", str(rounds), "--stream-chunk-mb", str(CHUNK / 2**20), "--codec",
+                 "int8-block", "--error-feedback")
+    wait_for(lambda: get_json(base + "/api/run"), 30, "the server")
+    first = procs.node("a", port)  # alone: round 0 waits for a second node (quorum 2)
+    wait_for(lambda: "update accepted" in procs.log("a"), 60, "a's update to be taken")
+    first.kill()  # (its own session: the node process itself)
+    first.wait(10)
+    entry = json.loads((tmp_path / "a" / "pending.json").read_text())
+    spool = Path(entry["spool"])
+    assert entry["spooled"]["round"] == 0
+    assert spool.parent == tmp_path / "a" / "spool"
+    assert spool.stat().st_size == entry["spooled"]["size"]
+    procs.node("a2", port, "--state-dir", str(tmp_path / "a"))
+    wait_for(lambda: "survived the restart" in procs.log("a2"), 60, "a's restart")
+    procs.node("b", port)
+    wait_for(lambda: get_json(base + "/api/run")["status"] == "finished", 90,
+             f"the run to finish (logs in {tmp_path})")
+    log = procs.log("a2")
+    assert "round 0: resubmitting the update trained before the reconnect" in log, log[-3000:]
+    assert "streaming the update from its spool" in log
+    assert "round 0: update duplicate" in log
+    assert len(re.findall(r"round 0: \d+ steps", log)) == 0  # never trained again
+    assert get_json(base + "/api/run")["committed_rounds"] == rounds
+    assert not list(spool.parent.glob("*"))  # the journal cleared: the spool emptied
