@@ -126,12 +126,13 @@ async def peer_main(index: int, port: int, size: int, seed: int, stream_chunk: i
         while role.aggregate_round != r:
             await asyncio.sleep(0.002)
         took = time.perf_counter() - t0
+        growth = rss.growth()  # before the figures below copy the aggregate
         agg = role.aggregate
         assert agg is not None
         await _send(writer, b"D", json.dumps({
             "round": r, "seconds": took, "sent": meter["sent"] - sent0,
-            "recv": meter["recv"] - recv0, "sha": hashlib.sha256(agg.tobytes()).hexdigest(),
-            "rss_growth": rss.growth(),
+            "recv": meter["recv"] - recv0, "sha": hashlib.sha256(agg.data).hexdigest(),
+            "rss_growth": growth,
             "max_frame": role.pieces.max_frame, "resent": role.pieces.pieces_resent,
         }).encode())
         if last and index == 0:
