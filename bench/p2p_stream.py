@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['max_shard_frame']:>15,} | {r['round_s']:>8.2f} | {r['MB_per_peer']:>12.2f}")
     print(json.dumps({"bench": "p2p_stream", "flavour": args.flavour, "n_params": size,
                       "peers": args.peers, "chunk_mb": args.chunk_mb, "codec": args.codec,
-                      "same_aggregate": len(rows) == 2,  # within a rounding step
+                      # within a rounding step; None: one mode ran (--only), nothing compared
+                      "same_aggregate": True if len(rows) == 2 else None,
                       "owner_rss_growth_mb": {r["mode"]: r["owner_rss_growth_mb"] for r in rows},
                       "max_shard_frame": {r["mode"]: r["max_shard_frame"] for r in rows},
                       "round_s": {r["mode"]: r["round_s"] for r in rows},
