@@ -119,7 +119,9 @@ def test_a_spooled_update_survives_a_restart_of_its_node(procs: Procs, tmp_path:
     log = procs.log("a2")
     assert "round 0: resubmitting the update trained before the reconnect" in log, log[-3000:]
     assert "streaming the update from its spool" in log
-    assert "round 0: update duplicate" in log
+    # the server kept the update (a duplicate), or had dropped it with the connection
+    assert re.search(r"round 0: update (duplicate|accepted)", log), log[-3000:]
     assert len(re.findall(r"round 0: \d+ steps", log)) == 0  # never trained again
     assert get_json(base + "/api/run")["committed_rounds"] == rounds
-    assert not list(spool.parent.glob("*"))  # the journal cleared: the spool emptied
+    wait_for(lambda: not list(spool.parent.glob("*")), 20,  # the journal cleared: the
+             "the node's spool to be emptied")  # spool emptied (at the last commit)
