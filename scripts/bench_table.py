@@ -18,6 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rows_16 import ROWS as ROWS_16
+from bench_rows_16 import SOURCES as SOURCES_16
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
@@ -464,6 +468,7 @@ ROWS: list[tuple[str, str, str, Callable[[Fig], str]]] = [
     ("bench.scale_server", "the server's code at one commit of llama 125m (122.7M params), no "
      "nodes: creation, SparseLoCo outer step, eval, checkpoint", "scale_server.txt",
      _scale_server),
+    *ROWS_16,
     ("bench.hierarchy", "hierarchical aggregation (p2p_groups: two aggregators per group, the "
      "server combines group results) vs every update to the server; the real coordinator, "
      "participants and native p2p/group roles over in-process links, mlp-digits", "hierarchy.txt",
@@ -591,6 +596,7 @@ SOURCES: dict[str, str] = {
     "simulate.txt": "python -m bench.simulate --nodes 1000 --rounds 3 --model mlp-digits "
                     "> bench/results/simulate.txt",
 }
+SOURCES.update(SOURCES_16)
 
 
 def render() -> str:
