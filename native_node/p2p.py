@@ -46,6 +46,7 @@ from transport.rtc import IceServer
 log = logging.getLogger("native_node.p2p")
 
 Frame = Callable[[Message], bytes]  # sign a message as this node
+STREAM_FIRST_WAIT_S = 5.0  # streamed runs: longest wait for a first channel before relaying
 SendWs = Callable[[bytes], Awaitable[None]]  # a signed frame on the control socket
 
 
@@ -233,9 +234,7 @@ class P2PRole:
             if to == SERVER:
                 await self.send_ws(data)
                 continue
-            task = self.connecting.get(to)
-            if task is not None and not task.done() and to not in self.mesh.failed:
-                await asyncio.wait([task])  # the first round waits for its channels once
+            await self.first_channel(to)
             try:
                 direct = await self.mesh.send(to, data)
             except (ConnectionError, TimeoutError):  # closed or stalled under the frame: relay
@@ -245,6 +244,18 @@ class P2PRole:
             else:
                 self.sent_relayed += len(e["payload"])
                 await self.send_ws(data)
+
+    async def first_channel(self, to: str) -> None:
+        """Wait for the channel to `to` if it is opening for the first time (the first round
+        waits for its channels once). A peer whose channel was open once and is gone (closed
+        under us, a fresh negotiation under way) gets our frames through the relay meanwhile:
+        the peer that offers may never offer again, and the answering side would wait for
+        `rtc_timeout_s` with every frame held back. Streamed runs wait at most
+        STREAM_FIRST_WAIT_S (a channel closed before this side saw it open looks the same)."""
+        task = self.connecting.get(to)
+        if (task is not None and not task.done() and to not in self.mesh.failed
+                and to not in self.mesh.pairs):
+            await asyncio.wait([task], timeout=STREAM_FIRST_WAIT_S if self.stream else None)
 
     # -- the next round's params -----------------------------------------------------------
     def params(self, msg: RoundOpen, held: np.ndarray | None, held_digest: str | None

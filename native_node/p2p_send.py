@@ -96,9 +96,7 @@ class PieceSender:
                                 payload=bytes(r.raw[4 * lo:4 * hi])))
         self.pieces_sent += 1
         self.max_frame = max(self.max_frame, len(data))
-        task = role.connecting.get(to)
-        if task is not None and not task.done() and to not in role.mesh.failed:
-            await asyncio.wait([task])  # the first round waits for its channels once
+        await role.first_channel(to)
         link = role.mesh.links.get(to)
         if link is not None:
             try:
