@@ -476,7 +476,11 @@ class NodeClient(TrainingMixin):
             await self._send(ev["frame"], is_update=ev["msg_type"] == Submit.TYPE)
 
     async def _send_spooled(self, update: Spooled) -> None:
-        """Announce an update whose chunks are read from its spool (transport ws)."""
+        """Announce an update whose chunks are read from its spool (over the star data
+        channel when this run has one: stream_rtc; else on the WebSocket)."""
+        if self.stream_route.takes_spooled():
+            await self.stream_route.start(update)
+            return
         if self.ws is not None and not self.ws.closed:
             try:
                 await self.ws.send_bytes(self.uploader.sender.start_spooled(update)["frame"])

@@ -1,6 +1,11 @@
 """Streamed updates over the node's data channel to the server (`transport = "star"` with
 `stream_chunk_mb` > 0; docs/protocol.md, "Streamed updates").
 
+The update is our signed Submit frame (one-shot encoding), or a `Spooled` one (encoded by
+chunks into a spool file, shared.chunk_submit): it is announced with
+`Sender.start_spooled` and its chunks are read from the spool as they go out, on whichever
+path, as on the WebSocket.
+
 The frames are the WebSocket's (native_node.stream_upload drives shared.stream_up): a signed
 `StreamSubmit`, the server's `Resume` (it always comes on the WebSocket), then unsigned
 `Chunk`s, each a frame of its own on the channel's FrameLink, so the server checks each one
@@ -25,6 +30,8 @@ import asyncio
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
+
+from shared.chunk_encode import Spooled
 
 if TYPE_CHECKING:
     from native_node.client import NodeClient
@@ -71,8 +78,9 @@ class StreamRoute:
 
     def __init__(self, client: NodeClient) -> None:
         self.client = client
-        self.frame: bytes | None = None  # the signed Submit of the update streaming now
-        self.counts: Counter[str] = Counter()  # frames_rtc, frames_ws, lost, reoffers
+        self.update: bytes | Spooled | None = None  # the update streaming now (its signed
+        # Submit frame, or encoded by chunks into a spool)
+        self.counts: Counter[str] = Counter()  # frames_rtc, frames_ws, lost, reoffers, spooled
         self.reoffers = 0
         self._welcome: Any = None  # the Welcome the reoffers were counted under
         self._replaced: StarUplink | None = None  # the uplink a reoffer is replacing
@@ -82,25 +90,40 @@ class StreamRoute:
         """Whether an update frame goes streamed and this run has a star uplink."""
         return self.client.uplink is not None and self.client.uploader.wants(frame)
 
-    async def start(self, frame: bytes) -> None:
-        """Announce the update in `frame` (our signed Submit), over the channel if it opens."""
+    def takes_spooled(self) -> bool:
+        """Whether a spooled update goes over this run's star uplink (always streamed)."""
+        return self.client.uplink is not None
+
+    async def start(self, update: bytes | Spooled) -> None:
+        """Announce `update` (our signed Submit frame, or a spooled update), over the channel
+        if it opens."""
         ws = self.client.ws
         if ws is None or ws.closed:
             return  # resubmitted after the reconnect
-        self.frame = frame
+        self.update = update
+        if isinstance(update, Spooled):
+            self.counts["spooled"] += 1
         up = self.client.uplink
         if up is not None and not up.decided.is_set():
             # a resubmission right after a reconnect: the channel's answer comes on this
             # socket, so the session must go on reading it while the announcement waits
-            self._background(self._announce(ws, up, frame))
+            self._background(self._announce(ws, up, update))
             return
-        await self._announce(ws, up, frame)
+        await self._announce(ws, up, update)
 
-    async def _announce(self, ws: Any, up: StarUplink | None, frame: bytes) -> None:
+    async def _announce(self, ws: Any, up: StarUplink | None, update: bytes | Spooled) -> None:
         try:
-            await self.client.uploader.start(ChannelSocket(self, ws, up, wait=True), frame)
+            await self._send_announcement(ChannelSocket(self, ws, up, wait=True), update)
         except (ConnectionError, RuntimeError) as exc:  # aiohttp's errors derive from these
             log.warning("send failed (%s); the update is resubmitted after the reconnect", exc)
+
+    async def _send_announcement(self, sock: Any, update: bytes | Spooled) -> None:
+        """The update's signed StreamSubmit on `sock`; the Sender's update in flight is then
+        this one (its chunks cut from the Submit's payload, or read from the spool)."""
+        if isinstance(update, Spooled):
+            await sock.send_bytes(self.client.uploader.sender.start_spooled(update)["frame"])
+        else:
+            await self.client.uploader.start(sock, update)
 
     def deferred(self, frame: bytes) -> bool:
         """A one-frame update while the star channel is being set up (a resubmission right
@@ -145,12 +168,12 @@ class StreamRoute:
         return ChannelLost("data channel to the server lost")
 
     async def _announce_on_socket(self) -> None:
-        ws, frame = self.client.ws, self.frame
-        if ws is None or ws.closed or frame is None:
+        ws, update = self.client.ws, self.update
+        if ws is None or ws.closed or update is None:
             return  # the reconnect resubmits it
         await asyncio.sleep(0)  # let the interrupted sender finish first
         try:
-            await self.client.uploader.start(ws, frame)
+            await self._send_announcement(ws, update)
         except (ConnectionError, RuntimeError) as exc:
             log.warning("cannot announce the update again (%s); it resumes after the "
                         "reconnect", exc)

@@ -46,6 +46,7 @@ from shared.vec import numpy_module
 
 ELEMENTWISE = {"raw32": 4, "fp16": 2, "bf16": 2}  # payload bytes per value after a 1-byte header
 CHUNKABLE = (*ELEMENTWISE, "int8-block", "int4-block", "topk")
+SPOOLED_TRANSPORTS = ("ws", "star")  # whole updates to the server (p2p hands on shards)
 COORDS = 1 << 20  # values per chunk (4 MB of float32), rounded to the codec's block
 READ_BYTES = 1 << 22  # spool bytes per read when hashing
 
@@ -133,7 +134,8 @@ def refusal(codec: Any, *, stream_chunk: int, transport: str, dp: bool, secagg: 
     """Why this update keeps the one-shot path (None: it is encoded by chunks)."""
     fast = update_encoder()
     reasons = [(not spool, "no spool"), (stream_chunk <= 0, "the run does not stream"),
-               (transport != "ws", f"transport {transport}"), (dp, "client DP"),
+               (transport not in SPOOLED_TRANSPORTS, f"transport {transport}"),
+               (dp, "client DP"),
                (secagg, "secure aggregation"), (momentum > 0, "worker momentum"),
                (codec.name not in CHUNKABLE, f"codec {codec.name}"),
                (fast is not None and codec.name in fast.codecs, "a platform encoder"),

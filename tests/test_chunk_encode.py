@@ -127,7 +127,8 @@ def test_refusal_names_what_keeps_the_one_shot_path() -> None:
     assert refusal(make_codec("powersgd"), **args) == "codec powersgd"
     assert refusal(make_codec("raw32"), **{**args, "stream_chunk": 0}) == \
         "the run does not stream"
-    assert refusal(make_codec("raw32"), **{**args, "transport": "star"}) == "transport star"
+    assert refusal(make_codec("raw32"), **{**args, "transport": "star"}) is None
+    assert refusal(make_codec("raw32"), **{**args, "transport": "p2p"}) == "transport p2p"
     assert refusal(make_codec("raw32"), **{**args, "dp": True}) == "client DP"
     assert refusal(make_codec("raw32"), **{**args, "momentum": 0.9}) == "worker momentum"
     assert refusal(make_codec("raw32"), **{**args, "spool": False}) == "no spool"
