@@ -44,8 +44,8 @@ from shared.aggregation.coordinate import _middle, sorted_blocks
 class Scratch:
     """A float64 vector of d values in a file, read and written by ranges of columns."""
 
-    def __init__(self, folder: Path, d: int) -> None:
-        fd, name = tempfile.mkstemp(prefix="geomed-", suffix=".f64", dir=folder)
+    def __init__(self, folder: Path, d: int, prefix: str = "geomed-") -> None:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".f64", dir=folder)
         self.path, self.d = Path(name), d
         self.fh = os.fdopen(fd, "w+b")
         self.fh.truncate(8 * d)
@@ -66,7 +66,7 @@ class Scratch:
             os.unlink(self.path)
 
 
-def _folder(stack: Stack) -> Path:
+def scratch_folder(stack: Stack) -> Path:
     """Where the scratch files go: beside the first spooled update (the spool), else tmp."""
     for row in stack.rows:
         name = getattr(getattr(row, "v", None), "filename", None)
@@ -83,7 +83,7 @@ def geometric_median(stack: Stack, *, f: int = 0, eps: float = 1e-6, tol: float 
     eps = check_positive("geometric-median", "eps", eps)
     tol = check_positive("geometric-median", "tol", tol)
     max_iter = check_int("geometric-median", "max_iter", max_iter, low=1)
-    folder = _folder(stack)
+    folder = scratch_folder(stack)
     files: list[Scratch] = []
 
     def scratch() -> Scratch:

@@ -21,17 +21,19 @@ of a Stack reads its rows one column block at a time (`fill`, `running_sum`,
   steps, each step is one pass for the distances to the estimate and one for the weighted
   sum. Its model-size float64 vectors (the median, the estimate) live in scratch files
   beside the spool, read by blocks: its memory is blocks and the float32 result.
-- Centered clipping: per iteration, one pass for the distances to the estimate (by block),
-  one for the clipped sum.
+- Centered clipping (server.spool_cc): per iteration, one pass for the distances to the
+  estimate (by block), one for the clipped sum and the next estimate, column block by
+  block; the reference is read by blocks, the estimate between steps lives in a scratch
+  file beside the spool: its memory is blocks and the float32 result.
 
 The arithmetic is the in-memory rule's, operation for operation and block for block (the
 block widths are the Stack's, which depend only on n), so the results are bit-identical to
 the rule on the same vectors in memory (tests/test_spool_rules.py; the geometric median's
 explicit fallback: see server.spool_geomed). Memory: each row keeps one read-ahead chunk of
 its file (~16 MB for all rows together, `READ_AHEAD`, whatever n and the model size), the
-rule's own float64 blocks (~4 MiB), an n x n matrix, centered clipping's two float64
-vectors of the model's size (the estimate, a sum; the geometric median keeps its own on
-disk) and the float32 result; never an update of the round (bench.spool_rules measures it).
+rule's own float64 blocks (~4 MiB), an n x n matrix and the float32 result (the geometric
+median and centered clipping keep their model-size float64 vectors on disk); never an update
+of the round (bench.spool_rules measures it).
 One cost is the disk's, not memory's: an exact tie in Krum scores is broken by comparing the two
 updates (`lex_cmp`), which reads both files up to their first difference, so identical
 updates (a common attack) cost two reads of the model per comparison.
@@ -48,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from server import spool_geomed
+from server import spool_cc, spool_geomed
 from server.spool import COORDINATE_RULES, block_values, blockwise, read_block, spooled
 from shared.aggregation import get_rule
 from shared.aggregation._stack import Stack, _not_finite, check_shapes
@@ -180,6 +182,8 @@ def aggregate(rule: str, vectors: Sequence[np.ndarray], *, f: int, chunk: int | 
     try:
         if rule == "geometric-median":  # its model-size float64 vectors on disk
             return spool_geomed.geometric_median(stack, f=f, **params)
+        if rule == "centered-clipping":  # block by block, its estimate on disk between steps
+            return spool_cc.centered_clipping(stack, f=f, **params)
         return np.asarray(get_rule(rule)(stack, f=f, **params), dtype=np.float32)
     finally:
         stack.drop()
