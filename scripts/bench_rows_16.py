@@ -100,4 +100,16 @@ SOURCES: dict[str, str] = {
     "spool_rules_16m_geomed.txt": "python -m bench.spool_rules --params 16777216 "
                                   "--participants 16 --rules geometric-median "
                                   "> bench/results/spool_rules_16m_geomed.txt",
+    "spool_rules_cc.txt": "python -m bench.spool_rules --rules centered-clipping "
+                          "> bench/results/spool_rules_cc.txt",
+    "spool_rules_cc_before.txt": "python -m bench.spool_rules --rules centered-clipping, "
+                                 "at 97b2937 (before server/spool_cc.py) "
+                                 "> bench/results/spool_rules_cc_before.txt",
+    "spool_rules_16m_cc.txt": "python -m bench.spool_rules --params 16777216 "
+                              "--participants 16 --rules centered-clipping "
+                              "> bench/results/spool_rules_16m_cc.txt",
+    "spool_rules_16m_cc_before.txt": "python -m bench.spool_rules --params 16777216 "
+                                     "--participants 16 --rules centered-clipping, at 6d3a5af "
+                                     "(before server/spool_cc.py) "
+                                     "> bench/results/spool_rules_16m_cc_before.txt",
 }
