@@ -171,3 +171,29 @@ def test_bad_input_gets_the_rules_errors(tmp_path: Path) -> None:
                                              r"\(inf at coordinate 123\)"):
             aggregate("centered-clipping", maps, f=0, iterations=it)
     assert _files(tmp_path / "inf") == [".f32"] * 5
+
+
+def test_the_servers_reduction_clips_around_the_history_reference_from_the_spool(
+        tmp_path: Path) -> None:
+    """cc_reference 'history': ServerReduction.aggregate passes (1 - mu) * momentum as the
+    reference; from the spool, the answer of the same reduction in memory."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from server.config import RunConfig
+    from server.reduction import ServerReduction
+
+    vectors = _round(7, 9_001, seed=6)
+    red = ServerReduction.__new__(ServerReduction)  # aggregate needs config, counters, run
+    red.config = RunConfig(aggregator="centered-clipping", cc_reference="history",
+                           aggregator_params={"tau": 0.5, "iterations": 2},
+                           byzantine_fraction=0.25, quorum=7)
+    red.counters = Counter()
+    momentum = np.random.default_rng(1).standard_normal(9_001).astype(np.float32)
+    red.run = SimpleNamespace(momentum=momentum)  # type: ignore[assignment]
+    want = red.aggregate(vectors, 3)
+    assert not np.array_equal(want, get_rule("centered-clipping")(vectors, tau=0.5,
+                                                                  iterations=2))
+    folder = tmp_path / "spool"
+    np.testing.assert_array_equal(red.aggregate(_spool(folder, vectors), 3), want)
+    assert _files(folder) == [".f32"] * 7
