@@ -82,6 +82,9 @@ def test_without_a_channel_the_streamed_updates_go_over_the_websocket(tmp_path: 
     assert stream["submits_ws"] == 6
     assert res["route"].get("frames_rtc", 0) == 0
     assert not res["route"].get("reoffers")
+    # (the in-process node's updates were encoded by chunks: read from its spool, on the socket)
+    assert res["node_log"].count("streaming the update from its spool") == 3
+    assert res["route"]["spooled"] == 3
     assert sorted(p["transport"] for p in res["peers"]) == ["relay", "relay"]
     assert res["run"]["rejected_total"] == 0
 
