@@ -11,7 +11,8 @@ Hello, signed Submit of a random raw32 update), streamed by the native node's ow
 process (/proc): its resident set once every participant has joined (baseline; the peak is
 reset there, /proc/PID/clear_refs 5, so the startup's does not count); its peak
 (VmHWM) once all N updates are acknowledged (receipt; one more member joins and never submits,
-so the round waits for its deadline and commits only then) and once the round has committed
+so the round waits until that peak is read: the idle member then leaves and the round
+commits) and once the round has committed
 (the outer step, evaluation and checkpoint included); growth = peak - baseline. The
 participants are not native nodes (no training): the figure is the server's receipt, storage
 and aggregation.
@@ -72,9 +73,11 @@ class Member:
         self.acked = False
         self.errors: list[str] = []
         self.job: asyncio.Future[None] | None = None  # the submission
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
 
     async def run(self, http: aiohttp.ClientSession, base: str) -> None:
         async with http.ws_connect(base + "/ws", max_msg_size=1 << 30, heartbeat=None) as ws:
+            self.ws = ws
             async for raw in ws:
                 if raw.type != aiohttp.WSMsgType.BINARY:
                     break
@@ -131,9 +134,10 @@ async def drive(members: list[Any], base: str, pid: int, n: int, *,
                 ready: Callable[[Any], list[Awaitable[Any]]] | None = None,
                 before: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                 poll_s: float = 0.05) -> dict[str, Any]:
-    """members[:n] submit, the last one idles: the round then waits for its deadline after the
+    """members[:n] submit, the last one idles: the round then waits (for its deadline) after the
     n updates are in, so the server's peak while receiving them is read apart from the
-    commit's (outer step, evaluation, checkpoint). `ready`: what to await of each member
+    commit's (outer step, evaluation, checkpoint); once it is read the idle one leaves and the
+    round commits. `ready`: what to await of each member
     before the baseline (its join); `before`: figures to read once all are ready."""
     ready = ready or (lambda m: [m.joined.wait()])
     async with aiohttp.ClientSession() as http:
@@ -156,6 +160,9 @@ async def drive(members: list[Any], base: str, pid: int, n: int, *,
         await asyncio.wait_for(all_acked(), 600)
         wall = time.monotonic() - t0
         receipt_peak = _status_kb(pid, "VmHWM") / 1024
+        for m in members[n:]:  # the idle one leaves: the round commits now, not at its deadline
+            if m.ws is not None:
+                await m.ws.close()
         await asyncio.wait_for(asyncio.gather(*tasks), 600)
         for m in members:
             if m.job is not None:
