@@ -76,7 +76,15 @@ case "$cmd" in
     # its verdict counts as much as theirs
     "$VENV/bin/mypy" >"$VENV/mypy.log" 2>&1 & mypy_pid=$!
     rc=0
-    "$PY" -m pytest -q --durations=30 "${@:2}" || rc=$?
+    if [ $# -gt 1 ]; then  # ./run.sh test ARGS: pytest ARGS, in one process
+      "$PY" -m pytest -q --durations=30 "${@:2}" || rc=$?
+    else
+      # tests/ on 2 workers (pytest-xdist; a file's tests stay on one worker; servers take
+      # loopback ports from the kernel, namespaces are per test), then the browser suite in
+      # one process (a Chromium per test)
+      "$PY" -m pytest -q --durations=30 -n 2 --dist loadfile tests || rc=$?
+      "$PY" -m pytest -q --durations=30 e2e || rc=$?
+    fi
     if ! wait "$mypy_pid"; then cat "$VENV/mypy.log"; echo "mypy failed" >&2; exit 1; fi
     tail -1 "$VENV/mypy.log"
     exit "$rc" ;;
