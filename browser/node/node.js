@@ -22,7 +22,7 @@ const JOURNAL_KEY = 'daa-prime/pending-update';
 const PINS_KEY = 'daa-prime/server-pins';
 const BACKOFF_MAX_MS = 10000;
 const GRAPHS_RETRY_MS = 2000;  // the server's graphs are not exported yet: ask again
-const GROUP_WAIT_MS = 5000;  // p2p: a RoundOpen waits this long for the round's aggregate
+const GROUP_WAIT_MS = 5000;  // grouped p2p: a RoundOpen waits this long for the group's aggregate
 // A tab's train step holds params, both AdamW moments, their three outputs and the gradient
 // (7 float32 copies) in one wasm32 heap of at most 4 GiB: keep that under 2 GiB.
 export const TAB_STATE_BYTES = 2 ** 31;
@@ -197,11 +197,12 @@ export class BrowserNode extends EventTarget {
     return events;
   }
 
-  /** A frame from the server to the participant. In a p2p run a RoundOpen (frame type 3,
-   * byte 5) can overtake the reduced shards the primaries send (or, grouped, the combined
-   * aggregate the group's aggregators forward) by another path, the relay included: it waits
-   * for the tab's p2p_round, at most GROUP_WAIT_MS (as native_node/group.py's before_frame),
-   * else the outer step would miss them and the tab would resync (full params + momentum). */
+  /** A frame from the server to the participant. In a grouped p2p run a RoundOpen (frame
+   * type 3, byte 5) can overtake the combined aggregate that the group's aggregators forward
+   * by another path: it waits for the tab's p2p_round, at most GROUP_WAIT_MS (as
+   * native_node/group.py's before_frame), else the outer step would miss it and resync.
+   * Plain p2p runs do not hold it (yet): a RoundOpen that overtakes a primary's relayed
+   * shard makes the tab resync (tried: holding it there too broke a secagg p2p e2e run). */
   feed(buf) {
     const frame = new Uint8Array(buf);
     if (this.groupWait != null && frame.length >= 16 && frame[5] === 3) {
@@ -304,7 +305,7 @@ export class BrowserNode extends EventTarget {
         break;
       case 'mesh':
         this.mesh?.link(e.peers, e.ice_servers); this.set({ state: `reducing round ${e.round}` });
-        this.groupWait = e.round;  // hold the next RoundOpen until this round's aggregate is here
+        if (e.group != null) this.groupWait = e.round;  // grouped: hold the next RoundOpen
         break;
       case 'shard_out': this.sendShard(e.to, e.frame); break;
       case 'stream_chunks': this.pump.run(e).catch((err) => this.log(`streamed update: ${err.message || err}`)); break;
